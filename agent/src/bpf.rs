@@ -1,0 +1,450 @@
+//! The kernel side, seen from the agent: load the embedded eBPF object, configure it, attach it
+//! at the cgroup v2 root, pin it (fail closed) or keep it process-owned (fail open), keep the
+//! target tries in step with the policy, and answer "where was this connection going, and who
+//! opened it?".
+//!
+//! Layout under `bpf_pin_path`: `links/<program>` (one pinned bpf_link per hook; a pinned link
+//! keeps its program and maps alive after the agent dies) and `maps/<MAP>` (for inspection with
+//! bpftool). A starting agent attaches its own programs first, then replaces the old pins, so
+//! there is no instant at which a protected destination is reachable directly.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray},
+    programs::{CgroupSockAddr, SockOps},
+    Ebpf,
+};
+use tollgate_common::{
+    counter, maps, Config, ConnInfo, PeerKey, TargetKey4, TargetKey6, TargetValue,
+};
+use tollgate_policy::FailMode;
+
+use crate::{
+    sys::{self, Hook, SysError},
+    targets::Routes,
+};
+
+/// `SO_MARK` on the agent's own upstream sockets; the connect hooks let marked sockets through.
+/// Setting a mark needs CAP_NET_ADMIN, which a bot does not have.
+pub const AGENT_MARK: u32 = 0x7467_0001;
+
+#[cfg(not(tollgate_ebpf_stub))]
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate-ebpf"));
+#[cfg(tollgate_ebpf_stub)]
+static OBJECT: &[u8] = &[];
+
+/// Errors from the kernel side. Verifier logs are kept inside `Load`.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// The binary was built without bpf-linker.
+    #[error("this tollgate binary was built without its eBPF object (bpf-linker was missing): run `cargo xtask build`")]
+    NoObject,
+    /// Loading the object or a program failed; the verifier log is in the source.
+    #[error("loading eBPF {what} failed: {source:?}")]
+    Load {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A map operation failed.
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    /// A host interface failed.
+    #[error(transparent)]
+    Sys(#[from] SysError),
+}
+
+fn load_err(
+    what: impl Into<String>,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> BpfError {
+    BpfError::Load {
+        what: what.into(),
+        source: Box::new(e),
+    }
+}
+
+/// The loaded, attached data path.
+pub struct Datapath {
+    targets4: Mutex<LpmTrie<MapData, TargetKey4, TargetValue>>,
+    targets6: Mutex<LpmTrie<MapData, TargetKey6, TargetValue>>,
+    conns: Mutex<HashMap<MapData, PeerKey, ConnInfo>>,
+    counters: PerCpuArray<MapData, u64>,
+    installed: Mutex<(BTreeSet<(u32, TargetKey4)>, BTreeSet<(u32, TargetKey6)>)>,
+    /// Process-owned links (fail open): dropping them detaches the programs.
+    _links: Vec<OwnedFd>,
+    _config: Array<MapData, Config>,
+    _sock_orig: HashMap<MapData, u64, ConnInfo>,
+    _ebpf: Ebpf,
+}
+
+/// Listener addresses as the kernel config wants them.
+fn config_for(listen: &[SocketAddr]) -> Config {
+    let mut cfg = Config {
+        agent_mark: AGENT_MARK,
+        ..Config::default()
+    };
+    for a in listen {
+        match a.ip() {
+            IpAddr::V4(v4) if cfg.listen4_port == 0 => {
+                cfg.listen4_ip = u32::from_ne_bytes(v4.octets());
+                cfg.listen4_port = u32::from(u16::from_ne_bytes(a.port().to_be_bytes()));
+            }
+            IpAddr::V6(v6) if cfg.listen6_port == 0 => {
+                let o = v6.octets();
+                for (i, w) in cfg.listen6_ip.iter_mut().enumerate() {
+                    *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+                }
+                cfg.listen6_port = u32::from(u16::from_ne_bytes(a.port().to_be_bytes()));
+            }
+            _ => {}
+        }
+    }
+    cfg
+}
+
+/// Key for `CONN_BY_PEER` from an accepted peer address.
+pub fn peer_key(peer: SocketAddr) -> PeerKey {
+    let v6 = match peer.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    let mut ip = [0u32; 4];
+    for (i, w) in ip.iter_mut().enumerate() {
+        *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+    }
+    PeerKey {
+        ip,
+        port: u32::from(peer.port()),
+    }
+}
+
+/// The original destination recorded in a `ConnInfo`.
+pub fn orig_dst(info: &ConnInfo) -> SocketAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in info.orig_ip.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let ip = std::net::Ipv6Addr::from(o);
+    SocketAddr::new(crate::targets::canonical(IpAddr::V6(ip)), info.orig_port)
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| {
+        load_err(
+            format!("map {name}"),
+            std::io::Error::other("missing from object"),
+        )
+    })?;
+    T::try_from(map).map_err(|source| BpfError::Map { map: name, source })
+}
+
+fn remove_file_if_exists(p: &Path) -> Result<(), SysError> {
+    match fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SysError::Io {
+            what: format!("remove {}", p.display()),
+            source,
+        }),
+    }
+}
+
+fn io_dup(source: std::io::Error) -> BpfError {
+    BpfError::Sys(SysError::Io {
+        what: "dup map fd".into(),
+        source,
+    })
+}
+
+fn pin_map(dir: &Path, name: &str, map: &MapData) -> Result<(), BpfError> {
+    let p = dir.join(name);
+    remove_file_if_exists(&p)?;
+    let fd = map.fd().as_fd().try_clone_to_owned().map_err(io_dup)?;
+    sys::obj_pin(fd.as_fd(), &p)?;
+    Ok(())
+}
+
+impl Datapath {
+    /// Load, configure, attach. With `FailMode::Closed` the links and maps are pinned under
+    /// `pin_dir` (replacing an earlier agent's pins); with `Open` they live as long as this
+    /// process and stale pins are removed.
+    pub fn install(
+        listen: &[SocketAddr],
+        fail_mode: FailMode,
+        pin_dir: &Path,
+        routes: &Routes,
+    ) -> Result<Datapath, BpfError> {
+        if OBJECT.is_empty() {
+            return Err(BpfError::NoObject);
+        }
+        let cgroup_root = sys::cgroup2_mount()?;
+        let cgroup = fs::File::open(&cgroup_root).map_err(|source| SysError::Io {
+            what: format!("open cgroup2 root {}", cgroup_root.display()),
+            source,
+        })?;
+        if fail_mode == FailMode::Closed {
+            sys::ensure_bpffs(pin_dir)?;
+        }
+
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| load_err("object", e))?;
+        let mut config: Array<MapData, Config> = take(&mut ebpf, maps::CONFIG)?;
+        config
+            .set(0, config_for(listen), 0)
+            .map_err(|source| BpfError::Map {
+                map: maps::CONFIG,
+                source,
+            })?;
+        let sock_orig: HashMap<MapData, u64, ConnInfo> = take(&mut ebpf, maps::SOCK_ORIG)?;
+        let dp_targets4: LpmTrie<MapData, TargetKey4, TargetValue> =
+            take(&mut ebpf, maps::TARGETS4)?;
+        let dp_targets6: LpmTrie<MapData, TargetKey6, TargetValue> =
+            take(&mut ebpf, maps::TARGETS6)?;
+        let conns: HashMap<MapData, PeerKey, ConnInfo> = take(&mut ebpf, maps::CONN_BY_PEER)?;
+        let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::COUNTERS)?;
+
+        let mut dp = Datapath {
+            targets4: Mutex::new(dp_targets4),
+            targets6: Mutex::new(dp_targets6),
+            conns: Mutex::new(conns),
+            counters,
+            installed: Mutex::new((BTreeSet::new(), BTreeSet::new())),
+            _links: Vec::new(),
+            _config: config,
+            _sock_orig: sock_orig,
+            _ebpf: ebpf,
+        };
+        // Targets go in before anything is attached.
+        dp.set_routes(routes)?;
+
+        let mut links = Vec::new();
+        for hook in Hook::ALL {
+            let name = hook.program();
+            let prog = dp._ebpf.program_mut(name).ok_or_else(|| {
+                load_err(
+                    format!("program {name}"),
+                    std::io::Error::other("missing from object"),
+                )
+            })?;
+            let fd = if hook == Hook::SockOps {
+                let p: &mut SockOps = prog.try_into().map_err(|e| load_err(name, e))?;
+                p.load().map_err(|e| load_err(name, e))?;
+                p.fd()
+                    .map_err(|e| load_err(name, e))?
+                    .as_fd()
+                    .try_clone_to_owned()
+            } else {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(|e| load_err(name, e))?;
+                p.load().map_err(|e| load_err(name, e))?;
+                p.fd()
+                    .map_err(|e| load_err(name, e))?
+                    .as_fd()
+                    .try_clone_to_owned()
+            }
+            .map_err(io_dup)?;
+            links.push((hook, sys::link_create(fd.as_fd(), cgroup.as_fd(), hook)?));
+        }
+
+        match fail_mode {
+            FailMode::Closed => {
+                let links_dir = pin_dir.join("links");
+                let maps_dir = pin_dir.join("maps");
+                for d in [&links_dir, &maps_dir] {
+                    fs::create_dir_all(d).map_err(|source| SysError::Io {
+                        what: format!("create {}", d.display()),
+                        source,
+                    })?;
+                }
+                // Our links are attached (we hold their fds), so replacing an old agent's pins
+                // now never leaves a protected destination unguarded.
+                for (hook, fd) in &links {
+                    let p = links_dir.join(hook.program());
+                    remove_file_if_exists(&p)?;
+                    sys::obj_pin(fd.as_fd(), &p)?;
+                }
+                pin_map(&maps_dir, maps::CONFIG, dp._config.map())?;
+                pin_map(&maps_dir, maps::SOCK_ORIG, dp._sock_orig.map())?;
+                pin_map(&maps_dir, maps::CONN_BY_PEER, lock(&dp.conns).map())?;
+                pin_map(&maps_dir, maps::TARGETS4, lock(&dp.targets4).map())?;
+                pin_map(&maps_dir, maps::TARGETS6, lock(&dp.targets6).map())?;
+                pin_map(&maps_dir, maps::COUNTERS, dp.counters.map())?;
+                // The pins hold the links from here on; our fds can close.
+            }
+            FailMode::Open => {
+                // A previous fail-closed agent may have left pins. Ours are attached, so those
+                // can go; our own links die with this process, cleanly or not.
+                uninstall(pin_dir)?;
+                dp._links = links.into_iter().map(|(_, fd)| fd).collect();
+            }
+        }
+        Ok(dp)
+    }
+
+    /// Bring the kernel tries in line with `routes` (insert new keys, then remove stale ones).
+    pub fn set_routes(&self, routes: &Routes) -> Result<(), BpfError> {
+        let (want4, want6) = routes.bpf_keys();
+        let mut installed = lock(&self.installed);
+        {
+            let mut t4 = lock(&self.targets4);
+            for (plen, data, target) in &want4 {
+                t4.insert(
+                    &Key::new(*plen, *data),
+                    TargetValue {
+                        target_id: *target,
+                        flags: 0,
+                    },
+                    0,
+                )
+                .map_err(|source| BpfError::Map {
+                    map: maps::TARGETS4,
+                    source,
+                })?;
+            }
+            let keep: BTreeSet<(u32, TargetKey4)> =
+                want4.iter().map(|(p, d, _)| (*p, *d)).collect();
+            for (plen, data) in installed.0.difference(&keep) {
+                let _ = t4.remove(&Key::new(*plen, *data));
+            }
+            installed.0 = keep;
+        }
+        {
+            let mut t6 = lock(&self.targets6);
+            for (plen, data, target) in &want6 {
+                t6.insert(
+                    &Key::new(*plen, *data),
+                    TargetValue {
+                        target_id: *target,
+                        flags: 0,
+                    },
+                    0,
+                )
+                .map_err(|source| BpfError::Map {
+                    map: maps::TARGETS6,
+                    source,
+                })?;
+            }
+            let keep: BTreeSet<(u32, TargetKey6)> =
+                want6.iter().map(|(p, d, _)| (*p, *d)).collect();
+            for (plen, data) in installed.1.difference(&keep) {
+                let _ = t6.remove(&Key::new(*plen, *data));
+            }
+            installed.1 = keep;
+        }
+        Ok(())
+    }
+
+    /// Take (look up and delete) what the kernel recorded about the client at `peer`.
+    pub fn take_conn(&self, peer: SocketAddr) -> Option<ConnInfo> {
+        let key = peer_key(peer);
+        let mut conns = lock(&self.conns);
+        let info = conns.get(&key, 0).ok()?;
+        let _ = conns.remove(&key);
+        Some(info)
+    }
+
+    /// Sum of the per-CPU counters, indexed by `tollgate_common::counter`.
+    pub fn counters(&self) -> [u64; counter::COUNT as usize] {
+        let mut out = [0u64; counter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(v) = self.counters.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves the map itself consistent (the kernel
+    // owns it), so a poisoned lock is safe to keep using.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Remove every pin under `pin_dir` (detaching the programs if no agent holds them) and the
+/// directory itself. Missing pins are not an error.
+pub fn uninstall(pin_dir: &Path) -> Result<(), SysError> {
+    for sub in ["links", "maps"] {
+        let d = pin_dir.join(sub);
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            remove_file_if_exists(&e.path())?;
+        }
+        let _ = fs::remove_dir(&d);
+    }
+    let _ = fs::remove_dir(pin_dir);
+    Ok(())
+}
+
+/// Whether pinned links exist under `pin_dir` (used by `doctor` and `uninstall`).
+pub fn pinned_links(pin_dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(pin_dir.join("links"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_keys_are_v4_mapped() {
+        let k = peer_key("127.0.0.1:40000".parse().expect("addr"));
+        assert_eq!(k.port, 40000);
+        let b: Vec<u8> = k.ip.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(b, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]);
+    }
+
+    #[test]
+    fn orig_dst_round_trips() {
+        let k = peer_key("10.1.2.3:5432".parse().expect("addr"));
+        let info = ConnInfo {
+            orig_ip: k.ip,
+            orig_port: 5432,
+            ..ConnInfo::default()
+        };
+        assert_eq!(
+            orig_dst(&info),
+            "10.1.2.3:5432".parse::<SocketAddr>().expect("addr")
+        );
+        let k6 = peer_key("[fd00::1]:443".parse().expect("addr"));
+        let info6 = ConnInfo {
+            orig_ip: k6.ip,
+            orig_port: 443,
+            ..ConnInfo::default()
+        };
+        assert_eq!(
+            orig_dst(&info6),
+            "[fd00::1]:443".parse::<SocketAddr>().expect("addr")
+        );
+    }
+
+    #[test]
+    fn config_uses_network_order() {
+        let c = config_for(&[
+            "127.0.0.1:15001".parse().expect("a"),
+            "[::1]:15001".parse().expect("a"),
+        ]);
+        assert_eq!(c.listen4_ip.to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(
+            (c.listen4_port as u16).to_ne_bytes(),
+            15001u16.to_be_bytes()
+        );
+        assert_eq!(c.listen6_ip[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
+}

@@ -1,0 +1,132 @@
+//! `tollgate`: the host agent and its CLI.
+//!
+//! Layout: `main.rs` (CLI), `run.rs` (daemon wiring, reload, shutdown), `proxy.rs` (sessions
+//! and the protocol-handler trait), `relay.rs` (opaque relays), `bpf.rs` (kernel side),
+//! `targets.rs` (routes), `identity.rs` (kernel facts to identity), `audit.rs`, `metrics.rs`,
+//! `doctor.rs`, and `sys.rs` (every raw syscall).
+
+mod audit;
+mod bpf;
+mod doctor;
+mod identity;
+mod metrics;
+mod proxy;
+mod relay;
+mod run;
+mod sys;
+mod targets;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Least privilege for non-human identities, on the data path"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "TOLLGATE_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Run {
+        /// The policy file (TOML).
+        #[arg(long)]
+        policy: PathBuf,
+    },
+    /// Validate a policy file; exit 1 with file:line:col messages if it is broken.
+    CheckPolicy { file: PathBuf },
+    /// Check that this host can run the agent, with the fix for each failure.
+    Doctor,
+    /// Remove every pinned program and map: protected destinations become directly reachable.
+    Uninstall {
+        /// Read `bpf_pin_path` from this policy file.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// The pin directory (default /sys/fs/bpf/tollgate).
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+    },
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let r = match cli.cmd {
+        Cmd::Run { policy } => run::run(&policy),
+        Cmd::CheckPolicy { file } => return check_policy(&file),
+        Cmd::Doctor => return doctor::doctor(),
+        Cmd::Uninstall { policy, pin_path } => uninstall(policy, pin_path),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_policy(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match tollgate_policy::parse_all(&text, &file.display().to_string()) {
+        Ok(p) => {
+            println!(
+                "{}: ok ({} identities, {} targets, {} rules)",
+                file.display(),
+                p.identities.len(),
+                p.targets.len(),
+                p.rules.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn uninstall(policy: Option<PathBuf>, pin_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = match (pin_path, policy) {
+        (Some(p), _) => p,
+        (None, Some(f)) => run::load_policy(&f)?.agent.bpf_pin_path,
+        (None, None) => tollgate_policy::AgentConfig::default().bpf_pin_path,
+    };
+    let had = bpf::pinned_links(&dir).len();
+    bpf::uninstall(&dir)?;
+    println!(
+        "removed {had} pinned links under {}; protected destinations are now reachable directly",
+        dir.display()
+    );
+    Ok(())
+}

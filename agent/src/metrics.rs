@@ -1,0 +1,300 @@
+//! Prometheus metrics (DESIGN.md names) and the small HTTP servers for `/metrics` and the
+//! admin endpoints. Labels stay bounded: identity and target names come from the policy file,
+//! never from what a client sent; an unattributed client is `identity="unknown"`.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{body::Bytes, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{Counter, LabelPair, Metric, MetricFamily, MetricType},
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use tokio::net::TcpListener;
+use tollgate_common::counter;
+
+use crate::bpf::Datapath;
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub decisions: IntCounterVec,
+    pub sessions_active: IntGaugeVec,
+    pub masked_values: IntCounterVec,
+    pub approvals_pending: IntGauge,
+    pub policy_reloads: IntCounterVec,
+    pub rejected: IntCounterVec,
+    pub relay_bytes: IntCounterVec,
+    pub session_seconds: HistogramVec,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        // Metric definitions are static; a failure here is a programming error caught by tests.
+        Err(e) => panic!("metric definition: {e}"),
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let decisions = must(IntCounterVec::new(
+            Opts::new(
+                "tollgate_decisions_total",
+                "Policy decisions, by identity, target, protocol and action.",
+            ),
+            &["identity", "target", "protocol", "action"],
+        ));
+        let sessions_active = must(IntGaugeVec::new(
+            Opts::new(
+                "tollgate_sessions_active",
+                "Sessions currently proxied, by protocol.",
+            ),
+            &["protocol"],
+        ));
+        let masked_values = must(IntCounterVec::new(
+            Opts::new(
+                "tollgate_masked_values_total",
+                "Values masked in responses, by target and detector.",
+            ),
+            &["target", "detector"],
+        ));
+        let approvals_pending = must(IntGauge::new(
+            "tollgate_approvals_pending",
+            "Operations waiting for a human approval.",
+        ));
+        let policy_reloads = must(IntCounterVec::new(
+            Opts::new(
+                "tollgate_policy_reloads_total",
+                "Policy reloads, by result (ok or error).",
+            ),
+            &["result"],
+        ));
+        let rejected = must(IntCounterVec::new(
+            Opts::new(
+                "tollgate_connections_rejected_total",
+                "Connections closed before a decision, by reason.",
+            ),
+            &["reason"],
+        ));
+        let relay_bytes = must(IntCounterVec::new(
+            Opts::new(
+                "tollgate_relay_bytes_total",
+                "Bytes relayed, by direction (upstream = client to target).",
+            ),
+            &["protocol", "direction"],
+        ));
+        let session_seconds = must(HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_session_duration_seconds",
+                "Duration of proxied sessions.",
+            )
+            .buckets(vec![0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0]),
+            &["protocol"],
+        ));
+        for c in [
+            Box::new(decisions.clone()) as Box<dyn Collector>,
+            Box::new(sessions_active.clone()),
+            Box::new(masked_values.clone()),
+            Box::new(approvals_pending.clone()),
+            Box::new(policy_reloads.clone()),
+            Box::new(rejected.clone()),
+            Box::new(relay_bytes.clone()),
+            Box::new(session_seconds.clone()),
+        ] {
+            must(registry.register(c));
+        }
+        // Reload counters exist from the start so dashboards see zeros, not gaps.
+        for r in ["ok", "error"] {
+            policy_reloads.with_label_values(&[r]);
+        }
+        Arc::new(Metrics {
+            registry,
+            decisions,
+            sessions_active,
+            masked_values,
+            approvals_pending,
+            policy_reloads,
+            rejected,
+            relay_bytes,
+            session_seconds,
+        })
+    }
+
+    /// Export the kernel's per-CPU counters at scrape time.
+    pub fn register_datapath(&self, dp: Arc<Datapath>) {
+        must(self.registry.register(Box::new(BpfCounters::new(dp))));
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Collector over the eBPF `COUNTERS` map.
+struct BpfCounters {
+    dp: Arc<Datapath>,
+    descs: Vec<Desc>,
+}
+
+impl BpfCounters {
+    fn new(dp: Arc<Datapath>) -> BpfCounters {
+        let descs = vec![
+            must(Desc::new(
+                "tollgate_redirects_total".into(),
+                "Connects to protected destinations redirected to the agent by the kernel.".into(),
+                vec![],
+                Default::default(),
+            )),
+            must(Desc::new(
+                "tollgate_bpf_connects_total".into(),
+                "Connects seen by the kernel hooks, by outcome.".into(),
+                vec!["outcome".into()],
+                Default::default(),
+            )),
+        ];
+        BpfCounters { dp, descs }
+    }
+}
+
+fn counter_metric(value: u64, labels: &[(&str, &str)]) -> Metric {
+    let mut m = Metric::default();
+    let mut c = Counter::default();
+    c.set_value(value as f64);
+    m.set_counter(c);
+    m.set_label(
+        labels
+            .iter()
+            .map(|(k, v)| {
+                let mut l = LabelPair::default();
+                l.set_name((*k).into());
+                l.set_value((*v).into());
+                l
+            })
+            .collect(),
+    );
+    m
+}
+
+impl Collector for BpfCounters {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let c = self.dp.counters();
+        let mut redirects = MetricFamily::default();
+        redirects.set_name("tollgate_redirects_total".into());
+        redirects.set_help(
+            "Connects to protected destinations redirected to the agent by the kernel.".into(),
+        );
+        redirects.set_field_type(MetricType::COUNTER);
+        redirects.set_metric(vec![counter_metric(c[counter::REDIRECTED as usize], &[])]);
+        let mut outcomes = MetricFamily::default();
+        outcomes.set_name("tollgate_bpf_connects_total".into());
+        outcomes.set_help("Connects seen by the kernel hooks, by outcome.".into());
+        outcomes.set_field_type(MetricType::COUNTER);
+        outcomes.set_metric(
+            [
+                ("passed", counter::PASSED),
+                ("exempt", counter::EXEMPT),
+                ("map_full", counter::MAP_FULL),
+                ("refused", counter::REFUSED),
+            ]
+            .iter()
+            .map(|(n, i)| counter_metric(c[*i as usize], &[("outcome", n)]))
+            .collect(),
+        );
+        vec![redirects, outcomes]
+    }
+}
+
+pub type Handler =
+    Arc<dyn Fn(&Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
+
+pub fn text(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Serve a tiny HTTP/1 endpoint on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, handler: Handler) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "http accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let h = handler.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let h = h.clone();
+                async move { Ok::<_, Infallible>(h(&req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// `/metrics` handler.
+pub fn metrics_handler(m: Arc<Metrics>) -> Handler {
+    Arc::new(move |req| match req.uri().path() {
+        "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", m.render()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics\n",
+        ),
+    })
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_design_names() {
+        let m = Metrics::new();
+        m.decisions
+            .with_label_values(&["ci-bot", "db", "tcp", "allow"])
+            .inc();
+        m.sessions_active.with_label_values(&["tcp"]).set(0);
+        m.masked_values
+            .with_label_values(&["db", "email"])
+            .inc_by(0);
+        let out = m.render();
+        for name in [
+            "tollgate_decisions_total{action=\"allow\",identity=\"ci-bot\",protocol=\"tcp\",target=\"db\"} 1",
+            "tollgate_sessions_active{protocol=\"tcp\"} 0",
+            "tollgate_approvals_pending 0",
+            "tollgate_policy_reloads_total{result=\"error\"} 0",
+        ] {
+            assert!(out.contains(name), "missing {name} in\n{out}");
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! The data path in userspace: accept a redirected connection, attribute it, find its target,
+//! decide, then hand it to the protocol handler; write audit, metrics and the close event
+//! exactly once per session.
+//!
+//! Phases of a session (see ARCHITECTURE.md): accept -> attribute (kernel facts) -> target ->
+//! `decide(Connect)` -> handler (`on_operation` decisions through [`SessionCx::decide`],
+//! upstream through [`SessionCx::connect_upstream`]) -> close (the [`SessionGuard`]).
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use serde_json::{json, Map, Value};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::Semaphore,
+};
+use tokio_util::task::TaskTracker;
+use tollgate_common::ConnInfo;
+use tollgate_policy::{
+    decide, Action, Decision, Mode, Operation, Policy, Protocol, Request, Target, WorkloadFacts,
+};
+use tracing::{info, warn, Instrument};
+
+use crate::{
+    audit::Audit,
+    bpf::{self, AGENT_MARK},
+    identity::{Facts, Resolver},
+    metrics::Metrics,
+    relay::{self, RelayKind, Totals},
+    targets::Routes,
+};
+
+/// Where the original destination and kernel facts of an accepted connection come from: the
+/// eBPF maps in production, a table in in-process tests.
+pub trait ConnSource: Send + Sync {
+    fn take_conn(&self, peer: SocketAddr) -> Option<ConnInfo>;
+}
+
+impl ConnSource for bpf::Datapath {
+    fn take_conn(&self, peer: SocketAddr) -> Option<ConnInfo> {
+        bpf::Datapath::take_conn(self, peer)
+    }
+}
+
+/// One policy generation: the parsed policy and the routes built from it.
+pub struct Generation {
+    pub policy: Policy,
+    pub routes: Routes,
+}
+
+/// Where an error on the data path came from (pingora's habit): it decides the metric label
+/// and what the client is told.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPathError {
+    /// The client misbehaved or went away.
+    #[error("client: {0}")]
+    Client(io::Error),
+    /// The upstream could not be reached or failed.
+    #[error("upstream {addr}: {source}")]
+    Upstream { addr: SocketAddr, source: io::Error },
+    /// Policy refused the connection or an operation.
+    #[error("policy: {0}")]
+    Policy(String),
+    /// A bug or resource problem in the agent.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl DataPathError {
+    /// The one place errors become a bounded label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DataPathError::Client(_) => "client",
+            DataPathError::Upstream { .. } => "upstream",
+            DataPathError::Policy(_) => "policy",
+            DataPathError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// What an approval request came to. Until the approvals broker exists every request is
+/// `Unavailable`, which handlers must treat as a deny with a clear message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApprovalOutcome {
+    Approved { approver: String },
+    Denied { comment: String },
+    Expired,
+    Unavailable,
+}
+
+/// A protocol handler (postgres, ssh, http, kubernetes, tcp). The agent has already attributed
+/// the connection and admitted it; the handler classifies operations, asks
+/// [`SessionCx::decide`] for each, connects upstream with [`SessionCx::connect_upstream`],
+/// applies its response hooks (masking) and returns the byte totals when the session ends.
+pub trait ProtocolHandler: Send + Sync {
+    fn protocol(&self) -> Protocol;
+    fn serve<'a>(
+        &'a self,
+        cx: &'a SessionCx,
+        client: TcpStream,
+    ) -> Pin<Box<dyn Future<Output = Result<Totals, DataPathError>> + Send + 'a>>;
+}
+
+/// Opaque TCP relay (`protocol = "tcp"`, and any whole-connection allow).
+pub struct TcpHandler {
+    pub kind: RelayKind,
+}
+
+impl ProtocolHandler for TcpHandler {
+    fn protocol(&self) -> Protocol {
+        Protocol::Tcp
+    }
+    fn serve<'a>(
+        &'a self,
+        cx: &'a SessionCx,
+        client: TcpStream,
+    ) -> Pin<Box<dyn Future<Output = Result<Totals, DataPathError>> + Send + 'a>> {
+        Box::pin(async move {
+            let upstream = cx.connect_upstream().await?;
+            let counted = (AtomicU64::new(0), AtomicU64::new(0));
+            let r = relay::relay(self.kind, client, upstream, &counted).await;
+            let totals = Totals {
+                bytes_up: counted.0.load(Ordering::Relaxed),
+                bytes_down: counted.1.load(Ordering::Relaxed),
+            };
+            cx.add_bytes(totals);
+            r.map(|_| totals).map_err(DataPathError::Client)
+        })
+    }
+}
+
+/// Shared agent state.
+pub struct Agent {
+    pub gen: ArcSwap<Generation>,
+    pub conns: Arc<dyn ConnSource>,
+    pub resolver: Resolver,
+    pub audit: Audit,
+    pub metrics: Arc<Metrics>,
+    pub limiter: Arc<Semaphore>,
+    pub tracker: TaskTracker,
+    pub resolved: Mutex<HashMap<String, Vec<IpAddr>>>,
+    pub relay_kind: RelayKind,
+    pub upstream_timeout: Duration,
+    next_session: AtomicU64,
+    started_ms: u64,
+}
+
+impl Agent {
+    pub fn new(
+        gen: Generation,
+        conns: Arc<dyn ConnSource>,
+        resolver: Resolver,
+        audit: Audit,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Agent> {
+        let max = gen.policy.agent.max_connections.max(1);
+        let started_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Arc::new(Agent {
+            gen: ArcSwap::from_pointee(gen),
+            conns,
+            resolver,
+            audit,
+            metrics,
+            limiter: Arc::new(Semaphore::new(max)),
+            tracker: TaskTracker::new(),
+            resolved: Mutex::new(HashMap::new()),
+            relay_kind: RelayKind::from_env(),
+            upstream_timeout: Duration::from_secs(10),
+            next_session: AtomicU64::new(1),
+            started_ms,
+        })
+    }
+
+    fn session_id(&self) -> String {
+        let n = self.next_session.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}-{n}", self.started_ms)
+    }
+
+    /// Accept loop for one listener; returns when `stop` fires.
+    pub async fn serve_listener(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        let Ok(permit) = self.limiter.clone().try_acquire_owned() else {
+                            // Over the concurrency cap: refuse fast rather than queue unboundedly.
+                            self.metrics.rejected.with_label_values(&["limit"]).inc();
+                            reset(stream);
+                            continue;
+                        };
+                        let agent = self.clone();
+                        self.tracker.spawn(async move {
+                            agent.handle(stream, peer).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection, start to end.
+    pub async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let Some(info) = self.conns.take_conn(peer) else {
+            // Not redirected by our hooks (someone dialled the listener directly, or the record
+            // was lost): nothing to attribute, nothing to allow.
+            self.metrics
+                .rejected
+                .with_label_values(&["unattributed"])
+                .inc();
+            warn!(%peer, "connection without a kernel record refused");
+            reset(stream);
+            return;
+        };
+        let orig = bpf::orig_dst(&info);
+        let facts = self.resolver.facts(&info);
+        let gen = self.gen.load_full();
+        let id = self.session_id();
+        let span = tracing::info_span!("conn", conn_id = %id, %peer, orig_dst = %orig, identity = tracing::field::Empty, target = tracing::field::Empty, protocol = tracing::field::Empty);
+        async move {
+            let identity = gen
+                .policy
+                .identify(&WorkloadFacts {
+                    cgroup: &facts.cgroup,
+                    uid: facts.uid,
+                    user: facts.user.as_deref(),
+                    exe: facts.exe.as_deref(),
+                    comm: &facts.comm,
+                })
+                .map(|i| i.name.clone());
+            let target = gen.routes.lookup(orig).and_then(|i| gen.policy.targets.get(i)).cloned();
+            let span = tracing::Span::current();
+            span.record("identity", identity.as_deref().unwrap_or("unknown"));
+            let Some(target) = target else {
+                // The route vanished between the kernel redirect and now (policy reload).
+                self.metrics.rejected.with_label_values(&["no_target"]).inc();
+                self.audit.write(obj(json!({
+                    "event": "connect", "session": id, "identity": identity, "target": null,
+                    "protocol": null, "operation": "connect", "action": "deny", "rule": null,
+                    "reason": "unknown_target", "orig_dst": orig.to_string(), "peer": peer.to_string(),
+                    "pid": facts.pid, "uid": facts.uid, "user": facts.user, "cgroup": facts.cgroup, "exe": facts.exe, "comm": facts.comm,
+                })));
+                reset(stream);
+                return;
+            };
+            span.record("target", target.name.as_str());
+            span.record("protocol", target.protocol.as_str());
+            let cx = SessionCx {
+                id,
+                identity,
+                target,
+                facts,
+                orig_dst: orig,
+                peer,
+                agent: self.clone(),
+                gen: gen.clone(),
+                started: Instant::now(),
+                bytes: (AtomicU64::new(0), AtomicU64::new(0)),
+            };
+            cx.run(stream).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Re-resolve host-name targets and rebuild routes when an address changed.
+    pub fn set_resolved(&self, name: String, addrs: Vec<IpAddr>) -> bool {
+        let mut r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = r.get(&name) != Some(&addrs);
+        r.insert(name, addrs);
+        changed
+    }
+
+    pub fn resolved_snapshot(&self) -> HashMap<String, Vec<IpAddr>> {
+        self.resolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Close with RST so the client sees a refusal at once, not an orderly EOF.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// Everything a handler knows about its session, and the services it may call.
+pub struct SessionCx {
+    pub id: String,
+    pub identity: Option<String>,
+    pub target: Target,
+    pub facts: Facts,
+    pub orig_dst: SocketAddr,
+    pub peer: SocketAddr,
+    pub agent: Arc<Agent>,
+    /// The policy generation the session started under; operations are decided under the
+    /// newest one (see [`SessionCx::decide`]).
+    pub gen: Arc<Generation>,
+    started: Instant,
+    bytes: (AtomicU64, AtomicU64),
+}
+
+impl SessionCx {
+    fn base(&self) -> Map<String, Value> {
+        obj(json!({
+            "session": self.id,
+            "identity": self.identity,
+            "target": self.target.name,
+            "protocol": self.target.protocol.as_str(),
+            "pid": self.facts.pid,
+            "uid": self.facts.uid,
+            "user": self.facts.user,
+            "cgroup": self.facts.cgroup,
+            "exe": self.facts.exe,
+            "comm": self.facts.comm,
+            "peer": self.peer.to_string(),
+            "orig_dst": self.orig_dst.to_string(),
+        }))
+    }
+
+    fn count_decision(&self, action: &str) {
+        self.agent
+            .metrics
+            .decisions
+            .with_label_values(&[
+                self.identity.as_deref().unwrap_or("unknown"),
+                &self.target.name,
+                self.target.protocol.as_str(),
+                action,
+            ])
+            .inc();
+    }
+
+    /// `on_operation`: decide one operation under the current policy, audit it and count it.
+    /// `text` is the operation as the audit log shows it (already masked by the handler).
+    /// In observe mode the returned decision is always allow; the audit keeps the real one.
+    pub fn decide(&self, op: Operation<'_>, text: &str) -> Decision {
+        let gen = self.agent.gen.load();
+        let d = decide(
+            &gen.policy,
+            &Request {
+                identity: self.identity.as_deref(),
+                target: &self.target.name,
+                op,
+            },
+        );
+        let observe = gen.policy.agent.mode == Mode::Observe;
+        let mut ev = self.base();
+        ev.insert("event".into(), "operation".into());
+        ev.insert("operation".into(), Value::String(text.to_string()));
+        ev.insert("kind".into(), op.kind_str().into());
+        ev.insert("action".into(), d.action.as_str().into());
+        ev.insert("rule".into(), json!(d.rule));
+        ev.insert("reason".into(), d.reason.as_str().into());
+        ev.insert("enforced".into(), (!observe).into());
+        self.agent.audit.write(ev);
+        self.count_decision(d.action.as_str());
+        if observe {
+            Decision {
+                action: Action::Allow,
+                ..d
+            }
+        } else {
+            d
+        }
+    }
+
+    /// The approval hook: handlers call this for an `approve` decision. The broker that holds
+    /// the operation for a human is not part of this agent yet, so the answer is always
+    /// `Unavailable` and the handler refuses the operation with a clear message.
+    pub async fn request_approval(
+        &self,
+        _operation: &str,
+        _decision: &Decision,
+    ) -> ApprovalOutcome {
+        ApprovalOutcome::Unavailable
+    }
+
+    /// Connect to the original destination. The socket carries the agent's mark, so the
+    /// kernel hooks never redirect it back to us.
+    pub async fn connect_upstream(&self) -> Result<TcpStream, DataPathError> {
+        let addr = self.orig_dst;
+        let up = |source| DataPathError::Upstream { addr, source };
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(up)?;
+        socket2::SockRef::from(&sock)
+            .set_mark(AGENT_MARK)
+            .map_err(up)?;
+        match tokio::time::timeout(self.agent.upstream_timeout, sock.connect(addr)).await {
+            Ok(r) => r.map_err(up),
+            Err(_) => Err(up(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))),
+        }
+    }
+
+    pub fn add_bytes(&self, t: Totals) {
+        self.bytes.0.store(t.bytes_up, Ordering::Relaxed);
+        self.bytes.1.store(t.bytes_down, Ordering::Relaxed);
+    }
+
+    /// Decide the connection, serve it, close it; the guard writes the close exactly once.
+    async fn run(self, stream: TcpStream) {
+        let policy = &self.gen.policy;
+        let d = decide(
+            policy,
+            &Request {
+                identity: self.identity.as_deref(),
+                target: &self.target.name,
+                op: Operation::Connect,
+            },
+        );
+        let observe = policy.agent.mode == Mode::Observe;
+        // Only the opaque relay exists in this version: a connection admitted only because some
+        // operation-scoped rule could match would pass its operations unchecked, so it is
+        // refused unless the policy allowed the whole connection (fail closed).
+        let whole = d
+            .rule
+            .as_deref()
+            .and_then(|r| policy.rule(r))
+            .is_some_and(|r| r.is_whole_connection());
+        let handler: Option<&dyn ProtocolHandler> = match (d.action, self.target.protocol, whole) {
+            (Action::Allow, _, true) | (Action::Allow, Protocol::Tcp, _) => Some(&TcpHandler {
+                kind: self.agent.relay_kind,
+            }),
+            _ => None,
+        };
+        let (action, reason) = match (d.action, handler.is_some()) {
+            (Action::Allow, true) => ("allow", d.reason.as_str()),
+            (Action::Allow, false) => ("deny", "operation_policy_unsupported"),
+            (Action::Approve, _) => ("deny", "approval_unavailable"),
+            (Action::Deny, _) => ("deny", d.reason.as_str()),
+        };
+        let mut ev = self.base();
+        ev.insert("event".into(), "connect".into());
+        ev.insert("operation".into(), "connect".into());
+        ev.insert("action".into(), action.into());
+        ev.insert("rule".into(), json!(d.rule));
+        ev.insert("reason".into(), reason.into());
+        ev.insert("enforced".into(), (!observe).into());
+        self.agent.audit.write(ev);
+        self.count_decision(action);
+        info!(action, reason, rule = d.rule.as_deref().unwrap_or("-"), pid = self.facts.pid, uid = self.facts.uid, cgroup = %self.facts.cgroup, "connection decided");
+
+        let tcp = TcpHandler {
+            kind: self.agent.relay_kind,
+        };
+        let handler: &dyn ProtocolHandler = match (action, observe) {
+            ("allow", _) => handler.unwrap_or(&tcp),
+            (_, true) => &tcp,
+            _ => {
+                reset(stream);
+                return;
+            }
+        };
+        let proto = self.target.protocol.as_str();
+        let guard = SessionGuard::new(&self, proto);
+        let result = handler.serve(&self, stream).await;
+        guard.finish(&self, result);
+    }
+}
+
+/// Writes the session's close event and metrics exactly once: `finish` normally, `Drop` as the
+/// fallback when the task is cancelled (shutdown deadline).
+struct SessionGuard {
+    protocol: &'static str,
+    done: bool,
+    agent: Arc<Agent>,
+    base: Map<String, Value>,
+    started: Instant,
+}
+
+impl SessionGuard {
+    fn new(cx: &SessionCx, protocol: &'static str) -> SessionGuard {
+        cx.agent
+            .metrics
+            .sessions_active
+            .with_label_values(&[protocol])
+            .inc();
+        SessionGuard {
+            protocol,
+            done: false,
+            agent: cx.agent.clone(),
+            base: cx.base(),
+            started: cx.started,
+        }
+    }
+
+    fn finish(mut self, cx: &SessionCx, result: Result<Totals, DataPathError>) {
+        let t = Totals {
+            bytes_up: cx.bytes.0.load(Ordering::Relaxed),
+            bytes_down: cx.bytes.1.load(Ordering::Relaxed),
+        };
+        let (status, error) = match &result {
+            Ok(_) => ("ok", None),
+            Err(e) => (e.label(), Some(e.to_string())),
+        };
+        if let Err(e) = &result {
+            warn!(error = %e, "session ended with an error");
+        }
+        self.close(t, status, error);
+    }
+
+    fn close(&mut self, t: Totals, status: &str, error: Option<String>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let m = &self.agent.metrics;
+        m.sessions_active.with_label_values(&[self.protocol]).dec();
+        m.relay_bytes
+            .with_label_values(&[self.protocol, "upstream"])
+            .inc_by(t.bytes_up);
+        m.relay_bytes
+            .with_label_values(&[self.protocol, "downstream"])
+            .inc_by(t.bytes_down);
+        let secs = self.started.elapsed().as_secs_f64();
+        m.session_seconds
+            .with_label_values(&[self.protocol])
+            .observe(secs);
+        let mut ev = self.base.clone();
+        ev.insert("event".into(), "close".into());
+        ev.insert("operation".into(), "close".into());
+        ev.insert("status".into(), status.into());
+        ev.insert("error".into(), json!(error));
+        ev.insert("bytes_up".into(), t.bytes_up.into());
+        ev.insert("bytes_down".into(), t.bytes_down.into());
+        ev.insert("duration_ms".into(), ((secs * 1000.0) as u64).into());
+        self.agent.audit.write(ev);
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.close(
+            Totals::default(),
+            "aborted",
+            Some("session cancelled at shutdown".into()),
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! `tollgate run`: wire the pieces together, then reload on SIGHUP or file change and drain on
+//! SIGTERM/SIGINT.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use serde_json::json;
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tollgate_policy::{FailMode, Policy};
+use tracing::{error, info, warn};
+
+use crate::{
+    audit::Audit,
+    bpf::Datapath,
+    identity::Resolver,
+    metrics::{self, Metrics},
+    proxy::{Agent, Generation},
+    sys,
+    targets::{self, Routes},
+};
+
+pub fn load_policy(path: &Path) -> anyhow::Result<Policy> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read policy file {}", path.display()))?;
+    Ok(tollgate_policy::parse(&text, &path.display().to_string())?)
+}
+
+pub fn run(policy_path: &Path) -> anyhow::Result<()> {
+    let policy = load_policy(policy_path)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(run_async(policy_path.to_path_buf(), policy))
+}
+
+async fn resolve_all(
+    policy: &Policy,
+    agent: Option<&Agent>,
+) -> std::collections::HashMap<String, Vec<IpAddr>> {
+    let mut out = std::collections::HashMap::new();
+    for host in targets::host_names(policy) {
+        let looked_up = tokio::net::lookup_host((host.clone(), 0))
+            .await
+            .map(|it| it.collect::<Vec<_>>());
+        match looked_up {
+            Ok(addrs) => {
+                let mut ips: Vec<IpAddr> = addrs.iter().map(|a| a.ip()).collect();
+                ips.sort();
+                ips.dedup();
+                out.insert(host, ips);
+            }
+            Err(e) => {
+                // Keep the last known addresses rather than dropping protection on a DNS blip.
+                warn!(host, error = %e, "cannot resolve target host; keeping previous addresses");
+                if let Some(prev) = agent.and_then(|a| a.resolved_snapshot().remove(&host)) {
+                    out.insert(host, prev);
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
+    let cfg = policy.agent.clone();
+    let audit = Audit::open(&cfg.data_dir)
+        .with_context(|| format!("cannot open audit log in {}", cfg.data_dir.display()))?;
+    let metrics = Metrics::new();
+
+    // Listeners first: once the kernel starts redirecting, someone must be there.
+    let mut listeners = Vec::new();
+    for a in &cfg.listen {
+        let l = TcpListener::bind(a)
+            .await
+            .with_context(|| format!("cannot listen on {a} ([agent] listen)"))?;
+        listeners.push(l);
+    }
+
+    let resolved = resolve_all(&policy, None).await;
+    let routes = Routes::build(&policy, &resolved);
+    let dp = Arc::new(
+        Datapath::install(&cfg.listen, cfg.fail_mode, &cfg.bpf_pin_path, &routes)
+            .context("cannot install the eBPF data path (try `tollgate doctor`)")?,
+    );
+    metrics.register_datapath(dp.clone());
+    let resolver = Resolver::new(sys::cgroup2_mount()?);
+    let agent = Agent::new(
+        Generation { policy, routes },
+        dp.clone(),
+        resolver,
+        audit,
+        metrics.clone(),
+    );
+    for (h, ips) in resolved {
+        agent.set_resolved(h, ips);
+    }
+
+    if let Some(addr) = cfg.metrics {
+        let l = metrics::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ([agent] metrics)"))?;
+        tokio::spawn(metrics::serve(l, metrics::metrics_handler(metrics.clone())));
+    }
+    if let Some(addr) = cfg.admin {
+        let l = metrics::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ([agent] admin)"))?;
+        tokio::spawn(metrics::serve(l, admin_handler()));
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut accepts = Vec::new();
+    for l in listeners {
+        accepts.push(tokio::spawn(
+            agent.clone().serve_listener(l, stop_rx.clone()),
+        ));
+    }
+    agent.audit.write(obj(json!({"event": "agent_start", "policy": policy_path.display().to_string(), "fail_mode": cfg.fail_mode.as_str(), "mode": cfg.mode.as_str(), "pid": std::process::id()})));
+    info!(listen = ?cfg.listen, fail_mode = cfg.fail_mode.as_str(), mode = cfg.mode.as_str(), "tollgate running");
+
+    tokio::spawn(watch_policy(agent.clone(), dp.clone(), policy_path.clone()));
+    tokio::spawn(refresh_dns(agent.clone(), dp.clone()));
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = int.recv() => info!("SIGINT: draining"),
+    }
+    let _ = stop_tx.send(true);
+    for a in accepts {
+        let _ = a.await;
+    }
+    agent.tracker.close();
+    let drain = agent.gen.load().policy.agent.drain_timeout;
+    if tokio::time::timeout(drain, agent.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = agent.tracker.len(),
+            "drain deadline passed; closing remaining sessions"
+        );
+    }
+    agent.audit.write(obj(
+        json!({"event": "agent_stop", "pid": std::process::id()}),
+    ));
+    if cfg.fail_mode == FailMode::Closed {
+        info!(pins = %cfg.bpf_pin_path.display(), "stopped; protected destinations refuse connections until the agent is back (`tollgate uninstall` restores direct access)");
+    }
+    Ok(())
+}
+
+fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+fn admin_handler() -> metrics::Handler {
+    Arc::new(|req| match req.uri().path() {
+        "/healthz" | "/readyz" => metrics::text(hyper::StatusCode::OK, "text/plain", "ok\n"),
+        _ => metrics::text(
+            hyper::StatusCode::NOT_FOUND,
+            "application/json",
+            "{\"error\":\"not found\"}\n",
+        ),
+    })
+}
+
+/// Apply a new policy file, or keep the old one and say why.
+async fn reload(agent: &Agent, dp: &Datapath, path: &Path, why: &str) {
+    let result = match load_policy(path) {
+        Ok(p) => {
+            let resolved = resolve_all(&p, Some(agent)).await;
+            for (h, ips) in &resolved {
+                agent.set_resolved(h.clone(), ips.clone());
+            }
+            let routes = Routes::build(&p, &agent.resolved_snapshot());
+            match dp.set_routes(&routes) {
+                Ok(()) => {
+                    let old = agent.gen.load();
+                    if old.policy.agent.listen != p.agent.listen
+                        || old.policy.agent.fail_mode != p.agent.fail_mode
+                    {
+                        warn!("[agent] listen/fail_mode changes take effect after a restart");
+                    }
+                    agent.gen.store(Arc::new(Generation { policy: p, routes }));
+                    Ok(())
+                }
+                Err(e) => Err(format!("cannot update kernel targets: {e}")),
+            }
+        }
+        Err(e) => Err(format!("{e:#}")),
+    };
+    match result {
+        Ok(()) => {
+            info!(why, "policy reloaded");
+            agent
+                .metrics
+                .policy_reloads
+                .with_label_values(&["ok"])
+                .inc();
+            agent.audit.write(obj(
+                json!({"event": "policy_reload", "result": "ok", "trigger": why}),
+            ));
+        }
+        Err(e) => {
+            error!(why, error = %e, "policy reload rejected; the previous policy stays in force");
+            agent
+                .metrics
+                .policy_reloads
+                .with_label_values(&["error"])
+                .inc();
+            agent.audit.write(obj(
+                json!({"event": "policy_reload", "result": "error", "trigger": why, "error": e}),
+            ));
+        }
+    }
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+}
+
+async fn watch_policy(agent: Arc<Agent>, dp: Arc<Datapath>, path: PathBuf) {
+    let mut hup = match tokio::signal::unix::signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install SIGHUP handler");
+            return;
+        }
+    };
+    let mut last = stamp(&path);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                last = stamp(&path);
+                reload(&agent, &dp, &path, "sighup").await;
+            }
+            _ = tick.tick() => {
+                let now = stamp(&path);
+                if now != last && now.is_some() {
+                    last = now;
+                    reload(&agent, &dp, &path, "file_changed").await;
+                }
+            }
+        }
+    }
+}
+
+async fn refresh_dns(agent: Arc<Agent>, dp: Arc<Datapath>) {
+    loop {
+        let every = agent.gen.load().policy.agent.dns_refresh;
+        tokio::time::sleep(every).await;
+        let gen = agent.gen.load_full();
+        if targets::host_names(&gen.policy).is_empty() {
+            continue;
+        }
+        let resolved = resolve_all(&gen.policy, Some(&agent)).await;
+        let mut changed = false;
+        for (h, ips) in resolved {
+            changed |= agent.set_resolved(h, ips);
+        }
+        if changed {
+            let routes = Routes::build(&gen.policy, &agent.resolved_snapshot());
+            if let Err(e) = dp.set_routes(&routes) {
+                error!(error = %e, "cannot update kernel targets after DNS change");
+                continue;
+            }
+            agent.gen.store(Arc::new(Generation {
+                policy: gen.policy.clone(),
+                routes,
+            }));
+            info!("target addresses changed in DNS; routes updated");
+        }
+    }
+}

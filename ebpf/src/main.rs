@@ -1,0 +1,32 @@
+//! tollgate's kernel programs, all in one object so that they share maps.
+//!
+//! Layout: `connect4`/`connect6` (cgroup/connect*) look the destination up in the `TARGETS4`/
+//! `TARGETS6` LPM tries; a protected TCP connect is rewritten to the agent's listener and the
+//! original destination plus the caller's kernel facts are stored in `SOCK_ORIG` by socket
+//! cookie. `sockops` re-keys that record by the client's (source ip, source port) into
+//! `CONN_BY_PEER` when the connection is established, which happens before the agent's
+//! `accept()` returns. `getpeername4`/`getpeername6` show the client its original peer.
+//! Per-CPU `COUNTERS` are read by the agent for metrics.
+//!
+//! On the host (any non-bpf target) this crate is an empty binary so that `cargo check
+//! --workspace` keeps working; the real build is `agent/build.rs` through aya-build.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod programs;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this; it exists only to link.
+    loop {}
+}
+
+/// Helpers such as `bpf_get_current_cgroup_id` in these program types are GPL-only.
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

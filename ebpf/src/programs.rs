@@ -1,0 +1,281 @@
+//! The programs. Every context field is read and written with a separate volatile 32-bit
+//! access: LLVM otherwise merges adjacent 32-bit context accesses into one 64-bit access, which
+//! the verifier rejects as `invalid bpf_context access` (see shared/TOOLCHAIN.md).
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use tollgate_common::{
+    counter, Config, ConnInfo, PeerKey, TargetKey4, TargetKey6, TargetValue, V4_MAPPED_WORD,
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+/// cgroup/connect*: 1 lets the (possibly rewritten) connect proceed, 0 fails it with EPERM.
+const PROCEED: i32 = 1;
+const REFUSE: i32 = 0;
+
+#[map]
+static TARGETS4: LpmTrie<TargetKey4, TargetValue> = LpmTrie::with_max_entries(16384, 0);
+#[map]
+static TARGETS6: LpmTrie<TargetKey6, TargetValue> = LpmTrie::with_max_entries(16384, 0);
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map]
+static SOCK_ORIG: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
+#[map]
+static CONN_BY_PEER: LruHashMap<PeerKey, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        // Per-CPU slot: no other writer can race with us.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn lookup4(ip_be: u32, port_be: u16) -> bool {
+    let mut data: TargetKey4 = [0; 6];
+    let p = port_be.to_ne_bytes();
+    let a = ip_be.to_ne_bytes();
+    data[0] = p[0];
+    data[1] = p[1];
+    data[2] = a[0];
+    data[3] = a[1];
+    data[4] = a[2];
+    data[5] = a[3];
+    TARGETS4.get(Key::new(48, data)).is_some()
+}
+
+#[inline(always)]
+fn lookup6(ip: &[u32; 4], port_be: u16) -> bool {
+    let mut data: TargetKey6 = [0; 18];
+    let p = port_be.to_ne_bytes();
+    data[0] = p[0];
+    data[1] = p[1];
+    let mut i = 0;
+    while i < 4 {
+        let w = ip[i].to_ne_bytes();
+        data[2 + i * 4] = w[0];
+        data[3 + i * 4] = w[1];
+        data[4 + i * 4] = w[2];
+        data[5 + i * 4] = w[3];
+        i += 1;
+    }
+    TARGETS6.get(Key::new(144, data)).is_some()
+}
+
+/// True when the socket carries the agent's mark: the agent's own upstream connections.
+#[inline(always)]
+fn is_agent(sa: *mut bpf_sock_addr, cfg: &Config) -> bool {
+    if cfg.agent_mark == 0 {
+        return false;
+    }
+    let sk = unsafe { read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)) };
+    if sk.is_null() {
+        return false;
+    }
+    let mark = unsafe { read_volatile(addr_of!((*sk).mark)) };
+    mark == cfg.agent_mark
+}
+
+/// Store the original destination and the caller's facts under the socket cookie.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, orig_ip: [u32; 4], port_be: u16, family: u32) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let info = ConnInfo {
+        orig_ip,
+        orig_port: u16::from_be(port_be),
+        family: family as u16,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cookie,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    SOCK_ORIG.insert(&cookie, &info, 0).is_ok()
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) };
+    let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
+    if !lookup4(ip, port) {
+        count(counter::PASSED);
+        return PROCEED;
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        count(counter::REFUSED);
+        return REFUSE;
+    };
+    if is_agent(sa, cfg) {
+        count(counter::EXEMPT);
+        return PROCEED;
+    }
+    let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
+    if sock_type != SOCK_STREAM || cfg.listen4_port == 0 {
+        // A protected destination is reachable only through the agent, which speaks TCP.
+        count(counter::REFUSED);
+        return REFUSE;
+    }
+    if !remember(&ctx, [0, 0, V4_MAPPED_WORD, ip], port, AF_INET) {
+        count(counter::MAP_FULL);
+        return REFUSE;
+    }
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip4), cfg.listen4_ip);
+        write_volatile(addr_of_mut!((*sa).user_port), cfg.listen4_port);
+    }
+    count(counter::REDIRECTED);
+    PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip = unsafe {
+        [
+            read_volatile(addr_of!((*sa).user_ip6[0])),
+            read_volatile(addr_of!((*sa).user_ip6[1])),
+            read_volatile(addr_of!((*sa).user_ip6[2])),
+            read_volatile(addr_of!((*sa).user_ip6[3])),
+        ]
+    };
+    let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
+    // An AF_INET6 socket connecting to ::ffff:a.b.c.d never reaches connect4: treat it as the
+    // IPv4 destination it is, or it would be a bypass.
+    let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD;
+    let hit = if mapped {
+        lookup4(ip[3], port)
+    } else {
+        lookup6(&ip, port)
+    };
+    if !hit {
+        count(counter::PASSED);
+        return PROCEED;
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        count(counter::REFUSED);
+        return REFUSE;
+    };
+    if is_agent(sa, cfg) {
+        count(counter::EXEMPT);
+        return PROCEED;
+    }
+    let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
+    let (new_ip, new_port) = if mapped {
+        ([0, 0, V4_MAPPED_WORD, cfg.listen4_ip], cfg.listen4_port)
+    } else {
+        (cfg.listen6_ip, cfg.listen6_port)
+    };
+    if sock_type != SOCK_STREAM || new_port == 0 {
+        count(counter::REFUSED);
+        return REFUSE;
+    }
+    if !remember(&ctx, ip, port, AF_INET6) {
+        count(counter::MAP_FULL);
+        return REFUSE;
+    }
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip6[0]), new_ip[0]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[1]), new_ip[1]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[2]), new_ip[2]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[3]), new_ip[3]);
+        write_volatile(addr_of_mut!((*sa).user_port), new_port);
+    }
+    count(counter::REDIRECTED);
+    PROCEED
+}
+
+#[sock_ops]
+pub fn tollgate_sockops(ctx: SockOpsContext) -> u32 {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    let op = unsafe { read_volatile(addr_of!((*ops).op)) };
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(info) = (unsafe { SOCK_ORIG.get(&cookie) }) else {
+        return 1;
+    };
+    // Read both families' fields unconditionally, then choose: a family-dependent load through
+    // a computed pointer is rejected as `dereference of modified ctx ptr`.
+    let family = unsafe { read_volatile(addr_of!((*ops).family)) };
+    let l4 = unsafe { read_volatile(addr_of!((*ops).local_ip4)) };
+    let l6 = unsafe {
+        [
+            read_volatile(addr_of!((*ops).local_ip6[0])),
+            read_volatile(addr_of!((*ops).local_ip6[1])),
+            read_volatile(addr_of!((*ops).local_ip6[2])),
+            read_volatile(addr_of!((*ops).local_ip6[3])),
+        ]
+    };
+    // local_port is in host byte order in sock_ops.
+    let lport = unsafe { read_volatile(addr_of!((*ops).local_port)) };
+    let key = PeerKey {
+        ip: if family == AF_INET6 {
+            l6
+        } else {
+            [0, 0, V4_MAPPED_WORD, l4]
+        },
+        port: lport,
+    };
+    let info = *info;
+    if CONN_BY_PEER.insert(&key, &info, 0).is_err() {
+        count(counter::MAP_FULL);
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(info) = unsafe { SOCK_ORIG.get(&cookie) } {
+        let sa = ctx.sock_addr;
+        let ip = info.orig_ip[3];
+        let port = info.orig_port.to_be() as u32;
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip4), ip);
+            write_volatile(addr_of_mut!((*sa).user_port), port);
+        }
+    }
+    // getpeername programs must return 1.
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(info) = unsafe { SOCK_ORIG.get(&cookie) } {
+        let sa = ctx.sock_addr;
+        let ip = info.orig_ip;
+        let port = info.orig_port.to_be() as u32;
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), ip[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), ip[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), ip[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), ip[3]);
+            write_volatile(addr_of_mut!((*sa).user_port), port);
+        }
+    }
+    1
+}

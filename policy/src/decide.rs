@@ -1,0 +1,319 @@
+//! `decide()`: who may do what, as a pure function of the policy and one request.
+//!
+//! Precedence is deny > approve > allow, file order among equals, and no match is a deny. A
+//! rule without an operation matcher decides the whole connection and every operation on it.
+//! `Connect` also lets a connection in when some operation-scoped allow or approve rule could
+//! apply to it, so that each operation can then be checked on its own.
+
+use std::fmt;
+
+use crate::model::{Action, HttpMatch, KubeMatch, Policy, Rule, SqlMatch, SshMatch};
+
+/// One question for [`decide`].
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// Identity name from [`Policy::identify`]; `None` = unknown workload.
+    pub identity: Option<&'a str>,
+    /// Target name (from [`Policy::target_for`]).
+    pub target: &'a str,
+    /// What is being attempted.
+    pub op: Operation<'a>,
+}
+
+/// What a workload attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation<'a> {
+    /// Opening the connection.
+    Connect,
+    /// One SQL statement.
+    Sql {
+        /// Statement kind: lowercase first keyword, e.g. `"select"`, `"drop"`.
+        statement: &'a str,
+        /// Tables it touches, as written (`users` or `public.users`).
+        tables: &'a [String],
+        /// Functions it calls.
+        functions: &'a [String],
+    },
+    /// One SSH channel request.
+    Ssh {
+        /// Which kind of request.
+        kind: SshOpKind,
+        /// Exec command line, subsystem name, or forward destination (`""` for a shell).
+        command: &'a str,
+    },
+    /// One HTTP request.
+    Http {
+        /// Request method.
+        method: &'a str,
+        /// Request path.
+        path: &'a str,
+        /// Request host (Host header or authority).
+        host: &'a str,
+    },
+    /// One Kubernetes API request.
+    Kube {
+        /// API verb (`get`, `create`, ...).
+        verb: &'a str,
+        /// `resource` or `resource/subresource` (`pods/exec`).
+        resource: &'a str,
+        /// Namespace, `""` for cluster-scoped.
+        namespace: &'a str,
+        /// Object name, `""` for collections.
+        name: &'a str,
+    },
+}
+
+impl Operation<'_> {
+    /// Bounded label for metrics and audit: `connect`, `sql`, `ssh`, `http` or `kubernetes`.
+    pub fn kind_str(&self) -> &'static str {
+        match self {
+            Operation::Connect => "connect",
+            Operation::Sql { .. } => "sql",
+            Operation::Ssh { .. } => "ssh",
+            Operation::Http { .. } => "http",
+            Operation::Kube { .. } => "kubernetes",
+        }
+    }
+}
+
+/// Kind of SSH channel request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SshOpKind {
+    /// `exec` request (`ssh host cmd`).
+    Exec,
+    /// Interactive `shell` request.
+    Shell,
+    /// `subsystem` request (`sftp`).
+    Subsystem,
+    /// Port forwarding (`direct-tcpip`, `tcpip-forward`).
+    Forward,
+}
+
+/// The answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// What to do.
+    pub action: Action,
+    /// Name of the deciding rule; `None` for default deny, unknown identity or unknown target.
+    pub rule: Option<String>,
+    /// Why.
+    pub reason: DecisionReason,
+}
+
+/// Why a [`Decision`] was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecisionReason {
+    /// A rule matched (`Decision::rule` names it).
+    Matched,
+    /// No rule matched: default deny.
+    NoMatchingRule,
+    /// The workload matched no `[[identity]]` (or the name is not in the policy).
+    UnknownIdentity,
+    /// The target name is not in the policy.
+    UnknownTarget,
+}
+
+impl DecisionReason {
+    /// Bounded label for metrics and audit.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionReason::Matched => "matched",
+            DecisionReason::NoMatchingRule => "no_matching_rule",
+            DecisionReason::UnknownIdentity => "unknown_identity",
+            DecisionReason::UnknownTarget => "unknown_target",
+        }
+    }
+}
+
+impl fmt::Display for DecisionReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Decision {
+    fn deny(reason: DecisionReason) -> Decision {
+        Decision {
+            action: Action::Deny,
+            rule: None,
+            reason,
+        }
+    }
+
+    fn matched(action: Action, rule: &Rule) -> Decision {
+        Decision {
+            action,
+            rule: Some(rule.name.clone()),
+            reason: DecisionReason::Matched,
+        }
+    }
+}
+
+/// Decide `req` under `policy`. Deterministic; allocates only the returned rule name.
+pub fn decide(policy: &Policy, req: &Request<'_>) -> Decision {
+    let Some(ii) = req.identity.and_then(|name| policy.index.identity(name)) else {
+        return Decision::deny(DecisionReason::UnknownIdentity);
+    };
+    let Some(ti) = policy.index.target(req.target) else {
+        return Decision::deny(DecisionReason::UnknownTarget);
+    };
+    let Some(target) = policy.targets.get(ti) else {
+        return Decision::deny(DecisionReason::UnknownTarget);
+    };
+    let ti = ti as u32;
+    let candidates = policy
+        .index
+        .rules_for_identity(ii)
+        .filter_map(|ri| policy.rules.get(ri))
+        .filter(|r| r.target_ids.as_ref().is_none_or(|ids| ids.contains(&ti)));
+
+    let mut approve: Option<&Rule> = None;
+    let mut allow: Option<&Rule> = None;
+    match req.op {
+        Operation::Connect => {
+            for rule in candidates {
+                if rule.is_whole_connection() {
+                    match rule.action {
+                        Action::Deny => return Decision::matched(Action::Deny, rule),
+                        Action::Approve => {
+                            approve.get_or_insert(rule);
+                        }
+                        Action::Allow => {
+                            allow.get_or_insert(rule);
+                        }
+                    }
+                } else if rule.action != Action::Deny && rule.has_matcher_for(target.protocol) {
+                    // Let the connection in so its operations can be checked one by one.
+                    allow.get_or_insert(rule);
+                }
+            }
+        }
+        op => {
+            for rule in candidates {
+                if !(rule.is_whole_connection() || op_matches(rule, &op)) {
+                    continue;
+                }
+                match rule.action {
+                    Action::Deny => return Decision::matched(Action::Deny, rule),
+                    Action::Approve => {
+                        approve.get_or_insert(rule);
+                    }
+                    Action::Allow => {
+                        allow.get_or_insert(rule);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(rule) = approve {
+        Decision::matched(Action::Approve, rule)
+    } else if let Some(rule) = allow {
+        Decision::matched(Action::Allow, rule)
+    } else {
+        Decision::deny(DecisionReason::NoMatchingRule)
+    }
+}
+
+/// Whether the rule's matcher of the operation's kind matches it.
+fn op_matches(rule: &Rule, op: &Operation<'_>) -> bool {
+    match *op {
+        Operation::Connect => false,
+        Operation::Sql {
+            statement,
+            tables,
+            functions,
+        } => rule
+            .sql
+            .as_ref()
+            .is_some_and(|m| m.matches(rule.action, statement, tables, functions)),
+        Operation::Ssh { kind, command } => {
+            rule.ssh.as_ref().is_some_and(|m| m.matches(kind, command))
+        }
+        Operation::Http { method, path, host } => rule
+            .http
+            .as_ref()
+            .is_some_and(|m| m.matches(method, path, host)),
+        Operation::Kube {
+            verb,
+            resource,
+            namespace,
+            name,
+        } => rule
+            .kubernetes
+            .as_ref()
+            .is_some_and(|m| m.matches(verb, resource, namespace, name)),
+    }
+}
+
+/// `list` is empty, contains `"*"`, or contains `word` (ASCII case-insensitive).
+fn word_in(list: &[String], word: &str) -> bool {
+    list.is_empty()
+        || list
+            .iter()
+            .any(|w| w == "*" || w.eq_ignore_ascii_case(word))
+}
+
+impl SqlMatch {
+    /// Whether a statement of kind `statement` touching `tables` and calling `functions` matches,
+    /// for a rule with `action` (allow rules need every table/function to match; deny and
+    /// approve rules need one).
+    pub fn matches(
+        &self,
+        action: Action,
+        statement: &str,
+        tables: &[String],
+        functions: &[String],
+    ) -> bool {
+        if !(self.any_statement || word_in(&self.statements, statement)) {
+            return false;
+        }
+        let all = action == Action::Allow;
+        self.table_globs.check(tables, all) && self.function_globs.check(functions, all)
+    }
+}
+
+impl SshMatch {
+    /// Whether an SSH request of `kind` with `command` matches (see the type's docs).
+    pub fn matches(&self, kind: SshOpKind, command: &str) -> bool {
+        let selects_any = !self.exec_globs.is_empty()
+            || self.shell == Some(true)
+            || !self.subsystem_globs.is_empty()
+            || self.forwarding == Some(true);
+        match kind {
+            SshOpKind::Exec if self.exec_globs.is_empty() => !selects_any,
+            SshOpKind::Exec => self.exec_globs.any_glob_matches(command),
+            SshOpKind::Shell => match self.shell {
+                Some(s) => s,
+                None => !selects_any,
+            },
+            SshOpKind::Subsystem if self.subsystem_globs.is_empty() => !selects_any,
+            SshOpKind::Subsystem => self.subsystem_globs.any_glob_matches(command),
+            SshOpKind::Forward => match self.forwarding {
+                Some(f) => f,
+                None => !selects_any,
+            },
+        }
+    }
+}
+
+impl HttpMatch {
+    /// Whether a request matches every given key.
+    pub fn matches(&self, method: &str, path: &str, host: &str) -> bool {
+        word_in(&self.methods, method)
+            && self.path_globs.allows(path)
+            && self.host_globs.allows(host)
+    }
+}
+
+impl KubeMatch {
+    /// Whether an API request matches every given key.
+    pub fn matches(&self, verb: &str, resource: &str, namespace: &str, name: &str) -> bool {
+        word_in(&self.verbs, verb)
+            && self.resource_globs.allows(resource)
+            && self.namespace_globs.allows(namespace)
+            && self.name_globs.allows(name)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,659 @@
+use crate::{
+    decide, parse, Action, Decision, DecisionReason, Operation, Policy, Request, SshOpKind,
+};
+
+const HEAD: &str = r#"
+[[identity]]
+name = "ci"
+uid = 1000
+
+[[identity]]
+name = "ops"
+uid = 1001
+
+[[target]]
+name = "db"
+protocol = "postgres"
+address = ["127.0.0.1:5432"]
+
+[[target]]
+name = "db2"
+protocol = "postgres"
+address = ["127.0.0.1:5433"]
+
+[[target]]
+name = "box"
+protocol = "ssh"
+address = ["127.0.0.1:22"]
+
+[[target]]
+name = "web"
+protocol = "http"
+address = ["127.0.0.1:80"]
+
+[[target]]
+name = "k8s"
+protocol = "kubernetes"
+address = ["127.0.0.1:6443"]
+
+[[target]]
+name = "raw"
+protocol = "tcp"
+address = ["127.0.0.1:9000"]
+"#;
+
+fn policy(rules: &str) -> Policy {
+    let text = format!("{HEAD}\n{rules}");
+    match parse(&text, "t.toml") {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn ask(p: &Policy, identity: &str, target: &str, op: Operation<'_>) -> Decision {
+    decide(
+        p,
+        &Request {
+            identity: Some(identity),
+            target,
+            op,
+        },
+    )
+}
+
+fn matched(action: Action, rule: &str) -> Decision {
+    Decision {
+        action,
+        rule: Some(rule.to_string()),
+        reason: DecisionReason::Matched,
+    }
+}
+
+fn denied(reason: DecisionReason) -> Decision {
+    Decision {
+        action: Action::Deny,
+        rule: None,
+        reason,
+    }
+}
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn sql<'a>(statement: &'a str, tables: &'a [String], functions: &'a [String]) -> Operation<'a> {
+    Operation::Sql {
+        statement,
+        tables,
+        functions,
+    }
+}
+
+fn rule(name: &str, ids: &str, targets: &str, action: &str, extra: &str) -> String {
+    format!(
+        "[[rule]]\nname = \"{name}\"\nidentities = [{ids}]\ntargets = [{targets}]\naction = \"{action}\"\n{extra}\n"
+    )
+}
+
+#[test]
+fn unknown_identity_and_target() {
+    let p = policy(&rule("all", "\"*\"", "\"*\"", "allow", ""));
+    let req = Request {
+        identity: None,
+        target: "db",
+        op: Operation::Connect,
+    };
+    assert_eq!(decide(&p, &req), denied(DecisionReason::UnknownIdentity));
+    // "*" never matches a name the policy does not define.
+    assert_eq!(
+        ask(&p, "stranger", "db", Operation::Connect),
+        denied(DecisionReason::UnknownIdentity)
+    );
+    assert_eq!(
+        ask(&p, "ci", "nowhere", Operation::Connect),
+        denied(DecisionReason::UnknownTarget)
+    );
+    assert_eq!(
+        ask(&p, "ci", "db", Operation::Connect),
+        matched(Action::Allow, "all")
+    );
+}
+
+#[test]
+fn no_rule_is_deny() {
+    let p = policy(&rule("ops db", "\"ops\"", "\"db\"", "allow", ""));
+    assert_eq!(
+        ask(&p, "ci", "db", Operation::Connect),
+        denied(DecisionReason::NoMatchingRule)
+    );
+    assert_eq!(
+        ask(&p, "ops", "db2", Operation::Connect),
+        denied(DecisionReason::NoMatchingRule)
+    );
+    assert_eq!(
+        ask(&p, "ops", "db", Operation::Connect),
+        matched(Action::Allow, "ops db")
+    );
+}
+
+#[test]
+fn deny_beats_approve_beats_allow_whatever_the_order() {
+    let rules = [
+        rule("allow", "\"ci\"", "\"db\"", "allow", ""),
+        rule("approve", "\"*\"", "\"db\"", "approve", ""),
+        rule("deny", "\"ci\"", "\"*\"", "deny", ""),
+    ];
+    for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2], [1, 2, 0]] {
+        let text: String = order.iter().map(|&i| rules[i].clone()).collect();
+        let p = policy(&text);
+        assert_eq!(
+            ask(&p, "ci", "db", Operation::Connect),
+            matched(Action::Deny, "deny")
+        );
+        assert_eq!(
+            ask(&p, "ops", "db", Operation::Connect),
+            matched(Action::Approve, "approve")
+        );
+        let p = policy(&format!("{}{}", rules[0], rules[1]));
+        assert_eq!(
+            ask(&p, "ci", "db", Operation::Connect),
+            matched(Action::Approve, "approve")
+        );
+    }
+}
+
+#[test]
+fn first_in_file_order_among_equals() {
+    let p = policy(&format!(
+        "{}{}{}",
+        rule("second", "\"*\"", "\"db\"", "allow", ""),
+        rule("first", "\"ci\"", "\"db\"", "allow", ""),
+        rule("third", "\"ci\"", "\"*\"", "allow", ""),
+    ));
+    assert_eq!(
+        ask(&p, "ci", "db", Operation::Connect),
+        matched(Action::Allow, "second")
+    );
+    let p = policy(&format!(
+        "{}{}{}",
+        rule("d1", "\"ci\"", "\"db\"", "deny", ""),
+        rule("d0", "\"*\"", "\"*\"", "deny", ""),
+        rule("d2", "\"ci\"", "\"db\"", "deny", ""),
+    ));
+    assert_eq!(
+        ask(&p, "ci", "db", Operation::Connect),
+        matched(Action::Deny, "d1")
+    );
+    assert_eq!(
+        ask(&p, "ops", "db", Operation::Connect),
+        matched(Action::Deny, "d0")
+    );
+}
+
+#[test]
+fn connect_with_op_scoped_rules() {
+    let p = policy(&format!(
+        "{}{}{}",
+        rule(
+            "ops denies drop",
+            "\"ops\"",
+            "\"db\"",
+            "deny",
+            "sql = { statements = [\"drop\"] }"
+        ),
+        rule(
+            "ci reads",
+            "\"ci\"",
+            "\"db\"",
+            "allow",
+            "sql = { statements = [\"select\"] }"
+        ),
+        rule(
+            "ci alters",
+            "\"ci\"",
+            "\"db2\"",
+            "approve",
+            "sql = { statements = [\"alter\"] }"
+        ),
+    ));
+    // An op-scoped allow or approve lets the connection in, as Allow.
+    assert_eq!(
+        ask(&p, "ci", "db", Operation::Connect),
+        matched(Action::Allow, "ci reads")
+    );
+    assert_eq!(
+        ask(&p, "ci", "db2", Operation::Connect),
+        matched(Action::Allow, "ci alters")
+    );
+    // An op-scoped deny alone does not.
+    assert_eq!(
+        ask(&p, "ops", "db", Operation::Connect),
+        denied(DecisionReason::NoMatchingRule)
+    );
+}
+
+#[test]
+fn connect_whole_connection_deny_and_approve_win_over_op_scoped_allow() {
+    let p = policy(&format!(
+        "{}{}",
+        rule("ci reads", "\"ci\"", "\"db\"", "allow", "sql = {}"),
+        rule("ci needs approval", "\"ci\"", "\"db\"", "approve", ""),
+    ));
+    assert_eq!(
+        ask(&p, "ci", "db", Operation::Connect),
+        matched(Action::Approve, "ci needs approval")
+    );
+    let p = policy(&format!(
+        "{}{}",
+        rule("ci reads", "\"ci\"", "\"db\"", "allow", "sql = {}"),
+        rule("ci out", "\"ci\"", "\"*\"", "deny", ""),
+    ));
+    assert_eq!(
+        ask(&p, "ci", "db", Operation::Connect),
+        matched(Action::Deny, "ci out")
+    );
+}
+
+#[test]
+fn wildcard_target_op_rule_lets_in_only_fitting_protocols() {
+    let p = policy(&rule(
+        "reads anywhere",
+        "\"ci\"",
+        "\"*\"",
+        "allow",
+        "sql = { statements = [\"select\"] }",
+    ));
+    assert_eq!(
+        ask(&p, "ci", "db", Operation::Connect),
+        matched(Action::Allow, "reads anywhere")
+    );
+    // A SQL rule must not open a raw TCP or SSH connection.
+    for t in ["raw", "box", "web", "k8s"] {
+        assert_eq!(
+            ask(&p, "ci", t, Operation::Connect),
+            denied(DecisionReason::NoMatchingRule),
+            "{t}"
+        );
+    }
+}
+
+#[test]
+fn whole_connection_rules_cover_operations() {
+    let p = policy(&format!(
+        "{}{}",
+        rule("ci all", "\"ci\"", "\"db\"", "allow", ""),
+        rule(
+            "no drop",
+            "\"*\"",
+            "\"db\"",
+            "deny",
+            "sql = { statements = [\"drop\"] }"
+        ),
+    ));
+    let t = names(&["users"]);
+    assert_eq!(
+        ask(&p, "ci", "db", sql("select", &t, &[])),
+        matched(Action::Allow, "ci all")
+    );
+    assert_eq!(
+        ask(&p, "ci", "db", sql("drop", &t, &[])),
+        matched(Action::Deny, "no drop")
+    );
+    assert_eq!(
+        ask(&p, "ops", "db", sql("select", &t, &[])),
+        denied(DecisionReason::NoMatchingRule)
+    );
+}
+
+#[test]
+fn op_kind_must_match_matcher_kind() {
+    let p = policy(&rule("sql any", "\"ci\"", "\"*\"", "allow", "sql = {}"));
+    let http = Operation::Http {
+        method: "GET",
+        path: "/",
+        host: "x",
+    };
+    assert_eq!(
+        ask(&p, "ci", "db", http),
+        denied(DecisionReason::NoMatchingRule)
+    );
+    assert_eq!(
+        ask(&p, "ci", "db", sql("select", &[], &[])),
+        matched(Action::Allow, "sql any")
+    );
+}
+
+#[test]
+fn sql_statements() {
+    let p = policy(&format!(
+        "{}{}",
+        rule(
+            "rw",
+            "\"ci\"",
+            "\"db\"",
+            "allow",
+            "sql = { statements = [\"SELECT\", \"insert\"] }"
+        ),
+        rule(
+            "star",
+            "\"ops\"",
+            "\"db\"",
+            "allow",
+            "sql = { statements = [\"*\"] }"
+        ),
+    ));
+    assert_eq!(
+        ask(&p, "ci", "db", sql("select", &[], &[])).action,
+        Action::Allow
+    );
+    assert_eq!(
+        ask(&p, "ci", "db", sql("INSERT", &[], &[])).action,
+        Action::Allow
+    );
+    assert_eq!(
+        ask(&p, "ci", "db", sql("delete", &[], &[])).action,
+        Action::Deny
+    );
+    assert_eq!(
+        ask(&p, "ops", "db", sql("vacuum", &[], &[])).action,
+        Action::Allow
+    );
+}
+
+#[test]
+fn sql_tables_allow_needs_every_table() {
+    let p = policy(&rule(
+        "orders only",
+        "\"ci\"",
+        "\"db\"",
+        "allow",
+        "sql = { tables = [\"orders\", \"audit.*\"] }",
+    ));
+    let d = |tables: &[&str]| ask(&p, "ci", "db", sql("select", &names(tables), &[])).action;
+    assert_eq!(d(&["orders"]), Action::Allow);
+    assert_eq!(
+        d(&["public.orders"]),
+        Action::Allow,
+        "bare glob matches qualified name"
+    );
+    assert_eq!(d(&["PUBLIC.Orders"]), Action::Allow, "case-insensitive");
+    assert_eq!(d(&["audit.log"]), Action::Allow);
+    assert_eq!(d(&["orders", "audit.log"]), Action::Allow);
+    assert_eq!(
+        d(&["orders", "users"]),
+        Action::Deny,
+        "every table must match"
+    );
+    assert_eq!(d(&["log"]), Action::Deny, "qualified glob needs the schema");
+    assert_eq!(d(&[]), Action::Allow, "no tables touched passes an allow");
+}
+
+#[test]
+fn sql_tables_deny_needs_any_table() {
+    let p = policy(&format!(
+        "{}{}",
+        rule("ci all", "\"ci\"", "\"db\"", "allow", ""),
+        rule(
+            "secrets",
+            "\"ci\"",
+            "\"db\"",
+            "deny",
+            "sql = { tables = [\"secrets\", \"vault.*\"] }",
+        ),
+    ));
+    let d = |tables: &[&str]| ask(&p, "ci", "db", sql("select", &names(tables), &[])).rule;
+    assert_eq!(d(&["orders", "public.secrets"]).as_deref(), Some("secrets"));
+    assert_eq!(d(&["vault.keys"]).as_deref(), Some("secrets"));
+    assert_eq!(d(&["orders"]).as_deref(), Some("ci all"));
+    assert_eq!(
+        d(&[]).as_deref(),
+        Some("ci all"),
+        "no tables touched: deny does not match"
+    );
+}
+
+#[test]
+fn sql_functions() {
+    let p = policy(&format!(
+        "{}{}{}",
+        rule(
+            "ci funcs",
+            "\"ci\"",
+            "\"db\"",
+            "allow",
+            "sql = { functions = [\"now\", \"pg_catalog.*\"] }"
+        ),
+        rule(
+            "no sleep",
+            "\"*\"",
+            "\"db\"",
+            "deny",
+            "sql = { functions = [\"pg_sleep*\"] }"
+        ),
+        rule(
+            "approve lo",
+            "\"ops\"",
+            "\"db\"",
+            "approve",
+            "sql = { functions = [\"lo_*\"] }"
+        ),
+    ));
+    let d = |id: &str, f: &[&str]| ask(&p, id, "db", sql("select", &[], &names(f))).action;
+    assert_eq!(d("ci", &["now"]), Action::Allow);
+    assert_eq!(d("ci", &["NOW", "pg_catalog.version"]), Action::Allow);
+    assert_eq!(d("ci", &["now", "md5"]), Action::Deny);
+    assert_eq!(d("ci", &["pg_catalog.pg_sleep"]), Action::Deny);
+    assert_eq!(d("ops", &["lo_import", "now"]), Action::Approve);
+    assert_eq!(d("ops", &[]), Action::Deny);
+}
+
+#[test]
+fn sql_tables_and_statements_combine() {
+    let p = policy(&rule(
+        "drop temp",
+        "\"ci\"",
+        "\"db\"",
+        "approve",
+        "sql = { statements = [\"drop\"], tables = [\"tmp_*\"] }",
+    ));
+    let t = names(&["tmp_1"]);
+    let u = names(&["users"]);
+    assert_eq!(
+        ask(&p, "ci", "db", sql("drop", &t, &[])).action,
+        Action::Approve
+    );
+    assert_eq!(
+        ask(&p, "ci", "db", sql("drop", &u, &[])).action,
+        Action::Deny
+    );
+    assert_eq!(
+        ask(&p, "ci", "db", sql("select", &t, &[])).action,
+        Action::Deny
+    );
+}
+
+fn ssh(kind: SshOpKind, command: &str) -> Operation<'_> {
+    Operation::Ssh { kind, command }
+}
+
+#[test]
+fn ssh_matchers() {
+    let p = policy(&format!(
+        "{}{}{}{}",
+        rule(
+            "status",
+            "\"ci\"",
+            "\"box\"",
+            "allow",
+            "ssh = { exec = [\"systemctl status *\", \"uptime\"] }"
+        ),
+        rule(
+            "sftp",
+            "\"ci\"",
+            "\"box\"",
+            "allow",
+            "ssh = { subsystems = [\"sftp\"] }"
+        ),
+        rule(
+            "shell",
+            "\"ci\"",
+            "\"box\"",
+            "approve",
+            "ssh = { shell = true }"
+        ),
+        rule(
+            "no fwd",
+            "\"*\"",
+            "\"box\"",
+            "deny",
+            "ssh = { forwarding = true }"
+        ),
+    ));
+    let d = |kind, cmd| ask(&p, "ci", "box", ssh(kind, cmd)).rule;
+    assert_eq!(
+        d(SshOpKind::Exec, "systemctl status nginx").as_deref(),
+        Some("status")
+    );
+    assert_eq!(
+        d(SshOpKind::Exec, "systemctl status a/b c").as_deref(),
+        Some("status")
+    );
+    assert_eq!(d(SshOpKind::Exec, "uptime").as_deref(), Some("status"));
+    assert_eq!(d(SshOpKind::Exec, "systemctl stop nginx"), None);
+    assert_eq!(d(SshOpKind::Subsystem, "sftp").as_deref(), Some("sftp"));
+    assert_eq!(d(SshOpKind::Subsystem, "netconf"), None);
+    assert_eq!(d(SshOpKind::Shell, "").as_deref(), Some("shell"));
+    assert_eq!(d(SshOpKind::Forward, "db:5432").as_deref(), Some("no fwd"));
+    // The forwarding deny does not touch exec.
+    assert_eq!(
+        ask(&p, "ci", "box", ssh(SshOpKind::Exec, "uptime")).action,
+        Action::Allow
+    );
+}
+
+#[test]
+fn ssh_empty_and_negative_matchers() {
+    let p = policy(&format!(
+        "{}{}",
+        rule("anything", "\"ci\"", "\"box\"", "allow", "ssh = {}"),
+        rule(
+            "no shell",
+            "\"ops\"",
+            "\"box\"",
+            "allow",
+            "ssh = { shell = false }"
+        ),
+    ));
+    for kind in [
+        SshOpKind::Exec,
+        SshOpKind::Shell,
+        SshOpKind::Subsystem,
+        SshOpKind::Forward,
+    ] {
+        assert_eq!(
+            ask(&p, "ci", "box", ssh(kind, "x")).action,
+            Action::Allow,
+            "{kind:?}"
+        );
+    }
+    assert_eq!(
+        ask(&p, "ops", "box", ssh(SshOpKind::Exec, "ls")).action,
+        Action::Allow
+    );
+    assert_eq!(
+        ask(&p, "ops", "box", ssh(SshOpKind::Shell, "")).action,
+        Action::Deny
+    );
+}
+
+#[test]
+fn http_matchers() {
+    let p = policy(&rule(
+        "api reads",
+        "\"ci\"",
+        "\"web\"",
+        "allow",
+        "http = { methods = [\"get\", \"HEAD\"], paths = [\"/api/*\"], hosts = [\"*.example.com\"] }",
+    ));
+    let d =
+        |method, path, host| ask(&p, "ci", "web", Operation::Http { method, path, host }).action;
+    assert_eq!(d("GET", "/api/v1/users", "www.example.com"), Action::Allow);
+    assert_eq!(d("head", "/api/x", "API.EXAMPLE.COM"), Action::Allow);
+    assert_eq!(d("POST", "/api/x", "www.example.com"), Action::Deny);
+    assert_eq!(d("GET", "/admin", "www.example.com"), Action::Deny);
+    assert_eq!(
+        d("GET", "/API/x", "www.example.com"),
+        Action::Deny,
+        "paths are case-sensitive"
+    );
+    assert_eq!(d("GET", "/api/x", "example.org"), Action::Deny);
+}
+
+#[test]
+fn kube_matchers() {
+    let p = policy(&format!(
+        "{}{}",
+        rule("read", "\"ci\"", "\"k8s\"", "allow", "kubernetes = { verbs = [\"get\", \"list\"] }"),
+        rule(
+            "exec",
+            "\"*\"",
+            "\"k8s\"",
+            "approve",
+            "kubernetes = { verbs = [\"create\"], resources = [\"pods/exec\"], namespaces = [\"prod-*\"], names = [\"web-*\"] }",
+        ),
+    ));
+    let d = |verb, resource, namespace, name| {
+        ask(
+            &p,
+            "ci",
+            "k8s",
+            Operation::Kube {
+                verb,
+                resource,
+                namespace,
+                name,
+            },
+        )
+        .action
+    };
+    assert_eq!(d("list", "pods", "prod-eu", ""), Action::Allow);
+    assert_eq!(d("GET", "secrets", "", "x"), Action::Allow);
+    assert_eq!(d("delete", "pods", "prod-eu", "web-1"), Action::Deny);
+    assert_eq!(
+        d("create", "pods/exec", "prod-eu", "web-1"),
+        Action::Approve
+    );
+    assert_eq!(d("create", "pods/exec", "dev", "web-1"), Action::Deny);
+    assert_eq!(d("create", "pods/exec", "prod-eu", "db-1"), Action::Deny);
+    assert_eq!(d("create", "pods/attach", "prod-eu", "web-1"), Action::Deny);
+}
+
+#[test]
+fn whole_connection_approve_applies_to_operations_too() {
+    let p = policy(&format!(
+        "{}{}",
+        rule("watch ci", "\"ci\"", "\"db\"", "approve", ""),
+        rule("ci reads", "\"ci\"", "\"db\"", "allow", "sql = {}"),
+    ));
+    assert_eq!(
+        ask(&p, "ci", "db", sql("select", &[], &[])),
+        matched(Action::Approve, "watch ci")
+    );
+}
+
+#[test]
+fn identity_listed_with_others() {
+    let p = policy(&rule(
+        "both",
+        "\"ops\", \"ci\"",
+        "\"db\", \"db2\"",
+        "allow",
+        "",
+    ));
+    for id in ["ci", "ops"] {
+        for t in ["db", "db2"] {
+            assert_eq!(ask(&p, id, t, Operation::Connect).action, Action::Allow);
+        }
+        assert_eq!(ask(&p, id, "raw", Operation::Connect).action, Action::Deny);
+    }
+}

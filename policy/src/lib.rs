@@ -1,0 +1,72 @@
+//! tollgate's policy language: parse a TOML policy file, validate it, and decide.
+//!
+//! Everything here is pure: no I/O, no async, no global state. The agent reads the file, calls
+//! [`parse`], attributes each connection with [`Policy::identify`] and [`Policy::target_for`],
+//! and asks [`decide`] about the connection and then about each operation on it.
+//!
+//! # Layout
+//!
+//! - `raw`: the serde tree, the file exactly as written, with `toml::Spanned` positions and
+//!   `deny_unknown_fields` everywhere.
+//! - `validate`: raw tree to [`Policy`]: enums, addresses, globs, durations and cross-references
+//!   checked, each error pointing at the offending value.
+//! - `model`: the public validated types, with private precompiled glob matchers.
+//! - `index`: name, rule and address lookup tables built once at parse time.
+//! - `glob`: compiled glob helpers (`*` matches `/` too).
+//! - `decide`: [`Request`], [`Operation`], [`Decision`] and [`decide`].
+//! - `error`: [`PolicyError`], `file:line:col: message`.
+//!
+//! Treat a parsed [`Policy`] as read-only: its matchers and index are compiled from the parsed
+//! values, so changing a public field afterwards is not seen by [`decide`]; parse again.
+
+#![forbid(unsafe_code)]
+
+mod decide;
+mod error;
+mod glob;
+mod index;
+mod model;
+mod raw;
+mod validate;
+
+pub use decide::{decide, Decision, DecisionReason, Operation, Request, SshOpKind};
+pub use error::PolicyError;
+pub use model::{
+    Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch, Identity, IdentityOidc,
+    KubeMatch, MaskRule, MaskStyle, Mode, OidcConfig, Policy, Protocol, Rule, SecretSource,
+    SqlMatch, SshMatch, Target, TargetAddress, WorkloadFacts, DETECTORS,
+};
+pub use validate::{KUBE_VERBS, SQL_STATEMENTS};
+
+/// Parse and validate a policy file. `file_name` is only used in error messages.
+///
+/// Returns the first problem in file order; [`parse_all`] returns every one.
+pub fn parse(text: &str, file_name: &str) -> Result<Policy, PolicyError> {
+    parse_all(text, file_name).map_err(|errors| {
+        errors.into_iter().next().unwrap_or_else(|| PolicyError {
+            file: file_name.to_string(),
+            line: 1,
+            col: 1,
+            message: "policy rejected without a reason (bug in tollgate-policy)".to_string(),
+        })
+    })
+}
+
+/// Parse and validate a policy file, reporting every problem found, sorted by position.
+///
+/// A syntax or type error stops parsing, so it is reported alone.
+pub fn parse_all(text: &str, file_name: &str) -> Result<Policy, Vec<PolicyError>> {
+    let raw: raw::RawPolicy = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => return Err(vec![PolicyError::from_toml(file_name, text, &e)]),
+    };
+    let mut cx = validate::Cx::new(file_name, text);
+    match validate::build(&mut cx, raw) {
+        Some(policy) if cx.errors.is_empty() => Ok(policy),
+        _ => {
+            let mut errors = cx.errors;
+            errors.sort_by_key(|e| (e.line, e.col));
+            Err(errors)
+        }
+    }
+}

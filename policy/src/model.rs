@@ -1,0 +1,645 @@
+//! The validated policy: what `parse` returns and `decide` reads.
+//!
+//! These types are built only by [`crate::parse`]; matchers carry private precompiled globs
+//! (and [`Policy`] a private lookup index), so treat a parsed `Policy` as read-only and parse
+//! again to change it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::glob::{Glob1, GlobList, NameGlobs};
+use crate::index::Index;
+
+/// A parsed, validated policy file.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// `[agent]`: listeners, directories and failure behaviour (defaults if absent).
+    pub agent: AgentConfig,
+    /// `[[identity]]` tables, in file order (the first match wins in [`Policy::identify`]).
+    pub identities: Vec<Identity>,
+    /// `[[target]]` tables, in file order.
+    pub targets: Vec<Target>,
+    /// `[credential.NAME]` tables, by name.
+    pub credentials: BTreeMap<String, Credential>,
+    /// `[[rule]]` tables, in file order (file order breaks ties between equal actions).
+    pub rules: Vec<Rule>,
+    /// `[approvals]`, if present; absent means the embedded in-agent queue.
+    pub approvals: Option<ApprovalsConfig>,
+    /// `[[mask]]` tables, in file order.
+    pub masks: Vec<MaskRule>,
+    pub(crate) index: Index,
+}
+
+/// `[agent]`: how the agent itself runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Key `listen`: where redirected connections arrive. Default `["127.0.0.1:15001", "[::1]:15001"]`.
+    pub listen: Vec<SocketAddr>,
+    /// Key `metrics`: Prometheus `/metrics` address, `"off"` for none. Default `127.0.0.1:9464`.
+    pub metrics: Option<SocketAddr>,
+    /// Key `admin`: approvals API, web page and health address, `"off"` for none. Default `127.0.0.1:9465`.
+    pub admin: Option<SocketAddr>,
+    /// Key `data_dir`: audit log, recordings, CA and state. Default `/var/lib/tollgate`.
+    pub data_dir: PathBuf,
+    /// Key `fail_mode`: what happens to connections when the agent cannot decide. Default `closed`.
+    pub fail_mode: FailMode,
+    /// Key `mode`: `enforce` blocks; `observe` decides and audits but never blocks. Default `enforce`.
+    pub mode: Mode,
+    /// Key `bpf_pin_path`: bpffs directory for pinned maps and links. Default `/sys/fs/bpf/tollgate`.
+    pub bpf_pin_path: PathBuf,
+    /// Key `max_connections`: cap on concurrent proxied connections. Default 4096.
+    pub max_connections: usize,
+    /// Key `drain_timeout`: how long shutdown waits for open sessions. Default 10s.
+    pub drain_timeout: Duration,
+    /// Key `dns_refresh`: how often host-name target addresses are re-resolved. Default 30s.
+    pub dns_refresh: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            listen: vec![
+                SocketAddr::from(([127, 0, 0, 1], 15001)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 15001)),
+            ],
+            metrics: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 9465))),
+            data_dir: PathBuf::from("/var/lib/tollgate"),
+            fail_mode: FailMode::Closed,
+            mode: Mode::Enforce,
+            bpf_pin_path: PathBuf::from("/sys/fs/bpf/tollgate"),
+            max_connections: 4096,
+            drain_timeout: Duration::from_secs(10),
+            dns_refresh: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Key `fail_mode`: what happens when the agent cannot decide (policy error, internal fault).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum FailMode {
+    /// `closed`: refuse the connection (default).
+    #[default]
+    Closed,
+    /// `open`: let the connection through unproxied.
+    Open,
+}
+
+/// Key `mode`: whether decisions are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    /// `enforce`: block what the policy denies (default).
+    #[default]
+    Enforce,
+    /// `observe`: decide and audit, never block.
+    Observe,
+}
+
+impl FailMode {
+    /// The policy-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailMode::Closed => "closed",
+            FailMode::Open => "open",
+        }
+    }
+}
+
+impl Mode {
+    /// The policy-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Observe => "observe",
+        }
+    }
+}
+
+/// `[[identity]]`: a workload, attributed from kernel facts, never from what it says.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Key `name`: referenced by rules.
+    pub name: String,
+    /// Key `cgroup`: glob on the cgroup v2 path (`*` also matches `/`).
+    pub cgroup: Option<String>,
+    /// Key `uid`: exact uid.
+    pub uid: Option<u32>,
+    /// Key `user`: exact user name.
+    pub user: Option<String>,
+    /// Key `exe`: glob on the executable path.
+    pub exe: Option<String>,
+    /// Key `comm`: glob on the process command name (`comm`, 15 bytes max in the kernel).
+    pub comm: Option<String>,
+    /// Key `oidc`: token-based attribution (parsed and stored; not used for matching yet).
+    pub oidc: Option<IdentityOidc>,
+    pub(crate) cgroup_glob: Option<Glob1>,
+    pub(crate) exe_glob: Option<Glob1>,
+    pub(crate) comm_glob: Option<Glob1>,
+}
+
+/// `oidc = { issuer, audience, require_claims }` inside `[[identity]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityOidc {
+    /// Key `issuer`: the token issuer URL.
+    pub issuer: String,
+    /// Key `audience`: expected `aud` claim.
+    pub audience: Option<String>,
+    /// Key `require_claims`: claim name to accepted values (any one value suffices), e.g. `groups`.
+    pub require_claims: BTreeMap<String, Vec<String>>,
+}
+
+/// Kernel facts about the connecting process.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkloadFacts<'a> {
+    /// cgroup v2 path, e.g. `/system.slice/ci-runner.service`.
+    pub cgroup: &'a str,
+    /// Real uid.
+    pub uid: u32,
+    /// User name for `uid`, if it resolves.
+    pub user: Option<&'a str>,
+    /// Executable path, if readable.
+    pub exe: Option<&'a str>,
+    /// Command name.
+    pub comm: &'a str,
+}
+
+impl Identity {
+    /// Whether every selector this identity gives matches `facts`. An identity with no selector
+    /// never matches (the parser rejects those anyway).
+    pub fn matches(&self, facts: &WorkloadFacts<'_>) -> bool {
+        let mut any = false;
+        if let Some(g) = &self.cgroup_glob {
+            any = true;
+            if !g.is_match(facts.cgroup) {
+                return false;
+            }
+        }
+        if let Some(uid) = self.uid {
+            any = true;
+            if uid != facts.uid {
+                return false;
+            }
+        }
+        if let Some(user) = &self.user {
+            any = true;
+            if facts.user != Some(user.as_str()) {
+                return false;
+            }
+        }
+        if let Some(g) = &self.exe_glob {
+            any = true;
+            match facts.exe {
+                Some(exe) if g.is_match(exe) => {}
+                _ => return false,
+            }
+        }
+        if let Some(g) = &self.comm_glob {
+            any = true;
+            if !g.is_match(facts.comm) {
+                return false;
+            }
+        }
+        any
+    }
+}
+
+/// Key `protocol` of a target: which interceptor handles it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// `postgres`: PostgreSQL wire protocol; `sql` matchers.
+    Postgres,
+    /// `ssh`; `ssh` matchers.
+    Ssh,
+    /// `http`; `http` matchers.
+    Http,
+    /// `https` (terminated by the agent); `http` matchers.
+    Https,
+    /// `kubernetes` API server; `kubernetes` matchers.
+    Kubernetes,
+    /// `tcp`: opaque bytes; whole-connection rules only.
+    Tcp,
+}
+
+impl Protocol {
+    /// Every protocol, in documentation order.
+    pub const ALL: [Protocol; 6] = [
+        Protocol::Postgres,
+        Protocol::Ssh,
+        Protocol::Http,
+        Protocol::Https,
+        Protocol::Kubernetes,
+        Protocol::Tcp,
+    ];
+
+    /// Lowercase policy-file spelling, also used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Postgres => "postgres",
+            Protocol::Ssh => "ssh",
+            Protocol::Http => "http",
+            Protocol::Https => "https",
+            Protocol::Kubernetes => "kubernetes",
+            Protocol::Tcp => "tcp",
+        }
+    }
+
+    /// The rule matcher key that applies to this protocol (`None` for tcp).
+    pub fn matcher_key(self) -> Option<&'static str> {
+        match self {
+            Protocol::Postgres => Some("sql"),
+            Protocol::Ssh => Some("ssh"),
+            Protocol::Http | Protocol::Https => Some("http"),
+            Protocol::Kubernetes => Some("kubernetes"),
+            Protocol::Tcp => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[target]]`: something protected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Key `name`: referenced by rules and masks.
+    pub name: String,
+    /// Key `protocol`.
+    pub protocol: Protocol,
+    /// Key `address`: where the target listens.
+    pub address: Vec<TargetAddress>,
+    /// Key `credential`: name of the `[credential.NAME]` injected upstream.
+    pub credential: Option<String>,
+}
+
+/// One entry of a target's `address` list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TargetAddress {
+    /// `"127.0.0.1:5432"` or `"[::1]:5432"` (IPv4-mapped IPv6 is stored as IPv4).
+    Exact(SocketAddr),
+    /// `"10.0.0.0/24:5432"` or `"[fd00::/64]:5432"` (stored truncated to the network).
+    Cidr(ipnet::IpNet, u16),
+    /// `"db.internal:5432"`: resolved by the agent every `dns_refresh`.
+    Host(String, u16),
+}
+
+impl TargetAddress {
+    /// The port this address protects.
+    pub fn port(&self) -> u16 {
+        match self {
+            TargetAddress::Exact(a) => a.port(),
+            TargetAddress::Cidr(_, p) | TargetAddress::Host(_, p) => *p,
+        }
+    }
+}
+
+impl fmt::Display for TargetAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetAddress::Exact(a) => write!(f, "{a}"),
+            TargetAddress::Cidr(net @ ipnet::IpNet::V4(_), p) => write!(f, "{net}:{p}"),
+            TargetAddress::Cidr(net @ ipnet::IpNet::V6(_), p) => write!(f, "[{net}]:{p}"),
+            TargetAddress::Host(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+/// `[credential.NAME]`: injected upstream so the bot never holds the real secret.
+///
+/// Holds only where the secret lives (paths, a variable name), never the secret itself, so
+/// `Debug` is safe to log.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Credential {
+    /// Key `user`: upstream user name.
+    pub user: Option<String>,
+    /// Key `password_file`: file holding a password.
+    pub password_file: Option<PathBuf>,
+    /// Key `key_file`: file holding a private key (ssh).
+    pub key_file: Option<PathBuf>,
+    /// Key `token_file`: file holding a bearer token (http, kubernetes).
+    pub token_file: Option<PathBuf>,
+    /// Key `env`: name of the agent's environment variable holding the secret.
+    pub env: Option<String>,
+}
+
+/// Where a credential's secret comes from (at most one per credential).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource<'a> {
+    /// `password_file`.
+    PasswordFile(&'a Path),
+    /// `key_file`.
+    KeyFile(&'a Path),
+    /// `token_file`.
+    TokenFile(&'a Path),
+    /// `env`.
+    Env(&'a str),
+}
+
+impl Credential {
+    /// The secret source, if any (the parser guarantees at most one).
+    pub fn secret_source(&self) -> Option<SecretSource<'_>> {
+        if let Some(p) = &self.password_file {
+            Some(SecretSource::PasswordFile(p))
+        } else if let Some(p) = &self.key_file {
+            Some(SecretSource::KeyFile(p))
+        } else if let Some(p) = &self.token_file {
+            Some(SecretSource::TokenFile(p))
+        } else {
+            self.env.as_deref().map(SecretSource::Env)
+        }
+    }
+}
+
+/// Key `action` of a rule. Precedence: deny beats approve beats allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// `allow`.
+    Allow,
+    /// `deny`.
+    Deny,
+    /// `approve`: hold until a human approves.
+    Approve,
+}
+
+impl Action {
+    /// Lowercase policy-file spelling, also used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+            Action::Approve => "approve",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[rule]]`: who may do what to which target.
+///
+/// A rule with no operation matcher (`sql`, `ssh`, `http`, `kubernetes` all absent) decides the
+/// whole connection and every operation on it.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Key `name`: unique; reported in decisions and audit lines.
+    pub name: String,
+    /// Key `identities`: identity names, or `"*"` for every known identity.
+    pub identities: Vec<String>,
+    /// Key `targets`: target names, or `"*"` for every target.
+    pub targets: Vec<String>,
+    /// Key `action`.
+    pub action: Action,
+    /// Key `sql`: matches SQL statements (postgres targets).
+    pub sql: Option<SqlMatch>,
+    /// Key `ssh`: matches SSH channel requests (ssh targets).
+    pub ssh: Option<SshMatch>,
+    /// Key `http`: matches HTTP requests (http and https targets).
+    pub http: Option<HttpMatch>,
+    /// Key `kubernetes`: matches Kubernetes API requests (kubernetes targets).
+    pub kubernetes: Option<KubeMatch>,
+    /// Key `approvers`: who may approve (approve rules only; empty = any approver).
+    pub approvers: Vec<String>,
+    /// Key `timeout`: how long a request waits for approval before it is denied (approve rules only).
+    pub timeout: Option<Duration>,
+    /// Key `min_approvals`: approvals needed (approve rules only; `None` = 1).
+    pub min_approvals: Option<u32>,
+    /// Target indices (None = `"*"`), resolved at parse time.
+    pub(crate) target_ids: Option<Box<[u32]>>,
+}
+
+impl Rule {
+    /// Whether this rule decides the whole connection (it has no operation matcher).
+    pub fn is_whole_connection(&self) -> bool {
+        self.sql.is_none() && self.ssh.is_none() && self.http.is_none() && self.kubernetes.is_none()
+    }
+
+    /// Whether one of this rule's matchers can match operations on a target of `protocol`.
+    pub fn has_matcher_for(&self, protocol: Protocol) -> bool {
+        match protocol {
+            Protocol::Postgres => self.sql.is_some(),
+            Protocol::Ssh => self.ssh.is_some(),
+            Protocol::Http | Protocol::Https => self.http.is_some(),
+            Protocol::Kubernetes => self.kubernetes.is_some(),
+            Protocol::Tcp => false,
+        }
+    }
+}
+
+/// `sql = { statements, tables, functions }`.
+///
+/// `tables` and `functions` are case-insensitive globs; a glob without a `.` also matches the
+/// bare name of a schema-qualified one (`users` matches `public.users`). For an allow rule every
+/// touched table must match (a statement touching none passes); for deny and approve rules one
+/// matching table is enough (a statement touching none does not match). Empty lists match anything.
+#[derive(Debug, Clone)]
+pub struct SqlMatch {
+    /// Key `statements`: statement kinds, lowercase first keyword (`select`, `drop`, ...); `"*"` = any.
+    pub statements: Vec<String>,
+    /// Key `tables`: table globs.
+    pub tables: Vec<String>,
+    /// Key `functions`: function globs.
+    pub functions: Vec<String>,
+    pub(crate) any_statement: bool,
+    pub(crate) table_globs: NameGlobs,
+    pub(crate) function_globs: NameGlobs,
+}
+
+/// `ssh = { exec, shell, subsystems, forwarding }`.
+///
+/// An empty matcher (`ssh = {}`) matches every SSH operation. Otherwise each key selects a kind
+/// of request: `exec` globs match exec commands, `shell = true` shells, `subsystems` globs
+/// subsystem names, `forwarding = true` port forwarding. Kinds the matcher does not select match
+/// only while it selects nothing (so `{ shell = false }` is "anything but a shell"), which is why
+/// an empty `exec` means "any exec" only when no other kind is selected.
+#[derive(Debug, Clone)]
+pub struct SshMatch {
+    /// Key `exec`: globs on the exec command line.
+    pub exec: Vec<String>,
+    /// Key `shell`: `true` matches interactive shells, `false` excludes them.
+    pub shell: Option<bool>,
+    /// Key `subsystems`: globs on subsystem names (`sftp`).
+    pub subsystems: Vec<String>,
+    /// Key `forwarding`: `true` matches port forwarding, `false` excludes it.
+    pub forwarding: Option<bool>,
+    pub(crate) exec_globs: GlobList,
+    pub(crate) subsystem_globs: GlobList,
+}
+
+/// `http = { methods, paths, hosts }`: all given keys must match; empty lists match anything.
+#[derive(Debug, Clone)]
+pub struct HttpMatch {
+    /// Key `methods`: request methods, case-insensitive; `"*"` = any.
+    pub methods: Vec<String>,
+    /// Key `paths`: globs on the request path (`*` also matches `/`).
+    pub paths: Vec<String>,
+    /// Key `hosts`: case-insensitive globs on the request host.
+    pub hosts: Vec<String>,
+    pub(crate) path_globs: GlobList,
+    pub(crate) host_globs: GlobList,
+}
+
+/// `kubernetes = { verbs, resources, namespaces, names }`: all given keys must match; empty
+/// lists match anything.
+#[derive(Debug, Clone)]
+pub struct KubeMatch {
+    /// Key `verbs`: API verbs (`get`, `create`, ...), case-insensitive; `"*"` = any.
+    pub verbs: Vec<String>,
+    /// Key `resources`: globs on `resource` or `resource/subresource` (`pods/exec`).
+    pub resources: Vec<String>,
+    /// Key `namespaces`: namespace globs (cluster-scoped requests have namespace `""`).
+    pub namespaces: Vec<String>,
+    /// Key `names`: object name globs.
+    pub names: Vec<String>,
+    pub(crate) resource_globs: GlobList,
+    pub(crate) namespace_globs: GlobList,
+    pub(crate) name_globs: GlobList,
+}
+
+/// `[approvals]`: where approval requests go and who may approve.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ApprovalsConfig {
+    /// Key `store`: `postgres://` URL of a fleet-wide queue; absent = in the agent.
+    pub store: Option<String>,
+    /// Key `webhook`: URL receiving Slack-compatible JSON on each new request.
+    pub webhook: Option<String>,
+    /// Key `oidc` (`[approvals.oidc]`): the organisation's IdP for approvers.
+    pub oidc: Option<OidcConfig>,
+}
+
+/// `[approvals.oidc]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcConfig {
+    /// Key `issuer`: issuer URL.
+    pub issuer: String,
+    /// Key `client_id`: for the web page login (authorization code + PKCE).
+    pub client_id: Option<String>,
+    /// Key `client_secret_file`: file holding the client secret.
+    pub client_secret_file: Option<PathBuf>,
+    /// Key `audience`: expected audience of bearer tokens on the API and CLI.
+    pub audience: Option<String>,
+    /// Key `groups_claim`: claim carrying the approver's groups. Default `"groups"`.
+    pub groups_claim: String,
+}
+
+/// Detector names accepted in `[[mask]] detectors`.
+pub const DETECTORS: &[&str] = &[
+    "email",
+    "credit_card",
+    "us_ssn",
+    "iban",
+    "phone",
+    "jwt",
+    "aws_access_key",
+    "private_key",
+    "bearer_token",
+];
+
+/// `[[mask]]`: values to mask in responses.
+#[derive(Debug, Clone)]
+pub struct MaskRule {
+    /// Key `targets`: target names, or `"*"`.
+    pub targets: Vec<String>,
+    /// Key `columns`: case-insensitive `table.column` globs (`*.email`); a glob without `.`
+    /// matches the column name in any table.
+    pub columns: Vec<String>,
+    /// Key `detectors`: names from [`DETECTORS`].
+    pub detectors: Vec<String>,
+    /// Key `style`: how masked values look. Default `full`.
+    pub style: MaskStyle,
+    pub(crate) column_globs: NameGlobs,
+}
+
+impl MaskRule {
+    /// Whether this mask applies to the target named `target`.
+    pub fn applies_to(&self, target: &str) -> bool {
+        self.targets.iter().any(|t| t == "*" || t == target)
+    }
+
+    /// Whether `columns` selects `column` of `table` (`table` may be schema-qualified).
+    pub fn matches_column(&self, table: &str, column: &str) -> bool {
+        self.column_globs.matches_column(table, column)
+    }
+}
+
+/// Key `style` of a mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MaskStyle {
+    /// `full`: replace the whole value (default).
+    #[default]
+    Full,
+    /// `partial`: keep a few characters (`j***@example.com`).
+    Partial,
+    /// `hash`: a stable keyed hash, so equal values stay joinable.
+    Hash,
+    /// `null`: SQL NULL / JSON null.
+    Null,
+}
+
+impl MaskStyle {
+    /// The policy-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MaskStyle::Full => "full",
+            MaskStyle::Partial => "partial",
+            MaskStyle::Hash => "hash",
+            MaskStyle::Null => "null",
+        }
+    }
+}
+
+impl Policy {
+    /// First `[[identity]]` (file order) whose given keys all match `facts`. `None` = unknown.
+    pub fn identify(&self, facts: &WorkloadFacts<'_>) -> Option<&Identity> {
+        self.identities.iter().find(|i| i.matches(facts))
+    }
+
+    /// Target protecting `addr`. IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is normalised to IPv4
+    /// first. Exact `ip:port` beats host names, which beat CIDRs; the longest prefix wins among
+    /// CIDRs, and file order among equals. `resolved(host)` gives the current addresses of a
+    /// host-name target (the agent resolves; this crate does no I/O).
+    pub fn target_for(
+        &self,
+        addr: SocketAddr,
+        resolved: &dyn Fn(&str) -> Vec<IpAddr>,
+    ) -> Option<&Target> {
+        self.index
+            .target_for(addr, resolved)
+            .and_then(|i| self.targets.get(i))
+    }
+
+    /// Target by name.
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.index.target(name).and_then(|i| self.targets.get(i))
+    }
+
+    /// Identity by name.
+    pub fn identity(&self, name: &str) -> Option<&Identity> {
+        self.index
+            .identity(name)
+            .and_then(|i| self.identities.get(i))
+    }
+
+    /// Rule by name.
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// Credential of the target named `target`, if it has one.
+    pub fn credential_for(&self, target: &str) -> Option<&Credential> {
+        let name = self.target(target)?.credential.as_deref()?;
+        self.credentials.get(name)
+    }
+
+    /// Masks that apply to the target named `target`, in file order.
+    pub fn masks_for<'a>(&'a self, target: &'a str) -> impl Iterator<Item = &'a MaskRule> + 'a {
+        self.masks.iter().filter(move |m| m.applies_to(target))
+    }
+}
