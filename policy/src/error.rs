@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use crate::raw::TABLES;
+use crate::raw::{ROOT_LABEL, TABLES};
 
 /// A policy file problem at a position.
 ///
@@ -103,12 +103,13 @@ fn reword(text: &str, span: Option<Range<usize>>, msg: &str) -> String {
                 }
             })
             .or_else(|| header_at(text, offset))
-            .unwrap_or_else(|| "this table".to_string());
+            .unwrap_or_else(|| ROOT_LABEL.to_string());
+        let place = place(&label);
         let mut out = if expected.is_empty() {
-            format!("unknown key `{key}` in {label} (it takes no keys)")
+            format!("unknown key `{key}` {place} (it takes no keys)")
         } else {
             format!(
-                "unknown key `{key}` in {label} (expected one of: {})",
+                "unknown key `{key}` {place} (expected one of: {})",
                 expected.join(", ")
             )
         };
@@ -121,24 +122,33 @@ fn reword(text: &str, span: Option<Range<usize>>, msg: &str) -> String {
         let key = backticked(msg).first().copied().unwrap_or("?");
         let header = header_at(text, offset);
         let label = table_label_for_missing(key, header.as_deref());
-        return format!("missing key `{key}` in {label}: add `{key} = ...`");
+        return format!("missing key `{key}` {}: add `{key} = ...`", place(&label));
     }
     if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
         let key = key_before(text, offset);
-        let header = header_at(text, offset).unwrap_or_else(|| "the top level".to_string());
+        let place = place(&header_at(text, offset).unwrap_or_else(|| ROOT_LABEL.to_string()));
         return match key {
-            Some(k) => format!("`{k}` in {header}: {msg}"),
-            None => format!("in {header}: {msg}"),
+            Some(k) => format!("`{k}` {place}: {msg}"),
+            None => format!("{place}: {msg}"),
         };
     }
     msg.to_string()
+}
+
+/// "in [agent]", or "at the top level".
+fn place(label: &str) -> String {
+    if label == ROOT_LABEL {
+        "at the top level".to_string()
+    } else {
+        format!("in {label}")
+    }
 }
 
 /// Which table is missing `key`: the enclosing header, or an inline table inside it that
 /// requires `key` (e.g. `oidc = { ... }` of `[[identity]]`).
 fn table_label_for_missing(key: &str, header: Option<&str>) -> String {
     let Some(header) = header else {
-        return "the top level".to_string();
+        return ROOT_LABEL.to_string();
     };
     let generic = generic_header(header);
     let holds = |label: &str| {
@@ -245,12 +255,12 @@ fn distance(a: &str, b: &str) -> usize {
     d[a.len() * w + b.len()]
 }
 
-/// The closest candidate within a small edit distance (at most 2, or a third of the word).
+/// The closest candidate within a small edit distance (a third of the word, 1 to 3 edits).
 pub(crate) fn suggest<'a>(
     word: &str,
     candidates: impl Iterator<Item = &'a str>,
 ) -> Option<&'a str> {
-    let limit = (word.chars().count() / 3).max(1).min(2);
+    let limit = (word.chars().count() / 3).clamp(1, 3);
     candidates
         .map(|c| {
             (

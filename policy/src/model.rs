@@ -643,3 +643,6 @@ impl Policy {
         self.masks.iter().filter(move |m| m.applies_to(target))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -300,9 +300,12 @@ pub(crate) struct RawMask {
 }
 pub(crate) const MASK_KEYS: &[&str] = &["targets", "columns", "detectors", "style"];
 
+/// Label of the file's root table.
+pub(crate) const ROOT_LABEL: &str = "the top level";
+
 /// Every table kind, with the label used in messages.
 pub(crate) const TABLES: &[(&[&str], &str)] = &[
-    (ROOT_KEYS, "the top level"),
+    (ROOT_KEYS, ROOT_LABEL),
     (AGENT_KEYS, "[agent]"),
     (IDENTITY_KEYS, "[[identity]]"),
     (IDENTITY_OIDC_KEYS, "`oidc` of [[identity]]"),

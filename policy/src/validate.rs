@@ -1236,3 +1236,6 @@ fn mask(cx: &mut Cx<'_>, m: &RawMask, table: Range<usize>, names: &Names<'_>) ->
         column_globs,
     })
 }
+
+#[cfg(test)]
+mod tests;

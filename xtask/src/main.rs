@@ -1,1 +1,130 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
+//!
+//! Layout: `setup.rs` (toolchain, bpf-linker, Debian packages), `demo.rs` (the README demo and
+//! the process/cgroup/PostgreSQL guards it needs), `bench.rs` (side-by-side ratios),
+//! `util.rs` (process helpers).
+
+mod bench;
+mod demo;
+mod setup;
+mod util;
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+use crate::util::{cargo, run};
+
+#[derive(Parser)]
+#[command(about = "tollgate project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: rust-src, bpf-linker (built against nightly's libLLVM), Debian packages.
+    Setup,
+    /// Build the agent with its eBPF object.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: formatting, clippy, unit and in-process tests, then the real-kernel vm-tests.
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Show the agent gating a local PostgreSQL (needs root).
+    Demo,
+    /// Print side-by-side performance ratios (needs root).
+    Bench,
+}
+
+fn build(release: bool) -> Result<()> {
+    setup::setup(false)?;
+    let mut c = cargo();
+    c.args(["build", "-p", "tollgate"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn test(no_lint: bool) -> Result<()> {
+    if !util::is_root() {
+        bail!("`cargo xtask test` includes the real-kernel vm-tests: run it as root (a skipped privileged test is a failure)");
+    }
+    setup::setup(true)?;
+    if !no_lint {
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    build(false)?;
+    let root = util::root();
+    let bin = root.join("target/debug/tollgate");
+    for ex in std::fs::read_dir(root.join("policy/examples"))?.flatten() {
+        if ex.path().extension().is_some_and(|e| e == "toml") {
+            run(Command::new(&bin).arg("check-policy").arg(ex.path()))?;
+        }
+    }
+    run(cargo().args(["test", "--workspace", "--exclude", "vm-tests"]))?;
+    run(cargo()
+        .args(["test", "-p", "vm-tests", "--", "--test-threads=1"])
+        .env("TOLLGATE_BIN", &bin))?;
+    leftovers()
+}
+
+/// Tests must leave no pins or cgroups behind.
+fn leftovers() -> Result<()> {
+    let mut left = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+        left.extend(
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("tollgate")),
+        );
+    }
+    if let Ok(cg) = util::cgroup2_root() {
+        if let Ok(rd) = std::fs::read_dir(cg) {
+            left.extend(
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("tg-") || n.starts_with("tollgate")),
+            );
+        }
+    }
+    if !left.is_empty() {
+        bail!("tests left these behind: {left:?}");
+    }
+    println!("no pins or cgroups left behind");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::setup(true),
+        Cmd::Build { release } => build(release),
+        Cmd::Test { no_lint } => test(no_lint),
+        Cmd::Demo => {
+            setup::setup(true)?;
+            build(false)?;
+            demo::demo()
+        }
+        Cmd::Bench => {
+            setup::setup(true)?;
+            build(true)?;
+            bench::bench()
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! `tg-probe`: the "bot" of the end-to-end tests. It opens one TCP connection the way any
+//! workload would, optionally pushes a deterministic payload through it and reads what comes
+//! back, then prints exactly one JSON line with what it saw (the last line on stdout):
+//!
+//! ```text
+//! {"connected":true,"error":null,"errno":null,"reset":false,"peer":"127.0.0.1:20001",
+//!  "local":"127.0.0.1:43122","pid":123,"uid":65534,"sent_bytes":1048576,
+//!  "sent_sha256":"..","recv_bytes":1048576,"recv_sha256":"..","echo_ok":true}
+//! ```
+//!
+//! Usage: `tg-probe --connect ADDR [--v6-socket] [--send-bytes N] [--expect-echo]
+//! [--hold-ms N | --hold-stdin] [--timeout-ms N]`
+//!
+//! - `--v6-socket`: use an AF_INET6 socket; an IPv4 `ADDR` becomes `::ffff:a.b.c.d`.
+//! - `--expect-echo`: read back each chunk before going on; `echo_ok` says whether the bytes
+//!   that came back are exactly the bytes sent.
+//! - `--hold-ms N` / `--hold-stdin`: send the first half, (read its echo,) print a
+//!   `{"held":true,...}` line, then wait N ms or until stdin reaches EOF before sending the
+//!   second half. This keeps a relay open while a test changes something around it.
+//!
+//! The exit status is 0 whenever the JSON line was printed (the test judges it), 2 on usage
+//! errors.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, SocketAddrV6, TcpStream},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use socket2::{Domain, Protocol, Socket, Type};
+
+struct Args {
+    connect: SocketAddr,
+    v6_socket: bool,
+    send_bytes: usize,
+    expect_echo: bool,
+    hold_ms: Option<u64>,
+    hold_stdin: bool,
+    timeout: Duration,
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("tg-probe: {msg}");
+    eprintln!(
+        "usage: tg-probe --connect ADDR [--v6-socket] [--send-bytes N] [--expect-echo] \
+         [--hold-ms N | --hold-stdin] [--timeout-ms N]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut it = std::env::args().skip(1);
+    let mut connect = None;
+    let mut a = Args {
+        connect: SocketAddr::from(([127, 0, 0, 1], 0)),
+        v6_socket: false,
+        send_bytes: 0,
+        expect_echo: false,
+        hold_ms: None,
+        hold_stdin: false,
+        timeout: Duration::from_secs(10),
+    };
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{name} needs a value")))
+        };
+        match arg.as_str() {
+            "--connect" => {
+                let v = value("--connect");
+                connect = Some(
+                    v.parse::<SocketAddr>()
+                        .unwrap_or_else(|e| usage(&format!("bad address {v}: {e}"))),
+                );
+            }
+            "--v6-socket" => a.v6_socket = true,
+            "--send-bytes" => {
+                a.send_bytes = value("--send-bytes")
+                    .parse()
+                    .unwrap_or_else(|e| usage(&format!("bad --send-bytes: {e}")));
+            }
+            "--expect-echo" => a.expect_echo = true,
+            "--hold-ms" => {
+                a.hold_ms = Some(
+                    value("--hold-ms")
+                        .parse()
+                        .unwrap_or_else(|e| usage(&format!("bad --hold-ms: {e}"))),
+                );
+            }
+            "--hold-stdin" => a.hold_stdin = true,
+            "--timeout-ms" => {
+                let ms: u64 = value("--timeout-ms")
+                    .parse()
+                    .unwrap_or_else(|e| usage(&format!("bad --timeout-ms: {e}")));
+                a.timeout = Duration::from_millis(ms.max(1));
+            }
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    a.connect = connect.unwrap_or_else(|| usage("--connect is required"));
+    a
+}
+
+/// The payload for `n` bytes: deterministic (xorshift), so a test can recompute its digest.
+fn payload(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ n as u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What went wrong first, if anything.
+#[derive(Default)]
+struct Outcome {
+    error: Option<String>,
+    errno: Option<i32>,
+}
+
+impl Outcome {
+    fn fail(&mut self, what: &str, e: &std::io::Error) {
+        if self.error.is_none() {
+            self.error = Some(format!("{what}: {e}"));
+            self.errno = e.raw_os_error();
+        }
+    }
+    fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+    fn reset(&self) -> bool {
+        matches!(self.errno, Some(libc::ECONNRESET) | Some(libc::EPIPE))
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    recv: Sha256,
+    recv_bytes: u64,
+}
+
+impl Conn {
+    /// Send `chunk` from a second thread while this one reads `want` bytes back (0: none), so
+    /// a large echo never deadlocks on full socket buffers.
+    fn exchange(&mut self, chunk: &[u8], want: usize, out: &mut Outcome) {
+        let writer = match self.stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => return out.fail("dup socket", &e),
+        };
+        let data = chunk.to_vec();
+        let w = std::thread::spawn(move || {
+            let mut s = writer;
+            s.write_all(&data)
+        });
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < want {
+            let room = (want - got).min(buf.len());
+            match self.stream.read(&mut buf[..room]) {
+                Ok(0) => {
+                    out.fail(
+                        "read",
+                        &std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("EOF after {got} of {want} echoed bytes"),
+                        ),
+                    );
+                    break;
+                }
+                Ok(n) => {
+                    self.recv.update(&buf[..n]);
+                    self.recv_bytes += n as u64;
+                    got += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    out.fail("read", &e);
+                    break;
+                }
+            }
+        }
+        match w.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => out.fail("write", &e),
+            Err(_) => out.fail("write", &std::io::Error::other("writer thread panicked")),
+        }
+    }
+
+    /// Half-close, then read whatever is left until EOF.
+    fn finish(&mut self, out: &mut Outcome) {
+        if let Err(e) = self.stream.shutdown(Shutdown::Write) {
+            if e.kind() != std::io::ErrorKind::NotConnected {
+                out.fail("shutdown", &e);
+            }
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.recv.update(&buf[..n]);
+                    self.recv_bytes += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    out.fail("read", &e);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn print(v: &Value) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{v}");
+    let _ = o.flush();
+}
+
+fn main() {
+    let a = parse_args();
+    let target = match (a.connect, a.v6_socket) {
+        (SocketAddr::V4(v4), true) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        (t, _) => t,
+    };
+    let data = payload(a.send_bytes);
+    let sent_sha = hex(&Sha256::digest(&data));
+    let base = |connected: bool| {
+        json!({
+            "connected": connected,
+            "target": target.to_string(),
+            "pid": std::process::id(),
+            // SAFETY: getuid cannot fail and touches no memory.
+            "uid": unsafe { libc::getuid() },
+            "sent_bytes": a.send_bytes,
+            "sent_sha256": sent_sha,
+        })
+    };
+    let mut out = Outcome::default();
+
+    let sock = match Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            out.fail("socket", &e);
+            return report(base(false), &out, None, None);
+        }
+    };
+    if target.is_ipv6() {
+        // Needed for ::ffff:a.b.c.d; Linux defaults to dual-stack, but say so.
+        let _ = sock.set_only_v6(false);
+    }
+    if let Err(e) = sock.connect_timeout(&target.into(), a.timeout) {
+        out.fail("connect", &e);
+        return report(base(false), &out, None, None);
+    }
+    let stream: TcpStream = sock.into();
+    let _ = stream.set_read_timeout(Some(a.timeout));
+    let _ = stream.set_write_timeout(Some(a.timeout));
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().map(|p| p.to_string()).ok();
+    let local = stream.local_addr().map(|p| p.to_string()).ok();
+    let mut conn = Conn {
+        stream,
+        recv: Sha256::new(),
+        recv_bytes: 0,
+    };
+
+    let hold = a.hold_ms.is_some() || a.hold_stdin;
+    let split = if hold { data.len() / 2 } else { data.len() };
+    let (first, second) = data.split_at(split);
+    let want = |c: &[u8]| if a.expect_echo { c.len() } else { 0 };
+    conn.exchange(first, want(first), &mut out);
+    if hold && !out.failed() {
+        let mut v = base(true);
+        v["held"] = json!(true);
+        v["peer"] = json!(peer);
+        v["local"] = json!(local);
+        v["recv_bytes"] = json!(conn.recv_bytes);
+        print(&v);
+        if let Some(ms) = a.hold_ms {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        if a.hold_stdin {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        }
+    }
+    if !out.failed() && !second.is_empty() {
+        conn.exchange(second, want(second), &mut out);
+    }
+    if !out.failed() {
+        conn.finish(&mut out);
+    }
+    let mut v = base(true);
+    v["recv_bytes"] = json!(conn.recv_bytes);
+    v["recv_sha256"] = json!(hex(&conn.recv.finalize()));
+    v["echo_ok"] = json!(!out.failed() && a.expect_echo && v["recv_sha256"] == v["sent_sha256"]);
+    report(v, &out, peer, local)
+}
+
+fn report(mut v: Value, out: &Outcome, peer: Option<String>, local: Option<String>) {
+    v["error"] = json!(out.error);
+    v["errno"] = json!(out.errno);
+    v["reset"] = json!(out.reset());
+    v["peer"] = json!(peer);
+    v["local"] = json!(local);
+    if v.get("recv_bytes").is_none() {
+        v["recv_bytes"] = json!(0);
+    }
+    print(&v);
+}

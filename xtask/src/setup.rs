@@ -1,0 +1,136 @@
+//! `cargo xtask setup`: idempotently install everything the build and tests need, through the
+//! package registries only: rust-src for nightly, bpf-linker built against nightly's own
+//! libLLVM (rebuilt when that library changes), and the Debian packages the tests use.
+
+use std::{fs, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::util::{self, output, run, tools_dir};
+
+/// Debian packages the tests, demo and benchmarks start for real.
+const APT_PACKAGES: &[&str] = &[
+    "postgresql",
+    "postgresql-contrib",
+    "prometheus",
+    "pgbouncer",
+    "wrk",
+    "hyperfine",
+    "iproute2",
+    "curl",
+    "procps",
+    "util-linux",
+    "libclang-dev",
+];
+
+pub fn setup(apt: bool) -> Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    if apt {
+        apt_packages()?;
+    }
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("rustup with a nightly toolchain is required to build the eBPF programs")?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker linked against the libLLVM that ships with nightly rustc, so the linker's LLVM
+/// equals rustc's by construction. The stamp records which library it was built against.
+fn bpf_linker() -> Result<()> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?
+        .trim()
+        .to_string();
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let llvm_major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("cannot read nightly's LLVM version")?
+        .to_string();
+    let lib = fs::read_dir(format!("{sysroot}/lib"))?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .find(|n| n.starts_with("libLLVM-") && n.ends_with(".so"))
+        .context("nightly toolchain has no libLLVM-*.so")?;
+    let lib = lib
+        .trim_start_matches("lib")
+        .trim_end_matches(".so")
+        .to_string();
+    let tools = tools_dir();
+    let stamp = tools.join("bpf-linker.llvm");
+    let want = format!("{lib}\n");
+    if tools.join("bin/bpf-linker").exists()
+        && fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str())
+    {
+        return Ok(());
+    }
+    eprintln!("building bpf-linker 0.13.0 against {lib} (about a minute)");
+    fs::create_dir_all(&tools)?;
+    run(Command::new("cargo")
+        .args([
+            "+stable",
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--locked",
+            "--force",
+            "--no-default-features",
+        ])
+        .arg("--features")
+        .arg(format!("llvm-{llvm_major},no-llvm-linking"))
+        .arg("--root")
+        .arg(&tools)
+        .env(
+            "RUSTFLAGS",
+            format!("-L native={sysroot}/lib -l dylib={lib} -C link-arg=-Wl,-rpath,{sysroot}/lib"),
+        ))?;
+    fs::write(&stamp, want)?;
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!("missing Debian packages {missing:?}: run `cargo xtask setup` as root");
+    }
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}

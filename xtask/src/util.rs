@@ -1,0 +1,97 @@
+//! Small process and filesystem helpers shared by the tasks.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where `setup` puts bpf-linker: `$TOLLGATE_TOOLS` or `~/.cache/tollgate/tools`.
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("TOLLGATE_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/tollgate/tools")
+        })
+}
+
+/// PATH with the tools dir in front, for cargo builds that need bpf-linker.
+pub fn path_with_tools() -> std::ffi::OsString {
+    let mut paths = vec![tools_dir().join("bin")];
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    std::env::join_paths(paths).unwrap_or_default()
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root()).env("PATH", path_with_tools());
+    c
+}
+
+/// Run a command, inheriting stdio; fail with the command line if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {}", show(cmd));
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !st.success() {
+        bail!("{} failed: {st}", show(cmd));
+    }
+    Ok(())
+}
+
+/// Run a command and capture stdout (stderr inherited).
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let o = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !o.status.success() {
+        bail!("{} failed: {}", show(cmd), o.status);
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+pub fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The cgroup v2 mount point, from /proc/mounts.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup2 mount in /proc/mounts")
+}
+
+/// Send a signal to a pid we started.
+pub fn kill(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a pid this process spawned.
+    unsafe { libc::kill(pid as i32, sig) };
+}
