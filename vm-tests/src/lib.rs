@@ -108,11 +108,20 @@ const CGROUP_PREFIX: &str = "tgvm-";
 pub fn unique(tag: &str) -> String {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    let tag: String = tag
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    let tag = sanitize(tag);
     format!("{tag}-{}-{n:04}", std::process::id())
+}
+
+/// The glob matching every [`Cgroup`] this process creates with `tag` (`"/tgvm-<tag>-<pid>-*"`).
+pub fn cgroup_family_glob(tag: &str) -> String {
+    let tag = sanitize(tag);
+    format!("/{CGROUP_PREFIX}{tag}-{}-*", std::process::id())
+}
+
+fn sanitize(tag: &str) -> String {
+    tag.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
 }
 
 fn pid_of_name(name: &str) -> Option<u32> {

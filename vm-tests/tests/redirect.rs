@@ -154,8 +154,10 @@ fn one_mib_round_trip_is_intact_and_counted() {
 #[test]
 fn bots_without_an_allow_rule_are_denied_and_audited() {
     require_root();
-    let (echo, ci, ops, agent) = world("deny");
+    // Created before the agent starts, like the others: attribution of cgroups created later
+    // is the subject of `attribution.rs`.
     let stranger = Cgroup::new("deny-stranger");
+    let (echo, ci, ops, agent) = world("deny");
     let addr = echo.v4().to_string();
     let args = [
         "--connect",

@@ -264,7 +264,11 @@ fn main() {
         // Needed for ::ffff:a.b.c.d; Linux defaults to dual-stack, but say so.
         let _ = sock.set_only_v6(false);
     }
-    if let Err(e) = sock.connect_timeout(&target.into(), a.timeout) {
+    // A blocking connect bounded by SO_SNDTIMEO: it reports the handshake itself, so a
+    // connection the agent accepts and then resets still counts as connected (the reset shows
+    // up on the first read or write), while a refused one fails here.
+    let _ = sock.set_write_timeout(Some(a.timeout));
+    if let Err(e) = sock.connect(&target.into()) {
         out.fail("connect", &e);
         return report(base(false), &out, None, None);
     }
