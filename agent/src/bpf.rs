@@ -19,7 +19,7 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray},
-    programs::{CgroupSockAddr, SockOps},
+    programs::{CgroupSockAddr, Lsm, RawTracePoint, SockOps},
     Ebpf,
 };
 use tollgate_common::{
@@ -80,6 +80,7 @@ pub struct Datapath {
     targets6: Mutex<LpmTrie<MapData, TargetKey6, TargetValue>>,
     conns: Mutex<HashMap<MapData, PeerKey, ConnInfo>>,
     counters: PerCpuArray<MapData, u64>,
+    exec_gen: HashMap<MapData, u32, u64>,
     installed: Mutex<(BTreeSet<(u32, TargetKey4)>, BTreeSet<(u32, TargetKey6)>)>,
     /// Process-owned links (fail open): dropping them detaches the programs.
     _links: Vec<OwnedFd>,
@@ -216,12 +217,14 @@ impl Datapath {
             take(&mut ebpf, maps::TARGETS6)?;
         let conns: HashMap<MapData, PeerKey, ConnInfo> = take(&mut ebpf, maps::CONN_BY_PEER)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::COUNTERS)?;
+        let exec_gen: HashMap<MapData, u32, u64> = take(&mut ebpf, maps::EXEC_GEN)?;
 
         let mut dp = Datapath {
             targets4: Mutex::new(dp_targets4),
             targets6: Mutex::new(dp_targets6),
             conns: Mutex::new(conns),
             counters,
+            exec_gen,
             installed: Mutex::new((BTreeSet::new(), BTreeSet::new())),
             _links: Vec::new(),
             _config: config,
@@ -230,6 +233,30 @@ impl Datapath {
         };
         // Targets go in before anything is attached.
         dp.set_routes(routes)?;
+
+        // Exec/exit tracking only matters while the agent runs, so these links stay owned by
+        // the loaded object (never pinned) and go away with the process.
+        for (prog, tp) in [
+            ("tollgate_exec", "sched_process_exec"),
+            ("tollgate_exit", "sched_process_exit"),
+        ] {
+            let p: &mut RawTracePoint = dp
+                ._ebpf
+                .program_mut(prog)
+                .ok_or_else(|| {
+                    load_err(
+                        format!("program {prog}"),
+                        std::io::Error::other("missing from object"),
+                    )
+                })?
+                .try_into()
+                .map_err(|e| load_err(prog, e))?;
+            p.load().map_err(|e| load_err(prog, e))?;
+            p.attach(tp).map_err(|e| load_err(prog, e))?;
+        }
+        if let Err(e) = attach_bprm_hook(&mut dp._ebpf) {
+            tracing::warn!(error = %e, "BPF LSM unavailable: exe-based identities have a small race window (an exec right after connect); add `bpf` to the kernel's lsm= list to close it");
+        }
 
         let mut links = Vec::new();
         for hook in Hook::ALL {
@@ -356,6 +383,12 @@ impl Datapath {
         Some(info)
     }
 
+    /// Current exec generation of process `pid` (0 if it has not exec'd or exited since the
+    /// agent started).
+    pub fn exec_gen(&self, pid: u32) -> u64 {
+        self.exec_gen.get(&pid, 0).unwrap_or(0)
+    }
+
     /// Sum of the per-CPU counters, indexed by `tollgate_common::counter`.
     pub fn counters(&self) -> [u64; counter::COUNT as usize] {
         let mut out = [0u64; counter::COUNT as usize];
@@ -372,6 +405,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves the map itself consistent (the kernel
     // owns it), so a poisoned lock is safe to keep using.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The BPF LSM hook that marks an exec before the exe switches (see ebpf `tollgate_bprm`).
+fn attach_bprm_hook(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| load_err("kernel BTF", e))?;
+    let p: &mut Lsm = ebpf
+        .program_mut("tollgate_bprm")
+        .ok_or_else(|| {
+            load_err(
+                "program tollgate_bprm",
+                std::io::Error::other("missing from object"),
+            )
+        })?
+        .try_into()
+        .map_err(|e| load_err("tollgate_bprm", e))?;
+    p.load("bprm_check_security", &btf)
+        .map_err(|e| load_err("tollgate_bprm", e))?;
+    p.attach().map_err(|e| load_err("tollgate_bprm", e))?;
+    Ok(())
 }
 
 /// Remove every pin under `pin_dir` (detaching the programs if no agent holds them) and the

@@ -8,7 +8,6 @@ use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
-    time::{Duration, Instant},
 };
 
 use tollgate_common::ConnInfo;
@@ -20,8 +19,9 @@ pub struct Facts {
     pub uid: u32,
     pub gid: u32,
     pub user: Option<String>,
-    /// cgroup v2 path relative to the cgroup2 mount, e.g. `/system.slice/ci.service`.
-    pub cgroup: String,
+    /// cgroup v2 path relative to the cgroup2 mount, e.g. `/system.slice/ci.service`; None if
+    /// the cgroup could not be found (then no identity matches: fail closed).
+    pub cgroup: Option<String>,
     pub cgroup_id: u64,
     pub exe: Option<String>,
     pub comm: String,
@@ -36,7 +36,6 @@ pub struct Resolver {
 
 struct CgroupCache {
     by_id: HashMap<u64, String>,
-    last_scan: Option<Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -71,28 +70,20 @@ impl Resolver {
         let by_id = scan(&cgroup_root);
         Resolver {
             cgroup_root,
-            cgroups: Mutex::new(CgroupCache {
-                by_id,
-                last_scan: Some(Instant::now()),
-            }),
+            cgroups: Mutex::new(CgroupCache { by_id }),
             users: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Path of cgroup `id`. An unknown id triggers a rescan (at most every 50 ms), which also
-    /// drops cgroups that have gone away.
+    /// Path of cgroup `id`. An unknown id always triggers a rescan (serialised by the lock),
+    /// which also drops cgroups that have gone away: a job in a cgroup created a moment ago
+    /// must be attributed, not treated as unknown.
     pub fn cgroup_path(&self, id: u64) -> Option<String> {
         let mut c = lock(&self.cgroups);
         if let Some(p) = c.by_id.get(&id) {
             return Some(p.clone());
         }
-        let due = c
-            .last_scan
-            .is_none_or(|t| t.elapsed() > Duration::from_millis(50));
-        if due {
-            c.by_id = scan(&self.cgroup_root);
-            c.last_scan = Some(Instant::now());
-        }
+        c.by_id = scan(&self.cgroup_root);
         c.by_id.get(&id).cloned()
     }
 
@@ -122,7 +113,7 @@ impl Resolver {
             uid: info.uid,
             gid: info.gid,
             user: self.user_name(info.uid),
-            cgroup: self.cgroup_path(info.cgroup_id).unwrap_or_default(),
+            cgroup: self.cgroup_path(info.cgroup_id),
             cgroup_id: info.cgroup_id,
             exe: fs::read_link(format!("/proc/{}/exe", info.pid))
                 .ok()
@@ -154,7 +145,6 @@ mod tests {
             cgroup_root: PathBuf::from("/nonexistent"),
             cgroups: Mutex::new(CgroupCache {
                 by_id: HashMap::new(),
-                last_scan: None,
             }),
             users: Mutex::new(HashMap::new()),
         };

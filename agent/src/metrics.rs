@@ -208,6 +208,7 @@ impl Collector for BpfCounters {
                 ("exempt", counter::EXEMPT),
                 ("map_full", counter::MAP_FULL),
                 ("refused", counter::REFUSED),
+                ("no_agent", counter::NO_AGENT),
             ]
             .iter()
             .map(|(n, i)| counter_metric(c[*i as usize], &[("outcome", n)]))

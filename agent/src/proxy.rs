@@ -45,11 +45,16 @@ use crate::{
 /// eBPF maps in production, a table in in-process tests.
 pub trait ConnSource: Send + Sync {
     fn take_conn(&self, peer: SocketAddr) -> Option<ConnInfo>;
+    /// The process's current exec generation (see `ConnInfo::exec_gen`).
+    fn exec_gen(&self, pid: u32) -> u64;
 }
 
 impl ConnSource for bpf::Datapath {
     fn take_conn(&self, peer: SocketAddr) -> Option<ConnInfo> {
         bpf::Datapath::take_conn(self, peer)
+    }
+    fn exec_gen(&self, pid: u32) -> u64 {
+        bpf::Datapath::exec_gen(self, pid)
     }
 }
 
@@ -152,6 +157,8 @@ pub struct Agent {
     pub resolved: Mutex<HashMap<String, Vec<IpAddr>>>,
     pub relay_kind: RelayKind,
     pub upstream_timeout: Duration,
+    /// `SO_MARK` for upstream sockets (None only in in-process tests, which load no programs).
+    pub upstream_mark: Option<u32>,
     next_session: AtomicU64,
     started_ms: u64,
 }
@@ -163,13 +170,13 @@ impl Agent {
         resolver: Resolver,
         audit: Audit,
         metrics: Arc<Metrics>,
-    ) -> Arc<Agent> {
+    ) -> Agent {
         let max = gen.policy.agent.max_connections.max(1);
         let started_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        Arc::new(Agent {
+        Agent {
             gen: ArcSwap::from_pointee(gen),
             conns,
             resolver,
@@ -180,9 +187,10 @@ impl Agent {
             resolved: Mutex::new(HashMap::new()),
             relay_kind: RelayKind::from_env(),
             upstream_timeout: Duration::from_secs(10),
+            upstream_mark: Some(AGENT_MARK),
             next_session: AtomicU64::new(1),
             started_ms,
-        })
+        }
     }
 
     fn session_id(&self) -> String {
@@ -237,21 +245,32 @@ impl Agent {
             return;
         };
         let orig = bpf::orig_dst(&info);
-        let facts = self.resolver.facts(&info);
+        let mut facts = self.resolver.facts(&info);
+        // /proc/<pid>/exe was read after the connect; if the process exec'd (or exited and its
+        // pid was reused) in between, that path describes another program: don't trust it.
+        if self.conns.exec_gen(info.pid) != info.exec_gen {
+            warn!(
+                pid = info.pid,
+                "process exec'd after connecting; its exe is not used for identity"
+            );
+            facts.exe = None;
+        }
         let gen = self.gen.load_full();
         let id = self.session_id();
         let span = tracing::info_span!("conn", conn_id = %id, %peer, orig_dst = %orig, identity = tracing::field::Empty, target = tracing::field::Empty, protocol = tracing::field::Empty);
         async move {
-            let identity = gen
-                .policy
-                .identify(&WorkloadFacts {
-                    cgroup: &facts.cgroup,
-                    uid: facts.uid,
-                    user: facts.user.as_deref(),
-                    exe: facts.exe.as_deref(),
-                    comm: &facts.comm,
-                })
-                .map(|i| i.name.clone());
+            // An unresolvable cgroup matches no identity (fail closed).
+            let identity = facts.cgroup.as_deref().and_then(|cgroup| {
+                gen.policy
+                    .identify(&WorkloadFacts {
+                        cgroup,
+                        uid: facts.uid,
+                        user: facts.user.as_deref(),
+                        exe: facts.exe.as_deref(),
+                        comm: &facts.comm,
+                    })
+                    .map(|i| i.name.clone())
+            });
             let target = gen.routes.lookup(orig).and_then(|i| gen.policy.targets.get(i)).cloned();
             let span = tracing::Span::current();
             span.record("identity", identity.as_deref().unwrap_or("unknown"));
@@ -477,7 +496,15 @@ impl SessionCx {
         ev.insert("enforced".into(), (!observe).into());
         self.agent.audit.write(ev);
         self.count_decision(action);
-        info!(action, reason, rule = d.rule.as_deref().unwrap_or("-"), pid = self.facts.pid, uid = self.facts.uid, cgroup = %self.facts.cgroup, "connection decided");
+        info!(
+            action,
+            reason,
+            rule = d.rule.as_deref().unwrap_or("-"),
+            pid = self.facts.pid,
+            uid = self.facts.uid,
+            cgroup = self.facts.cgroup.as_deref().unwrap_or("-"),
+            "connection decided"
+        );
 
         let tcp = TcpHandler {
             kind: self.agent.relay_kind,
@@ -576,3 +603,6 @@ impl Drop for SessionGuard {
         );
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -76,9 +76,8 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     // Listeners first: once the kernel starts redirecting, someone must be there.
     let mut listeners = Vec::new();
     for a in &cfg.listen {
-        let l = TcpListener::bind(a)
-            .await
-            .with_context(|| format!("cannot listen on {a} ([agent] listen)"))?;
+        let l =
+            listen_marked(*a).with_context(|| format!("cannot listen on {a} ([agent] listen)"))?;
         listeners.push(l);
     }
 
@@ -90,13 +89,13 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     );
     metrics.register_datapath(dp.clone());
     let resolver = Resolver::new(sys::cgroup2_mount()?);
-    let agent = Agent::new(
+    let agent = Arc::new(Agent::new(
         Generation { policy, routes },
         dp.clone(),
         resolver,
         audit,
         metrics.clone(),
-    );
+    ));
     for (h, ips) in resolved {
         agent.set_resolved(h, ips);
     }
@@ -155,6 +154,25 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         info!(pins = %cfg.bpf_pin_path.display(), "stopped; protected destinations refuse connections until the agent is back (`tollgate uninstall` restores direct access)");
     }
     Ok(())
+}
+
+/// A listener carrying the agent's `SO_MARK`. The connect hooks only redirect to a listener
+/// with that mark, so a process that binds the port while the agent is down (any user can bind
+/// a port above 1024) receives nothing: the connect is refused instead.
+fn listen_marked(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    let r = socket2::SockRef::from(&sock);
+    r.set_mark(crate::bpf::AGENT_MARK)?;
+    if addr.is_ipv6() {
+        r.set_only_v6(true)?;
+    }
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
 }
 
 fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {

@@ -5,14 +5,21 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{
+        bpf_sock, bpf_sock_addr, bpf_sock_ops, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+            bpf_sk_lookup_tcp, bpf_sk_release,
+        },
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock_addr, lsm, map, raw_tracepoint, sock_ops},
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{LsmContext, RawTracePointContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use tollgate_common::{
@@ -36,8 +43,22 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 static SOCK_ORIG: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static CONN_BY_PEER: LruHashMap<PeerKey, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
+/// Per-process generation, bumped on every exec and every process exit (see `ConnInfo::exec_gen`).
+#[map]
+static EXEC_GEN: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Refuse a protected connect because the agent is not there: the caller sees
+/// `ECONNREFUSED`, as if the service itself were down (not `EPERM`, which would suggest a
+/// permission problem on the bot's side).
+#[inline(always)]
+fn refuse_no_agent() -> i32 {
+    count(counter::NO_AGENT);
+    const ECONNREFUSED: i32 = 111;
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REFUSE
+}
 
 #[inline(always)]
 fn count(idx: u32) {
@@ -93,6 +114,75 @@ fn is_agent(sa: *mut bpf_sock_addr, cfg: &Config) -> bool {
     mark == cfg.agent_mark
 }
 
+/// Whether the socket listening at `ip:port` (network order) carries the agent's mark. After
+/// the agent dies its (unprivileged) port could be bound by anyone, and the pinned redirect
+/// would hand that process the bot's traffic; only a socket with the agent's mark, which needs
+/// CAP_NET_ADMIN, may receive it.
+#[inline(always)]
+fn agent_listens4(ctx: &SockAddrContext, ip: u32, port: u32, mark: u32) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: 0,
+                daddr: ip,
+                sport: 0,
+                dport: port as u16,
+            },
+        },
+    };
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    sock_has_mark(
+        unsafe {
+            bpf_sk_lookup_tcp(
+                ctx.as_ptr(),
+                &mut tuple,
+                size,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        },
+        mark,
+    )
+}
+
+#[inline(always)]
+fn agent_listens6(ctx: &SockAddrContext, ip: [u32; 4], port: u32, mark: u32) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv6: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+                saddr: [0; 4],
+                daddr: ip,
+                sport: 0,
+                dport: port as u16,
+            },
+        },
+    };
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32;
+    sock_has_mark(
+        unsafe {
+            bpf_sk_lookup_tcp(
+                ctx.as_ptr(),
+                &mut tuple,
+                size,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        },
+        mark,
+    )
+}
+
+#[inline(always)]
+fn sock_has_mark(sk: *mut bpf_sock, mark: u32) -> bool {
+    if sk.is_null() {
+        return false;
+    }
+    let m = unsafe { read_volatile(addr_of!((*sk).mark)) };
+    // Every successful lookup must be released, or the verifier rejects the program.
+    unsafe { bpf_sk_release(sk.cast()) };
+    m == mark
+}
+
 /// Store the original destination and the caller's facts under the socket cookie.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, orig_ip: [u32; 4], port_be: u16, family: u32) -> bool {
@@ -110,6 +200,9 @@ fn remember(ctx: &SockAddrContext, orig_ip: [u32; 4], port_be: u16, family: u32)
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         cookie,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        exec_gen: unsafe { EXEC_GEN.get(&((pid_tgid >> 32) as u32)) }
+            .copied()
+            .unwrap_or(0),
     };
     SOCK_ORIG.insert(&cookie, &info, 0).is_ok()
 }
@@ -136,6 +229,9 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         // A protected destination is reachable only through the agent, which speaks TCP.
         count(counter::REFUSED);
         return REFUSE;
+    }
+    if !agent_listens4(&ctx, cfg.listen4_ip, cfg.listen4_port, cfg.agent_mark) {
+        return refuse_no_agent();
     }
     if !remember(&ctx, [0, 0, V4_MAPPED_WORD, ip], port, AF_INET) {
         count(counter::MAP_FULL);
@@ -190,6 +286,14 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     if sock_type != SOCK_STREAM || new_port == 0 {
         count(counter::REFUSED);
         return REFUSE;
+    }
+    let listening = if mapped {
+        agent_listens4(&ctx, cfg.listen4_ip, cfg.listen4_port, cfg.agent_mark)
+    } else {
+        agent_listens6(&ctx, cfg.listen6_ip, cfg.listen6_port, cfg.agent_mark)
+    };
+    if !listening {
+        return refuse_no_agent();
     }
     if !remember(&ctx, ip, port, AF_INET6) {
         count(counter::MAP_FULL);
@@ -278,4 +382,39 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
         }
     }
     1
+}
+
+#[inline(always)]
+fn bump_exec_gen() {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = EXEC_GEN.insert(&tgid, &now, 0);
+}
+
+/// An exec is about to replace the process image. This LSM hook runs *before* the kernel
+/// switches `/proc/<pid>/exe`, so an agent that reads the exe and then finds the generation
+/// unchanged knows the exe it read is the one that connected. Never denies anything.
+#[lsm(hook = "bprm_check_security")]
+pub fn tollgate_bprm(_ctx: LsmContext) -> i32 {
+    bump_exec_gen();
+    0
+}
+
+/// A process replaced its image: connections it made before no longer describe its exe. This
+/// fires after the exe switch; it is the fallback on hosts without BPF LSM (small race window,
+/// reported by `tollgate doctor`).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn tollgate_exec(_ctx: RawTracePointContext) -> i32 {
+    bump_exec_gen();
+    0
+}
+
+/// A process ended: its pid may be reused by another executable.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn tollgate_exit(_ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == pid_tgid as u32 {
+        bump_exec_gen();
+    }
+    0
 }

@@ -7,7 +7,10 @@
 
 use std::fmt;
 
-use crate::model::{Action, HttpMatch, KubeMatch, Policy, Rule, SqlMatch, SshMatch};
+use crate::index::{KIND_HTTP, KIND_KUBE, KIND_SQL, KIND_SSH};
+use crate::model::{
+    statement_bit, Action, HttpMatch, KubeMatch, Policy, Protocol, Rule, SqlMatch, SshMatch,
+};
 
 /// One question for [`decide`].
 #[derive(Debug, Clone, Copy)]
@@ -161,45 +164,60 @@ pub fn decide(policy: &Policy, req: &Request<'_>) -> Decision {
         return Decision::deny(DecisionReason::UnknownTarget);
     };
     let ti = ti as u32;
+    let rules = &policy.rules[..];
     let candidates = policy
         .index
         .rules_for_identity(ii)
-        .filter_map(|ri| policy.rules.get(ri))
-        .filter(|r| r.target_ids.as_ref().is_none_or(|ids| ids.contains(&ti)));
+        .filter(|h| h.names_target(ti, rules));
 
     let mut approve: Option<&Rule> = None;
     let mut allow: Option<&Rule> = None;
+    let mut pick = |action: Action, ri: u32| -> Option<&Rule> {
+        let rule = rules.get(ri as usize)?;
+        match action {
+            Action::Deny => return Some(rule),
+            Action::Approve => {
+                approve.get_or_insert(rule);
+            }
+            Action::Allow => {
+                allow.get_or_insert(rule);
+            }
+        }
+        None
+    };
     match req.op {
         Operation::Connect => {
-            for rule in candidates {
-                if rule.is_whole_connection() {
-                    match rule.action {
-                        Action::Deny => return Decision::matched(Action::Deny, rule),
-                        Action::Approve => {
-                            approve.get_or_insert(rule);
-                        }
-                        Action::Allow => {
-                            allow.get_or_insert(rule);
-                        }
+            let fits = protocol_kind(target.protocol);
+            for h in candidates {
+                if h.kinds == 0 {
+                    if let Some(deny) = pick(h.action, h.rule) {
+                        return Decision::matched(Action::Deny, deny);
                     }
-                } else if rule.action != Action::Deny && rule.has_matcher_for(target.protocol) {
+                } else if h.action != Action::Deny && h.kinds & fits != 0 {
                     // Let the connection in so its operations can be checked one by one.
-                    allow.get_or_insert(rule);
+                    pick(Action::Allow, h.rule);
                 }
             }
         }
         op => {
-            for rule in candidates {
-                if !(rule.is_whole_connection() || op_matches(rule, &op)) {
-                    continue;
-                }
-                match rule.action {
-                    Action::Deny => return Decision::matched(Action::Deny, rule),
-                    Action::Approve => {
-                        approve.get_or_insert(rule);
-                    }
-                    Action::Allow => {
-                        allow.get_or_insert(rule);
+            let (kind, statement) = match op {
+                Operation::Sql { statement, .. } => (KIND_SQL, statement_bit(statement)),
+                Operation::Ssh { .. } => (KIND_SSH, u64::MAX),
+                Operation::Http { .. } => (KIND_HTTP, u64::MAX),
+                Operation::Kube { .. } => (KIND_KUBE, u64::MAX),
+                // Handled above; only whole-connection rules would match.
+                Operation::Connect => (0, 0),
+            };
+            for h in candidates {
+                let hit = h.kinds == 0
+                    || (h.kinds & kind != 0
+                        && h.statements & statement != 0
+                        && rules
+                            .get(h.rule as usize)
+                            .is_some_and(|r| op_matches(r, &op)));
+                if hit {
+                    if let Some(deny) = pick(h.action, h.rule) {
+                        return Decision::matched(Action::Deny, deny);
                     }
                 }
             }
@@ -214,18 +232,29 @@ pub fn decide(policy: &Policy, req: &Request<'_>) -> Decision {
     }
 }
 
+/// The `KIND_*` bit of the matcher that fits `protocol` (0 for tcp).
+fn protocol_kind(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Postgres => KIND_SQL,
+        Protocol::Ssh => KIND_SSH,
+        Protocol::Http | Protocol::Https => KIND_HTTP,
+        Protocol::Kubernetes => KIND_KUBE,
+        Protocol::Tcp => 0,
+    }
+}
+
 /// Whether the rule's matcher of the operation's kind matches it.
 fn op_matches(rule: &Rule, op: &Operation<'_>) -> bool {
     match *op {
         Operation::Connect => false,
+        // The statement kind was already checked exactly by `Hot::statements` (the parser only
+        // admits kinds from SQL_STATEMENTS, each with its own bit).
         Operation::Sql {
-            statement,
-            tables,
-            functions,
+            tables, functions, ..
         } => rule
             .sql
             .as_ref()
-            .is_some_and(|m| m.matches(rule.action, statement, tables, functions)),
+            .is_some_and(|m| m.matches_objects(rule.action, tables, functions)),
         Operation::Ssh { kind, command } => {
             rule.ssh.as_ref().is_some_and(|m| m.matches(kind, command))
         }
@@ -264,9 +293,12 @@ impl SqlMatch {
         tables: &[String],
         functions: &[String],
     ) -> bool {
-        if !(self.any_statement || word_in(&self.statements, statement)) {
-            return false;
-        }
+        (self.any_statement || word_in(&self.statements, statement))
+            && self.matches_objects(action, tables, functions)
+    }
+
+    /// The `tables` and `functions` half of [`SqlMatch::matches`].
+    fn matches_objects(&self, action: Action, tables: &[String], functions: &[String]) -> bool {
         let all = action == Action::Allow;
         self.table_globs.check(tables, all) && self.function_globs.check(functions, all)
     }

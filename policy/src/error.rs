@@ -86,6 +86,14 @@ fn backticked(msg: &str) -> Vec<&str> {
 /// Turn toml/serde wording into tollgate wording.
 fn reword(text: &str, span: Option<Range<usize>>, msg: &str) -> String {
     let offset = span.as_ref().map_or(0, |s| s.start);
+    if msg.is_empty() {
+        // toml says nothing for `key =` with no value (at the end of the file).
+        let before = text.get(..offset).unwrap_or(text).trim_end();
+        return match (before.ends_with('='), key_before(text, offset)) {
+            (true, Some(k)) => format!("`{k}` has no value: write one after `=`"),
+            _ => "invalid TOML here: expected a value".to_string(),
+        };
+    }
     if msg.starts_with("unknown field `") {
         let words = backticked(msg);
         let Some((&key, expected)) = words.split_first() else {

@@ -16,10 +16,59 @@
 //! - `decide`: [`Request`], [`Operation`], [`Decision`] and [`decide`].
 //! - `error`: [`PolicyError`], `file:line:col: message`.
 //!
+//! ```
+//! use tollgate_policy::{decide, parse, Action, Operation, Request, WorkloadFacts};
+//!
+//! let policy = parse(
+//!     r#"
+//! [[identity]]
+//! name = "ci-bot"
+//! cgroup = "/system.slice/ci-runner.service*"
+//!
+//! [[target]]
+//! name = "orders-db"
+//! protocol = "postgres"
+//! address = ["127.0.0.1:5432"]
+//!
+//! [[rule]]
+//! name = "ci reads"
+//! identities = ["ci-bot"]
+//! targets = ["orders-db"]
+//! action = "allow"
+//! sql = { statements = ["select"] }
+//! "#,
+//!     "policy.toml",
+//! )?;
+//! let facts = WorkloadFacts {
+//!     cgroup: "/system.slice/ci-runner.service",
+//!     uid: 1001,
+//!     user: Some("ci"),
+//!     exe: Some("/usr/bin/psql"),
+//!     comm: "psql",
+//! };
+//! let identity = policy.identify(&facts).map(|i| i.name.as_str());
+//! let target = policy
+//!     .target_for("127.0.0.1:5432".parse()?, &|_host| Vec::new())
+//!     .map(|t| t.name.as_str());
+//! assert_eq!((identity, target), (Some("ci-bot"), Some("orders-db")));
+//!
+//! let connect = Request { identity, target: "orders-db", op: Operation::Connect };
+//! assert_eq!(decide(&policy, &connect).action, Action::Allow);
+//! let tables = vec!["public.orders".to_string()];
+//! let drop = Operation::Sql { statement: "drop", tables: &tables, functions: &[] };
+//! let d = decide(&policy, &Request { identity, target: "orders-db", op: drop });
+//! assert_eq!((d.action, d.rule), (Action::Deny, None));
+//!
+//! let err = parse("[[identity]]\nname = \"x\"\ncgroups = \"/a\"\n", "policy.toml").unwrap_err();
+//! assert!(err.to_string().starts_with("policy.toml:3:1: unknown key `cgroups` in [[identity]]"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! Treat a parsed [`Policy`] as read-only: its matchers and index are compiled from the parsed
 //! values, so changing a public field afterwards is not seen by [`decide`]; parse again.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod decide;
 mod error;
@@ -34,9 +83,9 @@ pub use error::PolicyError;
 pub use model::{
     Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch, Identity, IdentityOidc,
     KubeMatch, MaskRule, MaskStyle, Mode, OidcConfig, Policy, Protocol, Rule, SecretSource,
-    SqlMatch, SshMatch, Target, TargetAddress, WorkloadFacts, DETECTORS,
+    SqlMatch, SshMatch, Target, TargetAddress, WorkloadFacts, DETECTORS, KUBE_VERBS,
+    SQL_STATEMENTS,
 };
-pub use validate::{KUBE_VERBS, SQL_STATEMENTS};
 
 /// Parse and validate a policy file. `file_name` is only used in error messages.
 ///

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::glob::{Glob1, GlobList, NameGlobs};
+use crate::glob::{GlobList, NameGlobs, Pattern};
 use crate::index::Index;
 
 /// A parsed, validated policy file.
@@ -135,9 +135,9 @@ pub struct Identity {
     pub comm: Option<String>,
     /// Key `oidc`: token-based attribution (parsed and stored; not used for matching yet).
     pub oidc: Option<IdentityOidc>,
-    pub(crate) cgroup_glob: Option<Glob1>,
-    pub(crate) exe_glob: Option<Glob1>,
-    pub(crate) comm_glob: Option<Glob1>,
+    pub(crate) cgroup_glob: Option<Pattern>,
+    pub(crate) exe_glob: Option<Pattern>,
+    pub(crate) comm_glob: Option<Pattern>,
 }
 
 /// `oidc = { issuer, audience, require_claims }` inside `[[identity]]`.
@@ -450,6 +450,94 @@ pub struct SqlMatch {
     pub(crate) any_statement: bool,
     pub(crate) table_globs: NameGlobs,
     pub(crate) function_globs: NameGlobs,
+}
+
+/// Statement kinds accepted in `sql.statements`: the first keyword of every PostgreSQL command,
+/// sorted (so [`statement_bit`] can binary-search).
+pub const SQL_STATEMENTS: &[&str] = &[
+    "abort",
+    "alter",
+    "analyze",
+    "begin",
+    "call",
+    "checkpoint",
+    "close",
+    "cluster",
+    "comment",
+    "commit",
+    "copy",
+    "create",
+    "deallocate",
+    "declare",
+    "delete",
+    "discard",
+    "do",
+    "drop",
+    "end",
+    "execute",
+    "explain",
+    "fetch",
+    "grant",
+    "import",
+    "insert",
+    "listen",
+    "load",
+    "lock",
+    "merge",
+    "move",
+    "notify",
+    "prepare",
+    "reassign",
+    "refresh",
+    "reindex",
+    "release",
+    "reset",
+    "revoke",
+    "rollback",
+    "savepoint",
+    "security",
+    "select",
+    "set",
+    "show",
+    "start",
+    "table",
+    "truncate",
+    "unlisten",
+    "update",
+    "vacuum",
+    "values",
+    "with",
+];
+
+/// Verbs accepted in `kubernetes.verbs` (Kubernetes authorization verbs).
+pub const KUBE_VERBS: &[&str] = &[
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "delete",
+    "deletecollection",
+    "proxy",
+    "impersonate",
+    "bind",
+    "escalate",
+    "use",
+    "approve",
+    "sign",
+];
+
+/// Bit of a statement kind in `Hot::statements`: one per [`SQL_STATEMENTS`] entry, and bit 63
+/// for anything else. Case-insensitive.
+pub(crate) fn statement_bit(statement: &str) -> u64 {
+    match SQL_STATEMENTS.binary_search_by(|k| {
+        k.bytes()
+            .cmp(statement.bytes().map(|b| b.to_ascii_lowercase()))
+    }) {
+        Ok(i) if i < 63 => 1 << i,
+        _ => 1 << 63,
+    }
 }
 
 /// `ssh = { exec, shell, subsystems, forwarding }`.

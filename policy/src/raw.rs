@@ -49,7 +49,7 @@ pub(crate) const ROOT_KEYS: &[&str] = &[
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawAgent {
     /// Listener socket addresses, e.g. `"127.0.0.1:15001"`.
-    pub listen: Option<Vec<S>>,
+    pub listen: Option<Spanned<Vec<S>>>,
     /// Prometheus endpoint address, or `"off"`.
     pub metrics: Option<S>,
     /// Admin/approvals endpoint address, or `"off"`.

@@ -10,96 +10,20 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use globset::Glob;
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::error::{suggest, PolicyError};
-use crate::glob::{glob, Glob1, GlobList, NameGlobs};
+use crate::glob::{compile, GlobList, NameGlobs, Pattern};
 use crate::index::{canonical_ip, Index};
 use crate::model::{
     Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch, Identity, IdentityOidc,
     KubeMatch, MaskRule, MaskStyle, Mode, OidcConfig, Policy, Protocol, Rule, SqlMatch, SshMatch,
-    Target, TargetAddress, DETECTORS,
+    Target, TargetAddress, DETECTORS, KUBE_VERBS, SQL_STATEMENTS,
 };
 use crate::raw::{
     RawAgent, RawApprovals, RawCredential, RawHttp, RawIdentity, RawKube, RawMask, RawPolicy,
     RawRule, RawSql, RawSsh, RawTarget, S,
 };
-
-/// Statement kinds accepted in `sql.statements`: the first keyword of every PostgreSQL command.
-pub const SQL_STATEMENTS: &[&str] = &[
-    "abort",
-    "alter",
-    "analyze",
-    "begin",
-    "call",
-    "checkpoint",
-    "close",
-    "cluster",
-    "comment",
-    "commit",
-    "copy",
-    "create",
-    "deallocate",
-    "declare",
-    "delete",
-    "discard",
-    "do",
-    "drop",
-    "end",
-    "execute",
-    "explain",
-    "fetch",
-    "grant",
-    "import",
-    "insert",
-    "listen",
-    "load",
-    "lock",
-    "merge",
-    "move",
-    "notify",
-    "prepare",
-    "reassign",
-    "refresh",
-    "reindex",
-    "release",
-    "reset",
-    "revoke",
-    "rollback",
-    "savepoint",
-    "security",
-    "select",
-    "set",
-    "show",
-    "start",
-    "table",
-    "truncate",
-    "unlisten",
-    "update",
-    "vacuum",
-    "values",
-    "with",
-];
-
-/// Verbs accepted in `kubernetes.verbs` (Kubernetes authorization verbs).
-pub const KUBE_VERBS: &[&str] = &[
-    "get",
-    "list",
-    "watch",
-    "create",
-    "update",
-    "patch",
-    "delete",
-    "deletecollection",
-    "proxy",
-    "impersonate",
-    "bind",
-    "escalate",
-    "use",
-    "approve",
-    "sign",
-];
 
 /// Secret-source keys of a credential; at most one may be set.
 const SECRET_KEYS: &str = "password_file, key_file, token_file, env";
@@ -129,8 +53,8 @@ impl<'a> Cx<'a> {
         ));
     }
 
-    fn line_of(&self, span: &Range<usize>) -> usize {
-        crate::error::line_col(self.text, span.start).0
+    fn line_of(&self, offset: usize) -> usize {
+        crate::error::line_col(self.text, offset).0
     }
 }
 
@@ -167,6 +91,27 @@ fn non_empty(cx: &mut Cx<'_>, value: &S, key: &str, what: &str) -> Option<String
         None
     } else {
         Some(value.get_ref().clone())
+    }
+}
+
+/// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+fn env_name(cx: &mut Cx<'_>, value: &S, what: &str) -> Option<String> {
+    let v = value.get_ref();
+    let ok = v
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Some(v.clone())
+    } else {
+        cx.err(
+            value.span(),
+            format!(
+                "`env`{what} must name an environment variable (letters, digits, `_`), e.g. \"DB_PASSWORD\"; put the secret itself in the agent's environment, not in the policy"
+            ),
+        );
+        None
     }
 }
 
@@ -228,7 +173,7 @@ fn optional_addr(
 }
 
 /// Compile each glob, reporting bad ones at their own position.
-fn globs(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str, ci: bool) -> Vec<Glob> {
+fn globs(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str, ci: bool) -> Vec<Pattern> {
     list.iter()
         .filter_map(|g| {
             if g.get_ref().is_empty() {
@@ -238,8 +183,8 @@ fn globs(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str, ci: bool) -> Vec<Gl
                 );
                 return None;
             }
-            match glob(g.get_ref(), ci) {
-                Ok(glob) => Some(glob),
+            match compile(g.get_ref(), ci) {
+                Ok(p) => Some(p),
                 Err(e) => {
                     cx.err(
                         g.span(),
@@ -252,33 +197,16 @@ fn globs(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str, ci: bool) -> Vec<Gl
         .collect()
 }
 
-fn glob_list(
-    cx: &mut Cx<'_>,
-    list: &[S],
-    key: &str,
-    what: &str,
-    ci: bool,
-    at: Range<usize>,
-) -> GlobList {
-    let compiled = globs(cx, list, key, what, ci);
-    GlobList::new(compiled).unwrap_or_else(|e| {
-        cx.err(at, format!("`{key}`{what}: {e}"));
-        GlobList::default()
-    })
+fn glob_list(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str, ci: bool) -> GlobList {
+    GlobList::new(globs(cx, list, key, what, ci))
 }
 
-fn name_globs(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str, at: Range<usize>) -> NameGlobs {
-    let compiled = globs(cx, list, key, what, true);
-    NameGlobs::new(compiled).unwrap_or_else(|e| {
-        cx.err(at, format!("`{key}`{what}: {e}"));
-        NameGlobs::default()
-    })
+fn name_globs(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str) -> NameGlobs {
+    NameGlobs::new(globs(cx, list, key, what, true))
 }
 
-fn single_glob(cx: &mut Cx<'_>, value: &S, key: &str, what: &str) -> Option<Glob1> {
-    globs(cx, std::slice::from_ref(value), key, what, false)
-        .first()
-        .map(Glob1::new)
+fn single_glob(cx: &mut Cx<'_>, value: &S, key: &str, what: &str) -> Option<Pattern> {
+    globs(cx, std::slice::from_ref(value), key, what, false).pop()
 }
 
 /// Words from a fixed vocabulary (or `"*"`), stored lowercase.
@@ -545,14 +473,15 @@ fn check_name<'r>(cx: &mut Cx<'_>, name: &'r S, kind: &str, seen: &mut HashMap<&
             name.span(),
             format!("{kind} name \"*\" is reserved (it means every {kind} in rules): rename it"),
         );
-    } else if let Some(first) = seen.get(n) {
+    } else if let Some(&first) = seen.get(n) {
+        let first = cx.line_of(first);
         cx.err(
             name.span(),
             format!("duplicate {kind} name \"{n}\" (first defined on line {first}): rename one"),
         );
     } else {
-        let line = cx.line_of(&name.span());
-        seen.insert(n, line);
+        // Byte offset; the line is only worked out for the message.
+        seen.insert(n, name.span().start);
     }
 }
 
@@ -562,17 +491,14 @@ fn agent(cx: &mut Cx<'_>, a: &RawAgent) -> Option<AgentConfig> {
     let listen = match &a.listen {
         None => d.listen.clone(),
         Some(list) => {
-            if list.is_empty() {
-                // No span for an empty array's items; point at the table.
-                cx.errors.push(PolicyError::at(
-                    cx.file,
-                    cx.text,
-                    cx.text.find("listen").unwrap_or(0),
-                    "`listen` in [agent] is empty: give at least one address, e.g. [\"127.0.0.1:15001\"]"
-                        .to_string(),
-                ));
+            if list.get_ref().is_empty() {
+                cx.err(
+                    list.span(),
+                    "`listen` in [agent] is empty: give at least one address, e.g. [\"127.0.0.1:15001\"]",
+                );
             }
-            list.iter()
+            list.get_ref()
+                .iter()
                 .filter_map(|s| socket_addr(cx, s, "listen"))
                 .collect()
         }
@@ -789,7 +715,7 @@ fn credential(
             .token_file
             .as_ref()
             .and_then(|v| path(cx, v, "token_file", &what)),
-        env: c.env.as_ref().and_then(|v| non_empty(cx, v, "env", &what)),
+        env: c.env.as_ref().and_then(|v| env_name(cx, v, &what)),
     };
     (cx.errors.len() == before).then_some(cred)
 }
@@ -963,22 +889,10 @@ fn rule(cx: &mut Cx<'_>, r: &RawRule, names: &Names<'_>) -> Option<Rule> {
             }
         }
     }
-    let sql = r
-        .sql
-        .as_ref()
-        .map(|m| sql(cx, m.get_ref(), m.span(), &what));
-    let ssh = r
-        .ssh
-        .as_ref()
-        .map(|m| ssh(cx, m.get_ref(), m.span(), &what));
-    let http = r
-        .http
-        .as_ref()
-        .map(|m| http(cx, m.get_ref(), m.span(), &what));
-    let kubernetes = r
-        .kubernetes
-        .as_ref()
-        .map(|m| kube(cx, m.get_ref(), m.span(), &what));
+    let sql = r.sql.as_ref().map(|m| sql(cx, m.get_ref(), &what));
+    let ssh = r.ssh.as_ref().map(|m| ssh(cx, m.get_ref(), &what));
+    let http = r.http.as_ref().map(|m| http(cx, m.get_ref(), &what));
+    let kubernetes = r.kubernetes.as_ref().map(|m| kube(cx, m.get_ref(), &what));
 
     // Approval settings only make sense on approve rules.
     if let Some(a) = action.filter(|a| *a != Action::Approve) {
@@ -1055,30 +969,30 @@ fn rule(cx: &mut Cx<'_>, r: &RawRule, names: &Names<'_>) -> Option<Rule> {
     })
 }
 
-fn sql(cx: &mut Cx<'_>, m: &RawSql, span: Range<usize>, what: &str) -> SqlMatch {
+fn sql(cx: &mut Cx<'_>, m: &RawSql, what: &str) -> SqlMatch {
     let statements = words(cx, &m.statements, "sql.statements", what, SQL_STATEMENTS);
     SqlMatch {
         any_statement: statements.is_empty() || statements.iter().any(|s| s == "*"),
         statements,
         tables: strings(&m.tables),
         functions: strings(&m.functions),
-        table_globs: name_globs(cx, &m.tables, "sql.tables", what, span.clone()),
-        function_globs: name_globs(cx, &m.functions, "sql.functions", what, span),
+        table_globs: name_globs(cx, &m.tables, "sql.tables", what),
+        function_globs: name_globs(cx, &m.functions, "sql.functions", what),
     }
 }
 
-fn ssh(cx: &mut Cx<'_>, m: &RawSsh, span: Range<usize>, what: &str) -> SshMatch {
+fn ssh(cx: &mut Cx<'_>, m: &RawSsh, what: &str) -> SshMatch {
     SshMatch {
         exec: strings(&m.exec),
         shell: m.shell,
         subsystems: strings(&m.subsystems),
         forwarding: m.forwarding,
-        exec_globs: glob_list(cx, &m.exec, "ssh.exec", what, false, span.clone()),
-        subsystem_globs: glob_list(cx, &m.subsystems, "ssh.subsystems", what, false, span),
+        exec_globs: glob_list(cx, &m.exec, "ssh.exec", what, false),
+        subsystem_globs: glob_list(cx, &m.subsystems, "ssh.subsystems", what, false),
     }
 }
 
-fn http(cx: &mut Cx<'_>, m: &RawHttp, span: Range<usize>, what: &str) -> HttpMatch {
+fn http(cx: &mut Cx<'_>, m: &RawHttp, what: &str) -> HttpMatch {
     for method in &m.methods {
         let v = method.get_ref();
         let ok = v == "*"
@@ -1096,34 +1010,20 @@ fn http(cx: &mut Cx<'_>, m: &RawHttp, span: Range<usize>, what: &str) -> HttpMat
         methods: strings(&m.methods),
         paths: strings(&m.paths),
         hosts: strings(&m.hosts),
-        path_globs: glob_list(cx, &m.paths, "http.paths", what, false, span.clone()),
-        host_globs: glob_list(cx, &m.hosts, "http.hosts", what, true, span),
+        path_globs: glob_list(cx, &m.paths, "http.paths", what, false),
+        host_globs: glob_list(cx, &m.hosts, "http.hosts", what, true),
     }
 }
 
-fn kube(cx: &mut Cx<'_>, m: &RawKube, span: Range<usize>, what: &str) -> KubeMatch {
+fn kube(cx: &mut Cx<'_>, m: &RawKube, what: &str) -> KubeMatch {
     KubeMatch {
         verbs: words(cx, &m.verbs, "kubernetes.verbs", what, KUBE_VERBS),
         resources: strings(&m.resources),
         namespaces: strings(&m.namespaces),
         names: strings(&m.names),
-        resource_globs: glob_list(
-            cx,
-            &m.resources,
-            "kubernetes.resources",
-            what,
-            false,
-            span.clone(),
-        ),
-        namespace_globs: glob_list(
-            cx,
-            &m.namespaces,
-            "kubernetes.namespaces",
-            what,
-            false,
-            span.clone(),
-        ),
-        name_globs: glob_list(cx, &m.names, "kubernetes.names", what, false, span),
+        resource_globs: glob_list(cx, &m.resources, "kubernetes.resources", what, false),
+        namespace_globs: glob_list(cx, &m.namespaces, "kubernetes.namespaces", what, false),
+        name_globs: glob_list(cx, &m.names, "kubernetes.names", what, false),
     }
 }
 
@@ -1224,7 +1124,7 @@ fn mask(cx: &mut Cx<'_>, m: &RawMask, table: Range<usize>, names: &Names<'_>) ->
             ],
         )
     });
-    let column_globs = name_globs(cx, &m.columns, "columns", " in [[mask]]", m.targets.span());
+    let column_globs = name_globs(cx, &m.columns, "columns", " in [[mask]]");
     if cx.errors.len() != before {
         return None;
     }

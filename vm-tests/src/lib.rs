@@ -16,6 +16,11 @@
 //! A test that cannot run fails: [`require_root`] panics when not root, and a missing agent
 //! binary panics with the command that builds it. Nothing here skips quietly.
 //!
+//! Running: `cargo xtask test` builds the agent and runs everything; on its own, build the
+//! agent (`cargo build -p tollgate` with bpf-linker on PATH), then, as root,
+//! `cargo test -p vm-tests -- --test-threads=1` (add `--no-fail-fast` to run every test file
+//! even when one fails). `TOLLGATE_BIN` and `PROMETHEUS_BIN` override the binaries used.
+//!
 //! Ports come from [`free_port`]: a per-process sequence below the ephemeral range, each port
 //! checked by binding it on both loopback addresses. Names (cgroups, pins, temp dirs) carry the
 //! test's tag, the process id and a sequence number, so parallel tests never share state, and
@@ -371,12 +376,18 @@ impl Cgroup {
         ProbeResult::parse(pid, status, &out, &err, args)
     }
 
-    /// Start a probe with `--hold-stdin` (added here) and wait until it holds its connection
-    /// open after the first half of the payload.
-    pub fn probe_held(&self, probe: &Path, args: &[&str]) -> HeldProbe {
+    /// Start a probe with `--hold-stdin` (added here); [`RunningProbe::wait_held`] then waits
+    /// until it holds its connection open after the first half of the payload.
+    pub fn probe_held(&self, probe: &Path, args: &[&str]) -> RunningProbe {
         let mut all: Vec<&str> = args.to_vec();
         all.push("--hold-stdin");
-        let mut child = self.spawn_probe(probe, &all, true);
+        self.probe_running(probe, &all)
+    }
+
+    /// Start a probe and return at once; its stdout lines arrive through
+    /// [`RunningProbe::next_json`]. Its stdin is a pipe, closed by [`RunningProbe::finish`].
+    pub fn probe_running(&self, probe: &Path, args: &[&str]) -> RunningProbe {
+        let mut child = self.spawn_probe(probe, args, true);
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("probe stdout is piped");
         let (tx, rx) = mpsc::channel();
@@ -388,9 +399,9 @@ impl Cgroup {
                 }
             }
         });
-        HeldProbe {
+        RunningProbe {
             pid: child.id(),
-            args: all.iter().map(|s| s.to_string()).collect(),
+            args: args.iter().map(|s| s.to_string()).collect(),
             child: Some(child),
             stdin,
             lines: rx,
@@ -534,8 +545,9 @@ impl std::fmt::Display for ProbeResult {
     }
 }
 
-/// A probe holding its connection open (see `tg-probe --hold-stdin`). Dropping it kills it.
-pub struct HeldProbe {
+/// A probe still running (e.g. holding its connection open, see `tg-probe --hold-stdin`).
+/// Dropping it kills it.
+pub struct RunningProbe {
     pub pid: u32,
     args: Vec<String>,
     child: Option<Child>,
@@ -544,17 +556,22 @@ pub struct HeldProbe {
     reader: Option<JoinHandle<()>>,
 }
 
-impl HeldProbe {
-    /// Wait for the `{"held":true}` line; panics if the probe reports a failure instead.
-    pub fn wait_held(&mut self, timeout: Duration) -> Value {
+impl RunningProbe {
+    /// The next JSON line the probe prints (bounded).
+    pub fn next_json(&mut self, timeout: Duration) -> Value {
         let line = self.lines.recv_timeout(timeout).unwrap_or_else(|e| {
             panic!(
-                "probe {:?} (pid {}) did not hold its connection within {timeout:?}: {e}",
+                "probe {:?} (pid {}) printed nothing within {timeout:?}: {e}",
                 self.args, self.pid
             )
         });
-        let v: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("probe printed non-JSON {line:?}: {e}"));
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("probe printed non-JSON {line:?}: {e}"))
+    }
+
+    /// Wait for the `{"held":true}` line; panics if the probe reports a failure instead.
+    pub fn wait_held(&mut self, timeout: Duration) -> Value {
+        let v = self.next_json(timeout);
         assert!(
             v["held"] == true,
             "probe {:?} failed before holding: {v}",
@@ -563,10 +580,10 @@ impl HeldProbe {
         v
     }
 
-    /// Let the probe send the rest, then wait for its final report.
-    pub fn release(mut self, timeout: Duration) -> ProbeResult {
+    /// Close its stdin (a held probe then sends the rest) and wait for its final report.
+    pub fn finish(mut self, timeout: Duration) -> ProbeResult {
         drop(self.stdin.take());
-        let mut child = self.child.take().expect("child present until released");
+        let mut child = self.child.take().expect("child present until finished");
         let mut stderr = child.stderr.take();
         let deadline = Instant::now() + timeout;
         let status = loop {
@@ -578,12 +595,9 @@ impl HeldProbe {
                 Ok(None) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!(
-                        "held probe {:?} did not finish within {timeout:?}",
-                        self.args
-                    );
+                    panic!("probe {:?} did not finish within {timeout:?}", self.args);
                 }
-                Err(e) => panic!("wait for held probe: {e}"),
+                Err(e) => panic!("wait for probe: {e}"),
             }
         };
         if let Some(r) = self.reader.take() {
@@ -599,7 +613,7 @@ impl HeldProbe {
     }
 }
 
-impl Drop for HeldProbe {
+impl Drop for RunningProbe {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -1162,13 +1176,20 @@ impl Drop for AgentProc {
         }
         if std::thread::panicking() {
             eprintln!(
-                "---- agent stderr ({}) ----\n{}\n---- audit ----\n{}",
+                "---- agent stderr ({}, last 40 lines) ----\n{}\n---- audit ({}, last 20 lines) ----\n{}",
                 self.stderr_path.display(),
-                self.stderr_text(),
-                fs::read_to_string(self.audit_path()).unwrap_or_default()
+                tail(&self.stderr_text(), 40),
+                self.audit_path().display(),
+                tail(&fs::read_to_string(self.audit_path()).unwrap_or_default(), 20)
             );
         }
     }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Run `tollgate <args>` to completion: (exit code, stdout, stderr).

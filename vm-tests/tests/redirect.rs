@@ -59,8 +59,9 @@ fn allowed_bot_is_attributed_from_kernel_facts() {
     assert_eq!(ev["orig_dst"], addr, "{ev}");
     // The agent saw the bot's own socket as its peer.
     assert_eq!(ev["peer"], r.json["local"], "{ev} vs {r}");
-    // The bot's uid really was dropped (the probe reports its own uid).
+    // The bot really runs unprivileged (the probe reports its own uid and capabilities).
     assert_eq!(r.json["uid"], BOT_UID, "{r}");
+    assert_eq!(r.json["cap_eff"], "0000000000000000", "{r}");
     // Exactly one connection reached the service: the agent's upstream.
     assert_eq!(echo.accepted(), 1);
     assert_eq!(

@@ -326,7 +326,7 @@ pub fn demo() -> Result<()> {
 
     drop(ci);
     drop(batch);
-    if !(ok1 && !ok2 && !ok3 && ok4) {
+    if !ok1 || ok2 || ok3 || !ok4 {
         bail!("the demo did not behave as described above");
     }
     println!("\nDemo complete. Audit log kept at {WORK}/data/audit.jsonl.");

@@ -80,7 +80,14 @@ fn test(no_lint: bool) -> Result<()> {
     }
     run(cargo().args(["test", "--workspace", "--exclude", "vm-tests"]))?;
     run(cargo()
-        .args(["test", "-p", "vm-tests", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "-p",
+            "vm-tests",
+            "--no-fail-fast",
+            "--",
+            "--test-threads=1",
+        ])
         .env("TOLLGATE_BIN", &bin))?;
     leftovers()
 }

@@ -64,6 +64,10 @@ pub struct ConnInfo {
     pub cookie: u64,
     /// `comm` of the calling task, NUL padded.
     pub comm: [u8; 16],
+    /// `EXEC_GEN[tgid]` when the connect happened (0 if the process has not exec'd or exited
+    /// since the agent started). The agent re-reads it after reading /proc/<pid>/exe: a
+    /// different value means the process exec'd after connecting, so the exe is not trusted.
+    pub exec_gen: u64,
 }
 
 /// Key of `CONN_BY_PEER`: the client socket's local address as the agent sees it in `accept()`.
@@ -89,8 +93,11 @@ pub mod counter {
     /// A protected connect was refused because no listener of its family is configured, or it
     /// was not TCP.
     pub const REFUSED: u32 = 4;
+    /// A protected connect was refused because the listener it would be sent to is not the
+    /// agent's (agent down and someone else bound its port).
+    pub const NO_AGENT: u32 = 5;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// The IPv4-mapped IPv6 prefix word `0000:ffff` in network byte order, as it appears in the
@@ -105,6 +112,7 @@ pub mod maps {
     pub const SOCK_ORIG: &str = "SOCK_ORIG";
     pub const CONN_BY_PEER: &str = "CONN_BY_PEER";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const EXEC_GEN: &str = "EXEC_GEN";
 }
 
 #[cfg(feature = "user")]

@@ -657,3 +657,76 @@ fn identity_listed_with_others() {
         assert_eq!(ask(&p, id, "raw", Operation::Connect).action, Action::Deny);
     }
 }
+
+#[test]
+fn statement_bits() {
+    use crate::model::statement_bit;
+    use crate::SQL_STATEMENTS;
+    assert!(SQL_STATEMENTS.len() < 63);
+    assert!(
+        SQL_STATEMENTS.windows(2).all(|w| w[0] < w[1]),
+        "sorted and unique"
+    );
+    for (i, s) in SQL_STATEMENTS.iter().enumerate() {
+        assert_eq!(statement_bit(s), 1 << i);
+        assert_eq!(statement_bit(&s.to_uppercase()), 1 << i);
+    }
+    assert_eq!(statement_bit("frobnicate"), 1 << 63);
+    assert_eq!(statement_bit(""), 1 << 63);
+}
+
+#[test]
+fn unknown_statement_kinds_only_match_any() {
+    let p = policy(&format!(
+        "{}{}",
+        rule(
+            "reads",
+            "\"ci\"",
+            "\"db\"",
+            "allow",
+            "sql = { statements = [\"select\"] }"
+        ),
+        rule(
+            "anything",
+            "\"ops\"",
+            "\"db\"",
+            "allow",
+            "sql = { statements = [\"*\"] }"
+        ),
+    ));
+    assert_eq!(
+        ask(&p, "ci", "db", sql("frobnicate", &[], &[])).action,
+        Action::Deny
+    );
+    assert_eq!(
+        ask(&p, "ops", "db", sql("frobnicate", &[], &[])).action,
+        Action::Allow
+    );
+}
+
+#[test]
+fn rules_naming_several_targets_and_identities() {
+    let p = policy(&format!(
+        "{}{}",
+        rule(
+            "multi",
+            "\"ops\", \"ci\"",
+            "\"db2\", \"db\"",
+            "deny",
+            "sql = { statements = [\"drop\"] }"
+        ),
+        rule("all", "\"*\"", "\"*\"", "allow", ""),
+    ));
+    for id in ["ci", "ops"] {
+        for t in ["db", "db2"] {
+            assert_eq!(
+                ask(&p, id, t, sql("drop", &[], &[])),
+                matched(Action::Deny, "multi")
+            );
+            assert_eq!(
+                ask(&p, id, t, sql("select", &[], &[])),
+                matched(Action::Allow, "all")
+            );
+        }
+    }
+}

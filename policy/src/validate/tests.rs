@@ -172,6 +172,11 @@ fn unknown_keys_name_the_table_and_the_fix() {
 #[test]
 fn syntax_type_and_missing_key_errors() {
     check("[agent\n", 1, 7, &[]);
+    let e = parse("[agent]\nmode =", "p.toml").expect_err("no value");
+    assert_eq!(
+        (e.line, e.col, e.message.as_str()),
+        (2, 7, "`mode` has no value: write one after `=`")
+    );
     check(
         "[[identity]]\nname = \"x\"\nuid = \"1000\"\n",
         3,
@@ -718,6 +723,12 @@ fn credentials() {
         &["both `key_file` and `token_file`"],
     );
     check("[credential.x]\n", 1, 1, &["credential \"x\" is empty"]);
+    check(
+        "[credential.x]\nenv = \"hunter2!\"\n",
+        2,
+        7,
+        &["`env` of [credential.x] must name an environment variable"],
+    );
     check(
         "[credential.x]\nuser = \"u\"\npassword_file = \"\"\n",
         3,

@@ -4,12 +4,14 @@
 //!
 //! ```text
 //! {"connected":true,"error":null,"errno":null,"reset":false,"peer":"127.0.0.1:20001",
-//!  "local":"127.0.0.1:43122","pid":123,"uid":65534,"sent_bytes":1048576,
-//!  "sent_sha256":"..","recv_bytes":1048576,"recv_sha256":"..","echo_ok":true}
+//!  "local":"127.0.0.1:43122","pid":123,"uid":65534,"cap_eff":"0000000000000000",
+//!  "sent_bytes":1048576,"sent_sha256":"..","recv_bytes":1048576,"recv_sha256":"..",
+//!  "echo_ok":true}
 //! ```
 //!
 //! Usage: `tg-probe --connect ADDR [--v6-socket] [--send-bytes N] [--expect-echo]
-//! [--hold-ms N | --hold-stdin] [--timeout-ms N]`
+//! [--hold-ms N | --hold-stdin] [--fork-exec "PATH ARG.."] [--timeout-ms N]`, or
+//! `tg-probe --listen ADDR [--timeout-ms N]`
 //!
 //! - `--v6-socket`: use an AF_INET6 socket; an IPv4 `ADDR` becomes `::ffff:a.b.c.d`.
 //! - `--expect-echo`: read back each chunk before going on; `echo_ok` says whether the bytes
@@ -17,6 +19,13 @@
 //! - `--hold-ms N` / `--hold-stdin`: send the first half, (read its echo,) print a
 //!   `{"held":true,...}` line, then wait N ms or until stdin reaches EOF before sending the
 //!   second half. This keeps a relay open while a test changes something around it.
+//! - `--fork-exec "PATH ARG.."`: right after connecting, fork; the child carries on with the
+//!   connection (and prints the report), while the process that called `connect()` execs
+//!   `PATH ARG..`. This is how a bot would dress up as another executable after the kernel
+//!   recorded its pid, to test that the agent's exe attribution is not read too late.
+//! - `--listen ADDR`: the other side, for a bot that tries to serve on a port it should not
+//!   get: print `{"listening":bool,...}`, accept one connection within the timeout, read what
+//!   it sends for up to a second, and print `{"accepted":bool,"peer":..,"recv_bytes":..}`.
 //!
 //! The exit status is 0 whenever the JSON line was printed (the test judges it), 2 on usage
 //! errors.
@@ -33,6 +42,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 struct Args {
     connect: SocketAddr,
+    listen: Option<SocketAddr>,
+    fork_exec: Option<Vec<String>>,
     v6_socket: bool,
     send_bytes: usize,
     expect_echo: bool,
@@ -55,6 +66,8 @@ fn parse_args() -> Args {
     let mut connect = None;
     let mut a = Args {
         connect: SocketAddr::from(([127, 0, 0, 1], 0)),
+        listen: None,
+        fork_exec: None,
         v6_socket: false,
         send_bytes: 0,
         expect_echo: false,
@@ -74,6 +87,21 @@ fn parse_args() -> Args {
                     v.parse::<SocketAddr>()
                         .unwrap_or_else(|e| usage(&format!("bad address {v}: {e}"))),
                 );
+            }
+            "--listen" => {
+                let v = value("--listen");
+                a.listen = Some(
+                    v.parse::<SocketAddr>()
+                        .unwrap_or_else(|e| usage(&format!("bad address {v}: {e}"))),
+                );
+            }
+            "--fork-exec" => {
+                let v = value("--fork-exec");
+                let argv: Vec<String> = v.split_whitespace().map(str::to_string).collect();
+                if argv.is_empty() {
+                    usage("--fork-exec needs a command");
+                }
+                a.fork_exec = Some(argv);
             }
             "--v6-socket" => a.v6_socket = true,
             "--send-bytes" => {
@@ -99,7 +127,11 @@ fn parse_args() -> Args {
             other => usage(&format!("unknown argument {other}")),
         }
     }
-    a.connect = connect.unwrap_or_else(|| usage("--connect is required"));
+    match (connect, a.listen) {
+        (Some(c), None) => a.connect = c,
+        (None, Some(_)) => {}
+        _ => usage("exactly one of --connect and --listen is required"),
+    }
     a
 }
 
@@ -116,19 +148,34 @@ fn payload(n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// This process's effective capability mask, as /proc shows it (hex).
+fn cap_eff() -> Option<String> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string()))
+}
+
 fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// What went wrong first, if anything.
+/// What went wrong first, if anything, and whether any operation saw a reset.
 #[derive(Default)]
 struct Outcome {
     error: Option<String>,
     errno: Option<i32>,
+    reset: bool,
 }
 
 impl Outcome {
     fn fail(&mut self, what: &str, e: &std::io::Error) {
+        // The kernel reports a received RST once, to whichever call comes first (the writer
+        // thread or the reader); the other then sees EPIPE or a plain EOF. So a reset counts
+        // wherever it showed up, not only in the first error.
+        if matches!(e.raw_os_error(), Some(libc::ECONNRESET) | Some(libc::EPIPE)) {
+            self.reset = true;
+        }
         if self.error.is_none() {
             self.error = Some(format!("{what}: {e}"));
             self.errno = e.raw_os_error();
@@ -138,7 +185,7 @@ impl Outcome {
         self.error.is_some()
     }
     fn reset(&self) -> bool {
-        matches!(self.errno, Some(libc::ECONNRESET) | Some(libc::EPIPE))
+        self.reset
     }
 }
 
@@ -226,8 +273,74 @@ fn print(v: &Value) {
     let _ = o.flush();
 }
 
+/// `--fork-exec`: the caller of `connect()` becomes `argv`; the forked child returns and keeps
+/// the connection. Called while the process is still single-threaded.
+fn fork_exec(argv: &[String]) {
+    let cargs: Vec<std::ffi::CString> = argv
+        .iter()
+        .map(|s| std::ffi::CString::new(s.as_str()).unwrap_or_else(|_| usage("NUL in --fork-exec")))
+        .collect();
+    let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    // SAFETY: no other thread exists yet, so the child may carry on with normal Rust code;
+    // the parent only calls execv (and _exit if that fails) on data prepared before the fork.
+    match unsafe { libc::fork() } {
+        0 => {}
+        pid if pid > 0 => unsafe {
+            libc::execv(ptrs[0], ptrs.as_ptr());
+            libc::_exit(127);
+        },
+        _ => {
+            eprintln!("tg-probe: fork: {}", std::io::Error::last_os_error());
+            std::process::exit(2);
+        }
+    }
+}
+
+/// `--listen`: bind, accept one connection, report what arrived.
+fn listen(addr: SocketAddr, timeout: Duration) {
+    let l = match std::net::TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            return print(&json!({
+                "listening": false, "addr": addr.to_string(), "pid": std::process::id(),
+                "error": format!("bind: {e}"), "errno": e.raw_os_error(),
+            }))
+        }
+    };
+    print(&json!({"listening": true, "addr": addr.to_string(), "pid": std::process::id()}));
+    let _ = l.set_nonblocking(true);
+    let deadline = std::time::Instant::now() + timeout;
+    let (mut s, peer) = loop {
+        match l.accept() {
+            Ok(x) => break x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return print(&json!({"accepted": false, "recv_bytes": 0}));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return print(&json!({"accepted": false, "error": format!("accept: {e}")})),
+        }
+    };
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut got = 0usize;
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    print(&json!({"accepted": true, "peer": peer.to_string(), "recv_bytes": got}));
+}
+
 fn main() {
     let a = parse_args();
+    if let Some(addr) = a.listen {
+        return listen(addr, a.timeout);
+    }
     let target = match (a.connect, a.v6_socket) {
         (SocketAddr::V4(v4), true) => {
             SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
@@ -243,6 +356,7 @@ fn main() {
             "pid": std::process::id(),
             // SAFETY: getuid cannot fail and touches no memory.
             "uid": unsafe { libc::getuid() },
+            "cap_eff": cap_eff(),
             "sent_bytes": a.send_bytes,
             "sent_sha256": sent_sha,
         })
@@ -271,6 +385,9 @@ fn main() {
     if let Err(e) = sock.connect(&target.into()) {
         out.fail("connect", &e);
         return report(base(false), &out, None, None);
+    }
+    if let Some(argv) = &a.fork_exec {
+        fork_exec(argv);
     }
     let stream: TcpStream = sock.into();
     let _ = stream.set_read_timeout(Some(a.timeout));

@@ -1,0 +1,131 @@
+//! Policy reloads on a running agent: a new policy applies to new connections while open
+//! relays keep going; a broken policy is rejected, counted and audited, and the previous one
+//! stays in force.
+
+use std::time::Duration;
+
+use vm_tests::*;
+
+const HELD_BYTES: usize = 256 * 1024;
+
+#[test]
+fn reload_applies_to_new_connections_and_rejects_broken_policy() {
+    require_root();
+    let echo = EchoServer::start(EchoMode::Echo);
+    let ci = Cgroup::new("reload-ci");
+    let ops = Cgroup::new("reload-ops");
+    let ids = [identity_for("ci-bot", &ci), identity_for("ops-bot", &ops)].concat();
+    let target = tcp_target("echo", &[echo.v4().to_string()]);
+    let allow_ci = [
+        ids.clone(),
+        target.clone(),
+        rule("ci may use echo", &["ci-bot"], &["echo"], "allow"),
+    ]
+    .concat();
+    let deny_ci = [
+        ids.clone(),
+        target.clone(),
+        rule("ci is cut off", &["ci-bot"], &["echo"], "deny"),
+        rule("ops may use echo", &["ops-bot"], &["echo"], "allow"),
+    ]
+    .concat();
+    let mut agent = AgentProc::start("reload", FailMode::Closed, &allow_ci);
+    let addr = echo.v4().to_string();
+    let small = [
+        "--connect",
+        addr.as_str(),
+        "--send-bytes",
+        "1000",
+        "--expect-echo",
+    ];
+    let reloads = |result: &str| {
+        agent
+            .audit()
+            .iter()
+            .filter(|e| e["event"] == "policy_reload" && e["result"] == result)
+            .count()
+    };
+
+    // A ci-bot relay is open (half its payload echoed) when the policy changes under it.
+    let n = HELD_BYTES.to_string();
+    let mut held = ci.probe_held(
+        probe_bin!(),
+        &["--connect", &addr, "--send-bytes", &n, "--expect-echo"],
+    );
+    let h = held.wait_held(Duration::from_secs(15));
+    assert_eq!(h["recv_bytes"], HELD_BYTES / 2, "{h}");
+    let ev = agent.connect_event(held.pid);
+    assert_eq!(ev["action"], "allow", "{ev}");
+
+    agent.write_policy(&deny_ci);
+    wait_for(Duration::from_secs(10), "policy_reload ok", || {
+        (reloads("ok") == 1).then_some(())
+    });
+
+    // New ci-bot connections are denied under the new rule; ops-bot is now let in.
+    let r = ci.probe(probe_bin!(), &small);
+    assert!(r.was_denied(), "ci-bot after reload: {r}");
+    let ev = agent.connect_event(r.pid);
+    assert_eq!(ev["action"], "deny", "{ev}");
+    assert_eq!(ev["rule"], "ci is cut off", "{ev}");
+    let r = ops.probe(probe_bin!(), &small);
+    assert!(r.echo_ok(), "ops-bot after reload: {r}");
+
+    // The relay opened under the old policy carries the rest of its bytes.
+    let done = held.finish(Duration::from_secs(30));
+    assert!(done.echo_ok(), "held relay broke on reload: {done}");
+    assert_eq!(done.recv_bytes(), HELD_BYTES as u64, "{done}");
+    let close = agent.close_event(done.pid);
+    assert_eq!(close["bytes_up"], HELD_BYTES as u64, "{close}");
+    assert_eq!(close["bytes_down"], HELD_BYTES as u64, "{close}");
+    assert_eq!(close["status"], "ok", "{close}");
+
+    // A syntactically broken file: rejected, counted, audited; the agent keeps running.
+    agent.write_policy_raw(&format!(
+        "{}[[rule]\nname = \"half-written\nidentities = [\"ci-bot\"\n",
+        agent.agent_section()
+    ));
+    let err = agent.wait_audit("policy_reload error", |e| {
+        e["event"] == "policy_reload" && e["result"] == "error"
+    });
+    let msg = err["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&format!("{}:", agent.policy_path.display())),
+        "the reload error should name file:line:col: {err}"
+    );
+    assert!(
+        agent.metric("tollgate_policy_reloads_total", &[("result", "error")]) >= 1.0,
+        "error reload not counted"
+    );
+    assert_eq!(
+        agent.metric("tollgate_policy_reloads_total", &[("result", "ok")]),
+        1.0
+    );
+    assert!(
+        agent.is_running(),
+        "a broken policy file must not stop the agent"
+    );
+
+    // The previous policy is still the one in force.
+    let r = ci.probe(probe_bin!(), &small);
+    assert!(r.was_denied(), "ci-bot with the broken file: {r}");
+    assert_eq!(agent.connect_event(r.pid)["rule"], "ci is cut off");
+    let r = ops.probe(probe_bin!(), &small);
+    assert!(r.echo_ok(), "ops-bot with the broken file: {r}");
+    assert_eq!(agent.connect_event(r.pid)["action"], "allow");
+
+    // A good file again, applied on SIGHUP as well: ci-bot is back.
+    agent.write_policy(&allow_ci);
+    let pid = agent.pid().expect("agent runs");
+    // SAFETY: kill(2) on our own agent's pid.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
+    agent.wait_audit("policy_reload ok on sighup", |e| {
+        e["event"] == "policy_reload" && e["result"] == "ok" && e["trigger"] == "sighup"
+    });
+    let r = ci.probe(probe_bin!(), &small);
+    assert!(r.echo_ok(), "ci-bot after the good policy came back: {r}");
+
+    let status = agent.terminate();
+    assert!(status.success(), "SIGTERM exit: {status}");
+    agent.wait_audit("agent_stop", |e| e["event"] == "agent_stop");
+}
