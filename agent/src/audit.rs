@@ -32,10 +32,6 @@ impl Audit {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Write one event; `ts` is added first. An audit write failure is logged, never fatal
     /// for the session (the decision itself was already enforced).
     pub fn write(&self, event: Map<String, Value>) {

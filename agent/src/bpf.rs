@@ -74,6 +74,8 @@ fn load_err(
     }
 }
 
+type Installed = (BTreeSet<(u32, TargetKey4)>, BTreeSet<(u32, TargetKey6)>);
+
 /// The loaded, attached data path.
 pub struct Datapath {
     targets4: Mutex<LpmTrie<MapData, TargetKey4, TargetValue>>,
@@ -81,7 +83,8 @@ pub struct Datapath {
     conns: Mutex<HashMap<MapData, PeerKey, ConnInfo>>,
     counters: PerCpuArray<MapData, u64>,
     exec_gen: HashMap<MapData, u32, u64>,
-    installed: Mutex<(BTreeSet<(u32, TargetKey4)>, BTreeSet<(u32, TargetKey6)>)>,
+    /// Keys currently in the tries, to delete stale ones on reload.
+    installed: Mutex<Installed>,
     /// Process-owned links (fail open): dropping them detaches the programs.
     _links: Vec<OwnedFd>,
     _config: Array<MapData, Config>,

@@ -15,6 +15,11 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tollgate_common::{TargetKey4, TargetKey6};
 use tollgate_policy::{Policy, TargetAddress};
 
+/// `(prefix_len, key data, target index)` for the IPv4 trie.
+pub type KeySet4 = BTreeSet<(u32, TargetKey4, u32)>;
+/// The same for the IPv6 trie.
+pub type KeySet6 = BTreeSet<(u32, TargetKey6, u32)>;
+
 /// One protected prefix and port, and the index of its target in `Policy::targets`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -102,18 +107,9 @@ impl Routes {
             .map(|r| r.target)
     }
 
-    pub fn routes(&self) -> &[Route] {
-        &self.routes
-    }
-
     /// LPM keys for the kernel: `(prefix_len, data)` with the port in front (see
     /// `tollgate_common::TargetKey4`).
-    pub fn bpf_keys(
-        &self,
-    ) -> (
-        BTreeSet<(u32, TargetKey4, u32)>,
-        BTreeSet<(u32, TargetKey6, u32)>,
-    ) {
+    pub fn bpf_keys(&self) -> (KeySet4, KeySet6) {
         let mut v4 = BTreeSet::new();
         let mut v6 = BTreeSet::new();
         for r in &self.routes {
