@@ -251,3 +251,20 @@ fn full_example_decides_like_its_comments_say() {
         Action::Deny
     );
 }
+
+#[test]
+fn every_example_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).expect("read example");
+            if let Err(e) = parse(&text, &path.display().to_string()) {
+                panic!("{e}");
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "examples/full.toml and examples/quickstart.toml");
+}

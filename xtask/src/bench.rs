@@ -163,7 +163,8 @@ impl Drop for Joined {
     }
 }
 
-pub fn bench() -> Result<()> {
+pub fn bench(only: Option<&str>) -> Result<()> {
+    let want = |part: &str| only.is_none_or(|o| o == part);
     if !util::is_root() {
         bail!("the benchmark loads eBPF programs: run it as root");
     }
@@ -205,26 +206,34 @@ pub fn bench() -> Result<()> {
     // 1. Unprotected connect latency, detached vs attached, interleaved to spread the noise.
     let n = 3000;
     let (mut det, mut att) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..(if want("connect") { 3 } else { 0 }) {
         det.push(connect_us(echo_direct, n)?);
         let mut a = start(&[])?;
         att.push(connect_us(echo_direct, n)?);
         a.stop();
     }
-    let (d, a) = (median(&mut det), median(&mut att));
-    println!(
-        "1. connect() to an unprotected port ({} connects x3 rounds each)",
-        n
-    );
-    println!("   programs detached {d:>8.2} us   attached {a:>8.2} us   difference {:+.2} us (goal < 1 us)\n", a - d);
+    if want("connect") {
+        let (d, a) = (median(&mut det), median(&mut att));
+        println!("1. connect() to an unprotected port ({n} connects x3 rounds each)");
+        println!("   programs detached {d:>8.2} us   attached {a:>8.2} us   difference {:+.2} us (goal < 1 us)\n", a - d);
+    }
 
     // 2 + 3 with the splice relay.
     let mut agent = start(&[])?;
-    let m = 2000;
-    let direct_fb = first_byte_us(echo_direct, m)?;
-    let agent_fb = first_byte_us(echo_prot, m)?;
-    println!("2. connect + first byte ({m} connections)");
-    println!("   direct {direct_fb:>8.1} us   through tollgate {agent_fb:>8.1} us   ratio {:.2}x direct\n", agent_fb / direct_fb);
+    if want("first-byte") {
+        let m = 2000;
+        let direct_fb = first_byte_us(echo_direct, m)?;
+        let agent_fb = first_byte_us(echo_prot, m)?;
+        println!("2. connect + first byte ({m} connections)");
+        println!("   direct {direct_fb:>8.1} us   through tollgate {agent_fb:>8.1} us   ratio {:.2}x direct\n", agent_fb / direct_fb);
+    }
+    if !want("throughput") {
+        agent.stop();
+        drop(joined);
+        drop(cg);
+        let _ = fs::remove_dir_all(work);
+        return Ok(());
+    }
 
     let mut direct_t = Vec::new();
     let mut splice_t = Vec::new();

@@ -41,7 +41,11 @@ enum Cmd {
     /// Show the agent gating a local PostgreSQL (needs root).
     Demo,
     /// Print side-by-side performance ratios (needs root).
-    Bench,
+    Bench {
+        /// Run only one part: connect, first-byte or throughput.
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn build(release: bool) -> Result<()> {
@@ -128,10 +132,10 @@ fn main() -> Result<()> {
             build(false)?;
             demo::demo()
         }
-        Cmd::Bench => {
+        Cmd::Bench { only } => {
             setup::setup(true)?;
             build(true)?;
-            bench::bench()
+            bench::bench(only.as_deref())
         }
     }
 }
