@@ -1,20 +1,6 @@
-//! `tollgate`: the host agent and its CLI.
-//!
-//! Layout: `main.rs` (CLI), `run.rs` (daemon wiring, reload, shutdown), `proxy.rs` (sessions
-//! and the protocol-handler trait), `relay.rs` (opaque relays), `bpf.rs` (kernel side),
-//! `targets.rs` (routes), `identity.rs` (kernel facts to identity), `audit.rs`, `metrics.rs`,
-//! `doctor.rs`, and `sys.rs` (every raw syscall).
+//! `tollgate`: the CLI over the agent library (see `lib.rs` for the layout).
 
-mod audit;
-mod bpf;
-mod doctor;
-mod identity;
-mod metrics;
-mod proxy;
-mod relay;
-mod run;
-mod sys;
-mod targets;
+use tollgate::{bpf, doctor, run};
 
 use std::{path::PathBuf, process::ExitCode};
 

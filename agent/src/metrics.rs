@@ -23,18 +23,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub decisions: IntCounterVec,
     pub sessions_active: IntGaugeVec,
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "registered now so dashboards see the series; incremented by postgres masking (next issue)"
-        )
-    )]
     pub masked_values: IntCounterVec,
-    #[expect(
-        dead_code,
-        reason = "registered now so dashboards see the series; set by the approvals broker (later issue)"
-    )]
     pub approvals_pending: IntGauge,
     pub policy_reloads: IntCounterVec,
     pub rejected: IntCounterVec,

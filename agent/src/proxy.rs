@@ -75,17 +75,9 @@ pub enum DataPathError {
     #[error("upstream {addr}: {source}")]
     Upstream { addr: SocketAddr, source: io::Error },
     /// Policy refused the connection or an operation.
-    #[expect(
-        dead_code,
-        reason = "part of the protocol-handler API; used by the postgres, ssh and http handlers that build on this core"
-    )]
     #[error("policy: {0}")]
     Policy(String),
     /// A bug or resource problem in the agent.
-    #[expect(
-        dead_code,
-        reason = "part of the protocol-handler API; used by the postgres, ssh and http handlers that build on this core"
-    )]
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -105,10 +97,6 @@ impl DataPathError {
 /// What an approval request came to. Until the approvals broker exists every request is
 /// `Unavailable`, which handlers must treat as a deny with a clear message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[expect(
-    dead_code,
-    reason = "part of the protocol-handler API; used by the postgres, ssh and http handlers that build on this core"
-)]
 pub enum ApprovalOutcome {
     Approved { approver: String },
     Denied { comment: String },
@@ -121,10 +109,6 @@ pub enum ApprovalOutcome {
 /// [`SessionCx::decide`] for each, connects upstream with [`SessionCx::connect_upstream`],
 /// applies its response hooks (masking) and returns the byte totals when the session ends.
 pub trait ProtocolHandler: Send + Sync {
-    #[expect(
-        dead_code,
-        reason = "part of the protocol-handler API; used by the postgres, ssh and http handlers that build on this core"
-    )]
     fn protocol(&self) -> Protocol;
     fn serve<'a>(
         &'a self,
@@ -401,10 +385,6 @@ impl SessionCx {
     /// `on_operation`: decide one operation under the current policy, audit it and count it.
     /// `text` is the operation as the audit log shows it (already masked by the handler).
     /// In observe mode the returned decision is always allow; the audit keeps the real one.
-    #[expect(
-        dead_code,
-        reason = "part of the protocol-handler API; used by the postgres, ssh and http handlers that build on this core"
-    )]
     pub fn decide(&self, op: Operation<'_>, text: &str) -> Decision {
         let gen = self.agent.gen.load();
         let d = decide(
@@ -439,10 +419,6 @@ impl SessionCx {
     /// The approval hook: handlers call this for an `approve` decision. The broker that holds
     /// the operation for a human is not part of this agent yet, so the answer is always
     /// `Unavailable` and the handler refuses the operation with a clear message.
-    #[expect(
-        dead_code,
-        reason = "part of the protocol-handler API; used by the postgres, ssh and http handlers that build on this core"
-    )]
     pub async fn request_approval(
         &self,
         _operation: &str,

@@ -1145,6 +1145,14 @@ impl AgentProc {
         }
     }
 
+    /// The raw `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        match http_get(self.metrics, "/metrics", Duration::from_secs(5)) {
+            Ok((200, body)) => body,
+            other => panic!("scrape of {} failed: {other:?}", self.metrics),
+        }
+    }
+
     /// Sum of a metric over the series whose labels include `labels`.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_sum(&self.scrape(), name, labels)

@@ -63,4 +63,27 @@ fn prometheus_sees_allow_and_deny_decisions() {
         value("tollgate_redirects_total")
     });
     assert_eq!(redirects, 2.0);
+
+    // The exposition passes Prometheus' own linter.
+    let text = agent.metrics_text();
+    let mut lint = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian prometheus package) must be installed: cargo xtask setup");
+    use std::io::Write as _;
+    lint.stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = lint.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
