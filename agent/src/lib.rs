@@ -11,6 +11,7 @@ pub mod bpf;
 pub mod doctor;
 pub mod identity;
 pub mod metrics;
+pub mod pg;
 pub mod proxy;
 pub mod relay;
 pub mod run;

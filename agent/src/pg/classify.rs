@@ -1,0 +1,1 @@
+//! SQL classification (being written).

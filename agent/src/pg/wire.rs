@@ -1,0 +1,1 @@
+//! PostgreSQL wire framing (being written).
