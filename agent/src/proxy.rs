@@ -159,6 +159,8 @@ pub struct Agent {
     pub upstream_timeout: Duration,
     /// `SO_MARK` for upstream sockets (None only in in-process tests, which load no programs).
     pub upstream_mark: Option<u32>,
+    /// Key of the `hash` masking style: stable per installation (`<data_dir>/mask.key`).
+    pub hash_key: [u8; 32],
     next_session: AtomicU64,
     started_ms: u64,
 }
@@ -188,6 +190,7 @@ impl Agent {
             relay_kind: RelayKind::from_env(),
             upstream_timeout: Duration::from_secs(10),
             upstream_mark: Some(AGENT_MARK),
+            hash_key: [0; 32],
             next_session: AtomicU64::new(1),
             started_ms,
         }
@@ -395,24 +398,38 @@ impl SessionCx {
                 op,
             },
         );
-        let observe = gen.policy.agent.mode == Mode::Observe;
+        self.audit_operation(op.kind_str(), text, &d, None)
+    }
+
+    /// Audit and count a decision a handler reached itself (for example the strictest of
+    /// several kinds of one SQL statement). `flags` notes what made it special (dangerous
+    /// functions, unparseable input). Returns the decision to enforce: in observe mode, allow.
+    pub fn audit_operation(
+        &self,
+        kind: &str,
+        text: &str,
+        d: &Decision,
+        flags: Option<&str>,
+    ) -> Decision {
+        let observe = self.agent.gen.load().policy.agent.mode == Mode::Observe;
         let mut ev = self.base();
         ev.insert("event".into(), "operation".into());
         ev.insert("operation".into(), Value::String(text.to_string()));
-        ev.insert("kind".into(), op.kind_str().into());
+        ev.insert("kind".into(), kind.into());
         ev.insert("action".into(), d.action.as_str().into());
         ev.insert("rule".into(), json!(d.rule));
         ev.insert("reason".into(), d.reason.as_str().into());
+        ev.insert("flags".into(), json!(flags));
         ev.insert("enforced".into(), (!observe).into());
         self.agent.audit.write(ev);
         self.count_decision(d.action.as_str());
         if observe {
             Decision {
                 action: Action::Allow,
-                ..d
+                ..d.clone()
             }
         } else {
-            d
+            d.clone()
         }
     }
 
@@ -475,10 +492,17 @@ impl SessionCx {
             .as_deref()
             .and_then(|r| policy.rule(r))
             .is_some_and(|r| r.is_whole_connection());
+        let pg = crate::pg::handler::PgHandler {
+            hash_key: self.agent.hash_key,
+        };
+        let tcp = TcpHandler {
+            kind: self.agent.relay_kind,
+        };
+        // PostgreSQL always goes through its handler (per-statement policy, credential
+        // injection, masking, recording), even under a whole-connection allow.
         let handler: Option<&dyn ProtocolHandler> = match (d.action, self.target.protocol, whole) {
-            (Action::Allow, _, true) | (Action::Allow, Protocol::Tcp, _) => Some(&TcpHandler {
-                kind: self.agent.relay_kind,
-            }),
+            (Action::Allow, Protocol::Postgres, _) => Some(&pg),
+            (Action::Allow, _, true) | (Action::Allow, Protocol::Tcp, _) => Some(&tcp),
             _ => None,
         };
         let (action, reason) = match (d.action, handler.is_some()) {
@@ -506,11 +530,9 @@ impl SessionCx {
             "connection decided"
         );
 
-        let tcp = TcpHandler {
-            kind: self.agent.relay_kind,
-        };
         let handler: &dyn ProtocolHandler = match (action, observe) {
             ("allow", _) => handler.unwrap_or(&tcp),
+            (_, true) if self.target.protocol == Protocol::Postgres => &pg,
             (_, true) => &tcp,
             _ => {
                 reset(stream);

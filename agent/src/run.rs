@@ -89,13 +89,15 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     );
     metrics.register_datapath(dp.clone());
     let resolver = Resolver::new(sys::cgroup2_mount()?);
-    let agent = Arc::new(Agent::new(
+    let mut agent = Agent::new(
         Generation { policy, routes },
         dp.clone(),
         resolver,
         audit,
         metrics.clone(),
-    ));
+    );
+    agent.hash_key = load_or_create_key(&cfg.data_dir.join("mask.key"))?;
+    let agent = Arc::new(agent);
     for (h, ips) in resolved {
         agent.set_resolved(h, ips);
     }
@@ -154,6 +156,31 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         info!(pins = %cfg.bpf_pin_path.display(), "stopped; protected destinations refuse connections until the agent is back (`tollgate uninstall` restores direct access)");
     }
     Ok(())
+}
+
+/// The installation's masking key: 32 random bytes, created once with mode 0600. Keeping it
+/// stable keeps `hash`-masked values joinable across sessions and restarts.
+fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Ok(b) = std::fs::read(path) {
+        if let Ok(k) = <[u8; 32]>::try_from(b.as_slice()) {
+            return Ok(k);
+        }
+        anyhow::bail!(
+            "{} is not a 32-byte key; remove it to create a new one",
+            path.display()
+        );
+    }
+    let key: [u8; 32] = rand::random();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(&key)?;
+    Ok(key)
 }
 
 /// A listener carrying the agent's `SO_MARK`. The connect hooks only redirect to a listener

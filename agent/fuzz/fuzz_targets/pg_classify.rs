@@ -1,2 +1,9 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|_data: &[u8]| {});
+// Classification of arbitrary UTF-8 (what a bot can send in a Query or Parse message) must
+// return Ok or Err, never panic; so must the cache key.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = tollgate::pg::classify::classify(s);
+        let _ = tollgate::pg::classify::cache_key(s);
+    }
+});

@@ -1,5 +1,8 @@
 //! PostgreSQL: wire protocol framing (`wire`) and statement classification with the real
 //! PostgreSQL parser (`classify`).
 
+pub mod catalog;
 pub mod classify;
+pub mod handler;
+pub mod upstream;
 pub mod wire;

@@ -1,0 +1,1156 @@
+//! The PostgreSQL protocol handler: terminate the bot's session, log in upstream with the
+//! target's credential, decide every statement, mask results, record the session.
+//!
+//! Denials keep the server's own semantics: a denied simple Query or Parse is *replaced* by a
+//! statement that fails during parse analysis (`SELECT '<marker>'::pg_catalog.int4`), so the
+//! server itself produces the error at the right place in the stream, aborts an open
+//! transaction, and skips the rest of an extended-protocol batch until Sync, exactly as for a
+//! real error. On the way back, that error is rewritten into tollgate's 42501 message. Nothing
+//! of a denied message reaches the server.
+//!
+//! Masking works from RowDescription: column rules need the table and column behind a result
+//! column, which come from the server catalog (`catalog.rs`), and detectors look at every
+//! text-like value. Values are re-encoded in DataRow; nothing is buffered beyond one message.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use serde_json::{json, Map, Value};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
+};
+use tollgate_policy::{decide, Action, Decision, Operation, Protocol, Request};
+
+use crate::{
+    mask::{Masked, Masker},
+    pg::{
+        catalog,
+        classify::{ClassifyCache, Statement},
+        upstream,
+        wire::{self, ErrorReport, Frontend, Startup, TransactionStatus},
+    },
+    proxy::{ApprovalOutcome, DataPathError, ProtocolHandler, SessionCx},
+    recording::Recorder,
+    relay::Totals,
+};
+
+/// Statement classifications shared by all sessions (keyed by normalised statement).
+static CLASSIFY: std::sync::LazyLock<ClassifyCache> =
+    std::sync::LazyLock::new(|| ClassifyCache::new(4096));
+
+/// Our cancel keys -> (upstream address, upstream key).
+type CancelMap = HashMap<(i32, i32), (std::net::SocketAddr, (i32, i32))>;
+static CANCEL_KEYS: std::sync::LazyLock<Mutex<CancelMap>> =
+    std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes a session's cancel key when the session ends.
+struct CancelKeyGuard((i32, i32));
+impl Drop for CancelKeyGuard {
+    fn drop(&mut self) {
+        lock(&CANCEL_KEYS).remove(&self.0);
+    }
+}
+
+pub struct PgHandler {
+    /// Key for the `hash` masking style (stable per installation).
+    pub hash_key: [u8; 32],
+}
+
+impl ProtocolHandler for PgHandler {
+    fn protocol(&self) -> Protocol {
+        Protocol::Postgres
+    }
+    fn serve<'a>(
+        &'a self,
+        cx: &'a SessionCx,
+        client: TcpStream,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Totals, DataPathError>> + Send + 'a>,
+    > {
+        Box::pin(serve(self, cx, client))
+    }
+}
+
+/// Bytes counted in both directions.
+#[derive(Default)]
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+async fn send_fatal(client: &mut TcpStream, code: &str, message: &str, hint: Option<&str>) {
+    let mut out = BytesMut::new();
+    let mut r = ErrorReport::fatal(code, message);
+    if let Some(h) = hint {
+        r = r.with_hint(h);
+    }
+    wire::encode_error_response(&r, &mut out);
+    let _ = client.write_all(&out).await;
+    let _ = client.shutdown().await;
+}
+
+/// Read the startup packet (answering SSL/GSS requests with 'N').
+async fn read_startup(
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Startup, DataPathError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match wire::parse_startup(buf) {
+            Ok(Some(Startup::Ssl)) | Ok(Some(Startup::GssEnc)) => {
+                // TLS termination is not in this version: clients with sslmode=prefer fall back
+                // to plaintext on loopback; sslmode=require fails with the server's words.
+                client
+                    .write_all(&[wire::ENCRYPTION_REFUSED])
+                    .await
+                    .map_err(DataPathError::Client)?;
+            }
+            Ok(Some(s)) => return Ok(s),
+            Ok(None) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, client.read_buf(buf)).await {
+                    Ok(Ok(0)) => {
+                        return Err(DataPathError::Client(
+                            std::io::ErrorKind::UnexpectedEof.into(),
+                        ))
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(DataPathError::Client(e)),
+                    Err(_) => {
+                        return Err(DataPathError::Client(std::io::ErrorKind::TimedOut.into()))
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = format!("tollgate: invalid startup packet: {e}");
+                send_fatal(client, "08P01", &msg, None).await;
+                return Err(DataPathError::Client(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    msg,
+                )));
+            }
+        }
+    }
+}
+
+async fn serve(
+    h: &PgHandler,
+    cx: &SessionCx,
+    mut client: TcpStream,
+) -> Result<Totals, DataPathError> {
+    let mut cbuf = BytesMut::with_capacity(8192);
+    let startup = read_startup(&mut client, &mut cbuf).await?;
+    let params = match startup {
+        Startup::Cancel { pid, secret } => {
+            // A cancel for one of our sessions: forward it with the upstream backend's key.
+            let found = lock(&CANCEL_KEYS).get(&(pid, secret)).copied();
+            if let Some((addr, key)) = found {
+                if addr == cx.orig_dst {
+                    let up = cx.connect_upstream().await?;
+                    let _ = upstream::cancel(up, key).await;
+                }
+            }
+            return Ok(Totals::default());
+        }
+        Startup::Startup { params, .. } => params,
+        // read_startup answers SSL/GSS requests itself and never returns them.
+        Startup::Ssl | Startup::GssEnc => {
+            return Err(DataPathError::Internal(
+                "unexpected encryption request".into(),
+            ))
+        }
+    };
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let client_user = param("user").unwrap_or_default();
+    let database = param("database").unwrap_or_else(|| client_user.clone());
+    let gen = cx.agent.gen.load_full();
+    let policy = &gen.policy;
+    let cred_name = cx.target.credential.clone();
+    let cred = cred_name
+        .as_deref()
+        .and_then(|n| policy.credentials.get(n).map(|c| (n, c)));
+    let (user, secret) = match cred {
+        Some((n, c)) => match upstream::read_secret(n, c) {
+            Ok(s) => (c.user.clone().unwrap_or(client_user.clone()), s),
+            Err(e) => {
+                send_fatal(
+                    &mut client,
+                    "28P01",
+                    &format!("tollgate: {e}"),
+                    Some("fix the credential in the tollgate policy"),
+                )
+                .await;
+                return Err(DataPathError::Upstream {
+                    addr: cx.orig_dst,
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
+        },
+        None => (client_user.clone(), None),
+    };
+    // Everything the client asked for except identity-bearing keys goes upstream.
+    let pass: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "user" && !k.starts_with("_pq_."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let up = match cx.connect_upstream().await {
+        Ok(s) => s,
+        Err(e) => {
+            send_fatal(
+                &mut client,
+                "08006",
+                &format!(
+                    "tollgate: cannot reach {} ({}): {e}",
+                    cx.target.name, cx.orig_dst
+                ),
+                None,
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    let cred_label = cred_name.clone().unwrap_or_else(|| "(none)".into());
+    let mut session = match upstream::login(up, &user, &pass, &cred_label, secret.as_deref()).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            send_fatal(
+                &mut client,
+                e.sqlstate(),
+                &format!("tollgate: {e}"),
+                Some(
+                    "the bot's own password is ignored; fix the credential in the tollgate policy",
+                ),
+            )
+            .await;
+            return Err(DataPathError::Upstream {
+                addr: cx.orig_dst,
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
+    };
+
+    let masker = Masker::for_target(policy, &cx.target.name, h.hash_key).map(Arc::new);
+    let masked_columns = match &masker {
+        Some(m) if m.has_column_rules() => {
+            match catalog::masked_columns(&mut session, m, &cx.target.name, &database).await {
+                Ok(set) => set,
+                Err(e) => {
+                    send_fatal(
+                        &mut client,
+                        "XX000",
+                        &format!("tollgate: cannot read the catalog needed for masking: {e}"),
+                        None,
+                    )
+                    .await;
+                    return Err(DataPathError::Upstream {
+                        addr: cx.orig_dst,
+                        source: e,
+                    });
+                }
+            }
+        }
+        _ => Arc::new(HashSet::new()),
+    };
+
+    let recorder = Recorder::open(&policy.agent.data_dir, &cx.id)
+        .ok()
+        .map(Arc::new);
+    if let Some(r) = &recorder {
+        r.write(obj(json!({
+            "event": "start", "session": cx.id, "identity": cx.identity, "target": cx.target.name,
+            "protocol": "postgres", "database": database, "user": user, "client_user": client_user,
+            "application_name": param("application_name"), "pid": cx.facts.pid, "uid": cx.facts.uid,
+            "cgroup": cx.facts.cgroup, "exe": cx.facts.exe,
+        })));
+    }
+
+    // Greet the client as the server would, with our own cancel key.
+    let our_key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
+    let _cancel_guard = session.backend_key.map(|k| {
+        lock(&CANCEL_KEYS).insert(our_key, (cx.orig_dst, k));
+        CancelKeyGuard(our_key)
+    });
+    let mut out = BytesMut::new();
+    wire::encode_authentication_ok(&mut out);
+    out.extend_from_slice(&session.relay);
+    wire::encode_backend_key_data(
+        wire::BackendKeyData {
+            pid: our_key.0,
+            secret: our_key.1,
+        },
+        &mut out,
+    );
+    wire::encode_ready_for_query(
+        TransactionStatus::from_byte(session.status).unwrap_or(TransactionStatus::Idle),
+        &mut out,
+    );
+    client
+        .write_all(&out)
+        .await
+        .map_err(DataPathError::Client)?;
+
+    let nonce = format!("tollgate-denied-{:016x}", rand::random::<u64>());
+    let shared = Arc::new(Shared {
+        denials: Mutex::new(VecDeque::new()),
+        expect: Mutex::new(VecDeque::new()),
+    });
+    let counters = Counters::default();
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = session.stream.into_split();
+    let up_rest = std::mem::take(&mut session.rest);
+    let c2u = ClientSide {
+        cx,
+        shared: shared.clone(),
+        nonce: nonce.clone(),
+        prepared: HashMap::new(),
+        portals: HashMap::new(),
+        recorder: recorder.clone(),
+        masker: masker.clone(),
+    };
+    let u2c = ServerSide {
+        cx,
+        shared,
+        nonce,
+        masker,
+        masked_columns,
+        descs: HashMap::new(),
+        current: None,
+        recorder: recorder.clone(),
+        masked_in_statement: 0,
+    };
+    let r = tokio::try_join!(
+        c2u.run(cr, uw, cbuf, &counters),
+        u2c.run(ur, cw, up_rest, &counters)
+    );
+    if let Some(rec) = &recorder {
+        rec.write(obj(json!({"event": "end", "session": cx.id, "error": r.as_ref().err().map(|e| e.to_string())})));
+    }
+    let totals = Totals {
+        bytes_up: counters.up.load(Ordering::Relaxed),
+        bytes_down: counters.down.load(Ordering::Relaxed),
+    };
+    cx.add_bytes(totals);
+    r.map(|_| totals)
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// State shared by the two directions.
+struct Shared {
+    /// Messages for the denial errors the server will raise, in order.
+    denials: Mutex<VecDeque<String>>,
+    /// What the server will answer, in order, for the result-shaping messages we forwarded.
+    expect: Mutex<VecDeque<Expect>>,
+}
+
+/// A forwarded message whose answer shapes how DataRows must be read.
+#[derive(Debug, Clone)]
+enum Expect {
+    /// Simple query: RowDescriptions arrive in the stream, text format; ends at ReadyForQuery.
+    Simple,
+    /// Parse of statement `name`: its old description is void at ParseComplete.
+    Parse(String),
+    /// Describe of a statement: the RowDescription/NoData belongs to it.
+    DescribeStatement(String),
+    /// Describe of a portal: the RowDescription (with formats) belongs to it.
+    DescribePortal(String),
+    /// Execute: rows of `portal` (bound from `statement`) with `formats`.
+    Execute {
+        portal: String,
+        statement: String,
+        formats: Vec<i16>,
+    },
+    /// Sync: ends at ReadyForQuery.
+    Sync,
+}
+
+/// The client -> server direction: decide, then forward or replace.
+struct ClientSide<'a> {
+    cx: &'a SessionCx,
+    shared: Arc<Shared>,
+    nonce: String,
+    /// Prepared statements by name: their classification, for SQL-level EXECUTE.
+    prepared: HashMap<String, Arc<Vec<Statement>>>,
+    /// Portals -> (statement, result formats).
+    portals: HashMap<String, (String, Vec<i16>)>,
+    recorder: Option<Arc<Recorder>>,
+    masker: Option<Arc<Masker>>,
+}
+
+/// The verdict on one message of SQL.
+enum Verdict {
+    Allow,
+    Deny(String),
+}
+
+impl ClientSide<'_> {
+    /// Mask literals in statement text before it reaches the audit log or a recording.
+    fn masked_text(&self, sql: &str) -> String {
+        match self
+            .masker
+            .as_ref()
+            .and_then(|m| m.mask_text(sql.as_bytes(), false))
+        {
+            Some(Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned(),
+            Some(Masked::Null(_)) => "[masked]".into(),
+            None => sql.to_string(),
+        }
+    }
+
+    /// Decide every statement of `sql`; the first denial wins and nothing of the message runs.
+    async fn judge(&mut self, sql: &str) -> Verdict {
+        let cx = self.cx;
+        let shown = self.masked_text(sql);
+        let statements = match CLASSIFY.classify(sql) {
+            Ok(s) => s,
+            Err(e) => {
+                let d = Decision {
+                    action: Action::Deny,
+                    rule: None,
+                    reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                };
+                if cx
+                    .audit_operation("sql", &shown, &d, Some("unparseable"))
+                    .action
+                    == Action::Allow
+                {
+                    return Verdict::Allow;
+                }
+                return Verdict::Deny(format!(
+                    "tollgate: statement could not be classified ({e}); denied"
+                ));
+            }
+        };
+        for st in statements.iter() {
+            // SQL-level EXECUTE runs what PREPARE prepared: decide that.
+            let effective: Vec<&Statement> =
+                match st.prepared_name.as_deref().filter(|_| st.kind == "execute") {
+                    Some(name) => match self.prepared.get(name) {
+                        Some(p) => p.iter().collect(),
+                        None => vec![st],
+                    },
+                    None => vec![st],
+                };
+            for s in effective {
+                if s.kind == "copy" && !s.kinds.contains(&"insert") && self.masker.is_some() {
+                    // COPY ... TO STDOUT streams rows without a RowDescription: column rules
+                    // could not be applied, so it is refused rather than leaked.
+                    let d = Decision {
+                        action: Action::Deny,
+                        rule: None,
+                        reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                    };
+                    cx.audit_operation(
+                        "copy",
+                        &self.masked_text(&s.text),
+                        &d,
+                        Some("copy_out_unmaskable"),
+                    );
+                    return Verdict::Deny("tollgate: COPY ... TO on a masked target is not supported by this agent version; use SELECT".into());
+                }
+                let (d, kind) = decide_statement(cx, s);
+                let text = self.masked_text(&s.text);
+                let extra = if s.dangerous.is_empty() {
+                    None
+                } else {
+                    Some(s.dangerous.join(","))
+                };
+                let d = dangerous_gate(cx, s, d);
+                let d = cx.audit_operation(kind, &text, &d, extra.as_deref());
+                match d.action {
+                    Action::Allow => {}
+                    Action::Deny => return Verdict::Deny(deny_message(cx, kind, s, &d)),
+                    Action::Approve => match cx.request_approval(&text, &d).await {
+                        ApprovalOutcome::Approved { .. } => {}
+                        ApprovalOutcome::Denied { comment } => {
+                            return Verdict::Deny(format!("tollgate: {kind} was denied by an approver: {comment}"))
+                        }
+                        ApprovalOutcome::Expired => return Verdict::Deny(format!("tollgate: approval for {kind} expired")),
+                        ApprovalOutcome::Unavailable => {
+                            return Verdict::Deny(format!(
+                                "tollgate: {kind}{} needs approval under rule \"{}\", but approval is not available on this agent; denied",
+                                on_tables(s),
+                                d.rule.as_deref().unwrap_or("?")
+                            ))
+                        }
+                    },
+                }
+            }
+            if st.kind == "prepare" {
+                if let Some(name) = st.prepared_name.as_deref() {
+                    // Remember what EXECUTE name will run (the PREPARE itself was allowed).
+                    if let Ok(inner) = CLASSIFY.classify(&st.text) {
+                        self.prepared.insert(name.to_string(), inner);
+                    }
+                }
+            }
+        }
+        let _ = shown;
+        Verdict::Allow
+    }
+
+    fn record_statement(&self, sql: &str, verdict: &Verdict) {
+        if let Some(r) = &self.recorder {
+            let (decision, error) = match verdict {
+                Verdict::Allow => ("allow", None),
+                Verdict::Deny(m) => ("deny", Some(m.clone())),
+            };
+            r.write(obj(json!({"event": "statement", "session": self.cx.id, "text": self.masked_text(sql), "decision": decision, "error": error})));
+        }
+    }
+
+    fn deny_substitute(&self, message: String) -> String {
+        lock(&self.shared.denials).push_back(message);
+        format!("SELECT '{}'::pg_catalog.int4", self.nonce)
+    }
+
+    async fn run(
+        mut self,
+        mut cr: OwnedReadHalf,
+        mut uw: OwnedWriteHalf,
+        mut buf: BytesMut,
+        counters: &Counters,
+    ) -> Result<(), DataPathError> {
+        let mut out = BytesMut::with_capacity(16 * 1024);
+        loop {
+            loop {
+                let (msg, raw) = match wire::parse_frontend(&mut buf) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        // Tell the server nothing; the session ends with a clear client error.
+                        let _ = uw.shutdown().await;
+                        return Err(DataPathError::Client(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("malformed message from client: {e}"),
+                        )));
+                    }
+                };
+                match msg {
+                    Frontend::Query(sql) => {
+                        let v = self.judge(&sql).await;
+                        self.record_statement(&sql, &v);
+                        lock(&self.shared.expect).push_back(Expect::Simple);
+                        match v {
+                            Verdict::Allow => out.extend_from_slice(&raw),
+                            Verdict::Deny(m) => {
+                                let sub = self.deny_substitute(m);
+                                postgres_protocol::message::frontend::query(&sub, &mut out)
+                                    .map_err(internal)?;
+                            }
+                        }
+                    }
+                    Frontend::Parse { name, query, .. } => {
+                        let v = self.judge(&query).await;
+                        self.record_statement(&query, &v);
+                        lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
+                        match v {
+                            Verdict::Allow => out.extend_from_slice(&raw),
+                            Verdict::Deny(m) => {
+                                let sub = self.deny_substitute(m);
+                                postgres_protocol::message::frontend::parse(
+                                    &name,
+                                    &sub,
+                                    std::iter::empty(),
+                                    &mut out,
+                                )
+                                .map_err(internal)?;
+                            }
+                        }
+                    }
+                    Frontend::Bind {
+                        portal,
+                        statement,
+                        raw: body,
+                    } => {
+                        let formats = wire::decode_bind(&body)
+                            .map(|b| b.result_formats)
+                            .unwrap_or_default();
+                        self.portals.insert(portal, (statement, formats));
+                        out.extend_from_slice(&raw);
+                    }
+                    Frontend::Describe { kind, name } => {
+                        lock(&self.shared.expect).push_back(if kind == b'S' {
+                            Expect::DescribeStatement(name)
+                        } else {
+                            Expect::DescribePortal(name)
+                        });
+                        out.extend_from_slice(&raw);
+                    }
+                    Frontend::Execute { portal, .. } => {
+                        let (statement, formats) =
+                            self.portals.get(&portal).cloned().unwrap_or_default();
+                        lock(&self.shared.expect).push_back(Expect::Execute {
+                            portal,
+                            statement,
+                            formats,
+                        });
+                        out.extend_from_slice(&raw);
+                    }
+                    Frontend::Sync => {
+                        lock(&self.shared.expect).push_back(Expect::Sync);
+                        out.extend_from_slice(&raw);
+                    }
+                    Frontend::FunctionCall(_) => {
+                        // A fast-path call names a function by OID with no SQL to classify.
+                        let d = Decision {
+                            action: Action::Deny,
+                            rule: None,
+                            reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                        };
+                        let _ = self.cx.audit_operation(
+                            "function_call",
+                            "(fast-path function call)",
+                            &d,
+                            None,
+                        );
+                        let sub = self.deny_substitute(
+                            "tollgate: fast-path function calls cannot be classified; denied"
+                                .into(),
+                        );
+                        lock(&self.shared.expect).push_back(Expect::Simple);
+                        postgres_protocol::message::frontend::query(&sub, &mut out)
+                            .map_err(internal)?;
+                    }
+                    Frontend::Password(_) => {
+                        // We never asked: after startup this is a protocol violation.
+                        return Err(DataPathError::Client(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "unexpected password message after login",
+                        )));
+                    }
+                    Frontend::Terminate => {
+                        out.extend_from_slice(&raw);
+                        uw.write_all(&out)
+                            .await
+                            .map_err(|e| upstream_err(self.cx, e))?;
+                        counters.up.fetch_add(out.len() as u64, Ordering::Relaxed);
+                        let _ = uw.shutdown().await;
+                        return Ok(());
+                    }
+                    Frontend::Flush
+                    | Frontend::Close { .. }
+                    | Frontend::CopyData(_)
+                    | Frontend::CopyDone
+                    | Frontend::CopyFail(_) => {
+                        out.extend_from_slice(&raw);
+                    }
+                }
+                if out.len() > 64 * 1024 {
+                    uw.write_all(&out)
+                        .await
+                        .map_err(|e| upstream_err(self.cx, e))?;
+                    counters.up.fetch_add(out.len() as u64, Ordering::Relaxed);
+                    out.clear();
+                }
+            }
+            if !out.is_empty() {
+                uw.write_all(&out)
+                    .await
+                    .map_err(|e| upstream_err(self.cx, e))?;
+                counters.up.fetch_add(out.len() as u64, Ordering::Relaxed);
+                out.clear();
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
+            match cr.read_buf(&mut buf).await {
+                Ok(0) => {
+                    let _ = uw.shutdown().await;
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => return Err(DataPathError::Client(e)),
+            }
+        }
+    }
+}
+
+fn internal(e: std::io::Error) -> DataPathError {
+    DataPathError::Client(e)
+}
+
+fn upstream_err(cx: &SessionCx, e: std::io::Error) -> DataPathError {
+    DataPathError::Upstream {
+        addr: cx.orig_dst,
+        source: e,
+    }
+}
+
+/// Decide one statement: each kind it performs, strictest answer wins.
+fn decide_statement(cx: &SessionCx, s: &Statement) -> (Decision, &'static str) {
+    let gen = cx.agent.gen.load();
+    let mut worst: Option<(Decision, &'static str)> = None;
+    let kinds: Vec<&'static str> = if s.kinds.is_empty() {
+        vec![s.kind]
+    } else {
+        s.kinds.clone()
+    };
+    for kind in kinds {
+        let d = decide(
+            &gen.policy,
+            &Request {
+                identity: cx.identity.as_deref(),
+                target: &cx.target.name,
+                op: Operation::Sql {
+                    statement: kind,
+                    tables: &s.tables,
+                    functions: &s.functions,
+                },
+            },
+        );
+        let rank = |a: Action| match a {
+            Action::Deny => 2,
+            Action::Approve => 1,
+            Action::Allow => 0,
+        };
+        if worst
+            .as_ref()
+            .is_none_or(|(w, _)| rank(d.action) > rank(w.action))
+        {
+            worst = Some((d, kind));
+        }
+    }
+    worst.unwrap_or((
+        Decision {
+            action: Action::Deny,
+            rule: None,
+            reason: tollgate_policy::DecisionReason::NoMatchingRule,
+        },
+        s.kind,
+    ))
+}
+
+/// A statement flagged dangerous (server file access, COPY PROGRAM, dynamic SQL in DO, ...)
+/// is allowed only by a rule that names what it allows: explicit `functions` for dangerous
+/// functions, explicit `statements` for the rest. A blanket allow does not cover it.
+fn dangerous_gate(cx: &SessionCx, s: &Statement, d: Decision) -> Decision {
+    if s.dangerous.is_empty() || d.action != Action::Allow {
+        return d;
+    }
+    let gen = cx.agent.gen.load();
+    let explicit = d
+        .rule
+        .as_deref()
+        .and_then(|r| gen.policy.rule(r))
+        .and_then(|r| r.sql.as_ref())
+        .is_some_and(|m| {
+            s.dangerous.iter().all(|flag| {
+                if flag.starts_with("function:") {
+                    !m.functions.is_empty()
+                } else {
+                    !m.statements.is_empty() && !m.statements.iter().any(|x| x == "*")
+                }
+            })
+        });
+    if explicit {
+        d
+    } else {
+        Decision {
+            action: Action::Deny,
+            rule: d.rule,
+            reason: tollgate_policy::DecisionReason::NoMatchingRule,
+        }
+    }
+}
+
+fn on_tables(s: &Statement) -> String {
+    if s.tables.is_empty() {
+        String::new()
+    } else {
+        format!(" on {}", s.tables.join(", "))
+    }
+}
+
+fn deny_message(cx: &SessionCx, kind: &str, s: &Statement, d: &Decision) -> String {
+    let who = cx.identity.as_deref().unwrap_or("unknown");
+    match (&d.rule, s.dangerous.is_empty()) {
+        (Some(rule), true) => format!(
+            "tollgate: {kind}{} denied by rule \"{rule}\" for identity {who}",
+            on_tables(s)
+        ),
+        (_, false) => format!(
+            "tollgate: {kind}{} uses {} which no rule explicitly allows for identity {who}; denied",
+            on_tables(s),
+            s.dangerous.join(", ")
+        ),
+        (None, true) => format!(
+            "tollgate: {kind}{} is not allowed for identity {who} (no rule matches); denied",
+            on_tables(s)
+        ),
+    }
+}
+
+/// One result set being streamed: how to read and mask its rows.
+struct RowPlan {
+    /// Per column: (format, type oid, masked by a column rule).
+    cols: Vec<(i16, u32, bool)>,
+}
+
+/// The server -> client direction: rewrite denial errors, mask rows, record results.
+struct ServerSide<'a> {
+    cx: &'a SessionCx,
+    shared: Arc<Shared>,
+    nonce: String,
+    masker: Option<Arc<Masker>>,
+    masked_columns: Arc<HashSet<(u32, i16)>>,
+    /// RowDescriptions by statement ("S:name") or portal ("P:name").
+    descs: HashMap<String, Arc<Vec<wire::Field>>>,
+    current: Option<RowPlan>,
+    recorder: Option<Arc<Recorder>>,
+    masked_in_statement: u64,
+}
+
+/// Types whose binary form is their text (UTF-8): masked like text.
+fn text_like(oid: u32) -> bool {
+    matches!(oid, 25 | 1043 | 1042 | 19 | 114 | 142 | 705 | 18)
+}
+
+impl ServerSide<'_> {
+    fn plan(&self, fields: &[wire::Field], formats: Option<&[i16]>) -> RowPlan {
+        RowPlan {
+            cols: fields
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let fmt = match formats {
+                        Some(fs) => match fs {
+                            [] => 0,
+                            [one] => *one,
+                            many => many.get(i).copied().unwrap_or(0),
+                        },
+                        None => f.format,
+                    };
+                    (
+                        fmt,
+                        f.type_oid,
+                        self.masked_columns.contains(&(f.table_oid, f.column)),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn pop_expect(&self) -> Option<Expect> {
+        lock(&self.shared.expect).pop_front()
+    }
+
+    fn front_expect(&self) -> Option<Expect> {
+        lock(&self.shared.expect).front().cloned()
+    }
+
+    /// Mask one DataRow; None if unchanged.
+    fn mask_row(&mut self, raw: &[u8]) -> Result<Option<BytesMut>, DataPathError> {
+        let (Some(m), Some(plan)) = (self.masker.as_ref(), self.current.as_ref()) else {
+            return Ok(None);
+        };
+        let values = wire::data_row_values(raw).map_err(|e| DataPathError::Upstream {
+            addr: self.cx.orig_dst,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+        let mut changed = false;
+        let mut new: Vec<Option<Vec<u8>>> = Vec::with_capacity(values.len());
+        let mut fired: Vec<&'static str> = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            let (fmt, oid, col_rule) = plan.cols.get(i).copied().unwrap_or((0, 0, false));
+            let Some(bytes) = v else {
+                new.push(None);
+                continue;
+            };
+            let as_text = fmt == 0 || text_like(oid);
+            let r = if as_text {
+                m.mask_text(bytes, col_rule)
+            } else if col_rule {
+                // A masked column in a binary format we cannot rewrite: never pass it through.
+                Some(Masked::Null(vec!["column"]))
+            } else if oid == 20 && bytes.len() == 8 {
+                // int8 can carry card numbers: check its decimal form, NULL it if it is one.
+                let n = i64::from_be_bytes([
+                    bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+                ]);
+                match m.mask_text(n.to_string().as_bytes(), false) {
+                    Some(Masked::Value(_, d)) | Some(Masked::Null(d)) => Some(Masked::Null(d)),
+                    None => None,
+                }
+            } else {
+                None
+            };
+            match r {
+                None => new.push(Some(bytes.to_vec())),
+                Some(Masked::Value(v, d)) => {
+                    changed = true;
+                    fired.extend(d);
+                    new.push(Some(v));
+                }
+                Some(Masked::Null(d)) => {
+                    changed = true;
+                    fired.extend(d);
+                    new.push(None);
+                }
+            }
+        }
+        if !changed {
+            return Ok(None);
+        }
+        for d in &fired {
+            self.cx
+                .agent
+                .metrics
+                .masked_values
+                .with_label_values(&[self.cx.target.name.as_str(), d])
+                .inc();
+        }
+        self.masked_in_statement += fired.len() as u64;
+        let mut out = BytesMut::with_capacity(raw.len());
+        wire::encode_data_row(&new, &mut out)
+            .map_err(|e| DataPathError::Internal(e.to_string()))?;
+        Ok(Some(out))
+    }
+
+    fn record_result(&mut self, tag: Option<&str>, error: Option<&str>) {
+        let masked = std::mem::take(&mut self.masked_in_statement);
+        if let Some(r) = &self.recorder {
+            r.write(obj(json!({
+                "event": "result", "session": self.cx.id, "tag": tag,
+                "rows": tag.and_then(wire::command_rows), "masked": masked, "error": error,
+            })));
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut ur: OwnedReadHalf,
+        mut cw: OwnedWriteHalf,
+        mut buf: BytesMut,
+        counters: &Counters,
+    ) -> Result<(), DataPathError> {
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        loop {
+            loop {
+                let (tag, raw) = match wire::parse_backend(&mut buf) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let mut o = BytesMut::new();
+                        wire::encode_error_response(
+                            &ErrorReport::fatal(
+                                "08P01",
+                                &format!("tollgate: malformed message from the server: {e}"),
+                            ),
+                            &mut o,
+                        );
+                        let _ = cw.write_all(&out).await;
+                        let _ = cw.write_all(&o).await;
+                        return Err(DataPathError::Upstream {
+                            addr: self.cx.orig_dst,
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                e.to_string(),
+                            ),
+                        });
+                    }
+                };
+                self.on_message(tag, raw, &mut out)?;
+                if out.len() > 64 * 1024 {
+                    cw.write_all(&out).await.map_err(DataPathError::Client)?;
+                    counters.down.fetch_add(out.len() as u64, Ordering::Relaxed);
+                    out.clear();
+                }
+            }
+            if !out.is_empty() {
+                cw.write_all(&out).await.map_err(DataPathError::Client)?;
+                counters.down.fetch_add(out.len() as u64, Ordering::Relaxed);
+                out.clear();
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(64 * 1024);
+            }
+            match ur.read_buf(&mut buf).await {
+                Ok(0) => {
+                    let _ = cw.shutdown().await;
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // The server went away mid-stream: tell the client in its own language.
+                    let mut o = BytesMut::new();
+                    wire::encode_error_response(
+                        &ErrorReport::fatal(
+                            "08006",
+                            "tollgate: the upstream server closed the connection unexpectedly",
+                        ),
+                        &mut o,
+                    );
+                    let _ = cw.write_all(&o).await;
+                    return Err(DataPathError::Upstream {
+                        addr: self.cx.orig_dst,
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, tag: u8, raw: Bytes, out: &mut BytesMut) -> Result<(), DataPathError> {
+        let bad = |e: wire::WireError| DataPathError::Upstream {
+            addr: self.cx.orig_dst,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        };
+        match tag {
+            b'T' => {
+                let fields = Arc::new(wire::decode_row_description(&raw).map_err(bad)?);
+                match self.front_expect() {
+                    Some(Expect::DescribeStatement(name)) => {
+                        self.descs.insert(format!("S:{name}"), fields);
+                        self.pop_expect();
+                    }
+                    Some(Expect::DescribePortal(name)) => {
+                        self.descs.insert(format!("P:{name}"), fields);
+                        self.pop_expect();
+                    }
+                    _ => {
+                        // Simple query (or a Describe-less stream): formats are in the message.
+                        self.current = Some(self.plan(&fields, None));
+                    }
+                }
+                out.extend_from_slice(&raw);
+            }
+            b'n' => {
+                // NoData answers a Describe: the statement or portal returns no rows.
+                let key = match self.front_expect() {
+                    Some(Expect::DescribeStatement(n)) => Some(format!("S:{n}")),
+                    Some(Expect::DescribePortal(n)) => Some(format!("P:{n}")),
+                    _ => None,
+                };
+                if let Some(k) = key {
+                    self.descs.remove(&k);
+                    self.pop_expect();
+                }
+                out.extend_from_slice(&raw);
+            }
+            b'1' => {
+                // ParseComplete: the statement's old description no longer applies.
+                if let Some(Expect::Parse(name)) = self.front_expect() {
+                    self.descs.remove(&format!("S:{name}"));
+                    self.pop_expect();
+                }
+                out.extend_from_slice(&raw);
+            }
+            b'D' => {
+                if self.current.is_none() {
+                    if let Some(Expect::Execute {
+                        portal,
+                        statement,
+                        formats,
+                    }) = self.front_expect()
+                    {
+                        let desc = self
+                            .descs
+                            .get(&format!("P:{portal}"))
+                            .or_else(|| self.descs.get(&format!("S:{statement}")))
+                            .cloned();
+                        match desc {
+                            Some(d) => self.current = Some(self.plan(&d, Some(&formats))),
+                            None if self.masker.as_ref().is_some_and(|m| m.has_column_rules()) => {
+                                // Rows we cannot attribute to columns: refuse rather than leak.
+                                return Err(DataPathError::Policy(
+                                    "rows of an undescribed statement cannot be masked".into(),
+                                ));
+                            }
+                            None => {
+                                self.current = Some(RowPlan {
+                                    cols: formats_only(&formats),
+                                })
+                            }
+                        }
+                    }
+                }
+                match self.mask_row(&raw)? {
+                    Some(m) => out.extend_from_slice(&m),
+                    None => out.extend_from_slice(&raw),
+                }
+            }
+            b'C' | b's' | b'I' => {
+                let tagtxt = if tag == b'C' {
+                    wire::decode_command_complete(&raw).ok().map(str::to_string)
+                } else {
+                    None
+                };
+                if matches!(self.front_expect(), Some(Expect::Execute { .. })) {
+                    self.pop_expect();
+                }
+                if tag != b's' {
+                    self.record_result(tagtxt.as_deref(), None);
+                }
+                self.current = None;
+                out.extend_from_slice(&raw);
+            }
+            b'E' => {
+                let en = wire::decode_error_notice(&raw).map_err(bad)?;
+                // Extended protocol: the server now skips to Sync; so do our expectations.
+                {
+                    let mut ex = lock(&self.shared.expect);
+                    while let Some(front) = ex.front() {
+                        if matches!(front, Expect::Sync | Expect::Simple) {
+                            break;
+                        }
+                        ex.pop_front();
+                    }
+                }
+                self.current = None;
+                if en.message().is_some_and(|m| m.contains(&self.nonce)) {
+                    let msg = lock(&self.shared.denials)
+                        .pop_front()
+                        .unwrap_or_else(|| "tollgate: statement denied".into());
+                    self.record_result(None, Some(&msg));
+                    wire::encode_error_response(
+                        &ErrorReport::error("42501", &msg).with_hint("ask for access: a tollgate policy rule must allow this for your identity"),
+                        out,
+                    );
+                } else {
+                    let m = en.message().unwrap_or("").to_string();
+                    self.record_result(None, Some(&m));
+                    out.extend_from_slice(&raw);
+                }
+            }
+            b'Z' => {
+                if matches!(
+                    self.front_expect(),
+                    Some(Expect::Sync) | Some(Expect::Simple)
+                ) {
+                    self.pop_expect();
+                }
+                self.current = None;
+                out.extend_from_slice(&raw);
+            }
+            _ => out.extend_from_slice(&raw),
+        }
+        Ok(())
+    }
+}
+
+fn formats_only(formats: &[i16]) -> Vec<(i16, u32, bool)> {
+    formats.iter().map(|f| (*f, 0, false)).collect()
+}

@@ -1,0 +1,276 @@
+//! Logging in to the real PostgreSQL server with the target's credential (the bot never holds
+//! it): StartupMessage, then cleartext, MD5 or SCRAM-SHA-256 as the server asks. Everything the
+//! server sends after `AuthenticationOk` up to the first `ReadyForQuery` is returned raw so the
+//! handler can relay it (with its own BackendKeyData).
+
+use std::{fs, io};
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::{
+    authentication::{md5_hash, sasl},
+    message::{backend, frontend},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tollgate_policy::{Credential, SecretSource};
+
+/// Why logging in upstream failed. `Display` is safe to show the bot: it names the credential
+/// to fix and never contains the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The credential's secret could not be read.
+    #[error("cannot read the secret of credential \"{credential}\": {reason}")]
+    Secret { credential: String, reason: String },
+    /// The server rejected the login.
+    #[error("upstream rejected credential \"{credential}\": {message}")]
+    Rejected {
+        credential: String,
+        code: String,
+        message: String,
+    },
+    /// The server asked for an authentication method the agent does not speak.
+    #[error(
+        "upstream asked for an unsupported authentication method ({0}) for credential \"{1}\""
+    )]
+    Unsupported(&'static str, String),
+    /// SCRAM exchange failed (bad server proof or malformed message).
+    #[error("SCRAM authentication with credential \"{credential}\" failed: {reason}")]
+    Scram { credential: String, reason: String },
+    /// The connection broke or the server spoke nonsense.
+    #[error("upstream I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl LoginError {
+    /// SQLSTATE for the bot: 28P01 for credential problems, 08006 for transport problems.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            LoginError::Rejected { code, .. } if !code.is_empty() => code,
+            LoginError::Io(_) => "08006",
+            _ => "28P01",
+        }
+    }
+}
+
+/// The secret of a credential, read fresh at each login so rotation needs no restart.
+/// Never logged, never returned in an error.
+pub fn read_secret(name: &str, cred: &Credential) -> Result<Option<Vec<u8>>, LoginError> {
+    let err = |reason: String| LoginError::Secret {
+        credential: name.to_string(),
+        reason,
+    };
+    match cred.secret_source() {
+        None => Ok(None),
+        Some(SecretSource::PasswordFile(p))
+        | Some(SecretSource::TokenFile(p))
+        | Some(SecretSource::KeyFile(p)) => {
+            let mut v = fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())))?;
+            while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                v.pop();
+            }
+            Ok(Some(v))
+        }
+        Some(SecretSource::Env(var)) => std::env::var(var)
+            .map(|v| Some(v.into_bytes()))
+            .map_err(|_| err(format!("environment variable {var} is not set"))),
+    }
+}
+
+/// Result of a successful login.
+pub struct Session {
+    pub stream: TcpStream,
+    /// Server's BackendKeyData (process id, secret) for cancel requests.
+    pub backend_key: Option<(i32, i32)>,
+    /// Raw ParameterStatus (and NoticeResponse) messages to relay to the client.
+    pub relay: BytesMut,
+    /// Transaction status byte of the first ReadyForQuery.
+    pub status: u8,
+    /// Bytes read past the first ReadyForQuery (normally none).
+    pub rest: BytesMut,
+}
+
+async fn read_msg(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<(backend::Message, BytesMut), LoginError> {
+    loop {
+        // Keep the raw bytes of the message too, for relaying.
+        if buf.len() >= 5 {
+            let len = (&buf[1..5]).get_u32() as usize;
+            if !(4..=crate::pg::wire::MAX_MESSAGE_LEN).contains(&len) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("upstream message length {len} out of range"),
+                )
+                .into());
+            }
+            if buf.len() > len {
+                let mut raw = buf.split_to(len + 1);
+                let copy = raw.clone();
+                let msg = backend::Message::parse(&mut raw)?.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "truncated upstream message")
+                })?;
+                return Ok((msg, copy));
+            }
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "upstream closed the connection during login",
+            )
+            .into());
+        }
+    }
+}
+
+fn error_fields(body: &backend::ErrorResponseBody) -> (String, String) {
+    use fallible_iterator::FallibleIterator as _;
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        match f.type_() {
+            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    (code, message)
+}
+
+/// Log in as `user` to `database` with `params` (client parameters such as application_name
+/// to pass through) using the secret of credential `cred_name`.
+pub async fn login(
+    mut stream: TcpStream,
+    user: &str,
+    params: &[(String, String)],
+    cred_name: &str,
+    secret: Option<&[u8]>,
+) -> Result<Session, LoginError> {
+    let mut out = BytesMut::new();
+    let mut all: Vec<(&str, &str)> = vec![("user", user)];
+    for (k, v) in params {
+        if k != "user" {
+            all.push((k.as_str(), v.as_str()));
+        }
+    }
+    frontend::startup_message(all.iter().copied(), &mut out)?;
+    stream.write_all(&out).await?;
+    out.clear();
+
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut relay = BytesMut::new();
+    let mut backend_key = None;
+    let mut scram: Option<sasl::ScramSha256> = None;
+    let need = |what: &'static str| -> Result<&[u8], LoginError> {
+        secret.ok_or_else(|| LoginError::Secret {
+            credential: cred_name.to_string(),
+            reason: format!("the server asks for a {what} but the credential has no secret"),
+        })
+    };
+    loop {
+        let (msg, raw) = read_msg(&mut stream, &mut buf).await?;
+        match msg {
+            backend::Message::AuthenticationOk => {}
+            backend::Message::AuthenticationCleartextPassword => {
+                frontend::password_message(need("password")?, &mut out)?;
+            }
+            backend::Message::AuthenticationMd5Password(b) => {
+                let h = md5_hash(user.as_bytes(), need("password")?, b.salt());
+                frontend::password_message(h.as_bytes(), &mut out)?;
+            }
+            backend::Message::AuthenticationSasl(b) => {
+                use fallible_iterator::FallibleIterator as _;
+                let mut mechs = b.mechanisms();
+                let mut ok = false;
+                while let Ok(Some(m)) = mechs.next() {
+                    ok |= m == sasl::SCRAM_SHA_256;
+                }
+                if !ok {
+                    return Err(LoginError::Unsupported(
+                        "SASL without SCRAM-SHA-256",
+                        cred_name.into(),
+                    ));
+                }
+                let s =
+                    sasl::ScramSha256::new(need("password")?, sasl::ChannelBinding::unsupported());
+                frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)?;
+                scram = Some(s);
+            }
+            backend::Message::AuthenticationSaslContinue(b) => {
+                let s = scram.as_mut().ok_or(LoginError::Unsupported(
+                    "SASL continue without start",
+                    cred_name.into(),
+                ))?;
+                s.update(b.data()).map_err(|e| LoginError::Scram {
+                    credential: cred_name.into(),
+                    reason: e.to_string(),
+                })?;
+                frontend::sasl_response(s.message(), &mut out)?;
+            }
+            backend::Message::AuthenticationSaslFinal(b) => {
+                let s = scram.as_mut().ok_or(LoginError::Unsupported(
+                    "SASL final without start",
+                    cred_name.into(),
+                ))?;
+                s.finish(b.data()).map_err(|e| LoginError::Scram {
+                    credential: cred_name.into(),
+                    reason: e.to_string(),
+                })?;
+            }
+            backend::Message::AuthenticationGss
+            | backend::Message::AuthenticationSspi
+            | backend::Message::AuthenticationKerberosV5 => {
+                return Err(LoginError::Unsupported(
+                    "GSSAPI/SSPI/Kerberos",
+                    cred_name.into(),
+                ));
+            }
+            backend::Message::ErrorResponse(b) => {
+                let (code, message) = error_fields(&b);
+                return Err(LoginError::Rejected {
+                    credential: cred_name.into(),
+                    code,
+                    message,
+                });
+            }
+            backend::Message::BackendKeyData(b) => {
+                backend_key = Some((b.process_id(), b.secret_key()))
+            }
+            backend::Message::ParameterStatus(_) | backend::Message::NoticeResponse(_) => {
+                relay.extend_from_slice(&raw)
+            }
+            backend::Message::ReadyForQuery(b) => {
+                return Ok(Session {
+                    stream,
+                    backend_key,
+                    relay,
+                    status: b.status(),
+                    rest: buf,
+                });
+            }
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "unexpected message from upstream during login",
+                )
+                .into());
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+    }
+}
+
+/// Send a CancelRequest for `key` to `addr` over a new (marked) connection.
+pub async fn cancel(mut stream: TcpStream, key: (i32, i32)) -> io::Result<()> {
+    let mut out = BytesMut::new();
+    frontend::cancel_request(key.0, key.1, &mut out);
+    stream.write_all(&out).await?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}

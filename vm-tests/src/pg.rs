@@ -1,0 +1,175 @@
+//! A real PostgreSQL cluster for tests: initdb with SCRAM-SHA-256, a superuser and an
+//! application role with passwords, sample data with planted secrets, started on a free
+//! loopback port and stopped (by its pid file, through pg_ctl) on drop.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use crate::{free_port, TempDir};
+
+/// The application role's password: it must never appear in anything the agent writes.
+pub const APP_PASSWORD: &str = "Upstream-Secret-7f3a9c";
+/// A planted value in a masked column.
+pub const SECRET_EMAIL: &str = "alice.secret@example.com";
+/// A planted Luhn-valid card number.
+pub const SECRET_CARD: &str = "4111111111111111";
+
+pub struct PgServer {
+    pub port: u16,
+    bin: PathBuf,
+    data: PathBuf,
+    pub dir: TempDir,
+}
+
+fn pg_bin() -> PathBuf {
+    let mut v: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server is not installed: run `cargo xtask setup`")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    v.sort();
+    v.pop().expect("no PostgreSQL server binaries")
+}
+
+fn run_as_postgres(bin: &Path, prog: &str, args: &[&str]) {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join(prog))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runuser");
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PgServer {
+    pub fn start(tag: &str) -> PgServer {
+        let dir = TempDir::new(&format!("pg-{tag}"));
+        let bin = pg_bin();
+        let data = dir.path().join("data");
+        let status = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(dir.path())
+            .status()
+            .expect("chown");
+        assert!(status.success());
+        let pwfile = dir.path().join("pw");
+        fs::write(&pwfile, "postgres-superuser-pw\n").expect("pwfile");
+        let _ = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&pwfile)
+            .status();
+        run_as_postgres(
+            &bin,
+            "initdb",
+            &[
+                "--auth=scram-sha-256",
+                "-U",
+                "postgres",
+                "--pwfile",
+                &pwfile.to_string_lossy(),
+                "-D",
+                &data.to_string_lossy(),
+            ],
+        );
+        let port = free_port();
+        run_as_postgres(
+            &bin,
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-l",
+                &dir.path().join("log").to_string_lossy(),
+                "-o",
+                &format!(
+                    "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={}",
+                    dir.path().display()
+                ),
+                "-w",
+                "start",
+            ],
+        );
+        let pg = PgServer {
+            port,
+            bin,
+            data,
+            dir,
+        };
+        pg.superuser_sql(
+            &format!("CREATE ROLE app_rw LOGIN PASSWORD '{APP_PASSWORD}'"),
+            "postgres",
+        );
+        pg.superuser_sql("CREATE DATABASE app OWNER app_rw", "postgres");
+        pg.superuser_sql(
+            &format!(
+                "SET ROLE app_rw;
+                 CREATE TABLE customers (id int PRIMARY KEY, name text, email text, card_number text, note text);
+                 INSERT INTO customers VALUES
+                   (1, 'Alice', '{SECRET_EMAIL}', '{SECRET_CARD}', 'vip'),
+                   (2, 'Bob', 'bob@example.org', '5500 0000 0000 0004', 'contact bob@example.org');
+                 CREATE TABLE orders (id int PRIMARY KEY, customer int, amount int);
+                 INSERT INTO orders SELECT g, 1 + g % 2, g * 10 FROM generate_series(1, 10) g;
+                 CREATE TABLE audit_log (id serial, msg text);"
+            ),
+            "app",
+        );
+        pg
+    }
+
+    /// Run SQL as the superuser over the Unix socket (not through tollgate).
+    pub fn superuser_sql(&self, sql: &str, db: &str) -> String {
+        let out = Command::new("psql")
+            .args([
+                "-h",
+                &self.dir.path().to_string_lossy(),
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .env("PGPASSWORD", "postgres-superuser-pw")
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "superuser sql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -1,0 +1,235 @@
+//! PostgreSQL through tollgate, on a real kernel with a real PostgreSQL 15 server (SCRAM) and
+//! an unmodified psql running unprivileged in a bot cgroup.
+
+use std::{path::Path, process::Output};
+
+use vm_tests::{
+    pg::{PgServer, APP_PASSWORD, SECRET_CARD, SECRET_EMAIL},
+    require_root, AgentProc, Cgroup, FailMode, TempDir,
+};
+
+fn policy(pg: &PgServer, bot: &Cgroup, secret_file: &Path) -> String {
+    format!(
+        r#"[[identity]]
+name = "ci-bot"
+cgroup = "{glob}"
+
+[[target]]
+name = "app-db"
+protocol = "postgres"
+address = ["{addr}"]
+credential = "app-rw"
+
+[credential.app-rw]
+user = "app_rw"
+password_file = "{secret}"
+
+[[rule]]
+name = "ci reads and writes rows"
+identities = ["ci-bot"]
+targets = ["app-db"]
+action = "allow"
+sql = {{ statements = ["select", "insert", "update", "set", "show", "begin", "commit", "rollback", "copy"] }}
+
+[[rule]]
+name = "deletes need a human"
+identities = ["ci-bot"]
+targets = ["app-db"]
+action = "approve"
+sql = {{ statements = ["delete"] }}
+
+[[rule]]
+name = "no-ddl"
+identities = ["ci-bot"]
+targets = ["app-db"]
+action = "deny"
+sql = {{ statements = ["drop", "truncate", "alter", "create"] }}
+
+[[mask]]
+targets = ["app-db"]
+columns = ["*.email", "customers.card_number"]
+detectors = ["email", "credit_card"]
+style = "partial"
+"#,
+        glob = bot.glob(),
+        addr = pg.addr(),
+        secret = secret_file.display(),
+    )
+}
+
+struct Fixture {
+    pg: PgServer,
+    bot: Cgroup,
+    agent: AgentProc,
+    _dir: TempDir,
+}
+
+fn fixture(tag: &str) -> Fixture {
+    require_root();
+    let pg = PgServer::start(tag);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let dir = TempDir::new(&format!("{tag}-secret"));
+    let secret = dir.path().join("app-rw.pw");
+    std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
+    let agent = AgentProc::start(tag, FailMode::Closed, &policy(&pg, &bot, &secret));
+    Fixture {
+        pg,
+        bot,
+        agent,
+        _dir: dir,
+    }
+}
+
+impl Fixture {
+    /// psql as the bot, with a WRONG password: identity comes from the kernel.
+    fn psql(&self, args: &[&str]) -> Output {
+        let conn = format!("host=127.0.0.1 port={} user=bot dbname=app password=wrong-on-purpose sslmode=disable connect_timeout=10", self.pg.port);
+        self.bot
+            .command(Path::new("/usr/bin/psql"))
+            .arg(conn)
+            .args(["-X", "-v", "VERBOSITY=verbose"])
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .expect("psql")
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn psql_select_is_masked_and_ddl_denied_without_ending_the_session() {
+    let f = fixture("pgpsql");
+    // Masked select with a wrong password.
+    let o = f.psql(&[
+        "-Atc",
+        "SELECT id, name, email, card_number, note FROM customers ORDER BY id",
+    ]);
+    let t = text(&o);
+    assert!(
+        o.status.success(),
+        "{t}\n--- agent ---\n{}",
+        f.agent.stderr_text()
+    );
+    assert!(t.contains("Alice"), "{t}");
+    assert!(!t.contains(SECRET_EMAIL), "email leaked: {t}");
+    assert!(!t.contains(SECRET_CARD), "card leaked: {t}");
+    assert!(t.contains("1111"), "partial style keeps the last 4: {t}");
+    assert!(
+        !t.contains("bob@example.org"),
+        "detector missed the note column: {t}"
+    );
+
+    // DROP is denied with 42501 and the next statement in the same session still runs.
+    let o = f.psql(&[
+        "-c",
+        "DROP TABLE customers",
+        "-c",
+        "SELECT count(*) AS n FROM customers",
+    ]);
+    let t = text(&o);
+    assert!(t.contains("42501"), "{t}");
+    assert!(t.contains("no-ddl"), "the message names the rule: {t}");
+    assert!(
+        t.contains(" 2\n") || t.contains("2\n(1 row)"),
+        "session continued: {t}"
+    );
+    assert_eq!(
+        f.pg.superuser_sql("SELECT count(*) FROM customers", "app")
+            .trim(),
+        "2"
+    );
+
+    // DELETE needs approval, which this agent cannot grant: refused with that message.
+    let o = f.psql(&["-c", "DELETE FROM orders WHERE id = 1"]);
+    let t = text(&o);
+    assert!(t.contains("approval is not available"), "{t}");
+    assert_eq!(
+        f.pg.superuser_sql("SELECT count(*) FROM orders", "app")
+            .trim(),
+        "10"
+    );
+
+    // A multi-statement string with one denied part runs nothing.
+    let o = f.psql(&[
+        "-c",
+        "INSERT INTO audit_log(msg) VALUES ('x'); DROP TABLE orders",
+    ]);
+    assert!(text(&o).contains("42501"), "{}", text(&o));
+    assert_eq!(
+        f.pg.superuser_sql("SELECT count(*) FROM audit_log", "app")
+            .trim(),
+        "0"
+    );
+
+    // Obfuscated and indirect destructive statements are denied too.
+    for sql in [
+        "/* hi */ dRoP TaBlE orders",
+        "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+        "EXPLAIN ANALYZE DELETE FROM orders",
+        "DO $$ BEGIN EXECUTE 'DROP TABLE orders'; END $$",
+        "SELECT pg_read_file('/etc/passwd')",
+        "COPY orders TO PROGRAM 'cat > /tmp/x'",
+        "PREPARE p AS DELETE FROM orders",
+    ] {
+        let o = f.psql(&["-c", sql]);
+        let t = text(&o);
+        assert!(!o.status.success() && t.contains("tollgate"), "{sql}: {t}");
+    }
+    assert_eq!(
+        f.pg.superuser_sql("SELECT count(*) FROM orders", "app")
+            .trim(),
+        "10"
+    );
+    // A string literal that mentions DROP is just a select.
+    let o = f.psql(&["-Atc", "SELECT 'DROP TABLE orders' AS s"]);
+    assert!(
+        o.status.success() && text(&o).contains("DROP TABLE orders"),
+        "{}",
+        text(&o)
+    );
+
+    // Nothing the agent wrote contains the upstream password or the planted secrets.
+    let mut written = String::new();
+    for entry in walk(&f.agent.data_dir) {
+        written.push_str(&std::fs::read_to_string(&entry).unwrap_or_default());
+    }
+    written.push_str(&f.agent.stderr_text());
+    for secret in [APP_PASSWORD, SECRET_EMAIL, SECRET_CARD] {
+        assert!(
+            !written.contains(secret),
+            "{secret} leaked into agent output"
+        );
+    }
+    let audit = f.agent.audit();
+    assert!(audit.iter().any(|e| e["event"] == "operation"
+        && e["kind"] == "drop"
+        && e["action"] == "deny"
+        && e["rule"] == "no-ddl"));
+    assert!(audit
+        .iter()
+        .any(|e| e["event"] == "operation" && e["kind"] == "select" && e["action"] == "allow"));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n != "mask.key") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
