@@ -87,8 +87,8 @@ protocol = "tcp"
 address = ["{upstream}"]
 
 [[target]]
-name = "pg"
-protocol = "postgres"
+name = "web"
+protocol = "http"
 address = ["127.0.0.1:1"]
 
 [[rule]]
@@ -283,9 +283,9 @@ async fn observe_mode_relays_but_audits_the_real_decision() {
 
 #[tokio::test]
 async fn operation_scoped_rules_do_not_open_an_uninspected_relay() {
-    // A sql-only rule admits the connection in the policy, but without a postgres handler the
-    // statements could not be checked: the connection must be refused, not relayed blindly.
-    let rule = "\n[[rule]]\nname = \"ci reads pg\"\nidentities = [\"ci-bot\"]\ntargets = [\"pg\"]\naction = \"allow\"\nsql = { statements = [\"select\"] }\n";
+    // An http-only rule admits the connection in the policy, but without an http handler the
+    // requests could not be checked: the connection must be refused, not relayed blindly.
+    let rule = "\n[[rule]]\nname = \"ci reads web\"\nidentities = [\"ci-bot\"]\ntargets = [\"web\"]\naction = \"allow\"\nhttp = { methods = [\"GET\"] }\n";
     let f = fixture("enforce", rule).await;
     assert_reset(
         f.connect("127.0.0.1:1".parse().expect("addr"), Some(f.bot_cgroup))
@@ -299,7 +299,7 @@ async fn operation_scoped_rules_do_not_open_an_uninspected_relay() {
 
 #[tokio::test]
 async fn unreachable_upstream_closes_cleanly_and_is_audited() {
-    let rule = "\n[[rule]]\nname = \"ci whole pg\"\nidentities = [\"ci-bot\"]\ntargets = [\"pg\"]\naction = \"allow\"\n";
+    let rule = "\n[[rule]]\nname = \"ci whole web\"\nidentities = [\"ci-bot\"]\ntargets = [\"web\"]\naction = \"allow\"\n";
     let f = fixture("enforce", rule).await;
     assert_reset(
         f.connect("127.0.0.1:1".parse().expect("addr"), Some(f.bot_cgroup))
