@@ -16,6 +16,7 @@ pub mod pg;
 pub mod proxy;
 pub mod recording;
 pub mod relay;
+pub mod replay;
 pub mod run;
 pub mod sys;
 pub mod targets;

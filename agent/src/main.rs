@@ -32,6 +32,22 @@ enum Cmd {
     CheckPolicy { file: PathBuf },
     /// Check that this host can run the agent, with the fix for each failure.
     Doctor,
+    /// List recorded sessions.
+    Sessions {
+        #[command(subcommand)]
+        cmd: SessionsCmd,
+    },
+    /// Print a recorded session as a timeline.
+    Replay {
+        /// Session id (from `tollgate sessions list`).
+        id: String,
+        /// Read `data_dir` from this policy file (default /etc/tollgate/policy.toml).
+        #[arg(long, default_value = "/etc/tollgate/policy.toml")]
+        policy: PathBuf,
+        /// The data directory (overrides --policy).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Remove every pinned program and map: protected destinations become directly reachable.
     Uninstall {
         /// Read `bpf_pin_path` from this policy file.
@@ -41,6 +57,33 @@ enum Cmd {
         #[arg(long)]
         pin_path: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum SessionsCmd {
+    /// One line per session, oldest first.
+    List {
+        #[arg(long, default_value = "/etc/tollgate/policy.toml")]
+        policy: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Only this identity.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Only sessions started at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+fn data_dir(policy: &std::path::Path, data_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match data_dir {
+        Some(d) => Ok(d),
+        None => Ok(run::load_policy(policy)?.agent.data_dir),
+    }
 }
 
 fn init_logging(json: bool) {
@@ -64,6 +107,36 @@ fn main() -> ExitCode {
         Cmd::CheckPolicy { file } => return check_policy(&file),
         Cmd::Doctor => return doctor::doctor(),
         Cmd::Uninstall { policy, pin_path } => uninstall(policy, pin_path),
+        Cmd::Sessions {
+            cmd:
+                SessionsCmd::List {
+                    policy,
+                    data_dir: dd,
+                    identity,
+                    target,
+                    since,
+                },
+        } => data_dir(&policy, dd).and_then(|d| {
+            let f = tollgate::replay::Filter {
+                identity,
+                target,
+                since,
+            };
+            for l in tollgate::replay::list(&d, &f)? {
+                println!("{l}");
+            }
+            Ok(())
+        }),
+        Cmd::Replay {
+            id,
+            policy,
+            data_dir: dd,
+        } => data_dir(&policy, dd).and_then(|d| {
+            for l in tollgate::replay::replay(&d, &id)? {
+                println!("{l}");
+            }
+            Ok(())
+        }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,7 +40,7 @@ pub struct Postgres {
 }
 
 impl Postgres {
-    /// initdb + start as the `postgres` user on 127.0.0.1:`port`, trust auth on loopback.
+    /// initdb (SCRAM-SHA-256) + start as the `postgres` user on 127.0.0.1:`port`.
     pub fn start(dir: &Path, port: u16) -> Result<Postgres> {
         let bin = pg_bin()?;
         let _ = fs::remove_dir_all(dir);
@@ -52,8 +52,13 @@ impl Postgres {
             c.args(["-u", "postgres", "--"]).arg(bin.join(prog));
             c
         };
+        let pw = dir.join("superuser.pw");
+        fs::write(&pw, "demo-superuser\n")?;
+        run(Command::new("chown").arg("postgres:postgres").arg(&pw))?;
         run(as_pg("initdb")
-            .args(["--auth=trust", "-U", "postgres", "-D"])
+            .args(["--auth=scram-sha-256", "-U", "postgres", "--pwfile"])
+            .arg(&pw)
+            .arg("-D")
             .arg(&data)
             .stdout(Stdio::null()))?;
         run(as_pg("pg_ctl")
@@ -72,6 +77,29 @@ impl Postgres {
             dir: dir.to_path_buf(),
             bin,
         })
+    }
+
+    /// Run SQL as the superuser over the Unix socket (never through tollgate).
+    pub fn sql(&self, port: u16, db: &str, sql: &str) -> Result<String> {
+        crate::util::output(
+            Command::new("psql")
+                .arg("-h")
+                .arg(&self.dir)
+                .args([
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    db,
+                    "-XAtq",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    sql,
+                ])
+                .env("PGPASSWORD", "demo-superuser"),
+        )
     }
 }
 
@@ -102,7 +130,7 @@ impl Cgroup {
         let mut c = Command::new("sh");
         c.arg("-c")
             .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec runuser -u {user} -- \"$@\"",
+                "echo $$ > {}/cgroup.procs && exec runuser -u {user} -- \"$@\" 2>&1",
                 self.0.display()
             ))
             .arg("sh")
@@ -204,11 +232,32 @@ pub fn demo() -> Result<()> {
     let policy = root.join("policy/examples/quickstart.toml");
     let work = Path::new(WORK);
     let _ = fs::remove_dir_all(work.join("data"));
-    fs::create_dir_all(work)?;
+    fs::create_dir_all(work.join("secrets"))?;
 
-    println!("\n== 1. A throwaway PostgreSQL on 127.0.0.1:{PG_PORT}");
-    let _pg = Postgres::start(&work.join("pg"), PG_PORT)?;
-    println!("   started (trust auth on loopback; this demo shows the connection-level gate)");
+    println!("\n== 1. A throwaway PostgreSQL on 127.0.0.1:{PG_PORT} (SCRAM), with customers' emails and cards");
+    let pg = Postgres::start(&work.join("pg"), PG_PORT)?;
+    let app_pw = "demo-upstream-secret-only-tollgate-knows";
+    pg.sql(
+        PG_PORT,
+        "postgres",
+        &format!("CREATE ROLE app_rw LOGIN PASSWORD '{app_pw}'"),
+    )?;
+    pg.sql(PG_PORT, "postgres", "CREATE DATABASE orders OWNER app_rw")?;
+    pg.sql(
+        PG_PORT,
+        "orders",
+        "SET ROLE app_rw;
+         CREATE TABLE customers (id int PRIMARY KEY, name text, email text, card_number text);
+         INSERT INTO customers VALUES (1, 'Alice', 'alice@example.com', '4111 1111 1111 1111'),
+                                      (2, 'Bob', 'bob@example.org', '5500 0000 0000 0004');",
+    )?;
+    let secret = work.join("secrets/orders-rw");
+    fs::write(&secret, format!("{app_pw}\n"))?;
+    run(Command::new("chmod").arg("600").arg(&secret))?;
+    println!(
+        "   the app_rw password is in {} (root only); bots never see it",
+        secret.display()
+    );
 
     println!("\n== 2. The agent, with policy/examples/quickstart.toml");
     run(Command::new(&bin).arg("check-policy").arg(&policy))?;
@@ -219,116 +268,159 @@ pub fn demo() -> Result<()> {
 
     let ci = Cgroup::create("tollgate-demo/ci-bot")?;
     let batch = Cgroup::create("tollgate-demo/batch")?;
-    let psql = |cg: &Cgroup, who: &str| -> Result<(bool, String)> {
-        let o = cg
-            .wrap(
-                "nobody",
-                &[
-                    "psql",
-                    &format!(
-                        "postgresql://postgres@127.0.0.1:{PG_PORT}/postgres?connect_timeout=5"
-                    ),
-                    "-XAtc",
-                    &format!("select 'hello from ' || '{who}', inet_server_port()"),
-                ],
-            )
-            .output()?;
+    let url = format!("postgresql://ci:not-the-real-password@127.0.0.1:{PG_PORT}/orders?sslmode=disable&connect_timeout=5");
+    let psql = |cg: &Cgroup, sql: &[&str]| -> Result<(bool, String)> {
+        let mut argv = vec!["psql", url.as_str(), "-X", "-v", "VERBOSITY=verbose"];
+        for s in sql {
+            argv.push("-c");
+            argv.push(s);
+        }
+        let o = cg.wrap("nobody", &argv).output()?;
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
-        Ok((o.status.success(), text.trim().to_string()))
+        Ok((o.status.success(), text.trim_end().to_string()))
+    };
+    let indent = |t: &str| {
+        t.lines()
+            .map(|l| format!("   | {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
     };
 
-    println!("\n== 3. ci-bot (cgroup /tollgate-demo/ci-bot, user nobody) runs psql, unchanged");
-    let (ok1, out1) = psql(&ci, "ci-bot")?;
-    println!(
-        "   $ psql postgresql://postgres@127.0.0.1:{PG_PORT}/postgres -c \"select ...\"\n   {out1}"
-    );
+    println!("\n== 3. ci-bot (cgroup /tollgate-demo/ci-bot, user nobody) runs psql with a WRONG password");
+    println!("   $ psql '{url}' -c 'SELECT * FROM customers'");
+    let (ok1, out1) = psql(&ci, &["SELECT * FROM customers ORDER BY id"])?;
+    println!("{}", indent(&out1));
+    let masked = ok1
+        && !out1.contains("alice@example.com")
+        && !out1.contains("4111 1111 1111 1111")
+        && out1.contains("Alice");
     println!(
         "   -> {}",
-        if ok1 {
-            "allowed"
+        if masked {
+            "allowed; tollgate logged in as app_rw and masked emails and card numbers"
         } else {
-            "UNEXPECTEDLY REFUSED"
+            "UNEXPECTED"
         }
     );
 
-    println!("\n== 4. batch-job (cgroup /tollgate-demo/batch) runs the very same command");
-    let (ok2, out2) = psql(&batch, "batch-job")?;
-    println!("   {out2}");
+    println!("\n== 4. ci-bot tries DROP TABLE, then keeps working in the same session");
+    let (_, out2) = psql(
+        &ci,
+        &[
+            "DROP TABLE customers",
+            "SELECT count(*) AS customers FROM customers",
+        ],
+    )?;
+    println!("{}", indent(&out2));
+    let dropped_denied = out2.contains("no-ddl")
+        && pg
+            .sql(PG_PORT, "orders", "SELECT count(*) FROM customers")?
+            .trim()
+            == "2";
     println!(
         "   -> {}",
-        if ok2 {
+        if dropped_denied {
+            "DROP denied with SQLSTATE 42501 naming the rule; the table is intact"
+        } else {
+            "UNEXPECTED"
+        }
+    );
+
+    println!("\n== 5. batch-job (cgroup /tollgate-demo/batch) runs the very same psql");
+    let (ok3, out3) = psql(&batch, &["SELECT 1"])?;
+    println!("{}", indent(&out3));
+    println!(
+        "   -> {}",
+        if ok3 {
             "UNEXPECTEDLY ALLOWED"
         } else {
             "denied: no rule lets batch-job reach orders-db"
         }
     );
 
-    println!("\n== 5. The audit log ({}/data/audit.jsonl)", WORK);
+    println!("\n== 6. The audit log ({WORK}/data/audit.jsonl)");
     let audit = fs::read_to_string(work.join("data/audit.jsonl")).unwrap_or_default();
+    let mut ci_session = None;
     for line in audit.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-        if v["event"] == "connect" || v["event"] == "close" {
-            println!(
-                "   {} {:7} identity={} target={} action={} rule={} pid={} uid={} cgroup={} exe={}{}",
+        match v["event"].as_str() {
+            Some("connect") => {
+                if v["identity"] == "ci-bot" && ci_session.is_none() {
+                    ci_session = v["session"].as_str().map(str::to_string);
+                }
+                println!(
+                    "   {} connect   identity={} action={} pid={} uid={} cgroup={} exe={}",
+                    v["ts"].as_str().unwrap_or(""),
+                    v["identity"].as_str().unwrap_or("unknown"),
+                    v["action"].as_str().unwrap_or("-"),
+                    v["pid"],
+                    v["uid"],
+                    v["cgroup"].as_str().unwrap_or(""),
+                    v["exe"].as_str().unwrap_or("?"),
+                );
+            }
+            Some("operation") => println!(
+                "   {} statement identity={} {} {:?} rule={}",
                 v["ts"].as_str().unwrap_or(""),
-                v["event"].as_str().unwrap_or(""),
                 v["identity"].as_str().unwrap_or("unknown"),
-                v["target"].as_str().unwrap_or("-"),
                 v["action"].as_str().unwrap_or("-"),
-                v["rule"].as_str().map(|r| format!("{r:?}")).unwrap_or("-".into()),
-                v["pid"],
-                v["uid"],
-                v["cgroup"].as_str().unwrap_or(""),
-                v["exe"].as_str().unwrap_or("?"),
-                if v["event"] == "close" { format!(" bytes_up={} bytes_down={}", v["bytes_up"], v["bytes_down"]) } else { String::new() },
-            );
+                v["operation"].as_str().unwrap_or(""),
+                v["rule"].as_str().unwrap_or("-"),
+            ),
+            _ => {}
         }
     }
 
-    println!("\n== 6. Prometheus metrics (http://127.0.0.1:9464/metrics)");
+    if let Some(id) = &ci_session {
+        println!("\n== 7. Replay of ci-bot's first session: tollgate replay {id}");
+        let out = util::output(
+            Command::new(&bin)
+                .args(["replay", id, "--policy"])
+                .arg(&policy),
+        )?;
+        println!("{}", indent(out.trim_end()));
+    }
+
+    println!("\n== 8. Prometheus metrics (http://127.0.0.1:9464/metrics)");
     let metrics = http_get("127.0.0.1:9464", "/metrics")?;
     for l in metrics.lines().filter(|l| {
         l.starts_with("tollgate_decisions_total")
             || l.starts_with("tollgate_redirects_total")
-            || l.starts_with("tollgate_sessions_active")
+            || l.starts_with("tollgate_masked_values_total")
     }) {
         println!("   {l}");
     }
 
-    println!("\n== 7. Fail closed: stop the agent, then try again as ci-bot");
+    println!("\n== 9. Fail closed: stop the agent, then try again as ci-bot");
     agent.stop();
-    let (ok3, out3) = psql(&ci, "ci-bot")?;
-    println!("   {out3}");
+    let (ok4, out4) = psql(&ci, &["SELECT 1"])?;
+    println!("{}", indent(&out4));
     println!(
         "   -> {}",
-        if ok3 {
+        if ok4 {
             "UNEXPECTEDLY REACHED THE DATABASE"
         } else {
-            "refused: the pinned programs still redirect to the (absent) agent"
+            "refused: the pinned programs still guard the database while the agent is down"
         }
     );
     run(Command::new(&bin)
         .args(["uninstall", "--policy"])
         .arg(&policy))?;
-    let (ok4, _) = psql(&ci, "ci-bot")?;
-    println!(
-        "   after `tollgate uninstall`: {}",
-        if ok4 {
-            "direct access restored"
-        } else {
-            "STILL REFUSED"
-        }
-    );
 
     drop(ci);
     drop(batch);
-    if !ok1 || ok2 || ok3 || !ok4 {
-        bail!("the demo did not behave as described above");
+    let leaked = audit.contains(app_pw)
+        || audit.contains("alice@example.com")
+        || fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(app_pw);
+    if !masked || !dropped_denied || ok3 || ok4 || leaked || ci_session.is_none() {
+        bail!("the demo did not behave as described above (masked={masked} drop_denied={dropped_denied} batch_allowed={ok3} reached_while_down={ok4} leaked={leaked})");
     }
-    println!("\nDemo complete. Audit log kept at {WORK}/data/audit.jsonl.");
+    println!("\nDemo complete. Audit log and recordings kept under {WORK}/data/.");
     Ok(())
 }

@@ -29,7 +29,9 @@
 //! (including `'a' || 'b'`) are parsed and classified; anything computed is marked
 //! `do:dynamic_sql` and its text is keyword-scanned for the kinds it may perform. Bodies in other
 //! languages cannot be parsed: they are marked `do:language:<name>` and keyword-scanned. A body
-//! that does not parse as PL/pgSQL is an error (PostgreSQL would reject it too).
+//! that does not parse as PL/pgSQL is an error (PostgreSQL would reject it too). A body with a
+//! backslash is also keyword-scanned and marked `do:escapes`: the server compiles it with the
+//! session's `standard_conforming_strings`, which may be off (see below).
 //!
 //! # Escapes and encodings
 //! With `standard_conforming_strings = off` (a client can `SET` it), `'a\'' ; DROP ...` is a
@@ -97,7 +99,8 @@ pub struct Statement {
     /// objects, dblink, backend signalling, `set_config`, query-executing XML functions, ...),
     /// `copy:program`, `copy:file`, `ddl:code` (CREATE FUNCTION/PROCEDURE/TRIGGER/RULE/EVENT
     /// TRIGGER/LANGUAGE), `alter:system`, `extension:create`, `extension:alter`, `load`,
-    /// `do:dynamic_sql`, `do:language:<name>`, `set:client_encoding` (to anything but UTF-8: the
+    /// `do:dynamic_sql`, `do:language:<name>`, `do:escapes` (a backslash in a DO body, which the
+    /// server may read with standard_conforming_strings off), `set:client_encoding` (to anything but UTF-8: the
     /// server would then read quotes and backslashes differently from this classifier). Sorted.
     pub dangerous: Vec<String>,
     /// Whether the statement only reads: every kind is a reading one (select, show, explain,
@@ -969,6 +972,13 @@ fn classify_do(d: &protobuf::DoStmt, depth: u8) -> Result<Classified, ClassifyEr
     let Some(body) = body else {
         return Ok(c);
     };
+    if body.contains('\\') {
+        // The server compiles the body with the session's standard_conforming_strings, which may
+        // be off, and this parser cannot be told so: where strings end is uncertain. Count every
+        // keyword, and let policy see the uncertainty.
+        c.dangerous.insert("do:escapes".to_owned());
+        keyword_scan(body, &mut c);
+    }
     if language == "plpgsql" {
         let tag = dollar_tag(body);
         let function = format!(

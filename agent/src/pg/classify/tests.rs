@@ -45,6 +45,8 @@ const BYPASSES: &[&str] = &[
     "do language plpgsql 'begin execute ''drop table x''; end'",
     "DO LANGUAGE plpython3u $$ import os; os.system('rm -rf /') $$",
     "DO $$ BEGIN DO $x$ BEGIN DROP TABLE t; END $x$; END $$",
+    // With standard_conforming_strings off the server sees a DROP statement in this body.
+    "DO $$ BEGIN PERFORM 'x\\'' ; DROP TABLE t; PERFORM '1'; END $$",
     // Data-modifying CTEs, anywhere.
     "WITH d AS (DELETE FROM users RETURNING *) SELECT * FROM d",
     "with D as (update users set a = 1 returning *) select 1",
@@ -725,6 +727,14 @@ fn exact_classifications() {
             &[],
             &["now", "s.p"],
             &[],
+        ),
+        (
+            "DO $$ BEGIN PERFORM 'x\\'' ; DROP TABLE t; PERFORM '1'; END $$",
+            "do",
+            &["drop", "do", "select"],
+            &[],
+            &[],
+            &["do:escapes"],
         ),
         (
             "DO LANGUAGE plperlu $$ system('rm -rf /') $$",

@@ -1,0 +1,139 @@
+//! `tollgate sessions list` and `tollgate replay ID`: read the JSON-lines recordings under
+//! `<data_dir>/sessions/` and print them for a human.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+};
+
+use serde_json::Value;
+
+/// Why a recording could not be listed or replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No such session file.
+    #[error("no recording for session {id} under {dir} (see `tollgate sessions list`)")]
+    NotFound { id: String, dir: String },
+    /// The sessions directory could not be read.
+    #[error("cannot read {dir}: {source}")]
+    Io { dir: String, source: std::io::Error },
+}
+
+/// Filters for `sessions list`.
+#[derive(Debug, Default)]
+pub struct Filter {
+    pub identity: Option<String>,
+    pub target: Option<String>,
+    /// RFC 3339 lower bound on the start time (string comparison on the same format).
+    pub since: Option<String>,
+}
+
+fn first_line(p: &Path) -> Option<Value> {
+    let f = fs::File::open(p).ok()?;
+    let mut line = String::new();
+    BufReader::new(f).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or("-")
+}
+
+/// One line per recorded session, oldest first.
+pub fn list(data_dir: &Path, filter: &Filter) -> Result<Vec<String>, ReplayError> {
+    let dir = data_dir.join("sessions");
+    let rd = fs::read_dir(&dir).map_err(|source| ReplayError::Io {
+        dir: dir.display().to_string(),
+        source,
+    })?;
+    let mut rows: Vec<(String, String)> = Vec::new();
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "jsonl") {
+            continue;
+        }
+        let Some(start) = first_line(&p) else {
+            continue;
+        };
+        if filter
+            .identity
+            .as_deref()
+            .is_some_and(|i| s(&start, "identity") != i)
+            || filter
+                .target
+                .as_deref()
+                .is_some_and(|t| s(&start, "target") != t)
+            || filter.since.as_deref().is_some_and(|t| s(&start, "ts") < t)
+        {
+            continue;
+        }
+        let statements = fs::read_to_string(&p)
+            .map(|t| {
+                t.lines()
+                    .filter(|l| l.contains("\"event\":\"statement\""))
+                    .count()
+            })
+            .unwrap_or(0);
+        rows.push((
+            s(&start, "ts").to_string(),
+            format!(
+                "{}  {}  identity={} target={} db={} user={} app={} statements={}",
+                s(&start, "session"),
+                s(&start, "ts"),
+                s(&start, "identity"),
+                s(&start, "target"),
+                s(&start, "database"),
+                s(&start, "user"),
+                s(&start, "application_name"),
+                statements
+            ),
+        ));
+    }
+    rows.sort();
+    Ok(rows.into_iter().map(|(_, l)| l).collect())
+}
+
+/// The session's timeline as readable lines.
+pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
+    let safe: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    let p: PathBuf = data_dir.join("sessions").join(format!("{safe}.jsonl"));
+    let text = fs::read_to_string(&p).map_err(|_| ReplayError::NotFound {
+        id: id.to_string(),
+        dir: data_dir.join("sessions").display().to_string(),
+    })?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            out.push(format!("(unreadable line: {} bytes)", line.len()));
+            continue;
+        };
+        let ts = s(&v, "ts");
+        out.push(match s(&v, "event") {
+            "start" => format!(
+                "{ts}  START  identity={} target={} database={} user={} (client said user={}) app={} pid={} cgroup={} exe={}",
+                s(&v, "identity"), s(&v, "target"), s(&v, "database"), s(&v, "user"), s(&v, "client_user"),
+                s(&v, "application_name"), v["pid"], s(&v, "cgroup"), s(&v, "exe")
+            ),
+            "statement" => match v["error"].as_str() {
+                Some(e) => format!("{ts}  DENY   {}\n{:26}-> {e}", s(&v, "text"), ""),
+                None => format!("{ts}  SQL    {}", s(&v, "text")),
+            },
+            "result" => match v["error"].as_str() {
+                Some(e) => format!("{ts}  ERROR  {e}"),
+                None => format!(
+                    "{ts}  OK     {}{}{}",
+                    s(&v, "tag"),
+                    v["rows"].as_u64().map(|r| format!(" rows={r}")).unwrap_or_default(),
+                    v["masked"].as_u64().filter(|m| *m > 0).map(|m| format!(" masked={m}")).unwrap_or_default()
+                ),
+            },
+            "end" => format!("{ts}  END{}", v["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()),
+            other => format!("{ts}  {other}"),
+        });
+    }
+    Ok(out)
+}
