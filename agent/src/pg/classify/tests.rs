@@ -46,7 +46,7 @@ const BYPASSES: &[&str] = &[
     "DO LANGUAGE plpython3u $$ import os; os.system('rm -rf /') $$",
     "DO $$ BEGIN DO $x$ BEGIN DROP TABLE t; END $x$; END $$",
     // With standard_conforming_strings off the server sees a DROP statement in this body.
-    "DO $$ BEGIN PERFORM 'x\\'' ; DROP TABLE t; PERFORM '1'; END $$",
+    "DO $$ BEGIN\nPERFORM 'a\\'' ; DROP TABLE t; PERFORM ' ; -- ';\nEND $$",
     // Data-modifying CTEs, anywhere.
     "WITH d AS (DELETE FROM users RETURNING *) SELECT * FROM d",
     "with D as (update users set a = 1 returning *) select 1",
@@ -729,7 +729,7 @@ fn exact_classifications() {
             &[],
         ),
         (
-            "DO $$ BEGIN PERFORM 'x\\'' ; DROP TABLE t; PERFORM '1'; END $$",
+            "DO $$ BEGIN\nPERFORM 'a\\'' ; DROP TABLE t; PERFORM ' ; -- ';\nEND $$",
             "do",
             &["drop", "do", "select"],
             &[],
