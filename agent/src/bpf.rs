@@ -257,8 +257,14 @@ impl Datapath {
             p.load().map_err(|e| load_err(prog, e))?;
             p.attach(tp).map_err(|e| load_err(prog, e))?;
         }
-        if let Err(e) = attach_bprm_hook(&mut dp._ebpf) {
-            tracing::warn!(error = %e, "BPF LSM unavailable: exe-based identities have a small race window (an exec right after connect); add `bpf` to the kernel's lsm= list to close it");
+        // An exec must be marked before the exe switches: the sched_prepare_exec tracepoint
+        // (6.10+), else BPF LSM; with neither, only the late tracepoint remains (a small race
+        // window, reported here and by `doctor`).
+        if let Err(tp) = attach_raw_tp(&mut dp._ebpf, "tollgate_prepare_exec", "sched_prepare_exec")
+        {
+            if let Err(lsm) = attach_bprm_hook(&mut dp._ebpf) {
+                tracing::warn!(%tp, %lsm, "cannot mark execs before the exe switches: exe-based identities have a small race window (an exec right after connect)");
+            }
         }
 
         let mut links = Vec::new();
@@ -426,6 +432,22 @@ fn attach_bprm_hook(ebpf: &mut Ebpf) -> Result<(), BpfError> {
     p.load("bprm_check_security", &btf)
         .map_err(|e| load_err("tollgate_bprm", e))?;
     p.attach().map_err(|e| load_err("tollgate_bprm", e))?;
+    Ok(())
+}
+
+fn attach_raw_tp(ebpf: &mut Ebpf, prog: &str, tp: &str) -> Result<(), BpfError> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| {
+            load_err(
+                format!("program {prog}"),
+                std::io::Error::other("missing from object"),
+            )
+        })?
+        .try_into()
+        .map_err(|e| load_err(prog, e))?;
+    p.load().map_err(|e| load_err(prog, e))?;
+    p.attach(tp).map_err(|e| load_err(prog, e))?;
     Ok(())
 }
 

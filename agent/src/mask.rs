@@ -2,9 +2,11 @@
 //! compiled once per policy generation and target into a [`Masker`], then applied to every
 //! text-format field a protocol handler streams to a client.
 //!
-//! Layout: [`Masker`] (compilation and the public calls), the byte-class pre-check, one linear
-//! scanner per detector, span merging and the styles, and the keyed hash (HMAC-SHA256 written
-//! out over `sha2`). Tests live in `mask/tests.rs`.
+//! Layout: [`Masker`] (compilation and the public calls), span merging and the styles, the
+//! keyed hash (HMAC-SHA256 written out over `sha2`), then the scan: one pass over a value that
+//! stops only at anchor bytes, and per detector a function that tries a match at its anchor.
+//! Tests and the throughput benchmark live in `mask/tests.rs`; the fuzz target in
+//! `agent/fuzz/fuzz_targets/mask.rs`.
 //!
 //! # Styles
 //! What a masked value (a whole column value, or one detector match inside a text) becomes:
@@ -26,19 +28,23 @@
 //! as one span, in the strictest style among their detectors.
 //!
 //! # Why detection runs to a fixed point
-//! Detectors look at the characters around a candidate (a card number glued to a letter is an
-//! id, not a card). Masking one match changes those neighbours for the next candidate, so a
-//! value that held `AKIA…EXAMPLE4111…` would, once the card was masked, show an access key that
-//! the first scan rejected. Detection therefore re-runs over a copy in which every match is a
-//! run of `*`, until a scan finds nothing new (capped: past [`MAX_PASSES`] the whole value is
-//! masked). So the `full` output of a value, scanned again, never yields a match. Only values
-//! that matched pay for the extra scan.
+//! Detectors look at the characters around a candidate (a phone number glued to a letter is
+//! part of something else). Masking one match changes those neighbours for the next candidate:
+//! in `a@b.co+14155552671` the phone is rejected because of the `o` before it, but once the
+//! email is masked it stands alone. Detection therefore re-runs over a copy in which every
+//! match is a run of `*`, until a scan finds nothing new (capped: past [`MAX_PASSES`] the whole
+//! value is masked). So the `full` output of a value, scanned again, never yields a match. Only
+//! values that matched pay for the extra scan.
 //!
 //! # Cost
-//! A value shorter than the shortest enabled pattern costs one comparison. Otherwise one pass
-//! over its bytes ORs byte classes and counts digits; each detector runs only if its trigger
-//! bytes are there (no `@`: no email; fewer than 13 digits: no card). Every scanner is linear:
-//! work per anchor is bounded, or a failed candidate skips the bytes it consumed.
+//! A value shorter than the shortest enabled pattern costs one comparison. Otherwise a
+//! vectorised count of its digits switches off the digit-based detectors it cannot hold (fewer
+//! than 13 digits: no card), and one pass looks each byte up in a table of anchors (`@` for
+//! email, the start of a digit run for cards, `-` for SSNs, `+`, `(`, `-`, `.` for phones, an
+//! uppercase letter for IBANs, `J` of `eyJ`, `A` of `AKIA`, `b` of `Bearer`, ...). Only there
+//! does a detector look further, and most give up after a byte or two. Everything is linear in
+//! the value's length: the work at an anchor is bounded, or the bytes it consumed are not
+//! looked at again by the same detector. No allocation happens unless something matched.
 
 use std::fmt;
 

@@ -400,6 +400,15 @@ pub fn tollgate_bprm(_ctx: LsmContext) -> i32 {
     0
 }
 
+/// The same mark from the `sched_prepare_exec` tracepoint (Linux 6.10+), which fires in
+/// begin_new_exec before the exe switches: the fallback where BPF LSM (a trampoline) cannot be
+/// loaded, as on kernels in lockdown.
+#[raw_tracepoint(tracepoint = "sched_prepare_exec")]
+pub fn tollgate_prepare_exec(_ctx: RawTracePointContext) -> i32 {
+    bump_exec_gen();
+    0
+}
+
 /// A process replaced its image: connections it made before no longer describe its exe. This
 /// fires after the exe switch; it is the fallback on hosts without BPF LSM (small race window,
 /// reported by `tollgate doctor`).

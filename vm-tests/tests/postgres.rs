@@ -233,3 +233,63 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn tokio_postgres_extended_protocol_matches_direct_except_masked_columns() {
+    let f = fixture("pgtokio");
+    let client = env!("CARGO_BIN_EXE_tg-pgclient");
+    // Direct: over the Unix socket with the real password (the kernel hooks only see TCP).
+    let direct = std::process::Command::new(client)
+        .arg(format!(
+            "host={} port={} user=app_rw password={APP_PASSWORD} dbname=app",
+            f.pg.dir.path().display(),
+            f.pg.port
+        ))
+        .output()
+        .expect("direct client");
+    assert!(direct.status.success(), "{}", text(&direct));
+    // Through tollgate: TCP to the protected address, as the bot, with a wrong password.
+    let proxied = f
+        .bot
+        .command(Path::new(client))
+        .arg(format!(
+            "host=127.0.0.1 port={} user=bot password=wrong dbname=app",
+            f.pg.port
+        ))
+        .output()
+        .expect("proxied client");
+    assert!(
+        proxied.status.success(),
+        "{}\n--- agent ---\n{}",
+        text(&proxied),
+        f.agent.stderr_text()
+    );
+    let d: serde_json::Value = serde_json::from_slice(&direct.stdout).expect("direct json");
+    let p: serde_json::Value = serde_json::from_slice(&proxied.stdout).expect("proxied json");
+
+    assert_eq!(d["pipelined"], p["pipelined"], "pipelined results differ");
+    assert_eq!(d["insert"], p["insert"]);
+    assert_eq!(
+        p["after_denial"], 42,
+        "session continues after a denial: {p}"
+    );
+    assert_eq!(p["drop"]["code"], "42501", "{p}");
+    assert_eq!(
+        d["drop"]["code"], "42P01",
+        "direct: the table does not exist: {d}"
+    );
+    // Same rows; id and name identical, email and card masked (never the planted values).
+    let (dr, pr) = (
+        d["prepared"].as_array().expect("rows"),
+        p["prepared"].as_array().expect("rows"),
+    );
+    assert_eq!(dr.len(), pr.len());
+    for (a, b) in dr.iter().zip(pr) {
+        assert_eq!(a[0], b[0]);
+        assert_eq!(a[1], b[1]);
+        assert_ne!(a[2], b[2], "email must be masked: {b}");
+        assert_ne!(a[3], b[3], "card must be masked: {b}");
+    }
+    let s = String::from_utf8_lossy(&proxied.stdout);
+    assert!(!s.contains(SECRET_EMAIL) && !s.contains(SECRET_CARD), "{s}");
+}

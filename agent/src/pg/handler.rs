@@ -167,7 +167,36 @@ async fn serve(
             }
             return Ok(Totals::default());
         }
-        Startup::Startup { params, .. } => params,
+        s @ Startup::Startup { .. } => {
+            if s.needs_negotiation() {
+                // Protocol 3.x newer than 3.0 or `_pq_.` options: answer as PostgreSQL does and
+                // carry on in 3.0 (options are never forwarded upstream).
+                let opts = s.protocol_options();
+                let mut out = BytesMut::new();
+                wire::encode_negotiate_protocol_version(&opts, &mut out)
+                    .map_err(|e| DataPathError::Internal(e.to_string()))?;
+                client
+                    .write_all(&out)
+                    .await
+                    .map_err(DataPathError::Client)?;
+            }
+            let Startup::Startup { params, .. } = s else {
+                return Err(DataPathError::Internal("startup".into()));
+            };
+            if params.iter().any(|(k, v)| {
+                k == "replication" && !matches!(v.as_str(), "false" | "off" | "no" | "0")
+            }) {
+                send_fatal(
+                    &mut client,
+                    "42501",
+                    "tollgate: replication connections are not allowed through tollgate",
+                    None,
+                )
+                .await;
+                return Ok(Totals::default());
+            }
+            params
+        }
         // read_startup answers SSL/GSS requests itself and never returns them.
         Startup::Ssl | Startup::GssEnc => {
             return Err(DataPathError::Internal(
