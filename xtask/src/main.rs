@@ -5,6 +5,7 @@
 //! `util.rs` (process helpers).
 
 mod bench;
+mod bench_pg;
 mod demo;
 mod setup;
 mod util;
@@ -42,6 +43,8 @@ enum Cmd {
     Demo,
     /// Print side-by-side performance ratios (needs root).
     Bench {
+        /// `pg` for the pgbench table; nothing for the interception figures.
+        what: Option<String>,
         /// Run only one part: connect, first-byte or throughput.
         #[arg(long)]
         only: Option<String>,
@@ -132,10 +135,14 @@ fn main() -> Result<()> {
             build(false)?;
             demo::demo()
         }
-        Cmd::Bench { only } => {
+        Cmd::Bench { what, only } => {
             setup::setup(true)?;
             build(true)?;
-            bench::bench(only.as_deref())
+            match what.as_deref() {
+                None => bench::bench(only.as_deref()),
+                Some("pg") => bench_pg::bench_pg(),
+                Some(other) => bail!("unknown benchmark {other:?}: use `cargo xtask bench` or `cargo xtask bench pg`"),
+            }
         }
     }
 }
