@@ -293,3 +293,40 @@ fn tokio_postgres_extended_protocol_matches_direct_except_masked_columns() {
     let s = String::from_utf8_lossy(&proxied.stdout);
     assert!(!s.contains(SECRET_EMAIL) && !s.contains(SECRET_CARD), "{s}");
 }
+
+#[test]
+fn malformed_bytes_get_a_clean_error_and_the_agent_keeps_serving() {
+    let f = fixture("pgbad");
+    let addr = f.pg.addr();
+    // Garbage as a startup packet, and an absurd length: the bot gets a protocol error (or a
+    // closed connection), never a hang, and nothing reaches the server.
+    for bytes in ["64", "100000"] {
+        let r = f.bot.probe(
+            vm_tests::probe_bin!(),
+            &[
+                "--connect",
+                &addr,
+                "--send-bytes",
+                bytes,
+                "--timeout-ms",
+                "5000",
+            ],
+        );
+        assert!(r.connected(), "{r}");
+    }
+    // The agent still serves a well-behaved bot.
+    let o = f.psql(&["-Atc", "SELECT 40 + 2"]);
+    assert!(
+        o.status.success() && text(&o).contains("42"),
+        "{}\n--- agent ---\n{}",
+        text(&o),
+        f.agent.stderr_text()
+    );
+    let audit = f.agent.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["event"] == "close" && e["status"] == "client"),
+        "malformed sessions are closed as client errors: {audit:?}"
+    );
+}
