@@ -34,6 +34,9 @@ pub fn run(policy_path: &Path) -> anyhow::Result<()> {
     let policy = load_policy(policy_path)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // pg_query recurses deeply on nested statements (over 1.5 MiB of stack in debug
+        // builds for the deepest trees it accepts).
+        .thread_stack_size(8 << 20)
         .build()
         .context("tokio runtime")?
         .block_on(run_async(policy_path.to_path_buf(), policy))

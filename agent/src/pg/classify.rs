@@ -59,7 +59,8 @@
 //!   `+`, 23 nested subqueries) are refused as [`ClassifyError::TooDeep`]; so are DO blocks nested
 //!   more than 4 deep.
 //! - Stack: `pg_query::parse` of the deepest accepted trees needs more than 1.5 MiB of stack in
-//!   debug builds (the walk here about 250 KiB); classify on threads with the default 2 MiB.
+//!   debug builds (the walk here about 250 KiB; release builds need under 256 KiB in all), so
+//!   classify on threads with at least the default 2 MiB.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;

@@ -500,7 +500,13 @@ impl ClientSide<'_> {
                     return Verdict::Deny("tollgate: COPY ... TO on a masked target is not supported by this agent version; use SELECT".into());
                 }
                 let (d, kind) = decide_statement(cx, s);
-                let text = self.masked_text(&s.text);
+                // The cached classification may come from a statement with other constants:
+                // the audit shows what this bot actually sent.
+                let text = if statements.len() == 1 {
+                    shown.clone()
+                } else {
+                    format!("{} [in: {shown}]", s.kind)
+                };
                 let extra = if s.dangerous.is_empty() {
                     None
                 } else {
@@ -527,7 +533,7 @@ impl ClientSide<'_> {
                     },
                 }
             }
-            if st.kind == "prepare" {
+            if st.kinds.contains(&"prepare") {
                 if let Some(name) = st.prepared_name.as_deref() {
                     // Remember what EXECUTE name will run (the PREPARE itself was allowed).
                     if let Ok(inner) = CLASSIFY.classify(&st.text) {
@@ -536,7 +542,6 @@ impl ClientSide<'_> {
                 }
             }
         }
-        let _ = shown;
         Verdict::Allow
     }
 
