@@ -181,15 +181,16 @@ impl Masker {
         }
     }
 
-    /// Whether a column is masked by a column rule ([`tollgate_policy::MaskRule::matches_column`]).
-    /// `table` is schema-qualified (`public.customers`); `None` for a column that is not a
-    /// plain table column (an expression): then only globs whose table part matches anything
-    /// (`*.email`, or a bare `email`) select it.
+    /// Whether any applicable rule selects columns (if not, a handler need not resolve the
+    /// tables of result columns at all).
     pub fn has_column_rules(&self) -> bool {
         !self.columns.is_empty()
     }
 
-    /// Whether a column (schema-qualified table, column name) is masked by a column rule.
+    /// Whether a column is masked by a column rule ([`tollgate_policy::MaskRule::matches_column`]).
+    /// `table` is schema-qualified (`public.customers`); `None` for a column that is not a
+    /// plain table column (an expression): then only globs whose table part matches anything
+    /// (`*.email`, or a bare `email`) select it.
     pub fn column_masked(&self, table: Option<&str>, column: &str) -> bool {
         self.column_style(table, column).is_some()
     }
