@@ -35,14 +35,21 @@ impl Audit {
     /// Write one event; `ts` is added first. An audit write failure is logged, never fatal
     /// for the session (the decision itself was already enforced).
     pub fn write(&self, event: Map<String, Value>) {
-        let mut obj = Map::new();
-        obj.insert("ts".into(), Value::String(now_ts()));
-        obj.extend(event);
-        let mut line = Value::Object(obj).to_string();
-        line.push('\n');
-        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(line.as_bytes()) {
-            tracing::error!(path = %self.path.display(), error = %e, "audit write failed");
-        }
+        append_json_line(&self.file, &self.path, event);
+    }
+}
+
+/// Append `{"ts": now, ...event}` and a newline with a single write(2), so concurrent writers
+/// never interleave partial lines and a crash loses at most the line in flight. Shared by the
+/// audit log and session recordings.
+pub fn append_json_line(file: &Mutex<File>, path: &Path, event: Map<String, Value>) {
+    let mut obj = Map::new();
+    obj.insert("ts".into(), Value::String(now_ts()));
+    obj.extend(event);
+    let mut line = Value::Object(obj).to_string();
+    line.push('\n');
+    let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = f.write_all(line.as_bytes()) {
+        tracing::error!(path = %path.display(), error = %e, "append to JSON-lines file failed");
     }
 }

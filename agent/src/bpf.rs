@@ -243,19 +243,7 @@ impl Datapath {
             ("tollgate_exec", "sched_process_exec"),
             ("tollgate_exit", "sched_process_exit"),
         ] {
-            let p: &mut RawTracePoint = dp
-                ._ebpf
-                .program_mut(prog)
-                .ok_or_else(|| {
-                    load_err(
-                        format!("program {prog}"),
-                        std::io::Error::other("missing from object"),
-                    )
-                })?
-                .try_into()
-                .map_err(|e| load_err(prog, e))?;
-            p.load().map_err(|e| load_err(prog, e))?;
-            p.attach(tp).map_err(|e| load_err(prog, e))?;
+            attach_raw_tp(&mut dp._ebpf, prog, tp)?;
         }
         // An exec must be marked before the exe switches: the sched_prepare_exec tracepoint
         // (6.10+), else BPF LSM; with neither, only the late tracepoint remains (a small race

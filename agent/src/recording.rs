@@ -4,14 +4,13 @@
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::Write,
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use serde_json::{Map, Value};
 
-use crate::audit::now_ts;
+use crate::audit::append_json_line;
 
 pub struct Recorder {
     path: PathBuf,
@@ -49,14 +48,6 @@ impl Recorder {
 
     /// Append one event (`ts` first, then the given fields).
     pub fn write(&self, event: Map<String, Value>) {
-        let mut obj = Map::new();
-        obj.insert("ts".into(), Value::String(now_ts()));
-        obj.extend(event);
-        let mut line = Value::Object(obj).to_string();
-        line.push('\n');
-        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(line.as_bytes()) {
-            tracing::error!(path = %self.path.display(), error = %e, "recording write failed");
-        }
+        append_json_line(&self.file, &self.path, event);
     }
 }
