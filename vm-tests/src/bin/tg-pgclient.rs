@@ -24,6 +24,32 @@ async fn main() {
     });
     let mut out = serde_json::Map::new();
 
+    if std::env::args().nth(2).as_deref() == Some("--cancel") {
+        // pg_sleep(30), cancelled from the client after 500 ms over a new connection.
+        let token = client.cancel_token();
+        let started = std::time::Instant::now();
+        let canceller = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            token.cancel_query(NoTls).await.map_err(|e| e.to_string())
+        });
+        let r = client.simple_query("SELECT pg_sleep(30)").await;
+        out.insert(
+            "elapsed_ms".into(),
+            json!(started.elapsed().as_millis() as u64),
+        );
+        out.insert(
+            "cancel".into(),
+            json!(canceller.await.ok().map(|r| r.err())),
+        );
+        out.insert(
+            "result".into(),
+            r.map(|_| json!("completed"))
+                .unwrap_or_else(|e| err_json(&e)),
+        );
+        println!("{}", Value::Object(out));
+        return;
+    }
+
     // Prepared statement with a parameter, binary results (tokio-postgres' default).
     let stmt = client
         .prepare("SELECT id, name, email, card_number FROM customers WHERE id = $1")
