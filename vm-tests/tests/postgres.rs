@@ -359,3 +359,51 @@ fn cancel_request_reaches_the_right_backend_quickly() {
     let ms = v["elapsed_ms"].as_u64().expect("elapsed");
     assert!(ms < 2000, "pg_sleep(30) cancelled after {ms} ms: {v}");
 }
+
+#[test]
+fn upstream_dying_mid_result_gives_a_clean_error_and_others_are_served() {
+    let f = fixture("pgdie");
+    let conn = format!(
+        "host=127.0.0.1 port={} user=bot dbname=app password=wrong sslmode=disable",
+        f.pg.port
+    );
+    let child = f
+        .bot
+        .command(Path::new("/usr/bin/psql"))
+        .arg(&conn)
+        .args([
+            "-X",
+            "-Atc",
+            "SELECT g, repeat('x', 100) FROM generate_series(1, 50000000) g",
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("psql");
+    // Wait until the query runs, then kill its backend from the server side.
+    vm_tests::wait_for(
+        std::time::Duration::from_secs(20),
+        "the long query to start",
+        || {
+            let n = f.pg.superuser_sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app_rw' AND query LIKE '%generate_series%' AND state = 'active'", "postgres");
+            (n.trim() != "0").then_some(())
+        },
+    );
+    f.pg.superuser_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app_rw' AND query LIKE '%generate_series%'", "postgres");
+    let (status, _out, err) =
+        vm_tests::wait_child(child, std::time::Duration::from_secs(30), "psql");
+    assert!(!status.success(), "psql must fail: {err}");
+    assert!(
+        err.contains("terminating connection") || err.contains("tollgate"),
+        "a clean error, not a hang: {err}"
+    );
+    // The agent keeps serving.
+    let o = f.psql(&["-Atc", "SELECT 6 * 7"]);
+    assert!(
+        o.status.success() && text(&o).contains("42"),
+        "{}",
+        text(&o)
+    );
+}
