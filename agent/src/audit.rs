@@ -48,7 +48,7 @@ pub fn append_json_line(file: &Mutex<File>, path: &Path, event: Map<String, Valu
     obj.extend(event);
     let mut line = Value::Object(obj).to_string();
     line.push('\n');
-    let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = crate::lock(file);
     if let Err(e) = f.write_all(line.as_bytes()) {
         tracing::error!(path = %path.display(), error = %e, "append to JSON-lines file failed");
     }

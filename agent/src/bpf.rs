@@ -8,6 +8,7 @@
 //! bpftool). A starting agent attaches its own programs first, then replaces the old pins, so
 //! there is no instant at which a protected destination is reachable directly.
 
+use crate::lock;
 use std::{
     collections::BTreeSet,
     fs,
@@ -396,12 +397,6 @@ impl Datapath {
         }
         out
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves the map itself consistent (the kernel
-    // owns it), so a poisoned lock is safe to keep using.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The BPF LSM hook that marks an exec before the exe switches (see ebpf `tollgate_bprm`).

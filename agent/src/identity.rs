@@ -2,12 +2,13 @@
 //! when an unknown id shows up, so new and removed cgroups are handled), uid -> user name,
 //! pid -> executable. Nothing here looks at bytes the client sent.
 
+use crate::lock;
 use std::{
     collections::HashMap,
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::Mutex,
 };
 
 use tollgate_common::ConnInfo;
@@ -36,10 +37,6 @@ pub struct Resolver {
 
 struct CgroupCache {
     by_id: HashMap<u64, String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Walk the cgroup2 tree and map each directory's inode (its cgroup id) to its path.

@@ -20,3 +20,18 @@ pub mod replay;
 pub mod run;
 pub mod sys;
 pub mod targets;
+
+/// Lock a mutex, recovering from poisoning. Every mutex in the agent guards data that stays
+/// consistent across a panic (caches, kernel map handles, append-only files), so a poisoned
+/// lock is safe to keep using.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A `json!({...})` literal as the field map the audit log and recordings take.
+pub(crate) fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
+}

@@ -6,6 +6,7 @@
 //! `decide(Connect)` -> handler (`on_operation` decisions through [`SessionCx::decide`],
 //! upstream through [`SessionCx::connect_upstream`]) -> close (the [`SessionGuard`]).
 
+use crate::{lock, obj};
 use std::{
     collections::HashMap,
     future::Future,
@@ -311,17 +312,14 @@ impl Agent {
 
     /// Re-resolve host-name targets and rebuild routes when an address changed.
     pub fn set_resolved(&self, name: String, addrs: Vec<IpAddr>) -> bool {
-        let mut r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = lock(&self.resolved);
         let changed = r.get(&name) != Some(&addrs);
         r.insert(name, addrs);
         changed
     }
 
     pub fn resolved_snapshot(&self) -> HashMap<String, Vec<IpAddr>> {
-        self.resolved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.resolved).clone()
     }
 }
 
@@ -329,13 +327,6 @@ impl Agent {
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
-}
-
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
 }
 
 /// Everything a handler knows about its session, and the services it may call.

@@ -1,6 +1,7 @@
 //! `tollgate run`: wire the pieces together, then reload on SIGHUP or file change and drain on
 //! SIGTERM/SIGINT.
 
+use crate::obj;
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -203,13 +204,6 @@ fn listen_marked(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
-}
-
-fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
-    match v {
-        serde_json::Value::Object(m) => m,
-        _ => serde_json::Map::new(),
-    }
 }
 
 fn admin_handler() -> metrics::Handler {

@@ -130,19 +130,8 @@ fn agent_listens4(ctx: &SockAddrContext, ip: u32, port: u32, mark: u32) -> bool 
             },
         },
     };
-    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
-    sock_has_mark(
-        unsafe {
-            bpf_sk_lookup_tcp(
-                ctx.as_ptr(),
-                &mut tuple,
-                size,
-                BPF_F_CURRENT_NETNS as u64,
-                0,
-            )
-        },
-        mark,
-    )
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>();
+    listener_has_mark(ctx, &mut tuple, size as u32, mark)
 }
 
 #[inline(always)]
@@ -157,23 +146,20 @@ fn agent_listens6(ctx: &SockAddrContext, ip: [u32; 4], port: u32, mark: u32) -> 
             },
         },
     };
-    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32;
-    sock_has_mark(
-        unsafe {
-            bpf_sk_lookup_tcp(
-                ctx.as_ptr(),
-                &mut tuple,
-                size,
-                BPF_F_CURRENT_NETNS as u64,
-                0,
-            )
-        },
-        mark,
-    )
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>();
+    listener_has_mark(ctx, &mut tuple, size as u32, mark)
 }
 
+/// Look up the TCP socket that would take a connection for `tuple` and compare its mark.
 #[inline(always)]
-fn sock_has_mark(sk: *mut bpf_sock, mark: u32) -> bool {
+fn listener_has_mark(
+    ctx: &SockAddrContext,
+    tuple: &mut bpf_sock_tuple,
+    size: u32,
+    mark: u32,
+) -> bool {
+    let sk: *mut bpf_sock =
+        unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0) };
     if sk.is_null() {
         return false;
     }

@@ -43,7 +43,7 @@ pub async fn masked_columns(
     database: &str,
 ) -> io::Result<Arc<HashSet<(u32, i16)>>> {
     let key = (target.to_string(), database.to_string());
-    if let Some((at, set)) = CACHE.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+    if let Some((at, set)) = crate::lock(&CACHE).get(&key) {
         if at.elapsed() < TTL {
             return Ok(set.clone());
         }
@@ -85,10 +85,7 @@ pub async fn masked_columns(
                 }
                 b'Z' => {
                     let set = Arc::new(set);
-                    CACHE
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(key, (Instant::now(), set.clone()));
+                    crate::lock(&CACHE).insert(key, (Instant::now(), set.clone()));
                     return Ok(set);
                 }
                 _ => {}

@@ -12,6 +12,7 @@
 //! column, which come from the server catalog (`catalog.rs`), and detectors look at every
 //! text-like value. Values are re-encoded in DataRow; nothing is buffered beyond one message.
 
+use crate::{lock, obj};
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::{
@@ -22,7 +23,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -53,10 +54,6 @@ static CLASSIFY: std::sync::LazyLock<ClassifyCache> =
 type CancelMap = HashMap<(i32, i32), (std::net::SocketAddr, (i32, i32))>;
 static CANCEL_KEYS: std::sync::LazyLock<Mutex<CancelMap>> =
     std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Removes a session's cancel key when the session ends.
 struct CancelKeyGuard((i32, i32));
@@ -379,13 +376,6 @@ async fn serve(
     r.map(|_| totals)
 }
 
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
-}
-
 /// State shared by the two directions.
 struct Shared {
     /// Messages for the denial errors the server will raise, in order.
@@ -449,9 +439,23 @@ impl ClientSide<'_> {
     }
 
     /// Decide every statement of `sql`; the first denial wins and nothing of the message runs.
+    /// Decide `sql` and record it (masked once, for both the audit log and the recording).
     async fn judge(&mut self, sql: &str) -> Verdict {
-        let cx = self.cx;
         let shown = self.masked_text(sql);
+        let v = self.decide_sql(sql, &shown).await;
+        if let Some(r) = &self.recorder {
+            let (decision, error) = match &v {
+                Verdict::Allow => ("allow", None),
+                Verdict::Deny(m) => ("deny", Some(m.as_str())),
+            };
+            r.write(obj(json!({"event": "statement", "session": self.cx.id, "text": shown, "decision": decision, "error": error})));
+        }
+        v
+    }
+
+    async fn decide_sql(&mut self, sql: &str, shown: &str) -> Verdict {
+        let cx = self.cx;
+        let shown = shown.to_string();
         let statements = match CLASSIFY.classify(sql) {
             Ok(s) => s,
             Err(e) => {
@@ -536,23 +540,12 @@ impl ClientSide<'_> {
             if st.kinds.contains(&"prepare") {
                 if let Some(name) = st.prepared_name.as_deref() {
                     // Remember what EXECUTE name will run (the PREPARE itself was allowed).
-                    if let Ok(inner) = CLASSIFY.classify(&st.text) {
-                        self.prepared.insert(name.to_string(), inner);
-                    }
+                    self.prepared
+                        .insert(name.to_string(), Arc::new(vec![st.clone()]));
                 }
             }
         }
         Verdict::Allow
-    }
-
-    fn record_statement(&self, sql: &str, verdict: &Verdict) {
-        if let Some(r) = &self.recorder {
-            let (decision, error) = match verdict {
-                Verdict::Allow => ("allow", None),
-                Verdict::Deny(m) => ("deny", Some(m.clone())),
-            };
-            r.write(obj(json!({"event": "statement", "session": self.cx.id, "text": self.masked_text(sql), "decision": decision, "error": error})));
-        }
     }
 
     fn deny_substitute(&self, message: String) -> String {
@@ -585,7 +578,6 @@ impl ClientSide<'_> {
                 match msg {
                     Frontend::Query(sql) => {
                         let v = self.judge(&sql).await;
-                        self.record_statement(&sql, &v);
                         lock(&self.shared.expect).push_back(Expect::Simple);
                         match v {
                             Verdict::Allow => out.extend_from_slice(&raw),
@@ -598,7 +590,6 @@ impl ClientSide<'_> {
                     }
                     Frontend::Parse { name, query, .. } => {
                         let v = self.judge(&query).await;
-                        self.record_statement(&query, &v);
                         lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
                         match v {
                             Verdict::Allow => out.extend_from_slice(&raw),
@@ -737,12 +728,13 @@ fn upstream_err(cx: &SessionCx, e: std::io::Error) -> DataPathError {
 fn decide_statement(cx: &SessionCx, s: &Statement) -> (Decision, &'static str) {
     let gen = cx.agent.gen.load();
     let mut worst: Option<(Decision, &'static str)> = None;
-    let kinds: Vec<&'static str> = if s.kinds.is_empty() {
-        vec![s.kind]
+    let single = [s.kind];
+    let kinds: &[&'static str] = if s.kinds.is_empty() {
+        &single
     } else {
-        s.kinds.clone()
+        &s.kinds
     };
-    for kind in kinds {
+    for &kind in kinds {
         let d = decide(
             &gen.policy,
             &Request {
@@ -904,13 +896,13 @@ impl ServerSide<'_> {
             addr: self.cx.orig_dst,
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
         })?;
-        let mut changed = false;
-        let mut new: Vec<Option<Vec<u8>>> = Vec::with_capacity(values.len());
+        // Most rows need no change: only masked fields are collected (no allocation otherwise),
+        // and the row is re-encoded only when there is one.
+        let mut changes: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
         let mut fired: Vec<&'static str> = Vec::new();
         for (i, v) in values.iter().enumerate() {
             let (fmt, oid, col_rule) = plan.cols.get(i).copied().unwrap_or((0, 0, false));
             let Some(bytes) = v else {
-                new.push(None);
                 continue;
             };
             let as_text = fmt == 0 || text_like(oid);
@@ -932,21 +924,23 @@ impl ServerSide<'_> {
                 None
             };
             match r {
-                None => new.push(Some(bytes.to_vec())),
+                None => {}
                 Some(Masked::Value(v, d)) => {
-                    changed = true;
                     fired.extend(d);
-                    new.push(Some(v));
+                    changes.push((i, Some(v)));
                 }
                 Some(Masked::Null(d)) => {
-                    changed = true;
                     fired.extend(d);
-                    new.push(None);
+                    changes.push((i, None));
                 }
             }
         }
-        if !changed {
+        if changes.is_empty() {
             return Ok(None);
+        }
+        let mut new: Vec<Option<&[u8]>> = values.clone();
+        for (i, v) in &changes {
+            new[*i] = v.as_deref();
         }
         for d in &fired {
             self.cx

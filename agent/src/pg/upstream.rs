@@ -5,7 +5,7 @@
 
 use std::{fs, io};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Bytes, BytesMut};
 use postgres_protocol::{
     authentication::{md5_hash, sasl},
     message::{backend, frontend},
@@ -15,6 +15,8 @@ use tokio::{
     net::TcpStream,
 };
 use tollgate_policy::{Credential, SecretSource};
+
+use crate::pg::wire;
 
 /// Why logging in upstream failed. `Display` is safe to show the bot: it names the credential
 /// to fix and never contains the secret.
@@ -94,26 +96,17 @@ pub struct Session {
 async fn read_msg(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-) -> Result<(backend::Message, BytesMut), LoginError> {
+) -> Result<(backend::Message, Bytes), LoginError> {
     loop {
-        // Keep the raw bytes of the message too, for relaying.
-        if buf.len() >= 5 {
-            let len = (&buf[1..5]).get_u32() as usize;
-            if !(4..=crate::pg::wire::MAX_MESSAGE_LEN).contains(&len) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("upstream message length {len} out of range"),
-                )
-                .into());
-            }
-            if buf.len() > len {
-                let mut raw = buf.split_to(len + 1);
-                let copy = raw.clone();
-                let msg = backend::Message::parse(&mut raw)?.ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, "truncated upstream message")
-                })?;
-                return Ok((msg, copy));
-            }
+        // Framing (and its length cap) is `wire`'s; postgres-protocol decodes the login
+        // messages. The raw bytes are kept for relaying ParameterStatus and notices.
+        let framed = wire::parse_backend(buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        if let Some((_, raw)) = framed {
+            let msg = backend::Message::parse(&mut BytesMut::from(&raw[..]))?.ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "truncated upstream message")
+            })?;
+            return Ok((msg, raw));
         }
         if stream.read_buf(buf).await? == 0 {
             return Err(io::Error::new(
