@@ -4,7 +4,7 @@
 //! Layout: `run.rs` (daemon wiring, reload, shutdown), `proxy.rs` (sessions and the
 //! protocol-handler trait), `relay.rs` (opaque relays), `bpf.rs` (kernel side), `targets.rs`
 //! (routes), `identity.rs` (kernel facts to identity), `audit.rs`, `metrics.rs`, `doctor.rs`,
-//! and `sys.rs` (every raw syscall).
+//! `tls.rs` (the agent CA and upstream TLS) and `sys.rs` (every raw syscall).
 
 pub mod audit;
 pub mod bpf;
@@ -20,6 +20,7 @@ pub mod replay;
 pub mod run;
 pub mod sys;
 pub mod targets;
+pub mod tls;
 
 /// Lock a mutex, recovering from poisoning. Every mutex in the agent guards data that stays
 /// consistent across a panic (caches, kernel map handles, append-only files), so a poisoned

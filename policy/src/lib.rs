@@ -83,7 +83,7 @@ pub use error::PolicyError;
 pub use model::{
     Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch, Identity, IdentityOidc,
     KubeMatch, MaskRule, MaskStyle, Mode, OidcConfig, Policy, Protocol, Rule, SecretSource,
-    SqlMatch, SshMatch, Target, TargetAddress, WorkloadFacts, DETECTORS, KUBE_VERBS,
+    SqlMatch, SshMatch, Target, TargetAddress, TargetTls, TlsMode, WorkloadFacts, DETECTORS, KUBE_VERBS,
     SQL_STATEMENTS,
 };
 

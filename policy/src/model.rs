@@ -275,6 +275,37 @@ pub struct Target {
     pub address: Vec<TargetAddress>,
     /// Key `credential`: name of the `[credential.NAME]` injected upstream.
     pub credential: Option<String>,
+    /// Key `tls`: how the agent secures its own connection to the target.
+    pub tls: TargetTls,
+}
+
+/// `tls = { mode = "...", ca_file = "...", server_name = "..." }` of a target: the agent's
+/// connection to the real server (the bot's side is separate: a PostgreSQL bot that asks for
+/// TLS gets a certificate minted by the agent's CA).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TargetTls {
+    /// Key `mode`.
+    pub mode: TlsMode,
+    /// Key `ca_file`: PEM CA certificates trusted for `verify-full` (default: none, so
+    /// `verify-full` requires it).
+    pub ca_file: Option<PathBuf>,
+    /// Key `server_name`: the name the certificate must carry (default: the host part of the
+    /// target address the bot dialled, or its IP).
+    pub server_name: Option<String>,
+}
+
+/// How the agent connects to a target (PostgreSQL `sslmode` semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// `disable`: plaintext (the default; right for loopback and unix-socket-like setups).
+    #[default]
+    Disable,
+    /// `prefer`: TLS if the server offers it, without verification; plaintext otherwise.
+    Prefer,
+    /// `require`: TLS, without verifying the certificate.
+    Require,
+    /// `verify-full`: TLS, the certificate chains to `ca_file` and names `server_name`.
+    VerifyFull,
 }
 
 /// One entry of a target's `address` list.

@@ -129,8 +129,23 @@ pub(crate) struct RawTarget {
     pub address: Spanned<Vec<S>>,
     /// Name of a `[credential.NAME]` injected upstream.
     pub credential: Option<S>,
+    /// How the agent secures its own connection to the target.
+    pub tls: Option<toml::Spanned<RawTargetTls>>,
 }
-pub(crate) const TARGET_KEYS: &[&str] = &["name", "protocol", "address", "credential"];
+pub(crate) const TARGET_KEYS: &[&str] = &["name", "protocol", "address", "credential", "tls"];
+
+/// `tls = { ... }` inside `[[target]]`: the agent's connection to the target.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTargetTls {
+    /// `disable`, `prefer`, `require` or `verify-full`.
+    pub mode: S,
+    /// PEM file with the CA(s) that sign the target's certificate (`verify-full`).
+    pub ca_file: Option<S>,
+    /// Name to verify the certificate against (default: the host the bot dialled).
+    pub server_name: Option<S>,
+}
+pub(crate) const TARGET_TLS_KEYS: &[&str] = &["mode", "ca_file", "server_name"];
 
 /// `[credential.NAME]`.
 #[derive(Debug, Deserialize)]
@@ -310,6 +325,7 @@ pub(crate) const TABLES: &[(&[&str], &str)] = &[
     (IDENTITY_KEYS, "[[identity]]"),
     (IDENTITY_OIDC_KEYS, "`oidc` of [[identity]]"),
     (TARGET_KEYS, "[[target]]"),
+    (TARGET_TLS_KEYS, "`tls` of [[target]]"),
     (CREDENTIAL_KEYS, "[credential.NAME]"),
     (RULE_KEYS, "[[rule]]"),
     (SQL_KEYS, "`sql` of [[rule]]"),

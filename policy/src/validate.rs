@@ -18,11 +18,11 @@ use crate::index::{canonical_ip, Index};
 use crate::model::{
     Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch, Identity, IdentityOidc,
     KubeMatch, MaskRule, MaskStyle, Mode, OidcConfig, Policy, Protocol, Rule, SqlMatch, SshMatch,
-    Target, TargetAddress, DETECTORS, KUBE_VERBS, SQL_STATEMENTS,
+    Target, TargetAddress, TargetTls, TlsMode, DETECTORS, KUBE_VERBS, SQL_STATEMENTS,
 };
 use crate::raw::{
     RawAgent, RawApprovals, RawCredential, RawHttp, RawIdentity, RawKube, RawMask, RawPolicy,
-    RawRule, RawSql, RawSsh, RawTarget, S,
+    RawRule, RawSql, RawSsh, RawTarget, RawTargetTls, S,
 };
 
 /// Secret-source keys of a credential; at most one may be set.
@@ -447,6 +447,13 @@ struct Names<'a> {
     target_index: &'a HashMap<&'a str, u32>,
 }
 
+const TLS_MODES: &[(&str, TlsMode)] = &[
+    ("disable", TlsMode::Disable),
+    ("prefer", TlsMode::Prefer),
+    ("require", TlsMode::Require),
+    ("verify-full", TlsMode::VerifyFull),
+];
+
 const PROTOCOLS: &[(&str, Protocol)] = &[
     ("postgres", Protocol::Postgres),
     ("ssh", Protocol::Ssh),
@@ -783,15 +790,60 @@ fn target<'r>(
         cx.err(c.span(), msg);
         None
     });
+    let tls = t
+        .tls
+        .as_ref()
+        .map(|tls| target_tls(cx, name, tls))
+        .unwrap_or_default();
     if cx.errors.len() != before {
         return None;
     }
+    let protocol = protocol?;
+    if tls.mode != TlsMode::Disable && protocol != Protocol::Postgres {
+        if let Some(span) = t.tls.as_ref().map(|s| s.span()) {
+            cx.err(
+                span,
+                format!("`tls` of target \"{name}\": upstream TLS is only supported for protocol \"postgres\" so far; remove it"),
+            );
+            return None;
+        }
+    }
     Some(Target {
         name: name.to_string(),
-        protocol: protocol?,
+        protocol,
         address,
         credential,
+        tls,
     })
+}
+
+/// `tls = { mode, ca_file, server_name }` of a target.
+fn target_tls(cx: &mut Cx<'_>, name: &str, t: &toml::Spanned<RawTargetTls>) -> TargetTls {
+    let what = format!(" of `tls` of target \"{name}\"");
+    let raw = t.get_ref();
+    let mode = one_of(cx, &raw.mode, "mode", &what, TLS_MODES).unwrap_or_default();
+    let ca_file = raw.ca_file.as_ref().and_then(|v| path(cx, v, "ca_file", &what));
+    let server_name = raw
+        .server_name
+        .as_ref()
+        .and_then(|v| non_empty(cx, v, "server_name", &what));
+    if mode == TlsMode::VerifyFull && ca_file.is_none() {
+        cx.err(
+            t.span(),
+            format!("`mode = \"verify-full\"`{what} needs `ca_file`: the PEM file of the CA that signs the server's certificate"),
+        );
+    }
+    if mode != TlsMode::VerifyFull && (ca_file.is_some() || server_name.is_some()) {
+        cx.err(
+            t.span(),
+            format!("`ca_file` and `server_name`{what} are only used with `mode = \"verify-full\"`: set that mode or remove them"),
+        );
+    }
+    TargetTls {
+        mode,
+        ca_file,
+        server_name,
+    }
 }
 
 /// Check each entry of a rule's or mask's `identities`/`targets` list names something defined.

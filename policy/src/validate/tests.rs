@@ -856,3 +856,32 @@ fn columns_count_characters() {
     let e = parse("# é\n[agent]\nmode = \"é\" ; x\n", "p.toml").expect_err("bad");
     assert_eq!((e.line, e.col), (3, 12));
 }
+
+#[test]
+fn target_tls_is_validated() {
+    let t = |tls: &str| format!("[[target]]\nname = \"t2\"\nprotocol = \"postgres\"\naddress = [\"127.0.0.1:6543\"]\ntls = {tls}\n");
+    let ok = parse(
+        &format!(
+            "{BASE}{}",
+            t(r#"{ mode = "verify-full", ca_file = "/etc/ca.pem", server_name = "db.internal" }"#)
+        ),
+        "p.toml",
+    )
+    .expect("valid tls");
+    let tg = ok.targets.iter().find(|x| x.name == "t2").expect("t2");
+    assert_eq!(tg.tls.mode, crate::TlsMode::VerifyFull);
+    assert_eq!(tg.tls.server_name.as_deref(), Some("db.internal"));
+    let plain = parse(BASE, "p.toml").expect("base");
+    assert_eq!(plain.targets[0].tls.mode, crate::TlsMode::Disable);
+
+    check(&t(r#"{ mode = "verify" }"#), 5, 16, &["invalid mode \"verify\"", "verify-full"]);
+    check(&t(r#"{ mode = "verify-full" }"#), 5, 7, &["needs `ca_file`"]);
+    check(&t(r#"{ mode = "require", ca_file = "/x" }"#), 5, 7, &["only used with"]);
+    check(&t(r#"{ mode = "require", sni = "x" }"#), 5, 27, &["unknown key `sni`", "`tls` of [[target]]"]);
+    check(
+        "[[target]]\nname = \"t3\"\nprotocol = \"tcp\"\naddress = [\"127.0.0.1:6544\"]\ntls = { mode = \"require\" }\n",
+        5,
+        7,
+        &["only supported for protocol \"postgres\""],
+    );
+}

@@ -1,0 +1,521 @@
+//! TLS on both sides of a session.
+//!
+//! **Bot side.** A bot that asks for TLS gets it from the agent, with a leaf certificate minted
+//! on the fly by the agent's own CA for the name it sent in SNI and the IP it dialled. The CA
+//! lives in `<data_dir>/ca/` (key readable by root only) and is created on first use;
+//! `tollgate ca export` prints its certificate for the bots' trust stores. Leaves are short-lived
+//! and cached in memory.
+//!
+//! **Upstream side.** The agent's own connection to a target follows the target's `tls` table:
+//! `disable`, `prefer`, `require` (encrypted, certificate not checked) or `verify-full` (the
+//! chain ends at `ca_file` and the certificate names `server_name`). The server's certificate
+//! also feeds SCRAM channel binding (`tls-server-end-point`).
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self, Write as _},
+    net::IpAddr,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::CryptoProvider,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{
+    pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tollgate_policy::{TargetTls, TlsMode};
+
+use crate::lock;
+
+/// ALPN protocol id of PostgreSQL (17+ clients send it; direct TLS requires it).
+pub const ALPN_POSTGRES: &[u8] = b"postgresql";
+
+/// How long a minted leaf certificate is valid, and when a cached one is replaced.
+const LEAF_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(24 * 3600);
+/// Bound on cached leaves (one per name and IP pair).
+const LEAF_CACHE: usize = 1024;
+
+/// The agent's certificate authority for the bot side.
+pub struct Ca {
+    key: KeyPair,
+    /// The CA certificate as stored (what bots trust).
+    der: CertificateDer<'static>,
+    pem: String,
+    /// The CA re-issued in memory from the stored parameters and key: rcgen signs leaves with a
+    /// `Certificate`, and subject and key (all a chain check uses) are the stored ones.
+    issuer: rcgen::Certificate,
+    leaves: Mutex<HashMap<(Option<String>, IpAddr), (SystemTime, Arc<CertifiedKey>)>>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+/// Paths of the CA certificate and key under `data_dir`.
+pub fn ca_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
+    let dir = data_dir.join("ca");
+    (dir.join("ca.pem"), dir.join("ca.key"))
+}
+
+impl Ca {
+    /// Load the CA from `<data_dir>/ca/`, creating it on first use.
+    pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Ca> {
+        let (cert_path, key_path) = ca_paths(data_dir);
+        if !cert_path.exists() || !key_path.exists() {
+            Self::create(&cert_path, &key_path)?;
+        }
+        let pem = fs::read_to_string(&cert_path)
+            .with_context(|| format!("reading {}", cert_path.display()))?;
+        let key_pem = fs::read_to_string(&key_path)
+            .with_context(|| format!("reading {}", key_path.display()))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .with_context(|| format!("{}: not a PEM private key", key_path.display()))?;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .with_context(|| format!("{}: not a PEM certificate", cert_path.display()))?;
+        let params = CertificateParams::from_ca_cert_pem(&pem)
+            .with_context(|| format!("{}: not a CA certificate", cert_path.display()))?;
+        let issuer = params
+            .self_signed(&key)
+            .with_context(|| format!("{} does not match {}", key_path.display(), cert_path.display()))?;
+        Ok(Ca {
+            key,
+            der,
+            pem,
+            issuer,
+            leaves: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn create(cert_path: &Path, key_path: &Path) -> anyhow::Result<()> {
+        let dir = cert_path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "tollgate");
+        dn.push(
+            DnType::CommonName,
+            format!(
+                "tollgate agent CA {} {:08x}",
+                hostname(),
+                rand::random::<u32>()
+            ),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        // Key first (0600), then the certificate: a reader needs both.
+        let tmp = |p: &Path| p.with_extension(format!("tmp.{}", std::process::id()));
+        let kt = tmp(key_path);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&kt)
+            .with_context(|| format!("creating {}", kt.display()))?;
+        f.write_all(key.serialize_pem().as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&kt, key_path)?;
+        let ct = tmp(cert_path);
+        fs::write(&ct, cert.pem())?;
+        fs::rename(&ct, cert_path)?;
+        tracing::info!(cert = %cert_path.display(), "created the agent's CA for bot-side TLS");
+        Ok(())
+    }
+
+    /// The CA certificate, PEM.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A leaf for `name` (from SNI) and the dialled `ip`, minted or cached.
+    fn leaf(&self, name: Option<&str>, ip: IpAddr) -> Result<Arc<CertifiedKey>, rcgen::Error> {
+        let key = (name.map(str::to_ascii_lowercase), ip);
+        let now = SystemTime::now();
+        if let Some((expires, ck)) = lock(&self.leaves).get(&key) {
+            if *expires > now + LEAF_RENEW_BEFORE {
+                return Ok(ck.clone());
+            }
+        }
+        let leaf_key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            key.0.clone().unwrap_or_else(|| ip.to_string()),
+        );
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::IpAddress(ip)];
+        if let Some(n) = &key.0 {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(n.clone().try_into()?));
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let t = time::OffsetDateTime::now_utc();
+        params.not_before = t - time::Duration::hours(1);
+        params.not_after = t + time::Duration::seconds(LEAF_LIFETIME.as_secs() as i64);
+        params.serial_number = Some(rand::random::<u64>().into());
+        let cert = params.signed_by(&leaf_key, &self.issuer, &self.key)?;
+        let der_key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        let signing = rustls::crypto::ring::sign::any_supported_type(&der_key)
+            .map_err(|_| rcgen::Error::RingUnspecified)?;
+        let ck = Arc::new(CertifiedKey::new(
+            vec![cert.der().clone(), self.der.clone()],
+            signing,
+        ));
+        let mut cache = lock(&self.leaves);
+        if cache.len() >= LEAF_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, (now + LEAF_LIFETIME, ck.clone()));
+        Ok(ck)
+    }
+
+    /// Server configuration for one bot connection that dialled `ip`.
+    pub fn server_config(self: &Arc<Self>, ip: IpAddr) -> Arc<ServerConfig> {
+        let mut cfg = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Resolver {
+                ca: self.clone(),
+                ip,
+            }));
+        cfg.alpn_protocols = vec![ALPN_POSTGRES.to_vec()];
+        Arc::new(cfg)
+    }
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+#[derive(Debug)]
+struct Resolver {
+    ca: Arc<Ca>,
+    ip: IpAddr,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match self.ca.leaf(hello.server_name(), self.ip) {
+            Ok(ck) => Some(ck),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot mint a certificate for a bot's TLS session");
+                None
+            }
+        }
+    }
+}
+
+/// A byte stream that is plain TCP or TLS over TCP (either side).
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+/// Boxed halves of a [`Conn`].
+pub type ReadHalf = Box<dyn AsyncRead + Unpin + Send>;
+pub type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
+
+impl Conn {
+    /// Split into independently usable halves (lock-free for plain TCP).
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Conn::Plain(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Conn::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
+
+    /// Whether the stream is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(_))
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why the agent's TLS connection to a target failed. Safe to show the bot.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamTlsError {
+    #[error("the server does not support TLS, and the target's tls mode is \"{0}\"")]
+    NotOffered(&'static str),
+    #[error("cannot read tls ca_file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("invalid tls server_name \"{0}\"")]
+    ServerName(String),
+    #[error("TLS handshake with the server failed: {0}")]
+    Handshake(io::Error),
+}
+
+/// The name of a mode, as written in the policy.
+pub fn mode_name(m: TlsMode) -> &'static str {
+    match m {
+        TlsMode::Disable => "disable",
+        TlsMode::Prefer => "prefer",
+        TlsMode::Require => "require",
+        TlsMode::VerifyFull => "verify-full",
+    }
+}
+
+/// Client configuration for a target's `tls` table. `host` is the name the certificate must
+/// carry when `server_name` is not set.
+pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamTlsError::Handshake(io::Error::other(e)))?;
+    let mut cfg = if tls.mode == TlsMode::VerifyFull {
+        let path = tls.ca_file.clone().unwrap_or_default();
+        let ca_err = |reason: String| UpstreamTlsError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let mut roots = RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(&path)
+            .map_err(|e| ca_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ca_err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ca_err("no certificate in the file".into()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| ca_err(e.to_string()))?;
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    };
+    cfg.alpn_protocols = vec![ALPN_POSTGRES.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The name to verify (or send as SNI) for a connection to `ip`, dialled as `host` if known.
+pub fn server_name(
+    tls: &TargetTls,
+    host: Option<&str>,
+    ip: IpAddr,
+) -> Result<ServerName<'static>, UpstreamTlsError> {
+    match tls.server_name.as_deref().or(host) {
+        Some(n) => ServerName::try_from(n.to_string())
+            .map_err(|_| UpstreamTlsError::ServerName(n.to_string())),
+        None => Ok(ServerName::IpAddress(ip.into())),
+    }
+}
+
+/// `require`/`prefer`: encrypt, but accept any certificate (signatures are still checked, so
+/// the server must hold the key of the certificate it shows).
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// RFC 5929 `tls-server-end-point` channel-binding data: the hash of the server's certificate
+/// with the hash of its signature algorithm (SHA-256 for MD5, SHA-1 and unknown algorithms,
+/// as PostgreSQL does).
+pub fn server_end_point(cert: &[u8]) -> Vec<u8> {
+    use sha2::Digest as _;
+    let oid = x509_parser::parse_x509_certificate(cert)
+        .ok()
+        .map(|(_, c)| c.signature_algorithm.algorithm.to_id_string());
+    match oid.as_deref() {
+        // sha384WithRSAEncryption, ecdsa-with-SHA384
+        Some("1.2.840.113549.1.1.12") | Some("1.2.840.10045.4.3.3") => {
+            sha2::Sha384::digest(cert).to_vec()
+        }
+        // sha512WithRSAEncryption, ecdsa-with-SHA512
+        Some("1.2.840.113549.1.1.13") | Some("1.2.840.10045.4.3.4") => {
+            sha2::Sha512::digest(cert).to_vec()
+        }
+        _ => sha2::Sha256::digest(cert).to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_is_created_once_and_leaves_chain_to_it() {
+        let dir = std::env::temp_dir().join(format!("tollgate-ca-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let ca = Ca::load_or_create(&dir).expect("create");
+        let (cert_path, key_path) = ca_paths(&dir);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(&key_path).expect("key").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "CA key must not be readable by others");
+        let again = Ca::load_or_create(&dir).expect("load");
+        assert_eq!(ca.pem(), again.pem(), "the CA is stable across loads");
+        assert_eq!(fs::read_to_string(cert_path).expect("pem"), ca.pem());
+
+        // A leaf minted by the reloaded CA verifies against the stored CA certificate.
+        let leaf = again
+            .leaf(Some("DB.internal"), "127.0.0.1".parse().expect("ip"))
+            .expect("leaf");
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der.clone()).expect("root");
+        let verifier = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+            .build()
+            .expect("verifier");
+        let now = UnixTime::now();
+        for name in ["db.internal", "127.0.0.1"] {
+            verifier
+                .verify_server_cert(
+                    &leaf.cert[0],
+                    &leaf.cert[1..],
+                    &ServerName::try_from(name).expect("name"),
+                    &[],
+                    now,
+                )
+                .unwrap_or_else(|e| panic!("leaf does not verify for {name}: {e}"));
+        }
+        assert!(verifier
+            .verify_server_cert(
+                &leaf.cert[0],
+                &leaf.cert[1..],
+                &ServerName::try_from("other.internal").expect("name"),
+                &[],
+                now,
+            )
+            .is_err());
+        // Cached: the same leaf comes back.
+        let same = again
+            .leaf(Some("db.internal"), "127.0.0.1".parse().expect("ip"))
+            .expect("leaf");
+        assert!(Arc::ptr_eq(&leaf, &same));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn end_point_hash_follows_the_signature_algorithm() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key");
+        let cert = CertificateParams::new(vec!["x".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        assert_eq!(server_end_point(cert.der()).len(), 48);
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["x".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        assert_eq!(server_end_point(cert.der()).len(), 32);
+    }
+}
