@@ -48,6 +48,11 @@ enum Cmd {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// The agent's certificate authority, which signs what bots see when they ask for TLS.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
     /// Remove every pinned program and map: protected destinations become directly reachable.
     Uninstall {
         /// Read `bpf_pin_path` from this policy file.
@@ -56,6 +61,18 @@ enum Cmd {
         /// The pin directory (default /sys/fs/bpf/tollgate).
         #[arg(long)]
         pin_path: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Print the CA certificate (PEM) for bots' trust stores, e.g. PostgreSQL's
+    /// `sslrootcert` with `sslmode=verify-full`. Creates the CA if the agent has not yet.
+    Export {
+        #[arg(long, default_value = "/etc/tollgate/policy.toml")]
+        policy: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -125,6 +142,15 @@ fn main() -> ExitCode {
             for l in tollgate::replay::list(&d, &f)? {
                 println!("{l}");
             }
+            Ok(())
+        }),
+        Cmd::Ca {
+            cmd: CaCmd::Export {
+                policy,
+                data_dir: dd,
+            },
+        } => data_dir(&policy, dd).and_then(|d| {
+            print!("{}", tollgate::tls::Ca::load_or_create(&d)?.pem());
             Ok(())
         }),
         Cmd::Replay {

@@ -29,7 +29,8 @@ use tokio::{
 use tokio_util::task::TaskTracker;
 use tollgate_common::ConnInfo;
 use tollgate_policy::{
-    decide, Action, Decision, Mode, Operation, Policy, Protocol, Request, Target, WorkloadFacts,
+    decide, Action, Decision, Mode, Operation, Policy, Protocol, Request, Target, TargetAddress,
+    WorkloadFacts,
 };
 use tracing::{info, warn, Instrument};
 
@@ -162,6 +163,8 @@ pub struct Agent {
     pub upstream_mark: Option<u32>,
     /// Key of the `hash` masking style: stable per installation (`<data_dir>/mask.key`).
     pub hash_key: [u8; 32],
+    /// The agent's CA for bot-side TLS (None: bots' TLS requests are refused).
+    pub ca: Option<Arc<crate::tls::Ca>>,
     next_session: AtomicU64,
     started_ms: u64,
 }
@@ -192,6 +195,7 @@ impl Agent {
             upstream_timeout: Duration::from_secs(10),
             upstream_mark: Some(AGENT_MARK),
             hash_key: [0; 32],
+            ca: None,
             next_session: AtomicU64::new(1),
             started_ms,
         }
@@ -435,6 +439,23 @@ impl SessionCx {
         ApprovalOutcome::Unavailable
     }
 
+    /// The target host name the bot dialled, if the original destination is one of the
+    /// target's `host:port` addresses as last resolved.
+    pub fn dialled_host(&self) -> Option<String> {
+        let resolved = lock(&self.agent.resolved);
+        self.target.address.iter().find_map(|a| match a {
+            TargetAddress::Host(h, port)
+                if *port == self.orig_dst.port()
+                    && resolved
+                        .get(h)
+                        .is_some_and(|ips| ips.contains(&self.orig_dst.ip())) =>
+            {
+                Some(h.clone())
+            }
+            _ => None,
+        })
+    }
+
     /// Connect to the original destination. The socket carries the agent's mark, so the
     /// kernel hooks never redirect it back to us.
     pub async fn connect_upstream(&self) -> Result<TcpStream, DataPathError> {
@@ -485,6 +506,7 @@ impl SessionCx {
             .is_some_and(|r| r.is_whole_connection());
         let pg = crate::pg::handler::PgHandler {
             hash_key: self.agent.hash_key,
+            ca: self.agent.ca.clone(),
         };
         let tcp = TcpHandler {
             kind: self.agent.relay_kind,

@@ -101,6 +101,15 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         metrics.clone(),
     );
     agent.hash_key = load_or_create_key(&cfg.data_dir.join("mask.key"))?;
+    // Bot-side TLS for PostgreSQL: without a usable CA, bots' TLS requests are refused (and
+    // libpq's default sslmode=prefer falls back to plaintext), so this is not fatal.
+    agent.ca = match crate::tls::Ca::load_or_create(&cfg.data_dir) {
+        Ok(ca) => Some(Arc::new(ca)),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "no CA for bot-side TLS; bots asking for TLS are refused");
+            None
+        }
+    };
     let agent = Arc::new(agent);
     for (h, ips) in resolved {
         agent.set_resolved(h, ips);

@@ -19,17 +19,14 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpStream,
-    },
+    io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
 };
 use tollgate_policy::{decide, Action, Decision, Operation, Protocol, Request};
 
@@ -44,6 +41,7 @@ use crate::{
     proxy::{ApprovalOutcome, DataPathError, ProtocolHandler, SessionCx},
     recording::Recorder,
     relay::Totals,
+    tls::{self, Ca, Conn, ReadHalf, WriteHalf},
 };
 
 /// Statement classifications shared by all sessions (keyed by normalised statement).
@@ -66,6 +64,9 @@ impl Drop for CancelKeyGuard {
 pub struct PgHandler {
     /// Key for the `hash` masking style (stable per installation).
     pub hash_key: [u8; 32],
+    /// The agent's CA, for bots that ask for TLS (None: TLS is refused and libpq's default
+    /// `sslmode=prefer` falls back to plaintext on loopback).
+    pub ca: Option<Arc<Ca>>,
 }
 
 impl ProtocolHandler for PgHandler {
@@ -90,7 +91,12 @@ struct Counters {
     down: AtomicU64,
 }
 
-async fn send_fatal(client: &mut TcpStream, code: &str, message: &str, hint: Option<&str>) {
+async fn send_fatal<W: AsyncWrite + Unpin>(
+    client: &mut W,
+    code: &str,
+    message: &str,
+    hint: Option<&str>,
+) {
     let mut out = BytesMut::new();
     let mut r = ErrorReport::fatal(code, message);
     if let Some(h) = hint {
@@ -98,44 +104,92 @@ async fn send_fatal(client: &mut TcpStream, code: &str, message: &str, hint: Opt
     }
     wire::encode_error_response(&r, &mut out);
     let _ = client.write_all(&out).await;
+    let _ = client.flush().await;
     let _ = client.shutdown().await;
 }
 
-/// Read the startup packet (answering SSL/GSS requests with 'N').
+/// How long a client may take to send its startup packet (and finish a TLS handshake).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Read the startup packet: answer GSSENCRequest with 'N' and SSLRequest with 'S' and a TLS
+/// handshake when the agent has a CA (else 'N'); a client that opens with a TLS ClientHello
+/// (`sslnegotiation=direct`) gets TLS at once. Returns the (possibly encrypted) stream.
 async fn read_startup(
-    client: &mut TcpStream,
+    h: &PgHandler,
+    cx: &SessionCx,
+    tcp: TcpStream,
     buf: &mut BytesMut,
-) -> Result<Startup, DataPathError> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+) -> Result<(Conn, Startup), DataPathError> {
+    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
+    let timed_out = || DataPathError::Client(std::io::ErrorKind::TimedOut.into());
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(0)) => {
+            return Err(DataPathError::Client(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ))
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(DataPathError::Client(e)),
+        Err(_) => return Err(timed_out()),
+    }
+    let mut client = if first[0] == wire::TLS_HANDSHAKE {
+        match &h.ca {
+            Some(ca) => accept_tls(ca, cx, tcp, deadline).await?,
+            // A TLS client cannot read a plaintext error: just close.
+            None => {
+                return Err(DataPathError::Client(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "client started TLS directly, and bot-side TLS is not available",
+                )))
+            }
+        }
+    } else {
+        Conn::Plain(tcp)
+    };
     loop {
         match wire::parse_startup(buf) {
+            Ok(Some(Startup::Ssl)) if !client.is_tls() && h.ca.is_some() => {
+                if !buf.is_empty() {
+                    // Bytes sent after SSLRequest but before the handshake could be injected
+                    // by anyone on the path (CVE-2021-23214): refuse, as PostgreSQL does.
+                    let msg = "tollgate: received unencrypted data after SSL request";
+                    send_fatal(&mut client, "08P01", msg, None).await;
+                    return Err(DataPathError::Client(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        msg,
+                    )));
+                }
+                client
+                    .write_all(&[wire::SSL_ACCEPTED])
+                    .await
+                    .map_err(DataPathError::Client)?;
+                let (Conn::Plain(tcp), Some(ca)) = (client, &h.ca) else {
+                    return Err(DataPathError::Internal("TLS requested twice".into()));
+                };
+                client = accept_tls(ca, cx, tcp, deadline).await?;
+            }
             Ok(Some(Startup::Ssl)) | Ok(Some(Startup::GssEnc)) => {
-                // TLS termination is not in this version: clients with sslmode=prefer fall back
-                // to plaintext on loopback; sslmode=require fails with the server's words.
                 client
                     .write_all(&[wire::ENCRYPTION_REFUSED])
                     .await
                     .map_err(DataPathError::Client)?;
+                client.flush().await.map_err(DataPathError::Client)?;
             }
-            Ok(Some(s)) => return Ok(s),
-            Ok(None) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(left, client.read_buf(buf)).await {
-                    Ok(Ok(0)) => {
-                        return Err(DataPathError::Client(
-                            std::io::ErrorKind::UnexpectedEof.into(),
-                        ))
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(DataPathError::Client(e)),
-                    Err(_) => {
-                        return Err(DataPathError::Client(std::io::ErrorKind::TimedOut.into()))
-                    }
+            Ok(Some(s)) => return Ok((client, s)),
+            Ok(None) => match tokio::time::timeout_at(deadline, client.read_buf(buf)).await {
+                Ok(Ok(0)) => {
+                    return Err(DataPathError::Client(
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ))
                 }
-            }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(DataPathError::Client(e)),
+                Err(_) => return Err(timed_out()),
+            },
             Err(e) => {
                 let msg = format!("tollgate: invalid startup packet: {e}");
-                send_fatal(client, "08P01", &msg, None).await;
+                send_fatal(&mut client, "08P01", &msg, None).await;
                 return Err(DataPathError::Client(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     msg,
@@ -145,13 +199,31 @@ async fn read_startup(
     }
 }
 
+/// TLS handshake with a bot, presenting a leaf for the name it asked for and the IP it dialled.
+async fn accept_tls(
+    ca: &Arc<Ca>,
+    cx: &SessionCx,
+    tcp: TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<Conn, DataPathError> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(cx.orig_dst.ip()));
+    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))),
+        Ok(Err(e)) => Err(DataPathError::Client(std::io::Error::new(
+            e.kind(),
+            format!("TLS handshake with the bot failed: {e}"),
+        ))),
+        Err(_) => Err(DataPathError::Client(std::io::ErrorKind::TimedOut.into())),
+    }
+}
+
 async fn serve(
     h: &PgHandler,
     cx: &SessionCx,
-    mut client: TcpStream,
+    tcp: TcpStream,
 ) -> Result<Totals, DataPathError> {
     let mut cbuf = BytesMut::with_capacity(8192);
-    let startup = read_startup(&mut client, &mut cbuf).await?;
+    let (mut client, startup) = read_startup(h, cx, tcp, &mut cbuf).await?;
     let params = match startup {
         Startup::Cancel { pid, secret } => {
             // A cancel for one of our sessions: forward it with the upstream backend's key.
@@ -252,8 +324,16 @@ async fn serve(
         }
     };
     let cred_label = cred_name.clone().unwrap_or_else(|| "(none)".into());
-    let mut session = match upstream::login(up, &user, &pass, &cred_label, secret.as_deref()).await
-    {
+    let tls = &cx.target.tls;
+    let up = match tls::server_name(tls, cx.dialled_host().as_deref(), cx.orig_dst.ip()) {
+        Ok(name) => upstream::negotiate_tls(up, tls, name).await,
+        Err(e) => Err(e.into()),
+    };
+    let login = match up {
+        Ok(up) => upstream::login(up, &user, &pass, &cred_label, secret.as_deref()).await,
+        Err(e) => Err(e),
+    };
+    let mut session = match login {
         Ok(s) => s,
         Err(e) => {
             send_fatal(
@@ -555,8 +635,8 @@ impl ClientSide<'_> {
 
     async fn run(
         mut self,
-        mut cr: OwnedReadHalf,
-        mut uw: OwnedWriteHalf,
+        mut cr: ReadHalf,
+        mut uw: WriteHalf,
         mut buf: BytesMut,
         counters: &Counters,
     ) -> Result<(), DataPathError> {
@@ -701,6 +781,7 @@ impl ClientSide<'_> {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(16 * 1024);
             }
+            uw.flush().await.map_err(|e| upstream_err(self.cx, e))?;
             match cr.read_buf(&mut buf).await {
                 Ok(0) => {
                     let _ = uw.shutdown().await;
@@ -969,8 +1050,8 @@ impl ServerSide<'_> {
 
     async fn run(
         mut self,
-        mut ur: OwnedReadHalf,
-        mut cw: OwnedWriteHalf,
+        mut ur: ReadHalf,
+        mut cw: WriteHalf,
         mut buf: BytesMut,
         counters: &Counters,
     ) -> Result<(), DataPathError> {
@@ -991,6 +1072,7 @@ impl ServerSide<'_> {
                         );
                         let _ = cw.write_all(&out).await;
                         let _ = cw.write_all(&o).await;
+                        let _ = cw.flush().await;
                         return Err(DataPathError::Upstream {
                             addr: self.cx.orig_dst,
                             source: std::io::Error::new(
@@ -1015,6 +1097,7 @@ impl ServerSide<'_> {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(64 * 1024);
             }
+            cw.flush().await.map_err(DataPathError::Client)?;
             match ur.read_buf(&mut buf).await {
                 Ok(0) => {
                     let _ = cw.shutdown().await;
@@ -1032,6 +1115,7 @@ impl ServerSide<'_> {
                         &mut o,
                     );
                     let _ = cw.write_all(&o).await;
+                    let _ = cw.flush().await;
                     return Err(DataPathError::Upstream {
                         addr: self.cx.orig_dst,
                         source: e,

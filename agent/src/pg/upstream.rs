@@ -10,13 +10,17 @@ use postgres_protocol::{
     authentication::{md5_hash, sasl},
     message::{backend, frontend},
 };
+use rustls_pki_types::ServerName;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use tollgate_policy::{Credential, SecretSource};
+use tollgate_policy::{Credential, SecretSource, TargetTls, TlsMode};
 
-use crate::pg::wire;
+use crate::{
+    pg::wire,
+    tls::{self, Conn, UpstreamTlsError},
+};
 
 /// Why logging in upstream failed. `Display` is safe to show the bot: it names the credential
 /// to fix and never contains the secret.
@@ -40,6 +44,9 @@ pub enum LoginError {
     /// SCRAM exchange failed (bad server proof or malformed message).
     #[error("SCRAM authentication with credential \"{credential}\" failed: {reason}")]
     Scram { credential: String, reason: String },
+    /// TLS to the server could not be set up as the target's `tls` table asks.
+    #[error("upstream TLS: {0}")]
+    Tls(#[from] UpstreamTlsError),
     /// The connection broke or the server spoke nonsense.
     #[error("upstream I/O: {0}")]
     Io(#[from] io::Error),
@@ -50,7 +57,7 @@ impl LoginError {
     pub fn sqlstate(&self) -> &str {
         match self {
             LoginError::Rejected { code, .. } if !code.is_empty() => code,
-            LoginError::Io(_) => "08006",
+            LoginError::Io(_) | LoginError::Tls(_) => "08006",
             _ => "28P01",
         }
     }
@@ -82,7 +89,7 @@ pub fn read_secret(name: &str, cred: &Credential) -> Result<Option<Vec<u8>>, Log
 
 /// Result of a successful login.
 pub struct Session {
-    pub stream: TcpStream,
+    pub stream: Conn,
     /// Server's BackendKeyData (process id, secret) for cancel requests.
     pub backend_key: Option<(i32, i32)>,
     /// Raw ParameterStatus (and NoticeResponse) messages to relay to the client.
@@ -94,7 +101,7 @@ pub struct Session {
 }
 
 async fn read_msg(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     buf: &mut BytesMut,
 ) -> Result<(backend::Message, Bytes), LoginError> {
     loop {
@@ -133,10 +140,52 @@ fn error_fields(body: &backend::ErrorResponseBody) -> (String, String) {
     (code, message)
 }
 
+/// Secure a fresh connection to the server as the target's `tls` table says: SSLRequest, then
+/// a rustls handshake on 'S'; on 'N', plaintext only for `prefer`.
+pub async fn negotiate_tls(
+    mut stream: TcpStream,
+    tls: &TargetTls,
+    name: ServerName<'static>,
+) -> Result<Conn, LoginError> {
+    if tls.mode == TlsMode::Disable {
+        return Ok(Conn::Plain(stream));
+    }
+    let config = tls::client_config(tls)?;
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    stream.write_all(&out).await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        wire::SSL_ACCEPTED => {
+            let connector = tokio_rustls::TlsConnector::from(config);
+            let s = connector
+                .connect(name, stream)
+                .await
+                .map_err(UpstreamTlsError::Handshake)?;
+            Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Client(s))))
+        }
+        wire::ENCRYPTION_REFUSED if tls.mode == TlsMode::Prefer => Ok(Conn::Plain(stream)),
+        _ => Err(UpstreamTlsError::NotOffered(tls::mode_name(tls.mode)).into()),
+    }
+}
+
+/// Channel binding for SCRAM over `stream`: the server certificate's hash under TLS.
+fn channel_binding(stream: &Conn, plus: bool) -> sasl::ChannelBinding {
+    let cert = match stream {
+        Conn::Tls(s) => s.get_ref().1.peer_certificates().and_then(|c| c.first()),
+        Conn::Plain(_) => return sasl::ChannelBinding::unsupported(),
+    };
+    match cert {
+        Some(c) if plus => sasl::ChannelBinding::tls_server_end_point(tls::server_end_point(c)),
+        _ => sasl::ChannelBinding::unrequested(),
+    }
+}
+
 /// Log in as `user` to `database` with `params` (client parameters such as application_name
 /// to pass through) using the secret of credential `cred_name`.
 pub async fn login(
-    mut stream: TcpStream,
+    mut stream: Conn,
     user: &str,
     params: &[(String, String)],
     cred_name: &str,
@@ -151,6 +200,7 @@ pub async fn login(
     }
     frontend::startup_message(all.iter().copied(), &mut out)?;
     stream.write_all(&out).await?;
+    stream.flush().await?;
     out.clear();
 
     let mut buf = BytesMut::with_capacity(8192);
@@ -177,19 +227,27 @@ pub async fn login(
             backend::Message::AuthenticationSasl(b) => {
                 use fallible_iterator::FallibleIterator as _;
                 let mut mechs = b.mechanisms();
-                let mut ok = false;
+                let (mut plain, mut plus) = (false, false);
                 while let Ok(Some(m)) = mechs.next() {
-                    ok |= m == sasl::SCRAM_SHA_256;
+                    plain |= m == sasl::SCRAM_SHA_256;
+                    plus |= m == sasl::SCRAM_SHA_256_PLUS;
                 }
-                if !ok {
+                // Over TLS, bind the exchange to the server's certificate when the server
+                // offers it (SCRAM-SHA-256-PLUS), so a man in the middle cannot relay it.
+                let plus = plus && stream.is_tls();
+                if !plain && !plus {
                     return Err(LoginError::Unsupported(
                         "SASL without SCRAM-SHA-256",
                         cred_name.into(),
                     ));
                 }
-                let s =
-                    sasl::ScramSha256::new(need("password")?, sasl::ChannelBinding::unsupported());
-                frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)?;
+                let s = sasl::ScramSha256::new(need("password")?, channel_binding(&stream, plus));
+                let mech = if plus {
+                    sasl::SCRAM_SHA_256_PLUS
+                } else {
+                    sasl::SCRAM_SHA_256
+                };
+                frontend::sasl_initial_response(mech, s.message(), &mut out)?;
                 scram = Some(s);
             }
             backend::Message::AuthenticationSaslContinue(b) => {
@@ -254,6 +312,7 @@ pub async fn login(
         }
         if !out.is_empty() {
             stream.write_all(&out).await?;
+            stream.flush().await?;
             out.clear();
         }
     }

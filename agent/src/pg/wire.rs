@@ -79,7 +79,7 @@ pub const SSL_ACCEPTED: u8 = b'S';
 /// First byte of a TLS handshake record. PostgreSQL 17's `sslnegotiation=direct` sends it
 /// instead of an SSLRequest. It cannot start a valid startup packet, because the first byte of a
 /// length of at most [`MAX_STARTUP_LEN`] is 0.
-const TLS_HANDSHAKE: u8 = 0x16;
+pub const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Everything that can go wrong reading or writing a message. Each message is meant to be shown
 /// to the client as is, in an ErrorResponse with [`WireError::sqlstate`].
