@@ -65,8 +65,11 @@ pub struct Ca {
     /// The CA re-issued in memory from the stored parameters and key: rcgen signs leaves with a
     /// `Certificate`, and subject and key (all a chain check uses) are the stored ones.
     issuer: rcgen::Certificate,
-    leaves: Mutex<HashMap<(Option<String>, IpAddr), (SystemTime, Arc<CertifiedKey>)>>,
+    leaves: Mutex<HashMap<LeafKey, (SystemTime, Arc<CertifiedKey>)>>,
 }
+
+/// Cached leaves are per (SNI name, dialled IP).
+type LeafKey = (Option<String>, IpAddr);
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,9 +100,13 @@ impl Ca {
             .with_context(|| format!("{}: not a PEM certificate", cert_path.display()))?;
         let params = CertificateParams::from_ca_cert_pem(&pem)
             .with_context(|| format!("{}: not a CA certificate", cert_path.display()))?;
-        let issuer = params
-            .self_signed(&key)
-            .with_context(|| format!("{} does not match {}", key_path.display(), cert_path.display()))?;
+        let issuer = params.self_signed(&key).with_context(|| {
+            format!(
+                "{} does not match {}",
+                key_path.display(),
+                cert_path.display()
+            )
+        })?;
         Ok(Ca {
             key,
             der,

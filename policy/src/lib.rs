@@ -83,8 +83,8 @@ pub use error::PolicyError;
 pub use model::{
     Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch, Identity, IdentityOidc,
     KubeMatch, MaskRule, MaskStyle, Mode, OidcConfig, Policy, Protocol, Rule, SecretSource,
-    SqlMatch, SshMatch, Target, TargetAddress, TargetTls, TlsMode, WorkloadFacts, DETECTORS, KUBE_VERBS,
-    SQL_STATEMENTS,
+    SqlMatch, SshMatch, Target, TargetAddress, TargetTls, TlsMode, WorkloadFacts, DETECTORS,
+    KUBE_VERBS, SQL_STATEMENTS,
 };
 
 /// Parse and validate a policy file. `file_name` is only used in error messages.

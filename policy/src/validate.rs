@@ -822,7 +822,10 @@ fn target_tls(cx: &mut Cx<'_>, name: &str, t: &toml::Spanned<RawTargetTls>) -> T
     let what = format!(" of `tls` of target \"{name}\"");
     let raw = t.get_ref();
     let mode = one_of(cx, &raw.mode, "mode", &what, TLS_MODES).unwrap_or_default();
-    let ca_file = raw.ca_file.as_ref().and_then(|v| path(cx, v, "ca_file", &what));
+    let ca_file = raw
+        .ca_file
+        .as_ref()
+        .and_then(|v| path(cx, v, "ca_file", &what));
     let server_name = raw
         .server_name
         .as_ref()

@@ -51,8 +51,50 @@ fn run_as_postgres(bin: &Path, prog: &str, args: &[&str]) {
     );
 }
 
+/// Certificates for a server with TLS: a test CA (PEM, for clients' trust) and its leaf for
+/// `localhost` and 127.0.0.1.
+pub struct TestCa {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let mut leaf =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("params");
+        leaf.distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let cert = leaf.signed_by(&key, &ca, &ca_key).expect("leaf");
+        TestCa {
+            ca_pem: ca.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
 impl PgServer {
     pub fn start(tag: &str) -> PgServer {
+        PgServer::start_with(tag, None)
+    }
+
+    /// A server that accepts TCP logins only over TLS (`hostssl` in pg_hba.conf), with a
+    /// certificate from `tls`.
+    pub fn start_with_tls(tag: &str, tls: &TestCa) -> PgServer {
+        PgServer::start_with(tag, Some(tls))
+    }
+
+    fn start_with(tag: &str, tls: Option<&TestCa>) -> PgServer {
         let dir = TempDir::new(&format!("pg-{tag}"));
         let bin = pg_bin();
         let data = dir.path().join("data");
@@ -81,6 +123,39 @@ impl PgServer {
                 &data.to_string_lossy(),
             ],
         );
+        let mut ssl_opts = String::new();
+        if let Some(t) = tls {
+            let own = |p: &Path, text: &str| {
+                fs::write(p, text).expect("write tls file");
+                let _ = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(p)
+                    .status();
+                let _ = Command::new("chmod").arg("600").arg(p).status();
+            };
+            let (crt, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            own(&crt, &t.cert_pem);
+            own(&key, &t.key_pem);
+            ssl_opts = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                crt.display(),
+                key.display()
+            );
+            // TCP logins only over TLS; the Unix socket (superuser setup) stays as it is.
+            let hba = data.join("pg_hba.conf");
+            let text = fs::read_to_string(&hba).expect("pg_hba.conf");
+            let text: String = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("host ") || l.starts_with("host\t") {
+                        format!("hostssl{}\n", &l[4..])
+                    } else {
+                        format!("{l}\n")
+                    }
+                })
+                .collect();
+            fs::write(&hba, text).expect("pg_hba.conf");
+        }
         let port = free_port();
         run_as_postgres(
             &bin,
@@ -92,7 +167,7 @@ impl PgServer {
                 &dir.path().join("log").to_string_lossy(),
                 "-o",
                 &format!(
-                    "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={}",
+                    "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={}{ssl_opts}",
                     dir.path().display()
                 ),
                 "-w",

@@ -217,11 +217,7 @@ async fn accept_tls(
     }
 }
 
-async fn serve(
-    h: &PgHandler,
-    cx: &SessionCx,
-    tcp: TcpStream,
-) -> Result<Totals, DataPathError> {
+async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, DataPathError> {
     let mut cbuf = BytesMut::with_capacity(8192);
     let (mut client, startup) = read_startup(h, cx, tcp, &mut cbuf).await?;
     let params = match startup {

@@ -859,7 +859,9 @@ fn columns_count_characters() {
 
 #[test]
 fn target_tls_is_validated() {
-    let t = |tls: &str| format!("[[target]]\nname = \"t2\"\nprotocol = \"postgres\"\naddress = [\"127.0.0.1:6543\"]\ntls = {tls}\n");
+    let t = |tls: &str| {
+        format!("[[target]]\nname = \"t2\"\nprotocol = \"postgres\"\naddress = [\"127.0.0.1:6543\"]\ntls = {tls}\n")
+    };
     let ok = parse(
         &format!(
             "{BASE}{}",
@@ -874,10 +876,30 @@ fn target_tls_is_validated() {
     let plain = parse(BASE, "p.toml").expect("base");
     assert_eq!(plain.targets[0].tls.mode, crate::TlsMode::Disable);
 
-    check(&t(r#"{ mode = "verify" }"#), 5, 16, &["invalid mode \"verify\"", "verify-full"]);
-    check(&t(r#"{ mode = "verify-full" }"#), 5, 7, &["needs `ca_file`"]);
-    check(&t(r#"{ mode = "require", ca_file = "/x" }"#), 5, 7, &["only used with"]);
-    check(&t(r#"{ mode = "require", sni = "x" }"#), 5, 27, &["unknown key `sni`", "`tls` of [[target]]"]);
+    check(
+        &t(r#"{ mode = "verify" }"#),
+        5,
+        16,
+        &["invalid mode \"verify\"", "verify-full"],
+    );
+    check(
+        &t(r#"{ mode = "verify-full" }"#),
+        5,
+        7,
+        &["needs `ca_file`"],
+    );
+    check(
+        &t(r#"{ mode = "require", ca_file = "/x" }"#),
+        5,
+        7,
+        &["only used with"],
+    );
+    check(
+        &t(r#"{ mode = "require", sni = "x" }"#),
+        5,
+        27,
+        &["unknown key `sni`", "`tls` of [[target]]"],
+    );
     check(
         "[[target]]\nname = \"t3\"\nprotocol = \"tcp\"\naddress = [\"127.0.0.1:6544\"]\ntls = { mode = \"require\" }\n",
         5,
