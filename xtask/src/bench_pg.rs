@@ -111,6 +111,126 @@ address = ["127.0.0.1:{pg_port}"]
     )
 }
 
+fn metrics_addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// Resident memory of `pid` in bytes.
+fn rss(pid: u32) -> Result<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb * 1024.0)
+}
+
+/// `tollgate_sessions_active{protocol="postgres"}` from the agent's metrics.
+fn active_sessions(metrics: &str) -> Result<f64> {
+    let text = crate::demo::http_get(metrics, "/metrics")?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_sessions_active{protocol=\"postgres\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// Open N idle psql sessions through the agent (each waits on its stdin) and return N and the
+/// agent's RSS growth per session. The sessions are ended (stdin closed) before returning.
+fn idle_session_memory(agent_pid: u32, pg_port: u16, metrics: &str) -> Result<(usize, f64)> {
+    // Below the server's default max_connections (100, minus reserved slots).
+    const N: usize = 80;
+    // Warm up allocator arenas and caches with a few sessions first, so the measurement is
+    // of sessions, not of first-use initialisation.
+    let spawn = |n: usize| -> Result<Vec<std::process::Child>> {
+        (0..n)
+            .map(|_| {
+                Command::new("psql")
+                    .args([
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &pg_port.to_string(),
+                        "-U",
+                        "app_rw",
+                        "-d",
+                        "bench",
+                        "-X",
+                        "-q",
+                    ])
+                    .env("PGPASSWORD", "not-the-password")
+                    .env("PGSSLMODE", "disable")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("psql")
+            })
+            .collect()
+    };
+    let wait_active = |want: f64| -> Result<()> {
+        for _ in 0..300 {
+            if active_sessions(metrics)? == want {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        bail!("the agent did not reach {want} active postgres sessions")
+    };
+    let end = |children: Vec<std::process::Child>| {
+        for mut c in children {
+            drop(c.stdin.take());
+            let _ = c.wait();
+        }
+    };
+    let warm = spawn(10)?;
+    wait_active(10.0)?;
+    end(warm);
+    wait_active(0.0)?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = rss(agent_pid)?;
+    let held = spawn(N)?;
+    wait_active(N as f64)?;
+    // Let every session go idle (past its buffers' idle trim).
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let after = rss(agent_pid)?;
+    end(held);
+    wait_active(0.0)?;
+    Ok((N, (after - before).max(0.0) / N as f64))
+}
+
+/// Masking throughput (DataRow-like fields through every detector, one core), from the
+/// agent's own release-mode measurement.
+fn mask_throughput() -> Result<()> {
+    let out = Command::new("cargo")
+        .args([
+            "test",
+            "-q",
+            "--release",
+            "-p",
+            "tollgate",
+            "--lib",
+            "mask::tests::bench_throughput",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ])
+        .current_dir(util::root())
+        .stderr(Stdio::null())
+        .output()
+        .context("cargo test (mask throughput)")?;
+    println!("\nmasking throughput, one core:");
+    for l in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("MB/s"))
+    {
+        println!("  {l}");
+    }
+    Ok(())
+}
+
 /// pgbouncer in session mode, run as the postgres user (it refuses root), stopped on drop.
 struct Bouncer {
     pid: u32,
@@ -157,7 +277,12 @@ impl Drop for Bouncer {
     }
 }
 
-pub fn bench_pg() -> Result<()> {
+pub fn bench_pg(only: Option<&str>) -> Result<()> {
+    let tps = match only {
+        None => true,
+        Some("memory") => false,
+        Some(o) => bail!("unknown part {o:?} of `bench pg`: use --only memory or nothing"),
+    };
     if !util::is_root() {
         bail!("the benchmark loads eBPF programs: run it as root");
     }
@@ -197,7 +322,7 @@ pub fn bench_pg() -> Result<()> {
     // Direct and pgbouncer first, with no agent loaded (it would redirect pgbouncer too).
     let bport = free_port()?;
     let bouncer = Bouncer::start(pg_port, bport)?;
-    for (i, (_, args)) in rows.iter().enumerate() {
+    for (i, (_, args)) in rows.iter().enumerate().filter(|_| tps) {
         table[i][0] = pgbench(pg_port, PW, args)?;
         table[i][3] = pgbench(bport, PW, args)?;
     }
@@ -216,16 +341,27 @@ pub fn bench_pg() -> Result<()> {
     }
     let back = Back(cg.0.clone());
     let (listen, metrics) = (free_port()?, free_port()?);
+    let mut idle = None;
     for (col, protocol, env) in [
         (1usize, "tcp", &[("TOLLGATE_RELAY", "copy")][..]),
         (2, "postgres", &[][..]),
     ] {
+        if !tps && protocol != "postgres" {
+            continue;
+        }
         let pol = work.join(format!("{protocol}.toml"));
         fs::write(&pol, policy(pg_port, listen, metrics, protocol))?;
         let log = work.join(format!("agent-{protocol}.log"));
         let mut agent = AgentProc::start(&bin, &pol, &log, env)?;
         agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
-        for (i, (_, args)) in rows.iter().enumerate() {
+        if protocol == "postgres" {
+            idle = Some(idle_session_memory(
+                agent.child.id(),
+                pg_port,
+                &metrics_addr(metrics),
+            )?);
+        }
+        for (i, (_, args)) in rows.iter().enumerate().filter(|_| tps) {
             // Through tollgate the bot's password does not matter (postgres mode injects it);
             // the tcp relay passes authentication through, so it needs the real one.
             let pw = if protocol == "postgres" {
@@ -240,6 +376,17 @@ pub fn bench_pg() -> Result<()> {
     drop(back);
     drop(cg);
 
+    if !tps {
+        if let Some((n, per)) = idle {
+            println!(
+                "idle postgres session memory: {:.1} KiB per session over {n} sessions",
+                per / 1024.0
+            );
+        }
+        drop(pg);
+        let _ = fs::remove_dir_all(work);
+        return Ok(());
+    }
     println!("\npgbench TPS, -c4 -j2 -T{SECONDS}, scale 1, one run on this machine (2 cores shared by client, proxy and server)\n");
     println!(
         "{:<32} {:>10} {:>12} {:>14} {:>11}   {:>12} {:>12} {:>10}",
@@ -264,6 +411,13 @@ pub fn bench_pg() -> Result<()> {
     println!(
         "\ngoals: pg/relay >= 0.9 every row; pg/pgbouncer >= 1.1 every row; -C pg/direct >= 2.0"
     );
+    if let Some((n, per)) = idle {
+        println!(
+            "\nidle postgres session memory: {:.1} KiB per session (agent RSS growth over {n} idle psql sessions; goal <= 16 KiB)",
+            per / 1024.0
+        );
+    }
+    mask_throughput()?;
     drop(pg);
     let _ = fs::remove_dir_all(work);
     Ok(())

@@ -45,7 +45,7 @@ enum Cmd {
     Bench {
         /// `pg` for the pgbench table; nothing for the interception figures.
         what: Option<String>,
-        /// Run only one part: connect, first-byte or throughput.
+        /// Run only one part: connect, first-byte or throughput; for `pg`: memory.
         #[arg(long)]
         only: Option<String>,
     },
@@ -140,7 +140,7 @@ fn main() -> Result<()> {
             build(true)?;
             match what.as_deref() {
                 None => bench::bench(only.as_deref()),
-                Some("pg") => bench_pg::bench_pg(),
+                Some("pg") => bench_pg::bench_pg(only.as_deref()),
                 Some(other) => bail!("unknown benchmark {other:?}: use `cargo xtask bench` or `cargo xtask bench pg`"),
             }
         }
