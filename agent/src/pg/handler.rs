@@ -11,6 +11,8 @@
 //! Masking works from RowDescription: column rules need the table and column behind a result
 //! column, which come from the server catalog (`catalog.rs`), and detectors look at every
 //! text-like value. Values are re-encoded in DataRow; nothing is buffered beyond one message.
+//! COPY ... TO STDOUT is planned when it is decided (`copy.rs`) and its CopyData rows are
+//! masked field by field; what cannot be masked is denied, or withheld mid-stream with a 42501.
 
 use crate::{lock, obj};
 use std::{
