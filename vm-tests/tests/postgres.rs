@@ -407,3 +407,171 @@ fn upstream_dying_mid_result_gives_a_clean_error_and_others_are_served() {
         text(&o)
     );
 }
+
+/// A planted value only the COPY test inserts: an email inside free text with every character
+/// COPY has to escape or quote around it.
+const COPY_NOTE_EMAIL: &str = "carol.copy@example.net";
+
+#[test]
+fn psql_copy_to_stdout_is_masked_and_copy_from_stdin_still_works() {
+    let f = fixture("pgcopy");
+    f.pg.superuser_sql(
+        &format!(
+            "INSERT INTO customers VALUES (3, 'Carol', 'carol@example.com', '4000056655665556', \
+             E'tab\\there, \"quoted\"\\nnew line \\\\ back {COPY_NOTE_EMAIL}')"
+        ),
+        "app",
+    );
+    let direct = f.pg.superuser_sql("COPY customers TO STDOUT", "app");
+    assert!(direct.contains(SECRET_EMAIL) && direct.contains(COPY_NOTE_EMAIL));
+
+    // Text format: every row arrives, masked.
+    let o = f.psql(&["-c", "\\copy customers to stdout"]);
+    let t = text(&o);
+    assert!(
+        o.status.success(),
+        "{t}\n--- agent ---\n{}",
+        f.agent.stderr_text()
+    );
+    for leaked in [
+        SECRET_EMAIL,
+        SECRET_CARD,
+        COPY_NOTE_EMAIL,
+        "bob@example.org",
+        "4000056655665556",
+    ] {
+        assert!(!t.contains(leaked), "{leaked} leaked: {t}");
+    }
+    let lines: Vec<&str> = o
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| std::str::from_utf8(l).expect("utf8"))
+        .collect();
+    assert_eq!(lines.len(), 3, "one line per row: {t}");
+    let alice: Vec<&str> = lines[0].split('\t').collect();
+    assert_eq!(alice.len(), 5, "{t}");
+    assert_eq!((alice[0], alice[1], alice[4]), ("1", "Alice", "vip"));
+    assert!(
+        alice[2].ends_with("@example.com") && alice[2] != SECRET_EMAIL,
+        "{t}"
+    );
+    assert!(alice[3].ends_with("1111"), "partial keeps the last 4: {t}");
+    let carol: Vec<&str> = lines[2].split('\t').collect();
+    assert_eq!(carol.len(), 5, "escapes kept the row's shape: {t}");
+    assert!(
+        carol[4].starts_with("tab\\there, \"quoted\"\\nnew line \\\\ back "),
+        "the note is re-escaped as PostgreSQL writes it: {t}"
+    );
+
+    // CSV with a header, custom delimiter and quoting.
+    let o = f.psql(&[
+        "-c",
+        "\\copy customers (note, email, id) to stdout with (format csv, header, delimiter ';', force_quote *)",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.starts_with("note;email;id\n"), "{t}");
+    for leaked in [SECRET_EMAIL, COPY_NOTE_EMAIL, "bob@example.org"] {
+        assert!(!t.contains(leaked), "{leaked} leaked: {t}");
+    }
+    assert!(t.contains("\"vip\""), "{t}");
+
+    // COPY (query) on a target with column rules: a clean denial naming why.
+    let o = f.psql(&["-c", "\\copy (select id, email from customers) to stdout"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("42501") && t.contains("COPY (query)"), "{t}");
+    assert!(!t.contains(SECRET_EMAIL), "{t}");
+    // Binary output is refused, never passed.
+    let o = f.psql(&["-c", "\\copy customers to stdout with (format binary)"]);
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("42501") && t.contains("binary"),
+        "{t}"
+    );
+    // The session goes on after a refused COPY.
+    let o = f.psql(&[
+        "-c",
+        "COPY customers TO STDOUT (FORMAT binary)",
+        "-c",
+        "SELECT 'still here'",
+    ]);
+    assert!(text(&o).contains("still here"), "{}", text(&o));
+
+    // COPY FROM STDIN is decided as copy + insert and still works.
+    let mut child = f
+        .bot
+        .command(Path::new("/usr/bin/psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={} user=bot dbname=app password=wrong sslmode=disable",
+            f.pg.port
+        ))
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "\\copy orders (id, customer, amount) from pstdin",
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("psql");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"101\t1\t1000\n102\t2\t2000\n")
+            .expect("write");
+    }
+    let (status, out, err) =
+        vm_tests::wait_child(child, std::time::Duration::from_secs(20), "psql copy from");
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(
+        f.pg.superuser_sql("SELECT count(*) FROM orders WHERE id > 100", "app")
+            .trim(),
+        "2"
+    );
+
+    // Counted, recorded, and written nowhere in clear.
+    assert!(
+        f.agent.metric(
+            "tollgate_masked_values_total",
+            &[("target", "app-db"), ("detector", "column")]
+        ) >= 6.0,
+        "{}",
+        f.agent.metrics_text()
+    );
+    let mut written = String::new();
+    for entry in walk(&f.agent.data_dir) {
+        written.push_str(&std::fs::read_to_string(&entry).unwrap_or_default());
+    }
+    written.push_str(&f.agent.stderr_text());
+    for secret in [APP_PASSWORD, SECRET_EMAIL, SECRET_CARD, COPY_NOTE_EMAIL] {
+        assert!(
+            !written.contains(secret),
+            "{secret} leaked into agent output"
+        );
+    }
+    let results: Vec<serde_json::Value> = walk(&f.agent.data_dir.join("sessions"))
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<serde_json::Value>>()
+        })
+        .filter(|e: &serde_json::Value| e["event"] == "result" && e["tag"] == "COPY 3")
+        .collect();
+    assert!(
+        results
+            .iter()
+            .any(|e| e["rows"] == 3 && e["masked"].as_u64().unwrap_or(0) >= 6),
+        "recorded COPY results: {results:?}"
+    );
+}

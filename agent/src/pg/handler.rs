@@ -11,10 +11,12 @@
 //! Masking works from RowDescription: column rules need the table and column behind a result
 //! column, which come from the server catalog (`catalog.rs`), and detectors look at every
 //! text-like value. Values are re-encoded in DataRow; nothing is buffered beyond one message.
+//! COPY ... TO STDOUT is planned when it is decided (`copy.rs`) and its CopyData rows are
+//! masked field by field; what cannot be masked is denied, or withheld mid-stream with a 42501.
 
 use crate::{lock, obj};
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -33,8 +35,9 @@ use tollgate_policy::{decide, Action, Decision, Operation, Protocol, Request};
 use crate::{
     mask::{Masked, Masker},
     pg::{
-        catalog,
+        catalog::{self, Catalog},
         classify::{ClassifyCache, Statement},
+        copy::{self, CopyMasker, CopyPlan},
         upstream,
         wire::{self, ErrorReport, Frontend, Startup, TransactionStatus},
     },
@@ -349,9 +352,9 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     };
 
     let masker = Masker::for_target(policy, &cx.target.name, h.hash_key).map(Arc::new);
-    let masked_columns = match &masker {
+    let catalog = match &masker {
         Some(m) if m.has_column_rules() => {
-            match catalog::masked_columns(&mut session, m, &cx.target.name, &database).await {
+            match catalog::load(&mut session, m, &cx.target.name, &database).await {
                 Ok(set) => set,
                 Err(e) => {
                     send_fatal(
@@ -368,7 +371,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                 }
             }
         }
-        _ => Arc::new(HashSet::new()),
+        _ => Arc::new(Catalog::default()),
     };
 
     let recorder = Recorder::open(&policy.agent.data_dir, &cx.id)
@@ -412,6 +415,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let shared = Arc::new(Shared {
         denials: Mutex::new(VecDeque::new()),
         expect: Mutex::new(VecDeque::new()),
+        unsafe_encoding: Mutex::new(unsafe_client_encoding(&session.relay)),
     });
     let counters = Counters::default();
     let (cr, cw) = client.into_split();
@@ -425,17 +429,23 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         portals: HashMap::new(),
         recorder: recorder.clone(),
         masker: masker.clone(),
+        catalog: catalog.clone(),
+        copy_plans: Vec::new(),
+        statement_copy: HashMap::new(),
     };
     let u2c = ServerSide {
         cx,
         shared,
         nonce,
         masker,
-        masked_columns,
+        catalog,
         descs: HashMap::new(),
         current: None,
         recorder: recorder.clone(),
         masked_in_statement: 0,
+        copy: None,
+        copy_scratch: Vec::new(),
+        withhold: false,
     };
     let r = tokio::try_join!(
         c2u.run(cr, uw, cbuf, &counters),
@@ -458,24 +468,64 @@ struct Shared {
     denials: Mutex<VecDeque<String>>,
     /// What the server will answer, in order, for the result-shaping messages we forwarded.
     expect: Mutex<VecDeque<Expect>>,
+    /// The session's client_encoding, if it is one whose multibyte characters can end in an
+    /// ASCII byte (SJIS, BIG5, ...): the classifier reads UTF-8 and would misread quotes and
+    /// backslashes, so every statement is refused until it is UTF-8 again.
+    unsafe_encoding: Mutex<Option<String>>,
+}
+
+/// Client-only encodings whose multibyte characters can contain bytes below 0x80 (the names
+/// are the server's canonical spellings, as in ParameterStatus).
+const ASCII_UNSAFE_ENCODINGS: &[&str] = &[
+    "SJIS",
+    "SHIFT_JIS_2004",
+    "BIG5",
+    "GBK",
+    "UHC",
+    "GB18030",
+    "JOHAB",
+];
+
+fn unsafe_encoding_name(value: &str) -> Option<String> {
+    ASCII_UNSAFE_ENCODINGS
+        .iter()
+        .any(|e| e.eq_ignore_ascii_case(value))
+        .then(|| value.to_string())
+}
+
+/// The client_encoding the login ParameterStatus messages report, if it is ASCII-unsafe.
+fn unsafe_client_encoding(relay: &[u8]) -> Option<String> {
+    let mut buf = BytesMut::from(relay);
+    let mut found = None;
+    while let Ok(Some((tag, raw))) = wire::parse_backend(&mut buf) {
+        if tag == b'S' {
+            if let Ok(("client_encoding", v)) = wire::decode_parameter_status(&raw) {
+                found = unsafe_encoding_name(v);
+            }
+        }
+    }
+    found
 }
 
 /// A forwarded message whose answer shapes how DataRows must be read.
 #[derive(Debug, Clone)]
 enum Expect {
     /// Simple query: RowDescriptions arrive in the stream, text format; ends at ReadyForQuery.
-    Simple,
+    /// The plans of its COPY ... TO STDOUT statements on a masked target, in order.
+    Simple(VecDeque<Arc<CopyPlan>>),
     /// Parse of statement `name`: its old description is void at ParseComplete.
     Parse(String),
     /// Describe of a statement: the RowDescription/NoData belongs to it.
     DescribeStatement(String),
     /// Describe of a portal: the RowDescription (with formats) belongs to it.
     DescribePortal(String),
-    /// Execute: rows of `portal` (bound from `statement`) with `formats`.
+    /// Execute: rows of `portal` (bound from `statement`) with `formats`; `copy` if the
+    /// statement is a COPY ... TO STDOUT on a masked target.
     Execute {
         portal: String,
         statement: String,
         formats: Vec<i16>,
+        copy: Option<Arc<CopyPlan>>,
     },
     /// Sync: ends at ReadyForQuery.
     Sync,
@@ -492,7 +542,31 @@ struct ClientSide<'a> {
     portals: HashMap<String, (String, Vec<i16>)>,
     recorder: Option<Arc<Recorder>>,
     masker: Option<Arc<Masker>>,
+    /// Column layout of masked tables, for COPY ... TO STDOUT.
+    catalog: Arc<Catalog>,
+    /// Masking plans of the COPY ... TO STDOUT statements of the message just decided.
+    copy_plans: Vec<Arc<CopyPlan>>,
+    /// Prepared statements (protocol level) that are a COPY ... TO STDOUT: their plan.
+    statement_copy: HashMap<String, Arc<CopyPlan>>,
 }
+
+/// Dangerous flags no rule can allow, with why. The policy language has no word that names
+/// them, and the statement kind alone (`set`, `copy`) would let a rule written for
+/// `SET statement_timeout` or `\copy` allow them too.
+const NEVER_ALLOWED: &[(&str, &str)] = &[
+    (
+        "set:client_encoding",
+        "changing client_encoding away from UTF8 is not allowed through tollgate (the statement classifier reads UTF-8)",
+    ),
+    (
+        "copy:program",
+        "COPY TO/FROM PROGRAM runs a program on the database server, which tollgate does not allow",
+    ),
+    (
+        "copy:file",
+        "COPY TO/FROM a server file is not allowed through tollgate; use COPY ... TO STDOUT / FROM STDIN (psql's \\copy)",
+    ),
+];
 
 /// The verdict on one message of SQL.
 enum Verdict {
@@ -532,6 +606,19 @@ impl ClientSide<'_> {
     async fn decide_sql(&mut self, sql: &str, shown: &str) -> Verdict {
         let cx = self.cx;
         let shown = shown.to_string();
+        self.copy_plans.clear();
+        let unsafe_encoding = lock(&self.shared.unsafe_encoding).clone();
+        if let Some(enc) = unsafe_encoding {
+            let d = Decision {
+                action: Action::Deny,
+                rule: None,
+                reason: tollgate_policy::DecisionReason::NoMatchingRule,
+            };
+            cx.audit_operation("sql", &shown, &d, Some("client_encoding"));
+            return Verdict::Deny(format!(
+                "tollgate: client_encoding {enc} cannot be classified safely (its characters can hide quotes and backslashes); set client_encoding to UTF8"
+            ));
+        }
         let statements = match CLASSIFY.classify(sql) {
             Ok(s) => s,
             Err(e) => {
@@ -552,7 +639,7 @@ impl ClientSide<'_> {
                 ));
             }
         };
-        for st in statements.iter() {
+        for (index, st) in statements.iter().enumerate() {
             // SQL-level EXECUTE runs what PREPARE prepared: decide that.
             let effective: Vec<&Statement> =
                 match st.prepared_name.as_deref().filter(|_| st.kind == "execute") {
@@ -564,20 +651,42 @@ impl ClientSide<'_> {
                 };
             for s in effective {
                 if s.kind == "copy" && !s.kinds.contains(&"insert") && self.masker.is_some() {
-                    // COPY ... TO STDOUT streams rows without a RowDescription: column rules
-                    // could not be applied, so it is refused rather than leaked.
+                    // COPY ... TO STDOUT has no RowDescription: plan from the statement's own
+                    // options and the catalog, or refuse rather than leak.
+                    match self.copy_plan(sql, index) {
+                        Ok(Some(p)) => self.copy_plans.push(p),
+                        // COPY TO a file or program: no output to mask; policy decides.
+                        Ok(None) => {}
+                        Err(e) => {
+                            let d = Decision {
+                                action: Action::Deny,
+                                rule: None,
+                                reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                            };
+                            cx.audit_operation(
+                                "copy",
+                                &self.masked_text(&s.text),
+                                &d,
+                                Some("copy_out_unmaskable"),
+                            );
+                            return Verdict::Deny(format!(
+                                "tollgate: COPY ... TO STDOUT denied: {e}"
+                            ));
+                        }
+                    }
+                }
+                if let Some((flag, why)) = s
+                    .dangerous
+                    .iter()
+                    .find_map(|f| NEVER_ALLOWED.iter().find(|(n, _)| n == f))
+                {
                     let d = Decision {
                         action: Action::Deny,
                         rule: None,
                         reason: tollgate_policy::DecisionReason::NoMatchingRule,
                     };
-                    cx.audit_operation(
-                        "copy",
-                        &self.masked_text(&s.text),
-                        &d,
-                        Some("copy_out_unmaskable"),
-                    );
-                    return Verdict::Deny("tollgate: COPY ... TO on a masked target is not supported by this agent version; use SELECT".into());
+                    cx.audit_operation(s.kind, &shown, &d, Some(flag));
+                    return Verdict::Deny(format!("tollgate: {why}; denied"));
                 }
                 let (d, kind) = decide_statement(cx, s);
                 // The cached classification may come from a statement with other constants:
@@ -624,6 +733,17 @@ impl ClientSide<'_> {
         Verdict::Allow
     }
 
+    /// The masking plan for statement `index` of `sql`, if it is a COPY ... TO STDOUT.
+    fn copy_plan(&self, sql: &str, index: usize) -> Result<Option<Arc<CopyPlan>>, copy::CopyError> {
+        let Some(m) = self.masker.as_deref() else {
+            return Ok(None);
+        };
+        match copy::copy_outs(sql)?.into_iter().nth(index).flatten() {
+            Some(c) => Ok(Some(Arc::new(copy::plan(&c, m, &self.catalog)?))),
+            None => Ok(None),
+        }
+    }
+
     fn deny_substitute(&self, message: String) -> String {
         lock(&self.shared.denials).push_back(message);
         format!("SELECT '{}'::pg_catalog.int4", self.nonce)
@@ -654,7 +774,8 @@ impl ClientSide<'_> {
                 match msg {
                     Frontend::Query(sql) => {
                         let v = self.judge(&sql).await;
-                        lock(&self.shared.expect).push_back(Expect::Simple);
+                        let plans = std::mem::take(&mut self.copy_plans);
+                        lock(&self.shared.expect).push_back(Expect::Simple(plans.into()));
                         match v {
                             Verdict::Allow => out.extend_from_slice(&raw),
                             Verdict::Deny(m) => {
@@ -666,6 +787,15 @@ impl ClientSide<'_> {
                     }
                     Frontend::Parse { name, query, .. } => {
                         let v = self.judge(&query).await;
+                        match (self.copy_plans.pop(), &v) {
+                            (Some(p), Verdict::Allow) => {
+                                self.statement_copy.insert(name.clone(), p);
+                            }
+                            _ => {
+                                self.statement_copy.remove(&name);
+                            }
+                        }
+                        self.copy_plans.clear();
                         lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
                         match v {
                             Verdict::Allow => out.extend_from_slice(&raw),
@@ -703,10 +833,12 @@ impl ClientSide<'_> {
                     Frontend::Execute { portal, .. } => {
                         let (statement, formats) =
                             self.portals.get(&portal).cloned().unwrap_or_default();
+                        let copy = self.statement_copy.get(&statement).cloned();
                         lock(&self.shared.expect).push_back(Expect::Execute {
                             portal,
                             statement,
                             formats,
+                            copy,
                         });
                         out.extend_from_slice(&raw);
                     }
@@ -731,7 +863,7 @@ impl ClientSide<'_> {
                             "tollgate: fast-path function calls cannot be classified; denied"
                                 .into(),
                         );
-                        lock(&self.shared.expect).push_back(Expect::Simple);
+                        lock(&self.shared.expect).push_back(Expect::Simple(VecDeque::new()));
                         postgres_protocol::message::frontend::query(&sub, &mut out)
                             .map_err(internal)?;
                     }
@@ -918,12 +1050,19 @@ struct ServerSide<'a> {
     shared: Arc<Shared>,
     nonce: String,
     masker: Option<Arc<Masker>>,
-    masked_columns: Arc<HashSet<(u32, i16)>>,
+    catalog: Arc<Catalog>,
     /// RowDescriptions by statement ("S:name") or portal ("P:name").
     descs: HashMap<String, Arc<Vec<wire::Field>>>,
     current: Option<RowPlan>,
     recorder: Option<Arc<Recorder>>,
     masked_in_statement: u64,
+    /// The COPY ... TO STDOUT being masked.
+    copy: Option<CopyMasker>,
+    /// Reused buffer for masked COPY rows.
+    copy_scratch: Vec<u8>,
+    /// The rest of a COPY's output is withheld (it could not be masked; the client already
+    /// got an error): CopyData, CopyDone and its CommandComplete are dropped.
+    withhold: bool,
 }
 
 /// Types whose binary form is their text (UTF-8): masked like text.
@@ -949,7 +1088,7 @@ impl ServerSide<'_> {
                     (
                         fmt,
                         f.type_oid,
-                        self.masked_columns.contains(&(f.table_oid, f.column)),
+                        self.catalog.masked.contains(&(f.table_oid, f.column)),
                     )
                 })
                 .collect(),
@@ -1032,6 +1171,73 @@ impl ServerSide<'_> {
         wire::encode_data_row(&new, &mut out)
             .map_err(|e| DataPathError::Internal(e.to_string()))?;
         Ok(Some(out))
+    }
+
+    /// The plan made for the COPY ... TO STDOUT whose CopyOutResponse just arrived.
+    fn take_copy_plan(&self) -> Option<Arc<CopyPlan>> {
+        match lock(&self.shared.expect).front_mut() {
+            Some(Expect::Simple(plans)) => plans.pop_front(),
+            Some(Expect::Execute { copy, .. }) => copy.take(),
+            _ => None,
+        }
+    }
+
+    /// Refuse the rest of a COPY's output: the client gets a 42501 error now (in COPY OUT
+    /// state that ends the COPY for it, as a server-side error would), and everything the
+    /// server still sends for this COPY is dropped.
+    fn withhold_copy(&mut self, why: &str, out: &mut BytesMut) {
+        let msg = format!("tollgate: COPY ... TO STDOUT output withheld: {why}");
+        tracing::warn!(target = %self.cx.target.name, "{msg}");
+        wire::encode_error_response(
+            &ErrorReport::error("42501", &msg)
+                .with_hint("use SELECT, or COPY table [(columns)] TO STDOUT in text or CSV format"),
+            out,
+        );
+        self.withhold = true;
+        self.copy = None;
+    }
+
+    /// Mask one CopyData payload (or, with `done`, the last unterminated row) into `out`.
+    fn copy_data(
+        &mut self,
+        data: &[u8],
+        done: bool,
+        out: &mut BytesMut,
+    ) -> Result<(), DataPathError> {
+        let (Some(cm), Some(m)) = (self.copy.as_mut(), self.masker.as_deref()) else {
+            return Ok(());
+        };
+        let mut rows = std::mem::take(&mut self.copy_scratch);
+        rows.clear();
+        let r = if done {
+            cm.finish(m, &mut rows)
+        } else {
+            cm.feed(data, m, &mut rows)
+        };
+        let result = match r {
+            Ok(fired) => {
+                for d in &fired {
+                    self.cx
+                        .agent
+                        .metrics
+                        .masked_values
+                        .with_label_values(&[self.cx.target.name.as_str(), d])
+                        .inc();
+                }
+                self.masked_in_statement += fired.len() as u64;
+                if !rows.is_empty() {
+                    wire::encode_copy_data(&rows, out)
+                        .map_err(|e| DataPathError::Internal(e.to_string()))?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.withhold_copy(&e.to_string(), out);
+                Ok(())
+            }
+        };
+        self.copy_scratch = rows;
+        result
     }
 
     fn record_result(&mut self, tag: Option<&str>, error: Option<&str>) {
@@ -1172,6 +1378,7 @@ impl ServerSide<'_> {
                         portal,
                         statement,
                         formats,
+                        ..
                     }) = self.front_expect()
                     {
                         let desc = self
@@ -1200,7 +1407,52 @@ impl ServerSide<'_> {
                     None => out.extend_from_slice(&raw),
                 }
             }
+            b'H' => {
+                let resp = wire::decode_copy_response(&raw).map_err(bad)?;
+                let plan = self.take_copy_plan();
+                if self.masker.is_none() {
+                    out.extend_from_slice(&raw);
+                    return Ok(());
+                }
+                match plan {
+                    Some(p) if resp.format == 0 => {
+                        self.copy = Some(CopyMasker::new(p));
+                        out.extend_from_slice(&raw);
+                    }
+                    // Binary output, or a COPY no plan was made for: nothing of it may pass.
+                    Some(_) => self.withhold_copy(&copy::CopyError::Binary.to_string(), out),
+                    None => {
+                        self.withhold_copy("COPY output that tollgate did not plan to mask", out)
+                    }
+                }
+            }
+            b'd' | b'c' if self.withhold => {}
+            b'd' if self.copy.is_some() => self.copy_data(&raw[5..], false, out)?,
+            b'c' if self.copy.is_some() => {
+                self.copy_data(&[], true, out)?;
+                if !self.withhold {
+                    out.extend_from_slice(&raw);
+                }
+            }
+            b'C' if self.withhold => {
+                // The server finished a COPY whose output was withheld: the client already has
+                // its error, so the completion is not passed on.
+                self.withhold = false;
+                self.copy = None;
+                if matches!(self.front_expect(), Some(Expect::Execute { .. })) {
+                    self.pop_expect();
+                }
+                let tagtxt = wire::decode_command_complete(&raw).ok().map(str::to_string);
+                self.record_result(tagtxt.as_deref(), Some("COPY output withheld by tollgate"));
+            }
+            b'S' => {
+                if let Ok(("client_encoding", v)) = wire::decode_parameter_status(&raw) {
+                    *lock(&self.shared.unsafe_encoding) = unsafe_encoding_name(v);
+                }
+                out.extend_from_slice(&raw);
+            }
             b'C' | b's' | b'I' => {
+                self.copy = None;
                 let tagtxt = if tag == b'C' {
                     wire::decode_command_complete(&raw).ok().map(str::to_string)
                 } else {
@@ -1216,12 +1468,14 @@ impl ServerSide<'_> {
                 out.extend_from_slice(&raw);
             }
             b'E' => {
+                self.withhold = false;
+                self.copy = None;
                 let en = wire::decode_error_notice(&raw).map_err(bad)?;
                 // Extended protocol: the server now skips to Sync; so do our expectations.
                 {
                     let mut ex = lock(&self.shared.expect);
                     while let Some(front) = ex.front() {
-                        if matches!(front, Expect::Sync | Expect::Simple) {
+                        if matches!(front, Expect::Sync | Expect::Simple(_)) {
                             break;
                         }
                         ex.pop_front();
@@ -1244,9 +1498,11 @@ impl ServerSide<'_> {
                 }
             }
             b'Z' => {
+                self.withhold = false;
+                self.copy = None;
                 if matches!(
                     self.front_expect(),
-                    Some(Expect::Sync) | Some(Expect::Simple)
+                    Some(Expect::Sync) | Some(Expect::Simple(_))
                 ) {
                     self.pop_expect();
                 }

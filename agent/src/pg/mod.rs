@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod classify;
+pub mod copy;
 pub mod handler;
 pub mod upstream;
 pub mod wire;
