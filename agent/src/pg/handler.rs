@@ -421,6 +421,11 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let (cr, cw) = client.into_split();
     let (ur, uw) = session.stream.into_split();
     let up_rest = std::mem::take(&mut session.rest);
+    // The session lives long: keep nothing of the login phase.
+    drop(std::mem::take(&mut session.relay));
+    drop(out);
+    drop(pass);
+    drop(params);
     let c2u = ClientSide {
         cx,
         shared: shared.clone(),
@@ -906,11 +911,8 @@ impl ClientSide<'_> {
                 counters.up.fetch_add(out.len() as u64, Ordering::Relaxed);
                 out.clear();
             }
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(16 * 1024);
-            }
             uw.flush().await.map_err(|e| upstream_err(self.cx, e))?;
-            match cr.read_buf(&mut buf).await {
+            match read_more(&mut cr, &mut buf, &mut out, 16 * 1024).await {
                 Ok(0) => {
                     let _ = uw.shutdown().await;
                     return Ok(());
@@ -920,6 +922,40 @@ impl ClientSide<'_> {
             }
         }
     }
+}
+
+/// Capacity a quiet session keeps for its next message.
+const IDLE_READ_CAPACITY: usize = 512;
+
+/// Read more bytes into `buf` (reserving `chunk` when it runs low). While bytes keep coming the
+/// buffers keep their capacity; when the peer has nothing to send and no partial message is
+/// pending, `buf` and `out` are released before waiting, so an idle session holds a few
+/// hundred bytes of buffers instead of tens of KiB.
+async fn read_more(
+    r: &mut ReadHalf,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+    chunk: usize,
+) -> std::io::Result<usize> {
+    use std::{future::Future as _, task::Poll};
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(chunk);
+    }
+    {
+        // One poll without waiting: bytes already there are read into the big buffer.
+        let mut read = std::pin::pin!(r.read_buf(buf));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(res) = read.as_mut().poll(&mut cx) {
+            return res;
+        }
+    }
+    if buf.is_empty() && buf.capacity() > IDLE_READ_CAPACITY {
+        *buf = BytesMut::with_capacity(IDLE_READ_CAPACITY);
+    }
+    if out.is_empty() && out.capacity() > 0 {
+        *out = BytesMut::new();
+    }
+    r.read_buf(buf).await
 }
 
 fn internal(e: std::io::Error) -> DataPathError {
@@ -1296,11 +1332,8 @@ impl ServerSide<'_> {
                 counters.down.fetch_add(out.len() as u64, Ordering::Relaxed);
                 out.clear();
             }
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(64 * 1024);
-            }
             cw.flush().await.map_err(DataPathError::Client)?;
-            match ur.read_buf(&mut buf).await {
+            match read_more(&mut ur, &mut buf, &mut out, 64 * 1024).await {
                 Ok(0) => {
                     let _ = cw.shutdown().await;
                     return Ok(());
