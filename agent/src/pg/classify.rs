@@ -180,6 +180,81 @@ pub fn cache_key(sql: &str) -> Result<String, ClassifyError> {
     }
 }
 
+/// A cheap stand-in for [`cache_key`] on plain texts, computed without the parser: every
+/// `'...'` string becomes `?` and every digit run that does not continue an identifier becomes
+/// `#`; every other byte is kept as it is. Two texts with the same key differ only in the
+/// contents of such strings and numbers, so PostgreSQL reads them with the same token structure.
+///
+/// Only texts whose lexing is beyond doubt get a key: printable ASCII (plus tab, CR, LF) with
+/// no backslash (standard_conforming_strings), `$` (dollar quotes, parameters), `"` (quoted
+/// identifiers), `&` (`U&` escapes), comments, or prefixed strings (`E'..'`, `B'..'`, `X'..'`,
+/// `N'..'`, `date'..'`). Everything else returns `None` and goes through [`cache_key`].
+/// Classifications that read a constant ([`Statement::literal_dependent`]) are never shared.
+pub fn fast_key(sql: &str) -> Option<String> {
+    // The NUL marks the key space apart from cache_key's (no SQL text holds one).
+    fast_scan(sql, "\0", "?", "#")
+}
+
+/// Another text with the same [`fast_key`] as `sql` (every such string `'z'`, every such
+/// number `9`), for tests and fuzzing of the key's promise.
+#[doc(hidden)]
+pub fn fast_key_sibling(sql: &str) -> Option<String> {
+    fast_scan(sql, "", "'z'", "9")
+}
+
+fn fast_scan(sql: &str, prefix: &str, string: &str, number: &str) -> Option<String> {
+    let b = sql.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut key = String::with_capacity(b.len() + prefix.len());
+    key.push_str(prefix);
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let prev_ident = i > 0 && ident(b[i - 1]);
+        match c {
+            b'\'' if !prev_ident => {
+                let mut j = i + 1;
+                loop {
+                    match b.get(j) {
+                        None => return None,
+                        Some(b'\'') if b.get(j + 1) == Some(&b'\'') => j += 2,
+                        Some(b'\'') => break,
+                        Some(&x) if x == b'\\' || !(x.is_ascii_graphic() || x == b' ') => {
+                            // Backslashes and control or non-ASCII bytes: leave it to the parser.
+                            if x != b'\t' && x != b'\n' && x != b'\r' {
+                                return None;
+                            }
+                            j += 1;
+                        }
+                        Some(_) => j += 1,
+                    }
+                }
+                key.push_str(string);
+                i = j + 1;
+            }
+            b'0'..=b'9' if !prev_ident => {
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+                key.push_str(number);
+            }
+            b'\'' | b'\\' | b'$' | b'"' | b'&' => return None,
+            b'-' if b.get(i + 1) == Some(&b'-') => return None,
+            b'/' if b.get(i + 1) == Some(&b'*') => return None,
+            b' ' | b'\t' | b'\n' | b'\r' => {
+                key.push(c as char);
+                i += 1;
+            }
+            _ if c.is_ascii_graphic() => {
+                key.push(c as char);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    Some(key)
+}
+
 /// Texts longer than this are classified but never cached.
 pub const MAX_CACHED_SQL_LEN: usize = 16 * 1024;
 
@@ -236,6 +311,13 @@ impl ClassifyCache {
         if let Some(hit) = self.lock().exact.get(sql, self.half, self.half_bytes) {
             return Ok(hit);
         }
+        // Plain texts first, without the parser.
+        let fast = fast_key(sql);
+        if let Some(key) = &fast {
+            if let Some(hit) = self.lock().normalized.get(key, self.half, self.half_bytes) {
+                return Ok(hit);
+            }
+        }
         // Normalizing would hide a backslash trick inside a constant (see the module docs).
         let normalized = if sql.contains('\\') {
             None
@@ -249,8 +331,8 @@ impl ClassifyCache {
         }
         let statements = Arc::new(classify(sql)?);
         let mut maps = self.lock();
-        if let Some(key) = normalized {
-            if !statements.iter().any(|s| s.literal_dependent) {
+        if !statements.iter().any(|s| s.literal_dependent) {
+            for key in [normalized, fast].into_iter().flatten() {
                 maps.normalized
                     .insert(key.into(), statements.clone(), self.half, self.half_bytes);
             }

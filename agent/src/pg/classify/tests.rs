@@ -1081,8 +1081,9 @@ fn cache_shares_statements_that_differ_in_constants() {
         .classify("SELECT * FROM u WHERE id = 1")
         .expect("parses");
     assert!(!Arc::ptr_eq(&a, &c));
-    // Two classifications, each under its exact text and its normalized key.
-    assert_eq!(cache.len(), 4);
+    // Two classifications, each under its exact text, its normalized key and its fast key
+    // (the second text was a fast-key hit, so it has no exact entry).
+    assert_eq!(cache.len(), 6);
 }
 
 #[test]
@@ -1171,4 +1172,93 @@ fn bench_cache_and_parse() {
     time("cache_key", &|s| drop(cache_key(s)));
     time("cache, normalized hit", &|s| drop(cache.classify(s)));
     time("cache, exact hit", &|_| drop(cache.classify("BEGIN")));
+}
+
+#[test]
+fn fast_key_covers_plain_texts_and_refuses_anything_lexically_subtle() {
+    let k = |s: &str| fast_key(s);
+    assert_eq!(
+        k("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;"),
+        k("SELECT abalance FROM pgbench_accounts WHERE aid = 7;")
+    );
+    assert_eq!(
+        k("SELECT * FROM t1 WHERE a = 'x'"),
+        k("SELECT * FROM t1 WHERE a = 'it''s'")
+    );
+    // Digits inside identifiers and keywords are kept.
+    assert_ne!(k("SELECT * FROM t1"), k("SELECT * FROM t2"));
+    assert_ne!(k("SELECT 1"), k("SELECT 1; DROP TABLE t"));
+    for subtle in [
+        "SELECT E'a\\'b'",
+        "SELECT 'a\\'; DROP TABLE t; --'",
+        "SELECT $$x$$",
+        "SELECT $1",
+        "SELECT \"delete\" FROM t",
+        "SELECT U&'\\0041'",
+        "SELECT 1 -- DROP",
+        "SELECT /* x */ 1",
+        "SELECT x'1F'",
+        "SELECT b'101'",
+        "SELECT N'x'",
+        "SELECT date'2020-01-01'",
+        "SELECT 'unterminated",
+        "SELECT 'caf\u{e9}'",
+        "SELECT 1\u{0}",
+    ] {
+        assert_eq!(k(subtle), None, "{subtle:?} must go through the parser");
+    }
+}
+
+#[test]
+fn texts_sharing_a_fast_key_classify_alike() {
+    // The fast key's promise: only string and number contents differ, so the classification
+    // (unless it read a constant) is the same. Checked over every text the tests know.
+    let texts = [
+        "SELECT * FROM orders WHERE id = 1",
+        "DELETE FROM orders WHERE id = 1",
+        "UPDATE t SET a = 'x' WHERE id = 10",
+        "SELECT pg_read_file('/etc/passwd')",
+        "SELECT set_config('role', 'postgres', false)",
+        "SET client_encoding = 'UTF8'",
+        "SET statement_timeout = 5",
+        "DO 'BEGIN DELETE FROM t; END'",
+        "EXPLAIN (ANALYZE 1) DELETE FROM t",
+        "COPY t TO '/tmp/x'",
+        "SELECT nextval('s')",
+        "SELECT 1; SELECT 'DROP TABLE x'",
+        "INSERT INTO t VALUES (1, 'a'), (2, 'b')",
+    ];
+    let shape = |v: &[Statement]| -> Vec<_> {
+        v.iter()
+            .map(|s| {
+                (
+                    s.kinds.clone(),
+                    s.tables.clone(),
+                    s.functions.clone(),
+                    s.dangerous.clone(),
+                    s.read_only,
+                )
+            })
+            .collect()
+    };
+    for t in texts {
+        let other = fast_key_sibling(t).expect(t);
+        assert_eq!(fast_key(t), fast_key(&other), "{t} vs {other}");
+        let a = classify(t).expect(t);
+        if a.iter().any(|s| s.literal_dependent) {
+            continue;
+        }
+        let b = classify(&other).expect(&other);
+        assert_eq!(shape(&a), shape(&b), "{t} vs {other}");
+    }
+    // And through the cache: a literal-dependent statement is never served by the fast key.
+    let cache = ClassifyCache::new(64);
+    let utf8 = cache
+        .classify("SET client_encoding = 'UTF8'")
+        .expect("utf8");
+    assert!(utf8[0].dangerous.is_empty());
+    let sjis = cache
+        .classify("SET client_encoding = 'SJIS'")
+        .expect("sjis");
+    assert_eq!(sjis[0].dangerous, vec!["set:client_encoding".to_string()]);
 }
