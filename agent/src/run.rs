@@ -178,6 +178,9 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             "drain deadline passed; closing remaining sessions"
         );
     }
+    if let Some(b) = &agent.approvals {
+        b.flush();
+    }
     agent.audit.write(obj(
         json!({"event": "agent_stop", "pid": std::process::id()}),
     ));

@@ -9,7 +9,8 @@
 //! listener), `webhook.rs` (Slack-compatible notifications), `client.rs` (the CLI's HTTP client).
 //!
 //! States: `pending` -> `approved` | `denied` | `expired` | `cancelled`; every transition out of
-//! `pending` happens once, under the broker's lock, and is audited, counted and persisted there.
+//! `pending` happens once, under the broker's lock; it is counted there, then audited and
+//! persisted after the lock is released (so a woken session never waits for the disk).
 //! A request waits for exactly one session: when the session goes away (the bot disconnected,
 //! the agent shut down), dropping its [`Ticket`] cancels the request.
 //!
@@ -62,6 +63,9 @@ impl Status {
         }
     }
 }
+
+/// A numbered serialization of the store (see [`StoreFile`]).
+type Snapshot = (u64, Vec<u8>);
 
 /// One approver's vote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +155,8 @@ struct Entry {
 }
 
 struct State {
+    /// Number of the latest snapshot (see [`Broker::written`]).
+    version: u64,
     next_id: u64,
     pending: BTreeMap<u64, Entry>,
     history: VecDeque<ApprovalRequest>,
@@ -166,6 +172,7 @@ struct Persisted {
 pub struct Broker {
     state: Mutex<State>,
     path: Option<PathBuf>,
+    store: Arc<StoreFile>,
     audit: Option<Arc<Audit>>,
     metrics: Arc<Metrics>,
     webhook: Option<webhook::Notifier>,
@@ -236,7 +243,9 @@ impl Broker {
             while st.history.len() > HISTORY {
                 st.history.pop_front();
             }
-            b.persist(&st);
+            let snap = b.snapshot(&mut st);
+            drop(st);
+            b.write(snap);
         }
         Ok(b)
     }
@@ -250,9 +259,14 @@ impl Broker {
     ) -> Broker {
         Broker {
             state: Mutex::new(State {
+                version: 0,
                 next_id: 1,
                 pending: BTreeMap::new(),
                 history: VecDeque::new(),
+            }),
+            store: Arc::new(StoreFile {
+                path: path.clone(),
+                written: Mutex::new(0),
             }),
             path,
             audit,
@@ -301,7 +315,9 @@ impl Broker {
                 },
             );
             self.metrics.approvals_pending.set(st.pending.len() as i64);
-            self.persist(&st);
+            let snap = self.snapshot(&mut st);
+            drop(st);
+            self.write(snap);
             req
         };
         self.audit_event(&req, "requested", None, None);
@@ -377,8 +393,9 @@ impl Broker {
                 entry.req.approvals.push(vote.clone());
                 if (entry.req.approvals.len() as u32) < entry.req.min_approvals {
                     let r = entry.req.clone();
-                    self.persist(&st);
+                    let snap = self.snapshot(&mut st);
                     drop(st);
+                    self.write(snap);
                     self.audit_event(&r, "approval_vote", Some(&vote), None);
                     return Ok(r);
                 }
@@ -388,7 +405,8 @@ impl Broker {
         let r = self.settle(&mut st, id, status, None);
         drop(st);
         match r {
-            Some(r) => {
+            Some((r, snap)) => {
+                self.write(snap);
                 let action = r.status.as_str();
                 self.audit_event(&r, action, Some(&vote), None);
                 Ok(r)
@@ -405,7 +423,7 @@ impl Broker {
         id: u64,
         status: Status,
         reason: Option<String>,
-    ) -> Option<ApprovalRequest> {
+    ) -> Option<(ApprovalRequest, Option<Snapshot>)> {
         let mut e = st.pending.remove(&id)?;
         let now = now_ms();
         e.req.status = status;
@@ -425,8 +443,8 @@ impl Broker {
         while st.history.len() > HISTORY {
             st.history.pop_front();
         }
-        self.persist(st);
-        Some(e.req)
+        let snap = self.snapshot(st);
+        Some((e.req, snap))
     }
 
     /// Close a pending request without an approver (expiry, cancellation); returns the final
@@ -434,8 +452,9 @@ impl Broker {
     fn close(&self, id: u64, status: Status, reason: String) -> Option<ApprovalRequest> {
         let mut st = lock(&self.state);
         match self.settle(&mut st, id, status, Some(reason)) {
-            Some(r) => {
+            Some((r, snap)) => {
                 drop(st);
+                self.write(snap);
                 self.audit_event(&r, status.as_str(), None, r.reason.as_deref());
                 Some(r)
             }
@@ -478,12 +497,11 @@ impl Broker {
         a.write(ev);
     }
 
-    /// Rewrite the store file: temp file, fsync, rename, so a crash leaves the old or the new
-    /// file, never half of one. Called with the lock held, which orders the writes.
-    fn persist(&self, st: &State) {
-        let Some(path) = &self.path else {
-            return;
-        };
+    /// Serialize the store (called with the state lock held); [`Broker::write`] it after the
+    /// lock is released.
+    fn snapshot(&self, st: &mut State) -> Option<Snapshot> {
+        self.path.as_ref()?;
+        st.version += 1;
         let p = Persisted {
             next_id: st.next_id,
             requests: st
@@ -493,15 +511,70 @@ impl Broker {
                 .chain(st.pending.values().map(|e| e.req.clone()))
                 .collect(),
         };
+        match serde_json::to_vec(&p) {
+            Ok(b) => Some((st.version, b)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialize the approvals store");
+                None
+            }
+        }
+    }
+
+    /// Write the current state to disk now (shutdown, tests).
+    pub fn flush(&self) {
+        let snap = self.snapshot(&mut lock(&self.state));
+        if let Some(snap) = snap {
+            self.store.write(snap);
+        }
+    }
+
+    /// Persist a snapshot off the async threads: the fsync must not delay the session this
+    /// decision just woke (tokio runs a woken task on the waker's thread, after it yields).
+    fn write(&self, snap: Option<Snapshot>) {
+        let Some(snap) = snap else {
+            return;
+        };
+        let store = self.store.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(move || store.write(snap));
+            }
+            Err(_) => store.write(snap),
+        }
+    }
+}
+
+/// `<data_dir>/approvals.json`. Snapshots are serialized under the broker's lock (numbered, so
+/// they are ordered) and written here after it is released.
+struct StoreFile {
+    path: Option<PathBuf>,
+    /// The number of the last snapshot written.
+    written: Mutex<u64>,
+}
+
+impl StoreFile {
+    /// Rewrite the file: temp file, fsync, rename, so a crash leaves the old or the new file,
+    /// never half of one. A snapshot older than the one on disk is skipped.
+    fn write(&self, (version, bytes): Snapshot) {
+        let Some(path) = &self.path else {
+            return;
+        };
+        let mut written = lock(&self.written);
+        if *written >= version {
+            return;
+        }
         let tmp = path.with_extension("json.tmp");
         let r = (|| -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec(&p).map_err(std::io::Error::other)?)?;
+            f.write_all(&bytes)?;
             f.sync_data()?;
             std::fs::rename(&tmp, path)
         })();
-        if let Err(e) = r {
-            tracing::error!(path = %path.display(), error = %e, "cannot persist the approvals store");
+        match r {
+            Ok(()) => *written = version,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot persist the approvals store")
+            }
         }
     }
 }

@@ -173,6 +173,7 @@ async fn store_survives_a_restart_and_pending_requests_expire() {
     // Simulate a crash: the tickets are never dropped normally.
     std::mem::forget(t1);
     std::mem::forget(t2);
+    b.flush();
     drop(b);
     let b = Broker::open(&dir, None, Metrics::new(), None).expect("reopen");
     let (pending, recent) = b.list();

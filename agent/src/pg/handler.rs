@@ -221,6 +221,9 @@ async fn accept_tls(
 }
 
 async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, DataPathError> {
+    // As PostgreSQL and libpq do: every write is a whole protocol exchange, and Nagle would
+    // hold a result behind the delayed ACK of an earlier small write (an approval notice).
+    let _ = tcp.set_nodelay(true);
     let mut cbuf = BytesMut::with_capacity(8192);
     let (mut client, startup) = read_startup(h, cx, tcp, &mut cbuf).await?;
     let params = match startup {
@@ -307,7 +310,10 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let up = match cx.connect_upstream().await {
-        Ok(s) => s,
+        Ok(s) => {
+            let _ = s.set_nodelay(true);
+            s
+        }
         Err(e) => {
             send_fatal(
                 &mut client,
