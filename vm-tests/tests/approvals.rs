@@ -608,3 +608,52 @@ fn bad_token_gets_401_and_a_disconnect_cancels() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[test]
+fn extended_protocol_parse_is_held_and_runs_after_approval() {
+    let f = fixture("apprext", "5m", None);
+    let child = f
+        .bot
+        .command(Path::new(env!("CARGO_BIN_EXE_tg-pgclient")))
+        .arg(format!(
+            "host=127.0.0.1 port={} user=bot password=wrong dbname=app",
+            f.pg.port
+        ))
+        .arg("--held-delete")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tg-pgclient");
+    let id = wait_for(Duration::from_secs(20), "a pending request", || {
+        let (_, v) = f.api("GET", "/v1/approvals", "");
+        v["pending"][0]["id"].as_u64()
+    });
+    let r = f.request(id);
+    assert!(
+        r["operation"]
+            .as_str()
+            .unwrap_or("")
+            .contains("DELETE FROM orders WHERE id = $1"),
+        "{r}"
+    );
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 7"),
+        "1"
+    );
+    let (status, v) = f.api("POST", &format!("/v1/approvals/{id}/approve"), "{}");
+    assert_eq!(status, 200, "{v}");
+    let out = child.wait_with_output().expect("tg-pgclient output");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(v["delete"], 1, "{v}");
+    assert_eq!(v["after"], 9, "the session goes on: {v}");
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 7"),
+        "0"
+    );
+}
