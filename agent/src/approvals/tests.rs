@@ -162,7 +162,14 @@ async fn approver_checks_leave_the_request_untouched() {
 
 #[tokio::test]
 async fn store_survives_a_restart_and_pending_requests_expire() {
-    let dir = std::env::temp_dir().join(format!("tg-appr-{}", rand::random::<u64>()));
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let guard = Dir(std::env::temp_dir().join(format!("tg-appr-{}", rand::random::<u64>())));
+    let dir = guard.0.clone();
     let m = Metrics::new();
     let b = Arc::new(Broker::open(&dir, None, m.clone(), None).expect("open"));
     let t1 = b.open_request(new_req(&[], 1, Duration::from_secs(60)));
@@ -187,7 +194,6 @@ async fn store_survives_a_restart_and_pending_requests_expire() {
     let t3 = b.open_request(new_req(&[], 1, Duration::from_secs(60)));
     assert!(t3.id() > id2, "ids keep counting across restarts");
     drop(t3);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
