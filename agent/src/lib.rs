@@ -1,11 +1,12 @@
 //! The tollgate host agent as a library: the `tollgate` binary is a thin CLI over it, and fuzz
 //! targets and tests link it directly.
 //!
-//! Layout: `run.rs` (daemon wiring, reload, shutdown), `proxy.rs` (sessions and the
+//! Layout: `approvals/` (the approval broker, admin API, CLI client, webhook), `run.rs` (daemon wiring, reload, shutdown), `proxy.rs` (sessions and the
 //! protocol-handler trait), `relay.rs` (opaque relays), `bpf.rs` (kernel side), `targets.rs`
 //! (routes), `identity.rs` (kernel facts to identity), `audit.rs`, `metrics.rs`, `doctor.rs`,
 //! `tls.rs` (the agent CA and upstream TLS) and `sys.rs` (every raw syscall).
 
+pub mod approvals;
 pub mod audit;
 pub mod bpf;
 pub mod doctor;

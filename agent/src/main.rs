@@ -53,6 +53,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
+    /// Pending and recent approval requests; approve or deny one (through the agent's admin
+    /// API, with an approver's token).
+    Approvals {
+        #[command(subcommand)]
+        cmd: ApprovalsCmd,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
     /// Remove every pinned program and map: protected destinations become directly reachable.
     Uninstall {
         /// Read `bpf_pin_path` from this policy file.
@@ -62,6 +70,43 @@ enum Cmd {
         #[arg(long)]
         pin_path: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCmd {
+    /// Pending requests, then the most recent decided ones.
+    List {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve request ID (with `min_approvals = N`, each distinct approver calls this).
+    Approve {
+        id: u64,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Deny request ID; the bot gets the comment in its error.
+    Deny {
+        id: u64,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+}
+
+/// Where the agent's admin API is and who is calling it.
+#[derive(clap::Args)]
+struct AdminConn {
+    /// The agent's admin address (default: `[agent] admin` of --policy).
+    #[arg(long, global = true)]
+    admin: Option<std::net::SocketAddr>,
+    /// The policy file to read `[agent] admin` and `data_dir` from.
+    #[arg(long, global = true, default_value = "/etc/tollgate/policy.toml")]
+    policy: PathBuf,
+    /// A file holding the approver's bearer token (default: $TOLLGATE_TOKEN, else
+    /// `<data_dir>/admin.token` when readable).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -124,6 +169,7 @@ fn main() -> ExitCode {
         Cmd::CheckPolicy { file } => return check_policy(&file),
         Cmd::Doctor => return doctor::doctor(),
         Cmd::Uninstall { policy, pin_path } => uninstall(policy, pin_path),
+        Cmd::Approvals { cmd, conn } => approvals(cmd, conn),
         Cmd::Sessions {
             cmd:
                 SessionsCmd::List {
@@ -213,5 +259,111 @@ fn uninstall(policy: Option<PathBuf>, pin_path: Option<PathBuf>) -> anyhow::Resu
         "removed {had} pinned links under {}; protected destinations are now reachable directly",
         dir.display()
     );
+    Ok(())
+}
+
+fn approvals(cmd: ApprovalsCmd, conn: AdminConn) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use hyper::Method;
+    use tollgate::approvals::client;
+    // The policy is needed only for what the flags do not give.
+    let policy = if conn.admin.is_none() || conn.token_file.is_none() {
+        Some(run::load_policy(&conn.policy))
+    } else {
+        None
+    };
+    let addr = match (conn.admin, &policy) {
+        (Some(a), _) => a,
+        (None, Some(Ok(p))) => p.agent.admin.with_context(|| {
+            format!(
+                "{} has `admin = \"off\"`: the agent has no admin API (pass --admin ADDR if it runs elsewhere)",
+                conn.policy.display()
+            )
+        })?,
+        (None, Some(Err(e))) => {
+            return Err(anyhow::anyhow!("{e:#}")).context("pass --admin ADDR, or --policy FILE")
+        }
+        (None, None) => unreachable!("policy is loaded when --admin is absent"),
+    };
+    let token = match (&conn.token_file, std::env::var("TOLLGATE_TOKEN")) {
+        (Some(f), _) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token file {}", f.display()))?,
+        (None, Ok(t)) if !t.trim().is_empty() => t,
+        _ => {
+            let dir = match &policy {
+                Some(Ok(p)) => p.agent.data_dir.clone(),
+                _ => tollgate_policy::AgentConfig::default().data_dir,
+            };
+            let f = dir.join("admin.token");
+            std::fs::read_to_string(&f).with_context(|| {
+                format!(
+                    "no approver token: pass --token-file FILE or set TOLLGATE_TOKEN (the local admin token {} is not readable)",
+                    f.display()
+                )
+            })?
+        }
+    };
+    let token = token.trim().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let call = |method: Method, path: String, body: Option<serde_json::Value>| {
+        rt.block_on(client::call(addr, &token, method, &path, body))
+    };
+    match cmd {
+        ApprovalsCmd::List { json } => {
+            let v = call(Method::GET, "/v1/approvals".into(), None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", client::render_list(&v)?);
+            }
+        }
+        ApprovalsCmd::Approve { id, comment } => decide(&call, id, "approve", comment)?,
+        ApprovalsCmd::Deny { id, comment } => decide(&call, id, "deny", comment)?,
+    }
+    Ok(())
+}
+
+fn decide(
+    call: &dyn Fn(
+        hyper::Method,
+        String,
+        Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, tollgate::approvals::client::ClientError>,
+    id: u64,
+    verb: &str,
+    comment: Option<String>,
+) -> anyhow::Result<()> {
+    use tollgate::approvals::{client, Status};
+    let v = call(
+        hyper::Method::POST,
+        format!("/v1/approvals/{id}/{verb}"),
+        Some(serde_json::json!({ "comment": comment })),
+    )?;
+    let r = client::request_of(&v)?;
+    match r.status {
+        Status::Pending => println!(
+            "approval #{id}: your approval is recorded; {} of {} distinct approvals so far",
+            r.approvals.len(),
+            r.min_approvals
+        ),
+        Status::Approved => println!(
+            "approval #{id} approved: {} on {} for {} proceeds",
+            r.kind,
+            r.target,
+            r.identity.as_deref().unwrap_or("unknown")
+        ),
+        Status::Denied => println!(
+            "approval #{id} denied: {} gets the error{}",
+            r.identity.as_deref().unwrap_or("the bot"),
+            r.denied_by
+                .as_ref()
+                .and_then(|v| v.comment.as_deref())
+                .map(|c| format!(" \"{c}\""))
+                .unwrap_or_default()
+        ),
+        s => println!("approval #{id} is {}", s.as_str()),
+    }
     Ok(())
 }

@@ -10,8 +10,8 @@ use hyper_util::rt::TokioIo;
 use prometheus::{
     core::{Collector, Desc},
     proto::{Counter, LabelPair, Metric, MetricFamily, MetricType},
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tollgate_common::counter;
@@ -25,6 +25,8 @@ pub struct Metrics {
     pub sessions_active: IntGaugeVec,
     pub masked_values: IntCounterVec,
     pub approvals_pending: IntGauge,
+    pub approvals_total: IntCounterVec,
+    pub approval_wait: Histogram,
     pub policy_reloads: IntCounterVec,
     pub rejected: IntCounterVec,
     pub relay_bytes: IntCounterVec,
@@ -67,6 +69,22 @@ impl Metrics {
             "tollgate_approvals_pending",
             "Operations waiting for a human approval.",
         ));
+        let approvals_total = must(IntCounterVec::new(
+            Opts::new(
+                "tollgate_approvals_total",
+                "Approval requests closed, by outcome (approved, denied, expired, cancelled).",
+            ),
+            &["outcome"],
+        ));
+        let approval_wait = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_approval_wait_seconds",
+                "Time from an approval request to its outcome.",
+            )
+            .buckets(vec![
+                0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0,
+            ]),
+        ));
         let policy_reloads = must(IntCounterVec::new(
             Opts::new(
                 "tollgate_policy_reloads_total",
@@ -101,6 +119,8 @@ impl Metrics {
             Box::new(sessions_active.clone()),
             Box::new(masked_values.clone()),
             Box::new(approvals_pending.clone()),
+            Box::new(approvals_total.clone()),
+            Box::new(approval_wait.clone()),
             Box::new(policy_reloads.clone()),
             Box::new(rejected.clone()),
             Box::new(relay_bytes.clone()),
@@ -112,12 +132,17 @@ impl Metrics {
         for r in ["ok", "error"] {
             policy_reloads.with_label_values(&[r]);
         }
+        for o in ["approved", "denied", "expired", "cancelled"] {
+            approvals_total.with_label_values(&[o]);
+        }
         Arc::new(Metrics {
             registry,
             decisions,
             sessions_active,
             masked_values,
             approvals_pending,
+            approvals_total,
+            approval_wait,
             policy_reloads,
             rejected,
             relay_bytes,
@@ -293,6 +318,8 @@ mod tests {
             "tollgate_decisions_total{action=\"allow\",identity=\"ci-bot\",protocol=\"tcp\",target=\"db\"} 1",
             "tollgate_sessions_active{protocol=\"tcp\"} 0",
             "tollgate_approvals_pending 0",
+            "tollgate_approvals_total{outcome=\"cancelled\"} 0",
+            "tollgate_approval_wait_seconds_count 0",
             "tollgate_policy_reloads_total{result=\"error\"} 0",
         ] {
             assert!(out.contains(name), "missing {name} in\n{out}");

@@ -96,15 +96,65 @@ impl DataPathError {
     }
 }
 
-/// What an approval request came to. Until the approvals broker exists every request is
-/// `Unavailable`, which handlers must treat as a deny with a clear message.
+/// What an approval request came to. `Unavailable` (no broker on this agent: no admin
+/// listener to approve through) must be treated as a deny with a clear message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApprovalOutcome {
-    Approved { approver: String },
-    Denied { comment: String },
-    Expired,
+    /// Approved by these distinct approvers (subjects).
+    Approved {
+        id: u64,
+        approvers: Vec<String>,
+    },
+    /// Denied by `approver`, with an optional comment.
+    Denied {
+        id: u64,
+        approver: String,
+        comment: Option<String>,
+    },
+    /// Nobody decided within the rule's `timeout` (or the request was closed otherwise).
+    Expired {
+        id: u64,
+        reason: String,
+    },
     Unavailable,
 }
+
+impl ApprovalOutcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ApprovalOutcome::Approved { .. } => "approved",
+            ApprovalOutcome::Denied { .. } => "denied",
+            ApprovalOutcome::Expired { .. } => "expired",
+            ApprovalOutcome::Unavailable => "unavailable",
+        }
+    }
+
+    fn of(r: &crate::approvals::ApprovalRequest) -> ApprovalOutcome {
+        use crate::approvals::Status;
+        match r.status {
+            Status::Approved => ApprovalOutcome::Approved {
+                id: r.id,
+                approvers: r.approvals.iter().map(|v| v.subject.clone()).collect(),
+            },
+            Status::Denied => ApprovalOutcome::Denied {
+                id: r.id,
+                approver: r
+                    .denied_by
+                    .as_ref()
+                    .map(|v| v.subject.clone())
+                    .unwrap_or_default(),
+                comment: r.denied_by.as_ref().and_then(|v| v.comment.clone()),
+            },
+            Status::Expired | Status::Cancelled | Status::Pending => ApprovalOutcome::Expired {
+                id: r.id,
+                reason: r.reason.clone().unwrap_or_else(|| "expired".into()),
+            },
+        }
+    }
+}
+
+/// Default `timeout` of an approve rule.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A protocol handler (postgres, ssh, http, kubernetes, tcp). The agent has already attributed
 /// the connection and admitted it; the handler classifies operations, asks
@@ -165,6 +215,8 @@ pub struct Agent {
     pub hash_key: [u8; 32],
     /// The agent's CA for bot-side TLS (None: bots' TLS requests are refused).
     pub ca: Option<Arc<crate::tls::Ca>>,
+    /// The approval broker (None: no way to approve, so `approve` decisions are refused).
+    pub approvals: Option<Arc<crate::approvals::Broker>>,
     next_session: AtomicU64,
     started_ms: u64,
 }
@@ -196,6 +248,7 @@ impl Agent {
             upstream_mark: Some(AGENT_MARK),
             hash_key: [0; 32],
             ca: None,
+            approvals: None,
             next_session: AtomicU64::new(1),
             started_ms,
         }
@@ -428,15 +481,56 @@ impl SessionCx {
         }
     }
 
-    /// The approval hook: handlers call this for an `approve` decision. The broker that holds
-    /// the operation for a human is not part of this agent yet, so the answer is always
-    /// `Unavailable` and the handler refuses the operation with a clear message.
+    /// The approval hook, first half: hold `operation` (as the audit shows it, masked) for a
+    /// human under `decision` (an `approve` decision naming its rule). None when this agent
+    /// has no broker: the handler refuses the operation with a clear message. The request is
+    /// cancelled if the returned ticket is dropped before [`SessionCx::wait_approval`] ends.
+    pub fn open_approval(
+        &self,
+        operation: &str,
+        kind: &str,
+        decision: &Decision,
+    ) -> Option<crate::approvals::Ticket> {
+        let broker = self.agent.approvals.as_ref()?;
+        let gen = self.agent.gen.load();
+        let rule_name = decision.rule.clone().unwrap_or_default();
+        let rule = gen.policy.rule(&rule_name);
+        Some(
+            broker.open_request(crate::approvals::NewRequest {
+                identity: self.identity.clone(),
+                workload_subject: None,
+                target: self.target.name.clone(),
+                protocol: self.target.protocol.as_str().into(),
+                session: self.id.clone(),
+                operation: operation.to_string(),
+                kind: kind.to_string(),
+                rule: rule_name,
+                approvers: rule.map(|r| r.approvers.clone()).unwrap_or_default(),
+                min_approvals: rule.and_then(|r| r.min_approvals).unwrap_or(1),
+                timeout: rule
+                    .and_then(|r| r.timeout)
+                    .unwrap_or(DEFAULT_APPROVAL_TIMEOUT),
+            }),
+        )
+    }
+
+    /// The approval hook, second half: wait for approve, deny or expiry.
+    pub async fn wait_approval(&self, ticket: &mut crate::approvals::Ticket) -> ApprovalOutcome {
+        ApprovalOutcome::of(&ticket.wait().await)
+    }
+
+    /// Both halves for handlers with nothing to tell their client meanwhile: hold the
+    /// operation and wait. Dropping the future cancels the request.
     pub async fn request_approval(
         &self,
-        _operation: &str,
-        _decision: &Decision,
+        operation: &str,
+        kind: &str,
+        decision: &Decision,
     ) -> ApprovalOutcome {
-        ApprovalOutcome::Unavailable
+        match self.open_approval(operation, kind, decision) {
+            Some(mut t) => self.wait_approval(&mut t).await,
+            None => ApprovalOutcome::Unavailable,
+        }
     }
 
     /// The target host name the bot dialled, if the original destination is one of the

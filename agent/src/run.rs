@@ -93,6 +93,7 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     );
     metrics.register_datapath(dp.clone());
     let resolver = Resolver::new(sys::cgroup2_mount()?);
+    let gen_policy_approvals = policy.approvals.clone();
     let mut agent = Agent::new(
         Generation { policy, routes },
         dp.clone(),
@@ -110,6 +111,18 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             None
         }
     };
+    // Approvals: the broker exists when there is a way to approve (the admin listener);
+    // without one, `approve` decisions are refused at once with a clear message.
+    let mut admin_api = None;
+    if cfg.admin.is_some() {
+        let (broker, auth) =
+            approvals_setup(&gen_policy_approvals, &cfg.data_dir, metrics.clone())?;
+        agent.approvals = Some(broker.clone());
+        admin_api = Some(Arc::new(crate::approvals::api::Admin {
+            broker: Some(broker),
+            auth,
+        }));
+    }
     let agent = Arc::new(agent);
     for (h, ips) in resolved {
         agent.set_resolved(h, ips);
@@ -125,7 +138,10 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         let l = metrics::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} ([agent] admin)"))?;
-        tokio::spawn(metrics::serve(l, admin_handler()));
+        match admin_api.clone() {
+            Some(api) => tokio::spawn(crate::approvals::api::serve(l, api)),
+            None => tokio::spawn(metrics::serve(l, admin_handler())),
+        };
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -162,6 +178,9 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             "drain deadline passed; closing remaining sessions"
         );
     }
+    if let Some(b) = &agent.approvals {
+        b.flush();
+    }
     agent.audit.write(obj(
         json!({"event": "agent_stop", "pid": std::process::id()}),
     ));
@@ -194,6 +213,48 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(&key)?;
     Ok(key)
+}
+
+/// The approval broker (embedded store in `data_dir`), its webhook, and the authenticator of
+/// the admin API: the local admin token, or fail-closed when `[approvals.oidc]` is set (the
+/// OIDC verifier plugs in here).
+fn approvals_setup(
+    cfg: &Option<tollgate_policy::ApprovalsConfig>,
+    data_dir: &Path,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(
+    Arc<crate::approvals::Broker>,
+    Arc<dyn crate::approvals::auth::ApproverAuth>,
+)> {
+    use crate::approvals::{auth, webhook, Broker};
+    if let Some(store) = cfg.as_ref().and_then(|a| a.store.as_deref()) {
+        anyhow::bail!(
+            "[approvals] store = \"{}\": a shared PostgreSQL approval store is not supported by this agent yet; remove the key to keep requests in the agent",
+            store.split('@').next_back().unwrap_or("...")
+        );
+    }
+    let notifier = match cfg.as_ref().and_then(|a| a.webhook.as_deref()) {
+        Some(url) => Some(webhook::start(url)?),
+        None => None,
+    };
+    let audit = Arc::new(
+        Audit::open(data_dir)
+            .with_context(|| format!("cannot open audit log in {}", data_dir.display()))?,
+    );
+    let broker = Broker::open(data_dir, Some(audit), metrics, notifier)
+        .context("cannot open the approvals store")?;
+    let auth: Arc<dyn auth::ApproverAuth> = if cfg.as_ref().is_some_and(|a| a.oidc.is_some()) {
+        warn!("[approvals.oidc] is set but this agent cannot verify OIDC tokens yet: approvals API calls are refused");
+        Arc::new(auth::NoVerifier)
+    } else {
+        Arc::new(auth::LocalToken::load_or_create(data_dir).with_context(|| {
+            format!(
+                "cannot create the admin token {}",
+                data_dir.join("admin.token").display()
+            )
+        })?)
+    };
+    Ok((Arc::new(broker), auth))
 }
 
 /// A listener carrying the agent's `SO_MARK`. The connect hooks only redirect to a listener

@@ -936,6 +936,8 @@ impl FailMode {
 pub struct AgentProc {
     pub listen_port: u16,
     pub metrics: SocketAddr,
+    /// The admin API (approvals), when started with [`AgentProc::start_with_admin`].
+    pub admin: Option<SocketAddr>,
     pub pin_path: PathBuf,
     pub policy_path: PathBuf,
     pub data_dir: PathBuf,
@@ -950,6 +952,15 @@ impl AgentProc {
     /// it is ready (its metrics endpoint answers, which it binds only after the eBPF programs
     /// are attached).
     pub fn start(tag: &str, fail_mode: FailMode, body: &str) -> AgentProc {
+        AgentProc::start_opts(tag, fail_mode, body, false)
+    }
+
+    /// Like [`AgentProc::start`], with the admin API (approvals) on a free loopback port.
+    pub fn start_with_admin(tag: &str, fail_mode: FailMode, body: &str) -> AgentProc {
+        AgentProc::start_opts(tag, fail_mode, body, true)
+    }
+
+    fn start_opts(tag: &str, fail_mode: FailMode, body: &str, with_admin: bool) -> AgentProc {
         let dir = TempDir::new(&format!("agent-{tag}"));
         let listen_port = free_port();
         let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
@@ -957,9 +968,11 @@ impl AgentProc {
         let data_dir = dir.path().join("data");
         let policy_path = dir.path().join("policy.toml");
         let stderr_path = dir.path().join("agent.stderr");
+        let admin = with_admin.then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, free_port())));
+        let admin_value = admin.map_or("off".to_string(), |a| a.to_string());
         let agent_section = format!(
             "[agent]\nlisten = [\"127.0.0.1:{listen_port}\", \"[::1]:{listen_port}\"]\n\
-             metrics = \"{metrics}\"\nadmin = \"off\"\ndata_dir = \"{}\"\n\
+             metrics = \"{metrics}\"\nadmin = \"{admin_value}\"\ndata_dir = \"{}\"\n\
              fail_mode = \"{}\"\nbpf_pin_path = \"{}\"\ndrain_timeout = \"2s\"\n\n",
             data_dir.display(),
             fail_mode.as_str(),
@@ -969,6 +982,7 @@ impl AgentProc {
         let mut a = AgentProc {
             listen_port,
             metrics,
+            admin,
             pin_path,
             policy_path,
             data_dir,

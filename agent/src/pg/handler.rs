@@ -221,6 +221,9 @@ async fn accept_tls(
 }
 
 async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, DataPathError> {
+    // As PostgreSQL and libpq do: every write is a whole protocol exchange, and Nagle would
+    // hold a result behind the delayed ACK of an earlier small write (an approval notice).
+    let _ = tcp.set_nodelay(true);
     let mut cbuf = BytesMut::with_capacity(8192);
     let (mut client, startup) = read_startup(h, cx, tcp, &mut cbuf).await?;
     let params = match startup {
@@ -307,7 +310,10 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let up = match cx.connect_upstream().await {
-        Ok(s) => s,
+        Ok(s) => {
+            let _ = s.set_nodelay(true);
+            s
+        }
         Err(e) => {
             send_fatal(
                 &mut client,
@@ -426,6 +432,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     drop(out);
     drop(pass);
     drop(params);
+    let (notice_tx, notice_rx) = tokio::sync::mpsc::unbounded_channel();
     let c2u = ClientSide {
         cx,
         shared: shared.clone(),
@@ -437,6 +444,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         catalog: catalog.clone(),
         copy_plans: Vec::new(),
         statement_copy: HashMap::new(),
+        notices: notice_tx,
     };
     let u2c = ServerSide {
         cx,
@@ -451,6 +459,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         copy: None,
         copy_scratch: Vec::new(),
         withhold: false,
+        notices: notice_rx,
     };
     let r = tokio::try_join!(
         c2u.run(cr, uw, cbuf, &counters),
@@ -553,6 +562,9 @@ struct ClientSide<'a> {
     copy_plans: Vec<Arc<CopyPlan>>,
     /// Prepared statements (protocol level) that are a COPY ... TO STDOUT: their plan.
     statement_copy: HashMap<String, Arc<CopyPlan>>,
+    /// Messages for the client that the server side writes between server messages
+    /// (approval notices).
+    notices: tokio::sync::mpsc::UnboundedSender<Bytes>,
 }
 
 /// Dangerous flags no rule can allow, with why. The policy language has no word that names
@@ -577,7 +589,25 @@ const NEVER_ALLOWED: &[(&str, &str)] = &[
 enum Verdict {
     Allow,
     Deny(String),
+    /// Some statement needs approval and none is denied: the whole message waits once.
+    Hold(Hold),
 }
+
+/// A message held for approval.
+struct Hold {
+    /// The statement kind that needed approval (the first one).
+    kind: &'static str,
+    /// The `approve` decision (names the rule).
+    decision: Decision,
+    /// The message as the audit log shows it (masked).
+    shown: String,
+    /// " on t1, t2" for messages.
+    tables: String,
+}
+
+/// While a message is held, bytes the client sends meanwhile (pipelined messages) are read so
+/// a disconnect is noticed, up to this much; beyond it the client is simply not read.
+const HOLD_READ_CAP: usize = 1 << 20;
 
 impl ClientSide<'_> {
     /// Mask literals in statement text before it reaches the audit log or a recording.
@@ -602,6 +632,7 @@ impl ClientSide<'_> {
             let (decision, error) = match &v {
                 Verdict::Allow => ("allow", None),
                 Verdict::Deny(m) => ("deny", Some(m.as_str())),
+                Verdict::Hold(_) => ("approve", None),
             };
             r.write(obj(json!({"event": "statement", "session": self.cx.id, "text": shown, "decision": decision, "error": error})));
         }
@@ -644,6 +675,7 @@ impl ClientSide<'_> {
                 ));
             }
         };
+        let mut held: Option<Hold> = None;
         for (index, st) in statements.iter().enumerate() {
             // SQL-level EXECUTE runs what PREPARE prepared: decide that.
             let effective: Vec<&Statement> =
@@ -711,20 +743,18 @@ impl ClientSide<'_> {
                 match d.action {
                     Action::Allow => {}
                     Action::Deny => return Verdict::Deny(deny_message(cx, kind, s, &d)),
-                    Action::Approve => match cx.request_approval(&text, &d).await {
-                        ApprovalOutcome::Approved { .. } => {}
-                        ApprovalOutcome::Denied { comment } => {
-                            return Verdict::Deny(format!("tollgate: {kind} was denied by an approver: {comment}"))
+                    Action::Approve => {
+                        // Held once for the whole message, after every statement was decided
+                        // (a later deny still wins).
+                        if held.is_none() {
+                            held = Some(Hold {
+                                kind,
+                                decision: d,
+                                shown: shown.clone(),
+                                tables: on_tables(s),
+                            });
                         }
-                        ApprovalOutcome::Expired => return Verdict::Deny(format!("tollgate: approval for {kind} expired")),
-                        ApprovalOutcome::Unavailable => {
-                            return Verdict::Deny(format!(
-                                "tollgate: {kind}{} needs approval under rule \"{}\", but approval is not available on this agent; denied",
-                                on_tables(s),
-                                d.rule.as_deref().unwrap_or("?")
-                            ))
-                        }
-                    },
+                    }
                 }
             }
             if st.kinds.contains(&"prepare") {
@@ -735,7 +765,94 @@ impl ClientSide<'_> {
                 }
             }
         }
-        Verdict::Allow
+        match held {
+            Some(h) => Verdict::Hold(h),
+            None => Verdict::Allow,
+        }
+    }
+
+    /// Hold a message for approval: tell the client (a NoticeResponse, which psql prints),
+    /// wait for the broker, and meanwhile watch the client so a disconnect cancels the request.
+    /// `None`: the client went away (the request was cancelled).
+    async fn hold(&mut self, h: Hold, cr: &mut ReadHalf, buf: &mut BytesMut) -> Option<Verdict> {
+        let cx = self.cx;
+        let rule = h.decision.rule.as_deref().unwrap_or("?").to_string();
+        let Some(mut ticket) = cx.open_approval(&h.shown, h.kind, &h.decision) else {
+            return Some(Verdict::Deny(format!(
+                "tollgate: {}{} needs approval under rule \"{rule}\", but approval is not available on this agent; denied",
+                h.kind, h.tables
+            )));
+        };
+        let id = ticket.id();
+        let notice = format!(
+            "tollgate: waiting for approval #{id} ({} under rule \"{rule}\", expires in {}) (tollgate approvals approve {id})",
+            h.kind,
+            crate::approvals::human(ticket.timeout())
+        );
+        let mut n = BytesMut::new();
+        wire::encode_notice_response(
+            &ErrorReport {
+                severity: wire::Severity::Notice,
+                ..ErrorReport::error("01000", &notice)
+            },
+            &mut n,
+        );
+        let _ = self.notices.send(n.freeze());
+        if let Some(r) = &self.recorder {
+            r.write(obj(json!({"event": "approval_requested", "session": cx.id, "approval_id": id, "rule": rule, "text": h.shown})));
+        }
+        let outcome = {
+            let wait = cx.wait_approval(&mut ticket);
+            tokio::pin!(wait);
+            let mut reading = true;
+            loop {
+                tokio::select! {
+                    o = &mut wait => break Some(o),
+                    r = cr.read_buf(buf), if reading => match r {
+                        Ok(0) | Err(_) => break None,
+                        Ok(_) => reading = buf.len() < HOLD_READ_CAP,
+                    },
+                }
+            }
+        };
+        let Some(outcome) = outcome else {
+            // Dropping the ticket cancels the request (audited by the broker).
+            drop(ticket);
+            if let Some(r) = &self.recorder {
+                r.write(obj(json!({"event": "approval", "session": cx.id, "approval_id": id, "outcome": "cancelled", "reason": "client disconnected"})));
+            }
+            return None;
+        };
+        if let Some(r) = &self.recorder {
+            let (by, comment) = match &outcome {
+                ApprovalOutcome::Approved { approvers, .. } => (json!(approvers), None),
+                ApprovalOutcome::Denied {
+                    approver, comment, ..
+                } => (json!([approver]), comment.clone()),
+                ApprovalOutcome::Expired { reason, .. } => (json!([]), Some(reason.clone())),
+                ApprovalOutcome::Unavailable => (json!([]), None),
+            };
+            r.write(obj(json!({"event": "approval", "session": cx.id, "approval_id": id, "outcome": outcome.label(), "approvers": by, "comment": comment})));
+        }
+        Some(match outcome {
+            ApprovalOutcome::Approved { .. } => Verdict::Allow,
+            ApprovalOutcome::Denied {
+                approver, comment, ..
+            } => Verdict::Deny(format!(
+                "tollgate: {}{} was denied by {approver} (approval #{id}): {}",
+                h.kind,
+                h.tables,
+                comment.as_deref().unwrap_or("no comment given")
+            )),
+            ApprovalOutcome::Expired { reason, .. } => Verdict::Deny(format!(
+                "tollgate: {}{} was not approved (approval #{id} {reason}); denied",
+                h.kind, h.tables
+            )),
+            ApprovalOutcome::Unavailable => Verdict::Deny(format!(
+                "tollgate: {}{} needs approval, which is not available; denied",
+                h.kind, h.tables
+            )),
+        })
     }
 
     /// The masking plan for statement `index` of `sql`, if it is a COPY ... TO STDOUT.
@@ -778,11 +895,26 @@ impl ClientSide<'_> {
                 };
                 match msg {
                     Frontend::Query(sql) => {
-                        let v = self.judge(&sql).await;
+                        let mut v = self.judge(&sql).await;
+                        if let Verdict::Hold(h) = v {
+                            // What was decided before this message runs while it waits.
+                            flush(&mut uw, &mut out, counters, self.cx).await?;
+                            match self.hold(h, &mut cr, &mut buf).await {
+                                Some(x) => v = x,
+                                None => {
+                                    let _ = uw.shutdown().await;
+                                    return Ok(());
+                                }
+                            }
+                        }
                         let plans = std::mem::take(&mut self.copy_plans);
                         lock(&self.shared.expect).push_back(Expect::Simple(plans.into()));
                         match v {
                             Verdict::Allow => out.extend_from_slice(&raw),
+                            // hold() never answers Hold.
+                            Verdict::Hold(_) => {
+                                return Err(DataPathError::Internal("held twice".into()))
+                            }
                             Verdict::Deny(m) => {
                                 let sub = self.deny_substitute(m);
                                 postgres_protocol::message::frontend::query(&sub, &mut out)
@@ -791,7 +923,17 @@ impl ClientSide<'_> {
                         }
                     }
                     Frontend::Parse { name, query, .. } => {
-                        let v = self.judge(&query).await;
+                        let mut v = self.judge(&query).await;
+                        if let Verdict::Hold(h) = v {
+                            flush(&mut uw, &mut out, counters, self.cx).await?;
+                            match self.hold(h, &mut cr, &mut buf).await {
+                                Some(x) => v = x,
+                                None => {
+                                    let _ = uw.shutdown().await;
+                                    return Ok(());
+                                }
+                            }
+                        }
                         match (self.copy_plans.pop(), &v) {
                             (Some(p), Verdict::Allow) => {
                                 self.statement_copy.insert(name.clone(), p);
@@ -804,6 +946,10 @@ impl ClientSide<'_> {
                         lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
                         match v {
                             Verdict::Allow => out.extend_from_slice(&raw),
+                            // hold() never answers Hold.
+                            Verdict::Hold(_) => {
+                                return Err(DataPathError::Internal("held twice".into()))
+                            }
                             Verdict::Deny(m) => {
                                 let sub = self.deny_substitute(m);
                                 postgres_protocol::message::frontend::parse(
@@ -958,6 +1104,21 @@ async fn read_more(
     r.read_buf(buf).await
 }
 
+/// Write out what is buffered for the server.
+async fn flush(
+    uw: &mut WriteHalf,
+    out: &mut BytesMut,
+    counters: &Counters,
+    cx: &SessionCx,
+) -> Result<(), DataPathError> {
+    if !out.is_empty() {
+        uw.write_all(out).await.map_err(|e| upstream_err(cx, e))?;
+        counters.up.fetch_add(out.len() as u64, Ordering::Relaxed);
+        out.clear();
+    }
+    uw.flush().await.map_err(|e| upstream_err(cx, e))
+}
+
 fn internal(e: std::io::Error) -> DataPathError {
     DataPathError::Client(e)
 }
@@ -1099,6 +1260,8 @@ struct ServerSide<'a> {
     /// The rest of a COPY's output is withheld (it could not be masked; the client already
     /// got an error): CopyData, CopyDone and its CommandComplete are dropped.
     withhold: bool,
+    /// Messages from the client side to write at the next message boundary.
+    notices: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
 }
 
 /// Types whose binary form is their text (UTF-8): masked like text.
@@ -1333,7 +1496,17 @@ impl ServerSide<'_> {
                 out.clear();
             }
             cw.flush().await.map_err(DataPathError::Client)?;
-            match read_more(&mut ur, &mut buf, &mut out, 64 * 1024).await {
+            // Everything parsed so far is written: a notice goes between whole messages.
+            let read = tokio::select! {
+                r = read_more(&mut ur, &mut buf, &mut out, 64 * 1024) => r,
+                Some(n) = self.notices.recv() => {
+                    cw.write_all(&n).await.map_err(DataPathError::Client)?;
+                    cw.flush().await.map_err(DataPathError::Client)?;
+                    counters.down.fetch_add(n.len() as u64, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            match read {
                 Ok(0) => {
                     let _ = cw.shutdown().await;
                     return Ok(());

@@ -50,6 +50,26 @@ async fn main() {
         return;
     }
 
+    if std::env::args().nth(2).as_deref() == Some("--held-delete") {
+        // A parameterised DELETE (Parse/Bind/Execute) that policy holds for approval, then a
+        // statement in the same session.
+        let r = client
+            .execute("DELETE FROM orders WHERE id = $1", &[&7i32])
+            .await;
+        out.insert(
+            "delete".into(),
+            r.map(|n| json!(n)).unwrap_or_else(|e| err_json(&e)),
+        );
+        let after = client
+            .query_one("SELECT count(*)::int4 FROM orders", &[])
+            .await
+            .map(|r| json!(r.get::<_, i32>(0)))
+            .unwrap_or_else(|e| err_json(&e));
+        out.insert("after".into(), after);
+        println!("{}", Value::Object(out));
+        return;
+    }
+
     // Prepared statement with a parameter, binary results (tokio-postgres' default).
     let stmt = client
         .prepare("SELECT id, name, email, card_number FROM customers WHERE id = $1")

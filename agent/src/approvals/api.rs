@@ -1,0 +1,214 @@
+//! The admin listener (`[agent] admin`): health and the approvals JSON API.
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /healthz`, `/readyz` | `ok` |
+//! | `GET /v1/approvals` | `{"pending": [...], "recent": [...]}` |
+//! | `GET /v1/approvals/{id}` | `{"request": {...}}` |
+//! | `POST /v1/approvals/{id}/approve`, `/deny` with `{"comment": "..."}` | `{"request": {...}}` |
+//!
+//! Every `/v1` call needs `Authorization: Bearer <token>`: 401 (with a reason) when the token
+//! is missing or not accepted, 403 when the approver may not decide this request, 404 for an
+//! unknown id, 409 when it is already closed or this approver already approved, 503 when the
+//! verifier cannot decide. A refused call never changes the request.
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Incoming, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use super::{
+    auth::{ApproverAuth, AuthError},
+    Broker, DecideError, Verdict,
+};
+
+/// Largest request body accepted (a comment).
+const MAX_BODY: usize = 64 * 1024;
+
+pub struct Admin {
+    pub broker: Option<Arc<Broker>>,
+    pub auth: Arc<dyn ApproverAuth>,
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut s = body.to_string();
+    s.push('\n');
+    let mut r = Response::new(Full::new(Bytes::from(s)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer realm=\"tollgate\""),
+        );
+    }
+    r
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
+    reply(
+        status,
+        json!({"error": msg.into(), "status": status.as_u16()}),
+    )
+}
+
+/// Serve the admin API on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+impl Admin {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        if matches!(path.as_str(), "/healthz" | "/readyz") {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain"),
+            );
+            return r;
+        }
+        let Some(rest) = path.strip_prefix("/v1/approvals") else {
+            return error(StatusCode::NOT_FOUND, format!("not found: {path}"));
+        };
+        let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let route = match (&method, parts.as_slice()) {
+            (&Method::GET, []) => Route::List,
+            (&Method::GET, [id]) => Route::Get(id),
+            (&Method::POST, [id, "approve"]) => Route::Decide(id, Verdict::Approve),
+            (&Method::POST, [id, "deny"]) => Route::Decide(id, Verdict::Deny),
+            (_, [] | [_]) | (_, [_, "approve" | "deny"]) => {
+                return error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{method} is not allowed on {path}"),
+                )
+            }
+            _ => return error(StatusCode::NOT_FOUND, format!("not found: {path}")),
+        };
+        let Some(broker) = &self.broker else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "approvals are not enabled on this agent",
+            );
+        };
+        // Authenticate before reading anything else the caller sent.
+        let bearer = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(|t| t.trim().to_string());
+        let Some(bearer) = bearer.filter(|t| !t.is_empty()) else {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token (Authorization: Bearer <token>)",
+            );
+        };
+        let who = match self.auth.authenticate(&bearer).await {
+            Ok(w) => w,
+            Err(e @ AuthError::Unauthenticated(_)) => {
+                return error(StatusCode::UNAUTHORIZED, e.to_string())
+            }
+            Err(e @ AuthError::Unavailable(_)) => {
+                return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+        };
+        let parse_id = |s: &str| s.parse::<u64>().ok();
+        match route {
+            Route::List => {
+                let (pending, recent) = broker.list();
+                reply(
+                    StatusCode::OK,
+                    json!({"pending": pending, "recent": recent, "you": who.subject}),
+                )
+            }
+            Route::Get(id) => match parse_id(id).and_then(|id| broker.get(id)) {
+                Some(r) => reply(StatusCode::OK, json!({ "request": r })),
+                None => error(StatusCode::NOT_FOUND, format!("no approval request #{id}")),
+            },
+            Route::Decide(id, verdict) => {
+                let Some(id) = parse_id(id) else {
+                    return error(StatusCode::NOT_FOUND, format!("no approval request #{id}"));
+                };
+                let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            format!("cannot read the request body: {e}"),
+                        )
+                    }
+                };
+                let comment = if body.iter().all(u8::is_ascii_whitespace) {
+                    None
+                } else {
+                    match serde_json::from_slice::<Value>(&body) {
+                        Ok(v) => match v.get("comment") {
+                            None | Some(Value::Null) => None,
+                            Some(Value::String(s)) => Some(s.clone()),
+                            Some(_) => {
+                                return error(StatusCode::BAD_REQUEST, "`comment` must be a string")
+                            }
+                        },
+                        Err(e) => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                format!("the body must be JSON like {{\"comment\": \"...\"}}: {e}"),
+                            )
+                        }
+                    }
+                };
+                match broker.decide(id, &who, verdict, comment) {
+                    Ok(r) => reply(StatusCode::OK, json!({ "request": r })),
+                    Err(e) => {
+                        let status = match e {
+                            DecideError::NotFound(_) => StatusCode::NOT_FOUND,
+                            DecideError::Closed { .. } | DecideError::AlreadyVoted(_) => {
+                                StatusCode::CONFLICT
+                            }
+                            DecideError::Forbidden(_) => StatusCode::FORBIDDEN,
+                        };
+                        error(status, e.to_string())
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Route<'a> {
+    List,
+    Get(&'a str),
+    Decide(&'a str, Verdict),
+}

@@ -1,0 +1,659 @@
+//! Approvals on a real kernel with a real PostgreSQL: an unmodified psql in the bot's cgroup
+//! runs a DELETE that policy sends to `approve`; the statement is held (psql prints the notice)
+//! until `tollgate approvals approve|deny` acts through the agent's admin API with the local
+//! admin token (`<data_dir>/admin.token`), or the rule's timeout expires.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use vm_tests::{
+    pg::{PgServer, APP_PASSWORD},
+    require_root, tollgate, wait_for, AgentProc, Cgroup, FailMode, TempDir,
+};
+
+fn policy(
+    pg: &PgServer,
+    bot: &Cgroup,
+    secret: &Path,
+    timeout: &str,
+    webhook: Option<&str>,
+) -> String {
+    let approvals = webhook
+        .map(|w| format!("[approvals]\nwebhook = \"{w}\"\n\n"))
+        .unwrap_or_default();
+    format!(
+        r#"{approvals}[[identity]]
+name = "ci-bot"
+cgroup = "{glob}"
+
+[[target]]
+name = "app-db"
+protocol = "postgres"
+address = ["{addr}"]
+credential = "app-rw"
+
+[credential.app-rw]
+user = "app_rw"
+password_file = "{secret}"
+
+[[rule]]
+name = "ci reads and writes rows"
+identities = ["ci-bot"]
+targets = ["app-db"]
+action = "allow"
+sql = {{ statements = ["select", "insert", "update", "set", "show", "begin", "commit", "rollback"] }}
+
+[[rule]]
+name = "deletes need a dba"
+identities = ["ci-bot"]
+targets = ["app-db"]
+action = "approve"
+sql = {{ statements = ["delete"] }}
+approvers = ["dba"]
+timeout = "{timeout}"
+"#,
+        glob = bot.glob(),
+        addr = pg.addr(),
+        secret = secret.display(),
+    )
+}
+
+struct Fixture {
+    pg: PgServer,
+    bot: Cgroup,
+    agent: AgentProc,
+    _dir: TempDir,
+}
+
+fn fixture(tag: &str, timeout: &str, webhook: Option<&str>) -> Fixture {
+    require_root();
+    let pg = PgServer::start(tag);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let dir = TempDir::new(&format!("{tag}-secret"));
+    let secret = dir.path().join("app-rw.pw");
+    std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
+    let agent = AgentProc::start_with_admin(
+        tag,
+        FailMode::Closed,
+        &policy(&pg, &bot, &secret, timeout, webhook),
+    );
+    let admin = agent.admin.expect("admin address");
+    wait_for(Duration::from_secs(10), "the admin API", || {
+        matches!(
+            vm_tests::http_get(admin, "/healthz", Duration::from_secs(2)),
+            Ok((200, _))
+        )
+        .then_some(())
+    });
+    Fixture {
+        pg,
+        bot,
+        agent,
+        _dir: dir,
+    }
+}
+
+/// A psql running in the bot's cgroup, its output lines streamed to the test.
+struct Psql {
+    child: Child,
+    lines: mpsc::Receiver<(Instant, String)>,
+    seen: Vec<String>,
+}
+
+impl Psql {
+    /// The next line matching `pred`, and when it arrived.
+    fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> (Instant, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((at, l)) => {
+                    self.seen.push(l.clone());
+                    if pred(&l) {
+                        return (at, l);
+                    }
+                }
+                Err(_) => panic!(
+                    "psql: no line with {what} within {timeout:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The approval id of the notice psql printed.
+    fn approval_id(&mut self) -> u64 {
+        let (_, l) = self.wait_line("the approval notice", Duration::from_secs(20), |l| {
+            l.contains("waiting for approval #")
+        });
+        let id = l
+            .split("waiting for approval #")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("no id in {l}"));
+        assert!(
+            l.contains(&format!("(tollgate approvals approve {id})")),
+            "the notice says how to approve: {l}"
+        );
+        id
+    }
+
+    /// Wait for psql to exit; all of its output.
+    fn finish(mut self) -> (bool, String) {
+        let status = wait_for(Duration::from_secs(30), "psql to exit", || {
+            self.child.try_wait().ok().flatten()
+        });
+        while let Ok((_, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(l);
+        }
+        (status.success(), self.seen.join("\n"))
+    }
+}
+
+impl Drop for Psql {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Fixture {
+    fn psql(&self, args: &[&str]) -> Psql {
+        let conn = format!("host=127.0.0.1 port={} user=bot dbname=app password=wrong-on-purpose sslmode=disable connect_timeout=10", self.pg.port);
+        let mut child = self
+            .bot
+            .command(Path::new("/usr/bin/psql"))
+            .arg(conn)
+            .args(["-X", "-v", "VERBOSITY=verbose"])
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("psql");
+        let (tx, rx) = mpsc::channel();
+        for pipe in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let _ = tx.send((Instant::now(), l));
+                }
+            });
+        }
+        Psql {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.agent.data_dir.join("admin.token")
+    }
+
+    /// `tollgate approvals <args> --admin ... --token-file <local admin token>`.
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.cli_with_token(args, &self.token_file())
+    }
+
+    fn cli_with_token(&self, args: &[&str], token_file: &Path) -> (i32, String, String) {
+        let admin = self.agent.admin.expect("admin").to_string();
+        let mut a = vec!["approvals"];
+        a.extend_from_slice(args);
+        let tf = token_file.display().to_string();
+        a.extend_from_slice(&["--admin", &admin, "--token-file", &tf]);
+        tollgate(&a)
+    }
+
+    /// One admin API call with the local token: (status, JSON body).
+    fn api(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let token = std::fs::read_to_string(self.token_file()).expect("admin token");
+        http(
+            self.agent.admin.expect("admin"),
+            method,
+            path,
+            token.trim(),
+            body,
+        )
+    }
+
+    fn request(&self, id: u64) -> Value {
+        let (status, v) = self.api("GET", &format!("/v1/approvals/{id}"), "");
+        assert_eq!(status, 200, "{v}");
+        v["request"].clone()
+    }
+}
+
+/// A minimal HTTP/1.1 client (Connection: close), so the latency measured is the agent's.
+fn http(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    s.set_nodelay(true).ok();
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body.trim()).unwrap_or(Value::Null),
+    )
+}
+
+fn count(pg: &PgServer, sql: &str) -> String {
+    pg.superuser_sql(sql, "app").trim().to_string()
+}
+
+/// A one-shot webhook receiver: the body of the first POST.
+fn webhook_receiver() -> (String, mpsc::Receiver<String>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind webhook");
+    let url = format!("http://{}/hook", l.local_addr().expect("addr"));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else {
+            return;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some(i) = text.find("\r\n\r\n") {
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if got.len() >= i + 4 + len {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    );
+                    let _ = tx.send(text[i + 4..].to_string());
+                    break;
+                }
+            }
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn approve_lets_the_held_delete_run_and_wake_up_is_fast() {
+    let (hook, hook_rx) = webhook_receiver();
+    let f = fixture("approk", "5m", Some(&hook));
+    let mut p = f.psql(&["-c", "DELETE FROM orders WHERE id = 1"]);
+    let id = p.approval_id();
+    // Held: nothing ran, the request is listed, the gauge shows it, the webhook fired.
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 1"),
+        "1"
+    );
+    assert_eq!(f.agent.metric("tollgate_approvals_pending", &[]), 1.0);
+    let (code, out, err) = f.cli(&["list"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("#{id}"))
+            && out.contains("DELETE FROM orders")
+            && out.contains("ci-bot"),
+        "{out}"
+    );
+    let hook_body = hook_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("webhook notification");
+    let hv: Value = serde_json::from_str(&hook_body).expect("webhook JSON");
+    assert!(
+        hv["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("tollgate approvals approve {id}")),
+        "{hv}"
+    );
+    assert_eq!(hv["id"], id);
+
+    let (code, out, err) = f.cli(&["approve", &id.to_string(), "--comment", "ticket OPS-1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("approved"), "{out}");
+    let (ok, text) = p.finish();
+    assert!(ok, "{text}\n--- agent ---\n{}", f.agent.stderr_text());
+    assert!(text.contains("DELETE 1"), "{text}");
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 1"),
+        "0"
+    );
+    let ev = f.agent.wait_audit("approval approved", |e| {
+        e["event"] == "approval" && e["action"] == "approved"
+    });
+    assert_eq!(ev["approver"], "local:root", "{ev}");
+    assert_eq!(ev["comment"], "ticket OPS-1", "{ev}");
+    assert_eq!(ev["approval_id"], id, "{ev}");
+    assert_eq!(ev["identity"], "ci-bot", "{ev}");
+    assert_eq!(ev["rule"], "deletes need a dba", "{ev}");
+    assert!(f
+        .agent
+        .audit()
+        .iter()
+        .any(|e| e["event"] == "approval" && e["action"] == "requested"));
+    // The session recording has the approval too.
+    let session = ev["session"].as_str().expect("session").to_string();
+    let rec = std::fs::read_to_string(
+        f.agent
+            .data_dir
+            .join("sessions")
+            .join(format!("{session}.jsonl")),
+    )
+    .expect("recording");
+    assert!(
+        rec.contains("\"approval\"") && rec.contains("local:root"),
+        "{rec}"
+    );
+
+    // Wake-up latency: approve call -> the statement's result reaching psql.
+    let mut samples = Vec::new();
+    for row in 2..=6 {
+        let mut p = f.psql(&["-c", &format!("DELETE FROM orders WHERE id = {row}")]);
+        let id = p.approval_id();
+        let t0 = Instant::now();
+        let (status, v) = f.api("POST", &format!("/v1/approvals/{id}/approve"), "{}");
+        assert_eq!(status, 200, "{v}");
+        let (at, _) = p.wait_line("DELETE 1", Duration::from_secs(10), |l| {
+            l.contains("DELETE 1")
+        });
+        samples.push(at.duration_since(t0));
+        let (ok, text) = p.finish();
+        assert!(ok, "{text}");
+    }
+    samples.sort();
+    eprintln!(
+        "approval wake-up latency (approve call -> result at psql, {} runs): min {:?}, median {:?}, max {:?} (goal < 100 ms)",
+        samples.len(),
+        samples[0],
+        samples[samples.len() / 2],
+        samples[samples.len() - 1]
+    );
+    assert!(
+        samples[samples.len() / 2] < Duration::from_millis(100),
+        "median wake-up latency {:?} over the 100 ms goal",
+        samples[samples.len() / 2]
+    );
+    assert_eq!(
+        f.agent
+            .metric("tollgate_approvals_total", &[("outcome", "approved")]),
+        6.0
+    );
+    assert_eq!(f.agent.metric("tollgate_approvals_pending", &[]), 0.0);
+    assert_eq!(
+        f.agent.metric("tollgate_approval_wait_seconds_count", &[]),
+        6.0
+    );
+}
+
+#[test]
+fn deny_gives_42501_with_the_comment_and_other_sessions_are_unaffected() {
+    let f = fixture("apprdeny", "5m", None);
+    let mut a = f.psql(&[
+        "-c",
+        "DELETE FROM orders WHERE id = 2",
+        "-c",
+        "SELECT count(*) AS n FROM orders",
+    ]);
+    let id_a = a.approval_id();
+    // A second held statement in another session.
+    let mut c = f.psql(&["-c", "DELETE FROM orders WHERE id = 3"]);
+    let id_c = c.approval_id();
+    assert_ne!(id_a, id_c);
+    assert_eq!(f.agent.metric("tollgate_approvals_pending", &[]), 2.0);
+    // A third session runs while both wait.
+    let t = Instant::now();
+    let mut b = f.psql(&["-Atc", "SELECT count(*) FROM orders"]);
+    b.wait_line("the count", Duration::from_secs(10), |l| l.trim() == "10");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "other sessions are not held"
+    );
+    let (ok, text) = b.finish();
+    assert!(ok, "{text}");
+
+    let (code, out, err) = f.cli(&[
+        "deny",
+        &id_a.to_string(),
+        "--comment",
+        "not during the freeze",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("denied"), "{out}");
+    let (_, text) = a.finish();
+    assert!(text.contains("42501"), "{text}");
+    assert!(text.contains("not during the freeze"), "{text}");
+    assert!(
+        text.contains("local:root"),
+        "the error names the approver: {text}"
+    );
+    // The session continued: the next statement ran.
+    assert!(text.contains("(1 row)"), "session continued: {text}");
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 2"),
+        "1"
+    );
+    let ev = f.agent.wait_audit("approval denied", |e| {
+        e["event"] == "approval" && e["action"] == "denied"
+    });
+    assert_eq!(ev["approver"], "local:root");
+    assert_eq!(ev["comment"], "not during the freeze");
+
+    // The other held statement is still pending, and goes through on its own approval.
+    assert_eq!(f.request(id_c)["status"], "pending");
+    let (code, out, err) = f.cli(&["approve", &id_c.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (ok, text) = c.finish();
+    assert!(ok && text.contains("DELETE 1"), "{text}");
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 3"),
+        "0"
+    );
+    // Deciding twice is refused clearly.
+    let (code, _, err) = f.cli(&["approve", &id_a.to_string()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("409") && err.contains("already denied"),
+        "{err}"
+    );
+    assert_eq!(
+        f.agent
+            .metric("tollgate_approvals_total", &[("outcome", "denied")]),
+        1.0
+    );
+}
+
+#[test]
+fn expiry_denies_cleanly_and_the_session_continues() {
+    let f = fixture("apprexp", "2s", None);
+    let t = Instant::now();
+    let mut p = f.psql(&[
+        "-c",
+        "DELETE FROM orders WHERE id = 4",
+        "-c",
+        "SELECT count(*) AS n FROM orders",
+    ]);
+    let id = p.approval_id();
+    let (_, text) = p.finish();
+    let waited = t.elapsed();
+    assert!(text.contains("42501"), "{text}");
+    assert!(text.contains("expired after 2s"), "{text}");
+    assert!(text.contains(&format!("#{id}")), "{text}");
+    assert!(text.contains("(1 row)"), "session continued: {text}");
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(10),
+        "expired after {waited:?}"
+    );
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 4"),
+        "1"
+    );
+    f.agent.wait_audit("approval expired", |e| {
+        e["event"] == "approval" && e["action"] == "expired"
+    });
+    assert_eq!(f.request(id)["status"], "expired");
+    assert_eq!(
+        f.agent
+            .metric("tollgate_approvals_total", &[("outcome", "expired")]),
+        1.0
+    );
+    assert_eq!(f.agent.metric("tollgate_approvals_pending", &[]), 0.0);
+}
+
+#[test]
+fn bad_token_gets_401_and_a_disconnect_cancels() {
+    let f = fixture("apprauth", "5m", None);
+    let mut p = f.psql(&["-c", "DELETE FROM orders WHERE id = 5"]);
+    let id = p.approval_id();
+    let bad = f.agent.data_dir.join("wrong.token");
+    std::fs::write(&bad, "not-the-admin-token\n").expect("write");
+    let (code, out, err) = f.cli_with_token(&["approve", &id.to_string()], &bad);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("401") && err.contains("not this agent's admin token"),
+        "{err}"
+    );
+    let (code, _, err) = f.cli_with_token(&["list"], &bad);
+    assert_eq!(code, 1);
+    assert!(err.contains("401"), "{err}");
+    // No token at all.
+    let admin = f.agent.admin.expect("admin");
+    let (status, v) = http(
+        admin,
+        "POST",
+        &format!("/v1/approvals/{id}/approve"),
+        "",
+        "{}",
+    );
+    assert_eq!(status, 401, "{v}");
+    // The request is untouched and the bot still waits.
+    let r = f.request(id);
+    assert_eq!(r["status"], "pending", "{r}");
+    assert_eq!(r["approvals"].as_array().map(Vec::len), Some(0));
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 5"),
+        "1"
+    );
+    assert!(
+        p.child.try_wait().expect("try_wait").is_none(),
+        "psql still waits"
+    );
+
+    // The bot goes away: the request is cancelled.
+    p.child.kill().expect("kill psql");
+    let _ = p.child.wait();
+    wait_for(
+        Duration::from_secs(10),
+        "the request to be cancelled",
+        || (f.request(id)["status"] == "cancelled").then_some(()),
+    );
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 5"),
+        "1"
+    );
+    let ev = f.agent.wait_audit("approval cancelled", |e| {
+        e["event"] == "approval" && e["action"] == "cancelled"
+    });
+    assert_eq!(ev["approval_id"], id);
+    assert_eq!(
+        f.agent
+            .metric("tollgate_approvals_total", &[("outcome", "cancelled")]),
+        1.0
+    );
+    assert_eq!(f.agent.metric("tollgate_approvals_pending", &[]), 0.0);
+    // Approving it now is refused.
+    let (code, _, err) = f.cli(&["approve", &id.to_string()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already cancelled"), "{err}");
+    // The admin token is root-only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(f.token_file())
+        .expect("token")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn extended_protocol_parse_is_held_and_runs_after_approval() {
+    let f = fixture("apprext", "5m", None);
+    let child = f
+        .bot
+        .command(Path::new(env!("CARGO_BIN_EXE_tg-pgclient")))
+        .arg(format!(
+            "host=127.0.0.1 port={} user=bot password=wrong dbname=app",
+            f.pg.port
+        ))
+        .arg("--held-delete")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tg-pgclient");
+    let id = wait_for(Duration::from_secs(20), "a pending request", || {
+        let (_, v) = f.api("GET", "/v1/approvals", "");
+        v["pending"][0]["id"].as_u64()
+    });
+    let r = f.request(id);
+    assert!(
+        r["operation"]
+            .as_str()
+            .unwrap_or("")
+            .contains("DELETE FROM orders WHERE id = $1"),
+        "{r}"
+    );
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 7"),
+        "1"
+    );
+    let (status, v) = f.api("POST", &format!("/v1/approvals/{id}/approve"), "{}");
+    assert_eq!(status, 200, "{v}");
+    let out = child.wait_with_output().expect("tg-pgclient output");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(v["delete"], 1, "{v}");
+    assert_eq!(v["after"], 9, "the session goes on: {v}");
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 7"),
+        "0"
+    );
+}
