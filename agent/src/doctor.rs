@@ -75,6 +75,17 @@ pub fn doctor() -> ExitCode {
             println!("FAIL  {} {}\n      fix: {}", c.name, c.detail, c.fix);
         }
     }
+    // Not fatal: without sched_prepare_exec the agent falls back to the sched_process_exec
+    // tracepoint, which leaves a short window in which an exec is not yet seen.
+    if kernel_at_least(&release, (6, 10)) {
+        println!("ok    exec attribution without a race (sched_prepare_exec, kernel >= 6.10) {release}");
+    } else {
+        println!(
+            "warn  exec attribution without a race (sched_prepare_exec, kernel >= 6.10) {release}\n      \
+             fix: upgrade to Linux 6.10 or newer; until then a process that execs right after connecting \
+             may be attributed by its old executable path for a moment (the agent logs a warning at start)"
+        );
+    }
     println!("note: root on this host can detach tollgate's programs; the threat model covers unprivileged workloads only.");
     if failed == 0 {
         ExitCode::SUCCESS
