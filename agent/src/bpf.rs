@@ -229,7 +229,7 @@ impl Datapath {
             targets6: Mutex::new(dp_targets6),
             ports: Mutex::new(ports),
             sock_orig,
-            diag: sys::SockDiag::new()?,
+            diag: sys::SockDiag::new(AGENT_MARK)?,
             counters,
             exec_gen,
             installed: Mutex::new((BTreeSet::new(), BTreeSet::new())),

@@ -246,7 +246,9 @@ fn unmap(a: SocketAddr) -> SocketAddr {
 }
 
 impl SockDiag {
-    pub fn new() -> Result<SockDiag, SysError> {
+    /// Open the netlink socket and check that it can find a TCP socket. `mark` is put on the
+    /// test connection so that no connect hook (an earlier agent's pins) redirects it.
+    pub fn new(mark: u32) -> Result<SockDiag, SysError> {
         // SAFETY: plain socket(2); the descriptor is owned right below.
         let fd = unsafe {
             libc::socket(
@@ -278,7 +280,43 @@ impl SockDiag {
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             )
         };
-        Ok(SockDiag(Mutex::new(fd)))
+        let diag = SockDiag(Mutex::new(fd));
+        diag.self_test(mark).map_err(|source| SysError::Io {
+            what: "sock_diag cannot find TCP sockets by address, so no accepted connection could be attributed (needs CONFIG_INET_DIAG and tcp_diag: `modprobe tcp_diag`)".into(),
+            source,
+        })?;
+        Ok(diag)
+    }
+
+    /// Find a loopback connection of our own. Without tcp_diag the kernel answers ENOENT,
+    /// which would look like "client gone" for every connection: fail at start instead.
+    fn self_test(&self, mark: u32) -> io::Result<()> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.set_nonblocking(true)?;
+        let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        // Needs CAP_NET_ADMIN; without it (unit tests) the mark is simply not set.
+        let _ = client.set_mark(mark);
+        client.connect_timeout(&l.local_addr()?.into(), std::time::Duration::from_secs(1))?;
+        // Never block start-up on an accept that cannot come.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let (accepted, peer) = loop {
+            match l.accept() {
+                Ok(a) => break a,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(io::Error::from(io::ErrorKind::TimedOut));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let found = self.cookie(peer, accepted.local_addr()?)?;
+        drop(client);
+        match found {
+            Some(_) => Ok(()),
+            None => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        }
     }
 
     /// Cookie of the TCP socket bound to `local` and connected to `remote` (for the client of
@@ -448,7 +486,7 @@ mod tests {
             std::net::TcpStream::connect(SocketAddr::new(connect.ip(), port)).expect("connect");
         let (accepted, peer) = l.accept().expect("accept");
         let local = accepted.local_addr().expect("local");
-        let diag = SockDiag::new().expect("sock_diag");
+        let diag = SockDiag::new(0).expect("sock_diag");
         assert_eq!(
             diag.cookie(peer, local).expect("lookup"),
             Some(so_cookie(&client))
@@ -486,7 +524,7 @@ mod tests {
         drop(client);
         let (accepted, peer) = l.accept().expect("accept");
         let local = accepted.local_addr().expect("local");
-        let diag = SockDiag::new().expect("sock_diag");
+        let diag = SockDiag::new(0).expect("sock_diag");
         assert_eq!(diag.cookie(peer, local).expect("lookup"), Some(cookie));
     }
 
