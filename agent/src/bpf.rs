@@ -1,7 +1,8 @@
 //! The kernel side, seen from the agent: load the embedded eBPF object, configure it, attach it
 //! at the cgroup v2 root, pin it (fail closed) or keep it process-owned (fail open), keep the
 //! target tries in step with the policy, and answer "where was this connection going, and who
-//! opened it?".
+//! opened it?" (a sock_diag lookup finds the client socket's cookie, `SOCK_ORIG` holds the
+//! record connect4/6 stored under it).
 //!
 //! Layout under `bpf_pin_path`: `links/<program>` (one pinned bpf_link per hook; a pinned link
 //! keeps its program and maps alive after the agent dies) and `maps/<MAP>` (for inspection with
@@ -20,11 +21,11 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray},
-    programs::{CgroupSockAddr, Lsm, RawTracePoint, SockOps},
+    programs::{CgroupSockAddr, Lsm, RawTracePoint},
     Ebpf,
 };
 use tollgate_common::{
-    counter, maps, Config, ConnInfo, PeerKey, TargetKey4, TargetKey6, TargetValue,
+    counter, maps, port_bit, Config, ConnInfo, TargetKey4, TargetKey6, TargetValue, PORT_WORDS,
 };
 use tollgate_policy::FailMode;
 
@@ -81,7 +82,11 @@ type Installed = (BTreeSet<(u32, TargetKey4)>, BTreeSet<(u32, TargetKey6)>);
 pub struct Datapath {
     targets4: Mutex<LpmTrie<MapData, TargetKey4, TargetValue>>,
     targets6: Mutex<LpmTrie<MapData, TargetKey6, TargetValue>>,
-    conns: Mutex<HashMap<MapData, PeerKey, ConnInfo>>,
+    /// The `PORTS` bitmap (connect4/6's fast path), kept a superset of the tries' ports.
+    ports: Mutex<Array<MapData, u64>>,
+    sock_orig: HashMap<MapData, u64, ConnInfo>,
+    /// Finds the client socket (and so its cookie) of an accepted connection.
+    diag: sys::SockDiag,
     counters: PerCpuArray<MapData, u64>,
     exec_gen: HashMap<MapData, u32, u64>,
     /// Keys currently in the tries, to delete stale ones on reload.
@@ -89,7 +94,6 @@ pub struct Datapath {
     /// Process-owned links (fail open): dropping them detaches the programs.
     _links: Vec<OwnedFd>,
     _config: Array<MapData, Config>,
-    _sock_orig: HashMap<MapData, u64, ConnInfo>,
     _ebpf: Ebpf,
 }
 
@@ -118,21 +122,18 @@ fn config_for(listen: &[SocketAddr]) -> Config {
     cfg
 }
 
-/// Key for `CONN_BY_PEER` from an accepted peer address.
-pub fn peer_key(peer: SocketAddr) -> PeerKey {
-    let v6 = match peer.ip() {
+/// An address as `ConnInfo::orig_ip` stores it: four network-order words, IPv4 mapped.
+pub fn ip_words(ip: IpAddr) -> [u32; 4] {
+    let v6 = match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
     };
     let o = v6.octets();
-    let mut ip = [0u32; 4];
-    for (i, w) in ip.iter_mut().enumerate() {
+    let mut w = [0u32; 4];
+    for (i, w) in w.iter_mut().enumerate() {
         *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
     }
-    PeerKey {
-        ip,
-        port: u32::from(peer.port()),
-    }
+    w
 }
 
 /// The original destination recorded in a `ConnInfo`.
@@ -219,20 +220,21 @@ impl Datapath {
             take(&mut ebpf, maps::TARGETS4)?;
         let dp_targets6: LpmTrie<MapData, TargetKey6, TargetValue> =
             take(&mut ebpf, maps::TARGETS6)?;
-        let conns: HashMap<MapData, PeerKey, ConnInfo> = take(&mut ebpf, maps::CONN_BY_PEER)?;
+        let ports: Array<MapData, u64> = take(&mut ebpf, maps::PORTS)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::COUNTERS)?;
         let exec_gen: HashMap<MapData, u32, u64> = take(&mut ebpf, maps::EXEC_GEN)?;
 
         let mut dp = Datapath {
             targets4: Mutex::new(dp_targets4),
             targets6: Mutex::new(dp_targets6),
-            conns: Mutex::new(conns),
+            ports: Mutex::new(ports),
+            sock_orig,
+            diag: sys::SockDiag::new(AGENT_MARK)?,
             counters,
             exec_gen,
             installed: Mutex::new((BTreeSet::new(), BTreeSet::new())),
             _links: Vec::new(),
             _config: config,
-            _sock_orig: sock_orig,
             _ebpf: ebpf,
         };
         // Targets go in before anything is attached.
@@ -265,22 +267,14 @@ impl Datapath {
                     std::io::Error::other("missing from object"),
                 )
             })?;
-            let fd = if hook == Hook::SockOps {
-                let p: &mut SockOps = prog.try_into().map_err(|e| load_err(name, e))?;
-                p.load().map_err(|e| load_err(name, e))?;
-                p.fd()
-                    .map_err(|e| load_err(name, e))?
-                    .as_fd()
-                    .try_clone_to_owned()
-            } else {
-                let p: &mut CgroupSockAddr = prog.try_into().map_err(|e| load_err(name, e))?;
-                p.load().map_err(|e| load_err(name, e))?;
-                p.fd()
-                    .map_err(|e| load_err(name, e))?
-                    .as_fd()
-                    .try_clone_to_owned()
-            }
-            .map_err(io_dup)?;
+            let p: &mut CgroupSockAddr = prog.try_into().map_err(|e| load_err(name, e))?;
+            p.load().map_err(|e| load_err(name, e))?;
+            let fd = p
+                .fd()
+                .map_err(|e| load_err(name, e))?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_dup)?;
             links.push((hook, sys::link_create(fd.as_fd(), cgroup.as_fd(), hook)?));
         }
 
@@ -302,11 +296,27 @@ impl Datapath {
                     sys::obj_pin(fd.as_fd(), &p)?;
                 }
                 pin_map(&maps_dir, maps::CONFIG, dp._config.map())?;
-                pin_map(&maps_dir, maps::SOCK_ORIG, dp._sock_orig.map())?;
-                pin_map(&maps_dir, maps::CONN_BY_PEER, lock(&dp.conns).map())?;
+                pin_map(&maps_dir, maps::SOCK_ORIG, dp.sock_orig.map())?;
+                pin_map(&maps_dir, maps::PORTS, lock(&dp.ports).map())?;
                 pin_map(&maps_dir, maps::TARGETS4, lock(&dp.targets4).map())?;
                 pin_map(&maps_dir, maps::TARGETS6, lock(&dp.targets6).map())?;
                 pin_map(&maps_dir, maps::COUNTERS, dp.counters.map())?;
+                // Pins an older agent left that we do not replace (a hook or map this version
+                // no longer has, such as the former sock_ops link) would keep old programs
+                // attached: remove them.
+                let ours_links: Vec<&str> = links.iter().map(|(h, _)| h.program()).collect();
+                remove_pins_except(&links_dir, &ours_links)?;
+                remove_pins_except(
+                    &maps_dir,
+                    &[
+                        maps::CONFIG,
+                        maps::SOCK_ORIG,
+                        maps::PORTS,
+                        maps::TARGETS4,
+                        maps::TARGETS6,
+                        maps::COUNTERS,
+                    ],
+                )?;
                 // The pins hold the links from here on; our fds can close.
             }
             FailMode::Open => {
@@ -319,10 +329,21 @@ impl Datapath {
         Ok(dp)
     }
 
-    /// Bring the kernel tries in line with `routes` (insert new keys, then remove stale ones).
+    /// Bring the kernel tries in line with `routes`: set the port bits of new ports, insert
+    /// new keys, remove stale keys, then clear the bits of ports no longer used. The bitmap is
+    /// a superset of the tries' ports at every instant, so no protected connect takes the
+    /// fast path.
     pub fn set_routes(&self, routes: &Routes) -> Result<(), BpfError> {
         let (want4, want6) = routes.bpf_keys();
         let mut installed = lock(&self.installed);
+        let key_port = |d: &[u8]| u16::from_be_bytes([d[0], d[1]]);
+        let old_ports: BTreeSet<u16> = (installed.0.iter().map(|(_, d)| key_port(d)))
+            .chain(installed.1.iter().map(|(_, d)| key_port(d)))
+            .collect();
+        let new_ports: BTreeSet<u16> = (want4.iter().map(|(_, d, _)| key_port(d)))
+            .chain(want6.iter().map(|(_, d, _)| key_port(d)))
+            .collect();
+        self.write_ports(old_ports.union(&new_ports))?;
         {
             let mut t4 = lock(&self.targets4);
             for (plen, data, target) in &want4 {
@@ -369,16 +390,47 @@ impl Datapath {
             }
             installed.1 = keep;
         }
+        if new_ports != old_ports {
+            self.write_ports(new_ports.iter())?;
+        }
         Ok(())
     }
 
-    /// Take (look up and delete) what the kernel recorded about the client at `peer`.
-    pub fn take_conn(&self, peer: SocketAddr) -> Option<ConnInfo> {
-        let key = peer_key(peer);
-        let mut conns = lock(&self.conns);
-        let info = conns.get(&key, 0).ok()?;
-        let _ = conns.remove(&key);
-        Some(info)
+    /// Write the `PORTS` bitmap so that exactly `ports` are set.
+    fn write_ports<'a>(&self, ports: impl Iterator<Item = &'a u16>) -> Result<(), BpfError> {
+        let mut words = vec![0u64; PORT_WORDS as usize];
+        for p in ports {
+            let (i, bit) = port_bit(*p);
+            words[i as usize] |= bit;
+        }
+        let mut map = lock(&self.ports);
+        for (i, w) in words.iter().enumerate() {
+            // Only words that change: the bitmap is 1024 words, a policy uses a few.
+            if map.get(&(i as u32), 0).ok() != Some(*w) {
+                map.set(i as u32, *w, 0).map_err(|source| BpfError::Map {
+                    map: maps::PORTS,
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What connect4/6 recorded about the client of an accepted connection (`peer` and
+    /// `local` as `accept()` and `getsockname()` report them). The client socket is found by
+    /// its 4-tuple (sock_diag) and the record by that socket's cookie; the record stays, since
+    /// the client's getpeername still needs it.
+    pub fn take_conn(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnInfo> {
+        let cookie = match self.diag.cookie(peer, local) {
+            Ok(c) => c?,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "sock_diag lookup of the client socket failed");
+                return None;
+            }
+        };
+        let info = self.sock_orig.get(&cookie, 0).ok()?;
+        // Belt and braces: the record names the socket it was stored for.
+        (info.cookie == cookie).then_some(info)
     }
 
     /// Current exec generation of process `pid` (0 if it has not exec'd or exited since the
@@ -434,6 +486,19 @@ fn attach_raw_tp(ebpf: &mut Ebpf, prog: &str, tp: &str) -> Result<(), BpfError> 
     Ok(())
 }
 
+/// Remove the pins in `dir` whose names are not in `keep`.
+fn remove_pins_except(dir: &Path, keep: &[&str]) -> Result<(), SysError> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        if !keep.iter().any(|k| e.file_name() == **k) {
+            remove_file_if_exists(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Remove every pin under `pin_dir` (detaching the programs if no agent holds them) and the
 /// directory itself. Missing pins are not an error.
 pub fn uninstall(pin_dir: &Path) -> Result<(), SysError> {
@@ -463,18 +528,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn peer_keys_are_v4_mapped() {
-        let k = peer_key("127.0.0.1:40000".parse().expect("addr"));
-        assert_eq!(k.port, 40000);
-        let b: Vec<u8> = k.ip.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    fn ip_words_are_v4_mapped() {
+        let w = ip_words("127.0.0.1".parse().expect("addr"));
+        let b: Vec<u8> = w.iter().flat_map(|w| w.to_ne_bytes()).collect();
         assert_eq!(b, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]);
     }
 
     #[test]
     fn orig_dst_round_trips() {
-        let k = peer_key("10.1.2.3:5432".parse().expect("addr"));
         let info = ConnInfo {
-            orig_ip: k.ip,
+            orig_ip: ip_words("10.1.2.3".parse().expect("addr")),
             orig_port: 5432,
             ..ConnInfo::default()
         };
@@ -482,9 +545,8 @@ mod tests {
             orig_dst(&info),
             "10.1.2.3:5432".parse::<SocketAddr>().expect("addr")
         );
-        let k6 = peer_key("[fd00::1]:443".parse().expect("addr"));
         let info6 = ConnInfo {
-            orig_ip: k6.ip,
+            orig_ip: ip_words("fd00::1".parse().expect("addr")),
             orig_port: 443,
             ..ConnInfo::default()
         };

@@ -46,14 +46,15 @@ use crate::{
 /// Where the original destination and kernel facts of an accepted connection come from: the
 /// eBPF maps in production, a table in in-process tests.
 pub trait ConnSource: Send + Sync {
-    fn take_conn(&self, peer: SocketAddr) -> Option<ConnInfo>;
+    /// The record of the client at `peer` whose connection was accepted on `local`.
+    fn take_conn(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnInfo>;
     /// The process's current exec generation (see `ConnInfo::exec_gen`).
     fn exec_gen(&self, pid: u32) -> u64;
 }
 
 impl ConnSource for bpf::Datapath {
-    fn take_conn(&self, peer: SocketAddr) -> Option<ConnInfo> {
-        bpf::Datapath::take_conn(self, peer)
+    fn take_conn(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnInfo> {
+        bpf::Datapath::take_conn(self, peer, local)
     }
     fn exec_gen(&self, pid: u32) -> u64 {
         bpf::Datapath::exec_gen(self, pid)
@@ -294,7 +295,11 @@ impl Agent {
 
     /// One connection, start to end.
     pub async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let Some(info) = self.conns.take_conn(peer) else {
+        let info = stream
+            .local_addr()
+            .ok()
+            .and_then(|local| self.conns.take_conn(peer, local));
+        let Some(info) = info else {
             // Not redirected by our hooks (someone dialled the listener directly, or the record
             // was lost): nothing to attribute, nothing to allow.
             self.metrics

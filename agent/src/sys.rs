@@ -1,13 +1,15 @@
 //! Every raw Linux call the agent makes lives here: bpf(2) link creation and pinning, mount
-//! lookups, bpffs mounting, socket marks and splice(2). Keeping them in one module keeps the
+//! lookups, bpffs mounting, socket marks, sock_diag lookups and splice(2). Keeping them in one module keeps the
 //! `unsafe` small and reviewable; everything else in the agent is safe Rust.
 
 use std::{
     ffi::CString,
     fs, io,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
 use aya_obj::generated::{bpf_attach_type, bpf_cmd};
@@ -44,21 +46,25 @@ pub enum SysError {
     },
 }
 
-/// The five attach points tollgate uses, as kernel attach types.
+/// The four cgroup attach points tollgate uses, as kernel attach types.
+///
+/// There is deliberately no `sock_ops` hook: a cgroup sock_ops program at the root is called
+/// about nine times for *every* TCP connection on the host (both ends, each handshake step),
+/// which measured as ~1 us added to every connect(). The agent finds the client socket of an
+/// accepted connection with a sock_diag lookup instead ([`SockDiag`]), a cost paid only by
+/// redirected connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     Connect4,
     Connect6,
-    SockOps,
     GetPeerName4,
     GetPeerName6,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 5] = [
+    pub const ALL: [Hook; 4] = [
         Hook::Connect4,
         Hook::Connect6,
-        Hook::SockOps,
         Hook::GetPeerName4,
         Hook::GetPeerName6,
     ];
@@ -67,7 +73,6 @@ impl Hook {
         match self {
             Hook::Connect4 => "connect4",
             Hook::Connect6 => "connect6",
-            Hook::SockOps => "tollgate_sockops",
             Hook::GetPeerName4 => "getpeername4",
             Hook::GetPeerName6 => "getpeername6",
         }
@@ -76,7 +81,6 @@ impl Hook {
         (match self {
             Hook::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
             Hook::Connect6 => bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
-            Hook::SockOps => bpf_attach_type::BPF_CGROUP_SOCK_OPS,
             Hook::GetPeerName4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
             Hook::GetPeerName6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
         }) as u32
@@ -198,6 +202,201 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<(), SysError> {
     Ok(())
 }
 
+/// Finds the socket cookie of a local TCP socket by its exact 4-tuple through
+/// `NETLINK_SOCK_DIAG` (what `ss` uses): for an accepted connection, the cookie of the
+/// *client's* socket, under which connect4/6 stored the original destination. One netlink
+/// round trip per accepted connection, in this network namespace.
+pub struct SockDiag(Mutex<OwnedFd>);
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const TCP_LISTEN: u8 = 10;
+/// `INET_DIAG_NOCOOKIE`: match any cookie.
+const NO_COOKIE: u32 = !0;
+/// nlmsghdr (16) + inet_diag_req_v2 (56).
+const REQ_LEN: usize = 16 + 56;
+/// Offset of `inet_diag_msg.id` in a reply (after the 16-byte nlmsghdr and 4 bytes of
+/// family/state/timer/retrans).
+const ID_OFF: usize = 16 + 4;
+
+/// The inet_diag_sockid bytes (ports, addresses, interface 0; without the cookie) for a socket bound to `local` and
+/// connected to `remote`; both must be of the same family.
+fn diag_sockid(local: SocketAddr, remote: SocketAddr) -> [u8; 40] {
+    let mut id = [0u8; 40];
+    id[0..2].copy_from_slice(&local.port().to_be_bytes());
+    id[2..4].copy_from_slice(&remote.port().to_be_bytes());
+    for (off, ip) in [(4, local.ip()), (20, remote.ip())] {
+        match ip {
+            IpAddr::V4(v4) => id[off..off + 4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => id[off..off + 16].copy_from_slice(&v6.octets()),
+        }
+    }
+    id
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is: a dual-stack client connected to
+/// an IPv4 listener is hashed (and found) as IPv4.
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    }
+}
+
+impl SockDiag {
+    /// Open the netlink socket and check that it can find a TCP socket. `mark` is put on the
+    /// test connection so that no connect hook (an earlier agent's pins) redirects it.
+    pub fn new(mark: u32) -> Result<SockDiag, SysError> {
+        // SAFETY: plain socket(2); the descriptor is owned right below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(SysError::Io {
+                what: "open NETLINK_SOCK_DIAG socket".into(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // A reply always comes at once; never let a kernel surprise hang an agent thread.
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt with a correctly sized timeval on our descriptor.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::from_ref(&tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        let diag = SockDiag(Mutex::new(fd));
+        diag.self_test(mark).map_err(|source| SysError::Io {
+            what: "sock_diag cannot find TCP sockets by address, so no accepted connection could be attributed (needs CONFIG_INET_DIAG and tcp_diag: `modprobe tcp_diag`)".into(),
+            source,
+        })?;
+        Ok(diag)
+    }
+
+    /// Find a loopback connection of our own. Without tcp_diag the kernel answers ENOENT,
+    /// which would look like "client gone" for every connection: fail at start instead.
+    fn self_test(&self, mark: u32) -> io::Result<()> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.set_nonblocking(true)?;
+        let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        // Needs CAP_NET_ADMIN; without it (unit tests) the mark is simply not set.
+        let _ = client.set_mark(mark);
+        client.connect_timeout(&l.local_addr()?.into(), std::time::Duration::from_secs(1))?;
+        // Never block start-up on an accept that cannot come.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let (accepted, peer) = loop {
+            match l.accept() {
+                Ok(a) => break a,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(io::Error::from(io::ErrorKind::TimedOut));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let found = self.cookie(peer, accepted.local_addr()?)?;
+        drop(client);
+        match found {
+            Some(_) => Ok(()),
+            None => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        }
+    }
+
+    /// Cookie of the TCP socket bound to `local` and connected to `remote` (for the client of
+    /// an accepted connection: `local` = the accepted peer address, `remote` = the accepted
+    /// socket's local address). `Ok(None)` when no such socket exists (any more).
+    pub fn cookie(&self, local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u64>> {
+        let (local, remote) = (unmap(local), unmap(remote));
+        let family = match (local, remote) {
+            (SocketAddr::V4(_), SocketAddr::V4(_)) => libc::AF_INET,
+            (SocketAddr::V6(_), SocketAddr::V6(_)) => libc::AF_INET6,
+            _ => return Ok(None),
+        };
+        let id = diag_sockid(local, remote);
+        let mut req = [0u8; REQ_LEN];
+        // nlmsghdr: len, type, flags (a request for one socket, no dump), seq, pid.
+        req[0..4].copy_from_slice(&(REQ_LEN as u32).to_ne_bytes());
+        req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+        // inet_diag_req_v2: family, protocol, ext, pad, states, then the sockid.
+        req[16] = family as u8;
+        req[17] = libc::IPPROTO_TCP as u8;
+        req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes());
+        req[24..64].copy_from_slice(&id);
+        // idiag_if = 0 (bytes 60..64), idiag_cookie = INET_DIAG_NOCOOKIE.
+        req[64..68].copy_from_slice(&NO_COOKIE.to_ne_bytes());
+        req[68..72].copy_from_slice(&NO_COOKIE.to_ne_bytes());
+        let mut buf = [0u8; 512];
+        let fd = crate::lock(&self.0);
+        // SAFETY: send/recv on our netlink descriptor with buffers that outlive the calls.
+        let n = unsafe {
+            if libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+        };
+        drop(fd);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        parse_diag_reply(&buf[..n as usize], &id)
+    }
+}
+
+/// The cookie in a sock_diag reply to an exact lookup, checked against the asked-for sockid.
+fn parse_diag_reply(b: &[u8], id: &[u8; 40]) -> io::Result<Option<u64>> {
+    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    match u16_at(4) {
+        Some(t) if t == libc::NLMSG_ERROR as u16 => {
+            let errno = u32_at(16).map_or(0, |e| -(e as i32));
+            if errno == libc::ENOENT {
+                Ok(None)
+            } else {
+                Err(io::Error::from_raw_os_error(errno))
+            }
+        }
+        Some(SOCK_DIAG_BY_FAMILY) => {
+            let (Some(state), Some(ports), Some(lo), Some(hi)) = (
+                b.get(17),
+                b.get(ID_OFF..ID_OFF + 4),
+                u32_at(ID_OFF + 40),
+                u32_at(ID_OFF + 44),
+            ) else {
+                return Err(io::Error::other("short sock_diag reply"));
+            };
+            // The kernel matched the exact 4-tuple, but falls back to a listener on the
+            // client's port; a listener is never the client. (Addresses are not compared: a
+            // dual-stack client found through its IPv4 hash reports IPv4-mapped addresses.)
+            if *state == TCP_LISTEN || ports != &id[0..4] {
+                return Ok(None);
+            }
+            Ok(Some(u64::from(lo) | (u64::from(hi) << 32)))
+        }
+        _ => Err(io::Error::other("unexpected sock_diag reply")),
+    }
+}
+
 /// splice(2) between two descriptors, non-blocking, moving pages where possible.
 pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain syscall on descriptors the caller keeps open for the duration of the call;
@@ -260,6 +459,73 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(mount_point_of(m, "bpf"), None);
+    }
+
+    fn so_cookie(s: &std::net::TcpStream) -> u64 {
+        let mut c = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: getsockopt(SO_COOKIE) into a u64 of the stated size.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                std::ptr::from_mut(&mut c).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "SO_COOKIE");
+        c
+    }
+
+    /// The agent's view: find the client socket of an accepted connection by (peer, local).
+    fn finds_client(listen: &str, connect: SocketAddr) {
+        let l = std::net::TcpListener::bind(listen).expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let client =
+            std::net::TcpStream::connect(SocketAddr::new(connect.ip(), port)).expect("connect");
+        let (accepted, peer) = l.accept().expect("accept");
+        let local = accepted.local_addr().expect("local");
+        let diag = SockDiag::new(0).expect("sock_diag");
+        assert_eq!(
+            diag.cookie(peer, local).expect("lookup"),
+            Some(so_cookie(&client))
+        );
+        // The accepted socket is not the client; a port nobody uses finds nothing.
+        let other = SocketAddr::new(peer.ip(), 1);
+        assert_eq!(diag.cookie(other, local).expect("lookup"), None);
+    }
+
+    #[test]
+    fn sock_diag_finds_the_client_socket_v4() {
+        finds_client("127.0.0.1:0", "127.0.0.1:0".parse().expect("a"));
+    }
+
+    #[test]
+    fn sock_diag_finds_the_client_socket_v6() {
+        finds_client("[::1]:0", "[::1]:0".parse().expect("a"));
+    }
+
+    #[test]
+    fn sock_diag_finds_a_dual_stack_client_of_a_v4_listener() {
+        // An AF_INET6 socket connecting to ::ffff:127.0.0.1 (what connect6 redirects to the
+        // IPv4 listener), accepted as an IPv4 peer.
+        finds_client("127.0.0.1:0", "[::ffff:127.0.0.1]:0".parse().expect("a"));
+    }
+
+    #[test]
+    fn sock_diag_finds_a_client_that_already_closed() {
+        // connect(); write(); close() before the agent gets to accept(): the client socket is
+        // in FIN_WAIT2 and still carries its cookie.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client = std::net::TcpStream::connect(l.local_addr().expect("a")).expect("c");
+        std::io::Write::write_all(&mut client, b"x").expect("write");
+        let cookie = so_cookie(&client);
+        drop(client);
+        let (accepted, peer) = l.accept().expect("accept");
+        let local = accepted.local_addr().expect("local");
+        let diag = SockDiag::new(0).expect("sock_diag");
+        assert_eq!(diag.cookie(peer, local).expect("lookup"), Some(cookie));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! tollgate's kernel programs, all in one object so that they share maps.
 //!
-//! Layout: `connect4`/`connect6` (cgroup/connect*) look the destination up in the `TARGETS4`/
-//! `TARGETS6` LPM tries; a protected TCP connect is rewritten to the agent's listener and the
-//! original destination plus the caller's kernel facts are stored in `SOCK_ORIG` by socket
-//! cookie. `sockops` re-keys that record by the client's (source ip, source port) into
-//! `CONN_BY_PEER` when the connection is established, which happens before the agent's
-//! `accept()` returns. `getpeername4`/`getpeername6` show the client its original peer.
+//! Layout: `connect4`/`connect6` (cgroup/connect*) test the destination port against the
+//! `PORTS` bitmap, then look the destination up in the `TARGETS4`/`TARGETS6` LPM tries; a
+//! protected TCP connect is rewritten to the agent's listener and the original destination plus
+//! the caller's kernel facts are stored in `SOCK_ORIG` by socket cookie. The agent finds the
+//! client socket's cookie with sock_diag after `accept()` (no sock_ops program: it would run on
+//! every TCP handshake of the host). `getpeername4`/`getpeername6` show the client its original
+//! peer.
 //! Per-CPU `COUNTERS` are read by the agent for metrics.
 //!
 //! On the host (any non-bpf target) this crate is an empty binary so that `cargo check

@@ -6,9 +6,9 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, bpf_sock_addr, bpf_sock_ops, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock, bpf_sock_addr, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
-        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_F_CURRENT_NETNS,
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -17,13 +17,13 @@ use aya_ebpf::{
             bpf_sk_lookup_tcp, bpf_sk_release,
         },
     },
-    macros::{cgroup_sock_addr, lsm, map, raw_tracepoint, sock_ops},
+    macros::{cgroup_sock_addr, lsm, map, raw_tracepoint},
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
-    programs::{LsmContext, RawTracePointContext, SockAddrContext, SockOpsContext},
+    programs::{LsmContext, RawTracePointContext, SockAddrContext},
     EbpfContext,
 };
 use tollgate_common::{
-    counter, Config, ConnInfo, PeerKey, TargetKey4, TargetKey6, TargetValue, V4_MAPPED_WORD,
+    counter, Config, ConnInfo, TargetKey4, TargetKey6, TargetValue, PORT_WORDS, V4_MAPPED_WORD,
 };
 
 const AF_INET: u32 = 2;
@@ -41,8 +41,11 @@ static TARGETS6: LpmTrie<TargetKey6, TargetValue> = LpmTrie::with_max_entries(16
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static SOCK_ORIG: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
+/// Bitmap of the ports that appear in any target (bit `port % 64` of word `port / 64`, host
+/// order): a connect to any other port is decided by one inlined array load, without walking
+/// the LPM trie. Every connect on the host pays for this path.
 #[map]
-static CONN_BY_PEER: LruHashMap<PeerKey, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
+static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 /// Per-process generation, bumped on every exec and every process exit (see `ConnInfo::exec_gen`).
 #[map]
 static EXEC_GEN: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
@@ -65,6 +68,17 @@ fn count(idx: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(idx) {
         // Per-CPU slot: no other writer can race with us.
         unsafe { *p += 1 };
+    }
+}
+
+/// Whether any target uses this port (`port_be` as in `user_port`). False means "not
+/// protected" for certain; true still needs the trie lookup.
+#[inline(always)]
+fn port_protected(port_be: u16) -> bool {
+    let port = u16::from_be(port_be) as u32;
+    match PORTS.get(port >> 6) {
+        Some(w) => *w & (1u64 << (port & 63)) != 0,
+        None => false,
     }
 }
 
@@ -196,8 +210,13 @@ fn remember(ctx: &SockAddrContext, orig_ip: [u32; 4], port_be: u16, family: u32)
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) };
     let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
+    // The fast path for every unprotected connect on the host: one bitmap load.
+    if !port_protected(port) {
+        count(counter::PASSED);
+        return PROCEED;
+    }
+    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) };
     if !lookup4(ip, port) {
         count(counter::PASSED);
         return PROCEED;
@@ -234,6 +253,11 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
+    if !port_protected(port) {
+        count(counter::PASSED);
+        return PROCEED;
+    }
     let ip = unsafe {
         [
             read_volatile(addr_of!((*sa).user_ip6[0])),
@@ -242,7 +266,6 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
             read_volatile(addr_of!((*sa).user_ip6[3])),
         ]
     };
-    let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
     // An AF_INET6 socket connecting to ::ffff:a.b.c.d never reaches connect4: treat it as the
     // IPv4 destination it is, or it would be a bypass.
     let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD;
@@ -296,48 +319,16 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-#[sock_ops]
-pub fn tollgate_sockops(ctx: SockOpsContext) -> u32 {
-    let ops: *mut bpf_sock_ops = ctx.ops;
-    let op = unsafe { read_volatile(addr_of!((*ops).op)) };
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        return 1;
-    }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(info) = (unsafe { SOCK_ORIG.get(&cookie) }) else {
-        return 1;
-    };
-    // Read both families' fields unconditionally, then choose: a family-dependent load through
-    // a computed pointer is rejected as `dereference of modified ctx ptr`.
-    let family = unsafe { read_volatile(addr_of!((*ops).family)) };
-    let l4 = unsafe { read_volatile(addr_of!((*ops).local_ip4)) };
-    let l6 = unsafe {
-        [
-            read_volatile(addr_of!((*ops).local_ip6[0])),
-            read_volatile(addr_of!((*ops).local_ip6[1])),
-            read_volatile(addr_of!((*ops).local_ip6[2])),
-            read_volatile(addr_of!((*ops).local_ip6[3])),
-        ]
-    };
-    // local_port is in host byte order in sock_ops.
-    let lport = unsafe { read_volatile(addr_of!((*ops).local_port)) };
-    let key = PeerKey {
-        ip: if family == AF_INET6 {
-            l6
-        } else {
-            [0, 0, V4_MAPPED_WORD, l4]
-        },
-        port: lport,
-    };
-    let info = *info;
-    if CONN_BY_PEER.insert(&key, &info, 0).is_err() {
-        count(counter::MAP_FULL);
-    }
-    1
-}
-
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    // Only a socket whose real peer is the agent's listener can have been redirected: any
+    // other socket returns here, without generating a cookie or touching SOCK_ORIG.
+    let peer_port = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) };
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.listen4_port != 0 && peer_port == cfg.listen4_port => {}
+        // getpeername programs must return 1.
+        _ => return 1,
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(info) = unsafe { SOCK_ORIG.get(&cookie) } {
         let sa = ctx.sock_addr;
@@ -354,6 +345,14 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    // As in getpeername4; an IPv4-mapped client was sent to the IPv4 listener's port.
+    let peer_port = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) };
+    match CONFIG.get(0) {
+        Some(cfg)
+            if peer_port != 0
+                && (peer_port == cfg.listen6_port || peer_port == cfg.listen4_port) => {}
+        _ => return 1,
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(info) = unsafe { SOCK_ORIG.get(&cookie) } {
         let sa = ctx.sock_addr;

@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use vm_tests::*;
 
+/// connect4, connect6, getpeername4, getpeername6 (there is no sock_ops hook: the agent finds
+/// client sockets with sock_diag).
+const LINKS: usize = 4;
+
 fn count_pinned_links(agent: &AgentProc) -> usize {
     std::fs::read_dir(agent.pin_path.join("links"))
         .map(|rd| rd.count())
@@ -42,11 +46,19 @@ fn fail_closed_refuses_after_kill9_until_restart_or_uninstall() {
     let r = ci.probe(probe_bin!(), &echo_args(&v4));
     assert!(r.echo_ok(), "with the agent up: {r}");
     assert_eq!(echo.accepted(), 1);
-    assert_eq!(count_pinned_links(&agent), 5, "fail closed pins its links");
+    assert_eq!(
+        count_pinned_links(&agent),
+        LINKS,
+        "fail closed pins its links"
+    );
 
     // The agent dies hard: the pins stay and every spelling of the target is refused.
     agent.kill9();
-    assert_eq!(count_pinned_links(&agent), 5, "pins must survive kill -9");
+    assert_eq!(
+        count_pinned_links(&agent),
+        LINKS,
+        "pins must survive kill -9"
+    );
     for (addr, v6_socket) in [(&v4, false), (&v6, false), (&v4, true)] {
         let mut args = echo_args(addr);
         if v6_socket {
@@ -68,7 +80,11 @@ fn fail_closed_refuses_after_kill9_until_restart_or_uninstall() {
     assert_eq!(ev["action"], "allow", "{ev}");
     assert_eq!(ev["identity"], "ci-bot", "{ev}");
     assert_eq!(echo.accepted(), 2);
-    assert_eq!(count_pinned_links(&agent), 5, "restart replaces the pins");
+    assert_eq!(
+        count_pinned_links(&agent),
+        LINKS,
+        "restart replaces the pins"
+    );
 
     // Dead again, then uninstalled: direct access with no agent at all.
     agent.kill9();
@@ -76,7 +92,7 @@ fn fail_closed_refuses_after_kill9_until_restart_or_uninstall() {
     assert_eq!(r.errno(), Some(libc::ECONNREFUSED as i64), "{r}");
     let out = agent.uninstall();
     assert!(
-        out.contains("removed 5 pinned links"),
+        out.contains(&format!("removed {LINKS} pinned links")),
         "uninstall said: {out}"
     );
     assert!(

@@ -129,3 +129,67 @@ fn reload_applies_to_new_connections_and_rejects_broken_policy() {
     assert!(status.success(), "SIGTERM exit: {status}");
     agent.wait_audit("agent_stop", |e| e["event"] == "agent_stop");
 }
+
+/// connect4/6 skip the trie for ports outside the `PORTS` bitmap: a target on a port the
+/// previous policy did not use must be protected as soon as the reload is applied, and a
+/// removed one released.
+#[test]
+fn a_target_on_a_new_port_is_protected_after_reload_and_released_after_removal() {
+    require_root();
+    let kept = EchoServer::start(EchoMode::Echo);
+    let added = EchoServer::start(EchoMode::Echo);
+    assert_ne!(kept.port(), added.port());
+    let ci = Cgroup::new("reload-port-ci");
+    let base = [
+        identity_for("ci-bot", &ci),
+        tcp_target("kept", &[kept.v4().to_string()]),
+        rule("ci may use kept", &["ci-bot"], &["kept"], "allow"),
+    ]
+    .concat();
+    let with_added = [base.clone(), tcp_target("added", &[added.v4().to_string()])].concat();
+    let agent = AgentProc::start("reload-port", FailMode::Open, &base);
+    let addr = added.v4().to_string();
+    let small = [
+        "--connect",
+        addr.as_str(),
+        "--send-bytes",
+        "1000",
+        "--expect-echo",
+    ];
+    let reloads_ok = |agent: &AgentProc| {
+        agent
+            .audit()
+            .iter()
+            .filter(|e| e["event"] == "policy_reload" && e["result"] == "ok")
+            .count()
+    };
+
+    let r = ci.probe(probe_bin!(), &small);
+    assert!(r.echo_ok(), "not yet a target: direct: {r}");
+    assert_eq!(r.peer(), Some(addr.as_str()), "{r}");
+    assert_eq!(added.accepted(), 1);
+
+    agent.write_policy(&with_added);
+    wait_for(Duration::from_secs(10), "the first reload", || {
+        (reloads_ok(&agent) >= 1).then_some(())
+    });
+    let r = ci.probe(probe_bin!(), &small);
+    assert!(
+        r.was_denied(),
+        "a new target (no rule for it) after reload: {r}"
+    );
+    assert_eq!(agent.connect_event(r.pid)["target"], "added");
+    assert_eq!(
+        added.accepted(),
+        1,
+        "a protected connect reached the service"
+    );
+
+    agent.write_policy(&base);
+    wait_for(Duration::from_secs(10), "the second reload", || {
+        (reloads_ok(&agent) >= 2).then_some(())
+    });
+    let r = ci.probe(probe_bin!(), &small);
+    assert!(r.echo_ok(), "target removed again: direct: {r}");
+    assert_eq!(added.accepted(), 2);
+}

@@ -1,5 +1,6 @@
 //! In-process tests of the session path: real sockets on 127.0.0.1:0, a real echo upstream, a
-//! table standing in for the kernel's `CONN_BY_PEER`, and assertions on wire bytes, audit
+//! table standing in for the kernel's `SOCK_ORIG` (keyed by client address instead of the
+//! client socket's cookie), and assertions on wire bytes, audit
 //! lines and scraped metrics.
 
 use std::{collections::HashMap, os::unix::fs::MetadataExt, path::PathBuf, sync::Mutex};
@@ -8,12 +9,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 
-/// Connection records keyed by the client's address, as sock_ops would fill them.
+/// Connection records keyed by the client's address (the agent finds them by the client
+/// socket's cookie; its address identifies that socket just as well here).
 #[derive(Default)]
 struct Table(Mutex<HashMap<SocketAddr, ConnInfo>>);
 
 impl ConnSource for Table {
-    fn take_conn(&self, peer: SocketAddr) -> Option<ConnInfo> {
+    fn take_conn(&self, peer: SocketAddr, _local: SocketAddr) -> Option<ConnInfo> {
         self.0.lock().ok()?.remove(&peer)
     }
     fn exec_gen(&self, _pid: u32) -> u64 {
@@ -133,9 +135,8 @@ action = "allow"
 }
 
 fn info_for(dst: SocketAddr, cgroup_id: u64) -> ConnInfo {
-    let k = bpf::peer_key(dst);
     ConnInfo {
-        orig_ip: k.ip,
+        orig_ip: bpf::ip_words(dst.ip()),
         orig_port: dst.port(),
         family: 2,
         pid: std::process::id(),

@@ -70,14 +70,12 @@ pub struct ConnInfo {
     pub exec_gen: u64,
 }
 
-/// Key of `CONN_BY_PEER`: the client socket's local address as the agent sees it in `accept()`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PeerKey {
-    /// Four network-order words; IPv4 stored IPv4-mapped.
-    pub ip: [u32; 4],
-    /// Client port, host byte order.
-    pub port: u32,
+/// Number of `u64` words in the `PORTS` bitmap (one bit per port).
+pub const PORT_WORDS: u32 = 65536 / 64;
+
+/// Word index and bit mask of `port` (host order) in the `PORTS` bitmap.
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1u64 << (port & 63))
 }
 
 /// Indexes into the per-CPU `COUNTERS` array.
@@ -110,7 +108,7 @@ pub mod maps {
     pub const TARGETS6: &str = "TARGETS6";
     pub const CONFIG: &str = "CONFIG";
     pub const SOCK_ORIG: &str = "SOCK_ORIG";
-    pub const CONN_BY_PEER: &str = "CONN_BY_PEER";
+    pub const PORTS: &str = "PORTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EXEC_GEN: &str = "EXEC_GEN";
 }
@@ -122,5 +120,4 @@ mod user {
     unsafe impl aya::Pod for super::TargetValue {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::ConnInfo {}
-    unsafe impl aya::Pod for super::PeerKey {}
 }
