@@ -508,6 +508,19 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), SysError> {
             continue;
         };
         for e in entries.flatten() {
+            if sub == "links" {
+                // Detach first, synchronously: when uninstall returns, no hook runs any more.
+                match sys::obj_get(&e.path()) {
+                    Ok(fd) => {
+                        if let Err(err) = sys::link_detach(fd.as_fd()) {
+                            tracing::warn!(link = %e.path().display(), error = %err, "detaching a pinned link failed; unpinning it anyway");
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(link = %e.path().display(), error = %err, "cannot open a pinned link; unpinning it anyway")
+                    }
+                }
+            }
             remove_file_if_exists(&e.path())?;
         }
         let _ = fs::remove_dir(&d);

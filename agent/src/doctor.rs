@@ -78,7 +78,9 @@ pub fn doctor() -> ExitCode {
     // Not fatal: without sched_prepare_exec the agent falls back to the sched_process_exec
     // tracepoint, which leaves a short window in which an exec is not yet seen.
     if kernel_at_least(&release, (6, 10)) {
-        println!("ok    exec attribution without a race (sched_prepare_exec, kernel >= 6.10) {release}");
+        println!(
+            "ok    exec attribution without a race (sched_prepare_exec, kernel >= 6.10) {release}"
+        );
     } else {
         println!(
             "warn  exec attribution without a race (sched_prepare_exec, kernel >= 6.10) {release}\n      \

@@ -185,6 +185,37 @@ pub fn link_create(
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// Open a pinned bpf object (BPF_OBJ_GET).
+pub fn obj_get(path: &Path) -> Result<OwnedFd, SysError> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| SysError::Io {
+        what: format!("pin path {} contains NUL", path.display()),
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    let mut attr = [0u64; 16];
+    // obj_get: { u64 pathname; u32 bpf_fd; u32 file_flags; ... }
+    attr[0] = c.as_ptr() as u64;
+    let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut attr).map_err(|source| SysError::Bpf {
+        call: "BPF_OBJ_GET",
+        source,
+    })?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Detach a link from its hook now (BPF_LINK_DETACH). Unpinning alone drops the last
+/// reference through a deferred work item, so the program could still run for a moment after
+/// `tollgate uninstall` returned.
+pub fn link_detach(link: BorrowedFd<'_>) -> Result<(), SysError> {
+    let mut attr = [0u64; 16];
+    // link_detach: { u32 link_fd; }
+    attr[0] = link.as_raw_fd() as u32 as u64;
+    bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr).map_err(|source| SysError::Bpf {
+        call: "BPF_LINK_DETACH",
+        source,
+    })?;
+    Ok(())
+}
+
 /// Pin a bpf object (link, map, program) at `path` on a bpffs (BPF_OBJ_PIN).
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<(), SysError> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| SysError::Io {
