@@ -428,6 +428,15 @@ impl SessionCx {
         }
     }
 
+    /// Audit a session event other than an operation (e.g. `auth` for a workload token check):
+    /// the session's base fields, `event`, then `fields`. Callers never put secrets in `fields`.
+    pub fn audit_event(&self, event: &str, fields: Map<String, Value>) {
+        let mut ev = self.base();
+        ev.insert("event".into(), event.into());
+        ev.extend(fields);
+        self.agent.audit.write(ev);
+    }
+
     /// The approval hook: handlers call this for an `approve` decision. The broker that holds
     /// the operation for a human is not part of this agent yet, so the answer is always
     /// `Unavailable` and the handler refuses the operation with a clear message.

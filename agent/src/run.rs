@@ -93,6 +93,8 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     );
     metrics.register_datapath(dp.clone());
     let resolver = Resolver::new(sys::cgroup2_mount()?);
+    // The verifier's connections to OIDC providers are the agent's own: never redirected.
+    crate::oidc::set_outbound_mark(crate::bpf::AGENT_MARK);
     let mut agent = Agent::new(
         Generation { policy, routes },
         dp.clone(),

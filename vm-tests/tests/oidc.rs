@@ -2,11 +2,13 @@
 //! itself, and workload OIDC through the agent (a bot's PostgreSQL password carries a
 //! client_credentials JWT).
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use vm_tests::{
     http_get,
     oidc::{jwt_claims, OidcProvider},
+    pg::{PgServer, APP_PASSWORD},
+    require_root, AgentProc, Cgroup, FailMode, TempDir,
 };
 
 #[test]
@@ -60,4 +62,217 @@ fn provider_serves_discovery_tokens_and_rotates_keys() {
     assert_eq!(header(&t2)["kid"], kid.as_str());
     let (_, jwks) = http_get(idp.addr(), "/jwks", Duration::from_secs(5)).expect("jwks");
     assert!(jwks.contains(&kid) && !jwks.contains(&old_kid), "{jwks}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workload OIDC through the agent
+// ---------------------------------------------------------------------------------------------
+
+fn workload_policy(
+    pg: &PgServer,
+    idp: &OidcProvider,
+    deploy: &Cgroup,
+    report: &Cgroup,
+    secret: &Path,
+) -> String {
+    format!(
+        r#"[[identity]]
+name = "deploy-bot"
+cgroup = "{deploy}"
+oidc = {{ issuer = "{issuer}", audience = "tollgate", require_claims = {{ groups = ["deployers"] }} }}
+
+[[identity]]
+name = "report-bot"
+cgroup = "{report}"
+oidc = {{ issuer = "{issuer}", require_claims = {{ groups = ["analysts"] }} }}
+
+[[target]]
+name = "app-db"
+protocol = "postgres"
+address = ["{addr}"]
+credential = "app-rw"
+
+[credential.app-rw]
+user = "app_rw"
+password_file = "{secret}"
+
+[[rule]]
+name = "bots read"
+identities = ["deploy-bot", "report-bot"]
+targets = ["app-db"]
+action = "allow"
+sql = {{ statements = ["select"] }}
+"#,
+        deploy = deploy.glob(),
+        report = report.glob(),
+        issuer = idp.issuer(),
+        addr = pg.addr(),
+        secret = secret.display(),
+    )
+}
+
+/// psql in `bot`'s cgroup (unprivileged), with `password` (None: no password at all, `-w`).
+fn psql(pg: &PgServer, bot: &Cgroup, password: Option<&str>, sql: &str) -> (bool, String) {
+    let conn = format!(
+        "host=127.0.0.1 port={} user=bot dbname=app sslmode=disable connect_timeout=10",
+        pg.port
+    );
+    let mut c = bot.command(Path::new("/usr/bin/psql"));
+    c.arg(conn)
+        .args(["-X", "-w", "-v", "VERBOSITY=verbose", "-Atc", sql])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin");
+    if let Some(p) = password {
+        c.env("PGPASSWORD", p);
+    }
+    let o = c.output().expect("psql");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn workload_jwt_as_postgres_password_is_verified_against_the_kernel_identity() {
+    require_root();
+    let idp = OidcProvider::start("oidcwl");
+    let pg = PgServer::start("oidcwl");
+    let deploy = Cgroup::new("oidcwl-deploy");
+    let report = Cgroup::new("oidcwl-report");
+    let stranger = Cgroup::new("oidcwl-stranger");
+    let dir = TempDir::new("oidcwl-secret");
+    let secret = dir.path().join("app-rw.pw");
+    std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
+    let agent = AgentProc::start(
+        "oidcwl",
+        FailMode::Closed,
+        &workload_policy(&pg, &idp, &deploy, &report, &secret),
+    );
+    let sql = "SELECT count(*) FROM customers";
+    let mut tokens = Vec::new();
+    let ctx = |t: &str| format!("{t}\n--- agent ---\n{}", agent.stderr_text());
+
+    // 1. The right cgroup with a valid client_credentials JWT gets in.
+    let good = idp.workload_token("deploy-bot");
+    tokens.push(good.clone());
+    let (ok, t) = psql(&pg, &deploy, Some(&good), sql);
+    assert!(ok && t.trim() == "2", "{}", ctx(&t));
+
+    // 2. No token: the agent asks for a password and libpq has none.
+    let (ok, t) = psql(&pg, &deploy, None, sql);
+    assert!(!ok && t.contains("no password supplied"), "{}", ctx(&t));
+
+    // 3. Not a JWT, a forged signature, the wrong audience, the wrong groups: a FATAL (28P01;
+    //    psql does not print the SQLSTATE of a connection error) that says why.
+    // Same header and claims, one signature character changed (in the middle, so the
+    // base64url stays canonical).
+    let mut forged: Vec<String> = good.split('.').map(str::to_string).collect();
+    let mid = forged[2].len() / 2;
+    let c = if &forged[2][mid..=mid] == "A" {
+        "B"
+    } else {
+        "A"
+    };
+    forged[2].replace_range(mid..=mid, c);
+    let forged = forged.join(".");
+    let wrong_aud = idp.workload_token_for_audience("deploy-bot", "other-api");
+    let wrong_groups = idp.workload_token("report-bot");
+    for (token, why) in [
+        ("not-a-token", "malformed token"),
+        (forged.as_str(), "signature is invalid"),
+        (wrong_aud.as_str(), "audience does not include tollgate"),
+        (wrong_groups.as_str(), "claim `groups`"),
+    ] {
+        tokens.push(token.to_string());
+        let (ok, t) = psql(&pg, &deploy, Some(token), sql);
+        assert!(!ok, "{why}: {}", ctx(&t));
+        assert!(
+            t.contains("FATAL") && t.contains("workload token rejected") && t.contains(why),
+            "{why}: {}",
+            ctx(&t)
+        );
+    }
+
+    // 4. Kernel attribution and token must both match: deploy-bot's valid token from the
+    //    report-bot cgroup fails report-bot's require_claims, and from an unlisted cgroup the
+    //    connection is refused before any token is looked at.
+    let (ok, t) = psql(&pg, &report, Some(&good), sql);
+    assert!(!ok && t.contains("claim `groups`"), "{}", ctx(&t));
+    let (ok, t) = psql(&pg, &stranger, Some(&good), sql);
+    assert!(
+        !ok && !t.contains("\n2\n") && t.trim() != "2",
+        "{}",
+        ctx(&t)
+    );
+    let report_token = idp.workload_token("report-bot");
+    tokens.push(report_token.clone());
+    let (ok, t) = psql(&pg, &report, Some(&report_token), sql);
+    assert!(ok && t.trim() == "2", "{}", ctx(&t));
+
+    // 5. Key rotation: tokens signed with the provider's new key verify (JWKS refresh), and
+    //    the withdrawn key's tokens no longer do.
+    idp.rotate_keys(false);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let rotated = idp.workload_token("deploy-bot");
+    tokens.push(rotated.clone());
+    let (ok, t) = psql(&pg, &deploy, Some(&rotated), sql);
+    assert!(ok && t.trim() == "2", "after rotation: {}", ctx(&t));
+    let (ok, t) = psql(&pg, &deploy, Some(&good), sql);
+    assert!(
+        !ok && t.contains("does not publish"),
+        "old key: {}",
+        ctx(&t)
+    );
+
+    // 6. The audit shows who got in and why others did not, never the token.
+    let audit = agent.audit();
+    assert!(
+        audit.iter().any(|e| e["event"] == "auth"
+            && e["outcome"] == "allowed"
+            && e["identity"] == "deploy-bot"
+            && e["oidc_subject"] == "deploy-bot"),
+        "{audit:#?}"
+    );
+    assert!(audit
+        .iter()
+        .any(|e| e["event"] == "auth" && e["outcome"] == "denied"));
+    assert!(audit.iter().any(|e| e["event"] == "operation"
+        && e["identity"] == "report-bot"
+        && e["action"] == "allow"));
+
+    // 7. No token (nor any long part of one) is in any log, audit line or recording.
+    let mut written = agent.stderr_text();
+    for f in walk(&agent.data_dir) {
+        written.push_str(&String::from_utf8_lossy(
+            &std::fs::read(&f).unwrap_or_default(),
+        ));
+    }
+    assert!(
+        written.len() > 1000,
+        "the agent wrote its audit and recordings"
+    );
+    for t in &tokens {
+        for part in t.split('.').filter(|p| p.len() >= 16) {
+            assert!(!written.contains(part), "token part leaked: {part}");
+        }
+    }
+    assert!(!written.contains(APP_PASSWORD));
 }
