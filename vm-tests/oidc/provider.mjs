@@ -32,6 +32,10 @@ import * as crypto from 'node:crypto';
 import * as http from 'node:http';
 import Provider from 'oidc-provider';
 
+// stdout carries exactly one line, the ready JSON: the library's notices go to stderr.
+console.log = console.error;
+console.info = console.error;
+
 const args = process.argv.slice(2);
 const opt = { port: 0, redirectUris: [], tokenTtl: 300 };
 for (let i = 0; i < args.length; i += 1) {

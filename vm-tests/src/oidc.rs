@@ -83,9 +83,12 @@ impl OidcProvider {
         let stdout = child.stdout.take().expect("provider stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
             let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = r.read_line(&mut line);
             let _ = tx.send(line);
+            // Keep draining: a closed pipe would kill the script on its next write (EPIPE).
+            let _ = io::copy(&mut r, &mut io::sink());
         });
         let mut guard = OidcProvider {
             child,
@@ -223,7 +226,8 @@ impl Drop for OidcProvider {
     }
 }
 
-/// A minimal HTTP/1.0 request with `Connection: close` (no chunked encoding): `(status, body)`.
+/// A minimal HTTP/1.1 request with `Connection: close` (chromedriver refuses HTTP/1.0), reading
+/// to EOF and undoing chunked transfer encoding: `(status, body)`.
 pub fn http_request(
     addr: SocketAddr,
     method: &str,
@@ -231,12 +235,12 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> io::Result<(u16, String)> {
-    let timeout = Duration::from_secs(10);
+    let timeout = Duration::from_secs(30);
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let mut req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (k, v) in headers {
@@ -245,18 +249,64 @@ pub fn http_request(
     req.push_str("\r\n");
     s.write_all(req.as_bytes())?;
     s.write_all(body)?;
+    // Read until the body is complete by Content-Length or the chunked terminator (some
+    // servers, chromedriver among them, keep the connection open despite `close`), else EOF.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+    let mut chunk = [0u8; 16384];
+    loop {
+        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+            let got = raw.len() - split - 4;
+            let len = head.lines().find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+            if len.is_some_and(|n| got >= n)
+                || (head.contains("chunked") && raw.ends_with(b"0\r\n\r\n"))
+            {
+                break;
+            }
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| io::Error::other(format!("malformed HTTP response from {addr}")))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut body = raw[split + 4..].to_vec();
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| io::Error::other(format!("no status line from {addr}: {head}")))?;
-    Ok((status, body.to_string()))
+    if head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"))
+    {
+        body = dechunk(&body)
+            .ok_or_else(|| io::Error::other(format!("bad chunked body from {addr}")))?;
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&b[..eol]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
+    }
 }
 
 /// The claims of a JWT, decoded without verification (for assertions in tests).

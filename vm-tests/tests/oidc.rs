@@ -276,3 +276,109 @@ fn workload_jwt_as_postgres_password_is_verified_against_the_kernel_identity() {
     }
     assert!(!written.contains(APP_PASSWORD));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The provider's login page in headless Chromium (authorization code + PKCE)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn chromium_logs_in_with_code_and_pkce() {
+    use sha2::Digest as _;
+    use vm_tests::{browser::Browser, oidc::http_request, url_encode};
+    let cb_port = vm_tests::free_port();
+    let redirect = format!("http://127.0.0.1:{cb_port}/callback");
+    let idp = OidcProvider::start_with("oidcweb", &[&redirect]);
+    let artefacts = TempDir::new("oidcweb-artefacts");
+    let browser = Browser::start("oidcweb");
+
+    let b64 = |d: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
+    };
+    let verifier = b64(format!("pkce-{}-{}", std::process::id(), cb_port)
+        .repeat(3)
+        .as_bytes());
+    let challenge = b64(&sha2::Sha256::digest(verifier.as_bytes()));
+    let auth = format!(
+        "{}/auth?client_id=tollgate&response_type=code&scope={}&redirect_uri={}&state=st8&nonce=n0nce&code_challenge={challenge}&code_challenge_method=S256",
+        idp.issuer(),
+        url_encode("openid groups"),
+        url_encode(&redirect),
+    );
+    browser.goto(&auth);
+    browser.find("#username");
+    assert!(
+        browser.source().contains("tollgate"),
+        "the page names the client"
+    );
+    // A wrong password is refused on the page.
+    browser.type_into("#username", "alice");
+    browser.type_into("#password", "nope");
+    browser.click("#submit");
+    browser.find("#error");
+    browser.screenshot(&artefacts.path().join("login-error.png"));
+    // The right one goes back to the redirect URI with a code.
+    browser.type_into("#username", "alice");
+    browser.type_into("#password", "alice-pw");
+    browser.screenshot(&artefacts.path().join("login.png"));
+    browser.click("#submit");
+    let url = browser.wait_url("the redirect with a code", |u| u.starts_with(&redirect));
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    let param = |k: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .map(str::to_string)
+    };
+    assert_eq!(param("state").as_deref(), Some("st8"), "{url}");
+    let code = param("code").unwrap_or_else(|| panic!("no code in {url}"));
+    let png = std::fs::read(artefacts.path().join("login.png")).expect("screenshot kept");
+    assert!(png.len() > 1000);
+
+    // The web client exchanges the code with its secret and the PKCE verifier.
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("tollgate:{}", idp.client_secret("tollgate")));
+    let body = format!(
+        "grant_type=authorization_code&code={code}&redirect_uri={}&code_verifier={verifier}",
+        url_encode(&redirect)
+    );
+    let (status, text) = http_request(
+        idp.addr(),
+        "POST",
+        "/token",
+        &[
+            ("Authorization", &format!("Basic {basic}")),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        body.as_bytes(),
+    )
+    .expect("token request");
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let at = jwt_claims(v["access_token"].as_str().expect("access token"));
+    assert_eq!(at["sub"], "alice");
+    assert_eq!(at["aud"], "tollgate");
+    assert_eq!(at["groups"], serde_json::json!(["dba"]));
+    let id = jwt_claims(v["id_token"].as_str().expect("id token"));
+    assert_eq!(id["sub"], "alice");
+    assert_eq!(id["nonce"], "n0nce");
+    assert_eq!(id["groups"], serde_json::json!(["dba"]));
+    // A replayed code is refused.
+    let (status, _) = http_request(
+        idp.addr(),
+        "POST",
+        "/token",
+        &[
+            ("Authorization", &format!("Basic {basic}")),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        body.as_bytes(),
+    )
+    .expect("token request");
+    assert_eq!(status, 400);
+    eprintln!(
+        "screenshots: {} (kept only if the test fails)",
+        artefacts.path().display()
+    );
+}
