@@ -13,6 +13,7 @@ pub mod doctor;
 pub mod identity;
 pub mod mask;
 pub mod metrics;
+pub mod oidc;
 pub mod pg;
 pub mod proxy;
 pub mod recording;

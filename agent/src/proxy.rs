@@ -486,6 +486,15 @@ impl SessionCx {
         }
     }
 
+    /// Audit a session event other than an operation (e.g. `auth` for a workload token check):
+    /// the session's base fields, `event`, then `fields`. Callers never put secrets in `fields`.
+    pub fn audit_event(&self, event: &str, fields: Map<String, Value>) {
+        let mut ev = self.base();
+        ev.insert("event".into(), event.into());
+        ev.extend(fields);
+        self.agent.audit.write(ev);
+    }
+
     /// The approval hook, first half: hold `operation` (as the audit shows it, masked) for a
     /// human under `decision` (an `approve` decision naming its rule). None when this agent
     /// has no broker: the handler refuses the operation with a clear message. The request is

@@ -94,6 +94,8 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     metrics.register_datapath(dp.clone());
     let resolver = Resolver::new(sys::cgroup2_mount()?);
     let gen_policy_approvals = policy.approvals.clone();
+    // The verifier's connections to OIDC providers are the agent's own: never redirected.
+    crate::oidc::set_outbound_mark(crate::bpf::AGENT_MARK);
     let mut agent = Agent::new(
         Generation { policy, routes },
         dp.clone(),
@@ -216,8 +218,8 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
 }
 
 /// The approval broker (embedded store in `data_dir`), its webhook, and the authenticator of
-/// the admin API: the local admin token, or fail-closed when `[approvals.oidc]` is set (the
-/// OIDC verifier plugs in here).
+/// the admin API: the local admin token, or the organisation's OIDC provider when
+/// `[approvals.oidc]` is set.
 fn approvals_setup(
     cfg: &Option<tollgate_policy::ApprovalsConfig>,
     data_dir: &Path,
@@ -243,17 +245,17 @@ fn approvals_setup(
     );
     let broker = Broker::open(data_dir, Some(audit), metrics, notifier)
         .context("cannot open the approvals store")?;
-    let auth: Arc<dyn auth::ApproverAuth> = if cfg.as_ref().is_some_and(|a| a.oidc.is_some()) {
-        warn!("[approvals.oidc] is set but this agent cannot verify OIDC tokens yet: approvals API calls are refused");
-        Arc::new(auth::NoVerifier)
-    } else {
-        Arc::new(auth::LocalToken::load_or_create(data_dir).with_context(|| {
-            format!(
-                "cannot create the admin token {}",
-                data_dir.join("admin.token").display()
-            )
-        })?)
-    };
+    let auth: Arc<dyn auth::ApproverAuth> =
+        if let Some(oidc) = cfg.as_ref().and_then(|a| a.oidc.as_ref()) {
+            Arc::new(auth::OidcApprovers::new(oidc))
+        } else {
+            Arc::new(auth::LocalToken::load_or_create(data_dir).with_context(|| {
+                format!(
+                    "cannot create the admin token {}",
+                    data_dir.join("admin.token").display()
+                )
+            })?)
+        };
     Ok((Arc::new(broker), auth))
 }
 

@@ -26,6 +26,8 @@
 //! test's tag, the process id and a sequence number, so parallel tests never share state, and
 //! state left by a crashed run (dead pid) is cleaned up on the next run.
 
+pub mod browser;
+pub mod oidc;
 pub mod pg;
 
 use std::{

@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: idempotently install everything the build and tests need, through the
 //! package registries only: rust-src for nightly, bpf-linker built against nightly's own
-//! libLLVM (rebuilt when that library changes), and the Debian packages the tests use.
+//! libLLVM (rebuilt when that library changes), the Debian packages the tests use, and the npm
+//! packages of the test OIDC provider (`vm-tests/oidc/`, from its committed package-lock.json).
 
 use std::{fs, process::Command};
 
@@ -21,6 +22,11 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "libclang-dev",
+    // The test OIDC provider (`vm-tests/oidc/provider.mjs`) runs on Debian's Node.js.
+    "nodejs",
+    // Headless browser tests (the OIDC login page, the approvals web page).
+    "chromium",
+    "chromium-driver",
 ];
 
 pub fn setup(apt: bool) -> Result<()> {
@@ -28,8 +34,42 @@ pub fn setup(apt: bool) -> Result<()> {
     bpf_linker()?;
     if apt {
         apt_packages()?;
+        oidc_provider()?;
     }
     Ok(())
+}
+
+/// `npm ci` the test OIDC provider's packages into `vm-tests/oidc/node_modules` (gitignored),
+/// exactly as `package-lock.json` pins them. Skipped when the installed `oidc-provider` already
+/// has the version `package.json` pins.
+fn oidc_provider() -> Result<()> {
+    let dir = util::root().join("vm-tests/oidc");
+    let pinned = package_version(&dir.join("package.json"), "dependencies")?;
+    let installed = fs::read_to_string(dir.join("node_modules/oidc-provider/package.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_string));
+    if installed.as_deref() == Some(pinned.as_str()) {
+        return Ok(());
+    }
+    eprintln!("installing oidc-provider {pinned} for the OIDC tests (npm ci)");
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--ignore-scripts"])
+        .current_dir(&dir))
+    .context(
+        "npm (Node.js) is needed for the test OIDC provider: install Debian's `nodejs` and npm",
+    )
+}
+
+/// The exact version `package.json` pins for `oidc-provider` (no ranges: the lock file is the
+/// truth, and this is only the cheap "already installed?" check).
+fn package_version(path: &std::path::Path, section: &str) -> Result<String> {
+    let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(path)?)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+    v[section]["oidc-provider"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("{} pins no oidc-provider version", path.display()))
 }
 
 fn rust_src() -> Result<()> {

@@ -6,9 +6,9 @@
 //! - [`LocalToken`]: used when `[approvals.oidc]` is absent. A random token in
 //!   `<data_dir>/admin.token` (mode 0600, created by the agent, readable by root only); its
 //!   holder is approver `local:root`, in every group.
-//! - [`NoVerifier`]: `[approvals.oidc]` is configured but this build cannot verify OIDC tokens:
-//!   every call is refused (503), never let through.
-//! - The OIDC verifier (`oidc.rs`) plugs in by implementing [`ApproverAuth`].
+//! - [`OidcApprovers`]: `[approvals.oidc]` is set: access tokens from the IdP, checked by
+//!   `oidc.rs` (signature, issuer, audience, expiry); the groups come from `groups_claim`.
+//! - [`NoVerifier`]: refuses every call (503), never lets one through.
 
 use std::{future::Future, path::Path, pin::Pin};
 
@@ -127,6 +127,62 @@ impl ApproverAuth for NoVerifier {
             Err(AuthError::Unavailable(
                 "[approvals.oidc] is configured but this agent cannot verify OIDC tokens yet; remove [approvals.oidc] to use the local admin token".into(),
             ))
+        })
+    }
+}
+
+/// `[approvals.oidc]`: approvers present an access token from the organisation's IdP. The
+/// issuer is discovered on first use (and again after a failed discovery), so an IdP that is
+/// down when the agent starts only makes calls answer 503 until it is back.
+pub struct OidcApprovers {
+    issuer: String,
+    audience: String,
+    groups_claim: String,
+    verifier: tokio::sync::Mutex<Option<std::sync::Arc<crate::oidc::OidcVerifier>>>,
+}
+
+impl OidcApprovers {
+    pub fn new(cfg: &tollgate_policy::OidcConfig) -> OidcApprovers {
+        OidcApprovers {
+            issuer: cfg.issuer.clone(),
+            audience: cfg
+                .audience
+                .clone()
+                .or_else(|| cfg.client_id.clone())
+                .unwrap_or_else(|| "tollgate".into()),
+            groups_claim: cfg.groups_claim.clone(),
+            verifier: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn verifier(&self) -> Result<std::sync::Arc<crate::oidc::OidcVerifier>, AuthError> {
+        let mut v = self.verifier.lock().await;
+        if let Some(v) = v.as_ref() {
+            return Ok(v.clone());
+        }
+        let found =
+            crate::oidc::OidcVerifier::discover(&self.issuer, &self.audience, &self.groups_claim)
+                .await
+                .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let found = std::sync::Arc::new(found);
+        *v = Some(found.clone());
+        Ok(found)
+    }
+}
+
+impl ApproverAuth for OidcApprovers {
+    fn authenticate<'a>(&'a self, bearer: &'a str) -> AuthFuture<'a> {
+        Box::pin(async move {
+            let verifier = self.verifier().await?;
+            match verifier.verify_bearer(bearer).await {
+                Ok(c) => Ok(Approver {
+                    subject: c.subject,
+                    groups: c.groups,
+                    all_groups: false,
+                }),
+                Err(e) if e.is_unavailable() => Err(AuthError::Unavailable(e.to_string())),
+                Err(e) => Err(AuthError::Unauthenticated(e.to_string())),
+            }
         })
     }
 }

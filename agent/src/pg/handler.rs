@@ -30,10 +30,11 @@ use tokio::{
     io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
-use tollgate_policy::{decide, Action, Decision, Operation, Protocol, Request};
+use tollgate_policy::{decide, Action, Decision, IdentityOidc, Mode, Operation, Protocol, Request};
 
 use crate::{
     mask::{Masked, Masker},
+    oidc::{self, Claims, WorkloadVerifiers},
     pg::{
         catalog::{self, Catalog},
         classify::{ClassifyCache, Statement},
@@ -50,6 +51,10 @@ use crate::{
 /// Statement classifications shared by all sessions (keyed by normalised statement).
 static CLASSIFY: std::sync::LazyLock<ClassifyCache> =
     std::sync::LazyLock::new(|| ClassifyCache::new(4096));
+
+/// Workload token verifiers, one per (issuer, audience), discovered on first use.
+static WORKLOAD_VERIFIERS: std::sync::LazyLock<WorkloadVerifiers> =
+    std::sync::LazyLock::new(WorkloadVerifiers::default);
 
 /// Our cancel keys -> (upstream address, upstream key).
 type CancelMap = HashMap<(i32, i32), (std::net::SocketAddr, (i32, i32))>;
@@ -113,6 +118,143 @@ async fn send_fatal<W: AsyncWrite + Unpin>(
 
 /// How long a client may take to send its startup packet (and finish a TLS handshake).
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the workload token check decided.
+enum WorkloadAuth {
+    /// The token verified and matched `require_claims`.
+    Verified(Claims),
+    /// Observe mode: the check failed, was audited, and is not enforced.
+    Unverified,
+    /// The bot was told why and the session ends.
+    Refused,
+}
+
+/// Workload OIDC (`oidc = {...}` on the identity): ask the bot for a password with
+/// AuthenticationCleartextPassword, and verify the JWT it sends (issuer, audience, signature,
+/// expiry, then `require_claims`). The token is consumed here: it never goes upstream, and is
+/// never logged, audited or recorded (only the outcome and the token's `sub` are).
+///
+/// The outcome is audited as an `auth` event; a refused bot got a FATAL 28P01 (08006 when the
+/// provider is unreachable). In observe mode a failed check is audited (`enforced = false`)
+/// and the session goes on without claims.
+///
+/// Cleartext is what carries a bearer token in PostgreSQL's protocol. The bot's leg is
+/// loopback, or TLS when the bot asks for it (see `tls.rs`).
+async fn workload_token(
+    cx: &SessionCx,
+    client: &mut Conn,
+    buf: &mut BytesMut,
+    o: &IdentityOidc,
+) -> Result<WorkloadAuth, DataPathError> {
+    let mut out = BytesMut::new();
+    wire::encode_authentication_cleartext_password(&mut out);
+    client
+        .write_all(&out)
+        .await
+        .map_err(DataPathError::Client)?;
+    client.flush().await.map_err(DataPathError::Client)?;
+    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
+    let password = loop {
+        match wire::parse_frontend(buf) {
+            Ok(Some((Frontend::Password(body), _))) => break body,
+            Ok(Some((other, _))) => {
+                let msg = format!(
+                    "tollgate: expected a password message, got {}",
+                    other.name()
+                );
+                send_fatal(client, "08P01", &msg, None).await;
+                return Err(DataPathError::Client(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    msg,
+                )));
+            }
+            Ok(None) => match tokio::time::timeout_at(deadline, client.read_buf(buf)).await {
+                Ok(Ok(0)) => {
+                    // libpq with no password closes here ("fe_sendauth: no password supplied").
+                    cx.audit_event(
+                        "auth",
+                        obj(json!({"method": "oidc", "outcome": "denied",
+                                   "reason": "the bot sent no token (closed the connection)"})),
+                    );
+                    return Ok(WorkloadAuth::Refused);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(DataPathError::Client(e)),
+                Err(_) => return Err(DataPathError::Client(std::io::ErrorKind::TimedOut.into())),
+            },
+            Err(e) => {
+                let msg = format!("tollgate: invalid password message: {e}");
+                send_fatal(client, "08P01", &msg, None).await;
+                return Err(DataPathError::Client(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    msg,
+                )));
+            }
+        }
+    };
+    // A PasswordMessage body is one NUL-terminated string.
+    let token = password.strip_suffix(b"\0").unwrap_or(&password);
+    let token = std::str::from_utf8(token).unwrap_or("").trim();
+    let audience = o
+        .audience
+        .as_deref()
+        .unwrap_or(oidc::DEFAULT_WORKLOAD_AUDIENCE);
+    let result = if token.is_empty() {
+        Err(oidc::OidcError::Malformed(
+            "empty password: the bot sent no token",
+        ))
+    } else {
+        match WORKLOAD_VERIFIERS.get(&o.issuer, audience).await {
+            Ok(v) => match v.verify_bearer(token).await {
+                Ok(c) => oidc::check_required_claims(&c, &o.require_claims).map(|()| c),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    };
+    match result {
+        Ok(c) => {
+            cx.audit_event(
+                "auth",
+                obj(
+                    json!({"method": "oidc", "outcome": "allowed", "oidc_subject": c.subject,
+                           "oidc_issuer": o.issuer, "oidc_groups": c.groups}),
+                ),
+            );
+            Ok(WorkloadAuth::Verified(c))
+        }
+        Err(e) => {
+            let observe = cx.agent.gen.load().policy.agent.mode == Mode::Observe;
+            cx.audit_event(
+                "auth",
+                obj(
+                    json!({"method": "oidc", "outcome": "denied", "reason": e.to_string(),
+                           "oidc_issuer": o.issuer, "enforced": !observe}),
+                ),
+            );
+            if observe {
+                return Ok(WorkloadAuth::Unverified);
+            }
+            let (code, hint) = if e.is_unavailable() {
+                (
+                    "08006",
+                    "the identity provider could not be reached; try again",
+                )
+            } else {
+                (
+                    "28P01",
+                    "this identity must send a client_credentials JWT from its OIDC provider as the password",
+                )
+            };
+            let msg = format!(
+                "tollgate: workload token rejected for identity {}: {e}",
+                cx.identity.as_deref().unwrap_or("(unknown)")
+            );
+            send_fatal(client, code, &msg, Some(hint)).await;
+            Ok(WorkloadAuth::Refused)
+        }
+    }
+}
 
 /// Read the startup packet: answer GSSENCRequest with 'N' and SSLRequest with 'S' and a TLS
 /// handshake when the agent has a CA (else 'N'); a client that opens with a TLS ClientHello
@@ -280,6 +422,21 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let database = param("database").unwrap_or_else(|| client_user.clone());
     let gen = cx.agent.gen.load_full();
     let policy = &gen.policy;
+    // Workload OIDC: the identity (already attributed from kernel facts) must also present a
+    // valid token as its password, before anything reaches upstream.
+    let workload_oidc = cx
+        .identity
+        .as_deref()
+        .and_then(|n| policy.identity(n))
+        .and_then(|i| i.oidc.clone());
+    let workload = match workload_oidc {
+        Some(o) => match workload_token(cx, &mut client, &mut cbuf, &o).await? {
+            WorkloadAuth::Verified(claims) => Some(claims),
+            WorkloadAuth::Unverified => None,
+            WorkloadAuth::Refused => return Ok(Totals::default()),
+        },
+        None => None,
+    };
     let cred_name = cx.target.credential.clone();
     let cred = cred_name
         .as_deref()
@@ -389,6 +546,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             "protocol": "postgres", "database": database, "user": user, "client_user": client_user,
             "application_name": param("application_name"), "pid": cx.facts.pid, "uid": cx.facts.uid,
             "cgroup": cx.facts.cgroup, "exe": cx.facts.exe,
+            "oidc_subject": workload.as_ref().map(|c| c.subject.clone()),
         })));
     }
 
