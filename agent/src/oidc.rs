@@ -746,3 +746,26 @@ impl WorkloadVerifiers {
 
 #[cfg(test)]
 mod tests;
+
+/// Every claim of a verified token as strings, for policy rules' `claims` conditions: a string
+/// claim is one value, an array its string/number/bool elements, numbers and bools their text;
+/// objects and nulls are left out.
+pub fn claim_values(c: &Claims) -> std::collections::BTreeMap<String, Vec<String>> {
+    use serde_json::Value;
+    let scalar = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in &c.extra {
+        let vals: Vec<String> = match v {
+            Value::Array(a) => a.iter().filter_map(scalar).collect(),
+            v => scalar(v).into_iter().collect(),
+        };
+        out.insert(k.clone(), vals);
+    }
+    out.insert("sub".into(), vec![c.subject.clone()]);
+    out
+}

@@ -363,6 +363,7 @@ impl Agent {
                 peer,
                 agent: self.clone(),
                 gen: gen.clone(),
+                claims: std::sync::OnceLock::new(),
                 started: Instant::now(),
                 bytes: (AtomicU64::new(0), AtomicU64::new(0)),
             };
@@ -403,6 +404,9 @@ pub struct SessionCx {
     /// The policy generation the session started under; operations are decided under the
     /// newest one (see [`SessionCx::decide`]).
     pub gen: Arc<Generation>,
+    /// Verified workload OIDC claims (claim name to values), set once by a handler after the
+    /// bot's token checked out; rules with a `claims` condition are decided against them.
+    pub claims: std::sync::OnceLock<std::collections::BTreeMap<String, Vec<String>>>,
     started: Instant,
     bytes: (AtomicU64, AtomicU64),
 }
@@ -446,6 +450,7 @@ impl SessionCx {
         let d = decide(
             &gen.policy,
             &Request {
+                claims: None,
                 identity: self.identity.as_deref(),
                 target: &self.target.name,
                 op,
@@ -598,6 +603,7 @@ impl SessionCx {
         let d = decide(
             policy,
             &Request {
+                claims: None,
                 identity: self.identity.as_deref(),
                 target: &self.target.name,
                 op: Operation::Connect,

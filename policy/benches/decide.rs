@@ -58,6 +58,7 @@ fn bench(c: &mut Criterion) {
     let none: Vec<String> = Vec::new();
 
     let connect = Request {
+        claims: None,
         identity: Some("bot-996"),
         target: "db-996",
         op: Operation::Connect,
@@ -68,6 +69,7 @@ fn bench(c: &mut Criterion) {
     });
 
     let select = Request {
+        claims: None,
         identity: Some("bot-996"),
         target: "db-996",
         op: Operation::Sql {
@@ -84,6 +86,7 @@ fn bench(c: &mut Criterion) {
     let p = one_identity_policy();
     let tables = vec!["schema_998.t".to_string()];
     let update = Request {
+        claims: None,
         identity: Some("ci"),
         target: "db",
         op: Operation::Sql {
@@ -101,6 +104,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| decide(black_box(&p), black_box(&update)))
     });
     let connect = Request {
+        claims: None,
         identity: Some("ci"),
         target: "db",
         op: Operation::Connect,

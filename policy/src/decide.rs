@@ -21,6 +21,9 @@ pub struct Request<'a> {
     pub target: &'a str,
     /// What is being attempted.
     pub op: Operation<'a>,
+    /// The session's verified workload OIDC claims (claim name to values), if any; rules with
+    /// a `claims` condition match only when they fit.
+    pub claims: Option<&'a std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 /// What a workload attempts.
@@ -165,10 +168,22 @@ pub fn decide(policy: &Policy, req: &Request<'_>) -> Decision {
     };
     let ti = ti as u32;
     let rules = &policy.rules[..];
+    // At connect time a workload's token has not been presented yet: rules with a `claims`
+    // condition can only let the connection in to have its operations checked (with the
+    // claims) one by one, and only where the handler checks operations.
+    let connecting = matches!(req.op, Operation::Connect) && req.claims.is_none();
     let candidates = policy
         .index
         .rules_for_identity(ii)
-        .filter(|h| h.names_target(ti, rules));
+        .filter(|h| h.names_target(ti, rules))
+        .filter(|h| {
+            rules.get(h.rule as usize).is_some_and(|r| {
+                r.claims_match(req.claims)
+                    || (connecting
+                        && r.action != Action::Deny
+                        && target.protocol == crate::Protocol::Postgres)
+            })
+        });
 
     let mut approve: Option<&Rule> = None;
     let mut allow: Option<&Rule> = None;

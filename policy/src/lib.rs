@@ -52,11 +52,11 @@
 //!     .map(|t| t.name.as_str());
 //! assert_eq!((identity, target), (Some("ci-bot"), Some("orders-db")));
 //!
-//! let connect = Request { identity, target: "orders-db", op: Operation::Connect };
+//! let connect = Request { identity, target: "orders-db", op: Operation::Connect, claims: None };
 //! assert_eq!(decide(&policy, &connect).action, Action::Allow);
 //! let tables = vec!["public.orders".to_string()];
 //! let drop = Operation::Sql { statement: "drop", tables: &tables, functions: &[] };
-//! let d = decide(&policy, &Request { identity, target: "orders-db", op: drop });
+//! let d = decide(&policy, &Request { identity, target: "orders-db", op: drop, claims: None });
 //! assert_eq!((d.action, d.rule), (Action::Deny, None));
 //!
 //! let err = parse("[[identity]]\nname = \"x\"\ncgroups = \"/a\"\n", "policy.toml").unwrap_err();

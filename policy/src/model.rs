@@ -442,11 +442,30 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     /// Key `min_approvals`: approvals needed (approve rules only; `None` = 1).
     pub min_approvals: Option<u32>,
+    /// Key `claims`: the rule applies only to sessions whose workload OIDC token carries, for
+    /// every listed claim, one of the listed values (`claims = { groups = ["deployers"] }`).
+    /// Empty: no condition. A session without a verified token never matches such a rule.
+    pub claims: BTreeMap<String, Vec<String>>,
     /// Target indices (None = `"*"`), resolved at parse time.
     pub(crate) target_ids: Option<Box<[u32]>>,
 }
 
 impl Rule {
+    /// Whether `claims` (a session's verified workload token claims, each claim's values as
+    /// strings) satisfy this rule's `claims` condition.
+    pub fn claims_match(&self, claims: Option<&BTreeMap<String, Vec<String>>>) -> bool {
+        if self.claims.is_empty() {
+            return true;
+        }
+        let Some(have) = claims else {
+            return false;
+        };
+        self.claims.iter().all(|(name, accepted)| {
+            have.get(name)
+                .is_some_and(|vals| vals.iter().any(|v| accepted.contains(v)))
+        })
+    }
+
     /// Whether this rule decides the whole connection (it has no operation matcher).
     pub fn is_whole_connection(&self) -> bool {
         self.sql.is_none() && self.ssh.is_none() && self.http.is_none() && self.kubernetes.is_none()

@@ -191,6 +191,8 @@ pub(crate) struct RawRule {
     pub timeout: Option<S>,
     /// Approvals needed (approve rules only).
     pub min_approvals: Option<Spanned<i64>>,
+    /// Workload token claims the rule requires: claim name to accepted values.
+    pub claims: Option<Spanned<BTreeMap<String, Vec<S>>>>,
 }
 pub(crate) const RULE_KEYS: &[&str] = &[
     "name",
@@ -204,6 +206,7 @@ pub(crate) const RULE_KEYS: &[&str] = &[
     "approvers",
     "timeout",
     "min_approvals",
+    "claims",
 ];
 
 /// `sql = { ... }`.

@@ -1008,6 +1008,19 @@ fn rule(cx: &mut Cx<'_>, r: &RawRule, names: &Names<'_>) -> Option<Rule> {
         ids.dedup();
         Some(ids.into_boxed_slice())
     };
+    let mut claims = BTreeMap::new();
+    if let Some(c) = &r.claims {
+        for (claim, values) in c.get_ref() {
+            if claim.trim().is_empty() || values.is_empty() {
+                cx.err(
+                    c.span(),
+                    format!("`claims`{what}: claim \"{claim}\" needs a non-empty name and at least one accepted value, e.g. claims = {{ groups = [\"deployers\"] }}"),
+                );
+                continue;
+            }
+            claims.insert(claim.clone(), strings(values));
+        }
+    }
     Some(Rule {
         name: name.to_string(),
         identities: strings(r.identities.get_ref()),
@@ -1020,6 +1033,7 @@ fn rule(cx: &mut Cx<'_>, r: &RawRule, names: &Names<'_>) -> Option<Rule> {
         approvers,
         timeout,
         min_approvals,
+        claims,
         target_ids,
     })
 }

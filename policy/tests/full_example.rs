@@ -159,6 +159,7 @@ fn full_example_decides_like_its_comments_say() {
         decide(
             &p,
             &Request {
+                claims: None,
                 identity: Some(identity),
                 target,
                 op,

@@ -102,6 +102,14 @@ identities = ["deploy-bot", "report-bot"]
 targets = ["app-db"]
 action = "allow"
 sql = {{ statements = ["select"] }}
+
+[[rule]]
+name = "deployers update"
+identities = ["deploy-bot", "report-bot"]
+targets = ["app-db"]
+action = "allow"
+sql = {{ statements = ["update"] }}
+claims = {{ groups = ["deployers"] }}
 "#,
         deploy = deploy.glob(),
         report = report.glob(),
@@ -226,6 +234,17 @@ fn workload_jwt_as_postgres_password_is_verified_against_the_kernel_identity() {
     tokens.push(report_token.clone());
     let (ok, t) = psql(&pg, &report, Some(&report_token), sql);
     assert!(ok && t.trim() == "2", "{}", ctx(&t));
+
+    // 4b. Rules match the token's claims: only a `deployers` token may UPDATE.
+    let update = "UPDATE customers SET note = 'checked' WHERE id = 2";
+    let (ok, t) = psql(&pg, &report, Some(&report_token), update);
+    assert!(
+        !ok && t.contains("42501") && t.contains("update"),
+        "analysts token updated: {}",
+        ctx(&t)
+    );
+    let (ok, t) = psql(&pg, &deploy, Some(&good), update);
+    assert!(ok && t.contains("UPDATE 1"), "deployers token: {}", ctx(&t));
 
     // 5. Key rotation: tokens signed with the provider's new key verify (JWKS refresh), and
     //    the withdrawn key's tokens no longer do.

@@ -431,7 +431,10 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         .and_then(|i| i.oidc.clone());
     let workload = match workload_oidc {
         Some(o) => match workload_token(cx, &mut client, &mut cbuf, &o).await? {
-            WorkloadAuth::Verified(claims) => Some(claims),
+            WorkloadAuth::Verified(claims) => {
+                let _ = cx.claims.set(oidc::claim_values(&claims));
+                Some(claims)
+            }
             WorkloadAuth::Unverified => None,
             WorkloadAuth::Refused => return Ok(Totals::default()),
         },
@@ -1302,6 +1305,7 @@ fn decide_statement(cx: &SessionCx, s: &Statement) -> (Decision, &'static str) {
         let d = decide(
             &gen.policy,
             &Request {
+                claims: cx.claims.get(),
                 identity: cx.identity.as_deref(),
                 target: &cx.target.name,
                 op: Operation::Sql {

@@ -65,6 +65,7 @@ fuzz_target!(|data: &[u8]| {
                         let _ = decide(
                             &policy,
                             &Request {
+                                claims: None,
                                 identity: i,
                                 target: &t.name,
                                 op,

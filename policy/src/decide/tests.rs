@@ -54,6 +54,7 @@ fn ask(p: &Policy, identity: &str, target: &str, op: Operation<'_>) -> Decision 
     decide(
         p,
         &Request {
+            claims: None,
             identity: Some(identity),
             target,
             op,
@@ -99,6 +100,7 @@ fn rule(name: &str, ids: &str, targets: &str, action: &str, extra: &str) -> Stri
 fn unknown_identity_and_target() {
     let p = policy(&rule("all", "\"*\"", "\"*\"", "allow", ""));
     let req = Request {
+        claims: None,
         identity: None,
         target: "db",
         op: Operation::Connect,
@@ -729,4 +731,70 @@ fn rules_naming_several_targets_and_identities() {
             );
         }
     }
+}
+
+#[test]
+fn claims_conditions_match_only_verified_tokens_that_carry_them() {
+    let p = crate::parse(
+        r#"[[identity]]
+name = "bot"
+uid = 1
+
+[[target]]
+name = "db"
+protocol = "postgres"
+address = ["127.0.0.1:5432"]
+
+[[rule]]
+name = "deployers update"
+identities = ["bot"]
+targets = ["db"]
+action = "allow"
+sql = { statements = ["update"] }
+claims = { groups = ["deployers", "admins"] }
+"#,
+        "p.toml",
+    )
+    .expect("policy");
+    let upd = Operation::Sql {
+        statement: "update",
+        tables: &[],
+        functions: &[],
+    };
+    let decide_with = |claims: Option<&std::collections::BTreeMap<String, Vec<String>>>| {
+        decide(
+            &p,
+            &Request {
+                identity: Some("bot"),
+                target: "db",
+                op: upd,
+                claims,
+            },
+        )
+        .action
+    };
+    let mut c = std::collections::BTreeMap::new();
+    assert_eq!(decide_with(None), Action::Deny, "no token, no match");
+    c.insert("groups".to_string(), vec!["analysts".to_string()]);
+    assert_eq!(decide_with(Some(&c)), Action::Deny, "other group");
+    c.insert("groups".to_string(), vec!["x".into(), "admins".into()]);
+    assert_eq!(decide_with(Some(&c)), Action::Allow);
+    // At connect time (no token yet) the postgres connection is let in to be checked per
+    // statement.
+    let connect = decide(
+        &p,
+        &Request {
+            identity: Some("bot"),
+            target: "db",
+            op: Operation::Connect,
+            claims: None,
+        },
+    );
+    assert_eq!(connect.action, Action::Allow);
+    let e = crate::parse(
+        "[[identity]]\nname = \"bot\"\nuid = 1\n[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = [\"127.0.0.1:5432\"]\n[[rule]]\nname = \"r\"\nidentities = [\"bot\"]\ntargets = [\"db\"]\naction = \"allow\"\nclaims = { groups = [] }\n",
+        "p.toml",
+    )
+    .expect_err("empty claim values");
+    assert!(e.message.contains("at least one accepted value"), "{e}");
 }
