@@ -203,7 +203,7 @@ fn artefacts_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let dir = target.join("test-artefacts");
     std::fs::create_dir_all(&dir).expect("create target/test-artefacts");
-    dir
+    dir.canonicalize().unwrap_or(dir)
 }
 
 /// Log in through the provider's form after `/ui/` sent the browser there; wait for the page.
@@ -363,6 +363,44 @@ fn web_page_logs_in_with_oidc_and_approves_a_held_delete() {
     b.wait_text("#recent", "the decided request under Recent", |t| {
         t.contains(&format!("#{id}")) && t.contains("approved")
     });
+
+    // Bot-supplied text is shown as text, never as markup; Deny asks for a comment, which the
+    // bot gets with its 42501.
+    let mut p = Psql::start(
+        &pg,
+        &bot,
+        "DELETE FROM orders WHERE id = 2 /* <b id=\"injected\">x</b><img src=x onerror=\"document.title='pwned'\"> */",
+    );
+    let id2 = p.approval_id();
+    let row2 = format!("#req-{id2}");
+    let op = b.text(&format!("{row2} td.operation"));
+    assert!(op.contains("<b id=\"injected\">x</b>"), "{op}");
+    let src = b.source();
+    assert!(
+        !src.contains("<b id=\"injected\""),
+        "bot text became markup: {src}"
+    );
+    b.click(&format!("{row2} button.deny"));
+    b.click(&format!("{row2} button.confirm-deny"));
+    let msg = b.wait_text("#message", "the empty comment refused", |t| {
+        t.contains("comment")
+    });
+    assert!(msg.contains(&format!("#{id2}")), "{msg}");
+    b.type_into(&format!("{row2} input.comment"), "not during the freeze");
+    b.click(&format!("{row2} button.confirm-deny"));
+    b.wait_text("#message", "the denial on the page", |t| {
+        t.contains("denied")
+    });
+    let (ok, text) = p.finish();
+    assert!(
+        !ok && text.contains("42501") && text.contains("not during the freeze"),
+        "{text}"
+    );
+    assert_eq!(count(&pg, "SELECT count(*) FROM orders WHERE id = 2"), "1");
+    let ev = agent.wait_audit("approval denied", |e| {
+        e["event"] == "approval" && e["action"] == "denied"
+    });
+    assert_eq!(ev["approver"], "alice", "{ev}");
 
     // Logout (CSRF-protected) ends the session server-side.
     let csrf = session["csrf"].as_str().expect("csrf").to_string();

@@ -735,6 +735,26 @@ mod tests {
     }
 
     #[test]
+    fn without_oidc_the_page_explains_why() {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9465));
+        let web = Web::from_config(None, addr, Arc::new(super::super::auth::NoVerifier))
+            .expect("no file to read");
+        let Web::Off(reason) = web else {
+            panic!("the page is on without OIDC");
+        };
+        assert!(
+            reason.contains("OIDC provider") && reason.contains("CLI"),
+            "{reason}"
+        );
+        let r = handle_off(&reason, "/ui/");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(r.headers()[header::X_FRAME_OPTIONS], "DENY");
+        assert!(r.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .is_ok_and(|c| c.contains("script-src 'self'")));
+    }
+
+    #[test]
     fn csrf_header_must_match() {
         let mut h = hyper::HeaderMap::new();
         assert!(!WebUi::csrf_ok(&h, "tok"));
