@@ -90,6 +90,11 @@ impl Web {
         let Some(client_id) = oidc.client_id.clone() else {
             return Ok(Web::Off("The approvals web page needs [approvals.oidc] client_id (and client_secret_file for a confidential client) to log approvers in.".into()));
         };
+        if admin.ip().is_unspecified() {
+            // The redirect URI is derived from the admin address; 0.0.0.0 or :: names no host a
+            // browser could come back to (and the admin listener belongs on loopback).
+            return Ok(Web::Off(format!("The approvals web page needs [agent] admin to be a specific address (not {admin}): its login redirect URI is http://<admin>/ui/callback.")));
+        }
         let client_secret = match &oidc.client_secret_file {
             Some(p) => {
                 let s = std::fs::read_to_string(p).map_err(|e| {
@@ -746,6 +751,20 @@ mod tests {
             reason.contains("OIDC provider") && reason.contains("CLI"),
             "{reason}"
         );
+        let oidc = tollgate_policy::OidcConfig {
+            issuer: "https://idp.example".into(),
+            client_id: Some("tollgate".into()),
+            client_secret_file: None,
+            audience: None,
+            groups_claim: "groups".into(),
+        };
+        let any = std::net::SocketAddr::from(([0, 0, 0, 0], 9465));
+        let web = Web::from_config(Some(&oidc), any, Arc::new(super::super::auth::NoVerifier))
+            .expect("no file to read");
+        assert!(matches!(&web, Web::Off(r) if r.contains("specific address")));
+        let web = Web::from_config(Some(&oidc), addr, Arc::new(super::super::auth::NoVerifier))
+            .expect("no file to read");
+        assert!(matches!(&web, Web::On(w) if w.redirect == "http://127.0.0.1:9465/ui/callback"));
         let r = handle_off(&reason, "/ui/");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert_eq!(r.headers()[header::X_FRAME_OPTIONS], "DENY");
