@@ -518,7 +518,7 @@ fn printable(s: &str, max: usize) -> String {
 }
 
 /// The error and its sources, joined (discovery errors keep the cause in `source()`).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -533,7 +533,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// https, or http to a loopback host (the test provider; a local IdP sidecar).
-fn check_scheme(url: &openidconnect::url::Url) -> Result<(), String> {
+pub(crate) fn check_scheme(url: &openidconnect::url::Url) -> Result<(), String> {
     match url.scheme() {
         "https" => Ok(()),
         "http" if is_loopback_host(url) => Ok(()),
@@ -563,7 +563,7 @@ pub struct HttpError(String);
 
 type HttpFuture = Pin<Box<dyn Future<Output = Result<HttpResponse, HttpError>> + Send>>;
 
-fn http_client() -> impl Fn(HttpRequest) -> HttpFuture {
+pub(crate) fn http_client() -> impl Fn(HttpRequest) -> HttpFuture {
     |req| Box::pin(http_fetch(req))
 }
 

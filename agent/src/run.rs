@@ -116,13 +116,19 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     // Approvals: the broker exists when there is a way to approve (the admin listener);
     // without one, `approve` decisions are refused at once with a clear message.
     let mut admin_api = None;
-    if cfg.admin.is_some() {
+    if let Some(admin_addr) = cfg.admin {
         let (broker, auth) =
             approvals_setup(&gen_policy_approvals, &cfg.data_dir, metrics.clone())?;
         agent.approvals = Some(broker.clone());
+        let web = crate::approvals::web::Web::from_config(
+            gen_policy_approvals.as_ref().and_then(|a| a.oidc.as_ref()),
+            admin_addr,
+            auth.clone(),
+        )?;
         admin_api = Some(Arc::new(crate::approvals::api::Admin {
             broker: Some(broker),
             auth,
+            web,
         }));
     }
     let agent = Arc::new(agent);

@@ -146,6 +146,29 @@ impl Browser {
         self.session_call("POST", &format!("/element/{el}/click"), Some(json!({})));
     }
 
+    /// The rendered text of the element matching a CSS selector (waiting for it).
+    pub fn text(&self, css: &str) -> String {
+        let el = self.find(css);
+        self.session_call("GET", &format!("/element/{el}/text"), None)
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Wait until the text of `css` satisfies `pred`; returns it.
+    pub fn wait_text(&self, css: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        crate::wait_for(Duration::from_secs(15), what, || {
+            let t = self.text(css);
+            pred(&t).then_some(t)
+        })
+    }
+
+    /// A cookie of the current page's origin (HttpOnly ones too), as WebDriver reports it:
+    /// `name`, `value`, `path`, `httpOnly`, `secure`, `sameSite`, ...
+    pub fn cookie(&self, name: &str) -> Value {
+        self.session_call("GET", &format!("/cookie/{name}"), None)
+    }
+
     /// Wait until the current URL satisfies `pred`; returns it.
     pub fn wait_url(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         crate::wait_for(Duration::from_secs(15), what, || {

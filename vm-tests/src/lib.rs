@@ -954,15 +954,32 @@ impl AgentProc {
     /// it is ready (its metrics endpoint answers, which it binds only after the eBPF programs
     /// are attached).
     pub fn start(tag: &str, fail_mode: FailMode, body: &str) -> AgentProc {
-        AgentProc::start_opts(tag, fail_mode, body, false)
+        AgentProc::start_opts(tag, fail_mode, body, None)
     }
 
     /// Like [`AgentProc::start`], with the admin API (approvals) on a free loopback port.
     pub fn start_with_admin(tag: &str, fail_mode: FailMode, body: &str) -> AgentProc {
-        AgentProc::start_opts(tag, fail_mode, body, true)
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        AgentProc::start_opts(tag, fail_mode, body, Some(admin))
     }
 
-    fn start_opts(tag: &str, fail_mode: FailMode, body: &str, with_admin: bool) -> AgentProc {
+    /// Like [`AgentProc::start_with_admin`] on a given admin address: for a caller that must
+    /// know it first (an OIDC provider registering `http://<admin>/ui/callback`).
+    pub fn start_with_admin_at(
+        tag: &str,
+        fail_mode: FailMode,
+        body: &str,
+        admin: SocketAddr,
+    ) -> AgentProc {
+        AgentProc::start_opts(tag, fail_mode, body, Some(admin))
+    }
+
+    fn start_opts(
+        tag: &str,
+        fail_mode: FailMode,
+        body: &str,
+        admin: Option<SocketAddr>,
+    ) -> AgentProc {
         let dir = TempDir::new(&format!("agent-{tag}"));
         let listen_port = free_port();
         let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
@@ -970,7 +987,6 @@ impl AgentProc {
         let data_dir = dir.path().join("data");
         let policy_path = dir.path().join("policy.toml");
         let stderr_path = dir.path().join("agent.stderr");
-        let admin = with_admin.then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, free_port())));
         let admin_value = admin.map_or("off".to_string(), |a| a.to_string());
         let agent_section = format!(
             "[agent]\nlisten = [\"127.0.0.1:{listen_port}\", \"[::1]:{listen_port}\"]\n\

@@ -6,9 +6,11 @@
 //! | `GET /v1/approvals` | `{"pending": [...], "recent": [...]}` |
 //! | `GET /v1/approvals/{id}` | `{"request": {...}}` |
 //! | `POST /v1/approvals/{id}/approve`, `/deny` with `{"comment": "..."}` | `{"request": {...}}` |
+//! | `/ui/...` | the web page (`web.rs`) |
 //!
-//! Every `/v1` call needs `Authorization: Bearer <token>`: 401 (with a reason) when the token
-//! is missing or not accepted, 403 when the approver may not decide this request, 404 for an
+//! Every `/v1` call needs `Authorization: Bearer <token>`, or the web page's session cookie
+//! (then a POST must also carry the session's `X-Tollgate-CSRF` token, else 403): 401 (with a
+//! reason) when the credentials are missing or not accepted, 403 when the approver may not decide this request, 404 for an
 //! unknown id, 409 when it is already closed or this approver already approved, 503 when the
 //! verifier cannot decide. A refused call never changes the request.
 
@@ -22,7 +24,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use super::{
-    auth::{ApproverAuth, AuthError},
+    auth::{Approver, ApproverAuth, AuthError},
+    web::{self, Web, WebUi},
     Broker, DecideError, Verdict,
 };
 
@@ -32,6 +35,8 @@ const MAX_BODY: usize = 64 * 1024;
 pub struct Admin {
     pub broker: Option<Arc<Broker>>,
     pub auth: Arc<dyn ApproverAuth>,
+    /// The web page at `/ui/` (on when `[approvals.oidc]` names a web client).
+    pub web: Web,
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -96,6 +101,12 @@ impl Admin {
             );
             return r;
         }
+        if path == "/ui" || path.starts_with("/ui/") {
+            return match &self.web {
+                Web::On(w) => w.handle(req).await,
+                Web::Off(reason) => web::handle_off(reason, &path),
+            };
+        }
         let Some(rest) = path.strip_prefix("/v1/approvals") else {
             return error(StatusCode::NOT_FOUND, format!("not found: {path}"));
         };
@@ -120,29 +131,9 @@ impl Admin {
             );
         };
         // Authenticate before reading anything else the caller sent.
-        let bearer = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(|t| t.trim().to_string());
-        let Some(bearer) = bearer.filter(|t| !t.is_empty()) else {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing bearer token (Authorization: Bearer <token>)",
-            );
-        };
-        let who = match self.auth.authenticate(&bearer).await {
+        let who = match self.caller(&req, method == Method::POST).await {
             Ok(w) => w,
-            Err(e @ AuthError::Unauthenticated(_)) => {
-                return error(StatusCode::UNAUTHORIZED, e.to_string())
-            }
-            Err(e @ AuthError::Unavailable(_)) => {
-                return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-            }
+            Err(r) => return r,
         };
         let parse_id = |s: &str| s.parse::<u64>().ok();
         match route {
@@ -202,6 +193,61 @@ impl Admin {
                         error(status, e.to_string())
                     }
                 }
+            }
+        }
+    }
+}
+
+impl Admin {
+    /// The approver behind a call: its bearer token if it has one, else the web page's session
+    /// cookie (a state-changing call must then echo the session's CSRF token).
+    async fn caller(
+        &self,
+        req: &Request<Incoming>,
+        changes_state: bool,
+    ) -> Result<Approver, Response<Full<Bytes>>> {
+        let has_auth = req.headers().contains_key(hyper::header::AUTHORIZATION);
+        if !has_auth {
+            if let Web::On(w) = &self.web {
+                if web::cookie(req.headers(), web::SESSION_COOKIE).is_some() {
+                    let Some((who, csrf)) = w.session_approver(req.headers()) else {
+                        return Err(error(
+                            StatusCode::UNAUTHORIZED,
+                            "the web session is unknown or has expired: sign in again at /ui/",
+                        ));
+                    };
+                    if changes_state && !WebUi::csrf_ok(req.headers(), &csrf) {
+                        return Err(error(
+                            StatusCode::FORBIDDEN,
+                            "missing or wrong X-Tollgate-CSRF header: a call authenticated by the session cookie that changes state must carry the session's CSRF token (from /ui/session)",
+                        ));
+                    }
+                    return Ok(who);
+                }
+            }
+        }
+        let bearer = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(|t| t.trim().to_string());
+        let Some(bearer) = bearer.filter(|t| !t.is_empty()) else {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token (Authorization: Bearer <token>)",
+            ));
+        };
+        match self.auth.authenticate(&bearer).await {
+            Ok(w) => Ok(w),
+            Err(e @ AuthError::Unauthenticated(_)) => {
+                Err(error(StatusCode::UNAUTHORIZED, e.to_string()))
+            }
+            Err(e @ AuthError::Unavailable(_)) => {
+                Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
             }
         }
     }

@@ -2,11 +2,11 @@
 //! decides. The broker knows nothing about protocols; a handler opens a request through
 //! [`crate::proxy::SessionCx::open_approval`], tells its client how to ask for approval, and
 //! waits on the [`Ticket`]. Approvers act through the admin API (`api.rs`), which the CLI
-//! (`client.rs`) and, later, the web page call.
+//! (`client.rs`) and the web page (`web.rs`, `/ui/`) call.
 //!
 //! Layout: this file (requests, states, the embedded store and its persistence), `auth.rs`
 //! (the [`auth::ApproverAuth`] trait and the local admin token), `api.rs` (the admin HTTP
-//! listener), `webhook.rs` (Slack-compatible notifications), `client.rs` (the CLI's HTTP client).
+//! listener), `web.rs` (the web page, its OIDC login and sessions), `webhook.rs` (Slack-compatible notifications), `client.rs` (the CLI's HTTP client).
 //!
 //! States: `pending` -> `approved` | `denied` | `expired` | `cancelled`; every transition out of
 //! `pending` happens once, under the broker's lock; it is counted there, then audited and
@@ -21,6 +21,7 @@
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod web;
 pub mod webhook;
 
 use std::{
