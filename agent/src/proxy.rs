@@ -517,7 +517,13 @@ impl SessionCx {
         Some(
             broker.open_request(crate::approvals::NewRequest {
                 identity: self.identity.clone(),
-                workload_subject: None,
+                // A workload that presented a token is also known by its subject: an approver
+                // with that subject is the requester and cannot decide the request.
+                workload_subject: self
+                    .claims
+                    .get()
+                    .and_then(|c| c.get("sub"))
+                    .and_then(|v| v.first().cloned()),
                 target: self.target.name.clone(),
                 protocol: self.target.protocol.as_str().into(),
                 session: self.id.clone(),
