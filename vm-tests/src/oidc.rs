@@ -99,7 +99,8 @@ impl OidcProvider {
             stderr_path,
             _dir: tmp,
         };
-        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+        // Generous: node start-up plus key generation on a loaded 2-core machine.
+        let line = match rx.recv_timeout(Duration::from_secs(90)) {
             Ok(l) if !l.trim().is_empty() => l,
             _ => panic!(
                 "the OIDC provider printed no ready line; its stderr:\n{}",
