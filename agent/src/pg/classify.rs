@@ -824,6 +824,10 @@ fn classify_node(node: &NodeEnum, depth: u8) -> Result<Classified, ClassifyError
                 c.kinds.insert("insert");
                 c.writes = true;
             }
+            // Whether a file is named is read from a constant (pg_query gives STDOUT and `TO ''`
+            // the same empty filename), so COPY is never shared between texts that differ only
+            // in constants (found by the pg_classify fuzz target: `TO ''` vs `TO 'file'`).
+            c.literal_dependent = true;
             if copy.is_program {
                 c.dangerous.insert("copy:program".to_owned());
             } else if !copy.filename.is_empty() {

@@ -1251,6 +1251,13 @@ fn texts_sharing_a_fast_key_classify_alike() {
         let b = classify(&other).expect(&other);
         assert_eq!(shape(&a), shape(&b), "{t} vs {other}");
     }
+    // COPY reads its filename constant: `TO ''` looks like STDOUT to the parser, `TO 'f'` is
+    // a server file; the cache must never answer one with the other.
+    let cache = ClassifyCache::new(64);
+    let empty = cache.classify("COPY s TO ''").expect("copy to ''");
+    assert!(empty[0].literal_dependent);
+    let file = cache.classify("COPY s TO '/tmp/x'").expect("copy to file");
+    assert_eq!(file[0].dangerous, vec!["copy:file".to_string()]);
     // And through the cache: a literal-dependent statement is never served by the fast key.
     let cache = ClassifyCache::new(64);
     let utf8 = cache
