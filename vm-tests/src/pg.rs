@@ -248,3 +248,14 @@ impl Drop for PgServer {
             .status();
     }
 }
+
+/// The policy's `[[target]] app-db` for `pg` (protocol postgres, credential `app-rw` logging in
+/// as `app_rw` with the password in `secret`), with `extra` target keys (e.g. a `tls = ...`
+/// line), followed by its `[credential.app-rw]` table.
+pub fn app_target(pg: &PgServer, secret: &Path, extra: &str) -> String {
+    format!(
+        "[[target]]\nname = \"app-db\"\nprotocol = \"postgres\"\naddress = [\"{}\"]\ncredential = \"app-rw\"\n{extra}\n[credential.app-rw]\nuser = \"app_rw\"\npassword_file = \"{}\"\n",
+        pg.addr(),
+        secret.display()
+    )
+}

@@ -14,7 +14,7 @@ use std::{
 
 use serde_json::Value;
 use vm_tests::{
-    pg::{PgServer, APP_PASSWORD},
+    pg::{app_target, PgServer, APP_PASSWORD},
     require_root, tollgate, wait_for, AgentProc, Cgroup, FailMode, TempDir,
 };
 
@@ -47,16 +47,7 @@ fn policy(
 name = "ci-bot"
 cgroup = "{glob}"
 
-[[target]]
-name = "app-db"
-protocol = "postgres"
-address = ["{addr}"]
-credential = "app-rw"
-
-[credential.app-rw]
-user = "app_rw"
-password_file = "{secret}"
-
+{target}
 [[rule]]
 name = "ci reads and writes rows"
 identities = ["ci-bot"]
@@ -74,8 +65,7 @@ approvers = ["dba"]
 timeout = "{timeout}"
 {min}"#,
         glob = bot.glob(),
-        addr = pg.addr(),
-        secret = secret.display(),
+        target = app_target(pg, secret, ""),
     )
 }
 

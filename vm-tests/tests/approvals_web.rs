@@ -16,7 +16,7 @@ use serde_json::Value;
 use vm_tests::{
     browser::Browser,
     oidc::OidcProvider,
-    pg::{PgServer, APP_PASSWORD},
+    pg::{app_target, PgServer, APP_PASSWORD},
     require_root, wait_for, AgentProc, Cgroup, FailMode, TempDir,
 };
 
@@ -40,16 +40,7 @@ groups_claim = "groups"
 name = "ci-bot"
 cgroup = "{glob}"
 
-[[target]]
-name = "app-db"
-protocol = "postgres"
-address = ["{addr}"]
-credential = "app-rw"
-
-[credential.app-rw]
-user = "app_rw"
-password_file = "{secret}"
-
+{target}
 [[rule]]
 name = "ci reads and writes rows"
 identities = ["ci-bot"]
@@ -67,8 +58,7 @@ approvers = ["dba"]
 timeout = "5m"
 "#,
         glob = bot.glob(),
-        addr = pg.addr(),
-        secret = secret.display(),
+        target = app_target(pg, secret, ""),
         client_secret = client_secret.display(),
     )
 }

@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 use vm_tests::{
     http_get,
     oidc::{jwt_claims, OidcProvider},
-    pg::{PgServer, APP_PASSWORD},
+    pg::{app_target, PgServer, APP_PASSWORD},
     require_root, AgentProc, Cgroup, FailMode, TempDir,
 };
 
@@ -86,16 +86,7 @@ name = "report-bot"
 cgroup = "{report}"
 oidc = {{ issuer = "{issuer}", require_claims = {{ groups = ["analysts"] }} }}
 
-[[target]]
-name = "app-db"
-protocol = "postgres"
-address = ["{addr}"]
-credential = "app-rw"
-
-[credential.app-rw]
-user = "app_rw"
-password_file = "{secret}"
-
+{target}
 [[rule]]
 name = "bots read"
 identities = ["deploy-bot", "report-bot"]
@@ -114,8 +105,7 @@ claims = {{ groups = ["deployers"] }}
         deploy = deploy.glob(),
         report = report.glob(),
         issuer = idp.issuer(),
-        addr = pg.addr(),
-        secret = secret.display(),
+        target = app_target(pg, secret, ""),
     )
 }
 

@@ -7,7 +7,7 @@
 use std::{path::Path, process::Output};
 
 use vm_tests::{
-    pg::{PgServer, APP_PASSWORD},
+    pg::{app_target, PgServer, APP_PASSWORD},
     require_root, AgentProc, Cgroup, FailMode, TempDir,
 };
 
@@ -21,16 +21,7 @@ cgroup = "{reader}"
 name = "setter"
 cgroup = "{setter}"
 
-[[target]]
-name = "app-db"
-protocol = "postgres"
-address = ["{addr}"]
-credential = "app-rw"
-
-[credential.app-rw]
-user = "app_rw"
-password_file = "{secret}"
-
+{target}
 [[rule]]
 name = "reader only reads"
 identities = ["reader"]
@@ -60,8 +51,7 @@ style = "partial"
 "#,
         reader = reader.glob(),
         setter = setter.glob(),
-        addr = pg.addr(),
-        secret = secret_file.display(),
+        target = app_target(pg, secret_file, ""),
     )
 }
 

@@ -5,7 +5,7 @@
 use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Output};
 
 use vm_tests::{
-    pg::{PgServer, TestCa, APP_PASSWORD, SECRET_EMAIL},
+    pg::{app_target, PgServer, TestCa, APP_PASSWORD, SECRET_EMAIL},
     require_root, tollgate_bin, AgentProc, Cgroup, FailMode, TempDir,
 };
 
@@ -17,17 +17,7 @@ fn policy(pg: &PgServer, bot: &Cgroup, secret: &Path, tls: &str) -> String {
 name = "ci-bot"
 cgroup = "{glob}"
 
-[[target]]
-name = "app-db"
-protocol = "postgres"
-address = ["{addr}"]
-credential = "app-rw"
-{tls}
-
-[credential.app-rw]
-user = "app_rw"
-password_file = "{secret}"
-
+{target}
 [[rule]]
 name = "ci reads"
 identities = ["ci-bot"]
@@ -41,8 +31,7 @@ columns = ["*.email"]
 style = "partial"
 "#,
         glob = bot.glob(),
-        addr = pg.addr(),
-        secret = secret.display(),
+        target = app_target(pg, secret, tls),
     )
 }
 

@@ -4,7 +4,7 @@
 use std::{path::Path, process::Output};
 
 use vm_tests::{
-    pg::{PgServer, APP_PASSWORD, SECRET_CARD, SECRET_EMAIL},
+    pg::{app_target, PgServer, APP_PASSWORD, SECRET_CARD, SECRET_EMAIL},
     require_root, AgentProc, Cgroup, FailMode, TempDir,
 };
 
@@ -14,16 +14,7 @@ fn policy(pg: &PgServer, bot: &Cgroup, secret_file: &Path) -> String {
 name = "ci-bot"
 cgroup = "{glob}"
 
-[[target]]
-name = "app-db"
-protocol = "postgres"
-address = ["{addr}"]
-credential = "app-rw"
-
-[credential.app-rw]
-user = "app_rw"
-password_file = "{secret}"
-
+{target}
 [[rule]]
 name = "ci reads and writes rows"
 identities = ["ci-bot"]
@@ -52,8 +43,7 @@ detectors = ["email", "credit_card"]
 style = "partial"
 "#,
         glob = bot.glob(),
-        addr = pg.addr(),
-        secret = secret_file.display(),
+        target = app_target(pg, secret_file, ""),
     )
 }
 
