@@ -5,5 +5,6 @@ pub mod catalog;
 pub mod classify;
 pub mod copy;
 pub mod handler;
+pub mod scram;
 pub mod upstream;
 pub mod wire;

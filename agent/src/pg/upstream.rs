@@ -18,7 +18,7 @@ use tokio::{
 use tollgate_policy::{Credential, SecretSource, TargetTls, TlsMode};
 
 use crate::{
-    pg::wire,
+    pg::{scram, wire},
     tls::{self, Conn, UpstreamTlsError},
 };
 
@@ -171,14 +171,14 @@ pub async fn negotiate_tls(
 }
 
 /// Channel binding for SCRAM over `stream`: the server certificate's hash under TLS.
-fn channel_binding(stream: &Conn, plus: bool) -> sasl::ChannelBinding {
+fn channel_binding(stream: &Conn, plus: bool) -> scram::Binding {
     let cert = match stream {
         Conn::Tls(s) => s.get_ref().1.peer_certificates().and_then(|c| c.first()),
-        Conn::Plain(_) => return sasl::ChannelBinding::unsupported(),
+        Conn::Plain(_) => return scram::Binding::Unsupported,
     };
     match cert {
-        Some(c) if plus => sasl::ChannelBinding::tls_server_end_point(tls::server_end_point(c)),
-        _ => sasl::ChannelBinding::unrequested(),
+        Some(c) if plus => scram::Binding::TlsServerEndPoint(tls::server_end_point(c)),
+        _ => scram::Binding::Unrequested,
     }
 }
 
@@ -206,7 +206,7 @@ pub async fn login(
     let mut buf = BytesMut::with_capacity(8192);
     let mut relay = BytesMut::new();
     let mut backend_key = None;
-    let mut scram: Option<sasl::ScramSha256> = None;
+    let mut scram: Option<scram::Scram> = None;
     let need = |what: &'static str| -> Result<&[u8], LoginError> {
         secret.ok_or_else(|| LoginError::Secret {
             credential: cred_name.to_string(),
@@ -241,7 +241,7 @@ pub async fn login(
                         cred_name.into(),
                     ));
                 }
-                let s = sasl::ScramSha256::new(need("password")?, channel_binding(&stream, plus));
+                let s = scram::Scram::new(need("password")?, channel_binding(&stream, plus));
                 let mech = if plus {
                     sasl::SCRAM_SHA_256_PLUS
                 } else {
