@@ -37,19 +37,125 @@ impl Audit {
     pub fn write(&self, event: Map<String, Value>) {
         append_json_line(&self.file, &self.path, event);
     }
+
+    /// Write one event built with [`Line`] (the per-statement hot path: no map, one write).
+    pub fn write_line(&self, line: Line) {
+        append_line(&self.file, &self.path, &line.finish());
+    }
+}
+
+/// A JSON-lines event written field by field: `{"ts":...` then the fields in the order they
+/// are added. The hot paths (one audit line and one recording line per statement) use it
+/// instead of building a `serde_json::Map` per event; values are escaped by serde_json.
+pub struct Line(Vec<u8>);
+
+impl Line {
+    /// A line starting with `ts` (now) and then `fields`, a pre-serialized run of
+    /// `"key":value` pairs (see [`Line::fields`]); empty for none.
+    pub fn new(fields: &str) -> Line {
+        let mut b = Vec::with_capacity(256 + fields.len());
+        b.extend_from_slice(b"{\"ts\":\"");
+        b.extend_from_slice(now_ts().as_bytes());
+        b.push(b'"');
+        if !fields.is_empty() {
+            b.push(b',');
+            b.extend_from_slice(fields.as_bytes());
+        }
+        Line(b)
+    }
+
+    /// Serialize `event`'s fields as a run of `"key":value` pairs (no braces), to be reused
+    /// by many lines.
+    pub fn fields(event: &Map<String, Value>) -> String {
+        let s = Value::Object(event.clone()).to_string();
+        s[1..s.len() - 1].to_string()
+    }
+
+    fn key(&mut self, k: &str) {
+        self.0.push(b',');
+        let _ = serde_json::to_writer(&mut self.0, k);
+        self.0.push(b':');
+    }
+
+    pub fn str(mut self, k: &str, v: &str) -> Line {
+        self.key(k);
+        let _ = serde_json::to_writer(&mut self.0, v);
+        self
+    }
+
+    /// A string or `null`.
+    pub fn opt(mut self, k: &str, v: Option<&str>) -> Line {
+        self.key(k);
+        match v {
+            Some(v) => {
+                let _ = serde_json::to_writer(&mut self.0, v);
+            }
+            None => self.0.extend_from_slice(b"null"),
+        }
+        self
+    }
+
+    /// Any serializable value (numbers, booleans, options of them).
+    pub fn val<T: serde::Serialize>(mut self, k: &str, v: T) -> Line {
+        self.key(k);
+        if serde_json::to_writer(&mut self.0, &v).is_err() {
+            self.0.extend_from_slice(b"null");
+        }
+        self
+    }
+
+    /// The finished line, newline included.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.0.extend_from_slice(b"}\n");
+        self.0
+    }
+}
+
+fn append_line(file: &Mutex<File>, path: &Path, line: &[u8]) {
+    let mut f = crate::lock(file);
+    if let Err(e) = f.write_all(line) {
+        tracing::error!(path = %path.display(), error = %e, "append to JSON-lines file failed");
+    }
 }
 
 /// Append `{"ts": now, ...event}` and a newline with a single write(2), so concurrent writers
-/// never interleave partial lines and a crash loses at most the line in flight. Shared by the
-/// audit log and session recordings.
-pub fn append_json_line(file: &Mutex<File>, path: &Path, event: Map<String, Value>) {
+/// never interleave partial lines and a crash loses at most the line in flight.
+fn append_json_line(file: &Mutex<File>, path: &Path, event: Map<String, Value>) {
     let mut obj = Map::new();
     obj.insert("ts".into(), Value::String(now_ts()));
     obj.extend(event);
     let mut line = Value::Object(obj).to_string();
     line.push('\n');
-    let mut f = crate::lock(file);
-    if let Err(e) = f.write_all(line.as_bytes()) {
-        tracing::error!(path = %path.display(), error = %e, "append to JSON-lines file failed");
+    append_line(file, path, line.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_line_is_the_same_json_as_the_map_it_replaces() {
+        let base =
+            crate::obj(json!({"session": "s1", "identity": null, "pid": 7, "exe": "/bin/\"x\""}));
+        let line = Line::new(&Line::fields(&base))
+            .str("event", "operation")
+            .str("operation", "select 'a\u{1}b\n'")
+            .opt("rule", None)
+            .opt("flags", Some("lo_*"))
+            .val("enforced", true)
+            .finish();
+        assert!(line.ends_with(b"}\n"));
+        let v: Value = serde_json::from_slice(&line).expect("valid JSON");
+        let mut want = base.clone();
+        want.extend(crate::obj(
+            json!({"event": "operation", "operation": "select 'a\u{1}b\n'",
+            "rule": null, "flags": "lo_*", "enforced": true}),
+        ));
+        let mut got = v.as_object().expect("object").clone();
+        assert!(got.remove("ts").is_some_and(|t| t.is_string()));
+        assert_eq!(got, want);
+        let empty: Value = serde_json::from_slice(&Line::new("").finish()).expect("json");
+        assert!(empty["ts"].is_string());
     }
 }

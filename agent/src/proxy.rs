@@ -366,6 +366,8 @@ impl Agent {
                 claims: std::sync::OnceLock::new(),
                 started: Instant::now(),
                 bytes: (AtomicU64::new(0), AtomicU64::new(0)),
+                base_json: std::sync::OnceLock::new(),
+                decided: std::sync::OnceLock::new(),
             };
             cx.run(stream).await;
         }
@@ -409,9 +411,18 @@ pub struct SessionCx {
     pub claims: std::sync::OnceLock<std::collections::BTreeMap<String, Vec<String>>>,
     started: Instant,
     bytes: (AtomicU64, AtomicU64),
+    /// [`SessionCx::base`], serialized once for the per-operation audit lines.
+    base_json: std::sync::OnceLock<String>,
+    /// `tollgate_decisions_total` for this session's labels: allow, deny, approve.
+    decided: std::sync::OnceLock<[prometheus::IntCounter; 3]>,
 }
 
 impl SessionCx {
+    fn base_json(&self) -> &str {
+        self.base_json
+            .get_or_init(|| crate::audit::Line::fields(&self.base()))
+    }
+
     fn base(&self) -> Map<String, Value> {
         obj(json!({
             "session": self.id,
@@ -430,15 +441,22 @@ impl SessionCx {
     }
 
     fn count_decision(&self, action: &str) {
-        self.agent
-            .metrics
-            .decisions
-            .with_label_values(&[
+        let counter = |action: &str| {
+            self.agent.metrics.decisions.with_label_values(&[
                 self.identity.as_deref().unwrap_or("unknown"),
                 &self.target.name,
                 self.target.protocol.as_str(),
                 action,
             ])
+        };
+        let i = match action {
+            "allow" => 0,
+            "deny" => 1,
+            "approve" => 2,
+            other => return counter(other).inc(),
+        };
+        self.decided
+            .get_or_init(|| [counter("allow"), counter("deny"), counter("approve")])[i]
             .inc();
     }
 
@@ -470,16 +488,17 @@ impl SessionCx {
         flags: Option<&str>,
     ) -> Decision {
         let observe = self.agent.gen.load().policy.agent.mode == Mode::Observe;
-        let mut ev = self.base();
-        ev.insert("event".into(), "operation".into());
-        ev.insert("operation".into(), Value::String(text.to_string()));
-        ev.insert("kind".into(), kind.into());
-        ev.insert("action".into(), d.action.as_str().into());
-        ev.insert("rule".into(), json!(d.rule));
-        ev.insert("reason".into(), d.reason.as_str().into());
-        ev.insert("flags".into(), json!(flags));
-        ev.insert("enforced".into(), (!observe).into());
-        self.agent.audit.write(ev);
+        self.agent.audit.write_line(
+            crate::audit::Line::new(self.base_json())
+                .str("event", "operation")
+                .str("operation", text)
+                .str("kind", kind)
+                .str("action", d.action.as_str())
+                .opt("rule", d.rule.as_deref())
+                .str("reason", d.reason.as_str())
+                .opt("flags", flags)
+                .val("enforced", !observe),
+        );
         self.count_decision(d.action.as_str());
         if observe {
             Decision {

@@ -1,21 +1,34 @@
-//! Session recordings: one JSON-lines file per session under `<data_dir>/sessions/`, written a
-//! line at a time with a single write(2) each, so a crash loses at most the event in flight.
+//! Session recordings: one JSON-lines file per session under `<data_dir>/sessions/`.
 //! Callers only ever pass masked values; credentials never reach a recording.
+//!
+//! Every write is a single write(2) of whole lines. A statement's line is deferred
+//! ([`Recorder::defer`]) and goes out in the same write(2) as the next event, normally the
+//! statement's result, so a statement costs one write instead of two; a crash therefore loses
+//! at most the statement in flight (its line and its result), never an earlier one.
 
 use std::{
     fs::{self, File, OpenOptions},
+    io::Write as _,
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use serde_json::{Map, Value};
 
-use crate::audit::append_json_line;
+use crate::{
+    audit::{now_ts, Line},
+    lock,
+};
 
 pub struct Recorder {
     path: PathBuf,
     file: Mutex<File>,
+    /// Deferred lines (statements waiting for their result), written with the next event.
+    pending: Mutex<Vec<u8>>,
 }
+
+/// Deferred bytes beyond which a deferred line is written at once (a long pipeline).
+const PENDING_CAP: usize = 64 * 1024;
 
 /// Session ids become file names: keep them to a safe alphabet.
 fn safe(id: &str) -> String {
@@ -39,6 +52,7 @@ impl Recorder {
         Ok(Recorder {
             path,
             file: Mutex::new(file),
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -46,8 +60,118 @@ impl Recorder {
         &self.path
     }
 
-    /// Append one event (`ts` first, then the given fields).
+    /// Append one event (`ts` first, then the given fields), after any deferred lines.
     pub fn write(&self, event: Map<String, Value>) {
-        append_json_line(&self.file, &self.path, event);
+        let mut body = Map::new();
+        body.insert("ts".into(), Value::String(now_ts()));
+        body.extend(event);
+        let mut line = Value::Object(body).to_string().into_bytes();
+        line.push(b'\n');
+        self.emit(&line);
+    }
+
+    /// Append one event built with [`Line`], after any deferred lines.
+    pub fn write_line(&self, line: Line) {
+        self.emit(&line.finish());
+    }
+
+    /// Keep `line` to write with the next event (see the module comment).
+    pub fn defer(&self, line: Line) {
+        let mut p = lock(&self.pending);
+        p.extend_from_slice(&line.finish());
+        if p.len() >= PENDING_CAP {
+            let out = std::mem::take(&mut *p);
+            drop(p);
+            self.append(&out);
+        }
+    }
+
+    fn emit(&self, line: &[u8]) {
+        let mut p = lock(&self.pending);
+        if p.is_empty() {
+            drop(p);
+            self.append(line);
+        } else {
+            p.extend_from_slice(line);
+            let out = std::mem::take(&mut *p);
+            drop(p);
+            self.append(&out);
+        }
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let mut f = lock(&self.file);
+        if let Err(e) = f.write_all(bytes) {
+            tracing::error!(path = %self.path.display(), error = %e, "append to session recording failed");
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let p = std::mem::take(&mut *lock(&self.pending));
+        if !p.is_empty() {
+            self.append(&p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn lines(r: &Recorder) -> Vec<Value> {
+        fs::read_to_string(r.path())
+            .expect("read")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect()
+    }
+
+    #[test]
+    fn a_deferred_statement_reaches_the_file_with_the_next_event_in_order() {
+        let dir = std::env::temp_dir().join(format!("tg-rec-{}", std::process::id()));
+        let r = Recorder::open(&dir, "s/1").expect("open");
+        assert!(r.path().ends_with("sessions/s_1.jsonl"), "{:?}", r.path());
+        r.write(crate::obj(json!({"event": "start"})));
+        r.defer(
+            Line::new("")
+                .str("event", "statement")
+                .str("text", "select '\"quoted\"\n\\'"),
+        );
+        assert_eq!(lines(&r).len(), 1, "the statement waits for its result");
+        r.write_line(Line::new("").str("event", "result").val("rows", Some(3u64)));
+        let got = lines(&r);
+        let events: Vec<_> = got
+            .iter()
+            .map(|v| v["event"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(events, ["start", "statement", "result"]);
+        assert_eq!(got[1]["text"], "select '\"quoted\"\n\\'");
+        assert_eq!(got[2]["rows"], 3);
+        assert!(got.iter().all(|v| v["ts"].is_string()));
+        // A statement still deferred when the session ends is written, not lost.
+        r.defer(Line::new("").str("event", "statement").opt("error", None));
+        let path = r.path().to_path_buf();
+        drop(r);
+        let last = fs::read_to_string(&path).expect("read");
+        let last: Value = serde_json::from_str(last.lines().last().expect("a line")).expect("json");
+        assert_eq!(last["event"], "statement");
+        assert!(last["error"].is_null());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_long_pipeline_of_deferred_lines_is_written_before_the_cap() {
+        let dir = std::env::temp_dir().join(format!("tg-rec-cap-{}", std::process::id()));
+        let r = Recorder::open(&dir, "cap").expect("open");
+        let text = "x".repeat(1000);
+        for _ in 0..100 {
+            r.defer(Line::new("").str("event", "statement").str("text", &text));
+        }
+        let n = lines(&r).len();
+        assert!((60..100).contains(&n), "{n} lines on disk");
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -33,6 +33,7 @@ use tokio::{
 use tollgate_policy::{decide, Action, Decision, IdentityOidc, Mode, Operation, Protocol, Request};
 
 use crate::{
+    audit::Line,
     mask::{Masked, Masker},
     oidc::{self, Claims, WorkloadVerifiers},
     pg::{
@@ -795,7 +796,15 @@ impl ClientSide<'_> {
                 Verdict::Deny(m) => ("deny", Some(m.as_str())),
                 Verdict::Hold(_) => ("approve", None),
             };
-            r.write(obj(json!({"event": "statement", "session": self.cx.id, "text": shown, "decision": decision, "error": error})));
+            // Written with the statement's result, in one write(2) (see recording.rs).
+            r.defer(
+                Line::new("")
+                    .str("event", "statement")
+                    .str("session", &self.cx.id)
+                    .str("text", &shown)
+                    .str("decision", decision)
+                    .opt("error", error),
+            );
         }
         v
     }
@@ -1604,10 +1613,15 @@ impl ServerSide<'_> {
     fn record_result(&mut self, tag: Option<&str>, error: Option<&str>) {
         let masked = std::mem::take(&mut self.masked_in_statement);
         if let Some(r) = &self.recorder {
-            r.write(obj(json!({
-                "event": "result", "session": self.cx.id, "tag": tag,
-                "rows": tag.and_then(wire::command_rows), "masked": masked, "error": error,
-            })));
+            r.write_line(
+                Line::new("")
+                    .str("event", "result")
+                    .str("session", &self.cx.id)
+                    .opt("tag", tag)
+                    .val("rows", tag.and_then(wire::command_rows))
+                    .val("masked", masked)
+                    .opt("error", error),
+            );
         }
     }
 
