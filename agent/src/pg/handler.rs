@@ -1243,10 +1243,14 @@ impl ClientSide<'_> {
 /// Capacity a quiet session keeps for its next message.
 const IDLE_READ_CAPACITY: usize = 512;
 
+/// How long a session waits for its peer before it releases its buffers.
+const IDLE_RELEASE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Read more bytes into `buf` (reserving `chunk` when it runs low). While bytes keep coming the
-/// buffers keep their capacity; when the peer has nothing to send and no partial message is
-/// pending, `buf` and `out` are released before waiting, so an idle session holds a few
-/// hundred bytes of buffers instead of tens of KiB.
+/// buffers keep their capacity; when the peer has sent nothing for [`IDLE_RELEASE_AFTER`] and
+/// no partial message is pending, `buf` and `out` are released, so an idle session holds a few
+/// hundred bytes of buffers instead of tens of KiB. (Releasing at every pause instead cost a
+/// 64 KiB allocation per round trip: request/response traffic pauses after every message.)
 async fn read_more(
     r: &mut ReadHalf,
     buf: &mut BytesMut,
@@ -1264,6 +1268,10 @@ async fn read_more(
         if let Poll::Ready(res) = read.as_mut().poll(&mut cx) {
             return res;
         }
+    }
+    // read_buf is cancel-safe: a timed-out read has taken nothing.
+    if let Ok(res) = tokio::time::timeout(IDLE_RELEASE_AFTER, r.read_buf(buf)).await {
+        return res;
     }
     if buf.is_empty() && buf.capacity() > IDLE_READ_CAPACITY {
         *buf = BytesMut::with_capacity(IDLE_READ_CAPACITY);
