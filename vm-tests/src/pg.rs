@@ -85,16 +85,32 @@ impl TestCa {
 
 impl PgServer {
     pub fn start(tag: &str) -> PgServer {
-        PgServer::start_with(tag, None)
+        PgServer::start_with(tag, None, &[])
+    }
+
+    /// A server that also listens on `extra` addresses (e.g. the host side of a test's veth
+    /// pairs) and accepts SCRAM logins from `clients` (CIDRs, e.g. `10.231.0.0/16`).
+    pub fn start_on(tag: &str, extra: &[&str], clients: &[&str]) -> PgServer {
+        let pg = PgServer::start_with(tag, None, extra);
+        if !clients.is_empty() {
+            let hba = pg.data.join("pg_hba.conf");
+            let mut text = fs::read_to_string(&hba).expect("pg_hba.conf");
+            for c in clients {
+                text.push_str(&format!("host all all {c} scram-sha-256\n"));
+            }
+            fs::write(&hba, text).expect("pg_hba.conf");
+            pg.superuser_sql("SELECT pg_reload_conf()", "postgres");
+        }
+        pg
     }
 
     /// A server that accepts TCP logins only over TLS (`hostssl` in pg_hba.conf), with a
     /// certificate from `tls`.
     pub fn start_with_tls(tag: &str, tls: &TestCa) -> PgServer {
-        PgServer::start_with(tag, Some(tls))
+        PgServer::start_with(tag, Some(tls), &[])
     }
 
-    fn start_with(tag: &str, tls: Option<&TestCa>) -> PgServer {
+    fn start_with(tag: &str, tls: Option<&TestCa>, extra: &[&str]) -> PgServer {
         let dir = TempDir::new(&format!("pg-{tag}"));
         let bin = pg_bin();
         let data = dir.path().join("data");
@@ -157,6 +173,10 @@ impl PgServer {
             fs::write(&hba, text).expect("pg_hba.conf");
         }
         let port = free_port();
+        let listen = std::iter::once("127.0.0.1")
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>()
+            .join(",");
         run_as_postgres(
             &bin,
             "pg_ctl",
@@ -167,7 +187,7 @@ impl PgServer {
                 &dir.path().join("log").to_string_lossy(),
                 "-o",
                 &format!(
-                    "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={}{ssl_opts}",
+                    "-c listen_addresses={listen} -c port={port} -c unix_socket_directories={}{ssl_opts}",
                     dir.path().display()
                 ),
                 "-w",
