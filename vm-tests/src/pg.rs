@@ -21,6 +21,8 @@ pub struct PgServer {
     pub port: u16,
     bin: PathBuf,
     data: PathBuf,
+    /// The server options `pg_ctl start -o` was given (for [`PgServer::start_again`]).
+    opts: String,
     pub dir: TempDir,
 }
 
@@ -177,29 +179,18 @@ impl PgServer {
             .chain(extra.iter().copied())
             .collect::<Vec<_>>()
             .join(",");
-        run_as_postgres(
-            &bin,
-            "pg_ctl",
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-l",
-                &dir.path().join("log").to_string_lossy(),
-                "-o",
-                &format!(
-                    "-c listen_addresses={listen} -c port={port} -c unix_socket_directories={}{ssl_opts}",
-                    dir.path().display()
-                ),
-                "-w",
-                "start",
-            ],
+        let opts = format!(
+            "-c listen_addresses={listen} -c port={port} -c unix_socket_directories={}{ssl_opts}",
+            dir.path().display()
         );
         let pg = PgServer {
             port,
             bin,
             data,
+            opts,
             dir,
         };
+        pg.start_again();
         pg.superuser_sql(
             &format!("CREATE ROLE app_rw LOGIN PASSWORD '{APP_PASSWORD}'"),
             "postgres",
@@ -219,6 +210,41 @@ impl PgServer {
             "app",
         );
         pg
+    }
+
+    /// Stop the server at once (`pg_ctl stop -m immediate`): clients see their connections
+    /// drop, as when a database host dies.
+    pub fn stop(&self) {
+        run_as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    /// Start the server (again) with the same data, port and options.
+    pub fn start_again(&self) {
+        run_as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.to_string_lossy(),
+                "-l",
+                &self.dir.path().join("log").to_string_lossy(),
+                "-o",
+                &self.opts,
+                "-w",
+                "start",
+            ],
+        );
     }
 
     /// Run SQL as the superuser over the Unix socket (not through tollgate).

@@ -47,6 +47,16 @@ struct FleetAgent {
 
 impl FleetAgent {
     fn start(ns: &NetNs, tag: &str, body: &str, approvals: &str) -> FleetAgent {
+        FleetAgent::start_env(ns, tag, body, approvals, &[])
+    }
+
+    fn start_env(
+        ns: &NetNs,
+        tag: &str,
+        body: &str,
+        approvals: &str,
+        env: &[(&str, &str)],
+    ) -> FleetAgent {
         let dir = TempDir::new(&format!("fleet-{tag}"));
         let admin = SocketAddr::from((ns.ns_addr, free_port()));
         let metrics = SocketAddr::from((ns.ns_addr, free_port()));
@@ -71,6 +81,7 @@ impl FleetAgent {
             .arg(&policy_path)
             .env("NO_COLOR", "1")
             .env("TOLLGATE_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -569,5 +580,120 @@ fn an_unreachable_store_stops_the_start_with_a_clear_error() {
     assert!(
         !Path::new(&pin).exists(),
         "nothing was pinned before the store check"
+    );
+}
+
+#[test]
+fn a_lost_store_fails_held_operations_closed_and_recovers() {
+    require_root();
+    let ns = NetNs::new("fl", 43);
+    let cidr = format!("{}/30", ns.host_addr);
+    let addr = ns.host_addr.to_string();
+    // The bots' database and the approval store on two servers, so the store can go away
+    // while the target stays.
+    let app = PgServer::start_on("fleet-app", &[&addr], &[&cidr]);
+    let store = PgServer::start_on("fleet-store", &[&addr], &[&cidr]);
+    store.superuser_sql(
+        &format!("CREATE ROLE tollgate_store LOGIN PASSWORD '{STORE_PASSWORD}'"),
+        "postgres",
+    );
+    store.superuser_sql(
+        "CREATE DATABASE tollgate_store OWNER tollgate_store",
+        "postgres",
+    );
+    let secrets = TempDir::new("fleet-lost-secrets");
+    let app_secret = secrets.path().join("app-rw.pw");
+    std::fs::write(&app_secret, format!("{APP_PASSWORD}\n")).expect("secret");
+    let bot = Cgroup::new("fleet-bot-lost");
+    // The password from the agent's environment this time.
+    let agent = FleetAgent::start_env(
+        &ns,
+        "agent-l",
+        &body(&app, &bot, &app_secret),
+        &format!(
+            "[approvals]\nstore = \"postgres://tollgate_store@{addr}:{}/tollgate_store\"\nstore_password_env = \"TOLLGATE_TEST_STORE_PW\"\n",
+            store.port
+        ),
+        &[("TOLLGATE_TEST_STORE_PW", STORE_PASSWORD)],
+    );
+
+    // Held, then the store dies: the held DELETE fails closed with 42501 once the listener
+    // has been unable to reconnect for 10 s (LOST_GRACE), well before the rule's 2m timeout.
+    let mut p = Psql::start(&bot, &ns, app.port, "DELETE FROM orders WHERE id = 3");
+    let lost_id = p.approval_id();
+    let t0 = Instant::now();
+    store.stop();
+    let (at, l) = p.wait_line("the fail-closed error", Duration::from_secs(30), |l| {
+        l.contains("42501") || l.contains("ERROR")
+    });
+    let (_, out) = p.finish();
+    let took = at.saturating_duration_since(t0);
+    println!(
+        "fleet: store stopped with #{lost_id} held; the bot got 42501 after {:.1} s",
+        took.as_secs_f64()
+    );
+    assert!(
+        out.contains("42501") && out.contains("approval store unavailable"),
+        "fail closed with a clear message: {l}\n{out}"
+    );
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM orders WHERE id = 3"),
+        "1",
+        "nothing ran"
+    );
+
+    // Store still down: new held operations are refused at once, everything else works.
+    let p = Psql::start(
+        &bot,
+        &ns,
+        app.port,
+        "SELECT count(*) AS n FROM orders WHERE id = 3",
+    );
+    let (ok, out) = p.finish();
+    assert!(ok && out.contains(" 1"), "reads still work: {out}");
+    let t = Instant::now();
+    let p = Psql::start(&bot, &ns, app.port, "DELETE FROM orders WHERE id = 3");
+    let (ok, out) = p.finish();
+    assert!(
+        !ok && out.contains("42501") && out.contains("approval store unavailable"),
+        "refused at once: {out}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    let (st, v) = agent.api("GET", "/v1/approvals", "");
+    assert_eq!(st, 503, "the API says the store is unavailable: {v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("approval store unavailable"),
+        "{v}"
+    );
+
+    // Back: the agent recovers by itself; the request it lost is closed, a new one works.
+    store.start_again();
+    let lost = wait_for(
+        Duration::from_secs(30),
+        "the lost request to be closed",
+        || {
+            let (st, v) = agent.api("GET", &format!("/v1/approvals/{lost_id}"), "");
+            (st == 200 && v["request"]["status"] != "pending").then_some(v)
+        },
+    );
+    assert_eq!(lost["request"]["status"], "expired", "{lost}");
+    let mut p = Psql::start(&bot, &ns, app.port, "DELETE FROM orders WHERE id = 3");
+    let id = p.approval_id();
+    assert!(id > lost_id, "ids keep counting: {id} after {lost_id}");
+    let (st, v) = agent.api("POST", &format!("/v1/approvals/{id}/approve"), "{}");
+    assert_eq!(st, 200, "{v}");
+    p.wait_line("DELETE 1", Duration::from_secs(5), |l| {
+        l.trim() == "DELETE 1"
+    });
+    let (ok, out) = p.finish();
+    assert!(ok, "{out}");
+    assert_eq!(count(&app, "SELECT count(*) FROM orders WHERE id = 3"), "0");
+    assert!(
+        !agent.stderr().contains(STORE_PASSWORD),
+        "the store password never reaches the log"
     );
 }
