@@ -46,11 +46,19 @@ struct FleetAgent {
 }
 
 impl FleetAgent {
-    fn start(ns: &NetNs, tag: &str, body: &str, approvals: &str) -> FleetAgent {
-        FleetAgent::start_env(ns, tag, body, approvals, &[])
+    fn start_env(
+        ns: &NetNs,
+        tag: &str,
+        body: &str,
+        approvals: &str,
+        env: &[(&str, &str)],
+    ) -> FleetAgent {
+        let mut a = FleetAgent::spawn_env(ns, tag, body, approvals, env);
+        a.wait_ready(tag);
+        a
     }
 
-    fn start_env(
+    fn spawn_env(
         ns: &NetNs,
         tag: &str,
         body: &str,
@@ -87,7 +95,7 @@ impl FleetAgent {
             .stderr(log)
             .spawn()
             .expect("spawn tollgate run in the namespace");
-        let mut a = FleetAgent {
+        FleetAgent {
             child: Some(child),
             admin,
             metrics,
@@ -95,7 +103,16 @@ impl FleetAgent {
             data_dir,
             stderr_path,
             _dir: dir,
-        };
+        }
+    }
+
+    /// Spawned but not waited for: [`FleetAgent::wait_ready`] (agents starting together).
+    fn spawn(ns: &NetNs, tag: &str, body: &str, approvals: &str) -> FleetAgent {
+        FleetAgent::spawn_env(ns, tag, body, approvals, &[])
+    }
+
+    fn wait_ready(&mut self, tag: &str) {
+        let a = self;
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             if let Some(Ok(Some(st))) = a.child.as_mut().map(Child::try_wait) {
@@ -109,7 +126,7 @@ impl FleetAgent {
                 vm_tests::http_get(a.admin, "/healthz", Duration::from_secs(2)),
                 Ok((200, _))
             ) {
-                return a;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
@@ -318,6 +335,15 @@ targets = ["app-db"]
 action = "approve"
 sql = {{ statements = ["delete"] }}
 timeout = "2m"
+
+[[rule]]
+name = "updates need two approvers"
+identities = ["ci-bot"]
+targets = ["app-db"]
+action = "approve"
+sql = {{ statements = ["update"] }}
+min_approvals = 2
+timeout = "2m"
 "#,
         glob = bot.glob(),
         port = pg.port,
@@ -360,7 +386,8 @@ fn two_agents_share_one_approval_store() {
     // A reads the store password from a file; B has it in the URL. Each reaches the store
     // through its own veth, at an address the agents also protect (the agent's own
     // connections carry its mark and are never redirected).
-    let agent_a = FleetAgent::start(
+    // Both start together: the schema is migrated once (advisory lock), whoever comes first.
+    let mut agent_a = FleetAgent::spawn(
         &ns_a,
         "agent-a",
         &body(&pg, &bot_a, &app_secret),
@@ -371,7 +398,7 @@ fn two_agents_share_one_approval_store() {
             store_secret.display()
         ),
     );
-    let agent_b = FleetAgent::start(
+    let mut agent_b = FleetAgent::spawn(
         &ns_b,
         "agent-b",
         &body(&pg, &bot_b, &app_secret),
@@ -380,6 +407,8 @@ fn two_agents_share_one_approval_store() {
             ns_b.host_addr, pg.port
         ),
     );
+    agent_a.wait_ready("agent-a");
+    agent_b.wait_ready("agent-b");
     // Both migrated the same schema once.
     assert_eq!(
         pg.superuser_sql(
@@ -494,7 +523,84 @@ fn two_agents_share_one_approval_store() {
         "denied: the row stays"
     );
 
-    // 3. Each agent served only its own namespace: no session of B's bot reached A.
+    // 3. Two approvers on two hosts racing on one request: exactly one decides.
+    let mut p = Psql::start(&bot_a, &ns_a, pg.port, "DELETE FROM orders WHERE id = 4");
+    let id_r = p.approval_id();
+    let (ta, tb) = (agent_a.token(), agent_b.token());
+    let (aa, ab) = (agent_a.admin, agent_b.admin);
+    let path_ok = format!("/v1/approvals/{id_r}/approve");
+    let path_no = format!("/v1/approvals/{id_r}/deny");
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let b1 = barrier.clone();
+    let h1 = std::thread::spawn(move || {
+        b1.wait();
+        http(aa, "POST", &path_ok, &ta, "{}")
+    });
+    let b2 = barrier.clone();
+    let h2 = std::thread::spawn(move || {
+        b2.wait();
+        http(ab, "POST", &path_no, &tb, r#"{"comment": "raced"}"#)
+    });
+    let (ra, rb) = (
+        h1.join().expect("approve thread"),
+        h2.join().expect("deny thread"),
+    );
+    let mut codes = [ra.0, rb.0];
+    codes.sort_unstable();
+    assert_eq!(codes, [200, 409], "one decision wins: {ra:?} {rb:?}");
+    let (_, out) = {
+        let want = if ra.0 == 200 { "DELETE 1" } else { "42501" };
+        p.wait_line(want, Duration::from_secs(5), |l| l.contains(want));
+        p.finish()
+    };
+    let (_, final_r) = agent_b.api("GET", &format!("/v1/approvals/{id_r}"), "");
+    let winner = if ra.0 == 200 { "approved" } else { "denied" };
+    assert_eq!(
+        final_r["request"]["status"], winner,
+        "{final_r}
+{out}"
+    );
+    println!("fleet: racing approve (A) and deny (B) on #{id_r}: {winner} won, the other got 409");
+
+    // 4. min_approvals counts distinct subjects across hosts: the same approver (the local
+    //    admin subject) approving through A and then through B is one approval.
+    let mut p = Psql::start(
+        &bot_a,
+        &ns_a,
+        pg.port,
+        "UPDATE orders SET amount = 0 WHERE id = 5",
+    );
+    let id_u = p.approval_id();
+    let (st, v) = agent_a.api("POST", &format!("/v1/approvals/{id_u}/approve"), "{}");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["request"]["status"], "pending", "one of two: {v}");
+    let (st, v) = agent_b.api("POST", &format!("/v1/approvals/{id_u}/approve"), "{}");
+    assert_eq!(st, 409, "the same subject through another host: {v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already approved"),
+        "{v}"
+    );
+    let (st, v) = agent_b.api(
+        "POST",
+        &format!("/v1/approvals/{id_u}/deny"),
+        r#"{"comment": "needs a second person"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    let (_, out) = p.finish();
+    assert!(
+        out.contains("42501") && out.contains("needs a second person"),
+        "{out}"
+    );
+    assert_eq!(
+        count(&pg, "SELECT amount FROM orders WHERE id = 5"),
+        "50",
+        "not updated"
+    );
+
+    // 5. Each agent served only its own namespace: no session of B's bot reached A.
     let b_glob_name = bot_b.name().to_string();
     assert!(
         !agent_a
@@ -512,7 +618,7 @@ fn two_agents_share_one_approval_store() {
         "agent B saw a connection of A's bot"
     );
 
-    // 4. No store password in anything the agents wrote.
+    // 6. No store password in anything the agents wrote.
     for a in [&agent_a, &agent_b] {
         let all = format!(
             "{}{}",
