@@ -37,6 +37,9 @@ const STORE_PASSWORD: &str = "Store-Secret-91c2e7";
 /// host's namespace). Dropping it kills the agent and removes its pins.
 struct FleetAgent {
     child: Option<Child>,
+    netns: PathBuf,
+    policy_path: PathBuf,
+    env: Vec<(String, String)>,
     admin: SocketAddr,
     metrics: SocketAddr,
     pin_path: PathBuf,
@@ -97,6 +100,12 @@ impl FleetAgent {
             .expect("spawn tollgate run in the namespace");
         FleetAgent {
             child: Some(child),
+            netns: ns.path(),
+            policy_path,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             admin,
             metrics,
             pin_path,
@@ -135,6 +144,53 @@ impl FleetAgent {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `kill -9` the agent, then start it again with the same policy (pins are replaced).
+    fn kill9_and_restart(&mut self, tag: &str) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.stderr_path)
+            .expect("stderr file");
+        let f = std::fs::File::open(&self.netns).expect("netns");
+        let mut cmd = Command::new(tollgate_bin());
+        // SAFETY: setns(2) in the forked child before exec; the file is owned by the closure.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                use std::os::fd::AsRawFd;
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .arg("run")
+            .arg("--policy")
+            .arg(&self.policy_path)
+            .env("NO_COLOR", "1")
+            .env("TOLLGATE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("respawn tollgate run");
+        self.child = Some(child);
+        self.wait_ready(tag);
+    }
+
+    /// `name{labels}` summed from this agent's /metrics.
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (st, text) = vm_tests::http_get(self.metrics, "/metrics", Duration::from_secs(5))
+            .expect("scrape metrics");
+        assert_eq!(st, 200);
+        vm_tests::metric_sum(&vm_tests::parse_metrics(&text), name, labels)
     }
 
     fn stderr(&self) -> String {
@@ -492,6 +548,12 @@ fn two_agents_share_one_approval_store() {
             && e["approver"] == approver.as_str()),
         "A's audit shows who approved its held operation: {on_a:?}"
     );
+    // Metrics: the holder counts the outcome.
+    assert_eq!(
+        agent_a.metric("tollgate_approvals_total", &[("outcome", "approved")]),
+        1.0
+    );
+    assert_eq!(agent_a.metric("tollgate_approvals_pending", &[]), 0.0);
     // A second approve (through A now) finds it closed.
     let (st, v) = agent_a.api("POST", &format!("/v1/approvals/{id}/approve"), "{}");
     assert_eq!(st, 409, "{v}");
@@ -600,7 +662,38 @@ fn two_agents_share_one_approval_store() {
         "not updated"
     );
 
-    // 5. Each agent served only its own namespace: no session of B's bot reached A.
+    // 5. A bot that goes away cancels its request (B holds it); a restarted agent closes the
+    //    requests it held ("agent restarted").
+    let p = Psql::start(&bot_b, &ns_b, pg.port, "DELETE FROM orders WHERE id = 6");
+    let mut p = p;
+    let id_c = p.approval_id();
+    drop(p); // kills psql
+    let r = wait_for(
+        Duration::from_secs(10),
+        "the request to be cancelled",
+        || {
+            let (_, v) = agent_a.api("GET", &format!("/v1/approvals/{id_c}"), "");
+            (v["request"]["status"] == "cancelled").then_some(v)
+        },
+    );
+    assert_eq!(r["request"]["holder"], "agent-b", "{r}");
+    let mut p = Psql::start(&bot_b, &ns_b, pg.port, "DELETE FROM orders WHERE id = 7");
+    let id_k = p.approval_id();
+    agent_b.kill9_and_restart("agent-b");
+    let (_, out) = p.finish();
+    let (st, v) = agent_a.api("GET", &format!("/v1/approvals/{id_k}"), "");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["request"]["status"], "expired", "{v}\npsql: {out}");
+    assert!(
+        v["request"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restarted"),
+        "{v}"
+    );
+    assert_eq!(count(&pg, "SELECT count(*) FROM orders WHERE id = 7"), "1");
+
+    // 6. Each agent served only its own namespace: no session of B's bot reached A.
     let b_glob_name = bot_b.name().to_string();
     assert!(
         !agent_a
@@ -618,7 +711,7 @@ fn two_agents_share_one_approval_store() {
         "agent B saw a connection of A's bot"
     );
 
-    // 6. No store password in anything the agents wrote.
+    // 7. No store password in anything the agents wrote.
     for a in [&agent_a, &agent_b] {
         let all = format!(
             "{}{}",

@@ -262,8 +262,12 @@ impl PgStore {
                             &[&(id as i64), &req.status.as_str(), &doc],
                         )
                         .await?;
-                        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id.to_string()])
-                            .await?;
+                        // Only a request that left `pending` wakes its holder: a vote that
+                        // still needs more approvals must not end the wait.
+                        if req.status != Status::Pending {
+                            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id.to_string()])
+                                .await?;
+                        }
                         tx.commit().await?;
                         Ok(Ok(Some(req)))
                     }
@@ -443,7 +447,26 @@ impl PgStore {
     /// The end of one of our waits: the final state, counted and audited once.
     async fn finish_inner(&self, id: u64, reason: String) -> ApprovalRequest {
         self.wake(id); // deregister (a deadline, not a NOTIFY, may have ended the wait)
-        let r = match self.close(id, Status::Expired, reason.clone()).await {
+        let now = now_ms();
+        let closed = self
+            .update::<()>(id, move |r| {
+                if r.status != Status::Pending {
+                    return Ok(false);
+                }
+                r.status = Status::Expired;
+                r.decided = Some(rfc3339(now));
+                // Woken before the deadline with the request still pending: the store was
+                // gone long enough for the waiters to be failed closed.
+                r.reason = Some(if now + 50 < r.expires_ms {
+                    "could not be decided: approval store unavailable for a while".into()
+                } else {
+                    reason
+                });
+                Ok(true)
+            })
+            .await
+            .map(|r| r.unwrap_or(None));
+        let r = match closed {
             Ok(Some(r)) => r,
             Ok(None) => lost(id, "request lost from the approval store".into()),
             Err(e) => {
