@@ -499,6 +499,22 @@ fn two_agents_share_one_approval_store() {
             .contains("DELETE FROM orders"),
         "{listed}"
     );
+    // The CLI pointed at B shows it too, with the agent that holds it.
+    let tf = agent_b.data_dir.join("admin.token").display().to_string();
+    let (code, out, err) = vm_tests::tollgate(&[
+        "approvals",
+        "list",
+        "--admin",
+        &agent_b.admin.to_string(),
+        "--token-file",
+        &tf,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&format!("#{id} ")) && l.contains("(on agent-a)")),
+        "{out}"
+    );
     let t0 = Instant::now();
     let (st, v) = agent_b.api("POST", &format!("/v1/approvals/{id}/approve"), "{}");
     let api_ms = t0.elapsed().as_secs_f64() * 1000.0;
