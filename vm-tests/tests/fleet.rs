@@ -709,6 +709,35 @@ fn two_agents_share_one_approval_store() {
     );
     assert_eq!(count(&pg, "SELECT count(*) FROM orders WHERE id = 7"), "1");
 
+    //    A row whose holder never came back (planted: holder "gone-agent", long expired) is
+    //    closed by the next agent that lists the queue.
+    pg.superuser_sql(
+        &format!(
+            "INSERT INTO tollgate_approvals (id, holder, status, created_ms, expires_ms, doc)
+             SELECT 100000, 'gone-agent', 'pending', created_ms, 0,
+                    doc || '{{\"id\": 100000, \"status\": \"pending\", \"holder\": \"gone-agent\", \"expires_ms\": 0}}'::jsonb
+             FROM tollgate_approvals WHERE id = {id}"
+        ),
+        "tollgate_store",
+    );
+    let (st, v) = agent_b.api("GET", "/v1/approvals", "");
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        !v["pending"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|r| r["id"] == 100000)),
+        "{v}"
+    );
+    let (_, v) = agent_a.api("GET", "/v1/approvals/100000", "");
+    assert_eq!(v["request"]["status"], "expired", "{v}");
+    assert!(
+        v["request"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not close it"),
+        "{v}"
+    );
+
     // 6. Each agent served only its own namespace: no session of B's bot reached A.
     let b_glob_name = bot_b.name().to_string();
     assert!(

@@ -55,6 +55,8 @@ pub const LOST_GRACE: Duration = Duration::from_secs(10);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A pending row this long past its expiry has lost its holder: any agent listing closes it.
+const ABANDONED_AFTER: Duration = Duration::from_secs(60);
 /// Advisory lock key serializing migrations between agents starting at once.
 const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
 
@@ -631,9 +633,23 @@ impl ApprovalStore for PgStore {
         &self,
     ) -> BoxFut<'_, Result<(Vec<ApprovalRequest>, Vec<ApprovalRequest>), StoreUnavailable>> {
         Box::pin(async move {
+            let now = now_ms() as i64;
             let (p, r) = self
-                .with_client(|c| {
+                .with_client(move |c| {
                     Box::pin(async move {
+                        // Rows whose holder never closed them (it died and did not come back)
+                        // are closed by whoever lists, ABANDONED_AFTER past their expiry.
+                        c.execute(
+                            "UPDATE tollgate_approvals SET status = 'expired', updated_at = now(),
+                                 doc = doc || jsonb_build_object('status', 'expired', 'reason', $2::text,
+                                     'decided', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))
+                             WHERE status = 'pending' AND expires_ms < $1",
+                            &[
+                                &(now - ABANDONED_AFTER.as_millis() as i64),
+                                &"expired: the agent holding it did not close it (it stopped and has not come back)",
+                            ],
+                        )
+                        .await?;
                         let p = c
                             .query(
                                 "SELECT doc FROM tollgate_approvals WHERE status = 'pending' ORDER BY id",
