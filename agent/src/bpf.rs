@@ -27,7 +27,7 @@ use aya::{
 use tollgate_common::{
     counter, maps, port_bit, Config, ConnInfo, TargetKey4, TargetKey6, TargetValue, PORT_WORDS,
 };
-use tollgate_policy::FailMode;
+use tollgate_policy::{FailMode, NetnsScope};
 
 use crate::{
     sys::{self, Hook, SysError},
@@ -194,6 +194,7 @@ impl Datapath {
         fail_mode: FailMode,
         pin_dir: &Path,
         routes: &Routes,
+        netns: NetnsScope,
     ) -> Result<Datapath, BpfError> {
         if OBJECT.is_empty() {
             return Err(BpfError::NoObject);
@@ -209,12 +210,14 @@ impl Datapath {
 
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| load_err("object", e))?;
         let mut config: Array<MapData, Config> = take(&mut ebpf, maps::CONFIG)?;
-        config
-            .set(0, config_for(listen), 0)
-            .map_err(|source| BpfError::Map {
-                map: maps::CONFIG,
-                source,
-            })?;
+        let mut cfg = config_for(listen);
+        if netns == NetnsScope::Own {
+            cfg.netns_cookie = sys::netns_cookie()?;
+        }
+        config.set(0, cfg, 0).map_err(|source| BpfError::Map {
+            map: maps::CONFIG,
+            source,
+        })?;
         let sock_orig: HashMap<MapData, u64, ConnInfo> = take(&mut ebpf, maps::SOCK_ORIG)?;
         let dp_targets4: LpmTrie<MapData, TargetKey4, TargetValue> =
             take(&mut ebpf, maps::TARGETS4)?;

@@ -217,7 +217,7 @@ pub struct Agent {
     /// The agent's CA for bot-side TLS (None: bots' TLS requests are refused).
     pub ca: Option<Arc<crate::tls::Ca>>,
     /// The approval broker (None: no way to approve, so `approve` decisions are refused).
-    pub approvals: Option<Arc<crate::approvals::Broker>>,
+    pub approvals: Option<Arc<dyn crate::approvals::ApprovalStore>>,
     next_session: AtomicU64,
     started_ms: u64,
 }
@@ -520,21 +520,24 @@ impl SessionCx {
     }
 
     /// The approval hook, first half: hold `operation` (as the audit shows it, masked) for a
-    /// human under `decision` (an `approve` decision naming its rule). None when this agent
-    /// has no broker: the handler refuses the operation with a clear message. The request is
-    /// cancelled if the returned ticket is dropped before [`SessionCx::wait_approval`] ends.
-    pub fn open_approval(
+    /// human under `decision` (an `approve` decision naming its rule). `Err` with the reason
+    /// when this agent has no broker or its store is unavailable: the handler refuses the
+    /// operation with that message (fail closed). The request is cancelled if the returned
+    /// ticket is dropped before [`SessionCx::wait_approval`] ends.
+    pub async fn open_approval(
         &self,
         operation: &str,
         kind: &str,
         decision: &Decision,
-    ) -> Option<crate::approvals::Ticket> {
-        let broker = self.agent.approvals.as_ref()?;
-        let gen = self.agent.gen.load();
-        let rule_name = decision.rule.clone().unwrap_or_default();
-        let rule = gen.policy.rule(&rule_name);
-        Some(
-            broker.open_request(crate::approvals::NewRequest {
+    ) -> Result<crate::approvals::Ticket, String> {
+        let Some(broker) = self.agent.approvals.clone() else {
+            return Err("approval is not available on this agent".into());
+        };
+        let req = {
+            let gen = self.agent.gen.load();
+            let rule_name = decision.rule.clone().unwrap_or_default();
+            let rule = gen.policy.rule(&rule_name);
+            crate::approvals::NewRequest {
                 identity: self.identity.clone(),
                 // A workload that presented a token is also known by its subject: an approver
                 // with that subject is the requester and cannot decide the request.
@@ -554,8 +557,12 @@ impl SessionCx {
                 timeout: rule
                     .and_then(|r| r.timeout)
                     .unwrap_or(DEFAULT_APPROVAL_TIMEOUT),
-            }),
-        )
+            }
+        };
+        broker.open(req).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot open an approval request; the operation is refused");
+            e.to_string()
+        })
     }
 
     /// The approval hook, second half: wait for approve, deny or expiry.
@@ -571,9 +578,9 @@ impl SessionCx {
         kind: &str,
         decision: &Decision,
     ) -> ApprovalOutcome {
-        match self.open_approval(operation, kind, decision) {
-            Some(mut t) => self.wait_approval(&mut t).await,
-            None => ApprovalOutcome::Unavailable,
+        match self.open_approval(operation, kind, decision).await {
+            Ok(mut t) => self.wait_approval(&mut t).await,
+            Err(_) => ApprovalOutcome::Unavailable,
         }
     }
 

@@ -85,11 +85,30 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         listeners.push(l);
     }
 
+    // The approval store before the data path: a shared store that is unreachable stops the
+    // start here, before anything is attached or pinned.
+    let approvals = match cfg.admin {
+        Some(_) => {
+            let host_id = cfg
+                .host_id
+                .clone()
+                .unwrap_or_else(crate::approvals::pg::default_host_id);
+            Some(approvals_setup(&policy.approvals, &cfg.data_dir, metrics.clone(), host_id).await?)
+        }
+        None => None,
+    };
+
     let resolved = resolve_all(&policy, None).await;
     let routes = Routes::build(&policy, &resolved);
     let dp = Arc::new(
-        Datapath::install(&cfg.listen, cfg.fail_mode, &cfg.bpf_pin_path, &routes)
-            .context("cannot install the eBPF data path (try `tollgate doctor`)")?,
+        Datapath::install(
+            &cfg.listen,
+            cfg.fail_mode,
+            &cfg.bpf_pin_path,
+            &routes,
+            cfg.namespace,
+        )
+        .context("cannot install the eBPF data path (try `tollgate doctor`)")?,
     );
     metrics.register_datapath(dp.clone());
     let resolver = Resolver::new(sys::cgroup2_mount()?);
@@ -116,9 +135,7 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     // Approvals: the broker exists when there is a way to approve (the admin listener);
     // without one, `approve` decisions are refused at once with a clear message.
     let mut admin_api = None;
-    if let Some(admin_addr) = cfg.admin {
-        let (broker, auth) =
-            approvals_setup(&gen_policy_approvals, &cfg.data_dir, metrics.clone())?;
+    if let (Some(admin_addr), Some((broker, auth))) = (cfg.admin, approvals) {
         agent.approvals = Some(broker.clone());
         let web = crate::approvals::web::Web::from_config(
             gen_policy_approvals.as_ref().and_then(|a| a.oidc.as_ref()),
@@ -223,24 +240,21 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
     Ok(key)
 }
 
-/// The approval broker (embedded store in `data_dir`), its webhook, and the authenticator of
-/// the admin API: the local admin token, or the organisation's OIDC provider when
-/// `[approvals.oidc]` is set.
-fn approvals_setup(
+/// The approval store (embedded in `data_dir`, or the shared PostgreSQL store of
+/// `[approvals] store`), its webhook, and the authenticator of the admin API: the local admin
+/// token, or the organisation's OIDC provider when `[approvals.oidc]` is set. A shared store
+/// that cannot be reached or migrated is fatal: the agent must not start without the queue
+/// its policy names.
+async fn approvals_setup(
     cfg: &Option<tollgate_policy::ApprovalsConfig>,
     data_dir: &Path,
     metrics: Arc<Metrics>,
+    host_id: String,
 ) -> anyhow::Result<(
-    Arc<crate::approvals::Broker>,
+    Arc<dyn crate::approvals::ApprovalStore>,
     Arc<dyn crate::approvals::auth::ApproverAuth>,
 )> {
-    use crate::approvals::{auth, webhook, Broker};
-    if let Some(store) = cfg.as_ref().and_then(|a| a.store.as_deref()) {
-        anyhow::bail!(
-            "[approvals] store = \"{}\": a shared PostgreSQL approval store is not supported by this agent yet; remove the key to keep requests in the agent",
-            store.split('@').next_back().unwrap_or("...")
-        );
-    }
+    use crate::approvals::{auth, pg::PgStore, webhook, ApprovalStore, Broker};
     let notifier = match cfg.as_ref().and_then(|a| a.webhook.as_deref()) {
         Some(url) => Some(webhook::start(url)?),
         None => None,
@@ -249,8 +263,36 @@ fn approvals_setup(
         Audit::open(data_dir)
             .with_context(|| format!("cannot open audit log in {}", data_dir.display()))?,
     );
-    let broker = Broker::open(data_dir, Some(audit), metrics, notifier)
-        .context("cannot open the approvals store")?;
+    let store: Arc<dyn ApprovalStore> = match cfg.as_ref().and_then(|a| a.store.as_deref()) {
+        Some(url) => {
+            let password = match cfg.as_ref().and_then(|a| a.store_password.as_ref()) {
+                None => None,
+                Some(tollgate_policy::StorePassword::File(p)) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| {
+                            format!(
+                                "cannot read [approvals] store_password_file {}",
+                                p.display()
+                            )
+                        })?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                ),
+                Some(tollgate_policy::StorePassword::Env(v)) => {
+                    Some(std::env::var(v).with_context(|| {
+                        format!("[approvals] store_password_env: variable {v} is not set")
+                    })?)
+                }
+            };
+            PgStore::start(url, password, host_id, Some(audit), metrics, notifier)
+                .await
+                .context("the shared approval store is unavailable at start")?
+        }
+        None => Arc::new(
+            Broker::open(data_dir, Some(audit), metrics, notifier)
+                .context("cannot open the approvals store")?,
+        ),
+    };
     let auth: Arc<dyn auth::ApproverAuth> =
         if let Some(oidc) = cfg.as_ref().and_then(|a| a.oidc.as_ref()) {
             Arc::new(auth::OidcApprovers::new(oidc))
@@ -262,7 +304,7 @@ fn approvals_setup(
                 )
             })?)
         };
-    Ok((Arc::new(broker), auth))
+    Ok((store, auth))
 }
 
 /// A listener carrying the agent's `SO_MARK`. The connect hooks only redirect to a listener
@@ -309,8 +351,9 @@ async fn reload(agent: &Agent, dp: &Datapath, path: &Path, why: &str) {
                     let old = agent.gen.load();
                     if old.policy.agent.listen != p.agent.listen
                         || old.policy.agent.fail_mode != p.agent.fail_mode
+                        || old.policy.agent.namespace != p.agent.namespace
                     {
-                        warn!("[agent] listen/fail_mode changes take effect after a restart");
+                        warn!("[agent] listen/fail_mode/namespace changes take effect after a restart");
                     }
                     agent.gen.store(Arc::new(Generation { policy: p, routes }));
                     Ok(())

@@ -460,6 +460,33 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Kernel release string, e.g. "6.18.44".
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE` on a fresh socket, Linux
+/// 5.14+), as `bpf_get_netns_cookie` returns it in the connect hooks.
+pub fn netns_cookie() -> Result<u64, SysError> {
+    let io_err = |source| SysError::Io {
+        what: "read the network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14+)".into(),
+        source,
+    };
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).map_err(io_err)?;
+    let mut c = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt(SO_NETNS_COOKIE) into a u64 of the stated size, on a socket we own.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut c).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io_err(io::Error::last_os_error()));
+    }
+    Ok(c)
+}
+
 pub fn kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -557,6 +584,13 @@ mod tests {
         let local = accepted.local_addr().expect("local");
         let diag = SockDiag::new(0).expect("sock_diag");
         assert_eq!(diag.cookie(peer, local).expect("lookup"), Some(cookie));
+    }
+
+    #[test]
+    fn netns_cookie_is_stable_and_non_zero() {
+        let a = netns_cookie().expect("SO_NETNS_COOKIE");
+        assert_ne!(a, 0);
+        assert_eq!(a, netns_cookie().expect("again"));
     }
 
     #[test]

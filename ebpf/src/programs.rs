@@ -13,8 +13,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
-            bpf_sk_lookup_tcp, bpf_sk_release,
+            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_ktime_get_ns, bpf_set_retval, bpf_sk_lookup_tcp, bpf_sk_release,
         },
     },
     macros::{cgroup_sock_addr, lsm, map, raw_tracepoint},
@@ -112,6 +112,19 @@ fn lookup6(ip: &[u32; 4], port_be: u16) -> bool {
         i += 1;
     }
     TARGETS6.get(Key::new(144, data)).is_some()
+}
+
+/// `[agent] namespace = "own"`: true when the connecting socket lives in another network
+/// namespace than the agent's, which another agent (or none, by the operator's choice) serves.
+/// Only reached for protected destinations, so the fast path of every other connect is
+/// unchanged.
+#[inline(always)]
+fn other_netns(ctx: &SockAddrContext, cfg: &Config) -> bool {
+    if cfg.netns_cookie == 0 {
+        return false;
+    }
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    cookie != cfg.netns_cookie
 }
 
 /// True when the socket carries the agent's mark: the agent's own upstream connections.
@@ -225,6 +238,10 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         count(counter::REFUSED);
         return REFUSE;
     };
+    if other_netns(&ctx, cfg) {
+        count(counter::PASSED);
+        return PROCEED;
+    }
     if is_agent(sa, cfg) {
         count(counter::EXEMPT);
         return PROCEED;
@@ -282,6 +299,10 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         count(counter::REFUSED);
         return REFUSE;
     };
+    if other_netns(&ctx, cfg) {
+        count(counter::PASSED);
+        return PROCEED;
+    }
     if is_agent(sa, cfg) {
         count(counter::EXEMPT);
         return PROCEED;

@@ -81,10 +81,10 @@ mod validate;
 pub use decide::{decide, Decision, DecisionReason, Operation, Request, SshOpKind};
 pub use error::PolicyError;
 pub use model::{
-    Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch, Identity, IdentityOidc,
-    KubeMatch, MaskRule, MaskStyle, Mode, OidcConfig, Policy, Protocol, Rule, SecretSource,
-    SqlMatch, SshMatch, Target, TargetAddress, TargetTls, TlsMode, WorkloadFacts, DETECTORS,
-    KUBE_VERBS, SQL_STATEMENTS,
+    redact_url_password, Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch,
+    Identity, IdentityOidc, KubeMatch, MaskRule, MaskStyle, Mode, NetnsScope, OidcConfig, Policy,
+    Protocol, Rule, SecretSource, SqlMatch, SshMatch, StorePassword, Target, TargetAddress,
+    TargetTls, TlsMode, WorkloadFacts, DETECTORS, KUBE_VERBS, SQL_STATEMENTS,
 };
 
 /// Parse and validate a policy file. `file_name` is only used in error messages.

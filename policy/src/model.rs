@@ -56,6 +56,11 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Key `dns_refresh`: how often host-name target addresses are re-resolved. Default 30s.
     pub dns_refresh: Duration,
+    /// Key `namespace`: which network namespaces the connect hooks act in. Default `all`.
+    pub namespace: NetnsScope,
+    /// Key `host_id`: this agent's name in a shared approval store (`None`: the host name).
+    /// Set it when several agents share one host (one per network namespace).
+    pub host_id: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -74,6 +79,8 @@ impl Default for AgentConfig {
             max_connections: 4096,
             drain_timeout: Duration::from_secs(10),
             dns_refresh: Duration::from_secs(30),
+            namespace: NetnsScope::All,
+            host_id: None,
         }
     }
 }
@@ -86,6 +93,29 @@ pub enum FailMode {
     Closed,
     /// `open`: let the connection through unproxied.
     Open,
+}
+
+/// Key `namespace`: which network namespaces the agent's connect hooks act in. The hooks are
+/// attached at the cgroup v2 root, which sees every namespace on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NetnsScope {
+    /// `all`: connections from every network namespace are redirected to this agent
+    /// (default; skipping other namespaces silently would be a bypass).
+    #[default]
+    All,
+    /// `own`: only sockets in the agent's own network namespace are redirected; other
+    /// namespaces need their own agent (one agent per namespace).
+    Own,
+}
+
+impl NetnsScope {
+    /// The policy spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetnsScope::All => "all",
+            NetnsScope::Own => "own",
+        }
+    }
 }
 
 /// Key `mode`: whether decisions are enforced.
@@ -644,12 +674,54 @@ pub struct KubeMatch {
 /// `[approvals]`: where approval requests go and who may approve.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ApprovalsConfig {
-    /// Key `store`: `postgres://` URL of a fleet-wide queue; absent = in the agent.
+    /// Key `store`: `postgres://` URL of a fleet-wide queue; absent = in the agent. May carry
+    /// a password; never log it (see [`ApprovalsConfig::store_display`]).
     pub store: Option<String>,
+    /// Keys `store_password_file` / `store_password_env`: where the store's password comes
+    /// from when the URL has none.
+    pub store_password: Option<StorePassword>,
     /// Key `webhook`: URL receiving Slack-compatible JSON on each new request.
     pub webhook: Option<String>,
     /// Key `oidc` (`[approvals.oidc]`): the organisation's IdP for approvers.
     pub oidc: Option<OidcConfig>,
+}
+
+/// Where the approval store's password is read from (at start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorePassword {
+    /// `store_password_file`: the file's content, trailing newline removed.
+    File(PathBuf),
+    /// `store_password_env`: an environment variable of the agent.
+    Env(String),
+}
+
+impl ApprovalsConfig {
+    /// The store URL with any password replaced by `***`, for messages and logs.
+    pub fn store_display(&self) -> Option<String> {
+        self.store.as_deref().map(redact_url_password)
+    }
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+pub fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth_end, _) = rest
+        .char_indices()
+        .find(|(_, c)| *c == '/' || *c == '?')
+        .unwrap_or((rest.len(), ' '));
+    let authority = &rest[..auth_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
 }
 
 /// `[approvals.oidc]`.

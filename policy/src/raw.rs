@@ -68,6 +68,10 @@ pub(crate) struct RawAgent {
     pub drain_timeout: Option<S>,
     /// Human duration, e.g. `"30s"`.
     pub dns_refresh: Option<S>,
+    /// `all` or `own`: which network namespaces the eBPF programs act in.
+    pub namespace: Option<S>,
+    /// This agent's name in a shared approval store (default: the host name).
+    pub host_id: Option<S>,
 }
 pub(crate) const AGENT_KEYS: &[&str] = &[
     "listen",
@@ -80,6 +84,8 @@ pub(crate) const AGENT_KEYS: &[&str] = &[
     "max_connections",
     "drain_timeout",
     "dns_refresh",
+    "namespace",
+    "host_id",
 ];
 
 /// `[[identity]]`.
@@ -271,12 +277,22 @@ pub(crate) const KUBE_KEYS: &[&str] = &["verbs", "resources", "namespaces", "nam
 pub(crate) struct RawApprovals {
     /// PostgreSQL URL of a fleet-wide queue.
     pub store: Option<S>,
+    /// File holding the store's password (instead of one in the URL).
+    pub store_password_file: Option<S>,
+    /// Environment variable holding the store's password.
+    pub store_password_env: Option<S>,
     /// Slack-compatible webhook URL.
     pub webhook: Option<S>,
     /// `[approvals.oidc]`.
     pub oidc: Option<RawOidc>,
 }
-pub(crate) const APPROVALS_KEYS: &[&str] = &["store", "webhook", "oidc"];
+pub(crate) const APPROVALS_KEYS: &[&str] = &[
+    "store",
+    "store_password_file",
+    "store_password_env",
+    "webhook",
+    "oidc",
+];
 
 /// `[approvals.oidc]`.
 #[derive(Debug, Deserialize)]

@@ -16,9 +16,10 @@ use crate::error::{suggest, PolicyError};
 use crate::glob::{compile, GlobList, NameGlobs, Pattern};
 use crate::index::{canonical_ip, Index};
 use crate::model::{
-    Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch, Identity, IdentityOidc,
-    KubeMatch, MaskRule, MaskStyle, Mode, OidcConfig, Policy, Protocol, Rule, SqlMatch, SshMatch,
-    Target, TargetAddress, TargetTls, TlsMode, DETECTORS, KUBE_VERBS, SQL_STATEMENTS,
+    redact_url_password, Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch,
+    Identity, IdentityOidc, KubeMatch, MaskRule, MaskStyle, Mode, NetnsScope, OidcConfig, Policy,
+    Protocol, Rule, SqlMatch, SshMatch, StorePassword, Target, TargetAddress, TargetTls, TlsMode,
+    DETECTORS, KUBE_VERBS, SQL_STATEMENTS,
 };
 use crate::raw::{
     RawAgent, RawApprovals, RawCredential, RawHttp, RawIdentity, RawKube, RawMask, RawPolicy,
@@ -561,6 +562,35 @@ fn agent(cx: &mut Cx<'_>, a: &RawAgent) -> Option<AgentConfig> {
     let dns_refresh = a.dns_refresh.as_ref().map_or(Some(d.dns_refresh), |v| {
         duration(cx, v, "dns_refresh", " in [agent]", false)
     });
+    let namespace = a.namespace.as_ref().map_or(Some(d.namespace), |v| {
+        one_of(
+            cx,
+            v,
+            "namespace",
+            " in [agent]",
+            &[("all", NetnsScope::All), ("own", NetnsScope::Own)],
+        )
+    });
+    let host_id = match &a.host_id {
+        None => None,
+        Some(v) => {
+            let ok = !v.get_ref().is_empty()
+                && v.get_ref().len() <= 128
+                && v.get_ref()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+            if !ok {
+                cx.err(
+                    v.span(),
+                    format!(
+                        "invalid host_id \"{}\" in [agent]: use 1 to 128 characters from A-Z a-z 0-9 - _ . :",
+                        v.get_ref()
+                    ),
+                );
+            }
+            Some(v.get_ref().clone())
+        }
+    };
     if cx.errors.len() != before {
         return None;
     }
@@ -575,6 +605,8 @@ fn agent(cx: &mut Cx<'_>, a: &RawAgent) -> Option<AgentConfig> {
         max_connections: max_connections?,
         drain_timeout: drain_timeout?,
         dns_refresh: dns_refresh?,
+        namespace: namespace?,
+        host_id,
     })
 }
 
@@ -1107,6 +1139,40 @@ fn approvals(cx: &mut Cx<'_>, a: &RawApprovals) -> Option<ApprovalsConfig> {
             "postgres://tollgate@db.internal/tollgate",
         )
     });
+    let store_password = match (&a.store_password_file, &a.store_password_env) {
+        (Some(f), Some(e)) => {
+            cx.err(
+                e.span(),
+                "give only one of `store_password_file` and `store_password_env` in [approvals]",
+            );
+            let _ = f;
+            None
+        }
+        (Some(f), None) => {
+            path(cx, f, "store_password_file", " in [approvals]").map(StorePassword::File)
+        }
+        (None, Some(e)) => env_name(cx, e, " in [approvals]").map(StorePassword::Env),
+        (None, None) => None,
+    };
+    if let (Some(p), None) = (
+        a.store_password_file
+            .as_ref()
+            .or(a.store_password_env.as_ref()),
+        &a.store,
+    ) {
+        cx.err(
+            p.span(),
+            "a store password is given but [approvals] has no `store`: add store = \"postgres://...\" or remove the key",
+        );
+    }
+    if let (Some(url), Some(_)) = (&store, &store_password) {
+        if redact_url_password(url) != *url {
+            cx.err(
+                a.store.as_ref().map(|s| s.span()).unwrap_or(0..0),
+                "`store` already carries a password: remove it from the URL or drop store_password_file/store_password_env",
+            );
+        }
+    }
     let webhook = a.webhook.as_ref().and_then(|s| {
         url(
             cx,
@@ -1148,6 +1214,7 @@ fn approvals(cx: &mut Cx<'_>, a: &RawApprovals) -> Option<ApprovalsConfig> {
     });
     (cx.errors.len() == before).then_some(ApprovalsConfig {
         store,
+        store_password,
         webhook,
         oidc,
     })

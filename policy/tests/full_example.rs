@@ -30,6 +30,8 @@ fn full_example_parses_every_key() {
     assert_eq!(a.max_connections, 4096);
     assert_eq!(a.drain_timeout, Duration::from_secs(10));
     assert_eq!(a.dns_refresh, Duration::from_secs(30));
+    assert_eq!(a.namespace, tollgate_policy::NetnsScope::All);
+    assert_eq!(a.host_id.as_deref(), Some("db-host-1"));
 
     assert_eq!(p.identities.len(), 3);
     let report = p.identity("report-bot").expect("report-bot");
@@ -111,6 +113,12 @@ fn full_example_parses_every_key() {
     assert_eq!(
         ap.store.as_deref(),
         Some("postgres://tollgate@db.internal/tollgate")
+    );
+    assert_eq!(
+        ap.store_password,
+        Some(tollgate_policy::StorePassword::File(
+            "/etc/tollgate/secrets/approval-store".into()
+        ))
     );
     assert!(ap
         .webhook

@@ -27,6 +27,7 @@
 //! state left by a crashed run (dead pid) is cleaned up on the next run.
 
 pub mod browser;
+pub mod netns;
 pub mod oidc;
 pub mod pg;
 
@@ -304,6 +305,19 @@ impl Cgroup {
     /// A `Command` for `program` that, between fork and exec, joins this cgroup and drops to
     /// uid/gid 65534 with no supplementary groups.
     pub fn command(&self, program: &Path) -> Command {
+        self.command_opts(program, None)
+    }
+
+    /// Like [`Cgroup::command`], inside the network namespace `netns` (a `/run/netns/NAME`
+    /// file): only the network namespace changes (unlike `ip netns exec`, which also remounts
+    /// /sys and would hide the cgroup2 and bpffs mounts).
+    pub fn command_in_netns(&self, program: &Path, netns: &Path) -> Command {
+        let f =
+            fs::File::open(netns).unwrap_or_else(|e| panic!("open netns {}: {e}", netns.display()));
+        self.command_opts(program, Some(f))
+    }
+
+    fn command_opts(&self, program: &Path, netns: Option<fs::File>) -> Command {
         let procs = CString::new(
             self.path
                 .join("cgroup.procs")
@@ -312,6 +326,20 @@ impl Cgroup {
         )
         .expect("cgroup path has no NUL");
         let mut cmd = Command::new(program);
+        if let Some(f) = netns {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns(2) in the forked child (still root), before the cgroup join and
+            // the uid drop registered below; the file was opened before the fork and is owned
+            // by the closure, so it lives as long as the Command.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe syscalls (open, write, close, setgroups, setgid, setuid) on data
         // prepared before the fork; it allocates nothing.

@@ -21,6 +21,8 @@ pub struct PgServer {
     pub port: u16,
     bin: PathBuf,
     data: PathBuf,
+    /// The server options `pg_ctl start -o` was given (for [`PgServer::start_again`]).
+    opts: String,
     pub dir: TempDir,
 }
 
@@ -85,16 +87,32 @@ impl TestCa {
 
 impl PgServer {
     pub fn start(tag: &str) -> PgServer {
-        PgServer::start_with(tag, None)
+        PgServer::start_with(tag, None, &[])
+    }
+
+    /// A server that also listens on `extra` addresses (e.g. the host side of a test's veth
+    /// pairs) and accepts SCRAM logins from `clients` (CIDRs, e.g. `10.231.0.0/16`).
+    pub fn start_on(tag: &str, extra: &[&str], clients: &[&str]) -> PgServer {
+        let pg = PgServer::start_with(tag, None, extra);
+        if !clients.is_empty() {
+            let hba = pg.data.join("pg_hba.conf");
+            let mut text = fs::read_to_string(&hba).expect("pg_hba.conf");
+            for c in clients {
+                text.push_str(&format!("host all all {c} scram-sha-256\n"));
+            }
+            fs::write(&hba, text).expect("pg_hba.conf");
+            pg.superuser_sql("SELECT pg_reload_conf()", "postgres");
+        }
+        pg
     }
 
     /// A server that accepts TCP logins only over TLS (`hostssl` in pg_hba.conf), with a
     /// certificate from `tls`.
     pub fn start_with_tls(tag: &str, tls: &TestCa) -> PgServer {
-        PgServer::start_with(tag, Some(tls))
+        PgServer::start_with(tag, Some(tls), &[])
     }
 
-    fn start_with(tag: &str, tls: Option<&TestCa>) -> PgServer {
+    fn start_with(tag: &str, tls: Option<&TestCa>, extra: &[&str]) -> PgServer {
         let dir = TempDir::new(&format!("pg-{tag}"));
         let bin = pg_bin();
         let data = dir.path().join("data");
@@ -157,29 +175,22 @@ impl PgServer {
             fs::write(&hba, text).expect("pg_hba.conf");
         }
         let port = free_port();
-        run_as_postgres(
-            &bin,
-            "pg_ctl",
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-l",
-                &dir.path().join("log").to_string_lossy(),
-                "-o",
-                &format!(
-                    "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={}{ssl_opts}",
-                    dir.path().display()
-                ),
-                "-w",
-                "start",
-            ],
+        let listen = std::iter::once("127.0.0.1")
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>()
+            .join(",");
+        let opts = format!(
+            "-c listen_addresses={listen} -c port={port} -c unix_socket_directories={}{ssl_opts}",
+            dir.path().display()
         );
         let pg = PgServer {
             port,
             bin,
             data,
+            opts,
             dir,
         };
+        pg.start_again();
         pg.superuser_sql(
             &format!("CREATE ROLE app_rw LOGIN PASSWORD '{APP_PASSWORD}'"),
             "postgres",
@@ -199,6 +210,41 @@ impl PgServer {
             "app",
         );
         pg
+    }
+
+    /// Stop the server at once (`pg_ctl stop -m immediate`): clients see their connections
+    /// drop, as when a database host dies.
+    pub fn stop(&self) {
+        run_as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    /// Start the server (again) with the same data, port and options.
+    pub fn start_again(&self) {
+        run_as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.to_string_lossy(),
+                "-l",
+                &self.dir.path().join("log").to_string_lossy(),
+                "-o",
+                &self.opts,
+                "-w",
+                "start",
+            ],
+        );
     }
 
     /// Run SQL as the superuser over the Unix socket (not through tollgate).

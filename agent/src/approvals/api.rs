@@ -12,7 +12,7 @@
 //! (then a POST must also carry the session's `X-Tollgate-CSRF` token, else 403): 401 (with a
 //! reason) when the credentials are missing or not accepted, 403 when the approver may not decide this request, 404 for an
 //! unknown id, 409 when it is already closed or this approver already approved, 503 when the
-//! verifier cannot decide. A refused call never changes the request.
+//! verifier or the shared approval store cannot answer. A refused call never changes the request.
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -26,14 +26,14 @@ use tokio::net::TcpListener;
 use super::{
     auth::{Approver, ApproverAuth, AuthError},
     web::{self, Web, WebUi},
-    Broker, DecideError, Verdict,
+    ApprovalStore, DecideError, Verdict,
 };
 
 /// Largest request body accepted (a comment).
 const MAX_BODY: usize = 64 * 1024;
 
 pub struct Admin {
-    pub broker: Option<Arc<Broker>>,
+    pub broker: Option<Arc<dyn ApprovalStore>>,
     pub auth: Arc<dyn ApproverAuth>,
     /// The web page at `/ui/` (on when `[approvals.oidc]` names a web client).
     pub web: Web,
@@ -137,17 +137,24 @@ impl Admin {
         };
         let parse_id = |s: &str| s.parse::<u64>().ok();
         match route {
-            Route::List => {
-                let (pending, recent) = broker.list();
-                reply(
+            Route::List => match broker.list().await {
+                Ok((pending, recent)) => reply(
                     StatusCode::OK,
                     json!({"pending": pending, "recent": recent, "you": who.subject}),
-                )
-            }
-            Route::Get(id) => match parse_id(id).and_then(|id| broker.get(id)) {
-                Some(r) => reply(StatusCode::OK, json!({ "request": r })),
-                None => error(StatusCode::NOT_FOUND, format!("no approval request #{id}")),
+                ),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             },
+            Route::Get(id) => {
+                let found = match parse_id(id) {
+                    Some(n) => broker.get(n).await,
+                    None => Ok(None),
+                };
+                match found {
+                    Ok(Some(r)) => reply(StatusCode::OK, json!({ "request": r })),
+                    Ok(None) => error(StatusCode::NOT_FOUND, format!("no approval request #{id}")),
+                    Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                }
+            }
             Route::Decide(id, verdict) => {
                 let Some(id) = parse_id(id) else {
                     return error(StatusCode::NOT_FOUND, format!("no approval request #{id}"));
@@ -180,7 +187,7 @@ impl Admin {
                         }
                     }
                 };
-                match broker.decide(id, &who, verdict, comment) {
+                match broker.decide(id, &who, verdict, comment).await {
                     Ok(r) => reply(StatusCode::OK, json!({ "request": r })),
                     Err(e) => {
                         let status = match e {
@@ -189,6 +196,7 @@ impl Admin {
                                 StatusCode::CONFLICT
                             }
                             DecideError::Forbidden(_) => StatusCode::FORBIDDEN,
+                            DecideError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                         };
                         error(status, e.to_string())
                     }

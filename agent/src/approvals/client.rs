@@ -136,8 +136,14 @@ pub fn line(r: &ApprovalRequest) -> String {
         },
         _ => r.reason.clone().unwrap_or_default(),
     };
+    // In a shared store, which agent's bot waits on it.
+    let on = r
+        .holder
+        .as_deref()
+        .map(|h| format!("  (on {h})"))
+        .unwrap_or_default();
     format!(
-        "#{:<5} {:<9} {:<16} {:<16} {:<40} rule \"{}\"  {}",
+        "#{:<5} {:<9} {:<16} {:<16} {:<40} rule \"{}\"  {}{on}",
         r.id,
         r.status.as_str(),
         r.identity.as_deref().unwrap_or("unknown"),

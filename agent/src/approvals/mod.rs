@@ -4,7 +4,8 @@
 //! waits on the [`Ticket`]. Approvers act through the admin API (`api.rs`), which the CLI
 //! (`client.rs`) and the web page (`web.rs`, `/ui/`) call.
 //!
-//! Layout: this file (requests, states, the embedded store and its persistence), `auth.rs`
+//! Layout: this file (requests, states, the [`ApprovalStore`] trait and the embedded store
+//! [`Broker`] with its persistence), `pg.rs` (the fleet-wide PostgreSQL store), `auth.rs`
 //! (the [`auth::ApproverAuth`] trait and the local admin token), `api.rs` (the admin HTTP
 //! listener), `web.rs` (the web page, its OIDC login and sessions), `webhook.rs` (Slack-compatible notifications), `client.rs` (the CLI's HTTP client).
 //!
@@ -21,13 +22,16 @@
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod pg;
 pub mod web;
 pub mod webhook;
 
 use std::{
     collections::{BTreeMap, VecDeque},
+    future::Future,
     io::Write as _,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -107,6 +111,9 @@ pub struct ApprovalRequest {
     pub denied_by: Option<Vote>,
     /// Why it ended when no approver ended it (expiry, cancellation).
     pub reason: Option<String>,
+    /// The agent (`[agent] host_id`) whose session waits on it; only in a shared store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
 }
 
 /// What a handler asks for.
@@ -147,6 +154,92 @@ pub enum DecideError {
     /// This approver already approved; `min_approvals` needs other people.
     #[error("{0}")]
     AlreadyVoted(String),
+    /// The shared approval store cannot be reached; nothing changed.
+    #[error("approval store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A boxed future, so that [`ApprovalStore`] stays object-safe.
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a request could not be opened or read: the shared store is unreachable.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("approval store unavailable: {0}")]
+pub struct StoreUnavailable(pub String);
+
+/// Where requests live: the embedded [`Broker`] (this agent only) or the fleet-wide
+/// PostgreSQL store ([`pg::PgStore`]). Handlers, the admin API and the CLI see only this.
+pub trait ApprovalStore: Send + Sync {
+    /// Hold an operation (see [`Broker::open_request`]).
+    fn open(self: Arc<Self>, n: NewRequest) -> BoxFut<'static, Result<Ticket, StoreUnavailable>>;
+    /// Pending requests (oldest first) and the decided ones (newest first).
+    #[allow(clippy::type_complexity)]
+    fn list(
+        &self,
+    ) -> BoxFut<'_, Result<(Vec<ApprovalRequest>, Vec<ApprovalRequest>), StoreUnavailable>>;
+    /// One request.
+    fn get(&self, id: u64) -> BoxFut<'_, Result<Option<ApprovalRequest>, StoreUnavailable>>;
+    /// An approver approves or denies request `id` (authorized inside, atomically).
+    fn decide<'a>(
+        &'a self,
+        id: u64,
+        who: &'a Approver,
+        verdict: Verdict,
+        comment: Option<String>,
+    ) -> BoxFut<'a, Result<ApprovalRequest, DecideError>>;
+    /// Persist what is pending before shutdown (embedded store).
+    fn flush(&self) {}
+}
+
+/// The store side of a [`Ticket`].
+pub trait Holder: Send + Sync {
+    /// The wait ended (woken or deadline): close request `id` as expired with `reason` if it
+    /// is still pending, and return its final state (None: lost from the store).
+    fn finish(&self, id: u64, reason: String) -> BoxFut<'_, Option<ApprovalRequest>>;
+    /// The ticket was dropped before its wait ended: cancel request `id`.
+    fn cancel(&self, id: u64, reason: String);
+}
+
+/// Record `who`'s verdict on pending request `r` (authorization, one vote per subject,
+/// `min_approvals`). `Ok(None)`: an approval vote was recorded and more are needed;
+/// `Ok(Some(status))`: the request is now decided (the caller closes it). On error `r` is
+/// unchanged. Shared by both stores so they decide alike.
+pub fn apply_verdict(
+    r: &mut ApprovalRequest,
+    who: &Approver,
+    verdict: Verdict,
+    comment: Option<String>,
+    now: u64,
+) -> Result<(Option<Status>, Vote), DecideError> {
+    authorize(r, who)?;
+    let vote = Vote {
+        subject: who.subject.clone(),
+        comment: comment.filter(|c| !c.trim().is_empty()),
+        at: rfc3339(now),
+    };
+    match verdict {
+        Verdict::Deny => {
+            r.denied_by = Some(vote.clone());
+            Ok((Some(Status::Denied), vote))
+        }
+        Verdict::Approve => {
+            if r.approvals.iter().any(|v| v.subject == who.subject) {
+                return Err(DecideError::AlreadyVoted(format!(
+                    "{} already approved #{}; it needs {} approvals from distinct approvers ({} so far)",
+                    who.subject,
+                    r.id,
+                    r.min_approvals,
+                    r.approvals.len()
+                )));
+            }
+            r.approvals.push(vote.clone());
+            if (r.approvals.len() as u32) < r.min_approvals {
+                Ok((None, vote))
+            } else {
+                Ok((Some(Status::Approved), vote))
+            }
+        }
+    }
 }
 
 struct Entry {
@@ -179,14 +272,14 @@ pub struct Broker {
     webhook: Option<webhook::Notifier>,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-fn rfc3339(ms: u64) -> String {
+pub(crate) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -307,6 +400,7 @@ impl Broker {
                 approvals: Vec::new(),
                 denied_by: None,
                 reason: None,
+                holder: None,
             };
             st.pending.insert(
                 id,
@@ -325,14 +419,7 @@ impl Broker {
         if let Some(w) = &self.webhook {
             w.notify(&req);
         }
-        Ticket {
-            broker: self.clone(),
-            id: req.id,
-            timeout: n.timeout,
-            deadline: tokio::time::Instant::now() + n.timeout,
-            wake: Some(rx),
-            done: false,
-        }
+        Ticket::new(self.clone(), req.id, n.timeout, rx)
     }
 
     /// Pending requests (oldest first) and the decided ones (newest first).
@@ -371,37 +458,14 @@ impl Broker {
                 None => Err(DecideError::NotFound(id)),
             };
         };
-        authorize(&entry.req, who)?;
-        let vote = Vote {
-            subject: who.subject.clone(),
-            comment: comment.filter(|c| !c.trim().is_empty()),
-            at: rfc3339(now_ms()),
-        };
-        let status = match verdict {
-            Verdict::Deny => {
-                entry.req.denied_by = Some(vote.clone());
-                Status::Denied
-            }
-            Verdict::Approve => {
-                if entry.req.approvals.iter().any(|v| v.subject == who.subject) {
-                    return Err(DecideError::AlreadyVoted(format!(
-                        "{} already approved #{id}; it needs {} approvals from distinct approvers ({} so far)",
-                        who.subject,
-                        entry.req.min_approvals,
-                        entry.req.approvals.len()
-                    )));
-                }
-                entry.req.approvals.push(vote.clone());
-                if (entry.req.approvals.len() as u32) < entry.req.min_approvals {
-                    let r = entry.req.clone();
-                    let snap = self.snapshot(&mut st);
-                    drop(st);
-                    self.write(snap);
-                    self.audit_event(&r, "approval_vote", Some(&vote), None);
-                    return Ok(r);
-                }
-                Status::Approved
-            }
+        let (status, vote) = apply_verdict(&mut entry.req, who, verdict, comment, now_ms())?;
+        let Some(status) = status else {
+            let r = entry.req.clone();
+            let snap = self.snapshot(&mut st);
+            drop(st);
+            self.write(snap);
+            self.audit_event(&r, "approval_vote", Some(&vote), None);
+            return Ok(r);
         };
         let r = self.settle(&mut st, id, status, None);
         drop(st);
@@ -612,7 +676,7 @@ pub fn authorize(r: &ApprovalRequest, who: &Approver) -> Result<(), DecideError>
 /// A session's claim on its pending request. `wait` resolves it; dropping it before that
 /// cancels the request (the bot went away, or the session was cancelled at shutdown).
 pub struct Ticket {
-    broker: Arc<Broker>,
+    holder: Arc<dyn Holder>,
     id: u64,
     timeout: Duration,
     deadline: tokio::time::Instant,
@@ -621,6 +685,24 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// A ticket for request `id` of `holder`, woken through `wake` (a dropped sender wakes it
+    /// too), expiring after `timeout` from now.
+    pub fn new(
+        holder: Arc<dyn Holder>,
+        id: u64,
+        timeout: Duration,
+        wake: oneshot::Receiver<()>,
+    ) -> Ticket {
+        Ticket {
+            holder,
+            id,
+            timeout,
+            deadline: tokio::time::Instant::now() + timeout,
+            wake: Some(wake),
+            done: false,
+        }
+    }
+
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -639,7 +721,7 @@ impl Ticket {
             self.wake = None;
         }
         let expired = format!("expired after {}", human(self.timeout));
-        let r = self.broker.close(self.id, Status::Expired, expired);
+        let r = self.holder.finish(self.id, expired).await;
         self.done = true;
         r.unwrap_or_else(|| self.missing())
     }
@@ -667,6 +749,7 @@ impl Ticket {
             approvals: Vec::new(),
             denied_by: None,
             reason: Some("request lost from the store".into()),
+            holder: None,
         }
     }
 }
@@ -674,12 +757,55 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.done {
-            self.broker.close(
+            self.holder.cancel(
                 self.id,
-                Status::Cancelled,
                 "the session ended while waiting (the bot disconnected)".into(),
             );
         }
+    }
+}
+
+impl Holder for Broker {
+    fn finish(&self, id: u64, reason: String) -> BoxFut<'_, Option<ApprovalRequest>> {
+        let r = self.close(id, Status::Expired, reason);
+        Box::pin(std::future::ready(r))
+    }
+
+    fn cancel(&self, id: u64, reason: String) {
+        self.close(id, Status::Cancelled, reason);
+    }
+}
+
+impl ApprovalStore for Broker {
+    fn open(self: Arc<Self>, n: NewRequest) -> BoxFut<'static, Result<Ticket, StoreUnavailable>> {
+        let t = self.open_request(n);
+        Box::pin(std::future::ready(Ok(t)))
+    }
+
+    fn list(
+        &self,
+    ) -> BoxFut<'_, Result<(Vec<ApprovalRequest>, Vec<ApprovalRequest>), StoreUnavailable>> {
+        Box::pin(std::future::ready(Ok(Broker::list(self))))
+    }
+
+    fn get(&self, id: u64) -> BoxFut<'_, Result<Option<ApprovalRequest>, StoreUnavailable>> {
+        Box::pin(std::future::ready(Ok(Broker::get(self, id))))
+    }
+
+    fn decide<'a>(
+        &'a self,
+        id: u64,
+        who: &'a Approver,
+        verdict: Verdict,
+        comment: Option<String>,
+    ) -> BoxFut<'a, Result<ApprovalRequest, DecideError>> {
+        Box::pin(std::future::ready(Broker::decide(
+            self, id, who, verdict, comment,
+        )))
+    }
+
+    fn flush(&self) {
+        Broker::flush(self);
     }
 }
 

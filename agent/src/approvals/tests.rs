@@ -388,3 +388,50 @@ async fn webhook_retries_until_accepted() {
     assert_eq!(b.get(t.id()).map(|r| r.status), Some(Status::Pending));
     drop(t);
 }
+
+/// The rules both stores share (the PostgreSQL store runs them inside its row lock).
+#[test]
+fn apply_verdict_counts_distinct_subjects_and_refuses_the_requester() {
+    let (b, _) = broker();
+    let t = b.open_request(new_req(&["dba"], 2, Duration::from_secs(60)));
+    let mut r = b.get(t.id()).expect("request");
+    let before = r.clone();
+    // The requesting identity may not vote, and the request is left as it was.
+    let e = apply_verdict(&mut r, &who("ci-bot", &["dba"]), Verdict::Approve, None, 1)
+        .expect_err("self-approval");
+    assert!(matches!(e, DecideError::Forbidden(_)), "{e}");
+    assert_eq!(r, before);
+    // Not in the group.
+    assert!(matches!(
+        apply_verdict(&mut r, &who("eve", &["dev"]), Verdict::Approve, None, 1),
+        Err(DecideError::Forbidden(_))
+    ));
+    // First vote: still pending; the same subject again (from any host): refused.
+    let (s, v) =
+        apply_verdict(&mut r, &who("alice", &["dba"]), Verdict::Approve, None, 2).expect("vote");
+    assert_eq!((s, v.subject.as_str()), (None, "alice"));
+    assert!(matches!(
+        apply_verdict(&mut r, &who("alice", &["dba"]), Verdict::Approve, None, 3),
+        Err(DecideError::AlreadyVoted(_))
+    ));
+    assert_eq!(r.approvals.len(), 1);
+    // A second, distinct subject decides it.
+    let (s, _) = apply_verdict(&mut r, &who("bob", &["dba"]), Verdict::Approve, None, 4)
+        .expect("second vote");
+    assert_eq!(s, Some(Status::Approved));
+    // A deny records its approver and a non-blank comment only.
+    let mut r2 = before.clone();
+    let (s, _) = apply_verdict(
+        &mut r2,
+        &who("carol", &["dba"]),
+        Verdict::Deny,
+        Some("  ".into()),
+        5,
+    )
+    .expect("deny");
+    assert_eq!(s, Some(Status::Denied));
+    assert_eq!(
+        r2.denied_by.map(|v| (v.subject, v.comment)),
+        Some(("carol".into(), None))
+    );
+}

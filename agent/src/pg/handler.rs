@@ -947,11 +947,14 @@ impl ClientSide<'_> {
     async fn hold(&mut self, h: Hold, cr: &mut ReadHalf, buf: &mut BytesMut) -> Option<Verdict> {
         let cx = self.cx;
         let rule = h.decision.rule.as_deref().unwrap_or("?").to_string();
-        let Some(mut ticket) = cx.open_approval(&h.shown, h.kind, &h.decision) else {
-            return Some(Verdict::Deny(format!(
-                "tollgate: {}{} needs approval under rule \"{rule}\", but approval is not available on this agent; denied",
-                h.kind, h.tables
-            )));
+        let mut ticket = match cx.open_approval(&h.shown, h.kind, &h.decision).await {
+            Ok(t) => t,
+            Err(why) => {
+                return Some(Verdict::Deny(format!(
+                    "tollgate: {}{} needs approval under rule \"{rule}\", but {why}; denied",
+                    h.kind, h.tables
+                )))
+            }
         };
         let id = ticket.id();
         let notice = format!(

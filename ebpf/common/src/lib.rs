@@ -38,6 +38,10 @@ pub struct Config {
     /// Sockets carrying this `SO_MARK` belong to the agent and are never redirected. Setting a
     /// mark needs CAP_NET_ADMIN, which bots do not have.
     pub agent_mark: u32,
+    /// `[agent] namespace = "own"`: the agent's network namespace cookie
+    /// (`SO_NETNS_COOKIE`); the connect hooks leave sockets of any other namespace alone.
+    /// 0 (`all`, the default) acts in every namespace.
+    pub netns_cookie: u64,
 }
 
 /// What the connect hooks recorded about a redirected socket: the original destination and the

@@ -144,7 +144,10 @@ fn unknown_keys_name_the_table_and_the_fix() {
         "[approvals]\nhook = \"x\"\n",
         2,
         1,
-        &["in [approvals]", "store, webhook, oidc"],
+        &[
+            "in [approvals]",
+            "store, store_password_file, store_password_env, webhook, oidc",
+        ],
     );
     check(
         "[approvals.oidc]\nissuer = \"https://i\"\nclient = \"x\"\n",
@@ -905,5 +908,75 @@ fn target_tls_is_validated() {
         5,
         7,
         &["only supported for protocol \"postgres\""],
+    );
+}
+
+#[test]
+fn agent_namespace_and_host_id() {
+    check(
+        "[agent]\nnamespace = \"mine\"\n",
+        2,
+        13,
+        &["invalid namespace \"mine\" in [agent]", "all, own"],
+    );
+    check(
+        "[agent]\nhost_id = \"a b\"\n",
+        2,
+        11,
+        &["invalid host_id \"a b\" in [agent]"],
+    );
+    let p = parse(
+        &format!("{BASE}[agent]\nnamespace = \"own\"\nhost_id = \"agent-a\"\n"),
+        "p.toml",
+    )
+    .expect("valid");
+    assert_eq!(p.agent.namespace, crate::NetnsScope::Own);
+    assert_eq!(p.agent.host_id.as_deref(), Some("agent-a"));
+    let d = parse(BASE, "p.toml").expect("valid");
+    assert_eq!(
+        d.agent.namespace,
+        crate::NetnsScope::All,
+        "default: every namespace"
+    );
+    assert_eq!(d.agent.host_id, None);
+}
+
+#[test]
+fn approval_store_password_sources() {
+    check(
+        "[approvals]\nstore = \"postgres://t:pw@db/t\"\nstore_password_file = \"/etc/pw\"\n",
+        2,
+        9,
+        &["`store` already carries a password"],
+    );
+    check(
+        "[approvals]\nstore = \"postgres://t@db/t\"\nstore_password_file = \"/etc/pw\"\nstore_password_env = \"PW\"\n",
+        4,
+        22,
+        &["give only one of `store_password_file` and `store_password_env`"],
+    );
+    check(
+        "[approvals]\nstore_password_env = \"PW\"\n",
+        2,
+        22,
+        &["has no `store`"],
+    );
+    let p = parse(
+        &format!("{BASE}[approvals]\nstore = \"postgres://t@db/t\"\nstore_password_env = \"PW\"\n"),
+        "p.toml",
+    )
+    .expect("valid");
+    let a = p.approvals.expect("approvals");
+    assert_eq!(
+        a.store_password,
+        Some(crate::StorePassword::Env("PW".into()))
+    );
+    assert_eq!(
+        crate::redact_url_password("postgres://t:s3cret@db:5432/t?x=1"),
+        "postgres://t:***@db:5432/t?x=1"
+    );
+    assert_eq!(
+        crate::redact_url_password("postgres://t@db/t"),
+        "postgres://t@db/t"
     );
 }
