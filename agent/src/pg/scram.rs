@@ -110,6 +110,13 @@ impl Scram {
         Scram::with_nonce(password, binding, "", nonce)
     }
 
+    /// An exchange with a chosen nonce, for the fuzz target (never for a real login: the nonce
+    /// must be fresh and random).
+    #[doc(hidden)]
+    pub fn with_fixed_nonce_for_fuzzing(password: &[u8], nonce: &str) -> Scram {
+        Scram::with_nonce(password, Binding::Unrequested, "", nonce.to_string())
+    }
+
     fn with_nonce(password: &[u8], binding: Binding, user: &str, nonce: String) -> Scram {
         let client_first_bare = format!("n={user},r={nonce}");
         let message = format!("{}{client_first_bare}", binding.gs2_header());
