@@ -754,6 +754,15 @@ impl Ticket {
     }
 }
 
+impl Ticket {
+    /// Withdraw the request because the client cancelled the held operation (psql's Ctrl-C
+    /// sends a CancelRequest); the broker records it as cancelled with `reason`.
+    pub fn withdraw(mut self, reason: &str) {
+        self.done = true;
+        self.holder.cancel(self.id, reason.to_string());
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.done {

@@ -57,8 +57,25 @@ static CLASSIFY: std::sync::LazyLock<ClassifyCache> =
 static WORKLOAD_VERIFIERS: std::sync::LazyLock<WorkloadVerifiers> =
     std::sync::LazyLock::new(WorkloadVerifiers::default);
 
-/// Our cancel keys -> (upstream address, upstream key).
-type CancelMap = HashMap<(i32, i32), (std::net::SocketAddr, (i32, i32))>;
+/// What a CancelRequest with one of our keys reaches: the session's upstream backend (address
+/// and key), and the session's held operation if one is waiting for approval.
+#[derive(Clone)]
+struct CancelTarget {
+    addr: std::net::SocketAddr,
+    upstream: Option<(i32, i32)>,
+    held: Arc<HeldCancel>,
+}
+
+/// Set while a session holds an operation for approval; a CancelRequest then withdraws the
+/// request (the server has nothing to cancel: the statement never reached it).
+#[derive(Default)]
+struct HeldCancel {
+    holding: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+/// Our cancel keys -> where a cancel goes.
+type CancelMap = HashMap<(i32, i32), CancelTarget>;
 static CANCEL_KEYS: std::sync::LazyLock<Mutex<CancelMap>> =
     std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
 
@@ -372,9 +389,11 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let params = match startup {
         Startup::Cancel { pid, secret } => {
             // A cancel for one of our sessions: forward it with the upstream backend's key.
-            let found = lock(&CANCEL_KEYS).get(&(pid, secret)).copied();
-            if let Some((addr, key)) = found {
-                if addr == cx.orig_dst {
+            let found = lock(&CANCEL_KEYS).get(&(pid, secret)).cloned();
+            if let Some(t) = found.filter(|t| t.addr == cx.orig_dst) {
+                if t.held.holding.load(Ordering::SeqCst) {
+                    t.held.notify.notify_waiters();
+                } else if let Some(key) = t.upstream {
                     let up = cx.connect_upstream().await?;
                     let _ = upstream::cancel(up, key).await;
                 }
@@ -556,10 +575,16 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
 
     // Greet the client as the server would, with our own cancel key.
     let our_key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
-    let _cancel_guard = session.backend_key.map(|k| {
-        lock(&CANCEL_KEYS).insert(our_key, (cx.orig_dst, k));
-        CancelKeyGuard(our_key)
-    });
+    let held_cancel = Arc::new(HeldCancel::default());
+    lock(&CANCEL_KEYS).insert(
+        our_key,
+        CancelTarget {
+            addr: cx.orig_dst,
+            upstream: session.backend_key,
+            held: held_cancel.clone(),
+        },
+    );
+    let _cancel_guard = CancelKeyGuard(our_key);
     let mut out = BytesMut::new();
     wire::encode_authentication_ok(&mut out);
     out.extend_from_slice(&session.relay);
@@ -607,6 +632,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         copy_plans: Vec::new(),
         statement_copy: HashMap::new(),
         notices: notice_tx,
+        held_cancel,
     };
     let u2c = ServerSide {
         cx,
@@ -641,7 +667,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
 /// State shared by the two directions.
 struct Shared {
     /// Messages for the denial errors the server will raise, in order.
-    denials: Mutex<VecDeque<String>>,
+    denials: Mutex<VecDeque<(&'static str, String)>>,
     /// What the server will answer, in order, for the result-shaping messages we forwarded.
     expect: Mutex<VecDeque<Expect>>,
     /// The session's client_encoding, if it is one whose multibyte characters can end in an
@@ -727,6 +753,8 @@ struct ClientSide<'a> {
     /// Messages for the client that the server side writes between server messages
     /// (approval notices).
     notices: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    /// Signalled by a CancelRequest with this session's key while an operation is held.
+    held_cancel: Arc<HeldCancel>,
 }
 
 /// Dangerous flags no rule can allow, with why. The policy language has no word that names
@@ -751,6 +779,8 @@ const NEVER_ALLOWED: &[(&str, &str)] = &[
 enum Verdict {
     Allow,
     Deny(String),
+    /// The client cancelled a held operation (SQLSTATE 57014, as the server would answer).
+    Cancelled(String),
     /// Some statement needs approval and none is denied: the whole message waits once.
     Hold(Hold),
 }
@@ -793,7 +823,7 @@ impl ClientSide<'_> {
         if let Some(r) = &self.recorder {
             let (decision, error) = match &v {
                 Verdict::Allow => ("allow", None),
-                Verdict::Deny(m) => ("deny", Some(m.as_str())),
+                Verdict::Deny(m) | Verdict::Cancelled(m) => ("deny", Some(m.as_str())),
                 Verdict::Hold(_) => ("approve", None),
             };
             // Written with the statement's result, in one write(2) (see recording.rs).
@@ -974,18 +1004,46 @@ impl ClientSide<'_> {
         if let Some(r) = &self.recorder {
             r.write(obj(json!({"event": "approval_requested", "session": cx.id, "approval_id": id, "rule": rule, "text": h.shown})));
         }
-        let outcome = {
+        enum Waited {
+            Decided(ApprovalOutcome),
+            Gone,
+            Cancelled,
+        }
+        let held = self.held_cancel.clone();
+        let waited = {
+            // Registered before `holding` is set, so a cancel that sees `holding` wakes us.
+            let cancelled = held.notify.notified();
+            tokio::pin!(cancelled);
+            cancelled.as_mut().enable();
+            held.holding.store(true, Ordering::SeqCst);
             let wait = cx.wait_approval(&mut ticket);
             tokio::pin!(wait);
             let mut reading = true;
-            loop {
+            let w = loop {
                 tokio::select! {
-                    o = &mut wait => break Some(o),
+                    o = &mut wait => break Waited::Decided(o),
+                    _ = &mut cancelled => break Waited::Cancelled,
                     r = cr.read_buf(buf), if reading => match r {
-                        Ok(0) | Err(_) => break None,
+                        Ok(0) | Err(_) => break Waited::Gone,
                         Ok(_) => reading = buf.len() < HOLD_READ_CAP,
                     },
                 }
+            };
+            held.holding.store(false, Ordering::SeqCst);
+            w
+        };
+        let outcome = match waited {
+            Waited::Decided(o) => Some(o),
+            Waited::Gone => None,
+            Waited::Cancelled => {
+                ticket.withdraw("the client cancelled the statement while it waited");
+                if let Some(r) = &self.recorder {
+                    r.write(obj(json!({"event": "approval", "session": cx.id, "approval_id": id, "outcome": "cancelled", "reason": "cancelled by the client"})));
+                }
+                return Some(Verdict::Cancelled(format!(
+                    "canceling statement due to user request (tollgate: approval #{id} for {}{} withdrawn)",
+                    h.kind, h.tables
+                )));
             }
         };
         let Some(outcome) = outcome else {
@@ -1040,7 +1098,13 @@ impl ClientSide<'_> {
     }
 
     fn deny_substitute(&self, message: String) -> String {
-        lock(&self.shared.denials).push_back(message);
+        self.refuse_substitute("42501", message)
+    }
+
+    /// A statement that fails on the server with our nonce in its error, which the server side
+    /// rewrites into `code` and `message` (so the refusal keeps its place among results).
+    fn refuse_substitute(&self, code: &'static str, message: String) -> String {
+        lock(&self.shared.denials).push_back((code, message));
         format!("SELECT '{}'::pg_catalog.int4", self.nonce)
     }
 
@@ -1093,6 +1157,11 @@ impl ClientSide<'_> {
                                 postgres_protocol::message::frontend::query(&sub, &mut out)
                                     .map_err(internal)?;
                             }
+                            Verdict::Cancelled(m) => {
+                                let sub = self.refuse_substitute("57014", m);
+                                postgres_protocol::message::frontend::query(&sub, &mut out)
+                                    .map_err(internal)?;
+                            }
                         }
                     }
                     Frontend::Parse { name, query, .. } => {
@@ -1117,14 +1186,19 @@ impl ClientSide<'_> {
                         }
                         self.copy_plans.clear();
                         lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
+                        let cancelled = matches!(v, Verdict::Cancelled(_));
                         match v {
                             Verdict::Allow => out.extend_from_slice(&raw),
                             // hold() never answers Hold.
                             Verdict::Hold(_) => {
                                 return Err(DataPathError::Internal("held twice".into()))
                             }
-                            Verdict::Deny(m) => {
-                                let sub = self.deny_substitute(m);
+                            Verdict::Deny(m) | Verdict::Cancelled(m) => {
+                                let sub = if cancelled {
+                                    self.refuse_substitute("57014", m)
+                                } else {
+                                    self.deny_substitute(m)
+                                };
                                 postgres_protocol::message::frontend::parse(
                                     &name,
                                     &sub,
@@ -1876,14 +1950,17 @@ impl ServerSide<'_> {
                 }
                 self.current = None;
                 if en.message().is_some_and(|m| m.contains(&self.nonce)) {
-                    let msg = lock(&self.shared.denials)
+                    let (code, msg) = lock(&self.shared.denials)
                         .pop_front()
-                        .unwrap_or_else(|| "tollgate: statement denied".into());
+                        .unwrap_or_else(|| ("42501", "tollgate: statement denied".into()));
                     self.record_result(None, Some(&msg));
-                    wire::encode_error_response(
-                        &ErrorReport::error("42501", &msg).with_hint("ask for access: a tollgate policy rule must allow this for your identity"),
-                        out,
-                    );
+                    let report = ErrorReport::error(code, &msg);
+                    let report = if code == "42501" {
+                        report.with_hint("ask for access: a tollgate policy rule must allow this for your identity")
+                    } else {
+                        report
+                    };
+                    wire::encode_error_response(&report, out);
                 } else {
                     let m = en.message().unwrap_or("").to_string();
                     self.record_result(None, Some(&m));
