@@ -29,6 +29,7 @@
 pub mod browser;
 pub mod oidc;
 pub mod pg;
+pub mod psql;
 
 use std::{
     collections::BTreeMap,
