@@ -22,6 +22,11 @@
 //     test-approver-<user> TEST-ONLY: client_credentials whose token is issued *as that user*
 //                          (sub = user, groups = the user's groups), so tests get approver
 //                          tokens without a browser. A real IdP has no such client.
+//     test-expired-<user>  TEST-ONLY: like test-approver-<user>, but the token's lifetime
+//                          ended before it was issued (`iat` = now - 120 s, `exp` = now -
+//                          60 s, past the usual 30 s verifier leeway): an approver's token
+//                          that lapsed, without a test waiting out a TTL plus the leeway.
+//                          Signed by the provider's key like every other token.
 // - a login page at /interaction/<uid> (a plain HTML form: username, password); consent is
 //   granted automatically (every client here is first-party);
 // - TEST-ONLY admin endpoint `POST /-/rotate[?keep_old=1]`: generate a new signing key; the
@@ -97,17 +102,20 @@ for (const [id, groups] of Object.entries(WORKLOADS)) {
   });
 }
 for (const user of Object.keys(USERS)) {
-  const id = `test-approver-${user}`;
-  secrets[id] = secret();
-  clients.push({
-    client_id: id,
-    client_secret: secrets[id],
-    grant_types: ['client_credentials'],
-    response_types: [],
-    redirect_uris: [],
-    token_endpoint_auth_method: 'client_secret_basic',
-    tollgate_test_user: user,
-  });
+  for (const [prefix, expired] of [['test-approver', false], ['test-expired', true]]) {
+    const id = `${prefix}-${user}`;
+    secrets[id] = secret();
+    clients.push({
+      client_id: id,
+      client_secret: secrets[id],
+      grant_types: ['client_credentials'],
+      response_types: [],
+      redirect_uris: [],
+      token_endpoint_auth_method: 'client_secret_basic',
+      tollgate_test_user: user,
+      ...(expired ? { tollgate_test_expired: true } : {}),
+    });
+  }
 }
 
 const cookieKeys = [secret(), secret()];
@@ -120,11 +128,12 @@ function makeProvider() {
     jwks: { keys },
     cookies: { keys: cookieKeys },
     extraClientMetadata: {
-      properties: ['tollgate_groups', 'tollgate_test_user'],
+      properties: ['tollgate_groups', 'tollgate_test_user', 'tollgate_test_expired'],
       validator(_ctx, key, value) {
         if (value === undefined) return;
         if (key === 'tollgate_groups' && !Array.isArray(value)) throw new Error('tollgate_groups must be an array');
         if (key === 'tollgate_test_user' && !USERS[value]) throw new Error('unknown test user');
+        if (key === 'tollgate_test_expired' && value !== true) throw new Error('tollgate_test_expired must be true');
       },
     },
     async findAccount(_ctx, id) {
@@ -170,12 +179,18 @@ function makeProvider() {
     },
     formats: {
       customizers: {
-        // TEST-ONLY: a test-approver-<user> client's token speaks for <user>.
+        // TEST-ONLY: a test-approver-<user> (or test-expired-<user>) client's token speaks
+        // for <user>; a test-expired-<user> token lapsed a minute before it was issued.
         async jwt(_ctx, token, jwt) {
           const user = token.client?.tollgate_test_user;
           if (user) {
             jwt.payload.sub = user;
             jwt.payload.groups = USERS[user].groups;
+          }
+          if (token.client?.tollgate_test_expired) {
+            const now = Math.floor(Date.now() / 1000);
+            jwt.payload.iat = now - 120;
+            jwt.payload.exp = now - 60;
           }
         },
       },

@@ -30,6 +30,7 @@ pub mod browser;
 pub mod netns;
 pub mod oidc;
 pub mod pg;
+pub mod psql;
 
 use std::{
     collections::BTreeMap,

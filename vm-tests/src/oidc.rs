@@ -12,6 +12,8 @@
 //!   clients, so no browser is needed. A real IdP has no such clients; the browser login (code
 //!   plus PKCE, users `alice`/`bob` in `dba`, `carol` in `dev`, password `<user>-pw`) is the real
 //!   path and is what the headless Chromium tests drive;
+//! - [`OidcProvider::expired_token_for`]: the same through the TEST-ONLY `test-expired-<user>`
+//!   clients, whose tokens lapsed before they were issued (`exp` = issue time - 60 s);
 //! - [`OidcProvider::rotate_keys`]: the TEST-ONLY `POST /-/rotate`, a new signing key.
 
 use std::{
@@ -148,6 +150,13 @@ impl OidcProvider {
     /// An approver access token for `user` with audience `aud`.
     pub fn token_for_audience(&self, user: &str, aud: &str) -> String {
         self.client_credentials(&format!("test-approver-{user}"), aud)
+    }
+
+    /// An approver access token for `user` (audience `tollgate`) that expired 60 s before it
+    /// was issued (TEST-ONLY `test-expired-<user>` client): signed by the provider's current
+    /// key like any other token, refused only for its `exp`.
+    pub fn expired_token_for(&self, user: &str) -> String {
+        self.client_credentials(&format!("test-expired-{user}"), "tollgate")
     }
 
     /// A workload's client_credentials access token (JWT, audience `tollgate`).

@@ -4,10 +4,10 @@
 //! admin token (`<data_dir>/admin.token`), or the rule's timeout expires.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Stdio,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -15,6 +15,7 @@ use std::{
 use serde_json::Value;
 use vm_tests::{
     pg::{app_target, PgServer, APP_PASSWORD},
+    psql::Psql,
     require_root, tollgate, wait_for, AgentProc, Cgroup, FailMode, TempDir,
 };
 
@@ -24,23 +25,23 @@ fn policy(
     secret: &Path,
     timeout: &str,
     webhook: Option<&str>,
-    oidc: Option<&str>,
+    oidc: Option<(&str, u32)>,
 ) -> String {
     let mut approvals = webhook
         .map(|w| format!("[approvals]\nwebhook = \"{w}\"\n\n"))
         .unwrap_or_default();
-    // With an IdP: approvers' tokens must carry audience `tollgate`, and two distinct dba
+    // With an IdP: approvers' tokens must carry audience `tollgate`, and `min` distinct dba
     // members must approve.
-    let min = if let Some(issuer) = oidc {
+    let min = if let Some((issuer, min)) = oidc {
         if approvals.is_empty() {
             approvals.push_str("[approvals]\n");
         }
         approvals.push_str(&format!(
             "[approvals.oidc]\nissuer = \"{issuer}\"\naudience = \"tollgate\"\ngroups_claim = \"groups\"\n\n"
         ));
-        "min_approvals = 2\n"
+        format!("min_approvals = {min}\n")
     } else {
-        ""
+        String::new()
     };
     format!(
         r#"{approvals}[[identity]]
@@ -80,18 +81,27 @@ fn fixture(tag: &str, timeout: &str, webhook: Option<&str>) -> Fixture {
     fixture_with(tag, timeout, webhook, None)
 }
 
-fn fixture_with(tag: &str, timeout: &str, webhook: Option<&str>, oidc: Option<&str>) -> Fixture {
+fn fixture_with(
+    tag: &str,
+    timeout: &str,
+    webhook: Option<&str>,
+    oidc: Option<(&str, u32)>,
+) -> Fixture {
+    fixture_from(tag, |pg, bot, secret| {
+        policy(pg, bot, secret, timeout, webhook, oidc)
+    })
+}
+
+/// PostgreSQL, the bot's cgroup, the upstream secret and an agent (admin API on) running the
+/// policy `policy(pg, bot, secret file)` returns.
+fn fixture_from(tag: &str, policy: impl FnOnce(&PgServer, &Cgroup, &Path) -> String) -> Fixture {
     require_root();
     let pg = PgServer::start(tag);
     let bot = Cgroup::new(&format!("{tag}-bot"));
     let dir = TempDir::new(&format!("{tag}-secret"));
     let secret = dir.path().join("app-rw.pw");
     std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
-    let agent = AgentProc::start_with_admin(
-        tag,
-        FailMode::Closed,
-        &policy(&pg, &bot, &secret, timeout, webhook, oidc),
-    );
+    let agent = AgentProc::start_with_admin(tag, FailMode::Closed, &policy(&pg, &bot, &secret));
     let admin = agent.admin.expect("admin address");
     wait_for(Duration::from_secs(10), "the admin API", || {
         matches!(
@@ -108,109 +118,11 @@ fn fixture_with(tag: &str, timeout: &str, webhook: Option<&str>, oidc: Option<&s
     }
 }
 
-/// A psql running in the bot's cgroup, its output lines streamed to the test.
-struct Psql {
-    child: Child,
-    lines: mpsc::Receiver<(Instant, String)>,
-    seen: Vec<String>,
-}
-
-impl Psql {
-    /// The next line matching `pred`, and when it arrived.
-    fn wait_line(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> (Instant, String) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok((at, l)) => {
-                    self.seen.push(l.clone());
-                    if pred(&l) {
-                        return (at, l);
-                    }
-                }
-                Err(_) => panic!(
-                    "psql: no line with {what} within {timeout:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// The approval id of the notice psql printed.
-    fn approval_id(&mut self) -> u64 {
-        let (_, l) = self.wait_line("the approval notice", Duration::from_secs(20), |l| {
-            l.contains("waiting for approval #")
-        });
-        let id = l
-            .split("waiting for approval #")
-            .nth(1)
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|d| d.parse().ok())
-            .unwrap_or_else(|| panic!("no id in {l}"));
-        assert!(
-            l.contains(&format!("(tollgate approvals approve {id})")),
-            "the notice says how to approve: {l}"
-        );
-        id
-    }
-
-    /// Wait for psql to exit; all of its output.
-    fn finish(mut self) -> (bool, String) {
-        let status = wait_for(Duration::from_secs(30), "psql to exit", || {
-            self.child.try_wait().ok().flatten()
-        });
-        while let Ok((_, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            self.seen.push(l);
-        }
-        (status.success(), self.seen.join("\n"))
-    }
-}
-
-impl Drop for Psql {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Fixture {
+    /// psql as the bot; the agent injects the upstream credential, so the password is a
+    /// placeholder.
     fn psql(&self, args: &[&str]) -> Psql {
-        let conn = format!("host=127.0.0.1 port={} user=bot dbname=app password=wrong-on-purpose sslmode=disable connect_timeout=10", self.pg.port);
-        let mut child = self
-            .bot
-            .command(Path::new("/usr/bin/psql"))
-            .arg(conn)
-            .args(["-X", "-v", "VERBOSITY=verbose"])
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("psql");
-        let (tx, rx) = mpsc::channel();
-        for pipe in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let _ = tx.send((Instant::now(), l));
-                }
-            });
-        }
-        Psql {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        }
+        Psql::spawn(&self.bot, self.pg.port, "wrong-on-purpose", args)
     }
 
     fn token_file(&self) -> PathBuf {
@@ -671,7 +583,7 @@ fn extended_protocol_parse_is_held_and_runs_after_approval() {
 #[test]
 fn oidc_approvers_need_a_valid_token_the_group_and_two_distinct_subjects() {
     let idp = vm_tests::oidc::OidcProvider::start("apoidc");
-    let f = fixture_with("apoidc", "5m", None, Some(idp.issuer()));
+    let f = fixture_with("apoidc", "5m", None, Some((idp.issuer(), 2)));
     let admin = f.agent.admin.expect("admin");
     let mut p = f.psql(&["-c", "DELETE FROM orders WHERE id = 1"]);
     let id = p.approval_id();
@@ -758,4 +670,227 @@ fn oidc_approvers_need_a_valid_token_the_group_and_two_distinct_subjects() {
             "a token signature in the agent log"
         );
     }
+}
+
+/// A bot that logs in with workload OIDC (identity `release-runner`, the IdP's `deploy-bot`
+/// client) and whose DELETE any `dba` or `deployers` member may approve: the bot's own group.
+fn workload_approval_policy(pg: &PgServer, bot: &Cgroup, secret: &Path, issuer: &str) -> String {
+    format!(
+        r#"[approvals]
+[approvals.oidc]
+issuer = "{issuer}"
+audience = "tollgate"
+groups_claim = "groups"
+
+[[identity]]
+name = "release-runner"
+cgroup = "{glob}"
+oidc = {{ issuer = "{issuer}", audience = "tollgate", require_claims = {{ groups = ["deployers"] }} }}
+
+{target}
+[[rule]]
+name = "runner reads"
+identities = ["release-runner"]
+targets = ["app-db"]
+action = "allow"
+sql = {{ statements = ["select"] }}
+
+[[rule]]
+name = "deletes need a second person"
+identities = ["release-runner"]
+targets = ["app-db"]
+action = "approve"
+sql = {{ statements = ["delete"] }}
+approvers = ["dba", "deployers"]
+timeout = "5m"
+"#,
+        glob = bot.glob(),
+        target = app_target(pg, secret, ""),
+    )
+}
+
+/// GET one request with `token` (any authenticated caller may read).
+fn request_as(f: &Fixture, token: &str, id: u64) -> Value {
+    let (status, v) = http(
+        f.agent.admin.expect("admin"),
+        "GET",
+        &format!("/v1/approvals/{id}"),
+        token,
+        "",
+    );
+    assert_eq!(status, 200, "{v}");
+    v["request"].clone()
+}
+
+#[test]
+fn self_approval_with_the_bots_own_oidc_subject_is_refused() {
+    let idp = vm_tests::oidc::OidcProvider::start("apself");
+    let f = fixture_from("apself", |pg, bot, secret| {
+        workload_approval_policy(pg, bot, secret, idp.issuer())
+    });
+    let admin = f.agent.admin.expect("admin");
+    // The bot logs in with its client_credentials JWT as the PostgreSQL password.
+    let bot_token = idp.workload_token("deploy-bot");
+    let mut p = Psql::spawn(
+        &f.bot,
+        f.pg.port,
+        &bot_token,
+        &["-c", "DELETE FROM orders WHERE id = 1"],
+    );
+    let id = p.approval_id();
+    let reader = idp.token_for("carol");
+    let r = request_as(&f, &reader, id);
+    // The identity's policy name differs from the token subject, so only the subject the bot
+    // proved at login can tie an approver to it.
+    assert_eq!(r["identity"], "release-runner", "{r}");
+    assert_eq!(r["workload_subject"], "deploy-bot", "{r}");
+    assert_eq!(
+        r["approvers"],
+        serde_json::json!(["dba", "deployers"]),
+        "{r}"
+    );
+
+    // A fresh token of the same client: valid, audience tollgate, in `deployers` (an approver
+    // group of the rule), subject = the bot. Refused, as is the very token the bot logged in
+    // with, through the API and the CLI.
+    let own = idp.workload_token("deploy-bot");
+    let c = vm_tests::oidc::jwt_claims(&own);
+    assert_eq!(c["sub"], "deploy-bot", "{c}");
+    assert_eq!(c["groups"], serde_json::json!(["deployers"]), "{c}");
+    let approve = format!("/v1/approvals/{id}/approve");
+    for (t, which) in [(&own, "a fresh token"), (&bot_token, "the login token")] {
+        let (status, v) = http(admin, "POST", &approve, t, r#"{"comment": "it's me"}"#);
+        assert_eq!(status, 403, "{which}: {v}");
+        let why = v["error"].as_str().unwrap_or("");
+        assert!(
+            why.contains("own request") && why.contains("deploy-bot"),
+            "{which}: {v}"
+        );
+    }
+    let dir = TempDir::new("apself-tokens");
+    let own_file = dir.path().join("deploy-bot.jwt");
+    std::fs::write(&own_file, &own).expect("token file");
+    let (code, out, err) = f.cli_with_token(&["approve", &id.to_string()], &own_file);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("403") && err.contains("own request"), "{err}");
+    // Untouched: still pending, no vote, the row is there, the bot still waits.
+    let r = request_as(&f, &reader, id);
+    assert_eq!(r["status"], "pending", "{r}");
+    assert_eq!(r["approvals"], serde_json::json!([]), "{r}");
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 1"),
+        "1"
+    );
+    assert!(p.running(), "psql stopped waiting");
+
+    // Someone else (alice, dba) approves: the DELETE runs.
+    let alice = idp.token_for("alice");
+    let (status, v) = http(admin, "POST", &approve, &alice, "{}");
+    assert_eq!(status, 200, "{v}");
+    let (ok, text) = p.finish();
+    assert!(
+        ok && text.contains("DELETE 1"),
+        "{text}\n--- agent ---\n{}",
+        f.agent.stderr_text()
+    );
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 1"),
+        "0"
+    );
+    let ev = f.agent.wait_audit("approval approved", |e| {
+        e["event"] == "approval" && e["action"] == "approved"
+    });
+    assert_eq!(ev["approver"], "alice", "{ev}");
+    assert_eq!(ev["approvals"], serde_json::json!(["alice"]), "{ev}");
+    assert_eq!(ev["identity"], "release-runner", "{ev}");
+    // No vote by the bot anywhere, and none of the tokens in the audit or the agent's log.
+    let audit = f.agent.audit();
+    assert!(
+        !audit
+            .iter()
+            .any(|e| e["event"] == "approval" && e["approver"] == "deploy-bot"),
+        "the bot's vote was recorded"
+    );
+    let all = serde_json::to_string(&audit).expect("audit");
+    let log = f.agent.stderr_text();
+    for t in [&bot_token, &own, &alice] {
+        let sig = t.rsplit('.').next().expect("jwt");
+        assert!(!all.contains(sig), "a token signature in the audit log");
+        assert!(!log.contains(sig), "a token signature in the agent log");
+    }
+}
+
+#[test]
+fn an_expired_approver_token_gets_401_and_leaves_the_request_untouched() {
+    let idp = vm_tests::oidc::OidcProvider::start("apexpt");
+    let f = fixture_with("apexpt", "5m", None, Some((idp.issuer(), 1)));
+    let admin = f.agent.admin.expect("admin");
+    let mut p = f.psql(&["-c", "DELETE FROM orders WHERE id = 1"]);
+    let id = p.approval_id();
+    let approve = format!("/v1/approvals/{id}/approve");
+
+    // alice's token, signed by the provider, right issuer, audience and group: only its `exp`
+    // (a minute ago, past the verifier's 30 s leeway) is wrong.
+    let expired = idp.expired_token_for("alice");
+    let c = vm_tests::oidc::jwt_claims(&expired);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert_eq!(c["sub"], "alice", "{c}");
+    assert_eq!(c["aud"], "tollgate", "{c}");
+    assert_eq!(c["groups"], serde_json::json!(["dba"]), "{c}");
+    let exp = c["exp"].as_i64().expect("exp");
+    assert!(
+        exp < now - 45,
+        "exp {exp} is not well in the past (now {now})"
+    );
+
+    let (status, v) = http(admin, "POST", &approve, &expired, r#"{"comment": "late"}"#);
+    assert_eq!(status, 401, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("expired"), "{v}");
+    let (status, v) = http(admin, "GET", &format!("/v1/approvals/{id}"), &expired, "");
+    assert_eq!(status, 401, "reading with an expired token: {v}");
+    let dir = TempDir::new("apexpt-tokens");
+    let file = dir.path().join("alice-expired.jwt");
+    std::fs::write(&file, &expired).expect("token file");
+    let (code, out, err) = f.cli_with_token(&["approve", &id.to_string()], &file);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("401") && err.contains("expired"), "{err}");
+
+    // Untouched: still pending with no vote, the row is there, the bot still waits, and no
+    // decision was audited.
+    let reader = idp.token_for("carol");
+    let r = request_as(&f, &reader, id);
+    assert_eq!(r["status"], "pending", "{r}");
+    assert_eq!(r["approvals"], serde_json::json!([]), "{r}");
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 1"),
+        "1"
+    );
+    assert!(p.running(), "psql stopped waiting");
+    assert!(
+        !f.agent
+            .audit()
+            .iter()
+            .any(|e| e["event"] == "approval" && e["action"] != "requested"),
+        "a decision was audited after the expired token"
+    );
+    assert_eq!(f.agent.metric("tollgate_approvals_pending", &[]), 1.0);
+
+    // The same user with a current token: the one approval the rule needs; the DELETE runs.
+    let alice = idp.token_for("alice");
+    let (status, v) = http(admin, "POST", &approve, &alice, "{}");
+    assert_eq!(status, 200, "{v}");
+    let (ok, text) = p.finish();
+    assert!(
+        ok && text.contains("DELETE 1"),
+        "{text}\n--- agent ---\n{}",
+        f.agent.stderr_text()
+    );
+    let ev = f.agent.wait_audit("approval approved", |e| {
+        e["event"] == "approval" && e["action"] == "approved"
+    });
+    assert_eq!(ev["approver"], "alice", "{ev}");
+    assert_eq!(ev["approvals"], serde_json::json!(["alice"]), "{ev}");
 }

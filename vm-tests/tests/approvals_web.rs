@@ -4,12 +4,10 @@
 //! code + PKCE), sees the request and clicks Approve; the DELETE completes.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -17,6 +15,7 @@ use vm_tests::{
     browser::Browser,
     oidc::OidcProvider,
     pg::{app_target, PgServer, APP_PASSWORD},
+    psql::Psql,
     require_root, wait_for, AgentProc, Cgroup, FailMode, TempDir,
 };
 
@@ -61,86 +60,6 @@ timeout = "5m"
         target = app_target(pg, secret, ""),
         client_secret = client_secret.display(),
     )
-}
-
-/// A psql in the bot's cgroup, its output lines streamed to the test.
-struct Psql {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Psql {
-    fn start(pg: &PgServer, bot: &Cgroup, sql: &str) -> Psql {
-        let conn = format!("host=127.0.0.1 port={} user=bot dbname=app password=wrong-on-purpose sslmode=disable connect_timeout=10", pg.port);
-        let mut child = bot
-            .command(Path::new("/usr/bin/psql"))
-            .arg(conn)
-            .args(["-X", "-v", "VERBOSITY=verbose", "-c", sql])
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("psql");
-        let (tx, rx) = mpsc::channel();
-        for pipe in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let _ = tx.send(l);
-                }
-            });
-        }
-        Psql {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The id in the approval notice psql printed.
-    fn approval_id(&mut self) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let l = self.lines.recv_timeout(left).unwrap_or_else(|_| {
-                panic!(
-                    "psql printed no approval notice; saw:\n{}",
-                    self.seen.join("\n")
-                )
-            });
-            self.seen.push(l.clone());
-            if let Some(rest) = l.split("waiting for approval #").nth(1) {
-                return rest
-                    .split(|c: char| !c.is_ascii_digit())
-                    .next()
-                    .and_then(|d| d.parse().ok())
-                    .unwrap_or_else(|| panic!("no id in {l}"));
-            }
-        }
-    }
-
-    fn finish(mut self) -> (bool, String) {
-        let status = wait_for(Duration::from_secs(30), "psql to exit", || {
-            self.child.try_wait().ok().flatten()
-        });
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            self.seen.push(l);
-        }
-        (status.success(), self.seen.join("\n"))
-    }
-}
-
-impl Drop for Psql {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// One HTTP/1.1 exchange (Connection: close): (status, head, body).
@@ -272,7 +191,12 @@ fn web_page_logs_in_with_oidc_and_approves_a_held_delete() {
     );
     assert_eq!(status, 401, "{body}");
 
-    let mut p = Psql::start(&pg, &bot, "DELETE FROM orders WHERE id = 1");
+    let mut p = Psql::spawn(
+        &bot,
+        pg.port,
+        "wrong-on-purpose",
+        &["-c", "DELETE FROM orders WHERE id = 1"],
+    );
     let id = p.approval_id();
     let row = format!("#req-{id}");
 
@@ -356,10 +280,11 @@ fn web_page_logs_in_with_oidc_and_approves_a_held_delete() {
 
     // Bot-supplied text is shown as text, never as markup; Deny asks for a comment, which the
     // bot gets with its 42501.
-    let mut p = Psql::start(
-        &pg,
+    let mut p = Psql::spawn(
         &bot,
-        "DELETE FROM orders WHERE id = 2 /* <b id=\"injected\">x</b><img src=x onerror=\"document.title='pwned'\"> */",
+        pg.port,
+        "wrong-on-purpose",
+        &["-c", "DELETE FROM orders WHERE id = 2 /* <b id=\"injected\">x</b><img src=x onerror=\"document.title='pwned'\"> */"],
     );
     let id2 = p.approval_id();
     let row2 = format!("#req-{id2}");

@@ -1,12 +1,19 @@
 //! `cargo xtask bench pg`: pgbench TPS in one run, one table. Columns: direct; tollgate as a
 //! plain `tcp` relay with kernel splicing off (a bare userspace relay); tollgate with the
 //! `postgres` handler (classification plus a masking rule); pgbouncer in session mode. Rows:
-//! `-S`, `-S -M prepared`, TPC-B-like, `-S -C`. Never fails on slow numbers.
+//! `-S`, `-S -M prepared`, TPC-B-like, `-S -C`. Then idle session memory (`--only memory`),
+//! approvals (`--only approvals`: pgbench -S with and without approvals configured, in ABBA
+//! order, and the approval wake-up latency) and masking throughput. Never fails on slow
+//! numbers.
 
 use std::{
     fs,
+    io::{BufRead as _, BufReader, Read, Write as _},
+    net::TcpStream,
     path::Path,
     process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -277,11 +284,42 @@ impl Drop for Bouncer {
     }
 }
 
+/// Which parts of `bench pg` run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    All,
+    Memory,
+    Approvals,
+}
+
+/// This process (and so its pgbench and psql children) in the bench cgroup, the bench
+/// identity's, until dropped: then back in the cgroup root and the cgroup removed.
+struct InBenchCgroup(Cgroup);
+
+impl InBenchCgroup {
+    fn enter() -> Result<InBenchCgroup> {
+        let cg = Cgroup::create("tollgate-bench-pg")?;
+        fs::write(cg.0.join("cgroup.procs"), std::process::id().to_string())?;
+        Ok(InBenchCgroup(cg))
+    }
+}
+
+impl Drop for InBenchCgroup {
+    fn drop(&mut self) {
+        if let Some(root) = self.0 .0.parent() {
+            let _ = fs::write(root.join("cgroup.procs"), std::process::id().to_string());
+        }
+    }
+}
+
 pub fn bench_pg(only: Option<&str>) -> Result<()> {
-    let tps = match only {
-        None => true,
-        Some("memory") => false,
-        Some(o) => bail!("unknown part {o:?} of `bench pg`: use --only memory or nothing"),
+    let part = match only {
+        None => Part::All,
+        Some("memory") => Part::Memory,
+        Some("approvals") => Part::Approvals,
+        Some(o) => bail!(
+            "unknown part {o:?} of `bench pg`: use --only memory, --only approvals or nothing"
+        ),
     };
     if !util::is_root() {
         bail!("the benchmark loads eBPF programs: run it as root");
@@ -311,6 +349,22 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
         .env("PGPASSWORD", PW)
         .stdout(Stdio::null()))?;
 
+    if part != Part::Approvals {
+        table_and_memory(&bin, pg_port, part == Part::All)?;
+    }
+    if part != Part::Memory {
+        approvals(&bin, &pg, pg_port)?;
+    }
+    if part == Part::All {
+        mask_throughput()?;
+    }
+    drop(pg);
+    let _ = fs::remove_dir_all(work);
+    Ok(())
+}
+
+/// The pgbench table (when `tps`) and the idle session memory.
+fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
     let rows: [(&str, &[&str]); 4] = [
         ("-S", &["-S"]),
         ("-S -M prepared", &["-S", "-M", "prepared"]),
@@ -329,17 +383,8 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
     drop(bouncer);
 
     // The bot: this process and its pgbench children in the bench cgroup.
-    let cg = Cgroup::create("tollgate-bench-pg")?;
-    fs::write(cg.0.join("cgroup.procs"), std::process::id().to_string())?;
-    struct Back(std::path::PathBuf);
-    impl Drop for Back {
-        fn drop(&mut self) {
-            if let Some(root) = self.0.parent() {
-                let _ = fs::write(root.join("cgroup.procs"), std::process::id().to_string());
-            }
-        }
-    }
-    let back = Back(cg.0.clone());
+    let cg = InBenchCgroup::enter()?;
+    let work = Path::new(WORK);
     let (listen, metrics) = (free_port()?, free_port()?);
     let mut idle = None;
     for (col, protocol, env) in [
@@ -352,7 +397,7 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
         let pol = work.join(format!("{protocol}.toml"));
         fs::write(&pol, policy(pg_port, listen, metrics, protocol))?;
         let log = work.join(format!("agent-{protocol}.log"));
-        let mut agent = AgentProc::start(&bin, &pol, &log, env)?;
+        let mut agent = AgentProc::start(bin, &pol, &log, env)?;
         agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
         if protocol == "postgres" {
             idle = Some(idle_session_memory(
@@ -373,7 +418,6 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
         }
         agent.stop();
     }
-    drop(back);
     drop(cg);
 
     if !tps {
@@ -383,8 +427,6 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
                 per / 1024.0
             );
         }
-        drop(pg);
-        let _ = fs::remove_dir_all(work);
         return Ok(());
     }
     println!("\npgbench TPS, -c4 -j2 -T{SECONDS}, scale 1, one run on this machine (2 cores shared by client, proxy and server)\n");
@@ -417,8 +459,238 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
             per / 1024.0
         );
     }
-    mask_throughput()?;
-    drop(pg);
-    let _ = fs::remove_dir_all(work);
     Ok(())
+}
+
+/// Held DELETEs timed for the wake-up latency (plus one untimed warm-up).
+const WAKE_RUNS: usize = 10;
+
+/// Approvals configured vs not, for an auto-allowed statement: pgbench -S through the postgres
+/// target, A = the table's policy (admin listener off), B = the same plus an `approve` rule on
+/// DELETE and the admin listener on, in the order A B B A (an agent start per block), so a
+/// drift of the machine over time cancels out of the means. Then, on B's agent, the wake-up
+/// latency: a psql DELETE is held, approved through the admin API, and timed from the approve
+/// call to the DELETE's result at psql.
+fn approvals(bin: &Path, pg: &Postgres, pg_port: u16) -> Result<()> {
+    pg.sql(
+        pg_port,
+        "bench",
+        &format!(
+            "CREATE TABLE held (id int PRIMARY KEY); \
+             INSERT INTO held SELECT generate_series(1, {}); ALTER TABLE held OWNER TO app_rw",
+            WAKE_RUNS + 1
+        ),
+    )?;
+    let _cg = InBenchCgroup::enter()?;
+    let work = Path::new(WORK);
+    let (listen, metrics, admin) = (free_port()?, free_port()?, free_port()?);
+    let mut a_tps = Vec::new();
+    let mut b_tps = Vec::new();
+    let mut wake = Vec::new();
+    for (block, configured) in [(0, false), (1, true), (2, false)] {
+        let name = if configured { "approvals" } else { "plain" };
+        let mut text = policy(pg_port, listen, metrics, "postgres");
+        if configured {
+            text = text.replace("admin = \"off\"", &format!("admin = \"127.0.0.1:{admin}\""));
+            text.push_str(
+                r#"
+[[rule]]
+name = "deletes need approval"
+identities = ["bench"]
+targets = ["db"]
+action = "approve"
+sql = { statements = ["delete"] }
+approvers = ["dba"]
+timeout = "1m"
+"#,
+            );
+        }
+        let pol = work.join(format!("{name}.toml"));
+        fs::write(&pol, text)?;
+        let log = work.join(format!("agent-{name}-{block}.log"));
+        let mut agent = AgentProc::start(bin, &pol, &log, &[])?;
+        agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
+        if configured {
+            // B twice in a row (the middle of A B B A), then the wake-up runs.
+            b_tps.push(pgbench(pg_port, "not-the-password", &["-S"])?);
+            b_tps.push(pgbench(pg_port, "not-the-password", &["-S"])?);
+            let token = wait_token(&work.join("data/admin.token"))?;
+            let addr = format!("127.0.0.1:{admin}");
+            for row in 1..=WAKE_RUNS + 1 {
+                let sample = wake_up(pg_port, &addr, &token, row)
+                    .with_context(|| format!("wake-up run {row}; agent log {}", log.display()))?;
+                if row > 1 {
+                    wake.push(sample);
+                }
+            }
+        } else {
+            a_tps.push(pgbench(pg_port, "not-the-password", &["-S"])?);
+        }
+        agent.stop();
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let spread = |v: &[f64]| (v[0] - v[1]).abs() / mean(v) * 100.0;
+    let (a, b) = (mean(&a_tps), mean(&b_tps));
+    println!("\napprovals configured, pgbench -S through the postgres target (-c4 -j2 -T{SECONDS}, order A B B A):");
+    println!(
+        "  A  no approve rule, admin off            {:>8.0} {:>8.0} tps   mean {a:>8.0}   (runs differ by {:.1}%)",
+        a_tps[0],
+        a_tps[1],
+        spread(&a_tps)
+    );
+    println!(
+        "  B  approve rule on DELETE, admin on      {:>8.0} {:>8.0} tps   mean {b:>8.0}   (runs differ by {:.1}%)",
+        b_tps[0],
+        b_tps[1],
+        spread(&b_tps)
+    );
+    println!("  B/A ratio: {:.3}", b / a);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut after: Vec<Duration> = wake.iter().map(|w| w.after_return).collect();
+    let mut total: Vec<Duration> = wake.iter().map(|w| w.after_start).collect();
+    let mut call: Vec<Duration> = wake.iter().map(|w| w.call).collect();
+    for v in [&mut after, &mut total, &mut call] {
+        v.sort();
+    }
+    let med = |v: &[Duration]| v[v.len() / 2];
+    println!(
+        "approval wake-up, {} held DELETEs (psql), median [min, max]:\n  approve call returned -> DELETE result at psql  {:>7.1} ms [{:.1}, {:.1}]\n  approve call started  -> DELETE result at psql  {:>7.1} ms [{:.1}, {:.1}]\n  (the approve call itself                        {:>7.1} ms)",
+        wake.len(),
+        ms(med(&after)),
+        ms(after[0]),
+        ms(after[after.len() - 1]),
+        ms(med(&total)),
+        ms(total[0]),
+        ms(total[total.len() - 1]),
+        ms(med(&call)),
+    );
+    println!("goal: ratio within noise (~0.95-1.05); wake-up < 100 ms");
+    Ok(())
+}
+
+/// The local admin token the agent writes at start-up (no OIDC configured).
+fn wait_token(path: &Path) -> Result<String> {
+    for _ in 0..200 {
+        if let Ok(t) = fs::read_to_string(path) {
+            if !t.trim().is_empty() {
+                return Ok(t.trim().to_string());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the agent wrote no admin token at {}", path.display())
+}
+
+struct WakeUp {
+    /// The approve call's own duration.
+    call: Duration,
+    /// From the approve call's return to the result line at psql (zero if it came first).
+    after_return: Duration,
+    /// From the approve call's start to the result line at psql.
+    after_start: Duration,
+}
+
+/// One held DELETE: psql (in the bench cgroup) runs it, the test waits for the approval notice,
+/// approves through the admin API and times the result.
+fn wake_up(pg_port: u16, admin: &str, token: &str, row: usize) -> Result<WakeUp> {
+    let mut child = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg_port.to_string(),
+            "-U",
+            "app_rw",
+            "-d",
+            "bench",
+            "-X",
+            "-c",
+            &format!("DELETE FROM held WHERE id = {row}"),
+        ])
+        .env("PGPASSWORD", "not-the-password")
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("psql")?;
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    for pipe in [
+        Box::new(child.stdout.take().context("stdout")?) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().context("stderr")?),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send((Instant::now(), l));
+            }
+        });
+    }
+    drop(tx);
+    let _child = Kill(child);
+    let mut seen = Vec::new();
+    let mut next = |what: &str, pred: &dyn Fn(&str) -> bool| -> Result<(Instant, String)> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((at, l)) => {
+                    seen.push(l.clone());
+                    if pred(&l) {
+                        return Ok((at, l));
+                    }
+                }
+                Err(_) => bail!("psql printed no {what}; it printed:\n{}", seen.join("\n")),
+            }
+        }
+    };
+    let (_, notice) = next("approval notice", &|l| l.contains("waiting for approval #"))?;
+    let id: u64 = notice
+        .split("waiting for approval #")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|d| d.parse().ok())
+        .with_context(|| format!("no approval id in {notice:?}"))?;
+    let t0 = Instant::now();
+    let (status, body) = http_post(admin, &format!("/v1/approvals/{id}/approve"), token)?;
+    let t1 = Instant::now();
+    if status != 200 {
+        bail!("approve #{id}: HTTP {status}: {body}");
+    }
+    let (t2, _) = next("DELETE result", &|l| l.starts_with("DELETE 1"))?;
+    Ok(WakeUp {
+        call: t1 - t0,
+        after_return: t2.saturating_duration_since(t1),
+        after_start: t2 - t0,
+    })
+}
+
+/// POST an empty JSON body with a bearer token (HTTP/1.1, Connection: close).
+fn http_post(addr: &str, path: &str, token: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
