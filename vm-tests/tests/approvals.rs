@@ -424,12 +424,7 @@ fn deny_gives_42501_with_the_comment_and_other_sessions_are_unaffected() {
 fn expiry_denies_cleanly_and_the_session_continues() {
     let f = fixture("apprexp", "2s", None);
     let t = Instant::now();
-    let mut p = f.psql(&[
-        "-c",
-        "DELETE FROM orders WHERE id = 4",
-        "-c",
-        "SELECT count(*) AS n FROM orders",
-    ]);
+    let mut p = f.psql(&["-c", "DELETE FROM orders WHERE id = 4"]);
     let id = p.approval_id();
     let (_, text) = p.finish();
     let waited = t.elapsed();
@@ -893,4 +888,53 @@ fn an_expired_approver_token_gets_401_and_leaves_the_request_untouched() {
     });
     assert_eq!(ev["approver"], "alice", "{ev}");
     assert_eq!(ev["approvals"], serde_json::json!(["alice"]), "{ev}");
+}
+
+/// psql's Ctrl-C sends a CancelRequest on a new connection (redirected to the agent like any
+/// other). For a statement held for approval the server has nothing to cancel, so the agent
+/// withdraws the request: the bot gets 57014 at once, the request is cancelled and audited,
+/// the row is untouched. (psql ends a non-interactive run after Ctrl-C, as it does against a
+/// server, so the next command is not sent.)
+#[test]
+fn ctrl_c_in_psql_withdraws_the_held_statement() {
+    let f = fixture("apprcancel", "5m", None);
+    let mut p = f.psql(&["-c", "DELETE FROM orders WHERE id = 4"]);
+    let id = p.approval_id();
+    assert_eq!(f.request(id)["status"], "pending");
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT to psql");
+    p.wait_line("the cancellation", Duration::from_secs(10), |l| {
+        l.contains("57014")
+    });
+    let took = t.elapsed();
+    println!(
+        "Ctrl-C to 57014 at psql: {:.1} ms",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(took < Duration::from_secs(2), "cancel took {took:?}");
+    let (_, text) = p.finish();
+    assert!(
+        text.contains("canceling statement due to user request") && text.contains("withdrawn"),
+        "{text}"
+    );
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 4"),
+        "1"
+    );
+    let r = f.request(id);
+    assert_eq!(r["status"], "cancelled", "{r}");
+    let ev = f.agent.wait_audit("approval cancelled", |e| {
+        e["event"] == "approval" && e["approval_id"] == id && e["action"] == "cancelled"
+    });
+    assert!(
+        ev.to_string().contains("cancelled the statement"),
+        "the reason says who cancelled: {ev}"
+    );
+    // Approving afterwards is refused: nothing is waiting any more.
+    let (code, _, err) = f.cli(&["approve", &id.to_string()]);
+    assert_eq!(code, 1, "{err}");
 }
