@@ -1115,7 +1115,8 @@ impl ClientSide<'_> {
         mut buf: BytesMut,
         counters: &Counters,
     ) -> Result<(), DataPathError> {
-        let mut out = BytesMut::with_capacity(16 * 1024);
+        let mut out = BytesMut::with_capacity(ReadSize::START);
+        let mut size = ReadSize::new(16 * 1024);
         loop {
             loop {
                 let (msg, raw) = match wire::parse_frontend(&mut buf) {
@@ -1305,7 +1306,7 @@ impl ClientSide<'_> {
                 out.clear();
             }
             uw.flush().await.map_err(|e| upstream_err(self.cx, e))?;
-            match read_more(&mut cr, &mut buf, &mut out, 16 * 1024).await {
+            match read_more(&mut cr, &mut buf, &mut out, &mut size).await {
                 Ok(0) => {
                     let _ = uw.shutdown().await;
                     return Ok(());
@@ -1332,23 +1333,24 @@ async fn read_more(
     r: &mut ReadHalf,
     buf: &mut BytesMut,
     out: &mut BytesMut,
-    chunk: usize,
+    size: &mut ReadSize,
 ) -> std::io::Result<usize> {
     use std::{future::Future as _, task::Poll};
     if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(chunk);
+        buf.reserve(size.chunk);
     }
+    let spare = buf.capacity() - buf.len();
     {
         // One poll without waiting: bytes already there are read into the big buffer.
         let mut read = std::pin::pin!(r.read_buf(buf));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         if let Poll::Ready(res) = read.as_mut().poll(&mut cx) {
-            return res;
+            return size.after(res, spare);
         }
     }
     // read_buf is cancel-safe: a timed-out read has taken nothing.
     if let Ok(res) = tokio::time::timeout(IDLE_RELEASE_AFTER, r.read_buf(buf)).await {
-        return res;
+        return size.after(res, spare);
     }
     if buf.is_empty() && buf.capacity() > IDLE_READ_CAPACITY {
         *buf = BytesMut::with_capacity(IDLE_READ_CAPACITY);
@@ -1356,7 +1358,36 @@ async fn read_more(
     if out.is_empty() && out.capacity() > 0 {
         *out = BytesMut::new();
     }
+    size.chunk = ReadSize::START;
     r.read_buf(buf).await
+}
+
+/// How much a session reserves for its next read: it starts small and doubles (up to `max`)
+/// while reads fill what was reserved, so a session that only ever sees small messages never
+/// holds a big buffer, and a large result is still read in big chunks.
+struct ReadSize {
+    chunk: usize,
+    max: usize,
+}
+
+impl ReadSize {
+    const START: usize = 8 * 1024;
+
+    fn new(max: usize) -> ReadSize {
+        ReadSize {
+            chunk: ReadSize::START.min(max),
+            max,
+        }
+    }
+
+    fn after(&mut self, res: std::io::Result<usize>, spare: usize) -> std::io::Result<usize> {
+        if let Ok(n) = res {
+            if n >= spare && self.chunk < self.max {
+                self.chunk = (self.chunk * 2).min(self.max);
+            }
+        }
+        res
+    }
 }
 
 /// Write out what is buffered for the server.
@@ -1717,7 +1748,8 @@ impl ServerSide<'_> {
         mut buf: BytesMut,
         counters: &Counters,
     ) -> Result<(), DataPathError> {
-        let mut out = BytesMut::with_capacity(64 * 1024);
+        let mut out = BytesMut::with_capacity(ReadSize::START);
+        let mut size = ReadSize::new(64 * 1024);
         loop {
             loop {
                 let (tag, raw) = match wire::parse_backend(&mut buf) {
@@ -1759,7 +1791,7 @@ impl ServerSide<'_> {
             cw.flush().await.map_err(DataPathError::Client)?;
             // Everything parsed so far is written: a notice goes between whole messages.
             let read = tokio::select! {
-                r = read_more(&mut ur, &mut buf, &mut out, 64 * 1024) => r,
+                r = read_more(&mut ur, &mut buf, &mut out, &mut size) => r,
                 Some(n) = self.notices.recv() => {
                     cw.write_all(&n).await.map_err(DataPathError::Client)?;
                     cw.flush().await.map_err(DataPathError::Client)?;
