@@ -1321,8 +1321,10 @@ impl ClientSide<'_> {
 /// Capacity a quiet session keeps for its next message.
 const IDLE_READ_CAPACITY: usize = 512;
 
-/// How long a session waits for its peer before it releases its buffers.
-const IDLE_RELEASE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long a session waits for its peer before it releases its buffers: far longer than the
+/// pause between round trips of a busy session, short enough that sessions opened in a burst
+/// do not all hold their buffers at once.
+const IDLE_RELEASE_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Read more bytes into `buf` (reserving `chunk` when it runs low). While bytes keep coming the
 /// buffers keep their capacity; when the peer has sent nothing for [`IDLE_RELEASE_AFTER`] and
