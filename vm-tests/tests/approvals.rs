@@ -424,7 +424,12 @@ fn deny_gives_42501_with_the_comment_and_other_sessions_are_unaffected() {
 fn expiry_denies_cleanly_and_the_session_continues() {
     let f = fixture("apprexp", "2s", None);
     let t = Instant::now();
-    let mut p = f.psql(&["-c", "DELETE FROM orders WHERE id = 4"]);
+    let mut p = f.psql(&[
+        "-c",
+        "DELETE FROM orders WHERE id = 4",
+        "-c",
+        "SELECT count(*) AS n FROM orders",
+    ]);
     let id = p.approval_id();
     let (_, text) = p.finish();
     let waited = t.elapsed();
