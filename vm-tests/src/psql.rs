@@ -25,22 +25,38 @@ impl Psql {
     /// to the agent) as user `bot`, database `app`. `password` goes in `PGPASSWORD`: a workload's
     /// JWT, or any placeholder when the agent injects the upstream credential itself.
     pub fn spawn(bot: &Cgroup, port: u16, password: &str, args: &[&str]) -> Psql {
+        Psql::spawn_to(bot, None, "127.0.0.1", port, password, args)
+    }
+
+    /// Like [`Psql::spawn`], to `host`, and inside the network namespace `netns` (a
+    /// `/run/netns/NAME` file) when given.
+    pub fn spawn_to(
+        bot: &Cgroup,
+        netns: Option<&Path>,
+        host: &str,
+        port: u16,
+        password: &str,
+        args: &[&str],
+    ) -> Psql {
         let conn = format!(
-            "host=127.0.0.1 port={port} user=bot dbname=app sslmode=disable connect_timeout=10"
+            "host={host} port={port} user=bot dbname=app sslmode=disable connect_timeout=10"
         );
-        let mut child = bot
-            .command(Path::new("/usr/bin/psql"))
-            .arg(conn)
-            .args(["-X", "-v", "VERBOSITY=verbose"])
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("PGPASSWORD", password)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("psql");
+        let psql = Path::new("/usr/bin/psql");
+        let mut child = match netns {
+            Some(ns) => bot.command_in_netns(psql, ns),
+            None => bot.command(psql),
+        }
+        .arg(conn)
+        .args(["-X", "-v", "VERBOSITY=verbose"])
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("PGPASSWORD", password)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
         let (tx, rx) = mpsc::channel();
         for pipe in [
             Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,

@@ -15,11 +15,10 @@
 //! root, which sees every namespace; only `namespace = "own"` keeps each to its own bot.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -28,6 +27,7 @@ use vm_tests::{
     free_port,
     netns::NetNs,
     pg::{PgServer, APP_PASSWORD},
+    psql::Psql,
     require_root, tollgate_bin, unique, wait_for, Cgroup, TempDir,
 };
 
@@ -265,100 +265,16 @@ fn http(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> 
     )
 }
 
-/// A psql in a bot cgroup inside a namespace, its output lines timestamped.
-struct Psql {
-    child: Child,
-    lines: mpsc::Receiver<(Instant, String)>,
-    seen: Vec<String>,
-}
-
-impl Psql {
-    fn start(bot: &Cgroup, ns: &NetNs, port: u16, sql: &str) -> Psql {
-        let conn = format!(
-            "host={} port={port} user=bot dbname=app password=wrong-on-purpose sslmode=disable connect_timeout=10",
-            ns.host_addr
-        );
-        let mut child = bot
-            .command_in_netns(Path::new("/usr/bin/psql"), &ns.path())
-            .arg(conn)
-            .args(["-X", "-v", "VERBOSITY=verbose", "-c", sql])
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("psql");
-        let (tx, rx) = mpsc::channel();
-        for pipe in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let _ = tx.send((Instant::now(), l));
-                }
-            });
-        }
-        Psql {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        }
-    }
-
-    fn wait_line(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> (Instant, String) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok((at, l)) => {
-                    self.seen.push(l.clone());
-                    if pred(&l) {
-                        return (at, l);
-                    }
-                }
-                Err(_) => panic!(
-                    "psql: no line with {what} within {timeout:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn approval_id(&mut self) -> u64 {
-        let (_, l) = self.wait_line("the approval notice", Duration::from_secs(20), |l| {
-            l.contains("waiting for approval #")
-        });
-        l.split("waiting for approval #")
-            .nth(1)
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|d| d.parse().ok())
-            .unwrap_or_else(|| panic!("no id in {l}"))
-    }
-
-    fn finish(mut self) -> (bool, String) {
-        let status = wait_for(Duration::from_secs(30), "psql to exit", || {
-            self.child.try_wait().ok().flatten()
-        });
-        while let Ok((_, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            self.seen.push(l);
-        }
-        (status.success(), self.seen.join("\n"))
-    }
-}
-
-impl Drop for Psql {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A psql in a bot cgroup inside a namespace, to the namespace's host address.
+fn psql(bot: &Cgroup, ns: &NetNs, port: u16, sql: &str) -> Psql {
+    Psql::spawn_to(
+        bot,
+        Some(&ns.path()),
+        &ns.host_addr.to_string(),
+        port,
+        "wrong-on-purpose",
+        &["-c", sql],
+    )
 }
 
 fn body(pg: &PgServer, bot: &Cgroup, secret: &Path) -> String {
@@ -476,7 +392,7 @@ fn two_agents_share_one_approval_store() {
     );
 
     // 1. Raised on A, listed by B, approved through B: A's bot proceeds within 1 s.
-    let mut p = Psql::start(&bot_a, &ns_a, pg.port, "DELETE FROM orders WHERE id = 1");
+    let mut p = psql(&bot_a, &ns_a, pg.port, "DELETE FROM orders WHERE id = 1");
     let id = p.approval_id();
     assert_eq!(
         count(&pg, "SELECT count(*) FROM orders WHERE id = 1"),
@@ -575,7 +491,7 @@ fn two_agents_share_one_approval_store() {
     assert_eq!(st, 409, "{v}");
 
     // 2. Raised on B, denied through A with a comment: B's bot gets 42501 with it.
-    let mut p = Psql::start(&bot_b, &ns_b, pg.port, "DELETE FROM orders WHERE id = 2");
+    let mut p = psql(&bot_b, &ns_b, pg.port, "DELETE FROM orders WHERE id = 2");
     let id_b = p.approval_id();
     assert_ne!(id_b, id, "ids come from one sequence");
     let (st, v) = agent_a.api("GET", &format!("/v1/approvals/{id_b}"), "");
@@ -602,7 +518,7 @@ fn two_agents_share_one_approval_store() {
     );
 
     // 3. Two approvers on two hosts racing on one request: exactly one decides.
-    let mut p = Psql::start(&bot_a, &ns_a, pg.port, "DELETE FROM orders WHERE id = 4");
+    let mut p = psql(&bot_a, &ns_a, pg.port, "DELETE FROM orders WHERE id = 4");
     let id_r = p.approval_id();
     let (ta, tb) = (agent_a.token(), agent_b.token());
     let (aa, ab) = (agent_a.admin, agent_b.admin);
@@ -642,7 +558,7 @@ fn two_agents_share_one_approval_store() {
 
     // 4. min_approvals counts distinct subjects across hosts: the same approver (the local
     //    admin subject) approving through A and then through B is one approval.
-    let mut p = Psql::start(
+    let mut p = psql(
         &bot_a,
         &ns_a,
         pg.port,
@@ -680,7 +596,7 @@ fn two_agents_share_one_approval_store() {
 
     // 5. A bot that goes away cancels its request (B holds it); a restarted agent closes the
     //    requests it held ("agent restarted").
-    let p = Psql::start(&bot_b, &ns_b, pg.port, "DELETE FROM orders WHERE id = 6");
+    let p = psql(&bot_b, &ns_b, pg.port, "DELETE FROM orders WHERE id = 6");
     let mut p = p;
     let id_c = p.approval_id();
     drop(p); // kills psql
@@ -693,7 +609,7 @@ fn two_agents_share_one_approval_store() {
         },
     );
     assert_eq!(r["request"]["holder"], "agent-b", "{r}");
-    let mut p = Psql::start(&bot_b, &ns_b, pg.port, "DELETE FROM orders WHERE id = 7");
+    let mut p = psql(&bot_b, &ns_b, pg.port, "DELETE FROM orders WHERE id = 7");
     let id_k = p.approval_id();
     agent_b.kill9_and_restart("agent-b");
     let (_, out) = p.finish();
@@ -863,7 +779,7 @@ fn a_lost_store_fails_held_operations_closed_and_recovers() {
 
     // Held, then the store dies: the held DELETE fails closed with 42501 once the listener
     // has been unable to reconnect for 10 s (LOST_GRACE), well before the rule's 2m timeout.
-    let mut p = Psql::start(&bot, &ns, app.port, "DELETE FROM orders WHERE id = 3");
+    let mut p = psql(&bot, &ns, app.port, "DELETE FROM orders WHERE id = 3");
     let lost_id = p.approval_id();
     let t0 = Instant::now();
     store.stop();
@@ -888,7 +804,7 @@ fn a_lost_store_fails_held_operations_closed_and_recovers() {
     );
 
     // Store still down: new held operations are refused at once, everything else works.
-    let p = Psql::start(
+    let p = psql(
         &bot,
         &ns,
         app.port,
@@ -897,7 +813,7 @@ fn a_lost_store_fails_held_operations_closed_and_recovers() {
     let (ok, out) = p.finish();
     assert!(ok && out.contains(" 1"), "reads still work: {out}");
     let t = Instant::now();
-    let p = Psql::start(&bot, &ns, app.port, "DELETE FROM orders WHERE id = 3");
+    let p = psql(&bot, &ns, app.port, "DELETE FROM orders WHERE id = 3");
     let (ok, out) = p.finish();
     assert!(
         !ok && out.contains("42501") && out.contains("approval store unavailable"),
@@ -925,7 +841,7 @@ fn a_lost_store_fails_held_operations_closed_and_recovers() {
         },
     );
     assert_eq!(lost["request"]["status"], "expired", "{lost}");
-    let mut p = Psql::start(&bot, &ns, app.port, "DELETE FROM orders WHERE id = 3");
+    let mut p = psql(&bot, &ns, app.port, "DELETE FROM orders WHERE id = 3");
     let id = p.approval_id();
     assert!(id > lost_id, "ids keep counting: {id} after {lost_id}");
     let (st, v) = agent.api("POST", &format!("/v1/approvals/{id}/approve"), "{}");

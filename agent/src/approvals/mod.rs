@@ -132,6 +132,42 @@ pub struct NewRequest {
     pub timeout: Duration,
 }
 
+impl ApprovalRequest {
+    /// A new pending request `id` for `n`, created at `created` (ms since the epoch), held by
+    /// `holder` (the agent whose bot waits; None in the embedded store).
+    pub fn pending(
+        id: u64,
+        n: NewRequest,
+        created: u64,
+        holder: Option<String>,
+    ) -> ApprovalRequest {
+        let expires = created + n.timeout.as_millis() as u64;
+        ApprovalRequest {
+            id,
+            status: Status::Pending,
+            identity: n.identity,
+            workload_subject: n.workload_subject,
+            target: n.target,
+            protocol: n.protocol,
+            session: n.session,
+            operation: n.operation,
+            kind: n.kind,
+            rule: n.rule,
+            approvers: n.approvers,
+            min_approvals: n.min_approvals.max(1),
+            created: rfc3339(created),
+            created_ms: created,
+            expires: rfc3339(expires),
+            expires_ms: expires,
+            decided: None,
+            approvals: Vec::new(),
+            denied_by: None,
+            reason: None,
+            holder,
+        }
+    }
+}
+
 /// An approver's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -374,34 +410,12 @@ impl Broker {
     pub fn open_request(self: &Arc<Self>, n: NewRequest) -> Ticket {
         let (tx, rx) = oneshot::channel();
         let created = now_ms();
-        let expires = created + n.timeout.as_millis() as u64;
+        let timeout = n.timeout;
         let req = {
             let mut st = lock(&self.state);
             let id = st.next_id;
             st.next_id += 1;
-            let req = ApprovalRequest {
-                id,
-                status: Status::Pending,
-                identity: n.identity,
-                workload_subject: n.workload_subject,
-                target: n.target,
-                protocol: n.protocol,
-                session: n.session,
-                operation: n.operation,
-                kind: n.kind,
-                rule: n.rule,
-                approvers: n.approvers,
-                min_approvals: n.min_approvals.max(1),
-                created: rfc3339(created),
-                created_ms: created,
-                expires: rfc3339(expires),
-                expires_ms: expires,
-                decided: None,
-                approvals: Vec::new(),
-                denied_by: None,
-                reason: None,
-                holder: None,
-            };
+            let req = ApprovalRequest::pending(id, n, created, None);
             st.pending.insert(
                 id,
                 Entry {
@@ -419,7 +433,7 @@ impl Broker {
         if let Some(w) = &self.webhook {
             w.notify(&req);
         }
-        Ticket::new(self.clone(), req.id, n.timeout, rx)
+        Ticket::new(self.clone(), req.id, timeout, rx)
     }
 
     /// Pending requests (oldest first) and the decided ones (newest first).

@@ -579,30 +579,9 @@ impl ApprovalStore for PgStore {
                 self.metrics.approvals_pending.set(ws.len() as i64);
             }
             let created = now_ms();
-            let expires = created + n.timeout.as_millis() as u64;
-            let req = ApprovalRequest {
-                id,
-                status: Status::Pending,
-                identity: n.identity,
-                workload_subject: n.workload_subject,
-                target: n.target,
-                protocol: n.protocol,
-                session: n.session,
-                operation: n.operation,
-                kind: n.kind,
-                rule: n.rule,
-                approvers: n.approvers,
-                min_approvals: n.min_approvals.max(1),
-                created: rfc3339(created),
-                created_ms: created,
-                expires: rfc3339(expires),
-                expires_ms: expires,
-                decided: None,
-                approvals: Vec::new(),
-                denied_by: None,
-                reason: None,
-                holder: Some(self.host_id.clone()),
-            };
+            let timeout = n.timeout;
+            let req = ApprovalRequest::pending(id, n, created, Some(self.host_id.clone()));
+            let expires = req.expires_ms;
             let doc = serde_json::to_value(&req).unwrap_or_default();
             let host = self.host_id.clone();
             let inserted = self
@@ -625,7 +604,7 @@ impl ApprovalStore for PgStore {
                 w.notify(&req);
             }
             let holder: Arc<dyn Holder> = self.clone();
-            Ok(Ticket::new(holder, id, n.timeout, rx))
+            Ok(Ticket::new(holder, id, timeout, rx))
         })
     }
 
