@@ -841,7 +841,6 @@ impl ClientSide<'_> {
 
     async fn decide_sql(&mut self, sql: &str, shown: &str) -> Verdict {
         let cx = self.cx;
-        let shown = shown.to_string();
         self.copy_plans.clear();
         let unsafe_encoding = lock(&self.shared.unsafe_encoding).clone();
         if let Some(enc) = unsafe_encoding {
@@ -850,7 +849,7 @@ impl ClientSide<'_> {
                 rule: None,
                 reason: tollgate_policy::DecisionReason::NoMatchingRule,
             };
-            cx.audit_operation("sql", &shown, &d, Some("client_encoding"));
+            cx.audit_operation("sql", shown, &d, Some("client_encoding"));
             return Verdict::Deny(format!(
                 "tollgate: client_encoding {enc} cannot be classified safely (its characters can hide quotes and backslashes); set client_encoding to UTF8"
             ));
@@ -864,7 +863,7 @@ impl ClientSide<'_> {
                     reason: tollgate_policy::DecisionReason::NoMatchingRule,
                 };
                 if cx
-                    .audit_operation("sql", &shown, &d, Some("unparseable"))
+                    .audit_operation("sql", shown, &d, Some("unparseable"))
                     .action
                     == Action::Allow
                 {
@@ -922,16 +921,16 @@ impl ClientSide<'_> {
                         rule: None,
                         reason: tollgate_policy::DecisionReason::NoMatchingRule,
                     };
-                    cx.audit_operation(s.kind, &shown, &d, Some(flag));
+                    cx.audit_operation(s.kind, shown, &d, Some(flag));
                     return Verdict::Deny(format!("tollgate: {why}; denied"));
                 }
                 let (d, kind) = decide_statement(cx, s);
                 // The cached classification may come from a statement with other constants:
                 // the audit shows what this bot actually sent.
-                let text = if statements.len() == 1 {
-                    shown.clone()
+                let text: std::borrow::Cow<str> = if statements.len() == 1 {
+                    shown.into()
                 } else {
-                    format!("{} [in: {shown}]", s.kind)
+                    format!("{} [in: {shown}]", s.kind).into()
                 };
                 let extra = if s.dangerous.is_empty() {
                     None
@@ -950,7 +949,7 @@ impl ClientSide<'_> {
                             held = Some(Hold {
                                 kind,
                                 decision: d,
-                                shown: shown.clone(),
+                                shown: shown.to_string(),
                                 tables: on_tables(s),
                             });
                         }
