@@ -15,6 +15,7 @@ pub mod mask;
 pub mod metrics;
 pub mod oidc;
 pub mod pg;
+pub mod plane;
 pub mod proxy;
 pub mod recording;
 pub mod relay;

@@ -218,6 +218,9 @@ pub struct Agent {
     pub ca: Option<Arc<crate::tls::Ca>>,
     /// The approval broker (None: no way to approve, so `approve` decisions are refused).
     pub approvals: Option<Arc<dyn crate::approvals::ApprovalStore>>,
+    /// Session threads (None: sessions run on the runtime that accepted them, as in-process
+    /// tests do).
+    pub plane: Option<crate::plane::Plane>,
     next_session: AtomicU64,
     started_ms: u64,
 }
@@ -250,6 +253,7 @@ impl Agent {
             hash_key: [0; 32],
             ca: None,
             approvals: None,
+            plane: None,
             next_session: AtomicU64::new(1),
             started_ms,
         }
@@ -278,10 +282,32 @@ impl Agent {
                             continue;
                         };
                         let agent = self.clone();
-                        self.tracker.spawn(async move {
-                            agent.handle(stream, peer).await;
-                            drop(permit);
-                        });
+                        match &self.plane {
+                            Some(plane) => {
+                                // Handed over as a std socket: a tokio socket belongs to the
+                                // runtime that registered it.
+                                let stream = match stream.into_std() {
+                                    Ok(s) => s,
+                                    Err(e) => {
+                                        warn!(error = %e, "cannot hand a connection to a session thread");
+                                        continue;
+                                    }
+                                };
+                                plane.spawn(self.tracker.track_future(async move {
+                                    match TcpStream::from_std(stream) {
+                                        Ok(stream) => agent.handle(stream, peer).await,
+                                        Err(e) => warn!(error = %e, "session thread cannot take a connection"),
+                                    }
+                                    drop(permit);
+                                }));
+                            }
+                            None => {
+                                self.tracker.spawn(async move {
+                                    agent.handle(stream, peer).await;
+                                    drop(permit);
+                                });
+                            }
+                        }
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.

@@ -123,6 +123,10 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         metrics.clone(),
     );
     agent.hash_key = load_or_create_key(&cfg.data_dir.join("mask.key"))?;
+    agent.plane = Some(
+        crate::plane::Plane::start(crate::plane::Plane::threads_from_env())
+            .context("cannot start the session threads")?,
+    );
     // Bot-side TLS for PostgreSQL: without a usable CA, bots' TLS requests are refused (and
     // libpq's default sslmode=prefer falls back to plaintext), so this is not fatal.
     agent.ca = match crate::tls::Ca::load_or_create(&cfg.data_dir) {

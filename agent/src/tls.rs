@@ -253,9 +253,19 @@ pub enum Conn {
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
 }
 
-/// Boxed halves of a [`Conn`].
-pub type ReadHalf = Box<dyn AsyncRead + Unpin + Send>;
-pub type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
+type TlsOverTcp = tokio_rustls::TlsStream<TcpStream>;
+
+/// The read half of a [`Conn`] (lock-free for plain TCP).
+pub enum ReadHalf {
+    Plain(tokio::net::tcp::OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsOverTcp>),
+}
+
+/// The write half of a [`Conn`].
+pub enum WriteHalf {
+    Plain(tokio::net::tcp::OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsOverTcp>),
+}
 
 impl Conn {
     /// Split into independently usable halves (lock-free for plain TCP).
@@ -263,12 +273,23 @@ impl Conn {
         match self {
             Conn::Plain(s) => {
                 let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
             }
             Conn::Tls(s) => {
                 let (r, w) = tokio::io::split(*s);
-                (Box::new(r), Box::new(w))
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
             }
+        }
+    }
+
+    /// Put halves of the same connection back together (None: they were not one connection).
+    pub fn reunite(r: ReadHalf, w: WriteHalf) -> Option<Conn> {
+        match (r, w) {
+            (ReadHalf::Plain(r), WriteHalf::Plain(w)) => r.reunite(w).ok().map(Conn::Plain),
+            (ReadHalf::Tls(r), WriteHalf::Tls(w)) if r.is_pair_of(&w) => {
+                Some(Conn::Tls(Box::new(r.unsplit(w))))
+            }
+            _ => None,
         }
     }
 
@@ -312,6 +333,44 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -307,6 +307,10 @@ pub struct Target {
     pub credential: Option<String>,
     /// Key `tls`: how the agent secures its own connection to the target.
     pub tls: TargetTls,
+    /// Key `pool` (PostgreSQL only, default true): a session that ends cleanly (Terminate,
+    /// idle, not in a transaction) leaves its upstream connection, reset with `DISCARD ALL`,
+    /// for the next session with the same upstream user, database and startup parameters.
+    pub pool: bool,
 }
 
 /// `tls = { mode = "...", ca_file = "...", server_name = "..." }` of a target: the agent's

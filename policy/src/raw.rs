@@ -137,8 +137,11 @@ pub(crate) struct RawTarget {
     pub credential: Option<S>,
     /// How the agent secures its own connection to the target.
     pub tls: Option<toml::Spanned<RawTargetTls>>,
+    /// Whether finished sessions' upstream connections are kept for the next session.
+    pub pool: Option<toml::Spanned<bool>>,
 }
-pub(crate) const TARGET_KEYS: &[&str] = &["name", "protocol", "address", "credential", "tls"];
+pub(crate) const TARGET_KEYS: &[&str] =
+    &["name", "protocol", "address", "credential", "tls", "pool"];
 
 /// `tls = { ... }` inside `[[target]]`: the agent's connection to the target.
 #[derive(Debug, Deserialize)]

@@ -840,12 +840,22 @@ fn target<'r>(
             return None;
         }
     }
+    if let Some(pool) = &t.pool {
+        if protocol != Protocol::Postgres {
+            cx.err(
+                pool.span(),
+                format!("`pool` of target \"{name}\": connection pooling is only supported for protocol \"postgres\"; remove it"),
+            );
+            return None;
+        }
+    }
     Some(Target {
         name: name.to_string(),
         protocol,
         address,
         credential,
         tls,
+        pool: t.pool.as_ref().is_none_or(|p| *p.get_ref()),
     })
 }
 

@@ -565,3 +565,84 @@ fn psql_copy_to_stdout_is_masked_and_copy_from_stdin_still_works() {
         "recorded COPY results: {results:?}"
     );
 }
+
+#[test]
+fn a_finished_session_leaves_a_reset_connection_for_the_next_and_an_open_transaction_does_not() {
+    let f = fixture("pgpool");
+    let pid = |o: &Output| -> String {
+        assert!(o.status.success(), "{}", text(o));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("pid=").map(str::to_string))
+            .unwrap_or_else(|| panic!("no pid in {}", text(o)))
+    };
+    // Session 1 dirties its backend: a setting, an advisory lock, an application name.
+    let o = f.psql(&[
+        "-At",
+        "-c",
+        "SET work_mem = '7MB'",
+        "-c",
+        "SELECT pg_advisory_lock(4242)",
+        "-c",
+        "SELECT set_config('application_name', 'dirty', false)",
+        "-c",
+        "SELECT 'pid=' || pg_backend_pid()",
+    ]);
+    let first = pid(&o);
+    // Session 2 gets the same backend, reset: nothing of session 1 is left.
+    let o = f.psql(&[
+        "-At",
+        "-c",
+        "SELECT 'pid=' || pg_backend_pid()",
+        "-c",
+        "SHOW work_mem",
+        "-c",
+        "SELECT 'locks=' || count(*) FROM pg_locks WHERE locktype = 'advisory'",
+        "-c",
+        "SHOW application_name",
+    ]);
+    assert_eq!(pid(&o), first, "the second session reuses the backend");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        out.contains("\n4MB\n"),
+        "work_mem is back to the default: {out}"
+    );
+    assert!(
+        out.contains("locks=0"),
+        "the advisory lock was released: {out}"
+    );
+    assert!(!out.contains("dirty"), "application_name was reset: {out}");
+    let recordings: Vec<serde_json::Value> = walk(&f.agent.data_dir.join("sessions"))
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<serde_json::Value>>()
+        })
+        .filter(|e: &serde_json::Value| e["event"] == "start")
+        .collect();
+    assert!(
+        recordings
+            .iter()
+            .any(|e| e["upstream_connection"] == "reused"),
+        "a recording says the connection was reused: {recordings:?}"
+    );
+    // A session that leaves inside a transaction does not leave its backend behind.
+    let o = f.psql(&["-At", "-c", "BEGIN; SELECT 'pid=' || pg_backend_pid();"]);
+    let in_tx = pid(&o);
+    vm_tests::wait_for(
+        std::time::Duration::from_secs(10),
+        "the in-transaction backend to end",
+        || {
+            let n = f.pg.superuser_sql(
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {in_tx}"),
+                "postgres",
+            );
+            (n.trim() == "0").then_some(())
+        },
+    );
+    let o = f.psql(&["-At", "-c", "SELECT 'pid=' || pg_backend_pid()"]);
+    assert_ne!(pid(&o), in_tx, "a new backend after an open transaction");
+}

@@ -40,7 +40,7 @@ use crate::{
         catalog::{self, Catalog},
         classify::{ClassifyCache, Statement},
         copy::{self, CopyMasker, CopyPlan},
-        upstream,
+        pool, upstream,
         wire::{self, ErrorReport, Frontend, Startup, TransactionStatus},
     },
     proxy::{ApprovalOutcome, DataPathError, ProtocolHandler, SessionCx},
@@ -489,53 +489,81 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         .filter(|(k, _)| k != "user" && !k.starts_with("_pq_."))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let up = match cx.connect_upstream().await {
-        Ok(s) => {
-            let _ = s.set_nodelay(true);
-            s
+    // A connection left by an earlier session with the same upstream login, if any.
+    let pool_key = cx.target.pool.then(|| {
+        pool::Key::new(
+            cx.target.tls.mode != tollgate_policy::TlsMode::Disable,
+            &cx.target.name,
+            cx.orig_dst,
+            &user,
+            &pass,
+            secret.as_deref(),
+        )
+    });
+    let pooled = match &pool_key {
+        Some(k) => pool::take(k).await,
+        None => None,
+    };
+    let reused = pooled.is_some();
+    let mut session = if let Some(idle) = pooled {
+        upstream::Session {
+            stream: idle.conn,
+            backend_key: idle.backend_key,
+            relay: BytesMut::from(&idle.relay[..]),
+            status: b'I',
+            rest: BytesMut::new(),
         }
-        Err(e) => {
-            send_fatal(
-                &mut client,
-                "08006",
-                &format!(
-                    "tollgate: cannot reach {} ({}): {e}",
-                    cx.target.name, cx.orig_dst
-                ),
-                None,
-            )
-            .await;
-            return Err(e);
+    } else {
+        let up = match cx.connect_upstream().await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                s
+            }
+            Err(e) => {
+                send_fatal(
+                    &mut client,
+                    "08006",
+                    &format!(
+                        "tollgate: cannot reach {} ({}): {e}",
+                        cx.target.name, cx.orig_dst
+                    ),
+                    None,
+                )
+                .await;
+                return Err(e);
+            }
+        };
+        let cred_label = cred_name.clone().unwrap_or_else(|| "(none)".into());
+        let tls = &cx.target.tls;
+        let up = match tls::server_name(tls, cx.dialled_host().as_deref(), cx.orig_dst.ip()) {
+            Ok(name) => upstream::negotiate_tls(up, tls, name).await,
+            Err(e) => Err(e.into()),
+        };
+        let login = match up {
+            Ok(up) => upstream::login(up, &user, &pass, &cred_label, secret.as_deref()).await,
+            Err(e) => Err(e),
+        };
+        match login {
+            Ok(s) => s,
+            Err(e) => {
+                send_fatal(
+                    &mut client,
+                    e.sqlstate(),
+                    &format!("tollgate: {e}"),
+                    Some(
+                        "the bot's own password is ignored; fix the credential in the tollgate policy",
+                    ),
+                )
+                .await;
+                return Err(DataPathError::Upstream {
+                    addr: cx.orig_dst,
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
         }
     };
-    let cred_label = cred_name.clone().unwrap_or_else(|| "(none)".into());
-    let tls = &cx.target.tls;
-    let up = match tls::server_name(tls, cx.dialled_host().as_deref(), cx.orig_dst.ip()) {
-        Ok(name) => upstream::negotiate_tls(up, tls, name).await,
-        Err(e) => Err(e.into()),
-    };
-    let login = match up {
-        Ok(up) => upstream::login(up, &user, &pass, &cred_label, secret.as_deref()).await,
-        Err(e) => Err(e),
-    };
-    let mut session = match login {
-        Ok(s) => s,
-        Err(e) => {
-            send_fatal(
-                &mut client,
-                e.sqlstate(),
-                &format!("tollgate: {e}"),
-                Some(
-                    "the bot's own password is ignored; fix the credential in the tollgate policy",
-                ),
-            )
-            .await;
-            return Err(DataPathError::Upstream {
-                addr: cx.orig_dst,
-                source: std::io::Error::other(e.to_string()),
-            });
-        }
-    };
+    let login_relay = pool_key.as_ref().map(|_| session.relay.clone().freeze());
+    let backend_key = session.backend_key;
 
     let masker = Masker::for_target(policy, &cx.target.name, h.hash_key).map(Arc::new);
     let catalog = match &masker {
@@ -570,6 +598,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             "application_name": param("application_name"), "pid": cx.facts.pid, "uid": cx.facts.uid,
             "cgroup": cx.facts.cgroup, "exe": cx.facts.exe,
             "oidc_subject": workload.as_ref().map(|c| c.subject.clone()),
+            "upstream_connection": if reused { "reused" } else { "new" },
         })));
     }
 
@@ -620,6 +649,15 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     drop(pass);
     drop(params);
     let (notice_tx, notice_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (release, released) = match pool_key {
+        Some(_) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    let status = session.status;
+    let end_state = shared.clone();
     let c2u = ClientSide {
         cx,
         shared: shared.clone(),
@@ -633,6 +671,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         statement_copy: HashMap::new(),
         notices: notice_tx,
         held_cancel,
+        release,
     };
     let u2c = ServerSide {
         cx,
@@ -648,11 +687,47 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         copy_scratch: Vec::new(),
         withhold: false,
         notices: notice_rx,
+        status,
+        released,
     };
     let r = tokio::try_join!(
         c2u.run(cr, uw, cbuf, &counters),
         u2c.run(ur, cw, up_rest, &counters)
-    );
+    )
+    .map(|ends| match ends {
+        // The client said goodbye with nothing in flight: the server's end may serve the next
+        // session.
+        (Some(uw), Some((ur, rest, status))) => Some((ur, uw, rest, status)),
+        _ => None,
+    });
+    let r = match r {
+        Ok(Some((ur, uw, rest, status))) => {
+            let quiet = rest.is_empty()
+                && status == b'I'
+                && lock(&end_state.expect).is_empty()
+                && lock(&end_state.denials).is_empty();
+            if let Some(conn) = Conn::reunite(ur, uw) {
+                match (pool_key, login_relay) {
+                    (Some(key), Some(relay)) if quiet => {
+                        if let Some(conn) = pool::reset(conn).await {
+                            pool::put(
+                                key,
+                                pool::Idle {
+                                    conn,
+                                    backend_key,
+                                    relay,
+                                },
+                            );
+                        }
+                    }
+                    _ => pool::terminate(conn).await,
+                }
+            }
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
     if let Some(rec) = &recorder {
         rec.write(obj(json!({"event": "end", "session": cx.id, "error": r.as_ref().err().map(|e| e.to_string())})));
     }
@@ -755,6 +830,9 @@ struct ClientSide<'a> {
     notices: tokio::sync::mpsc::UnboundedSender<Bytes>,
     /// Signalled by a CancelRequest with this session's key while an operation is held.
     held_cancel: Arc<HeldCancel>,
+    /// Set when the upstream connection may be kept for the next session: a Terminate is then
+    /// not forwarded, and the server side is told to stop reading.
+    release: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Dangerous flags no rule can allow, with why. The policy language has no word that names
@@ -1113,7 +1191,7 @@ impl ClientSide<'_> {
         mut uw: WriteHalf,
         mut buf: BytesMut,
         counters: &Counters,
-    ) -> Result<(), DataPathError> {
+    ) -> Result<Option<WriteHalf>, DataPathError> {
         let mut out = BytesMut::with_capacity(ReadSize::START);
         let mut size = ReadSize::new(16 * 1024);
         loop {
@@ -1140,7 +1218,7 @@ impl ClientSide<'_> {
                                 Some(x) => v = x,
                                 None => {
                                     let _ = uw.shutdown().await;
-                                    return Ok(());
+                                    return Ok(None);
                                 }
                             }
                         }
@@ -1172,7 +1250,7 @@ impl ClientSide<'_> {
                                 Some(x) => v = x,
                                 None => {
                                     let _ = uw.shutdown().await;
-                                    return Ok(());
+                                    return Ok(None);
                                 }
                             }
                         }
@@ -1273,13 +1351,20 @@ impl ClientSide<'_> {
                         )));
                     }
                     Frontend::Terminate => {
+                        if let Some(release) = self.release.take() {
+                            // The connection may serve the next session: send what was
+                            // decided before the Terminate, and keep the server's end open.
+                            flush(&mut uw, &mut out, counters, self.cx).await?;
+                            let _ = release.send(());
+                            return Ok(Some(uw));
+                        }
                         out.extend_from_slice(&raw);
                         uw.write_all(&out)
                             .await
                             .map_err(|e| upstream_err(self.cx, e))?;
                         counters.up.fetch_add(out.len() as u64, Ordering::Relaxed);
                         let _ = uw.shutdown().await;
-                        return Ok(());
+                        return Ok(None);
                     }
                     Frontend::Flush
                     | Frontend::Close { .. }
@@ -1308,7 +1393,7 @@ impl ClientSide<'_> {
             match read_more(&mut cr, &mut buf, &mut out, &mut size).await {
                 Ok(0) => {
                     let _ = uw.shutdown().await;
-                    return Ok(());
+                    return Ok(None);
                 }
                 Ok(_) => {}
                 Err(e) => return Err(DataPathError::Client(e)),
@@ -1550,6 +1635,10 @@ struct ServerSide<'a> {
     withhold: bool,
     /// Messages from the client side to write at the next message boundary.
     notices: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    /// Transaction status of the server's last ReadyForQuery.
+    status: u8,
+    /// Fires when the client side ended with a Terminate it did not forward.
+    released: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// Types whose binary form is their text (UTF-8): masked like text.
@@ -1748,7 +1837,7 @@ impl ServerSide<'_> {
         mut cw: WriteHalf,
         mut buf: BytesMut,
         counters: &Counters,
-    ) -> Result<(), DataPathError> {
+    ) -> Result<Option<(ReadHalf, BytesMut, u8)>, DataPathError> {
         let mut out = BytesMut::with_capacity(ReadSize::START);
         let mut size = ReadSize::new(64 * 1024);
         loop {
@@ -1791,8 +1880,22 @@ impl ServerSide<'_> {
             }
             cw.flush().await.map_err(DataPathError::Client)?;
             // Everything parsed so far is written: a notice goes between whole messages.
+            let released = async {
+                match self.released.as_mut() {
+                    Some(rx) => rx.await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             let read = tokio::select! {
                 r = read_more(&mut ur, &mut buf, &mut out, &mut size) => r,
+                ok = released => {
+                    self.released = None;
+                    if ok {
+                        // The client left with a Terminate that was not forwarded.
+                        return Ok(Some((ur, buf, self.status)));
+                    }
+                    continue;
+                }
                 Some(n) = self.notices.recv() => {
                     cw.write_all(&n).await.map_err(DataPathError::Client)?;
                     cw.flush().await.map_err(DataPathError::Client)?;
@@ -1803,7 +1906,7 @@ impl ServerSide<'_> {
             match read {
                 Ok(0) => {
                     let _ = cw.shutdown().await;
-                    return Ok(());
+                    return Ok(None);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -2001,6 +2104,7 @@ impl ServerSide<'_> {
                 }
             }
             b'Z' => {
+                self.status = raw.get(5).copied().unwrap_or(0);
                 self.withhold = false;
                 self.copy = None;
                 if matches!(

@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod classify;
 pub mod copy;
 pub mod handler;
+pub mod pool;
 pub mod scram;
 pub mod upstream;
 pub mod wire;
