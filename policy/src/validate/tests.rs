@@ -912,6 +912,34 @@ fn target_tls_is_validated() {
 }
 
 #[test]
+fn target_pool_defaults_on_for_postgres_and_is_refused_elsewhere() {
+    let t = |protocol: &str, pool: &str| {
+        format!("[[target]]\nname = \"t4\"\nprotocol = \"{protocol}\"\naddress = [\"127.0.0.1:6545\"]\n{pool}")
+    };
+    let pooled = |text: &str| {
+        parse(&format!("{BASE}{text}"), "p.toml")
+            .expect("valid")
+            .targets
+            .iter()
+            .find(|x| x.name == "t4")
+            .expect("t4")
+            .pool
+    };
+    assert!(pooled(&t("postgres", "")), "on by default");
+    assert!(!pooled(&t("postgres", "pool = false\n")));
+    check(
+        &t("tcp", "pool = true\n"),
+        5,
+        8,
+        &[
+            "`pool` of target \"t4\"",
+            "only supported for protocol \"postgres\"",
+        ],
+    );
+    check(&t("postgres", "pool = \"yes\"\n"), 5, 8, &["pool"]);
+}
+
+#[test]
 fn agent_namespace_and_host_id() {
     check(
         "[agent]\nnamespace = \"mine\"\n",
