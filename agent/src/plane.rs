@@ -54,12 +54,12 @@ impl Plane {
         })
     }
 
-    /// How many session threads to run: `TOLLGATE_SESSION_THREADS`, else one per core.
+    /// How many session threads to run: `TOLLGATE_SESSION_THREADS`, else one per core. `0`
+    /// runs sessions on the main runtime's workers instead (for comparisons).
     pub fn threads_from_env() -> usize {
         std::env::var("TOLLGATE_SESSION_THREADS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 

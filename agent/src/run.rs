@@ -123,10 +123,10 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         metrics.clone(),
     );
     agent.hash_key = load_or_create_key(&cfg.data_dir.join("mask.key"))?;
-    agent.plane = Some(
-        crate::plane::Plane::start(crate::plane::Plane::threads_from_env())
-            .context("cannot start the session threads")?,
-    );
+    agent.plane = match crate::plane::Plane::threads_from_env() {
+        0 => None,
+        n => Some(crate::plane::Plane::start(n).context("cannot start the session threads")?),
+    };
     // Bot-side TLS for PostgreSQL: without a usable CA, bots' TLS requests are refused (and
     // libpq's default sslmode=prefer falls back to plaintext), so this is not fatal.
     agent.ca = match crate::tls::Ca::load_or_create(&cfg.data_dir) {
@@ -206,6 +206,12 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             open = agent.tracker.len(),
             "drain deadline passed; closing remaining sessions"
         );
+    }
+    // Kept upstream connections: say goodbye to the servers rather than vanish.
+    crate::pg::pool::close_all();
+    let until = std::time::Instant::now() + Duration::from_millis(500);
+    while crate::pg::pool::kept() > 0 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     if let Some(b) = &agent.approvals {
         b.flush();

@@ -17,7 +17,7 @@ use std::{
     collections::HashMap,
     hash::BuildHasher as _,
     net::SocketAddr,
-    sync::{Mutex, OnceLock},
+    sync::{atomic::Ordering, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -34,6 +34,14 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Idle connections kept per key (beyond this they are closed).
 pub const MAX_IDLE_PER_KEY: usize = 32;
+
+/// Idle connections kept in all. The key includes startup parameters the bot chooses (e.g.
+/// `application_name`), so without a total a bot could park any number of backends on the
+/// server, outside the agent's `max_connections`.
+pub const MAX_IDLE_TOTAL: usize = 64;
+
+/// Idle connections currently kept (each keeper task holds one).
+static KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A logged-in, reset upstream connection and what a new session needs to greet its client.
 pub struct Idle {
@@ -124,14 +132,33 @@ pub fn put(key: Key, idle: Idle) {
             .entry(key)
             .or_default();
         list.retain(|c| !c.is_closed());
-        if list.len() >= MAX_IDLE_PER_KEY {
+        let full =
+            list.len() >= MAX_IDLE_PER_KEY || KEPT.fetch_add(1, Ordering::SeqCst) >= MAX_IDLE_TOTAL;
+        if full {
+            if list.len() < MAX_IDLE_PER_KEY {
+                KEPT.fetch_sub(1, Ordering::SeqCst);
+            }
             drop(pool);
             tokio::spawn(terminate(idle.conn));
             return;
         }
         list.push(tx);
     }
-    tokio::spawn(keep(idle, rx));
+    tokio::spawn(async move {
+        keep(idle, rx).await;
+        KEPT.fetch_sub(1, Ordering::SeqCst);
+    });
+}
+
+/// How many idle connections are kept now.
+pub fn kept() -> usize {
+    KEPT.load(Ordering::SeqCst)
+}
+
+/// Close every idle connection (at shutdown): their keepers say Terminate to the server.
+pub fn close_all() {
+    let map = lock(&POOL).take();
+    drop(map);
 }
 
 /// Watch an idle connection until a session claims it, it times out, or the server speaks.
@@ -194,4 +221,98 @@ pub async fn reset(mut conn: Conn) -> Option<Conn> {
     })
     .await;
     matches!(done, Ok(Some(()))).then_some(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connection pair: the agent's end (as a pooled upstream) and the "server" end.
+    async fn pair(l: &TcpListener) -> (Conn, TcpStream) {
+        let c = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (s, _) = l.accept().await.expect("accept");
+        (Conn::Plain(c), s)
+    }
+
+    fn key(n: usize) -> Key {
+        Key::new(
+            false,
+            "db",
+            "127.0.0.1:5432".parse().expect("addr"),
+            "app",
+            &[("application_name".into(), format!("bot-{n}"))],
+            Some(b"secret"),
+        )
+    }
+
+    fn idle(conn: Conn) -> Idle {
+        Idle {
+            conn,
+            backend_key: Some((1, 2)),
+            relay: Bytes::new(),
+        }
+    }
+
+    /// Reads what the agent sent before closing: Terminate, then EOF.
+    async fn said_goodbye(s: &mut TcpStream) -> bool {
+        let mut got = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+        matches!(r, Ok(Ok(_))) && got == [b'X', 0, 0, 0, 4]
+    }
+
+    // One test: the pool is process-wide.
+    #[tokio::test]
+    async fn kept_connections_are_reused_capped_and_dropped_when_the_server_leaves() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        // Reuse: the same connection comes back for the same key, not for another.
+        let (c, mut s) = pair(&l).await;
+        put(key(0), idle(c));
+        assert!(take(&key(1)).await.is_none(), "another key gets nothing");
+        let mut back = take(&key(0)).await.expect("kept for its key");
+        assert_eq!(back.backend_key, Some((1, 2)));
+        back.conn.write_all(b"ping").await.expect("write");
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.expect("same socket");
+        assert_eq!(&b, b"ping");
+        assert!(take(&key(0)).await.is_none(), "taken once");
+
+        // The server closing an idle connection removes it.
+        put(key(0), back);
+        drop(s);
+        for _ in 0..200 {
+            if kept() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(kept(), 0, "a closed connection is not kept");
+        assert!(take(&key(0)).await.is_none());
+
+        // The total cap: bot-chosen startup parameters cannot park unbounded backends.
+        let mut servers = Vec::new();
+        for n in 0..MAX_IDLE_TOTAL + 3 {
+            let (c, s) = pair(&l).await;
+            put(key(n), idle(c));
+            servers.push(s);
+        }
+        assert_eq!(kept(), MAX_IDLE_TOTAL);
+        for s in servers.iter_mut().skip(MAX_IDLE_TOTAL) {
+            assert!(said_goodbye(s).await, "over the cap: closed with Terminate");
+        }
+        // Shutdown closes the rest, each with Terminate.
+        close_all();
+        for s in servers.iter_mut().take(MAX_IDLE_TOTAL) {
+            assert!(said_goodbye(s).await, "closed at shutdown with Terminate");
+        }
+        for _ in 0..200 {
+            if kept() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(kept(), 0);
+    }
 }
