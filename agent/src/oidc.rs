@@ -570,7 +570,15 @@ pub(crate) fn http_client() -> impl Fn(HttpRequest) -> HttpFuture {
 /// One HTTP/1.1 exchange: no redirects, no proxies, [`HTTP_TIMEOUT`] in all, bodies capped at
 /// [`MAX_HTTP_BODY`].
 pub async fn http_fetch(req: HttpRequest) -> Result<HttpResponse, HttpError> {
-    match tokio::time::timeout(HTTP_TIMEOUT, exchange(req)).await {
+    http_fetch_with(req, None).await
+}
+
+/// [`http_fetch`], trusting `tls` instead of the system CA bundle when given.
+pub async fn http_fetch_with(
+    req: HttpRequest,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<HttpResponse, HttpError> {
+    match tokio::time::timeout(HTTP_TIMEOUT, exchange(req, tls)).await {
         Ok(r) => r,
         Err(_) => Err(HttpError(format!(
             "no answer within {}s",
@@ -579,7 +587,10 @@ pub async fn http_fetch(req: HttpRequest) -> Result<HttpResponse, HttpError> {
     }
 }
 
-async fn exchange(req: HttpRequest) -> Result<HttpResponse, HttpError> {
+async fn exchange(
+    req: HttpRequest,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<HttpResponse, HttpError> {
     let uri = req.uri().clone();
     let e = |what: &str, err: &dyn std::fmt::Display| HttpError(format!("{what} {uri}: {err}"));
     let https = match uri.scheme_str() {
@@ -637,7 +648,11 @@ async fn exchange(req: HttpRequest) -> Result<HttpResponse, HttpError> {
     if https {
         let name = rustls_pki_types::ServerName::try_from(host.clone())
             .map_err(|err| e("bad TLS name in", &err))?;
-        let tls = tokio_rustls::TlsConnector::from(tls_config().map_err(|m| e(&m, &""))?)
+        let cfg = match tls {
+            Some(cfg) => cfg,
+            None => tls_config().map_err(|m| e(&m, &""))?,
+        };
+        let tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
             .await
             .map_err(|err| e("TLS handshake with", &err))?;

@@ -363,7 +363,8 @@ async fn webhook_retries_until_accepted() {
         }
     });
     let n = webhook::start(&format!("http://{addr}/hook")).expect("webhook");
-    assert!(webhook::start("https://hooks.example/x").is_err());
+    assert!(webhook::start("ftp://hooks.example/x").is_err());
+    assert!(webhook::start("https:///x").is_err());
     let m = Metrics::new();
     let b = Arc::new(Broker::with_store(None, None, m, Some(n)));
     let t = b.open_request(new_req(&["dba"], 1, Duration::from_secs(60)));
@@ -434,4 +435,110 @@ fn apply_verdict_counts_distinct_subjects_and_refuses_the_requester() {
         r2.denied_by.map(|v| (v.subject, v.comment)),
         Some(("carol".into(), None))
     );
+}
+
+/// Reads one HTTP/1.1 request (headers plus a Content-Length body) and answers 200.
+async fn answer_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16384];
+    let body = loop {
+        let k = s.read(&mut buf).await.ok()?;
+        if k == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..k]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(i) = text.find("\r\n\r\n") {
+            let len = text
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                })
+                .unwrap_or(0);
+            if got.len() >= i + 4 + len {
+                break text[i + 4..].to_string();
+            }
+        }
+    };
+    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let _ = s.shutdown().await;
+    Some(body)
+}
+
+#[tokio::test]
+async fn https_webhook_is_verified_and_delivered() {
+    let dir = std::env::temp_dir().join(format!("tg-webhook-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ca = Arc::new(crate::tls::Ca::load_or_create(&dir).expect("ca"));
+    let ip: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(ip));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let got = match acceptor.accept(s).await {
+                Ok(mut tls) => answer_one(&mut tls).await,
+                Err(_) => None, // the client refused our certificate
+            };
+            let _ = tx.send(got);
+        }
+    });
+    let trusting = |pem: &str| {
+        use rustls_pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(c.expect("pem")).expect("root");
+        }
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        )
+    };
+    let url = format!("https://{addr}/hook");
+
+    // Trusting the server's CA: delivered over TLS.
+    let n = webhook::start_with(&url, Some(trusting(ca.pem()))).expect("webhook");
+    let b = Arc::new(Broker::with_store(None, None, Metrics::new(), Some(n)));
+    let _t = b.open_request(new_req(&["dba"], 1, Duration::from_secs(60)));
+    let body = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("delivered")
+        .expect("channel")
+        .expect("a request over TLS");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(
+        v["text"].as_str().unwrap_or("").contains("approval #1"),
+        "{v}"
+    );
+
+    // Trusting another CA: the certificate is refused and nothing is sent.
+    let other_dir = dir.join("other");
+    let other = crate::tls::Ca::load_or_create(&other_dir).expect("other ca");
+    let n = webhook::start_with(&url, Some(trusting(other.pem()))).expect("webhook");
+    let b = Arc::new(Broker::with_store(None, None, Metrics::new(), Some(n)));
+    let _t = b.open_request(new_req(&["dba"], 1, Duration::from_secs(60)));
+    let refused = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an attempt")
+        .expect("channel");
+    assert!(
+        refused.is_none(),
+        "no request over an unverified TLS connection"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,17 +3,14 @@
 //! The broker only enqueues (never awaits), so a slow or dead webhook cannot delay a request's
 //! expiry. A full queue drops the notification with a warning.
 //!
-//! Only `http://` URLs are supported for now; `https://` is refused when the agent starts (put
-//! a local relay in front of the chat service).
+//! `https://` URLs (Slack, Teams, ...) are verified against the system CA bundle
+//! (`SSL_CERT_FILE` overrides it); plain `http://` is for a relay on the host. Requests go out
+//! through the agent's own HTTP client (`oidc::http_fetch_with`): one exchange per connection,
+//! no redirects, the agent's socket mark (so they are never redirected to the agent itself),
+//! bounded answers.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::TokioExecutor,
-};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -29,11 +26,8 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why a webhook URL cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    /// Only plain HTTP is implemented.
-    #[error("[approvals] webhook {0}: https:// webhooks are not supported by this agent yet; use an http:// relay on the host or remove the key")]
-    Https(String),
-    /// The URL does not parse.
-    #[error("[approvals] webhook {0}: not a valid http:// URL")]
+    /// The URL does not parse, or is not http(s) with a host.
+    #[error("[approvals] webhook {0}: not a valid https:// or http:// URL")]
     Invalid(String),
 }
 
@@ -45,25 +39,28 @@ pub struct Notifier {
 
 /// Check the URL and start the sender task (needs a tokio runtime).
 pub fn start(url: &str) -> Result<Notifier, WebhookError> {
+    start_with(url, None)
+}
+
+/// [`start`], trusting `tls` instead of the system CA bundle for https:// (tests).
+pub fn start_with(
+    url: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Notifier, WebhookError> {
     let uri = check(url)?;
     let (tx, mut rx) = mpsc::channel::<Value>(256);
     tokio::spawn(async move {
-        let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
         while let Some(payload) = rx.recv().await {
-            send_with_retries(&client, &uri, &payload).await;
+            send_with_retries(&uri, &payload, tls.clone()).await;
         }
     });
     Ok(Notifier { tx })
 }
 
-/// Validate a webhook URL: http:// only.
+/// Validate a webhook URL: https:// or http://, with a host.
 pub fn check(url: &str) -> Result<hyper::Uri, WebhookError> {
-    if url.starts_with("https://") {
-        return Err(WebhookError::Https(url.to_string()));
-    }
     match url.parse::<hyper::Uri>() {
-        Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => Ok(u),
+        Ok(u) if matches!(u.scheme_str(), Some("https" | "http")) && u.host().is_some() => Ok(u),
         _ => Err(WebhookError::Invalid(url.to_string())),
     }
 }
@@ -110,17 +107,17 @@ pub fn payload(r: &ApprovalRequest) -> Value {
 }
 
 async fn send_with_retries(
-    client: &Client<HttpConnector, Full<Bytes>>,
     uri: &hyper::Uri,
     payload: &Value,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) {
-    let body = Bytes::from(payload.to_string());
+    let body = payload.to_string().into_bytes();
     let mut backoff = BACKOFF;
     for attempt in 1..=ATTEMPTS {
         let req = hyper::Request::post(uri.clone())
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(hyper::header::USER_AGENT, "tollgate")
-            .body(Full::new(body.clone()));
+            .body(body.clone());
         let req = match req {
             Ok(r) => r,
             Err(e) => {
@@ -128,7 +125,8 @@ async fn send_with_retries(
                 return;
             }
         };
-        let why = match tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(req)).await {
+        let sent = crate::oidc::http_fetch_with(req, tls.clone());
+        let why = match tokio::time::timeout(ATTEMPT_TIMEOUT, sent).await {
             Ok(Ok(resp)) if resp.status().is_success() => return,
             Ok(Ok(resp)) => format!("HTTP {}", resp.status()),
             Ok(Err(e)) => e.to_string(),
