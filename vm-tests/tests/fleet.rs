@@ -693,16 +693,14 @@ fn tollgate_approver(a: &FleetAgent) -> String {
     v["you"].as_str().unwrap_or_default().to_string()
 }
 
-#[test]
-fn an_unreachable_store_stops_the_start_with_a_clear_error() {
-    require_root();
-    let dir = TempDir::new("fleet-down");
-    // A closed port on loopback: nothing listens there.
-    let port = free_port();
-    let pin = format!("/sys/fs/bpf/tollgate-fleet-{}", unique("down"));
+/// Runs `tollgate run` with `store` as the approval store URL, expecting it to stop at start-up:
+/// its exit status, its stderr and its pin path.
+fn start_and_exit(tag: &str, store: &str) -> (std::process::ExitStatus, String, String) {
+    let dir = TempDir::new(&format!("fleet-{tag}"));
+    let pin = format!("/sys/fs/bpf/tollgate-fleet-{}", unique(tag));
     let policy = format!(
         "[agent]\nlisten = [\"127.0.0.1:{}\"]\nmetrics = \"off\"\nadmin = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\nbpf_pin_path = \"{pin}\"\n\n\
-         [approvals]\nstore = \"postgres://tollgate_store:{STORE_PASSWORD}@127.0.0.1:{port}/tollgate_store\"\n",
+         [approvals]\nstore = \"{store}\"\n",
         free_port(),
         free_port(),
         dir.path().join("data").display()
@@ -728,6 +726,18 @@ fn an_unreachable_store_stops_the_start_with_a_clear_error() {
     let _ = Command::new(tollgate_bin())
         .args(["uninstall", "--pin-path", &pin])
         .output();
+    (status, err, pin)
+}
+
+#[test]
+fn an_unreachable_store_stops_the_start_with_a_clear_error() {
+    require_root();
+    // A closed port on loopback: nothing listens there.
+    let port = free_port();
+    let (status, err, pin) = start_and_exit(
+        "down",
+        &format!("postgres://tollgate_store:{STORE_PASSWORD}@127.0.0.1:{port}/tollgate_store"),
+    );
     assert!(!status.success(), "must exit non-zero: {err}");
     assert!(
         err.contains("approval store") && err.contains(&format!("127.0.0.1:{port}")),
@@ -856,4 +866,87 @@ fn a_lost_store_fails_held_operations_closed_and_recovers() {
         !agent.stderr().contains(STORE_PASSWORD),
         "the store password never reaches the log"
     );
+}
+
+#[test]
+fn a_tls_only_store_is_reached_over_verified_tls_and_refused_otherwise() {
+    require_root();
+    let ca = vm_tests::pg::TestCa::new("store");
+    let store = PgServer::start_with_tls("fleet-tls", &ca);
+    store.superuser_sql(
+        &format!("CREATE ROLE tollgate_store LOGIN PASSWORD '{STORE_PASSWORD}'"),
+        "postgres",
+    );
+    store.superuser_sql(
+        "CREATE DATABASE tollgate_store OWNER tollgate_store",
+        "postgres",
+    );
+    let dir = TempDir::new("fleet-tls-ca");
+    let ca_file = dir.path().join("store-ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).expect("ca");
+    let wrong_file = dir.path().join("wrong-ca.pem");
+    std::fs::write(&wrong_file, vm_tests::pg::TestCa::new("wrong").ca_pem).expect("ca");
+    let url = |query: &str| {
+        format!(
+            "postgres://tollgate_store:{STORE_PASSWORD}@127.0.0.1:{}/tollgate_store?{query}",
+            store.port
+        )
+    };
+
+    // The server takes TCP logins over TLS only: plaintext is refused, by the server.
+    let (status, err, _) = start_and_exit("tls-plain", &url("sslmode=disable"));
+    assert!(!status.success(), "plaintext must not start: {err}");
+    assert!(
+        err.contains("approval store") && err.contains("no encryption"),
+        "the server's refusal is shown: {err}"
+    );
+    // verify-full with another CA: the certificate is refused before any password is sent.
+    let (status, err, _) = start_and_exit(
+        "tls-wrong",
+        &url(&format!(
+            "sslmode=verify-full&sslrootcert={}",
+            wrong_file.display()
+        )),
+    );
+    assert!(
+        !status.success(),
+        "an unverified store must not start: {err}"
+    );
+    assert!(
+        err.contains("approval store") && err.to_lowercase().contains("certificate"),
+        "the error says why: {err}"
+    );
+    assert!(
+        !err.contains(STORE_PASSWORD),
+        "no password in errors: {err}"
+    );
+
+    // verify-full with the right CA: the agent starts, and its store connections are TLS.
+    let body = format!(
+        "[approvals]\nstore = \"{}\"\n",
+        url(&format!(
+            "sslmode=verify-full&sslrootcert={}",
+            ca_file.display()
+        ))
+    );
+    let agent = vm_tests::AgentProc::start_with_admin("fleet-tls", vm_tests::FailMode::Open, &body);
+    let ssl = wait_for(Duration::from_secs(10), "a TLS store connection", || {
+        let n = store.superuser_sql(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.usename = 'tollgate_store' AND s.ssl",
+            "postgres",
+        );
+        (n.trim() != "0").then(|| n.trim().to_string())
+    });
+    let plain = store.superuser_sql(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.usename = 'tollgate_store' AND NOT s.ssl",
+        "postgres",
+    );
+    assert_eq!(
+        plain.trim(),
+        "0",
+        "no plaintext store connection ({ssl} over TLS)"
+    );
+    drop(agent);
 }

@@ -23,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod pg;
+pub mod store_tls;
 pub mod web;
 pub mod webhook;
 

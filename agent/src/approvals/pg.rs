@@ -35,8 +35,9 @@ use std::{
 
 use serde_json::json;
 use tokio::sync::{oneshot, Mutex};
-use tokio_postgres::{config::Host, AsyncMessage, Client, Config, NoTls};
+use tokio_postgres::{config::Host, AsyncMessage, Client, Config};
 
+use super::store_tls::{StoreTls, StoreTlsParams, StoreTlsStream};
 use super::{
     apply_verdict, auth::Approver, now_ms, rfc3339, webhook, ApprovalRequest, ApprovalStore,
     BoxFut, DecideError, Holder, NewRequest, Status, StoreUnavailable, Ticket, Verdict, Vote,
@@ -82,9 +83,9 @@ pub enum PgStoreError {
     /// The `store` URL does not parse as a PostgreSQL connection string.
     #[error("[approvals] store {url}: not a valid PostgreSQL URL ({reason})")]
     BadUrl { url: String, reason: String },
-    /// TLS to the store was required; this agent speaks plain TCP to it.
-    #[error("[approvals] store {0}: sslmode=require is not supported by this agent yet; use a private network and sslmode=disable or prefer")]
-    TlsRequired(String),
+    /// The TLS words of the URL are wrong, or the CA file cannot be used.
+    #[error("[approvals] store {url}: {reason}")]
+    Tls { url: String, reason: String },
     /// The password file or variable could not be read.
     #[error("[approvals] store password: {0}")]
     Password(String),
@@ -99,6 +100,8 @@ type Waiters = HashMap<u64, oneshot::Sender<()>>;
 /// The fleet-wide store.
 pub struct PgStore {
     config: Config,
+    /// TLS to the store (None: `sslmode=disable`).
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// The URL without its password, for messages.
     shown: String,
     host_id: String,
@@ -130,15 +133,21 @@ impl PgStore {
         webhook: Option<webhook::Notifier>,
     ) -> Result<Arc<PgStore>, PgStoreError> {
         let shown = tollgate_policy::redact_url_password(url);
+        let tls_err = |reason: String| PgStoreError::Tls {
+            url: shown.clone(),
+            reason,
+        };
+        let words = StoreTlsParams::from_url(url).map_err(tls_err)?;
+        let tls = words.client_config().map_err(tls_err)?;
         let mut config: Config =
-            url.parse()
+            words
+                .url
+                .parse()
                 .map_err(|e: tokio_postgres::Error| PgStoreError::BadUrl {
                     url: shown.clone(),
                     reason: e.to_string(),
                 })?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(PgStoreError::TlsRequired(shown));
-        }
+        config.ssl_mode(words.ssl_mode());
         if let Some(p) = password {
             config.password(p);
         }
@@ -149,6 +158,7 @@ impl PgStore {
         let store = Arc::new_cyclic(|me| PgStore {
             me: me.clone(),
             config,
+            tls,
             shown: shown.clone(),
             host_id,
             client: Mutex::new(None),
@@ -161,7 +171,7 @@ impl PgStore {
             url: shown.clone(),
             reason,
         };
-        let client = connect(&store.config).await.map_err(fail)?;
+        let client = connect(&store.config, &store.tls).await.map_err(fail)?;
         migrate(&client).await.map_err(fail)?;
         *store.client.lock().await = Some(client);
         let closed = store
@@ -204,7 +214,7 @@ impl PgStore {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = None;
-            match connect(&self.config).await {
+            match connect(&self.config, &self.tls).await {
                 Ok(c) => *guard = Some(c),
                 Err(e) => return Err(StoreUnavailable(e)),
             }
@@ -749,9 +759,10 @@ async fn listen_loop(
             return;
         };
         let config = s.config.clone();
+        let tls = s.tls.clone();
         let shown = s.shown.clone();
         drop(s);
-        match listen_once(&config).await {
+        match listen_once(&config, &tls).await {
             Ok((client, mut notes, conn_task)) => {
                 backoff = BACKOFF_MIN;
                 if let Some(r) = ready.take() {
@@ -815,6 +826,7 @@ async fn listen_loop(
 /// it (the channel closes when the connection ends).
 async fn listen_once(
     config: &Config,
+    tls: &Option<Arc<rustls::ClientConfig>>,
 ) -> Result<
     (
         Client,
@@ -823,7 +835,7 @@ async fn listen_once(
     ),
     String,
 > {
-    let (client, mut conn) = connect_raw(config).await?;
+    let (client, mut conn) = connect_raw(config, tls).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         loop {
@@ -909,13 +921,25 @@ pub async fn migrate(client: &Client) -> Result<(), String> {
 fn db_error(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(d) => format!("{}: {} ({})", d.severity(), d.message(), d.code().code()),
-        None => e.to_string(),
+        None => {
+            // tokio-postgres keeps the cause (a TLS certificate error, an I/O error) apart.
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            text
+        }
     }
 }
 
 /// A query connection, its driver spawned.
-async fn connect(config: &Config) -> Result<Client, String> {
-    let (client, conn) = connect_raw(config).await?;
+async fn connect(
+    config: &Config,
+    tls: &Option<Arc<rustls::ClientConfig>>,
+) -> Result<Client, String> {
+    let (client, conn) = connect_raw(config, tls).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "approval store connection ended");
@@ -924,12 +948,15 @@ async fn connect(config: &Config) -> Result<Client, String> {
     Ok(client)
 }
 
-type RawConn = tokio_postgres::Connection<Socket, tokio_postgres::tls::NoTlsStream>;
+type RawConn = tokio_postgres::Connection<Socket, StoreTlsStream>;
 
 /// Connect to the first reachable host of `config` with a socket carrying the agent's mark,
 /// so the connect hooks never redirect the agent's own store traffic (the store may well sit
 /// behind a protected address).
-async fn connect_raw(config: &Config) -> Result<(Client, RawConn), String> {
+async fn connect_raw(
+    config: &Config,
+    tls: &Option<Arc<rustls::ClientConfig>>,
+) -> Result<(Client, RawConn), String> {
     let hosts = config.get_hosts();
     let ports = config.get_ports();
     if hosts.is_empty() {
@@ -942,6 +969,28 @@ async fn connect_raw(config: &Config) -> Result<(Client, RawConn), String> {
             .or_else(|| ports.first())
             .copied()
             .unwrap_or(5432);
+        // A Unix socket stays on the host: no TLS (as libpq).
+        let mut plain;
+        let (config, tls) = match h {
+            Host::Tcp(name) => (
+                config,
+                StoreTls {
+                    config: tls.clone(),
+                    host: name.clone(),
+                },
+            ),
+            Host::Unix(_) => {
+                plain = config.clone();
+                plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                (
+                    &plain,
+                    StoreTls {
+                        config: None,
+                        host: String::new(),
+                    },
+                )
+            }
+        };
         let sock = match h {
             Host::Tcp(name) => tcp(name, port).await,
             Host::Unix(dir) => {
@@ -954,7 +1003,7 @@ async fn connect_raw(config: &Config) -> Result<(Client, RawConn), String> {
         };
         match sock {
             Ok(s) => {
-                match tokio::time::timeout(CONNECT_TIMEOUT, config.connect_raw(s, NoTls)).await {
+                match tokio::time::timeout(CONNECT_TIMEOUT, config.connect_raw(s, tls)).await {
                     Ok(Ok(c)) => return Ok(c),
                     Ok(Err(e)) => last = db_error(&e),
                     Err(_) => last = "login timed out".into(),
