@@ -32,6 +32,18 @@ impl Audit {
         })
     }
 
+    /// Open the file again at its path (after logrotate renamed it: SIGHUP). Lines written
+    /// before the swap are in the old file, lines after it in the new one; none is lost or
+    /// split. If the path cannot be opened the old file is kept.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        *crate::lock(&self.file) = file;
+        Ok(())
+    }
+
     /// Write one event; `ts` is added first. An audit write failure is logged, never fatal
     /// for the session (the decision itself was already enforced).
     pub fn write(&self, event: Map<String, Value>) {
@@ -133,6 +145,28 @@ fn append_json_line(file: &Mutex<File>, path: &Path, event: Map<String, Value>) 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn reopen_follows_a_rotated_file() {
+        let dir = std::env::temp_dir().join(format!("tg-audit-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = Audit::open(&dir).expect("open");
+        a.write_line(Line::new("").str("event", "before"));
+        std::fs::rename(dir.join("audit.jsonl"), dir.join("audit.jsonl.1")).expect("rotate");
+        a.write_line(Line::new("").str("event", "still the old file"));
+        a.reopen().expect("reopen");
+        a.write_line(Line::new("").str("event", "after"));
+        let old = std::fs::read_to_string(dir.join("audit.jsonl.1")).expect("old");
+        let new = std::fs::read_to_string(dir.join("audit.jsonl")).expect("new");
+        assert_eq!(old.lines().count(), 2, "{old}");
+        assert!(
+            old.contains("\"before\"") && old.contains("still the old file"),
+            "{old}"
+        );
+        assert_eq!(new.lines().count(), 1, "{new}");
+        assert!(new.contains("\"after\""), "{new}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_line_is_the_same_json_as_the_map_it_replaces() {

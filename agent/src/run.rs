@@ -418,6 +418,10 @@ async fn watch_policy(agent: Arc<Agent>, dp: Arc<Datapath>, path: PathBuf) {
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                // SIGHUP is also logrotate's signal: follow a renamed audit.jsonl.
+                if let Err(e) = agent.audit.reopen() {
+                    error!(error = %e, "cannot reopen the audit log; still writing the old file");
+                }
                 last = stamp(&path);
                 reload(&agent, &dp, &path, "sighup").await;
             }

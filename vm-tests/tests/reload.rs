@@ -114,8 +114,11 @@ fn reload_applies_to_new_connections_and_rejects_broken_policy() {
     assert!(r.echo_ok(), "ops-bot with the broken file: {r}");
     assert_eq!(agent.connect_event(r.pid)["action"], "allow");
 
-    // A good file again, applied on SIGHUP as well: ci-bot is back.
+    // A good file again, applied on SIGHUP as well: ci-bot is back. Before the SIGHUP the audit
+    // log is rotated as logrotate does (renamed): the agent follows to a new file.
     agent.write_policy(&allow_ci);
+    let rotated = agent.audit_path().with_extension("jsonl.1");
+    std::fs::rename(agent.audit_path(), &rotated).expect("rotate the audit log");
     let pid = agent.pid().expect("agent runs");
     // SAFETY: kill(2) on our own agent's pid.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
@@ -124,6 +127,22 @@ fn reload_applies_to_new_connections_and_rejects_broken_policy() {
     });
     let r = ci.probe(probe_bin!(), &small);
     assert!(r.echo_ok(), "ci-bot after the good policy came back: {r}");
+    let before: Vec<serde_json::Value> = std::fs::read_to_string(&rotated)
+        .expect("rotated log")
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        before
+            .iter()
+            .any(|e| e["event"] == "policy_reload" && e["result"] == "error"),
+        "the rotated file keeps what was written before"
+    );
+    assert!(
+        !before.iter().any(|e| e["trigger"] == "sighup"),
+        "nothing after the SIGHUP went to the rotated file"
+    );
+    assert_eq!(agent.connect_event(r.pid)["action"], "allow");
 
     let status = agent.terminate();
     assert!(status.success(), "SIGTERM exit: {status}");
