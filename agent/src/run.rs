@@ -32,6 +32,7 @@ pub fn load_policy(path: &Path) -> anyhow::Result<Policy> {
 }
 
 pub fn run(policy_path: &Path) -> anyhow::Result<()> {
+    limit_malloc_arenas();
     let policy = load_policy(policy_path)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -41,6 +42,22 @@ pub fn run(policy_path: &Path) -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?
         .block_on(run_async(policy_path.to_path_buf(), policy))
+}
+
+/// One glibc malloc arena per core (instead of eight), unless `MALLOC_ARENA_MAX` says
+/// otherwise. Sessions are accepted on one thread and served on another, so with an arena per
+/// thread their small long-lived allocations spread over more arenas and pin more pages:
+/// measured with `cargo xtask bench pg --only memory`, idle-session RSS growth was 15.3-16.6
+/// KiB per session with the default and 9.2-9.3 KiB with two arenas. Called before any thread
+/// starts.
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let arenas = i32::try_from(cores).unwrap_or(i32::MAX);
+    // SAFETY: mallopt only changes a malloc tunable; it runs before other threads exist.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
 async fn resolve_all(

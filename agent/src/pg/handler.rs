@@ -500,11 +500,14 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             secret.as_deref(),
         )
     });
-    let pooled = match &pool_key {
+    let pooled = match pool_key {
         Some(k) => pool::take(k).await,
         None => None,
     };
     let reused = pooled.is_some();
+    // The login's ParameterStatus messages, kept for the pool: shared by the sessions that
+    // reuse one connection, copied to its exact size after a fresh login.
+    let mut login_relay = pooled.as_ref().map(|idle| idle.relay.clone());
     let mut session = if let Some(idle) = pooled {
         upstream::Session {
             stream: idle.conn,
@@ -562,7 +565,9 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             }
         }
     };
-    let login_relay = pool_key.as_ref().map(|_| session.relay.clone().freeze());
+    if pool_key.is_some() && login_relay.is_none() {
+        login_relay = Some(Bytes::copy_from_slice(&session.relay));
+    }
     let backend_key = session.backend_key;
 
     let masker = Masker::for_target(policy, &cx.target.name, h.hash_key).map(Arc::new);

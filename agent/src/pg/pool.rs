@@ -52,17 +52,14 @@ pub struct Idle {
     pub relay: Bytes,
 }
 
-/// What must match for a connection to be reused.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// What must match for a connection to be reused: the target, its address, the upstream user,
+/// the startup parameters (sorted) and the credential's secret (a rotated secret gets fresh
+/// connections), as a 128-bit keyed digest (two independently seeded SipHashes). Every session
+/// holds its key, so it is kept small, and it never holds the secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
     thread: Option<usize>,
-    target: String,
-    addr: SocketAddr,
-    user: String,
-    params: Vec<(String, String)>,
-    /// Keyed hash of the credential's secret: a rotated secret gets fresh connections. The
-    /// secret itself is never kept here.
-    secret: u64,
+    digest: [u64; 2],
 }
 
 impl Key {
@@ -74,16 +71,14 @@ impl Key {
         params: &[(String, String)],
         secret: Option<&[u8]>,
     ) -> Key {
-        static SEED: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
-        let mut params = params.to_vec();
+        static SEEDS: OnceLock<[std::collections::hash_map::RandomState; 2]> = OnceLock::new();
+        let mut params: Vec<&(String, String)> = params.iter().collect();
         params.sort();
+        let fields = (tls, target, addr, user, params, secret);
+        let [a, b] = SEEDS.get_or_init(Default::default);
         Key {
             thread: if tls { crate::plane::current() } else { None },
-            target: target.to_string(),
-            addr,
-            user: user.to_string(),
-            params,
-            secret: SEED.get_or_init(Default::default).hash_one(secret),
+            digest: [a.hash_one(&fields), b.hash_one(&fields)],
         }
     }
 }
@@ -93,15 +88,15 @@ type Claim = oneshot::Sender<oneshot::Sender<Idle>>;
 static POOL: Mutex<Option<HashMap<Key, Vec<Claim>>>> = Mutex::new(None);
 
 /// Take an idle connection for `key`, if one is kept.
-pub async fn take(key: &Key) -> Option<Idle> {
+pub async fn take(key: Key) -> Option<Idle> {
     loop {
         let claim = {
             let mut pool = lock(&POOL);
             let map = pool.as_mut()?;
-            let list = map.get_mut(key)?;
+            let list = map.get_mut(&key)?;
             let claim = list.pop();
             if list.is_empty() {
-                map.remove(key);
+                map.remove(&key);
             }
             claim?
         };
@@ -270,14 +265,14 @@ mod tests {
         // Reuse: the same connection comes back for the same key, not for another.
         let (c, mut s) = pair(&l).await;
         put(key(0), idle(c));
-        assert!(take(&key(1)).await.is_none(), "another key gets nothing");
-        let mut back = take(&key(0)).await.expect("kept for its key");
+        assert!(take(key(1)).await.is_none(), "another key gets nothing");
+        let mut back = take(key(0)).await.expect("kept for its key");
         assert_eq!(back.backend_key, Some((1, 2)));
         back.conn.write_all(b"ping").await.expect("write");
         let mut b = [0u8; 4];
         s.read_exact(&mut b).await.expect("same socket");
         assert_eq!(&b, b"ping");
-        assert!(take(&key(0)).await.is_none(), "taken once");
+        assert!(take(key(0)).await.is_none(), "taken once");
 
         // The server closing an idle connection removes it.
         put(key(0), back);
@@ -289,7 +284,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(kept(), 0, "a closed connection is not kept");
-        assert!(take(&key(0)).await.is_none());
+        assert!(take(key(0)).await.is_none());
 
         // The total cap: bot-chosen startup parameters cannot park unbounded backends.
         let mut servers = Vec::new();
