@@ -33,6 +33,18 @@ use vm_tests::{
 
 const STORE_PASSWORD: &str = "Store-Secret-91c2e7";
 
+/// The approval store's role and database on `store`.
+fn create_store(store: &PgServer) {
+    store.superuser_sql(
+        &format!("CREATE ROLE tollgate_store LOGIN PASSWORD '{STORE_PASSWORD}'"),
+        "postgres",
+    );
+    store.superuser_sql(
+        "CREATE DATABASE tollgate_store OWNER tollgate_store",
+        "postgres",
+    );
+}
+
 /// One agent in its namespace, run by the test (not by `AgentProc`, which runs agents in the
 /// host's namespace). Dropping it kills the agent and removes its pins.
 struct FleetAgent {
@@ -339,14 +351,7 @@ fn two_agents_share_one_approval_store() {
         &[&ns_a.host_addr.to_string(), &ns_b.host_addr.to_string()],
         &[&cidr_a, &cidr_b],
     );
-    pg.superuser_sql(
-        &format!("CREATE ROLE tollgate_store LOGIN PASSWORD '{STORE_PASSWORD}'"),
-        "postgres",
-    );
-    pg.superuser_sql(
-        "CREATE DATABASE tollgate_store OWNER tollgate_store",
-        "postgres",
-    );
+    create_store(&pg);
     let secrets = TempDir::new("fleet-secrets");
     let app_secret = secrets.path().join("app-rw.pw");
     std::fs::write(&app_secret, format!("{APP_PASSWORD}\n")).expect("secret");
@@ -763,14 +768,7 @@ fn a_lost_store_fails_held_operations_closed_and_recovers() {
     // while the target stays.
     let app = PgServer::start_on("fleet-app", &[&addr], &[&cidr]);
     let store = PgServer::start_on("fleet-store", &[&addr], &[&cidr]);
-    store.superuser_sql(
-        &format!("CREATE ROLE tollgate_store LOGIN PASSWORD '{STORE_PASSWORD}'"),
-        "postgres",
-    );
-    store.superuser_sql(
-        "CREATE DATABASE tollgate_store OWNER tollgate_store",
-        "postgres",
-    );
+    create_store(&store);
     let secrets = TempDir::new("fleet-lost-secrets");
     let app_secret = secrets.path().join("app-rw.pw");
     std::fs::write(&app_secret, format!("{APP_PASSWORD}\n")).expect("secret");
@@ -873,14 +871,7 @@ fn a_tls_only_store_is_reached_over_verified_tls_and_refused_otherwise() {
     require_root();
     let ca = vm_tests::pg::TestCa::new("store");
     let store = PgServer::start_with_tls("fleet-tls", &ca);
-    store.superuser_sql(
-        &format!("CREATE ROLE tollgate_store LOGIN PASSWORD '{STORE_PASSWORD}'"),
-        "postgres",
-    );
-    store.superuser_sql(
-        "CREATE DATABASE tollgate_store OWNER tollgate_store",
-        "postgres",
-    );
+    create_store(&store);
     let dir = TempDir::new("fleet-tls-ca");
     let ca_file = dir.path().join("store-ca.pem");
     std::fs::write(&ca_file, &ca.ca_pem).expect("ca");

@@ -208,6 +208,20 @@ fn psql_select_is_masked_and_ddl_denied_without_ending_the_session() {
         .any(|e| e["event"] == "operation" && e["kind"] == "select" && e["action"] == "allow"));
 }
 
+/// Every event of every session recording under `data_dir`.
+fn recorded(data_dir: &Path) -> Vec<serde_json::Value> {
+    walk(&data_dir.join("sessions"))
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<serde_json::Value>>()
+        })
+        .collect()
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -547,16 +561,9 @@ fn psql_copy_to_stdout_is_masked_and_copy_from_stdin_still_works() {
             "{secret} leaked into agent output"
         );
     }
-    let results: Vec<serde_json::Value> = walk(&f.agent.data_dir.join("sessions"))
-        .iter()
-        .flat_map(|p| {
-            std::fs::read_to_string(p)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect::<Vec<serde_json::Value>>()
-        })
-        .filter(|e: &serde_json::Value| e["event"] == "result" && e["tag"] == "COPY 3")
+    let results: Vec<serde_json::Value> = recorded(&f.agent.data_dir)
+        .into_iter()
+        .filter(|e| e["event"] == "result" && e["tag"] == "COPY 3")
         .collect();
     assert!(
         results
@@ -612,16 +619,9 @@ fn a_finished_session_leaves_a_reset_connection_for_the_next_and_an_open_transac
         "the advisory lock was released: {out}"
     );
     assert!(!out.contains("dirty"), "application_name was reset: {out}");
-    let recordings: Vec<serde_json::Value> = walk(&f.agent.data_dir.join("sessions"))
-        .iter()
-        .flat_map(|p| {
-            std::fs::read_to_string(p)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect::<Vec<serde_json::Value>>()
-        })
-        .filter(|e: &serde_json::Value| e["event"] == "start")
+    let recordings: Vec<serde_json::Value> = recorded(&f.agent.data_dir)
+        .into_iter()
+        .filter(|e| e["event"] == "start")
         .collect();
     assert!(
         recordings
