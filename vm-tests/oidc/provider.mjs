@@ -89,7 +89,8 @@ clients.push({
   response_types: ['code'],
   token_endpoint_auth_method: 'none',
 });
-for (const [id, groups] of Object.entries(WORKLOADS)) {
+// A client_credentials client with a fresh secret, plus `extra` metadata.
+function credentialsClient(id, extra) {
   secrets[id] = secret();
   clients.push({
     client_id: id,
@@ -98,20 +99,15 @@ for (const [id, groups] of Object.entries(WORKLOADS)) {
     response_types: [],
     redirect_uris: [],
     token_endpoint_auth_method: 'client_secret_basic',
-    tollgate_groups: groups,
+    ...extra,
   });
+}
+for (const [id, groups] of Object.entries(WORKLOADS)) {
+  credentialsClient(id, { tollgate_groups: groups });
 }
 for (const user of Object.keys(USERS)) {
   for (const [prefix, expired] of [['test-approver', false], ['test-expired', true]]) {
-    const id = `${prefix}-${user}`;
-    secrets[id] = secret();
-    clients.push({
-      client_id: id,
-      client_secret: secrets[id],
-      grant_types: ['client_credentials'],
-      response_types: [],
-      redirect_uris: [],
-      token_endpoint_auth_method: 'client_secret_basic',
+    credentialsClient(`${prefix}-${user}`, {
       tollgate_test_user: user,
       ...(expired ? { tollgate_test_expired: true } : {}),
     });

@@ -143,6 +143,15 @@ impl Fixture {
         tollgate(&a)
     }
 
+    /// `tollgate approvals ARGS` as the holder of `token` (an approver's JWT, in a file as the
+    /// CLI reads it).
+    fn cli_as(&self, args: &[&str], token: &str) -> (i32, String, String) {
+        let dir = TempDir::new("approver-token");
+        let file = dir.path().join("token.jwt");
+        std::fs::write(&file, token).expect("token file");
+        self.cli_with_token(args, &file)
+    }
+
     /// One admin API call with the local token: (status, JSON body).
     fn api(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
         let token = std::fs::read_to_string(self.token_file()).expect("admin token");
@@ -582,17 +591,16 @@ fn extended_protocol_parse_is_held_and_runs_after_approval() {
 
 #[test]
 fn oidc_approvers_need_a_valid_token_the_group_and_two_distinct_subjects() {
-    let idp = vm_tests::oidc::OidcProvider::start("apoidc");
-    let f = fixture_with("apoidc", "5m", None, Some((idp.issuer(), 2)));
+    let (idp, f, p, id) = held_delete_with_oidc_approvers("apoidc", 2);
     let admin = f.agent.admin.expect("admin");
-    let mut p = f.psql(&["-c", "DELETE FROM orders WHERE id = 1"]);
-    let id = p.approval_id();
     let approve = format!("/v1/approvals/{id}/approve");
     let reader = idp.token_for("carol");
     let still_pending = |why: &str| {
-        let (status, v) = http(admin, "GET", &format!("/v1/approvals/{id}"), &reader, "");
-        assert_eq!(status, 200, "{v}");
-        assert_eq!(v["request"]["status"], "pending", "after {why}");
+        assert_eq!(
+            request_as(&f, &reader, id)["status"],
+            "pending",
+            "after {why}"
+        );
         assert_eq!(
             count(&f.pg, "SELECT count(*) FROM orders WHERE id = 1"),
             "1",
@@ -624,16 +632,13 @@ fn oidc_approvers_need_a_valid_token_the_group_and_two_distinct_subjects() {
     still_pending("bad tokens");
 
     // alice (dba) through the CLI: one of two approvals; the same subject again is refused.
-    let dir = TempDir::new("apoidc-tokens");
-    let alice_file = dir.path().join("alice.jwt");
-    std::fs::write(&alice_file, &alice).expect("token file");
-    let (code, out, err) = f.cli_with_token(
+    let (code, out, err) = f.cli_as(
         &["approve", &id.to_string(), "--comment", "looks fine"],
-        &alice_file,
+        &alice,
     );
     assert_eq!(code, 0, "{out}{err}");
     still_pending("one approval of two");
-    let (code, out, err) = f.cli_with_token(&["approve", &id.to_string()], &alice_file);
+    let (code, out, err) = f.cli_as(&["approve", &id.to_string()], &alice);
     assert_ne!(code, 0, "a second vote by alice counted: {out}{err}");
     still_pending("alice twice");
 
@@ -710,6 +715,19 @@ timeout = "5m"
 }
 
 /// GET one request with `token` (any authenticated caller may read).
+/// A provider, an agent whose `approve` rule needs `min` OIDC approvers, and a bot's DELETE
+/// held for approval: (provider, fixture, the waiting psql, request id).
+fn held_delete_with_oidc_approvers(
+    tag: &str,
+    min: u32,
+) -> (vm_tests::oidc::OidcProvider, Fixture, Psql, u64) {
+    let idp = vm_tests::oidc::OidcProvider::start(tag);
+    let f = fixture_with(tag, "5m", None, Some((idp.issuer(), min)));
+    let mut p = f.psql(&["-c", "DELETE FROM orders WHERE id = 1"]);
+    let id = p.approval_id();
+    (idp, f, p, id)
+}
+
 fn request_as(f: &Fixture, token: &str, id: u64) -> Value {
     let (status, v) = http(
         f.agent.admin.expect("admin"),
@@ -767,10 +785,7 @@ fn self_approval_with_the_bots_own_oidc_subject_is_refused() {
             "{which}: {v}"
         );
     }
-    let dir = TempDir::new("apself-tokens");
-    let own_file = dir.path().join("deploy-bot.jwt");
-    std::fs::write(&own_file, &own).expect("token file");
-    let (code, out, err) = f.cli_with_token(&["approve", &id.to_string()], &own_file);
+    let (code, out, err) = f.cli_as(&["approve", &id.to_string()], &own);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("403") && err.contains("own request"), "{err}");
     // Untouched: still pending, no vote, the row is there, the bot still waits.
@@ -822,11 +837,8 @@ fn self_approval_with_the_bots_own_oidc_subject_is_refused() {
 
 #[test]
 fn an_expired_approver_token_gets_401_and_leaves_the_request_untouched() {
-    let idp = vm_tests::oidc::OidcProvider::start("apexpt");
-    let f = fixture_with("apexpt", "5m", None, Some((idp.issuer(), 1)));
+    let (idp, f, mut p, id) = held_delete_with_oidc_approvers("apexpt", 1);
     let admin = f.agent.admin.expect("admin");
-    let mut p = f.psql(&["-c", "DELETE FROM orders WHERE id = 1"]);
-    let id = p.approval_id();
     let approve = format!("/v1/approvals/{id}/approve");
 
     // alice's token, signed by the provider, right issuer, audience and group: only its `exp`
@@ -851,10 +863,7 @@ fn an_expired_approver_token_gets_401_and_leaves_the_request_untouched() {
     assert!(v["error"].as_str().unwrap_or("").contains("expired"), "{v}");
     let (status, v) = http(admin, "GET", &format!("/v1/approvals/{id}"), &expired, "");
     assert_eq!(status, 401, "reading with an expired token: {v}");
-    let dir = TempDir::new("apexpt-tokens");
-    let file = dir.path().join("alice-expired.jwt");
-    std::fs::write(&file, &expired).expect("token file");
-    let (code, out, err) = f.cli_with_token(&["approve", &id.to_string()], &file);
+    let (code, out, err) = f.cli_as(&["approve", &id.to_string()], &expired);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("401") && err.contains("expired"), "{err}");
 

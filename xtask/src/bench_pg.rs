@@ -118,6 +118,17 @@ address = ["127.0.0.1:{pg_port}"]
     )
 }
 
+/// psql as the bench bot to the protected server: through the postgres target its own
+/// password does not matter (the agent injects the credential).
+fn bot_psql(pg_port: u16) -> Command {
+    let mut c = Command::new("psql");
+    c.args(["-h", "127.0.0.1", "-p", &pg_port.to_string()])
+        .args(["-U", "app_rw", "-d", "bench", "-X"])
+        .env("PGPASSWORD", "not-the-password")
+        .env("PGSSLMODE", "disable");
+    c
+}
+
 fn metrics_addr(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
@@ -154,21 +165,8 @@ fn idle_session_memory(agent_pid: u32, pg_port: u16, metrics: &str) -> Result<(u
     let spawn = |n: usize| -> Result<Vec<std::process::Child>> {
         (0..n)
             .map(|_| {
-                Command::new("psql")
-                    .args([
-                        "-h",
-                        "127.0.0.1",
-                        "-p",
-                        &pg_port.to_string(),
-                        "-U",
-                        "app_rw",
-                        "-d",
-                        "bench",
-                        "-X",
-                        "-q",
-                    ])
-                    .env("PGPASSWORD", "not-the-password")
-                    .env("PGSSLMODE", "disable")
+                bot_psql(pg_port)
+                    .arg("-q")
                     .stdin(Stdio::piped())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -593,22 +591,8 @@ struct WakeUp {
 /// One held DELETE: psql (in the bench cgroup) runs it, the test waits for the approval notice,
 /// approves through the admin API and times the result.
 fn wake_up(pg_port: u16, admin: &str, token: &str, row: usize) -> Result<WakeUp> {
-    let mut child = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg_port.to_string(),
-            "-U",
-            "app_rw",
-            "-d",
-            "bench",
-            "-X",
-            "-c",
-            &format!("DELETE FROM held WHERE id = {row}"),
-        ])
-        .env("PGPASSWORD", "not-the-password")
-        .env("PGSSLMODE", "disable")
+    let mut child = bot_psql(pg_port)
+        .args(["-c", &format!("DELETE FROM held WHERE id = {row}")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -482,15 +482,21 @@ async fn https_webhook_is_verified_and_delivered() {
         )
     };
     let url = format!("https://{addr}/hook");
+    // One request opened with a webhook trusting `tls`: what the receiver got (None: the
+    // handshake failed there).
+    let mut notify = async |tls| {
+        let n = webhook::start_with(&url, Some(tls)).expect("webhook");
+        let b = Arc::new(Broker::with_store(None, None, Metrics::new(), Some(n)));
+        let _t = b.open_request(new_req(&["dba"], 1, Duration::from_secs(60)));
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an attempt")
+            .expect("channel")
+    };
 
     // Trusting the server's CA: delivered over TLS.
-    let n = webhook::start_with(&url, Some(trusting(ca.pem()))).expect("webhook");
-    let b = Arc::new(Broker::with_store(None, None, Metrics::new(), Some(n)));
-    let _t = b.open_request(new_req(&["dba"], 1, Duration::from_secs(60)));
-    let body = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+    let body = notify(trusting(ca.pem()))
         .await
-        .expect("delivered")
-        .expect("channel")
         .expect("a request over TLS");
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert!(
@@ -501,13 +507,7 @@ async fn https_webhook_is_verified_and_delivered() {
     // Trusting another CA: the certificate is refused and nothing is sent.
     let other_dir = dir.join("other");
     let other = crate::tls::Ca::load_or_create(&other_dir).expect("other ca");
-    let n = webhook::start_with(&url, Some(trusting(other.pem()))).expect("webhook");
-    let b = Arc::new(Broker::with_store(None, None, Metrics::new(), Some(n)));
-    let _t = b.open_request(new_req(&["dba"], 1, Duration::from_secs(60)));
-    let refused = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("an attempt")
-        .expect("channel");
+    let refused = notify(trusting(other.pem())).await;
     assert!(
         refused.is_none(),
         "no request over an unverified TLS connection"

@@ -507,7 +507,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let reused = pooled.is_some();
     // The login's ParameterStatus messages, kept for the pool: shared by the sessions that
     // reuse one connection, copied to its exact size after a fresh login.
-    let mut login_relay = pooled.as_ref().map(|idle| idle.relay.clone());
+    let reused_relay = pooled.as_ref().map(|idle| idle.relay.clone());
     let mut session = if let Some(idle) = pooled {
         upstream::Session {
             stream: idle.conn,
@@ -565,9 +565,11 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             }
         }
     };
-    if pool_key.is_some() && login_relay.is_none() {
-        login_relay = Some(Bytes::copy_from_slice(&session.relay));
-    }
+    // What the pool needs to keep this connection for the next session.
+    let keep = pool_key.map(|key| {
+        let relay = reused_relay.unwrap_or_else(|| Bytes::copy_from_slice(&session.relay));
+        (key, relay)
+    });
     let backend_key = session.backend_key;
 
     let masker = Masker::for_target(policy, &cx.target.name, h.hash_key).map(Arc::new);
@@ -654,12 +656,11 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     drop(pass);
     drop(params);
     let (notice_tx, notice_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (release, released) = match pool_key {
-        Some(_) => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            (Some(tx), Some(rx))
-        }
-        None => (None, None),
+    let (release, released) = if keep.is_some() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
     };
     let status = session.status;
     let end_state = shared.clone();
@@ -695,25 +696,20 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         status,
         released,
     };
-    let r = tokio::try_join!(
+    let r = match tokio::try_join!(
         c2u.run(cr, uw, cbuf, &counters),
         u2c.run(ur, cw, up_rest, &counters)
-    )
-    .map(|ends| match ends {
-        // The client said goodbye with nothing in flight: the server's end may serve the next
-        // session.
-        (Some(uw), Some((ur, rest, status))) => Some((ur, uw, rest, status)),
-        _ => None,
-    });
-    let r = match r {
-        Ok(Some((ur, uw, rest, status))) => {
+    ) {
+        // The client said goodbye without the Terminate being forwarded: the server's end may
+        // serve the next session if nothing is in flight.
+        Ok((Some(uw), Some((ur, rest, status)))) => {
             let quiet = rest.is_empty()
                 && status == b'I'
                 && lock(&end_state.expect).is_empty()
                 && lock(&end_state.denials).is_empty();
             if let Some(conn) = Conn::reunite(ur, uw) {
-                match (pool_key, login_relay) {
-                    (Some(key), Some(relay)) if quiet => {
+                match keep {
+                    Some((key, relay)) if quiet => {
                         if let Some(conn) = pool::reset(conn).await {
                             pool::put(
                                 key,
@@ -730,7 +726,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             }
             Ok(())
         }
-        Ok(None) => Ok(()),
+        Ok(_) => Ok(()),
         Err(e) => Err(e),
     };
     if let Some(rec) = &recorder {

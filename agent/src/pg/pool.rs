@@ -127,16 +127,14 @@ pub fn put(key: Key, idle: Idle) {
             .entry(key)
             .or_default();
         list.retain(|c| !c.is_closed());
-        let full =
-            list.len() >= MAX_IDLE_PER_KEY || KEPT.fetch_add(1, Ordering::SeqCst) >= MAX_IDLE_TOTAL;
-        if full {
-            if list.len() < MAX_IDLE_PER_KEY {
-                KEPT.fetch_sub(1, Ordering::SeqCst);
-            }
+        // Counted under the pool's lock, so no two puts pass the cap together (keepers only
+        // lower the count).
+        if list.len() >= MAX_IDLE_PER_KEY || KEPT.load(Ordering::SeqCst) >= MAX_IDLE_TOTAL {
             drop(pool);
             tokio::spawn(terminate(idle.conn));
             return;
         }
+        KEPT.fetch_add(1, Ordering::SeqCst);
         list.push(tx);
     }
     tokio::spawn(async move {
