@@ -728,6 +728,19 @@ fn held_delete_with_oidc_approvers(
     (idp, f, p, id)
 }
 
+/// Request `id` (on `orders` row 1) is still pending with no vote, the row is there, and the
+/// bot still waits.
+fn assert_untouched(f: &Fixture, reader: &str, id: u64, p: &mut Psql) {
+    let r = request_as(f, reader, id);
+    assert_eq!(r["status"], "pending", "{r}");
+    assert_eq!(r["approvals"], serde_json::json!([]), "{r}");
+    assert_eq!(
+        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 1"),
+        "1"
+    );
+    assert!(p.running(), "psql stopped waiting");
+}
+
 fn request_as(f: &Fixture, token: &str, id: u64) -> Value {
     let (status, v) = http(
         f.agent.admin.expect("admin"),
@@ -789,14 +802,7 @@ fn self_approval_with_the_bots_own_oidc_subject_is_refused() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("403") && err.contains("own request"), "{err}");
     // Untouched: still pending, no vote, the row is there, the bot still waits.
-    let r = request_as(&f, &reader, id);
-    assert_eq!(r["status"], "pending", "{r}");
-    assert_eq!(r["approvals"], serde_json::json!([]), "{r}");
-    assert_eq!(
-        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 1"),
-        "1"
-    );
-    assert!(p.running(), "psql stopped waiting");
+    assert_untouched(&f, &reader, id, &mut p);
 
     // Someone else (alice, dba) approves: the DELETE runs.
     let alice = idp.token_for("alice");
@@ -870,14 +876,7 @@ fn an_expired_approver_token_gets_401_and_leaves_the_request_untouched() {
     // Untouched: still pending with no vote, the row is there, the bot still waits, and no
     // decision was audited.
     let reader = idp.token_for("carol");
-    let r = request_as(&f, &reader, id);
-    assert_eq!(r["status"], "pending", "{r}");
-    assert_eq!(r["approvals"], serde_json::json!([]), "{r}");
-    assert_eq!(
-        count(&f.pg, "SELECT count(*) FROM orders WHERE id = 1"),
-        "1"
-    );
-    assert!(p.running(), "psql stopped waiting");
+    assert_untouched(&f, &reader, id, &mut p);
     assert!(
         !f.agent
             .audit()
