@@ -641,6 +641,7 @@ impl SessionCx {
         if let Some(mark) = self.agent.upstream_mark {
             socket2::SockRef::from(&sock).set_mark(mark).map_err(up)?;
         }
+        crate::sys::unpaced_on_loopback(socket2::SockRef::from(&sock), addr.ip());
         match tokio::time::timeout(self.agent.upstream_timeout, sock.connect(addr)).await {
             Ok(r) => r.map_err(up),
             Err(_) => Err(up(io::Error::new(

@@ -348,6 +348,8 @@ fn listen_marked(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     if addr.is_ipv6() {
         r.set_only_v6(true)?;
     }
+    // Accepted connections inherit it: the bot's leg is always on this host.
+    crate::sys::unpaced_on_loopback(r, addr.ip());
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(1024)

@@ -428,6 +428,22 @@ fn parse_diag_reply(b: &[u8], id: &[u8; 40]) -> io::Result<Option<u64>> {
     }
 }
 
+/// The congestion control for the agent's loopback legs: one that does not pace.
+pub const LOOPBACK_CONGESTION: &str = "cubic";
+
+/// Give a socket whose peer is on this host ([`LOOPBACK_CONGESTION`]) a congestion control
+/// that sends as fast as the receiver reads. The host default may pace (BBR does, on this
+/// machine): on loopback there is no bottleneck queue to protect, and pacing only adds a
+/// timer per burst and throttles the relay (1 GiB through the agent: 0.75x direct paced,
+/// 0.9x unpaced). Sockets to other hosts keep the host's choice. Returns whether it was set;
+/// a kernel without the algorithm leaves the default in place.
+pub fn unpaced_on_loopback(sock: socket2::SockRef<'_>, peer: IpAddr) -> bool {
+    peer.to_canonical().is_loopback()
+        && sock
+            .set_tcp_congestion(LOOPBACK_CONGESTION.as_bytes())
+            .is_ok()
+}
+
 /// splice(2) between two descriptors, non-blocking, moving pages where possible.
 pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain syscall on descriptors the caller keeps open for the duration of the call;
@@ -508,6 +524,36 @@ pub fn effective_caps() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_peers_get_the_unpaced_congestion_control() {
+        let cc = |s: &socket2::Socket| {
+            String::from_utf8_lossy(&s.tcp_congestion().expect("TCP_CONGESTION"))
+                .trim_end_matches('\0')
+                .to_string()
+        };
+        let new = || {
+            socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+                .expect("socket")
+        };
+        for peer in ["127.0.0.1", "127.9.8.7", "::1", "::ffff:127.0.0.1"] {
+            let s = new();
+            assert!(
+                unpaced_on_loopback(socket2::SockRef::from(&s), peer.parse().expect("address")),
+                "{peer}"
+            );
+            assert_eq!(cc(&s), LOOPBACK_CONGESTION, "{peer}");
+        }
+        for peer in ["10.0.0.1", "::ffff:10.0.0.1", "2001:db8::1"] {
+            let s = new();
+            let before = cc(&s);
+            assert!(
+                !unpaced_on_loopback(socket2::SockRef::from(&s), peer.parse().expect("address")),
+                "{peer}"
+            );
+            assert_eq!(cc(&s), before, "{peer}: the host's choice stays");
+        }
+    }
 
     #[test]
     fn finds_cgroup2_in_hybrid_layout() {

@@ -152,6 +152,51 @@ fn one_mib_round_trip_is_intact_and_counted() {
     assert!(close["duration_ms"].is_u64(), "{close}");
 }
 
+/// The congestion control named on `ss -tin`'s info line for each socket matching `filter`.
+fn congestion_controls(filter: &str) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args(["-H", "-t", "-i", "-n", "state", "established", filter])
+        .output()
+        .expect("run ss");
+    assert!(out.status.success(), "ss: {out:?}");
+    let known = ["cubic", "bbr", "reno", "dctcp", "htcp", "vegas", "westwood"];
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(char::is_whitespace))
+        .map(|l| {
+            l.split_whitespace()
+                .find(|w| known.contains(w))
+                .unwrap_or("?")
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn the_agents_loopback_legs_do_not_pace() {
+    require_root();
+    let (echo, ci, _ops, agent) = world("pace");
+    let addr = echo.v4().to_string();
+    let n = MIB.to_string();
+    let mut held = ci.probe_held(
+        probe_bin!(),
+        &["--connect", &addr, "--send-bytes", &n, "--expect-echo"],
+    );
+    held.wait_held(Duration::from_secs(15));
+    // The agent's two sockets: the accepted one (the bot's leg) and its upstream (the echo
+    // service's accepted socket has the port as its source, the agent's upstream as its
+    // destination; both are on loopback).
+    let accepted = congestion_controls(&format!("( sport = :{} )", agent.listen_port));
+    let upstream = congestion_controls(&format!("( dport = :{} )", echo.port()));
+    let host_default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .expect("read the host's default congestion control");
+    assert_eq!(accepted, ["cubic"], "host default {host_default}");
+    assert_eq!(upstream, ["cubic"], "host default {host_default}");
+    let done = held.finish(Duration::from_secs(30));
+    assert!(done.echo_ok(), "{done}");
+    assert_eq!(done.sent_sha256(), done.recv_sha256(), "{done}");
+}
+
 #[test]
 fn bots_without_an_allow_rule_are_denied_and_audited() {
     require_root();

@@ -409,6 +409,14 @@ pub fn bench(only: Option<&str>) -> Result<()> {
     // The ratio moves with whatever else runs on the 2 cores; the agent's own CPU time per GiB
     // (user + system, including softirq work done in its context) is steadier.
     println!("   agent CPU per GiB relayed: splice {splice_cpu:.0} ms, copy {copy_cpu:.0} ms");
+    // The bot's socket and the sink's use the host's congestion control; the agent's two
+    // loopback legs use an unpaced one (see sys::unpaced_on_loopback).
+    let host_cc = fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .unwrap_or_default();
+    println!(
+        "   congestion control: host default {} (bot and sink sockets); the agent's loopback legs cubic",
+        host_cc.trim()
+    );
 
     drop(joined);
     drop(cg);
