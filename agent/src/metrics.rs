@@ -31,6 +31,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub relay_bytes: IntCounterVec,
     pub session_seconds: HistogramVec,
+    pub pg_upstream: IntCounterVec,
+    pub pg_pool_idle: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -114,8 +116,21 @@ impl Metrics {
             .buckets(vec![0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0]),
             &["protocol"],
         ));
+        let pg_upstream = must(IntCounterVec::new(
+            Opts::new(
+                "tollgate_pg_upstream_connections_total",
+                "Upstream connections PostgreSQL sessions started on, by target and whether the connection was new (connect and login) or reused from the pool.",
+            ),
+            &["target", "connection"],
+        ));
+        let pg_pool_idle = must(IntGauge::new(
+            "tollgate_pg_pool_idle_connections",
+            "Logged-in PostgreSQL upstream connections kept idle for reuse.",
+        ));
         for c in [
             Box::new(decisions.clone()) as Box<dyn Collector>,
+            Box::new(pg_upstream.clone()),
+            Box::new(pg_pool_idle.clone()),
             Box::new(sessions_active.clone()),
             Box::new(masked_values.clone()),
             Box::new(approvals_pending.clone()),
@@ -147,6 +162,8 @@ impl Metrics {
             rejected,
             relay_bytes,
             session_seconds,
+            pg_upstream,
+            pg_pool_idle,
         })
     }
 
@@ -156,6 +173,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        self.pg_pool_idle.set(crate::pg::pool::kept() as i64);
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");

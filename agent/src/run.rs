@@ -384,6 +384,20 @@ async fn reload(agent: &Agent, dp: &Datapath, path: &Path, why: &str) {
                     {
                         warn!("[agent] listen/fail_mode/namespace changes take effect after a restart");
                     }
+                    // Idle upstream connections of a target the new policy changed, removed
+                    // or stopped pooling would otherwise serve sessions for up to a minute.
+                    let closed = crate::pg::pool::close_targets(|name| {
+                        match (old.policy.target(name), p.target(name)) {
+                            (Some(was), Some(now)) => was != now || !now.pool,
+                            _ => true,
+                        }
+                    });
+                    if closed > 0 {
+                        info!(
+                            closed,
+                            "closed idle upstream connections of changed targets"
+                        );
+                    }
                     agent.gen.store(Arc::new(Generation { policy: p, routes }));
                     Ok(())
                 }

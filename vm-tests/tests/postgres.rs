@@ -9,6 +9,11 @@ use vm_tests::{
 };
 
 fn policy(pg: &PgServer, bot: &Cgroup, secret_file: &Path) -> String {
+    policy_with(pg, bot, secret_file, "")
+}
+
+/// [`policy`] with `target_extra` lines in the target.
+fn policy_with(pg: &PgServer, bot: &Cgroup, secret_file: &Path, target_extra: &str) -> String {
     format!(
         r#"[[identity]]
 name = "ci-bot"
@@ -43,7 +48,7 @@ detectors = ["email", "credit_card"]
 style = "partial"
 "#,
         glob = bot.glob(),
-        target = app_target(pg, secret_file, ""),
+        target = app_target(pg, secret_file, target_extra),
     )
 }
 
@@ -51,7 +56,7 @@ struct Fixture {
     pg: PgServer,
     bot: Cgroup,
     agent: AgentProc,
-    _dir: TempDir,
+    secret_dir: TempDir,
 }
 
 fn fixture(tag: &str) -> Fixture {
@@ -66,7 +71,7 @@ fn fixture(tag: &str) -> Fixture {
         pg,
         bot,
         agent,
-        _dir: dir,
+        secret_dir: dir,
     }
 }
 
@@ -644,5 +649,43 @@ fn a_finished_session_leaves_a_reset_connection_for_the_next_and_an_open_transac
         },
     );
     let o = f.psql(&["-At", "-c", "SELECT 'pid=' || pg_backend_pid()"]);
-    assert_ne!(pid(&o), in_tx, "a new backend after an open transaction");
+    let last = pid(&o);
+    assert_ne!(last, in_tx, "a new backend after an open transaction");
+
+    // Metrics: sessions 1 and 4 logged in, 2 and 3 reused; session 4's backend is kept idle.
+    let upstream = |c: &str| {
+        f.agent.metric(
+            "tollgate_pg_upstream_connections_total",
+            &[("target", "app-db"), ("connection", c)],
+        )
+    };
+    assert_eq!((upstream("new"), upstream("reused")), (2.0, 2.0));
+    vm_tests::wait_for(
+        std::time::Duration::from_secs(10),
+        "the last backend kept idle",
+        || (f.agent.metric("tollgate_pg_pool_idle_connections", &[]) == 1.0).then_some(()),
+    );
+
+    // A reload that turns the pool off closes the kept backend at once, not a minute later.
+    let secret = f.secret_dir.path().join("app-rw.pw");
+    f.agent
+        .write_policy(&policy_with(&f.pg, &f.bot, &secret, "pool = false"));
+    vm_tests::wait_for(
+        std::time::Duration::from_secs(10),
+        "the kept backend to end after the reload",
+        || {
+            let n = f.pg.superuser_sql(
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {last}"),
+                "postgres",
+            );
+            (n.trim() == "0").then_some(())
+        },
+    );
+    assert_eq!(
+        f.agent.metric("tollgate_pg_pool_idle_connections", &[]),
+        0.0
+    );
+    let o = f.psql(&["-At", "-c", "SELECT 'pid=' || pg_backend_pid()"]);
+    assert_ne!(pid(&o), last, "no reuse once the pool is off");
+    assert_eq!(upstream("new"), 3.0);
 }

@@ -374,7 +374,9 @@ pub fn bench(only: Option<&str>) -> Result<()> {
         s.sort_by(|a, b| a.total_cmp(b));
         (s[0], s[s.len() - 1])
     };
-    let rounds = 8;
+    // 16 pairs of about 0.3 s each: the median then rides out a few rounds that a neighbour on
+    // this shared machine slowed (single rounds have ranged 0.45x..1.12x in one run).
+    let rounds = 16;
     let cpu0 = cpu_ms(agent.child.id());
     let (mut direct_t, mut splice_t, mut splice_r) = paired(rounds)?;
     let splice_cpu = (cpu_ms(agent.child.id()) - cpu0) / rounds as f64;
@@ -411,8 +413,8 @@ pub fn bench(only: Option<&str>) -> Result<()> {
     println!("   agent CPU per GiB relayed: splice {splice_cpu:.0} ms, copy {copy_cpu:.0} ms");
     // The bot's socket and the sink's use the host's congestion control; the agent's two
     // loopback legs use an unpaced one (see sys::unpaced_on_loopback).
-    let host_cc = fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-        .unwrap_or_default();
+    let host_cc =
+        fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap_or_default();
     println!(
         "   congestion control: host default {} (bot and sink sockets); the agent's loopback legs cubic",
         host_cc.trim()

@@ -505,6 +505,14 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         None => None,
     };
     let reused = pooled.is_some();
+    cx.agent
+        .metrics
+        .pg_upstream
+        .with_label_values(&[
+            cx.target.name.as_str(),
+            if reused { "reused" } else { "new" },
+        ])
+        .inc();
     // The login's ParameterStatus messages, kept for the pool: shared by the sessions that
     // reuse one connection, copied to its exact size after a fresh login.
     let reused_relay = pooled.as_ref().map(|idle| idle.relay.clone());
@@ -713,6 +721,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                         if let Some(conn) = pool::reset(conn).await {
                             pool::put(
                                 key,
+                                &cx.target.name,
                                 pool::Idle {
                                     conn,
                                     backend_key,

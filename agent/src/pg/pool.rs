@@ -85,7 +85,14 @@ impl Key {
 
 type Claim = oneshot::Sender<oneshot::Sender<Idle>>;
 
-static POOL: Mutex<Option<HashMap<Key, Vec<Claim>>>> = Mutex::new(None);
+/// The idle connections of one key, and the target they belong to (for closing a target's
+/// connections when a reload changes or removes it).
+struct Kept {
+    target: String,
+    claims: Vec<Claim>,
+}
+
+static POOL: Mutex<Option<HashMap<Key, Kept>>> = Mutex::new(None);
 
 /// Take an idle connection for `key`, if one is kept.
 pub async fn take(key: Key) -> Option<Idle> {
@@ -93,7 +100,7 @@ pub async fn take(key: Key) -> Option<Idle> {
         let claim = {
             let mut pool = lock(&POOL);
             let map = pool.as_mut()?;
-            let list = map.get_mut(&key)?;
+            let list = &mut map.get_mut(&key)?.claims;
             let claim = list.pop();
             if list.is_empty() {
                 map.remove(&key);
@@ -117,15 +124,20 @@ pub async fn take(key: Key) -> Option<Idle> {
     }
 }
 
-/// Keep `idle` for the next session with `key` (needs a tokio runtime).
-pub fn put(key: Key, idle: Idle) {
+/// Keep `idle`, a connection to `target`, for the next session with `key` (needs a tokio
+/// runtime).
+pub fn put(key: Key, target: &str, idle: Idle) {
     let (tx, rx) = oneshot::channel();
     {
         let mut pool = lock(&POOL);
-        let list = pool
+        let list = &mut pool
             .get_or_insert_with(HashMap::new)
             .entry(key)
-            .or_default();
+            .or_insert_with(|| Kept {
+                target: target.to_string(),
+                claims: Vec::new(),
+            })
+            .claims;
         list.retain(|c| !c.is_closed());
         // Counted under the pool's lock, so no two puts pass the cap together (keepers only
         // lower the count).
@@ -152,6 +164,28 @@ pub fn kept() -> usize {
 pub fn close_all() {
     let map = lock(&POOL).take();
     drop(map);
+}
+
+/// Close the idle connections of every target `stale` names (after a reload that changed or
+/// removed the target, or turned its pool off); returns how many were closed.
+pub fn close_targets(stale: impl Fn(&str) -> bool) -> usize {
+    let closed: Vec<Kept> = {
+        let mut pool = lock(&POOL);
+        let Some(map) = pool.as_mut() else {
+            return 0;
+        };
+        let keys: Vec<Key> = map
+            .iter()
+            .filter(|(_, k)| stale(&k.target))
+            .map(|(key, _)| *key)
+            .collect();
+        keys.iter().filter_map(|k| map.remove(k)).collect()
+    };
+    // Dropping the claims wakes their keepers, which say Terminate.
+    closed
+        .iter()
+        .map(|k| k.claims.iter().filter(|c| !c.is_closed()).count())
+        .sum()
 }
 
 /// Watch an idle connection until a session claims it, it times out, or the server speaks.
@@ -256,13 +290,23 @@ mod tests {
         matches!(r, Ok(Ok(_))) && got == [b'X', 0, 0, 0, 4]
     }
 
+    /// Wait (bounded) until every keeper has finished.
+    async fn none_kept() {
+        for _ in 0..200 {
+            if kept() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     // One test: the pool is process-wide.
     #[tokio::test]
     async fn kept_connections_are_reused_capped_and_dropped_when_the_server_leaves() {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         // Reuse: the same connection comes back for the same key, not for another.
         let (c, mut s) = pair(&l).await;
-        put(key(0), idle(c));
+        put(key(0), "db", idle(c));
         assert!(take(key(1)).await.is_none(), "another key gets nothing");
         let mut back = take(key(0)).await.expect("kept for its key");
         assert_eq!(back.backend_key, Some((1, 2)));
@@ -273,22 +317,49 @@ mod tests {
         assert!(take(key(0)).await.is_none(), "taken once");
 
         // The server closing an idle connection removes it.
-        put(key(0), back);
+        put(key(0), "db", back);
         drop(s);
-        for _ in 0..200 {
-            if kept() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        none_kept().await;
         assert_eq!(kept(), 0, "a closed connection is not kept");
         assert!(take(key(0)).await.is_none());
+
+        // A reload closes the connections of the targets it changed, and only those.
+        let other = Key::new(
+            false,
+            "other",
+            "127.0.0.1:5433".parse().expect("addr"),
+            "app",
+            &[],
+            None,
+        );
+        let (c, mut s_db) = pair(&l).await;
+        put(key(0), "db", idle(c));
+        let (c, mut s_other) = pair(&l).await;
+        put(other, "other", idle(c));
+        assert_eq!(close_targets(|t| t == "other"), 1);
+        assert!(
+            said_goodbye(&mut s_other).await,
+            "the changed target's connection closed with Terminate"
+        );
+        assert!(take(other).await.is_none());
+        let mut back = take(key(0))
+            .await
+            .expect("the unchanged target's connection stays");
+        back.conn.write_all(b"pong").await.expect("write");
+        let mut b = [0u8; 4];
+        s_db.read_exact(&mut b).await.expect("same socket");
+        assert_eq!(&b, b"pong");
+        drop(back);
+        drop(s_db);
+        assert_eq!(close_targets(|_| true), 0, "nothing left to close");
+        none_kept().await;
+        assert_eq!(kept(), 0);
 
         // The total cap: bot-chosen startup parameters cannot park unbounded backends.
         let mut servers = Vec::new();
         for n in 0..MAX_IDLE_TOTAL + 3 {
             let (c, s) = pair(&l).await;
-            put(key(n), idle(c));
+            put(key(n), "db", idle(c));
             servers.push(s);
         }
         assert_eq!(kept(), MAX_IDLE_TOTAL);
@@ -300,12 +371,7 @@ mod tests {
         for s in servers.iter_mut().take(MAX_IDLE_TOTAL) {
             assert!(said_goodbye(s).await, "closed at shutdown with Terminate");
         }
-        for _ in 0..200 {
-            if kept() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        none_kept().await;
         assert_eq!(kept(), 0);
     }
 }
