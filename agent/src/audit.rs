@@ -2,6 +2,7 @@
 //! event so concurrent sessions never interleave partial lines.
 
 use std::{
+    fmt::Write as _,
     fs::{File, OpenOptions},
     io::Write,
     path::{Path, PathBuf},
@@ -18,7 +19,32 @@ pub struct Audit {
 
 /// RFC 3339 timestamp with milliseconds, UTC.
 pub fn now_ts() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    ts_of(SystemTime::now())
+}
+
+/// [`now_ts`] for `t`. Every audit and recording line carries one (two per statement), so the
+/// date and time of day are formatted once per second per thread and only the milliseconds
+/// each time.
+fn ts_of(t: SystemTime) -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        /// The second last formatted, and its text up to the seconds ("2026-11-29T15:40:31").
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with_borrow_mut(|(cached, prefix)| {
+        if *cached != secs {
+            let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            *prefix = humantime::format_rfc3339_seconds(whole).to_string();
+            prefix.pop(); // the 'Z'
+            *cached = secs;
+        }
+        let mut s = String::with_capacity(prefix.len() + 5);
+        s.push_str(prefix);
+        let _ = write!(s, ".{:03}Z", since.subsec_millis());
+        s
+    })
 }
 
 impl Audit {
@@ -144,6 +170,19 @@ fn append_json_line(file: &Mutex<File>, path: &Path, event: Map<String, Value>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_match_rfc3339_millis_across_seconds() {
+        let base = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_000_000_998);
+        for ms in [0u64, 1, 2, 3, 1000, 1001, 59_002, 86_400_000, 0, 5] {
+            let t = base + std::time::Duration::from_millis(ms);
+            assert_eq!(
+                ts_of(t),
+                humantime::format_rfc3339_millis(t).to_string(),
+                "+{ms} ms"
+            );
+        }
+    }
     use serde_json::json;
 
     #[test]
