@@ -637,17 +637,17 @@ fn a_finished_session_leaves_a_reset_connection_for_the_next_and_an_open_transac
     // A session that leaves inside a transaction does not leave its backend behind.
     let o = f.psql(&["-At", "-c", "BEGIN; SELECT 'pid=' || pg_backend_pid();"]);
     let in_tx = pid(&o);
-    vm_tests::wait_for(
-        std::time::Duration::from_secs(10),
-        "the in-transaction backend to end",
-        || {
+    // Wait (bounded) until backend `pid` has ended.
+    let ended = |pid: &str, what: &str| {
+        vm_tests::wait_for(std::time::Duration::from_secs(10), what, || {
             let n = f.pg.superuser_sql(
-                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {in_tx}"),
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
                 "postgres",
             );
             (n.trim() == "0").then_some(())
-        },
-    );
+        })
+    };
+    ended(&in_tx, "the in-transaction backend to end");
     let o = f.psql(&["-At", "-c", "SELECT 'pid=' || pg_backend_pid()"]);
     let last = pid(&o);
     assert_ne!(last, in_tx, "a new backend after an open transaction");
@@ -670,17 +670,7 @@ fn a_finished_session_leaves_a_reset_connection_for_the_next_and_an_open_transac
     let secret = f.secret_dir.path().join("app-rw.pw");
     f.agent
         .write_policy(&policy_with(&f.pg, &f.bot, &secret, "pool = false"));
-    vm_tests::wait_for(
-        std::time::Duration::from_secs(10),
-        "the kept backend to end after the reload",
-        || {
-            let n = f.pg.superuser_sql(
-                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {last}"),
-                "postgres",
-            );
-            (n.trim() == "0").then_some(())
-        },
-    );
+    ended(&last, "the kept backend to end after the reload");
     assert_eq!(
         f.agent.metric("tollgate_pg_pool_idle_connections", &[]),
         0.0
