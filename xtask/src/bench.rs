@@ -64,6 +64,23 @@ fn sink_server(l: TcpListener) {
     });
 }
 
+/// Send 1 GiB to each client, then close.
+fn source_server(l: TcpListener) {
+    thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            thread::spawn(move || {
+                let mut s = s;
+                let buf = vec![0xa5u8; 1 << 20];
+                for _ in 0..(GIB >> 20) {
+                    if s.write_all(&buf).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
 fn bind() -> Result<TcpListener> {
     Ok(TcpListener::bind("127.0.0.1:0")?)
 }
@@ -179,6 +196,26 @@ fn gib_secs(port: u16) -> Result<f64> {
     Ok(secs)
 }
 
+/// Seconds to receive 1 GiB from the source (to its EOF).
+fn gib_down_secs(port: u16) -> Result<f64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    if total != GIB {
+        bail!("received {total} bytes from the source, expected {GIB}");
+    }
+    Ok(secs)
+}
+
 /// User + system CPU time of process `pid` so far, in milliseconds (0 if unreadable).
 fn cpu_ms(pid: u32) -> f64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -193,7 +230,7 @@ fn cpu_ms(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) * 1000.0 / hz
 }
 
-fn policy(echo: u16, sink: u16, listen: u16, metrics: u16) -> String {
+fn policy(echo: u16, sink: u16, source: u16, listen: u16, metrics: u16) -> String {
     format!(
         r#"[agent]
 listen = ["127.0.0.1:{listen}", "[::1]:{listen}"]
@@ -217,10 +254,15 @@ name = "sink"
 protocol = "tcp"
 address = ["127.0.0.1:{sink}"]
 
+[[target]]
+name = "source"
+protocol = "tcp"
+address = ["127.0.0.1:{source}"]
+
 [[rule]]
 name = "bench may connect"
 identities = ["bench"]
-targets = ["echo", "sink"]
+targets = ["echo", "sink", "source"]
 action = "allow"
 "#
     )
@@ -253,19 +295,25 @@ pub fn bench(only: Option<&str>) -> Result<()> {
     fs::create_dir_all(work)?;
 
     let (echo_p, echo_d, sink_p, sink_d) = (bind()?, bind()?, bind()?, bind()?);
-    let ports =
-        [&echo_p, &echo_d, &sink_p, &sink_d].map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0));
-    let [echo_prot, echo_direct, sink_prot, sink_direct] = ports;
+    let (source_p, source_d) = (bind()?, bind()?);
+    let ports = [&echo_p, &echo_d, &sink_p, &sink_d, &source_p, &source_d]
+        .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0));
+    let [echo_prot, echo_direct, sink_prot, sink_direct, source_prot, source_direct] = ports;
     echo_server(echo_p);
     echo_server(echo_d);
     sink_server(sink_p);
     sink_server(sink_d);
+    source_server(source_p);
+    source_server(source_d);
     let (listen, metrics) = {
         let (a, b) = (bind()?, bind()?);
         (a.local_addr()?.port(), b.local_addr()?.port())
     };
     let pol = work.join("bench.toml");
-    fs::write(&pol, policy(echo_prot, sink_prot, listen, metrics))?;
+    fs::write(
+        &pol,
+        policy(echo_prot, sink_prot, source_prot, listen, metrics),
+    )?;
 
     // This process becomes the "bot": its sockets are attributed to the bench cgroup.
     let cg = Cgroup::create("tollgate-bench")?;
@@ -353,15 +401,21 @@ pub fn bench(only: Option<&str>) -> Result<()> {
     // compares the relay with the direct transfer measured next to it, so a burst of load
     // from other work on the machine hits a pair rather than one side.
     let gbps = |s: f64| (GIB as f64 / s) / 1e9;
-    let paired = |rounds: usize| -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+    // `up`: the bot sends to the sink; otherwise it receives from the source.
+    let paired = |rounds: usize, up: bool| -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
         let (mut d, mut t, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        let (transfer, direct, prot): (fn(u16) -> Result<f64>, u16, u16) = if up {
+            (gib_secs, sink_direct, sink_prot)
+        } else {
+            (gib_down_secs, source_direct, source_prot)
+        };
         for r in 0..rounds {
             let (a, b) = if r % 2 == 0 {
-                let a = gib_secs(sink_direct)?;
-                (a, gib_secs(sink_prot)?)
+                let a = transfer(direct)?;
+                (a, transfer(prot)?)
             } else {
-                let b = gib_secs(sink_prot)?;
-                (gib_secs(sink_direct)?, b)
+                let b = transfer(prot)?;
+                (transfer(direct)?, b)
             };
             d.push(a);
             t.push(b);
@@ -378,12 +432,13 @@ pub fn bench(only: Option<&str>) -> Result<()> {
     // this shared machine slowed (single rounds have ranged 0.45x..1.12x in one run).
     let rounds = 16;
     let cpu0 = cpu_ms(agent.child.id());
-    let (mut direct_t, mut splice_t, mut splice_r) = paired(rounds)?;
+    let (mut direct_t, mut splice_t, mut splice_r) = paired(rounds, true)?;
     let splice_cpu = (cpu_ms(agent.child.id()) - cpu0) / rounds as f64;
+    let (mut down_direct_t, mut down_t, mut down_r) = paired(rounds, false)?;
     agent.stop();
     let mut copy = start(&[("TOLLGATE_RELAY", "copy")])?;
     let cpu0 = cpu_ms(copy.child.id());
-    let (_, mut copy_t, mut copy_r) = paired(4)?;
+    let (_, mut copy_t, mut copy_r) = paired(4, true)?;
     let copy_cpu = (cpu_ms(copy.child.id()) - cpu0) / 4.0;
     copy.stop();
     let (s_lo, s_hi) = spread(&splice_r);
@@ -408,6 +463,13 @@ pub fn bench(only: Option<&str>) -> Result<()> {
         gbps(ct),
         median(&mut copy_r)
     );
+    let (d_lo, d_hi) = spread(&down_r);
+    println!(
+        "   the other way (the bot receives 1 GiB, {rounds} rounds): direct {:.2} GB/s, splice relay {:.2} GB/s   {:.2}x direct (rounds {d_lo:.2}..{d_hi:.2})",
+        gbps(median(&mut down_direct_t)),
+        gbps(median(&mut down_t)),
+        median(&mut down_r)
+    );
     // The ratio moves with whatever else runs on the 2 cores; the agent's own CPU time per GiB
     // (user + system, including softirq work done in its context) is steadier.
     println!("   agent CPU per GiB relayed: splice {splice_cpu:.0} ms, copy {copy_cpu:.0} ms");
@@ -416,7 +478,7 @@ pub fn bench(only: Option<&str>) -> Result<()> {
     let host_cc =
         fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap_or_default();
     println!(
-        "   congestion control: host default {} (bot and sink sockets); the agent's loopback legs cubic",
+        "   congestion control: host default {} (the bot, sink and source sockets); the agent's loopback legs cubic",
         host_cc.trim()
     );
 
