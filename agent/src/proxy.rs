@@ -32,7 +32,7 @@ use tollgate_policy::{
     decide, Action, Decision, Mode, Operation, Policy, Protocol, Request, Target, TargetAddress,
     WorkloadFacts,
 };
-use tracing::{info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use crate::{
     audit::Audit,
@@ -706,7 +706,9 @@ impl SessionCx {
         ev.insert("enforced".into(), (!observe).into());
         self.agent.audit.write(ev);
         self.count_decision(action);
-        info!(
+        // The audit log is the record of every decision; the operational log gets it only at
+        // debug level (one line per connection would flood journald on a busy host).
+        debug!(
             action,
             reason,
             rule = d.rule.as_deref().unwrap_or("-"),
