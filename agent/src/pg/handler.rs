@@ -395,7 +395,14 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                     t.held.notify.notify_waiters();
                 } else if let Some(key) = t.upstream {
                     let up = cx.connect_upstream().await?;
-                    let _ = upstream::cancel(up, key).await;
+                    let tls = &cx.target.tls;
+                    if let Ok(name) =
+                        tls::server_name(tls, cx.dialled_host().as_deref(), cx.orig_dst.ip())
+                    {
+                        if let Err(e) = upstream::cancel(up, tls, name, key).await {
+                            tracing::warn!(error = %e, "cancel request not forwarded");
+                        }
+                    }
                 }
             }
             return Ok(Totals::default());

@@ -318,11 +318,78 @@ pub async fn login(
     }
 }
 
-/// Send a CancelRequest for `key` to `addr` over a new (marked) connection.
-pub async fn cancel(mut stream: TcpStream, key: (i32, i32)) -> io::Result<()> {
+/// Send a CancelRequest for `key` over `stream`, a new (marked) connection to the server,
+/// secured as the target's logins are (PostgreSQL reads a CancelRequest after an SSLRequest
+/// too). A target that requires TLS gets no cancel in plaintext: the key would cancel any
+/// statement of that backend for whoever reads it off the wire.
+pub async fn cancel(
+    stream: TcpStream,
+    tls: &TargetTls,
+    name: ServerName<'static>,
+    key: (i32, i32),
+) -> Result<(), LoginError> {
+    let mut conn = negotiate_tls(stream, tls, name).await?;
     let mut out = BytesMut::new();
     frontend::cancel_request(key.0, key.1, &mut out);
-    stream.write_all(&out).await?;
-    let _ = stream.shutdown().await;
+    conn.write_all(&out).await?;
+    let _ = conn.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Cancel `key` against a server that refuses TLS ('N' to an SSLRequest); returns the
+    /// result and every byte the server received.
+    async fn cancel_to_plain_server(mode: TlsMode) -> (Result<(), LoginError>, Vec<u8>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut got = vec![0u8; 8];
+            s.read_exact(&mut got).await.expect("first message");
+            if got[4..8] == 80877103u32.to_be_bytes() {
+                s.write_all(b"N").await.expect("refuse TLS");
+            }
+            s.read_to_end(&mut got).await.expect("rest");
+            got
+        });
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let tls = TargetTls {
+            mode,
+            ..Default::default()
+        };
+        let name = ServerName::try_from("localhost").expect("name");
+        let r = cancel(stream, &tls, name, (4242, 77)).await;
+        (r, server.await.expect("server"))
+    }
+
+    fn cancel_request() -> Vec<u8> {
+        let mut b = BytesMut::new();
+        frontend::cancel_request(4242, 77, &mut b);
+        b.to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_cancel_goes_as_securely_as_the_targets_logins() {
+        let mut ssl_request = BytesMut::new();
+        frontend::ssl_request(&mut ssl_request);
+
+        // require: the server will not encrypt, so the key is not sent at all.
+        let (r, got) = cancel_to_plain_server(TlsMode::Require).await;
+        assert!(r.is_err(), "require without TLS must fail");
+        assert_eq!(got, ssl_request.to_vec(), "nothing after the SSLRequest");
+
+        // prefer: plaintext after the refusal, as the target's logins do.
+        let (r, got) = cancel_to_plain_server(TlsMode::Prefer).await;
+        assert!(r.is_ok(), "{:?}", r.err().map(|e| e.to_string()));
+        assert_eq!(got, [ssl_request.to_vec(), cancel_request()].concat());
+
+        // disable: the CancelRequest alone.
+        let (r, got) = cancel_to_plain_server(TlsMode::Disable).await;
+        assert!(r.is_ok());
+        assert_eq!(got, cancel_request());
+    }
 }
