@@ -436,12 +436,13 @@ pub const LOOPBACK_CONGESTION: &str = "cubic";
 /// machine): on loopback there is no bottleneck queue to protect, and pacing only adds a
 /// timer per burst and throttles the relay (1 GiB through the agent: 0.75x direct paced,
 /// 0.9x unpaced). Sockets to other hosts keep the host's choice. Returns whether it was set;
-/// a kernel without the algorithm leaves the default in place.
+/// a kernel built without cubic gets reno (always built in, also unpaced), and if even that
+/// fails the default stays.
 pub fn unpaced_on_loopback(sock: socket2::SockRef<'_>, peer: IpAddr) -> bool {
     peer.to_canonical().is_loopback()
-        && sock
-            .set_tcp_congestion(LOOPBACK_CONGESTION.as_bytes())
-            .is_ok()
+        && [LOOPBACK_CONGESTION, "reno"]
+            .iter()
+            .any(|cc| sock.set_tcp_congestion(cc.as_bytes()).is_ok())
 }
 
 /// splice(2) between two descriptors, non-blocking, moving pages where possible.
