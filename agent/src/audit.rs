@@ -170,6 +170,7 @@ fn append_json_line(file: &Mutex<File>, path: &Path, event: Map<String, Value>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn timestamps_match_rfc3339_millis_across_seconds() {
@@ -183,7 +184,6 @@ mod tests {
             );
         }
     }
-    use serde_json::json;
 
     #[test]
     fn reopen_follows_a_rotated_file() {

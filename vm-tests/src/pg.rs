@@ -305,3 +305,36 @@ pub fn app_target(pg: &PgServer, secret: &Path, extra: &str) -> String {
         secret.display()
     )
 }
+
+/// Through the agent as `bot`, the pg client (`client`, tg-pgclient) runs `pg_sleep(30)` on
+/// the server at `port` and cancels it: the server must answer 57014 within 2 s. `agent_log`
+/// is shown if the client fails.
+pub fn assert_sleep_cancelled_quickly(
+    bot: &crate::Cgroup,
+    client: &Path,
+    port: u16,
+    agent_log: impl Fn() -> String,
+) {
+    let o = bot
+        .command(client)
+        .arg(format!(
+            "host=127.0.0.1 port={port} user=bot password=wrong dbname=app"
+        ))
+        .arg("--cancel")
+        .output()
+        .expect("client");
+    assert!(
+        o.status.success(),
+        "{}{}\n--- agent ---\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        agent_log()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        v["result"]["code"], "57014",
+        "the query was cancelled by the server: {v}"
+    );
+    let ms = v["elapsed_ms"].as_u64().expect("elapsed");
+    assert!(ms < 2000, "pg_sleep(30) cancelled after {ms} ms: {v}");
+}

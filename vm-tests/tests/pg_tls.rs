@@ -5,7 +5,9 @@
 use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Output};
 
 use vm_tests::{
-    pg::{app_target, PgServer, TestCa, APP_PASSWORD, SECRET_EMAIL},
+    pg::{
+        app_target, assert_sleep_cancelled_quickly, PgServer, TestCa, APP_PASSWORD, SECRET_EMAIL,
+    },
     require_root, tollgate_bin, AgentProc, Cgroup, FailMode, TempDir,
 };
 
@@ -204,20 +206,12 @@ fn the_agent_logs_in_over_verified_tls_to_a_tls_only_server() {
 
     // A cancel reaches the backend over the same verified TLS (unit-tested: a target that
     // requires TLS never gets the key in plaintext).
-    let o = bot
-        .command(Path::new(env!("CARGO_BIN_EXE_tg-pgclient")))
-        .arg(format!(
-            "host=127.0.0.1 port={} user=bot password=wrong dbname=app",
-            pg.port
-        ))
-        .arg("--cancel")
-        .output()
-        .expect("client");
-    assert!(o.status.success(), "{}\n{}", text(&o), agent.stderr_text());
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    assert_eq!(v["result"]["code"], "57014", "cancelled by the server: {v}");
-    let ms = v["elapsed_ms"].as_u64().expect("elapsed");
-    assert!(ms < 2000, "pg_sleep(30) cancelled after {ms} ms: {v}");
+    assert_sleep_cancelled_quickly(
+        &bot,
+        Path::new(env!("CARGO_BIN_EXE_tg-pgclient")),
+        pg.port,
+        || agent.stderr_text(),
+    );
     assert!(!agent.stderr_text().contains("cancel request not forwarded"));
 
     // A server certificate that does not chain to ca_file: a clear error, nothing sent.

@@ -343,30 +343,12 @@ fn malformed_bytes_get_a_clean_error_and_the_agent_keeps_serving() {
 #[test]
 fn cancel_request_reaches_the_right_backend_quickly() {
     let f = fixture("pgcancel");
-    let client = env!("CARGO_BIN_EXE_tg-pgclient");
-    let o = f
-        .bot
-        .command(Path::new(client))
-        .arg(format!(
-            "host=127.0.0.1 port={} user=bot password=wrong dbname=app",
-            f.pg.port
-        ))
-        .arg("--cancel")
-        .output()
-        .expect("client");
-    assert!(
-        o.status.success(),
-        "{}\n--- agent ---\n{}",
-        text(&o),
-        f.agent.stderr_text()
+    vm_tests::pg::assert_sleep_cancelled_quickly(
+        &f.bot,
+        Path::new(env!("CARGO_BIN_EXE_tg-pgclient")),
+        f.pg.port,
+        || f.agent.stderr_text(),
     );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    assert_eq!(
-        v["result"]["code"], "57014",
-        "the query was cancelled by the server: {v}"
-    );
-    let ms = v["elapsed_ms"].as_u64().expect("elapsed");
-    assert!(ms < 2000, "pg_sleep(30) cancelled after {ms} ms: {v}");
 }
 
 #[test]

@@ -27,56 +27,56 @@ use crate::{
 const WORK: &str = "/tmp/tollgate-bench";
 const GIB: u64 = 1 << 30;
 
-/// Echo one byte exchange per connection; also used as the plain accept-and-close server.
-fn echo_server(l: TcpListener) {
+/// Serve each connection to `l` on a thread of its own with `handle`.
+fn serve_each(l: TcpListener, handle: fn(TcpStream)) {
     thread::spawn(move || {
         for s in l.incoming().flatten() {
-            thread::spawn(move || {
-                let mut s = s;
-                let mut b = [0u8; 4096];
-                while let Ok(n) = s.read(&mut b) {
-                    if n == 0 || s.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
+            thread::spawn(move || handle(s));
         }
     });
 }
 
+/// Echo one byte exchange per connection; also used as the plain accept-and-close server.
+fn echo_server(l: TcpListener) {
+    serve_each(l, |mut s| {
+        let mut b = [0u8; 4096];
+        while let Ok(n) = s.read(&mut b) {
+            if n == 0 || s.write_all(&b[..n]).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Read `s` to EOF (or an error); the byte count.
+fn drain(s: &mut TcpStream) -> u64 {
+    let mut b = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    while let Ok(n) = s.read(&mut b) {
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    total
+}
+
 /// Read to EOF, answer with the byte count.
 fn sink_server(l: TcpListener) {
-    thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            thread::spawn(move || {
-                let mut s = s;
-                let mut b = vec![0u8; 1 << 20];
-                let mut total = 0u64;
-                while let Ok(n) = s.read(&mut b) {
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
-                }
-                let _ = s.write_all(&total.to_be_bytes());
-            });
-        }
+    serve_each(l, |mut s| {
+        let total = drain(&mut s);
+        let _ = s.write_all(&total.to_be_bytes());
     });
 }
 
 /// Send 1 GiB to each client, then close.
 fn source_server(l: TcpListener) {
-    thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            thread::spawn(move || {
-                let mut s = s;
-                let buf = vec![0xa5u8; 1 << 20];
-                for _ in 0..(GIB >> 20) {
-                    if s.write_all(&buf).is_err() {
-                        return;
-                    }
-                }
-            });
+    serve_each(l, |mut s| {
+        let buf = vec![0xa5u8; 1 << 20];
+        for _ in 0..(GIB >> 20) {
+            if s.write_all(&buf).is_err() {
+                return;
+            }
         }
     });
 }
@@ -198,17 +198,9 @@ fn gib_secs(port: u16) -> Result<f64> {
 
 /// Seconds to receive 1 GiB from the source (to its EOF).
 fn gib_down_secs(port: u16) -> Result<f64> {
-    let mut buf = vec![0u8; 1 << 20];
     let t = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    let mut total = 0u64;
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
+    let total = drain(&mut s);
     let secs = t.elapsed().as_secs_f64();
     if total != GIB {
         bail!("received {total} bytes from the source, expected {GIB}");

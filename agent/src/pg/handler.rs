@@ -277,6 +277,14 @@ async fn workload_token(
 /// Read the startup packet: answer GSSENCRequest with 'N' and SSLRequest with 'S' and a TLS
 /// handshake when the agent has a CA (else 'N'); a client that opens with a TLS ClientHello
 /// (`sslnegotiation=direct`) gets TLS at once. Returns the (possibly encrypted) stream.
+/// Secure a new upstream connection as the target's `tls` says (the name to verify is the
+/// configured one, else the host the bot dialled, else the IP): logins and cancels alike.
+async fn secure_upstream(cx: &SessionCx, up: TcpStream) -> Result<Conn, upstream::LoginError> {
+    let tls = &cx.target.tls;
+    let name = tls::server_name(tls, cx.dialled_host().as_deref(), cx.orig_dst.ip())?;
+    upstream::negotiate_tls(up, tls, name).await
+}
+
 async fn read_startup(
     h: &PgHandler,
     cx: &SessionCx,
@@ -395,13 +403,12 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                     t.held.notify.notify_waiters();
                 } else if let Some(key) = t.upstream {
                     let up = cx.connect_upstream().await?;
-                    let tls = &cx.target.tls;
-                    if let Ok(name) =
-                        tls::server_name(tls, cx.dialled_host().as_deref(), cx.orig_dst.ip())
-                    {
-                        if let Err(e) = upstream::cancel(up, tls, name, key).await {
-                            tracing::warn!(error = %e, "cancel request not forwarded");
-                        }
+                    let sent = match secure_upstream(cx, up).await {
+                        Ok(conn) => upstream::cancel(conn, key).await.map_err(Into::into),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = sent {
+                        tracing::warn!(error = %e, "cancel request not forwarded");
                     }
                 }
             }
@@ -552,12 +559,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             }
         };
         let cred_label = cred_name.clone().unwrap_or_else(|| "(none)".into());
-        let tls = &cx.target.tls;
-        let up = match tls::server_name(tls, cx.dialled_host().as_deref(), cx.orig_dst.ip()) {
-            Ok(name) => upstream::negotiate_tls(up, tls, name).await,
-            Err(e) => Err(e.into()),
-        };
-        let login = match up {
+        let login = match secure_upstream(cx, up).await {
             Ok(up) => upstream::login(up, &user, &pass, &cred_label, secret.as_deref()).await,
             Err(e) => Err(e),
         };

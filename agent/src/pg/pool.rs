@@ -169,17 +169,12 @@ pub fn close_all() {
 /// Close the idle connections of every target `stale` names (after a reload that changed or
 /// removed the target, or turned its pool off); returns how many were closed.
 pub fn close_targets(stale: impl Fn(&str) -> bool) -> usize {
-    let closed: Vec<Kept> = {
-        let mut pool = lock(&POOL);
-        let Some(map) = pool.as_mut() else {
-            return 0;
-        };
-        let keys: Vec<Key> = map
-            .iter()
-            .filter(|(_, k)| stale(&k.target))
-            .map(|(key, _)| *key)
-            .collect();
-        keys.iter().filter_map(|k| map.remove(k)).collect()
+    let closed: Vec<Kept> = match lock(&POOL).as_mut() {
+        Some(map) => map
+            .extract_if(|_, k| stale(&k.target))
+            .map(|(_, k)| k)
+            .collect(),
+        None => return 0,
     };
     // Dropping the claims wakes their keepers, which say Terminate.
     closed

@@ -318,17 +318,11 @@ pub async fn login(
     }
 }
 
-/// Send a CancelRequest for `key` over `stream`, a new (marked) connection to the server,
-/// secured as the target's logins are (PostgreSQL reads a CancelRequest after an SSLRequest
-/// too). A target that requires TLS gets no cancel in plaintext: the key would cancel any
-/// statement of that backend for whoever reads it off the wire.
-pub async fn cancel(
-    stream: TcpStream,
-    tls: &TargetTls,
-    name: ServerName<'static>,
-    key: (i32, i32),
-) -> Result<(), LoginError> {
-    let mut conn = negotiate_tls(stream, tls, name).await?;
+/// Send a CancelRequest for `key` over `conn`, a new (marked) connection to the server that
+/// [`negotiate_tls`] secured as the target's logins are (PostgreSQL reads a CancelRequest
+/// after an SSLRequest too): a target that requires TLS never gets the key in plaintext, which
+/// would let whoever reads it off the wire cancel that backend's statements.
+pub async fn cancel(mut conn: Conn, key: (i32, i32)) -> io::Result<()> {
     let mut out = BytesMut::new();
     frontend::cancel_request(key.0, key.1, &mut out);
     conn.write_all(&out).await?;
@@ -350,7 +344,7 @@ mod tests {
             let (mut s, _) = l.accept().await.expect("accept");
             let mut got = vec![0u8; 8];
             s.read_exact(&mut got).await.expect("first message");
-            if got[4..8] == 80877103u32.to_be_bytes() {
+            if got[4..8] == wire::SSL_REQUEST_CODE.to_be_bytes() {
                 s.write_all(b"N").await.expect("refuse TLS");
             }
             s.read_to_end(&mut got).await.expect("rest");
@@ -362,7 +356,10 @@ mod tests {
             ..Default::default()
         };
         let name = ServerName::try_from("localhost").expect("name");
-        let r = cancel(stream, &tls, name, (4242, 77)).await;
+        let r = match negotiate_tls(stream, &tls, name).await {
+            Ok(conn) => cancel(conn, (4242, 77)).await.map_err(Into::into),
+            Err(e) => Err(e),
+        };
         (r, server.await.expect("server"))
     }
 
