@@ -148,16 +148,30 @@ fn data_dir(policy: &std::path::Path, data_dir: Option<PathBuf>) -> anyhow::Resu
     }
 }
 
+/// The operational log on stderr. `TOLLGATE_LOG` takes `level` and `target=level` directives,
+/// comma-separated (`info`, `tollgate=debug,hyper=warn`). The filter is static: unlike
+/// `EnvFilter` it keeps no per-span state, so entering a session's span on every poll of its
+/// future takes no lock shared by the session threads.
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::{
+        filter::Targets, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+    };
+    let spec = std::env::var("TOLLGATE_LOG").ok();
+    let (filter, bad) = match spec.as_deref().map(str::parse::<Targets>) {
+        None => (None, None),
+        Some(Ok(f)) => (Some(f), None),
+        Some(Err(e)) => (None, Some(e)),
+    };
+    let filter = filter.unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        b.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        b.init();
+        registry.with(fmt).init();
+    }
+    if let (Some(spec), Some(e)) = (spec, bad) {
+        tracing::warn!(TOLLGATE_LOG = %spec, error = %e, "TOLLGATE_LOG not understood; logging at info");
     }
 }
 

@@ -1453,10 +1453,35 @@ async fn read_more(
             return size.after(res, spare);
         }
     }
-    // read_buf is cancel-safe: a timed-out read has taken nothing.
-    if let Ok(res) = tokio::time::timeout(IDLE_RELEASE_AFTER, r.read_buf(buf)).await {
-        return size.after(res, spare);
+    // Wait, with one timer per side kept armed across reads instead of a timer per read (an
+    // insert and a removal in the timer wheel per round trip): a deadline armed by an earlier
+    // wait fires early and is moved to this wait's, so a busy session re-arms it at most once
+    // per IDLE_RELEASE_AFTER. read_buf is cancel-safe: a read cut short has taken nothing.
+    let release_at = tokio::time::Instant::now() + IDLE_RELEASE_AFTER;
+    let mut idle = size
+        .idle
+        .take()
+        .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(release_at)));
+    if idle.is_elapsed() {
+        idle.as_mut().reset(release_at);
     }
+    loop {
+        tokio::select! {
+            biased;
+            res = r.read_buf(buf) => {
+                size.idle = Some(idle);
+                return size.after(res, spare);
+            }
+            () = idle.as_mut() => {
+                if idle.deadline() >= release_at {
+                    break;
+                }
+                idle.as_mut().reset(release_at);
+            }
+        }
+    }
+    // Idle: the timer goes with the buffers.
+    drop(idle);
     if buf.is_empty() && buf.capacity() > IDLE_READ_CAPACITY {
         *buf = BytesMut::with_capacity(IDLE_READ_CAPACITY);
     }
@@ -1473,6 +1498,8 @@ async fn read_more(
 struct ReadSize {
     chunk: usize,
     max: usize,
+    /// The idle timer of [`read_more`], armed at the first wait.
+    idle: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl ReadSize {
@@ -1482,6 +1509,7 @@ impl ReadSize {
         ReadSize {
             chunk: ReadSize::START.min(max),
             max,
+            idle: None,
         }
     }
 
@@ -2143,4 +2171,69 @@ impl ServerSide<'_> {
 
 fn formats_only(formats: &[i16]) -> Vec<(i16, u32, bool)> {
     formats.iter().map(|f| (*f, 0, false)).collect()
+}
+
+#[cfg(test)]
+mod read_more_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A busy session keeps its buffers across many round trips, past the age of the idle
+    /// timer armed by its first wait (that timer fires early and is moved, not obeyed); a
+    /// session left idle releases them, and reads again afterwards.
+    #[tokio::test]
+    async fn buffers_stay_while_bytes_keep_coming_and_go_when_idle() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut peer = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (ours, _) = l.accept().await.expect("accept");
+        let (r, _w) = ours.into_split();
+        let mut r = ReadHalf::Plain(r);
+        let (mut buf, mut out) = (BytesMut::new(), BytesMut::with_capacity(4096));
+        let mut size = ReadSize::new(16 * 1024);
+
+        let start = Instant::now();
+        let mut checked = 0;
+        while start.elapsed() < 4 * IDLE_RELEASE_AFTER {
+            let sent = Instant::now();
+            let writer = async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                peer.write_all(b"x").await.expect("write");
+            };
+            let (n, ()) = tokio::join!(read_more(&mut r, &mut buf, &mut out, &mut size), writer);
+            assert_eq!(n.expect("read"), 1);
+            buf.clear();
+            // Only a wait well under the idle time proves anything (a loaded machine may
+            // stretch a 5 ms sleep).
+            if sent.elapsed() < IDLE_RELEASE_AFTER / 2 {
+                assert!(
+                    buf.capacity() >= 4096,
+                    "a busy session lost its read buffer"
+                );
+                assert!(
+                    out.capacity() >= 4096,
+                    "a busy session lost its output buffer"
+                );
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 10,
+            "only {checked} round trips were quick enough to check"
+        );
+
+        let later = async {
+            tokio::time::sleep(3 * IDLE_RELEASE_AFTER).await;
+            peer.write_all(b"yz").await.expect("write");
+        };
+        let (n, ()) = tokio::join!(read_more(&mut r, &mut buf, &mut out, &mut size), later);
+        assert_eq!(n.expect("read"), 2);
+        assert_eq!(&buf[..], b"yz");
+        assert!(buf.capacity() <= IDLE_READ_CAPACITY, "{}", buf.capacity());
+        assert_eq!(out.capacity(), 0, "the idle session kept its output buffer");
+        assert!(size.idle.is_none(), "the idle session kept its timer");
+    }
 }
