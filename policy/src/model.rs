@@ -309,7 +309,8 @@ pub struct Target {
     pub tls: TargetTls,
     /// Key `pool` (PostgreSQL only, default true): a session that ends cleanly (Terminate,
     /// idle, not in a transaction) leaves its upstream connection, reset with `DISCARD ALL`,
-    /// for the next session with the same upstream user, database and startup parameters.
+    /// for the next session of the same identity with the same upstream user, database and
+    /// startup parameters.
     pub pool: bool,
 }
 

@@ -78,17 +78,21 @@ fn fixture(tag: &str) -> Fixture {
 impl Fixture {
     /// psql as the bot, with a WRONG password: identity comes from the kernel.
     fn psql(&self, args: &[&str]) -> Output {
-        let conn = format!("host=127.0.0.1 port={} user=bot dbname=app password=wrong-on-purpose sslmode=disable connect_timeout=10", self.pg.port);
-        self.bot
-            .command(Path::new("/usr/bin/psql"))
-            .arg(conn)
-            .args(["-X", "-v", "VERBOSITY=verbose"])
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .output()
-            .expect("psql")
+        psql_as(&self.bot, &self.pg, args)
     }
+}
+
+/// psql in cgroup `bot` to `pg`, with a WRONG password.
+fn psql_as(bot: &Cgroup, pg: &PgServer, args: &[&str]) -> Output {
+    let conn = format!("host=127.0.0.1 port={} user=bot dbname=app password=wrong-on-purpose sslmode=disable connect_timeout=10", pg.port);
+    bot.command(Path::new("/usr/bin/psql"))
+        .arg(conn)
+        .args(["-X", "-v", "VERBOSITY=verbose"])
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("psql")
 }
 
 fn text(o: &Output) -> String {
@@ -557,6 +561,63 @@ fn psql_copy_to_stdout_is_masked_and_copy_from_stdin_still_works() {
             .iter()
             .any(|e| e["rows"] == 3 && e["masked"].as_u64().unwrap_or(0) >= 6),
         "recorded COPY results: {results:?}"
+    );
+}
+
+/// Backend state that `DISCARD ALL` leaves behind must not pass between identities that share
+/// a credential: a kept connection goes only to a later session of the identity that left it.
+#[test]
+fn a_kept_connection_serves_only_the_identity_that_left_it() {
+    require_root();
+    let pg = PgServer::start("pgpoolid");
+    let ci = Cgroup::new("pgpoolid-bot");
+    let ops = Cgroup::new("pgpoolid-ops");
+    let dir = TempDir::new("pgpoolid-secret");
+    let secret = dir.path().join("app-rw.pw");
+    std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
+    let policy = format!(
+        "{}\n[[identity]]\nname = \"ops-bot\"\ncgroup = \"{}\"\n\n[[rule]]\nname = \"ops reads\"\nidentities = [\"ops-bot\"]\ntargets = [\"app-db\"]\naction = \"allow\"\nsql = {{ statements = [\"select\"] }}\n",
+        policy(&pg, &ci, &secret),
+        ops.glob()
+    );
+    let agent = AgentProc::start("pgpoolid", FailMode::Closed, &policy);
+    let backend = |bot: &Cgroup| -> String {
+        let o = psql_as(
+            bot,
+            &pg,
+            &["-At", "-c", "SELECT 'pid=' || pg_backend_pid()"],
+        );
+        assert!(
+            o.status.success(),
+            "{}\n--- agent ---\n{}",
+            text(&o),
+            agent.stderr_text()
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("pid=").map(str::to_string))
+            .unwrap_or_else(|| panic!("no pid in {}", text(&o)))
+    };
+    let kept_idle = |n: f64| {
+        vm_tests::wait_for(
+            std::time::Duration::from_secs(10),
+            "the ended session's backend kept idle",
+            || (agent.metric("tollgate_pg_pool_idle_connections", &[]) == n).then_some(()),
+        )
+    };
+    let ci_backend = backend(&ci);
+    kept_idle(1.0);
+    let ops_backend = backend(&ops);
+    assert_ne!(
+        ops_backend, ci_backend,
+        "ops-bot was given the backend ci-bot left"
+    );
+    kept_idle(2.0);
+    assert_eq!(backend(&ci), ci_backend, "ci-bot gets its own backend back");
+    assert_eq!(
+        backend(&ops),
+        ops_backend,
+        "ops-bot gets its own backend back"
     );
 }
 

@@ -506,6 +506,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     // A connection left by an earlier session with the same upstream login, if any.
     let pool_key = cx.target.pool.then(|| {
         pool::Key::new(
+            cx.identity.as_deref().unwrap_or(""),
             cx.target.tls.mode != tollgate_policy::TlsMode::Disable,
             &cx.target.name,
             cx.orig_dst,

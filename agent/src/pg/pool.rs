@@ -2,10 +2,11 @@
 //!
 //! A session that ends cleanly (the client sent Terminate, nothing is in flight, the server is
 //! idle outside a transaction) leaves its logged-in upstream connection behind, reset with
-//! `DISCARD ALL` as pgbouncer's `server_reset_query` does. The next session for the same target
-//! address, upstream user, startup parameters and credential secret takes it instead of
-//! connecting, logging in and starting a new backend process. Connect-per-transaction bots get
-//! their connection in microseconds instead of a fork and a SCRAM exchange.
+//! `DISCARD ALL` as pgbouncer's `server_reset_query` does. The next session of the same workload
+//! identity for the same target address, upstream user, startup parameters and credential
+//! secret takes it instead of connecting, logging in and starting a new backend process.
+//! Connect-per-transaction bots get their connection in microseconds instead of a fork and a
+//! SCRAM exchange.
 //!
 //! Each idle connection is kept by a small task that watches it: the connection is dropped
 //! (with Terminate) when it has been idle for [`IDLE_TIMEOUT`], or when the server closes it or
@@ -52,9 +53,9 @@ pub struct Idle {
     pub relay: Bytes,
 }
 
-/// What must match for a connection to be reused: the target, its address, the upstream user,
-/// the startup parameters (sorted) and the credential's secret (a rotated secret gets fresh
-/// connections), as a 128-bit keyed digest (two independently seeded SipHashes). Every session
+/// What must match for a connection to be reused: the workload identity, the target, its
+/// address, the upstream user, the startup parameters (sorted) and the credential's secret (a
+/// rotated secret gets fresh connections), as a 128-bit keyed digest (two independently seeded SipHashes). Every session
 /// holds its key, so it is kept small, and it never holds the secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
@@ -63,7 +64,11 @@ pub struct Key {
 }
 
 impl Key {
+    /// `identity`: the session's workload identity. Backend state that `DISCARD ALL` leaves
+    /// (a `LOAD`ed library, dblink connections, a procedural language's session globals) then
+    /// never passes from one identity to another that shares the credential.
     pub fn new(
+        identity: &str,
         tls: bool,
         target: &str,
         addr: SocketAddr,
@@ -74,7 +79,7 @@ impl Key {
         static SEEDS: OnceLock<[std::collections::hash_map::RandomState; 2]> = OnceLock::new();
         let mut params: Vec<&(String, String)> = params.iter().collect();
         params.sort();
-        let fields = (tls, target, addr, user, params, secret);
+        let fields = (identity, tls, target, addr, user, params, secret);
         let [a, b] = SEEDS.get_or_init(Default::default);
         Key {
             thread: if tls { crate::plane::current() } else { None },
@@ -261,6 +266,7 @@ mod tests {
 
     fn key(n: usize) -> Key {
         Key::new(
+            "ci-bot",
             false,
             "db",
             "127.0.0.1:5432".parse().expect("addr"),
@@ -303,6 +309,19 @@ mod tests {
         let (c, mut s) = pair(&l).await;
         put(key(0), "db", idle(c));
         assert!(take(key(1)).await.is_none(), "another key gets nothing");
+        let ops = Key::new(
+            "ops-bot",
+            false,
+            "db",
+            "127.0.0.1:5432".parse().expect("addr"),
+            "app",
+            &[("application_name".into(), "bot-0".into())],
+            Some(b"secret"),
+        );
+        assert!(
+            take(ops).await.is_none(),
+            "another identity with the same login gets nothing"
+        );
         let mut back = take(key(0)).await.expect("kept for its key");
         assert_eq!(back.backend_key, Some((1, 2)));
         back.conn.write_all(b"ping").await.expect("write");
@@ -320,6 +339,7 @@ mod tests {
 
         // A reload closes the connections of the targets it changed, and only those.
         let other = Key::new(
+            "ci-bot",
             false,
             "other",
             "127.0.0.1:5433".parse().expect("addr"),
