@@ -1,6 +1,7 @@
 //! `cargo xtask bench pg`: pgbench TPS in one run, one table. Columns: direct; tollgate as a
 //! plain `tcp` relay with kernel splicing off (a bare userspace relay); tollgate with the
-//! `postgres` handler (classification plus a masking rule); pgbouncer in session mode. Rows:
+//! `postgres` handler (classification plus a masking rule); pgbouncer in session mode; each
+//! cell the median of interleaved rounds. Rows:
 //! `-S`, `-S -M prepared`, TPC-B-like, `-S -C`. Then idle session memory (`--only memory`),
 //! approvals (`--only approvals`: pgbench -S with and without approvals configured, in ABBA
 //! order, and the approval wake-up latency) and masking throughput. Never fails on slow
@@ -35,6 +36,38 @@ fn free_port() -> Result<u16> {
 
 /// Run pgbench against 127.0.0.1:`port` and return its TPS.
 fn pgbench(port: u16, password: &str, args: &[&str]) -> Result<f64> {
+    Ok(pgbench_cpu(port, password, args, None)?.tps)
+}
+
+/// One pgbench run: TPS, and the CPU time (user + system, all threads) the proxy process
+/// spent per transaction, when there is one.
+#[derive(Clone, Copy)]
+struct Run {
+    tps: f64,
+    proxy_us_per_tx: Option<f64>,
+}
+
+/// CPU time of process `pid` so far (user + system, all its threads), in microseconds.
+fn cpu_us(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at state (field 3);
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f
+        .get(11..13)
+        .context("stat fields")?
+        .iter()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks * 1e6 / hz)
+}
+
+/// [`pgbench`], also measuring the CPU time `proxy` (a process id) spends per transaction.
+fn pgbench_cpu(port: u16, password: &str, args: &[&str], proxy: Option<u32>) -> Result<Run> {
+    let before = proxy.map(cpu_us).transpose()?;
     let out = Command::new("pgbench")
         .args([
             "-h",
@@ -58,19 +91,32 @@ fn pgbench(port: u16, password: &str, args: &[&str]) -> Result<f64> {
         .stderr(Stdio::piped())
         .output()
         .context("pgbench")?;
+    let spent = match (proxy, before) {
+        (Some(pid), Some(b)) => Some(cpu_us(pid)? - b),
+        _ => None,
+    };
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("tps = ")
+    let field = |prefix: &str| -> Option<f64> {
+        text.lines().find_map(|l| {
+            l.strip_prefix(prefix)
                 .and_then(|r| r.split_whitespace().next())
                 .and_then(|v| v.parse().ok())
         })
-        .with_context(|| {
-            format!(
-                "pgbench {args:?} printed no tps:\n{text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+    };
+    let (tps, txs) = (
+        field("tps = "),
+        field("number of transactions actually processed: "),
+    );
+    let (Some(tps), Some(txs)) = (tps, txs) else {
+        bail!(
+            "pgbench {args:?} printed no tps:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    Ok(Run {
+        tps,
+        proxy_us_per_tx: spent.filter(|_| txs > 0.0).map(|us| us / txs),
+    })
 }
 
 fn policy(pg_port: u16, listen: u16, metrics: u16, protocol: &str) -> String {
@@ -361,7 +407,28 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// The pgbench table (when `tps`) and the idle session memory.
+/// Environment of an agent run by the bench.
+type AgentEnv<'a> = &'a [(&'a str, &'a str)];
+
+/// Rounds of the pgbench table: each cell is the median of this many runs.
+const ROUNDS: usize = 3;
+
+/// The median of `v` (not empty).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// The pgbench table (when `tps`) and the idle session memory. The table is [`ROUNDS`] rounds
+/// of every cell; odd rounds run their blocks in the reverse order (the agents' block first,
+/// postgres before relay; then pgbouncer before direct), so a drift of the machine over time
+/// falls on every column alike. Each cell is the median of its runs.
 fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
     let rows: [(&str, &[&str]); 4] = [
         ("-S", &["-S"]),
@@ -369,54 +436,81 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         ("TPC-B (default)", &[]),
         ("-S -C (connect per transaction)", &["-S", "-C"]),
     ];
-    let mut table: Vec<[f64; 4]> = vec![[0.0; 4]; rows.len()];
-
-    // Direct and pgbouncer first, with no agent loaded (it would redirect pgbouncer too).
-    let bport = free_port()?;
-    let bouncer = Bouncer::start(pg_port, bport)?;
-    for (i, (_, args)) in rows.iter().enumerate().filter(|_| tps) {
-        table[i][0] = pgbench(pg_port, PW, args)?;
-        table[i][3] = pgbench(bport, PW, args)?;
-    }
-    drop(bouncer);
-
-    // The bot: this process and its pgbench children in the bench cgroup.
-    let cg = InBenchCgroup::enter()?;
-    let work = Path::new(WORK);
-    let (listen, metrics) = (free_port()?, free_port()?);
+    // runs[row][column]: direct, tcp relay, tollgate pg, pgbouncer.
+    let mut runs: Vec<[Vec<Run>; 4]> = vec![Default::default(); rows.len()];
     let mut idle = None;
-    for (col, protocol, env) in [
-        (1usize, "tcp", &[("TOLLGATE_RELAY", "copy")][..]),
-        (2, "postgres", &[][..]),
-    ] {
-        if !tps && protocol != "postgres" {
-            continue;
+    let rounds = if tps { ROUNDS } else { 1 };
+    for round in 0..rounds {
+        let reverse = round % 2 == 1;
+        let blocks: [bool; 2] = if reverse {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for agents in blocks {
+            if !agents {
+                if !tps {
+                    continue;
+                }
+                // Direct and pgbouncer with no agent loaded (it would redirect pgbouncer too).
+                let bport = free_port()?;
+                let bouncer = Bouncer::start(pg_port, bport)?;
+                let cols: [(usize, u16, Option<u32>); 2] = if reverse {
+                    [(3, bport, Some(bouncer.pid)), (0, pg_port, None)]
+                } else {
+                    [(0, pg_port, None), (3, bport, Some(bouncer.pid))]
+                };
+                for (col, port, proxy) in cols {
+                    for (i, (_, args)) in rows.iter().enumerate() {
+                        runs[i][col].push(pgbench_cpu(port, PW, args, proxy)?);
+                    }
+                }
+                drop(bouncer);
+                continue;
+            }
+            // The bot: this process and its pgbench children in the bench cgroup.
+            let cg = InBenchCgroup::enter()?;
+            let work = Path::new(WORK);
+            let (listen, metrics) = (free_port()?, free_port()?);
+            let mut agents: Vec<(usize, &str, AgentEnv)> = vec![
+                (1, "tcp", &[("TOLLGATE_RELAY", "copy")][..]),
+                (2, "postgres", &[][..]),
+            ];
+            if reverse {
+                agents.reverse();
+            }
+            for (col, protocol, env) in agents {
+                if !tps && protocol != "postgres" {
+                    continue;
+                }
+                let pol = work.join(format!("{protocol}.toml"));
+                fs::write(&pol, policy(pg_port, listen, metrics, protocol))?;
+                let log = work.join(format!("agent-{protocol}.log"));
+                let mut agent = AgentProc::start(bin, &pol, &log, env)?;
+                agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
+                if protocol == "postgres" && idle.is_none() {
+                    idle = Some(idle_session_memory(
+                        agent.child.id(),
+                        pg_port,
+                        &metrics_addr(metrics),
+                    )?);
+                }
+                for (i, (_, args)) in rows.iter().enumerate().filter(|_| tps) {
+                    // Through tollgate the bot's password does not matter (postgres mode
+                    // injects it); the tcp relay passes authentication through, so it needs
+                    // the real one.
+                    let pw = if protocol == "postgres" {
+                        "not-the-password"
+                    } else {
+                        PW
+                    };
+                    runs[i][col].push(pgbench_cpu(pg_port, pw, args, Some(agent.child.id()))?);
+                }
+                agent.stop();
+            }
+            drop(cg);
         }
-        let pol = work.join(format!("{protocol}.toml"));
-        fs::write(&pol, policy(pg_port, listen, metrics, protocol))?;
-        let log = work.join(format!("agent-{protocol}.log"));
-        let mut agent = AgentProc::start(bin, &pol, &log, env)?;
-        agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
-        if protocol == "postgres" {
-            idle = Some(idle_session_memory(
-                agent.child.id(),
-                pg_port,
-                &metrics_addr(metrics),
-            )?);
-        }
-        for (i, (_, args)) in rows.iter().enumerate().filter(|_| tps) {
-            // Through tollgate the bot's password does not matter (postgres mode injects it);
-            // the tcp relay passes authentication through, so it needs the real one.
-            let pw = if protocol == "postgres" {
-                "not-the-password"
-            } else {
-                PW
-            };
-            table[i][col] = pgbench(pg_port, pw, args)?;
-        }
-        agent.stop();
     }
-    drop(cg);
 
     if !tps {
         if let Some((n, per)) = idle {
@@ -427,7 +521,7 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         }
         return Ok(());
     }
-    println!("\npgbench TPS, -c4 -j2 -T{SECONDS}, scale 1, one run on this machine (2 cores shared by client, proxy and server)\n");
+    println!("\npgbench TPS, -c4 -j2 -T{SECONDS}, scale 1, median of {ROUNDS} interleaved rounds on this machine (2 cores shared by client, proxy and server)\n");
     println!(
         "{:<32} {:>10} {:>12} {:>14} {:>11}   {:>12} {:>12} {:>10}",
         "",
@@ -440,7 +534,8 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         "pg/direct"
     );
     for (i, (name, _)) in rows.iter().enumerate() {
-        let [d, r, p, b] = table[i];
+        let tps = |c: usize| median(&runs[i][c].iter().map(|r| r.tps).collect::<Vec<_>>());
+        let [d, r, p, b] = [0, 1, 2, 3].map(tps);
         println!(
             "{name:<32} {d:>10.0} {r:>12.0} {p:>14.0} {b:>11.0}   {:>11.2}x {:>11.2}x {:>9.2}x",
             p / r,
@@ -448,9 +543,40 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
             p / d
         );
     }
+    println!("\neach round's ratios (pg/relay, pg/pgbouncer):");
+    for (i, (name, _)) in rows.iter().enumerate() {
+        let per: Vec<String> = (0..ROUNDS)
+            .map(|k| {
+                let [r, p, b] = [1, 2, 3].map(|c| runs[i][c][k].tps);
+                format!("{:.2} {:.2}", p / r, p / b)
+            })
+            .collect();
+        println!("  {name:<32} {}", per.join("  |  "));
+    }
     println!(
         "\ngoals: pg/relay >= 0.9 every row; pg/pgbouncer >= 1.1 every row; -C pg/direct >= 2.0"
     );
+    // What each proxy costs: at the same TPS a proxy that spends more CPU per transaction
+    // leaves less of the two cores to pgbench and the server.
+    println!("\nproxy CPU per transaction (user + system, all threads; median of the rounds), microseconds:");
+    println!(
+        "{:<32} {:>12} {:>14} {:>11}",
+        "", "tcp relay", "tollgate pg", "pgbouncer"
+    );
+    for (i, (name, _)) in rows.iter().enumerate() {
+        let us = |c: usize| {
+            let v: Vec<f64> = runs[i][c]
+                .iter()
+                .filter_map(|r| r.proxy_us_per_tx)
+                .collect();
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                median(&v)
+            }
+        };
+        println!("{name:<32} {:>12.1} {:>14.1} {:>11.1}", us(1), us(2), us(3));
+    }
     if let Some((n, per)) = idle {
         println!(
             "\nidle postgres session memory: {:.1} KiB per session (agent RSS growth over {n} idle psql sessions; goal <= 16 KiB)",
