@@ -7,9 +7,10 @@
 //! and cached in memory.
 //!
 //! **Upstream side.** The agent's own connection to a target follows the target's `tls` table:
-//! `disable`, `prefer`, `require` (encrypted, certificate not checked) or `verify-full` (the
-//! chain ends at `ca_file` and the certificate names `server_name`). The server's certificate
-//! also feeds SCRAM channel binding (`tls-server-end-point`).
+//! `disable`, `prefer`, `require` (encrypted, certificate not checked), `verify-ca` (the chain
+//! ends at `ca_file`, the names are not checked) or `verify-full` (the chain ends at `ca_file`
+//! and the certificate names `server_name`). The server's certificate also feeds SCRAM channel
+//! binding (`tls-server-end-point`).
 
 use std::{
     collections::HashMap,
@@ -394,6 +395,7 @@ pub fn mode_name(m: TlsMode) -> &'static str {
         TlsMode::Disable => "disable",
         TlsMode::Prefer => "prefer",
         TlsMode::Require => "require",
+        TlsMode::VerifyCa => "verify-ca",
         TlsMode::VerifyFull => "verify-full",
     }
 }
@@ -402,35 +404,66 @@ pub fn mode_name(m: TlsMode) -> &'static str {
 /// carry when `server_name` is not set.
 pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
+    let verifier = server_verifier(tls, &provider)?;
+    let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| UpstreamTlsError::Handshake(io::Error::other(e)))?;
-    let mut cfg = if tls.mode == TlsMode::VerifyFull {
-        let path = tls.ca_file.clone().unwrap_or_default();
-        let ca_err = |reason: String| UpstreamTlsError::CaFile {
-            path: path.display().to_string(),
-            reason,
-        };
-        let mut roots = RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(&path)
-            .map_err(|e| ca_err(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ca_err(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(ca_err("no certificate in the file".into()));
-        }
-        for c in certs {
-            roots.add(c).map_err(|e| ca_err(e.to_string()))?;
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth()
-    };
+        .map_err(|e| UpstreamTlsError::Handshake(io::Error::other(e)))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![ALPN_POSTGRES.to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// How the server's certificate is checked under `tls.mode`.
+fn server_verifier(
+    tls: &TargetTls,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, UpstreamTlsError> {
+    Ok(match tls.mode {
+        TlsMode::VerifyFull => rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots(tls)?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| UpstreamTlsError::CaFile {
+            path: tls
+                .ca_file
+                .clone()
+                .unwrap_or_default()
+                .display()
+                .to_string(),
+            reason: e.to_string(),
+        })?,
+        TlsMode::VerifyCa => Arc::new(VerifyCa {
+            roots: roots(tls)?,
+            provider: provider.clone(),
+        }),
+        TlsMode::Disable | TlsMode::Prefer | TlsMode::Require => {
+            Arc::new(NoVerify(provider.clone()))
+        }
+    })
+}
+
+/// The certificates of `tls.ca_file`.
+fn roots(tls: &TargetTls) -> Result<RootCertStore, UpstreamTlsError> {
+    let path = tls.ca_file.clone().unwrap_or_default();
+    let ca_err = |reason: String| UpstreamTlsError::CaFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&path)
+        .map_err(|e| ca_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ca_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(ca_err("no certificate in the file".into()));
+    }
+    for c in certs {
+        roots.add(c).map_err(|e| ca_err(e.to_string()))?;
+    }
+    Ok(roots)
 }
 
 /// The name to verify (or send as SNI) for a connection to `ip`, dialled as `host` if known.
@@ -490,6 +523,58 @@ impl ServerCertVerifier for NoVerify {
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca` (libpq's meaning): the certificate must chain to `ca_file` and be valid now,
+/// but its names are not checked. For servers whose certificate does not name the address the
+/// agent dials (Cloud SQL's certificates name the instance, not a host); the handshake
+/// signature is still checked, so the server must hold the certified key.
+#[derive(Debug)]
+struct VerifyCa {
+    roots: RootCertStore,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for VerifyCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        NoVerify(self.provider.clone()).verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        NoVerify(self.provider.clone()).verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -567,6 +652,52 @@ mod tests {
             .expect("leaf");
         assert!(Arc::ptr_eq(&leaf, &same));
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// verify-ca checks the chain and not the names; verify-full checks both; require neither.
+    #[test]
+    fn verify_ca_checks_the_chain_but_not_the_name() {
+        let base = std::env::temp_dir().join(format!("tollgate-verify-ca-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let (ours, theirs) = (
+            Ca::load_or_create(&base.join("ours")).expect("ca"),
+            Ca::load_or_create(&base.join("theirs")).expect("ca"),
+        );
+        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+        let good = ours.leaf(Some("db.internal"), ip).expect("leaf");
+        let foreign = theirs.leaf(Some("db.internal"), ip).expect("leaf");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let check = |mode: TlsMode, leaf: &CertifiedKey, name: &str| {
+            let tls = TargetTls {
+                mode,
+                ca_file: Some(ca_paths(&base.join("ours")).0),
+                server_name: None,
+            };
+            server_verifier(&tls, &provider)
+                .expect("verifier")
+                .verify_server_cert(
+                    &leaf.cert[0],
+                    &leaf.cert[1..],
+                    &ServerName::try_from(name.to_string()).expect("name"),
+                    &[],
+                    UnixTime::now(),
+                )
+                .is_ok()
+        };
+        assert!(check(TlsMode::VerifyCa, &good, "db.internal"));
+        assert!(
+            check(TlsMode::VerifyCa, &good, "instance-name.other"),
+            "verify-ca does not check the name"
+        );
+        assert!(
+            !check(TlsMode::VerifyCa, &foreign, "db.internal"),
+            "verify-ca refuses a certificate from another CA"
+        );
+        assert!(check(TlsMode::VerifyFull, &good, "db.internal"));
+        assert!(!check(TlsMode::VerifyFull, &good, "instance-name.other"));
+        assert!(!check(TlsMode::VerifyFull, &foreign, "db.internal"));
+        assert!(check(TlsMode::Require, &foreign, "anything.at.all"));
+        let _ = fs::remove_dir_all(&base);
     }
 
     #[test]

@@ -321,8 +321,8 @@ pub struct Target {
 pub struct TargetTls {
     /// Key `mode`.
     pub mode: TlsMode,
-    /// Key `ca_file`: PEM CA certificates trusted for `verify-full` (default: none, so
-    /// `verify-full` requires it).
+    /// Key `ca_file`: PEM CA certificates trusted for `verify-ca` and `verify-full` (default:
+    /// none, so both require it).
     pub ca_file: Option<PathBuf>,
     /// Key `server_name`: the name the certificate must carry (default: the host part of the
     /// target address the bot dialled, or its IP).
@@ -339,6 +339,8 @@ pub enum TlsMode {
     Prefer,
     /// `require`: TLS, without verifying the certificate.
     Require,
+    /// `verify-ca`: TLS, the certificate chains to `ca_file`; its names are not checked.
+    VerifyCa,
     /// `verify-full`: TLS, the certificate chains to `ca_file` and names `server_name`.
     VerifyFull,
 }

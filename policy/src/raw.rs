@@ -147,9 +147,9 @@ pub(crate) const TARGET_KEYS: &[&str] =
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTargetTls {
-    /// `disable`, `prefer`, `require` or `verify-full`.
+    /// `disable`, `prefer`, `require`, `verify-ca` or `verify-full`.
     pub mode: S,
-    /// PEM file with the CA(s) that sign the target's certificate (`verify-full`).
+    /// PEM file with the CA(s) that sign the target's certificate (`verify-ca`, `verify-full`).
     pub ca_file: Option<S>,
     /// Name to verify the certificate against (default: the host the bot dialled).
     pub server_name: Option<S>,

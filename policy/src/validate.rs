@@ -452,6 +452,7 @@ const TLS_MODES: &[(&str, TlsMode)] = &[
     ("disable", TlsMode::Disable),
     ("prefer", TlsMode::Prefer),
     ("require", TlsMode::Require),
+    ("verify-ca", TlsMode::VerifyCa),
     ("verify-full", TlsMode::VerifyFull),
 ];
 
@@ -872,16 +873,23 @@ fn target_tls(cx: &mut Cx<'_>, name: &str, t: &toml::Spanned<RawTargetTls>) -> T
         .server_name
         .as_ref()
         .and_then(|v| non_empty(cx, v, "server_name", &what));
-    if mode == TlsMode::VerifyFull && ca_file.is_none() {
+    let verifies = matches!(mode, TlsMode::VerifyCa | TlsMode::VerifyFull);
+    if verifies && ca_file.is_none() {
         cx.err(
             t.span(),
-            format!("`mode = \"verify-full\"`{what} needs `ca_file`: the PEM file of the CA that signs the server's certificate"),
+            format!("`mode = \"{}\"`{what} needs `ca_file`: the PEM file of the CA that signs the server's certificate", if mode == TlsMode::VerifyCa { "verify-ca" } else { "verify-full" }),
         );
     }
-    if mode != TlsMode::VerifyFull && (ca_file.is_some() || server_name.is_some()) {
+    if !verifies && ca_file.is_some() {
         cx.err(
             t.span(),
-            format!("`ca_file` and `server_name`{what} are only used with `mode = \"verify-full\"`: set that mode or remove them"),
+            format!("`ca_file`{what} is only used with `mode = \"verify-ca\"` or `\"verify-full\"`: set one of them or remove it"),
+        );
+    }
+    if mode != TlsMode::VerifyFull && server_name.is_some() {
+        cx.err(
+            t.span(),
+            format!("`server_name`{what} is only used with `mode = \"verify-full\"` (verify-ca does not check names): set that mode or remove it"),
         );
     }
     TargetTls {

@@ -230,6 +230,30 @@ fn the_agent_logs_in_over_verified_tls_to_a_tls_only_server() {
         "{t}"
     );
 
+    // `verify-ca` checks the chain against ca_file (that it skips the names is unit-tested).
+    let ca_only = |f: &Path| {
+        format!(
+            r#"tls = {{ mode = "verify-ca", ca_file = "{}" }}"#,
+            f.display()
+        )
+    };
+    agent.write_policy(&policy(&pg, &bot, &secret, &ca_only(&ca_file)));
+    agent.terminate();
+    agent.restart();
+    let o = psql(&bot, &pg, "sslmode=disable host=127.0.0.1", &[ssl_in_use]);
+    assert!(o.status.success(), "verify-ca: {}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "t");
+    agent.write_policy(&policy(&pg, &bot, &secret, &ca_only(&wrong_ca)));
+    agent.terminate();
+    agent.restart();
+    let o = psql(&bot, &pg, "sslmode=disable host=127.0.0.1", &[select]);
+    let t = text(&o);
+    assert!(!o.status.success(), "verify-ca accepted another CA: {t}");
+    assert!(
+        t.contains("tollgate: upstream TLS: TLS handshake with the server failed"),
+        "{t}"
+    );
+
     // `require` encrypts without checking the certificate.
     agent.write_policy(&policy(&pg, &bot, &secret, r#"tls = { mode = "require" }"#));
     agent.terminate();

@@ -1,9 +1,9 @@
 //! TLS to the fleet approval store, with libpq's `sslmode` words in the store URL:
 //! `disable`, `prefer` (the default: TLS when the server offers it, unverified), `require`
-//! (TLS, unverified) and `verify-full` (TLS, the chain checked against `sslrootcert` and the
-//! certificate naming the host). tokio-postgres negotiates (SSLRequest); rustls encrypts.
-//! tokio-postgres itself knows neither `verify-full` nor `sslrootcert`, so both are taken out of
-//! the URL before it is parsed.
+//! (TLS, unverified), `verify-ca` (TLS, the chain checked against `sslrootcert`) and
+//! `verify-full` (`verify-ca`, and the certificate naming the host). tokio-postgres negotiates
+//! (SSLRequest); rustls encrypts. tokio-postgres itself knows neither the verify modes nor
+//! `sslrootcert`, so they are taken out of the URL before it is parsed.
 
 use std::{
     future::Future,
@@ -50,10 +50,11 @@ impl StoreTlsParams {
                         "disable" => TlsMode::Disable,
                         "prefer" => TlsMode::Prefer,
                         "require" => TlsMode::Require,
+                        "verify-ca" => TlsMode::VerifyCa,
                         "verify-full" => TlsMode::VerifyFull,
                         other => {
                             return Err(format!(
-                                "sslmode={other} is not supported for the store; use disable, prefer, require or verify-full"
+                                "sslmode={other} is not supported for the store; use disable, prefer, require, verify-ca or verify-full"
                             ))
                         }
                     }
@@ -62,11 +63,15 @@ impl StoreTlsParams {
                 _ => kept.push((k.into_owned(), v.into_owned())),
             }
         }
-        if mode == TlsMode::VerifyFull && root_cert.is_none() {
-            return Err("sslmode=verify-full needs sslrootcert=/path/to/ca.pem".into());
+        let verifies = matches!(mode, TlsMode::VerifyCa | TlsMode::VerifyFull);
+        if verifies && root_cert.is_none() {
+            return Err(format!(
+                "sslmode={} needs sslrootcert=/path/to/ca.pem",
+                crate::tls::mode_name(mode)
+            ));
         }
-        if mode != TlsMode::VerifyFull && root_cert.is_some() {
-            return Err("sslrootcert is only used with sslmode=verify-full".into());
+        if !verifies && root_cert.is_some() {
+            return Err("sslrootcert is only used with sslmode=verify-ca or verify-full".into());
         }
         let mut url = base.to_string();
         if !kept.is_empty() {
@@ -89,7 +94,7 @@ impl StoreTlsParams {
         match self.mode {
             TlsMode::Disable => SslMode::Disable,
             TlsMode::Prefer => SslMode::Prefer,
-            TlsMode::Require | TlsMode::VerifyFull => SslMode::Require,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
         }
     }
 
@@ -198,9 +203,17 @@ mod tests {
         );
         assert!(p.client_config().expect("none").is_none());
 
+        let p = StoreTlsParams::from_url("postgres://u@db/s?sslmode=verify-ca&sslrootcert=/ca.pem")
+            .expect("valid");
+        assert_eq!(
+            (p.mode, p.ssl_mode()),
+            (TlsMode::VerifyCa, SslMode::Require)
+        );
+
         for bad in [
             "postgres://u@db/s?sslmode=verify-ca",
             "postgres://u@db/s?sslmode=verify-full",
+            "postgres://u@db/s?sslmode=verify-whatever",
             "postgres://u@db/s?sslmode=require&sslrootcert=/ca.pem",
         ] {
             assert!(StoreTlsParams::from_url(bad).is_err(), "{bad}");

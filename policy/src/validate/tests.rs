@@ -897,6 +897,28 @@ fn target_tls_is_validated() {
         7,
         &["only used with"],
     );
+    let ca = parse(
+        &format!(
+            "{BASE}{}",
+            t(r#"{ mode = "verify-ca", ca_file = "/etc/ca.pem" }"#)
+        ),
+        "p.toml",
+    )
+    .expect("verify-ca");
+    let tg = ca.targets.iter().find(|x| x.name == "t2").expect("t2");
+    assert_eq!(tg.tls.mode, crate::TlsMode::VerifyCa);
+    check(
+        &t(r#"{ mode = "verify-ca" }"#),
+        5,
+        7,
+        &["`mode = \"verify-ca\"`", "needs `ca_file`"],
+    );
+    check(
+        &t(r#"{ mode = "verify-ca", ca_file = "/x", server_name = "db" }"#),
+        5,
+        7,
+        &["`server_name`", "verify-ca does not check names"],
+    );
     check(
         &t(r#"{ mode = "require", sni = "x" }"#),
         5,
