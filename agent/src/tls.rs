@@ -437,7 +437,7 @@ fn server_verifier(
         })?,
         TlsMode::VerifyCa => Arc::new(VerifyCa {
             roots: roots(tls)?,
-            provider: provider.clone(),
+            signatures: NoVerify(provider.clone()),
         }),
         TlsMode::Disable | TlsMode::Prefer | TlsMode::Require => {
             Arc::new(NoVerify(provider.clone()))
@@ -533,7 +533,8 @@ impl ServerCertVerifier for NoVerify {
 #[derive(Debug)]
 struct VerifyCa {
     roots: RootCertStore,
-    provider: Arc<CryptoProvider>,
+    /// Handshake signatures are checked as under `require`.
+    signatures: NoVerify,
 }
 
 impl ServerCertVerifier for VerifyCa {
@@ -551,7 +552,7 @@ impl ServerCertVerifier for VerifyCa {
             &self.roots,
             intermediates,
             now,
-            self.provider.signature_verification_algorithms.all,
+            self.signatures.0.signature_verification_algorithms.all,
         )?;
         Ok(ServerCertVerified::assertion())
     }
@@ -561,7 +562,7 @@ impl ServerCertVerifier for VerifyCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        NoVerify(self.provider.clone()).verify_tls12_signature(message, cert, dss)
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -569,12 +570,10 @@ impl ServerCertVerifier for VerifyCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        NoVerify(self.provider.clone()).verify_tls13_signature(message, cert, dss)
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 
