@@ -912,11 +912,12 @@ fn a_tls_only_store_is_reached_over_verified_tls_and_refused_otherwise() {
         "no password in errors: {err}"
     );
 
-    // verify-full with the right CA: the agent starts, and its store connections are TLS.
+    // verify-full with the right CA: the agent starts, and its store connections are TLS,
+    // logged in with SCRAM-SHA-256-PLUS (channel_binding=require fails without it).
     let body = format!(
         "[approvals]\nstore = \"{}\"\n",
         url(&format!(
-            "sslmode=verify-full&sslrootcert={}",
+            "sslmode=verify-full&sslrootcert={}&channel_binding=require",
             ca_file.display()
         ))
     );

@@ -144,9 +144,16 @@ impl TlsConnect<Socket> for StoreTls {
 pub struct StoreTlsStream(Box<tokio_rustls::client::TlsStream<Socket>>);
 
 impl tokio_postgres::tls::TlsStream for StoreTlsStream {
+    /// `tls-server-end-point` from the store's certificate, so tokio-postgres logs in with
+    /// SCRAM-SHA-256-PLUS when the server offers it: a man in the middle (possible under
+    /// `require` and `prefer`, which do not check the certificate) cannot relay the exchange.
     fn channel_binding(&self) -> ChannelBinding {
-        // SCRAM without -PLUS: the certificate is verified (verify-full) or deliberately not.
-        ChannelBinding::none()
+        match self.0.get_ref().1.peer_certificates() {
+            Some([cert, ..]) => {
+                ChannelBinding::tls_server_end_point(crate::tls::server_end_point(cert))
+            }
+            _ => ChannelBinding::none(),
+        }
     }
 }
 
