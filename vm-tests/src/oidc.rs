@@ -104,8 +104,23 @@ impl OidcProvider {
         // Generous: node start-up plus key generation on a loaded 2-core machine.
         let line = match rx.recv_timeout(Duration::from_secs(90)) {
             Ok(l) if !l.trim().is_empty() => l,
-            _ => panic!(
-                "the OIDC provider printed no ready line; its stderr:\n{}",
+            Ok(_) => {
+                // Its stdout closed: say how it ended (a crash, a missing module...).
+                let status = (0..50).find_map(|_| {
+                    let s = guard.child.try_wait().ok().flatten();
+                    if s.is_none() {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    s
+                });
+                panic!(
+                    "the OIDC provider closed its output without a ready line (exit: {status:?}); its stderr:\n{}",
+                    guard.stderr_text()
+                )
+            }
+            Err(_) => panic!(
+                "the OIDC provider printed no ready line within 90 s (still running: {}); its stderr:\n{}",
+                matches!(guard.child.try_wait(), Ok(None)),
                 guard.stderr_text()
             ),
         };
