@@ -157,12 +157,11 @@ fn init_logging(json: bool) {
         filter::Targets, layer::SubscriberExt as _, util::SubscriberInitExt as _,
     };
     let spec = std::env::var("TOLLGATE_LOG").ok();
-    let (filter, bad) = match spec.as_deref().map(str::parse::<Targets>) {
-        None => (None, None),
-        Some(Ok(f)) => (Some(f), None),
-        Some(Err(e)) => (None, Some(e)),
+    let parsed = spec.as_deref().map(str::parse::<Targets>);
+    let filter = match &parsed {
+        Some(Ok(f)) => f.clone(),
+        _ => Targets::new().with_default(tracing::Level::INFO),
     };
-    let filter = filter.unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let registry = tracing_subscriber::registry().with(filter);
     if json {
@@ -170,7 +169,7 @@ fn init_logging(json: bool) {
     } else {
         registry.with(fmt).init();
     }
-    if let (Some(spec), Some(e)) = (spec, bad) {
+    if let (Some(spec), Some(Err(e))) = (spec, parsed) {
         tracing::warn!(TOLLGATE_LOG = %spec, error = %e, "TOLLGATE_LOG not understood; logging at info");
     }
 }

@@ -389,17 +389,6 @@ pub enum UpstreamTlsError {
     Handshake(io::Error),
 }
 
-/// The name of a mode, as written in the policy.
-pub fn mode_name(m: TlsMode) -> &'static str {
-    match m {
-        TlsMode::Disable => "disable",
-        TlsMode::Prefer => "prefer",
-        TlsMode::Require => "require",
-        TlsMode::VerifyCa => "verify-ca",
-        TlsMode::VerifyFull => "verify-full",
-    }
-}
-
 /// Client configuration for a target's `tls` table. `host` is the name the certificate must
 /// carry when `server_name` is not set.
 pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
@@ -426,15 +415,7 @@ fn server_verifier(
             provider.clone(),
         )
         .build()
-        .map_err(|e| UpstreamTlsError::CaFile {
-            path: tls
-                .ca_file
-                .clone()
-                .unwrap_or_default()
-                .display()
-                .to_string(),
-            reason: e.to_string(),
-        })?,
+        .map_err(|e| ca_file_error(tls, e.to_string()))?,
         TlsMode::VerifyCa => Arc::new(VerifyCa {
             roots: roots(tls)?,
             signatures: NoVerify(provider.clone()),
@@ -445,15 +426,24 @@ fn server_verifier(
     })
 }
 
+/// `tls.ca_file` cannot be used, because of `reason`.
+fn ca_file_error(tls: &TargetTls, reason: String) -> UpstreamTlsError {
+    UpstreamTlsError::CaFile {
+        path: tls
+            .ca_file
+            .as_deref()
+            .unwrap_or(Path::new(""))
+            .display()
+            .to_string(),
+        reason,
+    }
+}
+
 /// The certificates of `tls.ca_file`.
 fn roots(tls: &TargetTls) -> Result<RootCertStore, UpstreamTlsError> {
-    let path = tls.ca_file.clone().unwrap_or_default();
-    let ca_err = |reason: String| UpstreamTlsError::CaFile {
-        path: path.display().to_string(),
-        reason,
-    };
+    let ca_err = |reason: String| ca_file_error(tls, reason);
     let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(&path)
+    let certs = CertificateDer::pem_file_iter(tls.ca_file.as_deref().unwrap_or(Path::new("")))
         .map_err(|e| ca_err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ca_err(e.to_string()))?;

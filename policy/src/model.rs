@@ -345,6 +345,39 @@ pub enum TlsMode {
     VerifyFull,
 }
 
+impl TlsMode {
+    /// Every mode, in the order of increasing strictness.
+    pub const ALL: [TlsMode; 5] = [
+        TlsMode::Disable,
+        TlsMode::Prefer,
+        TlsMode::Require,
+        TlsMode::VerifyCa,
+        TlsMode::VerifyFull,
+    ];
+
+    /// The mode as written in a policy (libpq's `sslmode` words).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// The mode named `word`, if any.
+    pub fn from_word(word: &str) -> Option<TlsMode> {
+        TlsMode::ALL.into_iter().find(|m| m.as_str() == word)
+    }
+
+    /// Whether the server's certificate must chain to a configured CA (`verify-ca`,
+    /// `verify-full`), which therefore needs one.
+    pub fn checks_chain(self) -> bool {
+        matches!(self, TlsMode::VerifyCa | TlsMode::VerifyFull)
+    }
+}
+
 /// One entry of a target's `address` list.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum TargetAddress {

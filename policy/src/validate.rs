@@ -448,14 +448,6 @@ struct Names<'a> {
     target_index: &'a HashMap<&'a str, u32>,
 }
 
-const TLS_MODES: &[(&str, TlsMode)] = &[
-    ("disable", TlsMode::Disable),
-    ("prefer", TlsMode::Prefer),
-    ("require", TlsMode::Require),
-    ("verify-ca", TlsMode::VerifyCa),
-    ("verify-full", TlsMode::VerifyFull),
-];
-
 const PROTOCOLS: &[(&str, Protocol)] = &[
     ("postgres", Protocol::Postgres),
     ("ssh", Protocol::Ssh),
@@ -864,7 +856,8 @@ fn target<'r>(
 fn target_tls(cx: &mut Cx<'_>, name: &str, t: &toml::Spanned<RawTargetTls>) -> TargetTls {
     let what = format!(" of `tls` of target \"{name}\"");
     let raw = t.get_ref();
-    let mode = one_of(cx, &raw.mode, "mode", &what, TLS_MODES).unwrap_or_default();
+    let modes = TlsMode::ALL.map(|m| (m.as_str(), m));
+    let mode = one_of(cx, &raw.mode, "mode", &what, &modes).unwrap_or_default();
     let ca_file = raw
         .ca_file
         .as_ref()
@@ -873,14 +866,13 @@ fn target_tls(cx: &mut Cx<'_>, name: &str, t: &toml::Spanned<RawTargetTls>) -> T
         .server_name
         .as_ref()
         .and_then(|v| non_empty(cx, v, "server_name", &what));
-    let verifies = matches!(mode, TlsMode::VerifyCa | TlsMode::VerifyFull);
-    if verifies && ca_file.is_none() {
+    if mode.checks_chain() && ca_file.is_none() {
         cx.err(
             t.span(),
-            format!("`mode = \"{}\"`{what} needs `ca_file`: the PEM file of the CA that signs the server's certificate", if mode == TlsMode::VerifyCa { "verify-ca" } else { "verify-full" }),
+            format!("`mode = \"{}\"`{what} needs `ca_file`: the PEM file of the CA that signs the server's certificate", mode.as_str()),
         );
     }
-    if !verifies && ca_file.is_some() {
+    if !mode.checks_chain() && ca_file.is_some() {
         cx.err(
             t.span(),
             format!("`ca_file`{what} is only used with `mode = \"verify-ca\"` or `\"verify-full\"`: set one of them or remove it"),

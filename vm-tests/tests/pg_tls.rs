@@ -219,16 +219,30 @@ fn the_agent_logs_in_over_verified_tls_to_a_tls_only_server() {
         r#"tls = {{ mode = "verify-full", ca_file = "{}", server_name = "localhost" }}"#,
         wrong_ca.display()
     );
-    agent.write_policy(&policy(&pg, &bot, &secret, &bad));
-    agent.terminate();
-    agent.restart();
-    let o = psql(&bot, &pg, "sslmode=disable host=127.0.0.1", &[select]);
-    let t = text(&o);
-    assert!(!o.status.success(), "unverifiable server accepted: {t}");
-    assert!(
-        t.contains("tollgate: upstream TLS: TLS handshake with the server failed"),
-        "{t}"
-    );
+    // The agent restarted with the target's `tls` line set to `tls`.
+    let restart_with = |agent: &mut AgentProc, tls: &str| {
+        agent.write_policy(&policy(&pg, &bot, &secret, tls));
+        agent.terminate();
+        agent.restart();
+    };
+    // The bot's session reaches the server over TLS.
+    let encrypted = |what: &str| {
+        let o = psql(&bot, &pg, "sslmode=disable host=127.0.0.1", &[ssl_in_use]);
+        assert!(o.status.success(), "{what}: {}", text(&o));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "t");
+    };
+    // The bot's session is refused because the server's certificate was.
+    let refused = |what: &str| {
+        let o = psql(&bot, &pg, "sslmode=disable host=127.0.0.1", &[select]);
+        let t = text(&o);
+        assert!(!o.status.success(), "{what}: {t}");
+        assert!(
+            t.contains("tollgate: upstream TLS: TLS handshake with the server failed"),
+            "{t}"
+        );
+    };
+    restart_with(&mut agent, &bad);
+    refused("unverifiable server accepted");
 
     // `verify-ca` checks the chain against ca_file (that it skips the names is unit-tested).
     let ca_only = |f: &Path| {
@@ -237,35 +251,17 @@ fn the_agent_logs_in_over_verified_tls_to_a_tls_only_server() {
             f.display()
         )
     };
-    agent.write_policy(&policy(&pg, &bot, &secret, &ca_only(&ca_file)));
-    agent.terminate();
-    agent.restart();
-    let o = psql(&bot, &pg, "sslmode=disable host=127.0.0.1", &[ssl_in_use]);
-    assert!(o.status.success(), "verify-ca: {}", text(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "t");
-    agent.write_policy(&policy(&pg, &bot, &secret, &ca_only(&wrong_ca)));
-    agent.terminate();
-    agent.restart();
-    let o = psql(&bot, &pg, "sslmode=disable host=127.0.0.1", &[select]);
-    let t = text(&o);
-    assert!(!o.status.success(), "verify-ca accepted another CA: {t}");
-    assert!(
-        t.contains("tollgate: upstream TLS: TLS handshake with the server failed"),
-        "{t}"
-    );
+    restart_with(&mut agent, &ca_only(&ca_file));
+    encrypted("verify-ca");
+    restart_with(&mut agent, &ca_only(&wrong_ca));
+    refused("verify-ca accepted another CA");
 
     // `require` encrypts without checking the certificate.
-    agent.write_policy(&policy(&pg, &bot, &secret, r#"tls = { mode = "require" }"#));
-    agent.terminate();
-    agent.restart();
-    let o = psql(&bot, &pg, "sslmode=disable host=127.0.0.1", &[ssl_in_use]);
-    assert!(o.status.success(), "require: {}", text(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "t");
+    restart_with(&mut agent, r#"tls = { mode = "require" }"#);
+    encrypted("require");
 
     // Without TLS, this server refuses the login, and the bot hears why.
-    agent.write_policy(&policy(&pg, &bot, &secret, ""));
-    agent.terminate();
-    agent.restart();
+    restart_with(&mut agent, "");
     let o = psql(&bot, &pg, "sslmode=disable host=127.0.0.1", &[ssl_in_use]);
     let t = text(&o);
     assert!(

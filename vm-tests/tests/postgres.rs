@@ -95,6 +95,15 @@ fn psql_as(bot: &Cgroup, pg: &PgServer, args: &[&str]) -> Output {
         .expect("psql")
 }
 
+/// The backend pid psql printed as `pid=N` (the output must be a success).
+fn backend_pid(o: &Output) -> String {
+    assert!(o.status.success(), "{}", text(o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("pid=").map(str::to_string))
+        .unwrap_or_else(|| panic!("no pid in {}", text(o)))
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -593,10 +602,7 @@ fn a_kept_connection_serves_only_the_identity_that_left_it() {
             text(&o),
             agent.stderr_text()
         );
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("pid=").map(str::to_string))
-            .unwrap_or_else(|| panic!("no pid in {}", text(&o)))
+        backend_pid(&o)
     };
     let kept_idle = |n: f64| {
         vm_tests::wait_for(
@@ -624,13 +630,7 @@ fn a_kept_connection_serves_only_the_identity_that_left_it() {
 #[test]
 fn a_finished_session_leaves_a_reset_connection_for_the_next_and_an_open_transaction_does_not() {
     let f = fixture("pgpool");
-    let pid = |o: &Output| -> String {
-        assert!(o.status.success(), "{}", text(o));
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("pid=").map(str::to_string))
-            .unwrap_or_else(|| panic!("no pid in {}", text(o)))
-    };
+    let pid = backend_pid;
     // Session 1 dirties its backend: a setting, an advisory lock, an application name.
     let o = f.psql(&[
         "-At",

@@ -21,7 +21,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     demo::{AgentProc, Cgroup},
-    util,
+    util::{self, cpu_ms, median},
 };
 
 const WORK: &str = "/tmp/tollgate-bench";
@@ -83,11 +83,6 @@ fn source_server(l: TcpListener) {
 
 fn bind() -> Result<TcpListener> {
     Ok(TcpListener::bind("127.0.0.1:0")?)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Median microseconds of `n` connect() calls to `l`, a non-blocking listener only this
@@ -206,20 +201,6 @@ fn gib_down_secs(port: u16) -> Result<f64> {
         bail!("received {total} bytes from the source, expected {GIB}");
     }
     Ok(secs)
-}
-
-/// User + system CPU time of process `pid` so far, in milliseconds (0 if unreadable).
-fn cpu_ms(pid: u32) -> f64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the ")" that closes comm: utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) * 1000.0 / hz
 }
 
 fn policy(echo: u16, sink: u16, source: u16, listen: u16, metrics: u16) -> String {

@@ -47,27 +47,9 @@ struct Run {
     proxy_us_per_tx: Option<f64>,
 }
 
-/// CPU time of process `pid` so far (user + system, all its threads), in microseconds.
-fn cpu_us(pid: u32) -> Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at state (field 3);
-    // utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f
-        .get(11..13)
-        .context("stat fields")?
-        .iter()
-        .map(|v| v.parse::<f64>().unwrap_or(0.0))
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks * 1e6 / hz)
-}
-
 /// [`pgbench`], also measuring the CPU time `proxy` (a process id) spends per transaction.
 fn pgbench_cpu(port: u16, password: &str, args: &[&str], proxy: Option<u32>) -> Result<Run> {
-    let before = proxy.map(cpu_us).transpose()?;
+    let before = proxy.map(|pid| (pid, util::cpu_ms(pid)));
     let out = Command::new("pgbench")
         .args([
             "-h",
@@ -91,10 +73,7 @@ fn pgbench_cpu(port: u16, password: &str, args: &[&str], proxy: Option<u32>) -> 
         .stderr(Stdio::piped())
         .output()
         .context("pgbench")?;
-    let spent = match (proxy, before) {
-        (Some(pid), Some(b)) => Some(cpu_us(pid)? - b),
-        _ => None,
-    };
+    let spent_us = before.map(|(pid, ms)| (util::cpu_ms(pid) - ms) * 1000.0);
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |prefix: &str| -> Option<f64> {
         text.lines().find_map(|l| {
@@ -115,7 +94,7 @@ fn pgbench_cpu(port: u16, password: &str, args: &[&str], proxy: Option<u32>) -> 
     };
     Ok(Run {
         tps,
-        proxy_us_per_tx: spent.filter(|_| txs > 0.0).map(|us| us / txs),
+        proxy_us_per_tx: spent_us.filter(|_| txs > 0.0).map(|us| us / txs),
     })
 }
 
@@ -413,24 +392,12 @@ type AgentEnv<'a> = &'a [(&'a str, &'a str)];
 /// Rounds of the pgbench table: each cell is the median of this many runs.
 const ROUNDS: usize = 3;
 
-/// The median of `v` (not empty).
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
 /// The pgbench table (when `tps`) and the idle session memory. The table is [`ROUNDS`] rounds
 /// of every cell; odd rounds run their blocks in the reverse order (the agents' block first,
 /// postgres before relay; then pgbouncer before direct), so a drift of the machine over time
 /// falls on every column alike. Each cell is the median of its runs.
 fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
-    let rows: [(&str, &[&str]); 4] = [
+    let rows: Rows = [
         ("-S", &["-S"]),
         ("-S -M prepared", &["-S", "-M", "prepared"]),
         ("TPC-B (default)", &[]),
@@ -439,80 +406,8 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
     // runs[row][column]: direct, tcp relay, tollgate pg, pgbouncer.
     let mut runs: Vec<[Vec<Run>; 4]> = vec![Default::default(); rows.len()];
     let mut idle = None;
-    let rounds = if tps { ROUNDS } else { 1 };
-    for round in 0..rounds {
-        let reverse = round % 2 == 1;
-        let blocks: [bool; 2] = if reverse {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for agents in blocks {
-            if !agents {
-                if !tps {
-                    continue;
-                }
-                // Direct and pgbouncer with no agent loaded (it would redirect pgbouncer too).
-                let bport = free_port()?;
-                let bouncer = Bouncer::start(pg_port, bport)?;
-                let cols: [(usize, u16, Option<u32>); 2] = if reverse {
-                    [(3, bport, Some(bouncer.pid)), (0, pg_port, None)]
-                } else {
-                    [(0, pg_port, None), (3, bport, Some(bouncer.pid))]
-                };
-                for (col, port, proxy) in cols {
-                    for (i, (_, args)) in rows.iter().enumerate() {
-                        runs[i][col].push(pgbench_cpu(port, PW, args, proxy)?);
-                    }
-                }
-                drop(bouncer);
-                continue;
-            }
-            // The bot: this process and its pgbench children in the bench cgroup.
-            let cg = InBenchCgroup::enter()?;
-            let work = Path::new(WORK);
-            let (listen, metrics) = (free_port()?, free_port()?);
-            let mut agents: Vec<(usize, &str, AgentEnv)> = vec![
-                (1, "tcp", &[("TOLLGATE_RELAY", "copy")][..]),
-                (2, "postgres", &[][..]),
-            ];
-            if reverse {
-                agents.reverse();
-            }
-            for (col, protocol, env) in agents {
-                if !tps && protocol != "postgres" {
-                    continue;
-                }
-                let pol = work.join(format!("{protocol}.toml"));
-                fs::write(&pol, policy(pg_port, listen, metrics, protocol))?;
-                let log = work.join(format!("agent-{protocol}.log"));
-                let mut agent = AgentProc::start(bin, &pol, &log, env)?;
-                agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
-                if protocol == "postgres" && idle.is_none() {
-                    idle = Some(idle_session_memory(
-                        agent.child.id(),
-                        pg_port,
-                        &metrics_addr(metrics),
-                    )?);
-                }
-                for (i, (_, args)) in rows.iter().enumerate().filter(|_| tps) {
-                    // Through tollgate the bot's password does not matter (postgres mode
-                    // injects it); the tcp relay passes authentication through, so it needs
-                    // the real one.
-                    let pw = if protocol == "postgres" {
-                        "not-the-password"
-                    } else {
-                        PW
-                    };
-                    runs[i][col].push(pgbench_cpu(pg_port, pw, args, Some(agent.child.id()))?);
-                }
-                agent.stop();
-            }
-            drop(cg);
-        }
-    }
-
     if !tps {
+        agent_columns(bin, pg_port, &rows, None, false, &mut idle)?;
         if let Some((n, per)) = idle {
             println!(
                 "idle postgres session memory: {:.1} KiB per session over {n} sessions",
@@ -521,6 +416,17 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         }
         return Ok(());
     }
+    for round in 0..ROUNDS {
+        let reverse = round % 2 == 1;
+        if reverse {
+            agent_columns(bin, pg_port, &rows, Some(&mut runs), true, &mut idle)?;
+            plain_columns(pg_port, &rows, &mut runs, true)?;
+        } else {
+            plain_columns(pg_port, &rows, &mut runs, false)?;
+            agent_columns(bin, pg_port, &rows, Some(&mut runs), false, &mut idle)?;
+        }
+    }
+
     println!("\npgbench TPS, -c4 -j2 -T{SECONDS}, scale 1, median of {ROUNDS} interleaved rounds on this machine (2 cores shared by client, proxy and server)\n");
     println!(
         "{:<32} {:>10} {:>12} {:>14} {:>11}   {:>12} {:>12} {:>10}",
@@ -534,7 +440,8 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         "pg/direct"
     );
     for (i, (name, _)) in rows.iter().enumerate() {
-        let tps = |c: usize| median(&runs[i][c].iter().map(|r| r.tps).collect::<Vec<_>>());
+        let tps =
+            |c: usize| util::median(&mut runs[i][c].iter().map(|r| r.tps).collect::<Vec<_>>());
         let [d, r, p, b] = [0, 1, 2, 3].map(tps);
         println!(
             "{name:<32} {d:>10.0} {r:>12.0} {p:>14.0} {b:>11.0}   {:>11.2}x {:>11.2}x {:>9.2}x",
@@ -565,14 +472,14 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
     );
     for (i, (name, _)) in rows.iter().enumerate() {
         let us = |c: usize| {
-            let v: Vec<f64> = runs[i][c]
+            let mut v: Vec<f64> = runs[i][c]
                 .iter()
                 .filter_map(|r| r.proxy_us_per_tx)
                 .collect();
             if v.is_empty() {
                 f64::NAN
             } else {
-                median(&v)
+                util::median(&mut v)
             }
         };
         println!("{name:<32} {:>12.1} {:>14.1} {:>11.1}", us(1), us(2), us(3));
@@ -582,6 +489,86 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
             "\nidle postgres session memory: {:.1} KiB per session (agent RSS growth over {n} idle psql sessions; goal <= 16 KiB)",
             per / 1024.0
         );
+    }
+    Ok(())
+}
+
+/// A pgbench table's rows: a name and pgbench's arguments.
+type Rows<'a> = [(&'a str, &'a [&'a str]); 4];
+
+/// One run of each row direct (column 0) and through pgbouncer (column 3), with no agent
+/// loaded (it would redirect pgbouncer too); pgbouncer first when `reverse`.
+fn plain_columns(
+    pg_port: u16,
+    rows: &Rows<'_>,
+    runs: &mut [[Vec<Run>; 4]],
+    reverse: bool,
+) -> Result<()> {
+    let bport = free_port()?;
+    let bouncer = Bouncer::start(pg_port, bport)?;
+    let mut cols = [(0, pg_port, None), (3, bport, Some(bouncer.pid))];
+    if reverse {
+        cols.reverse();
+    }
+    for (col, port, proxy) in cols {
+        for (i, (_, args)) in rows.iter().enumerate() {
+            runs[i][col].push(pgbench_cpu(port, PW, args, proxy)?);
+        }
+    }
+    Ok(())
+}
+
+/// One run of each row through the agent as a plain tcp relay (column 1) and as the postgres
+/// target (column 2), postgres first when `reverse`; with `runs` None, only the postgres agent
+/// runs, for the idle session memory. The memory is measured once, into `idle`.
+fn agent_columns(
+    bin: &Path,
+    pg_port: u16,
+    rows: &Rows<'_>,
+    mut runs: Option<&mut [[Vec<Run>; 4]]>,
+    reverse: bool,
+    idle: &mut Option<(usize, f64)>,
+) -> Result<()> {
+    // The bot: this process and its pgbench children in the bench cgroup.
+    let _cg = InBenchCgroup::enter()?;
+    let work = Path::new(WORK);
+    let (listen, metrics) = (free_port()?, free_port()?);
+    let mut agents: [(usize, &str, AgentEnv); 2] = [
+        (1, "tcp", &[("TOLLGATE_RELAY", "copy")]),
+        (2, "postgres", &[]),
+    ];
+    if reverse {
+        agents.reverse();
+    }
+    for (col, protocol, env) in agents {
+        if runs.is_none() && protocol != "postgres" {
+            continue;
+        }
+        let pol = work.join(format!("{protocol}.toml"));
+        fs::write(&pol, policy(pg_port, listen, metrics, protocol))?;
+        let log = work.join(format!("agent-{protocol}.log"));
+        let mut agent = AgentProc::start(bin, &pol, &log, env)?;
+        agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
+        if protocol == "postgres" && idle.is_none() {
+            *idle = Some(idle_session_memory(
+                agent.child.id(),
+                pg_port,
+                &metrics_addr(metrics),
+            )?);
+        }
+        if let Some(runs) = runs.as_deref_mut() {
+            // Through tollgate the bot's password does not matter (postgres mode injects it);
+            // the tcp relay passes authentication through, so it needs the real one.
+            let pw = if protocol == "postgres" {
+                "not-the-password"
+            } else {
+                PW
+            };
+            for (i, (_, args)) in rows.iter().enumerate() {
+                runs[i][col].push(pgbench_cpu(pg_port, pw, args, Some(agent.child.id()))?);
+            }
+        }
+        agent.stop();
     }
     Ok(())
 }

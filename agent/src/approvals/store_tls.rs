@@ -46,31 +46,25 @@ impl StoreTlsParams {
         for (k, v) in openidconnect::url::form_urlencoded::parse(query.as_bytes()) {
             match k.as_ref() {
                 "sslmode" => {
-                    mode = match v.as_ref() {
-                        "disable" => TlsMode::Disable,
-                        "prefer" => TlsMode::Prefer,
-                        "require" => TlsMode::Require,
-                        "verify-ca" => TlsMode::VerifyCa,
-                        "verify-full" => TlsMode::VerifyFull,
-                        other => {
-                            return Err(format!(
-                                "sslmode={other} is not supported for the store; use disable, prefer, require, verify-ca or verify-full"
-                            ))
-                        }
-                    }
+                    mode = TlsMode::from_word(&v).ok_or_else(|| {
+                        let words: Vec<&str> = TlsMode::ALL.map(TlsMode::as_str).to_vec();
+                        format!(
+                            "sslmode={v} is not supported for the store; use one of: {}",
+                            words.join(", ")
+                        )
+                    })?;
                 }
                 "sslrootcert" => root_cert = Some(PathBuf::from(v.as_ref())),
                 _ => kept.push((k.into_owned(), v.into_owned())),
             }
         }
-        let verifies = matches!(mode, TlsMode::VerifyCa | TlsMode::VerifyFull);
-        if verifies && root_cert.is_none() {
+        if mode.checks_chain() && root_cert.is_none() {
             return Err(format!(
                 "sslmode={} needs sslrootcert=/path/to/ca.pem",
-                crate::tls::mode_name(mode)
+                mode.as_str()
             ));
         }
-        if !verifies && root_cert.is_some() {
+        if !mode.checks_chain() && root_cert.is_some() {
             return Err("sslrootcert is only used with sslmode=verify-ca or verify-full".into());
         }
         let mut url = base.to_string();

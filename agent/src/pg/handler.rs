@@ -274,9 +274,6 @@ async fn workload_token(
     }
 }
 
-/// Read the startup packet: answer GSSENCRequest with 'N' and SSLRequest with 'S' and a TLS
-/// handshake when the agent has a CA (else 'N'); a client that opens with a TLS ClientHello
-/// (`sslnegotiation=direct`) gets TLS at once. Returns the (possibly encrypted) stream.
 /// Secure a new upstream connection as the target's `tls` says (the name to verify is the
 /// configured one, else the host the bot dialled, else the IP): logins and cancels alike.
 async fn secure_upstream(cx: &SessionCx, up: TcpStream) -> Result<Conn, upstream::LoginError> {
@@ -285,6 +282,9 @@ async fn secure_upstream(cx: &SessionCx, up: TcpStream) -> Result<Conn, upstream
     upstream::negotiate_tls(up, tls, name).await
 }
 
+/// Read the startup packet: answer GSSENCRequest with 'N' and SSLRequest with 'S' and a TLS
+/// handshake when the agent has a CA (else 'N'); a client that opens with a TLS ClientHello
+/// (`sslnegotiation=direct`) gets TLS at once. Returns the (possibly encrypted) stream.
 async fn read_startup(
     h: &PgHandler,
     cx: &SessionCx,

@@ -55,8 +55,9 @@ pub struct Idle {
 
 /// What must match for a connection to be reused: the workload identity, the target, its
 /// address, the upstream user, the startup parameters (sorted) and the credential's secret (a
-/// rotated secret gets fresh connections), as a 128-bit keyed digest (two independently seeded SipHashes). Every session
-/// holds its key, so it is kept small, and it never holds the secret.
+/// rotated secret gets fresh connections), as a 128-bit keyed digest (two independently
+/// seeded SipHashes). Every session holds its key, so it is kept small, and it never holds the
+/// secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
     thread: Option<usize>,
@@ -265,8 +266,13 @@ mod tests {
     }
 
     fn key(n: usize) -> Key {
+        key_of("ci-bot", n)
+    }
+
+    /// [`key`] for another workload identity.
+    fn key_of(identity: &str, n: usize) -> Key {
         Key::new(
-            "ci-bot",
+            identity,
             false,
             "db",
             "127.0.0.1:5432".parse().expect("addr"),
@@ -309,17 +315,8 @@ mod tests {
         let (c, mut s) = pair(&l).await;
         put(key(0), "db", idle(c));
         assert!(take(key(1)).await.is_none(), "another key gets nothing");
-        let ops = Key::new(
-            "ops-bot",
-            false,
-            "db",
-            "127.0.0.1:5432".parse().expect("addr"),
-            "app",
-            &[("application_name".into(), "bot-0".into())],
-            Some(b"secret"),
-        );
         assert!(
-            take(ops).await.is_none(),
+            take(key_of("ops-bot", 0)).await.is_none(),
             "another identity with the same login gets nothing"
         );
         let mut back = take(key(0)).await.expect("kept for its key");

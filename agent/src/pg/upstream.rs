@@ -166,7 +166,7 @@ pub async fn negotiate_tls(
             Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Client(s))))
         }
         wire::ENCRYPTION_REFUSED if tls.mode == TlsMode::Prefer => Ok(Conn::Plain(stream)),
-        _ => Err(UpstreamTlsError::NotOffered(tls::mode_name(tls.mode)).into()),
+        _ => Err(UpstreamTlsError::NotOffered(tls.mode.as_str()).into()),
     }
 }
 
