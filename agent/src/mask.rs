@@ -227,6 +227,18 @@ impl Masker {
         self.mask_detected(value)
     }
 
+    /// Mask a value computed from a masked column (`upper(email)`, a whole row, a column of a
+    /// view that derives from one): `partial` would show the kept part of a value whose shape
+    /// was changed (`reverse(email)` keeps the local part in its "domain"), so only `null` and
+    /// `hash` are kept as they are and every other style masks in full.
+    pub fn mask_derived(&self, value: &[u8]) -> Masked {
+        let style = match self.column_style {
+            Some(s @ (MaskStyle::Null | MaskStyle::Hash)) => s,
+            _ => MaskStyle::Full,
+        };
+        self.mask_column(value, style)
+    }
+
     /// Mask a whole column value in `style` (as from [`Masker::column_style`]).
     pub fn mask_column(&self, value: &[u8], style: MaskStyle) -> Masked {
         let labels = vec![COLUMN];

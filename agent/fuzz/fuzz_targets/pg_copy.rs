@@ -59,6 +59,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         options: o.clone(),
         masked: vec![false, true],
         widths: Vec::new(),
+        mask_all: false,
     });
     let at = usize::from(*split).min(payload.len());
     let whole = run(&plan, m, &[payload]);

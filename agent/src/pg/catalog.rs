@@ -21,7 +21,7 @@ use std::{
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{mask::Masker, pg::upstream::Session, pg::wire};
+use crate::{mask::Masker, pg::classify::Lineage, pg::upstream::Session, pg::wire};
 
 /// One column of a table with masked columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,11 +49,149 @@ pub struct Relation {
 pub struct Catalog {
     /// (table OID, attribute number) of every masked column, for RowDescription fields.
     pub masked: HashSet<(u32, i16)>,
+    /// The columns of views derived from masked columns (masked as computed values, see
+    /// `Masker::mask_derived`), also in `masked`.
+    pub derived: HashSet<(u32, i16)>,
+    /// OIDs of relations with a masked column: a whole-row reference to one of them (attribute
+    /// number 0 in RowDescription) carries masked values.
+    pub masked_oids: HashSet<u32>,
     /// Relations by name (several schemas may have one of the same name).
     by_name: HashMap<String, Vec<Relation>>,
+    /// Names of masked columns, in any relation.
+    masked_names: HashSet<String>,
+    /// Names of every column of a relation with a masked column.
+    known_names: HashSet<String>,
+    /// Bare names of relations with a masked column (views derived from one included).
+    masked_relations: HashSet<String>,
+    /// Bare names of views whose every column is masked (their definition derives a value from
+    /// a masked column): anything computed from them is masked too.
+    opaque_relations: HashSet<String>,
+}
+
+/// Where masked values may flow in one statement (see [`Catalog::taint`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Taint {
+    /// A computed result column (one the server's RowDescription does not name a table column
+    /// for) may carry a masked value: such columns are masked.
+    pub output: bool,
+    /// A written row (INSERT, UPDATE SET, MERGE, CREATE TABLE AS) may receive a masked value:
+    /// the statement is refused.
+    pub write: bool,
+}
+
+/// The relation name without schema or database, lowercased.
+fn bare(name: &str) -> String {
+    name.rsplit('.').next().unwrap_or(name).to_lowercase()
 }
 
 impl Catalog {
+    /// Whether the catalog has any masked column.
+    pub fn any_masked(&self) -> bool {
+        !self.masked_relations.is_empty()
+    }
+
+    /// Where masked values may flow in a statement with `lineage` touching `tables`. Names are
+    /// matched without knowing which relation a reference belongs to, so this errs towards
+    /// masking: a computed column is masked when the statement reads a masked column's name
+    /// anywhere its value can reach a row, or reads a relation with masked columns through a
+    /// name that is not one of that relation's columns (a whole row `c`, the function notation
+    /// `c.text`), a star inside an expression or subquery, or a renaming alias list.
+    pub fn taint(&self, lineage: &Lineage, tables: &[String]) -> Taint {
+        if self.masked_relations.is_empty() {
+            return Taint::default();
+        }
+        let touches = tables
+            .iter()
+            .any(|t| self.masked_relations.contains(&bare(t)));
+        let opaque = tables
+            .iter()
+            .any(|t| self.opaque_relations.contains(&bare(t)));
+        let bad = |n: &String| {
+            self.masked_names.contains(n) || (touches && !self.known_names.contains(n))
+        };
+        let write = opaque || (touches && lineage.opaque) || lineage.refs.iter().any(bad);
+        let output = write
+            || (touches && lineage.returning_opaque)
+            || lineage.returning_refs.iter().any(bad)
+            || (touches
+                && lineage
+                    .bare_refs
+                    .iter()
+                    .any(|n| !self.known_names.contains(n)));
+        Taint { output, write }
+    }
+
+    /// Fill the name sets from `by_name` (the relations that keep columns have a masked one).
+    fn index_names(&mut self) {
+        for (name, rels) in &self.by_name {
+            for r in rels.iter().filter(|r| !r.columns.is_empty()) {
+                self.masked_relations.insert(bare(name));
+                for c in &r.columns {
+                    self.known_names.insert(c.name.clone());
+                    if c.masked {
+                        self.masked_names.insert(c.name.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Take in the views: a view whose definition can carry a masked value into its result (a
+    /// masked column, directly or computed) has every column masked, and counts as a relation
+    /// with masked columns for the views and statements that read it. Views on views are
+    /// resolved by repeating until nothing changes. A definition that cannot be classified is
+    /// treated as masked.
+    fn add_views(
+        &mut self,
+        views: &[(u32, String, String, String)],
+        columns: &HashMap<u32, Vec<(i16, String)>>,
+    ) {
+        let parsed: Vec<Option<crate::pg::classify::Statement>> = views
+            .iter()
+            .map(|(_, _, _, def)| {
+                crate::pg::classify::classify(def)
+                    .ok()
+                    .and_then(|mut v| (v.len() == 1).then(|| v.remove(0)))
+            })
+            .collect();
+        let mut done = vec![false; views.len()];
+        loop {
+            let mut changed = false;
+            for (i, (oid, _schema, name, _)) in views.iter().enumerate() {
+                if done[i] {
+                    continue;
+                }
+                let tainted = match &parsed[i] {
+                    None => true,
+                    Some(s) => {
+                        self.taint(&s.lineage, &s.tables).output
+                            || s.lineage
+                                .bare_refs
+                                .iter()
+                                .any(|n| self.masked_names.contains(n))
+                    }
+                };
+                if !tainted {
+                    continue;
+                }
+                done[i] = true;
+                changed = true;
+                let key = bare(name);
+                self.masked_relations.insert(key.clone());
+                self.opaque_relations.insert(key);
+                self.masked_oids.insert(*oid);
+                for (att, col) in columns.get(oid).map(Vec::as_slice).unwrap_or(&[]) {
+                    self.masked.insert((*oid, *att));
+                    self.derived.insert((*oid, *att));
+                    self.known_names.insert(col.clone());
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+    }
+
     /// Every relation called `name`, in any schema.
     pub fn relations(&self, name: &str) -> &[Relation] {
         self.by_name.get(name).map(Vec::as_slice).unwrap_or(&[])
@@ -82,7 +220,29 @@ impl Catalog {
                     },
                 });
         }
+        c.index_names();
         c
+    }
+
+    /// A test catalog with views `(oid, name, definition, columns)` taken in.
+    pub fn with_views(mut self, views: &[(u32, &str, &str, &[&str])]) -> Catalog {
+        let list: Vec<(u32, String, String, String)> = views
+            .iter()
+            .map(|(oid, name, def, _)| (*oid, "public".into(), (*name).into(), (*def).into()))
+            .collect();
+        let columns = views
+            .iter()
+            .map(|(oid, _, _, cols)| {
+                let cols = cols
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (i as i16 + 1, (*c).to_string()))
+                    .collect();
+                (*oid, cols)
+            })
+            .collect();
+        self.add_views(&list, &columns);
+        self
     }
 }
 
@@ -94,13 +254,17 @@ static CACHE: LazyLock<Mutex<HashMap<(String, String), Cached>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 const TTL: Duration = Duration::from_secs(30);
 
+/// Every column of every user relation, then every user view's definition (two result sets).
 const QUERY: &str = "SELECT c.oid::int8, n.nspname, c.relname, a.attnum::int4, a.attname, \
-     (a.attgenerated <> '')::text \
+     (a.attgenerated <> '')::text, c.relkind::text \
      FROM pg_catalog.pg_attribute a \
      JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
      WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r','v','m','p','f') \
-     AND n.nspname NOT IN ('pg_catalog','information_schema') AND n.nspname NOT LIKE 'pg_toast%'";
+     AND n.nspname NOT IN ('pg_catalog','information_schema') AND n.nspname NOT LIKE 'pg_toast%'; \
+     SELECT c.oid::int8, n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid) \
+     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind IN ('v','m') AND n.nspname NOT IN ('pg_catalog','information_schema')";
 
 fn bad(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
@@ -125,10 +289,29 @@ pub async fn load(
     let mut set = HashSet::new();
     // (schema, table) -> (attnum, column) for every column; trimmed to masked tables at the end.
     let mut all: HashMap<(String, String), Vec<(i16, Column)>> = HashMap::new();
+    // Views: (oid, schema, name, definition), and their columns by oid.
+    let mut views: Vec<(u32, String, String, String)> = Vec::new();
+    let mut view_columns: HashMap<u32, Vec<(i16, String)>> = HashMap::new();
+    let mut result_set = 0;
     let buf = &mut s.rest;
     loop {
         while let Some((tag, raw)) = wire::parse_backend(buf).map_err(bad)? {
             match tag {
+                b'C' => result_set += 1,
+                b'D' if result_set == 1 => {
+                    let v = wire::data_row_values(&raw).map_err(bad)?;
+                    let text = |i: usize| {
+                        v.get(i)
+                            .copied()
+                            .flatten()
+                            .map(|b| String::from_utf8_lossy(b).into_owned())
+                    };
+                    if let (Some(Ok(oid)), Some(schema), Some(name), Some(def)) =
+                        (text(0).map(|o| o.parse::<u32>()), text(1), text(2), text(3))
+                    {
+                        views.push((oid, schema, name, def));
+                    }
+                }
                 b'D' => {
                     let v = wire::data_row_values(&raw).map_err(bad)?;
                     let text = |i: usize| {
@@ -145,6 +328,12 @@ pub async fn load(
                     let (Ok(oid), Ok(att)) = (oid.parse::<u32>(), att.parse::<i16>()) else {
                         continue;
                     };
+                    if matches!(text(6).as_deref(), Some("v" | "m")) {
+                        view_columns
+                            .entry(oid)
+                            .or_default()
+                            .push((att, col.clone()));
+                    }
                     let masked = masker.column_masked(Some(&format!("{schema}.{table}")), &col);
                     if masked {
                         set.insert((oid, att));
@@ -179,10 +368,15 @@ pub async fn load(
                             .or_default()
                             .push(Relation { schema, columns });
                     }
-                    let cat = Arc::new(Catalog {
+                    let mut cat = Catalog {
                         masked: std::mem::take(&mut set),
                         by_name,
-                    });
+                        ..Catalog::default()
+                    };
+                    cat.masked_oids = cat.masked.iter().map(|(oid, _)| *oid).collect();
+                    cat.index_names();
+                    cat.add_views(&views, &view_columns);
+                    let cat = Arc::new(cat);
                     crate::lock(&CACHE).insert(key, (Instant::now(), cat.clone()));
                     return Ok(cat);
                 }

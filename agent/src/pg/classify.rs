@@ -121,6 +121,53 @@ pub struct Statement {
     /// Whether the classification read a constant's value (a DO block body, an EXPLAIN option
     /// value); [`ClassifyCache`] never shares such statements between texts that normalize alike.
     pub literal_dependent: bool,
+    /// Where column values can flow: into the result or into written rows (for column masks).
+    pub lineage: Lineage,
+}
+
+/// Which column references can carry a value into a result row or a written row, for column
+/// mask rules. Names are the last field of a column reference as the parser folded it
+/// (`c.email` -> `email`). Clauses that only filter or order rows (WHERE, HAVING, JOIN ON,
+/// GROUP BY, ORDER BY, LIMIT/OFFSET, window PARTITION/ORDER BY, MERGE's join condition) are left
+/// out: their values never appear in a row (a documented limit of masks: a WHERE clause can still
+/// test a value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// Columns whose values reach a result or a written row through an expression, a subquery, a
+    /// CTE, a set operation, a function in FROM, VALUES, SET or INSERT values (not RETURNING).
+    pub refs: Vec<String>,
+    /// Columns referenced in RETURNING lists.
+    pub returning_refs: Vec<String>,
+    /// Top-level SELECT targets that are a bare column reference: the server's RowDescription
+    /// names their table column (or has none, for `c.text`-style function notation).
+    pub bare_refs: Vec<String>,
+    /// A whole-row or star reference inside an expression or subquery (`row_to_json(c)`,
+    /// `(c.*)::text`, `SELECT * FROM (SELECT * ...)`), or a column alias list that renames
+    /// columns (`AS c(a, b)`), outside RETURNING.
+    pub opaque: bool,
+    /// The same inside a RETURNING list.
+    pub returning_opaque: bool,
+}
+
+impl Lineage {
+    fn absorb(&mut self, other: Lineage) {
+        self.refs.extend(other.refs);
+        self.returning_refs.extend(other.returning_refs);
+        self.bare_refs.extend(other.bare_refs);
+        self.opaque |= other.opaque;
+        self.returning_opaque |= other.returning_opaque;
+    }
+
+    fn finish(&mut self) {
+        for v in [
+            &mut self.refs,
+            &mut self.returning_refs,
+            &mut self.bare_refs,
+        ] {
+            v.sort();
+            v.dedup();
+        }
+    }
 }
 
 /// Why a string could not be classified. Every variant means "deny with this message".
@@ -452,6 +499,7 @@ fn same_meaning(a: &[Statement], b: &[Statement]) -> bool {
                 && a.dangerous == b.dangerous
                 && a.prepared_name == b.prepared_name
                 && a.read_only == b.read_only
+                && a.lineage == b.lineage
         })
 }
 
@@ -710,6 +758,7 @@ struct Classified {
     writes: bool,
     literal_dependent: bool,
     prepared_name: Option<String>,
+    lineage: Lineage,
 }
 
 impl Classified {
@@ -724,6 +773,7 @@ impl Classified {
         self.dangerous.extend(other.dangerous);
         self.writes |= other.writes;
         self.literal_dependent |= other.literal_dependent;
+        self.lineage.absorb(other.lineage);
     }
 
     fn into_statement(mut self, text: String) -> Statement {
@@ -742,6 +792,11 @@ impl Classified {
             text,
             prepared_name: self.prepared_name,
             literal_dependent: self.literal_dependent,
+            lineage: {
+                let mut l = self.lineage;
+                l.finish();
+                l
+            },
         }
     }
 }
@@ -1393,7 +1448,38 @@ struct Scan {
     strings: Vec<String>,
     last_bool: bool,
     last_int: i64,
+    /// The struct and field being serialized, ignoring the `Node` wrappers (restored when the
+    /// field ends, unlike `parent`).
+    field: (&'static str, &'static str),
+    /// Lineage: depth inside clauses whose values never reach a row (WHERE, ORDER BY, ...).
+    filtering: u32,
+    /// Lineage: depth inside RETURNING lists.
+    returning: u32,
+    /// Set by the `val` of a top-level SELECT target; taken by the next struct that is not a
+    /// `Node` wrapper (a bare `ColumnRef` there is attributed by the server's RowDescription).
+    bare_pending: bool,
+    /// Set while capturing a ColumnRef's fields when one of them is `*`.
+    saw_star: bool,
 }
+
+/// Fields whose values only filter, group or order rows: they never appear in a result row.
+const FILTER_FIELDS: &[(&str, &str)] = &[
+    ("SelectStmt", "where_clause"),
+    ("SelectStmt", "having_clause"),
+    ("SelectStmt", "group_clause"),
+    ("SelectStmt", "sort_clause"),
+    ("SelectStmt", "limit_offset"),
+    ("SelectStmt", "limit_count"),
+    ("SelectStmt", "distinct_clause"),
+    ("JoinExpr", "quals"),
+    ("JoinExpr", "using_clause"),
+    ("UpdateStmt", "where_clause"),
+    ("DeleteStmt", "where_clause"),
+    ("MergeStmt", "join_condition"),
+    ("OnConflictClause", "where_clause"),
+    ("WindowDef", "partition_clause"),
+    ("WindowDef", "order_clause"),
+];
 
 impl Scan {
     fn run(node: &NodeEnum) -> Scanned {
@@ -1411,6 +1497,11 @@ impl Scan {
             strings: Vec::new(),
             last_bool: false,
             last_int: 0,
+            field: ("", ""),
+            filtering: 0,
+            returning: 0,
+            bare_pending: false,
+            saw_star: false,
         };
         // Infallible: no method of `Scan` returns an error.
         let _ = node.serialize(&mut scan);
@@ -1486,6 +1577,38 @@ impl Scan {
             .filter(|p| !p.is_empty())
             .collect();
         self.objects.tables.insert(full.join(".").to_lowercase());
+    }
+
+    /// A `ColumnRef` with its name fields; `star` if one field is `*`, `bare` if it is a whole
+    /// top-level SELECT target.
+    fn column_ref(&mut self, names: &[String], star: bool, bare: bool) {
+        if self.filtering > 0 {
+            return;
+        }
+        let returning = self.returning > 0;
+        let lineage = &mut self.objects.lineage;
+        if star {
+            // `SELECT *` / `SELECT c.*` at the top expands to plain columns the server names.
+            if !bare {
+                if returning {
+                    lineage.returning_opaque = true;
+                } else {
+                    lineage.opaque = true;
+                }
+            }
+            return;
+        }
+        let Some(last) = names.last() else {
+            return;
+        };
+        let list = if bare {
+            &mut lineage.bare_refs
+        } else if returning {
+            &mut lineage.returning_refs
+        } else {
+            &mut lineage.refs
+        };
+        list.push(last.clone());
     }
 
     /// A function name: called (`FuncCall`), or referenced (trigger functions, `ObjectWithArgs`
@@ -1751,6 +1874,10 @@ struct StructScan<'a> {
     cte: Option<usize>,
     /// Query levels push a scope, popped at `end`.
     frame: bool,
+    /// ColumnRef: its name fields and whether one is `*`.
+    column: Option<(Vec<String>, bool)>,
+    /// ColumnRef: a whole top-level SELECT target.
+    bare: bool,
 }
 
 impl<'a> StructScan<'a> {
@@ -1766,9 +1893,21 @@ impl<'a> StructScan<'a> {
             owner: None,
             cte: None,
             frame: false,
+            column: None,
+            bare: false,
         };
         if s.passthrough {
+            if name == "AStar" {
+                s.scan.saw_star = true;
+            }
             return s;
+        }
+        if name == "ResTarget" {
+            // A target of the top SELECT (`field` skips the `Node` wrappers).
+            s.scan.bare_pending = false;
+            s.bare = s.scan.field == ("SelectStmt", "target_list");
+        } else if name != "Node" {
+            s.bare = std::mem::take(&mut s.scan.bare_pending);
         }
         let top = s.scan.top.is_none();
         if top {
@@ -1819,7 +1958,53 @@ impl ser::SerializeStruct for StructScan<'_> {
             return value.serialize(&mut *self.scan);
         }
         self.scan.parent = (self.name, key);
+        let saved = self.scan.field;
+        if self.name != "Node" {
+            self.scan.field = (self.name, key);
+        }
+        let filter = FILTER_FIELDS.contains(&(self.name, key));
+        let returning = key == "returning_clause";
+        self.scan.filtering += u32::from(filter);
+        self.scan.returning += u32::from(returning);
+        let r = self.field(key, value);
+        self.scan.filtering -= u32::from(filter);
+        self.scan.returning -= u32::from(returning);
+        self.scan.field = saved;
+        r
+    }
+
+    fn end(self) -> ScanResult {
+        self.finish()
+    }
+}
+
+impl StructScan<'_> {
+    fn field<T: ?Sized + Serialize>(&mut self, key: &'static str, value: &T) -> ScanResult {
         match (self.name, key) {
+            ("ColumnRef", "fields") => {
+                self.scan.saw_star = false;
+                let names = self.scan.capture_strings(value);
+                let star = std::mem::take(&mut self.scan.saw_star);
+                self.column = Some((names, star));
+            }
+            ("Alias", "colnames") | ("CommonTableExpr", "aliascolnames") => {
+                // Column alias lists rename columns, so names no longer say where values
+                // came from.
+                if !self.scan.capture_strings(value).is_empty() && self.scan.filtering == 0 {
+                    if self.scan.returning > 0 {
+                        self.scan.objects.lineage.returning_opaque = true;
+                    } else {
+                        self.scan.objects.lineage.opaque = true;
+                    }
+                }
+            }
+            ("ResTarget", "val") => {
+                let top_target =
+                    self.scan.top == Some("SelectStmt") && self.scan.path.len() == 1 && self.bare;
+                self.scan.bare_pending = top_target;
+                value.serialize(&mut *self.scan)?;
+                self.scan.bare_pending = false;
+            }
             ("RangeVar", "catalogname") => self.relation[0] = self.scan.capture_string(value),
             ("RangeVar", "schemaname") => self.relation[1] = self.scan.capture_string(value),
             ("RangeVar", "relname") => self.relation[2] = self.scan.capture_string(value),
@@ -1877,12 +2062,17 @@ impl ser::SerializeStruct for StructScan<'_> {
         Ok(())
     }
 
-    fn end(self) -> ScanResult {
+    fn finish(self) -> ScanResult {
         if self.passthrough {
             return Ok(());
         }
         match self.name {
             "RangeVar" => self.scan.relation(self.relation, self.direct),
+            "ColumnRef" => {
+                if let Some((names, star)) = &self.column {
+                    self.scan.column_ref(names, *star, self.bare);
+                }
+            }
             "FuncCall" | "CreateTrigStmt" | "CreateEventTrigStmt" | "ObjectWithArgs" => {
                 if let Some(names) = &self.names {
                     self.scan

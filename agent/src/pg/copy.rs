@@ -47,9 +47,6 @@ pub enum CopyError {
     /// Binary COPY output cannot be masked.
     #[error("binary COPY output cannot be masked; use the text or CSV format")]
     Binary,
-    /// The output columns of `COPY (query)` cannot be traced to table columns.
-    #[error("the columns of COPY (query) TO STDOUT cannot be traced to table columns, so column mask rules could not be applied; use SELECT, or COPY table [(columns)] TO STDOUT")]
-    QueryColumns,
     /// An option this version does not know (or a value it cannot read).
     #[error("COPY option {0} is not supported on a masked target")]
     Option(String),
@@ -286,16 +283,28 @@ pub struct CopyPlan {
     /// Column counts a row may have (empty: any). A row with another count is refused, so a
     /// wrong guess about the table cannot shift masked columns onto the wrong positions.
     pub widths: Vec<usize>,
+    /// Every position is covered by a column rule (`COPY (query)` whose values may derive from
+    /// a masked column).
+    pub mask_all: bool,
 }
 
 /// The plan for `copy` on a target masked by `masker`, with `catalog` for column rules.
-pub fn plan(copy: &CopyOut, masker: &Masker, catalog: &Catalog) -> Result<CopyPlan, CopyError> {
+/// `query_taint`: for `COPY (query)`, whether its output may carry a masked value (from the
+/// statement's lineage, see `Catalog::taint`); then every value is masked, since which output
+/// column is which table column is only known to the server.
+pub fn plan(
+    copy: &CopyOut,
+    masker: &Masker,
+    catalog: &Catalog,
+    query_taint: bool,
+) -> Result<CopyPlan, CopyError> {
     let options = copy.options.clone()?;
     if !masker.has_column_rules() {
         return Ok(CopyPlan {
             options,
             masked: Vec::new(),
             widths: Vec::new(),
+            mask_all: false,
         });
     }
     let Source::Table {
@@ -304,7 +313,12 @@ pub fn plan(copy: &CopyOut, masker: &Masker, catalog: &Catalog) -> Result<CopyPl
         columns,
     } = &copy.source
     else {
-        return Err(CopyError::QueryColumns);
+        return Ok(CopyPlan {
+            options,
+            masked: Vec::new(),
+            widths: Vec::new(),
+            mask_all: query_taint,
+        });
     };
     // An unqualified name resolves through the session's search_path, which the client can
     // change: every table of that name is a candidate and their masked positions are merged.
@@ -360,6 +374,7 @@ pub fn plan(copy: &CopyOut, masker: &Masker, catalog: &Catalog) -> Result<CopyPl
         options,
         masked,
         widths,
+        mask_all: false,
     })
 }
 
@@ -801,7 +816,12 @@ fn mask_row(
     for (i, f) in fs.iter().enumerate() {
         let Some(v) = &f.value else { continue };
         let rule = !header && plan.masked.get(i).copied().unwrap_or(false);
-        match masker.mask_text(v, rule) {
+        let masked = if !header && plan.mask_all {
+            Some(masker.mask_derived(v))
+        } else {
+            masker.mask_text(v, rule)
+        };
+        match masked {
             None => {}
             Some(crate::mask::Masked::Value(nv, d)) => {
                 fired.extend(d);

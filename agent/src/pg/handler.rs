@@ -688,6 +688,10 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         nonce: nonce.clone(),
         prepared: HashMap::new(),
         portals: HashMap::new(),
+        statements: HashMap::new(),
+        next_version: 0,
+        taint: false,
+        resets: false,
         recorder: recorder.clone(),
         masker: masker.clone(),
         catalog: catalog.clone(),
@@ -703,7 +707,8 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         nonce,
         masker,
         catalog,
-        descs: HashMap::new(),
+        stmt_descs: HashMap::new(),
+        portal_descs: HashMap::new(),
         current: None,
         recorder: recorder.clone(),
         masked_in_statement: 0,
@@ -808,25 +813,73 @@ fn unsafe_client_encoding(relay: &[u8]) -> Option<String> {
 #[derive(Debug, Clone)]
 enum Expect {
     /// Simple query: RowDescriptions arrive in the stream, text format; ends at ReadyForQuery.
-    /// The plans of its COPY ... TO STDOUT statements on a masked target, in order.
-    Simple(VecDeque<Arc<CopyPlan>>),
-    /// Parse of statement `name`: its old description is void at ParseComplete.
+    /// The plans of its COPY ... TO STDOUT statements on a masked target, in order, and whether
+    /// its computed columns may carry masked values.
+    Simple(VecDeque<Arc<CopyPlan>>, bool),
+    /// Parse of statement `name`: its old description is void once the server reaches it
+    /// (whether the Parse succeeds or not).
     Parse(String),
-    /// Describe of a statement: the RowDescription/NoData belongs to it.
-    DescribeStatement(String),
+    /// Bind of portal `name`: the portal's old description is void once the server reaches it.
+    Bind(String),
+    /// Close of a statement (`b'S'`) or portal (`b'P'`).
+    Close(u8, String),
+    /// Describe of a statement (at its version): the RowDescription/NoData belongs to it.
+    DescribeStatement(String, u64),
     /// Describe of a portal: the RowDescription (with formats) belongs to it.
     DescribePortal(String),
-    /// Execute: rows of `portal` (bound from `statement`) with `formats`; `copy` if the
-    /// statement is a COPY ... TO STDOUT on a masked target.
+    /// Execute: rows of `portal`, bound by this session from `statement` (name, version) with
+    /// `formats` (None: a portal the session did not bind, such as a SQL cursor); `copy` if the
+    /// statement is a COPY ... TO STDOUT on a masked target; `taint` if its computed columns
+    /// may carry masked values; `resets` if running it may create or drop other portals.
     Execute {
         portal: String,
-        statement: String,
+        statement: Option<(String, u64)>,
         formats: Vec<i16>,
         copy: Option<Arc<CopyPlan>>,
+        taint: bool,
+        resets: bool,
     },
     /// Sync: ends at ReadyForQuery.
     Sync,
 }
+
+/// What the session knows of one version of a prepared statement (protocol level).
+#[derive(Debug, Clone, Copy)]
+struct StatementInfo {
+    /// Unique per Parse in the session, so a description of an older version never applies.
+    version: u64,
+    /// Its computed columns may carry masked values.
+    taint: bool,
+    /// Running it may create or drop portals (cursors, procedures, functions, transaction ends).
+    resets: bool,
+}
+
+/// A portal this session bound.
+#[derive(Debug, Clone)]
+struct Bound {
+    statement: String,
+    info: StatementInfo,
+    formats: Vec<i16>,
+}
+
+/// Statement kinds whose execution may create, drop or replace portals (cursors).
+const PORTAL_KINDS: &[&str] = &[
+    "declare",
+    "close",
+    "fetch",
+    "move",
+    "discard",
+    "call",
+    "do",
+    "execute",
+    "commit",
+    "rollback",
+    "end",
+    "abort",
+    "savepoint",
+    "release",
+    "prepare",
+];
 
 /// The client -> server direction: decide, then forward or replace.
 struct ClientSide<'a> {
@@ -835,8 +888,16 @@ struct ClientSide<'a> {
     nonce: String,
     /// Prepared statements by name: their classification, for SQL-level EXECUTE.
     prepared: HashMap<String, Arc<Vec<Statement>>>,
-    /// Portals -> (statement, result formats).
-    portals: HashMap<String, (String, Vec<i16>)>,
+    /// Portals this session bound.
+    portals: HashMap<String, Bound>,
+    /// Prepared statements (protocol level) by name: their current version.
+    statements: HashMap<String, StatementInfo>,
+    /// The next statement version.
+    next_version: u64,
+    /// Set by `decide_sql`: the message's computed columns may carry masked values.
+    taint: bool,
+    /// Set by `decide_sql`: the message may create or drop portals.
+    resets: bool,
     recorder: Option<Arc<Recorder>>,
     masker: Option<Arc<Masker>>,
     /// Column layout of masked tables, for COPY ... TO STDOUT.
@@ -940,6 +1001,9 @@ impl ClientSide<'_> {
     async fn decide_sql(&mut self, sql: &str, shown: &str) -> Verdict {
         let cx = self.cx;
         self.copy_plans.clear();
+        // Until classified, assume the worst.
+        self.taint = true;
+        self.resets = true;
         let unsafe_encoding = lock(&self.shared.unsafe_encoding).clone();
         if let Some(enc) = unsafe_encoding {
             let d = Decision {
@@ -972,6 +1036,8 @@ impl ClientSide<'_> {
                 ));
             }
         };
+        self.taint = false;
+        self.resets = false;
         let mut held: Option<Hold> = None;
         for (index, st) in statements.iter().enumerate() {
             // SQL-level EXECUTE runs what PREPARE prepared: decide that.
@@ -984,10 +1050,40 @@ impl ClientSide<'_> {
                     None => vec![st],
                 };
             for s in effective {
+                self.resets |=
+                    s.kinds.iter().any(|k| PORTAL_KINDS.contains(k)) || !s.functions.is_empty();
+                let taint = if s.kind == "fetch" {
+                    // A cursor's rows: what it computes was decided at DECLARE.
+                    catalog::Taint {
+                        output: self.catalog.any_masked(),
+                        write: false,
+                    }
+                } else {
+                    self.catalog.taint(&s.lineage, &s.tables)
+                };
+                self.taint |= taint.output;
+                if taint.write
+                    && s.kinds
+                        .iter()
+                        .any(|k| matches!(*k, "insert" | "update" | "merge" | "create"))
+                {
+                    let d = Decision {
+                        action: Action::Deny,
+                        rule: None,
+                        reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                    };
+                    cx.audit_operation(s.kind, shown, &d, Some("masked_lineage"));
+                    return Verdict::Deny(format!(
+                        "tollgate: {}{} would write values derived from masked columns (mask rules of target {}); denied",
+                        s.kind,
+                        on_tables(s),
+                        cx.target.name
+                    ));
+                }
                 if s.kind == "copy" && !s.kinds.contains(&"insert") && self.masker.is_some() {
                     // COPY ... TO STDOUT has no RowDescription: plan from the statement's own
-                    // options and the catalog, or refuse rather than leak.
-                    match self.copy_plan(sql, index) {
+                    // options, the catalog and its lineage, or refuse rather than leak.
+                    match self.copy_plan(sql, index, taint.output) {
                         Ok(Some(p)) => self.copy_plans.push(p),
                         // COPY TO a file or program: no output to mask; policy decides.
                         Ok(None) => {}
@@ -1184,12 +1280,17 @@ impl ClientSide<'_> {
     }
 
     /// The masking plan for statement `index` of `sql`, if it is a COPY ... TO STDOUT.
-    fn copy_plan(&self, sql: &str, index: usize) -> Result<Option<Arc<CopyPlan>>, copy::CopyError> {
+    fn copy_plan(
+        &self,
+        sql: &str,
+        index: usize,
+        taint: bool,
+    ) -> Result<Option<Arc<CopyPlan>>, copy::CopyError> {
         let Some(m) = self.masker.as_deref() else {
             return Ok(None);
         };
         match copy::copy_outs(sql)?.into_iter().nth(index).flatten() {
-            Some(c) => Ok(Some(Arc::new(copy::plan(&c, m, &self.catalog)?))),
+            Some(c) => Ok(Some(Arc::new(copy::plan(&c, m, &self.catalog, taint)?))),
             None => Ok(None),
         }
     }
@@ -1243,7 +1344,11 @@ impl ClientSide<'_> {
                             }
                         }
                         let plans = std::mem::take(&mut self.copy_plans);
-                        lock(&self.shared.expect).push_back(Expect::Simple(plans.into()));
+                        // A simple query replaces the unnamed statement and portal.
+                        self.statements.remove("");
+                        self.portals.remove("");
+                        lock(&self.shared.expect)
+                            .push_back(Expect::Simple(plans.into(), self.taint));
                         match v {
                             Verdict::Allow => out.extend_from_slice(&raw),
                             // hold() never answers Hold.
@@ -1283,6 +1388,13 @@ impl ClientSide<'_> {
                             }
                         }
                         self.copy_plans.clear();
+                        let info = StatementInfo {
+                            version: self.next_version,
+                            taint: self.taint || !matches!(v, Verdict::Allow),
+                            resets: self.resets,
+                        };
+                        self.next_version += 1;
+                        self.statements.insert(name.clone(), info);
                         lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
                         let cancelled = matches!(v, Verdict::Cancelled(_));
                         match v {
@@ -1315,27 +1427,68 @@ impl ClientSide<'_> {
                         let formats = wire::decode_bind(&body)
                             .map(|b| b.result_formats)
                             .unwrap_or_default();
-                        self.portals.insert(portal, (statement, formats));
+                        // A statement not parsed in this session (SQL PREPARE): unknown.
+                        let info =
+                            self.statements
+                                .get(&statement)
+                                .copied()
+                                .unwrap_or(StatementInfo {
+                                    version: u64::MAX,
+                                    taint: true,
+                                    resets: true,
+                                });
+                        lock(&self.shared.expect).push_back(Expect::Bind(portal.clone()));
+                        self.portals.insert(
+                            portal,
+                            Bound {
+                                statement,
+                                info,
+                                formats,
+                            },
+                        );
                         out.extend_from_slice(&raw);
                     }
                     Frontend::Describe { kind, name } => {
                         lock(&self.shared.expect).push_back(if kind == b'S' {
-                            Expect::DescribeStatement(name)
+                            let version =
+                                self.statements.get(&name).map_or(u64::MAX, |i| i.version);
+                            Expect::DescribeStatement(name, version)
                         } else {
                             Expect::DescribePortal(name)
                         });
                         out.extend_from_slice(&raw);
                     }
                     Frontend::Execute { portal, .. } => {
-                        let (statement, formats) =
-                            self.portals.get(&portal).cloned().unwrap_or_default();
-                        let copy = self.statement_copy.get(&statement).cloned();
-                        lock(&self.shared.expect).push_back(Expect::Execute {
-                            portal,
-                            statement,
-                            formats,
-                            copy,
-                        });
+                        let ex = match self.portals.get(&portal) {
+                            Some(b) => Expect::Execute {
+                                copy: self.statement_copy.get(&b.statement).cloned(),
+                                statement: Some((b.statement.clone(), b.info.version)),
+                                formats: b.formats.clone(),
+                                taint: b.info.taint,
+                                resets: b.info.resets,
+                                portal,
+                            },
+                            // A portal this session did not bind (a SQL cursor): nothing is
+                            // known of its rows but a Describe of it.
+                            None => Expect::Execute {
+                                portal,
+                                statement: None,
+                                formats: Vec::new(),
+                                copy: None,
+                                taint: true,
+                                resets: true,
+                            },
+                        };
+                        lock(&self.shared.expect).push_back(ex);
+                        out.extend_from_slice(&raw);
+                    }
+                    Frontend::Close { kind, name } => {
+                        if kind == b'S' {
+                            self.statements.remove(&name);
+                        } else {
+                            self.portals.remove(&name);
+                        }
+                        lock(&self.shared.expect).push_back(Expect::Close(kind, name));
                         out.extend_from_slice(&raw);
                     }
                     Frontend::Sync => {
@@ -1359,7 +1512,7 @@ impl ClientSide<'_> {
                             "tollgate: fast-path function calls cannot be classified; denied"
                                 .into(),
                         );
-                        lock(&self.shared.expect).push_back(Expect::Simple(VecDeque::new()));
+                        lock(&self.shared.expect).push_back(Expect::Simple(VecDeque::new(), true));
                         postgres_protocol::message::frontend::query(&sub, &mut out)
                             .map_err(internal)?;
                     }
@@ -1387,7 +1540,6 @@ impl ClientSide<'_> {
                         return Ok(None);
                     }
                     Frontend::Flush
-                    | Frontend::Close { .. }
                     | Frontend::CopyData(_)
                     | Frontend::CopyDone
                     | Frontend::CopyFail(_) => {
@@ -1657,9 +1809,24 @@ fn deny_message(cx: &SessionCx, kind: &str, s: &Statement, d: &Decision) -> Stri
 }
 
 /// One result set being streamed: how to read and mask its rows.
+/// How one result column is masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    /// Detectors only.
+    None,
+    /// A column rule selects the table column: masked in the rule's style.
+    Column,
+    /// Computed from (or possibly from) a masked column: masked in full (`mask_derived`).
+    Derived,
+}
+
 struct RowPlan {
-    /// Per column: (format, type oid, masked by a column rule).
-    cols: Vec<(i16, u32, bool)>,
+    /// Per column: (format, type oid, how it is masked).
+    cols: Vec<(i16, u32, Rule)>,
+    /// Columns beyond `cols` (rows of an undescribed portal): their result formats, and whether
+    /// they are masked (under column rules: yes, since nothing says which column they are).
+    rest_formats: Vec<i16>,
+    rest_masked: Rule,
 }
 
 /// The server -> client direction: rewrite denial errors, mask rows, record results.
@@ -1669,8 +1836,11 @@ struct ServerSide<'a> {
     nonce: String,
     masker: Option<Arc<Masker>>,
     catalog: Arc<Catalog>,
-    /// RowDescriptions by statement ("S:name") or portal ("P:name").
-    descs: HashMap<String, Arc<Vec<wire::Field>>>,
+    /// RowDescriptions of prepared statements, by name, with the version they describe.
+    stmt_descs: HashMap<String, (u64, Arc<Vec<wire::Field>>)>,
+    /// RowDescriptions of portals, by name, valid until the portal is bound again, closed, or
+    /// may have been replaced (see `Expect::Execute::resets`).
+    portal_descs: HashMap<String, Arc<Vec<wire::Field>>>,
     current: Option<RowPlan>,
     recorder: Option<Arc<Recorder>>,
     masked_in_statement: u64,
@@ -1689,31 +1859,87 @@ struct ServerSide<'a> {
     released: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
+/// SQLSTATE classes whose messages name objects, settings or states but never quote a stored
+/// value (connection, feature, transaction state, authorization, syntax and access, resources,
+/// operator intervention, system errors). Every other class (data exceptions, integrity
+/// violations, check options, PL/pgSQL RAISE, external routines, internal errors) may.
+const NO_VALUE_CLASSES: &[&str] = &[
+    "08", "0A", "0B", "0L", "0P", "25", "26", "28", "2B", "34", "3B", "3D", "3F", "40", "42", "53",
+    "54", "55", "57", "58", "72", "F0",
+];
+
+/// Whether an error with SQLSTATE `code` can be passed on under column rules.
+fn quotes_no_values(code: &str) -> bool {
+    code.get(..2).is_some_and(|c| NO_VALUE_CLASSES.contains(&c))
+}
+
 /// Types whose binary form is their text (UTF-8): masked like text.
 fn text_like(oid: u32) -> bool {
     matches!(oid, 25 | 1043 | 1042 | 19 | 114 | 142 | 705 | 18)
 }
 
+/// The format of result column `i` under a Bind's result `formats`.
+fn format_at(formats: &[i16], i: usize) -> i16 {
+    match formats {
+        [] => 0,
+        [one] => *one,
+        many => many.get(i).copied().unwrap_or(0),
+    }
+}
+
 impl ServerSide<'_> {
-    fn plan(&self, fields: &[wire::Field], formats: Option<&[i16]>) -> RowPlan {
+    /// Whether column rules exist (rows must be attributable to columns).
+    fn column_rules(&self) -> bool {
+        self.masker.as_ref().is_some_and(|m| m.has_column_rules())
+    }
+
+    /// How columns nothing describes are masked: in full under column rules.
+    fn derived_rule(&self) -> Rule {
+        if self.column_rules() {
+            Rule::Derived
+        } else {
+            Rule::None
+        }
+    }
+
+    /// A plan for rows nothing describes: under column rules every value is masked.
+    fn blind_plan(&self, formats: &[i16]) -> RowPlan {
         RowPlan {
+            cols: Vec::new(),
+            rest_formats: formats.to_vec(),
+            rest_masked: self.derived_rule(),
+        }
+    }
+
+    /// The plan for rows described by `fields`; `taint`: computed columns (no table column in
+    /// the description) may carry masked values, so they are masked too.
+    fn plan(&self, fields: &[wire::Field], formats: Option<&[i16]>, taint: bool) -> RowPlan {
+        RowPlan {
+            rest_formats: Vec::new(),
+            rest_masked: self.derived_rule(),
             cols: fields
                 .iter()
                 .enumerate()
                 .map(|(i, f)| {
                     let fmt = match formats {
-                        Some(fs) => match fs {
-                            [] => 0,
-                            [one] => *one,
-                            many => many.get(i).copied().unwrap_or(0),
-                        },
+                        Some(fs) => format_at(fs, i),
                         None => f.format,
                     };
-                    (
-                        fmt,
-                        f.type_oid,
-                        self.catalog.masked.contains(&(f.table_oid, f.column)),
-                    )
+                    let key = (f.table_oid, f.column);
+                    let rule = if self.catalog.derived.contains(&key)
+                        // A whole row (attribute 0) of a relation with masked columns.
+                        || (f.column == 0 && self.catalog.masked_oids.contains(&f.table_oid))
+                        // A computed column (no table column), or a system column, in a
+                        // statement whose values may derive from masked columns.
+                        || (taint && (f.table_oid == 0 || f.column <= 0))
+                    {
+                        Rule::Derived
+                    } else if self.catalog.masked.contains(&key) {
+                        Rule::Column
+                    } else {
+                        Rule::None
+                    };
+                    (fmt, f.type_oid, rule)
                 })
                 .collect(),
         }
@@ -1721,6 +1947,35 @@ impl ServerSide<'_> {
 
     fn pop_expect(&self) -> Option<Expect> {
         lock(&self.shared.expect).pop_front()
+    }
+
+    /// The server reached `e` (it completed, failed or was skipped): forget the descriptions it
+    /// makes void.
+    fn void(&mut self, e: &Expect) {
+        match e {
+            Expect::Parse(name) => {
+                self.stmt_descs.remove(name);
+            }
+            Expect::Bind(portal) => {
+                self.portal_descs.remove(portal);
+            }
+            Expect::Close(b'S', name) => {
+                self.stmt_descs.remove(name);
+            }
+            Expect::Close(_, name) => {
+                self.portal_descs.remove(name);
+            }
+            Expect::Execute {
+                portal,
+                resets: true,
+                ..
+            } => {
+                // It may have declared, closed or replaced cursors: only its own portal's
+                // description (for a suspended portal's next Execute) is kept.
+                self.portal_descs.retain(|name, _| name == portal);
+            }
+            _ => {}
+        }
     }
 
     fn front_expect(&self) -> Option<Expect> {
@@ -1741,14 +1996,22 @@ impl ServerSide<'_> {
         let mut changes: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
         let mut fired: Vec<&'static str> = Vec::new();
         for (i, v) in values.iter().enumerate() {
-            let (fmt, oid, col_rule) = plan.cols.get(i).copied().unwrap_or((0, 0, false));
+            let (fmt, oid, col_rule) = plan.cols.get(i).copied().unwrap_or((
+                format_at(&plan.rest_formats, i),
+                0,
+                plan.rest_masked,
+            ));
             let Some(bytes) = v else {
                 continue;
             };
             let as_text = fmt == 0 || text_like(oid);
             let r = if as_text {
-                m.mask_text(bytes, col_rule)
-            } else if col_rule {
+                match col_rule {
+                    Rule::Derived => Some(m.mask_derived(bytes)),
+                    Rule::Column => m.mask_text(bytes, true),
+                    Rule::None => m.mask_text(bytes, false),
+                }
+            } else if col_rule != Rule::None {
                 // A masked column in a binary format we cannot rewrite: never pass it through.
                 Some(Masked::Null(vec!["column"]))
             } else if oid == 20 && bytes.len() == 8 {
@@ -1800,7 +2063,7 @@ impl ServerSide<'_> {
     /// The plan made for the COPY ... TO STDOUT whose CopyOutResponse just arrived.
     fn take_copy_plan(&self) -> Option<Arc<CopyPlan>> {
         match lock(&self.shared.expect).front_mut() {
-            Some(Expect::Simple(plans)) => plans.pop_front(),
+            Some(Expect::Simple(plans, _)) => plans.pop_front(),
             Some(Expect::Execute { copy, .. }) => copy.take(),
             _ => None,
         }
@@ -1987,71 +2250,91 @@ impl ServerSide<'_> {
             b'T' => {
                 let fields = Arc::new(wire::decode_row_description(&raw).map_err(bad)?);
                 match self.front_expect() {
-                    Some(Expect::DescribeStatement(name)) => {
-                        self.descs.insert(format!("S:{name}"), fields);
+                    Some(Expect::DescribeStatement(name, version)) => {
+                        self.stmt_descs.insert(name, (version, fields));
                         self.pop_expect();
                     }
                     Some(Expect::DescribePortal(name)) => {
-                        self.descs.insert(format!("P:{name}"), fields);
+                        self.portal_descs.insert(name, fields);
                         self.pop_expect();
                     }
+                    Some(Expect::Simple(_, taint)) => {
+                        // Simple query: formats are in the message.
+                        self.current = Some(self.plan(&fields, None, taint));
+                    }
                     _ => {
-                        // Simple query (or a Describe-less stream): formats are in the message.
-                        self.current = Some(self.plan(&fields, None));
+                        // Nothing we sent asks for this description: trust none of its
+                        // columns to be plain.
+                        self.current = Some(self.plan(&fields, None, true));
                     }
                 }
                 out.extend_from_slice(&raw);
             }
             b'n' => {
                 // NoData answers a Describe: the statement or portal returns no rows.
-                let key = match self.front_expect() {
-                    Some(Expect::DescribeStatement(n)) => Some(format!("S:{n}")),
-                    Some(Expect::DescribePortal(n)) => Some(format!("P:{n}")),
-                    _ => None,
-                };
-                if let Some(k) = key {
-                    self.descs.remove(&k);
-                    self.pop_expect();
+                match self.front_expect() {
+                    Some(Expect::DescribeStatement(n, _)) => {
+                        self.stmt_descs.remove(&n);
+                        self.pop_expect();
+                    }
+                    Some(Expect::DescribePortal(n)) => {
+                        self.portal_descs.remove(&n);
+                        self.pop_expect();
+                    }
+                    _ => {}
                 }
                 out.extend_from_slice(&raw);
             }
             b'1' => {
                 // ParseComplete: the statement's old description no longer applies.
-                if let Some(Expect::Parse(name)) = self.front_expect() {
-                    self.descs.remove(&format!("S:{name}"));
-                    self.pop_expect();
+                if matches!(self.front_expect(), Some(Expect::Parse(_))) {
+                    if let Some(e) = self.pop_expect() {
+                        self.void(&e);
+                    }
+                }
+                out.extend_from_slice(&raw);
+            }
+            b'2' | b'3' => {
+                // BindComplete / CloseComplete: the portal's (statement's) old description
+                // no longer applies.
+                if matches!(
+                    self.front_expect(),
+                    Some(Expect::Bind(_) | Expect::Close(..))
+                ) {
+                    if let Some(e) = self.pop_expect() {
+                        self.void(&e);
+                    }
                 }
                 out.extend_from_slice(&raw);
             }
             b'D' => {
                 if self.current.is_none() {
-                    if let Some(Expect::Execute {
-                        portal,
-                        statement,
-                        formats,
-                        ..
-                    }) = self.front_expect()
-                    {
-                        let desc = self
-                            .descs
-                            .get(&format!("P:{portal}"))
-                            .or_else(|| self.descs.get(&format!("S:{statement}")))
-                            .cloned();
-                        match desc {
-                            Some(d) => self.current = Some(self.plan(&d, Some(&formats))),
-                            None if self.masker.as_ref().is_some_and(|m| m.has_column_rules()) => {
-                                // Rows we cannot attribute to columns: refuse rather than leak.
-                                return Err(DataPathError::Policy(
-                                    "rows of an undescribed statement cannot be masked".into(),
-                                ));
-                            }
-                            None => {
-                                self.current = Some(RowPlan {
-                                    cols: formats_only(&formats),
-                                })
+                    self.current = Some(match self.front_expect() {
+                        Some(Expect::Execute {
+                            portal,
+                            statement,
+                            formats,
+                            taint,
+                            ..
+                        }) => {
+                            // The portal's own description (a Describe after its Bind), else
+                            // that of the exact statement version it was bound from.
+                            let desc = self.portal_descs.get(&portal).cloned().or_else(|| {
+                                let (name, version) = statement.as_ref()?;
+                                self.stmt_descs
+                                    .get(name)
+                                    .filter(|(v, _)| v == version)
+                                    .map(|(_, d)| d.clone())
+                            });
+                            match desc {
+                                Some(d) => self.plan(&d, Some(&formats), taint),
+                                // Rows nothing describes: under column rules every value is
+                                // masked rather than passed on a guess.
+                                None => self.blind_plan(&formats),
                             }
                         }
-                    }
+                        _ => self.blind_plan(&[]),
+                    });
                 }
                 match self.mask_row(&raw)? {
                     Some(m) => out.extend_from_slice(&m),
@@ -2110,7 +2393,9 @@ impl ServerSide<'_> {
                     None
                 };
                 if matches!(self.front_expect(), Some(Expect::Execute { .. })) {
-                    self.pop_expect();
+                    if let Some(e) = self.pop_expect() {
+                        self.void(&e);
+                    }
                 }
                 if tag != b's' {
                     self.record_result(tagtxt.as_deref(), None);
@@ -2123,13 +2408,17 @@ impl ServerSide<'_> {
                 self.copy = None;
                 let en = wire::decode_error_notice(&raw).map_err(bad)?;
                 // Extended protocol: the server now skips to Sync; so do our expectations.
-                {
-                    let mut ex = lock(&self.shared.expect);
-                    while let Some(front) = ex.front() {
-                        if matches!(front, Expect::Sync | Expect::Simple(_)) {
-                            break;
+                loop {
+                    let front = {
+                        let mut ex = lock(&self.shared.expect);
+                        match ex.front() {
+                            None | Some(Expect::Sync | Expect::Simple(..)) => None,
+                            Some(_) => ex.pop_front(),
                         }
-                        ex.pop_front();
+                    };
+                    match front {
+                        Some(e) => self.void(&e),
+                        None => break,
                     }
                 }
                 self.current = None;
@@ -2141,6 +2430,25 @@ impl ServerSide<'_> {
                     let report = ErrorReport::error(code, &msg);
                     let report = if code == "42501" {
                         report.with_hint("ask for access: a tollgate policy rule must allow this for your identity")
+                    } else {
+                        report
+                    };
+                    wire::encode_error_response(&report, out);
+                } else if self.column_rules() && !quotes_no_values(en.code().unwrap_or("")) {
+                    // Data errors quote the value that failed (`invalid input syntax for type
+                    // integer: "a@example.com"`, `Key (email)=(...)`, RAISE): a cast or a
+                    // constraint would unmask a column. Only the SQLSTATE goes on.
+                    let code = en.code().unwrap_or("XX000").to_string();
+                    let msg = format!(
+                        "tollgate: error {code} (the server's message is withheld on this target: it may quote values of masked columns)"
+                    );
+                    self.record_result(None, Some(&msg));
+                    let report = ErrorReport::error(&code, &msg);
+                    let report = if en.severity() == Some("FATAL") {
+                        ErrorReport {
+                            severity: wire::Severity::Fatal,
+                            ..report
+                        }
                     } else {
                         report
                     };
@@ -2157,9 +2465,19 @@ impl ServerSide<'_> {
                 self.copy = None;
                 if matches!(
                     self.front_expect(),
-                    Some(Expect::Sync) | Some(Expect::Simple(_))
+                    Some(Expect::Sync) | Some(Expect::Simple(..))
                 ) {
-                    self.pop_expect();
+                    if let Some(Expect::Simple(..)) = self.pop_expect() {
+                        // A simple query replaces the unnamed statement and portal, and its
+                        // statements may declare or close cursors.
+                        self.stmt_descs.remove("");
+                        self.portal_descs.clear();
+                    }
+                }
+                if self.status == b'I' {
+                    // Out of a transaction: its portals are gone (holdable cursors aside,
+                    // which are then described again or masked whole).
+                    self.portal_descs.clear();
                 }
                 self.current = None;
                 out.extend_from_slice(&raw);
@@ -2168,10 +2486,6 @@ impl ServerSide<'_> {
         }
         Ok(())
     }
-}
-
-fn formats_only(formats: &[i16]) -> Vec<(i16, u32, bool)> {
-    formats.iter().map(|f| (*f, 0, false)).collect()
 }
 
 #[cfg(test)]

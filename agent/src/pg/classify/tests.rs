@@ -1269,3 +1269,70 @@ fn texts_sharing_a_fast_key_classify_alike() {
         .expect("sjis");
     assert_eq!(sjis[0].dangerous, vec!["set:client_encoding".to_string()]);
 }
+
+fn lineage(sql: &str) -> Lineage {
+    one(sql).lineage
+}
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn lineage_keeps_bare_top_level_columns_apart_from_derived_ones() {
+    let l = lineage("select id, c.email, upper(name), email::varchar from customers c");
+    assert_eq!(l.bare_refs, names(&["email", "id"]));
+    assert_eq!(l.refs, names(&["email", "name"]));
+    assert!(!l.opaque);
+    // `SELECT *` at the top expands to columns the server names.
+    let l = lineage("select * from customers");
+    assert!(!l.opaque && l.refs.is_empty() && l.bare_refs.is_empty());
+}
+
+#[test]
+fn lineage_ignores_filters_but_not_subqueries_ctes_unions_or_from_functions() {
+    let l = lineage(
+        "select name from customers where email like 'a%' and id in (select id from t where secret = 1) order by email limit 3",
+    );
+    assert!(l.refs.is_empty() && !l.opaque);
+    assert_eq!(l.bare_refs, names(&["name"]));
+    for sql in [
+        "select (select email from customers limit 1)",
+        "with t as (select email from customers) select 1 from t",
+        "select name from customers union select email from customers",
+        "select x from customers, lateral unnest(array[email]) x",
+        "values ((select email from customers limit 1))",
+        "select string_agg(email, ',') from customers",
+    ] {
+        assert!(lineage(sql).refs.contains(&"email".to_string()), "{sql}");
+    }
+}
+
+#[test]
+fn lineage_marks_whole_row_star_and_renames_as_opaque() {
+    for sql in [
+        "select row_to_json(c.*) from customers c",
+        "select (c.*)::text from customers c",
+        "select x from (select * from customers) s",
+        "select e from customers as c(a, b, e)",
+        "with t(a) as (select email from customers) select a from t",
+    ] {
+        assert!(lineage(sql).opaque, "{sql}");
+    }
+    // A single-name reference may be a whole row: it is a (non-bare) ref the caller checks.
+    assert_eq!(
+        lineage("select to_json(c) from customers c").refs,
+        names(&["c"])
+    );
+}
+
+#[test]
+fn lineage_separates_returning_from_written_values() {
+    let l = lineage("update customers set name = email returning id, upper(secret)");
+    assert_eq!(l.refs, names(&["email"]));
+    assert_eq!(l.returning_refs, names(&["id", "secret"]));
+    let l = lineage("delete from customers where email = 'x' returning *");
+    assert!(l.refs.is_empty() && l.returning_opaque && !l.opaque);
+    let l = lineage("insert into archive select * from customers");
+    assert!(l.opaque);
+}

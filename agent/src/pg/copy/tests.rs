@@ -261,7 +261,7 @@ fn masks_table_columns_by_position() {
     let c = copy_outs("COPY customers TO STDOUT").expect("p")[0]
         .clone()
         .expect("c");
-    let p = plan(&c, &masker(), &catalog()).expect("plan");
+    let p = plan(&c, &masker(), &catalog(), false).expect("plan");
     assert_eq!(p.masked, vec![false, true, true, false]);
     assert_eq!(p.widths, vec![4]);
     let (out, fired) = run(
@@ -285,7 +285,7 @@ fn masks_table_columns_by_position() {
     let c = copy_outs("COPY customers (note, email) TO STDOUT (FORMAT csv, HEADER)").expect("p")[0]
         .clone()
         .expect("c");
-    let p = plan(&c, &masker(), &catalog()).expect("plan");
+    let p = plan(&c, &masker(), &catalog(), false).expect("plan");
     assert_eq!(p.masked, vec![false, true]);
     let (out, _) = run(p, &[b"note,email\n\"x,y\",\"q\"\"@r\"\n"]).expect("masked");
     assert_eq!(out, "note,email\n\"x,y\",********\n");
@@ -295,32 +295,43 @@ fn masks_table_columns_by_position() {
 fn refuses_what_it_cannot_mask() {
     let m = masker();
     let one = |sql: &str| copy_outs(sql).expect("parse")[0].clone().expect("copy");
+    // COPY (query): every value is masked when its lineage may carry a masked value, none by
+    // column rules otherwise (detectors still run).
+    let q = one("COPY (SELECT upper(email) FROM customers) TO STDOUT");
+    let p = plan(&q, &m, &catalog(), true).expect("plan");
+    assert!(p.mask_all);
+    let (out, _) = run(
+        p,
+        &[b"A@B.CO	plain
+"],
+    )
+    .expect("masked");
     assert_eq!(
-        plan(
-            &one("COPY (SELECT email FROM customers) TO STDOUT"),
-            &m,
-            &catalog()
-        ),
-        Err(CopyError::QueryColumns)
+        out,
+        "********	********
+"
     );
+    let p = plan(&q, &m, &catalog(), false).expect("plan");
+    assert!(!p.mask_all && p.masked.is_empty());
     assert!(matches!(
-        plan(&one("COPY nosuch TO STDOUT"), &m, &catalog()),
+        plan(&one("COPY nosuch TO STDOUT"), &m, &catalog(), false),
         Err(CopyError::UnknownTable(_))
     ));
     assert_eq!(
         plan(
             &one("COPY customers TO STDOUT (FORMAT binary)"),
             &m,
-            &catalog()
+            &catalog(),
+            false
         ),
         Err(CopyError::Binary)
     );
     // A table without masked columns: detectors only, any width.
-    let p = plan(&one("COPY orders TO STDOUT"), &m, &catalog()).expect("plan");
+    let p = plan(&one("COPY orders TO STDOUT"), &m, &catalog(), false).expect("plan");
     assert!(p.masked.iter().all(|x| !x) && p.widths.is_empty());
     // Detectors only: COPY (query) is fine, every value is scanned.
     let d = Masker::with_detectors(&["email"], MaskStyle::Full, [1; 32]);
-    let p = plan(&one("COPY (SELECT 1) TO STDOUT"), &d, &catalog()).expect("plan");
+    let p = plan(&one("COPY (SELECT 1) TO STDOUT"), &d, &catalog(), false).expect("plan");
     let mut cm = CopyMasker::new(Arc::new(p));
     let mut out = Vec::new();
     cm.feed(b"x a@b.co\n", &d, &mut out).expect("feed");
@@ -348,13 +359,13 @@ fn unqualified_names_merge_every_schema() {
     let c = copy_outs("COPY t TO STDOUT").expect("p")[0]
         .clone()
         .expect("c");
-    let p = plan(&c, &masker(), &cat).expect("plan");
+    let p = plan(&c, &masker(), &cat, false).expect("plan");
     assert_eq!(p.masked, vec![true, true, false]);
     assert_eq!(p.widths, vec![2, 3]);
     let c = copy_outs("COPY other.t TO STDOUT").expect("p")[0]
         .clone()
         .expect("c");
-    let p = plan(&c, &masker(), &cat).expect("plan");
+    let p = plan(&c, &masker(), &cat, false).expect("plan");
     assert_eq!(p.masked, vec![true, false, false]);
 }
 

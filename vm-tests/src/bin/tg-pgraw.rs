@@ -1,0 +1,230 @@
+//! A bot that writes PostgreSQL protocol messages by hand, in any order a client may choose
+//! (including orders no common driver uses), for the extended-protocol attacks.
+//!
+//! Usage: `tg-pgraw HOST PORT SCRIPT [KEY=VALUE ...]`; the extra arguments are startup
+//! parameters (`user=bot database=app` by default). SCRIPT has one message per line:
+//! `Q sql`, `P name|sql`, `B portal|statement`, `B1 portal|statement` (binary results),
+//! `D S|name`, `D P|name`, `E portal`, `C S|name`, `C P|name`, `H` (Flush), `S` (Sync).
+//! After each `S` or `Q` the answers are read up to ReadyForQuery. Prints one JSON object:
+//! `rows` (every DataRow, values as text or null), `errors` (SQLSTATE: message), `fatal`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use serde_json::{json, Value};
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn cstr(b: &mut Vec<u8>, s: &str) {
+    b.extend_from_slice(s.as_bytes());
+    b.push(0);
+}
+
+fn split2(s: &str) -> (&str, &str) {
+    s.split_once('|').unwrap_or((s, ""))
+}
+
+/// One script line as protocol bytes.
+fn encode(line: &str) -> Vec<u8> {
+    let (op, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let mut b = Vec::new();
+    match op {
+        "Q" => {
+            cstr(&mut b, rest);
+            msg(b'Q', &b)
+        }
+        "P" => {
+            let (name, sql) = split2(rest);
+            cstr(&mut b, name);
+            cstr(&mut b, sql);
+            b.extend_from_slice(&0i16.to_be_bytes());
+            msg(b'P', &b)
+        }
+        "B" | "B1" => {
+            let (portal, stmt) = split2(rest);
+            cstr(&mut b, portal);
+            cstr(&mut b, stmt);
+            b.extend_from_slice(&0i16.to_be_bytes()); // parameter formats
+            b.extend_from_slice(&0i16.to_be_bytes()); // parameters
+            if op == "B1" {
+                b.extend_from_slice(&1i16.to_be_bytes());
+                b.extend_from_slice(&1i16.to_be_bytes());
+            } else {
+                b.extend_from_slice(&0i16.to_be_bytes());
+            }
+            msg(b'B', &b)
+        }
+        "D" | "C" => {
+            let (kind, name) = split2(rest);
+            b.push(kind.as_bytes().first().copied().unwrap_or(b'S'));
+            cstr(&mut b, name);
+            msg(op.as_bytes()[0], &b)
+        }
+        "E" => {
+            cstr(&mut b, rest);
+            b.extend_from_slice(&0i32.to_be_bytes());
+            msg(b'E', &b)
+        }
+        "H" => msg(b'H', &b),
+        "S" => msg(b'S', &b),
+        other => panic!("unknown script op {other:?}"),
+    }
+}
+
+struct Reader {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    fn next(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() > len {
+                    let tag = self.buf[0];
+                    let body = self.buf[5..1 + len].to_vec();
+                    self.buf.drain(..1 + len);
+                    return Some((tag, body));
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+fn fields(body: &[u8]) -> Vec<(u8, String)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < body.len() && body[i] != 0 {
+        let code = body[i];
+        let end = body[i + 1..]
+            .iter()
+            .position(|&c| c == 0)
+            .map_or(body.len(), |p| i + 1 + p);
+        out.push((
+            code,
+            String::from_utf8_lossy(&body[i + 1..end]).into_owned(),
+        ));
+        i = end + 1;
+    }
+    out
+}
+
+fn data_row(body: &[u8]) -> Value {
+    let n = i16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut at = 2;
+    let mut vals = Vec::new();
+    for _ in 0..n {
+        let len = i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+        at += 4;
+        if len < 0 {
+            vals.push(Value::Null);
+        } else {
+            let l = len as usize;
+            vals.push(json!(String::from_utf8_lossy(&body[at..at + l])));
+            at += l;
+        }
+    }
+    Value::Array(vals)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (host, port, script) = (&args[1], &args[2], &args[3]);
+    let mut params: Vec<(String, String)> = vec![
+        ("user".into(), "bot".into()),
+        ("database".into(), "app".into()),
+    ];
+    for kv in &args[4..] {
+        let (k, v) = kv.split_once('=').expect("KEY=VALUE");
+        params.retain(|(n, _)| n != k);
+        params.push((k.into(), v.into()));
+    }
+    let s = TcpStream::connect(format!("{host}:{port}")).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let mut r = Reader { s, buf: Vec::new() };
+    let mut body = 196608i32.to_be_bytes().to_vec();
+    for (k, v) in &params {
+        cstr(&mut body, k);
+        cstr(&mut body, v);
+    }
+    body.push(0);
+    let mut startup = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    w.write_all(&startup).expect("startup");
+
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    let mut fatal = Value::Null;
+    // Login: answer a password request with a wrong password (tollgate ignores it).
+    let mut ready = false;
+    while let Some((tag, b)) = r.next() {
+        match tag {
+            b'R' if b.get(..4) == Some(&[0, 0, 0, 3]) => {
+                let mut p = Vec::new();
+                cstr(&mut p, "wrong");
+                w.write_all(&msg(b'p', &p)).expect("password");
+            }
+            b'E' => {
+                let f = fields(&b);
+                let get = |c: u8| f.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone());
+                fatal = json!(format!(
+                    "{}: {}",
+                    get(b'C').unwrap_or_default(),
+                    get(b'M').unwrap_or_default()
+                ));
+                break;
+            }
+            b'Z' => {
+                ready = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    if ready {
+        'script: for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            w.write_all(&encode(line)).expect("write");
+            if !(line == "S" || line.starts_with("Q ")) {
+                continue;
+            }
+            loop {
+                let Some((tag, b)) = r.next() else {
+                    break 'script;
+                };
+                match tag {
+                    b'D' => rows.push(data_row(&b)),
+                    b'E' => {
+                        let f = fields(&b);
+                        let get = |c: u8| f.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone());
+                        errors.push(json!(format!(
+                            "{}: {}",
+                            get(b'C').unwrap_or_default(),
+                            get(b'M').unwrap_or_default()
+                        )));
+                    }
+                    b'Z' => break,
+                    _ => {}
+                }
+            }
+        }
+        let _ = w.write_all(&msg(b'X', &[]));
+    }
+    println!(
+        "{}",
+        json!({"rows": rows, "errors": errors, "fatal": fatal})
+    );
+}
