@@ -283,3 +283,106 @@ fn look_alikes_are_not_denied() {
     }
     assert_eq!(state(&f.pg), before);
 }
+
+/// Item 1 of the security issue: startup parameters (`options=-c ...` and parameters of their
+/// own) are decided like SET, and all of them are audited.
+#[test]
+fn startup_parameters_are_decided_like_set() {
+    let f = fixture("pgstartup");
+    let show = "SHOW log_statement";
+    // The reader may not SET: no setting but the client-facing ones passes at startup.
+    for opts in [
+        "-c log_statement=none -c session_replication_role=replica",
+        "-csession_replication_role=replica",
+        "--session-replication-role=replica",
+        "-c search_path=evil,public",
+        "-e",
+        "-c work_mem=1GB -o -d5",
+    ] {
+        let o = psql(&f.reader, f.pg.port, &[("PGOPTIONS", opts)], &["-c", show]);
+        let t = text(&o);
+        assert!(
+            !o.status.success() && t.contains("FATAL:  tollgate:"),
+            "{opts} should be refused at startup: {t}"
+        );
+    }
+    // Code loading is refused even for an identity that may SET.
+    let o = psql(
+        &f.setter,
+        f.pg.port,
+        &[("PGOPTIONS", "-c session_preload_libraries=/tmp/x/evil.so")],
+        &["-c", show],
+    );
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("loads code"),
+        "library preload should be refused: {t}"
+    );
+    // A setting as a startup parameter of its own (no client library sends one, a raw client
+    // can) is decided the same way.
+    let raw = |bot: &Cgroup, kv: &str| {
+        let o = bot
+            .command(Path::new(env!("CARGO_BIN_EXE_tg-pgraw")))
+            .args([
+                "127.0.0.1",
+                &f.pg.port.to_string(),
+                "Q SHOW session_replication_role",
+                kv,
+            ])
+            .output()
+            .expect("tg-pgraw");
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")
+    };
+    let v = raw(&f.reader, "session_replication_role=replica");
+    assert!(
+        v["fatal"].as_str().is_some_and(|m| m.contains("42501")),
+        "{v}"
+    );
+    // The setter may SET: its settings reach the server (as parameters of their own).
+    let o = psql(
+        &f.setter,
+        f.pg.port,
+        &[(
+            "PGOPTIONS",
+            "-c statement_timeout=4321 -c search_path=public,pg_catalog",
+        )],
+        &["-Atc", "SHOW search_path", "-Atc", "SHOW statement_timeout"],
+    );
+    let t = text(&o);
+    assert!(
+        o.status.success() && t.contains("public,pg_catalog") && t.contains("4321ms"),
+        "{t}"
+    );
+    // Client-facing settings need no rule.
+    let o = psql(
+        &f.reader,
+        f.pg.port,
+        &[
+            ("PGOPTIONS", "-c DateStyle=German"),
+            ("PGAPPNAME", "nightly-report"),
+        ],
+        &["-Atc", "SHOW DateStyle"],
+    );
+    assert!(
+        o.status.success() && text(&o).contains("German"),
+        "{}",
+        text(&o)
+    );
+    // Every startup parameter is in the audit log, and every refusal.
+    let audit = f.agent.audit();
+    assert!(audit.iter().any(
+        |e| e["event"] == "startup" && e["parameters"]["application_name"] == "nightly-report"
+    ));
+    assert!(audit.iter().any(|e| e["event"] == "operation"
+        && e["action"] == "deny"
+        && e["operation"]
+            .as_str()
+            .is_some_and(|o| o.contains("session_replication_role = replica"))));
+    // The recording of a session keeps them too.
+    let rec = std::fs::read_dir(f.agent.data_dir.join("sessions"))
+        .expect("sessions")
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .any(|t| t.contains("nightly-report") && t.contains("\"startup\""));
+    assert!(rec, "a recording holds the startup parameters");
+}

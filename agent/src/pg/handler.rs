@@ -40,7 +40,7 @@ use crate::{
         catalog::{self, Catalog},
         classify::{ClassifyCache, Statement},
         copy::{self, CopyMasker, CopyPlan},
-        pool, upstream,
+        pool, startup, upstream,
         wire::{self, ErrorReport, Frontend, Startup, TransactionStatus},
     },
     proxy::{ApprovalOutcome, DataPathError, ProtocolHandler, SessionCx},
@@ -474,6 +474,12 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         },
         None => None,
     };
+    // Startup parameters are settings like any SET (startup.rs): decided before anything
+    // reaches upstream, and all of them audited.
+    let settings = match startup_settings(cx, &mut client, &params).await {
+        Some(s) => s,
+        None => return Ok(Totals::default()),
+    };
     let cred_name = cx.target.credential.clone();
     let cred = cred_name
         .as_deref()
@@ -497,11 +503,18 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         },
         None => (client_user.clone(), None),
     };
-    // Everything the client asked for except identity-bearing keys goes upstream.
+    // What the client asked for goes upstream, except identity-bearing keys and `options`,
+    // whose (decided) settings go as parameters of their own.
     let pass: Vec<(String, String)> = params
         .iter()
-        .filter(|(k, _)| k != "user" && !k.starts_with("_pq_."))
+        .filter(|(k, _)| k != "user" && k != "options" && !k.starts_with("_pq_."))
         .map(|(k, v)| (k.clone(), v.clone()))
+        .chain(
+            settings
+                .into_iter()
+                .filter(|s| s.from_options)
+                .map(|s| (s.name, s.value)),
+        )
         .collect();
     // A connection left by an earlier session with the same upstream login, if any.
     let pool_key = cx.target.pool.then(|| {
@@ -623,6 +636,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             "application_name": param("application_name"), "pid": cx.facts.pid, "uid": cx.facts.uid,
             "cgroup": cx.facts.cgroup, "exe": cx.facts.exe,
             "oidc_subject": workload.as_ref().map(|c| c.subject.clone()),
+            "startup": params.iter().filter(|(k, _)| !k.starts_with("_pq_.")).map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "upstream_connection": if reused { "reused" } else { "new" },
         })));
     }
@@ -762,6 +776,82 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     };
     cx.add_bytes(totals);
     r.map(|_| totals)
+}
+
+/// Decide the settings the client's startup parameters ask for (see `startup.rs`), after
+/// auditing every parameter. `None`: refused (the client got a FATAL 42501 naming the setting).
+async fn startup_settings(
+    cx: &SessionCx,
+    client: &mut Conn,
+    params: &[(String, String)],
+) -> Option<Vec<startup::Setting>> {
+    let mut shown = serde_json::Map::new();
+    for (k, v) in params.iter().filter(|(k, _)| !k.starts_with("_pq_.")) {
+        shown.insert(k.clone(), json!(v));
+    }
+    cx.audit_event("startup", obj(json!({ "parameters": shown })));
+    let refuse = |text: String, flag: &str| {
+        let d = Decision {
+            action: Action::Deny,
+            rule: None,
+            reason: tollgate_policy::DecisionReason::NoMatchingRule,
+        };
+        cx.audit_operation("set", &text, &d, Some(flag))
+    };
+    let settings = match startup::settings(params) {
+        Ok(s) => s,
+        Err(e) => {
+            let options = params
+                .iter()
+                .find(|(k, _)| k == "options")
+                .map_or("", |(_, v)| v.as_str());
+            if refuse(format!("startup options: {options}"), "startup").action != Action::Allow {
+                send_fatal(client, "42501", &format!("tollgate: {e}"), None).await;
+                return None;
+            }
+            // Observe mode: the session goes on, without the options.
+            return Some(Vec::new());
+        }
+    };
+    for st in settings.iter().filter(|s| !s.is_safe()) {
+        let text = format!("startup: SET {} = {}", st.name, st.value);
+        let d = if st.is_never() {
+            refuse(text, "startup_library")
+        } else {
+            let as_set = Statement {
+                kind: "set",
+                kinds: vec!["set"],
+                tables: Vec::new(),
+                functions: Vec::new(),
+                dangerous: Vec::new(),
+                read_only: false,
+                text: text.clone(),
+                prepared_name: None,
+                literal_dependent: false,
+                lineage: Default::default(),
+            };
+            let (d, _) = decide_statement(cx, &as_set);
+            cx.audit_operation("set", &text, &d, Some("startup"))
+        };
+        let why = match d.action {
+            Action::Allow => continue,
+            Action::Approve => "a startup setting cannot wait for approval; connect without it and SET it in the session".to_string(),
+            Action::Deny if st.is_never() => format!("setting {} at startup loads code into the server, which tollgate never allows", st.name),
+            Action::Deny => match &d.rule {
+                Some(r) => format!("SET {} at startup denied by rule \"{r}\"", st.name),
+                None => format!("SET {} at startup is not allowed for identity {} (no rule allows set)", st.name, cx.identity.as_deref().unwrap_or("unknown")),
+            },
+        };
+        send_fatal(
+            client,
+            "42501",
+            &format!("tollgate: {why}"),
+            Some("startup parameters and options=-c name=value are decided like SET"),
+        )
+        .await;
+        return None;
+    }
+    Some(settings)
 }
 
 /// State shared by the two directions.

@@ -7,5 +7,6 @@ pub mod copy;
 pub mod handler;
 pub mod pool;
 pub mod scram;
+pub mod startup;
 pub mod upstream;
 pub mod wire;
