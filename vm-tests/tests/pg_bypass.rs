@@ -34,7 +34,7 @@ name = "setter reads and sets"
 identities = ["setter"]
 targets = ["app-db"]
 action = "allow"
-sql = {{ statements = ["select", "show", "set", "begin", "commit", "rollback"] }}
+sql = {{ statements = ["select", "show", "set", "begin", "commit", "rollback"], functions = ["pg_catalog.*"] }}
 
 [[rule]]
 name = "no-writes"
@@ -70,7 +70,9 @@ fn fixture(tag: &str) -> Fixture {
         "SET ROLE app_rw;
          CREATE TABLE stats (id int, drop_count int, \"delete\" text);
          INSERT INTO stats VALUES (1, 7, 'kept');
-         CREATE PROCEDURE wipe() LANGUAGE sql AS 'DELETE FROM orders';",
+         CREATE PROCEDURE wipe() LANGUAGE sql AS 'DELETE FROM orders';
+         CREATE FUNCTION purge() RETURNS int LANGUAGE sql AS 'DELETE FROM orders RETURNING 1';
+         CREATE FUNCTION public.upper(t text) RETURNS text LANGUAGE sql AS 'DELETE FROM orders RETURNING t';",
         "app",
     );
     let reader = Cgroup::new(&format!("{tag}-reader"));
@@ -181,6 +183,19 @@ fn obfuscated_and_indirect_destructive_statements_are_denied_and_change_nothing(
         (reader, vec!["BEGIN", "DECLARE c CURSOR FOR WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d"]),
         (reader, vec!["SELECT nextval('audit_log_id_seq')"]),
         (reader, vec!["SELECT pg_notify('ch', 'x')"]),
+        // Functions are allowed by list (item 5): SQL text run by a built-in, user-defined and
+        // volatile functions, and a user function that shadows a built-in's name.
+        (reader, vec!["SELECT ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, pg_read_file(''/etc/hostname'')::tsquery')"]),
+        (reader, vec!["SELECT ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, (SELECT count(*) FROM (SELECT purge()) x)::text::tsquery')"]),
+        (setter, vec!["SELECT pg_catalog.ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, pg_catalog.lo_from_bytea(0, ''x'')::text::tsquery')"]),
+        (reader, vec!["SELECT purge()"]),
+        (reader, vec!["SELECT count(*) FROM orders WHERE purge() > 0"]),
+        (reader, vec!["SELECT upper('x')"]),
+        (reader, vec!["SELECT txid_current()"]),
+        (reader, vec!["SELECT pg_advisory_lock(42)"]),
+        (reader, vec!["SELECT pg_logical_emit_message(true, 'x', 'y')"]),
+        (reader, vec!["SELECT pg_backup_start('x')"]),
+        (reader, vec!["SELECT lo_from_bytea(0, 'x')"]),
         // The setter may SET, but not the encoding the classifier cannot read, and not the
         // escape trick that SET enables.
         (setter, vec!["SET client_encoding = 'SJIS'"]),
@@ -269,6 +284,14 @@ fn look_alikes_are_not_denied() {
             "1",
         ),
         ("SHOW standard_conforming_strings", "on"),
+        (
+            "SELECT lower('X') || (now() IS NOT NULL)::text || (random() < 2)::text",
+            "xtruetrue",
+        ),
+        (
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM orders WHERE id < 3",
+            "1,2",
+        ),
         ("COPY stats (id, \"delete\") TO STDOUT", "1\tkept"),
     ];
     let before = state(&f.pg);

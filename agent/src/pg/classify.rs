@@ -1371,6 +1371,7 @@ const DANGEROUS_FUNCTIONS: &[&str] = &[
     "loread",
     "lowrite",
     "ts_stat",
+    "ts_rewrite",
 ];
 
 /// Same, by name prefix: large objects, dblink, directory listings, adminpack file functions,
@@ -1393,8 +1394,25 @@ const DANGEROUS_PREFIXES: &[&str] = &[
     "binary_upgrade_",
 ];
 
+/// Built-ins that run SQL text given as an argument (`ts_rewrite(q, 'SELECT ...')`,
+/// `query_to_xml('...')`, dblink): the text is never classified, so only a rule that names the
+/// function exactly (no wildcard) can allow one.
+pub fn runs_sql_text(name: &str) -> bool {
+    matches!(name, "ts_rewrite" | "ts_stat")
+        || [
+            "query_to_xml",
+            "table_to_xml",
+            "cursor_to_xml",
+            "schema_to_xml",
+            "database_to_xml",
+            "dblink",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
 /// Whether `name` (unqualified, lowercase) is a dangerous function.
-fn dangerous_function(name: &str) -> bool {
+pub fn dangerous_function(name: &str) -> bool {
     DANGEROUS_FUNCTIONS.contains(&name) || DANGEROUS_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 

@@ -38,8 +38,9 @@ use crate::{
     oidc::{self, Claims, WorkloadVerifiers},
     pg::{
         catalog::{self, Catalog},
-        classify::{ClassifyCache, Statement},
+        classify::{self, ClassifyCache, Statement},
         copy::{self, CopyMasker, CopyPlan},
+        functions::{self, Functions},
         pool, startup, upstream,
         wire::{self, ErrorReport, Frontend, Startup, TransactionStatus},
     },
@@ -626,6 +627,24 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         _ => Arc::new(Catalog::default()),
     };
 
+    // Which functions a rule may let run without naming them (functions.rs).
+    let plain_functions = match functions::load(&mut session, &cx.target.name, &database).await {
+        Ok(f) => f,
+        Err(e) => {
+            send_fatal(
+                &mut client,
+                "XX000",
+                &format!("tollgate: cannot read the function catalog needed for policy: {e}"),
+                None,
+            )
+            .await;
+            return Err(DataPathError::Upstream {
+                addr: cx.orig_dst,
+                source: e,
+            });
+        }
+    };
+
     let recorder = Recorder::open(&policy.agent.data_dir, &cx.id)
         .ok()
         .map(Arc::new);
@@ -709,6 +728,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         recorder: recorder.clone(),
         masker: masker.clone(),
         catalog: catalog.clone(),
+        functions: plain_functions,
         copy_plans: Vec::new(),
         statement_copy: HashMap::new(),
         notices: notice_tx,
@@ -992,6 +1012,8 @@ struct ClientSide<'a> {
     masker: Option<Arc<Masker>>,
     /// Column layout of masked tables, for COPY ... TO STDOUT.
     catalog: Arc<Catalog>,
+    /// Functions a rule may let run without naming them.
+    functions: Arc<Functions>,
     /// Masking plans of the COPY ... TO STDOUT statements of the message just decided.
     copy_plans: Vec<Arc<CopyPlan>>,
     /// Prepared statements (protocol level) that are a COPY ... TO STDOUT: their plan.
@@ -1222,7 +1244,24 @@ impl ClientSide<'_> {
                     Some(s.dangerous.join(","))
                 };
                 let d = dangerous_gate(cx, s, d);
+                let named: Vec<&str> = s
+                    .functions
+                    .iter()
+                    .filter(|f| !self.functions.is_plain(f))
+                    .map(String::as_str)
+                    .collect();
+                let allowed = d.action == Action::Allow;
+                let d = function_gate(cx, &named, d);
+                let refused_for_functions = allowed && d.action == Action::Deny;
                 let d = cx.audit_operation(kind, &text, &d, extra.as_deref());
+                if d.action == Action::Deny && refused_for_functions {
+                    return Verdict::Deny(format!(
+                        "tollgate: {kind}{} calls {}, which a rule must name in its functions (user-defined, extension and volatile functions can write or run SQL) for identity {}; denied",
+                        on_tables(s),
+                        named.join(", "),
+                        cx.identity.as_deref().unwrap_or("unknown")
+                    ));
+                }
                 match d.action {
                     Action::Allow => {}
                     Action::Deny => return Verdict::Deny(deny_message(cx, kind, s, &d)),
@@ -1853,14 +1892,49 @@ fn dangerous_gate(cx: &SessionCx, s: &Statement, d: Decision) -> Decision {
         .and_then(|r| r.sql.as_ref())
         .is_some_and(|m| {
             s.dangerous.iter().all(|flag| {
-                if flag.starts_with("function:") {
-                    !m.functions.is_empty()
+                if let Some(name) = flag.strip_prefix("function:") {
+                    if classify::runs_sql_text(name) {
+                        // Its SQL text is never classified: only the exact name allows it
+                        // (`pg_catalog.*` does not).
+                        m.functions.iter().any(|g| {
+                            !g.contains(['*', '?'])
+                                && (g.eq_ignore_ascii_case(name)
+                                    || g.to_lowercase().ends_with(&format!(".{name}")))
+                        })
+                    } else {
+                        !m.functions.is_empty()
+                    }
                 } else {
                     !m.statements.is_empty() && !m.statements.iter().any(|x| x == "*")
                 }
             })
         });
     if explicit {
+        d
+    } else {
+        Decision {
+            action: Action::Deny,
+            rule: d.rule,
+            reason: tollgate_policy::DecisionReason::NoMatchingRule,
+        }
+    }
+}
+
+/// Functions that are not plain (functions.rs) run only under an allow rule whose `functions`
+/// names them: `decide` already checked that every function matches such a rule's globs, so
+/// what is left is a rule that names no functions at all (`select` alone).
+fn function_gate(cx: &SessionCx, named: &[&str], d: Decision) -> Decision {
+    if named.is_empty() || d.action != Action::Allow {
+        return d;
+    }
+    let gen = cx.agent.gen.load();
+    let names_them = d
+        .rule
+        .as_deref()
+        .and_then(|r| gen.policy.rule(r))
+        .and_then(|r| r.sql.as_ref())
+        .is_some_and(|m| !m.functions.is_empty());
+    if names_them {
         d
     } else {
         Decision {

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod classify;
 pub mod copy;
+pub mod functions;
 pub mod handler;
 pub mod pool;
 pub mod scram;

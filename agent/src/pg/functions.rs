@@ -1,0 +1,212 @@
+//! Which functions a `sql` rule may let run without naming them: functions are allowed by
+//! list, not caught by a deny list of known-bad names.
+//!
+//! A function is *plain* when PostgreSQL's own catalog says it is built in (an OID below
+//! `FirstNormalObjectId`, 16384) and cannot change anything (`provolatile` immutable or stable,
+//! or one of the few volatile built-ins that only read the clock or a random source), and it is
+//! not one of the built-ins that run SQL text or reach outside the database
+//! ([`crate::pg::classify::dangerous_function`]). Everything else (user-defined functions,
+//! extension functions, volatile built-ins such as `txid_current`, `pg_advisory_lock`,
+//! `pg_logical_emit_message`, `nextval`) must be named by the deciding rule's `functions`.
+//!
+//! An unqualified name is plain only if every function of that name, in every schema, is: the
+//! session's `search_path` (which a client can change) decides which one a call reaches, so a
+//! `public.lower` shadows nothing. The snapshot is read on the upstream connection at login and
+//! cached 30 s per (target, database) like the masking catalog; a function created since is
+//! unknown, hence not plain, until the next read (a shadowing function created by someone else
+//! may pass for up to 30 s: see the README's security notes).
+
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    sync::{Arc, LazyLock, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::pg::{classify::dangerous_function, upstream::Session, wire};
+
+/// Volatile built-ins that only read the clock or a random source, or wait.
+const VOLATILE_PLAIN: &[&str] = &[
+    "clock_timestamp",
+    "gen_random_uuid",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "random",
+    "random_normal",
+    "timeofday",
+];
+
+/// Built-ins marked stable that still change state: they assign the transaction an ID (a
+/// write to the commit log that a read-only transaction never makes).
+const STABLE_WRITERS: &[&str] = &["pg_current_xact_id", "txid_current"];
+
+/// PostgreSQL's `FirstNormalObjectId`: OIDs below it were made by initdb.
+const FIRST_NORMAL_OID: u32 = 16384;
+
+/// Plain function names of one database (see the module docs).
+#[derive(Debug, Default)]
+pub struct Functions {
+    /// Unqualified names all of whose functions are plain.
+    plain: HashSet<String>,
+    /// `schema.name` whose functions are all plain.
+    plain_qualified: HashSet<String>,
+}
+
+impl Functions {
+    /// From catalog rows `(schema, name, oid, provolatile)`.
+    pub fn from_rows<'a>(rows: impl IntoIterator<Item = (&'a str, &'a str, u32, &'a str)>) -> Self {
+        // name -> all plain so far
+        let mut bare: HashMap<String, bool> = HashMap::new();
+        let mut qualified: HashMap<String, bool> = HashMap::new();
+        for (schema, name, oid, volatility) in rows {
+            let plain = oid < FIRST_NORMAL_OID
+                && (volatility != "v" || VOLATILE_PLAIN.contains(&name))
+                && !STABLE_WRITERS.contains(&name)
+                && !dangerous_function(name);
+            *bare.entry(name.to_string()).or_insert(true) &= plain;
+            *qualified.entry(format!("{schema}.{name}")).or_insert(true) &= plain;
+        }
+        let keep =
+            |m: HashMap<String, bool>| m.into_iter().filter(|(_, p)| *p).map(|(n, _)| n).collect();
+        Functions {
+            plain: keep(bare),
+            plain_qualified: keep(qualified),
+        }
+    }
+
+    /// Whether `name` (as in `Statement::functions`: lowercase, schema-qualified when written
+    /// so, possibly with a database part) may run under a rule that does not name it.
+    pub fn is_plain(&self, name: &str) -> bool {
+        let parts: Vec<&str> = name.split('.').collect();
+        match parts.as_slice() {
+            [one] => self.plain.contains(*one),
+            [.., schema, fname] => self.plain_qualified.contains(&format!("{schema}.{fname}")),
+            [] => false,
+        }
+    }
+}
+
+type Cached = (Instant, Arc<Functions>);
+static CACHE: LazyLock<Mutex<HashMap<(String, String), Cached>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+const TTL: Duration = Duration::from_secs(30);
+
+const QUERY: &str = "SELECT n.nspname, p.proname, p.oid::int8, p.provolatile::text \
+     FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace";
+
+fn bad(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// The plain functions of `database` on `target`, from the cache or the server.
+pub async fn load(s: &mut Session, target: &str, database: &str) -> io::Result<Arc<Functions>> {
+    let key = (target.to_string(), database.to_string());
+    if let Some((at, f)) = crate::lock(&CACHE).get(&key) {
+        if at.elapsed() < TTL {
+            return Ok(f.clone());
+        }
+    }
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::query(QUERY, &mut out)?;
+    s.stream.write_all(&out).await?;
+    let mut rows: Vec<(String, String, u32, String)> = Vec::new();
+    let mut failed: Option<String> = None;
+    let buf = &mut s.rest;
+    loop {
+        while let Some((tag, raw)) = wire::parse_backend(buf).map_err(bad)? {
+            match tag {
+                b'D' => {
+                    let v = wire::data_row_values(&raw).map_err(bad)?;
+                    let text = |i: usize| {
+                        v.get(i)
+                            .copied()
+                            .flatten()
+                            .map(|b| String::from_utf8_lossy(b).into_owned())
+                    };
+                    if let (Some(schema), Some(name), Some(Ok(oid)), Some(vol)) =
+                        (text(0), text(1), text(2).map(|o| o.parse::<u32>()), text(3))
+                    {
+                        rows.push((schema, name, oid, vol));
+                    }
+                }
+                b'E' => {
+                    let en = wire::decode_error_notice(&raw).map_err(bad)?;
+                    failed = Some(en.message().unwrap_or("?").to_string());
+                }
+                b'Z' => {
+                    if let Some(m) = failed {
+                        return Err(io::Error::other(format!(
+                            "function catalog query failed: {m}"
+                        )));
+                    }
+                    let f = Arc::new(Functions::from_rows(
+                        rows.iter()
+                            .map(|(s, n, o, v)| (s.as_str(), n.as_str(), *o, v.as_str())),
+                    ));
+                    crate::lock(&CACHE).insert(key, (Instant::now(), f.clone()));
+                    return Ok(f);
+                }
+                _ => {}
+            }
+        }
+        if s.stream.read_buf(buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "upstream closed during the function catalog query",
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_means_built_in_unchanging_and_never_running_sql() {
+        let f = Functions::from_rows([
+            ("pg_catalog", "lower", 870, "i"),
+            ("pg_catalog", "now", 1299, "s"),
+            ("pg_catalog", "random", 1598, "v"),
+            ("pg_catalog", "txid_current", 2943, "s"),
+            ("pg_catalog", "pg_advisory_lock", 2880, "v"),
+            ("pg_catalog", "ts_rewrite", 3684, "i"),
+            ("pg_catalog", "query_to_xml", 2924, "s"),
+            ("pg_catalog", "upper", 871, "i"),
+            ("public", "upper", 16500, "i"),
+            ("public", "wipe", 16501, "v"),
+            ("app", "report", 16502, "s"),
+        ]);
+        for plain in [
+            "lower",
+            "now",
+            "random",
+            "pg_catalog.lower",
+            "pg_catalog.upper",
+        ] {
+            assert!(f.is_plain(plain), "{plain}");
+        }
+        for not in [
+            "txid_current",
+            "pg_advisory_lock",
+            "ts_rewrite",
+            "pg_catalog.ts_rewrite",
+            "query_to_xml",
+            // A user function of the same name shadows the built-in through search_path.
+            "upper",
+            "public.upper",
+            "wipe",
+            "app.report",
+            "report",
+            "never_seen",
+            "db.pg_catalog.ts_rewrite",
+        ] {
+            assert!(!f.is_plain(not), "{not}");
+        }
+        assert!(f.is_plain("db.pg_catalog.lower"));
+    }
+}
