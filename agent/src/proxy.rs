@@ -346,6 +346,7 @@ impl Agent {
                 "process exec'd after connecting; its exe is not used for identity"
             );
             facts.exe = None;
+            facts.exe_verified = false;
         }
         let gen = self.gen.load_full();
         let id = self.session_id();
@@ -358,8 +359,10 @@ impl Agent {
                         cgroup,
                         uid: facts.uid,
                         user: facts.user.as_deref(),
-                        exe: facts.exe.as_deref(),
+                        // Only a path that names the very file the process runs.
+                        exe: facts.exe.as_deref().filter(|_| facts.exe_verified),
                         comm: &facts.comm,
+                        foreign_userns: facts.foreign_userns,
                     })
                     .map(|i| i.name.clone())
             });
@@ -374,6 +377,7 @@ impl Agent {
                     "protocol": null, "operation": "connect", "action": "deny", "rule": null,
                     "reason": "unknown_target", "orig_dst": orig.to_string(), "peer": peer.to_string(),
                     "pid": facts.pid, "uid": facts.uid, "user": facts.user, "cgroup": facts.cgroup, "exe": facts.exe, "comm": facts.comm,
+                    "exe_dev": facts.exe_dev, "exe_ino": facts.exe_ino, "exe_verified": facts.exe_verified, "foreign_userns": facts.foreign_userns,
                 })));
                 reset(stream);
                 return;
@@ -704,6 +708,12 @@ impl SessionCx {
         ev.insert("rule".into(), json!(d.rule));
         ev.insert("reason".into(), reason.into());
         ev.insert("enforced".into(), (!observe).into());
+        // The file behind `exe`, as the agent's mount namespace sees it: a path alone can be
+        // a bind mount in the bot's own namespace.
+        ev.insert("exe_dev".into(), json!(self.facts.exe_dev));
+        ev.insert("exe_ino".into(), json!(self.facts.exe_ino));
+        ev.insert("exe_verified".into(), self.facts.exe_verified.into());
+        ev.insert("foreign_userns".into(), self.facts.foreign_userns.into());
         self.agent.audit.write(ev);
         self.count_decision(action);
         // The audit log is the record of every decision; the operational log gets it only at

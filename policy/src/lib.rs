@@ -45,6 +45,7 @@
 //!     user: Some("ci"),
 //!     exe: Some("/usr/bin/psql"),
 //!     comm: "psql",
+//!     foreign_userns: false,
 //! };
 //! let identity = policy.identify(&facts).map(|i| i.name.as_str());
 //! let target = policy
