@@ -418,6 +418,11 @@ impl Agent {
     }
 }
 
+/// What a client (or the agent's log) is told while the audit log cannot be written.
+pub fn audit_refusal(error: &str, what: &str) -> String {
+    format!("tollgate: the audit log cannot be written ({error}); {what} are refused until it can")
+}
+
 /// Close with RST so the client sees a refusal at once, not an orderly EOF.
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
@@ -538,6 +543,26 @@ impl SessionCx {
         } else {
             d.clone()
         }
+    }
+
+    /// Fail-closed audit, the statement hook: `Err(message for the client)` while the audit
+    /// log or recordings cannot be written (disk full, I/O error) under `fail_mode = "closed"`.
+    /// The refusal is audited (an attempt that may itself fail) and counted as a deny.
+    /// `fail_mode = "open"` keeps serving; `/healthz` and the metric still report.
+    pub fn audit_gate(&self, shown: &str) -> Result<(), String> {
+        let Err(e) = self.agent.audit.check() else {
+            return Ok(());
+        };
+        if self.agent.gen.load().policy.agent.fail_mode == tollgate_policy::FailMode::Open {
+            return Ok(());
+        }
+        let d = Decision {
+            action: Action::Deny,
+            rule: None,
+            reason: tollgate_policy::DecisionReason::NoMatchingRule,
+        };
+        self.audit_operation("sql", shown, &d, Some("audit_unwritable"));
+        Err(audit_refusal(&e, "statements"))
     }
 
     /// Audit a session event other than an operation (e.g. `auth` for a workload token check):
@@ -695,7 +720,16 @@ impl SessionCx {
             (Action::Allow, _, true) | (Action::Allow, Protocol::Tcp, _) => Some(&tcp),
             _ => None,
         };
+        // Fail-closed audit: no new connection while its audit cannot be written.
+        let unaudited = match self.agent.audit.check() {
+            Err(e) if policy.agent.fail_mode == tollgate_policy::FailMode::Closed => {
+                warn!(pid = self.facts.pid, "{}", audit_refusal(&e, "connections"));
+                true
+            }
+            _ => false,
+        };
         let (action, reason) = match (d.action, handler.is_some()) {
+            _ if unaudited => ("deny", "audit_unwritable"),
             (Action::Allow, true) => ("allow", d.reason.as_str()),
             (Action::Allow, false) => ("deny", "operation_policy_unsupported"),
             (Action::Approve, _) => ("deny", "approval_unavailable"),
@@ -729,6 +763,10 @@ impl SessionCx {
         );
 
         let handler: &dyn ProtocolHandler = match (action, observe) {
+            _ if unaudited => {
+                reset(stream);
+                return;
+            }
             ("allow", _) => handler.unwrap_or(&tcp),
             (_, true) if self.target.protocol == Protocol::Postgres => &pg,
             (_, true) => &tcp,

@@ -613,9 +613,13 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         _ => Arc::new(Catalog::default()),
     };
 
-    let recorder = Recorder::open(&policy.agent.data_dir, &cx.id)
-        .ok()
-        .map(Arc::new);
+    let recorder = Recorder::open(
+        &policy.agent.data_dir,
+        &cx.id,
+        cx.agent.audit.health().clone(),
+    )
+    .ok()
+    .map(Arc::new);
     if let Some(r) = &recorder {
         r.write(obj(json!({
             "event": "start", "session": cx.id, "identity": cx.identity, "target": cx.target.name,
@@ -939,6 +943,9 @@ impl ClientSide<'_> {
 
     async fn decide_sql(&mut self, sql: &str, shown: &str) -> Verdict {
         let cx = self.cx;
+        if let Err(refusal) = cx.audit_gate(shown) {
+            return Verdict::Deny(refusal);
+        }
         self.copy_plans.clear();
         let unsafe_encoding = lock(&self.shared.unsafe_encoding).clone();
         if let Some(enc) = unsafe_encoding {
