@@ -9,6 +9,7 @@
 pub mod approvals;
 pub mod audit;
 pub mod bpf;
+pub mod datadir;
 pub mod doctor;
 pub mod identity;
 pub mod mask;

@@ -90,6 +90,8 @@ async fn resolve_all(
 
 async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     let cfg = policy.agent.clone();
+    // Before anything is written there: data_dir must be the agent's own.
+    crate::datadir::prepare(&cfg.data_dir).context("[agent] data_dir cannot be trusted")?;
     let audit = Audit::open(&cfg.data_dir)
         .with_context(|| format!("cannot open audit log in {}", cfg.data_dir.display()))?;
     let metrics = Metrics::new();
@@ -274,6 +276,7 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
         .write(true)
         .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(&key)?;
