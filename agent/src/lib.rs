@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod pg;
 pub mod plane;
+pub mod policy_lint;
 pub mod proxy;
 pub mod recording;
 pub mod relay;

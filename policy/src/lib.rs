@@ -75,12 +75,14 @@ mod decide;
 mod error;
 mod glob;
 mod index;
+mod lint;
 mod model;
 mod raw;
 mod validate;
 
 pub use decide::{decide, Decision, DecisionReason, Operation, Request, SshOpKind};
 pub use error::PolicyError;
+pub use lint::{secret_files, warnings, SecretFileRef};
 pub use model::{
     redact_url_password, Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch,
     Identity, IdentityOidc, KubeMatch, MaskRule, MaskStyle, Mode, NetnsScope, OidcConfig, Policy,
