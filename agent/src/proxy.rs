@@ -423,6 +423,39 @@ pub fn audit_refusal(error: &str, what: &str) -> String {
     format!("tollgate: the audit log cannot be written ({error}); {what} are refused until it can")
 }
 
+/// Refuse a PostgreSQL client before anything reaches the server: answer an SSLRequest or
+/// GSSENCRequest with `N`, read its startup message (bounded, 2 s), then send a FATAL
+/// (SQLSTATE 53100, disk_full) with `message` and close.
+async fn refuse_postgres(mut stream: TcpStream, message: &str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const SSL_REQUEST: u32 = 80_877_103;
+    const GSSENC_REQUEST: u32 = 80_877_104;
+    let read_startup = async {
+        let mut head = [0u8; 8];
+        loop {
+            stream.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+            let code = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+            if len == 8 && (code == SSL_REQUEST || code == GSSENC_REQUEST) {
+                stream.write_all(b"N").await?;
+                continue;
+            }
+            let rest = (len as usize).saturating_sub(8).min(10_000);
+            let mut sink = vec![0u8; rest];
+            stream.read_exact(&mut sink).await?;
+            return Ok::<(), io::Error>(());
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read_startup).await;
+    let mut out = bytes::BytesMut::new();
+    crate::pg::wire::encode_error_response(
+        &crate::pg::wire::ErrorReport::fatal("53100", message),
+        &mut out,
+    );
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
+}
+
 /// Close with RST so the client sees a refusal at once, not an orderly EOF.
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
@@ -723,13 +756,12 @@ impl SessionCx {
         // Fail-closed audit: no new connection while its audit cannot be written.
         let unaudited = match self.agent.audit.check() {
             Err(e) if policy.agent.fail_mode == tollgate_policy::FailMode::Closed => {
-                warn!(pid = self.facts.pid, "{}", audit_refusal(&e, "connections"));
-                true
+                Some(audit_refusal(&e, "connections"))
             }
-            _ => false,
+            _ => None,
         };
         let (action, reason) = match (d.action, handler.is_some()) {
-            _ if unaudited => ("deny", "audit_unwritable"),
+            _ if unaudited.is_some() => ("deny", "audit_unwritable"),
             (Action::Allow, true) => ("allow", d.reason.as_str()),
             (Action::Allow, false) => ("deny", "operation_policy_unsupported"),
             (Action::Approve, _) => ("deny", "approval_unavailable"),
@@ -762,11 +794,16 @@ impl SessionCx {
             "connection decided"
         );
 
-        let handler: &dyn ProtocolHandler = match (action, observe) {
-            _ if unaudited => {
-                reset(stream);
-                return;
+        if let Some(msg) = unaudited {
+            warn!(pid = self.facts.pid, "{msg}");
+            match self.target.protocol {
+                // In the client's own language: a FATAL after its startup message.
+                Protocol::Postgres => refuse_postgres(stream, &msg).await,
+                _ => reset(stream),
             }
+            return;
+        }
+        let handler: &dyn ProtocolHandler = match (action, observe) {
             ("allow", _) => handler.unwrap_or(&tcp),
             (_, true) if self.target.protocol == Protocol::Postgres => &pg,
             (_, true) => &tcp,

@@ -198,6 +198,10 @@ fn a_full_data_dir_refuses_statements_and_connections_until_space_is_freed() {
         .expect("psql C");
     let ct = text(&c);
     assert!(!c.status.success() && !ct.contains("new-conn\n"), "{ct}");
+    assert!(
+        ct.contains("connections are refused until it can"),
+        "the new connection was not told why: {ct}"
+    );
 
     let (status, body) = health();
     assert_eq!(
