@@ -203,15 +203,34 @@ pub(crate) fn open_append(path: &Path, create_new: bool) -> std::io::Result<File
     Ok(f)
 }
 
-/// Append `bytes` with one write(2) (more only after a short write). On failure the file is
-/// cut back to its length before, so a short write leaves no partial line behind.
+/// Append `bytes` with one write(2) (more only after a short write). On failure the bytes of
+/// this call that did reach the file are cut off again (the file is opened `O_APPEND` and
+/// written under its lock, so they are its last bytes), so no partial line is left behind.
+/// No extra syscall when the write succeeds.
 pub(crate) fn append_whole(f: &mut File, bytes: &[u8]) -> std::io::Result<()> {
-    let before = f.metadata()?.len();
-    f.write_all(bytes).inspect_err(|_| {
-        if let Err(e) = f.set_len(before) {
-            tracing::error!(error = %e, "cannot cut a partial line back");
+    let mut written = 0;
+    while written < bytes.len() {
+        match f.write(&bytes[written..]) {
+            Ok(0) => return Err(cut(f, written, std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(cut(f, written, e)),
         }
-    })
+    }
+    Ok(())
+}
+
+/// Remove the `written` bytes a failed append left at the end of `f`; returns `e`.
+fn cut(f: &File, written: usize, e: std::io::Error) -> std::io::Error {
+    if written > 0 {
+        let r = f
+            .metadata()
+            .and_then(|m| f.set_len(m.len().saturating_sub(written as u64)));
+        if let Err(t) = r {
+            tracing::error!(error = %t, "cannot cut a partial line back");
+        }
+    }
+    e
 }
 
 impl Audit {
