@@ -1,20 +1,149 @@
 //! `<data_dir>/audit.jsonl`: one JSON object per line, appended with a single write(2) per
 //! event so concurrent sessions never interleave partial lines.
+//!
+//! Writes are fail-closed: a failed or short write (disk full, I/O error) is cut back to the
+//! file's length before it (so no half line is left and the next line starts on its own),
+//! counted in `tollgate_audit_write_errors_total{file}`, and recorded in [`Health`]; while
+//! that holds, [`Health::check`] refuses new connections and statements (under
+//! `fail_mode = "closed"`) and `/healthz` answers 503 with the reason.
 
 use std::{
     fmt::Write as _,
     fs::{File, OpenOptions},
-    io::Write,
+    io::{Read as _, Seek as _, SeekFrom, Write},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+    },
     time::SystemTime,
 };
 
 use serde_json::{Map, Value};
 
+/// The audit log. Cheap to clone: clones share the file, its lock and its [`Health`] (the
+/// approvals broker writes through a clone, so a rotation reopens both).
+#[derive(Clone)]
 pub struct Audit {
+    inner: Arc<AuditInner>,
+}
+
+struct AuditInner {
     path: PathBuf,
     file: Mutex<File>,
+    health: Arc<Health>,
+}
+
+/// Which kind of file a write failure concerns (the `file` label of the metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// `audit.jsonl`.
+    Audit,
+    /// A session recording under `sessions/`.
+    Recording,
+}
+
+impl FileKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileKind::Audit => "audit",
+            FileKind::Recording => "recording",
+        }
+    }
+}
+
+/// Whether the audit log and the recordings can be written. One atomic load on the hot path
+/// while everything is fine.
+#[derive(Default)]
+pub struct Health {
+    any: AtomicBool,
+    audit: Mutex<Option<String>>,
+    recording: Mutex<Option<String>>,
+    counter: OnceLock<prometheus::IntCounterVec>,
+    /// `<data_dir>/sessions`, where a recording probe is written.
+    sessions_dir: OnceLock<PathBuf>,
+}
+
+impl Health {
+    /// The counter of failed writes (`tollgate_audit_write_errors_total{file}`).
+    pub fn set_counter(&self, c: prometheus::IntCounterVec) {
+        let _ = self.counter.set(c);
+    }
+
+    fn slot(&self, kind: FileKind) -> &Mutex<Option<String>> {
+        match kind {
+            FileKind::Audit => &self.audit,
+            FileKind::Recording => &self.recording,
+        }
+    }
+
+    /// A write of `kind` failed.
+    pub fn failed(&self, kind: FileKind, path: &Path, e: &std::io::Error) {
+        if let Some(c) = self.counter.get() {
+            c.with_label_values(&[kind.as_str()]).inc();
+        }
+        let msg = format!("{} {}: {e}", kind.as_str(), path.display());
+        let mut slot = crate::lock(self.slot(kind));
+        if slot.is_none() {
+            tracing::error!(error = %msg, "audit write failed: new connections and statements are refused until it can be written (fail_mode = \"closed\")");
+        }
+        *slot = Some(msg);
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// A write of `kind` succeeded.
+    pub fn ok(&self, kind: FileKind) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut slot = crate::lock(self.slot(kind));
+        if slot.take().is_some() {
+            tracing::warn!(file = kind.as_str(), "audit writes succeed again");
+        }
+        drop(slot);
+        if crate::lock(&self.audit).is_none() && crate::lock(&self.recording).is_none() {
+            self.any.store(false, Ordering::Release);
+        }
+    }
+
+    /// The current failure, if any (for `/healthz`), without trying to write.
+    pub fn failure(&self) -> Option<String> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
+        let a = crate::lock(&self.audit).clone();
+        let r = crate::lock(&self.recording).clone();
+        match (a, r) {
+            (None, None) => None,
+            (Some(x), None) | (None, Some(x)) => Some(x),
+            (Some(a), Some(r)) => Some(format!("{a}; {r}")),
+        }
+    }
+
+    /// Try the failed recording path again with a small probe file (the audit log is retried
+    /// by [`Audit::check`] itself).
+    fn probe_recording(&self) {
+        if crate::lock(&self.recording).is_none() {
+            return;
+        }
+        let Some(dir) = self.sessions_dir.get() else {
+            return;
+        };
+        let path = dir.join(format!(".write-probe-{}", std::process::id()));
+        let r = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&[b'\n'; 512]).and_then(|()| f.sync_data()));
+        let _ = std::fs::remove_file(&path);
+        match r {
+            Ok(()) => self.ok(FileKind::Recording),
+            Err(e) => self.failed(FileKind::Recording, dir, &e),
+        }
+    }
 }
 
 /// RFC 3339 timestamp with milliseconds, UTC.
@@ -47,38 +176,149 @@ fn ts_of(t: SystemTime) -> String {
     })
 }
 
+/// Open a JSON-lines file for appending: never through a symlink, created 0600. A file
+/// whose last byte is not a newline (a crash in the middle of a line) gets one, so the next
+/// line starts on its own.
+pub(crate) fn open_append(path: &Path, create_new: bool) -> std::io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.append(true)
+        .read(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW);
+    if create_new {
+        o.create_new(true);
+    } else {
+        o.create(true);
+    }
+    let mut f = o.open(path)?;
+    let len = f.metadata()?.len();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        f.seek(SeekFrom::Start(len - 1))?;
+        f.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            f.write_all(b"\n")?;
+        }
+    }
+    Ok(f)
+}
+
+/// Append `bytes` with one write(2) (more only after a short write). On failure the bytes of
+/// this call that did reach the file are cut off again (the file is opened `O_APPEND` and
+/// written under its lock, so they are its last bytes), so no partial line is left behind.
+/// No extra syscall when the write succeeds.
+pub(crate) fn append_whole(f: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match f.write(&bytes[written..]) {
+            Ok(0) => return Err(cut(f, written, std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(cut(f, written, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Remove the `written` bytes a failed append left at the end of `f`; returns `e`.
+fn cut(f: &File, written: usize, e: std::io::Error) -> std::io::Error {
+    if written > 0 {
+        let r = f
+            .metadata()
+            .and_then(|m| f.set_len(m.len().saturating_sub(written as u64)));
+        if let Err(t) = r {
+            tracing::error!(error = %t, "cannot cut a partial line back");
+        }
+    }
+    e
+}
+
 impl Audit {
     pub fn open(data_dir: &Path) -> std::io::Result<Audit> {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join("audit.jsonl");
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = open_append(&path, false)?;
+        let health = Arc::new(Health::default());
+        let _ = health.sessions_dir.set(data_dir.join("sessions"));
         Ok(Audit {
-            path,
-            file: Mutex::new(file),
+            inner: Arc::new(AuditInner {
+                path,
+                file: Mutex::new(file),
+                health,
+            }),
         })
+    }
+
+    /// The write health shared by this log and the recordings.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.inner.health
     }
 
     /// Open the file again at its path (after logrotate renamed it: SIGHUP). Lines written
     /// before the swap are in the old file, lines after it in the new one; none is lost or
     /// split. If the path cannot be opened the old file is kept.
     pub fn reopen(&self) -> std::io::Result<()> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        *crate::lock(&self.file) = file;
+        let file = open_append(&self.inner.path, false)?;
+        *crate::lock(&self.inner.file) = file;
         Ok(())
     }
 
-    /// Write one event; `ts` is added first. An audit write failure is logged, never fatal
-    /// for the session (the decision itself was already enforced).
+    /// Write one event; `ts` is added first. A failure is cut back, counted and makes
+    /// [`Audit::check`] refuse new work until a write succeeds again.
     pub fn write(&self, event: Map<String, Value>) {
-        append_json_line(&self.file, &self.path, event);
+        let mut obj = Map::new();
+        obj.insert("ts".into(), Value::String(now_ts()));
+        obj.extend(event);
+        let mut line = Value::Object(obj).to_string();
+        line.push('\n');
+        self.append(line.as_bytes());
     }
 
     /// Write one event built with [`Line`] (the per-statement hot path: no map, one write).
     pub fn write_line(&self, line: Line) {
-        append_line(&self.file, &self.path, &line.finish());
+        self.append(&line.finish());
+    }
+
+    /// Append whole lines; `false` if they could not be written.
+    fn append(&self, line: &[u8]) -> bool {
+        let mut f = crate::lock(&self.inner.file);
+        match append_whole(&mut f, line) {
+            Ok(()) => {
+                drop(f);
+                self.inner.health.ok(FileKind::Audit);
+                true
+            }
+            Err(e) => {
+                drop(f);
+                self.inner
+                    .health
+                    .failed(FileKind::Audit, &self.inner.path, &e);
+                false
+            }
+        }
+    }
+
+    /// `Err(reason)` while the audit log or recordings cannot be written. In that state each
+    /// call retries: a probe line (`audit_resumed`) for the log, a probe file for recordings;
+    /// if they succeed, service resumes at once. One atomic load when all is well.
+    pub fn check(&self) -> Result<(), String> {
+        let h = &self.inner.health;
+        if !h.any.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let audit_err = crate::lock(&h.audit).clone();
+        if let Some(err) = audit_err {
+            let line = Line::new("")
+                .str("event", "audit_resumed")
+                .str("after_error", &err)
+                .finish();
+            self.append(&line);
+        }
+        h.probe_recording();
+        match h.failure() {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
     }
 }
 
@@ -149,24 +389,6 @@ impl Line {
     }
 }
 
-fn append_line(file: &Mutex<File>, path: &Path, line: &[u8]) {
-    let mut f = crate::lock(file);
-    if let Err(e) = f.write_all(line) {
-        tracing::error!(path = %path.display(), error = %e, "append to JSON-lines file failed");
-    }
-}
-
-/// Append `{"ts": now, ...event}` and a newline with a single write(2), so concurrent writers
-/// never interleave partial lines and a crash loses at most the line in flight.
-fn append_json_line(file: &Mutex<File>, path: &Path, event: Map<String, Value>) {
-    let mut obj = Map::new();
-    obj.insert("ts".into(), Value::String(now_ts()));
-    obj.extend(event);
-    let mut line = Value::Object(obj).to_string();
-    line.push('\n');
-    append_line(file, path, line.as_bytes());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +405,34 @@ mod tests {
                 "+{ms} ms"
             );
         }
+    }
+
+    #[test]
+    fn a_partial_last_line_is_ended_before_the_next_and_health_tracks_failures() {
+        let dir = std::env::temp_dir().join(format!("tg-audit-partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("audit.jsonl"), b"{\"ts\":\"x\"}\n{\"cut").expect("seed");
+        let a = Audit::open(&dir).expect("open");
+        a.write_line(Line::new("").str("event", "next"));
+        let text = std::fs::read_to_string(dir.join("audit.jsonl")).expect("read");
+        let last: Value = serde_json::from_str(text.lines().last().expect("line")).expect("json");
+        assert_eq!(last["event"], "next", "{text}");
+        assert!(a.check().is_ok());
+
+        let h = a.health().clone();
+        let c = prometheus::IntCounterVec::new(prometheus::Opts::new("t", "t"), &["file"])
+            .expect("counter");
+        h.set_counter(c.clone());
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        h.failed(FileKind::Recording, &dir.join("sessions/x.jsonl"), &full);
+        assert_eq!(c.with_label_values(&["recording"]).get(), 1);
+        assert!(h.failure().is_some_and(|e| e.contains("No space left")));
+        // The recording probe succeeds here (sessions/ exists and has room): service resumes.
+        std::fs::create_dir_all(dir.join("sessions")).expect("mkdir");
+        assert!(a.check().is_ok());
+        assert_eq!(h.failure(), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

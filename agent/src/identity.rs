@@ -24,8 +24,66 @@ pub struct Facts {
     /// the cgroup could not be found (then no identity matches: fail closed).
     pub cgroup: Option<String>,
     pub cgroup_id: u64,
+    /// The executable's path as `/proc/<pid>/exe` names it (the process's own view: audited,
+    /// but only trusted for identity when `exe_verified`).
     pub exe: Option<String>,
+    /// Device and inode of the file the process runs (fstat of the opened `/proc/<pid>/exe`).
+    pub exe_dev: Option<u64>,
+    pub exe_ino: Option<u64>,
+    /// `exe` names, in the agent's own mount namespace, the very file the process runs (same
+    /// device and inode). A bind mount in the bot's namespace makes this false.
+    pub exe_verified: bool,
+    /// The process's user namespace is not the agent's (or could not be read).
+    pub foreign_userns: bool,
     pub comm: String,
+}
+
+/// What `/proc/<pid>/exe` says about a process's executable.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExeFacts {
+    pub path: Option<String>,
+    pub dev_ino: Option<(u64, u64)>,
+    pub verified: bool,
+}
+
+/// Open `/proc/<pid>/exe` (the file itself, whatever mount namespace the process is in) and
+/// compare its device and inode with the file at the path it claims, looked up in the agent's
+/// own mount namespace. Opened first and named second: a process that execs in between is
+/// caught by the caller's exec-generation check.
+pub fn exe_facts(pid: u32) -> ExeFacts {
+    let link = format!("/proc/{pid}/exe");
+    let dev_ino = fs::File::open(&link)
+        .and_then(|f| f.metadata())
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    let path = fs::read_link(&link)
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    let verified = match (&path, dev_ino) {
+        // lstat: the kernel's name for an executable is never a symlink, so a symlink at that
+        // path in our namespace is not the file either.
+        (Some(p), Some(di)) => fs::symlink_metadata(p)
+            .is_ok_and(|m| m.file_type().is_file() && (m.dev(), m.ino()) == di),
+        _ => false,
+    };
+    ExeFacts {
+        path,
+        dev_ino,
+        verified,
+    }
+}
+
+/// Whether `pid` lives in a user namespace other than the agent's. Unreadable counts as
+/// foreign (fail closed for exe matching).
+pub fn foreign_userns(pid: u32) -> bool {
+    let ns = |p: &str| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    match (
+        ns("/proc/self/ns/user"),
+        ns(&format!("/proc/{pid}/ns/user")),
+    ) {
+        (Some(own), Some(theirs)) => own != theirs,
+        _ => true,
+    }
 }
 
 /// Resolves ids to names with caches.
@@ -105,6 +163,7 @@ impl Resolver {
             .iter()
             .position(|b| *b == 0)
             .unwrap_or(info.comm.len());
+        let exe = exe_facts(info.pid);
         Facts {
             pid: info.pid,
             uid: info.uid,
@@ -112,9 +171,11 @@ impl Resolver {
             user: self.user_name(info.uid),
             cgroup: self.cgroup_path(info.cgroup_id),
             cgroup_id: info.cgroup_id,
-            exe: fs::read_link(format!("/proc/{}/exe", info.pid))
-                .ok()
-                .map(|p| p.to_string_lossy().into_owned()),
+            exe: exe.path,
+            exe_dev: exe.dev_ino.map(|d| d.0),
+            exe_ino: exe.dev_ino.map(|d| d.1),
+            exe_verified: exe.verified,
+            foreign_userns: foreign_userns(info.pid),
             comm: String::from_utf8_lossy(&info.comm[..comm_len]).into_owned(),
         }
     }
@@ -134,6 +195,18 @@ mod tests {
         let root = fs::metadata(&dir).expect("md").ino();
         assert_eq!(m.get(&root).map(String::as_str), Some("/"));
         fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn own_exe_is_verified_and_in_the_agents_user_namespace() {
+        let pid = std::process::id();
+        let e = exe_facts(pid);
+        assert!(e.verified, "{e:?}");
+        let me = fs::metadata(std::env::current_exe().expect("exe")).expect("md");
+        assert_eq!(e.dev_ino, Some((me.dev(), me.ino())));
+        assert!(!foreign_userns(pid));
+        assert_eq!(exe_facts(u32::MAX), ExeFacts::default());
+        assert!(foreign_userns(u32::MAX), "unreadable counts as foreign");
     }
 
     #[test]

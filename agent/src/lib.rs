@@ -9,6 +9,7 @@
 pub mod approvals;
 pub mod audit;
 pub mod bpf;
+pub mod datadir;
 pub mod doctor;
 pub mod identity;
 pub mod mask;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod pg;
 pub mod plane;
+pub mod policy_lint;
 pub mod proxy;
 pub mod recording;
 pub mod relay;

@@ -242,6 +242,7 @@ fn check_policy(file: &std::path::Path) -> ExitCode {
     };
     match tollgate_policy::parse_all(&text, &file.display().to_string()) {
         Ok(p) => {
+            print_warnings(&text, file, &p);
             println!(
                 "{}: ok ({} identities, {} targets, {} rules)",
                 file.display(),
@@ -257,6 +258,18 @@ fn check_policy(file: &std::path::Path) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// check-policy warnings (issue 12, item 10): secret files that cannot be read, cgroup globs
+/// without a leading `/`, mask columns with more than two dots, overlapping targets. Printed
+/// to stderr as `file:line:col: warning: ...`; they do not change the exit status.
+fn print_warnings(text: &str, file: &std::path::Path, p: &tollgate_policy::Policy) {
+    let name = file.display().to_string();
+    let mut w = tollgate::policy_lint::policy_warnings(text, &name, p);
+    w.extend(tollgate::policy_lint::secret_file_warnings(text, &name));
+    for line in w {
+        eprintln!("{line}");
     }
 }
 

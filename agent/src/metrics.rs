@@ -33,6 +33,7 @@ pub struct Metrics {
     pub session_seconds: HistogramVec,
     pub pg_upstream: IntCounterVec,
     pub pg_pool_idle: IntGauge,
+    pub audit_write_errors: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -127,8 +128,19 @@ impl Metrics {
             "tollgate_pg_pool_idle_connections",
             "Logged-in PostgreSQL upstream connections kept idle for reuse.",
         ));
+        let audit_write_errors = must(IntCounterVec::new(
+            Opts::new(
+                "tollgate_audit_write_errors_total",
+                "Failed writes (disk full, I/O error) to the audit log (file=\"audit\") or a session recording (file=\"recording\"); while writes fail, new connections and statements are refused under fail_mode = \"closed\".",
+            ),
+            &["file"],
+        ));
+        for f in ["audit", "recording"] {
+            audit_write_errors.with_label_values(&[f]);
+        }
         for c in [
             Box::new(decisions.clone()) as Box<dyn Collector>,
+            Box::new(audit_write_errors.clone()),
             Box::new(pg_upstream.clone()),
             Box::new(pg_pool_idle.clone()),
             Box::new(sessions_active.clone()),
@@ -164,6 +176,7 @@ impl Metrics {
             session_seconds,
             pg_upstream,
             pg_pool_idle,
+            audit_write_errors,
         })
     }
 
@@ -275,6 +288,19 @@ pub fn text(
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     r
+}
+
+/// `/healthz` and `/readyz`: `ok`, or 503 naming why the audit log or recordings cannot be
+/// written (each call retries the write, so it turns back to `ok` once space is freed).
+pub fn health_response(audit: Option<&crate::audit::Audit>) -> Response<Full<Bytes>> {
+    match audit.map(|a| a.check()) {
+        Some(Err(e)) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("audit write failing: {e}\n"),
+        ),
+        _ => text(StatusCode::OK, "text/plain", "ok\n"),
+    }
 }
 
 /// Serve a tiny HTTP/1 endpoint on `listener` until the task is dropped.

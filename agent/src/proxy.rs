@@ -346,6 +346,7 @@ impl Agent {
                 "process exec'd after connecting; its exe is not used for identity"
             );
             facts.exe = None;
+            facts.exe_verified = false;
         }
         let gen = self.gen.load_full();
         let id = self.session_id();
@@ -358,8 +359,10 @@ impl Agent {
                         cgroup,
                         uid: facts.uid,
                         user: facts.user.as_deref(),
-                        exe: facts.exe.as_deref(),
+                        // Only a path that names the very file the process runs.
+                        exe: facts.exe.as_deref().filter(|_| facts.exe_verified),
                         comm: &facts.comm,
+                        foreign_userns: facts.foreign_userns,
                     })
                     .map(|i| i.name.clone())
             });
@@ -374,6 +377,7 @@ impl Agent {
                     "protocol": null, "operation": "connect", "action": "deny", "rule": null,
                     "reason": "unknown_target", "orig_dst": orig.to_string(), "peer": peer.to_string(),
                     "pid": facts.pid, "uid": facts.uid, "user": facts.user, "cgroup": facts.cgroup, "exe": facts.exe, "comm": facts.comm,
+                    "exe_dev": facts.exe_dev, "exe_ino": facts.exe_ino, "exe_verified": facts.exe_verified, "foreign_userns": facts.foreign_userns,
                 })));
                 reset(stream);
                 return;
@@ -412,6 +416,44 @@ impl Agent {
     pub fn resolved_snapshot(&self) -> HashMap<String, Vec<IpAddr>> {
         lock(&self.resolved).clone()
     }
+}
+
+/// What a client (or the agent's log) is told while the audit log cannot be written.
+pub fn audit_refusal(error: &str, what: &str) -> String {
+    format!("tollgate: the audit log cannot be written ({error}); {what} are refused until it can")
+}
+
+/// Refuse a PostgreSQL client before anything reaches the server: answer an SSLRequest or
+/// GSSENCRequest with `N`, read its startup message (bounded, 2 s), then send a FATAL
+/// (SQLSTATE 53100, disk_full) with `message` and close.
+async fn refuse_postgres(mut stream: TcpStream, message: &str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const SSL_REQUEST: u32 = 80_877_103;
+    const GSSENC_REQUEST: u32 = 80_877_104;
+    let read_startup = async {
+        let mut head = [0u8; 8];
+        loop {
+            stream.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+            let code = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+            if len == 8 && (code == SSL_REQUEST || code == GSSENC_REQUEST) {
+                stream.write_all(b"N").await?;
+                continue;
+            }
+            let rest = (len as usize).saturating_sub(8).min(10_000);
+            let mut sink = vec![0u8; rest];
+            stream.read_exact(&mut sink).await?;
+            return Ok::<(), io::Error>(());
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read_startup).await;
+    let mut out = bytes::BytesMut::new();
+    crate::pg::wire::encode_error_response(
+        &crate::pg::wire::ErrorReport::fatal("53100", message),
+        &mut out,
+    );
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Close with RST so the client sees a refusal at once, not an orderly EOF.
@@ -534,6 +576,26 @@ impl SessionCx {
         } else {
             d.clone()
         }
+    }
+
+    /// Fail-closed audit, the statement hook: `Err(message for the client)` while the audit
+    /// log or recordings cannot be written (disk full, I/O error) under `fail_mode = "closed"`.
+    /// The refusal is audited (an attempt that may itself fail) and counted as a deny.
+    /// `fail_mode = "open"` keeps serving; `/healthz` and the metric still report.
+    pub fn audit_gate(&self, shown: &str) -> Result<(), String> {
+        let Err(e) = self.agent.audit.check() else {
+            return Ok(());
+        };
+        if self.agent.gen.load().policy.agent.fail_mode == tollgate_policy::FailMode::Open {
+            return Ok(());
+        }
+        let d = Decision {
+            action: Action::Deny,
+            rule: None,
+            reason: tollgate_policy::DecisionReason::NoMatchingRule,
+        };
+        self.audit_operation("sql", shown, &d, Some("audit_unwritable"));
+        Err(audit_refusal(&e, "statements"))
     }
 
     /// Audit a session event other than an operation (e.g. `auth` for a workload token check):
@@ -691,7 +753,15 @@ impl SessionCx {
             (Action::Allow, _, true) | (Action::Allow, Protocol::Tcp, _) => Some(&tcp),
             _ => None,
         };
+        // Fail-closed audit: no new connection while its audit cannot be written.
+        let unaudited = match self.agent.audit.check() {
+            Err(e) if policy.agent.fail_mode == tollgate_policy::FailMode::Closed => {
+                Some(audit_refusal(&e, "connections"))
+            }
+            _ => None,
+        };
         let (action, reason) = match (d.action, handler.is_some()) {
+            _ if unaudited.is_some() => ("deny", "audit_unwritable"),
             (Action::Allow, true) => ("allow", d.reason.as_str()),
             (Action::Allow, false) => ("deny", "operation_policy_unsupported"),
             (Action::Approve, _) => ("deny", "approval_unavailable"),
@@ -704,6 +774,12 @@ impl SessionCx {
         ev.insert("rule".into(), json!(d.rule));
         ev.insert("reason".into(), reason.into());
         ev.insert("enforced".into(), (!observe).into());
+        // The file behind `exe`, as the agent's mount namespace sees it: a path alone can be
+        // a bind mount in the bot's own namespace.
+        ev.insert("exe_dev".into(), json!(self.facts.exe_dev));
+        ev.insert("exe_ino".into(), json!(self.facts.exe_ino));
+        ev.insert("exe_verified".into(), self.facts.exe_verified.into());
+        ev.insert("foreign_userns".into(), self.facts.foreign_userns.into());
         self.agent.audit.write(ev);
         self.count_decision(action);
         // The audit log is the record of every decision; the operational log gets it only at
@@ -718,6 +794,15 @@ impl SessionCx {
             "connection decided"
         );
 
+        if let Some(msg) = unaudited {
+            warn!(pid = self.facts.pid, "{msg}");
+            match self.target.protocol {
+                // In the client's own language: a FATAL after its startup message.
+                Protocol::Postgres => refuse_postgres(stream, &msg).await,
+                _ => reset(stream),
+            }
+            return;
+        }
         let handler: &dyn ProtocolHandler = match (action, observe) {
             ("allow", _) => handler.unwrap_or(&tcp),
             (_, true) if self.target.protocol == Protocol::Postgres => &pg,

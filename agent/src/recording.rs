@@ -5,24 +5,28 @@
 //! ([`Recorder::defer`]) and goes out in the same write(2) as the next event, normally the
 //! statement's result, so a statement costs one write instead of two; a crash therefore loses
 //! at most the statement in flight (its line and its result), never an earlier one.
+//!
+//! File names are `<session id>.<16 random hex digits>.jsonl`, created with `O_EXCL` and
+//! `O_NOFOLLOW`: nobody can plant a file or symlink at the path a session will write. A failed
+//! write is cut back and reported to the shared [`Health`] (see `audit.rs`).
 
 use std::{
-    fs::{self, File, OpenOptions},
-    io::Write as _,
+    fs::{self, File},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use serde_json::{Map, Value};
 
 use crate::{
-    audit::{now_ts, Line},
+    audit::{append_whole, now_ts, open_append, FileKind, Health, Line},
     lock,
 };
 
 pub struct Recorder {
     path: PathBuf,
     file: Mutex<File>,
+    health: Arc<Health>,
     /// Deferred lines (statements waiting for their result), written with the next event.
     pending: Mutex<Vec<u8>>,
 }
@@ -44,14 +48,21 @@ fn safe(id: &str) -> String {
 }
 
 impl Recorder {
-    pub fn open(data_dir: &Path, session: &str) -> std::io::Result<Recorder> {
+    /// Create the session's recording. A failure (disk full) is reported to `health` too.
+    pub fn open(data_dir: &Path, session: &str, health: Arc<Health>) -> std::io::Result<Recorder> {
         let dir = data_dir.join("sessions");
-        fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("{}.jsonl", safe(session)));
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let path = dir.join(format!(
+            "{}.{:016x}.jsonl",
+            safe(session),
+            rand::random::<u64>()
+        ));
+        let file = fs::create_dir_all(&dir)
+            .and_then(|()| open_append(&path, true))
+            .inspect_err(|e| health.failed(FileKind::Recording, &path, e))?;
         Ok(Recorder {
             path,
             file: Mutex::new(file),
+            health,
             pending: Mutex::new(Vec::new()),
         })
     }
@@ -101,8 +112,11 @@ impl Recorder {
 
     fn append(&self, bytes: &[u8]) {
         let mut f = lock(&self.file);
-        if let Err(e) = f.write_all(bytes) {
-            tracing::error!(path = %self.path.display(), error = %e, "append to session recording failed");
+        let r = append_whole(&mut f, bytes);
+        drop(f);
+        match r {
+            Ok(()) => self.health.ok(FileKind::Recording),
+            Err(e) => self.health.failed(FileKind::Recording, &self.path, &e),
         }
     }
 }
@@ -132,8 +146,15 @@ mod tests {
     #[test]
     fn a_deferred_statement_reaches_the_file_with_the_next_event_in_order() {
         let dir = std::env::temp_dir().join(format!("tg-rec-{}", std::process::id()));
-        let r = Recorder::open(&dir, "s/1").expect("open");
-        assert!(r.path().ends_with("sessions/s_1.jsonl"), "{:?}", r.path());
+        let r = Recorder::open(&dir, "s/1", Arc::default()).expect("open");
+        let name = r.path().file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(
+            r.path().parent().is_some_and(|p| p.ends_with("sessions"))
+                && name.starts_with("s_1.")
+                && name.len() == "s_1.".len() + 16 + ".jsonl".len(),
+            "{:?}",
+            r.path()
+        );
         r.write(crate::obj(json!({"event": "start"})));
         r.defer(
             Line::new("")
@@ -165,7 +186,7 @@ mod tests {
     #[test]
     fn a_long_pipeline_of_deferred_lines_is_written_before_the_cap() {
         let dir = std::env::temp_dir().join(format!("tg-rec-cap-{}", std::process::id()));
-        let r = Recorder::open(&dir, "cap").expect("open");
+        let r = Recorder::open(&dir, "cap", Arc::default()).expect("open");
         let text = "x".repeat(1000);
         for _ in 0..100 {
             r.defer(Line::new("").str("event", "statement").str("text", &text));

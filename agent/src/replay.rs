@@ -100,7 +100,26 @@ pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
         .collect();
-    let p: PathBuf = data_dir.join("sessions").join(format!("{safe}.jsonl"));
+    let dir = data_dir.join("sessions");
+    // `<id>.jsonl` (older agents) or `<id>.<random hex>.jsonl`.
+    let is_it = |name: &str| {
+        name.strip_prefix(safe.as_str())
+            .and_then(|r| r.strip_suffix(".jsonl"))
+            .is_some_and(|mid| {
+                mid.is_empty()
+                    || mid
+                        .strip_prefix('.')
+                        .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            })
+    };
+    let p: PathBuf = fs::read_dir(&dir)
+        .ok()
+        .and_then(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_it))
+        })
+        .unwrap_or_else(|| dir.join(format!("{safe}.jsonl")));
     let text = fs::read_to_string(&p).map_err(|_| ReplayError::NotFound {
         id: id.to_string(),
         dir: data_dir.join("sessions").display().to_string(),

@@ -90,9 +90,14 @@ async fn resolve_all(
 
 async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     let cfg = policy.agent.clone();
+    // Before anything is written there: data_dir must be the agent's own.
+    crate::datadir::prepare(&cfg.data_dir).context("[agent] data_dir cannot be trusted")?;
     let audit = Audit::open(&cfg.data_dir)
         .with_context(|| format!("cannot open audit log in {}", cfg.data_dir.display()))?;
     let metrics = Metrics::new();
+    audit
+        .health()
+        .set_counter(metrics.audit_write_errors.clone());
 
     // Listeners first: once the kernel starts redirecting, someone must be there.
     let mut listeners = Vec::new();
@@ -110,7 +115,16 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
                 .host_id
                 .clone()
                 .unwrap_or_else(crate::approvals::pg::default_host_id);
-            Some(approvals_setup(&policy.approvals, &cfg.data_dir, metrics.clone(), host_id).await?)
+            Some(
+                approvals_setup(
+                    &policy.approvals,
+                    &cfg.data_dir,
+                    &audit,
+                    metrics.clone(),
+                    host_id,
+                )
+                .await?,
+            )
         }
         None => None,
     };
@@ -167,6 +181,7 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             broker: Some(broker),
             auth,
             web,
+            audit: Some(agent.audit.clone()),
         }));
     }
     let agent = Arc::new(agent);
@@ -186,7 +201,7 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {addr} ([agent] admin)"))?;
         match admin_api.clone() {
             Some(api) => tokio::spawn(crate::approvals::api::serve(l, api)),
-            None => tokio::spawn(metrics::serve(l, admin_handler())),
+            None => tokio::spawn(metrics::serve(l, admin_handler(agent.audit.clone()))),
         };
     }
 
@@ -261,6 +276,7 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
         .write(true)
         .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(&key)?;
@@ -275,6 +291,7 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
 async fn approvals_setup(
     cfg: &Option<tollgate_policy::ApprovalsConfig>,
     data_dir: &Path,
+    audit: &Audit,
     metrics: Arc<Metrics>,
     host_id: String,
 ) -> anyhow::Result<(
@@ -286,10 +303,8 @@ async fn approvals_setup(
         Some(url) => Some(webhook::start(url)?),
         None => None,
     };
-    let audit = Arc::new(
-        Audit::open(data_dir)
-            .with_context(|| format!("cannot open audit log in {}", data_dir.display()))?,
-    );
+    // The agent's own log (a clone shares the file, rotation and write health).
+    let audit = Arc::new(audit.clone());
     let store: Arc<dyn ApprovalStore> = match cfg.as_ref().and_then(|a| a.store.as_deref()) {
         Some(url) => {
             let password = match cfg.as_ref().and_then(|a| a.store_password.as_ref()) {
@@ -355,9 +370,9 @@ fn listen_marked(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(1024)
 }
 
-fn admin_handler() -> metrics::Handler {
-    Arc::new(|req| match req.uri().path() {
-        "/healthz" | "/readyz" => metrics::text(hyper::StatusCode::OK, "text/plain", "ok\n"),
+fn admin_handler(audit: Audit) -> metrics::Handler {
+    Arc::new(move |req| match req.uri().path() {
+        "/healthz" | "/readyz" => metrics::health_response(Some(&audit)),
         _ => metrics::text(
             hyper::StatusCode::NOT_FOUND,
             "application/json",

@@ -142,18 +142,24 @@ impl Ca {
         // Key first (0600), then the certificate: a reader needs both.
         let tmp = |p: &Path| p.with_extension(format!("tmp.{}", std::process::id()));
         let kt = tmp(key_path);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&kt)
-            .with_context(|| format!("creating {}", kt.display()))?;
+        // A stale temp file (a crash) is removed, never written through: O_EXCL|O_NOFOLLOW.
+        let fresh = |p: &Path, mode: u32| {
+            let _ = fs::remove_file(p);
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(p)
+        };
+        let mut f = fresh(&kt, 0o600).with_context(|| format!("creating {}", kt.display()))?;
         f.write_all(key.serialize_pem().as_bytes())?;
         f.sync_all()?;
         fs::rename(&kt, key_path)?;
         let ct = tmp(cert_path);
-        fs::write(&ct, cert.pem())?;
+        fresh(&ct, 0o644)
+            .and_then(|mut f| f.write_all(cert.pem().as_bytes()))
+            .with_context(|| format!("creating {}", ct.display()))?;
         fs::rename(&ct, cert_path)?;
         tracing::info!(cert = %cert_path.display(), "created the agent's CA for bot-side TLS");
         Ok(())

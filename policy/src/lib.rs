@@ -45,6 +45,7 @@
 //!     user: Some("ci"),
 //!     exe: Some("/usr/bin/psql"),
 //!     comm: "psql",
+//!     foreign_userns: false,
 //! };
 //! let identity = policy.identify(&facts).map(|i| i.name.as_str());
 //! let target = policy
@@ -74,12 +75,14 @@ mod decide;
 mod error;
 mod glob;
 mod index;
+mod lint;
 mod model;
 mod raw;
 mod validate;
 
 pub use decide::{decide, Decision, DecisionReason, Operation, Request, SshOpKind};
 pub use error::PolicyError;
+pub use lint::{secret_files, warnings, SecretFileRef};
 pub use model::{
     redact_url_password, Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch,
     Identity, IdentityOidc, KubeMatch, MaskRule, MaskStyle, Mode, NetnsScope, OidcConfig, Policy,

@@ -159,8 +159,14 @@ pub struct Identity {
     pub uid: Option<u32>,
     /// Key `user`: exact user name.
     pub user: Option<String>,
-    /// Key `exe`: glob on the executable path.
+    /// Key `exe`: glob on the executable path. The agent passes a path only when the file
+    /// the process runs is the file at that path in the agent's own mount namespace (device
+    /// and inode compared), so a bind mount in the bot's namespace cannot borrow a path.
     pub exe: Option<String>,
+    /// Key `exe_foreign_userns` (default false): let `exe` match a process in a user
+    /// namespace other than the agent's. Such a process can build its own mount namespace, so
+    /// exe matching is refused for it unless the identity opts in.
+    pub exe_foreign_userns: bool,
     /// Key `comm`: glob on the process command name (`comm`, 15 bytes max in the kernel).
     pub comm: Option<String>,
     /// Key `oidc`: token-based attribution (parsed and stored; not used for matching yet).
@@ -190,10 +196,13 @@ pub struct WorkloadFacts<'a> {
     pub uid: u32,
     /// User name for `uid`, if it resolves.
     pub user: Option<&'a str>,
-    /// Executable path, if readable.
+    /// Executable path, if readable and verified to be the file the process runs.
     pub exe: Option<&'a str>,
     /// Command name.
     pub comm: &'a str,
+    /// The process is in a user namespace other than the agent's (or that could not be
+    /// told): `exe` then matches only identities with `exe_foreign_userns = true`.
+    pub foreign_userns: bool,
 }
 
 impl Identity {
@@ -221,6 +230,9 @@ impl Identity {
         }
         if let Some(g) = &self.exe_glob {
             any = true;
+            if facts.foreign_userns && !self.exe_foreign_userns {
+                return false;
+            }
             match facts.exe {
                 Some(exe) if g.is_match(exe) => {}
                 _ => return false,

@@ -102,12 +102,23 @@ pub(crate) struct RawIdentity {
     pub user: Option<S>,
     /// Glob on the executable path.
     pub exe: Option<S>,
+    /// Let `exe` match processes in another user namespace.
+    pub exe_foreign_userns: Option<Spanned<bool>>,
     /// Glob on the process command name.
     pub comm: Option<S>,
     /// OIDC-attributed identity (stored, not used yet).
     pub oidc: Option<Spanned<RawIdentityOidc>>,
 }
-pub(crate) const IDENTITY_KEYS: &[&str] = &["name", "cgroup", "uid", "user", "exe", "comm", "oidc"];
+pub(crate) const IDENTITY_KEYS: &[&str] = &[
+    "name",
+    "cgroup",
+    "uid",
+    "user",
+    "exe",
+    "exe_foreign_userns",
+    "comm",
+    "oidc",
+];
 
 /// `oidc = { ... }` inside `[[identity]]`.
 #[derive(Debug, Deserialize)]

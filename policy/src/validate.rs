@@ -652,6 +652,14 @@ fn identity(cx: &mut Cx<'_>, i: &RawIdentity, table: Range<usize>) -> Option<Ide
         .comm
         .as_ref()
         .and_then(|g| single_glob(cx, g, "comm", &what));
+    if let (Some(b), None) = (&i.exe_foreign_userns, &i.exe) {
+        cx.err(
+            b.span(),
+            format!(
+                "`exe_foreign_userns`{what} has no effect without `exe`: remove it or add `exe`"
+            ),
+        );
+    }
     let oidc = i.oidc.as_ref().and_then(|o| {
         let o = o.get_ref();
         let issuer = url(
@@ -687,6 +695,7 @@ fn identity(cx: &mut Cx<'_>, i: &RawIdentity, table: Range<usize>) -> Option<Ide
         uid,
         user,
         exe: i.exe.as_ref().map(|s| s.get_ref().clone()),
+        exe_foreign_userns: i.exe_foreign_userns.as_ref().is_some_and(|b| *b.get_ref()),
         comm: i.comm.as_ref().map(|s| s.get_ref().clone()),
         oidc,
         cgroup_glob,

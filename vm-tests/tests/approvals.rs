@@ -298,13 +298,18 @@ fn approve_lets_the_held_delete_run_and_wake_up_is_fast() {
         .any(|e| e["event"] == "approval" && e["action"] == "requested"));
     // The session recording has the approval too.
     let session = ev["session"].as_str().expect("session").to_string();
-    let rec = std::fs::read_to_string(
-        f.agent
-            .data_dir
-            .join("sessions")
-            .join(format!("{session}.jsonl")),
-    )
-    .expect("recording");
+    // `<session>.<random>.jsonl`: recording names are not guessable.
+    let rec_path = std::fs::read_dir(f.agent.data_dir.join("sessions"))
+        .expect("sessions dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{session}.")))
+        })
+        .expect("the session's recording");
+    let rec = std::fs::read_to_string(rec_path).expect("recording");
     assert!(
         rec.contains("\"approval\"") && rec.contains("local:root"),
         "{rec}"

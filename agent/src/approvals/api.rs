@@ -2,7 +2,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `GET /healthz`, `/readyz` | `ok` |
+//! | `GET /healthz`, `/readyz` | `ok`, or 503 while the audit log cannot be written |
 //! | `GET /v1/approvals` | `{"pending": [...], "recent": [...]}` |
 //! | `GET /v1/approvals/{id}` | `{"request": {...}}` |
 //! | `POST /v1/approvals/{id}/approve`, `/deny` with `{"comment": "..."}` | `{"request": {...}}` |
@@ -37,6 +37,8 @@ pub struct Admin {
     pub auth: Arc<dyn ApproverAuth>,
     /// The web page at `/ui/` (on when `[approvals.oidc]` names a web client).
     pub web: Web,
+    /// The audit log whose write health `/healthz` reports (None in tests).
+    pub audit: Option<crate::audit::Audit>,
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -94,12 +96,7 @@ impl Admin {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
         if matches!(path.as_str(), "/healthz" | "/readyz") {
-            let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain"),
-            );
-            return r;
+            return crate::metrics::health_response(self.audit.as_ref());
         }
         if path == "/ui" || path.starts_with("/ui/") {
             return match &self.web {

@@ -645,7 +645,15 @@ impl StoreFile {
         }
         let tmp = path.with_extension("json.tmp");
         let r = (|| -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // Never written through a planted link: O_EXCL|O_NOFOLLOW after removing a stale one.
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_data()?;
             std::fs::rename(&tmp, path)

@@ -214,6 +214,7 @@ async fn api_authenticates_and_authorizes() {
         broker: Some(b.clone()),
         auth: Arc::new(LocalToken::new("t".repeat(40))),
         web: crate::approvals::web::Web::Off("no OIDC in this test".into()),
+        audit: None,
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

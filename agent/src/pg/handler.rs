@@ -645,9 +645,13 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         }
     };
 
-    let recorder = Recorder::open(&policy.agent.data_dir, &cx.id)
-        .ok()
-        .map(Arc::new);
+    let recorder = Recorder::open(
+        &policy.agent.data_dir,
+        &cx.id,
+        cx.agent.audit.health().clone(),
+    )
+    .ok()
+    .map(Arc::new);
     if let Some(r) = &recorder {
         r.write(obj(json!({
             "event": "start", "session": cx.id, "identity": cx.identity, "target": cx.target.name,
@@ -1112,6 +1116,9 @@ impl ClientSide<'_> {
 
     async fn decide_sql(&mut self, sql: &str, shown: &str) -> Verdict {
         let cx = self.cx;
+        if let Err(refusal) = cx.audit_gate(shown) {
+            return Verdict::Deny(refusal);
+        }
         self.copy_plans.clear();
         // Until classified, assume the worst.
         self.taint = true;

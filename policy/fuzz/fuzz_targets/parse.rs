@@ -26,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
                 user: Some("x"),
                 exe: Some("/usr/bin/x"),
                 comm: "x",
+                foreign_userns: false,
             };
             let identity = policy.identify(&facts).map(|i| i.name.clone());
             let addr = SocketAddr::from(([127, 0, 0, 1], 5432));

@@ -22,6 +22,7 @@ fn facts<'a>(
         user,
         exe,
         comm,
+        foreign_userns: false,
     }
 }
 
@@ -82,6 +83,40 @@ fn every_given_key_must_match() {
         Some("catch-uid-1001")
     );
     assert_eq!(identify(&p, &facts("/", 1002, None, exe, "python3")), None);
+}
+
+#[test]
+fn exe_in_a_foreign_user_namespace_matches_only_when_the_identity_opts_in() {
+    let p = policy(
+        r#"
+[[identity]]
+name = "psql"
+exe = "/usr/lib/postgresql/*/bin/psql"
+
+[[identity]]
+name = "psql-in-containers"
+exe = "/usr/lib/postgresql/*/bin/psql"
+exe_foreign_userns = true
+uid = 1000
+"#,
+    );
+    let exe = Some("/usr/lib/postgresql/15/bin/psql");
+    let mut f = facts("/bots/a", 1000, None, exe, "psql");
+    assert_eq!(identify(&p, &f), Some("psql"));
+    f.foreign_userns = true;
+    assert_eq!(identify(&p, &f), Some("psql-in-containers"));
+    f.uid = 1001;
+    assert_eq!(
+        identify(&p, &f),
+        None,
+        "foreign userns without opt-in: no match"
+    );
+    let e = parse(
+        "[[identity]]\nname = \"x\"\nuid = 1\nexe_foreign_userns = true\n",
+        "t.toml",
+    )
+    .expect_err("opt-in without exe");
+    assert!(e.to_string().contains("without `exe`"), "{e}");
 }
 
 #[test]

@@ -81,7 +81,7 @@ fn unknown_keys_name_the_table_and_the_fix() {
     assert_eq!((l, c), (3, 1));
     assert_eq!(
         msg,
-        "unknown key `cgroups` in [[identity]] (expected one of: name, cgroup, uid, user, exe, comm, oidc); did you mean `cgroup`?"
+        "unknown key `cgroups` in [[identity]] (expected one of: name, cgroup, uid, user, exe, exe_foreign_userns, comm, oidc); did you mean `cgroup`?"
     );
     let e = parse("identities = []\n", "p.toml").expect_err("top-level typo");
     assert_eq!((e.line, e.col), (1, 1));
