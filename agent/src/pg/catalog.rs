@@ -391,3 +391,92 @@ pub async fn load(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::classify::classify;
+
+    fn catalog() -> Catalog {
+        Catalog::from_tables(&[
+            (
+                "public",
+                "customers",
+                &[
+                    ("id", false, false),
+                    ("name", false, false),
+                    ("email", true, false),
+                ],
+            ),
+            (
+                "public",
+                "orders",
+                &[("id", false, false), ("note", false, false)],
+            ),
+        ])
+        .with_views(&[
+            (
+                100,
+                "contact_v",
+                "SELECT customers.id, customers.email AS contact FROM customers",
+                &["id", "contact"],
+            ),
+            (
+                101,
+                "names_v",
+                "SELECT customers.id, customers.name FROM customers",
+                &["id", "name"],
+            ),
+            (
+                102,
+                "nested_v",
+                "SELECT contact_v.contact AS x FROM contact_v",
+                &["x"],
+            ),
+        ])
+    }
+
+    fn taint(c: &Catalog, sql: &str) -> Taint {
+        let s = classify(sql).expect("classify").remove(0);
+        c.taint(&s.lineage, &s.tables)
+    }
+
+    #[test]
+    fn computed_values_taint_only_when_they_may_carry_a_masked_value() {
+        let c = catalog();
+        for sql in [
+            "SELECT upper(email) FROM customers",
+            "SELECT c.text FROM customers c",
+            "SELECT to_json(c) FROM customers c",
+            "SELECT upper(x) FROM nested_v",
+            "SELECT upper(contact) FROM contact_v",
+            "SELECT e FROM customers c(a, b, e)",
+        ] {
+            assert!(taint(&c, sql).output, "{sql}");
+        }
+        for sql in [
+            "SELECT count(*) FROM customers",
+            "SELECT upper(name) FROM customers WHERE email LIKE 'a%'",
+            "SELECT upper(name) FROM names_v",
+            "SELECT id, email FROM customers",
+            "SELECT upper(note) FROM orders",
+        ] {
+            assert!(!taint(&c, sql).output, "{sql}");
+        }
+        // Views: the one that exposes a masked column (directly or through another view) has
+        // every column masked, the other none.
+        assert!(c.masked.contains(&(100, 1)) && c.masked.contains(&(100, 2)));
+        assert!(c.masked.contains(&(102, 1)));
+        assert!(!c.masked.contains(&(101, 1)) && !c.masked.contains(&(101, 2)));
+        // Writes: copying a masked value is a write taint, RETURNING it only an output one.
+        assert!(taint(&c, "UPDATE customers SET name = email").write);
+        let t = taint(&c, "UPDATE customers SET name = 'x' RETURNING upper(email)");
+        assert!(t.output && !t.write);
+        // No column rules: nothing taints.
+        let none = Catalog::default();
+        assert_eq!(
+            taint(&none, "SELECT upper(email) FROM customers"),
+            Taint::default()
+        );
+    }
+}
