@@ -652,7 +652,16 @@ impl SessionCx {
     /// Connect to the original destination. The socket carries the agent's mark, so the
     /// kernel hooks never redirect it back to us.
     pub async fn connect_upstream(&self) -> Result<TcpStream, DataPathError> {
-        let addr = self.orig_dst;
+        let mut addr = self.orig_dst;
+        // The kernel record has no scope id: a link-local address of this host is reached on
+        // the interface that holds it.
+        if let SocketAddr::V6(v6) = &mut addr {
+            if v6.scope_id() == 0 && v6.ip().is_unicast_link_local() {
+                if let Some(index) = lock(&self.agent.local).get(&IpAddr::V6(*v6.ip())) {
+                    v6.set_scope_id(*index);
+                }
+            }
+        }
         let up = |source| DataPathError::Upstream { addr, source };
         let sock = if addr.is_ipv4() {
             TcpSocket::new_v4()

@@ -493,9 +493,9 @@ fn set_rcvtimeo(fd: &OwnedFd, t: std::time::Duration) {
 }
 
 /// Every address on an interface of this network namespace (IPv4 and IPv6, link-local and
-/// tentative ones included), by an `RTM_GETADDR` dump. The connect hooks treat them as
+/// tentative ones included) with its interface index, by an `RTM_GETADDR` dump. The connect hooks treat them as
 /// spellings of "this host" (see `targets::is_local_net`).
-pub fn interface_addrs() -> Result<std::collections::BTreeSet<IpAddr>, SysError> {
+pub fn interface_addrs() -> Result<std::collections::BTreeMap<IpAddr, u32>, SysError> {
     let err = |source| SysError::Io {
         what: "list the interface addresses (NETLINK_ROUTE RTM_GETADDR)".into(),
         source,
@@ -512,7 +512,7 @@ pub fn interface_addrs() -> Result<std::collections::BTreeSet<IpAddr>, SysError>
     if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(err(io::Error::last_os_error()));
     }
-    let mut out = std::collections::BTreeSet::new();
+    let mut out = std::collections::BTreeMap::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: recv into a buffer we own, of the length we pass.
@@ -533,7 +533,10 @@ pub fn interface_addrs() -> Result<std::collections::BTreeSet<IpAddr>, SysError>
 }
 
 /// Parse one datagram of an `RTM_GETADDR` dump into `out`; true once `NLMSG_DONE` was seen.
-fn parse_addr_dump(b: &[u8], out: &mut std::collections::BTreeSet<IpAddr>) -> io::Result<bool> {
+fn parse_addr_dump(
+    b: &[u8],
+    out: &mut std::collections::BTreeMap<IpAddr, u32>,
+) -> io::Result<bool> {
     let u16_at = |b: &[u8], o: usize| b.get(o..o + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
     let u32_at = |b: &[u8], o: usize| {
         b.get(o..o + 4)
@@ -556,6 +559,7 @@ fn parse_addr_dump(b: &[u8], out: &mut std::collections::BTreeSet<IpAddr>) -> io
             }
             RTM_NEWADDR if msg.len() >= 24 => {
                 let family = i32::from(msg[16]);
+                let index = u32_at(msg, 20).unwrap_or(0);
                 // IFA_LOCAL is the local address; IFA_ADDRESS is the peer's on a
                 // point-to-point link and the local one otherwise (IPv6: always).
                 let (mut local, mut address) = (None, None);
@@ -584,7 +588,7 @@ fn parse_addr_dump(b: &[u8], out: &mut std::collections::BTreeSet<IpAddr>) -> io
                     a += align(alen);
                 }
                 if let Some(ip) = local.or(address) {
-                    out.insert(ip);
+                    out.insert(ip, index);
                 }
             }
             _ => {}
@@ -860,7 +864,7 @@ mod tests {
     #[test]
     fn interface_addrs_include_loopback() {
         let a = interface_addrs().expect("RTM_GETADDR dump");
-        assert!(a.contains(&IpAddr::from([127, 0, 0, 1])), "{a:?}");
+        assert!(a.contains_key(&IpAddr::from([127, 0, 0, 1])), "{a:?}");
     }
 
     #[test]
@@ -880,11 +884,11 @@ mod tests {
         m.extend_from_slice(&16u32.to_ne_bytes());
         m.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
         m.extend_from_slice(&[0u8; 10]);
-        let mut out = std::collections::BTreeSet::new();
+        let mut out = std::collections::BTreeMap::new();
         assert!(parse_addr_dump(&m, &mut out).expect("parse"));
         assert_eq!(
             out.into_iter().collect::<Vec<_>>(),
-            [IpAddr::from([192, 0, 2, 1])]
+            [(IpAddr::from([192, 0, 2, 1]), 1)]
         );
     }
 

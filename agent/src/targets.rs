@@ -25,9 +25,10 @@ pub type KeySet4 = BTreeSet<(u32, TargetKey4, u32)>;
 /// The same for the IPv6 trie.
 pub type KeySet6 = BTreeSet<(u32, TargetKey6, u32)>;
 
-/// The addresses on the interfaces of the agent's network namespace (loopback and the
-/// unspecified addresses are always local and need not be in it).
-pub type LocalAddrs = BTreeSet<IpAddr>;
+/// The addresses on the interfaces of the agent's network namespace, each with the index of
+/// its interface (the scope of a link-local address). Loopback and the unspecified addresses
+/// are always local and need not be in it.
+pub type LocalAddrs = std::collections::BTreeMap<IpAddr, u32>;
 
 /// One protected prefix and port, and the index of its target in `Policy::targets`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,14 +75,14 @@ pub fn is_local_net(net: &IpNet, local: &LocalAddrs) -> bool {
     is_loopback_net(net)
         || net.contains(&IpAddr::V4(Ipv4Addr::UNSPECIFIED))
         || net.contains(&IpAddr::V6(Ipv6Addr::UNSPECIFIED))
-        || local.iter().any(|ip| net.contains(&canonical(*ip)))
+        || local.keys().any(|ip| net.contains(&canonical(*ip)))
 }
 
 /// Every spelling of "this host": loopback, unspecified and each interface address.
 fn local_nets(local: &LocalAddrs) -> impl Iterator<Item = IpNet> + '_ {
     loopback_aliases()
         .into_iter()
-        .chain(local.iter().map(|ip| host_net(*ip)))
+        .chain(local.keys().map(|ip| host_net(*ip)))
 }
 
 impl Routes {
@@ -267,7 +268,7 @@ mod tests {
     }
 
     fn host(addrs: &[&str]) -> LocalAddrs {
-        addrs.iter().map(|a| a.parse().expect("ip")).collect()
+        addrs.iter().map(|a| (a.parse().expect("ip"), 1)).collect()
     }
 
     const HOST_SPELLINGS: [&str; 9] = [
