@@ -15,6 +15,7 @@ use aya_ebpf::{
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
             bpf_ktime_get_ns, bpf_set_retval, bpf_sk_lookup_tcp, bpf_sk_release,
+            bpf_skc_to_mptcp_sock,
         },
     },
     macros::{cgroup_sock_addr, lsm, map, raw_tracepoint},
@@ -29,6 +30,7 @@ use tollgate_common::{
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
+const IPPROTO_MPTCP: u32 = 262;
 /// cgroup/connect*: 1 lets the (possibly rewritten) connect proceed, 0 fails it with EPERM.
 const PROCEED: i32 = 1;
 const REFUSE: i32 = 0;
@@ -61,6 +63,42 @@ fn refuse_no_agent() -> i32 {
     const ECONNREFUSED: i32 = 111;
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     REFUSE
+}
+
+/// Refuse an MPTCP connect to a protected destination with `EPROTONOSUPPORT`. Redirecting it
+/// would work (the agent accepts the first subflow as TCP), but `getpeername` runs on the
+/// MPTCP socket while this hook ran on its subflow, under another socket cookie, so the bot
+/// would see the agent's listener as its peer. Refused, the bot learns nothing and reaches
+/// nothing; a client that wants the target speaks plain TCP.
+#[inline(always)]
+fn refuse_mptcp() -> i32 {
+    count(counter::MPTCP);
+    const EPROTONOSUPPORT: i32 = 93;
+    unsafe { bpf_set_retval(-EPROTONOSUPPORT) };
+    REFUSE
+}
+
+/// Whether the connecting socket is MPTCP. The kernel runs the connect hooks of an MPTCP
+/// socket on its first subflow, a TCP socket (`mptcp_connect` calls the subflow's
+/// `pre_connect`), so `protocol` reads IPPROTO_TCP there; `bpf_skc_to_mptcp_sock` recognises
+/// the subflow. `protocol == IPPROTO_MPTCP` covers a kernel that runs the hook on the MPTCP
+/// socket itself.
+#[inline(always)]
+fn is_mptcp(sa: *mut bpf_sock_addr) -> bool {
+    // Its own volatile 32-bit load: LLVM would merge it with the neighbouring `type` read
+    // into one 64-bit context access, which the verifier rejects.
+    let protocol = unsafe { read_volatile(addr_of!((*sa).protocol)) };
+    if protocol == IPPROTO_MPTCP {
+        return true;
+    }
+    let sk = unsafe { read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)) };
+    if sk.is_null() {
+        return false;
+    }
+    // Non-null for a TCP socket that is an MPTCP subflow (`sk_is_mptcp`), null otherwise.
+    // Helper 196 (Linux 5.19+), available to cgroup sock_addr programs of a loader with
+    // CAP_PERFMON.
+    !unsafe { bpf_skc_to_mptcp_sock(sk.cast()) }.is_null()
 }
 
 #[inline(always)]
@@ -246,6 +284,9 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         count(counter::EXEMPT);
         return PROCEED;
     }
+    if is_mptcp(sa) {
+        return refuse_mptcp();
+    }
     let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
     if sock_type != SOCK_STREAM || cfg.listen4_port == 0 {
         // A protected destination is reachable only through the agent, which speaks TCP.
@@ -306,6 +347,9 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     if is_agent(sa, cfg) {
         count(counter::EXEMPT);
         return PROCEED;
+    }
+    if is_mptcp(sa) {
+        return refuse_mptcp();
     }
     let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
     let (new_ip, new_port) = if mapped {

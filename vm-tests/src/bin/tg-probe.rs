@@ -9,11 +9,13 @@
 //!  "echo_ok":true}
 //! ```
 //!
-//! Usage: `tg-probe --connect ADDR [--v6-socket] [--send-bytes N] [--expect-echo]
+//! Usage: `tg-probe --connect ADDR [--v6-socket] [--mptcp] [--send-bytes N] [--expect-echo]
 //! [--hold-ms N | --hold-stdin] [--fork-exec "PATH ARG.."] [--timeout-ms N]`, or
 //! `tg-probe --listen ADDR [--timeout-ms N]`
 //!
 //! - `--v6-socket`: use an AF_INET6 socket; an IPv4 `ADDR` becomes `::ffff:a.b.c.d`.
+//! - `--mptcp`: open the socket with `IPPROTO_MPTCP` (262) instead of TCP, as an MPTCP-enabled
+//!   client (or `mptcpize`) does.
 //! - `--expect-echo`: read back each chunk before going on; `echo_ok` says whether the bytes
 //!   that came back are exactly the bytes sent.
 //! - `--hold-ms N` / `--hold-stdin`: send the first half, (read its echo,) print a
@@ -45,6 +47,7 @@ struct Args {
     listen: Option<SocketAddr>,
     fork_exec: Option<Vec<String>>,
     v6_socket: bool,
+    mptcp: bool,
     send_bytes: usize,
     expect_echo: bool,
     hold_ms: Option<u64>,
@@ -55,7 +58,7 @@ struct Args {
 fn usage(msg: &str) -> ! {
     eprintln!("tg-probe: {msg}");
     eprintln!(
-        "usage: tg-probe --connect ADDR [--v6-socket] [--send-bytes N] [--expect-echo] \
+        "usage: tg-probe --connect ADDR [--v6-socket] [--mptcp] [--send-bytes N] [--expect-echo] \
          [--hold-ms N | --hold-stdin] [--timeout-ms N]"
     );
     std::process::exit(2)
@@ -69,6 +72,7 @@ fn parse_args() -> Args {
         listen: None,
         fork_exec: None,
         v6_socket: false,
+        mptcp: false,
         send_bytes: 0,
         expect_echo: false,
         hold_ms: None,
@@ -104,6 +108,7 @@ fn parse_args() -> Args {
                 a.fork_exec = Some(argv);
             }
             "--v6-socket" => a.v6_socket = true,
+            "--mptcp" => a.mptcp = true,
             "--send-bytes" => {
                 a.send_bytes = value("--send-bytes")
                     .parse()
@@ -359,6 +364,7 @@ fn main() {
             "cap_eff": cap_eff(),
             "sent_bytes": a.send_bytes,
             "sent_sha256": sent_sha,
+            "mptcp": a.mptcp,
         })
     };
     let mut out = Outcome::default();
@@ -366,7 +372,11 @@ fn main() {
     let sock = match Socket::new(
         Domain::for_address(target),
         Type::STREAM,
-        Some(Protocol::TCP),
+        Some(if a.mptcp {
+            Protocol::MPTCP
+        } else {
+            Protocol::TCP
+        }),
     ) {
         Ok(s) => s,
         Err(e) => {
