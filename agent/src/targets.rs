@@ -224,6 +224,14 @@ pub fn unix_socket_warning(target: &str, port: u16) -> String {
     )
 }
 
+/// One [`unix_socket_warning`] per local PostgreSQL target and port.
+pub fn unix_socket_warnings(policy: &Policy, local: &LocalAddrs) -> Vec<String> {
+    local_postgres_ports(policy, local)
+        .into_iter()
+        .map(|(t, p)| unix_socket_warning(&t, p))
+        .collect()
+}
+
 /// Host names that need resolving, with nothing else.
 pub fn host_names(policy: &Policy) -> BTreeSet<String> {
     policy
@@ -350,8 +358,12 @@ mod tests {
                 ("byname".to_string(), 5433)
             ]
         );
-        let w = unix_socket_warning("db", 5432);
+        let all = unix_socket_warnings(&p, &host(&["192.0.2.2"]));
+        assert_eq!(all.len(), 3);
+        let w = &all[0];
+        assert!(w.contains("target \"db\""), "{w}");
         assert!(w.contains("/var/run/postgresql/.s.PGSQL.5432"), "{w}");
+        assert!(w.contains("NOT covered by the redirect"), "{w}");
         assert!(w.contains("unix_socket_permissions = 0770"), "{w}");
         assert!(w.contains("unix_socket_group"), "{w}");
     }
