@@ -77,6 +77,14 @@ impl Hook {
             Hook::GetPeerName6 => "getpeername6",
         }
     }
+    /// The variant of the program for kernels without MPTCP (connect hooks only).
+    pub fn plain_program(self) -> Option<&'static str> {
+        match self {
+            Hook::Connect4 => Some("connect4_plain"),
+            Hook::Connect6 => Some("connect6_plain"),
+            Hook::GetPeerName4 | Hook::GetPeerName6 => None,
+        }
+    }
     fn attach_type(self) -> u32 {
         (match self {
             Hook::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,

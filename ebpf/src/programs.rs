@@ -83,13 +83,20 @@ fn refuse_mptcp() -> i32 {
 /// `pre_connect`), so `protocol` reads IPPROTO_TCP there; `bpf_skc_to_mptcp_sock` recognises
 /// the subflow. `protocol == IPPROTO_MPTCP` covers a kernel that runs the hook on the MPTCP
 /// socket itself.
+///
+/// `subflow_helper` is false in the `_plain` programs for kernels built without MPTCP, where
+/// the helper's return type has no BTF and the verifier rejects any program calling it (and
+/// where no MPTCP socket can exist).
 #[inline(always)]
-fn is_mptcp(sa: *mut bpf_sock_addr) -> bool {
+fn is_mptcp(sa: *mut bpf_sock_addr, subflow_helper: bool) -> bool {
     // Its own volatile 32-bit load: LLVM would merge it with the neighbouring `type` read
     // into one 64-bit context access, which the verifier rejects.
     let protocol = unsafe { read_volatile(addr_of!((*sa).protocol)) };
     if protocol == IPPROTO_MPTCP {
         return true;
+    }
+    if !subflow_helper {
+        return false;
     }
     let sk = unsafe { read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)) };
     if sk.is_null() {
@@ -260,6 +267,17 @@ fn remember(ctx: &SockAddrContext, orig_ip: [u32; 4], port_be: u16, family: u32)
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
+    connect4_body(ctx, true)
+}
+
+/// `connect4` for kernels without MPTCP (see `is_mptcp`); the agent loads it only there.
+#[cgroup_sock_addr(connect4)]
+pub fn connect4_plain(ctx: SockAddrContext) -> i32 {
+    connect4_body(ctx, false)
+}
+
+#[inline(always)]
+fn connect4_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
     let sa = ctx.sock_addr;
     let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
     // The fast path for every unprotected connect on the host: one bitmap load.
@@ -284,7 +302,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         count(counter::EXEMPT);
         return PROCEED;
     }
-    if is_mptcp(sa) {
+    if is_mptcp(sa, mptcp_helper) {
         return refuse_mptcp();
     }
     let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
@@ -310,6 +328,17 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
+    connect6_body(ctx, true)
+}
+
+/// `connect6` for kernels without MPTCP (see `is_mptcp`); the agent loads it only there.
+#[cgroup_sock_addr(connect6)]
+pub fn connect6_plain(ctx: SockAddrContext) -> i32 {
+    connect6_body(ctx, false)
+}
+
+#[inline(always)]
+fn connect6_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
     let sa = ctx.sock_addr;
     let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
     if !port_protected(port) {
@@ -348,7 +377,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         count(counter::EXEMPT);
         return PROCEED;
     }
-    if is_mptcp(sa) {
+    if is_mptcp(sa, mptcp_helper) {
         return refuse_mptcp();
     }
     let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
