@@ -45,16 +45,20 @@ fn mptcp_to_a_protected_target_is_refused_and_never_bypasses() {
     assert_eq!(r.peer(), Some(tcp_dial.as_str()), "{r}");
 
     let mut problems = Vec::new();
-    let ways: [(&str, bool); 5] = [
-        ("127.0.0.1", false),
-        ("127.0.0.2", false),
-        ("[::1]", false),
+    // (address, AF_INET6 socket, TCP Fast Open instead of connect())
+    let ways: [(&str, bool, bool); 7] = [
+        ("127.0.0.1", false, false),
+        ("127.0.0.2", false, false),
+        ("[::1]", false, false),
         // AF_INET6 MPTCP socket to ::ffff:127.0.0.1 (connect6's IPv4-mapped path).
-        ("127.0.0.1", true),
-        ("0.0.0.0", false),
+        ("127.0.0.1", true, false),
+        ("0.0.0.0", false, false),
+        // sendto(MSG_FASTOPEN): MPTCP's fast-open path into the connect.
+        ("127.0.0.1", false, true),
+        ("[::1]", false, true),
     ];
     for (who, cg) in [("ci-bot", &ci), ("intruder", &intruder)] {
-        for (ip, v6) in ways {
+        for (ip, v6, tfo) in ways {
             let dial = format!("{ip}:{port}");
             let mut args = vec![
                 "--connect",
@@ -67,9 +71,13 @@ fn mptcp_to_a_protected_target_is_refused_and_never_bypasses() {
             if v6 {
                 args.push("--v6-socket");
             }
+            if tfo {
+                args.push("--fastopen");
+            }
             let how = format!(
-                "{who} MPTCP to {dial}{}",
-                if v6 { " (AF_INET6)" } else { "" }
+                "{who} MPTCP to {dial}{}{}",
+                if v6 { " (AF_INET6)" } else { "" },
+                if tfo { " (MSG_FASTOPEN)" } else { "" }
             );
             let before = echo.accepted();
             let r = cg.probe(probe_bin!(), &args);
@@ -97,20 +105,22 @@ fn mptcp_to_a_protected_target_is_refused_and_never_bypasses() {
         2.0 * ways.len() as f64
     );
 
-    // MPTCP itself is not broken: an unprotected destination still works over it.
+    // MPTCP itself is not broken: an unprotected destination still works over it, by
+    // connect() and by MSG_FASTOPEN.
     let free = format!("127.0.0.1:{}", other.port());
-    let before = other.accepted();
-    let r = intruder.probe(
-        probe_bin!(),
-        &[
+    for extra in [None, Some("--fastopen")] {
+        let before = other.accepted();
+        let mut args = vec![
             "--connect",
-            &free,
+            free.as_str(),
             "--mptcp",
             "--send-bytes",
             "2000",
             "--expect-echo",
-        ],
-    );
-    assert!(r.echo_ok(), "MPTCP to an unprotected port: {r}");
-    assert_eq!(other.accepted(), before + 1);
+        ];
+        args.extend(extra);
+        let r = intruder.probe(probe_bin!(), &args);
+        assert!(r.echo_ok(), "MPTCP {extra:?} to an unprotected port: {r}");
+        assert_eq!(other.accepted(), before + 1);
+    }
 }

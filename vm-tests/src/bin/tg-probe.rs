@@ -9,13 +9,15 @@
 //!  "echo_ok":true}
 //! ```
 //!
-//! Usage: `tg-probe --connect ADDR [--v6-socket] [--mptcp] [--send-bytes N] [--expect-echo]
+//! Usage: `tg-probe --connect ADDR [--v6-socket] [--mptcp] [--fastopen] [--send-bytes N] [--expect-echo]
 //! [--hold-ms N | --hold-stdin] [--fork-exec "PATH ARG.."] [--timeout-ms N]`, or
 //! `tg-probe --listen ADDR [--timeout-ms N]`
 //!
 //! - `--v6-socket`: use an AF_INET6 socket; an IPv4 `ADDR` becomes `::ffff:a.b.c.d`.
 //! - `--mptcp`: open the socket with `IPPROTO_MPTCP` (262) instead of TCP, as an MPTCP-enabled
 //!   client (or `mptcpize`) does.
+//! - `--fastopen`: connect with `sendto(MSG_FASTOPEN)` (TCP Fast Open, no payload in the SYN)
+//!   instead of `connect()`: another kernel path into the same connect hooks.
 //! - `--expect-echo`: read back each chunk before going on; `echo_ok` says whether the bytes
 //!   that came back are exactly the bytes sent.
 //! - `--hold-ms N` / `--hold-stdin`: send the first half, (read its echo,) print a
@@ -48,6 +50,7 @@ struct Args {
     fork_exec: Option<Vec<String>>,
     v6_socket: bool,
     mptcp: bool,
+    fastopen: bool,
     send_bytes: usize,
     expect_echo: bool,
     hold_ms: Option<u64>,
@@ -58,7 +61,7 @@ struct Args {
 fn usage(msg: &str) -> ! {
     eprintln!("tg-probe: {msg}");
     eprintln!(
-        "usage: tg-probe --connect ADDR [--v6-socket] [--mptcp] [--send-bytes N] [--expect-echo] \
+        "usage: tg-probe --connect ADDR [--v6-socket] [--mptcp] [--fastopen] [--send-bytes N] [--expect-echo] \
          [--hold-ms N | --hold-stdin] [--timeout-ms N]"
     );
     std::process::exit(2)
@@ -73,6 +76,7 @@ fn parse_args() -> Args {
         fork_exec: None,
         v6_socket: false,
         mptcp: false,
+        fastopen: false,
         send_bytes: 0,
         expect_echo: false,
         hold_ms: None,
@@ -109,6 +113,7 @@ fn parse_args() -> Args {
             }
             "--v6-socket" => a.v6_socket = true,
             "--mptcp" => a.mptcp = true,
+            "--fastopen" => a.fastopen = true,
             "--send-bytes" => {
                 a.send_bytes = value("--send-bytes")
                     .parse()
@@ -392,7 +397,13 @@ fn main() {
     // connection the agent accepts and then resets still counts as connected (the reset shows
     // up on the first read or write), while a refused one fails here.
     let _ = sock.set_write_timeout(Some(a.timeout));
-    if let Err(e) = sock.connect(&target.into()) {
+    let connected = if a.fastopen {
+        sock.send_to_with_flags(&[], &target.into(), libc::MSG_FASTOPEN)
+            .map(|_| ())
+    } else {
+        sock.connect(&target.into())
+    };
+    if let Err(e) = connected {
         out.fail("connect", &e);
         return report(base(false), &out, None, None);
     }
