@@ -534,7 +534,7 @@ fn follow_local_addrs(
             if agent.set_local(now.clone()) {
                 match update_routes(&agent, &dp) {
                     Ok(()) => {
-                        info!(addresses = ?now, "interface addresses changed; local targets cover them")
+                        info!(addresses = now.len(), "interface addresses changed; local targets cover them")
                     }
                     Err(e) => {
                         error!(error = %e, "cannot update kernel targets after an address change")
