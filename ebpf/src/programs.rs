@@ -30,6 +30,7 @@ use tollgate_common::{
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
 const IPPROTO_MPTCP: u32 = 262;
 /// cgroup/connect*: 1 lets the (possibly rewritten) connect proceed, 0 fails it with EPERM.
 const PROCEED: i32 = 1;
@@ -106,6 +107,18 @@ fn is_mptcp(sa: *mut bpf_sock_addr, subflow_helper: bool) -> bool {
     // Helper 196 (Linux 5.19+), available to cgroup sock_addr programs of a loader with
     // CAP_PERFMON.
     !unsafe { bpf_skc_to_mptcp_sock(sk.cast()) }.is_null()
+}
+
+/// A TCP socket (`SOCK_STREAM` with protocol TCP; protocol 0 was resolved to TCP at
+/// `socket()`): the only kind the agent's listener can take. SCTP's `SOCK_STREAM` sockets, for
+/// one, are refused here rather than sent to a TCP listener they cannot reach.
+#[inline(always)]
+fn is_tcp(sa: *mut bpf_sock_addr) -> bool {
+    // Separate volatile 32-bit loads: LLVM would merge these adjacent fields into one 64-bit
+    // context access, which the verifier rejects.
+    let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
+    let protocol = unsafe { read_volatile(addr_of!((*sa).protocol)) };
+    sock_type == SOCK_STREAM && protocol == IPPROTO_TCP
 }
 
 #[inline(always)]
@@ -305,8 +318,7 @@ fn connect4_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
     if is_mptcp(sa, mptcp_helper) {
         return refuse_mptcp();
     }
-    let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
-    if sock_type != SOCK_STREAM || cfg.listen4_port == 0 {
+    if !is_tcp(sa) || cfg.listen4_port == 0 {
         // A protected destination is reachable only through the agent, which speaks TCP.
         count(counter::REFUSED);
         return REFUSE;
@@ -380,13 +392,12 @@ fn connect6_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
     if is_mptcp(sa, mptcp_helper) {
         return refuse_mptcp();
     }
-    let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
     let (new_ip, new_port) = if mapped {
         ([0, 0, V4_MAPPED_WORD, cfg.listen4_ip], cfg.listen4_port)
     } else {
         (cfg.listen6_ip, cfg.listen6_port)
     };
-    if sock_type != SOCK_STREAM || new_port == 0 {
+    if !is_tcp(sa) || new_port == 0 {
         count(counter::REFUSED);
         return REFUSE;
     }
