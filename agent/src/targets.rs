@@ -69,6 +69,19 @@ fn host_net(ip: IpAddr) -> IpNet {
     IpNet::from(canonical(ip))
 }
 
+/// A CIDR inside `::ffff:0:0/96` as the IPv4 CIDR it is: connect4 and connect6 (for mapped
+/// destinations) look IPv4 up in `TARGETS4` only, so a mapped prefix in `TARGETS6` would
+/// protect nothing.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.network().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, n.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
 /// Whether `net` reaches this host: it is loopback, holds an unspecified address (a connect
 /// to `0.0.0.0`/`::` goes to the local host) or holds one of the interface addresses.
 pub fn is_local_net(net: &IpNet, local: &LocalAddrs) -> bool {
@@ -117,7 +130,7 @@ impl Routes {
             for a in &t.address {
                 match a {
                     TargetAddress::Exact(sa) => push(host_net(sa.ip()), sa.port()),
-                    TargetAddress::Cidr(net, port) => push(net.trunc(), *port),
+                    TargetAddress::Cidr(net, port) => push(canonical_net(net.trunc()), *port),
                     TargetAddress::Host(h, port) => {
                         for ip in resolved.get(h).into_iter().flatten() {
                             push(host_net(*ip), *port);
@@ -195,7 +208,9 @@ pub fn local_postgres_ports(policy: &Policy, local: &LocalAddrs) -> Vec<(String,
         for a in &t.address {
             let (is_local, port) = match a {
                 TargetAddress::Exact(sa) => (is_local_net(&host_net(sa.ip()), local), sa.port()),
-                TargetAddress::Cidr(net, port) => (is_local_net(&net.trunc(), local), *port),
+                TargetAddress::Cidr(net, port) => {
+                    (is_local_net(&canonical_net(net.trunc()), local), *port)
+                }
                 TargetAddress::Host(h, port) => {
                     let h = h.trim_end_matches('.').to_ascii_lowercase();
                     (h == "localhost" || h.ends_with(".localhost"), *port)
@@ -366,6 +381,24 @@ mod tests {
         assert!(w.contains("NOT covered by the redirect"), "{w}");
         assert!(w.contains("unix_socket_permissions = 0770"), "{w}");
         assert!(w.contains("unix_socket_group"), "{w}");
+    }
+
+    #[test]
+    fn ipv4_mapped_cidrs_go_to_the_ipv4_trie() {
+        let r = Routes::build(
+            &policy("\"[::ffff:198.51.100.0/120]:5432\""),
+            &HashMap::new(),
+            &LocalAddrs::new(),
+        );
+        assert_eq!(
+            r.lookup("198.51.100.9:5432".parse().expect("addr")),
+            Some(0)
+        );
+        let (v4, _) = r.bpf_keys();
+        assert!(
+            v4.contains(&(40, [0x15, 0x38, 198, 51, 100, 0], 0)),
+            "{v4:?}"
+        );
     }
 
     #[test]
