@@ -263,21 +263,18 @@ impl Datapath {
 
         let mut links = Vec::new();
         for hook in Hook::ALL {
-            let name = hook.program();
-            let prog = dp._ebpf.program_mut(name).ok_or_else(|| {
-                load_err(
-                    format!("program {name}"),
-                    std::io::Error::other("missing from object"),
-                )
-            })?;
-            let p: &mut CgroupSockAddr = prog.try_into().map_err(|e| load_err(name, e))?;
-            p.load().map_err(|e| load_err(name, e))?;
-            let fd = p
-                .fd()
-                .map_err(|e| load_err(name, e))?
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(io_dup)?;
+            let fd = match load_sock_addr(&mut dp._ebpf, hook.program()) {
+                Ok(fd) => fd,
+                // connect4/6 recognise MPTCP subflows with bpf_skc_to_mptcp_sock, which does
+                // not load on a kernel built without MPTCP (no BTF for its return type); there
+                // no MPTCP socket can exist, and the `_plain` variants do without it.
+                Err(e) if hook.plain_program().is_some() && !mptcp_in_kernel() => {
+                    let plain = hook.plain_program().unwrap_or_default();
+                    tracing::info!(program = plain, error = %e, "kernel without MPTCP: loading the connect hook without the MPTCP subflow check");
+                    load_sock_addr(&mut dp._ebpf, plain)?
+                }
+                Err(e) => return Err(e),
+            };
             links.push((hook, sys::link_create(fd.as_fd(), cgroup.as_fd(), hook)?));
         }
 
@@ -452,6 +449,28 @@ impl Datapath {
         }
         out
     }
+}
+
+/// Load the cgroup sock_addr program `name`; returns a descriptor of it to link.
+fn load_sock_addr(ebpf: &mut Ebpf, name: &str) -> Result<OwnedFd, BpfError> {
+    let prog = ebpf.program_mut(name).ok_or_else(|| {
+        load_err(
+            format!("program {name}"),
+            std::io::Error::other("missing from object"),
+        )
+    })?;
+    let p: &mut CgroupSockAddr = prog.try_into().map_err(|e| load_err(name, e))?;
+    p.load().map_err(|e| load_err(name, e))?;
+    p.fd()
+        .map_err(|e| load_err(name, e))?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(io_dup)
+}
+
+/// Whether this kernel has MPTCP (`CONFIG_MPTCP`: its sysctl directory exists).
+fn mptcp_in_kernel() -> bool {
+    Path::new("/proc/sys/net/mptcp").exists()
 }
 
 /// The BPF LSM hook that marks an exec before the exe switches (see ebpf `tollgate_bprm`).

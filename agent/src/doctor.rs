@@ -20,7 +20,62 @@ fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
     (major, minor) >= want
 }
 
-pub fn doctor() -> ExitCode {
+/// Where PostgreSQL puts its Unix sockets by default (Debian's, then upstream's).
+const PG_SOCKET_DIRS: [&str; 3] = ["/var/run/postgresql", "/run/postgresql", "/tmp"];
+
+/// What `doctor` says about the Unix socket of a local PostgreSQL target on `port`: always a
+/// warning that the redirect does not cover it, then, for each socket file found in `dirs`,
+/// whether every user can connect to it (mode o+w) or only its owner and group.
+fn unix_socket_lines(target: &str, port: u16, dirs: &[&Path]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = vec![format!(
+        "warn  Unix socket of postgres target \"{target}\" is not redirected\n      fix: {}",
+        crate::targets::unix_socket_warning(target, port)
+    )];
+    let mut seen = std::collections::BTreeSet::new();
+    for dir in dirs {
+        let path = dir.join(format!(".s.PGSQL.{port}"));
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        // /var/run is usually a link to /run: report each socket once.
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let mode = meta.mode() & 0o777;
+        if mode & 0o002 != 0 {
+            out.push(format!(
+                "warn  {} is mode {mode:04o}: every local user, bots included, can reach the \
+                 database through it, around tollgate\n      fix: unix_socket_permissions = 0770 \
+                 and unix_socket_group = <a group no bot is in> in postgresql.conf, then restart \
+                 PostgreSQL",
+                path.display()
+            ));
+        } else {
+            out.push(format!(
+                "ok    {} is mode {mode:04o} (uid {}, gid {}): only its owner and group can connect; \
+                 keep bots out of that group",
+                path.display(),
+                meta.uid(),
+                meta.gid()
+            ));
+        }
+    }
+    out
+}
+
+/// The policy `doctor` looks at: `--policy`, else the default path when it exists.
+fn doctor_policy(policy: Option<&Path>) -> Option<Result<tollgate_policy::Policy, String>> {
+    let default = Path::new("/etc/tollgate/policy.toml");
+    let path = match policy {
+        Some(p) => p,
+        None if default.exists() => default,
+        None => return None,
+    };
+    Some(crate::run::load_policy(path).map_err(|e| format!("{}: {e:#}", path.display())))
+}
+
+pub fn doctor(policy: Option<&Path>) -> ExitCode {
     let release = sys::kernel_release();
     let caps = sys::effective_caps();
     let has = |bit: u32| caps & (1u64 << bit) != 0;
@@ -88,6 +143,24 @@ pub fn doctor() -> ExitCode {
              may be attributed by its old executable path for a moment (the agent logs a warning at start)"
         );
     }
+    match doctor_policy(policy) {
+        None => println!(
+            "note: no policy checked (pass --policy FILE to check what its targets need from this host)"
+        ),
+        Some(Err(e)) => {
+            failed += 1;
+            println!("FAIL  policy {e}");
+        }
+        Some(Ok(p)) => {
+            let local = sys::interface_addrs().unwrap_or_default();
+            let dirs: Vec<&Path> = PG_SOCKET_DIRS.iter().map(Path::new).collect();
+            for (target, port) in crate::targets::local_postgres_ports(&p, &local) {
+                for line in unix_socket_lines(&target, port, &dirs) {
+                    println!("{line}");
+                }
+            }
+        }
+    }
     println!("note: root on this host can detach tollgate's programs; the threat model covers unprivileged workloads only.");
     if failed == 0 {
         ExitCode::SUCCESS
@@ -99,6 +172,41 @@ pub fn doctor() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use std::{os::unix::fs::PermissionsExt as _, path::Path};
+
+    #[test]
+    fn unix_socket_lines_warn_and_judge_the_socket_mode() {
+        let dir = std::env::temp_dir().join(format!("tg-doctor-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join(".s.PGSQL.5999");
+        let _sock = std::os::unix::net::UnixListener::bind(&path).expect("bind socket");
+        let dirs = [dir.as_path(), Path::new("/nonexistent-tg")];
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let open = super::unix_socket_lines("db", 5999, &dirs);
+        assert!(
+            open[0].starts_with("warn  Unix socket of postgres target \"db\""),
+            "{open:?}"
+        );
+        assert!(
+            open[0].contains("unix_socket_permissions = 0770"),
+            "{open:?}"
+        );
+        assert_eq!(open.len(), 2, "{open:?}");
+        assert!(
+            open[1].starts_with("warn  ") && open[1].contains("mode 0777"),
+            "{open:?}"
+        );
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o770)).expect("chmod");
+        let closed = super::unix_socket_lines("db", 5999, &dirs);
+        assert!(
+            closed[1].starts_with("ok    ") && closed[1].contains("mode 0770"),
+            "{closed:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     #[test]
     fn parses_kernel_versions() {
         assert!(super::kernel_at_least("6.18.44-fc-v782", (5, 8)));

@@ -31,7 +31,12 @@ enum Cmd {
     /// Validate a policy file; exit 1 with file:line:col messages if it is broken.
     CheckPolicy { file: PathBuf },
     /// Check that this host can run the agent, with the fix for each failure.
-    Doctor,
+    Doctor {
+        /// Also check what this policy's targets need from the host (e.g. PostgreSQL's Unix
+        /// socket permissions); default /etc/tollgate/policy.toml when it exists.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
     /// List recorded sessions.
     Sessions {
         #[command(subcommand)]
@@ -180,7 +185,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Run { policy } => run::run(&policy),
         Cmd::CheckPolicy { file } => return check_policy(&file),
-        Cmd::Doctor => return doctor::doctor(),
+        Cmd::Doctor { policy } => return doctor::doctor(policy.as_deref()),
         Cmd::Uninstall { policy, pin_path } => uninstall(policy, pin_path),
         Cmd::Approvals { cmd, conn } => approvals(cmd, conn),
         Cmd::Sessions {
@@ -243,6 +248,7 @@ fn check_policy(file: &std::path::Path) -> ExitCode {
     match tollgate_policy::parse_all(&text, &file.display().to_string()) {
         Ok(p) => {
             print_warnings(&text, file, &p);
+            warn_unix_sockets(file, &p);
             println!(
                 "{}: ok ({} identities, {} targets, {} rules)",
                 file.display(),
@@ -270,6 +276,15 @@ fn print_warnings(text: &str, file: &std::path::Path, p: &tollgate_policy::Polic
     w.extend(tollgate::policy_lint::secret_file_warnings(text, &name));
     for line in w {
         eprintln!("{line}");
+    }
+}
+
+/// What the redirect cannot cover: a PostgreSQL target on a local address also listens on a
+/// Unix socket, which only its permissions can close to bots (warnings, not errors).
+fn warn_unix_sockets(file: &std::path::Path, p: &tollgate_policy::Policy) {
+    let local = tollgate::sys::interface_addrs().unwrap_or_default();
+    for w in tollgate::targets::unix_socket_warnings(p, &local) {
+        eprintln!("{}: warning: {w}", file.display());
     }
 }
 

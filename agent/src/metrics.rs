@@ -265,6 +265,7 @@ impl Collector for BpfCounters {
                 ("map_full", counter::MAP_FULL),
                 ("refused", counter::REFUSED),
                 ("no_agent", counter::NO_AGENT),
+                ("mptcp", counter::MPTCP),
             ]
             .iter()
             .map(|(n, i)| counter_metric(c[*i as usize], &[("outcome", n)]))

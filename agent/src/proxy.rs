@@ -208,6 +208,12 @@ pub struct Agent {
     pub limiter: Arc<Semaphore>,
     pub tracker: TaskTracker,
     pub resolved: Mutex<HashMap<String, Vec<IpAddr>>>,
+    /// The addresses on this network namespace's interfaces (followed through netlink): a
+    /// local target protects its port on each of them.
+    pub local: Mutex<crate::targets::LocalAddrs>,
+    /// Held while routes are rebuilt, written to the kernel and swapped in, so a policy reload,
+    /// a DNS refresh and an address change never interleave.
+    pub routes_update: Mutex<()>,
     pub relay_kind: RelayKind,
     pub upstream_timeout: Duration,
     /// `SO_MARK` for upstream sockets (None only in in-process tests, which load no programs).
@@ -247,6 +253,8 @@ impl Agent {
             limiter: Arc::new(Semaphore::new(max)),
             tracker: TaskTracker::new(),
             resolved: Mutex::new(HashMap::new()),
+            local: Mutex::new(crate::targets::LocalAddrs::new()),
+            routes_update: Mutex::new(()),
             relay_kind: RelayKind::from_env(),
             upstream_timeout: Duration::from_secs(10),
             upstream_mark: Some(AGENT_MARK),
@@ -415,6 +423,20 @@ impl Agent {
 
     pub fn resolved_snapshot(&self) -> HashMap<String, Vec<IpAddr>> {
         lock(&self.resolved).clone()
+    }
+
+    /// Record the current interface addresses; true if they changed.
+    pub fn set_local(&self, addrs: crate::targets::LocalAddrs) -> bool {
+        let mut l = lock(&self.local);
+        let changed = *l != addrs;
+        *l = addrs;
+        changed
+    }
+
+    /// The route table for `policy` with the current resolved and local addresses.
+    pub fn routes_for(&self, policy: &tollgate_policy::Policy) -> crate::targets::Routes {
+        let local = lock(&self.local).clone();
+        crate::targets::Routes::build(policy, &self.resolved_snapshot(), &local)
     }
 }
 
@@ -692,7 +714,16 @@ impl SessionCx {
     /// Connect to the original destination. The socket carries the agent's mark, so the
     /// kernel hooks never redirect it back to us.
     pub async fn connect_upstream(&self) -> Result<TcpStream, DataPathError> {
-        let addr = self.orig_dst;
+        let mut addr = self.orig_dst;
+        // The kernel record has no scope id: a link-local address of this host is reached on
+        // the interface that holds it.
+        if let SocketAddr::V6(v6) = &mut addr {
+            if v6.scope_id() == 0 && v6.ip().is_unicast_link_local() {
+                if let Some(index) = lock(&self.agent.local).get(&IpAddr::V6(*v6.ip())) {
+                    v6.set_scope_id(*index);
+                }
+            }
+        }
         let up = |source| DataPathError::Upstream { addr, source };
         let sock = if addr.is_ipv4() {
             TcpSocket::new_v4()

@@ -112,18 +112,37 @@ pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
                         .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
             })
     };
-    let p: PathBuf = fs::read_dir(&dir)
-        .ok()
-        .and_then(|rd| {
+    // The randomly named recording first: a `<id>.jsonl` may have been planted by someone else
+    // (in a data_dir that was not the agent's own), and it is never read through a link.
+    let mut found: Vec<PathBuf> = fs::read_dir(&dir)
+        .map(|rd| {
             rd.flatten()
                 .map(|e| e.path())
-                .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_it))
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_it))
+                .collect()
         })
+        .unwrap_or_default();
+    found.sort_by_key(|p| p.file_name().is_some_and(|n| n.len() == safe.len() + 6));
+    let p = found
+        .into_iter()
+        .next()
         .unwrap_or_else(|| dir.join(format!("{safe}.jsonl")));
-    let text = fs::read_to_string(&p).map_err(|_| ReplayError::NotFound {
+    let not_found = || ReplayError::NotFound {
         id: id.to_string(),
         dir: data_dir.join("sessions").display().to_string(),
-    })?;
+    };
+    let text = {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .map_err(|_| not_found())?;
+        let mut t = String::new();
+        f.read_to_string(&mut t).map_err(|_| not_found())?;
+        t
+    };
     let mut out = Vec::new();
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<Value>(line) else {

@@ -129,8 +129,11 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         None => None,
     };
 
+    // Subscribe to address changes before reading the addresses, so no change falls between.
+    let addr_watch = sys::AddrWatch::new()?;
+    let local = sys::interface_addrs()?;
     let resolved = resolve_all(&policy, None).await;
-    let routes = Routes::build(&policy, &resolved);
+    let routes = Routes::build(&policy, &resolved, &local);
     let dp = Arc::new(
         Datapath::install(
             &cfg.listen,
@@ -184,6 +187,7 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             audit: Some(agent.audit.clone()),
         }));
     }
+    agent.set_local(local);
     let agent = Arc::new(agent);
     for (h, ips) in resolved {
         agent.set_resolved(h, ips);
@@ -217,6 +221,7 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
 
     tokio::spawn(watch_policy(agent.clone(), dp.clone(), policy_path.clone()));
     tokio::spawn(refresh_dns(agent.clone(), dp.clone()));
+    follow_local_addrs(addr_watch, agent.clone(), dp.clone())?;
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
@@ -389,7 +394,8 @@ async fn reload(agent: &Agent, dp: &Datapath, path: &Path, why: &str) {
             for (h, ips) in &resolved {
                 agent.set_resolved(h.clone(), ips.clone());
             }
-            let routes = Routes::build(&p, &agent.resolved_snapshot());
+            let _updating = crate::lock(&agent.routes_update);
+            let routes = agent.routes_for(&p);
             match dp.set_routes(&routes) {
                 Ok(()) => {
                     let old = agent.gen.load();
@@ -498,16 +504,59 @@ async fn refresh_dns(agent: Arc<Agent>, dp: Arc<Datapath>) {
             changed |= agent.set_resolved(h, ips);
         }
         if changed {
-            let routes = Routes::build(&gen.policy, &agent.resolved_snapshot());
-            if let Err(e) = dp.set_routes(&routes) {
-                error!(error = %e, "cannot update kernel targets after DNS change");
-                continue;
+            match update_routes(&agent, &dp) {
+                Ok(()) => info!("target addresses changed in DNS; routes updated"),
+                Err(e) => error!(error = %e, "cannot update kernel targets after DNS change"),
             }
-            agent.gen.store(Arc::new(Generation {
-                policy: gen.policy.clone(),
-                routes,
-            }));
-            info!("target addresses changed in DNS; routes updated");
         }
     }
+}
+
+/// Rebuild the current generation's routes (new resolved or local addresses), write them to
+/// the kernel and swap them in.
+fn update_routes(agent: &Agent, dp: &Datapath) -> Result<(), crate::bpf::BpfError> {
+    let _updating = crate::lock(&agent.routes_update);
+    let gen = agent.gen.load_full();
+    let routes = agent.routes_for(&gen.policy);
+    dp.set_routes(&routes)?;
+    agent.gen.store(Arc::new(Generation {
+        policy: gen.policy.clone(),
+        routes,
+    }));
+    Ok(())
+}
+
+/// Keep the local aliases current: on every address change in this network namespace (and
+/// every 10 s, in case a notification was lost) re-read the interface addresses and, if they
+/// changed, rebuild the routes. A target on a local address then covers an address added
+/// after the start within milliseconds. A blocking thread: netlink reads are plain recv(2).
+fn follow_local_addrs(
+    watch: sys::AddrWatch,
+    agent: Arc<Agent>,
+    dp: Arc<Datapath>,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("tollgate-addrs".into())
+        .spawn(move || loop {
+            watch.wait(Duration::from_secs(10));
+            let now = match sys::interface_addrs() {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the interface addresses; keeping the previous ones");
+                    continue;
+                }
+            };
+            if agent.set_local(now.clone()) {
+                match update_routes(&agent, &dp) {
+                    Ok(()) => {
+                        info!(addresses = now.len(), "interface addresses changed; local targets cover them")
+                    }
+                    Err(e) => {
+                        error!(error = %e, "cannot update kernel targets after an address change")
+                    }
+                }
+            }
+        })
+        .context("cannot start the address watcher thread")?;
+    Ok(())
 }

@@ -77,6 +77,14 @@ impl Hook {
             Hook::GetPeerName6 => "getpeername6",
         }
     }
+    /// The variant of the program for kernels without MPTCP (connect hooks only).
+    pub fn plain_program(self) -> Option<&'static str> {
+        match self {
+            Hook::Connect4 => Some("connect4_plain"),
+            Hook::Connect6 => Some("connect6_plain"),
+            Hook::GetPeerName4 | Hook::GetPeerName6 => None,
+        }
+    }
     fn attach_type(self) -> u32 {
         (match self {
             Hook::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
@@ -428,6 +436,227 @@ fn parse_diag_reply(b: &[u8], id: &[u8; 40]) -> io::Result<Option<u64>> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Interface addresses (NETLINK_ROUTE)
+// ---------------------------------------------------------------------------------------------
+
+const RTM_NEWADDR: u16 = 20;
+const RTM_GETADDR: u16 = 22;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+/// Legacy multicast group bits for `sockaddr_nl.nl_groups` (RTNLGRP_IPV4_IFADDR = 5,
+/// RTNLGRP_IPV6_IFADDR = 9).
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+
+fn netlink_route_socket(groups: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned right below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_nl is valid; family and groups are set below.
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    sa.nl_groups = groups;
+    // SAFETY: bind with a correctly sized sockaddr_nl on our descriptor.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&sa).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn set_rcvtimeo(fd: &OwnedFd, t: std::time::Duration) {
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt with a correctly sized timeval on our descriptor.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+}
+
+/// Every address on an interface of this network namespace (IPv4 and IPv6, link-local and
+/// tentative ones included) with its interface index, by an `RTM_GETADDR` dump. The connect hooks treat them as
+/// spellings of "this host" (see `targets::is_local_net`).
+pub fn interface_addrs() -> Result<std::collections::BTreeMap<IpAddr, u32>, SysError> {
+    let err = |source| SysError::Io {
+        what: "list the interface addresses (NETLINK_ROUTE RTM_GETADDR)".into(),
+        source,
+    };
+    let fd = netlink_route_socket(0).map_err(err)?;
+    set_rcvtimeo(&fd, std::time::Duration::from_secs(2));
+    // nlmsghdr (16) + ifaddrmsg (8, family AF_UNSPEC: both families).
+    let mut req = [0u8; 24];
+    req[0..4].copy_from_slice(&24u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETADDR.to_ne_bytes());
+    req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: send on our netlink descriptor with a buffer that outlives the call.
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    let mut out = std::collections::BTreeMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: recv into a buffer we own, of the length we pass.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err(e));
+        }
+        match parse_addr_dump(&buf[..n as usize], &mut out).map_err(err)? {
+            true => return Ok(out),
+            false if n == 0 => return Err(err(io::Error::other("netlink dump ended early"))),
+            false => {}
+        }
+    }
+}
+
+/// Parse one datagram of an `RTM_GETADDR` dump into `out`; true once `NLMSG_DONE` was seen.
+fn parse_addr_dump(
+    b: &[u8],
+    out: &mut std::collections::BTreeMap<IpAddr, u32>,
+) -> io::Result<bool> {
+    let u16_at = |b: &[u8], o: usize| b.get(o..o + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
+    let u32_at = |b: &[u8], o: usize| {
+        b.get(o..o + 4)
+            .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    let align = |n: usize| (n + 3) & !3;
+    let mut off = 0;
+    while off + 16 <= b.len() {
+        let len = u32_at(b, off).unwrap_or(0) as usize;
+        let ty = u16_at(b, off + 4).unwrap_or(0);
+        if len < 16 || off + len > b.len() {
+            return Err(io::Error::other("malformed netlink message"));
+        }
+        let msg = &b[off..off + len];
+        match ty {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let errno = u32_at(msg, 16).map_or(0, |e| -(e as i32));
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+            RTM_NEWADDR if msg.len() >= 24 => {
+                let family = i32::from(msg[16]);
+                let index = u32_at(msg, 20).unwrap_or(0);
+                // IFA_LOCAL is the local address; IFA_ADDRESS is the peer's on a
+                // point-to-point link and the local one otherwise (IPv6: always).
+                let (mut local, mut address) = (None, None);
+                let mut a = 24;
+                while a + 4 <= msg.len() {
+                    let alen = usize::from(u16_at(msg, a).unwrap_or(0));
+                    let aty = u16_at(msg, a + 2).unwrap_or(0);
+                    if alen < 4 || a + alen > msg.len() {
+                        break;
+                    }
+                    let data = &msg[a + 4..a + alen];
+                    let ip = match (family, data.len()) {
+                        (libc::AF_INET, 4) => {
+                            Some(IpAddr::from(<[u8; 4]>::try_from(data).unwrap_or_default()))
+                        }
+                        (libc::AF_INET6, 16) => {
+                            Some(IpAddr::from(<[u8; 16]>::try_from(data).unwrap_or_default()))
+                        }
+                        _ => None,
+                    };
+                    match aty {
+                        IFA_LOCAL => local = ip,
+                        IFA_ADDRESS => address = ip,
+                        _ => {}
+                    }
+                    a += align(alen);
+                }
+                if let Some(ip) = local.or(address) {
+                    out.insert(ip, index);
+                }
+            }
+            _ => {}
+        }
+        off += align(len);
+    }
+    Ok(false)
+}
+
+/// A NETLINK_ROUTE socket subscribed to IPv4 and IPv6 address changes of this network
+/// namespace. [`AddrWatch::wait`] returns when something changed (or may have: a lost
+/// notification, or the periodic timeout); the caller then reads [`interface_addrs`] again.
+pub struct AddrWatch(OwnedFd);
+
+impl AddrWatch {
+    pub fn new() -> Result<AddrWatch, SysError> {
+        let fd =
+            netlink_route_socket(RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR).map_err(|source| {
+                SysError::Io {
+                what: "subscribe to address changes (NETLINK_ROUTE RTNLGRP_IPV4_IFADDR/IPV6_IFADDR)"
+                    .into(),
+                source,
+            }
+            })?;
+        Ok(AddrWatch(fd))
+    }
+
+    /// Block until a notification arrives or `timeout` passes, then drain what else is queued
+    /// (a burst of changes costs one re-read). Returns false on timeout.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        set_rcvtimeo(&self.0, timeout);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut flags = 0;
+        let mut got = false;
+        loop {
+            // SAFETY: recv into a buffer we own, of the length we pass.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    flags,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Notifications were dropped (ENOBUFS): something changed.
+                    Some(libc::ENOBUFS) => got = true,
+                    _ => {}
+                }
+                return got;
+            }
+            got = true;
+            flags = libc::MSG_DONTWAIT;
+        }
+    }
+}
+
 /// The congestion control for the agent's loopback legs: one that does not pace.
 pub const LOOPBACK_CONGESTION: &str = "cubic";
 
@@ -638,6 +867,37 @@ mod tests {
         let a = netns_cookie().expect("SO_NETNS_COOKIE");
         assert_ne!(a, 0);
         assert_eq!(a, netns_cookie().expect("again"));
+    }
+
+    #[test]
+    fn interface_addrs_include_loopback() {
+        let a = interface_addrs().expect("RTM_GETADDR dump");
+        assert!(a.contains_key(&IpAddr::from([127, 0, 0, 1])), "{a:?}");
+    }
+
+    #[test]
+    fn addr_dump_parser_takes_ifa_local_over_peer() {
+        // One RTM_NEWADDR (AF_INET, p2p: IFA_ADDRESS is the peer) and NLMSG_DONE.
+        let mut m = Vec::new();
+        m.extend_from_slice(&40u32.to_ne_bytes());
+        m.extend_from_slice(&RTM_NEWADDR.to_ne_bytes());
+        m.extend_from_slice(&[0u8; 10]);
+        m.extend_from_slice(&[libc::AF_INET as u8, 32, 0, 0, 1, 0, 0, 0]);
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&IFA_ADDRESS.to_ne_bytes());
+        m.extend_from_slice(&[192, 0, 2, 9]);
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&IFA_LOCAL.to_ne_bytes());
+        m.extend_from_slice(&[192, 0, 2, 1]);
+        m.extend_from_slice(&16u32.to_ne_bytes());
+        m.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+        m.extend_from_slice(&[0u8; 10]);
+        let mut out = std::collections::BTreeMap::new();
+        assert!(parse_addr_dump(&m, &mut out).expect("parse"));
+        assert_eq!(
+            out.into_iter().collect::<Vec<_>>(),
+            [(IpAddr::from([192, 0, 2, 1]), 1)]
+        );
     }
 
     #[test]

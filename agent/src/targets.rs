@@ -2,9 +2,14 @@
 //! policy's `[[target]]` addresses (plus resolved host names), and the keys the kernel's LPM
 //! tries need.
 //!
-//! Loopback aliasing: a target on a loopback address (127.0.0.0/8 or ::1) also protects the
-//! same port on every other loopback address, on `0.0.0.0` and on `::`. A server bound to
-//! 0.0.0.0 answers on all of them, so leaving any out would be a bypass.
+//! Local aliasing: a target whose address is local to the host (any loopback address, `0.0.0.0`,
+//! `::`, any address on an interface of the agent's network namespace, or a CIDR holding one
+//! of those) protects the same port on *every* local address: all of 127.0.0.0/8, `::1`,
+//! `0.0.0.0`, `::` and each interface address (IPv6 link-local included; IPv4-mapped IPv6 is
+//! looked up in the IPv4 trie by connect6). A server bound to `0.0.0.0`/`::` answers on all of
+//! them, so leaving any out would be a bypass. The interface addresses come from netlink
+//! ([`crate::sys::interface_addrs`]) and are kept current by the agent
+//! ([`crate::sys::AddrWatch`]), so the set follows address changes.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -13,12 +18,17 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tollgate_common::{TargetKey4, TargetKey6};
-use tollgate_policy::{Policy, TargetAddress};
+use tollgate_policy::{Policy, Protocol, TargetAddress};
 
 /// `(prefix_len, key data, target index)` for the IPv4 trie.
 pub type KeySet4 = BTreeSet<(u32, TargetKey4, u32)>;
 /// The same for the IPv6 trie.
 pub type KeySet6 = BTreeSet<(u32, TargetKey6, u32)>;
+
+/// The addresses on the interfaces of the agent's network namespace, each with the index of
+/// its interface (the scope of a link-local address). Loopback and the unspecified addresses
+/// are always local and need not be in it.
+pub type LocalAddrs = std::collections::BTreeMap<IpAddr, u32>;
 
 /// One protected prefix and port, and the index of its target in `Policy::targets`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +36,9 @@ pub struct Route {
     pub net: IpNet,
     pub port: u16,
     pub target: usize,
+    /// Added because the target's address is local (not written in the policy): an explicit
+    /// route of another target with the same prefix wins over it.
+    pub alias: bool,
 }
 
 /// The route table for one policy generation.
@@ -56,24 +69,60 @@ fn host_net(ip: IpAddr) -> IpNet {
     IpNet::from(canonical(ip))
 }
 
+/// A CIDR inside `::ffff:0:0/96` as the IPv4 CIDR it is: connect4 and connect6 (for mapped
+/// destinations) look IPv4 up in `TARGETS4` only, so a mapped prefix in `TARGETS6` would
+/// protect nothing.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.network().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, n.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
+/// Whether `net` reaches this host: it is loopback, holds an unspecified address (a connect
+/// to `0.0.0.0`/`::` goes to the local host) or holds one of the interface addresses.
+pub fn is_local_net(net: &IpNet, local: &LocalAddrs) -> bool {
+    is_loopback_net(net)
+        || net.contains(&IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        || net.contains(&IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+        || local.keys().any(|ip| net.contains(&canonical(*ip)))
+}
+
+/// Every spelling of "this host": loopback, unspecified and each interface address.
+fn local_nets(local: &LocalAddrs) -> impl Iterator<Item = IpNet> + '_ {
+    loopback_aliases()
+        .into_iter()
+        .chain(local.keys().map(|ip| host_net(*ip)))
+}
+
 impl Routes {
-    /// Build the table. `resolved` holds the current addresses of host-name targets.
-    pub fn build(policy: &Policy, resolved: &HashMap<String, Vec<IpAddr>>) -> Routes {
+    /// Build the table. `resolved` holds the current addresses of host-name targets, `local`
+    /// the addresses on this network namespace's interfaces.
+    pub fn build(
+        policy: &Policy,
+        resolved: &HashMap<String, Vec<IpAddr>>,
+        local: &LocalAddrs,
+    ) -> Routes {
         let mut routes = Vec::new();
         for (idx, t) in policy.targets.iter().enumerate() {
             let mut push = |net: IpNet, port: u16| {
-                let loopback = is_loopback_net(&net);
+                let is_local = is_local_net(&net, local);
                 routes.push(Route {
                     net,
                     port,
                     target: idx,
+                    alias: false,
                 });
-                if loopback {
-                    for alias in loopback_aliases() {
+                if is_local {
+                    for alias in local_nets(local) {
                         routes.push(Route {
                             net: alias,
                             port,
                             target: idx,
+                            alias: true,
                         });
                     }
                 }
@@ -81,7 +130,7 @@ impl Routes {
             for a in &t.address {
                 match a {
                     TargetAddress::Exact(sa) => push(host_net(sa.ip()), sa.port()),
-                    TargetAddress::Cidr(net, port) => push(net.trunc(), *port),
+                    TargetAddress::Cidr(net, port) => push(canonical_net(net.trunc()), *port),
                     TargetAddress::Host(h, port) => {
                         for ip in resolved.get(h).into_iter().flatten() {
                             push(host_net(*ip), *port);
@@ -93,15 +142,16 @@ impl Routes {
         Routes { routes }
     }
 
-    /// The target protecting `addr`, longest prefix first; explicit routes win over aliases of
-    /// equal length because they come first.
+    /// The target protecting `addr`, longest prefix first; at equal length a route written in
+    /// the policy wins over a local alias, then the earlier target.
     pub fn lookup(&self, addr: SocketAddr) -> Option<usize> {
         let ip = canonical(addr.ip());
+        let rank = |r: &Route| (r.net.prefix_len(), !r.alias);
         self.routes
             .iter()
             .filter(|r| r.port == addr.port() && r.net.contains(&ip))
             .fold(None::<&Route>, |best, r| match best {
-                Some(b) if b.net.prefix_len() >= r.net.prefix_len() => Some(b),
+                Some(b) if rank(b) >= rank(r) => Some(b),
                 _ => Some(r),
             })
             .map(|r| r.target)
@@ -144,6 +194,59 @@ fn loopback_aliases() -> [IpNet; 4] {
     ]
 }
 
+/// The `(target name, port)` of every `postgres` target with an address local to this host
+/// (see [`is_local_net`]; the host name `localhost` counts as local). PostgreSQL on such a
+/// port also listens on a Unix socket, which the connect hooks never see.
+pub fn local_postgres_ports(policy: &Policy, local: &LocalAddrs) -> Vec<(String, u16)> {
+    let mut out = Vec::new();
+    for t in policy
+        .targets
+        .iter()
+        .filter(|t| t.protocol == Protocol::Postgres)
+    {
+        let mut ports = BTreeSet::new();
+        for a in &t.address {
+            let (is_local, port) = match a {
+                TargetAddress::Exact(sa) => (is_local_net(&host_net(sa.ip()), local), sa.port()),
+                TargetAddress::Cidr(net, port) => {
+                    (is_local_net(&canonical_net(net.trunc()), local), *port)
+                }
+                TargetAddress::Host(h, port) => {
+                    let h = h.trim_end_matches('.').to_ascii_lowercase();
+                    (h == "localhost" || h.ends_with(".localhost"), *port)
+                }
+            };
+            if is_local {
+                ports.insert(port);
+            }
+        }
+        out.extend(ports.into_iter().map(|p| (t.name.clone(), p)));
+    }
+    out
+}
+
+/// The warning `check-policy` and `doctor` print for a local PostgreSQL target: its Unix
+/// socket bypasses the redirect unless its permissions keep bots out.
+pub fn unix_socket_warning(target: &str, port: u16) -> String {
+    format!(
+        "target \"{target}\" (postgres on a local address, port {port}): PostgreSQL's Unix socket \
+         (/var/run/postgresql/.s.PGSQL.{port}, or /tmp/.s.PGSQL.{port}) is NOT covered by the \
+         redirect, so any bot that can open it reaches the database directly. Close it to bots by \
+         its permissions: in postgresql.conf set `unix_socket_permissions = 0770` and \
+         `unix_socket_group` to a group no bot is in (or `unix_socket_directories = ''` to turn it \
+         off), then restart PostgreSQL; admins use the socket through that group, or connect over \
+         TCP as an identity of their own"
+    )
+}
+
+/// One [`unix_socket_warning`] per local PostgreSQL target and port.
+pub fn unix_socket_warnings(policy: &Policy, local: &LocalAddrs) -> Vec<String> {
+    local_postgres_ports(policy, local)
+        .into_iter()
+        .map(|(t, p)| unix_socket_warning(&t, p))
+        .collect()
+}
+
 /// Host names that need resolving, with nothing else.
 pub fn host_names(policy: &Policy) -> BTreeSet<String> {
     policy
@@ -171,7 +274,7 @@ mod tests {
     #[test]
     fn loopback_targets_cover_aliases_and_mapped() {
         let p = policy("\"127.0.0.1:5432\"");
-        let r = Routes::build(&p, &HashMap::new());
+        let r = Routes::build(&p, &HashMap::new(), &LocalAddrs::new());
         for a in [
             "127.0.0.1:5432",
             "127.0.0.2:5432",
@@ -187,10 +290,121 @@ mod tests {
         assert_eq!(r.lookup("10.0.1.7:5432".parse().expect("addr")), None);
     }
 
+    fn host(addrs: &[&str]) -> LocalAddrs {
+        addrs.iter().map(|a| (a.parse().expect("ip"), 1)).collect()
+    }
+
+    const HOST_SPELLINGS: [&str; 9] = [
+        "127.0.0.1:5432",
+        "127.0.0.2:5432",
+        "0.0.0.0:5432",
+        "[::1]:5432",
+        "[::]:5432",
+        "192.0.2.2:5432",
+        "[::ffff:192.0.2.2]:5432",
+        "[fd00::2]:5432",
+        "[fe80::2]:5432",
+    ];
+
+    #[test]
+    fn a_local_target_covers_every_local_address() {
+        let local = host(&["192.0.2.2", "fd00::2", "fe80::2"]);
+        for target in [
+            "\"127.0.0.1:5432\"",
+            "\"[::1]:5432\"",
+            "\"192.0.2.2:5432\"",
+            "\"[fd00::2]:5432\"",
+            "\"0.0.0.0:5432\"",
+            "\"[::]:5432\"",
+            "\"192.0.2.0/24:5432\"",
+        ] {
+            let r = Routes::build(&policy(target), &HashMap::new(), &local);
+            for a in HOST_SPELLINGS {
+                assert_eq!(r.lookup(a.parse().expect("addr")), Some(0), "{target}: {a}");
+            }
+            // Other hosts and other ports stay unprotected.
+            assert_eq!(r.lookup("198.51.100.1:5432".parse().expect("addr")), None);
+            assert_eq!(r.lookup("192.0.2.2:5433".parse().expect("addr")), None);
+            let (v4, v6) = r.bpf_keys();
+            assert!(
+                v4.contains(&(48, [0x15, 0x38, 192, 0, 2, 2], 0)),
+                "{target}"
+            );
+            let mut fe80 = [0u8; 18];
+            fe80[..2].copy_from_slice(&[0x15, 0x38]);
+            fe80[2..].copy_from_slice(&"fe80::2".parse::<Ipv6Addr>().expect("ip").octets());
+            assert!(v6.contains(&(144, fe80, 0)), "{target}");
+        }
+    }
+
+    #[test]
+    fn a_remote_target_gets_no_local_aliases() {
+        let local = host(&["192.0.2.2"]);
+        let r = Routes::build(&policy("\"198.51.100.7:5432\""), &HashMap::new(), &local);
+        assert_eq!(
+            r.lookup("198.51.100.7:5432".parse().expect("addr")),
+            Some(0)
+        );
+        for a in ["127.0.0.1:5432", "192.0.2.2:5432", "0.0.0.0:5432"] {
+            assert_eq!(r.lookup(a.parse().expect("addr")), None, "{a}");
+        }
+    }
+
+    #[test]
+    fn an_explicit_route_beats_another_targets_local_alias() {
+        let text = "[[identity]]\nname = \"a\"\nuid = 1\n\n[[target]]\nname = \"lo\"\nprotocol = \"tcp\"\naddress = [\"127.0.0.1:5432\"]\n\n[[target]]\nname = \"eth\"\nprotocol = \"tcp\"\naddress = [\"192.0.2.2:5432\"]\n";
+        let p = tollgate_policy::parse(text, "t.toml").expect("valid policy");
+        let r = Routes::build(&p, &HashMap::new(), &host(&["192.0.2.2"]));
+        assert_eq!(r.lookup("127.0.0.1:5432".parse().expect("addr")), Some(0));
+        assert_eq!(r.lookup("192.0.2.2:5432".parse().expect("addr")), Some(1));
+        assert_eq!(r.lookup("[::1]:5432".parse().expect("addr")), Some(0));
+    }
+
+    #[test]
+    fn local_postgres_targets_are_named_for_the_unix_socket_warning() {
+        let text = "[[identity]]\nname = \"a\"\nuid = 1\n\n[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = [\"127.0.0.1:5432\", \"[::1]:5432\", \"192.0.2.2:6432\"]\n\n[[target]]\nname = \"remote\"\nprotocol = \"postgres\"\naddress = [\"198.51.100.7:5432\"]\n\n[[target]]\nname = \"byname\"\nprotocol = \"postgres\"\naddress = [\"localhost:5433\"]\n\n[[target]]\nname = \"raw\"\nprotocol = \"tcp\"\naddress = [\"127.0.0.1:5434\"]\n";
+        let p = tollgate_policy::parse(text, "t.toml").expect("valid policy");
+        let got = local_postgres_ports(&p, &host(&["192.0.2.2"]));
+        assert_eq!(
+            got,
+            [
+                ("db".to_string(), 5432),
+                ("db".to_string(), 6432),
+                ("byname".to_string(), 5433)
+            ]
+        );
+        let all = unix_socket_warnings(&p, &host(&["192.0.2.2"]));
+        assert_eq!(all.len(), 3);
+        let w = &all[0];
+        assert!(w.contains("target \"db\""), "{w}");
+        assert!(w.contains("/var/run/postgresql/.s.PGSQL.5432"), "{w}");
+        assert!(w.contains("NOT covered by the redirect"), "{w}");
+        assert!(w.contains("unix_socket_permissions = 0770"), "{w}");
+        assert!(w.contains("unix_socket_group"), "{w}");
+    }
+
+    #[test]
+    fn ipv4_mapped_cidrs_go_to_the_ipv4_trie() {
+        let r = Routes::build(
+            &policy("\"[::ffff:198.51.100.0/120]:5432\""),
+            &HashMap::new(),
+            &LocalAddrs::new(),
+        );
+        assert_eq!(
+            r.lookup("198.51.100.9:5432".parse().expect("addr")),
+            Some(0)
+        );
+        let (v4, _) = r.bpf_keys();
+        assert!(
+            v4.contains(&(40, [0x15, 0x38, 198, 51, 100, 0], 0)),
+            "{v4:?}"
+        );
+    }
+
     #[test]
     fn bpf_keys_put_port_first() {
         let p = policy("\"127.0.0.1:5432\"");
-        let (v4, v6) = Routes::build(&p, &HashMap::new()).bpf_keys();
+        let (v4, v6) = Routes::build(&p, &HashMap::new(), &LocalAddrs::new()).bpf_keys();
         assert!(v4.contains(&(48, [0x15, 0x38, 127, 0, 0, 1], 0)));
         assert!(v4.contains(&(24, [0x15, 0x38, 127, 0, 0, 0], 0)));
         assert!(v4.contains(&(40, [0x15, 0x38, 10, 0, 0, 0], 1)));
@@ -205,7 +419,7 @@ mod tests {
             "db.internal".to_string(),
             vec!["192.0.2.10".parse().expect("ip")],
         );
-        let r = Routes::build(&p, &res);
+        let r = Routes::build(&p, &res, &LocalAddrs::new());
         assert_eq!(r.lookup("192.0.2.10:5432".parse().expect("addr")), Some(0));
         assert_eq!(r.lookup("192.0.2.11:5432".parse().expect("addr")), None);
     }

@@ -15,6 +15,7 @@ use aya_ebpf::{
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
             bpf_ktime_get_ns, bpf_set_retval, bpf_sk_lookup_tcp, bpf_sk_release,
+            bpf_skc_to_mptcp_sock,
         },
     },
     macros::{cgroup_sock_addr, lsm, map, raw_tracepoint},
@@ -29,6 +30,8 @@ use tollgate_common::{
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_MPTCP: u32 = 262;
 /// cgroup/connect*: 1 lets the (possibly rewritten) connect proceed, 0 fails it with EPERM.
 const PROCEED: i32 = 1;
 const REFUSE: i32 = 0;
@@ -61,6 +64,61 @@ fn refuse_no_agent() -> i32 {
     const ECONNREFUSED: i32 = 111;
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     REFUSE
+}
+
+/// Refuse an MPTCP connect to a protected destination with `EPROTONOSUPPORT`. Redirecting it
+/// would work (the agent accepts the first subflow as TCP), but `getpeername` runs on the
+/// MPTCP socket while this hook ran on its subflow, under another socket cookie, so the bot
+/// would see the agent's listener as its peer. Refused, the bot learns nothing and reaches
+/// nothing; a client that wants the target speaks plain TCP.
+#[inline(always)]
+fn refuse_mptcp() -> i32 {
+    count(counter::MPTCP);
+    const EPROTONOSUPPORT: i32 = 93;
+    unsafe { bpf_set_retval(-EPROTONOSUPPORT) };
+    REFUSE
+}
+
+/// Whether the connecting socket is MPTCP. The kernel runs the connect hooks of an MPTCP
+/// socket on its first subflow, a TCP socket (`mptcp_connect` calls the subflow's
+/// `pre_connect`), so `protocol` reads IPPROTO_TCP there; `bpf_skc_to_mptcp_sock` recognises
+/// the subflow. `protocol == IPPROTO_MPTCP` covers a kernel that runs the hook on the MPTCP
+/// socket itself.
+///
+/// `subflow_helper` is false in the `_plain` programs for kernels built without MPTCP, where
+/// the helper's return type has no BTF and the verifier rejects any program calling it (and
+/// where no MPTCP socket can exist).
+#[inline(always)]
+fn is_mptcp(sa: *mut bpf_sock_addr, subflow_helper: bool) -> bool {
+    // Its own volatile 32-bit load: LLVM would merge it with the neighbouring `type` read
+    // into one 64-bit context access, which the verifier rejects.
+    let protocol = unsafe { read_volatile(addr_of!((*sa).protocol)) };
+    if protocol == IPPROTO_MPTCP {
+        return true;
+    }
+    if !subflow_helper {
+        return false;
+    }
+    let sk = unsafe { read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)) };
+    if sk.is_null() {
+        return false;
+    }
+    // Non-null for a TCP socket that is an MPTCP subflow (`sk_is_mptcp`), null otherwise.
+    // Helper 196 (Linux 5.19+), available to cgroup sock_addr programs of a loader with
+    // CAP_PERFMON.
+    !unsafe { bpf_skc_to_mptcp_sock(sk.cast()) }.is_null()
+}
+
+/// A TCP socket (`SOCK_STREAM` with protocol TCP; protocol 0 was resolved to TCP at
+/// `socket()`): the only kind the agent's listener can take. SCTP's `SOCK_STREAM` sockets, for
+/// one, are refused here rather than sent to a TCP listener they cannot reach.
+#[inline(always)]
+fn is_tcp(sa: *mut bpf_sock_addr) -> bool {
+    // Separate volatile 32-bit loads: LLVM would merge these adjacent fields into one 64-bit
+    // context access, which the verifier rejects.
+    let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
+    let protocol = unsafe { read_volatile(addr_of!((*sa).protocol)) };
+    sock_type == SOCK_STREAM && protocol == IPPROTO_TCP
 }
 
 #[inline(always)]
@@ -222,6 +280,17 @@ fn remember(ctx: &SockAddrContext, orig_ip: [u32; 4], port_be: u16, family: u32)
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
+    connect4_body(ctx, true)
+}
+
+/// `connect4` for kernels without MPTCP (see `is_mptcp`); the agent loads it only there.
+#[cgroup_sock_addr(connect4)]
+pub fn connect4_plain(ctx: SockAddrContext) -> i32 {
+    connect4_body(ctx, false)
+}
+
+#[inline(always)]
+fn connect4_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
     let sa = ctx.sock_addr;
     let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
     // The fast path for every unprotected connect on the host: one bitmap load.
@@ -246,8 +315,10 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         count(counter::EXEMPT);
         return PROCEED;
     }
-    let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
-    if sock_type != SOCK_STREAM || cfg.listen4_port == 0 {
+    if is_mptcp(sa, mptcp_helper) {
+        return refuse_mptcp();
+    }
+    if !is_tcp(sa) || cfg.listen4_port == 0 {
         // A protected destination is reachable only through the agent, which speaks TCP.
         count(counter::REFUSED);
         return REFUSE;
@@ -269,6 +340,17 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
+    connect6_body(ctx, true)
+}
+
+/// `connect6` for kernels without MPTCP (see `is_mptcp`); the agent loads it only there.
+#[cgroup_sock_addr(connect6)]
+pub fn connect6_plain(ctx: SockAddrContext) -> i32 {
+    connect6_body(ctx, false)
+}
+
+#[inline(always)]
+fn connect6_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
     let sa = ctx.sock_addr;
     let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
     if !port_protected(port) {
@@ -307,13 +389,15 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         count(counter::EXEMPT);
         return PROCEED;
     }
-    let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
+    if is_mptcp(sa, mptcp_helper) {
+        return refuse_mptcp();
+    }
     let (new_ip, new_port) = if mapped {
         ([0, 0, V4_MAPPED_WORD, cfg.listen4_ip], cfg.listen4_port)
     } else {
         (cfg.listen6_ip, cfg.listen6_port)
     };
-    if sock_type != SOCK_STREAM || new_port == 0 {
+    if !is_tcp(sa) || new_port == 0 {
         count(counter::REFUSED);
         return REFUSE;
     }

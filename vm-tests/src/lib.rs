@@ -702,6 +702,16 @@ impl EchoServer {
     pub fn start_on(mode: EchoMode, extra: &[IpAddr]) -> EchoServer {
         let mut ips: Vec<IpAddr> = vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()];
         ips.extend_from_slice(extra);
+        EchoServer::start_exactly(mode, &ips)
+    }
+
+    /// Listen on `[::]` (dual-stack) only: every address of the host, IPv4 and IPv6, as a
+    /// server bound to all interfaces does.
+    pub fn start_any(mode: EchoMode) -> EchoServer {
+        EchoServer::start_exactly(mode, &[Ipv6Addr::UNSPECIFIED.into()])
+    }
+
+    fn start_exactly(mode: EchoMode, ips: &[IpAddr]) -> EchoServer {
         let (port, listeners) = (0..200)
             .find_map(|_| {
                 let port = free_port();
@@ -983,13 +993,20 @@ impl AgentProc {
     /// it is ready (its metrics endpoint answers, which it binds only after the eBPF programs
     /// are attached).
     pub fn start(tag: &str, fail_mode: FailMode, body: &str) -> AgentProc {
-        AgentProc::start_opts(tag, fail_mode, body, None)
+        AgentProc::start_opts(tag, fail_mode, body, None, "")
+    }
+
+    /// Like [`AgentProc::start`] with `namespace = "own"`: for an agent started from a thread
+    /// inside a test's own network namespace ([`netns::ThreadNetns`]), which must leave every
+    /// other namespace alone.
+    pub fn start_own_netns(tag: &str, fail_mode: FailMode, body: &str) -> AgentProc {
+        AgentProc::start_opts(tag, fail_mode, body, None, "namespace = \"own\"\n")
     }
 
     /// Like [`AgentProc::start`], with the admin API (approvals) on a free loopback port.
     pub fn start_with_admin(tag: &str, fail_mode: FailMode, body: &str) -> AgentProc {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        AgentProc::start_opts(tag, fail_mode, body, Some(admin))
+        AgentProc::start_opts(tag, fail_mode, body, Some(admin), "")
     }
 
     /// Like [`AgentProc::start_with_admin`] on a given admin address: for a caller that must
@@ -1000,7 +1017,7 @@ impl AgentProc {
         body: &str,
         admin: SocketAddr,
     ) -> AgentProc {
-        AgentProc::start_opts(tag, fail_mode, body, Some(admin))
+        AgentProc::start_opts(tag, fail_mode, body, Some(admin), "")
     }
 
     fn start_opts(
@@ -1008,6 +1025,7 @@ impl AgentProc {
         fail_mode: FailMode,
         body: &str,
         admin: Option<SocketAddr>,
+        extra_agent_keys: &str,
     ) -> AgentProc {
         let dir = TempDir::new(&format!("agent-{tag}"));
         let listen_port = free_port();
@@ -1020,7 +1038,7 @@ impl AgentProc {
         let agent_section = format!(
             "[agent]\nlisten = [\"127.0.0.1:{listen_port}\", \"[::1]:{listen_port}\"]\n\
              metrics = \"{metrics}\"\nadmin = \"{admin_value}\"\ndata_dir = \"{}\"\n\
-             fail_mode = \"{}\"\nbpf_pin_path = \"{}\"\ndrain_timeout = \"2s\"\n\n",
+             fail_mode = \"{}\"\nbpf_pin_path = \"{}\"\ndrain_timeout = \"2s\"\n{extra_agent_keys}\n",
             data_dir.display(),
             fail_mode.as_str(),
             pin_path.display()

@@ -139,3 +139,69 @@ impl Drop for NetNs {
             .output();
     }
 }
+
+/// A fresh network namespace that the *calling thread* enters: `setns(2)` changes only the
+/// calling thread, and the sockets it opens, the threads it starts and the processes it spawns
+/// afterwards all live in the namespace. A test can so run an agent (with `namespace = "own"`,
+/// see [`crate::AgentProc::start_own_netns`]), servers and bots with addresses of their own
+/// (192.0.2.x, fd00::x, link-local), never the machine's. Create it first in a test, so it is
+/// dropped last: the thread goes back to its namespace and the namespace is deleted.
+pub struct ThreadNetns {
+    pub name: String,
+    home: fs::File,
+}
+
+impl ThreadNetns {
+    pub fn enter(tag: &str) -> ThreadNetns {
+        let name = format!("tollgate-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        // The thread's own namespace (not /proc/self, which is the main thread's).
+        let home = fs::File::open("/proc/thread-self/ns/net").expect("open own netns");
+        ip(&["netns", "add", &name]);
+        let ns = ThreadNetns { name, home };
+        ns.ip(&["link", "set", "lo", "up"]);
+        let f = fs::File::open(Path::new("/run/netns").join(&ns.name)).expect("open new netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns(2) on a namespace file we hold open; only this thread moves.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        ns
+    }
+
+    /// `ip -n <name> ARGS`, asserting success.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// Add `addr` (a CIDR) to `dev`; IPv6 addresses skip duplicate address detection.
+    pub fn add_addr(&self, addr: &str, dev: &str) {
+        if addr.contains(':') {
+            self.ip(&["addr", "add", addr, "dev", dev, "nodad"]);
+        } else {
+            self.ip(&["addr", "add", addr, "dev", dev]);
+        }
+    }
+
+    /// The interface index of `dev` in this namespace (the scope id of its link-local
+    /// addresses); the calling thread must be inside it.
+    pub fn if_index(&self, dev: &str) -> u32 {
+        let c = std::ffi::CString::new(dev).expect("no NUL");
+        // SAFETY: if_nametoindex reads a NUL-terminated name; it asks this thread's namespace.
+        let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        assert_ne!(i, 0, "no interface {dev} in {}", self.name);
+        i
+    }
+}
+
+impl Drop for ThreadNetns {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns(2) back to the namespace this thread started in.
+        unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

@@ -247,6 +247,20 @@ impl PgServer {
         );
     }
 
+    /// Stop the server, add `extra` to its options (e.g. `-c unix_socket_permissions=0770`)
+    /// and start it again.
+    pub fn restart_with(&mut self, extra: &str) {
+        self.stop();
+        self.opts.push(' ');
+        self.opts.push_str(extra);
+        self.start_again();
+    }
+
+    /// The directory holding the server's Unix socket (`.s.PGSQL.<port>`).
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Run SQL as the superuser over the Unix socket (not through tollgate).
     pub fn superuser_sql(&self, sql: &str, db: &str) -> String {
         let out = Command::new("psql")

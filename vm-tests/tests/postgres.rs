@@ -481,12 +481,16 @@ fn psql_copy_to_stdout_is_masked_and_copy_from_stdin_still_works() {
     }
     assert!(t.contains("\"vip\""), "{t}");
 
-    // COPY (query) on a target with column rules: a clean denial naming why.
+    // COPY (query) on a target with column rules: which output column is which table column
+    // is only known to the server, so a query that reads a masked column has every value
+    // masked in full.
     let o = f.psql(&["-c", "\\copy (select id, email from customers) to stdout"]);
     let t = text(&o);
-    assert!(!o.status.success(), "{t}");
-    assert!(t.contains("42501") && t.contains("COPY (query)"), "{t}");
-    assert!(!t.contains(SECRET_EMAIL), "{t}");
+    assert!(o.status.success(), "{t}");
+    assert!(
+        !t.contains(SECRET_EMAIL) && t.contains("********\t********"),
+        "{t}"
+    );
     // Binary output is refused, never passed.
     let o = f.psql(&["-c", "\\copy customers to stdout with (format binary)"]);
     let t = text(&o);

@@ -103,7 +103,7 @@ action = "allow"
         data = dir.join("data").display()
     );
     let policy = tollgate_policy::parse(&text, "test.toml").expect("policy");
-    let routes = Routes::build(&policy, &HashMap::new());
+    let routes = Routes::build(&policy, &HashMap::new(), &Default::default());
     let table = Arc::new(Table::default());
     let audit = Audit::open(&dir.join("data")).expect("audit");
     let mut agent = Agent::new(

@@ -98,8 +98,10 @@ pub mod counter {
     /// A protected connect was refused because the listener it would be sent to is not the
     /// agent's (agent down and someone else bound its port).
     pub const NO_AGENT: u32 = 5;
+    /// An MPTCP connect to a protected destination was refused (`EPROTONOSUPPORT`).
+    pub const MPTCP: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// The IPv4-mapped IPv6 prefix word `0000:ffff` in network byte order, as it appears in the

@@ -9,11 +9,15 @@
 //!  "echo_ok":true}
 //! ```
 //!
-//! Usage: `tg-probe --connect ADDR [--v6-socket] [--send-bytes N] [--expect-echo]
+//! Usage: `tg-probe --connect ADDR [--v6-socket] [--mptcp] [--fastopen] [--send-bytes N] [--expect-echo]
 //! [--hold-ms N | --hold-stdin] [--fork-exec "PATH ARG.."] [--timeout-ms N]`, or
 //! `tg-probe --listen ADDR [--timeout-ms N]`
 //!
 //! - `--v6-socket`: use an AF_INET6 socket; an IPv4 `ADDR` becomes `::ffff:a.b.c.d`.
+//! - `--mptcp`: open the socket with `IPPROTO_MPTCP` (262) instead of TCP, as an MPTCP-enabled
+//!   client (or `mptcpize`) does.
+//! - `--fastopen`: connect with `sendto(MSG_FASTOPEN)` (TCP Fast Open, no payload in the SYN)
+//!   instead of `connect()`: another kernel path into the same connect hooks.
 //! - `--expect-echo`: read back each chunk before going on; `echo_ok` says whether the bytes
 //!   that came back are exactly the bytes sent.
 //! - `--hold-ms N` / `--hold-stdin`: send the first half, (read its echo,) print a
@@ -45,6 +49,8 @@ struct Args {
     listen: Option<SocketAddr>,
     fork_exec: Option<Vec<String>>,
     v6_socket: bool,
+    mptcp: bool,
+    fastopen: bool,
     send_bytes: usize,
     expect_echo: bool,
     hold_ms: Option<u64>,
@@ -55,7 +61,7 @@ struct Args {
 fn usage(msg: &str) -> ! {
     eprintln!("tg-probe: {msg}");
     eprintln!(
-        "usage: tg-probe --connect ADDR [--v6-socket] [--send-bytes N] [--expect-echo] \
+        "usage: tg-probe --connect ADDR [--v6-socket] [--mptcp] [--fastopen] [--send-bytes N] [--expect-echo] \
          [--hold-ms N | --hold-stdin] [--timeout-ms N]"
     );
     std::process::exit(2)
@@ -69,6 +75,8 @@ fn parse_args() -> Args {
         listen: None,
         fork_exec: None,
         v6_socket: false,
+        mptcp: false,
+        fastopen: false,
         send_bytes: 0,
         expect_echo: false,
         hold_ms: None,
@@ -104,6 +112,8 @@ fn parse_args() -> Args {
                 a.fork_exec = Some(argv);
             }
             "--v6-socket" => a.v6_socket = true,
+            "--mptcp" => a.mptcp = true,
+            "--fastopen" => a.fastopen = true,
             "--send-bytes" => {
                 a.send_bytes = value("--send-bytes")
                     .parse()
@@ -359,6 +369,7 @@ fn main() {
             "cap_eff": cap_eff(),
             "sent_bytes": a.send_bytes,
             "sent_sha256": sent_sha,
+            "mptcp": a.mptcp,
         })
     };
     let mut out = Outcome::default();
@@ -366,7 +377,11 @@ fn main() {
     let sock = match Socket::new(
         Domain::for_address(target),
         Type::STREAM,
-        Some(Protocol::TCP),
+        Some(if a.mptcp {
+            Protocol::MPTCP
+        } else {
+            Protocol::TCP
+        }),
     ) {
         Ok(s) => s,
         Err(e) => {
@@ -382,7 +397,13 @@ fn main() {
     // connection the agent accepts and then resets still counts as connected (the reset shows
     // up on the first read or write), while a refused one fails here.
     let _ = sock.set_write_timeout(Some(a.timeout));
-    if let Err(e) = sock.connect(&target.into()) {
+    let connected = if a.fastopen {
+        sock.send_to_with_flags(&[], &target.into(), libc::MSG_FASTOPEN)
+            .map(|_| ())
+    } else {
+        sock.connect(&target.into())
+    };
+    if let Err(e) = connected {
         out.fail("connect", &e);
         return report(base(false), &out, None, None);
     }
