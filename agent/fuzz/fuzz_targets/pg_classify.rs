@@ -3,11 +3,22 @@
 // return Ok or Err, never panic; so must the cache keys. And the fast key's promise holds: a
 // text that shares it (other string and number contents) classifies the same, unless the
 // classification read a constant (then the cache never shares it).
-use tollgate::pg::classify::{cache_key, classify, fast_key, fast_key_sibling, Statement};
+use tollgate::pg::classify::{cache_key, classify, fast_key, fast_key_sibling, Lineage, Statement};
 
-fn shape(v: &[Statement]) -> Vec<(Vec<&'static str>, Vec<String>, Vec<String>, Vec<String>, bool)> {
+type Shape = (Vec<&'static str>, Vec<String>, Vec<String>, Vec<String>, bool, Lineage);
+
+fn shape(v: &[Statement]) -> Vec<Shape> {
     v.iter()
-        .map(|s| (s.kinds.clone(), s.tables.clone(), s.functions.clone(), s.dangerous.clone(), s.read_only))
+        .map(|s| {
+            (
+                s.kinds.clone(),
+                s.tables.clone(),
+                s.functions.clone(),
+                s.dangerous.clone(),
+                s.read_only,
+                s.lineage.clone(),
+            )
+        })
         .collect()
 }
 
