@@ -33,6 +33,7 @@ const APT_PACKAGES: &[&str] = &[
     "dpkg-dev",
     "make",
     "gcc",
+    "python3-venv",
 ];
 
 pub fn setup(apt: bool) -> Result<()> {
@@ -42,6 +43,7 @@ pub fn setup(apt: bool) -> Result<()> {
         apt_packages()?;
         oidc_provider()?;
         pg_regress_suite()?;
+        python_clients()?;
     }
     Ok(())
 }
@@ -218,6 +220,30 @@ fn pg_regress_suite() -> Result<()> {
         .current_dir(&modules))
     .context("building the regression test modules (needs postgresql-server-dev-15, make, gcc)")?;
     fs::write(&stamp, &version)?;
+    Ok(())
+}
+
+/// PostgreSQL client libraries for the vm-tests, pinned, in a venv under `<tools>/pyvenv`
+/// (PyPI only): psycopg 3 with its binary wheel (which bundles its own libpq, 18.x: the
+/// encrypted CancelRequest path of libpq 17+).
+const PY_CLIENTS: &[&str] = &["psycopg[binary]==3.3.9"];
+
+fn python_clients() -> Result<()> {
+    let venv = tools_dir().join("pyvenv");
+    let stamp = venv.join("tollgate-clients");
+    let want = PY_CLIENTS.join("\n");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    eprintln!("installing {PY_CLIENTS:?} into {} (pip)", venv.display());
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv))
+    .context("python3 -m venv needs Debian's python3-venv")?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .args(PY_CLIENTS))?;
+    fs::write(&stamp, want)?;
     Ok(())
 }
 
