@@ -87,7 +87,7 @@ pub use model::{
     redact_url_password, Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch,
     Identity, IdentityOidc, KubeMatch, MaskRule, MaskStyle, Mode, NetnsScope, OidcConfig, Policy,
     Protocol, Rule, SecretSource, SqlMatch, SshMatch, StorePassword, Target, TargetAddress,
-    TargetTls, TlsMode, WorkloadFacts, DETECTORS, KUBE_VERBS, SQL_STATEMENTS,
+    TargetTls, TlsMode, WorkloadFacts, DETECTORS, KUBE_VERBS, SQL_STATEMENTS, SQL_STATEMENT_GROUPS,
 };
 
 /// Parse and validate a policy file. `file_name` is only used in error messages.

@@ -565,24 +565,129 @@ impl Rule {
     }
 }
 
-/// `sql = { statements, tables, functions }`.
+/// `sql = { statements, tables, functions, copy_server_files, copy_program, dangerous }`.
 ///
 /// `tables` and `functions` are case-insensitive globs; a glob without a `.` also matches the
 /// bare name of a schema-qualified one (`users` matches `public.users`). For an allow rule every
 /// touched table must match (a statement touching none passes); for deny and approve rules one
 /// matching table is enough (a statement touching none does not match). Empty lists match anything.
+///
+/// Operations the agent flags dangerous (server files, server-side code, dynamic SQL) are allowed
+/// only by a rule that asks for them: see [`SqlMatch::allows_flag`].
 #[derive(Debug, Clone)]
 pub struct SqlMatch {
-    /// Key `statements`: statement kinds, lowercase first keyword (`select`, `drop`, ...); `"*"` = any.
+    /// Key `statements`: statement kinds, lowercase first keyword (`select`, `drop`, ...), with
+    /// the groups of [`SQL_STATEMENT_GROUPS`] replaced by their kinds; `"*"` = any.
     pub statements: Vec<String>,
     /// Key `tables`: table globs.
     pub tables: Vec<String>,
     /// Key `functions`: function globs.
     pub functions: Vec<String>,
+    /// Key `copy_server_files`: COPY to or from a file on the database server is allowed
+    /// (default: denied whatever the statements say).
+    pub copy_server_files: bool,
+    /// Key `copy_program`: COPY to or from PROGRAM (a shell command on the database server) is
+    /// allowed (default: denied whatever the statements say).
+    pub copy_program: bool,
+    /// Key `dangerous`: statements flagged dangerous are allowed even though this rule gives
+    /// its kinds only as `"*"` or groups.
+    pub dangerous: bool,
+    /// Every kind was written by name: no `"*"`, no group, not empty.
+    pub(crate) kinds_by_name: bool,
     pub(crate) any_statement: bool,
     pub(crate) table_globs: NameGlobs,
     pub(crate) function_globs: NameGlobs,
 }
+
+impl SqlMatch {
+    /// Whether this rule, once it allowed a statement, also allows the statement's dangerous
+    /// flag `flag` (the PostgreSQL handler's words: `copy:file`, `copy:program`, `function:NAME`,
+    /// `do:dynamic_sql`, `load`, ...). `runs_sql_text` says whether a `function:` flag names a
+    /// function that runs SQL text given as an argument (never classified).
+    ///
+    /// - `copy:file` needs `copy_server_files = true`, `copy:program` needs `copy_program = true`;
+    ///   nothing else allows them.
+    /// - A function that runs SQL text needs its exact name in `functions` (a glob never does).
+    /// - Another dangerous function needs a non-empty `functions`.
+    /// - Anything else needs the kinds written by name (not `"*"`, not a group), or
+    ///   `dangerous = true`.
+    pub fn allows_flag(&self, flag: &str, runs_sql_text: bool) -> bool {
+        match flag {
+            "copy:file" => self.copy_server_files,
+            "copy:program" => self.copy_program,
+            _ => match flag.strip_prefix("function:") {
+                Some(name) if runs_sql_text => self.functions.iter().any(|g| {
+                    !g.contains(['*', '?'])
+                        && (g.eq_ignore_ascii_case(name)
+                            || g.to_lowercase().ends_with(&format!(".{name}")))
+                }),
+                Some(_) => !self.functions.is_empty(),
+                None => self.kinds_by_name || self.dangerous,
+            },
+        }
+    }
+}
+
+/// Groups accepted in `sql.statements`, each an alias for the kinds it lists (every kind of
+/// [`SQL_STATEMENTS`] is in exactly one group, so the six together are every kind).
+///
+/// A group, like `"*"`, does not name kinds one by one: a rule that gives its kinds only by
+/// groups or `"*"` allows a dangerous statement only with `dangerous = true`.
+pub const SQL_STATEMENT_GROUPS: &[(&str, &[&str])] = &[
+    (
+        "read",
+        &[
+            "close", "declare", "explain", "fetch", "move", "select", "show", "table", "values",
+            "with",
+        ],
+    ),
+    (
+        "write",
+        &["copy", "delete", "insert", "merge", "truncate", "update"],
+    ),
+    (
+        "ddl",
+        &["alter", "comment", "create", "drop", "import", "security"],
+    ),
+    ("dcl", &["grant", "reassign", "revoke"]),
+    (
+        "transaction",
+        &[
+            "abort",
+            "begin",
+            "commit",
+            "end",
+            "release",
+            "rollback",
+            "savepoint",
+            "start",
+        ],
+    ),
+    (
+        "utility",
+        &[
+            "analyze",
+            "call",
+            "checkpoint",
+            "cluster",
+            "deallocate",
+            "discard",
+            "do",
+            "execute",
+            "listen",
+            "load",
+            "lock",
+            "notify",
+            "prepare",
+            "refresh",
+            "reindex",
+            "reset",
+            "set",
+            "unlisten",
+            "vacuum",
+        ],
+    ),
+];
 
 /// Statement kinds accepted in `sql.statements`: the first keyword of every PostgreSQL command,
 /// sorted (so [`statement_bit`] can binary-search).

@@ -239,8 +239,21 @@ pub(crate) struct RawSql {
     pub tables: Vec<S>,
     /// Function globs.
     pub functions: Vec<S>,
+    /// Allow COPY to or from a file on the database server.
+    pub copy_server_files: bool,
+    /// Allow COPY to or from a program run on the database server.
+    pub copy_program: bool,
+    /// Allow statements flagged dangerous although the kinds are given by `"*"` or a group.
+    pub dangerous: bool,
 }
-pub(crate) const SQL_KEYS: &[&str] = &["statements", "tables", "functions"];
+pub(crate) const SQL_KEYS: &[&str] = &[
+    "statements",
+    "tables",
+    "functions",
+    "copy_server_files",
+    "copy_program",
+    "dangerous",
+];
 
 /// `ssh = { ... }`.
 #[derive(Debug, Default, Deserialize)]

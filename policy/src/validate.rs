@@ -19,7 +19,7 @@ use crate::model::{
     redact_url_password, Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch,
     Identity, IdentityOidc, KubeMatch, MaskRule, MaskStyle, Mode, NetnsScope, OidcConfig, Policy,
     Protocol, Rule, SqlMatch, SshMatch, StorePassword, Target, TargetAddress, TargetTls, TlsMode,
-    DETECTORS, KUBE_VERBS, SQL_STATEMENTS,
+    DETECTORS, KUBE_VERBS, SQL_STATEMENTS, SQL_STATEMENT_GROUPS,
 };
 use crate::raw::{
     RawAgent, RawApprovals, RawCredential, RawHttp, RawIdentity, RawKube, RawMask, RawPolicy,
@@ -1090,12 +1090,39 @@ fn rule(cx: &mut Cx<'_>, r: &RawRule, names: &Names<'_>) -> Option<Rule> {
 }
 
 fn sql(cx: &mut Cx<'_>, m: &RawSql, what: &str) -> SqlMatch {
-    let statements = words(cx, &m.statements, "sql.statements", what, SQL_STATEMENTS);
+    // Kinds and groups share one namespace (no group is also a kind): an unknown word gets a
+    // suggestion from both.
+    let known: Vec<&str> = SQL_STATEMENTS
+        .iter()
+        .copied()
+        .chain(SQL_STATEMENT_GROUPS.iter().map(|(g, _)| *g))
+        .collect();
+    let written = words(cx, &m.statements, "sql.statements", what, &known);
+    let mut by_name = !written.is_empty();
+    let mut statements: Vec<String> = Vec::with_capacity(written.len());
+    for w in written {
+        match SQL_STATEMENT_GROUPS.iter().find(|(g, _)| *g == w) {
+            Some((_, kinds)) => {
+                by_name = false;
+                statements.extend(kinds.iter().map(|k| (*k).to_owned()));
+            }
+            None => {
+                by_name &= w != "*";
+                statements.push(w);
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    statements.retain(|s| seen.insert(s.clone()));
     SqlMatch {
         any_statement: statements.is_empty() || statements.iter().any(|s| s == "*"),
+        kinds_by_name: by_name,
         statements,
         tables: strings(&m.tables),
         functions: strings(&m.functions),
+        copy_server_files: m.copy_server_files,
+        copy_program: m.copy_program,
+        dangerous: m.dangerous,
         table_globs: name_globs(cx, &m.tables, "sql.tables", what),
         function_globs: name_globs(cx, &m.functions, "sql.functions", what),
     }

@@ -27,6 +27,13 @@ const APT_PACKAGES: &[&str] = &[
     // Headless browser tests (the OIDC login page, the approvals web page).
     "chromium",
     "chromium-driver",
+    // PostgreSQL's regression suite (`vm-tests/tests/pg_regress.rs`): pg_regress and the PGXS
+    // build files, and what `apt-get source` and the test modules' build need.
+    "postgresql-server-dev-15",
+    "dpkg-dev",
+    "make",
+    "gcc",
+    "python3-venv",
 ];
 
 pub fn setup(apt: bool) -> Result<()> {
@@ -35,6 +42,8 @@ pub fn setup(apt: bool) -> Result<()> {
     if apt {
         apt_packages()?;
         oidc_provider()?;
+        pg_regress_suite()?;
+        python_clients()?;
     }
     Ok(())
 }
@@ -70,6 +79,172 @@ fn package_version(path: &std::path::Path, section: &str) -> Result<String> {
         .as_str()
         .map(str::to_string)
         .with_context(|| format!("{} pins no oidc-provider version", path.display()))
+}
+
+/// PostgreSQL 15's regression suite for `vm-tests/tests/pg_regress.rs`, under
+/// `<tools>/pg-regress/`: the Debian source package of the installed `postgresql-15` (fetched
+/// with a private apt configuration, so the host's sources and lists are untouched) and the
+/// test modules (`regress.so`, `autoinc.so`, `refint.so`) built with PGXS. The stamp holds the
+/// version; a server upgrade fetches and builds again.
+fn pg_regress_suite() -> Result<()> {
+    let version = output(Command::new("dpkg-query").args(["-W", "-f=${Version}", "postgresql-15"]))
+        .context("postgresql-15 is not installed")?;
+    let version = version.trim().to_string();
+    let dir = tools_dir().join("pg-regress");
+    let stamp = dir.join("version");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(version.as_str())
+        && dir.join("src/test/regress/parallel_schedule").exists()
+        && dir.join("modules/regress.so").exists()
+    {
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!("PostgreSQL's regression suite is not set up: run `cargo xtask setup` as root");
+    }
+    eprintln!(
+        "fetching PostgreSQL {version}'s source package for its regression suite (Debian deb-src)"
+    );
+    let _ = fs::remove_dir_all(&dir);
+    let apt = dir.join("apt");
+    for d in ["sources.list.d", "lists/partial", "cache/archives/partial"] {
+        fs::create_dir_all(apt.join(d))?;
+    }
+    // Same mirror and suites as the image's own deb entries, as deb-src.
+    fs::write(
+        apt.join("sources.list.d/postgresql-src.sources"),
+        "Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n\
+         Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
+         Types: deb-src\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n\
+         Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+    )?;
+    let apt_opts = |c: &mut Command| {
+        c.arg("-o")
+            .arg("Dir::Etc::SourceList=/dev/null")
+            .arg("-o")
+            .arg(format!(
+                "Dir::Etc::SourceParts={}",
+                apt.join("sources.list.d").display()
+            ))
+            .arg("-o")
+            .arg(format!("Dir::State::Lists={}", apt.join("lists").display()))
+            .arg("-o")
+            .arg(format!("Dir::Cache={}", apt.join("cache").display()))
+            .arg("-o")
+            .arg("Dir::State::status=/dev/null");
+    };
+    let mut update = Command::new("apt-get");
+    apt_opts(&mut update);
+    run(update.args(["update", "-q"]))?;
+    let unpack = dir.join("unpack");
+    fs::create_dir_all(&unpack)?;
+    // The installed version first; if the mirror cannot serve its source (a security update
+    // whose files it lacks), the newest other one it lists: the regression suite of a nearby
+    // minor release runs the same both ways, which is what the test compares.
+    let mut showsrc = Command::new("apt-cache");
+    apt_opts(&mut showsrc);
+    let listed = output(showsrc.args(["showsrc", "postgresql-15"]))?;
+    let mut versions = vec![version.clone()];
+    let mut others: Vec<String> = listed
+        .lines()
+        .filter_map(|l| l.strip_prefix("Version: "))
+        .map(|v| v.trim().to_string())
+        .filter(|v| *v != version)
+        .collect();
+    others.sort_by(|a, b| {
+        let newer = Command::new("dpkg")
+            .args(["--compare-versions", a, "gt", b])
+            .status()
+            .is_ok_and(|s| s.success());
+        if newer {
+            std::cmp::Ordering::Less
+        } else {
+            std::cmp::Ordering::Greater
+        }
+    });
+    versions.extend(others);
+    let mut fetched = None;
+    for v in &versions {
+        let mut source = Command::new("apt-get");
+        apt_opts(&mut source);
+        if run(source
+            .args(["source", "-q"])
+            .arg(format!("postgresql-15={v}"))
+            .current_dir(&unpack))
+        .is_ok()
+        {
+            fetched = Some(v.clone());
+            break;
+        }
+        eprintln!("the source of postgresql-15 {v} could not be fetched; trying the next one");
+        let _ = fs::remove_dir_all(&unpack);
+        fs::create_dir_all(&unpack)?;
+    }
+    let fetched = fetched.with_context(|| {
+        format!("no source package of postgresql-15 could be fetched (tried {versions:?})")
+    })?;
+    fs::write(dir.join("source-version"), &fetched)?;
+    let tree = fs::read_dir(&unpack)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .context("apt-get source unpacked no directory")?;
+    fs::rename(&tree, dir.join("src-tree"))?;
+    fs::remove_dir_all(&unpack)?;
+    // Keep only what the suite needs: src/test/regress and contrib/spi.
+    let tree = dir.join("src-tree");
+    fs::create_dir_all(dir.join("src/test"))?;
+    fs::rename(tree.join("src/test/regress"), dir.join("src/test/regress"))?;
+    let modules = dir.join("modules");
+    fs::create_dir_all(&modules)?;
+    for (from, name) in [
+        ("src/test/regress/regress.c", "regress.c"),
+        ("contrib/spi/autoinc.c", "autoinc.c"),
+        ("contrib/spi/refint.c", "refint.c"),
+    ] {
+        let from = if from.starts_with("src/test/regress") {
+            dir.join(from)
+        } else {
+            tree.join(from)
+        };
+        fs::copy(from, modules.join(name))?;
+    }
+    fs::remove_dir_all(&tree)?;
+    // contrib/spi's own Makefile sets REFINT_VERBOSE: the triggers test expects its notices.
+    fs::write(
+        modules.join("Makefile"),
+        "MODULES = regress autoinc refint\nPG_CPPFLAGS = -DREFINT_VERBOSE\nPG_CONFIG = pg_config\n\
+         PGXS := $(shell $(PG_CONFIG) --pgxs)\ninclude $(PGXS)\n",
+    )?;
+    run(Command::new("make")
+        .args(["-s", "with_llvm=no"])
+        .current_dir(&modules))
+    .context("building the regression test modules (needs postgresql-server-dev-15, make, gcc)")?;
+    fs::write(&stamp, &version)?;
+    Ok(())
+}
+
+/// PostgreSQL client libraries for the vm-tests, pinned, in a venv under `<tools>/pyvenv`
+/// (PyPI only): psycopg 3 with its binary wheel (which bundles its own libpq, 18.x: the
+/// encrypted CancelRequest path of libpq 17+).
+const PY_CLIENTS: &[&str] = &["psycopg[binary]==3.3.9"];
+
+fn python_clients() -> Result<()> {
+    let venv = tools_dir().join("pyvenv");
+    let stamp = venv.join("tollgate-clients");
+    let want = PY_CLIENTS.join("\n");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    eprintln!("installing {PY_CLIENTS:?} into {} (pip)", venv.display());
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv))
+    .context("python3 -m venv needs Debian's python3-venv")?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .args(PY_CLIENTS))?;
+    fs::write(&stamp, want)?;
+    Ok(())
 }
 
 fn rust_src() -> Result<()> {

@@ -1033,22 +1033,13 @@ struct ClientSide<'a> {
 }
 
 /// Dangerous flags no rule can allow, with why. The policy language has no word that names
-/// them, and the statement kind alone (`set`, `copy`) would let a rule written for
-/// `SET statement_timeout` or `\copy` allow them too.
-const NEVER_ALLOWED: &[(&str, &str)] = &[
-    (
-        "set:client_encoding",
-        "changing client_encoding away from UTF8 is not allowed through tollgate (the statement classifier reads UTF-8)",
-    ),
-    (
-        "copy:program",
-        "COPY TO/FROM PROGRAM runs a program on the database server, which tollgate does not allow",
-    ),
-    (
-        "copy:file",
-        "COPY TO/FROM a server file is not allowed through tollgate; use COPY ... TO STDOUT / FROM STDIN (psql's \\copy)",
-    ),
-];
+/// them, and the statement kind alone (`set`) would let a rule written for
+/// `SET statement_timeout` allow them too. (COPY to or from server files and programs are policy
+/// decisions: `copy_server_files` / `copy_program` in a rule's `sql`, see `dangerous_gate`.)
+const NEVER_ALLOWED: &[(&str, &str)] = &[(
+    "set:client_encoding",
+    "changing client_encoding away from UTF8 is not allowed through tollgate (the statement classifier reads UTF-8)",
+)];
 
 /// The verdict on one message of SQL.
 enum Verdict {
@@ -1899,21 +1890,11 @@ fn dangerous_gate(cx: &SessionCx, s: &Statement, d: Decision) -> Decision {
         .and_then(|r| r.sql.as_ref())
         .is_some_and(|m| {
             s.dangerous.iter().all(|flag| {
-                if let Some(name) = flag.strip_prefix("function:") {
-                    if classify::runs_sql_text(name) {
-                        // Its SQL text is never classified: only the exact name allows it
-                        // (`pg_catalog.*` does not).
-                        m.functions.iter().any(|g| {
-                            !g.contains(['*', '?'])
-                                && (g.eq_ignore_ascii_case(name)
-                                    || g.to_lowercase().ends_with(&format!(".{name}")))
-                        })
-                    } else {
-                        !m.functions.is_empty()
-                    }
-                } else {
-                    !m.statements.is_empty() && !m.statements.iter().any(|x| x == "*")
-                }
+                // Its SQL text is never classified: only the exact name allows it.
+                let sql_text = flag
+                    .strip_prefix("function:")
+                    .is_some_and(classify::runs_sql_text);
+                m.allows_flag(flag, sql_text)
             })
         });
     if explicit {
@@ -1966,6 +1947,11 @@ fn deny_message(cx: &SessionCx, kind: &str, s: &Statement, d: &Decision) -> Stri
         (Some(rule), true) => format!(
             "tollgate: {kind}{} denied by rule \"{rule}\" for identity {who}",
             on_tables(s)
+        ),
+        (_, false) if s.dangerous.iter().any(|f| f.starts_with("copy:")) => format!(
+            "tollgate: {kind}{} reads or writes a file or runs a program on the database server ({}), which no rule allows for identity {who} (a rule allows it with `copy_server_files = true` or `copy_program = true`; from the client use COPY ... TO STDOUT / FROM STDIN, psql's \\copy); denied",
+            on_tables(s),
+            s.dangerous.join(", ")
         ),
         (_, false) => format!(
             "tollgate: {kind}{} uses {} which no rule explicitly allows for identity {who}; denied",

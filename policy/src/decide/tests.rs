@@ -798,3 +798,52 @@ claims = { groups = ["deployers", "admins"] }
     .expect_err("empty claim values");
     assert!(e.message.contains("at least one accepted value"), "{e}");
 }
+
+#[test]
+fn statement_groups_decide_as_their_kinds() {
+    let p = policy(&format!(
+        "{}{}",
+        rule(
+            "ddl",
+            "\"ci\"",
+            "\"db\"",
+            "allow",
+            "sql = { statements = [\"ddl\", \"transaction\"] }"
+        ),
+        rule(
+            "no-dcl",
+            "\"ci\"",
+            "\"db\"",
+            "deny",
+            "sql = { statements = [\"dcl\"] }"
+        ),
+    ));
+    for kind in [
+        "create",
+        "alter",
+        "drop",
+        "comment",
+        "begin",
+        "commit",
+        "savepoint",
+    ] {
+        assert_eq!(
+            ask(&p, "ci", "db", sql(kind, &[], &[])),
+            matched(Action::Allow, "ddl"),
+            "{kind}"
+        );
+    }
+    for kind in ["grant", "revoke", "reassign"] {
+        assert_eq!(
+            ask(&p, "ci", "db", sql(kind, &[], &[])),
+            matched(Action::Deny, "no-dcl")
+        );
+    }
+    for kind in ["select", "insert", "vacuum"] {
+        assert_eq!(
+            ask(&p, "ci", "db", sql(kind, &[], &[])),
+            denied(DecisionReason::NoMatchingRule),
+            "{kind}"
+        );
+    }
+}

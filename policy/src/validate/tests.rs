@@ -1030,3 +1030,102 @@ fn approval_store_password_sources() {
         "postgres://t@db/t"
     );
 }
+
+#[test]
+fn statement_groups_expand_to_their_kinds() {
+    let p = parse(
+        &format!(
+            "{BASE}{}",
+            rule("sql = { statements = [\"ddl\", \"create\", \"Read\"] }\n")
+        ),
+        "p.toml",
+    )
+    .expect("valid");
+    let m = p.rules[0].sql.as_ref().expect("sql");
+    // Group kinds in group order, a kind written again (create) once.
+    assert_eq!(
+        m.statements[..6],
+        ["alter", "comment", "create", "drop", "import", "security"]
+    );
+    assert_eq!(m.statements.iter().filter(|s| *s == "create").count(), 1);
+    assert!(m.statements.iter().any(|s| s == "select"));
+    assert!(!m.statements.iter().any(|s| s == "insert"));
+    assert!(!m.kinds_by_name, "a group is not a kind by name");
+    check(
+        &rule("sql = { statements = [\"select\", \"dddl\"] }\n"),
+        6,
+        33,
+        &[
+            "unknown sql.statements entry \"dddl\"",
+            "did you mean \"ddl\"?",
+        ],
+    );
+    check(
+        &rule("sql = { statements = [\"writes\"] }\n"),
+        6,
+        23,
+        &["did you mean \"write\"?"],
+    );
+}
+
+#[test]
+fn statement_groups_partition_the_kinds() {
+    use crate::{SQL_STATEMENTS, SQL_STATEMENT_GROUPS};
+    let mut all: Vec<&str> = SQL_STATEMENT_GROUPS
+        .iter()
+        .flat_map(|(_, kinds)| kinds.iter().copied())
+        .collect();
+    all.sort_unstable();
+    let n = all.len();
+    all.dedup();
+    assert_eq!(n, all.len(), "a kind is in two groups");
+    assert_eq!(all, SQL_STATEMENTS, "every kind in exactly one group");
+    for (g, _) in SQL_STATEMENT_GROUPS {
+        assert!(!SQL_STATEMENTS.contains(g), "group {g} shadows a kind");
+    }
+}
+
+#[test]
+fn dangerous_flags_need_an_explicit_key() {
+    let m = |sql: &str| {
+        let p = parse(
+            &format!("{BASE}{}", rule(&format!("sql = {sql}\n"))),
+            "p.toml",
+        )
+        .expect("valid");
+        p.rules[0].sql.clone().expect("sql")
+    };
+    let by_name = m("{ statements = [\"copy\", \"do\"] }");
+    assert!(by_name.allows_flag("do:dynamic_sql", false));
+    assert!(
+        !by_name.allows_flag("copy:file", false),
+        "copy:file needs its key"
+    );
+    assert!(!by_name.allows_flag("copy:program", false));
+    let star = m("{ statements = [\"*\"] }");
+    assert!(!star.allows_flag("do:dynamic_sql", false));
+    let groups = m("{ statements = [\"write\", \"utility\"] }");
+    assert!(!groups.allows_flag("load", false));
+    let all = m("{ statements = [\"*\"], functions = [\"*\", \"pg_catalog.query_to_xml\"], dangerous = true, copy_server_files = true }");
+    assert!(all.allows_flag("load", false));
+    assert!(all.allows_flag("copy:file", false));
+    assert!(
+        !all.allows_flag("copy:program", false),
+        "copy_program is its own key"
+    );
+    assert!(all.allows_flag("function:pg_read_file", false));
+    assert!(all.allows_flag("function:query_to_xml", true));
+    assert!(
+        !all.allows_flag("function:ts_rewrite", true),
+        "SQL text runners: exact names only"
+    );
+    let prog = m("{ statements = [\"copy\"], copy_program = true }");
+    assert!(prog.allows_flag("copy:program", false));
+    assert!(!prog.allows_flag("copy:file", false));
+    check(
+        &rule("sql = { statements = [\"copy\"], copy_server_files = \"yes\" }\n"),
+        6,
+        52,
+        &["copy_server_files"],
+    );
+}
