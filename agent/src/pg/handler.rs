@@ -698,6 +698,10 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let nonce = format!("tollgate-denied-{:016x}", rand::random::<u64>());
     let shared = Arc::new(Shared {
         denials: Mutex::new(VecDeque::new()),
+        lexing: Mutex::new(Lexing {
+            scs: login_escapes(&session.relay),
+            settled: true,
+        }),
         expect: Mutex::new(VecDeque::new()),
         unsafe_encoding: Mutex::new(unsafe_client_encoding(&session.relay)),
     });
@@ -880,14 +884,54 @@ async fn startup_settings(
 
 /// State shared by the two directions.
 struct Shared {
-    /// Messages for the denial errors the server will raise, in order.
-    denials: Mutex<VecDeque<(&'static str, String)>>,
+    /// The refusals the server will raise (as errors of the nonce statement), in order.
+    denials: Mutex<VecDeque<Refusal>>,
+    /// How the server lexes backslashes, and whether that is certain (see [`Lexing`]).
+    lexing: Mutex<Lexing>,
     /// What the server will answer, in order, for the result-shaping messages we forwarded.
     expect: Mutex<VecDeque<Expect>>,
     /// The session's client_encoding, if it is one whose multibyte characters can end in an
     /// ASCII byte (SJIS, BIG5, ...): the classifier reads UTF-8 and would misread quotes and
     /// backslashes, so every statement is refused until it is UTF-8 again.
     unsafe_encoding: Mutex<Option<String>>,
+}
+
+/// An error the client gets in place of what the server says to the nonce statement.
+struct Refusal {
+    /// SQLSTATE: `42501` for policy denials (with the "ask for access" hint), `42601` for
+    /// statements PostgreSQL's grammar rejects, `57014` for a cancelled approval wait.
+    code: &'static str,
+    message: String,
+    /// The parser's cursor position (1-based, in characters) for syntax errors.
+    position: Option<u32>,
+}
+
+/// The server's `standard_conforming_strings` as its ParameterStatus reports it, and whether
+/// that is what it will lex the client's next message with.
+///
+/// `settled` is true only when everything forwarded has been answered up to a ReadyForQuery:
+/// the server reports a changed setting just before ReadyForQuery, and any statement (a `SET`,
+/// `RESET`, a rollback, a function or trigger calling `set_config`) may change it, so while
+/// anything is in flight the classifier reads backslash texts both ways. The client side sets
+/// it false after queueing the expectation of each message it forwards; the server side sets
+/// it true on a ReadyForQuery that leaves the queue empty, holding the queue's lock.
+struct Lexing {
+    scs: classify::Escapes,
+    settled: bool,
+}
+
+/// The standard_conforming_strings the login ParameterStatus messages report.
+fn login_escapes(relay: &[u8]) -> classify::Escapes {
+    let mut buf = BytesMut::from(relay);
+    let mut found = classify::Escapes::Unknown;
+    while let Ok(Some((tag, raw))) = wire::parse_backend(&mut buf) {
+        if tag == b'S' {
+            if let Ok(("standard_conforming_strings", v)) = wire::decode_parameter_status(&raw) {
+                found = classify::Escapes::from_setting(v);
+            }
+        }
+    }
+    found
 }
 
 /// Client-only encodings whose multibyte characters can contain bytes below 0x80 (the names
@@ -1054,6 +1098,9 @@ const NEVER_ALLOWED: &[(&str, &str)] = &[
 enum Verdict {
     Allow,
     Deny(String),
+    /// PostgreSQL's grammar rejects the text: SQLSTATE 42601 with the parser's message and
+    /// position, as the server would answer.
+    Syntax(String, Option<u32>),
     /// The client cancelled a held operation (SQLSTATE 57014, as the server would answer).
     Cancelled(String),
     /// Some statement needs approval and none is denied: the whole message waits once.
@@ -1098,7 +1145,9 @@ impl ClientSide<'_> {
         if let Some(r) = &self.recorder {
             let (decision, error) = match &v {
                 Verdict::Allow => ("allow", None),
-                Verdict::Deny(m) | Verdict::Cancelled(m) => ("deny", Some(m.as_str())),
+                Verdict::Deny(m) | Verdict::Cancelled(m) | Verdict::Syntax(m, _) => {
+                    ("deny", Some(m.as_str()))
+                }
                 Verdict::Hold(_) => ("approve", None),
             };
             // Written with the statement's result, in one write(2) (see recording.rs).
@@ -1135,8 +1184,33 @@ impl ClientSide<'_> {
                 "tollgate: client_encoding {enc} cannot be classified safely (its characters can hide quotes and backslashes); set client_encoding to UTF8"
             ));
         }
-        let statements = match CLASSIFY.classify(sql) {
+        let escapes = {
+            let l = lock(&self.shared.lexing);
+            if l.settled {
+                l.scs
+            } else {
+                classify::Escapes::Unknown
+            }
+        };
+        let statements = match CLASSIFY.classify_as(sql, escapes) {
             Ok(s) => s,
+            Err(classify::ClassifyError::Syntax(m)) => {
+                // The server would reject it too: answer as it would, not as a policy denial.
+                let d = Decision {
+                    action: Action::Deny,
+                    rule: None,
+                    reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                };
+                if cx
+                    .audit_operation("sql", shown, &d, Some("syntax_error"))
+                    .action
+                    == Action::Allow
+                {
+                    return Verdict::Allow;
+                }
+                let position = classify::syntax_error_position(sql, escapes);
+                return Verdict::Syntax(m, position);
+            }
             Err(e) => {
                 let d = Decision {
                     action: Action::Deny,
@@ -1438,8 +1512,32 @@ impl ClientSide<'_> {
     /// A statement that fails on the server with our nonce in its error, which the server side
     /// rewrites into `code` and `message` (so the refusal keeps its place among results).
     fn refuse_substitute(&self, code: &'static str, message: String) -> String {
-        lock(&self.shared.denials).push_back((code, message));
+        self.refusal_substitute(Refusal {
+            code,
+            message,
+            position: None,
+        })
+    }
+
+    fn refusal_substitute(&self, r: Refusal) -> String {
+        lock(&self.shared.denials).push_back(r);
         format!("SELECT '{}'::pg_catalog.int4", self.nonce)
+    }
+
+    /// The substitute for a message that ended with verdict `v` (not `Allow` or `Hold`).
+    fn verdict_substitute(&self, v: Verdict) -> String {
+        match v {
+            Verdict::Cancelled(m) => self.refuse_substitute("57014", m),
+            Verdict::Syntax(message, position) => self.refusal_substitute(Refusal {
+                code: "42601",
+                message,
+                position,
+            }),
+            Verdict::Deny(m) => self.deny_substitute(m),
+            Verdict::Allow | Verdict::Hold(_) => {
+                self.deny_substitute("tollgate: internal verdict error; denied".into())
+            }
+        }
     }
 
     async fn run(
@@ -1491,13 +1589,8 @@ impl ClientSide<'_> {
                             Verdict::Hold(_) => {
                                 return Err(DataPathError::Internal("held twice".into()))
                             }
-                            Verdict::Deny(m) => {
-                                let sub = self.deny_substitute(m);
-                                postgres_protocol::message::frontend::query(&sub, &mut out)
-                                    .map_err(internal)?;
-                            }
-                            Verdict::Cancelled(m) => {
-                                let sub = self.refuse_substitute("57014", m);
+                            v => {
+                                let sub = self.verdict_substitute(v);
                                 postgres_protocol::message::frontend::query(&sub, &mut out)
                                     .map_err(internal)?;
                             }
@@ -1532,19 +1625,14 @@ impl ClientSide<'_> {
                         self.next_version += 1;
                         self.statements.insert(name.clone(), info);
                         lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
-                        let cancelled = matches!(v, Verdict::Cancelled(_));
                         match v {
                             Verdict::Allow => out.extend_from_slice(&raw),
                             // hold() never answers Hold.
                             Verdict::Hold(_) => {
                                 return Err(DataPathError::Internal("held twice".into()))
                             }
-                            Verdict::Deny(m) | Verdict::Cancelled(m) => {
-                                let sub = if cancelled {
-                                    self.refuse_substitute("57014", m)
-                                } else {
-                                    self.deny_substitute(m)
-                                };
+                            v => {
+                                let sub = self.verdict_substitute(v);
                                 postgres_protocol::message::frontend::parse(
                                     &name,
                                     &sub,
@@ -1682,6 +1770,9 @@ impl ClientSide<'_> {
                         out.extend_from_slice(&raw);
                     }
                 }
+                // Forwarded (its expectation queued): until the server is ready again, it may
+                // have changed how the next message is lexed.
+                lock(&self.shared.lexing).settled = false;
                 if out.len() > 64 * 1024 {
                     uw.write_all(&out)
                         .await
@@ -2551,8 +2642,14 @@ impl ServerSide<'_> {
                 self.record_result(tagtxt.as_deref(), Some("COPY output withheld by tollgate"));
             }
             b'S' => {
-                if let Ok(("client_encoding", v)) = wire::decode_parameter_status(&raw) {
-                    *lock(&self.shared.unsafe_encoding) = unsafe_encoding_name(v);
+                match wire::decode_parameter_status(&raw) {
+                    Ok(("client_encoding", v)) => {
+                        *lock(&self.shared.unsafe_encoding) = unsafe_encoding_name(v);
+                    }
+                    Ok(("standard_conforming_strings", v)) => {
+                        lock(&self.shared.lexing).scs = classify::Escapes::from_setting(v);
+                    }
+                    _ => {}
                 }
                 out.extend_from_slice(&raw);
             }
@@ -2594,16 +2691,21 @@ impl ServerSide<'_> {
                 }
                 self.current = None;
                 if en.message().is_some_and(|m| m.contains(&self.nonce)) {
-                    let (code, msg) = lock(&self.shared.denials)
+                    let r = lock(&self.shared.denials)
                         .pop_front()
-                        .unwrap_or_else(|| ("42501", "tollgate: statement denied".into()));
-                    self.record_result(None, Some(&msg));
-                    let report = ErrorReport::error(code, &msg);
-                    let report = if code == "42501" {
-                        report.with_hint("ask for access: a tollgate policy rule must allow this for your identity")
-                    } else {
-                        report
-                    };
+                        .unwrap_or_else(|| Refusal {
+                            code: "42501",
+                            message: "tollgate: statement denied".into(),
+                            position: None,
+                        });
+                    self.record_result(None, Some(&r.message));
+                    let mut report = ErrorReport::error(r.code, &r.message);
+                    if r.code == "42501" {
+                        report = report.with_hint("ask for access: a tollgate policy rule must allow this for your identity");
+                    }
+                    if let Some(p) = r.position {
+                        report = report.with_position(p);
+                    }
                     wire::encode_error_response(&report, out);
                 } else if self.column_rules() && !quotes_no_values(en.code().unwrap_or("")) {
                     // Data errors quote the value that failed (`invalid input syntax for type
@@ -2643,6 +2745,14 @@ impl ServerSide<'_> {
                         // statements may declare or close cursors.
                         self.stmt_descs.remove("");
                         self.portal_descs.clear();
+                    }
+                }
+                {
+                    // Everything forwarded is answered: the ParameterStatus values reported
+                    // before this ReadyForQuery are what the next message is lexed with.
+                    let ex = lock(&self.shared.expect);
+                    if ex.is_empty() {
+                        lock(&self.shared.lexing).settled = true;
                     }
                 }
                 if self.status == b'I' {
