@@ -10,6 +10,7 @@ use vm_tests::{
     require_root, AgentProc, Cgroup, FailMode, TempDir,
 };
 
+/// The policy: `extra` rules (decided first), then rows and DDL allowed, DROP denied.
 fn policy(pg: &PgServer, bot: &Cgroup, secret_file: &Path, extra: &str) -> String {
     format!(
         r#"[[identity]]
@@ -17,6 +18,7 @@ name = "ci-bot"
 cgroup = "{glob}"
 
 {target}
+{extra}
 [[rule]]
 name = "ci reads and writes rows"
 identities = ["ci-bot"]
@@ -30,7 +32,6 @@ identities = ["ci-bot"]
 targets = ["app-db"]
 action = "deny"
 sql = {{ statements = ["drop", "truncate"] }}
-{extra}
 "#,
         glob = bot.glob(),
         target = app_target(pg, secret_file, ""),
@@ -150,5 +151,86 @@ fn syntax_errors_come_back_as_the_server_gives_them() {
         f.pg.superuser_sql("SELECT count(*) FROM orders", "app")
             .trim(),
         "10"
+    );
+}
+
+/// Fast-path function calls (libpq's large-object API) are decided as SQL calls of the
+/// function their OID names: allowed where a rule names the functions, refused naming the
+/// function otherwise, refused for an OID the catalog does not know; audited without values.
+#[test]
+fn fast_path_calls_are_decided_as_calls_of_the_function_they_name() {
+    let f = fixture(
+        "pgfastpath",
+        r#"
+[[rule]]
+name = "large objects"
+identities = ["ci-bot"]
+targets = ["app-db"]
+action = "allow"
+sql = { statements = ["select"], functions = ["lo_creat", "lo_open", "lo_close", "loread", "lowrite"] }
+"#,
+    );
+    let oids = f.pg.superuser_sql(
+        "SELECT string_agg(p::regproc::oid::text, ' ' ORDER BY n) FROM unnest(
+           array['lo_creat', 'lo_open', 'lowrite', 'loread', 'lo_close', 'lo_unlink'])
+           WITH ORDINALITY AS u(p, n)",
+        "app",
+    );
+    let o: Vec<&str> = oids.split_whitespace().collect();
+    let (creat, open, write, read, close, unlink) = (o[0], o[1], o[2], o[3], o[4], o[5]);
+    let v = f.raw(&format!(
+        "Q BEGIN
+         F {creat}|-1
+         F {open}|$r1|131072
+         F {write}|$r2|hello fast path
+         F {close}|$r2
+         F {open}|$r1|262144
+         F {read}|$r5|100
+         F {close}|$r5
+         F {unlink}|$r1
+         Q ROLLBACK
+         F 999999|1
+         Q BEGIN
+         F {creat}|-1
+         Q COMMIT"
+    ));
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), 8, "{v}");
+    assert_eq!(results[2], 15, "lowrite wrote 15 bytes: {v}");
+    assert_eq!(results[5], "hello fast path", "{v}");
+    let errors = v["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 2, "{v}");
+    let e = errors[0].as_str().expect("error");
+    assert!(
+        e.starts_with("42501: ") && e.contains("lo_unlink"),
+        "a refusal names the function: {v}"
+    );
+    let e = errors[1].as_str().expect("error");
+    assert!(
+        e.contains("OID 999999") && e.contains("not in the catalog snapshot"),
+        "{v}"
+    );
+    // Audited as calls, without argument values.
+    let audit = f.agent.audit();
+    let ops: Vec<&str> = audit
+        .iter()
+        .filter_map(|l| l["operation"].as_str())
+        .filter(|o| o.starts_with("fast-path call"))
+        .collect();
+    assert!(
+        ops.contains(&"fast-path call pg_catalog.lowrite(2 arguments)"),
+        "{ops:?}"
+    );
+    assert!(
+        !audit
+            .iter()
+            .any(|l| l.to_string().contains("hello fast path")),
+        "no argument value in the audit log"
+    );
+    // The committed object exists; the refused call did not run.
+    assert_eq!(
+        f.pg.superuser_sql("SELECT count(*) FROM pg_largeobject_metadata", "app")
+            .trim(),
+        "1"
     );
 }

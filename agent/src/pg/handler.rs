@@ -731,6 +731,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         portals: HashMap::new(),
         statements: HashMap::new(),
         next_version: 0,
+        next_refusal: 0,
         taint: false,
         resets: false,
         recorder: recorder.clone(),
@@ -884,7 +885,9 @@ async fn startup_settings(
 
 /// State shared by the two directions.
 struct Shared {
-    /// The refusals the server will raise (as errors of the nonce statement), in order.
+    /// The refusals the server will raise (as errors of the nonce statement), in order. The
+    /// client side queues a refusal after the expectation of its message, so a ReadyForQuery
+    /// that empties the expectations (which clears refusals the server skipped) never drops it.
     denials: Mutex<VecDeque<Refusal>>,
     /// How the server lexes backslashes, and whether that is certain (see [`Lexing`]).
     lexing: Mutex<Lexing>,
@@ -898,6 +901,9 @@ struct Shared {
 
 /// An error the client gets in place of what the server says to the nonce statement.
 struct Refusal {
+    /// Numbers the substitute statement (`'<nonce>-<id>'`), so a refusal whose substitute the
+    /// server never ran (skipped in an aborted transaction) is not shown for a later one.
+    id: u64,
     /// SQLSTATE: `42501` for policy denials (with the "ask for access" hint), `42601` for
     /// statements PostgreSQL's grammar rejects, `57014` for a cancelled approval wait.
     code: &'static str,
@@ -999,6 +1005,13 @@ enum Expect {
     },
     /// Sync: ends at ReadyForQuery.
     Sync,
+    /// A fast-path FunctionCall: a FunctionCallResponse (of `result_type`, in `format`) or an
+    /// error, then ReadyForQuery; `taint` as for Execute.
+    Call {
+        result_type: u32,
+        format: i16,
+        taint: bool,
+    },
 }
 
 /// What the session knows of one version of a prepared statement (protocol level).
@@ -1052,6 +1065,8 @@ struct ClientSide<'a> {
     statements: HashMap<String, StatementInfo>,
     /// The next statement version.
     next_version: u64,
+    /// The next refusal's id.
+    next_refusal: u64,
     /// Set by `decide_sql`: the message's computed columns may carry masked values.
     taint: bool,
     /// Set by `decide_sql`: the message may create or drop portals.
@@ -1141,6 +1156,12 @@ impl ClientSide<'_> {
     /// Decide `sql` and record it (masked once, for both the audit log and the recording).
     async fn judge(&mut self, sql: &str) -> Verdict {
         let shown = self.masked_text(sql);
+        self.judge_as(sql, &shown).await
+    }
+
+    /// [`Self::judge`] `sql`, shown in the audit log and the recording as `shown`.
+    async fn judge_as(&mut self, sql: &str, shown: &str) -> Verdict {
+        let shown = shown.to_string();
         let v = self.decide_sql(sql, &shown).await;
         if let Some(r) = &self.recorder {
             let (decision, error) = match &v {
@@ -1505,34 +1526,40 @@ impl ClientSide<'_> {
         }
     }
 
-    fn deny_substitute(&self, message: String) -> String {
+    fn deny_substitute(&mut self, message: String) -> String {
         self.refuse_substitute("42501", message)
     }
 
     /// A statement that fails on the server with our nonce in its error, which the server side
     /// rewrites into `code` and `message` (so the refusal keeps its place among results).
-    fn refuse_substitute(&self, code: &'static str, message: String) -> String {
-        self.refusal_substitute(Refusal {
-            code,
-            message,
-            position: None,
-        })
+    fn refuse_substitute(&mut self, code: &'static str, message: String) -> String {
+        self.refusal_substitute(code, message, None)
     }
 
-    fn refusal_substitute(&self, r: Refusal) -> String {
-        lock(&self.shared.denials).push_back(r);
-        format!("SELECT '{}'::pg_catalog.int4", self.nonce)
+    fn refusal_substitute(
+        &mut self,
+        code: &'static str,
+        message: String,
+        position: Option<u32>,
+    ) -> String {
+        let id = self.next_refusal;
+        self.next_refusal += 1;
+        lock(&self.shared.denials).push_back(Refusal {
+            id,
+            code,
+            message,
+            position,
+        });
+        format!("SELECT '{}-{id}'::pg_catalog.int4", self.nonce)
     }
 
     /// The substitute for a message that ended with verdict `v` (not `Allow` or `Hold`).
-    fn verdict_substitute(&self, v: Verdict) -> String {
+    fn verdict_substitute(&mut self, v: Verdict) -> String {
         match v {
             Verdict::Cancelled(m) => self.refuse_substitute("57014", m),
-            Verdict::Syntax(message, position) => self.refusal_substitute(Refusal {
-                code: "42601",
-                message,
-                position,
-            }),
+            Verdict::Syntax(message, position) => {
+                self.refusal_substitute("42601", message, position)
+            }
             Verdict::Deny(m) => self.deny_substitute(m),
             Verdict::Allow | Verdict::Hold(_) => {
                 self.deny_substitute("tollgate: internal verdict error; denied".into())
@@ -1719,26 +1746,100 @@ impl ClientSide<'_> {
                         lock(&self.shared.expect).push_back(Expect::Sync);
                         out.extend_from_slice(&raw);
                     }
-                    Frontend::FunctionCall(_) => {
-                        // A fast-path call names a function by OID with no SQL to classify.
-                        let d = Decision {
-                            action: Action::Deny,
-                            rule: None,
-                            reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                    Frontend::FunctionCall(body) => {
+                        // A fast-path call names a function by OID: decided as a SQL call of
+                        // that function, under the same rules.
+                        let call = wire::decode_function_call(&body).ok().map(|c| {
+                            (
+                                c.oid,
+                                c.args.len(),
+                                c.result_format,
+                                self.functions.by_oid(c.oid).cloned(),
+                            )
+                        });
+                        let (v, call) = match call {
+                            Some((oid, nargs, format, Some(f))) => {
+                                let sql = format!(
+                                    "SELECT {}.{}()",
+                                    quote_ident(&f.schema),
+                                    quote_ident(&f.name)
+                                );
+                                let shown = format!(
+                                    "fast-path call {}.{}({nargs} argument{})",
+                                    f.schema,
+                                    f.name,
+                                    if nargs == 1 { "" } else { "s" }
+                                );
+                                let v = self.judge_as(&sql, &shown).await;
+                                (v, Some((oid, f.result_type, format)))
+                            }
+                            other => {
+                                let what = match other {
+                                    Some((oid, ..)) => format!(
+                                        "function OID {oid}, which is not in the catalog snapshot"
+                                    ),
+                                    None => "a malformed FunctionCall message".into(),
+                                };
+                                let d = Decision {
+                                    action: Action::Deny,
+                                    rule: None,
+                                    reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                                };
+                                let _ = self.cx.audit_operation(
+                                    "function_call",
+                                    &format!("fast-path call of {what}"),
+                                    &d,
+                                    None,
+                                );
+                                (
+                                    Verdict::Deny(format!(
+                                        "tollgate: fast-path call of {what}; denied"
+                                    )),
+                                    None,
+                                )
+                            }
                         };
-                        let _ = self.cx.audit_operation(
-                            "function_call",
-                            "(fast-path function call)",
-                            &d,
-                            None,
-                        );
-                        let sub = self.deny_substitute(
-                            "tollgate: fast-path function calls cannot be classified; denied"
-                                .into(),
-                        );
-                        lock(&self.shared.expect).push_back(Expect::Simple(VecDeque::new(), true));
-                        postgres_protocol::message::frontend::query(&sub, &mut out)
-                            .map_err(internal)?;
+                        let mut v = v;
+                        if let Verdict::Hold(h) = v {
+                            flush(&mut uw, &mut out, counters, self.cx).await?;
+                            match self.hold(h, &mut cr, &mut buf).await {
+                                Some(x) => v = x,
+                                None => {
+                                    let _ = uw.shutdown().await;
+                                    return Ok(None);
+                                }
+                            }
+                        }
+                        self.copy_plans.clear();
+                        match (v, call) {
+                            (Verdict::Allow, Some((_, result_type, format))) => {
+                                lock(&self.shared.expect).push_back(Expect::Call {
+                                    result_type,
+                                    format,
+                                    taint: self.taint,
+                                });
+                                out.extend_from_slice(&raw);
+                            }
+                            (Verdict::Hold(_), _) => {
+                                return Err(DataPathError::Internal("held twice".into()))
+                            }
+                            (v, _) => {
+                                // The substitute is a simple query: its error and
+                                // ReadyForQuery answer the call.
+                                let v = match v {
+                                    Verdict::Allow => {
+                                        Verdict::Deny("tollgate: fast-path call denied".into())
+                                    }
+                                    v => v,
+                                };
+                                // Queued before the refusal (see Shared::denials).
+                                lock(&self.shared.expect)
+                                    .push_back(Expect::Simple(VecDeque::new(), true));
+                                let sub = self.verdict_substitute(v);
+                                postgres_protocol::message::frontend::query(&sub, &mut out)
+                                    .map_err(internal)?;
+                            }
+                        }
                     }
                     Frontend::Password(_) => {
                         // We never asked: after startup this is a protocol violation.
@@ -2041,6 +2142,21 @@ fn function_gate(cx: &SessionCx, named: &[&str], d: Decision) -> Decision {
             reason: tollgate_policy::DecisionReason::NoMatchingRule,
         }
     }
+}
+
+/// The refusal id in a server error about the substitute `'<nonce>-<id>'`.
+fn refusal_id(message: &str, nonce: &str) -> Option<u64> {
+    let at = message.find(nonce)? + nonce.len();
+    let digits: &str = message[at..].strip_prefix('-')?;
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn on_tables(s: &Statement) -> String {
@@ -2641,6 +2757,46 @@ impl ServerSide<'_> {
                 let tagtxt = wire::decode_command_complete(&raw).ok().map(str::to_string);
                 self.record_result(tagtxt.as_deref(), Some("COPY output withheld by tollgate"));
             }
+            wire::FUNCTION_CALL_RESPONSE_TAG if self.masker.is_some() => {
+                // A fast-path result is one computed value: masked as SQL masks `SELECT f()`.
+                let plan = match self.front_expect() {
+                    Some(Expect::Call {
+                        result_type,
+                        format,
+                        taint,
+                    }) => RowPlan {
+                        cols: vec![(
+                            format,
+                            result_type,
+                            if taint {
+                                self.derived_rule()
+                            } else {
+                                Rule::None
+                            },
+                        )],
+                        ..self.blind_plan(&[])
+                    },
+                    _ => self.blind_plan(&[1]),
+                };
+                // As a one-column DataRow: Int16 count, then the Int32 length and value.
+                let mut row = BytesMut::with_capacity(raw.len() + 2);
+                row.extend_from_slice(b"D");
+                row.extend_from_slice(&((raw.len() - 1 + 2) as i32).to_be_bytes());
+                row.extend_from_slice(&1i16.to_be_bytes());
+                row.extend_from_slice(&raw[5..]);
+                let saved = self.current.replace(plan);
+                let masked = self.mask_row(&row);
+                self.current = saved;
+                match masked? {
+                    Some(m) => {
+                        // Back to a FunctionCallResponse: drop the count.
+                        out.extend_from_slice(&[wire::FUNCTION_CALL_RESPONSE_TAG]);
+                        out.extend_from_slice(&((m.len() - 1 - 2) as i32).to_be_bytes());
+                        out.extend_from_slice(&m[7..]);
+                    }
+                    None => out.extend_from_slice(&raw),
+                }
+            }
             b'S' => {
                 match wire::decode_parameter_status(&raw) {
                     Ok(("client_encoding", v)) => {
@@ -2680,7 +2836,8 @@ impl ServerSide<'_> {
                     let front = {
                         let mut ex = lock(&self.shared.expect);
                         match ex.front() {
-                            None | Some(Expect::Sync | Expect::Simple(..)) => None,
+                            None
+                            | Some(Expect::Sync | Expect::Simple(..) | Expect::Call { .. }) => None,
                             Some(_) => ex.pop_front(),
                         }
                     };
@@ -2690,14 +2847,21 @@ impl ServerSide<'_> {
                     }
                 }
                 self.current = None;
-                if en.message().is_some_and(|m| m.contains(&self.nonce)) {
-                    let r = lock(&self.shared.denials)
-                        .pop_front()
-                        .unwrap_or_else(|| Refusal {
-                            code: "42501",
-                            message: "tollgate: statement denied".into(),
-                            position: None,
-                        });
+                if let Some(id) = en.message().and_then(|m| refusal_id(m, &self.nonce)) {
+                    let r = {
+                        let mut q = lock(&self.shared.denials);
+                        // Refusals whose substitutes the server skipped (aborted transaction).
+                        while q.front().is_some_and(|r| r.id < id) {
+                            q.pop_front();
+                        }
+                        q.pop_front().filter(|r| r.id == id)
+                    }
+                    .unwrap_or_else(|| Refusal {
+                        id,
+                        code: "42501",
+                        message: "tollgate: statement denied".into(),
+                        position: None,
+                    });
                     self.record_result(None, Some(&r.message));
                     let mut report = ErrorReport::error(r.code, &r.message);
                     if r.code == "42501" {
@@ -2738,9 +2902,9 @@ impl ServerSide<'_> {
                 self.copy = None;
                 if matches!(
                     self.front_expect(),
-                    Some(Expect::Sync) | Some(Expect::Simple(..))
+                    Some(Expect::Sync | Expect::Simple(..) | Expect::Call { .. })
                 ) {
-                    if let Some(Expect::Simple(..)) = self.pop_expect() {
+                    if let Some(Expect::Simple(..) | Expect::Call { .. }) = self.pop_expect() {
                         // A simple query replaces the unnamed statement and portal, and its
                         // statements may declare or close cursors.
                         self.stmt_descs.remove("");
@@ -2753,6 +2917,8 @@ impl ServerSide<'_> {
                     let ex = lock(&self.shared.expect);
                     if ex.is_empty() {
                         lock(&self.shared.lexing).settled = true;
+                        // Every substitute was answered: refusals left were skipped.
+                        lock(&self.shared.denials).clear();
                     }
                 }
                 if self.status == b'I' {

@@ -8,8 +8,8 @@
 //! `F oid|arg|arg...` (a fast-path FunctionCall: arguments as int4 when they are integers,
 //! else text, all in binary format; result in binary), `L name` (looks up
 //! `SELECT 'name'::regproc::oid` into the variable `name`). In `F`, the OID and each argument
-//! may be a variable: a name recorded by `L`, or `$last`, the last int4 function
-//! result. After each `S`, `Q` or `F` the answers are read up to ReadyForQuery. Prints one JSON
+//! may be a variable: a name recorded by `L`, `$last` (the last int4 function result) or
+//! `$rN` (the N-th function result, when it was an int4). After each `S`, `Q` or `F` the answers are read up to ReadyForQuery. Prints one JSON
 //! object: `rows` (every DataRow, values as text or null), `errors` (SQLSTATE: message, then
 //! `@position` when the error has one), `results` (FunctionCallResponse values: int4 results as
 //! numbers, others as text, null as null), `fatal`.
@@ -264,6 +264,7 @@ fn main() {
                         } else if len == 4 {
                             let n = i32::from_be_bytes([b[4], b[5], b[6], b[7]]);
                             vars.insert("$last".into(), n.to_string());
+                            vars.insert(format!("$r{}", results.len() + 1), n.to_string());
                             json!(n)
                         } else {
                             json!(String::from_utf8_lossy(&b[4..4 + len as usize]))
