@@ -234,3 +234,46 @@ sql = { statements = ["select"], functions = ["lo_creat", "lo_open", "lo_close",
         "1"
     );
 }
+
+/// A connection no identity matches gets a FATAL that says so, with the facts the agent saw,
+/// instead of a reset; an upstream login failure says what the server said, and blames the
+/// credential only when the server rejected it.
+#[test]
+fn connection_errors_name_the_real_cause() {
+    let f = fixture("pgcause", "");
+    let stranger = Cgroup::new("pgcause-stranger");
+    let conn = format!(
+        "host=127.0.0.1 port={} user=bot dbname=app password=x sslmode=prefer connect_timeout=10",
+        f.pg.port
+    );
+    let o = stranger
+        .command(Path::new("/usr/bin/psql"))
+        .args([conn.as_str(), "-X", "-c", "SELECT 1"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("psql");
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("FATAL:  tollgate: no identity matched"), "{t}");
+    assert!(t.contains(stranger.name()), "the cgroup it saw: {t}");
+    assert!(t.contains("uid 65534"), "{t}");
+
+    let o = f.psql(&["-c", "SELECT 1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let conn = format!(
+        "host=127.0.0.1 port={} user=bot dbname=nosuch password=x sslmode=disable connect_timeout=10",
+        f.pg.port
+    );
+    let o = f
+        .bot
+        .command(Path::new("/usr/bin/psql"))
+        .args([conn.as_str(), "-X", "-c", "SELECT 1"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("psql");
+    let t = text(&o);
+    assert!(t.contains("database \"nosuch\" does not exist"), "{t}");
+    assert!(!t.contains("credential"), "not the credential's fault: {t}");
+}

@@ -581,15 +581,10 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         match login {
             Ok(s) => s,
             Err(e) => {
-                send_fatal(
-                    &mut client,
-                    e.sqlstate(),
-                    &format!("tollgate: {e}"),
-                    Some(
-                        "the bot's own password is ignored; fix the credential in the tollgate policy",
-                    ),
-                )
-                .await;
+                let hint = e.blames_credential().then_some(
+                    "the bot's own password is ignored; fix the credential in the tollgate policy",
+                );
+                send_fatal(&mut client, e.sqlstate(), &format!("tollgate: {e}"), hint).await;
                 return Err(DataPathError::Upstream {
                     addr: cx.orig_dst,
                     source: std::io::Error::other(e.to_string()),
