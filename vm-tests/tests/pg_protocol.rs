@@ -277,3 +277,49 @@ fn connection_errors_name_the_real_cause() {
     assert!(t.contains("database \"nosuch\" does not exist"), "{t}");
     assert!(!t.contains("credential"), "not the credential's fault: {t}");
 }
+
+/// Every TLS connection the agent ends gets a close_notify, a cancel connection included
+/// (libpq 17 sends CancelRequest encrypted under sslmode=prefer and reports "cancellation
+/// failed" when the connection ends without one). openssl s_client reports an end without
+/// close_notify as "unexpected eof while reading".
+#[test]
+fn tls_connections_end_with_close_notify() {
+    let f = fixture("pgtlsclose", "");
+    let mut cancel = Vec::new();
+    cancel.extend_from_slice(&16i32.to_be_bytes());
+    cancel.extend_from_slice(&80_877_102i32.to_be_bytes());
+    cancel.extend_from_slice(&4242i32.to_be_bytes());
+    cancel.extend_from_slice(&77i32.to_be_bytes());
+    let mut child = f
+        .bot
+        .command(Path::new("/usr/bin/openssl"))
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{}", f.pg.port),
+            "-starttls",
+            "postgres",
+            "-quiet",
+            "-state",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&cancel).expect("cancel");
+        // Keep stdin open until the agent has ended the connection.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    let (_, out, err) = vm_tests::wait_child(child, std::time::Duration::from_secs(10), "openssl");
+    let t = format!("{out}{err}");
+    assert!(
+        t.contains("SSL negotiation finished") || t.contains("SSLok"),
+        "TLS was set up: {t}"
+    );
+    assert!(!t.contains("unexpected eof"), "no close_notify: {t}");
+    assert!(t.contains("close notify"), "{t}");
+}

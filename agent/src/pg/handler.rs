@@ -413,6 +413,9 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                     }
                 }
             }
+            // An orderly end (TLS close_notify): libpq 17 reports an encrypted cancel whose
+            // connection ends without one as failed.
+            let _ = client.shutdown().await;
             return Ok(Totals::default());
         }
         s @ Startup::Startup { .. } => {
@@ -2540,7 +2543,7 @@ impl ServerSide<'_> {
                         );
                         let _ = cw.write_all(&out).await;
                         let _ = cw.write_all(&o).await;
-                        let _ = cw.flush().await;
+                        let _ = cw.shutdown().await;
                         return Err(DataPathError::Upstream {
                             addr: self.cx.orig_dst,
                             source: std::io::Error::new(
@@ -2576,6 +2579,7 @@ impl ServerSide<'_> {
                     self.released = None;
                     if ok {
                         // The client left with a Terminate that was not forwarded.
+                        let _ = cw.shutdown().await;
                         return Ok(Some((ur, buf, self.status)));
                     }
                     continue;
@@ -2604,7 +2608,7 @@ impl ServerSide<'_> {
                         &mut o,
                     );
                     let _ = cw.write_all(&o).await;
-                    let _ = cw.flush().await;
+                    let _ = cw.shutdown().await;
                     return Err(DataPathError::Upstream {
                         addr: self.cx.orig_dst,
                         source: e,
