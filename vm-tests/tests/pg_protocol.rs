@@ -323,3 +323,35 @@ fn tls_connections_end_with_close_notify() {
     assert!(!t.contains("unexpected eof"), "no close_notify: {t}");
     assert!(t.contains("close notify"), "{t}");
 }
+
+/// Under a mask rule, COPY of a table without columns (pg_dump dumps them) is known to the
+/// catalog and passes.
+#[test]
+fn zero_column_tables_copy_under_a_mask_rule() {
+    let f = fixture(
+        "pgzerocol",
+        r#"
+[[mask]]
+targets = ["app-db"]
+columns = ["*.email"]
+style = "full"
+"#,
+    );
+    f.pg.superuser_sql(
+        "SET ROLE app_rw; CREATE TABLE nothing_here (); INSERT INTO nothing_here DEFAULT VALUES;",
+        "app",
+    );
+    let o = f.psql(&[
+        "-c",
+        "COPY public.nothing_here TO STDOUT",
+        "-c",
+        "COPY customers (id, email) TO STDOUT",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.starts_with("\n1\t"),
+        "one empty row, then masked rows: {t}"
+    );
+    assert!(!t.contains("@"), "{t}");
+}
