@@ -446,9 +446,9 @@ pub fn audit_refusal(error: &str, what: &str) -> String {
 }
 
 /// Refuse a PostgreSQL client before anything reaches the server: answer an SSLRequest or
-/// GSSENCRequest with `N`, read its startup message (bounded, 2 s), then send a FATAL
-/// (SQLSTATE 53100, disk_full) with `message` and close.
-async fn refuse_postgres(mut stream: TcpStream, message: &str) {
+/// GSSENCRequest with `N`, read its startup message (bounded, 2 s), then send a FATAL with
+/// SQLSTATE `code` and `message` and close.
+async fn refuse_postgres(mut stream: TcpStream, code: &str, message: &str) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     const SSL_REQUEST: u32 = 80_877_103;
     const GSSENC_REQUEST: u32 = 80_877_104;
@@ -471,7 +471,7 @@ async fn refuse_postgres(mut stream: TcpStream, message: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(2), read_startup).await;
     let mut out = bytes::BytesMut::new();
     crate::pg::wire::encode_error_response(
-        &crate::pg::wire::ErrorReport::fatal("53100", message),
+        &crate::pg::wire::ErrorReport::fatal(code, message),
         &mut out,
     );
     let _ = stream.write_all(&out).await;
@@ -749,6 +749,40 @@ impl SessionCx {
         self.bytes.1.store(t.bytes_down, Ordering::Relaxed);
     }
 
+    /// Why a connection was refused, for the client: which identity (or that none matched,
+    /// with the facts the kernel gave, which are the client's own) and what the policy said.
+    fn connect_refusal(&self, d: &tollgate_policy::Decision) -> String {
+        let f = &self.facts;
+        match &self.identity {
+            None => format!(
+                "tollgate: no identity matched this connection to target {} (the agent saw cgroup {}, uid {}{}, executable {}{}); add an [[identity]] that matches it to the policy",
+                self.target.name,
+                f.cgroup.as_deref().unwrap_or("(unknown)"),
+                f.uid,
+                f.user.as_deref().map(|u| format!(" ({u})")).unwrap_or_default(),
+                f.exe.as_deref().filter(|_| f.exe_verified).unwrap_or("(not verified)"),
+                if f.foreign_userns { ", in a user namespace of its own" } else { "" },
+            ),
+            Some(who) => match d.action {
+                Action::Approve => format!(
+                    "tollgate: connections of identity {who} to target {} need approval, which is not available for whole connections; denied",
+                    self.target.name
+                ),
+                _ => match &d.rule {
+                    Some(rule) => format!(
+                        "tollgate: identity {who} may not connect to target {} (rule \"{rule}\"); ask for access",
+                        self.target.name
+                    ),
+                    None => format!(
+                        "tollgate: identity {who} may not connect to target {} (no rule allows it: {}); ask for access",
+                        self.target.name,
+                        d.reason.as_str()
+                    ),
+                },
+            },
+        }
+    }
+
     /// Decide the connection, serve it, close it; the guard writes the close exactly once.
     async fn run(self, stream: TcpStream) {
         let policy = &self.gen.policy;
@@ -829,7 +863,8 @@ impl SessionCx {
             warn!(pid = self.facts.pid, "{msg}");
             match self.target.protocol {
                 // In the client's own language: a FATAL after its startup message.
-                Protocol::Postgres => refuse_postgres(stream, &msg).await,
+                // disk_full: the audit log cannot be written.
+                Protocol::Postgres => refuse_postgres(stream, "53100", &msg).await,
                 _ => reset(stream),
             }
             return;
@@ -838,6 +873,12 @@ impl SessionCx {
             ("allow", _) => handler.unwrap_or(&tcp),
             (_, true) if self.target.protocol == Protocol::Postgres => &pg,
             (_, true) => &tcp,
+            _ if self.target.protocol == Protocol::Postgres => {
+                // In the client's own language: psql prints the cause instead of a reset.
+                let msg = self.connect_refusal(&d);
+                refuse_postgres(stream, "28000", &msg).await;
+                return;
+            }
             _ => {
                 reset(stream);
                 return;

@@ -254,13 +254,15 @@ static CACHE: LazyLock<Mutex<HashMap<(String, String), Cached>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 const TTL: Duration = Duration::from_secs(30);
 
-/// Every column of every user relation, then every user view's definition (two result sets).
+/// Every column of every user relation (a relation without columns once, with NULL column
+/// fields, so zero-column tables are known), then every user view's definition (two result
+/// sets).
 const QUERY: &str = "SELECT c.oid::int8, n.nspname, c.relname, a.attnum::int4, a.attname, \
      (a.attgenerated <> '')::text, c.relkind::text \
-     FROM pg_catalog.pg_attribute a \
-     JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+     FROM pg_catalog.pg_class c \
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-     WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r','v','m','p','f') \
+     LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+     WHERE c.relkind IN ('r','v','m','p','f') \
      AND n.nspname NOT IN ('pg_catalog','information_schema') AND n.nspname NOT LIKE 'pg_toast%'; \
      SELECT c.oid::int8, n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid) \
      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
@@ -320,9 +322,12 @@ pub async fn load(
                             .flatten()
                             .map(|b| String::from_utf8_lossy(b).into_owned())
                     };
-                    let (Some(oid), Some(schema), Some(table), Some(att), Some(col), Some(gen)) =
-                        (text(0), text(1), text(2), text(3), text(4), text(5))
-                    else {
+                    let (Some(oid), Some(schema), Some(table)) = (text(0), text(1), text(2)) else {
+                        continue;
+                    };
+                    let (Some(att), Some(col), Some(gen)) = (text(3), text(4), text(5)) else {
+                        // A relation without columns: known, nothing to mask.
+                        all.entry((schema, table)).or_default();
                         continue;
                     };
                     let (Ok(oid), Ok(att)) = (oid.parse::<u32>(), att.parse::<i16>()) else {

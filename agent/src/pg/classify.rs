@@ -35,9 +35,11 @@
 //!
 //! # Escapes and encodings
 //! With `standard_conforming_strings = off` (a client can `SET` it), `'a\'' ; DROP ...` is a
-//! string and a DROP for the server but one string for a default parser. Any text with a backslash
-//! is therefore parsed both ways, and if the two readings classify differently it is refused
-//! ([`ClassifyError::AmbiguousEscapes`]). Client encodings such as SJIS or BIG5 have characters
+//! string and a DROP for the server but one string for a default parser. When the caller knows
+//! the setting the server will lex with ([`Escapes`]: the handler knows it from the server's
+//! ParameterStatus while nothing that may change it is in flight), the text is parsed once that
+//! way ([`classify_as`]). Otherwise a text with a backslash is parsed both ways, and if the two
+//! readings classify differently it is refused ([`ClassifyError::AmbiguousEscapes`]). Client encodings such as SJIS or BIG5 have characters
 //! whose last byte is a backslash, which changes where strings end; the classifier reads UTF-8, so
 //! `SET client_encoding`/`SET NAMES` to anything else is dangerous (`set:client_encoding`), and the
 //! caller must check that the session's client_encoding (startup parameter, ParameterStatus) is
@@ -199,14 +201,60 @@ pub enum ClassifyError {
     ParserPanic,
 }
 
+/// How the server will lex backslashes in `'...'` strings: its `standard_conforming_strings`,
+/// when the session knows it for certain (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escapes {
+    /// Not known (a statement that may change it is in flight): a text with a backslash is
+    /// parsed both ways and refused if the readings differ.
+    Unknown,
+    /// `standard_conforming_strings = on`: backslashes are plain characters in `'...'`.
+    Standard,
+    /// `standard_conforming_strings = off`: backslashes escape in `'...'` as in `E'...'`.
+    Backslash,
+}
+
+impl Escapes {
+    /// From the value of a `standard_conforming_strings` ParameterStatus.
+    pub fn from_setting(value: &str) -> Escapes {
+        match value {
+            "on" => Escapes::Standard,
+            "off" => Escapes::Backslash,
+            _ => Escapes::Unknown,
+        }
+    }
+
+    fn options(self) -> ParserOptions {
+        match self {
+            Escapes::Backslash => ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS,
+            Escapes::Unknown | Escapes::Standard => ParserOptions::DEFAULT,
+        }
+    }
+}
+
 /// Classify every statement of `sql` (one simple-query string), in order. An empty string, or
 /// one of only comments, gives an empty vector.
 pub fn classify(sql: &str) -> Result<Vec<Statement>, ClassifyError> {
-    let parsed = parse(sql, ParserOptions::DEFAULT)?;
+    classify_as(sql, Escapes::Unknown)
+}
+
+/// [`classify`] `sql` as the server reads it under `escapes`.
+pub fn classify_as(sql: &str, escapes: Escapes) -> Result<Vec<Statement>, ClassifyError> {
+    let parsed = match parse(sql, escapes.options()) {
+        // Not a syntax error if the server may be reading backslashes as escapes.
+        Err(ClassifyError::Syntax(_))
+            if escapes == Escapes::Unknown
+                && sql.contains('\\')
+                && parse(sql, Escapes::Backslash.options()).is_ok() =>
+        {
+            return Err(ClassifyError::AmbiguousEscapes)
+        }
+        r => r?,
+    };
     let list = statements(sql, &parsed)?;
     // With standard_conforming_strings off, backslashes escape quotes in '...' strings; a text
     // without backslashes reads the same either way.
-    if sql.contains('\\') {
+    if escapes == Escapes::Unknown && sql.contains('\\') {
         if let Ok(alt) = parse(sql, ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS) {
             match statements(sql, &alt) {
                 Ok(other) if same_meaning(&list, &other) => {}
@@ -352,8 +400,19 @@ impl ClassifyCache {
 
     /// [`classify`] `sql`, through the cache.
     pub fn classify(&self, sql: &str) -> Result<Arc<Vec<Statement>>, ClassifyError> {
-        if sql.len() > MAX_CACHED_SQL_LEN {
-            return classify(sql).map(Arc::new);
+        self.classify_as(sql, Escapes::Unknown)
+    }
+
+    /// [`classify_as`] `sql`, through the cache. Texts with a backslash read under a known
+    /// setting are not cached: the entries are shared with [`Escapes::Unknown`] lookups, whose
+    /// results must also hold under the other setting.
+    pub fn classify_as(
+        &self,
+        sql: &str,
+        escapes: Escapes,
+    ) -> Result<Arc<Vec<Statement>>, ClassifyError> {
+        if sql.len() > MAX_CACHED_SQL_LEN || (escapes != Escapes::Unknown && sql.contains('\\')) {
+            return classify_as(sql, escapes).map(Arc::new);
         }
         if let Some(hit) = self.lock().exact.get(sql, self.half, self.half_bytes) {
             return Ok(hit);
@@ -449,6 +508,59 @@ fn parse(sql: &str, options: ParserOptions) -> Result<protobuf::ParseResult, Cla
         Ok(Err(e)) => Err(from_pg(e)),
         Err(_) => Err(ClassifyError::ParserPanic),
     }
+}
+
+/// Where PostgreSQL's grammar rejects `sql` under `escapes`: the 1-based character position
+/// of the error (what the server sends as the ErrorResponse `P` field), if the parser gives
+/// one. The `pg_query` crate drops the parser's cursor position, so this asks libpg_query
+/// (linked in through that crate) directly; only called for texts that failed to parse.
+pub fn syntax_error_position(sql: &str, escapes: Escapes) -> Option<u32> {
+    use std::ffi::{c_char, c_int, CString};
+    #[repr(C)]
+    struct PgQueryError {
+        message: *mut c_char,
+        funcname: *mut c_char,
+        filename: *mut c_char,
+        lineno: c_int,
+        cursorpos: c_int,
+        context: *mut c_char,
+    }
+    #[repr(C)]
+    struct PgQueryProtobuf {
+        len: usize,
+        data: *mut c_char,
+    }
+    #[repr(C)]
+    struct PgQueryProtobufParseResult {
+        parse_tree: PgQueryProtobuf,
+        stderr_buffer: *mut c_char,
+        error: *mut PgQueryError,
+    }
+    extern "C" {
+        fn pg_query_parse_protobuf_opts(
+            input: *const c_char,
+            parser_options: c_int,
+        ) -> PgQueryProtobufParseResult;
+        fn pg_query_free_protobuf_parse_result(result: PgQueryProtobufParseResult);
+    }
+    let input = CString::new(sql).ok()?;
+    let bits = escapes.options().bits();
+    catch_unwind(|| {
+        // SAFETY: the declarations match libpg_query's pg_query.h (the version the pg_query
+        // crate builds); the input is NUL-terminated and outlives the call, the error is read
+        // before the result is freed, and the result is freed exactly once.
+        unsafe {
+            let result = pg_query_parse_protobuf_opts(input.as_ptr(), bits);
+            let pos = match result.error.as_ref() {
+                Some(e) if e.cursorpos > 0 => u32::try_from(e.cursorpos).ok(),
+                _ => None,
+            };
+            pg_query_free_protobuf_parse_result(result);
+            pos
+        }
+    })
+    .ok()
+    .flatten()
 }
 
 fn from_pg(e: pg_query::Error) -> ClassifyError {

@@ -47,22 +47,52 @@ const STABLE_WRITERS: &[&str] = &["pg_current_xact_id", "txid_current"];
 /// PostgreSQL's `FirstNormalObjectId`: OIDs below it were made by initdb.
 const FIRST_NORMAL_OID: u32 = 16384;
 
-/// Plain function names of one database (see the module docs).
+/// Plain function names of one database (see the module docs), and every function by OID (for
+/// fast-path calls, which name the function by OID only).
 #[derive(Debug, Default)]
 pub struct Functions {
     /// Unqualified names all of whose functions are plain.
     plain: HashSet<String>,
     /// `schema.name` whose functions are all plain.
     plain_qualified: HashSet<String>,
+    /// Every function of the snapshot by OID.
+    by_oid: HashMap<u32, Function>,
+}
+
+/// One function of the catalog snapshot, as a fast-path call names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Function {
+    /// Its schema (`pg_catalog`).
+    pub schema: String,
+    /// Its name (`lo_open`).
+    pub name: String,
+    /// The OID of its result type (`prorettype`).
+    pub result_type: u32,
 }
 
 impl Functions {
-    /// From catalog rows `(schema, name, oid, provolatile)`.
+    /// From catalog rows `(schema, name, oid, provolatile)` (result types unknown: 0).
     pub fn from_rows<'a>(rows: impl IntoIterator<Item = (&'a str, &'a str, u32, &'a str)>) -> Self {
+        Self::from_catalog(rows.into_iter().map(|(s, n, o, v)| (s, n, o, v, 0)))
+    }
+
+    /// From catalog rows `(schema, name, oid, provolatile, prorettype)`.
+    pub fn from_catalog<'a>(
+        rows: impl IntoIterator<Item = (&'a str, &'a str, u32, &'a str, u32)>,
+    ) -> Self {
         // name -> all plain so far
         let mut bare: HashMap<String, bool> = HashMap::new();
         let mut qualified: HashMap<String, bool> = HashMap::new();
-        for (schema, name, oid, volatility) in rows {
+        let mut by_oid = HashMap::new();
+        for (schema, name, oid, volatility, result_type) in rows {
+            by_oid.insert(
+                oid,
+                Function {
+                    schema: schema.to_string(),
+                    name: name.to_string(),
+                    result_type,
+                },
+            );
             let plain = oid < FIRST_NORMAL_OID
                 && (volatility != "v" || VOLATILE_PLAIN.contains(&name))
                 && !STABLE_WRITERS.contains(&name)
@@ -75,7 +105,13 @@ impl Functions {
         Functions {
             plain: keep(bare),
             plain_qualified: keep(qualified),
+            by_oid,
         }
+    }
+
+    /// The function with `oid`, if the snapshot has it.
+    pub fn by_oid(&self, oid: u32) -> Option<&Function> {
+        self.by_oid.get(&oid)
     }
 
     /// Whether `name` (as in `Statement::functions`: lowercase, schema-qualified when written
@@ -95,7 +131,8 @@ static CACHE: LazyLock<Mutex<HashMap<(String, String), Cached>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 const TTL: Duration = Duration::from_secs(30);
 
-const QUERY: &str = "SELECT n.nspname, p.proname, p.oid::int8, p.provolatile::text \
+const QUERY: &str =
+    "SELECT n.nspname, p.proname, p.oid::int8, p.provolatile::text, p.prorettype::int8 \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace";
 
 fn bad(e: impl std::fmt::Display) -> io::Error {
@@ -113,7 +150,7 @@ pub async fn load(s: &mut Session, target: &str, database: &str) -> io::Result<A
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::query(QUERY, &mut out)?;
     s.stream.write_all(&out).await?;
-    let mut rows: Vec<(String, String, u32, String)> = Vec::new();
+    let mut rows: Vec<(String, String, u32, String, u32)> = Vec::new();
     let mut failed: Option<String> = None;
     let buf = &mut s.rest;
     loop {
@@ -127,10 +164,14 @@ pub async fn load(s: &mut Session, target: &str, database: &str) -> io::Result<A
                             .flatten()
                             .map(|b| String::from_utf8_lossy(b).into_owned())
                     };
-                    if let (Some(schema), Some(name), Some(Ok(oid)), Some(vol)) =
-                        (text(0), text(1), text(2).map(|o| o.parse::<u32>()), text(3))
-                    {
-                        rows.push((schema, name, oid, vol));
+                    if let (Some(schema), Some(name), Some(Ok(oid)), Some(vol), Some(Ok(ret))) = (
+                        text(0),
+                        text(1),
+                        text(2).map(|o| o.parse::<u32>()),
+                        text(3),
+                        text(4).map(|o| o.parse::<u32>()),
+                    ) {
+                        rows.push((schema, name, oid, vol, ret));
                     }
                 }
                 b'E' => {
@@ -143,9 +184,9 @@ pub async fn load(s: &mut Session, target: &str, database: &str) -> io::Result<A
                             "function catalog query failed: {m}"
                         )));
                     }
-                    let f = Arc::new(Functions::from_rows(
+                    let f = Arc::new(Functions::from_catalog(
                         rows.iter()
-                            .map(|(s, n, o, v)| (s.as_str(), n.as_str(), *o, v.as_str())),
+                            .map(|(s, n, o, v, r)| (s.as_str(), n.as_str(), *o, v.as_str(), *r)),
                     ));
                     crate::lock(&CACHE).insert(key, (Instant::now(), f.clone()));
                     return Ok(f);
@@ -208,5 +249,11 @@ mod tests {
             assert!(!f.is_plain(not), "{not}");
         }
         assert!(f.is_plain("db.pg_catalog.lower"));
+        assert_eq!(
+            f.by_oid(16501)
+                .map(|f| (f.schema.as_str(), f.name.as_str())),
+            Some(("public", "wipe"))
+        );
+        assert_eq!(f.by_oid(1), None);
     }
 }

@@ -413,6 +413,9 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                     }
                 }
             }
+            // An orderly end (TLS close_notify): libpq 17 reports an encrypted cancel whose
+            // connection ends without one as failed.
+            let _ = client.shutdown().await;
             return Ok(Totals::default());
         }
         s @ Startup::Startup { .. } => {
@@ -581,15 +584,10 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         match login {
             Ok(s) => s,
             Err(e) => {
-                send_fatal(
-                    &mut client,
-                    e.sqlstate(),
-                    &format!("tollgate: {e}"),
-                    Some(
-                        "the bot's own password is ignored; fix the credential in the tollgate policy",
-                    ),
-                )
-                .await;
+                let hint = e.blames_credential().then_some(
+                    "the bot's own password is ignored; fix the credential in the tollgate policy",
+                );
+                send_fatal(&mut client, e.sqlstate(), &format!("tollgate: {e}"), hint).await;
                 return Err(DataPathError::Upstream {
                     addr: cx.orig_dst,
                     source: std::io::Error::other(e.to_string()),
@@ -698,6 +696,10 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let nonce = format!("tollgate-denied-{:016x}", rand::random::<u64>());
     let shared = Arc::new(Shared {
         denials: Mutex::new(VecDeque::new()),
+        lexing: Mutex::new(Lexing {
+            scs: login_escapes(&session.relay),
+            settled: true,
+        }),
         expect: Mutex::new(VecDeque::new()),
         unsafe_encoding: Mutex::new(unsafe_client_encoding(&session.relay)),
     });
@@ -727,6 +729,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         portals: HashMap::new(),
         statements: HashMap::new(),
         next_version: 0,
+        next_refusal: 0,
         taint: false,
         resets: false,
         recorder: recorder.clone(),
@@ -880,14 +883,59 @@ async fn startup_settings(
 
 /// State shared by the two directions.
 struct Shared {
-    /// Messages for the denial errors the server will raise, in order.
-    denials: Mutex<VecDeque<(&'static str, String)>>,
+    /// The refusals the server will raise (as errors of the nonce statement), in order. The
+    /// client side queues a refusal after the expectation of its message, so a ReadyForQuery
+    /// that empties the expectations (which clears refusals the server skipped) never drops it.
+    denials: Mutex<VecDeque<Refusal>>,
+    /// How the server lexes backslashes, and whether that is certain (see [`Lexing`]).
+    lexing: Mutex<Lexing>,
     /// What the server will answer, in order, for the result-shaping messages we forwarded.
     expect: Mutex<VecDeque<Expect>>,
     /// The session's client_encoding, if it is one whose multibyte characters can end in an
     /// ASCII byte (SJIS, BIG5, ...): the classifier reads UTF-8 and would misread quotes and
     /// backslashes, so every statement is refused until it is UTF-8 again.
     unsafe_encoding: Mutex<Option<String>>,
+}
+
+/// An error the client gets in place of what the server says to the nonce statement.
+struct Refusal {
+    /// Numbers the substitute statement (`'<nonce>-<id>'`), so a refusal whose substitute the
+    /// server never ran (skipped in an aborted transaction) is not shown for a later one.
+    id: u64,
+    /// SQLSTATE: `42501` for policy denials (with the "ask for access" hint), `42601` for
+    /// statements PostgreSQL's grammar rejects, `57014` for a cancelled approval wait.
+    code: &'static str,
+    message: String,
+    /// The parser's cursor position (1-based, in characters) for syntax errors.
+    position: Option<u32>,
+}
+
+/// The server's `standard_conforming_strings` as its ParameterStatus reports it, and whether
+/// that is what it will lex the client's next message with.
+///
+/// `settled` is true only when everything forwarded has been answered up to a ReadyForQuery:
+/// the server reports a changed setting just before ReadyForQuery, and any statement (a `SET`,
+/// `RESET`, a rollback, a function or trigger calling `set_config`) may change it, so while
+/// anything is in flight the classifier reads backslash texts both ways. The client side sets
+/// it false after queueing the expectation of each message it forwards; the server side sets
+/// it true on a ReadyForQuery that leaves the queue empty, holding the queue's lock.
+struct Lexing {
+    scs: classify::Escapes,
+    settled: bool,
+}
+
+/// The standard_conforming_strings the login ParameterStatus messages report.
+fn login_escapes(relay: &[u8]) -> classify::Escapes {
+    let mut buf = BytesMut::from(relay);
+    let mut found = classify::Escapes::Unknown;
+    while let Ok(Some((tag, raw))) = wire::parse_backend(&mut buf) {
+        if tag == b'S' {
+            if let Ok(("standard_conforming_strings", v)) = wire::decode_parameter_status(&raw) {
+                found = classify::Escapes::from_setting(v);
+            }
+        }
+    }
+    found
 }
 
 /// Client-only encodings whose multibyte characters can contain bytes below 0x80 (the names
@@ -955,6 +1003,13 @@ enum Expect {
     },
     /// Sync: ends at ReadyForQuery.
     Sync,
+    /// A fast-path FunctionCall: a FunctionCallResponse (of `result_type`, in `format`) or an
+    /// error, then ReadyForQuery; `taint` as for Execute.
+    Call {
+        result_type: u32,
+        format: i16,
+        taint: bool,
+    },
 }
 
 /// What the session knows of one version of a prepared statement (protocol level).
@@ -1008,6 +1063,8 @@ struct ClientSide<'a> {
     statements: HashMap<String, StatementInfo>,
     /// The next statement version.
     next_version: u64,
+    /// The next refusal's id.
+    next_refusal: u64,
     /// Set by `decide_sql`: the message's computed columns may carry masked values.
     taint: bool,
     /// Set by `decide_sql`: the message may create or drop portals.
@@ -1045,6 +1102,9 @@ const NEVER_ALLOWED: &[(&str, &str)] = &[(
 enum Verdict {
     Allow,
     Deny(String),
+    /// PostgreSQL's grammar rejects the text: SQLSTATE 42601 with the parser's message and
+    /// position, as the server would answer.
+    Syntax(String, Option<u32>),
     /// The client cancelled a held operation (SQLSTATE 57014, as the server would answer).
     Cancelled(String),
     /// Some statement needs approval and none is denied: the whole message waits once.
@@ -1085,11 +1145,19 @@ impl ClientSide<'_> {
     /// Decide `sql` and record it (masked once, for both the audit log and the recording).
     async fn judge(&mut self, sql: &str) -> Verdict {
         let shown = self.masked_text(sql);
+        self.judge_as(sql, &shown).await
+    }
+
+    /// [`Self::judge`] `sql`, shown in the audit log and the recording as `shown`.
+    async fn judge_as(&mut self, sql: &str, shown: &str) -> Verdict {
+        let shown = shown.to_string();
         let v = self.decide_sql(sql, &shown).await;
         if let Some(r) = &self.recorder {
             let (decision, error) = match &v {
                 Verdict::Allow => ("allow", None),
-                Verdict::Deny(m) | Verdict::Cancelled(m) => ("deny", Some(m.as_str())),
+                Verdict::Deny(m) | Verdict::Cancelled(m) | Verdict::Syntax(m, _) => {
+                    ("deny", Some(m.as_str()))
+                }
                 Verdict::Hold(_) => ("approve", None),
             };
             // Written with the statement's result, in one write(2) (see recording.rs).
@@ -1126,8 +1194,33 @@ impl ClientSide<'_> {
                 "tollgate: client_encoding {enc} cannot be classified safely (its characters can hide quotes and backslashes); set client_encoding to UTF8"
             ));
         }
-        let statements = match CLASSIFY.classify(sql) {
+        let escapes = {
+            let l = lock(&self.shared.lexing);
+            if l.settled {
+                l.scs
+            } else {
+                classify::Escapes::Unknown
+            }
+        };
+        let statements = match CLASSIFY.classify_as(sql, escapes) {
             Ok(s) => s,
+            Err(classify::ClassifyError::Syntax(m)) => {
+                // The server would reject it too: answer as it would, not as a policy denial.
+                let d = Decision {
+                    action: Action::Deny,
+                    rule: None,
+                    reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                };
+                if cx
+                    .audit_operation("sql", shown, &d, Some("syntax_error"))
+                    .action
+                    == Action::Allow
+                {
+                    return Verdict::Allow;
+                }
+                let position = classify::syntax_error_position(sql, escapes);
+                return Verdict::Syntax(m, position);
+            }
             Err(e) => {
                 let d = Decision {
                     action: Action::Deny,
@@ -1422,15 +1515,45 @@ impl ClientSide<'_> {
         }
     }
 
-    fn deny_substitute(&self, message: String) -> String {
+    fn deny_substitute(&mut self, message: String) -> String {
         self.refuse_substitute("42501", message)
     }
 
     /// A statement that fails on the server with our nonce in its error, which the server side
     /// rewrites into `code` and `message` (so the refusal keeps its place among results).
-    fn refuse_substitute(&self, code: &'static str, message: String) -> String {
-        lock(&self.shared.denials).push_back((code, message));
-        format!("SELECT '{}'::pg_catalog.int4", self.nonce)
+    fn refuse_substitute(&mut self, code: &'static str, message: String) -> String {
+        self.refusal_substitute(code, message, None)
+    }
+
+    fn refusal_substitute(
+        &mut self,
+        code: &'static str,
+        message: String,
+        position: Option<u32>,
+    ) -> String {
+        let id = self.next_refusal;
+        self.next_refusal += 1;
+        lock(&self.shared.denials).push_back(Refusal {
+            id,
+            code,
+            message,
+            position,
+        });
+        format!("SELECT '{}-{id}'::pg_catalog.int4", self.nonce)
+    }
+
+    /// The substitute for a message that ended with verdict `v` (not `Allow` or `Hold`).
+    fn verdict_substitute(&mut self, v: Verdict) -> String {
+        match v {
+            Verdict::Cancelled(m) => self.refuse_substitute("57014", m),
+            Verdict::Syntax(message, position) => {
+                self.refusal_substitute("42601", message, position)
+            }
+            Verdict::Deny(m) => self.deny_substitute(m),
+            Verdict::Allow | Verdict::Hold(_) => {
+                self.deny_substitute("tollgate: internal verdict error; denied".into())
+            }
+        }
     }
 
     async fn run(
@@ -1482,13 +1605,8 @@ impl ClientSide<'_> {
                             Verdict::Hold(_) => {
                                 return Err(DataPathError::Internal("held twice".into()))
                             }
-                            Verdict::Deny(m) => {
-                                let sub = self.deny_substitute(m);
-                                postgres_protocol::message::frontend::query(&sub, &mut out)
-                                    .map_err(internal)?;
-                            }
-                            Verdict::Cancelled(m) => {
-                                let sub = self.refuse_substitute("57014", m);
+                            v => {
+                                let sub = self.verdict_substitute(v);
                                 postgres_protocol::message::frontend::query(&sub, &mut out)
                                     .map_err(internal)?;
                             }
@@ -1523,19 +1641,14 @@ impl ClientSide<'_> {
                         self.next_version += 1;
                         self.statements.insert(name.clone(), info);
                         lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
-                        let cancelled = matches!(v, Verdict::Cancelled(_));
                         match v {
                             Verdict::Allow => out.extend_from_slice(&raw),
                             // hold() never answers Hold.
                             Verdict::Hold(_) => {
                                 return Err(DataPathError::Internal("held twice".into()))
                             }
-                            Verdict::Deny(m) | Verdict::Cancelled(m) => {
-                                let sub = if cancelled {
-                                    self.refuse_substitute("57014", m)
-                                } else {
-                                    self.deny_substitute(m)
-                                };
+                            v => {
+                                let sub = self.verdict_substitute(v);
                                 postgres_protocol::message::frontend::parse(
                                     &name,
                                     &sub,
@@ -1622,26 +1735,100 @@ impl ClientSide<'_> {
                         lock(&self.shared.expect).push_back(Expect::Sync);
                         out.extend_from_slice(&raw);
                     }
-                    Frontend::FunctionCall(_) => {
-                        // A fast-path call names a function by OID with no SQL to classify.
-                        let d = Decision {
-                            action: Action::Deny,
-                            rule: None,
-                            reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                    Frontend::FunctionCall(body) => {
+                        // A fast-path call names a function by OID: decided as a SQL call of
+                        // that function, under the same rules.
+                        let call = wire::decode_function_call(&body).ok().map(|c| {
+                            (
+                                c.oid,
+                                c.args.len(),
+                                c.result_format,
+                                self.functions.by_oid(c.oid).cloned(),
+                            )
+                        });
+                        let (v, call) = match call {
+                            Some((oid, nargs, format, Some(f))) => {
+                                let sql = format!(
+                                    "SELECT {}.{}()",
+                                    quote_ident(&f.schema),
+                                    quote_ident(&f.name)
+                                );
+                                let shown = format!(
+                                    "fast-path call {}.{}({nargs} argument{})",
+                                    f.schema,
+                                    f.name,
+                                    if nargs == 1 { "" } else { "s" }
+                                );
+                                let v = self.judge_as(&sql, &shown).await;
+                                (v, Some((oid, f.result_type, format)))
+                            }
+                            other => {
+                                let what = match other {
+                                    Some((oid, ..)) => format!(
+                                        "function OID {oid}, which is not in the catalog snapshot"
+                                    ),
+                                    None => "a malformed FunctionCall message".into(),
+                                };
+                                let d = Decision {
+                                    action: Action::Deny,
+                                    rule: None,
+                                    reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                                };
+                                let _ = self.cx.audit_operation(
+                                    "function_call",
+                                    &format!("fast-path call of {what}"),
+                                    &d,
+                                    None,
+                                );
+                                (
+                                    Verdict::Deny(format!(
+                                        "tollgate: fast-path call of {what}; denied"
+                                    )),
+                                    None,
+                                )
+                            }
                         };
-                        let _ = self.cx.audit_operation(
-                            "function_call",
-                            "(fast-path function call)",
-                            &d,
-                            None,
-                        );
-                        let sub = self.deny_substitute(
-                            "tollgate: fast-path function calls cannot be classified; denied"
-                                .into(),
-                        );
-                        lock(&self.shared.expect).push_back(Expect::Simple(VecDeque::new(), true));
-                        postgres_protocol::message::frontend::query(&sub, &mut out)
-                            .map_err(internal)?;
+                        let mut v = v;
+                        if let Verdict::Hold(h) = v {
+                            flush(&mut uw, &mut out, counters, self.cx).await?;
+                            match self.hold(h, &mut cr, &mut buf).await {
+                                Some(x) => v = x,
+                                None => {
+                                    let _ = uw.shutdown().await;
+                                    return Ok(None);
+                                }
+                            }
+                        }
+                        self.copy_plans.clear();
+                        match (v, call) {
+                            (Verdict::Allow, Some((_, result_type, format))) => {
+                                lock(&self.shared.expect).push_back(Expect::Call {
+                                    result_type,
+                                    format,
+                                    taint: self.taint,
+                                });
+                                out.extend_from_slice(&raw);
+                            }
+                            (Verdict::Hold(_), _) => {
+                                return Err(DataPathError::Internal("held twice".into()))
+                            }
+                            (v, _) => {
+                                // The substitute is a simple query: its error and
+                                // ReadyForQuery answer the call.
+                                let v = match v {
+                                    Verdict::Allow => {
+                                        Verdict::Deny("tollgate: fast-path call denied".into())
+                                    }
+                                    v => v,
+                                };
+                                // Queued before the refusal (see Shared::denials).
+                                lock(&self.shared.expect)
+                                    .push_back(Expect::Simple(VecDeque::new(), true));
+                                let sub = self.verdict_substitute(v);
+                                postgres_protocol::message::frontend::query(&sub, &mut out)
+                                    .map_err(internal)?;
+                            }
+                        }
                     }
                     Frontend::Password(_) => {
                         // We never asked: after startup this is a protocol violation.
@@ -1673,6 +1860,9 @@ impl ClientSide<'_> {
                         out.extend_from_slice(&raw);
                     }
                 }
+                // Forwarded (its expectation queued): until the server is ready again, it may
+                // have changed how the next message is lexed.
+                lock(&self.shared.lexing).settled = false;
                 if out.len() > 64 * 1024 {
                     uw.write_all(&out)
                         .await
@@ -1931,6 +2121,21 @@ fn function_gate(cx: &SessionCx, named: &[&str], d: Decision) -> Decision {
             reason: tollgate_policy::DecisionReason::NoMatchingRule,
         }
     }
+}
+
+/// The refusal id in a server error about the substitute `'<nonce>-<id>'`.
+fn refusal_id(message: &str, nonce: &str) -> Option<u64> {
+    let at = message.find(nonce)? + nonce.len();
+    let digits: &str = message[at..].strip_prefix('-')?;
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn on_tables(s: &Statement) -> String {
@@ -2324,7 +2529,7 @@ impl ServerSide<'_> {
                         );
                         let _ = cw.write_all(&out).await;
                         let _ = cw.write_all(&o).await;
-                        let _ = cw.flush().await;
+                        let _ = cw.shutdown().await;
                         return Err(DataPathError::Upstream {
                             addr: self.cx.orig_dst,
                             source: std::io::Error::new(
@@ -2360,6 +2565,7 @@ impl ServerSide<'_> {
                     self.released = None;
                     if ok {
                         // The client left with a Terminate that was not forwarded.
+                        let _ = cw.shutdown().await;
                         return Ok(Some((ur, buf, self.status)));
                     }
                     continue;
@@ -2388,7 +2594,7 @@ impl ServerSide<'_> {
                         &mut o,
                     );
                     let _ = cw.write_all(&o).await;
-                    let _ = cw.flush().await;
+                    let _ = cw.shutdown().await;
                     return Err(DataPathError::Upstream {
                         addr: self.cx.orig_dst,
                         source: e,
@@ -2536,9 +2742,55 @@ impl ServerSide<'_> {
                 let tagtxt = wire::decode_command_complete(&raw).ok().map(str::to_string);
                 self.record_result(tagtxt.as_deref(), Some("COPY output withheld by tollgate"));
             }
+            wire::FUNCTION_CALL_RESPONSE_TAG if self.masker.is_some() => {
+                // A fast-path result is one computed value: masked as SQL masks `SELECT f()`.
+                let plan = match self.front_expect() {
+                    Some(Expect::Call {
+                        result_type,
+                        format,
+                        taint,
+                    }) => RowPlan {
+                        cols: vec![(
+                            format,
+                            result_type,
+                            if taint {
+                                self.derived_rule()
+                            } else {
+                                Rule::None
+                            },
+                        )],
+                        ..self.blind_plan(&[])
+                    },
+                    _ => self.blind_plan(&[1]),
+                };
+                // As a one-column DataRow: Int16 count, then the Int32 length and value.
+                let mut row = BytesMut::with_capacity(raw.len() + 2);
+                row.extend_from_slice(b"D");
+                row.extend_from_slice(&((raw.len() - 1 + 2) as i32).to_be_bytes());
+                row.extend_from_slice(&1i16.to_be_bytes());
+                row.extend_from_slice(&raw[5..]);
+                let saved = self.current.replace(plan);
+                let masked = self.mask_row(&row);
+                self.current = saved;
+                match masked? {
+                    Some(m) => {
+                        // Back to a FunctionCallResponse: drop the count.
+                        out.extend_from_slice(&[wire::FUNCTION_CALL_RESPONSE_TAG]);
+                        out.extend_from_slice(&((m.len() - 1 - 2) as i32).to_be_bytes());
+                        out.extend_from_slice(&m[7..]);
+                    }
+                    None => out.extend_from_slice(&raw),
+                }
+            }
             b'S' => {
-                if let Ok(("client_encoding", v)) = wire::decode_parameter_status(&raw) {
-                    *lock(&self.shared.unsafe_encoding) = unsafe_encoding_name(v);
+                match wire::decode_parameter_status(&raw) {
+                    Ok(("client_encoding", v)) => {
+                        *lock(&self.shared.unsafe_encoding) = unsafe_encoding_name(v);
+                    }
+                    Ok(("standard_conforming_strings", v)) => {
+                        lock(&self.shared.lexing).scs = classify::Escapes::from_setting(v);
+                    }
+                    _ => {}
                 }
                 out.extend_from_slice(&raw);
             }
@@ -2569,7 +2821,8 @@ impl ServerSide<'_> {
                     let front = {
                         let mut ex = lock(&self.shared.expect);
                         match ex.front() {
-                            None | Some(Expect::Sync | Expect::Simple(..)) => None,
+                            None
+                            | Some(Expect::Sync | Expect::Simple(..) | Expect::Call { .. }) => None,
                             Some(_) => ex.pop_front(),
                         }
                     };
@@ -2579,17 +2832,29 @@ impl ServerSide<'_> {
                     }
                 }
                 self.current = None;
-                if en.message().is_some_and(|m| m.contains(&self.nonce)) {
-                    let (code, msg) = lock(&self.shared.denials)
-                        .pop_front()
-                        .unwrap_or_else(|| ("42501", "tollgate: statement denied".into()));
-                    self.record_result(None, Some(&msg));
-                    let report = ErrorReport::error(code, &msg);
-                    let report = if code == "42501" {
-                        report.with_hint("ask for access: a tollgate policy rule must allow this for your identity")
-                    } else {
-                        report
-                    };
+                if let Some(id) = en.message().and_then(|m| refusal_id(m, &self.nonce)) {
+                    let r = {
+                        let mut q = lock(&self.shared.denials);
+                        // Refusals whose substitutes the server skipped (aborted transaction).
+                        while q.front().is_some_and(|r| r.id < id) {
+                            q.pop_front();
+                        }
+                        q.pop_front().filter(|r| r.id == id)
+                    }
+                    .unwrap_or_else(|| Refusal {
+                        id,
+                        code: "42501",
+                        message: "tollgate: statement denied".into(),
+                        position: None,
+                    });
+                    self.record_result(None, Some(&r.message));
+                    let mut report = ErrorReport::error(r.code, &r.message);
+                    if r.code == "42501" {
+                        report = report.with_hint("ask for access: a tollgate policy rule must allow this for your identity");
+                    }
+                    if let Some(p) = r.position {
+                        report = report.with_position(p);
+                    }
                     wire::encode_error_response(&report, out);
                 } else if self.column_rules() && !quotes_no_values(en.code().unwrap_or("")) {
                     // Data errors quote the value that failed (`invalid input syntax for type
@@ -2622,13 +2887,23 @@ impl ServerSide<'_> {
                 self.copy = None;
                 if matches!(
                     self.front_expect(),
-                    Some(Expect::Sync) | Some(Expect::Simple(..))
+                    Some(Expect::Sync | Expect::Simple(..) | Expect::Call { .. })
                 ) {
-                    if let Some(Expect::Simple(..)) = self.pop_expect() {
+                    if let Some(Expect::Simple(..) | Expect::Call { .. }) = self.pop_expect() {
                         // A simple query replaces the unnamed statement and portal, and its
                         // statements may declare or close cursors.
                         self.stmt_descs.remove("");
                         self.portal_descs.clear();
+                    }
+                }
+                {
+                    // Everything forwarded is answered: the ParameterStatus values reported
+                    // before this ReadyForQuery are what the next message is lexed with.
+                    let ex = lock(&self.shared.expect);
+                    if ex.is_empty() {
+                        lock(&self.shared.lexing).settled = true;
+                        // Every substitute was answered: refusals left were skipped.
+                        lock(&self.shared.denials).clear();
                     }
                 }
                 if self.status == b'I' {

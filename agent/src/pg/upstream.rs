@@ -29,8 +29,10 @@ pub enum LoginError {
     /// The credential's secret could not be read.
     #[error("cannot read the secret of credential \"{credential}\": {reason}")]
     Secret { credential: String, reason: String },
-    /// The server rejected the login.
-    #[error("upstream rejected credential \"{credential}\": {message}")]
+    /// The server refused the login: blamed on the credential only when the server rejected
+    /// the credential (SQLSTATE class 28), otherwise what the server said (`database "x" does
+    /// not exist`, `sorry, too many clients already`).
+    #[error("{}", rejected_text(credential, code, message))]
     Rejected {
         credential: String,
         code: String,
@@ -52,7 +54,24 @@ pub enum LoginError {
     Io(#[from] io::Error),
 }
 
+fn rejected_text(credential: &str, code: &str, message: &str) -> String {
+    if code.starts_with("28") {
+        format!("upstream rejected credential \"{credential}\": {message}")
+    } else {
+        format!("the upstream server refused the login: {message}")
+    }
+}
+
 impl LoginError {
+    /// Whether fixing the target's credential is the likely fix.
+    pub fn blames_credential(&self) -> bool {
+        match self {
+            LoginError::Rejected { code, .. } => code.starts_with("28") || code.is_empty(),
+            LoginError::Io(_) | LoginError::Tls(_) => false,
+            _ => true,
+        }
+    }
+
     /// SQLSTATE for the bot: 28P01 for credential problems, 08006 for transport problems.
     pub fn sqlstate(&self) -> &str {
         match self {
@@ -334,6 +353,33 @@ pub async fn cancel(mut conn: Conn, key: (i32, i32)) -> io::Result<()> {
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
+
+    #[test]
+    fn a_login_failure_blames_the_credential_only_when_the_server_rejected_it() {
+        let rejected = |code: &str, message: &str| LoginError::Rejected {
+            credential: "app-rw".into(),
+            code: code.into(),
+            message: message.into(),
+        };
+        let e = rejected(
+            "28P01",
+            "password authentication failed for user \"app_rw\"",
+        );
+        assert!(e.blames_credential());
+        assert!(e.to_string().contains("credential \"app-rw\""), "{e}");
+        for (code, msg) in [
+            ("3D000", "database \"x\" does not exist"),
+            ("53300", "sorry, too many clients already"),
+        ] {
+            let e = rejected(code, msg);
+            assert!(!e.blames_credential());
+            assert_eq!(e.sqlstate(), code);
+            assert_eq!(
+                e.to_string(),
+                format!("the upstream server refused the login: {msg}")
+            );
+        }
+    }
 
     /// Cancel `key` against a server that refuses TLS ('N' to an SSLRequest); returns the
     /// result and every byte the server received.

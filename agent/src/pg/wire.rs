@@ -1389,6 +1389,9 @@ pub struct ErrorReport<'a> {
     pub detail: Option<&'a str>,
     /// Optional hint (psql prints it as `HINT:`).
     pub hint: Option<&'a str>,
+    /// Optional cursor position into the statement text, 1-based, in characters (psql prints
+    /// `LINE n:` and a caret).
+    pub position: Option<u32>,
 }
 
 impl<'a> ErrorReport<'a> {
@@ -1400,6 +1403,7 @@ impl<'a> ErrorReport<'a> {
             message,
             detail: None,
             hint: None,
+            position: None,
         }
     }
 
@@ -1423,6 +1427,14 @@ impl<'a> ErrorReport<'a> {
     pub fn with_hint(self, hint: &'a str) -> Self {
         ErrorReport {
             hint: Some(hint),
+            ..self
+        }
+    }
+
+    /// Adds a cursor position (1-based, in characters).
+    pub fn with_position(self, position: u32) -> Self {
+        ErrorReport {
+            position: Some(position),
             ..self
         }
     }
@@ -1500,8 +1512,11 @@ fn encode_report(buf: &mut BytesMut, tag: u8, report: &ErrorReport<'_>) {
     if let Some(hint) = report.hint {
         put_report_field(buf, b'H', hint);
     }
+    if let Some(position) = report.position {
+        put_report_field(buf, b'P', &position.to_string());
+    }
     buf.put_u8(0);
-    // At most 6 clipped fields: far below i32::MAX.
+    // At most 7 clipped fields: far below i32::MAX.
     let len = (buf.len() - start - 1) as i32;
     buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
 }

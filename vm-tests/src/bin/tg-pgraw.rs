@@ -4,9 +4,15 @@
 //! Usage: `tg-pgraw HOST PORT SCRIPT [KEY=VALUE ...]`; the extra arguments are startup
 //! parameters (`user=bot database=app` by default). SCRIPT has one message per line:
 //! `Q sql`, `P name|sql`, `B portal|statement`, `B1 portal|statement` (binary results),
-//! `D S|name`, `D P|name`, `E portal`, `C S|name`, `C P|name`, `H` (Flush), `S` (Sync).
-//! After each `S` or `Q` the answers are read up to ReadyForQuery. Prints one JSON object:
-//! `rows` (every DataRow, values as text or null), `errors` (SQLSTATE: message), `fatal`.
+//! `D S|name`, `D P|name`, `E portal`, `C S|name`, `C P|name`, `H` (Flush), `S` (Sync),
+//! `F oid|arg|arg...` (a fast-path FunctionCall: arguments as int4 when they are integers,
+//! else text, all in binary format; result in binary), `L name` (looks up
+//! `SELECT 'name'::regproc::oid` into the variable `name`). In `F`, the OID and each argument
+//! may be a variable: a name recorded by `L`, `$last` (the last int4 function result) or
+//! `$rN` (the N-th function result, when it was an int4). After each `S`, `Q` or `F` the answers are read up to ReadyForQuery. Prints one JSON
+//! object: `rows` (every DataRow, values as text or null), `errors` (SQLSTATE: message, then
+//! `@position` when the error has one), `results` (FunctionCallResponse values: int4 results as
+//! numbers, others as text, null as null), `fatal`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -29,11 +35,34 @@ fn split2(s: &str) -> (&str, &str) {
     s.split_once('|').unwrap_or((s, ""))
 }
 
-/// One script line as protocol bytes.
-fn encode(line: &str) -> Vec<u8> {
+/// One script line as protocol bytes. `vars` are names recorded by `L` and `$last`.
+fn encode(line: &str, vars: &std::collections::HashMap<String, String>) -> Vec<u8> {
     let (op, rest) = line.split_once(' ').unwrap_or((line, ""));
     let mut b = Vec::new();
     match op {
+        "F" => {
+            let mut parts = rest.split('|');
+            let oid = parts.next().unwrap_or("0");
+            let oid = vars.get(oid).map_or(oid, String::as_str);
+            let oid: u32 = oid.parse().expect("oid");
+            let args: Vec<&str> = parts
+                .map(|a| vars.get(a).map_or(a, String::as_str))
+                .collect();
+            b.extend_from_slice(&oid.to_be_bytes());
+            b.extend_from_slice(&1i16.to_be_bytes()); // one format code: binary for all
+            b.extend_from_slice(&1i16.to_be_bytes());
+            b.extend_from_slice(&(args.len() as i16).to_be_bytes());
+            for a in args {
+                let v = match a.parse::<i32>() {
+                    Ok(n) => n.to_be_bytes().to_vec(),
+                    Err(_) => a.as_bytes().to_vec(),
+                };
+                b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                b.extend_from_slice(&v);
+            }
+            b.extend_from_slice(&1i16.to_be_bytes()); // binary result
+            msg(b'F', &b)
+        }
         "Q" => {
             cstr(&mut b, rest);
             msg(b'Q', &b)
@@ -168,6 +197,8 @@ fn main() {
 
     let mut rows = Vec::new();
     let mut errors = Vec::new();
+    let mut results = Vec::new();
+    let mut vars: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     let mut fatal = Value::Null;
     // Login: answer a password request with a wrong password (tollgate ignores it).
     let mut ready = false;
@@ -197,8 +228,22 @@ fn main() {
     }
     if ready {
         'script: for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            w.write_all(&encode(line)).expect("write");
-            if !(line == "S" || line.starts_with("Q ")) {
+            // `L name`: look up a function's OID into the variable `name`.
+            let lookup = line.strip_prefix("L ").map(str::to_string);
+            let sent = match &lookup {
+                Some(name) => {
+                    let mut q = Vec::new();
+                    cstr(&mut q, &format!("SELECT '{name}'::regproc::oid"));
+                    msg(b'Q', &q)
+                }
+                None => encode(line, &vars),
+            };
+            w.write_all(&sent).expect("write");
+            if !(line == "S"
+                || line.starts_with("Q ")
+                || line.starts_with("F ")
+                || lookup.is_some())
+            {
                 continue;
             }
             loop {
@@ -206,12 +251,32 @@ fn main() {
                     break 'script;
                 };
                 match tag {
+                    b'D' if lookup.is_some() => {
+                        if let (Some(name), Some(oid)) = (&lookup, data_row(&b)[0].as_str()) {
+                            vars.insert(name.clone(), oid.to_string());
+                        }
+                    }
                     b'D' => rows.push(data_row(&b)),
+                    b'V' => {
+                        let len = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                        let v = if len < 0 {
+                            Value::Null
+                        } else if len == 4 {
+                            let n = i32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+                            vars.insert("$last".into(), n.to_string());
+                            vars.insert(format!("$r{}", results.len() + 1), n.to_string());
+                            json!(n)
+                        } else {
+                            json!(String::from_utf8_lossy(&b[4..4 + len as usize]))
+                        };
+                        results.push(v);
+                    }
                     b'E' => {
                         let f = fields(&b);
                         let get = |c: u8| f.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone());
+                        let at = get(b'P').map(|p| format!("@{p}")).unwrap_or_default();
                         errors.push(json!(format!(
-                            "{}: {}",
+                            "{}: {}{at}",
                             get(b'C').unwrap_or_default(),
                             get(b'M').unwrap_or_default()
                         )));
@@ -225,6 +290,6 @@ fn main() {
     }
     println!(
         "{}",
-        json!({"rows": rows, "errors": errors, "fatal": fatal})
+        json!({"rows": rows, "errors": errors, "results": results, "fatal": fatal})
     );
 }

@@ -1336,3 +1336,53 @@ fn lineage_separates_returning_from_written_values() {
     let l = lineage("insert into archive select * from customers");
     assert!(l.opaque);
 }
+
+#[test]
+fn a_known_escape_setting_reads_the_text_once_as_the_server_will() {
+    // Under standard_conforming_strings off this is a string and a DROP; on, one string.
+    let sql = "SELECT 'x\\'' ; DROP TABLE t; --'";
+    let off = classify_as(sql, Escapes::Backslash).expect("off");
+    assert_eq!(off.len(), 2);
+    assert_eq!(off[1].kind, "drop");
+    let on = classify_as(sql, Escapes::Standard).expect("on");
+    assert_eq!(on.len(), 1);
+    assert_eq!(on[0].kind, "select");
+    // Valid only with backslash escapes (pg_regress runs such statements with it off).
+    let valid_off = "SELECT 'a\\'b'";
+    assert_eq!(
+        classify_as(valid_off, Escapes::Backslash).expect("off")[0].kind,
+        "select"
+    );
+    assert!(classify_as(valid_off, Escapes::Standard).is_err());
+    assert_eq!(classify(valid_off), Err(ClassifyError::AmbiguousEscapes));
+    // The cache never hands a one-way reading to a lookup that does not know the setting.
+    let cache = ClassifyCache::new(16);
+    assert_eq!(
+        cache.classify_as(sql, Escapes::Standard).expect("on").len(),
+        1
+    );
+    assert_eq!(
+        cache.classify(sql).err(),
+        Some(ClassifyError::AmbiguousEscapes)
+    );
+    assert_eq!(Escapes::from_setting("off"), Escapes::Backslash);
+    assert_eq!(Escapes::from_setting("on"), Escapes::Standard);
+}
+
+#[test]
+fn syntax_errors_carry_the_parsers_position() {
+    assert!(
+        matches!(classify("selec 1"), Err(ClassifyError::Syntax(m)) if m == "syntax error at or near \"selec\"")
+    );
+    assert_eq!(syntax_error_position("selec 1", Escapes::Standard), Some(1));
+    assert_eq!(
+        syntax_error_position("SELECT 1;\nSELECT * FRM t", Escapes::Standard),
+        Some(20)
+    );
+    // Characters, not bytes, as the server counts them.
+    assert_eq!(
+        syntax_error_position("SELECT 'é', FROM t", Escapes::Standard),
+        Some(13)
+    );
+    assert_eq!(syntax_error_position("SELECT 1", Escapes::Standard), None);
+}
