@@ -1,7 +1,9 @@
 //! `cargo xtask setup`: idempotently install everything the build and tests need, through the
 //! package registries only: rust-src for nightly, bpf-linker built against nightly's own
 //! libLLVM (rebuilt when that library changes), the Debian packages the tests use, and the npm
-//! packages of the test OIDC provider (`vm-tests/oidc/`, from its committed package-lock.json).
+//! packages of the test OIDC provider (`vm-tests/oidc/`) and of the node-postgres client tests
+//! (`vm-tests/clients/`), each from its committed package-lock.json, and the Python client
+//! libraries (psycopg 3, asyncpg) in a venv.
 
 use std::{fs, process::Command};
 
@@ -41,44 +43,47 @@ pub fn setup(apt: bool) -> Result<()> {
     bpf_linker()?;
     if apt {
         apt_packages()?;
-        oidc_provider()?;
+        npm_ci("vm-tests/oidc", "oidc-provider", "the test OIDC provider")?;
+        npm_ci("vm-tests/clients", "pg", "the node-postgres client tests")?;
         pg_regress_suite()?;
         python_clients()?;
     }
     Ok(())
 }
 
-/// `npm ci` the test OIDC provider's packages into `vm-tests/oidc/node_modules` (gitignored),
-/// exactly as `package-lock.json` pins them. Skipped when the installed `oidc-provider` already
-/// has the version `package.json` pins.
-fn oidc_provider() -> Result<()> {
-    let dir = util::root().join("vm-tests/oidc");
-    let pinned = package_version(&dir.join("package.json"), "dependencies")?;
-    let installed = fs::read_to_string(dir.join("node_modules/oidc-provider/package.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| v["version"].as_str().map(str::to_string));
+/// `npm ci` the packages of `dir` (relative to the repository) into its `node_modules`
+/// (gitignored), exactly as its committed `package-lock.json` pins them: the test OIDC
+/// provider (`vm-tests/oidc/`) and node-postgres (`vm-tests/clients/`). Skipped when the
+/// installed `main_pkg` already has the version `package.json` pins.
+fn npm_ci(dir: &str, main_pkg: &str, what: &str) -> Result<()> {
+    let dir = util::root().join(dir);
+    let pinned = package_version(&dir.join("package.json"), main_pkg)?;
+    let installed =
+        fs::read_to_string(dir.join("node_modules").join(main_pkg).join("package.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["version"].as_str().map(str::to_string));
     if installed.as_deref() == Some(pinned.as_str()) {
         return Ok(());
     }
-    eprintln!("installing oidc-provider {pinned} for the OIDC tests (npm ci)");
+    eprintln!("installing {main_pkg} {pinned} for {what} (npm ci)");
     run(Command::new("npm")
         .args(["ci", "--no-audit", "--no-fund", "--ignore-scripts"])
         .current_dir(&dir))
-    .context(
-        "npm (Node.js) is needed for the test OIDC provider: install Debian's `nodejs` and npm",
-    )
+    .with_context(|| {
+        format!("npm (Node.js) is needed for {what}: install Debian's `nodejs` and npm")
+    })
 }
 
-/// The exact version `package.json` pins for `oidc-provider` (no ranges: the lock file is the
-/// truth, and this is only the cheap "already installed?" check).
-fn package_version(path: &std::path::Path, section: &str) -> Result<String> {
+/// The exact version `package.json` pins for `pkg` in `dependencies` (no ranges: the lock file
+/// is the truth, and this is only the cheap "already installed?" check).
+fn package_version(path: &std::path::Path, pkg: &str) -> Result<String> {
     let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(path)?)
         .with_context(|| format!("{} is not JSON", path.display()))?;
-    v[section]["oidc-provider"]
+    v["dependencies"][pkg]
         .as_str()
         .map(str::to_string)
-        .with_context(|| format!("{} pins no oidc-provider version", path.display()))
+        .with_context(|| format!("{} pins no {pkg} version", path.display()))
 }
 
 /// PostgreSQL 15's regression suite for `vm-tests/tests/pg_regress.rs`, under
@@ -225,8 +230,9 @@ fn pg_regress_suite() -> Result<()> {
 
 /// PostgreSQL client libraries for the vm-tests, pinned, in a venv under `<tools>/pyvenv`
 /// (PyPI only): psycopg 3 with its binary wheel (which bundles its own libpq, 18.x: the
-/// encrypted CancelRequest path of libpq 17+).
-const PY_CLIENTS: &[&str] = &["psycopg[binary]==3.3.9"];
+/// encrypted CancelRequest path of libpq 17+), and asyncpg (its own protocol implementation,
+/// binary results by default).
+const PY_CLIENTS: &[&str] = &["psycopg[binary]==3.3.9", "asyncpg==0.32.0"];
 
 fn python_clients() -> Result<()> {
     let venv = tools_dir().join("pyvenv");

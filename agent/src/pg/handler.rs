@@ -662,17 +662,28 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         })));
     }
 
-    // Greet the client as the server would, with our own cancel key.
-    let our_key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
+    // Greet the client as the server would, with our own cancel key: the backend's real
+    // process id (clients compare it with NotificationResponse's sender and pg_backend_pid(),
+    // e.g. to skip their own notifications) and a secret of our own, so a CancelRequest only
+    // works through us. Keys are (pid, secret) pairs: redraw the secret on a clash.
     let held_cancel = Arc::new(HeldCancel::default());
-    lock(&CANCEL_KEYS).insert(
-        our_key,
-        CancelTarget {
-            addr: cx.orig_dst,
-            upstream: session.backend_key,
-            held: held_cancel.clone(),
-        },
-    );
+    let our_key = {
+        let mut keys = lock(&CANCEL_KEYS);
+        loop {
+            let pid = session
+                .backend_key
+                .map_or_else(|| rand::random::<i32>() & 0x7fff_ffff, |k| k.0);
+            let key = (pid, rand::random::<i32>());
+            if let std::collections::hash_map::Entry::Vacant(e) = keys.entry(key) {
+                e.insert(CancelTarget {
+                    addr: cx.orig_dst,
+                    upstream: session.backend_key,
+                    held: held_cancel.clone(),
+                });
+                break key;
+            }
+        }
+    };
     let _cancel_guard = CancelKeyGuard(our_key);
     let mut out = BytesMut::new();
     wire::encode_authentication_ok(&mut out);
