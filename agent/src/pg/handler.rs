@@ -1014,6 +1014,12 @@ enum Expect {
     },
     /// Sync: ends at ReadyForQuery.
     Sync,
+    /// A simple query this classifier's grammar rejects, sent to the server as a Parse of the
+    /// unnamed statement plus a Sync (parsed, never run), so that the client gets the server's
+    /// own syntax error (message, detail, hint, position) for its own text. Should the server's
+    /// parser accept it, the client gets this error instead (42601, message, position); ends at
+    /// ReadyForQuery.
+    Probe(String, Option<u32>),
     /// A fast-path FunctionCall: a FunctionCallResponse (of `result_type`, in `format`) or an
     /// error, then ReadyForQuery; `taint` as for Execute.
     Call {
@@ -1608,6 +1614,20 @@ impl ClientSide<'_> {
                         // A simple query replaces the unnamed statement and portal.
                         self.statements.remove("");
                         self.portals.remove("");
+                        if let Verdict::Syntax(message, position) = v {
+                            // Let the server's own parser say what is wrong (Expect::Probe):
+                            // a Parse is parsed and analysed, never run.
+                            lock(&self.shared.expect).push_back(Expect::Probe(message, position));
+                            postgres_protocol::message::frontend::parse(
+                                "",
+                                &sql,
+                                std::iter::empty(),
+                                &mut out,
+                            )
+                            .map_err(internal)?;
+                            postgres_protocol::message::frontend::sync(&mut out);
+                            continue;
+                        }
                         lock(&self.shared.expect)
                             .push_back(Expect::Simple(plans.into(), self.taint));
                         match v {
@@ -2660,6 +2680,18 @@ impl ServerSide<'_> {
                 out.extend_from_slice(&raw);
             }
             b'1' => {
+                if let Some(Expect::Probe(message, position)) = self.front_expect() {
+                    // The server's parser accepted what this classifier's grammar rejects: the
+                    // text is not run, and the client gets the classifier's syntax error.
+                    self.stmt_descs.remove("");
+                    self.record_result(None, Some(&message));
+                    let mut report = ErrorReport::error("42601", &message);
+                    if let Some(p) = position {
+                        report = report.with_position(p);
+                    }
+                    wire::encode_error_response(&report, out);
+                    return Ok(());
+                }
                 // ParseComplete: the statement's old description no longer applies.
                 if matches!(self.front_expect(), Some(Expect::Parse(_))) {
                     if let Some(e) = self.pop_expect() {
@@ -2833,7 +2865,12 @@ impl ServerSide<'_> {
                         let mut ex = lock(&self.shared.expect);
                         match ex.front() {
                             None
-                            | Some(Expect::Sync | Expect::Simple(..) | Expect::Call { .. }) => None,
+                            | Some(
+                                Expect::Sync
+                                | Expect::Simple(..)
+                                | Expect::Call { .. }
+                                | Expect::Probe(..),
+                            ) => None,
                             Some(_) => ex.pop_front(),
                         }
                     };
@@ -2898,9 +2935,13 @@ impl ServerSide<'_> {
                 self.copy = None;
                 if matches!(
                     self.front_expect(),
-                    Some(Expect::Sync | Expect::Simple(..) | Expect::Call { .. })
+                    Some(
+                        Expect::Sync | Expect::Simple(..) | Expect::Call { .. } | Expect::Probe(..)
+                    )
                 ) {
-                    if let Some(Expect::Simple(..) | Expect::Call { .. }) = self.pop_expect() {
+                    if let Some(Expect::Simple(..) | Expect::Call { .. } | Expect::Probe(..)) =
+                        self.pop_expect()
+                    {
                         // A simple query replaces the unnamed statement and portal, and its
                         // statements may declare or close cursors.
                         self.stmt_descs.remove("");
