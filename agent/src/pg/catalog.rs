@@ -547,6 +547,10 @@ mod tests {
         assert!(taint(&c, "UPDATE customers SET name = email").write);
         let t = taint(&c, "UPDATE customers SET name = 'x' RETURNING upper(email)");
         assert!(t.output && !t.write);
+        // Relations it knows by any schema-qualified spelling (a zero-column-rule table too);
+        // an unknown name makes the session re-read the snapshot.
+        assert!(c.knows("orders") && c.knows("public.customers") && c.knows("db.public.orders"));
+        assert!(!c.knows("created_since"));
         // No column rules: nothing taints.
         let none = Catalog::default();
         assert_eq!(

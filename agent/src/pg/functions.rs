@@ -304,6 +304,9 @@ mod tests {
             assert!(!f.is_plain(not), "{not}");
         }
         assert!(f.is_plain("db.pg_catalog.lower"));
+        // Known (plain or not) vs created since the snapshot (re-read before deciding).
+        assert!(f.knows("wipe") && f.knows("app.report") && f.knows("pg_catalog.lower"));
+        assert!(!f.knows("never_seen") && !f.knows("public.report"));
         assert_eq!(
             f.by_oid(16501)
                 .map(|f| (f.schema.as_str(), f.name.as_str())),
