@@ -8,8 +8,10 @@
 //! attribute order (generated columns marked), so `COPY table TO STDOUT`, which has no
 //! RowDescription, can tell which output positions column rules cover (`copy.rs`).
 //!
-//! Limit: a table created after the snapshot is not covered by column rules until the cache
-//! refreshes (30 s); detectors still apply to its values.
+//! Freshness: a session re-reads the snapshot on its own upstream connection when a statement
+//! names a relation the snapshot does not know, or after DDL the session ran, before the
+//! statement is decided (`handler.rs`, `ClientSide::refresh`); the answer is read by the same
+//! [`Reader`] the login uses.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -66,6 +68,10 @@ pub struct Catalog {
     /// Bare names of views whose every column is masked (their definition derives a value from
     /// a masked column): anything computed from them is masked too.
     opaque_relations: HashSet<String>,
+    /// Bare names of the system relations (`pg_catalog`, `information_schema`), lowercased.
+    system: HashSet<String>,
+    /// Bare names of every user relation, lowercased.
+    names: HashSet<String>,
 }
 
 /// Where masked values may flow in one statement (see [`Catalog::taint`]).
@@ -124,6 +130,7 @@ impl Catalog {
     /// Fill the name sets from `by_name` (the relations that keep columns have a masked one).
     fn index_names(&mut self) {
         for (name, rels) in &self.by_name {
+            self.names.insert(bare(name));
             for r in rels.iter().filter(|r| !r.columns.is_empty()) {
                 self.masked_relations.insert(bare(name));
                 for c in &r.columns {
@@ -192,6 +199,14 @@ impl Catalog {
         }
     }
 
+    /// Whether the snapshot knows a relation called `name` (as in `Statement::tables`), in any
+    /// schema, system relations included. A name it does not know may be a relation created
+    /// since the snapshot was read: the session refreshes it before deciding (`handler.rs`).
+    pub fn knows(&self, name: &str) -> bool {
+        let b = bare(name);
+        self.names.contains(&b) || self.system.contains(&b)
+    }
+
     /// Every relation called `name`, in any schema.
     pub fn relations(&self, name: &str) -> &[Relation] {
         self.by_name.get(name).map(Vec::as_slice).unwrap_or(&[])
@@ -255,8 +270,9 @@ static CACHE: LazyLock<Mutex<HashMap<(String, String), Cached>>> =
 const TTL: Duration = Duration::from_secs(30);
 
 /// Every column of every user relation (a relation without columns once, with NULL column
-/// fields, so zero-column tables are known), then every user view's definition (two result
-/// sets).
+/// fields, so zero-column tables are known), then every user view's definition, then the names
+/// of the system relations (so a statement on `pg_class` does not count as naming a relation
+/// the snapshot does not know): three result sets.
 const QUERY: &str = "SELECT c.oid::int8, n.nspname, c.relname, a.attnum::int4, a.attname, \
      (a.attgenerated <> '')::text, c.relkind::text \
      FROM pg_catalog.pg_class c \
@@ -266,7 +282,10 @@ const QUERY: &str = "SELECT c.oid::int8, n.nspname, c.relname, a.attnum::int4, a
      AND n.nspname NOT IN ('pg_catalog','information_schema') AND n.nspname NOT LIKE 'pg_toast%'; \
      SELECT c.oid::int8, n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid) \
      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-     WHERE c.relkind IN ('v','m') AND n.nspname NOT IN ('pg_catalog','information_schema')";
+     WHERE c.relkind IN ('v','m') AND n.nspname NOT IN ('pg_catalog','information_schema'); \
+     SELECT c.relname FROM pg_catalog.pg_class c \
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE n.nspname IN ('pg_catalog','information_schema')";
 
 fn bad(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
@@ -286,106 +305,16 @@ pub async fn load(
         }
     }
     let mut out = BytesMut::new();
-    postgres_protocol::message::frontend::query(QUERY, &mut out)?;
+    query(&mut out)?;
     s.stream.write_all(&out).await?;
-    let mut set = HashSet::new();
-    // (schema, table) -> (attnum, column) for every column; trimmed to masked tables at the end.
-    let mut all: HashMap<(String, String), Vec<(i16, Column)>> = HashMap::new();
-    // Views: (oid, schema, name, definition), and their columns by oid.
-    let mut views: Vec<(u32, String, String, String)> = Vec::new();
-    let mut view_columns: HashMap<u32, Vec<(i16, String)>> = HashMap::new();
-    let mut result_set = 0;
+    let mut reader = Reader::default();
     let buf = &mut s.rest;
     loop {
         while let Some((tag, raw)) = wire::parse_backend(buf).map_err(bad)? {
-            match tag {
-                b'C' => result_set += 1,
-                b'D' if result_set == 1 => {
-                    let v = wire::data_row_values(&raw).map_err(bad)?;
-                    let text = |i: usize| {
-                        v.get(i)
-                            .copied()
-                            .flatten()
-                            .map(|b| String::from_utf8_lossy(b).into_owned())
-                    };
-                    if let (Some(Ok(oid)), Some(schema), Some(name), Some(def)) =
-                        (text(0).map(|o| o.parse::<u32>()), text(1), text(2), text(3))
-                    {
-                        views.push((oid, schema, name, def));
-                    }
-                }
-                b'D' => {
-                    let v = wire::data_row_values(&raw).map_err(bad)?;
-                    let text = |i: usize| {
-                        v.get(i)
-                            .copied()
-                            .flatten()
-                            .map(|b| String::from_utf8_lossy(b).into_owned())
-                    };
-                    let (Some(oid), Some(schema), Some(table)) = (text(0), text(1), text(2)) else {
-                        continue;
-                    };
-                    let (Some(att), Some(col), Some(gen)) = (text(3), text(4), text(5)) else {
-                        // A relation without columns: known, nothing to mask.
-                        all.entry((schema, table)).or_default();
-                        continue;
-                    };
-                    let (Ok(oid), Ok(att)) = (oid.parse::<u32>(), att.parse::<i16>()) else {
-                        continue;
-                    };
-                    if matches!(text(6).as_deref(), Some("v" | "m")) {
-                        view_columns
-                            .entry(oid)
-                            .or_default()
-                            .push((att, col.clone()));
-                    }
-                    let masked = masker.column_masked(Some(&format!("{schema}.{table}")), &col);
-                    if masked {
-                        set.insert((oid, att));
-                    }
-                    all.entry((schema, table)).or_default().push((
-                        att,
-                        Column {
-                            name: col,
-                            masked,
-                            generated: gen == "true",
-                        },
-                    ));
-                }
-                b'E' => {
-                    let en = wire::decode_error_notice(&raw).map_err(bad)?;
-                    return Err(io::Error::other(format!(
-                        "catalog query failed: {}",
-                        en.message().unwrap_or("?")
-                    )));
-                }
-                b'Z' => {
-                    let mut by_name: HashMap<String, Vec<Relation>> = HashMap::new();
-                    for ((schema, table), mut cols) in all.drain() {
-                        let columns = if cols.iter().any(|(_, c)| c.masked) {
-                            cols.sort_by_key(|(att, _)| *att);
-                            cols.into_iter().map(|(_, c)| c).collect()
-                        } else {
-                            Vec::new()
-                        };
-                        by_name
-                            .entry(table)
-                            .or_default()
-                            .push(Relation { schema, columns });
-                    }
-                    let mut cat = Catalog {
-                        masked: std::mem::take(&mut set),
-                        by_name,
-                        ..Catalog::default()
-                    };
-                    cat.masked_oids = cat.masked.iter().map(|(oid, _)| *oid).collect();
-                    cat.index_names();
-                    cat.add_views(&views, &view_columns);
-                    let cat = Arc::new(cat);
-                    crate::lock(&CACHE).insert(key, (Instant::now(), cat.clone()));
-                    return Ok(cat);
-                }
-                _ => {}
+            if let Some(done) = reader.feed(masker, tag, &raw) {
+                let cat = Arc::new(done?);
+                remember(target, database, cat.clone());
+                return Ok(cat);
             }
         }
         if s.stream.read_buf(buf).await? == 0 {
@@ -394,6 +323,147 @@ pub async fn load(
                 "upstream closed during the catalog query",
             ));
         }
+    }
+}
+
+/// The catalog query as a Query message (three result sets, one ReadyForQuery).
+pub fn query(out: &mut BytesMut) -> io::Result<()> {
+    postgres_protocol::message::frontend::query(QUERY, out)
+}
+
+/// Cache a snapshot read on a session's own connection (see `handler.rs`, in-band refresh), so
+/// the next sessions of the same (target, database) start from it.
+pub fn remember(target: &str, database: &str, cat: Arc<Catalog>) {
+    crate::lock(&CACHE).insert(
+        (target.to_string(), database.to_string()),
+        (Instant::now(), cat),
+    );
+}
+
+/// Reads the answer to [`query`] one backend message at a time, so the same code serves the
+/// login read and the in-band refresh (where the session's server side feeds it).
+#[derive(Default)]
+pub struct Reader {
+    set: HashSet<(u32, i16)>,
+    /// (schema, table) -> (attnum, column) for every column; trimmed to masked tables at the end.
+    all: HashMap<(String, String), Vec<(i16, Column)>>,
+    /// Views: (oid, schema, name, definition), and their columns by oid.
+    views: Vec<(u32, String, String, String)>,
+    view_columns: HashMap<u32, Vec<(i16, String)>>,
+    system: HashSet<String>,
+    result_set: usize,
+    failed: Option<String>,
+}
+
+impl Reader {
+    /// Take one message of the answer; at its ReadyForQuery, the snapshot (or the server's
+    /// error). Other messages (ParameterStatus, notices) are ignored.
+    pub fn feed(&mut self, masker: &Masker, tag: u8, raw: &[u8]) -> Option<io::Result<Catalog>> {
+        match tag {
+            b'C' => self.result_set += 1,
+            b'D' => {
+                let v = match wire::data_row_values(raw) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.failed.get_or_insert(e.to_string());
+                        return None;
+                    }
+                };
+                let text = |i: usize| {
+                    v.get(i)
+                        .copied()
+                        .flatten()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                };
+                match self.result_set {
+                    0 => self.relation_row(masker, &text),
+                    1 => {
+                        if let (Some(Ok(oid)), Some(schema), Some(name), Some(def)) =
+                            (text(0).map(|o| o.parse::<u32>()), text(1), text(2), text(3))
+                        {
+                            self.views.push((oid, schema, name, def));
+                        }
+                    }
+                    _ => {
+                        if let Some(name) = text(0) {
+                            self.system.insert(name.to_lowercase());
+                        }
+                    }
+                }
+            }
+            b'E' => {
+                let m = wire::decode_error_notice(raw)
+                    .ok()
+                    .and_then(|en| en.message().map(str::to_string))
+                    .unwrap_or_else(|| "?".into());
+                self.failed.get_or_insert(m);
+            }
+            b'Z' => return Some(self.finish()),
+            _ => {}
+        }
+        None
+    }
+
+    fn relation_row(&mut self, masker: &Masker, text: &dyn Fn(usize) -> Option<String>) {
+        let (Some(oid), Some(schema), Some(table)) = (text(0), text(1), text(2)) else {
+            return;
+        };
+        let (Some(att), Some(col), Some(gen)) = (text(3), text(4), text(5)) else {
+            // A relation without columns: known, nothing to mask.
+            self.all.entry((schema, table)).or_default();
+            return;
+        };
+        let (Ok(oid), Ok(att)) = (oid.parse::<u32>(), att.parse::<i16>()) else {
+            return;
+        };
+        if matches!(text(6).as_deref(), Some("v" | "m")) {
+            self.view_columns
+                .entry(oid)
+                .or_default()
+                .push((att, col.clone()));
+        }
+        let masked = masker.column_masked(Some(&format!("{schema}.{table}")), &col);
+        if masked {
+            self.set.insert((oid, att));
+        }
+        self.all.entry((schema, table)).or_default().push((
+            att,
+            Column {
+                name: col,
+                masked,
+                generated: gen == "true",
+            },
+        ));
+    }
+
+    fn finish(&mut self) -> io::Result<Catalog> {
+        if let Some(m) = self.failed.take() {
+            return Err(io::Error::other(format!("catalog query failed: {m}")));
+        }
+        let mut by_name: HashMap<String, Vec<Relation>> = HashMap::new();
+        for ((schema, table), mut cols) in self.all.drain() {
+            let columns = if cols.iter().any(|(_, c)| c.masked) {
+                cols.sort_by_key(|(att, _)| *att);
+                cols.into_iter().map(|(_, c)| c).collect()
+            } else {
+                Vec::new()
+            };
+            by_name
+                .entry(table)
+                .or_default()
+                .push(Relation { schema, columns });
+        }
+        let mut cat = Catalog {
+            masked: std::mem::take(&mut self.set),
+            by_name,
+            system: std::mem::take(&mut self.system),
+            ..Catalog::default()
+        };
+        cat.masked_oids = cat.masked.iter().map(|(oid, _)| *oid).collect();
+        cat.index_names();
+        let views = std::mem::take(&mut self.views);
+        cat.add_views(&views, &self.view_columns);
+        Ok(cat)
     }
 }
 
@@ -477,6 +547,10 @@ mod tests {
         assert!(taint(&c, "UPDATE customers SET name = email").write);
         let t = taint(&c, "UPDATE customers SET name = 'x' RETURNING upper(email)");
         assert!(t.output && !t.write);
+        // Relations it knows by any schema-qualified spelling (a zero-column-rule table too);
+        // an unknown name makes the session re-read the snapshot.
+        assert!(c.knows("orders") && c.knows("public.customers") && c.knows("db.public.orders"));
+        assert!(!c.knows("created_since"));
         // No column rules: nothing taints.
         let none = Catalog::default();
         assert_eq!(

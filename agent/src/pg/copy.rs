@@ -54,7 +54,7 @@ pub enum CopyError {
     #[error("COPY ENCODING {0} is not supported on a masked target; use UTF8")]
     Encoding(String),
     /// The table is not in the catalog snapshot used for column rules.
-    #[error("table {0} is not in the catalog snapshot tollgate masks by (new tables are seen within 30 s); retry shortly or qualify the name")]
+    #[error("table {0} is not in the catalog snapshot tollgate masks by (it was re-read when the statement came, unless messages were in flight); check the name or qualify it")]
     UnknownTable(String),
     /// A row from the server does not follow the format (or has an unexpected column count).
     #[error("COPY output row is malformed: {0}")]

@@ -12,9 +12,11 @@
 //! An unqualified name is plain only if every function of that name, in every schema, is: the
 //! session's `search_path` (which a client can change) decides which one a call reaches, so a
 //! `public.lower` shadows nothing. The snapshot is read on the upstream connection at login and
-//! cached 30 s per (target, database) like the masking catalog; a function created since is
-//! unknown, hence not plain, until the next read (a shadowing function created by someone else
-//! may pass for up to 30 s: see the README's security notes).
+//! cached 30 s per (target, database) like the masking catalog; a statement that names a
+//! function the snapshot does not have (or a fast-path call of an unknown OID) makes the session
+//! re-read it in band before deciding (`handler.rs`), so a function created since is judged by
+//! what it is. (A shadowing function of a name the snapshot already has, created by someone
+//! else, may still pass for up to 30 s: see the README's security notes.)
 
 use std::{
     collections::{HashMap, HashSet},
@@ -57,6 +59,8 @@ pub struct Functions {
     plain_qualified: HashSet<String>,
     /// Every function of the snapshot by OID.
     by_oid: HashMap<u32, Function>,
+    /// Every name of the snapshot, bare and `schema.name`.
+    names: HashSet<String>,
 }
 
 /// One function of the catalog snapshot, as a fast-path call names it.
@@ -84,7 +88,10 @@ impl Functions {
         let mut bare: HashMap<String, bool> = HashMap::new();
         let mut qualified: HashMap<String, bool> = HashMap::new();
         let mut by_oid = HashMap::new();
+        let mut names = HashSet::new();
         for (schema, name, oid, volatility, result_type) in rows {
+            names.insert(name.to_string());
+            names.insert(format!("{schema}.{name}"));
             by_oid.insert(
                 oid,
                 Function {
@@ -106,12 +113,24 @@ impl Functions {
             plain: keep(bare),
             plain_qualified: keep(qualified),
             by_oid,
+            names,
         }
     }
 
     /// The function with `oid`, if the snapshot has it.
     pub fn by_oid(&self, oid: u32) -> Option<&Function> {
         self.by_oid.get(&oid)
+    }
+
+    /// Whether the snapshot has a function called `name` (as in `Statement::functions`): one it
+    /// does not have may have been created since it was read (the session then refreshes it).
+    pub fn knows(&self, name: &str) -> bool {
+        let parts: Vec<&str> = name.split('.').collect();
+        match parts.as_slice() {
+            [one] => self.names.contains(*one),
+            [.., schema, fname] => self.names.contains(&format!("{schema}.{fname}")),
+            [] => false,
+        }
     }
 
     /// Whether `name` (as in `Statement::functions`: lowercase, schema-qualified when written
@@ -148,16 +167,53 @@ pub async fn load(s: &mut Session, target: &str, database: &str) -> io::Result<A
         }
     }
     let mut out = BytesMut::new();
-    postgres_protocol::message::frontend::query(QUERY, &mut out)?;
+    query(&mut out)?;
     s.stream.write_all(&out).await?;
-    let mut rows: Vec<(String, String, u32, String, u32)> = Vec::new();
-    let mut failed: Option<String> = None;
+    let mut reader = Reader::default();
     let buf = &mut s.rest;
     loop {
         while let Some((tag, raw)) = wire::parse_backend(buf).map_err(bad)? {
-            match tag {
-                b'D' => {
-                    let v = wire::data_row_values(&raw).map_err(bad)?;
+            if let Some(done) = reader.feed(tag, &raw) {
+                let f = Arc::new(done?);
+                remember(target, database, f.clone());
+                return Ok(f);
+            }
+        }
+        if s.stream.read_buf(buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "upstream closed during the function catalog query",
+            ));
+        }
+    }
+}
+
+/// The function catalog query as a Query message.
+pub fn query(out: &mut BytesMut) -> io::Result<()> {
+    postgres_protocol::message::frontend::query(QUERY, out)
+}
+
+/// Cache a snapshot read on a session's own connection (the in-band refresh).
+pub fn remember(target: &str, database: &str, f: Arc<Functions>) {
+    crate::lock(&CACHE).insert(
+        (target.to_string(), database.to_string()),
+        (Instant::now(), f),
+    );
+}
+
+/// Reads the answer to [`query`] one backend message at a time (login and in-band refresh).
+#[derive(Default)]
+pub struct Reader {
+    rows: Vec<(String, String, u32, String, u32)>,
+    failed: Option<String>,
+}
+
+impl Reader {
+    /// Take one message of the answer; at its ReadyForQuery, the snapshot or the server's error.
+    pub fn feed(&mut self, tag: u8, raw: &[u8]) -> Option<io::Result<Functions>> {
+        match tag {
+            b'D' => match wire::data_row_values(raw) {
+                Ok(v) => {
                     let text = |i: usize| {
                         v.get(i)
                             .copied()
@@ -171,35 +227,34 @@ pub async fn load(s: &mut Session, target: &str, database: &str) -> io::Result<A
                         text(3),
                         text(4).map(|o| o.parse::<u32>()),
                     ) {
-                        rows.push((schema, name, oid, vol, ret));
+                        self.rows.push((schema, name, oid, vol, ret));
                     }
                 }
-                b'E' => {
-                    let en = wire::decode_error_notice(&raw).map_err(bad)?;
-                    failed = Some(en.message().unwrap_or("?").to_string());
+                Err(e) => {
+                    self.failed.get_or_insert(e.to_string());
                 }
-                b'Z' => {
-                    if let Some(m) = failed {
-                        return Err(io::Error::other(format!(
-                            "function catalog query failed: {m}"
-                        )));
-                    }
-                    let f = Arc::new(Functions::from_catalog(
-                        rows.iter()
-                            .map(|(s, n, o, v, r)| (s.as_str(), n.as_str(), *o, v.as_str(), *r)),
-                    ));
-                    crate::lock(&CACHE).insert(key, (Instant::now(), f.clone()));
-                    return Ok(f);
-                }
-                _ => {}
+            },
+            b'E' => {
+                let m = wire::decode_error_notice(raw)
+                    .ok()
+                    .and_then(|en| en.message().map(str::to_string))
+                    .unwrap_or_else(|| "?".into());
+                self.failed.get_or_insert(m);
             }
+            b'Z' => {
+                if let Some(m) = self.failed.take() {
+                    return Some(Err(io::Error::other(format!(
+                        "function catalog query failed: {m}"
+                    ))));
+                }
+                let rows = std::mem::take(&mut self.rows);
+                return Some(Ok(Functions::from_catalog(rows.iter().map(
+                    |(s, n, o, v, r)| (s.as_str(), n.as_str(), *o, v.as_str(), *r),
+                ))));
+            }
+            _ => {}
         }
-        if s.stream.read_buf(buf).await? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "upstream closed during the function catalog query",
-            ));
-        }
+        None
     }
 }
 
@@ -249,6 +304,9 @@ mod tests {
             assert!(!f.is_plain(not), "{not}");
         }
         assert!(f.is_plain("db.pg_catalog.lower"));
+        // Known (plain or not) vs created since the snapshot (re-read before deciding).
+        assert!(f.knows("wipe") && f.knows("app.report") && f.knows("pg_catalog.lower"));
+        assert!(!f.knows("never_seen") && !f.knows("public.report"));
         assert_eq!(
             f.by_oid(16501)
                 .map(|f| (f.schema.as_str(), f.name.as_str())),

@@ -18,7 +18,7 @@ use crate::{lock, obj};
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -713,6 +713,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         }),
         expect: Mutex::new(VecDeque::new()),
         unsafe_encoding: Mutex::new(unsafe_client_encoding(&session.relay)),
+        refresh_queued: AtomicBool::new(false),
     });
     let counters = Counters::default();
     let (cr, cw) = client.into_split();
@@ -752,6 +753,10 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         notices: notice_tx,
         held_cancel,
         release,
+        ddl_since_refresh: false,
+        database: database.clone(),
+        unknown_after_refresh: HashMap::new(),
+        stale_refusal: None,
     };
     let u2c = ServerSide {
         cx,
@@ -770,6 +775,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         notices: notice_rx,
         status,
         released,
+        refreshing: None,
     };
     let r = match tokio::try_join!(
         c2u.run(cr, uw, cbuf, &counters),
@@ -906,6 +912,34 @@ struct Shared {
     /// ASCII byte (SJIS, BIG5, ...): the classifier reads UTF-8 and would misread quotes and
     /// backslashes, so every statement is refused until it is UTF-8 again.
     unsafe_encoding: Mutex<Option<String>>,
+    /// An [`Expect::Refresh`] is queued: the server side looks for it only then, so the hot
+    /// path pays one relaxed load per message.
+    refresh_queued: AtomicBool,
+}
+
+/// An in-band re-read of the catalog snapshots (see `ClientSide::refresh`): the client side
+/// writes the catalog queries on the session's upstream connection while nothing is in flight,
+/// and the server side reads their answers (never forwarded) and hands the snapshots back.
+#[derive(Debug)]
+struct RefreshJob {
+    /// Whether the masking catalog is read too (only under column rules).
+    catalog: bool,
+    done: Mutex<Option<tokio::sync::oneshot::Sender<Refreshed>>>,
+}
+
+/// The re-read masking catalog (if asked for) and function snapshot, or why not.
+type Refreshed = (
+    Option<std::io::Result<Arc<Catalog>>>,
+    std::io::Result<Arc<Functions>>,
+);
+
+/// The server side's progress through a [`RefreshJob`]'s answers.
+#[derive(Default)]
+struct RefreshState {
+    /// Reading the masking catalog's answer (the first ReadyForQuery ends it).
+    catalog: Option<catalog::Reader>,
+    catalog_done: Option<std::io::Result<Arc<Catalog>>>,
+    functions: functions::Reader,
 }
 
 /// An error the client gets in place of what the server says to the nonce statement.
@@ -1027,6 +1061,9 @@ enum Expect {
         format: i16,
         taint: bool,
     },
+    /// The agent's own catalog queries (one or two ReadyForQuery): read by the server side,
+    /// never forwarded.
+    Refresh(Arc<RefreshJob>),
 }
 
 /// What the session knows of one version of a prepared statement (protocol level).
@@ -1104,7 +1141,32 @@ struct ClientSide<'a> {
     /// Set when the upstream connection may be kept for the next session: a Terminate is then
     /// not forwarded, and the server side is told to stop reading.
     release: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The session forwarded DDL since the snapshots were read: the next statement that names
+    /// a relation or function re-reads them first.
+    ddl_since_refresh: bool,
+    /// The session's database, for the snapshot caches.
+    database: String,
+    /// Names still unknown after a re-read, and when: they do not trigger another one for
+    /// [`RETRY_UNKNOWN_AFTER`] (a statement on a relation that does not exist costs one
+    /// catalog read, not one per statement).
+    unknown_after_refresh: HashMap<String, std::time::Instant>,
+    /// Set when a re-read was needed under column rules while something was in flight: the
+    /// statement is refused with this message.
+    stale_refusal: Option<String>,
 }
+
+/// See `ClientSide::unknown_after_refresh`.
+const RETRY_UNKNOWN_AFTER: Duration = Duration::from_secs(2);
+
+/// Statement kinds that may change what the catalog snapshots say.
+const DDL_KINDS: &[&str] = &[
+    "create",
+    "alter",
+    "drop",
+    "comment",
+    "security_label",
+    "import",
+];
 
 /// Dangerous flags no rule can allow, with why. The policy language has no word that names
 /// them, and the statement kind alone (`set`) would let a rule written for
@@ -1194,6 +1256,15 @@ impl ClientSide<'_> {
         let cx = self.cx;
         if let Err(refusal) = cx.audit_gate(shown) {
             return Verdict::Deny(refusal);
+        }
+        if let Some(m) = self.stale_refusal.take() {
+            let d = Decision {
+                action: Action::Deny,
+                rule: None,
+                reason: tollgate_policy::DecisionReason::NoMatchingRule,
+            };
+            cx.audit_operation("sql", shown, &d, Some("stale_catalog"));
+            return Verdict::Deny(m);
         }
         self.copy_plans.clear();
         // Until classified, assume the worst.
@@ -1573,6 +1644,152 @@ impl ClientSide<'_> {
         }
     }
 
+    /// Nothing is in flight: every forwarded message is answered up to a ReadyForQuery.
+    fn idle(&self) -> bool {
+        lock(&self.shared.expect).is_empty() && lock(&self.shared.lexing).settled
+    }
+
+    /// Whether an unknown `name` may trigger a re-read (see `unknown_after_refresh`).
+    fn may_retry(&self, name: &str) -> bool {
+        self.unknown_after_refresh
+            .get(name)
+            .is_none_or(|at| at.elapsed() >= RETRY_UNKNOWN_AFTER)
+    }
+
+    /// Before `sql` is decided: if it names a relation (under column rules) or a function the
+    /// snapshots do not know, or the session ran DDL since they were read, re-read them on the
+    /// upstream connection when nothing is in flight. When something is in flight and column
+    /// rules apply, the statement is refused with a retry message instead (`stale_refusal`):
+    /// deciding it on a snapshot without the relation could pass a masked column of it.
+    async fn refresh_for(
+        &mut self,
+        sql: &str,
+        uw: &mut WriteHalf,
+        out: &mut BytesMut,
+        counters: &Counters,
+    ) -> Result<(), DataPathError> {
+        let escapes = {
+            let l = lock(&self.shared.lexing);
+            if l.settled {
+                l.scs
+            } else {
+                classify::Escapes::Unknown
+            }
+        };
+        // decide_sql classifies the same text again: a cache hit.
+        let Ok(statements) = CLASSIFY.classify_as(sql, escapes) else {
+            return Ok(());
+        };
+        let column_rules = self.masker.as_ref().is_some_and(|m| m.has_column_rules());
+        let mut relations: Vec<String> = Vec::new();
+        let mut unknown: Vec<String> = Vec::new();
+        let mut names_any = false;
+        let mut ddl = false;
+        for st in statements.iter() {
+            names_any |= !st.tables.is_empty() || !st.functions.is_empty();
+            ddl |= st.kinds.iter().any(|k| DDL_KINDS.contains(k));
+            if column_rules {
+                for t in &st.tables {
+                    if !self.catalog.knows(t) && self.may_retry(t) {
+                        relations.push(t.clone());
+                    }
+                }
+            }
+            for f in &st.functions {
+                if !self.functions.knows(f) && self.may_retry(f) {
+                    unknown.push(f.clone());
+                }
+            }
+        }
+        let after_ddl = self.ddl_since_refresh && names_any;
+        if relations.is_empty() && unknown.is_empty() && !after_ddl {
+            self.ddl_since_refresh |= ddl;
+            return Ok(());
+        }
+        if self.idle() {
+            self.refresh(uw, out, counters, column_rules).await?;
+            let now = std::time::Instant::now();
+            for t in relations {
+                if !self.catalog.knows(&t) {
+                    self.unknown_after_refresh.insert(t, now);
+                }
+            }
+            for f in unknown {
+                if !self.functions.knows(&f) {
+                    self.unknown_after_refresh.insert(f, now);
+                }
+            }
+        } else if column_rules && (after_ddl || !relations.is_empty()) {
+            let why = match relations.first() {
+                Some(t) => format!("names {t}, which the masking catalog snapshot does not have"),
+                None => "follows DDL this session ran".into(),
+            };
+            self.stale_refusal = Some(format!(
+                "tollgate: the statement {why}, and the catalog cannot be re-read while earlier messages are in flight (pipelined); retry it once they are answered"
+            ));
+        }
+        self.ddl_since_refresh = ddl;
+        Ok(())
+    }
+
+    /// Re-read the snapshots in band (see [`RefreshJob`]): only when [`Self::idle`], so the
+    /// server answers the agent's queries before anything else and the server side can tell
+    /// them apart by the queue. On failure (a server error, an aborted transaction) the old
+    /// snapshots stay.
+    async fn refresh(
+        &mut self,
+        uw: &mut WriteHalf,
+        out: &mut BytesMut,
+        counters: &Counters,
+        with_catalog: bool,
+    ) -> Result<(), DataPathError> {
+        flush(uw, out, counters, self.cx).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = Arc::new(RefreshJob {
+            catalog: with_catalog,
+            done: Mutex::new(Some(tx)),
+        });
+        let mut q = BytesMut::new();
+        if with_catalog {
+            catalog::query(&mut q).map_err(internal)?;
+        }
+        functions::query(&mut q).map_err(internal)?;
+        {
+            let mut ex = lock(&self.shared.expect);
+            ex.push_back(Expect::Refresh(job));
+            self.shared.refresh_queued.store(true, Ordering::Release);
+        }
+        uw.write_all(&q)
+            .await
+            .map_err(|e| upstream_err(self.cx, e))?;
+        uw.flush().await.map_err(|e| upstream_err(self.cx, e))?;
+        // The server side answers when it has read both answers, or drops the sender if the
+        // session ends first.
+        let Ok((cat, funcs)) = rx.await else {
+            return Ok(());
+        };
+        let database = self.database.clone();
+        match cat {
+            Some(Ok(c)) => {
+                catalog::remember(&self.cx.target.name, &database, c.clone());
+                self.catalog = c;
+            }
+            Some(Err(e)) => tracing::info!(error = %e, "catalog re-read failed; old snapshot kept"),
+            None => {}
+        }
+        match funcs {
+            Ok(f) => {
+                functions::remember(&self.cx.target.name, &database, f.clone());
+                self.functions = f;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "function catalog re-read failed; old snapshot kept")
+            }
+        }
+        self.ddl_since_refresh = false;
+        Ok(())
+    }
+
     async fn run(
         mut self,
         mut cr: ReadHalf,
@@ -1598,6 +1815,7 @@ impl ClientSide<'_> {
                 };
                 match msg {
                     Frontend::Query(sql) => {
+                        self.refresh_for(&sql, &mut uw, &mut out, counters).await?;
                         let mut v = self.judge(&sql).await;
                         if let Verdict::Hold(h) = v {
                             // What was decided before this message runs while it waits.
@@ -1644,6 +1862,8 @@ impl ClientSide<'_> {
                         }
                     }
                     Frontend::Parse { name, query, .. } => {
+                        self.refresh_for(&query, &mut uw, &mut out, counters)
+                            .await?;
                         let mut v = self.judge(&query).await;
                         if let Verdict::Hold(h) = v {
                             flush(&mut uw, &mut out, counters, self.cx).await?;
@@ -1768,7 +1988,21 @@ impl ClientSide<'_> {
                     }
                     Frontend::FunctionCall(body) => {
                         // A fast-path call names a function by OID: decided as a SQL call of
-                        // that function, under the same rules.
+                        // that function, under the same rules. An OID the snapshot does not
+                        // have may be a function created since: re-read it first.
+                        if let Ok(c) = wire::decode_function_call(&body) {
+                            let key = format!("oid:{}", c.oid);
+                            if self.functions.by_oid(c.oid).is_none()
+                                && self.may_retry(&key)
+                                && self.idle()
+                            {
+                                self.refresh(&mut uw, &mut out, counters, false).await?;
+                                if self.functions.by_oid(c.oid).is_none() {
+                                    self.unknown_after_refresh
+                                        .insert(key, std::time::Instant::now());
+                                }
+                            }
+                        }
                         let call = wire::decode_function_call(&body).ok().map(|c| {
                             (
                                 c.oid,
@@ -2250,6 +2484,8 @@ struct ServerSide<'a> {
     status: u8,
     /// Fires when the client side ended with a Terminate it did not forward.
     released: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Reading the answers of an [`Expect::Refresh`].
+    refreshing: Option<RefreshState>,
 }
 
 /// SQLSTATE classes whose messages name objects, settings or states but never quote a stored
@@ -2635,7 +2871,56 @@ impl ServerSide<'_> {
         }
     }
 
+    /// One message of the answer to the agent's own catalog queries: read, never forwarded.
+    fn on_refresh(&mut self, job: Arc<RefreshJob>, tag: u8, raw: &[u8]) {
+        let masker = self.masker.clone();
+        let st = self.refreshing.get_or_insert_with(|| RefreshState {
+            catalog: job.catalog.then(catalog::Reader::default),
+            ..RefreshState::default()
+        });
+        if let Some(r) = st.catalog.as_mut() {
+            let done = match masker.as_deref() {
+                Some(m) => r.feed(m, tag, raw),
+                None if tag == b'Z' => Some(Err(std::io::Error::other("no masker"))),
+                None => None,
+            };
+            if let Some(res) = done {
+                st.catalog = None;
+                st.catalog_done = Some(res.map(Arc::new));
+            }
+            return;
+        }
+        let Some(funcs) = st.functions.feed(tag, raw) else {
+            return;
+        };
+        let st = self.refreshing.take().unwrap_or_default();
+        self.status = raw.get(5).copied().unwrap_or(self.status);
+        if let Some(Ok(c)) = &st.catalog_done {
+            // The server side plans RowDescriptions with the same snapshot as the client side
+            // decides with; later messages come after this answer.
+            self.catalog = c.clone();
+        }
+        {
+            let mut ex = lock(&self.shared.expect);
+            ex.pop_front();
+            self.shared.refresh_queued.store(false, Ordering::Release);
+            if ex.is_empty() {
+                lock(&self.shared.lexing).settled = true;
+            }
+        }
+        if let Some(tx) = lock(&job.done).take() {
+            let _ = tx.send((st.catalog_done, funcs.map(Arc::new)));
+        }
+    }
+
     fn on_message(&mut self, tag: u8, raw: Bytes, out: &mut BytesMut) -> Result<(), DataPathError> {
+        if self.shared.refresh_queued.load(Ordering::Acquire) && !matches!(tag, b'A' | b'S' | b'N')
+        {
+            if let Some(Expect::Refresh(job)) = self.front_expect() {
+                self.on_refresh(job, tag, &raw);
+                return Ok(());
+            }
+        }
         let bad = |e: wire::WireError| DataPathError::Upstream {
             addr: self.cx.orig_dst,
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
