@@ -1051,9 +1051,8 @@ enum Expect {
     /// A simple query this classifier's grammar rejects, sent to the server as a Parse of the
     /// unnamed statement plus a Sync (parsed, never run), so that the client gets the server's
     /// own syntax error (message, detail, hint, position) for its own text. Should the server's
-    /// parser accept it, the client gets this error instead (42601, message, position); ends at
-    /// ReadyForQuery.
-    Probe(String, Option<u32>),
+    /// parser accept it, the client gets this message instead (42601); ends at ReadyForQuery.
+    Probe(String),
     /// A fast-path FunctionCall: a FunctionCallResponse (of `result_type`, in `format`) or an
     /// error, then ReadyForQuery; `taint` as for Execute.
     Call {
@@ -1843,10 +1842,10 @@ impl ClientSide<'_> {
                         // A simple query replaces the unnamed statement and portal.
                         self.statements.remove("");
                         self.portals.remove("");
-                        if let Verdict::Syntax(message, position) = v {
+                        if let Verdict::Syntax(message, _) = v {
                             // Let the server's own parser say what is wrong (Expect::Probe):
                             // a Parse is parsed and analysed, never run.
-                            lock(&self.shared.expect).push_back(Expect::Probe(message, position));
+                            lock(&self.shared.expect).push_back(Expect::Probe(message));
                             postgres_protocol::message::frontend::parse(
                                 "",
                                 &sql,
@@ -2976,7 +2975,7 @@ impl ServerSide<'_> {
                 out.extend_from_slice(&raw);
             }
             b'1' => {
-                if let Some(Expect::Probe(message, _)) = self.front_expect() {
+                if let Some(Expect::Probe(message)) = self.front_expect() {
                     // The server's parser accepted what this classifier's grammar (a newer
                     // PostgreSQL's) rejects: the text is not run, and the client gets the
                     // classifier's error. Without a position: the server reports such checks
