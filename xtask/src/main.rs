@@ -7,6 +7,7 @@
 mod bench;
 mod bench_pg;
 mod demo;
+mod kernels;
 mod setup;
 mod util;
 
@@ -38,6 +39,22 @@ enum Cmd {
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+    },
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu (TCG) and run a set of vm-tests in
+    /// each; prints a kernel x test table (needs root).
+    Kernels {
+        /// Kernels to run (5.10, 6.1, 6.12); default all.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Only these tests (labels of the table); default all.
+        #[arg(long)]
+        only: Vec<String>,
+        /// Guests at a time (each with one vCPU).
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Guest memory.
+        #[arg(long, default_value = "1G")]
+        memory: String,
     },
     /// Show the agent gating a local PostgreSQL (needs root).
     Demo,
@@ -130,6 +147,20 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::setup(true),
         Cmd::Build { release } => build(release),
         Cmd::Test { no_lint } => test(no_lint),
+        Cmd::Kernels {
+            kernels,
+            only,
+            jobs,
+            memory,
+        } => {
+            setup::setup(true)?;
+            kernels::kernels(&kernels::Options {
+                kernels,
+                only,
+                jobs,
+                memory,
+            })
+        }
         Cmd::Demo => {
             setup::setup(true)?;
             build(false)?;
