@@ -880,6 +880,33 @@ pub fn effective_caps() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn probe_instructions_encode_as_the_kernel_reads_them() {
+        // r1 = -111: opcode 0xb7, dst r1, imm 0xffffff91.
+        assert_eq!(super::SET_RETVAL_PROBE[0], 0xffff_ff91_0000_01b7);
+        // call 187
+        assert_eq!(super::SET_RETVAL_PROBE[1], (187u64 << 32) | 0x85);
+        // r2 = *(u64 *)(r1 + 64): dst r2, src r1 -> regs byte 0x12, offset 64.
+        assert_eq!(super::MPTCP_PROBE[0], (64u64 << 16) | (0x12 << 8) | 0x79);
+        // if r2 == 0 goto +2
+        assert_eq!(super::MPTCP_PROBE[1], (2u64 << 16) | (0x02 << 8) | 0x15);
+    }
+
+    #[test]
+    fn connect_variant_follows_the_probed_helpers() {
+        use super::{ConnectVariant, KernelFeatures};
+        let f = |set_retval, mptcp_helper| KernelFeatures {
+            set_retval,
+            mptcp_helper,
+        };
+        assert_eq!(f(true, true).connect_variant(), ConnectVariant::Full);
+        assert_eq!(f(true, false).connect_variant(), ConnectVariant::Plain);
+        assert_eq!(f(false, false).connect_variant(), ConnectVariant::Legacy);
+        assert_eq!(f(false, true).connect_variant(), ConnectVariant::Legacy);
+        assert_eq!(f(false, false).no_agent_errno(), "EPERM");
+        assert_eq!(f(true, false).no_agent_errno(), "ECONNREFUSED");
+    }
+
     use super::*;
 
     #[test]

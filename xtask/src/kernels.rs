@@ -20,6 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
@@ -64,7 +66,8 @@ pub struct GuestTest {
 /// The set run on every kernel (and in CI). Chosen to cover the kernel-facing behaviour within
 /// CI's budget under TCG: redirect + attribution, every loopback and IPv4-mapped spelling,
 /// fail closed after kill -9, reload, PostgreSQL end to end, getpeername, exec-race
-/// protection, and MPTCP refusal (which needs 5.19: it reports a skip on 5.10).
+/// protection, and MPTCP refusal (which needs 5.19: it reports a skip on 5.10; on 6.1 the
+/// kernel itself refuses MPTCP fast open, which came in 6.2, and the test expects that).
 pub const TESTS: &[GuestTest] = &[
     GuestTest {
         label: "redirect+attribution",
@@ -108,6 +111,37 @@ pub const TESTS: &[GuestTest] = &[
     },
 ];
 
+/// Process groups of the running guests (vng, virtme-run and qemu share one), for the
+/// SIGINT/SIGTERM handler: the guests run in their own groups (so a timeout can kill each one
+/// whole), which also means a Ctrl-C at the terminal does not reach them by itself.
+static GUEST_GROUPS: [AtomicI32; 4] = [const { AtomicI32::new(0) }; 4];
+
+extern "C" fn kill_guests_and_exit(sig: libc::c_int) {
+    for g in &GUEST_GROUPS {
+        let pgid = g.load(Ordering::SeqCst);
+        if pgid > 0 {
+            // SAFETY: kill(2) is async-signal-safe; the group is one this process created.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(128 + sig) };
+}
+
+fn register_guest(pgid: u32, add: bool) {
+    for g in &GUEST_GROUPS {
+        if add {
+            if g.compare_exchange(0, pgid as i32, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return;
+            }
+        } else if g.load(Ordering::SeqCst) == pgid as i32 {
+            g.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Per-guest wall-clock limit (boot + every test), after which the guest is killed.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// Per-test limit inside the guest.
@@ -145,6 +179,18 @@ pub fn kernels(opts: &Options) -> Result<()> {
     if tests.is_empty() {
         bail!("--only matched no test; labels: {:?}", labels());
     }
+    let jobs = opts.jobs.clamp(1, GUEST_GROUPS.len());
+    // SAFETY: the handler only calls async-signal-safe functions (kill, _exit) on atomics.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            kill_guests_and_exit as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            kill_guests_and_exit as *const () as libc::sighandler_t,
+        );
+    }
     let vng = setup::kernel_tools()?;
     let images = fetch(&selected)?;
     let bins = build_tests()?;
@@ -160,7 +206,7 @@ pub fn kernels(opts: &Options) -> Result<()> {
     queue.reverse();
     let mut running: Vec<Guest> = Vec::new();
     loop {
-        while running.len() < opts.jobs.max(1) {
+        while running.len() < jobs {
             let Some((k, img)) = queue.pop() else { break };
             running.push(Guest::start(
                 &vng,
@@ -192,7 +238,7 @@ pub fn kernels(opts: &Options) -> Result<()> {
     println!(
         "kernels: {} guest(s), {} at a time, {:.0} s wall",
         results.len(),
-        opts.jobs.max(1),
+        jobs,
         started.elapsed().as_secs_f64()
     );
     if failed > 0 {
@@ -412,6 +458,7 @@ fn guest_script(out: &Path, bins: &Bins, tests: &[&GuestTest]) -> Result<String>
          export TOLLGATE_BIN={}\n\
          export TOLLGATE_IN_GUEST=1\n\
          export RUST_BACKTRACE=1\n\
+         \"$TOLLGATE_BIN\" doctor > $OUT/doctor.log 2>&1\n\
          status=0",
         bins.tollgate.display()
     )?;
@@ -505,6 +552,7 @@ impl Guest {
             .process_group(0)
             .spawn()
             .with_context(|| format!("cannot start {}", vng.display()))?;
+        register_guest(child.id(), true);
         Ok(Guest {
             kernel: k.name,
             release: img.release.clone(),
@@ -531,6 +579,7 @@ impl Guest {
             // vng has exited; make sure no qemu of its group lingers.
             util::kill_group(self.child.id(), libc::SIGKILL);
         }
+        register_guest(self.child.id(), false);
         let rows = fs::read_to_string(self.out.join("results.tsv"))
             .unwrap_or_default()
             .lines()
@@ -639,6 +688,15 @@ fn report(results: &[GuestResult], tests: &[&GuestTest]) -> (String, usize) {
                 r.kernel, r.console_exit, r.exit
             );
         }
+    }
+    // What each kernel got, in the words of `tollgate doctor` (run first in each guest).
+    for r in results {
+        let doctor = fs::read_to_string(r.out.join("doctor.log")).unwrap_or_default();
+        let line = doctor
+            .lines()
+            .find(|l| l.contains("kernel features"))
+            .unwrap_or("(no doctor output)");
+        let _ = writeln!(t, "{}: {}", r.kernel, line.trim());
     }
     t.push_str(&failures);
     (t, failed)

@@ -1,8 +1,8 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build | test | kernels | demo | bench`.
 //!
 //! Layout: `setup.rs` (toolchain, bpf-linker, Debian packages), `demo.rs` (the README demo and
 //! the process/cgroup/PostgreSQL guards it needs), `bench.rs` (side-by-side ratios),
-//! `util.rs` (process helpers).
+//! `kernels.rs` (the kernel matrix under qemu), `util.rs` (process helpers).
 
 mod bench;
 mod bench_pg;
@@ -39,6 +39,10 @@ enum Cmd {
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the kernel matrix (`cargo xtask kernels`: Debian's 5.10, 6.1 and 6.12 under
+        /// qemu), which CI runs.
+        #[arg(long)]
+        no_kernels: bool,
     },
     /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu (TCG) and run a set of vm-tests in
     /// each; prints a kernel x test table (needs root).
@@ -78,7 +82,7 @@ fn build(release: bool) -> Result<()> {
     run(&mut c)
 }
 
-fn test(no_lint: bool) -> Result<()> {
+fn test(no_lint: bool, no_kernels: bool) -> Result<()> {
     if !util::is_root() {
         bail!("`cargo xtask test` includes the real-kernel vm-tests: run it as root (a skipped privileged test is a failure)");
     }
@@ -113,7 +117,18 @@ fn test(no_lint: bool) -> Result<()> {
             "--test-threads=1",
         ])
         .env("TOLLGATE_BIN", &bin))?;
-    leftovers()
+    leftovers()?;
+    if no_kernels {
+        println!("kernel matrix skipped (--no-kernels): run `cargo xtask kernels` before merging");
+        return Ok(());
+    }
+    // The kernel matrix: every kernel, the whole guest set, two 1-vCPU guests at a time.
+    kernels::kernels(&kernels::Options {
+        kernels: Vec::new(),
+        only: Vec::new(),
+        jobs: 2,
+        memory: "1G".into(),
+    })
 }
 
 /// Tests must leave no pins or cgroups behind.
@@ -146,7 +161,10 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::setup(true),
         Cmd::Build { release } => build(release),
-        Cmd::Test { no_lint } => test(no_lint),
+        Cmd::Test {
+            no_lint,
+            no_kernels,
+        } => test(no_lint, no_kernels),
         Cmd::Kernels {
             kernels,
             only,
