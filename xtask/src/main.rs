@@ -59,6 +59,9 @@ enum Cmd {
         /// Guest memory.
         #[arg(long, default_value = "1G")]
         memory: String,
+        /// Extra kernel command-line words (repeatable), e.g. `--append lsm=bpf`.
+        #[arg(long)]
+        append: Vec<String>,
     },
     /// Show the agent gating a local PostgreSQL (needs root).
     Demo,
@@ -128,6 +131,7 @@ fn test(no_lint: bool, no_kernels: bool) -> Result<()> {
         only: Vec::new(),
         jobs: 2,
         memory: "1G".into(),
+        append: Vec::new(),
     })
 }
 
@@ -170,6 +174,7 @@ fn main() -> Result<()> {
             only,
             jobs,
             memory,
+            append,
         } => {
             setup::setup(true)?;
             kernels::kernels(&kernels::Options {
@@ -177,6 +182,7 @@ fn main() -> Result<()> {
                 only,
                 jobs,
                 memory,
+                append,
             })
         }
         Cmd::Demo => {
