@@ -3,10 +3,11 @@
 //! this host's root filesystem shared read-only.
 //!
 //! Layout of the cache (`<tools>/kernels/`): `apt/` is a private apt configuration (its own
-//! sources, lists and archive cache: the host's sources are never touched), `<release>/` holds
+//! sources, lists and archive cache: the host's sources are never touched), `5.10/`, `6.1/`,
+//! `6.12/` hold
 //! each unpacked kernel package (`boot/vmlinuz-<release>`, `lib/modules/<release>` after
-//! `depmod`). Each run gets a fresh output directory per guest, shared with the guest
-//! (`--rwdir`): the guest script writes one result line per test, the test's log, and a final
+//! `depmod`). Each run gets a fresh output directory per guest,
+//! `<target>/kernel-runs/<kernel>/`, shared with the guest (`--rwdir`): the guest script writes one result line per test, the test's log, and a final
 //! `exit` file with its own status. `vng` itself always exits 255 here, so the results come
 //! from those files (the console's `script exited with code N` line is a cross-check).
 
@@ -197,7 +198,10 @@ pub fn kernels(opts: &Options) -> Result<()> {
     let images = fetch(&selected)?;
     let bins = build_tests()?;
 
-    let runs_dir = tools_dir().join("kernels/runs");
+    // Per checkout (its target dir), so two checkouts can run the matrix at once; the guest
+    // sees it because it shares the host's root filesystem (virtme-ng puts writable overlays
+    // over /etc, /var, /tmp and a few more; the --rwdir writes through to the host).
+    let runs_dir = target_dir().join("kernel-runs");
     let _ = fs::remove_dir_all(&runs_dir);
     fs::create_dir_all(&runs_dir)?;
 
@@ -428,13 +432,16 @@ fn build_tests() -> Result<Bins> {
             tests.push((name.to_string(), PathBuf::from(exe)));
         }
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| util::root().join("target"));
     Ok(Bins {
-        tollgate: target.join("debug/tollgate"),
+        tollgate: target_dir().join("debug/tollgate"),
         tests,
     })
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| util::root().join("target"))
 }
 
 /// The script the guest runs: every test with a timeout, one line per test in `results.tsv`
