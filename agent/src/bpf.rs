@@ -538,7 +538,26 @@ pub fn probe_for_doctor() -> Result<(sys::KernelFeatures, ExecGuard), BpfError> 
 }
 
 /// The BPF LSM hook that marks an exec before the exe switches (see ebpf `tollgate_bprm`).
+///
+/// Only where the BPF LSM is *active*: a kernel built with `CONFIG_BPF_LSM` but without `bpf`
+/// in its LSM list (Debian 11's 5.10 by default) loads and attaches the program without
+/// complaint and then never calls it, so a successful attach proves nothing.
 fn attach_bprm_hook(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    match sys::bpf_lsm_active() {
+        Some(true) => {}
+        Some(false) => {
+            return Err(load_err(
+                "tollgate_bprm",
+                std::io::Error::other("the BPF LSM is not in the kernel's active LSM list (boot with lsm=...,bpf)"),
+            ))
+        }
+        None => {
+            return Err(load_err(
+                "tollgate_bprm",
+                std::io::Error::other("cannot tell whether the BPF LSM is active: /sys/kernel/security/lsm is unreadable (securityfs not mounted) and the command line has no lsm="),
+            ))
+        }
+    }
     let btf = aya::Btf::from_sys_fs().map_err(|e| load_err("kernel BTF", e))?;
     let p: &mut Lsm = ebpf
         .program_mut("tollgate_bprm")

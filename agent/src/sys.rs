@@ -860,6 +860,25 @@ pub fn netns_cookie() -> Result<u64, SysError> {
     Ok(c)
 }
 
+/// Whether the BPF LSM is among the kernel's active LSMs: from securityfs
+/// (`/sys/kernel/security/lsm`, e.g. `lockdown,capability,yama,apparmor,bpf`), else from an
+/// `lsm=` word on the kernel command line; None when neither says.
+pub fn bpf_lsm_active() -> Option<bool> {
+    if let Ok(list) = fs::read_to_string("/sys/kernel/security/lsm") {
+        return Some(lsm_list_has_bpf(&list));
+    }
+    let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("lsm="))
+        .next_back()
+        .map(lsm_list_has_bpf)
+}
+
+fn lsm_list_has_bpf(list: &str) -> bool {
+    list.trim().split(',').any(|l| l == "bpf")
+}
+
 pub fn kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -890,6 +909,17 @@ mod tests {
         assert_eq!(super::MPTCP_PROBE[0], (64u64 << 16) | (0x12 << 8) | 0x79);
         // if r2 == 0 goto +2
         assert_eq!(super::MPTCP_PROBE[1], (2u64 << 16) | (0x02 << 8) | 0x15);
+    }
+
+    #[test]
+    fn lsm_list_parsing() {
+        assert!(super::lsm_list_has_bpf(
+            "lockdown,capability,yama,apparmor,bpf\n"
+        ));
+        assert!(!super::lsm_list_has_bpf(
+            "lockdown,capability,yama,apparmor"
+        ));
+        assert!(!super::lsm_list_has_bpf("bpfx,yama"));
     }
 
     #[test]
