@@ -93,6 +93,10 @@ pub struct Datapath {
     installed: Mutex<Installed>,
     /// Process-owned links (fail open): dropping them detaches the programs.
     _links: Vec<OwnedFd>,
+    /// What the kernel offered at start (probed), for the log and metrics.
+    pub features: sys::KernelFeatures,
+    /// Which hook marks execs for the exec-race check.
+    pub exec_guard: ExecGuard,
     _config: Array<MapData, Config>,
     _ebpf: Ebpf,
 }
@@ -237,6 +241,11 @@ impl Datapath {
             exec_gen,
             installed: Mutex::new((BTreeSet::new(), BTreeSet::new())),
             _links: Vec::new(),
+            features: sys::KernelFeatures {
+                set_retval: false,
+                mptcp_helper: false,
+            },
+            exec_guard: ExecGuard::LateTracepoint,
             _config: config,
             _ebpf: ebpf,
         };
@@ -254,27 +263,33 @@ impl Datapath {
         // An exec must be marked before the exe switches: the sched_prepare_exec tracepoint
         // (6.10+), else BPF LSM; with neither, only the late tracepoint remains (a small race
         // window, reported here and by `doctor`).
-        if let Err(tp) = attach_raw_tp(&mut dp._ebpf, "tollgate_prepare_exec", "sched_prepare_exec")
-        {
-            if let Err(lsm) = attach_bprm_hook(&mut dp._ebpf) {
-                tracing::warn!(%tp, %lsm, "cannot mark execs before the exe switches: exe-based identities have a small race window (an exec right after connect)");
-            }
+        let exec_guard =
+            match attach_raw_tp(&mut dp._ebpf, "tollgate_prepare_exec", "sched_prepare_exec") {
+                Ok(()) => ExecGuard::PrepareExec,
+                Err(tp) => match attach_bprm_hook(&mut dp._ebpf) {
+                    Ok(()) => {
+                        tracing::debug!(%tp, "sched_prepare_exec unavailable");
+                        ExecGuard::BpfLsm
+                    }
+                    Err(lsm) => {
+                        tracing::debug!(%tp, %lsm, "sched_prepare_exec and BPF LSM unavailable");
+                        ExecGuard::LateTracepoint
+                    }
+                },
+            };
+        let features = sys::KernelFeatures::probe();
+        dp.exec_guard = exec_guard;
+        dp.features = features;
+        let (level_warn, text) = kernel_summary(&features, exec_guard);
+        if level_warn {
+            tracing::warn!(kernel = %sys::kernel_release(), "{text}");
+        } else {
+            tracing::info!(kernel = %sys::kernel_release(), "{text}");
         }
 
         let mut links = Vec::new();
         for hook in Hook::ALL {
-            let fd = match load_sock_addr(&mut dp._ebpf, hook.program()) {
-                Ok(fd) => fd,
-                // connect4/6 recognise MPTCP subflows with bpf_skc_to_mptcp_sock, which does
-                // not load on a kernel built without MPTCP (no BTF for its return type); there
-                // no MPTCP socket can exist, and the `_plain` variants do without it.
-                Err(e) if hook.plain_program().is_some() && !mptcp_in_kernel() => {
-                    let plain = hook.plain_program().unwrap_or_default();
-                    tracing::info!(program = plain, error = %e, "kernel without MPTCP: loading the connect hook without the MPTCP subflow check");
-                    load_sock_addr(&mut dp._ebpf, plain)?
-                }
-                Err(e) => return Err(e),
-            };
+            let fd = load_sock_addr(&mut dp._ebpf, hook.program_for(&features))?;
             links.push((hook, sys::link_create(fd.as_fd(), cgroup.as_fd(), hook)?));
         }
 
@@ -468,13 +483,81 @@ fn load_sock_addr(ebpf: &mut Ebpf, name: &str) -> Result<OwnedFd, BpfError> {
         .map_err(io_dup)
 }
 
-/// Whether this kernel has MPTCP (`CONFIG_MPTCP`: its sysctl directory exists).
-fn mptcp_in_kernel() -> bool {
-    Path::new("/proc/sys/net/mptcp").exists()
+/// Which hook marks an exec for the exec-race check (`ConnInfo::exec_gen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecGuard {
+    /// `raw_tp/sched_prepare_exec` (Linux 6.10+): before the exe switches, no race.
+    PrepareExec,
+    /// BPF LSM `bprm_check_security` (kernels with `lsm=...,bpf`): before the exe switches.
+    BpfLsm,
+    /// Only `raw_tp/sched_process_exec`, after the exe switched: a short window in which a
+    /// process that execs right after connecting is attributed by its new exe.
+    LateTracepoint,
+}
+
+impl ExecGuard {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ExecGuard::PrepareExec => "exec-race protection: sched_prepare_exec tracepoint (marks an exec before the exe switches; no race)",
+            ExecGuard::BpfLsm => "exec-race protection: BPF LSM bprm_check_security (sched_prepare_exec needs Linux 6.10; marks an exec before the exe switches; no race)",
+            ExecGuard::LateTracepoint => "exec-race protection: sched_process_exec tracepoint only (neither sched_prepare_exec, Linux 6.10+, nor BPF LSM, boot parameter lsm=...,bpf, is available): a process that execs right after connecting may be attributed by its new executable for a moment",
+        }
+    }
+}
+
+/// One line for the start log and `doctor`: the connect program chosen, the errno of a refusal
+/// while the agent is down, MPTCP handling, and the exec-race protection. The bool says
+/// whether anything is weaker than on a current kernel (logged as a warning).
+pub fn kernel_summary(f: &sys::KernelFeatures, exec: ExecGuard) -> (bool, String) {
+    let connect = match f.connect_variant() {
+        sys::ConnectVariant::Full => "connect hooks: full (bpf_set_retval, MPTCP subflows refused with EPROTONOSUPPORT)".to_string(),
+        sys::ConnectVariant::Plain => "connect hooks: without the MPTCP subflow helper (bpf_skc_to_mptcp_sock needs Linux 5.19 built with MPTCP); refusals carry ECONNREFUSED".to_string(),
+        sys::ConnectVariant::Legacy => "connect hooks: legacy (no bpf_set_retval before Linux 5.18): while the agent is down a protected destination fails with EPERM instead of ECONNREFUSED; an MPTCP connect to a protected target is redirected as TCP (its getpeername shows the agent's listener) instead of refused".to_string(),
+    };
+    let weaker =
+        f.connect_variant() == sys::ConnectVariant::Legacy || exec == ExecGuard::LateTracepoint;
+    (weaker, format!("{connect}; {}", exec.describe()))
+}
+
+/// What `doctor` reports: probe the helpers, and find the exec hook the agent would use by
+/// loading and attaching it briefly (the same attempt `run` makes, in the same order).
+pub fn probe_for_doctor() -> Result<(sys::KernelFeatures, ExecGuard), BpfError> {
+    if OBJECT.is_empty() {
+        return Err(BpfError::NoObject);
+    }
+    let features = sys::KernelFeatures::probe();
+    let mut ebpf = Ebpf::load(OBJECT).map_err(|e| load_err("object", e))?;
+    let exec = if attach_raw_tp(&mut ebpf, "tollgate_prepare_exec", "sched_prepare_exec").is_ok() {
+        ExecGuard::PrepareExec
+    } else if attach_bprm_hook(&mut ebpf).is_ok() {
+        ExecGuard::BpfLsm
+    } else {
+        ExecGuard::LateTracepoint
+    };
+    Ok((features, exec))
 }
 
 /// The BPF LSM hook that marks an exec before the exe switches (see ebpf `tollgate_bprm`).
+///
+/// Only where the BPF LSM is *active*: a kernel built with `CONFIG_BPF_LSM` but without `bpf`
+/// in its LSM list (Debian 11's 5.10 by default) loads and attaches the program without
+/// complaint and then never calls it, so a successful attach proves nothing.
 fn attach_bprm_hook(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    match sys::bpf_lsm_active() {
+        Some(true) => {}
+        Some(false) => {
+            return Err(load_err(
+                "tollgate_bprm",
+                std::io::Error::other("the BPF LSM is not in the kernel's active LSM list (boot with lsm=...,bpf)"),
+            ))
+        }
+        None => {
+            return Err(load_err(
+                "tollgate_bprm",
+                std::io::Error::other("cannot tell whether the BPF LSM is active: /sys/kernel/security/lsm is unreadable (securityfs not mounted) and the command line has no lsm="),
+            ))
+        }
+    }
     let btf = aya::Btf::from_sys_fs().map_err(|e| load_err("kernel BTF", e))?;
     let p: &mut Lsm = ebpf
         .program_mut("tollgate_bprm")

@@ -77,12 +77,17 @@ impl Hook {
             Hook::GetPeerName6 => "getpeername6",
         }
     }
-    /// The variant of the program for kernels without MPTCP (connect hooks only).
-    pub fn plain_program(self) -> Option<&'static str> {
-        match self {
-            Hook::Connect4 => Some("connect4_plain"),
-            Hook::Connect6 => Some("connect6_plain"),
-            Hook::GetPeerName4 | Hook::GetPeerName6 => None,
+    /// The program to load for this hook on a kernel with `features` (the connect hooks come
+    /// in three variants, see [`KernelFeatures::connect_variant`]).
+    pub fn program_for(self, features: &KernelFeatures) -> &'static str {
+        match (self, features.connect_variant()) {
+            (Hook::Connect4, ConnectVariant::Full) => "connect4",
+            (Hook::Connect4, ConnectVariant::Plain) => "connect4_plain",
+            (Hook::Connect4, ConnectVariant::Legacy) => "connect4_legacy",
+            (Hook::Connect6, ConnectVariant::Full) => "connect6",
+            (Hook::Connect6, ConnectVariant::Plain) => "connect6_plain",
+            (Hook::Connect6, ConnectVariant::Legacy) => "connect6_legacy",
+            (h, _) => h.program(),
         }
     }
     fn attach_type(self) -> u32 {
@@ -92,6 +97,128 @@ impl Hook {
             Hook::GetPeerName4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
             Hook::GetPeerName6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
         }) as u32
+    }
+}
+
+/// Which connect program fits the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectVariant {
+    /// `bpf_set_retval` and `bpf_skc_to_mptcp_sock`: Linux 5.19+ with MPTCP.
+    Full,
+    /// `bpf_set_retval` only: 5.18, or a kernel built without MPTCP.
+    Plain,
+    /// Neither: 5.10 to 5.17. A refused connect fails with `EPERM`, and an MPTCP subflow is
+    /// redirected like TCP.
+    Legacy,
+}
+
+/// Helpers the connect hooks use beyond Linux 5.10's set, probed at start by loading a tiny
+/// `cgroup/connect4` program that calls each one (as libbpf's and Cilium's probes do: the
+/// verifier of a kernel without the helper rejects it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelFeatures {
+    /// `bpf_set_retval` (helper 187, Linux 5.18): refuse with `ECONNREFUSED` and
+    /// `EPROTONOSUPPORT` rather than the verdict's own `EPERM`.
+    pub set_retval: bool,
+    /// `bpf_skc_to_mptcp_sock` (helper 196, Linux 5.19, only in kernels built with MPTCP).
+    pub mptcp_helper: bool,
+}
+
+impl KernelFeatures {
+    /// Probe this kernel.
+    pub fn probe() -> KernelFeatures {
+        KernelFeatures {
+            set_retval: probe_connect4(&SET_RETVAL_PROBE).is_ok(),
+            mptcp_helper: probe_connect4(&MPTCP_PROBE).is_ok(),
+        }
+    }
+
+    pub fn connect_variant(&self) -> ConnectVariant {
+        match (self.set_retval, self.mptcp_helper) {
+            (true, true) => ConnectVariant::Full,
+            (true, false) => ConnectVariant::Plain,
+            // No kernel has the MPTCP helper (5.19) without bpf_set_retval (5.18); if a
+            // backport did, the legacy program still loads.
+            (false, _) => ConnectVariant::Legacy,
+        }
+    }
+
+    /// The errno a bot sees when a protected destination is refused because no agent listens.
+    pub fn no_agent_errno(&self) -> &'static str {
+        if self.set_retval {
+            "ECONNREFUSED"
+        } else {
+            "EPERM"
+        }
+    }
+}
+
+/// One eBPF instruction (`struct bpf_insn`, little-endian: code, dst/src registers, offset,
+/// immediate).
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    (code as u64)
+        | (((dst | (src << 4)) as u64) << 8)
+        | ((off as u16 as u64) << 16)
+        | ((imm as u32 as u64) << 32)
+}
+const MOV64_IMM: u8 = 0xb7;
+const MOV64_REG: u8 = 0xbf;
+const LDX_DW: u8 = 0x79;
+const JEQ_IMM: u8 = 0x15;
+const CALL: u8 = 0x85;
+const EXIT: u8 = 0x95;
+
+/// `bpf_set_retval(-ECONNREFUSED); return 1;`
+const SET_RETVAL_PROBE: [u64; 4] = [
+    insn(MOV64_IMM, 1, 0, 0, -111),
+    insn(CALL, 0, 0, 0, 187),
+    insn(MOV64_IMM, 0, 0, 0, 1),
+    insn(EXIT, 0, 0, 0, 0),
+];
+
+/// `if (ctx->sk) bpf_skc_to_mptcp_sock(ctx->sk); return 1;` (`sk` is at offset 64 of
+/// `struct bpf_sock_addr`). A kernel built without MPTCP knows the helper but has no BTF for
+/// its return type and rejects the program: for the connect hooks that is the same as absent.
+const MPTCP_PROBE: [u64; 6] = [
+    insn(LDX_DW, 2, 1, 64, 0),
+    insn(JEQ_IMM, 2, 0, 2, 0),
+    insn(MOV64_REG, 1, 2, 0, 0),
+    insn(CALL, 0, 0, 0, 196),
+    insn(MOV64_IMM, 0, 0, 0, 1),
+    insn(EXIT, 0, 0, 0, 0),
+];
+
+/// Load `insns` as a `cgroup/connect4` program (never attached; the descriptor is closed at
+/// once). Err carries the errno and the verifier's first line, for the debug log.
+fn probe_connect4(insns: &[u64]) -> Result<(), String> {
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u64 = 18;
+    let license = c"GPL";
+    let mut log = vec![0u8; 4096];
+    let mut attr = [0u64; 16];
+    // bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt | insns | license | log_level, log_size
+    // | log_buf | kern_version, prog_flags | prog_name[16] | prog_ifindex, expected_attach_type
+    attr[0] = BPF_PROG_TYPE_CGROUP_SOCK_ADDR | ((insns.len() as u64) << 32);
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    attr[3] = 1 | ((log.len() as u64) << 32);
+    attr[4] = log.as_mut_ptr() as u64;
+    attr[8] = (bpf_attach_type::BPF_CGROUP_INET4_CONNECT as u64) << 32;
+    match bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => {
+            // SAFETY: the kernel returned a new program descriptor that we own; dropping closes it.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+            Ok(())
+        }
+        Err(e) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            let last = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            Err(format!("{e}: {last}"))
+        }
     }
 }
 
@@ -733,6 +860,25 @@ pub fn netns_cookie() -> Result<u64, SysError> {
     Ok(c)
 }
 
+/// Whether the BPF LSM is among the kernel's active LSMs: from securityfs
+/// (`/sys/kernel/security/lsm`, e.g. `lockdown,capability,yama,apparmor,bpf`), else from an
+/// `lsm=` word on the kernel command line; None when neither says.
+pub fn bpf_lsm_active() -> Option<bool> {
+    if let Ok(list) = fs::read_to_string("/sys/kernel/security/lsm") {
+        return Some(lsm_list_has_bpf(&list));
+    }
+    let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("lsm="))
+        .next_back()
+        .map(lsm_list_has_bpf)
+}
+
+fn lsm_list_has_bpf(list: &str) -> bool {
+    list.trim().split(',').any(|l| l == "bpf")
+}
+
 pub fn kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -753,6 +899,44 @@ pub fn effective_caps() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn probe_instructions_encode_as_the_kernel_reads_them() {
+        // r1 = -111: opcode 0xb7, dst r1, imm 0xffffff91.
+        assert_eq!(super::SET_RETVAL_PROBE[0], 0xffff_ff91_0000_01b7);
+        // call 187
+        assert_eq!(super::SET_RETVAL_PROBE[1], (187u64 << 32) | 0x85);
+        // r2 = *(u64 *)(r1 + 64): dst r2, src r1 -> regs byte 0x12, offset 64.
+        assert_eq!(super::MPTCP_PROBE[0], (64u64 << 16) | (0x12 << 8) | 0x79);
+        // if r2 == 0 goto +2
+        assert_eq!(super::MPTCP_PROBE[1], (2u64 << 16) | (0x02 << 8) | 0x15);
+    }
+
+    #[test]
+    fn lsm_list_parsing() {
+        assert!(super::lsm_list_has_bpf(
+            "lockdown,capability,yama,apparmor,bpf\n"
+        ));
+        assert!(!super::lsm_list_has_bpf(
+            "lockdown,capability,yama,apparmor"
+        ));
+        assert!(!super::lsm_list_has_bpf("bpfx,yama"));
+    }
+
+    #[test]
+    fn connect_variant_follows_the_probed_helpers() {
+        use super::{ConnectVariant, KernelFeatures};
+        let f = |set_retval, mptcp_helper| KernelFeatures {
+            set_retval,
+            mptcp_helper,
+        };
+        assert_eq!(f(true, true).connect_variant(), ConnectVariant::Full);
+        assert_eq!(f(true, false).connect_variant(), ConnectVariant::Plain);
+        assert_eq!(f(false, false).connect_variant(), ConnectVariant::Legacy);
+        assert_eq!(f(false, true).connect_variant(), ConnectVariant::Legacy);
+        assert_eq!(f(false, false).no_agent_errno(), "EPERM");
+        assert_eq!(f(true, false).no_agent_errno(), "ECONNREFUSED");
+    }
+
     use super::*;
 
     #[test]

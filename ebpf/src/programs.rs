@@ -55,14 +55,43 @@ static EXEC_GEN: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// What the kernel offers a connect hook beyond Linux 5.10's set; the agent probes for both
+/// and loads the matching program (`connect4`, `connect4_plain`, `connect4_legacy`).
+#[derive(Clone, Copy)]
+struct Has {
+    /// `bpf_set_retval` (helper 187, Linux 5.18+): refuse with an errno of our choice.
+    set_retval: bool,
+    /// `bpf_skc_to_mptcp_sock` (helper 196, Linux 5.19+, kernels built with MPTCP).
+    mptcp_helper: bool,
+}
+
+/// Both helpers: Linux 5.19+ with MPTCP.
+const HAS_ALL: Has = Has {
+    set_retval: true,
+    mptcp_helper: true,
+};
+/// `bpf_set_retval` only: 5.18, or a kernel built without MPTCP.
+const HAS_RETVAL: Has = Has {
+    set_retval: true,
+    mptcp_helper: false,
+};
+/// Neither: Linux 5.10 to 5.17.
+const HAS_NONE: Has = Has {
+    set_retval: false,
+    mptcp_helper: false,
+};
+
 /// Refuse a protected connect because the agent is not there: the caller sees
 /// `ECONNREFUSED`, as if the service itself were down (not `EPERM`, which would suggest a
-/// permission problem on the bot's side).
+/// permission problem on the bot's side). Without `bpf_set_retval` (before 5.18) the verdict's
+/// own error is all a connect hook can give: `EPERM`.
 #[inline(always)]
-fn refuse_no_agent() -> i32 {
+fn refuse_no_agent(has: Has) -> i32 {
     count(counter::NO_AGENT);
     const ECONNREFUSED: i32 = 111;
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    if has.set_retval {
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
     REFUSE
 }
 
@@ -70,12 +99,15 @@ fn refuse_no_agent() -> i32 {
 /// would work (the agent accepts the first subflow as TCP), but `getpeername` runs on the
 /// MPTCP socket while this hook ran on its subflow, under another socket cookie, so the bot
 /// would see the agent's listener as its peer. Refused, the bot learns nothing and reaches
-/// nothing; a client that wants the target speaks plain TCP.
+/// nothing; a client that wants the target speaks plain TCP. (`EPERM` without
+/// `bpf_set_retval`.)
 #[inline(always)]
-fn refuse_mptcp() -> i32 {
+fn refuse_mptcp(has: Has) -> i32 {
     count(counter::MPTCP);
     const EPROTONOSUPPORT: i32 = 93;
-    unsafe { bpf_set_retval(-EPROTONOSUPPORT) };
+    if has.set_retval {
+        unsafe { bpf_set_retval(-EPROTONOSUPPORT) };
+    }
     REFUSE
 }
 
@@ -87,7 +119,9 @@ fn refuse_mptcp() -> i32 {
 ///
 /// `subflow_helper` is false in the `_plain` programs for kernels built without MPTCP, where
 /// the helper's return type has no BTF and the verifier rejects any program calling it (and
-/// where no MPTCP socket can exist).
+/// where no MPTCP socket can exist), and in the `_legacy` programs for kernels before 5.19,
+/// which do not have the helper: there an MPTCP subflow is redirected like TCP (the agent's
+/// listener makes it fall back to TCP; only the bot's getpeername shows the listener).
 #[inline(always)]
 fn is_mptcp(sa: *mut bpf_sock_addr, subflow_helper: bool) -> bool {
     // Its own volatile 32-bit load: LLVM would merge it with the neighbouring `type` read
@@ -280,17 +314,24 @@ fn remember(ctx: &SockAddrContext, orig_ip: [u32; 4], port_be: u16, family: u32)
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    connect4_body(ctx, true)
+    connect4_body(ctx, HAS_ALL)
 }
 
-/// `connect4` for kernels without MPTCP (see `is_mptcp`); the agent loads it only there.
+/// `connect4` for kernels with `bpf_set_retval` but without the MPTCP helper (see `is_mptcp`);
+/// the agent loads it only there.
 #[cgroup_sock_addr(connect4)]
 pub fn connect4_plain(ctx: SockAddrContext) -> i32 {
-    connect4_body(ctx, false)
+    connect4_body(ctx, HAS_RETVAL)
+}
+
+/// `connect4` for kernels before 5.18 (no `bpf_set_retval`, no MPTCP helper).
+#[cgroup_sock_addr(connect4)]
+pub fn connect4_legacy(ctx: SockAddrContext) -> i32 {
+    connect4_body(ctx, HAS_NONE)
 }
 
 #[inline(always)]
-fn connect4_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
+fn connect4_body(ctx: SockAddrContext, has: Has) -> i32 {
     let sa = ctx.sock_addr;
     let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
     // The fast path for every unprotected connect on the host: one bitmap load.
@@ -315,8 +356,8 @@ fn connect4_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
         count(counter::EXEMPT);
         return PROCEED;
     }
-    if is_mptcp(sa, mptcp_helper) {
-        return refuse_mptcp();
+    if is_mptcp(sa, has.mptcp_helper) {
+        return refuse_mptcp(has);
     }
     if !is_tcp(sa) || cfg.listen4_port == 0 {
         // A protected destination is reachable only through the agent, which speaks TCP.
@@ -324,7 +365,7 @@ fn connect4_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
         return REFUSE;
     }
     if !agent_listens4(&ctx, cfg.listen4_ip, cfg.listen4_port, cfg.agent_mark) {
-        return refuse_no_agent();
+        return refuse_no_agent(has);
     }
     if !remember(&ctx, [0, 0, V4_MAPPED_WORD, ip], port, AF_INET) {
         count(counter::MAP_FULL);
@@ -340,17 +381,23 @@ fn connect4_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    connect6_body(ctx, true)
+    connect6_body(ctx, HAS_ALL)
 }
 
-/// `connect6` for kernels without MPTCP (see `is_mptcp`); the agent loads it only there.
+/// `connect6` with `bpf_set_retval` but without the MPTCP helper (see `connect4_plain`).
 #[cgroup_sock_addr(connect6)]
 pub fn connect6_plain(ctx: SockAddrContext) -> i32 {
-    connect6_body(ctx, false)
+    connect6_body(ctx, HAS_RETVAL)
+}
+
+/// `connect6` for kernels before 5.18 (see `connect4_legacy`).
+#[cgroup_sock_addr(connect6)]
+pub fn connect6_legacy(ctx: SockAddrContext) -> i32 {
+    connect6_body(ctx, HAS_NONE)
 }
 
 #[inline(always)]
-fn connect6_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
+fn connect6_body(ctx: SockAddrContext, has: Has) -> i32 {
     let sa = ctx.sock_addr;
     let port = unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16;
     if !port_protected(port) {
@@ -389,8 +436,8 @@ fn connect6_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
         count(counter::EXEMPT);
         return PROCEED;
     }
-    if is_mptcp(sa, mptcp_helper) {
-        return refuse_mptcp();
+    if is_mptcp(sa, has.mptcp_helper) {
+        return refuse_mptcp(has);
     }
     let (new_ip, new_port) = if mapped {
         ([0, 0, V4_MAPPED_WORD, cfg.listen4_ip], cfg.listen4_port)
@@ -407,7 +454,7 @@ fn connect6_body(ctx: SockAddrContext, mptcp_helper: bool) -> i32 {
         agent_listens6(&ctx, cfg.listen6_ip, cfg.listen6_port, cfg.agent_mark)
     };
     if !listening {
-        return refuse_no_agent();
+        return refuse_no_agent(has);
     }
     if !remember(&ctx, ip, port, AF_INET6) {
         count(counter::MAP_FULL);

@@ -83,6 +83,57 @@ pub fn require_root() {
     CLEAN.call_once(cleanup_stale);
 }
 
+/// The running kernel's (major, minor), from `uname -r`.
+pub fn kernel_version() -> (u32, u32) {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("read osrelease");
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// The errno a bot sees when it dials a protected destination while no agent listens (fail
+/// closed): `ECONNREFUSED`, set by the hook with `bpf_set_retval` (Linux 5.18+); before 5.18
+/// the hook can only fail the connect with the verdict's own `EPERM` (README, requirements).
+pub fn no_agent_errno() -> i64 {
+    if kernel_version() >= (5, 18) {
+        libc::ECONNREFUSED as i64
+    } else {
+        libc::EPERM as i64
+    }
+}
+
+/// Whether the running kernel can run this test: false (after saying so) when it is older than
+/// `min`; the test then returns at once.
+///
+/// A skip is intentional and visible: it prints `KERNEL-SKIP: <test>: needs Linux X.Y (why),
+/// running A.B`, which `cargo xtask kernels` shows as `skip` in its table, and it only happens
+/// in a guest of that runner (`TOLLGATE_IN_GUEST=1`). Anywhere else (the host suite of `cargo
+/// xtask test`) a kernel too old for a test is a failure: the suite never passes by testing
+/// nothing.
+pub fn require_kernel(min: (u32, u32), why: &str) -> bool {
+    let have = kernel_version();
+    if have >= min {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string();
+    let msg = format!(
+        "KERNEL-SKIP: {test}: needs Linux {}.{} ({why}), running {}.{}",
+        min.0, min.1, have.0, have.1
+    );
+    assert!(
+        std::env::var_os("TOLLGATE_IN_GUEST").is_some(),
+        "{msg}; only `cargo xtask kernels` guests may skip a test for its kernel"
+    );
+    println!("{msg}");
+    eprintln!("{msg}");
+    false
+}
+
 /// The cgroup v2 mount point, from /proc/mounts (hybrid hosts: /sys/fs/cgroup/unified).
 pub fn cgroup2_root() -> PathBuf {
     let mounts = fs::read_to_string("/proc/mounts").expect("read /proc/mounts");

@@ -66,7 +66,7 @@ fn fail_closed_refuses_after_kill9_until_restart_or_uninstall() {
         }
         let r = ci.probe(probe_bin!(), &args);
         assert!(
-            !r.connected() && r.errno() == Some(libc::ECONNREFUSED as i64),
+            !r.connected() && r.errno() == Some(no_agent_errno()),
             "with the agent dead, {addr} (v6 socket: {v6_socket}) must be refused: {r}"
         );
     }
@@ -89,7 +89,7 @@ fn fail_closed_refuses_after_kill9_until_restart_or_uninstall() {
     // Dead again, then uninstalled: direct access with no agent at all.
     agent.kill9();
     let r = ci.probe(probe_bin!(), &echo_args(&v4));
-    assert_eq!(r.errno(), Some(libc::ECONNREFUSED as i64), "{r}");
+    assert_eq!(r.errno(), Some(no_agent_errno()), "{r}");
     let out = agent.uninstall();
     assert!(
         out.contains(&format!("removed {LINKS} pinned links")),
@@ -206,7 +206,7 @@ fn fail_closed_listener_port_cannot_be_taken_over_by_a_bot() {
     let victim = ci.probe(probe_bin!(), &echo_args(&v4));
     let stolen = thief.finish(Duration::from_secs(15));
     assert!(
-        !victim.connected() && victim.errno() == Some(libc::ECONNREFUSED as i64),
+        !victim.connected() && victim.errno() == Some(no_agent_errno()),
         "fail closed is not closed: with the agent dead, an unprivileged bot listening on \
          {listener} ({l}) received the connection ci-bot made to the protected {v4}: \
          victim saw {victim}; thief saw {stolen}"

@@ -1,12 +1,13 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build | test | kernels | demo | bench`.
 //!
 //! Layout: `setup.rs` (toolchain, bpf-linker, Debian packages), `demo.rs` (the README demo and
 //! the process/cgroup/PostgreSQL guards it needs), `bench.rs` (side-by-side ratios),
-//! `util.rs` (process helpers).
+//! `kernels.rs` (the kernel matrix under qemu), `util.rs` (process helpers).
 
 mod bench;
 mod bench_pg;
 mod demo;
+mod kernels;
 mod setup;
 mod util;
 
@@ -38,6 +39,29 @@ enum Cmd {
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the kernel matrix (`cargo xtask kernels`: Debian's 5.10, 6.1 and 6.12 under
+        /// qemu), which CI runs.
+        #[arg(long)]
+        no_kernels: bool,
+    },
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu (TCG) and run a set of vm-tests in
+    /// each; prints a kernel x test table (needs root).
+    Kernels {
+        /// Kernels to run (5.10, 6.1, 6.12); default all.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Only these tests (labels of the table); default all.
+        #[arg(long)]
+        only: Vec<String>,
+        /// Guests at a time (each with one vCPU).
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Guest memory.
+        #[arg(long, default_value = "1G")]
+        memory: String,
+        /// Extra kernel command-line words (repeatable), e.g. `--append lsm=bpf`.
+        #[arg(long)]
+        append: Vec<String>,
     },
     /// Show the agent gating a local PostgreSQL (needs root).
     Demo,
@@ -61,7 +85,7 @@ fn build(release: bool) -> Result<()> {
     run(&mut c)
 }
 
-fn test(no_lint: bool) -> Result<()> {
+fn test(no_lint: bool, no_kernels: bool) -> Result<()> {
     if !util::is_root() {
         bail!("`cargo xtask test` includes the real-kernel vm-tests: run it as root (a skipped privileged test is a failure)");
     }
@@ -96,7 +120,19 @@ fn test(no_lint: bool) -> Result<()> {
             "--test-threads=1",
         ])
         .env("TOLLGATE_BIN", &bin))?;
-    leftovers()
+    leftovers()?;
+    if no_kernels {
+        println!("kernel matrix skipped (--no-kernels): run `cargo xtask kernels` before merging");
+        return Ok(());
+    }
+    // The kernel matrix: every kernel, the whole guest set, two 1-vCPU guests at a time.
+    kernels::kernels(&kernels::Options {
+        kernels: Vec::new(),
+        only: Vec::new(),
+        jobs: 2,
+        memory: "1G".into(),
+        append: Vec::new(),
+    })
 }
 
 /// Tests must leave no pins or cgroups behind.
@@ -129,7 +165,26 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::setup(true),
         Cmd::Build { release } => build(release),
-        Cmd::Test { no_lint } => test(no_lint),
+        Cmd::Test {
+            no_lint,
+            no_kernels,
+        } => test(no_lint, no_kernels),
+        Cmd::Kernels {
+            kernels,
+            only,
+            jobs,
+            memory,
+            append,
+        } => {
+            setup::setup(true)?;
+            kernels::kernels(&kernels::Options {
+                kernels,
+                only,
+                jobs,
+                memory,
+                append,
+            })
+        }
         Cmd::Demo => {
             setup::setup(true)?;
             build(false)?;

@@ -337,7 +337,48 @@ fn dpkg_installed(pkg: &str) -> bool {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES)
+}
+
+/// Debian packages `cargo xtask kernels` needs: qemu (software emulation, TCG), and what
+/// virtme-ng uses to build the guest's initramfs and load modules.
+const KERNEL_APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "kmod",
+    "cpio",
+    "busybox-static",
+    "python3-venv",
+];
+
+/// virtme-ng from PyPI, pinned (1.42 is the version the TOOLCHAIN recipe verified).
+const VIRTME_NG: &str = "virtme-ng==1.42";
+
+/// Install what `cargo xtask kernels` needs and return the path of `vng`: the Debian packages
+/// above, and virtme-ng in a venv under the tools dir (`<tools>/vng-venv`).
+pub fn kernel_tools() -> Result<std::path::PathBuf> {
+    apt_install(KERNEL_APT_PACKAGES)?;
+    let venv = tools_dir().join("vng-venv");
+    let vng = venv.join("bin/vng");
+    let stamp = venv.join("tollgate.stamp");
+    if vng.exists() && fs::read_to_string(&stamp).ok().as_deref() == Some(VIRTME_NG) {
+        return Ok(vng);
+    }
+    eprintln!("installing {VIRTME_NG} into {}", venv.display());
+    fs::create_dir_all(tools_dir())?;
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        VIRTME_NG,
+    ]))?;
+    fs::write(&stamp, VIRTME_NG)?;
+    Ok(vng)
+}
+
+/// `apt-get install` the packages of `list` that are not installed yet.
+pub fn apt_install(list: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = list
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))

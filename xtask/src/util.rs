@@ -116,3 +116,9 @@ pub fn cpu_ms(pid: u32) -> f64 {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) * 1000.0 / hz
 }
+
+/// Send a signal to the process group `pgid` of a child we started in its own group.
+pub fn kill_group(pgid: u32, sig: i32) {
+    // SAFETY: kill(2) on the negative pgid of a process group this process created.
+    unsafe { libc::kill(-(pgid as i32), sig) };
+}
