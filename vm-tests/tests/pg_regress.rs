@@ -175,6 +175,41 @@ fn diff_excerpt(diffs: &str, tests: &[&str], lines: usize) -> String {
     out
 }
 
+/// The one known difference, documented in the README: a DO block whose PL/pgSQL does not
+/// compile is refused by tollgate (it cannot be classified, so it never reaches the server) with
+/// the server's message but without its position, because libpg_query keeps no position for
+/// PL/pgSQL errors; psql then prints no `LINE n:` and caret lines. True when every line of
+/// `test`'s diff is such a missing pair right after an identical `ERROR:` line, and there is at
+/// least one.
+fn only_missing_error_positions(diffs: &str, test: &str) -> bool {
+    let marker = format!("/expected/{test}.out");
+    let Some(at) = diffs.find(&marker) else {
+        return false;
+    };
+    let from = diffs[..at].rfind("diff ").unwrap_or(at);
+    let body = &diffs[from..];
+    let end = body[5..].find("\ndiff ").map_or(body.len(), |i| i + 6);
+    let mut changed = 0;
+    let mut after_error = false;
+    for l in body[..end].lines().skip(3) {
+        if l.starts_with("@@") {
+            after_error = false;
+        } else if let Some(removed) = l.strip_prefix('-') {
+            let is_line = removed.starts_with("LINE ");
+            let is_caret = removed.trim() == "^";
+            if !after_error || !(is_line || is_caret) {
+                return false;
+            }
+            changed += 1;
+        } else if l.starts_with('+') {
+            return false;
+        } else {
+            after_error = l.starts_with(" ERROR:");
+        }
+    }
+    changed > 0
+}
+
 #[test]
 fn regression_suite_passes_the_same_through_tollgate_as_direct() {
     require_root();
@@ -241,11 +276,16 @@ fn regression_suite_passes_the_same_through_tollgate_as_direct() {
         direct.results.len(),
         direct.output
     );
-    let only_direct: Vec<&str> = direct_ok
+    let (position_only, only_direct): (Vec<&str>, Vec<&str>) = direct_ok
         .iter()
         .copied()
         .filter(|t| !through_ok.contains(t))
-        .collect();
+        .partition(|t| only_missing_error_positions(&through.diffs, t));
+    if !position_only.is_empty() {
+        eprintln!(
+            "pg_regress: {position_only:?} differ through tollgate only by the LINE/caret of DO blocks whose PL/pgSQL does not compile (documented)"
+        );
+    }
     let only_through: Vec<&str> = through_ok
         .iter()
         .copied()

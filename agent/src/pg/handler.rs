@@ -1308,6 +1308,25 @@ impl ClientSide<'_> {
                 let position = classify::syntax_error_position(sql, escapes);
                 return Verdict::Syntax(m, position);
             }
+            Err(classify::ClassifyError::Plpgsql(m)) if m.starts_with("Invalid statement: ") => {
+                // A DO block whose PL/pgSQL does not compile: the server would refuse to compile
+                // it too, so answer with its message (without a position: libpg_query keeps
+                // none for PL/pgSQL), not as a policy denial. Nothing of it runs either way.
+                let d = Decision {
+                    action: Action::Deny,
+                    rule: None,
+                    reason: tollgate_policy::DecisionReason::NoMatchingRule,
+                };
+                if cx
+                    .audit_operation("do", shown, &d, Some("plpgsql_error"))
+                    .action
+                    == Action::Allow
+                {
+                    return Verdict::Allow;
+                }
+                let m = m.trim_start_matches("Invalid statement: ").to_string();
+                return Verdict::Syntax(m, None);
+            }
             Err(e) => {
                 let d = Decision {
                     action: Action::Deny,
