@@ -63,3 +63,74 @@ fn check_policy_reports_file_line_col_and_exits_1() {
     assert_eq!(code, 0, "good policy: {out} {err}");
     assert!(out.contains("ok"), "{out}");
 }
+
+/// Item 10 of the security issue: what used to be silently wrong in a policy gets a
+/// `file:line:col: warning:` and the exit status stays 0.
+#[test]
+fn check_policy_warns_about_what_is_silently_wrong() {
+    require_root();
+    let dir = TempDir::new("cliwarn");
+    let p = dir.path().join("warn.toml");
+    let missing = dir.path().join("no-such-secret");
+    std::fs::write(
+        &p,
+        format!(
+            r#"[agent]
+fail_mode = "closed"
+
+[[identity]]
+name = "ci-bot"
+cgroup = "system.slice/ci.service"
+
+[[target]]
+name = "a"
+protocol = "tcp"
+address = ["127.0.0.1:5432"]
+
+[[target]]
+name = "b"
+protocol = "postgres"
+address = ["127.0.0.0/8:5432"]
+credential = "rw"
+
+[credential.rw]
+user = "app"
+password_file = "{missing}"
+
+[[rule]]
+name = "r"
+identities = ["ci-bot"]
+targets = ["a", "b"]
+action = "allow"
+
+[[mask]]
+targets = ["b"]
+columns = ["db.public.customers.email"]
+"#,
+            missing = missing.display()
+        ),
+    )
+    .expect("write");
+    let file = p.display().to_string();
+    let (code, out, err) = tollgate(&["check-policy", &file]);
+    assert_eq!(code, 0, "warnings keep exit 0: {out} {err}");
+    let warnings: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with(&format!("{file}:")) && l.contains(": warning: "))
+        .collect();
+    for (what, line) in [
+        ("does not start with `/`", 6),
+        ("cannot be read", 21),
+        ("dots", 31),
+    ] {
+        let w = warnings
+            .iter()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no warning about {what}: {err}"));
+        assert_eq!(has_location(w, &file).map(|l| l.0), Some(line), "{w}");
+    }
+    assert!(
+        warnings.iter().any(|l| l.contains("overlap")),
+        "no warning about overlapping targets: {err}"
+    );
+}
