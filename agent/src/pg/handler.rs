@@ -754,6 +754,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         held_cancel,
         release,
         ddl_since_refresh: false,
+        classified: None,
         database: database.clone(),
         unknown_after_refresh: HashMap::new(),
         stale_refusal: None,
@@ -1143,6 +1144,10 @@ struct ClientSide<'a> {
     /// The session forwarded DDL since the snapshots were read: the next statement that names
     /// a relation or function re-reads them first.
     ddl_since_refresh: bool,
+    /// The classification `refresh_for` made of the text about to be decided, when it re-read
+    /// nothing: `decide_sql` takes it for the same text and lexing instead of classifying it a
+    /// second time (a cache lookup per statement on the hot path).
+    classified: Option<(String, classify::Escapes, Arc<Vec<Statement>>)>,
     /// The session's database, for the snapshot caches.
     database: String,
     /// Names still unknown after a re-read, and when: they do not trigger another one for
@@ -1289,7 +1294,12 @@ impl ClientSide<'_> {
                 classify::Escapes::Unknown
             }
         };
-        let statements = match CLASSIFY.classify_as(sql, escapes) {
+        let made = self
+            .classified
+            .take()
+            .filter(|(text, e, _)| *e == escapes && text == sql)
+            .map(|(_, _, st)| st);
+        let statements = match made.map_or_else(|| CLASSIFY.classify_as(sql, escapes), Ok) {
             Ok(s) => s,
             Err(classify::ClassifyError::Syntax(m)) => {
                 // The server would reject it too: answer as it would, not as a policy denial.
@@ -1733,6 +1743,7 @@ impl ClientSide<'_> {
         let after_ddl = self.ddl_since_refresh && names_any;
         if relations.is_empty() && unknown.is_empty() && !after_ddl {
             self.ddl_since_refresh |= ddl;
+            self.classified = Some((sql.to_string(), escapes, statements));
             return Ok(());
         }
         if self.idle() {
