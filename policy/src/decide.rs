@@ -138,7 +138,8 @@ impl fmt::Display for DecisionReason {
 }
 
 impl Decision {
-    fn deny(reason: DecisionReason) -> Decision {
+    /// A denial that no rule made (`rule: None`), for `reason`.
+    pub fn deny(reason: DecisionReason) -> Decision {
         Decision {
             action: Action::Deny,
             rule: None,

@@ -21,7 +21,6 @@ use std::{
 };
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{mask::Masker, pg::classify::Lineage, pg::upstream::Session, pg::wire};
 
@@ -287,10 +286,6 @@ const QUERY: &str = "SELECT c.oid::int8, n.nspname, c.relname, a.attnum::int4, a
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
      WHERE n.nspname IN ('pg_catalog','information_schema')";
 
-fn bad(e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
-}
-
 /// The columns masked by column rules, from the cache or the server.
 pub async fn load(
     s: &mut Session,
@@ -306,24 +301,15 @@ pub async fn load(
     }
     let mut out = BytesMut::new();
     query(&mut out)?;
-    s.stream.write_all(&out).await?;
     let mut reader = Reader::default();
-    let buf = &mut s.rest;
-    loop {
-        while let Some((tag, raw)) = wire::parse_backend(buf).map_err(bad)? {
-            if let Some(done) = reader.feed(masker, tag, &raw) {
-                let cat = Arc::new(done?);
-                remember(target, database, cat.clone());
-                return Ok(cat);
-            }
-        }
-        if s.stream.read_buf(buf).await? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "upstream closed during the catalog query",
-            ));
-        }
-    }
+    let cat = Arc::new(
+        crate::pg::upstream::query_until(s, &out, "catalog query", |tag, raw| {
+            reader.feed(masker, tag, raw)
+        })
+        .await?,
+    );
+    remember(target, database, cat.clone());
+    Ok(cat)
 }
 
 /// The catalog query as a Query message (three result sets, one ReadyForQuery).

@@ -26,7 +26,6 @@ use std::{
 };
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::pg::{classify::dangerous_function, upstream::Session, wire};
 
@@ -154,10 +153,6 @@ const QUERY: &str =
     "SELECT n.nspname, p.proname, p.oid::int8, p.provolatile::text, p.prorettype::int8 \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace";
 
-fn bad(e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
-}
-
 /// The plain functions of `database` on `target`, from the cache or the server.
 pub async fn load(s: &mut Session, target: &str, database: &str) -> io::Result<Arc<Functions>> {
     let key = (target.to_string(), database.to_string());
@@ -168,24 +163,15 @@ pub async fn load(s: &mut Session, target: &str, database: &str) -> io::Result<A
     }
     let mut out = BytesMut::new();
     query(&mut out)?;
-    s.stream.write_all(&out).await?;
     let mut reader = Reader::default();
-    let buf = &mut s.rest;
-    loop {
-        while let Some((tag, raw)) = wire::parse_backend(buf).map_err(bad)? {
-            if let Some(done) = reader.feed(tag, &raw) {
-                let f = Arc::new(done?);
-                remember(target, database, f.clone());
-                return Ok(f);
-            }
-        }
-        if s.stream.read_buf(buf).await? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "upstream closed during the function catalog query",
-            ));
-        }
-    }
+    let f = Arc::new(
+        crate::pg::upstream::query_until(s, &out, "function catalog query", |tag, raw| {
+            reader.feed(tag, raw)
+        })
+        .await?,
+    );
+    remember(target, database, f.clone());
+    Ok(f)
 }
 
 /// The function catalog query as a Query message.

@@ -754,7 +754,6 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         held_cancel,
         release,
         ddl_since_refresh: false,
-        classified: None,
         database: database.clone(),
         unknown_after_refresh: HashMap::new(),
         stale_refusal: None,
@@ -836,11 +835,7 @@ async fn startup_settings(
     }
     cx.audit_event("startup", obj(json!({ "parameters": shown })));
     let refuse = |text: String, flag: &str| {
-        let d = Decision {
-            action: Action::Deny,
-            rule: None,
-            reason: tollgate_policy::DecisionReason::NoMatchingRule,
-        };
+        let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
         cx.audit_operation("set", &text, &d, Some(flag))
     };
     let settings = match startup::settings(params) {
@@ -1144,10 +1139,6 @@ struct ClientSide<'a> {
     /// The session forwarded DDL since the snapshots were read: the next statement that names
     /// a relation or function re-reads them first.
     ddl_since_refresh: bool,
-    /// The classification `refresh_for` made of the text about to be decided, when it re-read
-    /// nothing: `decide_sql` takes it for the same text and lexing instead of classifying it a
-    /// second time (a cache lookup per statement on the hot path).
-    classified: Option<(String, classify::Escapes, Arc<Vec<Statement>>)>,
     /// The session's database, for the snapshot caches.
     database: String,
     /// Names still unknown after a re-read, and when: they do not trigger another one for
@@ -1180,6 +1171,9 @@ const NEVER_ALLOWED: &[(&str, &str)] = &[(
     "set:client_encoding",
     "changing client_encoding away from UTF8 is not allowed through tollgate (the statement classifier reads UTF-8)",
 )];
+
+/// A text's classification with the lexing it was made under (see `ClientSide::refresh_for`).
+type Classified = (classify::Escapes, Arc<Vec<Statement>>);
 
 /// The verdict on one message of SQL.
 enum Verdict {
@@ -1226,15 +1220,16 @@ impl ClientSide<'_> {
 
     /// Decide every statement of `sql`; the first denial wins and nothing of the message runs.
     /// Decide `sql` and record it (masked once, for both the audit log and the recording).
-    async fn judge(&mut self, sql: &str) -> Verdict {
+    /// `made`: the classification `refresh_for` already made of `sql`, with the lexing it used.
+    async fn judge(&mut self, sql: &str, made: Option<Classified>) -> Verdict {
         let shown = self.masked_text(sql);
-        self.judge_as(sql, &shown).await
+        self.judge_as(sql, &shown, made).await
     }
 
     /// [`Self::judge`] `sql`, shown in the audit log and the recording as `shown`.
-    async fn judge_as(&mut self, sql: &str, shown: &str) -> Verdict {
+    async fn judge_as(&mut self, sql: &str, shown: &str, made: Option<Classified>) -> Verdict {
         let shown = shown.to_string();
-        let v = self.decide_sql(sql, &shown).await;
+        let v = self.decide_sql(sql, &shown, made).await;
         if let Some(r) = &self.recorder {
             let (decision, error) = match &v {
                 Verdict::Allow => ("allow", None),
@@ -1256,17 +1251,13 @@ impl ClientSide<'_> {
         v
     }
 
-    async fn decide_sql(&mut self, sql: &str, shown: &str) -> Verdict {
+    async fn decide_sql(&mut self, sql: &str, shown: &str, made: Option<Classified>) -> Verdict {
         let cx = self.cx;
         if let Err(refusal) = cx.audit_gate(shown) {
             return Verdict::Deny(refusal);
         }
         if let Some(m) = self.stale_refusal.take() {
-            let d = Decision {
-                action: Action::Deny,
-                rule: None,
-                reason: tollgate_policy::DecisionReason::NoMatchingRule,
-            };
+            let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
             cx.audit_operation("sql", shown, &d, Some("stale_catalog"));
             return Verdict::Deny(m);
         }
@@ -1276,11 +1267,7 @@ impl ClientSide<'_> {
         self.resets = true;
         let unsafe_encoding = lock(&self.shared.unsafe_encoding).clone();
         if let Some(enc) = unsafe_encoding {
-            let d = Decision {
-                action: Action::Deny,
-                rule: None,
-                reason: tollgate_policy::DecisionReason::NoMatchingRule,
-            };
+            let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
             cx.audit_operation("sql", shown, &d, Some("client_encoding"));
             return Verdict::Deny(format!(
                 "tollgate: client_encoding {enc} cannot be classified safely (its characters can hide quotes and backslashes); set client_encoding to UTF8"
@@ -1294,20 +1281,12 @@ impl ClientSide<'_> {
                 classify::Escapes::Unknown
             }
         };
-        let made = self
-            .classified
-            .take()
-            .filter(|(text, e, _)| *e == escapes && text == sql)
-            .map(|(_, _, st)| st);
+        let made = made.filter(|(e, _)| *e == escapes).map(|(_, st)| st);
         let statements = match made.map_or_else(|| CLASSIFY.classify_as(sql, escapes), Ok) {
             Ok(s) => s,
             Err(classify::ClassifyError::Syntax(m)) => {
                 // The server would reject it too: answer as it would, not as a policy denial.
-                let d = Decision {
-                    action: Action::Deny,
-                    rule: None,
-                    reason: tollgate_policy::DecisionReason::NoMatchingRule,
-                };
+                let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                 if cx
                     .audit_operation("sql", shown, &d, Some("syntax_error"))
                     .action
@@ -1322,11 +1301,7 @@ impl ClientSide<'_> {
                 // A DO block whose PL/pgSQL does not compile: the server would refuse to compile
                 // it too, so answer with its message (without a position: libpg_query keeps
                 // none for PL/pgSQL), not as a policy denial. Nothing of it runs either way.
-                let d = Decision {
-                    action: Action::Deny,
-                    rule: None,
-                    reason: tollgate_policy::DecisionReason::NoMatchingRule,
-                };
+                let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                 if cx
                     .audit_operation("do", shown, &d, Some("plpgsql_error"))
                     .action
@@ -1338,11 +1313,7 @@ impl ClientSide<'_> {
                 return Verdict::Syntax(m, None);
             }
             Err(e) => {
-                let d = Decision {
-                    action: Action::Deny,
-                    rule: None,
-                    reason: tollgate_policy::DecisionReason::NoMatchingRule,
-                };
+                let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                 if cx
                     .audit_operation("sql", shown, &d, Some("unparseable"))
                     .action
@@ -1386,11 +1357,7 @@ impl ClientSide<'_> {
                         .iter()
                         .any(|k| matches!(*k, "insert" | "update" | "merge" | "create"))
                 {
-                    let d = Decision {
-                        action: Action::Deny,
-                        rule: None,
-                        reason: tollgate_policy::DecisionReason::NoMatchingRule,
-                    };
+                    let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                     cx.audit_operation(s.kind, shown, &d, Some("masked_lineage"));
                     return Verdict::Deny(format!(
                         "tollgate: {}{} would write values derived from masked columns (mask rules of target {}); denied",
@@ -1407,11 +1374,7 @@ impl ClientSide<'_> {
                         // COPY TO a file or program: no output to mask; policy decides.
                         Ok(None) => {}
                         Err(e) => {
-                            let d = Decision {
-                                action: Action::Deny,
-                                rule: None,
-                                reason: tollgate_policy::DecisionReason::NoMatchingRule,
-                            };
+                            let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                             cx.audit_operation(
                                 "copy",
                                 &self.masked_text(&s.text),
@@ -1429,11 +1392,7 @@ impl ClientSide<'_> {
                     .iter()
                     .find_map(|f| NEVER_ALLOWED.iter().find(|(n, _)| n == f))
                 {
-                    let d = Decision {
-                        action: Action::Deny,
-                        rule: None,
-                        reason: tollgate_policy::DecisionReason::NoMatchingRule,
-                    };
+                    let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                     cx.audit_operation(s.kind, shown, &d, Some(flag));
                     return Verdict::Deny(format!("tollgate: {why}; denied"));
                 }
@@ -1695,7 +1654,7 @@ impl ClientSide<'_> {
         uw: &mut WriteHalf,
         out: &mut BytesMut,
         counters: &Counters,
-    ) -> Result<(), DataPathError> {
+    ) -> Result<Option<Classified>, DataPathError> {
         let escapes = {
             let l = lock(&self.shared.lexing);
             if l.settled {
@@ -1706,7 +1665,7 @@ impl ClientSide<'_> {
         };
         // decide_sql classifies the same text again: a cache hit.
         let Ok(statements) = CLASSIFY.classify_as(sql, escapes) else {
-            return Ok(());
+            return Ok(None);
         };
         let column_rules = self.masker.as_ref().is_some_and(|m| m.has_column_rules());
         let mut relations: Vec<String> = Vec::new();
@@ -1743,8 +1702,7 @@ impl ClientSide<'_> {
         let after_ddl = self.ddl_since_refresh && names_any;
         if relations.is_empty() && unknown.is_empty() && !after_ddl {
             self.ddl_since_refresh |= ddl;
-            self.classified = Some((sql.to_string(), escapes, statements));
-            return Ok(());
+            return Ok(Some((escapes, statements)));
         }
         if self.idle() {
             self.refresh(uw, out, counters, column_rules).await?;
@@ -1769,7 +1727,7 @@ impl ClientSide<'_> {
             ));
         }
         self.ddl_since_refresh = ddl;
-        Ok(())
+        Ok(None)
     }
 
     /// Re-read the snapshots in band (see [`RefreshJob`]): only when [`Self::idle`], so the
@@ -1855,8 +1813,8 @@ impl ClientSide<'_> {
                 };
                 match msg {
                     Frontend::Query(sql) => {
-                        self.refresh_for(&sql, &mut uw, &mut out, counters).await?;
-                        let mut v = self.judge(&sql).await;
+                        let made = self.refresh_for(&sql, &mut uw, &mut out, counters).await?;
+                        let mut v = self.judge(&sql, made).await;
                         if let Verdict::Hold(h) = v {
                             // What was decided before this message runs while it waits.
                             flush(&mut uw, &mut out, counters, self.cx).await?;
@@ -1902,9 +1860,10 @@ impl ClientSide<'_> {
                         }
                     }
                     Frontend::Parse { name, query, .. } => {
-                        self.refresh_for(&query, &mut uw, &mut out, counters)
+                        let made = self
+                            .refresh_for(&query, &mut uw, &mut out, counters)
                             .await?;
-                        let mut v = self.judge(&query).await;
+                        let mut v = self.judge(&query, made).await;
                         if let Verdict::Hold(h) = v {
                             flush(&mut uw, &mut out, counters, self.cx).await?;
                             match self.hold(h, &mut cr, &mut buf).await {
@@ -2064,7 +2023,7 @@ impl ClientSide<'_> {
                                     f.name,
                                     if nargs == 1 { "" } else { "s" }
                                 );
-                                let v = self.judge_as(&sql, &shown).await;
+                                let v = self.judge_as(&sql, &shown, None).await;
                                 (v, Some((oid, f.result_type, format)))
                             }
                             other => {
@@ -2074,11 +2033,8 @@ impl ClientSide<'_> {
                                     ),
                                     None => "a malformed FunctionCall message".into(),
                                 };
-                                let d = Decision {
-                                    action: Action::Deny,
-                                    rule: None,
-                                    reason: tollgate_policy::DecisionReason::NoMatchingRule,
-                                };
+                                let d =
+                                    Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                                 let _ = self.cx.audit_operation(
                                     "function_call",
                                     &format!("fast-path call of {what}"),
@@ -2361,11 +2317,7 @@ fn decide_statement(cx: &SessionCx, s: &Statement) -> (Decision, &'static str) {
         }
     }
     worst.unwrap_or((
-        Decision {
-            action: Action::Deny,
-            rule: None,
-            reason: tollgate_policy::DecisionReason::NoMatchingRule,
-        },
+        Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule),
         s.kind,
     ))
 }

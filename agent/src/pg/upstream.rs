@@ -337,6 +337,35 @@ pub async fn login(
     }
 }
 
+/// Send `query` (one whole Query message) on the logged-in upstream `s` and hand each answer
+/// message to `feed` until it returns the outcome (at the query's ReadyForQuery); for the
+/// agent's own catalog reads at login. `what` names the query when the server closes first.
+pub async fn query_until<T>(
+    s: &mut Session,
+    query: &[u8],
+    what: &str,
+    mut feed: impl FnMut(u8, &[u8]) -> Option<io::Result<T>>,
+) -> io::Result<T> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    s.stream.write_all(query).await?;
+    let buf = &mut s.rest;
+    loop {
+        while let Some((tag, raw)) = wire::parse_backend(buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
+        {
+            if let Some(done) = feed(tag, &raw) {
+                return done;
+            }
+        }
+        if s.stream.read_buf(buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("upstream closed during the {what}"),
+            ));
+        }
+    }
+}
+
 /// Send a CancelRequest for `key` over `conn`, a new (marked) connection to the server that
 /// [`negotiate_tls`] secured as the target's logins are (PostgreSQL reads a CancelRequest
 /// after an SSLRequest too): a target that requires TLS never gets the key in plaintext, which
