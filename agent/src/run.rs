@@ -20,7 +20,7 @@ use crate::{
     bpf::Datapath,
     identity::Resolver,
     metrics::{self, Metrics},
-    proxy::{Agent, Generation},
+    session::{Agent, Generation},
     sys,
     targets::{self, Routes},
 };
@@ -188,6 +188,9 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         }));
     }
     agent.set_local(local);
+    // The protocol handlers, built once; each registers its own metrics.
+    agent.handlers = crate::handlers::registry(agent.relay_kind);
+    agent.handlers.register_metrics(&metrics.registry);
     let agent = Arc::new(agent);
     for (h, ips) in resolved {
         agent.set_resolved(h, ips);
@@ -244,12 +247,9 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             "drain deadline passed; closing remaining sessions"
         );
     }
-    // Kept upstream connections: say goodbye to the servers rather than vanish.
-    crate::pg::pool::close_all();
-    let until = std::time::Instant::now() + Duration::from_millis(500);
-    while crate::pg::pool::kept() > 0 && std::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // What handlers keep (pooled upstream connections): say goodbye to the servers rather
+    // than vanish.
+    agent.handlers.shutdown().await;
     if let Some(b) = &agent.approvals {
         b.flush();
     }
@@ -405,20 +405,9 @@ async fn reload(agent: &Agent, dp: &Datapath, path: &Path, why: &str) {
                     {
                         warn!("[agent] listen/fail_mode/namespace changes take effect after a restart");
                     }
-                    // Idle upstream connections of a target the new policy changed, removed
-                    // or stopped pooling would otherwise serve sessions for up to a minute.
-                    let closed = crate::pg::pool::close_targets(|name| {
-                        match (old.policy.target(name), p.target(name)) {
-                            (Some(was), Some(now)) => was != now || !now.pool,
-                            _ => true,
-                        }
-                    });
-                    if closed > 0 {
-                        info!(
-                            closed,
-                            "closed idle upstream connections of changed targets"
-                        );
-                    }
+                    // Handlers drop what the new policy makes stale (pooled connections of
+                    // changed targets) before it serves sessions.
+                    agent.handlers.on_reload(&old, &p);
                     agent.gen.store(Arc::new(Generation { policy: p, routes }));
                     Ok(())
                 }
