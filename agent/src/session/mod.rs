@@ -9,8 +9,8 @@
 //! (the close event and metrics, exactly once), `approval.rs` (open, wait and hold an approval
 //! with withdrawal), `upstream.rs` (connect to the original destination), `credentials.rs`
 //! (read a target's secret), `workload.rs` (workload OIDC token checks), `error.rs` (typed
-//! data-path errors) and `relay.rs` (the opaque TCP relay, the handler of `tcp` targets and
-//! of whole-connection allows).
+//! data-path errors), `relay.rs` (the opaque TCP relay, the handler of `tcp` targets and
+//! of whole-connection allows) and `testing.rs` (the in-process tier's constructors).
 //!
 //! Dependencies point one way: handlers use `session`, `session` names no handler. A
 //! protocol-specific reply (a PostgreSQL FATAL) reaches the shared code only as a handler's
@@ -24,6 +24,7 @@ mod error;
 mod guard;
 mod handler;
 mod relay;
+pub mod testing;
 mod upstream;
 pub mod workload;
 
@@ -33,3 +34,6 @@ pub use cx::{audit_refusal, reset, SessionCx};
 pub use error::DataPathError;
 pub use handler::{BoxFuture, ProtocolHandler, Refusal, Registry};
 pub use relay::TcpHandler;
+
+#[cfg(test)]
+mod tests;
