@@ -456,7 +456,9 @@ async fn accept_tls(
     tcp: TcpStream,
     deadline: tokio::time::Instant,
 ) -> Result<Conn, DataPathError> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(cx.orig_dst.ip()));
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        ca.server_config(cx.orig_dst.ip(), &tls::ServerTls::postgres()),
+    );
     match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))),
         Ok(Err(e)) => Err(DataPathError::Client(std::io::Error::new(
