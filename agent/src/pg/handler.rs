@@ -48,7 +48,7 @@ use crate::{
     relay::Totals,
     session::{
         workload::WorkloadAuth as Checked, ApprovalOutcome, BoxFuture, DataPathError, Generation,
-        ProtocolHandler, Refusal as ConnRefusal, SessionCx, Withdrawn,
+        InternalError, ProtocolHandler, Refusal as ConnRefusal, SessionCx, Withdrawn,
     },
     tls::{self, Ca, Conn, ReadHalf, WriteHalf},
 };
@@ -415,7 +415,7 @@ async fn read_startup(
                     .await
                     .map_err(DataPathError::Client)?;
                 let (Conn::Plain(tcp), Some(ca)) = (client, &cx.agent.ca) else {
-                    return Err(DataPathError::Internal("TLS requested twice".into()));
+                    return Err(InternalError::unreachable("TLS requested twice"));
                 };
                 client = accept_tls(ca, cx, tcp, deadline).await?;
             }
@@ -505,14 +505,14 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                 let opts = s.protocol_options();
                 let mut out = BytesMut::new();
                 wire::encode_negotiate_protocol_version(&opts, &mut out)
-                    .map_err(|e| DataPathError::Internal(e.to_string()))?;
+                    .map_err(InternalError::encode)?;
                 client
                     .write_all(&out)
                     .await
                     .map_err(DataPathError::Client)?;
             }
             let Startup::Startup { params, .. } = s else {
-                return Err(DataPathError::Internal("startup".into()));
+                return Err(InternalError::unreachable("startup"));
             };
             if params.iter().any(|(k, v)| {
                 k == "replication" && !matches!(v.as_str(), "false" | "off" | "no" | "0")
@@ -530,9 +530,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         }
         // read_startup answers SSL/GSS requests itself and never returns them.
         Startup::Ssl | Startup::GssEnc => {
-            return Err(DataPathError::Internal(
-                "unexpected encryption request".into(),
-            ))
+            return Err(InternalError::unreachable("unexpected encryption request"))
         }
     };
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
@@ -1923,7 +1921,7 @@ impl ClientSide<'_> {
                             Verdict::Allow => out.extend_from_slice(&raw),
                             // hold() never answers Hold.
                             Verdict::Hold(_) => {
-                                return Err(DataPathError::Internal("held twice".into()))
+                                return Err(InternalError::unreachable("held twice"))
                             }
                             v => {
                                 let sub = self.verdict_substitute(v);
@@ -1968,7 +1966,7 @@ impl ClientSide<'_> {
                             Verdict::Allow => out.extend_from_slice(&raw),
                             // hold() never answers Hold.
                             Verdict::Hold(_) => {
-                                return Err(DataPathError::Internal("held twice".into()))
+                                return Err(InternalError::unreachable("held twice"))
                             }
                             v => {
                                 let sub = self.verdict_substitute(v);
@@ -2145,7 +2143,7 @@ impl ClientSide<'_> {
                                 out.extend_from_slice(&raw);
                             }
                             (Verdict::Hold(_), _) => {
-                                return Err(DataPathError::Internal("held twice".into()))
+                                return Err(InternalError::unreachable("held twice"))
                             }
                             (v, _) => {
                                 // The substitute is a simple query: its error and
@@ -2742,8 +2740,7 @@ impl ServerSide<'_> {
         }
         self.masked_in_statement += fired.len() as u64;
         let mut out = BytesMut::with_capacity(raw.len());
-        wire::encode_data_row(&new, &mut out)
-            .map_err(|e| DataPathError::Internal(e.to_string()))?;
+        wire::encode_data_row(&new, &mut out).map_err(InternalError::encode)?;
         Ok(Some(out))
     }
 
@@ -2800,8 +2797,7 @@ impl ServerSide<'_> {
                 }
                 self.masked_in_statement += fired.len() as u64;
                 if !rows.is_empty() {
-                    wire::encode_copy_data(&rows, out)
-                        .map_err(|e| DataPathError::Internal(e.to_string()))?;
+                    wire::encode_copy_data(&rows, out).map_err(InternalError::encode)?;
                 }
                 Ok(())
             }

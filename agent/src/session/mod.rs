@@ -31,7 +31,7 @@ pub mod workload;
 pub use agent::{Agent, ConnSource, Generation};
 pub use approval::{ApprovalOutcome, Withdrawn, DEFAULT_APPROVAL_TIMEOUT};
 pub use cx::{audit_refusal, reset, SessionCx};
-pub use error::DataPathError;
+pub use error::{DataPathError, InternalError};
 pub use handler::{BoxFuture, ProtocolHandler, Refusal, Registry};
 pub use relay::TcpHandler;
 
