@@ -469,12 +469,18 @@ async fn accept_tls(
     }
 }
 
-async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, DataPathError> {
+/// The startup phase: TLS if asked, the startup packet; a CancelRequest is forwarded here
+/// and a replication connection refused (`None`: nothing more to serve).
+async fn startup(
+    h: &PgHandler,
+    cx: &SessionCx,
+    tcp: TcpStream,
+    cbuf: &mut BytesMut,
+) -> Result<Option<(Conn, Vec<(String, String)>)>, DataPathError> {
     // As PostgreSQL and libpq do: every write is a whole protocol exchange, and Nagle would
     // hold a result behind the delayed ACK of an earlier small write (an approval notice).
     let _ = tcp.set_nodelay(true);
-    let mut cbuf = BytesMut::with_capacity(8192);
-    let (mut client, startup) = read_startup(cx, tcp, &mut cbuf).await?;
+    let (mut client, startup) = read_startup(cx, tcp, cbuf).await?;
     let params = match startup {
         Startup::Cancel { pid, secret } => {
             // A cancel for one of our sessions: forward it with the upstream backend's key.
@@ -496,7 +502,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             // An orderly end (TLS close_notify): libpq 17 reports an encrypted cancel whose
             // connection ends without one as failed.
             let _ = client.shutdown().await;
-            return Ok(Totals::default());
+            return Ok(None);
         }
         s @ Startup::Startup { .. } => {
             if s.needs_negotiation() {
@@ -524,7 +530,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                     None,
                 )
                 .await;
-                return Ok(Totals::default());
+                return Ok(None);
             }
             params
         }
@@ -533,11 +539,39 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             return Err(InternalError::unreachable("unexpected encryption request"))
         }
     };
+    Ok(Some((client, params)))
+}
+
+/// What the login phase leaves for the session.
+struct LoggedIn {
+    session: upstream::Session,
+    /// The pool key and login ParameterStatus messages, if the connection may be kept.
+    keep: Option<(pool::Key, Bytes)>,
+    /// Whether the connection came from the pool.
+    reused: bool,
+    /// The upstream user, the user the client asked for, and the database.
+    user: String,
+    client_user: String,
+    database: String,
+    /// The verified workload token's claims, if the identity presented one.
+    workload: Option<oidc::Claims>,
+    /// The parameters sent upstream.
+    pass: Vec<(String, String)>,
+}
+
+/// The login phase: the workload token, the startup settings, the credential, then an
+/// upstream connection from the pool or a fresh login (`None`: the client was refused).
+async fn login(
+    h: &PgHandler,
+    cx: &SessionCx,
+    client: &mut Conn,
+    cbuf: &mut BytesMut,
+    policy: &tollgate_policy::Policy,
+    params: &[(String, String)],
+) -> Result<Option<LoggedIn>, DataPathError> {
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let client_user = param("user").unwrap_or_default();
     let database = param("database").unwrap_or_else(|| client_user.clone());
-    let gen = cx.agent.gen.load_full();
-    let policy = &gen.policy;
     // Workload OIDC: the identity (already attributed from kernel facts) must also present a
     // valid token as its password, before anything reaches upstream.
     let workload_oidc = cx
@@ -546,21 +580,21 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         .and_then(|n| policy.identity(n))
         .and_then(|i| i.oidc.clone());
     let workload = match workload_oidc {
-        Some(o) => match workload_token(cx, &mut client, &mut cbuf, &o).await? {
+        Some(o) => match workload_token(cx, client, cbuf, &o).await? {
             WorkloadAuth::Verified(claims) => {
                 let _ = cx.claims.set(oidc::claim_values(&claims));
                 Some(claims)
             }
             WorkloadAuth::Unverified => None,
-            WorkloadAuth::Refused => return Ok(Totals::default()),
+            WorkloadAuth::Refused => return Ok(None),
         },
         None => None,
     };
     // Startup parameters are settings like any SET (startup.rs): decided before anything
     // reaches upstream, and all of them audited.
-    let settings = match startup_settings(cx, &mut client, &params).await {
+    let settings = match startup_settings(cx, client, params).await {
         Some(s) => s,
-        None => return Ok(Totals::default()),
+        None => return Ok(None),
     };
     let cred_name = cx.target.credential.clone();
     let cred = cred_name
@@ -571,7 +605,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             Ok(s) => (c.user.clone().unwrap_or(client_user.clone()), s),
             Err(e) => {
                 send_fatal(
-                    &mut client,
+                    client,
                     "28P01",
                     &format!("tollgate: {e}"),
                     Some("fix the credential in the tollgate policy"),
@@ -624,7 +658,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     // The login's ParameterStatus messages, kept for the pool: shared by the sessions that
     // reuse one connection, copied to its exact size after a fresh login.
     let reused_relay = pooled.as_ref().map(|idle| idle.relay.clone());
-    let mut session = if let Some(idle) = pooled {
+    let session = if let Some(idle) = pooled {
         upstream::Session {
             stream: idle.conn,
             backend_key: idle.backend_key,
@@ -640,7 +674,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             }
             Err(e) => {
                 send_fatal(
-                    &mut client,
+                    client,
                     "08006",
                     &format!(
                         "tollgate: cannot reach {} ({}): {e}",
@@ -663,7 +697,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                 let hint = e.blames_credential().then_some(
                     "the bot's own password is ignored; fix the credential in the tollgate policy",
                 );
-                send_fatal(&mut client, e.sqlstate(), &format!("tollgate: {e}"), hint).await;
+                send_fatal(client, e.sqlstate(), &format!("tollgate: {e}"), hint).await;
                 return Err(DataPathError::Upstream {
                     addr: cx.orig_dst,
                     source: std::io::Error::other(e.to_string()),
@@ -676,16 +710,36 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         let relay = reused_relay.unwrap_or_else(|| Bytes::copy_from_slice(&session.relay));
         (key, relay)
     });
-    let backend_key = session.backend_key;
+    Ok(Some(LoggedIn {
+        session,
+        keep,
+        reused,
+        user,
+        client_user,
+        database,
+        workload,
+        pass,
+    }))
+}
 
+/// The masking plan and the catalog snapshots the session's decisions need (from the
+/// handler's snapshots or read on the new connection).
+async fn snapshots(
+    h: &PgHandler,
+    cx: &SessionCx,
+    client: &mut Conn,
+    session: &mut upstream::Session,
+    policy: &tollgate_policy::Policy,
+    database: &str,
+) -> Result<(Option<Arc<Masker>>, Arc<Catalog>, Arc<Functions>), DataPathError> {
     let masker = Masker::for_target(policy, &cx.target.name, cx.agent.hash_key).map(Arc::new);
     let catalog = match &masker {
         Some(m) if m.has_column_rules() => {
-            match catalog::load(&h.catalogs, &mut session, m, &cx.target.name, &database).await {
+            match catalog::load(&h.catalogs, session, m, &cx.target.name, database).await {
                 Ok(set) => set,
                 Err(e) => {
                     send_fatal(
-                        &mut client,
+                        client,
                         "XX000",
                         &format!("tollgate: cannot read the catalog needed for masking: {e}"),
                         None,
@@ -703,11 +757,11 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
 
     // Which functions a rule may let run without naming them (functions.rs).
     let plain_functions =
-        match functions::load(&h.functions, &mut session, &cx.target.name, &database).await {
+        match functions::load(&h.functions, session, &cx.target.name, database).await {
             Ok(f) => f,
             Err(e) => {
                 send_fatal(
-                    &mut client,
+                    client,
                     "XX000",
                     &format!("tollgate: cannot read the function catalog needed for policy: {e}"),
                     None,
@@ -719,6 +773,34 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                 });
             }
         };
+    Ok((masker, catalog, plain_functions))
+}
+
+async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, DataPathError> {
+    let mut cbuf = BytesMut::with_capacity(8192);
+    let Some((mut client, params)) = startup(h, cx, tcp, &mut cbuf).await? else {
+        return Ok(Totals::default());
+    };
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let gen = cx.agent.gen.load_full();
+    let policy = &gen.policy;
+    let Some(LoggedIn {
+        mut session,
+        keep,
+        reused,
+        user,
+        client_user,
+        database,
+        workload,
+        pass,
+    }) = login(h, cx, &mut client, &mut cbuf, policy, &params).await?
+    else {
+        return Ok(Totals::default());
+    };
+    let backend_key = session.backend_key;
+
+    let (masker, catalog, plain_functions) =
+        snapshots(h, cx, &mut client, &mut session, policy, &database).await?;
 
     let recorder = Recorder::open(
         &policy.agent.data_dir,
