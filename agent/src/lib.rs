@@ -1,12 +1,14 @@
 //! The tollgate host agent as a library: the `tollgate` binary is a thin CLI over it, and fuzz
 //! targets and tests link it directly.
 //!
-//! Layout: `approvals/` (the approval broker, admin API, CLI client, webhook), `run.rs` (daemon wiring, reload, shutdown), `proxy.rs` (the accept path),
-//! `session/` (the protocol-neutral session layer: `SessionCx`, the handler trait and registry,
-//! decisions, approvals, upstream, credentials, workload tokens), `handlers.rs` (the registry
-//! of protocol handlers, the one place naming them), `pg/` (the PostgreSQL handler), `relay.rs` (opaque relays), `bpf.rs` (kernel side), `targets.rs`
-//! (routes), `identity.rs` (kernel facts to identity), `audit.rs`, `metrics.rs`, `doctor.rs`,
-//! `tls.rs` (the agent CA and upstream TLS) and `sys.rs` (every raw syscall).
+//! Layout: `approvals/` (the approval broker, admin API, CLI client, webhook), `run.rs`
+//! (daemon wiring, reload, shutdown), `proxy.rs` (the accept path), `session/` (the
+//! protocol-neutral session layer: `SessionCx`, the handler trait and registry, decisions,
+//! approvals, upstream, credentials, workload tokens), `handlers.rs` (the registry of protocol
+//! handlers, the one place naming them), `pg/` (the PostgreSQL handler), `relay.rs` (opaque
+//! relays), `bpf.rs` (kernel side), `targets.rs` (routes), `identity.rs` (kernel facts to
+//! identity), `audit.rs`, `metrics.rs`, `doctor.rs`, `tls.rs` (the agent CA, bot-side TLS per
+//! handler and upstream TLS) and `sys.rs` (every raw syscall).
 
 pub mod approvals;
 pub mod audit;
