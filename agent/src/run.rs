@@ -161,8 +161,9 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         0 => None,
         n => Some(crate::plane::Plane::start(n).context("cannot start the session threads")?),
     };
-    // Bot-side TLS for PostgreSQL: without a usable CA, bots' TLS requests are refused (and
-    // libpq's default sslmode=prefer falls back to plaintext), so this is not fatal.
+    // Bot-side TLS, for every handler that terminates it: without a usable CA, bots' TLS
+    // requests are refused (libpq's default sslmode=prefer falls back to plaintext), so this
+    // is not fatal.
     agent.ca = match crate::tls::Ca::load_or_create(&cfg.data_dir) {
         Ok(ca) => Some(Arc::new(ca)),
         Err(e) => {
