@@ -50,11 +50,19 @@ pub trait ConnSource: Send + Sync {
     fn take_conn(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnInfo>;
     /// The process's current exec generation (see `ConnInfo::exec_gen`).
     fn exec_gen(&self, pid: u32) -> u64;
+    /// The record of the client of an accepted Unix stream connection (`accepted`: the
+    /// agent's end), made by connect_unix. None where Unix sockets are not redirected.
+    fn take_unix(&self, _accepted: std::os::fd::BorrowedFd<'_>) -> Option<ConnInfo> {
+        None
+    }
 }
 
 impl ConnSource for bpf::Datapath {
     fn take_conn(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnInfo> {
         bpf::Datapath::take_conn(self, peer, local)
+    }
+    fn take_unix(&self, accepted: std::os::fd::BorrowedFd<'_>) -> Option<ConnInfo> {
+        bpf::Datapath::take_unix(self, accepted)
     }
     fn exec_gen(&self, pid: u32) -> u64 {
         bpf::Datapath::exec_gen(self, pid)
@@ -345,6 +353,20 @@ impl Agent {
             return;
         };
         let orig = bpf::orig_dst(&info);
+        self.handle_attributed(stream, peer, info, orig, None).await
+    }
+
+    /// A connection whose kernel record is known. `unix`: it came through the Unix-socket
+    /// redirect (`crate::unix_redirect`), which names its target and the socket path the bot
+    /// dialled; `orig` is then the target address the agent serves it from.
+    pub async fn handle_attributed(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        info: ConnInfo,
+        orig: SocketAddr,
+        unix: Option<crate::unix_redirect::Via>,
+    ) {
         let mut facts = self.resolver.facts(&info);
         // /proc/<pid>/exe was read after the connect; if the process exec'd (or exited and its
         // pid was reused) in between, that path describes another program: don't trust it.
@@ -374,7 +396,10 @@ impl Agent {
                     })
                     .map(|i| i.name.clone())
             });
-            let target = gen.routes.lookup(orig).and_then(|i| gen.policy.targets.get(i)).cloned();
+            let target = match &unix {
+                Some(via) => gen.policy.target(&via.target).cloned(),
+                None => gen.routes.lookup(orig).and_then(|i| gen.policy.targets.get(i)).cloned(),
+            };
             let span = tracing::Span::current();
             span.record("identity", identity.as_deref().unwrap_or("unknown"));
             let Some(target) = target else {
@@ -399,6 +424,7 @@ impl Agent {
                 facts,
                 orig_dst: orig,
                 peer,
+                unix_socket: unix.map(|v| v.path),
                 agent: self.clone(),
                 gen: gen.clone(),
                 claims: std::sync::OnceLock::new(),
@@ -492,6 +518,9 @@ pub struct SessionCx {
     pub facts: Facts,
     pub orig_dst: SocketAddr,
     pub peer: SocketAddr,
+    /// The Unix socket path the bot dialled, for a connection redirected from it (audited as
+    /// `unix_socket`; `peer` is then the agent's internal bridge).
+    pub unix_socket: Option<String>,
     pub agent: Arc<Agent>,
     /// The policy generation the session started under; operations are decided under the
     /// newest one (see [`SessionCx::decide`]).
@@ -514,7 +543,7 @@ impl SessionCx {
     }
 
     fn base(&self) -> Map<String, Value> {
-        obj(json!({
+        let mut m = obj(json!({
             "session": self.id,
             "identity": self.identity,
             "target": self.target.name,
@@ -527,7 +556,11 @@ impl SessionCx {
             "comm": self.facts.comm,
             "peer": self.peer.to_string(),
             "orig_dst": self.orig_dst.to_string(),
-        }))
+        }));
+        if let Some(path) = &self.unix_socket {
+            m.insert("unix_socket".into(), path.as_str().into());
+        }
+        m
     }
 
     fn count_decision(&self, action: &str) {

@@ -1,0 +1,421 @@
+//! Redirecting a PostgreSQL target's Unix socket (`unix_socket = "..."`) to the agent, on
+//! Linux 6.7+ (`cgroup/connect_unix`).
+//!
+//! Layout:
+//! - [`load_program`]: aya 0.14 can neither load a program with `expected_attach_type =
+//!   BPF_CGROUP_UNIX_CONNECT` nor resolve kfuncs, so the `connect_unix` program of the embedded
+//!   object is loaded here: aya-obj parses and relocates it against the maps aya created, its
+//!   two placeholder calls become kfunc calls (BTF ids from `/sys/kernel/btf/vmlinux`), and
+//!   `sys::prog_load_sock_addr` loads it. `bpf::Datapath` attaches and pins it like the other
+//!   hooks.
+//! - [`keys_for`]: the spellings of a configured path the kernel program matches.
+//! - [`listen`] and [`serve`]: the agent's own socket `<unix_dir>/agent.sock` (directory
+//!   root-owned 0711, socket 0666: bots can connect after the rewrite, nobody else can bind
+//!   there), accept, attribute by the client socket's cookie (unix_diag), then hand the
+//!   connection to the same session code as TCP ([`crate::proxy::Agent::handle_attributed`])
+//!   through a loopback TCP pair, and serve it upstream over the target's first IP address.
+
+use std::{
+    collections::HashSet,
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd, RawFd},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
+use tollgate_common::{
+    UnixPath, FAMILY_UNIX, KFUNC_CAST_TO_KERN_CTX, KFUNC_SET_SUN_PATH, UNIX_PATH_MAX,
+};
+use tollgate_policy::{Policy, TargetAddress, AGENT_SOCKET_NAME};
+use tracing::{debug, warn};
+
+use crate::{proxy::Agent, sys};
+
+/// Why the Unix-socket redirect could not be loaded (the agent then warns, as on kernels
+/// before 6.7).
+#[derive(Debug, thiserror::Error)]
+pub enum UnixBpfError {
+    /// The kernel's BTF lacks a kfunc the program needs: Linux before 6.7.
+    #[error("the kernel has no kfunc {0} (needs Linux 6.7+ with BTF)")]
+    NoKfunc(&'static str),
+    /// The embedded object could not be parsed or relocated.
+    #[error("preparing connect_unix from the eBPF object failed: {0}")]
+    Object(String),
+    /// BPF_PROG_LOAD refused it; carries the verifier's last line.
+    #[error("loading connect_unix failed: {0}")]
+    Load(String),
+}
+
+/// Where a redirected Unix connection came from: the target and the socket path it named.
+#[derive(Debug, Clone)]
+pub struct Via {
+    pub target: String,
+    pub path: String,
+}
+
+/// BTF id of the kernel function `name` (kind FUNC) in the running kernel.
+fn kfunc_id(btf: &aya_obj::btf::Btf, name: &'static str) -> Result<u32, UnixBpfError> {
+    btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
+        .map_err(|_| UnixBpfError::NoKfunc(name))
+}
+
+/// `BPF_PSEUDO_KFUNC_CALL`: `src_reg` of a call to a kernel function by BTF id.
+const PSEUDO_KFUNC_CALL: u8 = 2;
+const CALL: u8 = 0x85;
+
+/// Rewrite the placeholder helper calls in `insns` into kfunc calls. Returns how many were
+/// patched; any call the placeholders name but the map lacks is an error.
+fn patch_kfuncs(insns: &mut [u64], ids: &[(u32, u32)]) -> usize {
+    let mut n = 0;
+    for w in insns.iter_mut() {
+        let code = (*w & 0xff) as u8;
+        let regs = ((*w >> 8) & 0xff) as u8;
+        let imm = (*w >> 32) as u32;
+        if code != CALL || regs >> 4 != 0 {
+            continue;
+        }
+        if let Some((_, id)) = ids.iter().find(|(magic, _)| *magic == imm) {
+            *w = sys::insn(CALL, regs & 0xf, PSEUDO_KFUNC_CALL, 0, *id as i32);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Load the `connect_unix` program. `map_fds` names the descriptor of every map aya created
+/// for the object (the program shares them with connect4/6).
+pub fn load_program(map_fds: &[(&str, RawFd)]) -> Result<OwnedFd, UnixBpfError> {
+    let btf = aya_obj::btf::Btf::from_sys_fs().map_err(|e| UnixBpfError::Object(e.to_string()))?;
+    let ids = [
+        (
+            KFUNC_CAST_TO_KERN_CTX,
+            kfunc_id(&btf, "bpf_cast_to_kern_ctx")?,
+        ),
+        (
+            KFUNC_SET_SUN_PATH,
+            kfunc_id(&btf, "bpf_sock_addr_set_sun_path")?,
+        ),
+    ];
+    let mut insns = relocated(map_fds)?;
+    let patched = patch_kfuncs(&mut insns, &ids);
+    if patched < ids.len() {
+        return Err(UnixBpfError::Object(format!(
+            "expected at least {} kfunc call sites in connect_unix, found {patched}",
+            ids.len()
+        )));
+    }
+    sys::prog_load_sock_addr(&insns, sys::Hook::ConnectUnix, 1 << 20).map_err(UnixBpfError::Load)
+}
+
+/// The instructions of `connect_unix` with map references and BPF-to-BPF calls resolved, as
+/// aya does for the programs it loads itself.
+fn relocated(map_fds: &[(&str, RawFd)]) -> Result<Vec<u64>, UnixBpfError> {
+    let err = |e: &dyn std::fmt::Display| UnixBpfError::Object(e.to_string());
+    let mut obj = aya_obj::Object::parse(crate::bpf::OBJECT).map_err(|e| err(&e))?;
+    let maps: Vec<(String, RawFd, aya_obj::Map)> = obj
+        .maps
+        .iter()
+        .map(|(name, m)| {
+            map_fds
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, fd)| (name.clone(), *fd, m.clone()))
+                .ok_or_else(|| UnixBpfError::Object(format!("no descriptor for map {name}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let text: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
+    obj.relocate_maps(maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)), &text)
+        .map_err(|e| err(&e))?;
+    obj.relocate_calls(&text).map_err(|e| err(&e))?;
+    let prog = obj
+        .programs
+        .get(sys::Hook::ConnectUnix.program())
+        .ok_or_else(|| UnixBpfError::Object("no connect_unix program in the object".into()))?;
+    let f = obj
+        .functions
+        .get(&prog.function_key())
+        .ok_or_else(|| UnixBpfError::Object("connect_unix has no code".into()))?;
+    Ok(f.instructions
+        .iter()
+        .map(|i| sys::insn(i.code, i.dst_reg(), i.src_reg(), i.off, i.imm))
+        .collect())
+}
+
+/// A path as the kernel program keys it (None: too long for `sun_path`).
+pub fn key(path: &Path) -> Option<UnixPath> {
+    use std::os::unix::ffi::OsStrExt;
+    let b = path.as_os_str().as_bytes();
+    if b.is_empty() || b.len() >= UNIX_PATH_MAX || b.contains(&0) {
+        return None;
+    }
+    let mut k = UnixPath {
+        bytes: [0; UNIX_PATH_MAX],
+    };
+    k.bytes[..b.len()].copy_from_slice(b);
+    Some(k)
+}
+
+/// The spellings of a configured socket path that connect_unix matches: the path itself and,
+/// when its directory resolves elsewhere (`/var/run` is a symlink to `/run` on Debian), the
+/// resolved one. Any other spelling (a bot's own symlink, a relative path) is not matched:
+/// see the README.
+pub fn keys_for(path: &Path) -> Vec<PathBuf> {
+    let mut out = vec![path.to_path_buf()];
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+        if let Ok(real) = std::fs::canonicalize(dir) {
+            let p = real.join(name);
+            if p != path {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The agent's socket path for `unix_dir`.
+pub fn agent_socket(unix_dir: &Path) -> PathBuf {
+    unix_dir.join(AGENT_SOCKET_NAME)
+}
+
+/// Create (or check) `unix_dir` as root's, mode 0711, and bind the agent's socket in it, mode
+/// 0666 so that any redirected bot may connect. A stale socket of an earlier agent is
+/// replaced.
+pub fn listen(unix_dir: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o711).create(unix_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let md = std::fs::symlink_metadata(unix_dir)?;
+    // Only root may be able to create or replace entries here: after the agent dies, the
+    // rewritten path must lead nowhere rather than to someone else's listener.
+    if !md.is_dir() || md.uid() != 0 || md.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} must be a directory owned by root and not writable by group or others (mode {:04o}): run `chown root {0} && chmod 0711 {0}`",
+                unix_dir.display(),
+                md.mode() & 0o7777
+            ),
+        ));
+    }
+    std::fs::set_permissions(unix_dir, std::fs::Permissions::from_mode(0o711))?;
+    let path = agent_socket(unix_dir);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(l)
+}
+
+/// The target whose `unix_socket` has any of the spellings of `path`, with the address the
+/// agent serves it from (its first IP address).
+pub fn target_for(policy: &Policy, path: &Path) -> Option<(String, SocketAddr)> {
+    policy.targets.iter().find_map(|t| {
+        let sock = t.unix_socket.as_deref()?;
+        if sock != path && !keys_for(sock).iter().any(|k| k == path) {
+            return None;
+        }
+        let addr = t.address.iter().find_map(|a| match a {
+            TargetAddress::Exact(sa) => Some(*sa),
+            _ => None,
+        })?;
+        Some((t.name.clone(), addr))
+    })
+}
+
+/// Accept loop of the agent's Unix socket; returns when `stop` fires.
+pub async fn serve(
+    agent: Arc<Agent>,
+    listener: UnixListener,
+    paths: Arc<dyn Fn(u32) -> Option<PathBuf> + Send + Sync>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let Ok(permit) = agent.limiter.clone().try_acquire_owned() else {
+                        agent.metrics.rejected.with_label_values(&["limit"]).inc();
+                        continue;
+                    };
+                    let agent2 = agent.clone();
+                    let paths = paths.clone();
+                    agent.tracker.spawn(async move {
+                        one(agent2, stream, paths).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept on the agent's Unix socket failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+/// One redirected Unix connection: attribute, find the target, bridge, serve.
+async fn one(
+    agent: Arc<Agent>,
+    client: UnixStream,
+    paths: Arc<dyn Fn(u32) -> Option<PathBuf> + Send + Sync>,
+) {
+    let info = agent
+        .conns
+        .take_unix(client.as_fd())
+        .filter(|i| i.family == FAMILY_UNIX);
+    let Some(info) = info else {
+        // Not redirected by connect_unix (dialled directly, or the record is gone).
+        agent
+            .metrics
+            .rejected
+            .with_label_values(&["unattributed"])
+            .inc();
+        warn!("Unix connection without a kernel record refused");
+        return;
+    };
+    let Some(path) = paths(info.orig_ip[0]) else {
+        agent
+            .metrics
+            .rejected
+            .with_label_values(&["no_target"])
+            .inc();
+        warn!(
+            id = info.orig_ip[0],
+            "Unix connection to a socket path no longer protected refused"
+        );
+        return;
+    };
+    let gen = agent.gen.load_full();
+    let Some((target, orig)) = target_for(&gen.policy, &path) else {
+        agent
+            .metrics
+            .rejected
+            .with_label_values(&["no_target"])
+            .inc();
+        warn!(path = %path.display(), "no target names this Unix socket any more; refused");
+        return;
+    };
+    let (inner, outer) = match tcp_pair(agent.upstream_mark).await {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(error = %e, "cannot bridge a Unix connection to the session code");
+            return;
+        }
+    };
+    let peer = match inner.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    debug!(path = %path.display(), %target, pid = info.pid, "Unix socket connection redirected");
+    tokio::spawn(bridge(client, inner));
+    let via = Via {
+        target,
+        path: path.display().to_string(),
+    };
+    agent
+        .handle_attributed(outer, peer, info, orig, Some(via))
+        .await;
+}
+
+/// Copy bytes both ways between the bot's Unix connection and the agent's end of the pair
+/// until either side closes.
+async fn bridge(mut client: UnixStream, mut inner: TcpStream) {
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut inner).await;
+}
+
+/// A connected loopback TCP pair (the session code takes a `TcpStream`): the connecting end
+/// carries the agent's mark so no hook redirects it, and the accepted end is checked to be
+/// that very connection (another local process could dial the ephemeral listener).
+async fn tcp_pair(mark: Option<u32>) -> io::Result<(TcpStream, TcpStream)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let sock = TcpSocket::new_v4()?;
+    if let Some(m) = mark {
+        socket2::SockRef::from(&sock).set_mark(m)?;
+    }
+    let addr = l.local_addr()?;
+    let pair = async {
+        let a = sock.connect(addr).await?;
+        let want = a.local_addr()?;
+        loop {
+            let (b, from) = l.accept().await?;
+            if from == want {
+                let _ = a.set_nodelay(true);
+                return Ok::<_, io::Error>((a, b));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), pair)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "loopback bridge timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholder_calls_become_kfunc_calls() {
+        let mut insns = [
+            sys::insn(0xbf, 6, 1, 0, 0),
+            sys::insn(CALL, 0, 0, 0, KFUNC_CAST_TO_KERN_CTX as i32),
+            sys::insn(CALL, 0, 0, 0, 113),
+            sys::insn(CALL, 0, 0, 0, KFUNC_SET_SUN_PATH as i32),
+            // A BPF-to-BPF call with the same immediate is not a placeholder.
+            sys::insn(CALL, 0, 1, 0, KFUNC_SET_SUN_PATH as i32),
+        ];
+        let n = patch_kfuncs(
+            &mut insns,
+            &[(KFUNC_CAST_TO_KERN_CTX, 1111), (KFUNC_SET_SUN_PATH, 2222)],
+        );
+        assert_eq!(n, 2);
+        assert_eq!(insns[1], sys::insn(CALL, 0, PSEUDO_KFUNC_CALL, 0, 1111));
+        assert_eq!(insns[2], sys::insn(CALL, 0, 0, 0, 113));
+        assert_eq!(insns[3], sys::insn(CALL, 0, PSEUDO_KFUNC_CALL, 0, 2222));
+        assert_eq!(
+            insns[4],
+            sys::insn(CALL, 0, 1, 0, KFUNC_SET_SUN_PATH as i32)
+        );
+    }
+
+    #[test]
+    fn keys_are_nul_padded_and_bounded() {
+        let k = key(Path::new("/run/postgresql/.s.PGSQL.5432")).expect("key");
+        assert_eq!(&k.bytes[..30], b"/run/postgresql/.s.PGSQL.5432\0");
+        assert!(k.bytes[29..].iter().all(|b| *b == 0));
+        assert!(
+            key(Path::new(&"/x".repeat(54))).is_none(),
+            "108 bytes do not fit"
+        );
+        assert!(key(Path::new(&format!("/{}", "x".repeat(106)))).is_some());
+    }
+
+    #[test]
+    fn a_path_under_a_symlinked_directory_also_matches_its_resolved_spelling() {
+        let d = std::env::temp_dir().join(format!("tg-unix-{}", std::process::id()));
+        let real = d.join("real");
+        std::fs::create_dir_all(&real).expect("mkdir");
+        let link = d.join("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let keys = keys_for(&link.join(".s.PGSQL.5432"));
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert_eq!(
+            keys[1],
+            std::fs::canonicalize(&real)
+                .expect("canon")
+                .join(".s.PGSQL.5432")
+        );
+        std::fs::remove_dir_all(&d).expect("cleanup");
+    }
+}
