@@ -86,6 +86,49 @@ fn patch_kfuncs(insns: &mut [u64], ids: &[(u32, u32)]) -> usize {
     n
 }
 
+/// Whether this kernel has what connect_unix needs (its two kfuncs, Linux 6.7+), for
+/// `doctor` and `check-policy`; the agent itself finds out by loading the program.
+pub fn kernel_supports() -> Result<(), String> {
+    let btf = aya_obj::btf::Btf::from_sys_fs()
+        .map_err(|e| format!("no kernel BTF at /sys/kernel/btf/vmlinux ({e})"))?;
+    kfunc_id(&btf, "bpf_cast_to_kern_ctx").map_err(|e| e.to_string())?;
+    kfunc_id(&btf, "bpf_sock_addr_set_sun_path").map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Whether every local user may connect to the socket at `path` (mode o+w): then a bot can
+/// reach it under another spelling (its own symlink, a relative path, a bind mount in its
+/// own namespace), which connect_unix, matching paths, does not see.
+pub fn world_connectable(path: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| m.mode() & 0o002 != 0)
+}
+
+/// What to tell the operator about a target's `unix_socket` on this kernel (`kernel`: the
+/// result of [`kernel_supports`]): None when it is redirected and closed to other spellings.
+pub fn socket_warning(target: &str, sock: &Path, kernel: &Result<(), String>) -> Option<String> {
+    let close = "close it to bots by its permissions: in postgresql.conf set \
+                 `unix_socket_permissions = 0770` and `unix_socket_group` to a group no bot is in, \
+                 then restart PostgreSQL";
+    match kernel {
+        Err(why) => Some(format!(
+            "target \"{target}\" names unix_socket {} but this kernel cannot redirect Unix \
+             sockets ({why}; needs Linux 6.7+): it is NOT covered by the redirect, so any bot \
+             that can open it reaches the database directly; {close}",
+            sock.display()
+        )),
+        Ok(()) if world_connectable(sock) == Some(true) => Some(format!(
+            "target \"{target}\": unix_socket {} is redirected to the agent under that path \
+             (and its resolved spelling), but the socket is world-connectable, so a bot that \
+             names it otherwise (its own symlink, a relative path, a bind mount) reaches the \
+             database directly; {close}. Redirected bots keep working: the kernel checks the \
+             agent's socket, not this one",
+            sock.display()
+        )),
+        Ok(()) => None,
+    }
+}
+
 /// Load the `connect_unix` program. `map_fds` names the descriptor of every map aya created
 /// for the object (the program shares them with connect4/6).
 pub fn load_program(map_fds: &[(&str, RawFd)]) -> Result<OwnedFd, UnixBpfError> {

@@ -137,7 +137,7 @@ fn postgres_unix_socket_is_redirected_to_the_agent() {
     if !vm_tests::require_kernel((6, 7), "cgroup/connect_unix") {
         return;
     }
-    let pg = PgServer::start("unixredir");
+    let mut pg = PgServer::start("unixredir");
     let bot = Cgroup::new("unixredir-bot");
     let dir = TempDir::new("unixredir");
     let unix_dir = TempDir::new("unixredir-run");
@@ -218,6 +218,79 @@ fn postgres_unix_socket_is_redirected_to_the_agent() {
         v["unix_socket"] == sock_s.as_str() && v["action"] == "deny" && v["identity"] == "ci-bot"
     });
     assert!(denied["operation"].as_str().is_some(), "{denied}");
+
+    // The redirect matches the path as the bot spells it. Under another spelling (here a
+    // symlink to the socket directory, which any bot can make) a world-connectable socket is
+    // still reached directly: doctor and check-policy say so, and name the fix.
+    let alias = dir.path().join("alias");
+    std::os::unix::fs::symlink(pg.socket_dir(), &alias).expect("symlink");
+    let alias = alias.display().to_string();
+    let o = bot_psql(
+        &bot,
+        &alias,
+        pg.port,
+        "app_rw",
+        APP_PASSWORD,
+        "SELECT email FROM customers",
+    );
+    assert!(
+        o.status.success() && text(&o).contains(SECRET_EMAIL),
+        "the alias of a world-connectable socket was expected to bypass: {}",
+        text(&o)
+    );
+    let (_, out, err) = tollgate(&[
+        "doctor",
+        "--policy",
+        &agent.policy_path.display().to_string(),
+    ]);
+    assert!(
+        out.contains("warn  Unix socket of postgres target \"app-db\" is redirected, but reachable under other names")
+            && out.contains("unix_socket_permissions = 0770"),
+        "doctor: {out}{err}"
+    );
+    let (code, _, err) = tollgate(&["check-policy", &agent.policy_path.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("a bot that names it otherwise") && !err.contains("NOT covered"),
+        "check-policy: {err}"
+    );
+
+    // The fix: the socket closed to everyone outside the server's group. The path bots use
+    // still works (the kernel checks the agent's socket after the rewrite); the alias is
+    // refused by the permissions.
+    pg.restart_with("-c unix_socket_permissions=0770 -c unix_socket_group=postgres");
+    let o = bot_psql(
+        &bot,
+        &socket_dir,
+        pg.port,
+        "bot",
+        "wrong",
+        "SELECT email FROM customers",
+    );
+    let t = text(&o);
+    assert!(o.status.success() && !t.contains(SECRET_EMAIL), "{t}");
+    let o = bot_psql(
+        &bot,
+        &alias,
+        pg.port,
+        "app_rw",
+        APP_PASSWORD,
+        "SELECT email FROM customers",
+    );
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("Permission denied") && !t.contains(SECRET_EMAIL),
+        "{t}"
+    );
+    let (_, out, err) = tollgate(&[
+        "doctor",
+        "--policy",
+        &agent.policy_path.display().to_string(),
+    ]);
+    assert!(
+        out.contains("is redirected to the agent (cgroup/connect_unix) and closed to other users"),
+        "doctor: {out}{err}"
+    );
 
     // Fail closed: with the agent killed, the socket is refused, not reached directly.
     agent.kill9();
