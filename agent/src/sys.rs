@@ -1051,6 +1051,7 @@ mod tests {
     }
 
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn only_loopback_peers_get_the_unpaced_congestion_control() {
@@ -1092,7 +1093,7 @@ mod tests {
         assert_eq!(mount_point_of(m, "bpf"), None);
     }
 
-    fn so_cookie(s: &std::net::TcpStream) -> u64 {
+    fn so_cookie(s: &impl AsRawFd) -> u64 {
         let mut c = 0u64;
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
         // SAFETY: getsockopt(SO_COOKIE) into a u64 of the stated size.
@@ -1157,6 +1158,52 @@ mod tests {
         let local = accepted.local_addr().expect("local");
         let diag = SockDiag::new(0).expect("sock_diag");
         assert_eq!(diag.cookie(peer, local).expect("lookup"), Some(cookie));
+    }
+
+    #[test]
+    fn unix_diag_finds_the_client_of_an_accepted_unix_connection() {
+        let dir = std::env::temp_dir().join(format!("tg-udiag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("s");
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let client = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        let (accepted, _) = l.accept().expect("accept");
+        let diag = SockDiag::new(0).expect("sock_diag");
+        let found = diag.unix_peer_cookie(accepted.as_fd()).expect("lookup");
+        assert_eq!(found, Some(so_cookie(&client)));
+        // The client's own peer is the accepted socket, not the client.
+        assert_ne!(
+            diag.unix_peer_cookie(client.as_fd()).expect("lookup"),
+            Some(so_cookie(&client))
+        );
+        // Gone: a closed client has no cookie to find.
+        drop(client);
+        assert_eq!(
+            diag.unix_peer_cookie(accepted.as_fd()).expect("lookup"),
+            None
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn unix_diag_reply_parsing_checks_the_inode_and_reads_the_peer() {
+        // nlmsghdr(16) + unix_diag_msg(16) + one UNIX_DIAG_PEER attribute (8).
+        let mut b = vec![0u8; 40];
+        b[0..4].copy_from_slice(&40u32.to_ne_bytes());
+        b[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        b[20..24].copy_from_slice(&77u32.to_ne_bytes());
+        b[24..28].copy_from_slice(&5u32.to_ne_bytes());
+        b[28..32].copy_from_slice(&1u32.to_ne_bytes());
+        b[32..34].copy_from_slice(&8u16.to_ne_bytes());
+        b[34..36].copy_from_slice(&UNIX_DIAG_PEER.to_ne_bytes());
+        b[36..40].copy_from_slice(&99u32.to_ne_bytes());
+        assert_eq!(
+            parse_unix_diag_reply(&b, 77).expect("ok"),
+            Some(((1u64 << 32) | 5, Some(99)))
+        );
+        assert_eq!(parse_unix_diag_reply(&b, 78).expect("ok"), None);
+        assert!(parse_unix_diag_reply(&b[..20], 77).is_err());
     }
 
     #[test]
