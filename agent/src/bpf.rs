@@ -619,7 +619,8 @@ impl Datapath {
     }
 
     /// What connect_unix recorded about the client of an accepted Unix connection
-    /// (`accepted`: the agent's end). The record is removed: nothing else reads it.
+    /// (`accepted`: the agent's end), found by the client socket's cookie (unix_diag). The
+    /// record stays until LRU eviction, as for TCP.
     pub fn take_unix(&self, accepted: std::os::fd::BorrowedFd<'_>) -> Option<ConnInfo> {
         let cookie = match self.diag.unix_peer_cookie(accepted) {
             Ok(c) => c?,
