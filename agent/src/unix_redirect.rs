@@ -247,6 +247,23 @@ pub fn listen(unix_dir: &Path) -> io::Result<UnixListener> {
             ),
         ));
     }
+    // A directory above it that others may write (without the sticky bit) would let them
+    // move `unix_dir` aside and put their own in its place.
+    for dir in unix_dir.ancestors().skip(1) {
+        let Ok(m) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} (above [agent] unix_dir) is writable by group or others without the sticky bit (mode {:04o}): choose a unix_dir under root-owned directories",
+                    dir.display(),
+                    m.mode() & 0o7777
+                ),
+            ));
+        }
+    }
     std::fs::set_permissions(unix_dir, std::fs::Permissions::from_mode(0o711))?;
     let path = agent_socket(unix_dir);
     match std::fs::remove_file(&path) {
