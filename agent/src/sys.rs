@@ -524,6 +524,12 @@ impl SockDiag {
         req[64..68].copy_from_slice(&NO_COOKIE.to_ne_bytes());
         req[68..72].copy_from_slice(&NO_COOKIE.to_ne_bytes());
         let mut buf = [0u8; 512];
+        let n = self.round_trip(&req, &mut buf)?;
+        parse_diag_reply(&buf[..n], &id)
+    }
+
+    /// Send one request on the netlink socket and read its reply into `buf`.
+    fn round_trip(&self, req: &[u8], buf: &mut [u8]) -> io::Result<usize> {
         let fd = crate::lock(&self.0);
         // SAFETY: send/recv on our netlink descriptor with buffers that outlive the calls.
         let n = unsafe {
@@ -532,30 +538,38 @@ impl SockDiag {
             }
             libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
         };
-        drop(fd);
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        parse_diag_reply(&buf[..n as usize], &id)
+        Ok(n as usize)
+    }
+}
+
+fn ne_u16(b: &[u8], o: usize) -> Option<u16> {
+    b.get(o..o + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]))
+}
+
+fn ne_u32(b: &[u8], o: usize) -> Option<u32> {
+    b.get(o..o + 4)
+        .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+/// A sock_diag `NLMSG_ERROR` reply: ENOENT means "no such socket", anything else is an error.
+fn diag_errno<T>(b: &[u8]) -> io::Result<Option<T>> {
+    let errno = ne_u32(b, 16).map_or(0, |e| -(e as i32));
+    if errno == libc::ENOENT {
+        Ok(None)
+    } else {
+        Err(io::Error::from_raw_os_error(errno))
     }
 }
 
 /// The cookie in a sock_diag reply to an exact lookup, checked against the asked-for sockid.
 fn parse_diag_reply(b: &[u8], id: &[u8; 40]) -> io::Result<Option<u64>> {
-    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
-    let u32_at = |o: usize| {
-        b.get(o..o + 4)
-            .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
-    };
+    let u16_at = |o: usize| ne_u16(b, o);
+    let u32_at = |o: usize| ne_u32(b, o);
     match u16_at(4) {
-        Some(t) if t == libc::NLMSG_ERROR as u16 => {
-            let errno = u32_at(16).map_or(0, |e| -(e as i32));
-            if errno == libc::ENOENT {
-                Ok(None)
-            } else {
-                Err(io::Error::from_raw_os_error(errno))
-            }
-        }
+        Some(t) if t == libc::NLMSG_ERROR as u16 => diag_errno(b),
         Some(SOCK_DIAG_BY_FAMILY) => {
             let (Some(state), Some(ports), Some(lo), Some(hi)) = (
                 b.get(17),
@@ -613,38 +627,17 @@ impl SockDiag {
         req[32..36].copy_from_slice(&NO_COOKIE.to_ne_bytes());
         req[36..40].copy_from_slice(&NO_COOKIE.to_ne_bytes());
         let mut buf = [0u8; 512];
-        let fd = crate::lock(&self.0);
-        // SAFETY: send/recv on our netlink descriptor with buffers that outlive the calls.
-        let n = unsafe {
-            if libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-        };
-        drop(fd);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        parse_unix_diag_reply(&buf[..n as usize], ino)
+        let n = self.round_trip(&req, &mut buf)?;
+        parse_unix_diag_reply(&buf[..n], ino)
     }
 }
 
 /// A unix_diag reply: (cookie, peer inode if shown), checked against the asked-for inode.
 fn parse_unix_diag_reply(b: &[u8], ino: u32) -> io::Result<Option<(u64, Option<u32>)>> {
-    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
-    let u32_at = |o: usize| {
-        b.get(o..o + 4)
-            .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
-    };
+    let u16_at = |o: usize| ne_u16(b, o);
+    let u32_at = |o: usize| ne_u32(b, o);
     match u16_at(4) {
-        Some(t) if t == libc::NLMSG_ERROR as u16 => {
-            let errno = u32_at(16).map_or(0, |e| -(e as i32));
-            if errno == libc::ENOENT {
-                Ok(None)
-            } else {
-                Err(io::Error::from_raw_os_error(errno))
-            }
-        }
+        Some(t) if t == libc::NLMSG_ERROR as u16 => diag_errno(b),
         Some(SOCK_DIAG_BY_FAMILY) => {
             // unix_diag_msg: family, type, state, pad, ino, cookie[2]; then attributes.
             let (Some(len), Some(got), Some(lo), Some(hi)) =

@@ -293,6 +293,26 @@ fn listener_has_mark(
     m == mark
 }
 
+/// For a connect to a protected destination: the configuration, or the verdict when the
+/// connect is not ours to redirect (no configuration: refuse; another network namespace under
+/// `namespace = "own"`, or the agent's own marked socket: proceed), already counted.
+#[inline(always)]
+fn handled_here(ctx: &SockAddrContext) -> Result<&'static Config, i32> {
+    let Some(cfg) = CONFIG.get(0) else {
+        count(counter::REFUSED);
+        return Err(REFUSE);
+    };
+    if other_netns(ctx, cfg) {
+        count(counter::PASSED);
+        return Err(PROCEED);
+    }
+    if is_agent(ctx.sock_addr, cfg) {
+        count(counter::EXEMPT);
+        return Err(PROCEED);
+    }
+    Ok(cfg)
+}
+
 /// Store the original destination and the caller's facts under the socket cookie.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, orig_ip: [u32; 4], port_be: u16, family: u32) -> bool {
@@ -349,18 +369,10 @@ fn connect4_body(ctx: SockAddrContext, has: Has) -> i32 {
         count(counter::PASSED);
         return PROCEED;
     }
-    let Some(cfg) = CONFIG.get(0) else {
-        count(counter::REFUSED);
-        return REFUSE;
+    let cfg = match handled_here(&ctx) {
+        Ok(cfg) => cfg,
+        Err(verdict) => return verdict,
     };
-    if other_netns(&ctx, cfg) {
-        count(counter::PASSED);
-        return PROCEED;
-    }
-    if is_agent(sa, cfg) {
-        count(counter::EXEMPT);
-        return PROCEED;
-    }
     if is_mptcp(sa, has.mptcp_helper) {
         return refuse_mptcp(has);
     }
@@ -429,18 +441,10 @@ fn connect6_body(ctx: SockAddrContext, has: Has) -> i32 {
         count(counter::PASSED);
         return PROCEED;
     }
-    let Some(cfg) = CONFIG.get(0) else {
-        count(counter::REFUSED);
-        return REFUSE;
+    let cfg = match handled_here(&ctx) {
+        Ok(cfg) => cfg,
+        Err(verdict) => return verdict,
     };
-    if other_netns(&ctx, cfg) {
-        count(counter::PASSED);
-        return PROCEED;
-    }
-    if is_agent(sa, cfg) {
-        count(counter::EXEMPT);
-        return PROCEED;
-    }
     if is_mptcp(sa, has.mptcp_helper) {
         return refuse_mptcp(has);
     }
@@ -569,17 +573,8 @@ pub fn connect_unix(ctx: SockAddrContext) -> i32 {
         count(counter::PASSED);
         return PROCEED;
     };
-    let Some(cfg) = CONFIG.get(0) else {
-        count(counter::REFUSED);
-        return REFUSE;
-    };
-    if other_netns(&ctx, cfg) {
-        count(counter::PASSED);
-        return PROCEED;
-    }
-    if is_agent(sa, cfg) {
-        count(counter::EXEMPT);
-        return PROCEED;
+    if let Err(verdict) = handled_here(&ctx) {
+        return verdict;
     }
     // PostgreSQL's socket is a stream socket, and so is the agent's: any other kind could
     // not talk to either, and is refused here so that it never reaches the server.

@@ -141,6 +141,9 @@ fn postgres_unix_socket_is_redirected_to_the_agent() {
     let secret = dir.path().join("app-rw.pw");
     std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
     let sock = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port));
+    let port = pg.port;
+    let psql_as =
+        |host: &str, user: &str, pw: &str, sql: &str| bot_psql(&bot, host, port, user, pw, sql);
     let body = format!(
         "[[identity]]\nname = \"ci-bot\"\ncgroup = \"{}\"\n\n{}\n[[rule]]\nname = \"ci reads\"\n\
          identities = [\"ci-bot\"]\ntargets = [\"app-db\"]\naction = \"allow\"\n\
@@ -180,14 +183,7 @@ fn postgres_unix_socket_is_redirected_to_the_agent() {
             code == 0 && err.contains("NOT covered by the redirect"),
             "{err}"
         );
-        let o = bot_psql(
-            &bot,
-            "127.0.0.1",
-            pg.port,
-            "bot",
-            "wrong",
-            "SELECT email FROM customers",
-        );
+        let o = psql_as("127.0.0.1", "bot", "wrong", "SELECT email FROM customers");
         assert!(
             o.status.success() && !text(&o).contains(SECRET_EMAIL),
             "{}",
@@ -207,27 +203,13 @@ fn postgres_unix_socket_is_redirected_to_the_agent() {
 
     // An allowed SELECT over the socket, with no password of its own: served by the agent
     // (credential injected), emails masked.
-    let o = bot_psql(
-        &bot,
-        &socket_dir,
-        pg.port,
-        "bot",
-        "wrong",
-        "SELECT email FROM customers",
-    );
+    let o = psql_as(&socket_dir, "bot", "wrong", "SELECT email FROM customers");
     let t = text(&o);
     assert!(o.status.success(), "{t}\n{}", agent.stderr_text());
     assert!(!t.contains(SECRET_EMAIL) && t.contains("****"), "{t}");
 
     // The stolen password changes nothing: DROP is denied by the agent.
-    let o = bot_psql(
-        &bot,
-        &socket_dir,
-        pg.port,
-        "app_rw",
-        APP_PASSWORD,
-        "DROP TABLE audit_log",
-    );
+    let o = psql_as(&socket_dir, "app_rw", APP_PASSWORD, "DROP TABLE audit_log");
     let t = text(&o);
     assert!(!o.status.success() && t.contains("tollgate"), "{t}");
 
@@ -259,10 +241,8 @@ fn postgres_unix_socket_is_redirected_to_the_agent() {
     let alias = dir.path().join("alias");
     std::os::unix::fs::symlink(pg.socket_dir(), &alias).expect("symlink");
     let alias = alias.display().to_string();
-    let o = bot_psql(
-        &bot,
+    let o = psql_as(
         &alias,
-        pg.port,
         "app_rw",
         APP_PASSWORD,
         "SELECT email FROM customers",
@@ -293,20 +273,11 @@ fn postgres_unix_socket_is_redirected_to_the_agent() {
     // still works (the kernel checks the agent's socket after the rewrite); the alias is
     // refused by the permissions.
     pg.restart_with("-c unix_socket_permissions=0770 -c unix_socket_group=postgres");
-    let o = bot_psql(
-        &bot,
-        &socket_dir,
-        pg.port,
-        "bot",
-        "wrong",
-        "SELECT email FROM customers",
-    );
+    let o = psql_as(&socket_dir, "bot", "wrong", "SELECT email FROM customers");
     let t = text(&o);
     assert!(o.status.success() && !t.contains(SECRET_EMAIL), "{t}");
-    let o = bot_psql(
-        &bot,
+    let o = psql_as(
         &alias,
-        pg.port,
         "app_rw",
         APP_PASSWORD,
         "SELECT email FROM customers",
@@ -328,10 +299,8 @@ fn postgres_unix_socket_is_redirected_to_the_agent() {
 
     // Fail closed: with the agent killed, the socket is refused, not reached directly.
     agent.kill9();
-    let o = bot_psql(
-        &bot,
+    let o = psql_as(
         &socket_dir,
-        pg.port,
         "app_rw",
         APP_PASSWORD,
         "SELECT email FROM customers",
