@@ -609,6 +609,12 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether connect_unix is attached (a `unix_socket` added by a reload when it is not
+    /// takes effect only after a restart).
+    pub fn unix_active(&self) -> bool {
+        lock(&self.unix).agent_path.is_some()
+    }
+
     /// The configured socket path a connect_unix record's id stands for.
     pub fn unix_path(&self, id: u32) -> Option<PathBuf> {
         lock(&self.unix)

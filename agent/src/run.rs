@@ -445,6 +445,9 @@ async fn reload(agent: &Agent, dp: &Datapath, path: &Path, why: &str) {
                     {
                         warn!("[agent] listen/fail_mode/namespace changes take effect after a restart");
                     }
+                    if !dp.unix_active() && p.targets.iter().any(|t| t.unix_socket.is_some()) {
+                        warn!("a target's unix_socket is not redirected: the agent started without one (or on a kernel before 6.7); restart it to redirect the socket");
+                    }
                     // Idle upstream connections of a target the new policy changed, removed
                     // or stopped pooling would otherwise serve sessions for up to a minute.
                     let closed = crate::pg::pool::close_targets(|name| {
