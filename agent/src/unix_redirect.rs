@@ -224,16 +224,19 @@ pub fn agent_socket(unix_dir: &Path) -> PathBuf {
     unix_dir.join(AGENT_SOCKET_NAME)
 }
 
-/// Create (or check) `unix_dir` as root's, mode 0711, and bind the agent's socket in it, mode
-/// 0666 so that any redirected bot may connect. A stale socket of an earlier agent is
-/// replaced.
+/// Create `unix_dir` as root's, mode 0711 (or check an existing one: root's, not writable by
+/// group or others, nor under such a directory without the sticky bit), and bind the agent's
+/// socket in it, mode 0666 so that any redirected bot may connect. A stale socket of an
+/// earlier agent is replaced.
 pub fn listen(unix_dir: &Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    match std::fs::DirBuilder::new().mode(0o711).create(unix_dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+    // Made 0711 when the agent creates it; an existing directory keeps its mode (a shared
+    // one such as /run must stay listable) as long as only root can write it.
+    let created = match std::fs::DirBuilder::new().mode(0o711).create(unix_dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
         Err(e) => return Err(e),
-    }
+    };
     let md = std::fs::symlink_metadata(unix_dir)?;
     // Only root may be able to create or replace entries here: after the agent dies, the
     // rewritten path must lead nowhere rather than to someone else's listener.
@@ -264,7 +267,9 @@ pub fn listen(unix_dir: &Path) -> io::Result<UnixListener> {
             ));
         }
     }
-    std::fs::set_permissions(unix_dir, std::fs::Permissions::from_mode(0o711))?;
+    if created {
+        std::fs::set_permissions(unix_dir, std::fs::Permissions::from_mode(0o711))?;
+    }
     let path = agent_socket(unix_dir);
     match std::fs::remove_file(&path) {
         Ok(()) => {}
