@@ -25,7 +25,8 @@ use aya::{
     Ebpf,
 };
 use tollgate_common::{
-    counter, maps, port_bit, Config, ConnInfo, TargetKey4, TargetKey6, TargetValue, PORT_WORDS,
+    counter, maps, port_bit, Config, ConnInfo, TargetKey4, TargetKey6, TargetValue, UnixPath,
+    UnixTarget, PORT_WORDS, UNIX_PATH_MAX,
 };
 use tollgate_policy::{FailMode, NetnsScope};
 
@@ -39,9 +40,10 @@ use crate::{
 pub const AGENT_MARK: u32 = 0x7467_0001;
 
 #[cfg(not(tollgate_ebpf_stub))]
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate-ebpf"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate-ebpf"));
 #[cfg(tollgate_ebpf_stub)]
-static OBJECT: &[u8] = &[];
+pub(crate) static OBJECT: &[u8] = &[];
 
 /// Errors from the kernel side. Verifier logs are kept inside `Load`.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +100,35 @@ pub struct Datapath {
     /// Which hook marks execs for the exec-race check.
     pub exec_guard: ExecGuard,
     _config: Array<MapData, Config>,
+    /// `UNIX_TARGETS`: protected Unix socket paths (see `crate::unix_redirect`).
+    unix_targets: Mutex<HashMap<MapData, UnixPath, UnixTarget>>,
+    /// Unix-socket redirect state; `agent_path` is None until [`Datapath::enable_unix`]
+    /// attached connect_unix.
+    unix: Mutex<UnixState>,
     _ebpf: Ebpf,
+}
+
+/// Ids of protected Unix socket paths (stable for the agent's life, never reused) and the
+/// keys currently in `UNIX_TARGETS`.
+#[derive(Default)]
+struct UnixState {
+    agent_path: Option<[u8; UNIX_PATH_MAX]>,
+    ids: std::collections::BTreeMap<PathBuf, u32>,
+    installed: BTreeSet<[u8; UNIX_PATH_MAX]>,
+    /// connect_unix's link while this process owns it (fail open).
+    link: Option<OwnedFd>,
+}
+
+/// Whether connects to targets' `unix_socket` paths are redirected, for the start log and
+/// `doctor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnixRedirect {
+    /// No target names a `unix_socket`.
+    NotConfigured,
+    /// connect_unix is attached.
+    Active,
+    /// The kernel cannot (Linux before 6.7, or the load failed): why.
+    Unavailable(String),
 }
 
 /// Listener addresses as the kernel config wants them.
@@ -230,6 +260,8 @@ impl Datapath {
         let ports: Array<MapData, u64> = take(&mut ebpf, maps::PORTS)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::COUNTERS)?;
         let exec_gen: HashMap<MapData, u32, u64> = take(&mut ebpf, maps::EXEC_GEN)?;
+        let unix_targets: HashMap<MapData, UnixPath, UnixTarget> =
+            take(&mut ebpf, maps::UNIX_TARGETS)?;
 
         let mut dp = Datapath {
             targets4: Mutex::new(dp_targets4),
@@ -247,6 +279,8 @@ impl Datapath {
             },
             exec_guard: ExecGuard::LateTracepoint,
             _config: config,
+            unix_targets: Mutex::new(unix_targets),
+            unix: Mutex::new(UnixState::default()),
             _ebpf: ebpf,
         };
         // Targets go in before anything is attached.
@@ -316,10 +350,16 @@ impl Datapath {
                 pin_map(&maps_dir, maps::TARGETS4, lock(&dp.targets4).map())?;
                 pin_map(&maps_dir, maps::TARGETS6, lock(&dp.targets6).map())?;
                 pin_map(&maps_dir, maps::COUNTERS, dp.counters.map())?;
+                pin_map(&maps_dir, maps::UNIX_TARGETS, lock(&dp.unix_targets).map())?;
                 // Pins an older agent left that we do not replace (a hook or map this version
                 // no longer has, such as the former sock_ops link) would keep old programs
                 // attached: remove them.
-                let ours_links: Vec<&str> = links.iter().map(|(h, _)| h.program()).collect();
+                // connect_unix is replaced (or removed) by `enable_unix`, right after.
+                let ours_links: Vec<&str> = links
+                    .iter()
+                    .map(|(h, _)| h.program())
+                    .chain([Hook::ConnectUnix.program()])
+                    .collect();
                 remove_pins_except(&links_dir, &ours_links)?;
                 remove_pins_except(
                     &maps_dir,
@@ -330,6 +370,7 @@ impl Datapath {
                         maps::TARGETS4,
                         maps::TARGETS6,
                         maps::COUNTERS,
+                        maps::UNIX_TARGETS,
                     ],
                 )?;
                 // The pins hold the links from here on; our fds can close.
@@ -445,6 +486,156 @@ impl Datapath {
         };
         let info = self.sock_orig.get(&cookie, 0).ok()?;
         // Belt and braces: the record names the socket it was stored for.
+        (info.cookie == cookie).then_some(info)
+    }
+
+    /// Attach connect_unix (Linux 6.7+) when some target names a `unix_socket`, sending those
+    /// paths to the agent's socket in `unix_dir`; otherwise remove an earlier agent's
+    /// connect_unix pin. An `Unavailable` result leaves the Unix socket as before (warned).
+    pub fn enable_unix(
+        &self,
+        wanted: bool,
+        unix_dir: &Path,
+        fail_mode: FailMode,
+        pin_dir: &Path,
+    ) -> UnixRedirect {
+        let pin = pin_dir.join("links").join(Hook::ConnectUnix.program());
+        if !wanted {
+            if fail_mode == FailMode::Closed {
+                if let Ok(fd) = sys::obj_get(&pin) {
+                    let _ = sys::link_detach(fd.as_fd());
+                }
+                let _ = remove_file_if_exists(&pin);
+            }
+            return UnixRedirect::NotConfigured;
+        }
+        let agent_path = crate::unix_redirect::agent_socket(unix_dir);
+        let Some(agent_key) = crate::unix_redirect::key(&agent_path) else {
+            return UnixRedirect::Unavailable(format!(
+                "{} is too long for a Unix socket address",
+                agent_path.display()
+            ));
+        };
+        match self.attach_unix(fail_mode, &pin) {
+            Ok(()) => {
+                lock(&self.unix).agent_path = Some(agent_key.bytes);
+                UnixRedirect::Active
+            }
+            Err(why) => {
+                // An older agent's pin would send bots to a socket nobody serves: remove it.
+                if let Ok(fd) = sys::obj_get(&pin) {
+                    let _ = sys::link_detach(fd.as_fd());
+                }
+                let _ = remove_file_if_exists(&pin);
+                UnixRedirect::Unavailable(why)
+            }
+        }
+    }
+
+    fn attach_unix(&self, fail_mode: FailMode, pin: &Path) -> Result<(), String> {
+        use std::os::fd::AsRawFd as _;
+        let prog = {
+            let t4 = lock(&self.targets4);
+            let t6 = lock(&self.targets6);
+            let ports = lock(&self.ports);
+            let unix = lock(&self.unix_targets);
+            let fds = [
+                (maps::CONFIG, self._config.map().fd().as_fd().as_raw_fd()),
+                (
+                    maps::SOCK_ORIG,
+                    self.sock_orig.map().fd().as_fd().as_raw_fd(),
+                ),
+                (maps::TARGETS4, t4.map().fd().as_fd().as_raw_fd()),
+                (maps::TARGETS6, t6.map().fd().as_fd().as_raw_fd()),
+                (maps::PORTS, ports.map().fd().as_fd().as_raw_fd()),
+                (maps::COUNTERS, self.counters.map().fd().as_fd().as_raw_fd()),
+                (maps::EXEC_GEN, self.exec_gen.map().fd().as_fd().as_raw_fd()),
+                (maps::UNIX_TARGETS, unix.map().fd().as_fd().as_raw_fd()),
+            ];
+            crate::unix_redirect::load_program(OBJECT, &fds).map_err(|e| e.to_string())?
+        };
+        let root = sys::cgroup2_mount().map_err(|e| e.to_string())?;
+        let cgroup = fs::File::open(&root).map_err(|e| format!("open {}: {e}", root.display()))?;
+        let link = sys::link_create(prog.as_fd(), cgroup.as_fd(), Hook::ConnectUnix)
+            .map_err(|e| e.to_string())?;
+        match fail_mode {
+            FailMode::Closed => {
+                // Attached (we hold the link), so replacing an old pin leaves no gap.
+                remove_file_if_exists(pin).map_err(|e| e.to_string())?;
+                sys::obj_pin(link.as_fd(), pin).map_err(|e| e.to_string())?;
+            }
+            FailMode::Open => lock(&self.unix).link = Some(link),
+        }
+        Ok(())
+    }
+
+    /// Bring `UNIX_TARGETS` in line with the `unix_socket` paths of `policy` (each under all
+    /// its spellings, see `unix_redirect::keys_for`). Nothing while connect_unix is not
+    /// attached.
+    pub fn set_unix_targets(&self, policy: &tollgate_policy::Policy) -> Result<(), BpfError> {
+        let mut st = lock(&self.unix);
+        let Some(agent_path) = st.agent_path else {
+            return Ok(());
+        };
+        let mut want = std::collections::BTreeMap::new();
+        for t in &policy.targets {
+            let Some(sock) = &t.unix_socket else { continue };
+            let next = st.ids.len() as u32 + 1;
+            let id = *st.ids.entry(sock.clone()).or_insert(next);
+            for p in crate::unix_redirect::keys_for(sock) {
+                if let Some(k) = crate::unix_redirect::key(&p) {
+                    want.insert(k.bytes, id);
+                }
+            }
+        }
+        let mut map = lock(&self.unix_targets);
+        for (k, id) in &want {
+            let v = UnixTarget {
+                target_id: *id,
+                flags: 0,
+                agent_path,
+            };
+            map.insert(UnixPath { bytes: *k }, v, 0)
+                .map_err(|source| BpfError::Map {
+                    map: maps::UNIX_TARGETS,
+                    source,
+                })?;
+        }
+        let keep: BTreeSet<[u8; UNIX_PATH_MAX]> = want.keys().copied().collect();
+        for k in st.installed.difference(&keep) {
+            let _ = map.remove(&UnixPath { bytes: *k });
+        }
+        st.installed = keep;
+        Ok(())
+    }
+
+    /// Whether connect_unix is attached (a `unix_socket` added by a reload when it is not
+    /// takes effect only after a restart).
+    pub fn unix_active(&self) -> bool {
+        lock(&self.unix).agent_path.is_some()
+    }
+
+    /// The configured socket path a connect_unix record's id stands for.
+    pub fn unix_path(&self, id: u32) -> Option<PathBuf> {
+        lock(&self.unix)
+            .ids
+            .iter()
+            .find(|(_, i)| **i == id)
+            .map(|(p, _)| p.clone())
+    }
+
+    /// What connect_unix recorded about the client of an accepted Unix connection
+    /// (`accepted`: the agent's end), found by the client socket's cookie (unix_diag). The
+    /// record stays until LRU eviction, as for TCP.
+    pub fn take_unix(&self, accepted: std::os::fd::BorrowedFd<'_>) -> Option<ConnInfo> {
+        let cookie = match self.diag.unix_peer_cookie(accepted) {
+            Ok(c) => c?,
+            Err(e) => {
+                tracing::warn!(error = %e, "unix_diag lookup of the client socket failed");
+                return None;
+            }
+        };
+        let info = self.sock_orig.get(&cookie, 0).ok()?;
         (info.cookie == cookie).then_some(info)
     }
 

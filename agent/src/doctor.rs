@@ -161,9 +161,32 @@ pub fn doctor(policy: Option<&Path>) -> ExitCode {
         Some(Ok(p)) => {
             let local = sys::interface_addrs().unwrap_or_default();
             let dirs: Vec<&Path> = PG_SOCKET_DIRS.iter().map(Path::new).collect();
+            let named = |t: &str| p.target(t).is_some_and(|t| t.unix_socket.is_some());
             for (target, port) in crate::targets::local_postgres_ports(&p, &local) {
+                if named(&target) {
+                    continue;
+                }
                 for line in unix_socket_lines(&target, port, &dirs) {
                     println!("{line}");
+                }
+            }
+            let kernel = crate::unix_redirect::kernel_supports();
+            for t in &p.targets {
+                let Some(sock) = &t.unix_socket else { continue };
+                match crate::unix_redirect::socket_warning(&t.name, sock, &kernel) {
+                    Some(w) if kernel.is_err() => println!(
+                        "warn  Unix socket of postgres target \"{}\" is not redirected\n      fix: {w}",
+                        t.name
+                    ),
+                    Some(w) => println!(
+                        "warn  Unix socket of postgres target \"{}\" is redirected, but reachable under other names\n      fix: {w}",
+                        t.name
+                    ),
+                    None => println!(
+                        "ok    Unix socket {} of postgres target \"{}\" is redirected to the agent (cgroup/connect_unix) and closed to other users by its permissions",
+                        sock.display(),
+                        t.name
+                    ),
                 }
             }
         }

@@ -47,3 +47,5 @@ pub(crate) fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::V
         _ => serde_json::Map::new(),
     }
 }
+pub mod unix_accept;
+pub mod unix_redirect;

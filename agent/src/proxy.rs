@@ -12,6 +12,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
+use tollgate_common::ConnInfo;
 use tollgate_policy::WorkloadFacts;
 use tracing::{warn, Instrument};
 
@@ -92,6 +93,20 @@ impl Agent {
             return;
         };
         let orig = bpf::orig_dst(&info);
+        self.handle_attributed(stream, peer, info, orig, None).await
+    }
+
+    /// A connection whose kernel record is known. `unix`: it came through the Unix-socket
+    /// redirect (`crate::unix_redirect`), which names its target and the socket path the bot
+    /// dialled; `orig` is then the target address the agent serves it from.
+    pub async fn handle_attributed(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        info: ConnInfo,
+        orig: SocketAddr,
+        unix: Option<crate::unix_accept::Via>,
+    ) {
         let mut facts = self.resolver.facts(&info);
         // /proc/<pid>/exe was read after the connect; if the process exec'd (or exited and its
         // pid was reused) in between, that path describes another program: don't trust it.
@@ -121,7 +136,10 @@ impl Agent {
                     })
                     .map(|i| i.name.clone())
             });
-            let target = gen.routes.lookup(orig).and_then(|i| gen.policy.targets.get(i)).cloned();
+            let target = match &unix {
+                Some(via) => gen.policy.target(&via.target).cloned(),
+                None => gen.routes.lookup(orig).and_then(|i| gen.policy.targets.get(i)).cloned(),
+            };
             let span = tracing::Span::current();
             span.record("identity", identity.as_deref().unwrap_or("unknown"));
             let Some(target) = target else {
@@ -139,7 +157,8 @@ impl Agent {
             };
             span.record("target", target.name.as_str());
             span.record("protocol", target.protocol.as_str());
-            let cx = SessionCx::new(self.clone(), gen.clone(), id, identity, target, facts, orig, peer);
+            let mut cx = SessionCx::new(self.clone(), gen.clone(), id, identity, target, facts, orig, peer);
+            cx.unix_socket = unix.map(|v| v.path);
             cx.run(stream).await;
         }
         .instrument(span)

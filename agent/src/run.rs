@@ -106,6 +106,19 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             listen_marked(*a).with_context(|| format!("cannot listen on {a} ([agent] listen)"))?;
         listeners.push(l);
     }
+    // The agent's Unix socket, for targets that name a `unix_socket` (Linux 6.7+ redirects
+    // their socket there).
+    let wants_unix = policy.targets.iter().any(|t| t.unix_socket.is_some());
+    let unix_listener = if wants_unix {
+        Some(crate::unix_accept::listen(&cfg.unix_dir).with_context(|| {
+            format!(
+                "cannot listen in {} ([agent] unix_dir)",
+                cfg.unix_dir.display()
+            )
+        })?)
+    } else {
+        None
+    };
 
     // The approval store before the data path: a shared store that is unreachable stops the
     // start here, before anything is attached or pinned.
@@ -145,6 +158,19 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         .context("cannot install the eBPF data path (try `tollgate doctor`)")?,
     );
     metrics.register_datapath(dp.clone());
+    match dp.enable_unix(wants_unix, &cfg.unix_dir, cfg.fail_mode, &cfg.bpf_pin_path) {
+        crate::bpf::UnixRedirect::Active => {
+            dp.set_unix_targets(&policy)
+                .context("cannot write the protected Unix socket paths to the kernel")?;
+            info!(socket = %crate::unix_redirect::agent_socket(&cfg.unix_dir).display(), "Unix sockets of targets are redirected to the agent (cgroup/connect_unix)");
+        }
+        crate::bpf::UnixRedirect::Unavailable(why) => {
+            for t in policy.targets.iter().filter(|t| t.unix_socket.is_some()) {
+                warn!(target = %t.name, %why, "the target's unix_socket is NOT redirected on this kernel (needs Linux 6.7+): close the socket to bots by its permissions (unix_socket_permissions = 0770 and unix_socket_group in postgresql.conf)");
+            }
+        }
+        crate::bpf::UnixRedirect::NotConfigured => {}
+    }
     let resolver = Resolver::new(sys::cgroup2_mount()?);
     let gen_policy_approvals = policy.approvals.clone();
     // The verifier's connections to OIDC providers are the agent's own: never redirected.
@@ -219,6 +245,15 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         accepts.push(tokio::spawn(
             agent.clone().serve_listener(l, stop_rx.clone()),
         ));
+    }
+    if let Some(l) = unix_listener {
+        let dp = dp.clone();
+        accepts.push(tokio::spawn(crate::unix_accept::serve(
+            agent.clone(),
+            l,
+            Arc::new(move |id| dp.unix_path(id)),
+            stop_rx.clone(),
+        )));
     }
     agent.audit.write(obj(json!({"event": "agent_start", "policy": policy_path.display().to_string(), "fail_mode": cfg.fail_mode.as_str(), "mode": cfg.mode.as_str(), "pid": std::process::id()})));
     info!(listen = ?cfg.listen, fail_mode = cfg.fail_mode.as_str(), mode = cfg.mode.as_str(), "tollgate running");
@@ -396,7 +431,10 @@ async fn reload(agent: &Agent, dp: &Datapath, path: &Path, why: &str) {
             }
             let _updating = crate::lock(&agent.routes_update);
             let routes = agent.routes_for(&p);
-            match dp.set_routes(&routes) {
+            match dp
+                .set_routes(&routes)
+                .and_then(|()| dp.set_unix_targets(&p))
+            {
                 Ok(()) => {
                     let old = agent.gen.load();
                     if old.policy.agent.listen != p.agent.listen
@@ -404,6 +442,9 @@ async fn reload(agent: &Agent, dp: &Datapath, path: &Path, why: &str) {
                         || old.policy.agent.namespace != p.agent.namespace
                     {
                         warn!("[agent] listen/fail_mode/namespace changes take effect after a restart");
+                    }
+                    if !dp.unix_active() && p.targets.iter().any(|t| t.unix_socket.is_some()) {
+                        warn!("a target's unix_socket is not redirected: the agent started without one (or on a kernel before 6.7); restart it to redirect the socket");
                     }
                     // Handlers drop what the new policy makes stale (pooled connections of
                     // changed targets) before it serves sessions.

@@ -59,6 +59,9 @@ pub enum Hook {
     Connect6,
     GetPeerName4,
     GetPeerName6,
+    /// `cgroup/connect_unix` (Linux 6.7+): loaded by the agent's own loader, not through aya,
+    /// so not in [`Hook::ALL`] (see `crate::unix_redirect`).
+    ConnectUnix,
 }
 
 impl Hook {
@@ -75,6 +78,7 @@ impl Hook {
             Hook::Connect6 => "connect6",
             Hook::GetPeerName4 => "getpeername4",
             Hook::GetPeerName6 => "getpeername6",
+            Hook::ConnectUnix => "connect_unix",
         }
     }
     /// The program to load for this hook on a kernel with `features` (the connect hooks come
@@ -96,6 +100,7 @@ impl Hook {
             Hook::Connect6 => bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
             Hook::GetPeerName4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
             Hook::GetPeerName6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
+            Hook::ConnectUnix => bpf_attach_type::BPF_CGROUP_UNIX_CONNECT,
         }) as u32
     }
 }
@@ -155,7 +160,7 @@ impl KernelFeatures {
 
 /// One eBPF instruction (`struct bpf_insn`, little-endian: code, dst/src registers, offset,
 /// immediate).
-const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+pub(crate) const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     (code as u64)
         | (((dst | (src << 4)) as u64) << 8)
         | ((off as u16 as u64) << 16)
@@ -191,9 +196,15 @@ const MPTCP_PROBE: [u64; 6] = [
 /// Load `insns` as a `cgroup/connect4` program (never attached; the descriptor is closed at
 /// once). Err carries the errno and the verifier's first line, for the debug log.
 fn probe_connect4(insns: &[u64]) -> Result<(), String> {
+    prog_load_sock_addr(insns, Hook::Connect4, 4096).map(drop)
+}
+
+/// Load `insns` as a cgroup sock_addr program for `hook` (its `expected_attach_type`). Err
+/// carries the errno and the verifier's last line.
+pub fn prog_load_sock_addr(insns: &[u64], hook: Hook, log_size: usize) -> Result<OwnedFd, String> {
     const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u64 = 18;
     let license = c"GPL";
-    let mut log = vec![0u8; 4096];
+    let mut log = vec![0u8; log_size];
     let mut attr = [0u64; 16];
     // bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt | insns | license | log_level, log_size
     // | log_buf | kern_version, prog_flags | prog_name[16] | prog_ifindex, expected_attach_type
@@ -202,13 +213,16 @@ fn probe_connect4(insns: &[u64]) -> Result<(), String> {
     attr[2] = license.as_ptr() as u64;
     attr[3] = 1 | ((log.len() as u64) << 32);
     attr[4] = log.as_mut_ptr() as u64;
-    attr[8] = (bpf_attach_type::BPF_CGROUP_INET4_CONNECT as u64) << 32;
+    // prog_name (bytes 48..64): what bpftool shows.
+    let mut name = [0u8; 16];
+    let n = hook.program().len().min(15);
+    name[..n].copy_from_slice(&hook.program().as_bytes()[..n]);
+    attr[6] = u64::from_ne_bytes(name[..8].try_into().unwrap_or_default());
+    attr[7] = u64::from_ne_bytes(name[8..].try_into().unwrap_or_default());
+    attr[8] = (hook.attach_type() as u64) << 32;
     match bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr) {
-        Ok(fd) => {
-            // SAFETY: the kernel returned a new program descriptor that we own; dropping closes it.
-            drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
-            Ok(())
-        }
+        // SAFETY: the kernel returned a new program descriptor that we own.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
         Err(e) => {
             let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
             let text = String::from_utf8_lossy(&log[..end]);
@@ -510,6 +524,12 @@ impl SockDiag {
         req[64..68].copy_from_slice(&NO_COOKIE.to_ne_bytes());
         req[68..72].copy_from_slice(&NO_COOKIE.to_ne_bytes());
         let mut buf = [0u8; 512];
+        let n = self.round_trip(&req, &mut buf)?;
+        parse_diag_reply(&buf[..n], &id)
+    }
+
+    /// Send one request on the netlink socket and read its reply into `buf`.
+    fn round_trip(&self, req: &[u8], buf: &mut [u8]) -> io::Result<usize> {
         let fd = crate::lock(&self.0);
         // SAFETY: send/recv on our netlink descriptor with buffers that outlive the calls.
         let n = unsafe {
@@ -518,30 +538,38 @@ impl SockDiag {
             }
             libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
         };
-        drop(fd);
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        parse_diag_reply(&buf[..n as usize], &id)
+        Ok(n as usize)
+    }
+}
+
+fn ne_u16(b: &[u8], o: usize) -> Option<u16> {
+    b.get(o..o + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]))
+}
+
+fn ne_u32(b: &[u8], o: usize) -> Option<u32> {
+    b.get(o..o + 4)
+        .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+/// A sock_diag `NLMSG_ERROR` reply: ENOENT means "no such socket", anything else is an error.
+fn diag_errno<T>(b: &[u8]) -> io::Result<Option<T>> {
+    let errno = ne_u32(b, 16).map_or(0, |e| -(e as i32));
+    if errno == libc::ENOENT {
+        Ok(None)
+    } else {
+        Err(io::Error::from_raw_os_error(errno))
     }
 }
 
 /// The cookie in a sock_diag reply to an exact lookup, checked against the asked-for sockid.
 fn parse_diag_reply(b: &[u8], id: &[u8; 40]) -> io::Result<Option<u64>> {
-    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
-    let u32_at = |o: usize| {
-        b.get(o..o + 4)
-            .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
-    };
+    let u16_at = |o: usize| ne_u16(b, o);
+    let u32_at = |o: usize| ne_u32(b, o);
     match u16_at(4) {
-        Some(t) if t == libc::NLMSG_ERROR as u16 => {
-            let errno = u32_at(16).map_or(0, |e| -(e as i32));
-            if errno == libc::ENOENT {
-                Ok(None)
-            } else {
-                Err(io::Error::from_raw_os_error(errno))
-            }
-        }
+        Some(t) if t == libc::NLMSG_ERROR as u16 => diag_errno(b),
         Some(SOCK_DIAG_BY_FAMILY) => {
             let (Some(state), Some(ports), Some(lo), Some(hi)) = (
                 b.get(17),
@@ -560,6 +588,84 @@ fn parse_diag_reply(b: &[u8], id: &[u8; 40]) -> io::Result<Option<u64>> {
             Ok(Some(u64::from(lo) | (u64::from(hi) << 32)))
         }
         _ => Err(io::Error::other("unexpected sock_diag reply")),
+    }
+}
+
+/// `UNIX_DIAG_PEER`: the inode of the socket's peer.
+const UNIX_DIAG_PEER: u16 = 2;
+/// `UDIAG_SHOW_PEER`.
+const UDIAG_SHOW_PEER: u32 = 0x4;
+
+impl SockDiag {
+    /// Socket cookie of the *client* of an accepted Unix stream connection `accepted` (under
+    /// which connect_unix stored the caller's facts): unix_diag gives the peer's inode, then
+    /// the peer's cookie. `Ok(None)` when the client is gone. Needs `unix_diag` (autoloaded).
+    pub fn unix_peer_cookie(&self, accepted: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+        let st = nix::sys::stat::fstat(accepted.as_raw_fd()).map_err(io::Error::from)?;
+        let Some((_, peer_ino)) = self.unix_query(st.st_ino as u32, UDIAG_SHOW_PEER)? else {
+            return Ok(None);
+        };
+        match peer_ino {
+            Some(ino) if ino != 0 => Ok(self.unix_query(ino, 0)?.map(|(cookie, _)| cookie)),
+            _ => Ok(None),
+        }
+    }
+
+    /// One exact unix_diag lookup of socket inode `ino`: its cookie and, with
+    /// `UDIAG_SHOW_PEER`, its peer's inode.
+    fn unix_query(&self, ino: u32, show: u32) -> io::Result<Option<(u64, Option<u32>)>> {
+        const LEN: usize = 16 + 24;
+        let mut req = [0u8; LEN];
+        req[0..4].copy_from_slice(&(LEN as u32).to_ne_bytes());
+        req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+        // unix_diag_req: family, protocol, pad, states, ino, show, cookie[2].
+        req[16] = libc::AF_UNIX as u8;
+        req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes());
+        req[24..28].copy_from_slice(&ino.to_ne_bytes());
+        req[28..32].copy_from_slice(&show.to_ne_bytes());
+        req[32..36].copy_from_slice(&NO_COOKIE.to_ne_bytes());
+        req[36..40].copy_from_slice(&NO_COOKIE.to_ne_bytes());
+        let mut buf = [0u8; 512];
+        let n = self.round_trip(&req, &mut buf)?;
+        parse_unix_diag_reply(&buf[..n], ino)
+    }
+}
+
+/// A unix_diag reply: (cookie, peer inode if shown), checked against the asked-for inode.
+fn parse_unix_diag_reply(b: &[u8], ino: u32) -> io::Result<Option<(u64, Option<u32>)>> {
+    let u16_at = |o: usize| ne_u16(b, o);
+    let u32_at = |o: usize| ne_u32(b, o);
+    match u16_at(4) {
+        Some(t) if t == libc::NLMSG_ERROR as u16 => diag_errno(b),
+        Some(SOCK_DIAG_BY_FAMILY) => {
+            // unix_diag_msg: family, type, state, pad, ino, cookie[2]; then attributes.
+            let (Some(len), Some(got), Some(lo), Some(hi)) =
+                (u32_at(0), u32_at(20), u32_at(24), u32_at(28))
+            else {
+                return Err(io::Error::other("short unix_diag reply"));
+            };
+            if got != ino {
+                return Ok(None);
+            }
+            let end = (len as usize).min(b.len());
+            let mut peer = None;
+            let mut off = 32;
+            while off + 4 <= end {
+                let (Some(alen), Some(atype)) = (u16_at(off), u16_at(off + 2)) else {
+                    break;
+                };
+                if alen < 4 {
+                    break;
+                }
+                if atype == UNIX_DIAG_PEER {
+                    peer = u32_at(off + 4);
+                }
+                off += (alen as usize + 3) & !3;
+            }
+            Ok(Some((u64::from(lo) | (u64::from(hi) << 32), peer)))
+        }
+        _ => Err(io::Error::other("unexpected unix_diag reply")),
     }
 }
 
@@ -938,6 +1044,7 @@ mod tests {
     }
 
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn only_loopback_peers_get_the_unpaced_congestion_control() {
@@ -979,7 +1086,7 @@ mod tests {
         assert_eq!(mount_point_of(m, "bpf"), None);
     }
 
-    fn so_cookie(s: &std::net::TcpStream) -> u64 {
+    fn so_cookie(s: &impl AsRawFd) -> u64 {
         let mut c = 0u64;
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
         // SAFETY: getsockopt(SO_COOKIE) into a u64 of the stated size.
@@ -1044,6 +1151,52 @@ mod tests {
         let local = accepted.local_addr().expect("local");
         let diag = SockDiag::new(0).expect("sock_diag");
         assert_eq!(diag.cookie(peer, local).expect("lookup"), Some(cookie));
+    }
+
+    #[test]
+    fn unix_diag_finds_the_client_of_an_accepted_unix_connection() {
+        let dir = std::env::temp_dir().join(format!("tg-udiag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("s");
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let client = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        let (accepted, _) = l.accept().expect("accept");
+        let diag = SockDiag::new(0).expect("sock_diag");
+        let found = diag.unix_peer_cookie(accepted.as_fd()).expect("lookup");
+        assert_eq!(found, Some(so_cookie(&client)));
+        // The client's own peer is the accepted socket, not the client.
+        assert_ne!(
+            diag.unix_peer_cookie(client.as_fd()).expect("lookup"),
+            Some(so_cookie(&client))
+        );
+        // Gone: a closed client has no cookie to find.
+        drop(client);
+        assert_eq!(
+            diag.unix_peer_cookie(accepted.as_fd()).expect("lookup"),
+            None
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn unix_diag_reply_parsing_checks_the_inode_and_reads_the_peer() {
+        // nlmsghdr(16) + unix_diag_msg(16) + one UNIX_DIAG_PEER attribute (8).
+        let mut b = vec![0u8; 40];
+        b[0..4].copy_from_slice(&40u32.to_ne_bytes());
+        b[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        b[20..24].copy_from_slice(&77u32.to_ne_bytes());
+        b[24..28].copy_from_slice(&5u32.to_ne_bytes());
+        b[28..32].copy_from_slice(&1u32.to_ne_bytes());
+        b[32..34].copy_from_slice(&8u16.to_ne_bytes());
+        b[34..36].copy_from_slice(&UNIX_DIAG_PEER.to_ne_bytes());
+        b[36..40].copy_from_slice(&99u32.to_ne_bytes());
+        assert_eq!(
+            parse_unix_diag_reply(&b, 77).expect("ok"),
+            Some(((1u64 << 32) | 5, Some(99)))
+        );
+        assert_eq!(parse_unix_diag_reply(&b, 78).expect("ok"), None);
+        assert!(parse_unix_diag_reply(&b[..20], 77).is_err());
     }
 
     #[test]

@@ -230,16 +230,31 @@ pub fn unix_socket_warning(target: &str, port: u16) -> String {
          its permissions: in postgresql.conf set `unix_socket_permissions = 0770` and \
          `unix_socket_group` to a group no bot is in (or `unix_socket_directories = ''` to turn it \
          off), then restart PostgreSQL; admins use the socket through that group, or connect over \
-         TCP as an identity of their own"
+         TCP as an identity of their own. On Linux 6.7+ the target can name it instead \
+         (`unix_socket = \"/var/run/postgresql/.s.PGSQL.{port}\"`) to have it redirected to the \
+         agent"
     )
 }
 
-/// One [`unix_socket_warning`] per local PostgreSQL target and port.
+/// One [`unix_socket_warning`] per local PostgreSQL target and port that names no
+/// `unix_socket`, and what each target's `unix_socket` needs on this kernel
+/// ([`crate::unix_redirect::socket_warning`]).
 pub fn unix_socket_warnings(policy: &Policy, local: &LocalAddrs) -> Vec<String> {
-    local_postgres_ports(policy, local)
+    let named = |t: &str| policy.target(t).is_some_and(|t| t.unix_socket.is_some());
+    let mut out: Vec<String> = local_postgres_ports(policy, local)
         .into_iter()
+        .filter(|(t, _)| !named(t))
         .map(|(t, p)| unix_socket_warning(&t, p))
-        .collect()
+        .collect();
+    if policy.targets.iter().any(|t| t.unix_socket.is_some()) {
+        let kernel = crate::unix_redirect::kernel_supports();
+        for t in &policy.targets {
+            if let Some(sock) = &t.unix_socket {
+                out.extend(crate::unix_redirect::socket_warning(&t.name, sock, &kernel));
+            }
+        }
+    }
+    out
 }
 
 /// Host names that need resolving, with nothing else.

@@ -14,17 +14,19 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_ktime_get_ns, bpf_set_retval, bpf_sk_lookup_tcp, bpf_sk_release,
-            bpf_skc_to_mptcp_sock,
+            bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_set_retval, bpf_sk_lookup_tcp,
+            bpf_sk_release, bpf_skc_to_mptcp_sock,
         },
     },
     macros::{cgroup_sock_addr, lsm, map, raw_tracepoint},
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::{LsmContext, RawTracePointContext, SockAddrContext},
     EbpfContext,
 };
 use tollgate_common::{
-    counter, Config, ConnInfo, TargetKey4, TargetKey6, TargetValue, PORT_WORDS, V4_MAPPED_WORD,
+    counter, Config, ConnInfo, TargetKey4, TargetKey6, TargetValue, UnixPath, UnixTarget,
+    FAMILY_UNIX, KFUNC_CAST_TO_KERN_CTX, KFUNC_SET_SUN_PATH, PORT_WORDS, UNIX_PATH_MAX,
+    V4_MAPPED_WORD,
 };
 
 const AF_INET: u32 = 2;
@@ -52,6 +54,9 @@ static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 /// Per-process generation, bumped on every exec and every process exit (see `ConnInfo::exec_gen`).
 #[map]
 static EXEC_GEN: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
+/// Protected Unix socket paths (as the bot spells them) and the agent's socket to send them to.
+#[map]
+static UNIX_TARGETS: HashMap<UnixPath, UnixTarget> = HashMap::with_max_entries(1024, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
@@ -288,6 +293,26 @@ fn listener_has_mark(
     m == mark
 }
 
+/// For a connect to a protected destination: the configuration, or the verdict when the
+/// connect is not ours to redirect (no configuration: refuse; another network namespace under
+/// `namespace = "own"`, or the agent's own marked socket: proceed), already counted.
+#[inline(always)]
+fn handled_here(ctx: &SockAddrContext) -> Result<&'static Config, i32> {
+    let Some(cfg) = CONFIG.get(0) else {
+        count(counter::REFUSED);
+        return Err(REFUSE);
+    };
+    if other_netns(ctx, cfg) {
+        count(counter::PASSED);
+        return Err(PROCEED);
+    }
+    if is_agent(ctx.sock_addr, cfg) {
+        count(counter::EXEMPT);
+        return Err(PROCEED);
+    }
+    Ok(cfg)
+}
+
 /// Store the original destination and the caller's facts under the socket cookie.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, orig_ip: [u32; 4], port_be: u16, family: u32) -> bool {
@@ -344,18 +369,10 @@ fn connect4_body(ctx: SockAddrContext, has: Has) -> i32 {
         count(counter::PASSED);
         return PROCEED;
     }
-    let Some(cfg) = CONFIG.get(0) else {
-        count(counter::REFUSED);
-        return REFUSE;
+    let cfg = match handled_here(&ctx) {
+        Ok(cfg) => cfg,
+        Err(verdict) => return verdict,
     };
-    if other_netns(&ctx, cfg) {
-        count(counter::PASSED);
-        return PROCEED;
-    }
-    if is_agent(sa, cfg) {
-        count(counter::EXEMPT);
-        return PROCEED;
-    }
     if is_mptcp(sa, has.mptcp_helper) {
         return refuse_mptcp(has);
     }
@@ -424,18 +441,10 @@ fn connect6_body(ctx: SockAddrContext, has: Has) -> i32 {
         count(counter::PASSED);
         return PROCEED;
     }
-    let Some(cfg) = CONFIG.get(0) else {
-        count(counter::REFUSED);
-        return REFUSE;
+    let cfg = match handled_here(&ctx) {
+        Ok(cfg) => cfg,
+        Err(verdict) => return verdict,
     };
-    if other_netns(&ctx, cfg) {
-        count(counter::PASSED);
-        return PROCEED;
-    }
-    if is_agent(sa, cfg) {
-        count(counter::EXEMPT);
-        return PROCEED;
-    }
     if is_mptcp(sa, has.mptcp_helper) {
         return refuse_mptcp(has);
     }
@@ -466,6 +475,124 @@ fn connect6_body(ctx: SockAddrContext, has: Has) -> i32 {
         write_volatile(addr_of_mut!((*sa).user_ip6[2]), new_ip[2]);
         write_volatile(addr_of_mut!((*sa).user_ip6[3]), new_ip[3]);
         write_volatile(addr_of_mut!((*sa).user_port), new_port);
+    }
+    count(counter::REDIRECTED);
+    PROCEED
+}
+
+// ---------------------------------------------------------------------------------------------
+// cgroup/connect_unix (Linux 6.7+)
+// ---------------------------------------------------------------------------------------------
+
+// The two kfuncs `connect_unix` needs are called through placeholder call numbers
+// (`KFUNC_*`). aya 0.14 resolves no kfuncs (an extern lands in a `.ksyms` section it cannot
+// load), so the program calls these numbers as if they were helpers, and the agent's own
+// loader (`agent/src/unix_redirect.rs`) rewrites each such `call` into a kfunc call
+// (`src_reg = BPF_PSEUDO_KFUNC_CALL`, `imm` = the function's BTF id in
+// `/sys/kernel/btf/vmlinux`) before `BPF_PROG_LOAD`. No kernel has helpers with numbers this
+// high, so an unpatched program is rejected, never misread.
+
+/// The kernel's `struct bpf_sock_addr_kern` (include/linux/filter.h, Linux 6.7+, where
+/// `uaddrlen` was added). Reads of it are checked by the verifier against the kernel's BTF.
+#[repr(C)]
+struct SockAddrKern {
+    sk: *mut core::ffi::c_void,
+    uaddr: *mut u8,
+    tmp_reg: u64,
+    t_ctx: *mut core::ffi::c_void,
+    uaddrlen: u32,
+}
+
+/// `struct sockaddr_un`: 2 bytes of family, then `sun_path`.
+const SOCKADDR_UN_LEN: usize = 2 + UNIX_PATH_MAX;
+
+/// `bpf_cast_to_kern_ctx(ctx)` (kfunc, Linux 6.3+): the kernel's view of the context, the
+/// only way to reach `sun_path`.
+#[inline(always)]
+fn cast_to_kern_ctx(sa: *mut bpf_sock_addr) -> *mut SockAddrKern {
+    let f: unsafe extern "C" fn(*mut bpf_sock_addr) -> *mut SockAddrKern =
+        unsafe { core::mem::transmute(KFUNC_CAST_TO_KERN_CTX as usize) };
+    unsafe { f(sa) }
+}
+
+/// `bpf_sock_addr_set_sun_path(sa_kern, path, len)` (kfunc, Linux 6.7+): 0 on success.
+#[inline(always)]
+fn set_sun_path(kern: *mut SockAddrKern, path: *const u8, len: u32) -> i32 {
+    let f: unsafe extern "C" fn(*mut SockAddrKern, *const u8, u32) -> i32 =
+        unsafe { core::mem::transmute(KFUNC_SET_SUN_PATH as usize) };
+    unsafe { f(kern, path, len) }
+}
+
+/// A connect to a protected Unix socket path is rewritten to the agent's own socket, with the
+/// caller's kernel facts stored under the socket cookie exactly as connect4/6 store them.
+///
+/// Compiled under the `cgroup/connect4` section only because aya-ebpf-macros 0.2 knows no
+/// `connect_unix`; the agent never lets aya load it and loads it itself with
+/// `expected_attach_type = BPF_CGROUP_UNIX_CONNECT`.
+///
+/// Paths are matched as the bot spells them: another spelling of the same socket (a symlink,
+/// a relative path, a bind mount) is not seen here; see the README's note on Unix sockets.
+#[cgroup_sock_addr(connect4)]
+pub fn connect_unix(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let kern = cast_to_kern_ctx(sa);
+    if kern.is_null() {
+        return PROCEED;
+    }
+    let uaddr = unsafe { read_volatile(addr_of!((*kern).uaddr)) };
+    let len = unsafe { read_volatile(addr_of!((*kern).uaddrlen)) };
+    // The kernel copied the caller's address into a sockaddr_storage (128 bytes), so the whole
+    // sockaddr_un is always readable; what lies past `len` is masked below.
+    let mut raw = [0u8; SOCKADDR_UN_LEN];
+    if unsafe {
+        bpf_probe_read_kernel(
+            raw.as_mut_ptr().cast(),
+            SOCKADDR_UN_LEN as u32,
+            uaddr as *const core::ffi::c_void,
+        )
+    } != 0
+    {
+        return PROCEED;
+    }
+    let mut key = UnixPath {
+        bytes: [0; UNIX_PATH_MAX],
+    };
+    // The kernel reads sun_path up to the first NUL or the address length (unix_mkname_bsd);
+    // the key is those bytes, NUL-padded. An abstract name (leading NUL) gives the empty key.
+    let n = (len as usize).saturating_sub(2);
+    let mut i = 0;
+    while i < UNIX_PATH_MAX {
+        let b = raw[2 + i];
+        if i >= n || b == 0 {
+            break;
+        }
+        key.bytes[i] = b;
+        i += 1;
+    }
+    let Some(t) = (unsafe { UNIX_TARGETS.get(&key) }) else {
+        count(counter::PASSED);
+        return PROCEED;
+    };
+    if let Err(verdict) = handled_here(&ctx) {
+        return verdict;
+    }
+    // PostgreSQL's socket is a stream socket, and so is the agent's: any other kind could
+    // not talk to either, and is refused here so that it never reaches the server.
+    let sock_type = unsafe { read_volatile(addr_of!((*sa).type_)) };
+    if sock_type != SOCK_STREAM {
+        count(counter::REFUSED);
+        return REFUSE;
+    }
+    if !remember(&ctx, [t.target_id, 0, 0, 0], 0, FAMILY_UNIX as u32) {
+        count(counter::MAP_FULL);
+        return REFUSE;
+    }
+    // Fail closed without a probe of our own: the agent's socket lives in a directory only
+    // root can write, so after the agent dies the rewritten path is either gone (ENOENT) or
+    // a socket nobody listens on (ECONNREFUSED), and nobody else can bind it.
+    if set_sun_path(kern, t.agent_path.as_ptr(), UNIX_PATH_MAX as u32) != 0 {
+        count(counter::REFUSED);
+        return REFUSE;
     }
     count(counter::REDIRECTED);
     PROCEED

@@ -87,7 +87,8 @@ pub use model::{
     redact_url_password, Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch,
     Identity, IdentityOidc, KubeMatch, MaskRule, MaskStyle, Mode, NetnsScope, OidcConfig, Policy,
     Protocol, Rule, SecretSource, SqlMatch, SshMatch, StorePassword, Target, TargetAddress,
-    TargetTls, TlsMode, WorkloadFacts, DETECTORS, KUBE_VERBS, SQL_STATEMENTS, SQL_STATEMENT_GROUPS,
+    TargetTls, TlsMode, WorkloadFacts, AGENT_SOCKET_NAME, DETECTORS, KUBE_VERBS, SQL_STATEMENTS,
+    SQL_STATEMENT_GROUPS, UNIX_PATH_MAX,
 };
 
 /// Parse and validate a policy file. `file_name` is only used in error messages.

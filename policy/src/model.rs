@@ -61,6 +61,11 @@ pub struct AgentConfig {
     /// Key `host_id`: this agent's name in a shared approval store (`None`: the host name).
     /// Set it when several agents share one host (one per network namespace).
     pub host_id: Option<String>,
+    /// Key `unix_dir`: where the agent puts its own Unix socket, to which connects to a
+    /// target's `unix_socket` are redirected (Linux 6.7+). The agent creates it owned by root,
+    /// mode 0711: bots can reach the socket in it but create nothing there. Default
+    /// `/run/tollgate`.
+    pub unix_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -81,9 +86,15 @@ impl Default for AgentConfig {
             dns_refresh: Duration::from_secs(30),
             namespace: NetnsScope::All,
             host_id: None,
+            unix_dir: PathBuf::from("/run/tollgate"),
         }
     }
 }
+
+/// Size of `sockaddr_un.sun_path`: a Unix socket path must be shorter.
+pub const UNIX_PATH_MAX: usize = 108;
+/// The agent's own socket in `[agent] unix_dir`.
+pub const AGENT_SOCKET_NAME: &str = "agent.sock";
 
 /// Key `fail_mode`: what happens when the agent cannot decide (policy error, internal fault).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -336,6 +347,11 @@ pub struct Target {
     /// for the next session of the same identity with the same upstream user, database and
     /// startup parameters.
     pub pool: bool,
+    /// Key `unix_socket` (PostgreSQL only): the server's Unix socket, e.g.
+    /// `/var/run/postgresql/.s.PGSQL.5432`. On Linux 6.7+ a connect to it is redirected to the
+    /// agent like a TCP connect (and served upstream over the target's first IP address); on
+    /// older kernels `doctor` and the agent's log warn that it is not covered.
+    pub unix_socket: Option<PathBuf>,
 }
 
 /// `tls = { mode = "...", ca_file = "...", server_name = "..." }` of a target: the agent's

@@ -72,6 +72,8 @@ pub(crate) struct RawAgent {
     pub namespace: Option<S>,
     /// This agent's name in a shared approval store (default: the host name).
     pub host_id: Option<S>,
+    /// Directory of the agent's own Unix socket (Unix-socket redirects).
+    pub unix_dir: Option<S>,
 }
 pub(crate) const AGENT_KEYS: &[&str] = &[
     "listen",
@@ -86,6 +88,7 @@ pub(crate) const AGENT_KEYS: &[&str] = &[
     "dns_refresh",
     "namespace",
     "host_id",
+    "unix_dir",
 ];
 
 /// `[[identity]]`.
@@ -150,9 +153,18 @@ pub(crate) struct RawTarget {
     pub tls: Option<toml::Spanned<RawTargetTls>>,
     /// Whether finished sessions' upstream connections are kept for the next session.
     pub pool: Option<toml::Spanned<bool>>,
+    /// The server's Unix socket path, redirected like its TCP address (Linux 6.7+).
+    pub unix_socket: Option<S>,
 }
-pub(crate) const TARGET_KEYS: &[&str] =
-    &["name", "protocol", "address", "credential", "tls", "pool"];
+pub(crate) const TARGET_KEYS: &[&str] = &[
+    "name",
+    "protocol",
+    "address",
+    "credential",
+    "tls",
+    "pool",
+    "unix_socket",
+];
 
 /// `tls = { ... }` inside `[[target]]`: the agent's connection to the target.
 #[derive(Debug, Deserialize)]

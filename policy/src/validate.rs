@@ -584,6 +584,19 @@ fn agent(cx: &mut Cx<'_>, a: &RawAgent) -> Option<AgentConfig> {
             Some(v.get_ref().clone())
         }
     };
+    let unix_dir = a.unix_dir.as_ref().map_or(Some(d.unix_dir.clone()), |v| {
+        let p = path(cx, v, "unix_dir", " in [agent]")?;
+        // `<unix_dir>/agent.sock` must fit sun_path (107 bytes and a NUL).
+        let longest = crate::model::UNIX_PATH_MAX - 1 - crate::model::AGENT_SOCKET_NAME.len() - 1;
+        if !p.is_absolute() || p.as_os_str().len() > longest {
+            cx.err(
+                v.span(),
+                format!("`unix_dir` in [agent] must be an absolute path of at most {longest} bytes (the agent's socket in it must fit a Unix socket address), e.g. \"/run/tollgate\""),
+            );
+            return None;
+        }
+        Some(p)
+    });
     if cx.errors.len() != before {
         return None;
     }
@@ -600,6 +613,7 @@ fn agent(cx: &mut Cx<'_>, a: &RawAgent) -> Option<AgentConfig> {
         dns_refresh: dns_refresh?,
         namespace: namespace?,
         host_id,
+        unix_dir: unix_dir?,
     })
 }
 
@@ -851,6 +865,10 @@ fn target<'r>(
             return None;
         }
     }
+    let unix_socket = match &t.unix_socket {
+        None => None,
+        Some(v) => Some(target_unix_socket(cx, name, protocol, &address, v)?),
+    };
     Some(Target {
         name: name.to_string(),
         protocol,
@@ -858,7 +876,32 @@ fn target<'r>(
         credential,
         tls,
         pool: t.pool.as_ref().is_none_or(|p| *p.get_ref()),
+        unix_socket,
     })
+}
+
+/// `unix_socket = "/var/run/postgresql/.s.PGSQL.5432"` of a target: an absolute path that fits
+/// a Unix socket address, on a PostgreSQL target that also names an IP address (the agent
+/// serves redirected socket clients upstream over TCP, with the target's credential).
+fn target_unix_socket(
+    cx: &mut Cx<'_>,
+    name: &str,
+    protocol: Protocol,
+    address: &[TargetAddress],
+    v: &S,
+) -> Option<PathBuf> {
+    let p = PathBuf::from(v.get_ref());
+    let msg = if protocol != Protocol::Postgres {
+        format!("`unix_socket` of target \"{name}\": only protocol \"postgres\" targets can name a Unix socket; remove it")
+    } else if !p.is_absolute() || p.as_os_str().len() >= crate::model::UNIX_PATH_MAX {
+        format!("`unix_socket` of target \"{name}\" must be an absolute path shorter than {} bytes, e.g. \"/var/run/postgresql/.s.PGSQL.5432\"", crate::model::UNIX_PATH_MAX)
+    } else if !address.iter().any(|a| matches!(a, TargetAddress::Exact(_))) {
+        format!("target \"{name}\" names a `unix_socket` but no IP `address` such as \"127.0.0.1:5432\": the agent reaches the server over TCP")
+    } else {
+        return Some(p);
+    };
+    cx.err(v.span(), msg);
+    None
 }
 
 /// `tls = { mode, ca_file, server_name }` of a target.

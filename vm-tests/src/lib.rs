@@ -1054,6 +1054,16 @@ impl AgentProc {
         AgentProc::start_opts(tag, fail_mode, body, None, "namespace = \"own\"\n")
     }
 
+    /// Like [`AgentProc::start`] with more `[agent]` keys (`extra`, TOML lines).
+    pub fn start_with_agent_keys(
+        tag: &str,
+        fail_mode: FailMode,
+        body: &str,
+        extra: &str,
+    ) -> AgentProc {
+        AgentProc::start_opts(tag, fail_mode, body, None, extra)
+    }
+
     /// Like [`AgentProc::start`], with the admin API (approvals) on a free loopback port.
     pub fn start_with_admin(tag: &str, fail_mode: FailMode, body: &str) -> AgentProc {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));

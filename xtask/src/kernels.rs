@@ -69,6 +69,8 @@ pub struct GuestTest {
 /// fail closed after kill -9, reload, PostgreSQL end to end, getpeername, exec-race
 /// protection, and MPTCP refusal (which needs 5.19: it reports a skip on 5.10; on 6.1 the
 /// kernel itself refuses MPTCP fast open, which came in 6.2, and the test expects that).
+/// The Unix-socket test redirects PostgreSQL's socket on 6.12 (connect_unix, 6.7+) and checks
+/// the warning path on 5.10 and 6.1.
 pub const TESTS: &[GuestTest] = &[
     GuestTest {
         label: "redirect+attribution",
@@ -104,6 +106,11 @@ pub const TESTS: &[GuestTest] = &[
         label: "exec-race",
         file: "attribution",
         filter: "exe_identity_is_not_taken_from_an_exec_after_connect",
+    },
+    GuestTest {
+        label: "unix-socket",
+        file: "unix_socket",
+        filter: "postgres_unix_socket_is_redirected_to_the_agent",
     },
     GuestTest {
         label: "mptcp",

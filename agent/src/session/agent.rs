@@ -36,11 +36,19 @@ pub trait ConnSource: Send + Sync {
     fn take_conn(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnInfo>;
     /// The process's current exec generation (see `ConnInfo::exec_gen`).
     fn exec_gen(&self, pid: u32) -> u64;
+    /// The record of the client of an accepted Unix stream connection (`accepted`: the
+    /// agent's end), made by connect_unix. None where Unix sockets are not redirected.
+    fn take_unix(&self, _accepted: std::os::fd::BorrowedFd<'_>) -> Option<ConnInfo> {
+        None
+    }
 }
 
 impl ConnSource for bpf::Datapath {
     fn take_conn(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnInfo> {
         bpf::Datapath::take_conn(self, peer, local)
+    }
+    fn take_unix(&self, accepted: std::os::fd::BorrowedFd<'_>) -> Option<ConnInfo> {
+        bpf::Datapath::take_unix(self, accepted)
     }
     fn exec_gen(&self, pid: u32) -> u64 {
         bpf::Datapath::exec_gen(self, pid)

@@ -43,6 +43,9 @@ pub struct SessionCx {
     pub facts: Facts,
     pub orig_dst: SocketAddr,
     pub peer: SocketAddr,
+    /// The Unix socket path the bot dialled, for a connection redirected from it (audited as
+    /// `unix_socket`; `peer` is then the agent's internal bridge).
+    pub unix_socket: Option<String>,
     pub agent: Arc<Agent>,
     /// The policy generation the session started under; operations are decided under the
     /// newest one (see [`SessionCx::decide`]).
@@ -78,6 +81,7 @@ impl SessionCx {
             facts,
             orig_dst,
             peer,
+            unix_socket: None,
             agent,
             gen,
             claims: OnceLock::new(),
@@ -125,7 +129,7 @@ impl SessionCx {
     }
 
     pub(super) fn base(&self) -> Map<String, Value> {
-        obj(json!({
+        let mut m = obj(json!({
             "session": self.id,
             "identity": self.identity,
             "target": self.target.name,
@@ -138,7 +142,11 @@ impl SessionCx {
             "comm": self.facts.comm,
             "peer": self.peer.to_string(),
             "orig_dst": self.orig_dst.to_string(),
-        }))
+        }));
+        if let Some(path) = &self.unix_socket {
+            m.insert("unix_socket".into(), path.as_str().into());
+        }
+        m
     }
 
     pub(super) fn count_decision(&self, action: &str) {

@@ -75,6 +75,42 @@ pub struct ConnInfo {
 }
 
 /// Number of `u64` words in the `PORTS` bitmap (one bit per port).
+/// `UNIX_PATH_MAX`: the size of `sockaddr_un.sun_path`.
+pub const UNIX_PATH_MAX: usize = 108;
+
+/// `ConnInfo::family` of a record made by `connect_unix` (`AF_UNIX`). Such a record has no
+/// address: `orig_ip[0]` carries the `UnixTarget::target_id` of the protected socket path the
+/// client dialled, the other words and `orig_port` are 0.
+pub const FAMILY_UNIX: u16 = 1;
+
+/// Call numbers the `connect_unix` program uses in place of the kfuncs
+/// `bpf_cast_to_kern_ctx` and `bpf_sock_addr_set_sun_path`; the agent's loader patches them
+/// into kfunc calls (see `ebpf/src/programs.rs`).
+pub const KFUNC_CAST_TO_KERN_CTX: u32 = 0x7ff0_0001;
+pub const KFUNC_SET_SUN_PATH: u32 = 0x7ff0_0002;
+
+/// A Unix socket path as `connect_unix` looks it up in `UNIX_TARGETS`: the bytes of
+/// `sun_path` up to the first NUL (or the address length), NUL-padded to `UNIX_PATH_MAX`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixPath {
+    pub bytes: [u8; UNIX_PATH_MAX],
+}
+
+/// Value of `UNIX_TARGETS`: which protected socket a path names, and where the agent listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixTarget {
+    /// The agent's id for this protected path (stored in the connection record, see
+    /// `FAMILY_UNIX`).
+    pub target_id: u32,
+    /// Reserved; always 0.
+    pub flags: u32,
+    /// The agent's own listening socket, NUL-padded (at most `UNIX_PATH_MAX - 1` bytes long):
+    /// `connect_unix` rewrites the bot's `sun_path` to it.
+    pub agent_path: [u8; UNIX_PATH_MAX],
+}
+
 pub const PORT_WORDS: u32 = 65536 / 64;
 
 /// Word index and bit mask of `port` (host order) in the `PORTS` bitmap.
@@ -117,6 +153,7 @@ pub mod maps {
     pub const PORTS: &str = "PORTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EXEC_GEN: &str = "EXEC_GEN";
+    pub const UNIX_TARGETS: &str = "UNIX_TARGETS";
 }
 
 #[cfg(feature = "user")]
@@ -126,4 +163,6 @@ mod user {
     unsafe impl aya::Pod for super::TargetValue {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::UnixPath {}
+    unsafe impl aya::Pod for super::UnixTarget {}
 }

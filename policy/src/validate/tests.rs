@@ -1129,3 +1129,69 @@ fn dangerous_flags_need_an_explicit_key() {
         &["copy_server_files"],
     );
 }
+
+#[test]
+fn unix_socket_of_a_target() {
+    let t = |protocol: &str, address: &str, sock: &str| {
+        format!(
+            "[[target]]\nname = \"u\"\nprotocol = \"{protocol}\"\naddress = [{address}]\nunix_socket = \"{sock}\"\n"
+        )
+    };
+    let ok = format!(
+        "{BASE}{}",
+        t(
+            "postgres",
+            "\"127.0.0.1:5499\"",
+            "/var/run/postgresql/.s.PGSQL.5499"
+        )
+    );
+    let p = parse(&ok, "p.toml").expect("valid");
+    assert_eq!(
+        p.target("u").and_then(|t| t.unix_socket.as_deref()),
+        Some(std::path::Path::new("/var/run/postgresql/.s.PGSQL.5499"))
+    );
+    assert_eq!(p.target("db").and_then(|t| t.unix_socket.as_ref()), None);
+    check(
+        &t("tcp", "\"127.0.0.1:5499\"", "/run/x"),
+        5,
+        15,
+        &["only protocol \"postgres\" targets can name a Unix socket"],
+    );
+    check(
+        &t("postgres", "\"127.0.0.1:5499\"", "relative/.s.PGSQL.5499"),
+        5,
+        15,
+        &["must be an absolute path shorter than 108 bytes"],
+    );
+    let long = format!("/{}", "x".repeat(107));
+    check(
+        &t("postgres", "\"127.0.0.1:5499\"", &long),
+        5,
+        15,
+        &["shorter than 108 bytes"],
+    );
+    check(
+        &t("postgres", "\"db.internal:5499\"", "/run/x"),
+        5,
+        15,
+        &["no IP `address`", "over TCP"],
+    );
+}
+
+#[test]
+fn unix_dir_of_the_agent() {
+    let p = parse("[agent]\nunix_dir = \"/run/tg\"\n", "p.toml").expect("valid");
+    assert_eq!(p.agent.unix_dir, std::path::Path::new("/run/tg"));
+    assert_eq!(
+        parse("", "p.toml").expect("valid").agent.unix_dir,
+        std::path::Path::new("/run/tollgate")
+    );
+    check(
+        "[agent]\nunix_dir = \"run/tg\"\n",
+        2,
+        12,
+        &["`unix_dir` in [agent] must be an absolute path"],
+    );
+    let long = format!("[agent]\nunix_dir = \"/{}\"\n", "d".repeat(96));
+    check(&long, 2, 12, &["at most 96 bytes"]);
+}
