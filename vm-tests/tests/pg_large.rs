@@ -157,13 +157,21 @@ fn a_500_mb_bytea_round_trips_in_text_and_binary_in_bounded_memory() {
     // And both came back whole: 1e9 hex digits in text, 5e8 bytes in binary.
     let v = &out[4]["values"][0];
     assert_eq!(
-        (v["len"].as_u64(), v["wire_len"].as_u64(), v["sha256"].as_str()),
+        (
+            v["len"].as_u64(),
+            v["wire_len"].as_u64(),
+            v["sha256"].as_str()
+        ),
         (Some(BIG), Some(2 + 2 * BIG), Some(want.as_str())),
         "text"
     );
     let v = &out[5]["values"][0];
     assert_eq!(
-        (v["len"].as_u64(), v["wire_len"].as_u64(), v["sha256"].as_str()),
+        (
+            v["len"].as_u64(),
+            v["wire_len"].as_u64(),
+            v["sha256"].as_str()
+        ),
         (Some(BIG), Some(BIG), Some(want.as_str())),
         "binary"
     );
@@ -262,7 +270,8 @@ style = "full"
         assert!(errors(&out[i]).is_empty(), "{}", out[i]);
     }
     assert_eq!(
-        f.pg.superuser_sql("SELECT length(v) FROM big", "app").trim(),
+        f.pg.superuser_sql("SELECT length(v) FROM big", "app")
+            .trim(),
         size.to_string(),
         "the value went in whole (a Bind is not masked)"
     );
@@ -274,7 +283,11 @@ style = "full"
             "{}",
             out[i]
         );
-        assert_eq!(out[i]["rows"], 0, "no row of it reaches the client: {}", out[i]);
+        assert_eq!(
+            out[i]["rows"], 0,
+            "no row of it reaches the client: {}",
+            out[i]
+        );
         assert_eq!(out[i]["closed"], false);
     }
     assert_eq!(out[6]["values"][0]["text"], "3", "the session goes on");

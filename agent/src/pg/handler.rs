@@ -1923,9 +1923,7 @@ impl ClientSide<'_> {
                 );
                 tracing::warn!(target = %self.cx.target.name, "{message}");
                 let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
-                let _ = self
-                    .cx
-                    .audit_operation("too_long", &message, &d, None);
+                let _ = self.cx.audit_operation("too_long", &message, &d, None);
                 let sub = self.refuse_substitute("54000", message);
                 self.copy_plans.clear();
                 if tag == b'P' {
@@ -1987,7 +1985,10 @@ impl ClientSide<'_> {
                         // pieces or refused (see `large`).
                         let e = match (wire::large_frontend(&buf), r) {
                             (Ok(Some(l)), _) => {
-                                match self.large(l, &mut cr, &mut uw, &mut buf, &mut out, counters).await? {
+                                match self
+                                    .large(l, &mut cr, &mut uw, &mut buf, &mut out, counters)
+                                    .await?
+                                {
                                     Ok(()) => continue,
                                     Err(e) => e,
                                 }

@@ -1515,8 +1515,14 @@ fn bind_scan_reads_what_decode_bind_reads_at_every_split() {
     ];
     for m in &binds {
         let mut buf = BytesMut::from(&m[..]);
-        let Some((Frontend::Bind { portal, statement, raw }, _)) =
-            parse_frontend(&mut buf).expect("valid")
+        let Some((
+            Frontend::Bind {
+                portal,
+                statement,
+                raw,
+            },
+            _,
+        )) = parse_frontend(&mut buf).expect("valid")
         else {
             panic!("not a Bind");
         };
