@@ -17,6 +17,9 @@ use vm_tests::{
 /// PostgreSQL's 1 GiB limit.
 const BIG: u64 = 500_000_000;
 
+/// The value copied in and out with COPY (a 200 MB CopyData each way).
+const COPY: u64 = 100_000_000;
+
 fn policy(pg: &PgServer, bot: &Cgroup, secret: &Path, extra: &str) -> String {
     format!(
         r#"[[identity]]
@@ -30,7 +33,7 @@ name = "ci works on big"
 identities = ["ci-bot"]
 targets = ["app-db"]
 action = "allow"
-sql = {{ statements = ["select", "insert", "create", "drop"] }}
+sql = {{ statements = ["select", "insert", "copy", "create", "drop"] }}
 "#,
         glob = bot.glob(),
         target = app_target(pg, secret, ""),
@@ -117,7 +120,8 @@ fn errors(step: &Value) -> Vec<&str> {
 
 /// A 500 MB bytea through the agent, inserted through a bound parameter in text format (a
 /// 1 GB Bind) and in binary format, then selected back in text (a 1 GB DataRow) and binary
-/// format: every copy hashes to the generated value, as the server's own sha256() says too. The
+/// format: every copy hashes to the generated value, as the server's own sha256() says too
+/// (and a 100 MB value goes in and out by COPY, a 200 MB CopyData each way). The
 /// agent never holds the value: its peak RSS stays far under the value's size. A result over
 /// PostgreSQL's 1 GiB limit gets the server's own error, as direct; a client message over the
 /// limit gets PostgreSQL's "invalid message length" (08P01) and the session ends.
@@ -125,14 +129,20 @@ fn errors(step: &Value) -> Vec<&str> {
 fn a_500_mb_bytea_round_trips_in_text_and_binary_in_bounded_memory() {
     let f = fixture("pglarge", "");
     let want = expected_sha256(BIG, 7);
+    let out = f.run(&["q:CREATE TABLE big (id int, v bytea)"]);
+    assert!(errors(&out[0]).is_empty(), "{}", out[0]);
+    let before = f.agent_peak_rss();
     let steps = [
-        "q:CREATE TABLE big (id int, v bytea)".to_string(),
         format!("insert:1:{BIG}:7:0"),
         format!("insert:2:{BIG}:7:1"),
         "q:SELECT id, length(v), encode(sha256(v), 'hex') FROM big ORDER BY id".to_string(),
         "fetch:0:SELECT v FROM big WHERE id = 1".to_string(),
         "fetch:1:SELECT v FROM big WHERE id = 2".to_string(),
         "q:SELECT 1".to_string(),
+        // COPY both ways: a 200 MB CopyData row in, and out.
+        format!("copyin:3:{COPY}:5"),
+        "q:SELECT encode(sha256(v), 'hex') FROM big WHERE id = 3".to_string(),
+        "q:COPY (SELECT v FROM big WHERE id = 3) TO STDOUT".to_string(),
     ];
     let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
     let out = f.run(&steps);
@@ -142,7 +152,7 @@ fn a_500_mb_bytea_round_trips_in_text_and_binary_in_bounded_memory() {
     }
     // The server stored exactly the generated value, from both formats.
     let text = |v: &Value| v["text"].as_str().unwrap_or_default().to_string();
-    let rows: Vec<String> = out[3]["values"]
+    let rows: Vec<String> = out[2]["values"]
         .as_array()
         .expect("values")
         .iter()
@@ -152,10 +162,10 @@ fn a_500_mb_bytea_round_trips_in_text_and_binary_in_bounded_memory() {
         rows,
         ["1", &BIG.to_string(), &want, "2", &BIG.to_string(), &want],
         "{}",
-        out[3]
+        out[2]
     );
     // And both came back whole: 1e9 hex digits in text, 5e8 bytes in binary.
-    let v = &out[4]["values"][0];
+    let v = &out[3]["values"][0];
     assert_eq!(
         (
             v["len"].as_u64(),
@@ -165,7 +175,7 @@ fn a_500_mb_bytea_round_trips_in_text_and_binary_in_bounded_memory() {
         (Some(BIG), Some(2 + 2 * BIG), Some(want.as_str())),
         "text"
     );
-    let v = &out[5]["values"][0];
+    let v = &out[4]["values"][0];
     assert_eq!(
         (
             v["len"].as_u64(),
@@ -175,10 +185,23 @@ fn a_500_mb_bytea_round_trips_in_text_and_binary_in_bounded_memory() {
         (Some(BIG), Some(BIG), Some(want.as_str())),
         "binary"
     );
-    assert_eq!(out[6]["values"][0]["text"], "1");
+    assert_eq!(out[5]["values"][0]["text"], "1");
+    assert_eq!(
+        out[7]["values"][0]["text"],
+        expected_sha256(COPY, 5),
+        "COPY FROM STDIN"
+    );
+    // `\\x`, the hex digits, a newline.
+    assert_eq!(
+        out[8]["values"][0]["wire_len"].as_u64(),
+        Some(3 + 2 * COPY + 1),
+        "COPY TO STDOUT: {}",
+        out[8]
+    );
     let peak = f.agent_peak_rss();
     eprintln!(
-        "agent peak RSS (VmHWM) after 500 MB each way in text and binary: {} MiB",
+        "agent peak RSS (VmHWM): {} MiB after login, {} MiB after 500 MB each way in text and binary",
+        before >> 20,
         peak >> 20
     );
     assert!(

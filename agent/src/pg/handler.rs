@@ -1887,7 +1887,6 @@ impl ClientSide<'_> {
                 match scan.finish() {
                     Ok(head) => {
                         self.bind(head.portal, head.statement, head.result_formats);
-                        lock(&self.shared.lexing).settled = false;
                         out.extend_from_slice(&last);
                     }
                     Err(e) => return Ok(Err(e)),
@@ -1961,9 +1960,10 @@ impl ClientSide<'_> {
                     lock(&self.shared.expect).push_back(Expect::Simple(VecDeque::new(), true));
                     postgres_protocol::message::frontend::query(&sub, out).map_err(internal)?;
                 }
-                lock(&self.shared.lexing).settled = false;
             }
         }
+        // Forwarded (see the end of `run`'s loop).
+        lock(&self.shared.lexing).settled = false;
         Ok(Ok(()))
     }
 
@@ -3128,7 +3128,9 @@ impl ServerSide<'_> {
         out: &mut BytesMut,
         counters: &Counters,
     ) -> Result<bool, DataPathError> {
-        if self.shared.refresh_queued.load(Ordering::Acquire) {
+        if self.shared.refresh_queued.load(Ordering::Acquire)
+            && matches!(self.front_expect(), Some(Expect::Refresh(_)))
+        {
             // The answer to the agent's own catalog query: held, and bounded, as any.
             return Ok(false);
         }

@@ -12,6 +12,8 @@
 //! - `toolong:LEN`: a Bind whose length field is LEN (beyond PostgreSQL's limit), then wait for
 //!   what the server says.
 //! - `longsql:SIZE`: a simple query of SIZE bytes of SQL text.
+//! - `copyin:ID:SIZE:SEED`: `COPY big FROM STDIN` with the generated value in one CopyData.
+//!   (`q:COPY ... TO STDOUT` hashes each CopyData as it streams in, into `values`.)
 //!
 //! Prints one JSON object per step: `errors` (`SQLSTATE: message`, with `FATAL ` in front of a
 //! fatal one), `values` (per DataRow value: `{text}` up to 256 bytes, else `{len, wire_len,
@@ -96,6 +98,8 @@ struct Seen {
     values: Vec<Value>,
     rows: usize,
     closed: bool,
+    /// The server is waiting for COPY FROM STDIN data.
+    copy_in: bool,
 }
 
 impl Conn {
@@ -147,6 +151,20 @@ impl Conn {
                             }
                         }
                     }
+                }
+                b'd' => match self.hash_value(len) {
+                    // COPY TO STDOUT data: hashed as it streams in, as a value.
+                    Some(v) => seen.values.push(v),
+                    None => {
+                        seen.closed = true;
+                        return;
+                    }
+                },
+                b'G' => {
+                    // COPY FROM STDIN: the caller sends the data.
+                    let _ = self.read_exact(len);
+                    seen.copy_in = true;
+                    return;
                 }
                 t => {
                     let Some(body) = self.read_exact(len) else {
@@ -315,6 +333,21 @@ fn main() {
                 m.extend_from_slice(b"\0\0\0\0\0\x01");
                 c.w.write_all(&m)
             }
+            "copyin" => {
+                let mut q = Vec::new();
+                cstr(&mut q, "COPY big FROM STDIN");
+                let r = c.w.write_all(&msg(b'Q', &q));
+                c.answers(&mut seen);
+                if !seen.copy_in {
+                    // Refused: there is no COPY to send data to, and the answers are in.
+                    println!(
+                        "{}",
+                        json!({"step": step, "errors": seen.errors, "values": seen.values, "rows": seen.rows, "closed": seen.closed})
+                    );
+                    continue;
+                }
+                r.and_then(|()| copy_in(&mut c, rest))
+            }
             "longsql" => {
                 let size: usize = rest.parse().expect("size");
                 let mut q = b"SELECT '".to_vec();
@@ -340,6 +373,33 @@ fn main() {
         }
     }
     let _ = c.w.write_all(&msg(b'X', &[]));
+}
+
+/// `ID:SIZE:SEED`: one COPY text row (`ID`, tab, the value as `\\x` hex) in one CopyData
+/// written in pieces, then CopyDone.
+fn copy_in(c: &mut Conn, rest: &str) -> std::io::Result<()> {
+    let parts: Vec<&str> = rest.split(':').collect();
+    let [id, size, seed] = parts[..] else {
+        panic!("copyin:ID:SIZE:SEED");
+    };
+    let size: u64 = size.parse().expect("size");
+    let row_len = id.len() as u64 + 1 + 3 + 2 * size + 1;
+    let mut m = vec![b'd'];
+    m.extend_from_slice(&((4 + row_len) as u32).to_be_bytes());
+    m.extend_from_slice(id.as_bytes());
+    m.extend_from_slice(b"\t\\\\x");
+    c.w.write_all(&m)?;
+    let mut hex = Vec::new();
+    let mut res = Ok(());
+    generate(size, seed.parse().expect("seed"), |piece| {
+        if res.is_ok() {
+            hex_into(piece, &mut hex);
+            res = c.w.write_all(&hex);
+        }
+    });
+    res?;
+    c.w.write_all(b"\n")?;
+    c.w.write_all(&msg(b'c', &[]))
 }
 
 /// `ID:SIZE:SEED:FORMAT`: Parse, then a Bind written in pieces, Execute, Sync.
