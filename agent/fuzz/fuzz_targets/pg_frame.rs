@@ -3,6 +3,11 @@
 //! Beyond "no panic", it asserts the buffer contract the proxy relies on: `Ok(Some)` consumes
 //! exactly the returned frame, while `Ok(None)` and `Err` consume nothing.
 //!
+//! The streaming path is covered too: the bytes are read as the headers of large messages
+//! (`large_frontend`, `large_backend`), and as a Bind body fed to `BindScan` in three pieces
+//! cut where the input says, which must accept exactly what `parse_frontend` accepts whole,
+//! with the same names and result formats.
+//!
 //! Seeds: `agent/fuzz/corpus/pg_frame/` (regenerate with
 //! `cargo test -p tollgate --lib pg::wire::tests::write_fuzz_corpus -- --ignored`).
 //! Run: `cargo +nightly fuzz run pg_frame fuzz/corpus/pg_frame` from `agent/`.
@@ -14,6 +19,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     startup(data);
     frontend(data);
     backend(data);
+    streamed(data);
     // The decoders must also survive slices that were never framed.
     decode_all(data);
 });
@@ -90,6 +96,48 @@ fn backend(data: &[u8]) {
                 return;
             }
         }
+    }
+}
+
+/// A Bind body read whole and streamed must come to the same answer.
+fn streamed(data: &[u8]) {
+    let _ = wire::large_frontend(data);
+    let _ = wire::large_backend(data);
+    // The first two bytes choose where the body is cut; the rest is the body.
+    let (cuts, body) = data.split_at(data.len().min(2));
+    if body.len() > wire::MAX_SMALL_MESSAGE_LEN {
+        return; // BindScan caps names, parse_frontend does not.
+    }
+    let mut msg = vec![b'B'];
+    msg.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    msg.extend_from_slice(body);
+    let whole = wire::parse_frontend(&mut BytesMut::from(&msg[..]));
+    let a = usize::from(cuts.first().copied().unwrap_or(0)) % (body.len() + 1);
+    let b = a + usize::from(cuts.get(1).copied().unwrap_or(0)) % (body.len() - a + 1);
+    let mut scan = wire::BindScan::default();
+    let scanned = scan
+        .feed(&body[..a])
+        .and_then(|()| scan.feed(&body[a..b]))
+        .and_then(|()| scan.feed(&body[b..]))
+        .and_then(|()| scan.finish());
+    match (whole, scanned) {
+        (
+            Ok(Some((
+                Frontend::Bind {
+                    portal,
+                    statement,
+                    raw,
+                },
+                _,
+            ))),
+            Ok(head),
+        ) => {
+            assert_eq!((portal, statement), (head.portal, head.statement));
+            let formats = wire::decode_bind(&raw).expect("validated").result_formats;
+            assert_eq!(formats, head.result_formats);
+        }
+        (Err(_), Err(_)) => {}
+        (w, s) => panic!("whole {w:?} but streamed {s:?}"),
     }
 }
 

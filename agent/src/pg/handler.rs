@@ -1941,6 +1941,185 @@ impl ClientSide<'_> {
         Ok(())
     }
 
+    /// A Bind is forwarded: remember the portal it makes.
+    fn bind(&mut self, portal: String, statement: String, formats: Vec<i16>) {
+        // A statement not parsed in this session (SQL PREPARE): unknown.
+        let info = self
+            .statements
+            .get(&statement)
+            .copied()
+            .unwrap_or(StatementInfo {
+                version: u64::MAX,
+                taint: true,
+                resets: true,
+            });
+        lock(&self.shared.expect).push_back(Expect::Bind(portal.clone()));
+        self.portals.insert(
+            portal,
+            Bound {
+                statement,
+                info,
+                formats,
+            },
+        );
+    }
+
+    /// The client sent a message that cannot be framed: the session ends with the FATAL the
+    /// server would send (08P01, and PostgreSQL's "invalid message length" for a length over
+    /// its limit). The client side cannot write to the client: the server side writes the FATAL
+    /// once the upstream, shut down here, has closed, so it is never lost to a race.
+    async fn malformed(
+        &mut self,
+        e: wire::WireError,
+        uw: &mut WriteHalf,
+    ) -> Result<Option<WriteHalf>, DataPathError> {
+        tracing::warn!(error = %e, "malformed message from client; session ends");
+        let mut o = BytesMut::new();
+        wire::encode_error_response(&ErrorReport::fatal(e.sqlstate(), &e.to_string()), &mut o);
+        let _ = self.notices.send(o.freeze());
+        let _ = uw.shutdown().await;
+        Ok(None)
+    }
+
+    /// A message too large to hold (see [`wire::large_frontend`]). A Bind or CopyData is
+    /// relayed in pieces as it arrives: nothing in its values is inspected, and a Bind's names
+    /// and formats are read on the way ([`wire::BindScan`]). A Query, Parse or FunctionCall
+    /// longer than [`wire::MAX_MESSAGE_LEN`] is read and dropped, and refused with 54000 in
+    /// its place (its SQL must be classified whole; a fast-path call is decided with its
+    /// arguments' count). The inner error: the message cannot be framed, the session ends.
+    async fn large(
+        &mut self,
+        l: wire::Large,
+        cr: &mut ReadHalf,
+        uw: &mut WriteHalf,
+        buf: &mut BytesMut,
+        out: &mut BytesMut,
+        counters: &Counters,
+    ) -> Result<Result<(), wire::WireError>, DataPathError> {
+        let cx = self.cx;
+        let side = |e: RelayError| match e {
+            RelayError::Read(e) => DataPathError::Client(e),
+            RelayError::Write(e) => upstream_err(cx, e),
+            RelayError::Scan(e) => DataPathError::Client(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.to_string(),
+            )),
+        };
+        match l.tag {
+            b'd' => {
+                flush(uw, out, counters, self.cx).await?;
+                let last = relay(cr, Some(uw), buf, l.total, |_| Ok(()), &counters.up)
+                    .await
+                    .map_err(side)?;
+                out.extend_from_slice(&last);
+            }
+            b'B' => {
+                flush(uw, out, counters, self.cx).await?;
+                let mut scan = wire::BindScan::default();
+                let mut at = 0;
+                let last = relay(
+                    cr,
+                    Some(uw),
+                    buf,
+                    l.total,
+                    |piece| {
+                        // The 5-byte header is not part of the body.
+                        let skip = 5usize.saturating_sub(at).min(piece.len());
+                        at += piece.len();
+                        scan.feed(&piece[skip..])
+                    },
+                    &counters.up,
+                )
+                .await;
+                let last = match last {
+                    Ok(last) => last,
+                    // Part of the message is with the server: the session cannot go on.
+                    Err(RelayError::Scan(e)) => return Ok(Err(e)),
+                    Err(e) => return Err(side(e)),
+                };
+                match scan.finish() {
+                    Ok(head) => {
+                        self.bind(head.portal, head.statement, head.result_formats);
+                        out.extend_from_slice(&last);
+                    }
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+            tag => {
+                // Read and dropped: only the first bytes (a Parse's statement name) are kept.
+                let mut head = Vec::new();
+                let dropped = AtomicU64::new(0);
+                relay(
+                    cr,
+                    None,
+                    buf,
+                    l.total,
+                    |piece| {
+                        let n = (MAX_NAME_PREFIX - head.len()).min(piece.len());
+                        head.extend_from_slice(&piece[..n]);
+                        Ok(())
+                    },
+                    &dropped,
+                )
+                .await
+                .map_err(side)?;
+                let what = match tag {
+                    b'Q' => "statement text",
+                    b'P' => "prepared statement text",
+                    _ => "fast-path function call",
+                };
+                let message = format!(
+                    "tollgate: {what} of {} bytes is too long to inspect (limit {} bytes)",
+                    l.total - 5,
+                    wire::MAX_MESSAGE_LEN - 4
+                );
+                tracing::warn!(target = %self.cx.target.name, "{message}");
+                let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
+                let _ = self.cx.audit_operation("too_long", &message, &d, None);
+                let sub = self.refuse_substitute("54000", message);
+                self.copy_plans.clear();
+                if tag == b'P' {
+                    let name = head
+                        .get(5..)
+                        .and_then(|b| b.iter().position(|&c| c == 0).map(|i| &b[..i]))
+                        .and_then(|n| std::str::from_utf8(n).ok())
+                        .map(str::to_owned);
+                    let Some(name) = name else {
+                        return Ok(Err(wire::WireError::MissingNul {
+                            what: "Parse message",
+                        }));
+                    };
+                    self.statement_copy.remove(&name);
+                    let info = StatementInfo {
+                        version: self.next_version,
+                        taint: true,
+                        resets: self.resets,
+                    };
+                    self.next_version += 1;
+                    self.statements.insert(name.clone(), info);
+                    lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
+                    postgres_protocol::message::frontend::parse(
+                        &name,
+                        &sub,
+                        std::iter::empty(),
+                        out,
+                    )
+                    .map_err(internal)?;
+                } else {
+                    if tag == b'Q' {
+                        self.statements.remove("");
+                        self.portals.remove("");
+                    }
+                    lock(&self.shared.expect).push_back(Expect::Simple(VecDeque::new(), true));
+                    postgres_protocol::message::frontend::query(&sub, out).map_err(internal)?;
+                }
+            }
+        }
+        // Forwarded (see the end of `run`'s loop).
+        lock(&self.shared.lexing).settled = false;
+        Ok(Ok(()))
+    }
+
     async fn run(
         mut self,
         mut cr: ReadHalf,
@@ -1954,14 +2133,29 @@ impl ClientSide<'_> {
             loop {
                 let (msg, raw) = match wire::parse_frontend(&mut buf) {
                     Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(e) => {
-                        // Tell the server nothing; the session ends with a clear client error.
-                        let _ = uw.shutdown().await;
-                        return Err(DataPathError::Client(std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            format!("malformed message from client: {e}"),
-                        )));
+                    r => {
+                        // Incomplete, or too long to hold: a large message is relayed in
+                        // pieces or refused (see `large`).
+                        let e = match (wire::large_frontend(&buf), r) {
+                            (Ok(Some(l)), _) => {
+                                match self
+                                    .large(l, &mut cr, &mut uw, &mut buf, &mut out, counters)
+                                    .await?
+                                {
+                                    Ok(()) => continue,
+                                    Err(e) => e,
+                                }
+                            }
+                            (Ok(None), Ok(None)) => break,
+                            (Ok(None), Err(e)) | (Err(e), _) => e,
+                            (Ok(None), Ok(Some(_))) => {
+                                return Err(DataPathError::Internal("framing".into()))
+                            }
+                        };
+                        // Tell the server nothing; the session ends with the error the
+                        // server would give (a FATAL the server side writes once the
+                        // upstream has closed).
+                        return self.malformed(e, &mut uw).await;
                     }
                 };
                 match msg {
@@ -2070,25 +2264,7 @@ impl ClientSide<'_> {
                         let formats = wire::decode_bind(&body)
                             .map(|b| b.result_formats)
                             .unwrap_or_default();
-                        // A statement not parsed in this session (SQL PREPARE): unknown.
-                        let info =
-                            self.statements
-                                .get(&statement)
-                                .copied()
-                                .unwrap_or(StatementInfo {
-                                    version: u64::MAX,
-                                    taint: true,
-                                    resets: true,
-                                });
-                        lock(&self.shared.expect).push_back(Expect::Bind(portal.clone()));
-                        self.portals.insert(
-                            portal,
-                            Bound {
-                                statement,
-                                info,
-                                formats,
-                            },
-                        );
+                        self.bind(portal, statement, formats);
                         out.extend_from_slice(&raw);
                     }
                     Frontend::Describe { kind, name } => {
@@ -2303,6 +2479,64 @@ impl ClientSide<'_> {
                 Err(e) => return Err(DataPathError::Client(e)),
             }
         }
+    }
+}
+
+/// How much of a large message one read takes.
+const RELAY_CHUNK: usize = 128 * 1024;
+
+/// The first bytes of a refused large message that are kept (a Parse's statement name).
+const MAX_NAME_PREFIX: usize = 5 + 10_000;
+
+/// Where a relay failed.
+#[derive(Debug)]
+enum RelayError {
+    /// Reading the message: the peer went away.
+    Read(std::io::Error),
+    /// Writing it on.
+    Write(std::io::Error),
+    /// `scan` refused it.
+    Scan(wire::WireError),
+}
+
+/// Relays one message of `total` bytes (tag included) from `r` to `w`, or drops it when `w` is
+/// `None`, in pieces as they arrive: at most [`RELAY_CHUNK`] bytes of it are held at once.
+/// `buf` holds the start of the message (and maybe more); what follows the message stays in
+/// `buf` or unread in `r`. Every piece goes through `scan` before it is written. The last piece
+/// is not written but returned, so the caller can note what the message means before the peer
+/// can answer it.
+async fn relay(
+    r: &mut ReadHalf,
+    mut w: Option<&mut WriteHalf>,
+    buf: &mut BytesMut,
+    total: usize,
+    mut scan: impl FnMut(&[u8]) -> Result<(), wire::WireError>,
+    counter: &AtomicU64,
+) -> Result<Bytes, RelayError> {
+    let first = buf.split_to(buf.len().min(total)).freeze();
+    let mut left = total - first.len();
+    scan(&first).map_err(RelayError::Scan)?;
+    if left == 0 {
+        return Ok(first);
+    }
+    let mut chunk = vec![0u8; RELAY_CHUNK.min(left)];
+    let mut piece: &[u8] = &first;
+    loop {
+        if let Some(w) = w.as_deref_mut() {
+            w.write_all(piece).await.map_err(RelayError::Write)?;
+        }
+        counter.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        let want = chunk.len().min(left);
+        let n = r.read(&mut chunk[..want]).await.map_err(RelayError::Read)?;
+        if n == 0 {
+            return Err(RelayError::Read(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        scan(&chunk[..n]).map_err(RelayError::Scan)?;
+        left -= n;
+        if left == 0 {
+            return Ok(Bytes::copy_from_slice(&chunk[..n]));
+        }
+        piece = &chunk[..n];
     }
 }
 
@@ -2918,7 +3152,20 @@ impl ServerSide<'_> {
         let mut size = ReadSize::new(64 * 1024);
         loop {
             loop {
-                let (tag, raw) = match wire::parse_backend(&mut buf) {
+                let parsed = wire::parse_backend(&mut buf);
+                if !matches!(parsed, Ok(Some(_))) {
+                    // Incomplete, or too long to hold: a large row is relayed in pieces when
+                    // no mask applies to it (see `large`).
+                    if let Some(l) = wire::large_backend(&buf) {
+                        if self
+                            .large(l, &mut ur, &mut cw, &mut buf, &mut out, counters)
+                            .await?
+                        {
+                            continue;
+                        }
+                    }
+                }
+                let (tag, raw) = match parsed {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -2982,6 +3229,10 @@ impl ServerSide<'_> {
             };
             match read {
                 Ok(0) => {
+                    // A FATAL the client side queued before it shut the upstream down.
+                    while let Ok(n) = self.notices.try_recv() {
+                        let _ = cw.write_all(&n).await;
+                    }
                     let _ = cw.shutdown().await;
                     return Ok(None);
                 }
@@ -3005,6 +3256,89 @@ impl ServerSide<'_> {
                 }
             }
         }
+    }
+
+    /// A server message too large to hold (see [`wire::large_backend`]). With no mask on it,
+    /// it is relayed in pieces as it arrives; withheld output is read and dropped. A row a mask
+    /// applies to must be held whole: up to [`wire::MAX_MESSAGE_LEN`] it is (false: parse it
+    /// as usual); beyond, the client gets 54000 instead and the rest of the statement's output
+    /// is withheld, as a server error in the middle of a result ends it. Never a raw value.
+    async fn large(
+        &mut self,
+        l: wire::Large,
+        ur: &mut ReadHalf,
+        cw: &mut WriteHalf,
+        buf: &mut BytesMut,
+        out: &mut BytesMut,
+        counters: &Counters,
+    ) -> Result<bool, DataPathError> {
+        if self.shared.refresh_queued.load(Ordering::Acquire)
+            && matches!(self.front_expect(), Some(Expect::Refresh(_)))
+        {
+            // The answer to the agent's own catalog query: held, and bounded, as any.
+            return Ok(false);
+        }
+        // Detectors read every text value a masker sees, so under a masker every row is
+        // inspected; COPY output is inspected when it is being masked.
+        let masked = match l.tag {
+            b'd' => self.copy.is_some(),
+            _ => self.masker.is_some(),
+        };
+        let mut drop = self.withhold && l.tag != wire::FUNCTION_CALL_RESPONSE_TAG;
+        if masked && !drop {
+            if l.total - 1 <= wire::MAX_MESSAGE_LEN {
+                return Ok(false);
+            }
+            let what = match l.tag {
+                b'D' => "a row",
+                b'd' => "a COPY row",
+                _ => "a function result",
+            };
+            let msg = format!(
+                "tollgate: {what} of {} bytes is too large to mask (limit {} bytes); the rest of the output is withheld",
+                l.total - 5,
+                wire::MAX_MESSAGE_LEN - 4
+            );
+            tracing::warn!(target = %self.cx.target.name, "{msg}");
+            wire::encode_error_response(
+                &ErrorReport::error("54000", &msg).with_hint(
+                    "a mask applies to this target: read large values in pieces (substring)",
+                ),
+                out,
+            );
+            self.record_result(None, Some(&msg));
+            if l.tag != wire::FUNCTION_CALL_RESPONSE_TAG {
+                self.withhold = true;
+                self.copy = None;
+                self.current = None;
+            }
+            drop = true;
+        }
+        if !out.is_empty() {
+            cw.write_all(out).await.map_err(DataPathError::Client)?;
+            counters.down.fetch_add(out.len() as u64, Ordering::Relaxed);
+            out.clear();
+        }
+        let dropped = AtomicU64::new(0);
+        let (w, counter) = if drop {
+            (None, &dropped)
+        } else {
+            (Some(cw), &counters.down)
+        };
+        let last = relay(ur, w, buf, l.total, |_| Ok(()), counter)
+            .await
+            .map_err(|e| match e {
+                RelayError::Write(e) => DataPathError::Client(e),
+                RelayError::Read(source) => DataPathError::Upstream {
+                    addr: self.cx.orig_dst,
+                    source,
+                },
+                RelayError::Scan(e) => DataPathError::Internal(e.to_string()),
+            })?;
+        if !drop {
+            out.extend_from_slice(&last);
+        }
+        Ok(true)
     }
 
     /// One message of the answer to the agent's own catalog queries: read, never forwarded.
@@ -3132,6 +3466,8 @@ impl ServerSide<'_> {
                 }
                 out.extend_from_slice(&raw);
             }
+            // The rest of a result refused with 54000 (see `large`).
+            b'D' if self.withhold => {}
             b'D' => {
                 if self.current.is_none() {
                     self.current = Some(match self.front_expect() {
@@ -3193,11 +3529,12 @@ impl ServerSide<'_> {
                     out.extend_from_slice(&raw);
                 }
             }
-            b'C' if self.withhold => {
-                // The server finished a COPY whose output was withheld: the client already has
-                // its error, so the completion is not passed on.
+            b'C' | b's' if self.withhold => {
+                // The server finished (or suspended) a statement whose output was withheld:
+                // the client already has its error, so the completion is not passed on.
                 self.withhold = false;
                 self.copy = None;
+                self.current = None;
                 if matches!(self.front_expect(), Some(Expect::Execute { .. })) {
                     self.pop_expect();
                 }

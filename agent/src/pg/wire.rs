@@ -43,11 +43,24 @@ use bytes::{Buf, BufMut};
 pub use bytes::{Bytes, BytesMut};
 use postgres_protocol::message::{backend as pgb, frontend as pgf};
 
-/// Largest length field accepted for a regular message (Query, Parse, Bind, CopyData, DataRow,
-/// ...), in bytes. The length field counts itself but not the tag byte. PostgreSQL allows up to
-/// 1 GiB, but the proxy must hold a whole message to inspect or mask it, so this bounds
-/// per-connection memory. A longer statement or row gets a clean [`WireError::TooLong`].
+/// Largest length field of a message the proxy holds whole (Query, Parse, FunctionCall, and
+/// DataRow / CopyData / FunctionCallResponse that a mask applies to), in bytes. The length field
+/// counts itself but not the tag byte. The proxy must hold such a message to inspect or mask it,
+/// so this bounds per-connection memory; the handler refuses a longer one with SQLSTATE 54000.
+/// Bind, CopyData and unmasked rows longer than [`STREAM_FROM`] are not held: see
+/// [`large_frontend`] and [`large_backend`].
 pub const MAX_MESSAGE_LEN: usize = 64 * 1024 * 1024;
+
+/// Largest length field PostgreSQL accepts for a client message (`PQ_LARGE_MESSAGE_LIMIT`,
+/// `MaxAllocSize - 1`). A longer one makes the server log "invalid message length" and close the
+/// connection; the agent says the same to the client, as a FATAL 08P01.
+pub const PG_MAX_MESSAGE_LEN: usize = 0x3FFF_FFFE;
+
+/// Messages of a streamable type (Bind, CopyData, DataRow, FunctionCallResponse) whose whole
+/// length (tag included) is above this are relayed in pieces as they arrive instead of being
+/// buffered. Small enough to bound memory, large enough that ordinary traffic never takes the
+/// slower path.
+pub const STREAM_FROM: usize = 1024 * 1024;
 
 /// Largest startup packet, as in PostgreSQL (`MAX_STARTUP_PACKET_LENGTH`).
 pub const MAX_STARTUP_LEN: usize = 10_000;
@@ -185,6 +198,14 @@ pub enum WireError {
         /// The message being encoded.
         what: &'static str,
     },
+    /// A client message's length field is above PostgreSQL's own limit
+    /// ([`PG_MAX_MESSAGE_LEN`]). The message is PostgreSQL's, which logs it and closes the
+    /// connection.
+    #[error("invalid message length")]
+    InvalidLength {
+        /// The length field as read.
+        len: u64,
+    },
     /// An encoder was given more items (columns, values, options) than the count field holds.
     #[error("{what}: {count} items exceed the protocol limit of {limit}")]
     TooMany {
@@ -221,6 +242,7 @@ impl WireError {
             WireError::TooMany { .. } => "54000",
             // protocol_violation, as PostgreSQL for every framing fault.
             WireError::TooLong { .. }
+            | WireError::InvalidLength { .. }
             | WireError::BadLength { .. }
             | WireError::UnknownMessage(_)
             | WireError::DuplicateParameter(_)
@@ -234,7 +256,7 @@ impl WireError {
     /// A short, bounded label for metrics (`reason="too_long"`).
     pub fn label(&self) -> &'static str {
         match self {
-            WireError::TooLong { .. } => "too_long",
+            WireError::TooLong { .. } | WireError::InvalidLength { .. } => "too_long",
             WireError::BadLength { .. } => "bad_length",
             WireError::UnknownMessage(_) => "unknown_message",
             WireError::UnsupportedProtocol { .. } => "unsupported_protocol",
@@ -892,6 +914,279 @@ fn function_call<'a>(r: &mut Reader<'a>) -> Result<FunctionCall<'a>, WireError> 
         args,
         result_format,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large messages: relayed in pieces
+
+/// The header of a message too large to buffer: the handler relays (or discards) its `total`
+/// bytes as they arrive, or refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Large {
+    /// The message type.
+    pub tag: u8,
+    /// The whole length, tag byte included.
+    pub total: usize,
+}
+
+/// Reads the header at the start of `buf` as that of a large client message, when it is one:
+/// a Bind or CopyData longer than [`STREAM_FROM`] (relayed in pieces), or a Query, Parse or
+/// FunctionCall longer than [`MAX_MESSAGE_LEN`] (refused, since its text must be inspected
+/// whole). `Ok(None)` for everything else, which [`parse_frontend`] handles; an error when the
+/// length is above PostgreSQL's own limit ([`PG_MAX_MESSAGE_LEN`]). Consumes nothing.
+pub fn large_frontend(buf: &[u8]) -> Result<Option<Large>, WireError> {
+    let (Some(&tag), Some(len)) = (buf.first(), buf.get(1..5)) else {
+        return Ok(None);
+    };
+    let streamed = match tag {
+        b'B' | b'd' => true,
+        b'Q' | b'P' | b'F' => false,
+        _ => return Ok(None),
+    };
+    let Ok(len) = usize::try_from(i32::from_be_bytes([len[0], len[1], len[2], len[3]])) else {
+        return Ok(None);
+    };
+    if len > PG_MAX_MESSAGE_LEN {
+        return Err(WireError::InvalidLength { len: len as u64 });
+    }
+    let total = len + 1;
+    let large = if streamed {
+        total > STREAM_FROM
+    } else {
+        len > MAX_MESSAGE_LEN
+    };
+    Ok(large.then_some(Large { tag, total }))
+}
+
+/// Reads the header at the start of `buf` as that of a large server message, when it is one: a
+/// DataRow, CopyData or FunctionCallResponse longer than [`STREAM_FROM`]. The handler relays it
+/// in pieces when no mask applies to it. Consumes nothing.
+pub fn large_backend(buf: &[u8]) -> Option<Large> {
+    let (&tag, len) = (buf.first()?, buf.get(1..5)?);
+    if !matches!(
+        tag,
+        pgb::DATA_ROW_TAG | pgb::COPY_DATA_TAG | FUNCTION_CALL_RESPONSE_TAG
+    ) {
+        return None;
+    }
+    let len = usize::try_from(i32::from_be_bytes([len[0], len[1], len[2], len[3]])).ok()?;
+    let total = len + 1;
+    (total > STREAM_FROM).then_some(Large { tag, total })
+}
+
+/// Longest portal or statement name [`BindScan`] keeps.
+const MAX_BIND_NAME_LEN: usize = MAX_SMALL_MESSAGE_LEN;
+
+/// A Bind message read as it streams past: it keeps the names and format codes the proxy needs
+/// and counts over the parameter values without keeping them. Feed it the body (after the 5-byte
+/// header) in pieces of any size, then [`BindScan::finish`]. It validates what
+/// [`decode_bind`] validates, so a Bind is accepted or refused the same way whole or streamed.
+#[derive(Debug, Default)]
+pub struct BindScan {
+    step: BindStep,
+    /// Bytes of the field being read (a name, or a 2- or 4-byte integer).
+    field: Vec<u8>,
+    /// Bytes of the current value still to pass.
+    skip: usize,
+    /// Items left in the current list (format codes or values).
+    left: usize,
+    portal: String,
+    statement: String,
+    param_formats: usize,
+    result_formats: Vec<i16>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum BindStep {
+    #[default]
+    Portal,
+    Statement,
+    FormatCount,
+    Format,
+    ValueCount,
+    ValueLen,
+    ResultCount,
+    Result,
+    End,
+}
+
+/// What a streamed Bind binds, from [`BindScan::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindHead {
+    /// Portal name.
+    pub portal: String,
+    /// Statement name.
+    pub statement: String,
+    /// Result column format codes.
+    pub result_formats: Vec<i16>,
+}
+
+impl BindScan {
+    const WHAT: &'static str = "Bind message";
+
+    fn invalid(field: &'static str, value: i64) -> WireError {
+        WireError::InvalidField {
+            what: Self::WHAT,
+            field,
+            value,
+        }
+    }
+
+    /// Reads the next piece of the body.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), WireError> {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                if self.skip == 0 {
+                    self.next_value();
+                }
+                continue;
+            }
+            let need = match self.step {
+                BindStep::Portal | BindStep::Statement => {
+                    let (name, rest, whole) = match data.iter().position(|&b| b == 0) {
+                        Some(i) => (&data[..i], &data[i + 1..], true),
+                        None => (data, &data[data.len()..], false),
+                    };
+                    if self.field.len() + name.len() > MAX_BIND_NAME_LEN {
+                        return Err(WireError::TooLong {
+                            what: "Bind message name",
+                            len: (self.field.len() + name.len()) as u64,
+                            limit: MAX_BIND_NAME_LEN,
+                        });
+                    }
+                    self.field.extend_from_slice(name);
+                    data = rest;
+                    if whole {
+                        let name = String::from_utf8(std::mem::take(&mut self.field))
+                            .map_err(|_| WireError::InvalidUtf8 { what: Self::WHAT })?;
+                        if self.step == BindStep::Portal {
+                            self.portal = name;
+                            self.step = BindStep::Statement;
+                        } else {
+                            self.statement = name;
+                            self.step = BindStep::FormatCount;
+                        }
+                    }
+                    continue;
+                }
+                BindStep::ValueLen => 4,
+                BindStep::End => {
+                    return Err(WireError::TrailingBytes {
+                        what: Self::WHAT,
+                        extra: data.len(),
+                    })
+                }
+                _ => 2,
+            };
+            let n = (need - self.field.len()).min(data.len());
+            self.field.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.field.len() == need {
+                let field = std::mem::take(&mut self.field);
+                self.step(&field)?;
+                self.field = field;
+                self.field.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// One whole integer field.
+    fn step(&mut self, f: &[u8]) -> Result<(), WireError> {
+        let i16_at = || i16::from_be_bytes([f[0], f[1]]);
+        let count = |field| {
+            let n = i16_at();
+            usize::try_from(n).map_err(|_| Self::invalid(field, n.into()))
+        };
+        let format = |field| match i16_at() {
+            f @ (0 | 1) => Ok(f),
+            f => Err(Self::invalid(field, f.into())),
+        };
+        match self.step {
+            BindStep::FormatCount => {
+                self.left = count("format count")?;
+                self.param_formats = self.left;
+                self.step = if self.left == 0 {
+                    BindStep::ValueCount
+                } else {
+                    BindStep::Format
+                };
+            }
+            BindStep::Format => {
+                format("parameter format code")?;
+                self.left -= 1;
+                if self.left == 0 {
+                    self.step = BindStep::ValueCount;
+                }
+            }
+            BindStep::ValueCount => {
+                let n = count("value count")?;
+                if self.param_formats > 1 && self.param_formats != n {
+                    return Err(Self::invalid(
+                        "parameter format count (must be 0, 1 or the value count)",
+                        self.param_formats as i64,
+                    ));
+                }
+                self.left = n + 1;
+                self.next_value();
+            }
+            BindStep::ValueLen => {
+                let len = i32::from_be_bytes([f[0], f[1], f[2], f[3]]);
+                match len {
+                    -1 => self.next_value(),
+                    0.. => {
+                        self.skip = len as usize;
+                        if self.skip == 0 {
+                            self.next_value();
+                        }
+                    }
+                    _ => return Err(Self::invalid("value length", len.into())),
+                }
+            }
+            BindStep::ResultCount => {
+                self.left = count("format count")?;
+                self.step = if self.left == 0 {
+                    BindStep::End
+                } else {
+                    BindStep::Result
+                };
+            }
+            BindStep::Result => {
+                self.result_formats.push(format("result format code")?);
+                self.left -= 1;
+                if self.left == 0 {
+                    self.step = BindStep::End;
+                }
+            }
+            BindStep::Portal | BindStep::Statement | BindStep::End => {}
+        }
+        Ok(())
+    }
+
+    /// The previous value is over: the next value's length, or the result formats.
+    fn next_value(&mut self) {
+        self.left -= 1;
+        self.step = if self.left == 0 {
+            BindStep::ResultCount
+        } else {
+            BindStep::ValueLen
+        };
+    }
+
+    /// The body is over: it must end exactly after the last result format code.
+    pub fn finish(self) -> Result<BindHead, WireError> {
+        if self.step != BindStep::End {
+            return Err(WireError::Truncated { what: Self::WHAT });
+        }
+        Ok(BindHead {
+            portal: self.portal,
+            statement: self.statement,
+            result_formats: self.result_formats,
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1488,6 +1488,152 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+// ---------------------------------------------------------------------------------------------
+// Large messages
+
+/// Feeds a Bind body to a [`BindScan`] in the given pieces.
+fn scan_bind(body: &[u8], cuts: &[usize]) -> Result<BindHead, WireError> {
+    let mut scan = BindScan::default();
+    let mut at = 0;
+    for &c in cuts.iter().chain(std::iter::once(&body.len())) {
+        let c = c.clamp(at, body.len());
+        scan.feed(&body[at..c])?;
+        at = c;
+    }
+    scan.finish()
+}
+
+#[test]
+fn bind_scan_reads_what_decode_bind_reads_at_every_split() {
+    let big = vec![7u8; 3000];
+    let values: Vec<Option<&[u8]>> = vec![Some(b"abc"), None, Some(b""), Some(&big)];
+    let binds = [
+        bind_msg("p1", "s1", &[1, 0, 0, 1], &values, &[1, 0]),
+        bind_msg("", "", &[], &[], &[]),
+        bind_msg("portal", "", &[1], &[Some(b"\x00ff")], &[]),
+        bind_msg("", "st", &[], &[None], &[1]),
+    ];
+    for m in &binds {
+        let mut buf = BytesMut::from(&m[..]);
+        let Some((
+            Frontend::Bind {
+                portal,
+                statement,
+                raw,
+            },
+            _,
+        )) = parse_frontend(&mut buf).expect("valid")
+        else {
+            panic!("not a Bind");
+        };
+        let want = BindHead {
+            portal,
+            statement,
+            result_formats: decode_bind(&raw).expect("valid").result_formats,
+        };
+        let body = &m[5..];
+        assert_eq!(scan_bind(body, &[]), Ok(want.clone()));
+        for cut in 0..=body.len() {
+            assert_eq!(scan_bind(body, &[cut]), Ok(want.clone()), "cut at {cut}");
+        }
+        let bytewise: Vec<usize> = (0..body.len()).collect();
+        assert_eq!(scan_bind(body, &bytewise), Ok(want));
+    }
+}
+
+#[test]
+fn bind_scan_refuses_what_parse_frontend_refuses() {
+    let ok = bind_msg("p", "s", &[1], &[Some(b"xy")], &[0]);
+    let body = ok[5..].to_vec();
+    let mut cases: Vec<Vec<u8>> = vec![
+        // Cut short anywhere.
+        body[..body.len() - 1].to_vec(),
+        body[..3].to_vec(),
+        // A byte too many.
+        [&body[..], b"\0"].concat(),
+        // No NUL after the names.
+        b"p".to_vec(),
+    ];
+    // A format code 2.
+    let mut bad = body.clone();
+    bad[6] = 2;
+    cases.push(bad);
+    // A value length of -2.
+    cases.push(
+        [
+            &b"p\0s\0\0\0\0\x01"[..],
+            &(-2i32).to_be_bytes(),
+            &b"\0\0"[..],
+        ]
+        .concat(),
+    );
+    // Two format codes for one value.
+    cases.push(b"\0\0\0\x02\0\0\0\0\0\x01\0\0\0\0\0\0".to_vec());
+    // A name that is not UTF-8.
+    cases.push(b"\xff\0\0\0\0\0\0\0\0".to_vec());
+    for body in cases {
+        let whole = parse_frontend(&mut BytesMut::from(&msg(b'B', &body)[..]));
+        assert!(whole.is_err(), "{body:?} is refused whole");
+        for cut in 0..=body.len() {
+            assert!(scan_bind(&body, &[cut]).is_err(), "{body:?} cut at {cut}");
+        }
+    }
+    // A name over the cap is refused before it is all in.
+    let mut scan = BindScan::default();
+    assert!(matches!(
+        scan.feed(&vec![b'a'; 20_000]),
+        Err(WireError::TooLong { .. })
+    ));
+}
+
+fn header(tag: u8, len: usize) -> Vec<u8> {
+    [&[tag][..], &(len as u32).to_be_bytes()].concat()
+}
+
+#[test]
+fn large_messages_are_told_apart_by_type_and_length() {
+    // Bind and CopyData above STREAM_FROM are streamed, whatever their length up to PG's.
+    for tag in [b'B', b'd'] {
+        // The length field does not count the tag byte.
+        assert_eq!(large_frontend(&header(tag, STREAM_FROM - 1)), Ok(None));
+        assert_eq!(
+            large_frontend(&header(tag, STREAM_FROM)),
+            Ok(Some(Large {
+                tag,
+                total: STREAM_FROM + 1
+            }))
+        );
+        assert!(large_frontend(&header(tag, PG_MAX_MESSAGE_LEN)).is_ok_and(|l| l.is_some()));
+    }
+    // SQL text and fast-path calls are held up to MAX_MESSAGE_LEN, refused beyond.
+    for tag in [b'Q', b'P', b'F'] {
+        assert_eq!(large_frontend(&header(tag, STREAM_FROM * 8)), Ok(None));
+        assert_eq!(large_frontend(&header(tag, MAX_MESSAGE_LEN)), Ok(None));
+        assert!(large_frontend(&header(tag, MAX_MESSAGE_LEN + 1)).is_ok_and(|l| l.is_some()));
+    }
+    // Above PostgreSQL's own limit: PostgreSQL's own message and SQLSTATE.
+    let e = large_frontend(&header(b'B', PG_MAX_MESSAGE_LEN + 1)).expect_err("over PG's limit");
+    assert_eq!(e.to_string(), "invalid message length");
+    assert_eq!(e.sqlstate(), "08P01");
+    // Other types, short headers, negative lengths: parse_frontend's business.
+    assert_eq!(large_frontend(&header(b'S', 1 << 30)), Ok(None));
+    assert_eq!(large_frontend(b"B\x00\x10"), Ok(None));
+    assert_eq!(large_frontend(&header(b'B', u32::MAX as usize)), Ok(None));
+    // Server side: rows, COPY data and function results.
+    for tag in [b'D', b'd', b'V'] {
+        assert_eq!(large_backend(&header(tag, STREAM_FROM - 1)), None);
+        assert_eq!(
+            large_backend(&header(tag, i32::MAX as usize)),
+            Some(Large {
+                tag,
+                total: i32::MAX as usize + 1
+            })
+        );
+    }
+    assert_eq!(large_backend(&header(b'E', 1 << 30)), None);
+    assert_eq!(large_backend(&header(b'D', u32::MAX as usize)), None);
+}
+
 /// Writes the seeds to `agent/fuzz/corpus/pg_frame/`. Run after changing them:
 /// `cargo test -p tollgate --lib pg::wire::tests::write_fuzz_corpus -- --ignored`.
 #[test]
