@@ -4,13 +4,14 @@
 //! Layout: `approvals/` (the approval broker, admin API, CLI client, webhook), `run.rs` (daemon wiring, reload, shutdown), `proxy.rs` (sessions and the
 //! protocol-handler trait), `relay.rs` (opaque relays), `bpf.rs` (kernel side), `targets.rs`
 //! (routes), `identity.rs` (kernel facts to identity), `audit.rs`, `metrics.rs`, `doctor.rs`,
-//! `tls.rs` (the agent CA and upstream TLS) and `sys.rs` (every raw syscall).
+//! `http/` (the HTTP, HTTPS and Kubernetes handler), `tls.rs` (the agent CA and upstream TLS) and `sys.rs` (every raw syscall).
 
 pub mod approvals;
 pub mod audit;
 pub mod bpf;
 pub mod datadir;
 pub mod doctor;
+pub mod http;
 pub mod identity;
 pub mod mask;
 pub mod metrics;

@@ -811,10 +811,16 @@ impl SessionCx {
         let tcp = TcpHandler {
             kind: self.agent.relay_kind,
         };
-        // PostgreSQL always goes through its handler (per-statement policy, credential
-        // injection, masking, recording), even under a whole-connection allow.
+        let http = crate::http::HttpHandler {
+            protocol: self.target.protocol,
+        };
+        // PostgreSQL and HTTP always go through their handler (per-operation policy,
+        // credential injection, masking, recording), even under a whole-connection allow.
         let handler: Option<&dyn ProtocolHandler> = match (d.action, self.target.protocol, whole) {
             (Action::Allow, Protocol::Postgres, _) => Some(&pg),
+            (Action::Allow, Protocol::Http | Protocol::Https | Protocol::Kubernetes, _) => {
+                Some(&http)
+            }
             (Action::Allow, _, true) | (Action::Allow, Protocol::Tcp, _) => Some(&tcp),
             _ => None,
         };
@@ -872,6 +878,14 @@ impl SessionCx {
         let handler: &dyn ProtocolHandler = match (action, observe) {
             ("allow", _) => handler.unwrap_or(&tcp),
             (_, true) if self.target.protocol == Protocol::Postgres => &pg,
+            (_, true)
+                if matches!(
+                    self.target.protocol,
+                    Protocol::Http | Protocol::Https | Protocol::Kubernetes
+                ) =>
+            {
+                &http
+            }
             (_, true) => &tcp,
             _ if self.target.protocol == Protocol::Postgres => {
                 // In the client's own language: psql prints the cause instead of a reset.

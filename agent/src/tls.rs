@@ -219,13 +219,18 @@ impl Ca {
 
     /// Server configuration for one bot connection that dialled `ip`.
     pub fn server_config(self: &Arc<Self>, ip: IpAddr) -> Arc<ServerConfig> {
+        self.server_config_alpn(ip, &[ALPN_POSTGRES])
+    }
+
+    /// [`Ca::server_config`] offering the ALPN protocols `alpn` (HTTP: h2, http/1.1).
+    pub fn server_config_alpn(self: &Arc<Self>, ip: IpAddr, alpn: &[&[u8]]) -> Arc<ServerConfig> {
         let mut cfg = ServerConfig::builder()
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Resolver {
                 ca: self.clone(),
                 ip,
             }));
-        cfg.alpn_protocols = vec![ALPN_POSTGRES.to_vec()];
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(cfg)
     }
 }
@@ -407,6 +412,36 @@ pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsEr
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![ALPN_POSTGRES.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Debian's bundle of the system's trusted roots (`ca-certificates`).
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Client configuration for an `https` or `kubernetes` target: always TLS, offering `alpn`.
+/// The certificate is checked as `verify-full` against `ca_file`, or against the system's
+/// roots when the target names none; `verify-ca` checks the chain only; `require` and
+/// `prefer` (an explicit choice in the policy) check nothing but the handshake signature.
+pub fn http_client_config(
+    tls: &TargetTls,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut effective = tls.clone();
+    if effective.ca_file.is_none() {
+        effective.ca_file = Some(PathBuf::from(SYSTEM_ROOTS));
+    }
+    if effective.mode == TlsMode::Disable {
+        effective.mode = TlsMode::VerifyFull;
+    }
+    let verifier = server_verifier(&effective, &provider)?;
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamTlsError::Handshake(io::Error::other(e)))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
 

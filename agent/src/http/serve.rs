@@ -1,0 +1,381 @@
+//! One bot connection: TLS termination, hyper's server (HTTP/1.1 and HTTP/2), and each
+//! request through attribution, decision and forwarding.
+//!
+//! hyper's HTTP/2 server runs each stream's service future on its own task, which must be
+//! `'static`, while the session context is borrowed. So the service only hands each request
+//! to the session's own loop over a channel and waits for the answer; the loop runs the
+//! requests concurrently (`FuturesUnordered`) inside the session's future. When the bot goes
+//! away, hyper drops the waiting service futures, and the loop's work for them (an upstream
+//! exchange, an approval wait) is cancelled with the session.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use futures_util::{stream::FuturesUnordered, StreamExt as _};
+use http_body_util::BodyExt as _;
+use hyper::{body::Incoming, header, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::{
+    net::TcpStream,
+    sync::{mpsc, oneshot},
+};
+use tollgate_policy::{Action, Credential, Decision, DecisionReason, Operation, Protocol};
+
+use super::{
+    approval_message, attribute, denial_message, finish_response, kube_json, refusal,
+    strip_hop_by_hop, tally, upstream::Upstream, AnyBody, RecordLine,
+};
+use crate::{
+    obj,
+    proxy::{ApprovalOutcome, DataPathError, SessionCx},
+    recording::Recorder,
+    relay::Totals,
+    tls::Conn,
+};
+
+/// ALPN protocols offered to bots.
+const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+type Job = (Request<Incoming>, oneshot::Sender<Response<AnyBody>>);
+
+/// Serve one bot connection until it closes.
+pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPathError> {
+    let protocol = cx.target.protocol;
+    let tls_target = matches!(protocol, Protocol::Https | Protocol::Kubernetes);
+    let (io, sni) = if tls_target {
+        let Some(ca) = cx.agent.ca.clone() else {
+            return Err(DataPathError::Internal(
+                "the agent has no CA, so it cannot terminate the bot's TLS".into(),
+            ));
+        };
+        let cfg = ca.server_config_alpn(cx.orig_dst.ip(), ALPN);
+        let tls = tokio_rustls::TlsAcceptor::from(cfg)
+            .accept(client)
+            .await
+            .map_err(DataPathError::Client)?;
+        let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
+        (
+            Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
+            sni,
+        )
+    } else {
+        (Conn::Plain(client), None)
+    };
+    let upstream_tls = if tls_target {
+        let name = crate::tls::server_name(
+            &cx.target.tls,
+            cx.dialled_host().or_else(|| sni.clone()).as_deref(),
+            cx.orig_dst.ip(),
+        )
+        .map_err(|e| DataPathError::Policy(e.to_string()))?;
+        let cfg = crate::tls::http_client_config(&cx.target.tls, ALPN)
+            .map_err(|e| DataPathError::Policy(e.to_string()))?;
+        Some((cfg, name))
+    } else {
+        None
+    };
+    let up = Upstream::new(cx, upstream_tls);
+    let credential = credential_header(cx);
+    let recorder = Recorder::open(
+        &cx.gen.policy.agent.data_dir,
+        &cx.id,
+        cx.agent.audit.health().clone(),
+    )
+    .ok()
+    .map(Arc::new);
+    if let Some(r) = &recorder {
+        r.write(obj(json!({
+            "event": "start", "session": cx.id, "identity": cx.identity, "target": cx.target.name,
+            "protocol": protocol.as_str(), "sni": sni, "pid": cx.facts.pid, "uid": cx.facts.uid,
+            "cgroup": cx.facts.cgroup, "exe": cx.facts.exe,
+        })));
+    }
+    let totals = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+
+    let (tx, mut rx) = mpsc::channel::<Job>(64);
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let tx = tx.clone();
+        async move {
+            let (reply, answer) = oneshot::channel();
+            if tx.send((req, reply)).await.is_err() {
+                return Ok::<_, std::convert::Infallible>(refusal(
+                    protocol,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tollgate: the session is closing",
+                    None,
+                ));
+            }
+            Ok(answer.await.unwrap_or_else(|_| {
+                refusal(
+                    protocol,
+                    StatusCode::BAD_GATEWAY,
+                    "tollgate: the request was abandoned",
+                    None,
+                )
+            }))
+        }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut inflight = FuturesUnordered::new();
+    let env = Env {
+        cx,
+        up: &up,
+        sni: sni.as_deref(),
+        credential: &credential,
+        recorder: &recorder,
+        totals: &totals,
+    };
+    let result = loop {
+        tokio::select! {
+            r = &mut conn => break r,
+            Some((req, reply)) = rx.recv() => inflight.push(async move {
+                let resp = env.handle(req).await;
+                let _ = reply.send(resp);
+            }),
+            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+        }
+    };
+    drop(inflight);
+    if let Some(r) = &recorder {
+        r.write(obj(json!({"event": "end", "session": cx.id,
+            "error": result.as_ref().err().map(|e| e.to_string())})));
+    }
+    let t = Totals {
+        bytes_up: totals.0.load(Ordering::Relaxed),
+        bytes_down: totals.1.load(Ordering::Relaxed),
+    };
+    cx.add_bytes(t);
+    match result {
+        Ok(()) => Ok(t),
+        Err(e) => Err(DataPathError::Client(std::io::Error::other(e.to_string()))),
+    }
+}
+
+/// The `Authorization` value the target's credential gives: `Bearer <token>` for a
+/// `token_file` (or `env`), `Basic` for `user` + `password_file`. `Err` when the credential
+/// cannot be read: requests are then refused (fail closed), never sent without it.
+fn credential_header(cx: &SessionCx) -> Result<Option<header::HeaderValue>, String> {
+    let Some(name) = &cx.target.credential else {
+        return Ok(None);
+    };
+    let gen = cx.agent.gen.load();
+    let Some(cred): Option<&Credential> = gen.policy.credentials.get(name) else {
+        return Err(format!("credential {name} is not in the policy"));
+    };
+    let secret = crate::pg::upstream::read_secret(name, cred)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("credential {name} has no secret"))?;
+    let value = match (&cred.user, &cred.password_file) {
+        (Some(user), Some(_)) => {
+            use base64::Engine as _;
+            let mut raw = user.as_bytes().to_vec();
+            raw.push(b':');
+            raw.extend_from_slice(&secret);
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            )
+        }
+        _ => format!(
+            "Bearer {}",
+            String::from_utf8(secret).map_err(|_| format!("credential {name} is not UTF-8"))?
+        ),
+    };
+    let mut v = header::HeaderValue::from_str(&value)
+        .map_err(|_| format!("credential {name} cannot be sent in a header"))?;
+    v.set_sensitive(true);
+    Ok(Some(v))
+}
+
+/// What every request of the session shares.
+#[derive(Clone, Copy)]
+struct Env<'a> {
+    cx: &'a SessionCx,
+    up: &'a Upstream<'a>,
+    sni: Option<&'a str>,
+    credential: &'a Result<Option<header::HeaderValue>, String>,
+    recorder: &'a Option<Arc<Recorder>>,
+    totals: &'a Arc<(AtomicU64, AtomicU64)>,
+}
+
+impl Env<'_> {
+    async fn handle(self, req: Request<Incoming>) -> Response<AnyBody> {
+        let cx = self.cx;
+        let protocol = cx.target.protocol;
+        let kind = if protocol == Protocol::Kubernetes {
+            "kubernetes"
+        } else {
+            "http"
+        };
+        let started = Instant::now();
+        let mut record = RecordLine {
+            recorder: self.recorder.clone(),
+            fields: obj(json!({ "event": "request", "method": req.method().as_str() })),
+            up: Arc::new(AtomicU64::new(0)),
+            started,
+            totals: self.totals.clone(),
+        };
+        let att = match attribute(
+            protocol,
+            req.method(),
+            req.uri(),
+            req.headers(),
+            self.sni,
+        ) {
+            Ok(a) => a,
+            Err(u) => {
+                // The raw target, bounded, for the audit: it is what the bot sent.
+                let raw: String = req.uri().to_string().chars().take(512).collect();
+                let d = Decision {
+                    action: Action::Deny,
+                    rule: None,
+                    reason: DecisionReason::NoMatchingRule,
+                };
+                cx.audit_operation(
+                    kind,
+                    &format!("{} {raw}", req.method()),
+                    &d,
+                    Some("unattributable"),
+                );
+                record.fields.insert("target".into(), raw.into());
+                record.fields.insert("action".into(), "deny".into());
+                record
+                    .fields
+                    .insert("reason".into(), u.message.clone().into());
+                return finish_response(refusal(protocol, u.status, &u.message, None), record);
+            }
+        };
+        let text = att.text();
+        let d = match (&att.kube, att.operation()) {
+            (Some(Some(a)), _) => {
+                let resource = a.resource_path();
+                cx.decide(
+                    Operation::Kube {
+                        verb: &a.verb,
+                        resource: &resource,
+                        namespace: &a.namespace,
+                        name: &a.name,
+                    },
+                    &text,
+                )
+            }
+            (Some(None), _) => cx.audit_operation(
+                kind,
+                &text,
+                &Decision {
+                    action: Action::Allow,
+                    rule: Some("(discovery)".into()),
+                    reason: DecisionReason::Matched,
+                },
+                Some("discovery"),
+            ),
+            (None, Some(op)) => cx.decide(op, &text),
+            (None, None) => Decision {
+                action: Action::Deny,
+                rule: None,
+                reason: DecisionReason::NoMatchingRule,
+            },
+        };
+        record.fields.extend(obj(json!({
+            "path": att.path, "host": att.host, "kubernetes": kube_json(&att.kube),
+            "action": d.action.as_str(), "rule": d.rule,
+        })));
+        let what = format!("{} {}", att.method, att.path);
+        match d.action {
+            Action::Allow => {}
+            Action::Deny => {
+                let msg = denial_message(&d, cx.identity.as_deref(), &cx.target.name, &what);
+                return finish_response(
+                    refusal(protocol, StatusCode::FORBIDDEN, &msg, d.rule.as_deref()),
+                    record,
+                );
+            }
+            Action::Approve => {
+                let outcome = cx.request_approval(&text, kind, &d).await;
+                record
+                    .fields
+                    .insert("approval".into(), outcome.label().into());
+                if !matches!(outcome, ApprovalOutcome::Approved { .. }) {
+                    let msg = approval_message(&outcome, &what);
+                    return finish_response(
+                        refusal(protocol, StatusCode::FORBIDDEN, &msg, d.rule.as_deref()),
+                        record,
+                    );
+                }
+            }
+        }
+        if req.headers().contains_key(header::UPGRADE) {
+            let msg = "tollgate: protocol upgrades (WebSocket, SPDY) are not supported by this agent yet; refused";
+            return finish_response(
+                refusal(protocol, StatusCode::NOT_IMPLEMENTED, msg, None),
+                record,
+            );
+        }
+        let credential = match self.credential {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                let msg = format!("tollgate: the target's credential cannot be used: {e}");
+                return finish_response(
+                    refusal(protocol, StatusCode::SERVICE_UNAVAILABLE, &msg, None),
+                    record,
+                );
+            }
+        };
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| att.host.clone());
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(c) = credential {
+            parts.headers.insert(header::AUTHORIZATION, c);
+        }
+        let mut out = Request::new(tally(body.boxed_unsync(), record.up.clone(), None));
+        *out.method_mut() = parts.method;
+        *out.headers_mut() = parts.headers;
+        *out.uri_mut() = match att.forward.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return finish_response(
+                    refusal(
+                        protocol,
+                        StatusCode::BAD_REQUEST,
+                        "tollgate: the request path cannot be forwarded",
+                        None,
+                    ),
+                    record,
+                )
+            }
+        };
+        match self.up.send(out, &authority).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                finish_response(Response::from_parts(parts, body.boxed_unsync()), record)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream request failed");
+                let msg = format!("tollgate: the upstream request failed: {e}");
+                finish_response(
+                    refusal(protocol, StatusCode::BAD_GATEWAY, &msg, None),
+                    record,
+                )
+            }
+        }
+    }
+}
