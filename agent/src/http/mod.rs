@@ -123,14 +123,18 @@ pub fn attribute(
     let te = headers.get_all(header::TRANSFER_ENCODING).iter().count();
     let cl: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
     if te > 0 && !cl.is_empty() {
-        return Err(bad("Content-Length together with Transfer-Encoding is refused"));
+        return Err(bad(
+            "Content-Length together with Transfer-Encoding is refused",
+        ));
     }
     if cl.len() > 1 {
         return Err(bad("more than one Content-Length is refused"));
     }
     for v in headers.get_all(header::TRANSFER_ENCODING) {
         if !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
-            return Err(bad("a Transfer-Encoding other than a single \"chunked\" is refused"));
+            return Err(bad(
+                "a Transfer-Encoding other than a single \"chunked\" is refused",
+            ));
         }
     }
     if te > 1 {
@@ -152,7 +156,9 @@ pub fn attribute(
     let uri_host = uri.authority().map(|a| host_of(a.as_str()));
     let host = match (uri_host, header_host) {
         (Some(u), Some(h)) if u != h => {
-            return Err(bad("the request URI names another host than the Host header"))
+            return Err(bad(
+                "the request URI names another host than the Host header",
+            ))
         }
         (Some(h), _) | (None, Some(h)) => h,
         (None, None) => return Err(bad("a request without a Host is refused")),
@@ -286,6 +292,15 @@ pub fn refusal(
     };
     let mut r = Response::new(full(body.to_string()));
     *r.status_mut() = status;
+    // A request refused for its framing or host may have left bytes behind it that were
+    // meant to be read as another request: close instead of reading on.
+    if matches!(
+        status,
+        StatusCode::BAD_REQUEST | StatusCode::MISDIRECTED_REQUEST
+    ) {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

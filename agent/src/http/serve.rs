@@ -223,13 +223,7 @@ impl Env<'_> {
             started,
             totals: self.totals.clone(),
         };
-        let att = match attribute(
-            protocol,
-            req.method(),
-            req.uri(),
-            req.headers(),
-            self.sni,
-        ) {
+        let att = match attribute(protocol, req.method(), req.uri(), req.headers(), self.sni) {
             Ok(a) => a,
             Err(u) => {
                 // The raw target, bounded, for the audit: it is what the bot sent.

@@ -46,12 +46,37 @@ fn plain_request_is_attributed_and_canonical() {
 fn smuggling_and_host_tricks_are_refused() {
     let h = ("host", "b.internal");
     for (uri, hs, sni, status) in [
-        ("/x", vec![h, ("content-length", "5"), ("transfer-encoding", "chunked")], None, StatusCode::BAD_REQUEST),
-        ("/x", vec![h, ("content-length", "5"), ("content-length", "6")], None, StatusCode::BAD_REQUEST),
-        ("/x", vec![h, ("transfer-encoding", "gzip, chunked")], None, StatusCode::BAD_REQUEST),
-        ("/x", vec![h, ("host", "other")], None, StatusCode::BAD_REQUEST),
+        (
+            "/x",
+            vec![h, ("content-length", "5"), ("transfer-encoding", "chunked")],
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/x",
+            vec![h, ("content-length", "5"), ("content-length", "6")],
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/x",
+            vec![h, ("transfer-encoding", "gzip, chunked")],
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/x",
+            vec![h, ("host", "other")],
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
         ("https://other/x", vec![h], None, StatusCode::BAD_REQUEST),
-        ("/x", vec![h], Some("other.internal"), StatusCode::MISDIRECTED_REQUEST),
+        (
+            "/x",
+            vec![h],
+            Some("other.internal"),
+            StatusCode::MISDIRECTED_REQUEST,
+        ),
         ("/x", vec![], None, StatusCode::BAD_REQUEST),
         ("/a/%2e%2e/%2e%2e/etc", vec![h], None, StatusCode::FORBIDDEN),
         ("/a/..%2fadmin", vec![h], None, StatusCode::FORBIDDEN),
@@ -61,17 +86,35 @@ fn smuggling_and_host_tricks_are_refused() {
         assert!(e.message.starts_with("tollgate: "), "{}", e.message);
     }
     // An absolute-form URI naming the same host is fine.
-    assert!(attr(Protocol::Https, "GET", "https://b.internal/x", &[h], Some("b.internal")).is_ok());
+    assert!(attr(
+        Protocol::Https,
+        "GET",
+        "https://b.internal/x",
+        &[h],
+        Some("b.internal")
+    )
+    .is_ok());
 }
 
 #[test]
 fn kubernetes_requests_carry_attributes() {
     let h = [("host", "127.0.0.1:6443")];
-    let a = attr(Protocol::Kubernetes, "GET", "/api/v1/namespaces/prod/pods?watch=1", &h, None)
-        .expect("attributed");
-    let Some(Some(k)) = &a.kube else { panic!("{a:?}") };
+    let a = attr(
+        Protocol::Kubernetes,
+        "GET",
+        "/api/v1/namespaces/prod/pods?watch=1",
+        &h,
+        None,
+    )
+    .expect("attributed");
+    let Some(Some(k)) = &a.kube else {
+        panic!("{a:?}")
+    };
     assert_eq!((k.verb.as_str(), k.namespace.as_str()), ("watch", "prod"));
-    assert_eq!(a.text(), "GET /api/v1/namespaces/prod/pods (watch pods -n prod)");
+    assert_eq!(
+        a.text(),
+        "GET /api/v1/namespaces/prod/pods (watch pods -n prod)"
+    );
     let d = attr(Protocol::Kubernetes, "GET", "/apis/apps/v1", &h, None).expect("discovery");
     assert_eq!(d.kube, Some(None));
     let e = attr(Protocol::Kubernetes, "GET", "/metrics", &h, None).expect_err("non-resource");
@@ -80,7 +123,12 @@ fn kubernetes_requests_carry_attributes() {
 
 #[test]
 fn kubernetes_refusal_is_a_status() {
-    let r = refusal(Protocol::Kubernetes, StatusCode::FORBIDDEN, "tollgate: no", Some("r1"));
+    let r = refusal(
+        Protocol::Kubernetes,
+        StatusCode::FORBIDDEN,
+        "tollgate: no",
+        Some("r1"),
+    );
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(
         r.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes()),

@@ -1,0 +1,196 @@
+//! HTTP test peers: a real HTTPS server on loopback (Python's `http.server` with `ssl`, from
+//! Debian's python3) that logs every request it receives as JSON lines, and a raw TLS client
+//! for request-smuggling tricks no well-behaved client sends.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{free_port, pg::TestCa, wait_for, TempDir};
+
+/// The server: GET answers `{"path": <path as received>, "ok": true}` plus, under
+/// `/api/v1/customers`, a JSON document with an email and a card number; POST and PUT read
+/// the body (Content-Length or chunked) and answer its length and SHA-256.
+const SERVER: &str = r#"
+import hashlib, json, ssl, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port, cert, key, log = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+logf = open(log, "a", buffering=1)
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def record(self, extra=None):
+        e = {"method": self.command, "path": self.path,
+             "authorization": self.headers.get("Authorization"),
+             "host": self.headers.get("Host")}
+        e.update(extra or {})
+        logf.write(json.dumps(e) + "\n")
+    def reply(self, code, obj):
+        b = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(b)
+    def do_GET(self):
+        self.record()
+        self.reply(200, {"path": self.path, "ok": True})
+    do_HEAD = do_GET
+    do_DELETE = do_GET
+    def body(self):
+        h = hashlib.sha256(); n = 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""): pass
+                    break
+                left = size
+                while left:
+                    c = self.rfile.read(min(left, 65536)); h.update(c); n += len(c); left -= len(c)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("Content-Length", "0"))
+            while left:
+                c = self.rfile.read(min(left, 65536))
+                if not c: break
+                h.update(c); n += len(c); left -= len(c)
+        return n, h.hexdigest()
+    def do_POST(self):
+        n, digest = self.body()
+        self.record({"bytes": n})
+        self.reply(200, {"path": self.path, "bytes": n, "sha256": digest})
+    do_PUT = do_POST
+    do_PATCH = do_POST
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv = ThreadingHTTPServer(("127.0.0.1", port), H)
+srv.daemon_threads = True
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("ready", flush=True)
+srv.serve_forever()
+"#;
+
+/// A real HTTPS server on 127.0.0.1 with a certificate for `localhost` and `127.0.0.1` from
+/// its own test CA. Stopped (by its pid) on drop.
+pub struct HttpsServer {
+    pub port: u16,
+    pub ca: TestCa,
+    /// The test CA's certificate, for the target's `tls.ca_file`.
+    pub ca_file: PathBuf,
+    log: PathBuf,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl HttpsServer {
+    pub fn start(tag: &str) -> HttpsServer {
+        let dir = TempDir::new(&format!("{tag}-https"));
+        let ca = TestCa::new(tag);
+        let cert = dir.path().join("server.pem");
+        let key = dir.path().join("server.key");
+        let ca_file = dir.path().join("ca.pem");
+        fs::write(&cert, &ca.cert_pem).expect("cert");
+        fs::write(&key, &ca.key_pem).expect("key");
+        fs::write(&ca_file, &ca.ca_pem).expect("ca");
+        let script = dir.path().join("server.py");
+        fs::write(&script, SERVER).expect("script");
+        let log = dir.path().join("access.jsonl");
+        fs::write(&log, "").expect("log");
+        let port = free_port();
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(&cert)
+            .arg(&key)
+            .arg(&log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 https server");
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        assert_eq!(line.trim(), "ready", "the HTTPS test server did not start");
+        wait_for(Duration::from_secs(5), "https server listening", || {
+            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()
+        });
+        HttpsServer {
+            port,
+            ca,
+            ca_file,
+            log,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// Every request the server received, in order.
+    pub fn access_log(&self) -> Vec<Value> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for HttpsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw TLS client run as the bot: sends `request` bytes (Python escapes allowed, e.g.
+/// `\r\n`) to 127.0.0.1:`port` with SNI `sni`, trusting `ca_file`, and prints everything the
+/// server answers within two seconds.
+pub const RAW_CLIENT: &str = r#"
+import socket, ssl, sys
+port, ca, sni, req = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.set_alpn_protocols(["http/1.1"])
+s = socket.create_connection(("127.0.0.1", port), timeout=5)
+t = ctx.wrap_socket(s, server_hostname=sni)
+t.sendall(req.encode("latin-1").decode("unicode_escape").encode("latin-1"))
+t.settimeout(2)
+out = b""
+try:
+    while True:
+        c = t.recv(65536)
+        if not c: break
+        out += c
+except Exception:
+    pass
+sys.stdout.write(out.decode("latin-1"))
+"#;
+
+/// Write [`RAW_CLIENT`] where the unprivileged bot can read it.
+pub fn raw_client(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = dir.join("rawtls.py");
+    fs::write(&p, RAW_CLIENT).expect("raw client");
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
+    p
+}
+
+/// The status codes of every HTTP/1.x response in `text`.
+pub fn statuses(text: &str) -> Vec<u16> {
+    text.split("HTTP/1.")
+        .skip(1)
+        .filter_map(|r| r.get(2..5).and_then(|c| c.parse().ok()))
+        .collect()
+}
