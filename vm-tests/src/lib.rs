@@ -28,6 +28,7 @@
 
 pub mod browser;
 pub mod http;
+pub mod kube;
 pub mod netns;
 pub mod oidc;
 pub mod pg;

@@ -11,6 +11,7 @@
 //! # Layout
 //! - `mod.rs`: the per-request pipeline: [`attribute`] (pure), the decision, the refusals in
 //!   the client's own language (403 JSON, or a Kubernetes `Status`), forwarding.
+//! - `mask.rs`: Kubernetes Secret values masked in JSON answers (watches event by event).
 //! - `serve.rs`: one bot connection: TLS, hyper's server, each request through the pipeline.
 //! - `upstream.rs`: the agent's connections to the target (TLS, h1/h2, a small pool).
 //! - `adapter.rs`: the [`crate::proxy::ProtocolHandler`] entry point, and the only place that
@@ -23,6 +24,7 @@
 //! request, with the canonical path that was decided.
 
 mod adapter;
+mod mask;
 mod serve;
 mod upstream;
 

@@ -28,8 +28,11 @@ use tokio::{
 use tollgate_policy::{Action, Credential, Decision, DecisionReason, Operation, Protocol};
 
 use super::{
-    approval_message, attribute, denial_message, finish_response, kube_json, refusal,
-    strip_hop_by_hop, tally, upstream::Upstream, AnyBody, RecordLine,
+    approval_message, attribute, denial_message, finish_response, kube_json,
+    mask::{mask_document, WatchMask, MAX_DOCUMENT},
+    refusal, strip_hop_by_hop, tally,
+    upstream::Upstream,
+    AnyBody, RecordLine,
 };
 use crate::{
     obj,
@@ -339,6 +342,30 @@ impl Env<'_> {
         if let Some(c) = credential {
             parts.headers.insert(header::AUTHORIZATION, c);
         }
+        // Secrets are masked by default: ask for JSON the agent can read (no protobuf, no
+        // compression).
+        let secrets = match &att.kube {
+            Some(Some(a)) if a.resource == "secrets" => Some(a.verb == "watch"),
+            _ => None,
+        };
+        if secrets.is_some() {
+            let accept = parts
+                .headers
+                .get(header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .map(|a| {
+                    a.split(',')
+                        .filter(|m| !m.contains("protobuf"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|a| !a.trim().is_empty())
+                .unwrap_or_else(|| "application/json".into());
+            if let Ok(v) = header::HeaderValue::from_str(&accept) {
+                parts.headers.insert(header::ACCEPT, v);
+            }
+            parts.headers.remove(header::ACCEPT_ENCODING);
+        }
         let mut out = Request::new(tally(body.boxed_unsync(), record.up.clone(), None));
         *out.method_mut() = parts.method;
         *out.headers_mut() = parts.headers;
@@ -360,7 +387,19 @@ impl Env<'_> {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                finish_response(Response::from_parts(parts, body.boxed_unsync()), record)
+                let mut body = body.boxed_unsync();
+                if let Some(watch) = secrets {
+                    match mask_secret_body(cx, &mut parts.headers, body, watch).await {
+                        Ok(b) => body = b,
+                        Err(msg) => {
+                            return finish_response(
+                                refusal(protocol, StatusCode::FORBIDDEN, &msg, None),
+                                record,
+                            )
+                        }
+                    }
+                }
+                finish_response(Response::from_parts(parts, body), record)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "upstream request failed");
@@ -372,4 +411,51 @@ impl Env<'_> {
             }
         }
     }
+}
+
+/// Mask a response about Secrets (see `mask.rs`): a watch event by event, a document whole.
+/// `Err(message)` when it cannot be masked: the bot gets a refusal, never the values.
+async fn mask_secret_body(
+    cx: &SessionCx,
+    headers: &mut header::HeaderMap,
+    body: AnyBody,
+    watch: bool,
+) -> Result<AnyBody, String> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if !ctype.trim_start().starts_with("application/json") || encoded {
+        return Err(format!(
+            "tollgate: a response about Secrets that the agent cannot mask (content type \"{ctype}\"{}) is refused",
+            if encoded { ", compressed" } else { "" }
+        ));
+    }
+    let counter = cx
+        .agent
+        .metrics
+        .masked_values
+        .with_label_values(&[&cx.target.name, "kubernetes_secret"]);
+    if watch {
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(WatchMask::new(body, Box::new(move |n| counter.inc_by(n))).boxed_unsync());
+    }
+    let bytes = http_body_util::Limited::new(body, MAX_DOCUMENT)
+        .collect()
+        .await
+        .map_err(|e| {
+            format!("tollgate: a response about Secrets could not be read for masking: {e}")
+        })?
+        .to_bytes();
+    let (out, n) = mask_document(&bytes).ok_or_else(|| {
+        "tollgate: a response about Secrets is not JSON, so it cannot be masked; refused"
+            .to_string()
+    })?;
+    counter.inc_by(n);
+    headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(out.len()));
+    Ok(super::full(out))
 }
