@@ -318,3 +318,109 @@ fn smuggling_and_path_tricks_never_reach_a_denied_path() {
     assert!(log.iter().all(|e| e["path"] != "/admin"), "{log:#?}");
     drop(agent);
 }
+
+/// `tollgate approvals ARGS` against `agent`'s admin API with its local admin token.
+fn approvals(agent: &AgentProc, args: &[&str]) -> String {
+    let out = std::process::Command::new(vm_tests::tollgate_bin())
+        .arg("approvals")
+        .args(args)
+        .arg("--admin")
+        .arg(agent.admin.expect("admin").to_string())
+        .arg("--token-file")
+        .arg(agent.data_dir.join("admin.token"))
+        .output()
+        .expect("tollgate approvals");
+    assert!(out.status.success(), "approvals {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The id of the one pending approval request, once there is one.
+fn pending_id(agent: &AgentProc) -> u64 {
+    vm_tests::wait_for(
+        std::time::Duration::from_secs(20),
+        "a pending request",
+        || {
+            let v: Value = serde_json::from_str(&approvals(agent, &["list", "--json"])).ok()?;
+            let list = v.get("pending").unwrap_or(&v);
+            list.as_array()?.first()?["id"].as_u64()
+        },
+    )
+}
+
+#[test]
+fn an_approve_rule_holds_the_request_until_a_human_decides() {
+    require_root();
+    let tag = "http-approve";
+    let srv = HttpsServer::start(tag);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let files = TempDir::new(&format!("{tag}-files"));
+    let token = files.path().join("billing.token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+    let body = format!(
+        "{}\n[[rule]]\nname = \"refunds need a human\"\nidentities = [\"ci-bot\"]\ntargets = [\"billing\"]\naction = \"approve\"\nhttp = {{ methods = [\"POST\"], paths = [\"/api/v1/refunds/*\"] }}\n",
+        policy(&bot, &srv, &token)
+    );
+    let agent = AgentProc::start_with_admin(tag, FailMode::Closed, &body);
+    let pem = std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA");
+    let trust = TempDir::new(&format!("{tag}-trust"));
+    let ca = world_readable(&trust, "tollgate-ca.pem", &pem);
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let url = format!("https://localhost:{}/api/v1/refunds/42", srv.port);
+    let spawn = || {
+        let ca = ca.clone();
+        let (resolve, url) = (resolve.clone(), url.clone());
+        let bot = &bot;
+        let mut c = bot.command(Path::new("/usr/bin/curl"));
+        c.args(["-sS", "--max-time", "60", "--cacert"])
+            .arg(&ca)
+            .args([
+                "-w",
+                "\n%{http_code}",
+                "--resolve",
+                &resolve,
+                "-d",
+                "amount=10",
+                &url,
+            ])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdout(std::process::Stdio::piped());
+        c.spawn().expect("curl")
+    };
+
+    // Approved: the held request then reaches the server.
+    let child = spawn();
+    let id = pending_id(&agent);
+    assert!(srv.access_log().is_empty(), "held, not sent");
+    approvals(&agent, &["approve", &id.to_string()]);
+    let out = child.wait_with_output().expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(s.ends_with("\n200"), "{s}");
+    assert_eq!(srv.access_log().len(), 1);
+
+    // Denied: 403 JSON with the approver's comment; nothing sent.
+    let child = spawn();
+    let id = pending_id(&agent);
+    approvals(
+        &agent,
+        &[
+            "deny",
+            &id.to_string(),
+            "--comment",
+            "not during the freeze",
+        ],
+    );
+    let out = child.wait_with_output().expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = s.rsplit_once('\n').unwrap_or(("", ""));
+    assert_eq!(code, "403", "{s}");
+    let v: Value = serde_json::from_str(body).expect("json");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not during the freeze")),
+        "{v}"
+    );
+    assert_eq!(v["rule"], "refunds need a human", "{v}");
+    assert_eq!(srv.access_log().len(), 1);
+}
