@@ -403,6 +403,14 @@ pub enum UpstreamTlsError {
 /// Client configuration for a target's `tls` table. `host` is the name the certificate must
 /// carry when `server_name` is not set.
 pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
+    client_config_alpn(tls, &[ALPN_POSTGRES])
+}
+
+/// [`client_config`] offering the ALPN protocols `alpn`.
+fn client_config_alpn(
+    tls: &TargetTls,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = server_verifier(tls, &provider)?;
     let mut cfg = ClientConfig::builder_with_provider(provider)
@@ -411,7 +419,7 @@ pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsEr
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![ALPN_POSTGRES.to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
 
@@ -426,7 +434,6 @@ pub fn http_client_config(
     tls: &TargetTls,
     alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut effective = tls.clone();
     if effective.ca_file.is_none() {
         effective.ca_file = Some(PathBuf::from(SYSTEM_ROOTS));
@@ -434,15 +441,7 @@ pub fn http_client_config(
     if effective.mode == TlsMode::Disable {
         effective.mode = TlsMode::VerifyFull;
     }
-    let verifier = server_verifier(&effective, &provider)?;
-    let mut cfg = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| UpstreamTlsError::Handshake(io::Error::other(e)))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(cfg))
+    client_config_alpn(&effective, alpn)
 }
 
 /// How the server's certificate is checked under `tls.mode`.

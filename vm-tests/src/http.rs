@@ -83,17 +83,26 @@ srv.serve_forever()
 /// its own test CA. Stopped (by its pid) on drop.
 pub struct HttpsServer {
     pub port: u16,
-    pub ca: TestCa,
     /// The test CA's certificate, for the target's `tls.ca_file`.
     pub ca_file: PathBuf,
-    log: PathBuf,
-    child: Child,
-    _dir: TempDir,
+    pub server: PyTlsServer,
 }
 
-impl HttpsServer {
-    pub fn start(tag: &str) -> HttpsServer {
-        let dir = TempDir::new(&format!("{tag}-https"));
+/// A Python TLS server script started on a free loopback port with a certificate for
+/// `localhost` and `127.0.0.1` from its own test CA: `python3 SCRIPT PORT CERT KEY LOG ARGS...`,
+/// which prints `ready` once listening. Shared by [`HttpsServer`] and the fake API server.
+pub struct PyTlsServer {
+    pub port: u16,
+    pub ca: TestCa,
+    pub ca_file: PathBuf,
+    pub log: PathBuf,
+    pub child: Child,
+    pub dir: TempDir,
+}
+
+impl PyTlsServer {
+    pub fn start(tag: &str, script_text: &str, args: &[&str]) -> PyTlsServer {
+        let dir = TempDir::new(tag);
         let ca = TestCa::new(tag);
         let cert = dir.path().join("server.pem");
         let key = dir.path().join("server.key");
@@ -102,7 +111,7 @@ impl HttpsServer {
         fs::write(&key, &ca.key_pem).expect("key");
         fs::write(&ca_file, &ca.ca_pem).expect("ca");
         let script = dir.path().join("server.py");
-        fs::write(&script, SERVER).expect("script");
+        fs::write(&script, script_text).expect("script");
         let log = dir.path().join("access.jsonl");
         fs::write(&log, "").expect("log");
         let port = free_port();
@@ -112,33 +121,30 @@ impl HttpsServer {
             .arg(&cert)
             .arg(&key)
             .arg(&log)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("python3 https server");
+            .expect("python3 test server");
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
             let _ = BufReader::new(out).read_line(&mut line);
         }
-        assert_eq!(line.trim(), "ready", "the HTTPS test server did not start");
-        wait_for(Duration::from_secs(5), "https server listening", || {
+        assert_eq!(line.trim(), "ready", "the {tag} test server did not start");
+        wait_for(Duration::from_secs(5), "test server listening", || {
             TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()
         });
-        HttpsServer {
+        PyTlsServer {
             port,
             ca,
             ca_file,
             log,
             child,
-            _dir: dir,
+            dir,
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
-    }
-
-    /// Every request the server received, in order.
+    /// Every line of its access log, parsed.
     pub fn access_log(&self) -> Vec<Value> {
         fs::read_to_string(&self.log)
             .unwrap_or_default()
@@ -148,10 +154,30 @@ impl HttpsServer {
     }
 }
 
-impl Drop for HttpsServer {
+impl Drop for PyTlsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl HttpsServer {
+    pub fn start(tag: &str) -> HttpsServer {
+        let s = PyTlsServer::start(&format!("{tag}-https"), SERVER, &[]);
+        HttpsServer {
+            port: s.port,
+            ca_file: s.ca_file.clone(),
+            server: s,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// Every request the server received, in order.
+    pub fn access_log(&self) -> Vec<Value> {
+        self.server.access_log()
     }
 }
 

@@ -5,18 +5,11 @@
 //! `Status` errors. It checks the bearer token on every request (401 otherwise) and logs what
 //! it received as JSON lines.
 
-use std::{
-    fs,
-    io::{BufRead as _, BufReader},
-    net::{Ipv4Addr, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::{free_port, pg::TestCa, wait_for, TempDir};
+use crate::http::PyTlsServer;
 
 /// The secret value of Secret `default/db` (`data.password`, base64 on the wire).
 pub const SECRET_PASSWORD: &str = "hunter2-db-password";
@@ -193,70 +186,23 @@ pub struct FakeApiServer {
     pub port: u16,
     /// Its CA certificate (the agent's `tls.ca_file`).
     pub ca_file: PathBuf,
-    log: PathBuf,
-    child: Child,
-    _dir: TempDir,
+    server: PyTlsServer,
 }
 
 impl FakeApiServer {
     /// Start it, accepting only `Authorization: Bearer <token>`.
     pub fn start(tag: &str, token: &str) -> FakeApiServer {
-        let dir = TempDir::new(&format!("{tag}-kube"));
-        let ca = TestCa::new(tag);
-        let cert = dir.path().join("server.pem");
-        let key = dir.path().join("server.key");
-        let ca_file = dir.path().join("ca.pem");
-        fs::write(&cert, &ca.cert_pem).expect("cert");
-        fs::write(&key, &ca.key_pem).expect("key");
-        fs::write(&ca_file, &ca.ca_pem).expect("ca");
-        let script = dir.path().join("apiserver.py");
-        fs::write(&script, SERVER).expect("script");
-        let log = dir.path().join("access.jsonl");
-        fs::write(&log, "").expect("log");
-        let port = free_port();
-        let mut child = Command::new("/usr/bin/python3")
-            .arg(&script)
-            .arg(port.to_string())
-            .arg(&cert)
-            .arg(&key)
-            .arg(&log)
-            .arg(token)
-            .arg(SECRET_PASSWORD)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 fake API server");
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut line);
-        }
-        assert_eq!(line.trim(), "ready", "the fake API server did not start");
-        wait_for(Duration::from_secs(5), "fake API server listening", || {
-            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()
-        });
+        let s = PyTlsServer::start(&format!("{tag}-kube"), SERVER, &[token, SECRET_PASSWORD]);
         FakeApiServer {
-            port,
-            ca_file,
-            log,
-            child,
-            _dir: dir,
+            port: s.port,
+            ca_file: s.ca_file.clone(),
+            server: s,
         }
     }
 
     /// Every request it received, in order.
     pub fn access_log(&self) -> Vec<Value> {
-        fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-}
-
-impl Drop for FakeApiServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.access_log()
     }
 }
 

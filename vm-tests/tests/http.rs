@@ -89,19 +89,53 @@ fn curl(bot: &Cgroup, ca: &Path, args: &[&str]) -> (u16, String, String) {
     (code, body.to_string(), version)
 }
 
-#[test]
-fn https_requests_are_decided_one_by_one_with_the_token_injected() {
+/// A server, a bot cgroup, the target's token file, the agent (with `extra` rules, and the
+/// admin API when `admin`) and the agent's CA where the bot can read it.
+struct Fixture {
+    srv: HttpsServer,
+    bot: Cgroup,
+    files: TempDir,
+    agent: AgentProc,
+    trust: TempDir,
+    ca: std::path::PathBuf,
+}
+
+fn fixture(tag: &str, extra: &str, admin: bool) -> Fixture {
     require_root();
-    let tag = "http-basic";
     let srv = HttpsServer::start(tag);
     let bot = Cgroup::new(&format!("{tag}-bot"));
     let files = TempDir::new(&format!("{tag}-files"));
     let token = files.path().join("billing.token");
     std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
-    let agent = AgentProc::start(tag, FailMode::Closed, &policy(&bot, &srv, &token));
+    let body = format!("{}{extra}", policy(&bot, &srv, &token));
+    let agent = if admin {
+        AgentProc::start_with_admin(tag, FailMode::Closed, &body)
+    } else {
+        AgentProc::start(tag, FailMode::Closed, &body)
+    };
     let pem = std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA");
     let trust = TempDir::new(&format!("{tag}-trust"));
     let ca = world_readable(&trust, "tollgate-ca.pem", &pem);
+    Fixture {
+        srv,
+        bot,
+        files,
+        agent,
+        trust,
+        ca,
+    }
+}
+
+#[test]
+fn https_requests_are_decided_one_by_one_with_the_token_injected() {
+    let Fixture {
+        srv,
+        bot,
+        files,
+        agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-basic", "", false);
     let base = format!("https://localhost:{}", srv.port);
     // curl resolves localhost to 127.0.0.1 (the target address) and sends SNI localhost.
     let resolve = format!("localhost:{}:127.0.0.1", srv.port);
@@ -199,17 +233,14 @@ fn https_requests_are_decided_one_by_one_with_the_token_injected() {
 
 #[test]
 fn smuggling_and_path_tricks_never_reach_a_denied_path() {
-    require_root();
-    let tag = "http-tricks";
-    let srv = HttpsServer::start(tag);
-    let bot = Cgroup::new(&format!("{tag}-bot"));
-    let files = TempDir::new(&format!("{tag}-files"));
-    let token = files.path().join("billing.token");
-    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
-    let agent = AgentProc::start(tag, FailMode::Closed, &policy(&bot, &srv, &token));
-    let pem = std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA");
-    let trust = TempDir::new(&format!("{tag}-trust"));
-    let ca = world_readable(&trust, "tollgate-ca.pem", &pem);
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust,
+        ca,
+    } = fixture("http-tricks", "", false);
     let client = raw_client(trust.path());
     let h = "Host: localhost\\r\\n";
     let end = "Connection: close\\r\\n\\r\\n";
@@ -349,21 +380,15 @@ fn pending_id(agent: &AgentProc) -> u64 {
 
 #[test]
 fn an_approve_rule_holds_the_request_until_a_human_decides() {
-    require_root();
-    let tag = "http-approve";
-    let srv = HttpsServer::start(tag);
-    let bot = Cgroup::new(&format!("{tag}-bot"));
-    let files = TempDir::new(&format!("{tag}-files"));
-    let token = files.path().join("billing.token");
-    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
-    let body = format!(
-        "{}\n[[rule]]\nname = \"refunds need a human\"\nidentities = [\"ci-bot\"]\ntargets = [\"billing\"]\naction = \"approve\"\nhttp = {{ methods = [\"POST\"], paths = [\"/api/v1/refunds/*\"] }}\n",
-        policy(&bot, &srv, &token)
-    );
-    let agent = AgentProc::start_with_admin(tag, FailMode::Closed, &body);
-    let pem = std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA");
-    let trust = TempDir::new(&format!("{tag}-trust"));
-    let ca = world_readable(&trust, "tollgate-ca.pem", &pem);
+    let extra = "\n[[rule]]\nname = \"refunds need a human\"\nidentities = [\"ci-bot\"]\ntargets = [\"billing\"]\naction = \"approve\"\nhttp = { methods = [\"POST\"], paths = [\"/api/v1/refunds/*\"] }\n";
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-approve", extra, true);
     let resolve = format!("localhost:{}:127.0.0.1", srv.port);
     let url = format!("https://localhost:{}/api/v1/refunds/42", srv.port);
     let spawn = || {
