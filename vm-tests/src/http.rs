@@ -15,11 +15,11 @@ use serde_json::Value;
 
 use crate::{free_port, pg::TestCa, wait_for, TempDir};
 
-/// The server: GET answers `{"path": <path as received>, "ok": true}` plus, under
+/// The server (after [`WS_PY`]): a WebSocket GET is echoed frame by frame; GET answers `{"path": <path as received>, "ok": true}` plus, under
 /// `/api/v1/customers`, a JSON document with an email and a card number; POST and PUT read
 /// the body (Content-Length or chunked) and answer its length and SHA-256.
 const SERVER: &str = r#"
-import hashlib, json, ssl, sys
+import base64, hashlib, json, ssl, struct, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 port, cert, key, log = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 logf = open(log, "a", buffering=1)
@@ -41,8 +41,22 @@ class H(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(b)
     def do_GET(self):
+        if (self.headers.get("Upgrade") or "").lower() == "websocket":
+            return self.websocket()
         self.record()
         self.reply(200, {"path": self.path, "ok": True})
+    def websocket(self):
+        self.record({"upgrade": "websocket"})
+        key = self.headers["Sec-WebSocket-Key"]
+        acc = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", acc)
+        self.end_headers()
+        self.wfile.flush()
+        ws_echo(self.rfile, self.wfile)
+        self.close_connection = True
     do_HEAD = do_GET
     do_DELETE = do_GET
     def body(self):
@@ -87,6 +101,40 @@ pub struct HttpsServer {
     pub ca_file: PathBuf,
     pub server: PyTlsServer,
 }
+
+/// WebSocket frames in Python (RFC 6455): `ws_frame(op, data, mask)`, `ws_read(f)` ->
+/// (op, data) or None, and `ws_echo(rfile, wfile)` echoing until a close frame.
+pub const WS_PY: &str = r#"
+import os as _os, struct as _struct
+def ws_frame(op, data, mask=False):
+    n = len(data)
+    head = bytes([0x80 | op])
+    mbit = 0x80 if mask else 0
+    if n < 126: head += bytes([mbit | n])
+    elif n < 65536: head += bytes([mbit | 126]) + _struct.pack(">H", n)
+    else: head += bytes([mbit | 127]) + _struct.pack(">Q", n)
+    if mask:
+        k = _os.urandom(4)
+        return head + k + bytes(b ^ k[i % 4] for i, b in enumerate(data))
+    return head + data
+def ws_read(f):
+    h = f.read(2)
+    if len(h) < 2: return None
+    op, n = h[0] & 0x0f, h[1] & 0x7f
+    if n == 126: n = _struct.unpack(">H", f.read(2))[0]
+    elif n == 127: n = _struct.unpack(">Q", f.read(8))[0]
+    k = f.read(4) if h[1] & 0x80 else b"\0\0\0\0"
+    d = f.read(n)
+    return op, bytes(b ^ k[i % 4] for i, b in enumerate(d))
+def ws_echo(rfile, wfile):
+    while True:
+        m = ws_read(rfile)
+        if m is None: break
+        op, data = m
+        if op == 8:
+            wfile.write(ws_frame(8, data)); wfile.flush(); break
+        wfile.write(ws_frame(op, data)); wfile.flush()
+"#;
 
 /// A Python TLS server script started on a free loopback port with a certificate for
 /// `localhost` and `127.0.0.1` from its own test CA: `python3 SCRIPT PORT CERT KEY LOG ARGS...`,
@@ -163,7 +211,7 @@ impl Drop for PyTlsServer {
 
 impl HttpsServer {
     pub fn start(tag: &str) -> HttpsServer {
-        let s = PyTlsServer::start(&format!("{tag}-https"), SERVER, &[]);
+        let s = PyTlsServer::start(&format!("{tag}-https"), &format!("{WS_PY}{SERVER}"), &[]);
         HttpsServer {
             port: s.port,
             ca_file: s.ca_file.clone(),
@@ -204,11 +252,44 @@ except Exception:
 sys.stdout.write(out.decode("latin-1"))
 "#;
 
+/// A WebSocket client run as the bot (after [`WS_PY`]): opens `path` on 127.0.0.1:`port`
+/// (SNI and Host `localhost`, trusting `ca_file`), sends `text` as a masked text frame and
+/// prints `{"status": N, "echo": "..."}`.
+pub const WS_CLIENT: &str = r#"
+import base64, json, os, socket, ssl, sys
+port, ca, path, text = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.set_alpn_protocols(["http/1.1"])
+t = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+key = base64.b64encode(os.urandom(16)).decode()
+t.sendall(("GET %s HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (path, key)).encode())
+f = t.makefile("rb")
+status = int(f.readline().split()[1])
+while f.readline() not in (b"\r\n", b""): pass
+echo = None
+if status == 101:
+    t.sendall(ws_frame(1, text.encode(), mask=True))
+    m = ws_read(f)
+    echo = m[1].decode() if m else None
+    t.sendall(ws_frame(8, b"", mask=True))
+print(json.dumps({"status": status, "echo": echo}))
+"#;
+
 /// Write [`RAW_CLIENT`] where the unprivileged bot can read it.
 pub fn raw_client(dir: &Path) -> PathBuf {
+    bot_script(dir, "rawtls.py", RAW_CLIENT)
+}
+
+/// Write [`WS_CLIENT`] (with [`WS_PY`]) where the unprivileged bot can read it.
+pub fn ws_client(dir: &Path) -> PathBuf {
+    bot_script(dir, "wsclient.py", &format!("{WS_PY}{WS_CLIENT}"))
+}
+
+fn bot_script(dir: &Path, name: &str, text: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
-    let p = dir.join("rawtls.py");
-    fs::write(&p, RAW_CLIENT).expect("raw client");
+    let p = dir.join(name);
+    fs::write(&p, text).expect("bot script");
     fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
     p
 }

@@ -7,7 +7,7 @@ use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Output};
 
 use serde_json::Value;
 use vm_tests::{
-    http::{raw_client, statuses, HttpsServer},
+    http::{raw_client, statuses, ws_client, HttpsServer},
     require_root, AgentProc, Cgroup, FailMode, TempDir,
 };
 
@@ -448,4 +448,55 @@ fn an_approve_rule_holds_the_request_until_a_human_decides() {
     );
     assert_eq!(v["rule"], "refunds need a human", "{v}");
     assert_eq!(srv.access_log().len(), 1);
+}
+
+#[test]
+fn websocket_upgrades_are_decided_then_relayed() {
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust,
+        ca,
+    } = fixture("http-ws", "", false);
+    let client = ws_client(trust.path());
+    let ws = |path: &str| -> Value {
+        let out = bot
+            .command(Path::new("/usr/bin/python3"))
+            .arg(&client)
+            .arg(srv.port.to_string())
+            .arg(&ca)
+            .arg(path)
+            .arg("hello through tollgate")
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .expect("ws client");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+    };
+    let v = ws("/api/v1/ws");
+    assert_eq!(v["status"], 101, "{v}");
+    assert_eq!(v["echo"], "hello through tollgate", "{v}");
+    let v = ws("/admin/ws");
+    assert_eq!(v["status"], 403, "{v}");
+    let log = srv.access_log();
+    assert_eq!(log.len(), 1, "{log:#?}");
+    assert_eq!(log[0]["upgrade"], "websocket");
+    assert_eq!(log[0]["authorization"], format!("Bearer {TOKEN}"));
+    // The upgraded request is recorded with its bytes once the relay ends.
+    let recorded = vm_tests::wait_for(std::time::Duration::from_secs(10), "ws recording", || {
+        std::fs::read_dir(agent.data_dir.join("sessions"))
+            .ok()?
+            .flatten()
+            .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+            .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .find(|v| v["event"] == "request" && v["status"] == 101)
+    });
+    assert!(recorded["bytes_up"].as_u64().unwrap_or(0) > 0, "{recorded}");
+    assert!(
+        recorded["bytes_down"].as_u64().unwrap_or(0) > 0,
+        "{recorded}"
+    );
 }

@@ -16,6 +16,7 @@ use std::{
     time::Instant,
 };
 
+use bytes::Bytes;
 use futures_util::{stream::FuturesUnordered, StreamExt as _};
 use http_body_util::BodyExt as _;
 use hyper::{body::Incoming, header, Request, Response, StatusCode};
@@ -79,11 +80,18 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         .map_err(|e| DataPathError::Policy(e.to_string()))?;
         let cfg = crate::tls::http_client_config(&cx.target.tls, ALPN)
             .map_err(|e| DataPathError::Policy(e.to_string()))?;
-        Some((cfg, name))
+        let h1 = crate::tls::http_client_config(&cx.target.tls, &ALPN[1..])
+            .map_err(|e| DataPathError::Policy(e.to_string()))?;
+        Some(((cfg, name), h1))
     } else {
         None
     };
-    let up = Upstream::new(cx, upstream_tls);
+    let (upstream_tls, tls_h1) = match upstream_tls {
+        Some((t, h1)) => (Some(t), Some(h1)),
+        None => (None, None),
+    };
+    let up = Upstream::new(cx, upstream_tls, tls_h1);
+    let relays = std::sync::Mutex::new(tokio::task::JoinSet::new());
     let credential = credential_header(cx);
     let recorder = Recorder::open(
         &cx.gen.policy.agent.data_dir,
@@ -135,6 +143,7 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         credential: &credential,
         recorder: &recorder,
         totals: &totals,
+        relays: &relays,
     };
     let result = loop {
         tokio::select! {
@@ -147,6 +156,9 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         }
     };
     drop(inflight);
+    // Upgraded connections (WebSocket) outlive hyper's connection: the session ends with them.
+    let mut relays = std::mem::take(&mut *crate::lock(&relays));
+    while relays.join_next().await.is_some() {}
     if let Some(r) = &recorder {
         r.write(obj(json!({"event": "end", "session": cx.id,
             "error": result.as_ref().err().map(|e| e.to_string())})));
@@ -207,10 +219,11 @@ struct Env<'a> {
     credential: &'a Result<Option<header::HeaderValue>, String>,
     recorder: &'a Option<Arc<Recorder>>,
     totals: &'a Arc<(AtomicU64, AtomicU64)>,
+    relays: &'a std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl Env<'_> {
-    async fn handle(self, req: Request<Incoming>) -> Response<AnyBody> {
+    async fn handle(self, mut req: Request<Incoming>) -> Response<AnyBody> {
         let cx = self.cx;
         let protocol = cx.target.protocol;
         let kind = if protocol == Protocol::Kubernetes {
@@ -309,13 +322,28 @@ impl Env<'_> {
                 }
             }
         }
-        if req.headers().contains_key(header::UPGRADE) {
-            let msg = "tollgate: protocol upgrades (WebSocket, SPDY) are not supported by this agent yet; refused";
-            return finish_response(
-                refusal(protocol, StatusCode::NOT_IMPLEMENTED, msg, None),
-                record,
-            );
-        }
+        // Upgrades: WebSocket over HTTP/1.1 is relayed once decided; anything else (SPDY,
+        // h2c) is refused.
+        let upgrade = match req.headers().get(header::UPGRADE) {
+            None => None,
+            Some(v)
+                if v.as_bytes().eq_ignore_ascii_case(b"websocket")
+                    && req.version() == hyper::Version::HTTP_11 =>
+            {
+                Some(v.clone())
+            }
+            Some(v) => {
+                let msg = format!(
+                    "tollgate: an upgrade to {} is refused; only WebSocket (HTTP/1.1) is relayed (kubectl uses WebSocket for exec, attach and port-forward since 1.30)",
+                    String::from_utf8_lossy(v.as_bytes())
+                );
+                return finish_response(
+                    refusal(protocol, StatusCode::FORBIDDEN, &msg, None),
+                    record,
+                );
+            }
+        };
+        let bot_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let credential = match self.credential {
             Ok(c) => c.clone(),
             Err(e) => {
@@ -341,6 +369,13 @@ impl Env<'_> {
         strip_hop_by_hop(&mut parts.headers);
         if let Some(c) = credential {
             parts.headers.insert(header::AUTHORIZATION, c);
+        }
+        if let Some(u) = &upgrade {
+            parts.headers.insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("upgrade"),
+            );
+            parts.headers.insert(header::UPGRADE, u.clone());
         }
         // Secrets are masked by default: ask for JSON the agent can read (no protobuf, no
         // compression).
@@ -383,8 +418,31 @@ impl Env<'_> {
                 )
             }
         };
-        match self.up.send(out, &authority).await {
-            Ok(resp) => {
+        let sent = match bot_upgrade {
+            Some(bot) => self
+                .up
+                .send_upgrade(out, &authority)
+                .await
+                .map(|r| (r, Some(bot))),
+            None => self.up.send(out, &authority).await.map(|r| (r, None)),
+        };
+        match sent {
+            Ok((mut resp, Some(bot))) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let upstream = hyper::upgrade::on(&mut resp);
+                let (mut parts, _) = resp.into_parts();
+                let upgrade_value = parts.headers.get(header::UPGRADE).cloned();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.headers.insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("upgrade"),
+                );
+                if let Some(u) = upgrade_value {
+                    parts.headers.insert(header::UPGRADE, u);
+                }
+                crate::lock(self.relays).spawn(relay_upgraded(bot, upstream, record));
+                Response::from_parts(parts, super::full(Bytes::new()))
+            }
+            Ok((resp, _)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let mut body = body.boxed_unsync();
@@ -458,4 +516,58 @@ async fn mask_secret_body(
     counter.inc_by(n);
     headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(out.len()));
     Ok(super::full(out))
+}
+
+/// Relay an upgraded connection (WebSocket) both ways until either side closes, then write the
+/// request's recording line with the bytes each way.
+async fn relay_upgraded(
+    bot: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    record: RecordLine,
+) {
+    let (bot, upstream) = match tokio::join!(bot, upstream) {
+        (Ok(b), Ok(u)) => (b, u),
+        (b, u) => {
+            tracing::debug!(
+                bot = b.is_ok(),
+                upstream = u.is_ok(),
+                "an upgrade did not complete"
+            );
+            record.finish(101, 0);
+            return;
+        }
+    };
+    let (mut bot_r, mut bot_w) = tokio::io::split(TokioIo::new(bot));
+    let (mut up_r, mut up_w) = tokio::io::split(TokioIo::new(upstream));
+    // Each direction on its own, counting what it moved even when it ends in an error (a
+    // peer that closes TLS without close_notify).
+    let (up, down) = tokio::join!(
+        copy_counting(&mut bot_r, &mut up_w),
+        copy_counting(&mut up_r, &mut bot_w)
+    );
+    record.up.fetch_add(up, Ordering::Relaxed);
+    record.finish(101, down);
+}
+
+/// Copy until EOF or an error, then shut the writer down; the bytes copied.
+async fn copy_counting(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> u64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut n = 0u64;
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => {
+                if w.write_all(&buf[..k]).await.is_err() {
+                    break;
+                }
+                n += k as u64;
+            }
+        }
+    }
+    let _ = w.shutdown().await;
+    n
 }

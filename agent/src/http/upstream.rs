@@ -46,6 +46,9 @@ enum Sender {
 pub struct Upstream<'a> {
     cx: &'a SessionCx,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    /// The same TLS settings offering only http/1.1: for upgrades (WebSocket), which HTTP/2
+    /// cannot carry here.
+    tls_h1: Option<Arc<ClientConfig>>,
     h2: Mutex<Option<conn::http2::SendRequest<AnyBody>>>,
     h1: Mutex<Vec<conn::http1::SendRequest<AnyBody>>>,
 }
@@ -55,10 +58,12 @@ impl<'a> Upstream<'a> {
     pub fn new(
         cx: &'a SessionCx,
         tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+        tls_h1: Option<Arc<ClientConfig>>,
     ) -> Upstream<'a> {
         Upstream {
             cx,
             tls,
+            tls_h1,
             h2: Mutex::new(None),
             h1: Mutex::new(Vec::new()),
         }
@@ -105,6 +110,39 @@ impl<'a> Upstream<'a> {
                 Ok(r?)
             }
         }
+    }
+
+    /// Send an upgrade request (WebSocket) on a connection of its own, HTTP/1.1 only; the
+    /// connection is driven with upgrades, so a 101 hands the socket over.
+    pub async fn send_upgrade(
+        &self,
+        mut req: Request<AnyBody>,
+        authority: &str,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let tcp = self.cx.connect_upstream().await?;
+        let io = match (&self.tls, &self.tls_h1) {
+            (Some((_, name)), Some(cfg)) => {
+                let tls = TlsConnector::from(cfg.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(UpstreamTlsError::Handshake)?;
+                Conn::Tls(Box::new(tokio_rustls::TlsStream::Client(tls)))
+            }
+            _ => Conn::Plain(tcp),
+        };
+        let (mut s, c) = conn::http1::handshake(TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = c.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended");
+            }
+        });
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST) {
+            let v = header::HeaderValue::from_str(authority)
+                .map_err(|e| UpstreamError::Request(e.to_string()))?;
+            req.headers_mut().insert(header::HOST, v);
+        }
+        Ok(s.send_request(req).await?)
     }
 
     async fn sender(&self) -> Result<Sender, UpstreamError> {
