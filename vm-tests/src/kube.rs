@@ -9,13 +9,13 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::http::PyTlsServer;
+use crate::http::{PyTlsServer, WS_PY};
 
 /// The secret value of Secret `default/db` (`data.password`, base64 on the wire).
 pub const SECRET_PASSWORD: &str = "hunter2-db-password";
 
 const SERVER: &str = r#"
-import base64, json, ssl, sys, threading, time
+import base64, hashlib, json, ssl, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit, parse_qs
 port, cert, key, log, token, secret = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
@@ -139,6 +139,8 @@ class H(BaseHTTPRequestHandler):
                 if not n and i == 3: break
                 time.sleep(0.3)
             return self.chunk(b"")
+        if len(rest) == 2 and rest[1] in ("exec", "attach"):
+            return self.exec(name, q)
         if len(rest) == 1 and self.command == "GET":
             return self.send_json(200, p)
         if len(rest) == 1 and self.command == "DELETE":
@@ -147,6 +149,29 @@ class H(BaseHTTPRequestHandler):
                 events.append(("DELETED", p))
             return self.send_json(200, p)
         return self.send_json(405, status(405, "MethodNotAllowed", "not supported by the fake"))
+    def exec(self, name, q):
+        # kubectl >= 1.30: WebSocket with the v5 (or v4) channel protocol: one byte of
+        # channel (1 stdout, 2 stderr, 3 status) before each message.
+        if (self.headers.get("Upgrade") or "").lower() != "websocket":
+            return self.send_json(400, status(400, "BadRequest", "this fake speaks WebSocket only"))
+        offered = [x.strip() for x in (self.headers.get("Sec-WebSocket-Protocol") or "").split(",")]
+        proto = next((p for p in ("v5.channel.k8s.io", "v4.channel.k8s.io") if p in offered), None)
+        if proto is None:
+            return self.send_json(400, status(400, "BadRequest", "no supported channel protocol"))
+        key = self.headers["Sec-WebSocket-Key"]
+        acc = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", acc)
+        self.send_header("Sec-WebSocket-Protocol", proto)
+        self.end_headers()
+        cmd = " ".join(q.get("command", []))
+        self.wfile.write(ws_frame(2, b"\x01" + ("exec in %s: %s\n" % (name, cmd)).encode()))
+        self.wfile.write(ws_frame(2, b"\x03" + json.dumps({"metadata": {}, "status": "Success"}).encode()))
+        self.wfile.write(ws_frame(8, b"\x03\xe8"))
+        self.wfile.flush()
+        self.close_connection = True
     def watch(self, ns, want_table):
         self.start_stream("application/json")
         def send(kind, p, st="Running"):
@@ -192,7 +217,11 @@ pub struct FakeApiServer {
 impl FakeApiServer {
     /// Start it, accepting only `Authorization: Bearer <token>`.
     pub fn start(tag: &str, token: &str) -> FakeApiServer {
-        let s = PyTlsServer::start(&format!("{tag}-kube"), SERVER, &[token, SECRET_PASSWORD]);
+        let s = PyTlsServer::start(
+            &format!("{tag}-kube"),
+            &format!("{WS_PY}{SERVER}"),
+            &[token, SECRET_PASSWORD],
+        );
         FakeApiServer {
             port: s.port,
             ca_file: s.ca_file.clone(),

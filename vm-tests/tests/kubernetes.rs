@@ -43,6 +43,13 @@ action = "allow"
 kubernetes = {{ verbs = ["get", "list", "watch"], resources = ["pods", "pods/log", "events", "secrets"], namespaces = ["default"] }}
 
 [[rule]]
+name = "ci may exec into web-1"
+identities = ["ci-bot"]
+targets = ["cluster"]
+action = "allow"
+kubernetes = {{ verbs = ["create", "get"], resources = ["pods/exec"], namespaces = ["default"], names = ["web-1"] }}
+
+[[rule]]
 name = "ci deletes pods in default"
 identities = ["ci-bot"]
 targets = ["cluster"]
@@ -183,11 +190,24 @@ fn kubectl_through_the_agent_with_injected_token() {
         text(&o)
     );
 
-    // exec and port-forward: no rule allows pods/exec or pods/portforward.
-    let o = k.run(&bot, &["exec", "web-1", "--", "cat", "/etc/shadow"]);
+    // exec: allowed into web-1 only (WebSocket, v5 channels relayed).
+    let o = k.run(&bot, &["exec", "web-1", "--", "echo", "hi"]);
     let t = text(&o);
-    assert!(!o.status.success(), "{t}");
-    assert!(t.contains("tollgate: ") && t.contains("denied"), "{t}");
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("exec in web-1: echo hi"), "{t}");
+    for args in [
+        &["exec", "web-2", "--", "cat", "/etc/shadow"][..],
+        &["exec", "db-0", "-n", "prod", "--", "ls"][..],
+    ] {
+        let o = k.run(&bot, args);
+        let t = text(&o);
+        assert!(!o.status.success(), "{args:?}: {t}");
+        assert!(
+            t.contains("tollgate: ") && t.contains("denied"),
+            "{args:?}: {t}"
+        );
+    }
+    // port-forward: no rule allows pods/portforward.
     let o = k.run(&bot, &["port-forward", "pod/web-1", "18080:80"]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
@@ -237,11 +257,17 @@ fn kubectl_through_the_agent_with_injected_token() {
         assert_eq!(e["authorization"], format!("Bearer {TOKEN}"), "{e}");
         let p = e["path"].as_str().unwrap_or("");
         assert!(
-            !p.contains("/namespaces/prod") && !p.contains("/exec") && !p.contains("/portforward"),
+            !p.contains("/namespaces/prod")
+                && !p.contains("web-2/exec")
+                && !p.contains("/portforward"),
             "{e}"
         );
     }
     let audit = std::fs::read_to_string(agent.audit_path()).expect("audit");
     assert!(!audit.contains(TOKEN) && !audit.contains(&encoded));
     assert!(audit.contains("\"kind\":\"kubernetes\""));
+    assert!(
+        audit.contains("(get pods/exec -n default web-1) command: echo hi"),
+        "{audit}"
+    );
 }

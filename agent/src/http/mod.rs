@@ -79,6 +79,9 @@ pub struct Attributed {
     /// `Some` for a Kubernetes target: the API request's attributes (`None` inside for a
     /// discovery document).
     pub kube: Option<Option<KubeAttrs>>,
+    /// The command of `pods/exec` (and `pods/attach`, empty) from the query, words joined by
+    /// spaces.
+    pub command: Option<String>,
 }
 
 /// Why a request is refused before policy sees it; the message is for the bot.
@@ -212,12 +215,28 @@ pub fn attribute(
         }
         _ => None,
     };
+    let command = match &kube {
+        Some(Some(a))
+            if a.resource == "pods" && matches!(a.subresource.as_str(), "exec" | "attach") =>
+        {
+            let words =
+                tollgate_policy::http::query_values(uri.query(), "command").ok_or_else(|| {
+                    unattributable(
+                        StatusCode::FORBIDDEN,
+                        "tollgate: request refused: malformed exec query",
+                    )
+                })?;
+            Some(words.join(" "))
+        }
+        _ => None,
+    };
     Ok(Attributed {
         method: method.as_str().to_string(),
         path: path.decoded,
         forward,
         host,
         kube,
+        command,
     })
 }
 
@@ -238,7 +257,7 @@ impl Attributed {
     pub fn text(&self) -> String {
         match &self.kube {
             Some(Some(a)) => format!(
-                "{} {} ({} {}{}{})",
+                "{} {} ({} {}{}{}){}",
                 self.method,
                 self.path,
                 a.verb,
@@ -253,6 +272,10 @@ impl Attributed {
                 } else {
                     format!(" {}", a.name)
                 },
+                self.command
+                    .as_deref()
+                    .map(|c| format!(" command: {c}"))
+                    .unwrap_or_default(),
             ),
             _ => format!("{} {}", self.method, self.path),
         }
