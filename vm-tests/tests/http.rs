@@ -197,8 +197,34 @@ fn https_requests_are_decided_one_by_one_with_the_token_injected() {
         std::fs::remove_file(&big).expect("rm");
     }
 
+    // Python requests (Debian's python3-requests), as unmodified as curl.
+    let script = format!(
+        "import json, requests\n\
+         s = requests.Session()\n\
+         out = []\n\
+         for p in ['/api/v1/invoices/9', '/api/v1/../../admin']:\n\
+         \x20   r = s.get('https://localhost:{port}' + p, verify='{ca}', headers={{'Authorization': 'Bearer {STOLEN}'}})\n\
+         \x20   out.append([r.status_code, r.json()])\n\
+         print(json.dumps(out))\n",
+        port = srv.port,
+        ca = ca.display()
+    );
+    let out = bot
+        .command(Path::new("/usr/bin/python3"))
+        .args(["-c", &script])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("python3 requests");
+    let v: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(v[0][0], 200, "{v}");
+    assert_eq!(v[0][1]["path"], "/api/v1/invoices/9", "{v}");
+    // requests resolves dot segments itself (RFC 3986) and sends /admin: denied.
+    assert_eq!(v[1][0], 403, "{v}");
+
     let log = srv.access_log();
-    assert_eq!(log.len(), 4, "{log:#?}");
+    assert_eq!(log.len(), 5, "{log:#?}");
     for e in &log {
         assert_eq!(e["authorization"], format!("Bearer {TOKEN}"), "{e}");
         assert!(
@@ -223,7 +249,7 @@ fn https_requests_are_decided_one_by_one_with_the_token_injected() {
             }
         }
     }
-    assert_eq!(requests, 8);
+    assert_eq!(requests, 10);
     let allowed = agent.metric(
         "tollgate_decisions_total",
         &[("target", "billing"), ("action", "allow")],
