@@ -43,8 +43,22 @@ class H(BaseHTTPRequestHandler):
     def do_GET(self):
         if (self.headers.get("Upgrade") or "").lower() == "websocket":
             return self.websocket()
+        if self.path.startswith("/api/v1/download?bytes="):
+            return self.download(int(self.path.split("=", 1)[1]))
         self.record()
         self.reply(200, {"path": self.path, "ok": True})
+    def download(self, n):
+        # n bytes of a fixed pattern (byte i of each 64 KiB block is i % 251), streamed.
+        self.record({"bytes": n})
+        block = bytes(i % 251 for i in range(65536))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        while n > 0:
+            k = min(n, len(block))
+            self.wfile.write(block[:k])
+            n -= k
     def websocket(self):
         self.record({"upgrade": "websocket"})
         key = self.headers["Sec-WebSocket-Key"]

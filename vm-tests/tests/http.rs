@@ -526,3 +526,79 @@ fn websocket_upgrades_are_decided_then_relayed() {
         "{recorded}"
     );
 }
+
+/// Peak resident memory of `pid` (VmHWM), in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_1gib_download_streams_byte_identical_in_flat_memory() {
+    use std::io::Read as _;
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-big", "", false);
+    const SIZE: u64 = 1 << 30;
+    let before = peak_kib(agent.pid().expect("agent pid"));
+    let url = format!(
+        "https://localhost:{}/api/v1/download?bytes={SIZE}",
+        srv.port
+    );
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let started = std::time::Instant::now();
+    let mut child = bot
+        .command(Path::new("/usr/bin/curl"))
+        .args(["-sS", "--fail", "--max-time", "300", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &resolve, &url])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let mut out = child.stdout.take().expect("stdout");
+    // Compared with the server's pattern as it arrives (byte i of each 64 KiB block is
+    // i % 251), slice by slice.
+    let block: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = out.read(&mut buf).expect("read");
+        if k == 0 {
+            break;
+        }
+        let mut chunk = &buf[..k];
+        while !chunk.is_empty() {
+            let at = (n % 65536) as usize;
+            let take = chunk.len().min(65536 - at);
+            assert!(
+                chunk[..take] == block[at..at + take],
+                "the download differs at byte {n}"
+            );
+            chunk = &chunk[take..];
+            n += take as u64;
+        }
+    }
+    assert!(child.wait().expect("curl").success());
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(n, SIZE);
+    let after = peak_kib(agent.pid().expect("agent pid"));
+    eprintln!(
+        "1 GiB through the agent in {secs:.1} s ({:.0} MiB/s); agent peak RSS {before} -> {after} KiB",
+        1024.0 / secs
+    );
+    assert!(
+        after.saturating_sub(before) < 64 * 1024,
+        "agent peak RSS grew from {before} to {after} KiB: the body was buffered"
+    );
+}
