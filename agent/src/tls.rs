@@ -142,16 +142,6 @@ impl Ca {
         // Key first (0600), then the certificate: a reader needs both.
         let tmp = |p: &Path| p.with_extension(format!("tmp.{}", std::process::id()));
         let kt = tmp(key_path);
-        // A stale temp file (a crash) is removed, never written through: O_EXCL|O_NOFOLLOW.
-        let fresh = |p: &Path, mode: u32| {
-            let _ = fs::remove_file(p);
-            fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(p)
-        };
         let mut f = fresh(&kt, 0o600).with_context(|| format!("creating {}", kt.display()))?;
         f.write_all(key.serialize_pem().as_bytes())?;
         f.sync_all()?;
@@ -233,6 +223,37 @@ impl Ca {
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(cfg)
     }
+}
+
+/// A new file at `p` with `mode`. A stale temp file (a crash) is removed, never written
+/// through: O_EXCL|O_NOFOLLOW.
+fn fresh(p: &Path, mode: u32) -> io::Result<fs::File> {
+    let _ = fs::remove_file(p);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)
+}
+
+/// Write `pem` as `<dir>/tollgate.crt` (0644, replaced atomically) and, with `update`, run
+/// `update-ca-certificates` so the system bundle includes it. Returns the file's path.
+pub fn install_ca(pem: &str, dir: &Path, update: bool) -> anyhow::Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("tollgate.crt");
+    let tmp = dir.join(format!(".tollgate.crt.{}", std::process::id()));
+    fresh(&tmp, 0o644)
+        .and_then(|mut f| f.write_all(pem.as_bytes()))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, &path).with_context(|| format!("creating {}", path.display()))?;
+    if update {
+        let st = std::process::Command::new("update-ca-certificates")
+            .status()
+            .context("running update-ca-certificates (Debian's ca-certificates package)")?;
+        anyhow::ensure!(st.success(), "update-ca-certificates failed: {st}");
+    }
+    Ok(path)
 }
 
 fn hostname() -> String {

@@ -602,3 +602,60 @@ fn a_1gib_download_streams_byte_identical_in_flat_memory() {
         "agent peak RSS grew from {before} to {after} KiB: the body was buffered"
     );
 }
+
+/// Removes the installed CA and refreshes the bundle again, whatever the test did.
+struct Uninstall(std::path::PathBuf);
+
+impl Drop for Uninstall {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::process::Command::new("update-ca-certificates")
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn ca_install_lets_clients_trust_the_agent_without_flags() {
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust: _trust,
+        ca: _ca,
+    } = fixture("http-cainstall", "", false);
+    let url = format!("https://localhost:{}/api/v1/invoices", srv.port);
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let curl = || {
+        bot.command(Path::new("/usr/bin/curl"))
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .args(["--resolve", &resolve, &url])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .expect("curl")
+    };
+    // Before: the agent's CA is unknown to the system bundle.
+    let o = curl();
+    assert!(!o.status.success(), "{}", text(&o));
+    let _guard = Uninstall("/usr/local/share/ca-certificates/tollgate.crt".into());
+    let out = std::process::Command::new(vm_tests::tollgate_bin())
+        .args(["ca", "install", "--data-dir"])
+        .arg(&agent.data_dir)
+        .output()
+        .expect("tollgate ca install");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out)
+        .contains("installed the tollgate CA as /usr/local/share/ca-certificates/tollgate.crt"));
+    let o = curl();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "{}", text(&o));
+}
