@@ -31,6 +31,9 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub relay_bytes: IntCounterVec,
     pub session_seconds: HistogramVec,
+    /// `tollgate_http_request_duration_seconds{target,protocol}`: one HTTP or Kubernetes
+    /// request, from its headers to the end of its response body (a watch lasts long).
+    pub http_request_seconds: HistogramVec,
     pub pg_upstream: IntCounterVec,
     pub pg_pool_idle: IntGauge,
     pub audit_write_errors: IntCounterVec,
@@ -117,6 +120,16 @@ impl Metrics {
             .buckets(vec![0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0]),
             &["protocol"],
         ));
+        let http_request_seconds = must(HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_http_request_duration_seconds",
+                "Duration of HTTP and Kubernetes requests through the agent, headers to end of response body, by target and protocol.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0, 60.0, 600.0,
+            ]),
+            &["target", "protocol"],
+        ));
         let pg_upstream = must(IntCounterVec::new(
             Opts::new(
                 "tollgate_pg_upstream_connections_total",
@@ -152,6 +165,7 @@ impl Metrics {
             Box::new(rejected.clone()),
             Box::new(relay_bytes.clone()),
             Box::new(session_seconds.clone()),
+            Box::new(http_request_seconds.clone()),
         ] {
             must(registry.register(c));
         }
@@ -174,6 +188,7 @@ impl Metrics {
             rejected,
             relay_bytes,
             session_seconds,
+            http_request_seconds,
             pg_upstream,
             pg_pool_idle,
             audit_write_errors,

@@ -255,6 +255,11 @@ fn https_requests_are_decided_one_by_one_with_the_token_injected() {
         &[("target", "billing"), ("action", "allow")],
     );
     assert!(allowed >= 4.0, "{allowed}");
+    let timed = agent.metric(
+        "tollgate_http_request_duration_seconds_count",
+        &[("target", "billing"), ("protocol", "https")],
+    );
+    assert_eq!(timed, 10.0, "one observation per request");
 }
 
 #[test]

@@ -455,10 +455,13 @@ struct RecordLine {
     up: Arc<AtomicU64>,
     started: Instant,
     totals: Arc<(AtomicU64, AtomicU64)>,
+    /// `tollgate_http_request_duration_seconds` for the session's target.
+    seconds: prometheus::Histogram,
 }
 
 impl RecordLine {
     fn finish(mut self, status: u16, down: u64) {
+        self.seconds.observe(self.started.elapsed().as_secs_f64());
         let up = self.up.load(Ordering::Relaxed);
         self.totals.0.fetch_add(up, Ordering::Relaxed);
         self.totals.1.fetch_add(down, Ordering::Relaxed);

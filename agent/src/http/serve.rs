@@ -92,6 +92,11 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
     };
     let up = Upstream::new(cx, upstream_tls, tls_h1);
     let relays = std::sync::Mutex::new(tokio::task::JoinSet::new());
+    let seconds = cx
+        .agent
+        .metrics
+        .http_request_seconds
+        .with_label_values(&[&cx.target.name, protocol.as_str()]);
     let credential = credential_header(cx);
     let recorder = Recorder::open(
         &cx.gen.policy.agent.data_dir,
@@ -144,6 +149,7 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         recorder: &recorder,
         totals: &totals,
         relays: &relays,
+        seconds: &seconds,
     };
     let result = loop {
         tokio::select! {
@@ -220,6 +226,7 @@ struct Env<'a> {
     recorder: &'a Option<Arc<Recorder>>,
     totals: &'a Arc<(AtomicU64, AtomicU64)>,
     relays: &'a std::sync::Mutex<tokio::task::JoinSet<()>>,
+    seconds: &'a prometheus::Histogram,
 }
 
 impl Env<'_> {
@@ -238,6 +245,7 @@ impl Env<'_> {
             up: Arc::new(AtomicU64::new(0)),
             started,
             totals: self.totals.clone(),
+            seconds: self.seconds.clone(),
         };
         let att = match attribute(protocol, req.method(), req.uri(), req.headers(), self.sni) {
             Ok(a) => a,
