@@ -34,12 +34,10 @@ pub struct Metrics {
     /// `tollgate_http_request_duration_seconds{target,protocol}`: one HTTP or Kubernetes
     /// request, from its headers to the end of its response body (a watch lasts long).
     pub http_request_seconds: HistogramVec,
-    pub pg_upstream: IntCounterVec,
-    pub pg_pool_idle: IntGauge,
     pub audit_write_errors: IntCounterVec,
 }
 
-fn must<T>(r: prometheus::Result<T>) -> T {
+pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
     match r {
         Ok(v) => v,
         // Metric definitions are static; a failure here is a programming error caught by tests.
@@ -130,17 +128,6 @@ impl Metrics {
             ]),
             &["target", "protocol"],
         ));
-        let pg_upstream = must(IntCounterVec::new(
-            Opts::new(
-                "tollgate_pg_upstream_connections_total",
-                "Upstream connections PostgreSQL sessions started on, by target and whether the connection was new (connect and login) or reused from the pool.",
-            ),
-            &["target", "connection"],
-        ));
-        let pg_pool_idle = must(IntGauge::new(
-            "tollgate_pg_pool_idle_connections",
-            "Logged-in PostgreSQL upstream connections kept idle for reuse.",
-        ));
         let audit_write_errors = must(IntCounterVec::new(
             Opts::new(
                 "tollgate_audit_write_errors_total",
@@ -154,8 +141,6 @@ impl Metrics {
         for c in [
             Box::new(decisions.clone()) as Box<dyn Collector>,
             Box::new(audit_write_errors.clone()),
-            Box::new(pg_upstream.clone()),
-            Box::new(pg_pool_idle.clone()),
             Box::new(sessions_active.clone()),
             Box::new(masked_values.clone()),
             Box::new(approvals_pending.clone()),
@@ -189,8 +174,6 @@ impl Metrics {
             relay_bytes,
             session_seconds,
             http_request_seconds,
-            pg_upstream,
-            pg_pool_idle,
             audit_write_errors,
         })
     }
@@ -201,7 +184,6 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        self.pg_pool_idle.set(crate::pg::pool::kept() as i64);
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");

@@ -1,17 +1,15 @@
 //! The HTTP handler as a [`ProtocolHandler`]: the one place that knows the session layer's
 //! entry point.
 
-use std::{future::Future, pin::Pin};
-
 use tokio::net::TcpStream;
 use tollgate_policy::Protocol;
 
 use crate::{
-    proxy::{DataPathError, ProtocolHandler, SessionCx},
     relay::Totals,
+    session::{BoxFuture, DataPathError, ProtocolHandler, SessionCx},
 };
 
-/// `http`, `https` and `kubernetes` targets.
+/// `http`, `https` and `kubernetes` targets (one instance per protocol).
 pub struct HttpHandler {
     pub protocol: Protocol,
 }
@@ -20,11 +18,15 @@ impl ProtocolHandler for HttpHandler {
     fn protocol(&self) -> Protocol {
         self.protocol
     }
+    /// Every request is decided on its own.
+    fn inspects(&self) -> bool {
+        true
+    }
     fn serve<'a>(
         &'a self,
         cx: &'a SessionCx,
         client: TcpStream,
-    ) -> Pin<Box<dyn Future<Output = Result<Totals, DataPathError>> + Send + 'a>> {
+    ) -> BoxFuture<'a, Result<Totals, DataPathError>> {
         Box::pin(super::serve::serve(cx, client))
     }
 }

@@ -53,7 +53,7 @@ use tollgate_policy::{
     Decision, DecisionReason, Operation, Protocol,
 };
 
-use crate::{proxy::ApprovalOutcome, recording::Recorder};
+use crate::{recording::Recorder, session::ApprovalOutcome};
 
 /// Body type of everything the agent sends (to the bot and upstream).
 pub type AnyBody = UnsyncBoxBody<Bytes, hyper::Error>;

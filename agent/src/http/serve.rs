@@ -37,9 +37,9 @@ use super::{
 };
 use crate::{
     obj,
-    proxy::{ApprovalOutcome, DataPathError, SessionCx},
     recording::Recorder,
     relay::Totals,
+    session::{ApprovalOutcome, DataPathError, InternalError, SessionCx},
     tls::Conn,
 };
 
@@ -54,11 +54,17 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
     let tls_target = matches!(protocol, Protocol::Https | Protocol::Kubernetes);
     let (io, sni) = if tls_target {
         let Some(ca) = cx.agent.ca.clone() else {
-            return Err(DataPathError::Internal(
-                "the agent has no CA, so it cannot terminate the bot's TLS".into(),
+            return Err(InternalError::unreachable(
+                "the agent has no CA, so it cannot terminate the bot's TLS",
             ));
         };
-        let cfg = ca.server_config_alpn(cx.orig_dst.ip(), ALPN);
+        let cfg = ca.server_config(
+            cx.orig_dst.ip(),
+            &crate::tls::ServerTls {
+                alpn: ALPN.iter().map(|p| p.to_vec()).collect(),
+                client_auth: None,
+            },
+        );
         let tls = tokio_rustls::TlsAcceptor::from(cfg)
             .accept(client)
             .await
@@ -77,11 +83,11 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
             cx.dialled_host().or_else(|| sni.clone()).as_deref(),
             cx.orig_dst.ip(),
         )
-        .map_err(|e| DataPathError::Policy(e.to_string()))?;
-        let cfg = crate::tls::http_client_config(&cx.target.tls, ALPN)
-            .map_err(|e| DataPathError::Policy(e.to_string()))?;
+        .map_err(InternalError::encode)?;
+        let cfg =
+            crate::tls::http_client_config(&cx.target.tls, ALPN).map_err(InternalError::encode)?;
         let h1 = crate::tls::http_client_config(&cx.target.tls, &ALPN[1..])
-            .map_err(|e| DataPathError::Policy(e.to_string()))?;
+            .map_err(InternalError::encode)?;
         Some(((cfg, name), h1))
     } else {
         None
@@ -191,7 +197,7 @@ fn credential_header(cx: &SessionCx) -> Result<Option<header::HeaderValue>, Stri
     let Some(cred): Option<&Credential> = gen.policy.credentials.get(name) else {
         return Err(format!("credential {name} is not in the policy"));
     };
-    let secret = crate::pg::upstream::read_secret(name, cred)
+    let secret = crate::session::credentials::read_secret(name, cred)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("credential {name} has no secret"))?;
     let value = match (&cred.user, &cred.password_file) {
@@ -258,6 +264,7 @@ impl Env<'_> {
                     reason: DecisionReason::NoMatchingRule,
                 };
                 cx.audit_operation(
+                    &cx.policy(),
                     kind,
                     &format!("{} {raw}", req.method()),
                     &d,
@@ -286,6 +293,7 @@ impl Env<'_> {
                 )
             }
             (Some(None), _) => cx.audit_operation(
+                &cx.policy(),
                 kind,
                 &text,
                 &Decision {
@@ -317,7 +325,7 @@ impl Env<'_> {
                 );
             }
             Action::Approve => {
-                let outcome = cx.request_approval(&text, kind, &d).await;
+                let outcome = cx.request_approval(&cx.policy(), &text, kind, &d).await;
                 record
                     .fields
                     .insert("approval".into(), outcome.label().into());

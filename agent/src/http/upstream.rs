@@ -13,7 +13,7 @@ use tokio_rustls::TlsConnector;
 use super::AnyBody;
 use crate::{
     lock,
-    proxy::{DataPathError, SessionCx},
+    session::{DataPathError, SessionCx},
     tls::{Conn, UpstreamTlsError},
 };
 

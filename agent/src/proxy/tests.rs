@@ -3,11 +3,31 @@
 //! client socket's cookie), and assertions on wire bytes, audit
 //! lines and scraped metrics.
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt, path::PathBuf, sync::Mutex};
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpSocket,
+};
+use tollgate_common::ConnInfo;
 
 use super::*;
+use crate::{
+    audit::Audit,
+    identity::Resolver,
+    metrics::Metrics,
+    session::{ConnSource, Generation},
+    targets::Routes,
+};
 
 /// Connection records keyed by the client's address (the agent finds them by the client
 /// socket's cookie; its address identifies that socket just as well here).
@@ -119,6 +139,7 @@ action = "allow"
         Metrics::new(),
     );
     agent.upstream_mark = None;
+    agent.handlers = crate::handlers::registry(crate::relay::RelayKind::from_env());
     let agent = Arc::new(agent);
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let listen = l.local_addr().expect("addr");
