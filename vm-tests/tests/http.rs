@@ -67,6 +67,16 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// `/usr/bin/python3 ARGS` as the bot, with a clean environment.
+fn python(bot: &Cgroup, args: &[&std::ffi::OsStr]) -> Output {
+    bot.command(Path::new("/usr/bin/python3"))
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("python3")
+}
+
 /// curl as the bot; prints the body, then a line `<status> <http version>`.
 fn curl(bot: &Cgroup, ca: &Path, args: &[&str]) -> (u16, String, String) {
     let out = bot
@@ -209,13 +219,7 @@ fn https_requests_are_decided_one_by_one_with_the_token_injected() {
         port = srv.port,
         ca = ca.display()
     );
-    let out = bot
-        .command(Path::new("/usr/bin/python3"))
-        .args(["-c", &script])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .expect("python3 requests");
+    let out = python(&bot, &["-c".as_ref(), script.as_ref()]);
     let v: Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
     assert_eq!(v[0][0], 200, "{v}");
@@ -309,17 +313,17 @@ fn smuggling_and_path_tricks_never_reach_a_denied_path() {
     assert!(tricks.len() >= 20);
     let mut report = Vec::new();
     for (name, sni, req) in &tricks {
-        let out = bot
-            .command(Path::new("/usr/bin/python3"))
-            .arg(&client)
-            .arg(srv.port.to_string())
-            .arg(&ca)
-            .arg(sni)
-            .arg(req)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .output()
-            .expect("raw client");
+        let port = srv.port.to_string();
+        let out = python(
+            &bot,
+            &[
+                client.as_ref(),
+                port.as_ref(),
+                ca.as_ref(),
+                sni.as_ref(),
+                req.as_ref(),
+            ],
+        );
         let answer = String::from_utf8_lossy(&out.stdout).to_string();
         let codes = statuses(&answer);
         report.push(format!("{name}: {codes:?}"));
@@ -352,17 +356,17 @@ fn smuggling_and_path_tricks_never_reach_a_denied_path() {
     // Pipelined on one connection: the allowed request is answered, the denied one refused.
     let pipelined =
         format!("GET /api/v1/first HTTP/1.1\\r\\n{h}\\r\\nGET /admin HTTP/1.1\\r\\n{h}{end}");
-    let out = bot
-        .command(Path::new("/usr/bin/python3"))
-        .arg(&client)
-        .arg(srv.port.to_string())
-        .arg(&ca)
-        .arg("localhost")
-        .arg(&pipelined)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .expect("raw client");
+    let port = srv.port.to_string();
+    let out = python(
+        &bot,
+        &[
+            client.as_ref(),
+            port.as_ref(),
+            ca.as_ref(),
+            "localhost".as_ref(),
+            pipelined.as_ref(),
+        ],
+    );
     let answer = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(statuses(&answer), vec![200, 403], "{answer}");
 
@@ -493,17 +497,17 @@ fn websocket_upgrades_are_decided_then_relayed() {
     } = fixture("http-ws", "", false);
     let client = ws_client(trust.path());
     let ws = |path: &str| -> Value {
-        let out = bot
-            .command(Path::new("/usr/bin/python3"))
-            .arg(&client)
-            .arg(srv.port.to_string())
-            .arg(&ca)
-            .arg(path)
-            .arg("hello through tollgate")
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .output()
-            .expect("ws client");
+        let port = srv.port.to_string();
+        let out = python(
+            &bot,
+            &[
+                client.as_ref(),
+                port.as_ref(),
+                ca.as_ref(),
+                path.as_ref(),
+                "hello through tollgate".as_ref(),
+            ],
+        );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
     };
     let v = ws("/api/v1/ws");
