@@ -4,9 +4,15 @@
 
 use std::sync::Arc;
 
-use crate::{pg::handler::PgHandler, relay::RelayKind, session::Registry};
+use tollgate_policy::Protocol;
+
+use crate::{http::HttpHandler, pg::handler::PgHandler, relay::RelayKind, session::Registry};
 
 /// The opaque relay, and an inspecting handler per protocol that has one.
 pub fn registry(relay_kind: RelayKind) -> Registry {
-    Registry::new(relay_kind).with(Arc::new(PgHandler::new()))
+    let mut r = Registry::new(relay_kind).with(Arc::new(PgHandler::new()));
+    for protocol in [Protocol::Http, Protocol::Https, Protocol::Kubernetes] {
+        r = r.with(Arc::new(HttpHandler { protocol }));
+    }
+    r
 }

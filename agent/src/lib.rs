@@ -7,7 +7,7 @@
 //! approvals, upstream, credentials, workload tokens), `handlers.rs` (the registry of protocol
 //! handlers, the one place naming them), `pg/` (the PostgreSQL handler), `relay.rs` (opaque
 //! relays), `bpf.rs` (kernel side), `targets.rs` (routes), `identity.rs` (kernel facts to
-//! identity), `audit.rs`, `metrics.rs`, `doctor.rs`, `tls.rs` (the agent CA, bot-side TLS per
+//! identity), `http/` (the HTTP, HTTPS and Kubernetes handler), `audit.rs`, `metrics.rs`, `doctor.rs`, `tls.rs` (the agent CA, bot-side TLS per
 //! handler and upstream TLS) and `sys.rs` (every raw syscall).
 
 pub mod approvals;
@@ -16,6 +16,7 @@ pub mod bpf;
 pub mod datadir;
 pub mod doctor;
 pub mod handlers;
+pub mod http;
 pub mod identity;
 pub mod mask;
 pub mod metrics;

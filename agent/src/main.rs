@@ -124,6 +124,20 @@ enum CaCmd {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Trust the CA host-wide (curl, Python, Go and most clients read the system bundle):
+    /// writes `<dir>/tollgate.crt` and runs Debian's `update-ca-certificates`.
+    Install {
+        #[arg(long, default_value = "/etc/tollgate/policy.toml")]
+        policy: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where local CA certificates go.
+        #[arg(long, default_value = "/usr/local/share/ca-certificates")]
+        dir: PathBuf,
+        /// Write the file only; do not run `update-ca-certificates`.
+        #[arg(long)]
+        no_update: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -215,6 +229,20 @@ fn main() -> ExitCode {
             },
         } => data_dir(&policy, dd).and_then(|d| {
             print!("{}", tollgate::tls::Ca::load_or_create(&d)?.pem());
+            Ok(())
+        }),
+        Cmd::Ca {
+            cmd:
+                CaCmd::Install {
+                    policy,
+                    data_dir: dd,
+                    dir,
+                    no_update,
+                },
+        } => data_dir(&policy, dd).and_then(|d| {
+            let ca = tollgate::tls::Ca::load_or_create(&d)?;
+            let path = tollgate::tls::install_ca(ca.pem(), &dir, !no_update)?;
+            println!("installed the tollgate CA as {}", path.display());
             Ok(())
         }),
         Cmd::Replay {

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub relay_bytes: IntCounterVec,
     pub session_seconds: HistogramVec,
+    /// `tollgate_http_request_duration_seconds{target,protocol}`: one HTTP or Kubernetes
+    /// request, from its headers to the end of its response body (a watch lasts long).
+    pub http_request_seconds: HistogramVec,
     pub audit_write_errors: IntCounterVec,
 }
 
@@ -115,6 +118,16 @@ impl Metrics {
             .buckets(vec![0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0]),
             &["protocol"],
         ));
+        let http_request_seconds = must(HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_http_request_duration_seconds",
+                "Duration of HTTP and Kubernetes requests through the agent, headers to end of response body, by target and protocol.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0, 60.0, 600.0,
+            ]),
+            &["target", "protocol"],
+        ));
         let audit_write_errors = must(IntCounterVec::new(
             Opts::new(
                 "tollgate_audit_write_errors_total",
@@ -137,6 +150,7 @@ impl Metrics {
             Box::new(rejected.clone()),
             Box::new(relay_bytes.clone()),
             Box::new(session_seconds.clone()),
+            Box::new(http_request_seconds.clone()),
         ] {
             must(registry.register(c));
         }
@@ -159,6 +173,7 @@ impl Metrics {
             rejected,
             relay_bytes,
             session_seconds,
+            http_request_seconds,
             audit_write_errors,
         })
     }

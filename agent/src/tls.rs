@@ -142,16 +142,6 @@ impl Ca {
         // Key first (0600), then the certificate: a reader needs both.
         let tmp = |p: &Path| p.with_extension(format!("tmp.{}", std::process::id()));
         let kt = tmp(key_path);
-        // A stale temp file (a crash) is removed, never written through: O_EXCL|O_NOFOLLOW.
-        let fresh = |p: &Path, mode: u32| {
-            let _ = fs::remove_file(p);
-            fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(p)
-        };
         let mut f = fresh(&kt, 0o600).with_context(|| format!("creating {}", kt.display()))?;
         f.write_all(key.serialize_pem().as_bytes())?;
         f.sync_all()?;
@@ -254,6 +244,37 @@ impl ServerTls {
             client_auth: None,
         }
     }
+}
+
+/// A new file at `p` with `mode`. A stale temp file (a crash) is removed, never written
+/// through: O_EXCL|O_NOFOLLOW.
+fn fresh(p: &Path, mode: u32) -> io::Result<fs::File> {
+    let _ = fs::remove_file(p);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)
+}
+
+/// Write `pem` as `<dir>/tollgate.crt` (0644, replaced atomically) and, with `update`, run
+/// `update-ca-certificates` so the system bundle includes it. Returns the file's path.
+pub fn install_ca(pem: &str, dir: &Path, update: bool) -> anyhow::Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("tollgate.crt");
+    let tmp = dir.join(format!(".tollgate.crt.{}", std::process::id()));
+    fresh(&tmp, 0o644)
+        .and_then(|mut f| f.write_all(pem.as_bytes()))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, &path).with_context(|| format!("creating {}", path.display()))?;
+    if update {
+        let st = std::process::Command::new("update-ca-certificates")
+            .status()
+            .context("running update-ca-certificates (Debian's ca-certificates package)")?;
+        anyhow::ensure!(st.success(), "update-ca-certificates failed: {st}");
+    }
+    Ok(path)
 }
 
 fn hostname() -> String {
@@ -424,6 +445,14 @@ pub enum UpstreamTlsError {
 /// Client configuration for a target's `tls` table. `host` is the name the certificate must
 /// carry when `server_name` is not set.
 pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
+    client_config_alpn(tls, &[ALPN_POSTGRES])
+}
+
+/// [`client_config`] offering the ALPN protocols `alpn`.
+fn client_config_alpn(
+    tls: &TargetTls,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = server_verifier(tls, &provider)?;
     let mut cfg = ClientConfig::builder_with_provider(provider)
@@ -432,8 +461,29 @@ pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsEr
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![ALPN_POSTGRES.to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
+}
+
+/// Debian's bundle of the system's trusted roots (`ca-certificates`).
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Client configuration for an `https` or `kubernetes` target: always TLS, offering `alpn`.
+/// The certificate is checked as `verify-full` against `ca_file`, or against the system's
+/// roots when the target names none; `verify-ca` checks the chain only; `require` and
+/// `prefer` (an explicit choice in the policy) check nothing but the handshake signature.
+pub fn http_client_config(
+    tls: &TargetTls,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
+    let mut effective = tls.clone();
+    if effective.ca_file.is_none() {
+        effective.ca_file = Some(PathBuf::from(SYSTEM_ROOTS));
+    }
+    if effective.mode == TlsMode::Disable {
+        effective.mode = TlsMode::VerifyFull;
+    }
+    client_config_alpn(&effective, alpn)
 }
 
 /// How the server's certificate is checked under `tls.mode`.

@@ -13,6 +13,7 @@
 //! - `model`: the public validated types, with private precompiled glob matchers.
 //! - `index`: name, rule and address lookup tables built once at parse time.
 //! - `glob`: compiled glob helpers (`*` matches `/` too).
+//! - [`http`]: request attribution for HTTP and Kubernetes (path normalisation, API verbs).
 //! - `decide`: [`Request`], [`Operation`], [`Decision`] and [`decide`].
 //! - `error`: [`PolicyError`], `file:line:col: message`.
 //!
@@ -74,6 +75,7 @@
 mod decide;
 mod error;
 mod glob;
+pub mod http;
 mod index;
 mod lint;
 mod model;

@@ -847,11 +847,18 @@ fn target<'r>(
         return None;
     }
     let protocol = protocol?;
-    if tls.mode != TlsMode::Disable && protocol != Protocol::Postgres {
+    // https and kubernetes targets always use TLS upstream (`tls` chooses how the server is
+    // checked); plain `http`, `ssh` and `tcp` have no TLS of the agent's own.
+    if tls.mode != TlsMode::Disable
+        && !matches!(
+            protocol,
+            Protocol::Postgres | Protocol::Https | Protocol::Kubernetes
+        )
+    {
         if let Some(span) = t.tls.as_ref().map(|s| s.span()) {
             cx.err(
                 span,
-                format!("`tls` of target \"{name}\": upstream TLS is only supported for protocol \"postgres\" so far; remove it"),
+                format!("`tls` of target \"{name}\": upstream TLS is only supported for protocols \"postgres\", \"https\" and \"kubernetes\"; remove it"),
             );
             return None;
         }

@@ -27,6 +27,8 @@
 //! state left by a crashed run (dead pid) is cleaned up on the next run.
 
 pub mod browser;
+pub mod http;
+pub mod kube;
 pub mod netns;
 pub mod oidc;
 pub mod pg;

@@ -36,6 +36,8 @@ const APT_PACKAGES: &[&str] = &[
     "make",
     "gcc",
     "python3-venv",
+    // The HTTP handler's tests: Python `requests` as an unmodified bot.
+    "python3-requests",
 ];
 
 pub fn setup(apt: bool) -> Result<()> {

@@ -111,6 +111,11 @@ address = ["{upstream}"]
 [[target]]
 name = "web"
 protocol = "http"
+address = ["127.0.0.1:2"]
+
+[[target]]
+name = "dead"
+protocol = "tcp"
 address = ["127.0.0.1:1"]
 
 [[rule]]
@@ -134,6 +139,7 @@ action = "allow"
         Metrics::new(),
     );
     agent.upstream_mark = None;
+    agent.handlers = crate::handlers::registry(crate::relay::RelayKind::from_env());
     let agent = Arc::new(agent);
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let listen = l.local_addr().expect("addr");
@@ -303,24 +309,40 @@ async fn observe_mode_relays_but_audits_the_real_decision() {
 }
 
 #[tokio::test]
-async fn operation_scoped_rules_do_not_open_an_uninspected_relay() {
-    // An http-only rule admits the connection in the policy, but without an http handler the
-    // requests could not be checked: the connection must be refused, not relayed blindly.
+async fn operation_scoped_http_rules_are_enforced_per_request() {
+    // An http-only rule admits the connection; the HTTP handler then decides each request:
+    // one outside the rule gets a 403 without the upstream being dialled, one inside it is
+    // forwarded (here to nothing: 502), and both are audited as operations.
     let rule = "\n[[rule]]\nname = \"ci reads web\"\nidentities = [\"ci-bot\"]\ntargets = [\"web\"]\naction = \"allow\"\nhttp = { methods = [\"GET\"] }\n";
     let f = fixture("enforce", rule).await;
-    assert_reset(
-        f.connect("127.0.0.1:1".parse().expect("addr"), Some(f.bot_cgroup))
-            .await,
-    )
-    .await;
-    let a = f.wait_for_audit(|a| !a.is_empty()).await;
-    assert_eq!(a[0]["action"], "deny");
-    assert_eq!(a[0]["reason"], "operation_policy_unsupported");
+    let mut s = f
+        .connect("127.0.0.1:2".parse().expect("addr"), Some(f.bot_cgroup))
+        .await;
+    s.write_all(b"POST /x HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\n\r\nGET /y HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(out.contains("HTTP/1.1 502"), "{out}");
+    let a = f
+        .wait_for_audit(|a| a.iter().filter(|e| e["event"] == "operation").count() == 2)
+        .await;
+    let ops: Vec<_> = a.iter().filter(|e| e["event"] == "operation").collect();
+    assert_eq!(
+        (&ops[0]["operation"], &ops[0]["action"]),
+        (&json!("POST /x"), &json!("deny"))
+    );
+    assert_eq!(
+        (&ops[1]["operation"], &ops[1]["action"]),
+        (&json!("GET /y"), &json!("allow"))
+    );
 }
 
 #[tokio::test]
 async fn unreachable_upstream_closes_cleanly_and_is_audited() {
-    let rule = "\n[[rule]]\nname = \"ci whole web\"\nidentities = [\"ci-bot\"]\ntargets = [\"web\"]\naction = \"allow\"\n";
+    let rule = "\n[[rule]]\nname = \"ci whole dead\"\nidentities = [\"ci-bot\"]\ntargets = [\"dead\"]\naction = \"allow\"\n";
     let f = fixture("enforce", rule).await;
     assert_reset(
         f.connect("127.0.0.1:1".parse().expect("addr"), Some(f.bot_cgroup))

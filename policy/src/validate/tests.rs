@@ -929,8 +929,14 @@ fn target_tls_is_validated() {
         "[[target]]\nname = \"t3\"\nprotocol = \"tcp\"\naddress = [\"127.0.0.1:6544\"]\ntls = { mode = \"require\" }\n",
         5,
         7,
-        &["only supported for protocol \"postgres\""],
+        &["only supported for protocols \"postgres\", \"https\" and \"kubernetes\""],
     );
+    // https and kubernetes targets take `tls` (how the server's certificate is checked).
+    parse(
+        &format!("{BASE}[[target]]\nname = \"t5\"\nprotocol = \"https\"\naddress = [\"127.0.0.1:6546\"]\ntls = {{ mode = \"require\" }}\n"),
+        "p.toml",
+    )
+    .expect("https with tls");
 }
 
 #[test]

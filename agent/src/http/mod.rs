@@ -1,0 +1,506 @@
+//! The HTTP, HTTPS and Kubernetes API handler, on hyper.
+//!
+//! The bot's connection is served by hyper (HTTP/1.1 or HTTP/2, chosen by ALPN or the h2
+//! preface); for `https` and `kubernetes` targets the agent terminates the bot's TLS with a
+//! leaf its CA mints for the SNI (or the dialled IP). Every request is attributed
+//! ([`tollgate_policy::http`]), decided, audited and recorded on its own; an allowed one goes
+//! upstream over the agent's own connections (rustls, h2 when the server offers it), with the
+//! target's credential in place of whatever `Authorization` the bot sent. Bodies stream both
+//! ways: nothing is buffered.
+//!
+//! # Layout
+//! - `mod.rs`: the per-request pipeline: [`attribute`] (pure), the decision, the refusals in
+//!   the client's own language (403 JSON, or a Kubernetes `Status`), forwarding.
+//! - `mask.rs`: Kubernetes Secret values masked in JSON answers (watches event by event).
+//! - `serve.rs`: one bot connection: TLS, hyper's server, each request through the pipeline.
+//! - `upstream.rs`: the agent's connections to the target (TLS, h1/h2, a small pool).
+//! - `adapter.rs`: the [`crate::proxy::ProtocolHandler`] entry point, and the only place that
+//!   knows the session layer.
+//!
+//! A request is *refused before its body is read*, so `Expect: 100-continue` uploads to a
+//! denied path never send their body, and smuggling tricks (CL+TE, duplicate lengths, absolute
+//! URIs that disagree with `Host`, `Host` that disagrees with SNI) are answered by the agent
+//! and never reach the upstream: the upstream request is framed anew by hyper from the parsed
+//! request, with the canonical path that was decided.
+
+mod adapter;
+mod mask;
+mod serve;
+mod upstream;
+
+pub use adapter::HttpHandler;
+
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt as _, Full};
+use hyper::{
+    body::{Body, Frame, SizeHint},
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    Method, Response, StatusCode,
+};
+use serde_json::{json, Map, Value};
+use tollgate_policy::{
+    http::{kube_attributes, normalize_path, KubeAttrs, KubeRequest},
+    Decision, DecisionReason, Operation, Protocol,
+};
+
+use crate::{recording::Recorder, session::ApprovalOutcome};
+
+/// Body type of everything the agent sends (to the bot and upstream).
+pub type AnyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// A body the agent wrote itself.
+fn full(bytes: impl Into<Bytes>) -> AnyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// What one request is, as far as policy is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attributed {
+    /// Request method.
+    pub method: String,
+    /// Decoded, normalised path (what globs see).
+    pub path: String,
+    /// The canonical path and query sent upstream.
+    pub forward: String,
+    /// Host, lowercase, without port.
+    pub host: String,
+    /// `Some` for a Kubernetes target: the API request's attributes (`None` inside for a
+    /// discovery document).
+    pub kube: Option<Option<KubeAttrs>>,
+    /// The command of `pods/exec` (and `pods/attach`, empty) from the query, words joined by
+    /// spaces.
+    pub command: Option<String>,
+}
+
+/// Why a request is refused before policy sees it; the message is for the bot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unattributable {
+    /// 400 (malformed), 421 (Host/SNI mismatch) or 403 (not attributable).
+    pub status: StatusCode,
+    pub message: String,
+}
+
+fn unattributable(status: StatusCode, message: impl Into<String>) -> Unattributable {
+    Unattributable {
+        status,
+        message: message.into(),
+    }
+}
+
+/// The host part of an authority (`host`, `host:port`, `[v6]:port`), lowercase.
+fn host_of(authority: &str) -> String {
+    let a = authority.trim();
+    let host = if let Some(rest) = a.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        a.rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(a, |(h, _)| h)
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Attribute one request (pure): framing and host checks, path normalisation, and for a
+/// Kubernetes target the API server's request attributes. `sni` is the name the bot's TLS
+/// ClientHello carried.
+pub fn attribute(
+    protocol: Protocol,
+    method: &Method,
+    uri: &hyper::Uri,
+    headers: &HeaderMap,
+    sni: Option<&str>,
+) -> Result<Attributed, Unattributable> {
+    let bad = |m: &str| unattributable(StatusCode::BAD_REQUEST, format!("tollgate: {m}"));
+    // Framing: a request both chunked and sized, or sized twice, is read differently by
+    // different servers (request smuggling): refused.
+    let te = headers.get_all(header::TRANSFER_ENCODING).iter().count();
+    let cl: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if te > 0 && !cl.is_empty() {
+        return Err(bad(
+            "Content-Length together with Transfer-Encoding is refused",
+        ));
+    }
+    if cl.len() > 1 {
+        return Err(bad("more than one Content-Length is refused"));
+    }
+    for v in headers.get_all(header::TRANSFER_ENCODING) {
+        if !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(bad(
+                "a Transfer-Encoding other than a single \"chunked\" is refused",
+            ));
+        }
+    }
+    if te > 1 {
+        return Err(bad("more than one Transfer-Encoding is refused"));
+    }
+    // Host: exactly one, agreeing with an absolute-form URI or :authority, and with SNI.
+    let hosts: Vec<_> = headers.get_all(header::HOST).iter().collect();
+    if hosts.len() > 1 {
+        return Err(bad("more than one Host header is refused"));
+    }
+    let header_host = match hosts.first() {
+        Some(h) => Some(
+            h.to_str()
+                .map_err(|_| bad("the Host header is not ASCII"))
+                .map(host_of)?,
+        ),
+        None => None,
+    };
+    let uri_host = uri.authority().map(|a| host_of(a.as_str()));
+    let host = match (uri_host, header_host) {
+        (Some(u), Some(h)) if u != h => {
+            return Err(bad(
+                "the request URI names another host than the Host header",
+            ))
+        }
+        (Some(h), _) | (None, Some(h)) => h,
+        (None, None) => return Err(bad("a request without a Host is refused")),
+    };
+    if host.is_empty() {
+        return Err(bad("an empty Host is refused"));
+    }
+    if let Some(sni) = sni {
+        if !sni.eq_ignore_ascii_case(&host) {
+            return Err(unattributable(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("tollgate: Host {host} does not match the TLS server name {sni}"),
+            ));
+        }
+    }
+    if let Some(scheme) = uri.scheme_str() {
+        if !matches!(scheme, "http" | "https") {
+            return Err(bad("only http and https request URIs are accepted"));
+        }
+    }
+    if method == Method::CONNECT {
+        return Err(unattributable(
+            StatusCode::FORBIDDEN,
+            "tollgate: CONNECT is refused (tollgate is not a forward proxy)",
+        ));
+    }
+    let path = normalize_path(uri.path()).map_err(|e| {
+        unattributable(
+            StatusCode::FORBIDDEN,
+            format!("tollgate: request refused: {e}"),
+        )
+    })?;
+    let forward = match uri.query() {
+        Some(q) => format!("{}?{q}", path.encoded),
+        None => path.encoded.clone(),
+    };
+    let kube = match protocol {
+        Protocol::Kubernetes => {
+            match kube_attributes(method.as_str(), &path.decoded, uri.query()) {
+                Ok(KubeRequest::Resource(a)) => Some(Some(a)),
+                Ok(KubeRequest::Discovery) => Some(None),
+                Err(e) => {
+                    return Err(unattributable(
+                        StatusCode::FORBIDDEN,
+                        format!("tollgate: request refused: {e}"),
+                    ))
+                }
+            }
+        }
+        _ => None,
+    };
+    let command = match &kube {
+        Some(Some(a))
+            if a.resource == "pods" && matches!(a.subresource.as_str(), "exec" | "attach") =>
+        {
+            let words =
+                tollgate_policy::http::query_values(uri.query(), "command").ok_or_else(|| {
+                    unattributable(
+                        StatusCode::FORBIDDEN,
+                        "tollgate: request refused: malformed exec query",
+                    )
+                })?;
+            Some(words.join(" "))
+        }
+        _ => None,
+    };
+    Ok(Attributed {
+        method: method.as_str().to_string(),
+        path: path.decoded,
+        forward,
+        host,
+        kube,
+        command,
+    })
+}
+
+impl Attributed {
+    /// The policy operation.
+    pub fn operation(&self) -> Option<Operation<'_>> {
+        match &self.kube {
+            None => Some(Operation::Http {
+                method: &self.method,
+                path: &self.path,
+                host: &self.host,
+            }),
+            Some(Some(_)) | Some(None) => None,
+        }
+    }
+
+    /// How the audit log shows the request (no query: it may carry secrets).
+    pub fn text(&self) -> String {
+        match &self.kube {
+            Some(Some(a)) => format!(
+                "{} {} ({} {}{}{}){}",
+                self.method,
+                self.path,
+                a.verb,
+                a.resource_path(),
+                if a.namespace.is_empty() {
+                    String::new()
+                } else {
+                    format!(" -n {}", a.namespace)
+                },
+                if a.name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", a.name)
+                },
+                self.command
+                    .as_deref()
+                    .map(|c| format!(" command: {c}"))
+                    .unwrap_or_default(),
+            ),
+            _ => format!("{} {}", self.method, self.path),
+        }
+    }
+}
+
+/// A refusal in the client's own language: a Kubernetes `Status` for kubernetes targets (so
+/// kubectl prints `Error from server (Forbidden): tollgate: ...`), JSON otherwise.
+pub fn refusal(
+    protocol: Protocol,
+    status: StatusCode,
+    message: &str,
+    rule: Option<&str>,
+) -> Response<AnyBody> {
+    let body = if protocol == Protocol::Kubernetes {
+        let reason = match status {
+            StatusCode::FORBIDDEN => "Forbidden",
+            StatusCode::BAD_REQUEST => "BadRequest",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
+            StatusCode::BAD_GATEWAY => "InternalError",
+            _ => "Forbidden",
+        };
+        json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "details": { "causes": [{ "reason": "tollgate", "message": rule.unwrap_or("") }] },
+            "code": status.as_u16(),
+        })
+    } else {
+        json!({
+            "error": status.canonical_reason().unwrap_or("refused").to_ascii_lowercase(),
+            "message": message,
+            "rule": rule,
+        })
+    };
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = status;
+    // A request refused for its framing or host may have left bytes behind it that were
+    // meant to be read as another request: close instead of reading on.
+    if matches!(
+        status,
+        StatusCode::BAD_REQUEST | StatusCode::MISDIRECTED_REQUEST
+    ) {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The message of a policy refusal.
+pub fn denial_message(d: &Decision, identity: Option<&str>, target: &str, what: &str) -> String {
+    let who = identity.unwrap_or("(unknown)");
+    match (&d.rule, d.reason) {
+        (Some(rule), DecisionReason::Matched) => format!(
+            "tollgate: {what} denied for identity {who} on target {target} by rule \"{rule}\"; ask for access"
+        ),
+        _ => format!(
+            "tollgate: {what} denied for identity {who} on target {target}: no rule allows it ({}); ask for access",
+            d.reason.as_str()
+        ),
+    }
+}
+
+/// The message of an approval that did not end in approval.
+pub fn approval_message(o: &ApprovalOutcome, what: &str) -> String {
+    match o {
+        ApprovalOutcome::Approved { .. } => String::new(),
+        ApprovalOutcome::Denied {
+            id,
+            approver,
+            comment,
+        } => format!(
+            "tollgate: {what} was denied by {approver} (approval {id}){}",
+            comment
+                .as_deref()
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default()
+        ),
+        ApprovalOutcome::Expired { id, reason } => {
+            format!("tollgate: approval {id} for {what} ended without approval: {reason}")
+        }
+        ApprovalOutcome::Unavailable => {
+            format!("tollgate: {what} needs approval, which is not available on this agent")
+        }
+    }
+}
+
+/// Headers that belong to one hop and are never forwarded (RFC 9110 7.6.1), plus the bot's
+/// credentials (replaced by the target's).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::AUTHORIZATION,
+    ] {
+        headers.remove(n);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// A body that counts the bytes it passes and, when dropped, writes the request's
+/// recording line (so bytes and duration are final).
+struct Tally {
+    inner: AnyBody,
+    bytes: Arc<AtomicU64>,
+    done: Option<Box<dyn FnOnce(u64) + Send>>,
+}
+
+impl Body for Tally {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes.load(Ordering::Relaxed));
+        }
+    }
+}
+
+fn tally(
+    inner: AnyBody,
+    bytes: Arc<AtomicU64>,
+    done: Option<Box<dyn FnOnce(u64) + Send>>,
+) -> AnyBody {
+    Tally { inner, bytes, done }.boxed_unsync()
+}
+
+/// One request's recording line, written when its response body ends.
+#[derive(Clone)]
+struct RecordLine {
+    recorder: Option<Arc<Recorder>>,
+    fields: Map<String, Value>,
+    up: Arc<AtomicU64>,
+    started: Instant,
+    totals: Arc<(AtomicU64, AtomicU64)>,
+    /// `tollgate_http_request_duration_seconds` for the session's target.
+    seconds: prometheus::Histogram,
+}
+
+impl RecordLine {
+    fn finish(mut self, status: u16, down: u64) {
+        self.seconds.observe(self.started.elapsed().as_secs_f64());
+        let up = self.up.load(Ordering::Relaxed);
+        self.totals.0.fetch_add(up, Ordering::Relaxed);
+        self.totals.1.fetch_add(down, Ordering::Relaxed);
+        if let Some(r) = &self.recorder {
+            self.fields.insert("status".into(), status.into());
+            self.fields.insert("bytes_up".into(), up.into());
+            self.fields.insert("bytes_down".into(), down.into());
+            self.fields.insert(
+                "duration_ms".into(),
+                (self.started.elapsed().as_secs_f64() * 1000.0).into(),
+            );
+            r.write(std::mem::take(&mut self.fields));
+        }
+    }
+}
+
+/// The Kubernetes attributes as recorded.
+fn kube_json(a: &Option<Option<KubeAttrs>>) -> Value {
+    match a {
+        None => Value::Null,
+        Some(None) => json!({ "discovery": true }),
+        Some(Some(a)) => json!({
+            "verb": a.verb, "group": a.group, "version": a.version, "resource": a.resource,
+            "subresource": a.subresource, "namespace": a.namespace, "name": a.name,
+        }),
+    }
+}
+
+/// `resp` with its body counted, and `record` written when that body ends.
+fn finish_response(resp: Response<AnyBody>, record: RecordLine) -> Response<AnyBody> {
+    let status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    let body = tally(
+        body,
+        Arc::new(AtomicU64::new(0)),
+        Some(Box::new(move |down| record.finish(status, down))),
+    );
+    Response::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests;

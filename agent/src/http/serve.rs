@@ -1,0 +1,589 @@
+//! One bot connection: TLS termination, hyper's server (HTTP/1.1 and HTTP/2), and each
+//! request through attribution, decision and forwarding.
+//!
+//! hyper's HTTP/2 server runs each stream's service future on its own task, which must be
+//! `'static`, while the session context is borrowed. So the service only hands each request
+//! to the session's own loop over a channel and waits for the answer; the loop runs the
+//! requests concurrently (`FuturesUnordered`) inside the session's future. When the bot goes
+//! away, hyper drops the waiting service futures, and the loop's work for them (an upstream
+//! exchange, an approval wait) is cancelled with the session.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use futures_util::{stream::FuturesUnordered, StreamExt as _};
+use http_body_util::BodyExt as _;
+use hyper::{body::Incoming, header, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::{
+    net::TcpStream,
+    sync::{mpsc, oneshot},
+};
+use tollgate_policy::{Action, Credential, Decision, DecisionReason, Operation, Protocol};
+
+use super::{
+    approval_message, attribute, denial_message, finish_response, kube_json,
+    mask::{mask_document, WatchMask, MAX_DOCUMENT},
+    refusal, strip_hop_by_hop, tally,
+    upstream::Upstream,
+    AnyBody, RecordLine,
+};
+use crate::{
+    obj,
+    recording::Recorder,
+    relay::Totals,
+    session::{ApprovalOutcome, DataPathError, InternalError, SessionCx},
+    tls::Conn,
+};
+
+/// ALPN protocols offered to bots.
+const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+type Job = (Request<Incoming>, oneshot::Sender<Response<AnyBody>>);
+
+/// Serve one bot connection until it closes.
+pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPathError> {
+    let protocol = cx.target.protocol;
+    let tls_target = matches!(protocol, Protocol::Https | Protocol::Kubernetes);
+    let (io, sni) = if tls_target {
+        let Some(ca) = cx.agent.ca.clone() else {
+            return Err(InternalError::unreachable(
+                "the agent has no CA, so it cannot terminate the bot's TLS",
+            ));
+        };
+        let cfg = ca.server_config(
+            cx.orig_dst.ip(),
+            &crate::tls::ServerTls {
+                alpn: ALPN.iter().map(|p| p.to_vec()).collect(),
+                client_auth: None,
+            },
+        );
+        let tls = tokio_rustls::TlsAcceptor::from(cfg)
+            .accept(client)
+            .await
+            .map_err(DataPathError::Client)?;
+        let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
+        (
+            Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
+            sni,
+        )
+    } else {
+        (Conn::Plain(client), None)
+    };
+    let upstream_tls = if tls_target {
+        let name = crate::tls::server_name(
+            &cx.target.tls,
+            cx.dialled_host().or_else(|| sni.clone()).as_deref(),
+            cx.orig_dst.ip(),
+        )
+        .map_err(InternalError::encode)?;
+        let cfg =
+            crate::tls::http_client_config(&cx.target.tls, ALPN).map_err(InternalError::encode)?;
+        let h1 = crate::tls::http_client_config(&cx.target.tls, &ALPN[1..])
+            .map_err(InternalError::encode)?;
+        Some(((cfg, name), h1))
+    } else {
+        None
+    };
+    let (upstream_tls, tls_h1) = match upstream_tls {
+        Some((t, h1)) => (Some(t), Some(h1)),
+        None => (None, None),
+    };
+    let up = Upstream::new(cx, upstream_tls, tls_h1);
+    let relays = std::sync::Mutex::new(tokio::task::JoinSet::new());
+    let seconds = cx
+        .agent
+        .metrics
+        .http_request_seconds
+        .with_label_values(&[&cx.target.name, protocol.as_str()]);
+    let credential = credential_header(cx);
+    let recorder = Recorder::open(
+        &cx.gen.policy.agent.data_dir,
+        &cx.id,
+        cx.agent.audit.health().clone(),
+    )
+    .ok()
+    .map(Arc::new);
+    if let Some(r) = &recorder {
+        r.write(obj(json!({
+            "event": "start", "session": cx.id, "identity": cx.identity, "target": cx.target.name,
+            "protocol": protocol.as_str(), "sni": sni, "pid": cx.facts.pid, "uid": cx.facts.uid,
+            "cgroup": cx.facts.cgroup, "exe": cx.facts.exe,
+        })));
+    }
+    let totals = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+
+    let (tx, mut rx) = mpsc::channel::<Job>(64);
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let tx = tx.clone();
+        async move {
+            let (reply, answer) = oneshot::channel();
+            if tx.send((req, reply)).await.is_err() {
+                return Ok::<_, std::convert::Infallible>(refusal(
+                    protocol,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tollgate: the session is closing",
+                    None,
+                ));
+            }
+            Ok(answer.await.unwrap_or_else(|_| {
+                refusal(
+                    protocol,
+                    StatusCode::BAD_GATEWAY,
+                    "tollgate: the request was abandoned",
+                    None,
+                )
+            }))
+        }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut inflight = FuturesUnordered::new();
+    let env = Env {
+        cx,
+        up: &up,
+        sni: sni.as_deref(),
+        credential: &credential,
+        recorder: &recorder,
+        totals: &totals,
+        relays: &relays,
+        seconds: &seconds,
+    };
+    let result = loop {
+        tokio::select! {
+            r = &mut conn => break r,
+            Some((req, reply)) = rx.recv() => inflight.push(async move {
+                let resp = env.handle(req).await;
+                let _ = reply.send(resp);
+            }),
+            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+        }
+    };
+    drop(inflight);
+    // Upgraded connections (WebSocket) outlive hyper's connection: the session ends with them.
+    let mut relays = std::mem::take(&mut *crate::lock(&relays));
+    while relays.join_next().await.is_some() {}
+    if let Some(r) = &recorder {
+        r.write(obj(json!({"event": "end", "session": cx.id,
+            "error": result.as_ref().err().map(|e| e.to_string())})));
+    }
+    let t = Totals {
+        bytes_up: totals.0.load(Ordering::Relaxed),
+        bytes_down: totals.1.load(Ordering::Relaxed),
+    };
+    cx.add_bytes(t);
+    match result {
+        Ok(()) => Ok(t),
+        Err(e) => Err(DataPathError::Client(std::io::Error::other(e.to_string()))),
+    }
+}
+
+/// The `Authorization` value the target's credential gives: `Bearer <token>` for a
+/// `token_file` (or `env`), `Basic` for `user` + `password_file`. `Err` when the credential
+/// cannot be read: requests are then refused (fail closed), never sent without it.
+fn credential_header(cx: &SessionCx) -> Result<Option<header::HeaderValue>, String> {
+    let Some(name) = &cx.target.credential else {
+        return Ok(None);
+    };
+    let gen = cx.agent.gen.load();
+    let Some(cred): Option<&Credential> = gen.policy.credentials.get(name) else {
+        return Err(format!("credential {name} is not in the policy"));
+    };
+    let secret = crate::session::credentials::read_secret(name, cred)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("credential {name} has no secret"))?;
+    let value = match (&cred.user, &cred.password_file) {
+        (Some(user), Some(_)) => {
+            use base64::Engine as _;
+            let mut raw = user.as_bytes().to_vec();
+            raw.push(b':');
+            raw.extend_from_slice(&secret);
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            )
+        }
+        _ => format!(
+            "Bearer {}",
+            String::from_utf8(secret).map_err(|_| format!("credential {name} is not UTF-8"))?
+        ),
+    };
+    let mut v = header::HeaderValue::from_str(&value)
+        .map_err(|_| format!("credential {name} cannot be sent in a header"))?;
+    v.set_sensitive(true);
+    Ok(Some(v))
+}
+
+/// What every request of the session shares.
+#[derive(Clone, Copy)]
+struct Env<'a> {
+    cx: &'a SessionCx,
+    up: &'a Upstream<'a>,
+    sni: Option<&'a str>,
+    credential: &'a Result<Option<header::HeaderValue>, String>,
+    recorder: &'a Option<Arc<Recorder>>,
+    totals: &'a Arc<(AtomicU64, AtomicU64)>,
+    relays: &'a std::sync::Mutex<tokio::task::JoinSet<()>>,
+    seconds: &'a prometheus::Histogram,
+}
+
+impl Env<'_> {
+    async fn handle(self, mut req: Request<Incoming>) -> Response<AnyBody> {
+        let cx = self.cx;
+        let protocol = cx.target.protocol;
+        let kind = if protocol == Protocol::Kubernetes {
+            "kubernetes"
+        } else {
+            "http"
+        };
+        let started = Instant::now();
+        let mut record = RecordLine {
+            recorder: self.recorder.clone(),
+            fields: obj(json!({ "event": "request", "method": req.method().as_str() })),
+            up: Arc::new(AtomicU64::new(0)),
+            started,
+            totals: self.totals.clone(),
+            seconds: self.seconds.clone(),
+        };
+        let att = match attribute(protocol, req.method(), req.uri(), req.headers(), self.sni) {
+            Ok(a) => a,
+            Err(u) => {
+                // The raw target, bounded, for the audit: it is what the bot sent.
+                let raw: String = req.uri().to_string().chars().take(512).collect();
+                let d = Decision {
+                    action: Action::Deny,
+                    rule: None,
+                    reason: DecisionReason::NoMatchingRule,
+                };
+                cx.audit_operation(
+                    &cx.policy(),
+                    kind,
+                    &format!("{} {raw}", req.method()),
+                    &d,
+                    Some("unattributable"),
+                );
+                record.fields.insert("target".into(), raw.into());
+                record.fields.insert("action".into(), "deny".into());
+                record
+                    .fields
+                    .insert("reason".into(), u.message.clone().into());
+                return finish_response(refusal(protocol, u.status, &u.message, None), record);
+            }
+        };
+        let text = att.text();
+        let d = match (&att.kube, att.operation()) {
+            (Some(Some(a)), _) => {
+                let resource = a.resource_path();
+                cx.decide(
+                    Operation::Kube {
+                        verb: &a.verb,
+                        resource: &resource,
+                        namespace: &a.namespace,
+                        name: &a.name,
+                    },
+                    &text,
+                )
+            }
+            (Some(None), _) => cx.audit_operation(
+                &cx.policy(),
+                kind,
+                &text,
+                &Decision {
+                    action: Action::Allow,
+                    rule: Some("(discovery)".into()),
+                    reason: DecisionReason::Matched,
+                },
+                Some("discovery"),
+            ),
+            (None, Some(op)) => cx.decide(op, &text),
+            (None, None) => Decision {
+                action: Action::Deny,
+                rule: None,
+                reason: DecisionReason::NoMatchingRule,
+            },
+        };
+        record.fields.extend(obj(json!({
+            "path": att.path, "host": att.host, "kubernetes": kube_json(&att.kube),
+            "action": d.action.as_str(), "rule": d.rule,
+        })));
+        let what = format!("{} {}", att.method, att.path);
+        match d.action {
+            Action::Allow => {}
+            Action::Deny => {
+                let msg = denial_message(&d, cx.identity.as_deref(), &cx.target.name, &what);
+                return finish_response(
+                    refusal(protocol, StatusCode::FORBIDDEN, &msg, d.rule.as_deref()),
+                    record,
+                );
+            }
+            Action::Approve => {
+                let outcome = cx.request_approval(&cx.policy(), &text, kind, &d).await;
+                record
+                    .fields
+                    .insert("approval".into(), outcome.label().into());
+                if !matches!(outcome, ApprovalOutcome::Approved { .. }) {
+                    let msg = approval_message(&outcome, &what);
+                    return finish_response(
+                        refusal(protocol, StatusCode::FORBIDDEN, &msg, d.rule.as_deref()),
+                        record,
+                    );
+                }
+            }
+        }
+        // Upgrades: WebSocket over HTTP/1.1 is relayed once decided; anything else (SPDY,
+        // h2c) is refused.
+        let upgrade = match req.headers().get(header::UPGRADE) {
+            None => None,
+            Some(v)
+                if v.as_bytes().eq_ignore_ascii_case(b"websocket")
+                    && req.version() == hyper::Version::HTTP_11 =>
+            {
+                Some(v.clone())
+            }
+            Some(v) => {
+                let msg = format!(
+                    "tollgate: an upgrade to {} is refused; only WebSocket (HTTP/1.1) is relayed (kubectl uses WebSocket for exec, attach and port-forward since 1.30)",
+                    String::from_utf8_lossy(v.as_bytes())
+                );
+                return finish_response(
+                    refusal(protocol, StatusCode::FORBIDDEN, &msg, None),
+                    record,
+                );
+            }
+        };
+        let bot_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let credential = match self.credential {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                let msg = format!("tollgate: the target's credential cannot be used: {e}");
+                return finish_response(
+                    refusal(protocol, StatusCode::SERVICE_UNAVAILABLE, &msg, None),
+                    record,
+                );
+            }
+        };
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| att.host.clone());
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(c) = credential {
+            parts.headers.insert(header::AUTHORIZATION, c);
+        }
+        if let Some(u) = &upgrade {
+            parts.headers.insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("upgrade"),
+            );
+            parts.headers.insert(header::UPGRADE, u.clone());
+        }
+        // Secrets are masked by default: ask for JSON the agent can read (no protobuf, no
+        // compression).
+        let secrets = match &att.kube {
+            Some(Some(a)) if a.resource == "secrets" => Some(a.verb == "watch"),
+            _ => None,
+        };
+        if secrets.is_some() {
+            let accept = parts
+                .headers
+                .get(header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .map(|a| {
+                    a.split(',')
+                        .filter(|m| !m.contains("protobuf"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|a| !a.trim().is_empty())
+                .unwrap_or_else(|| "application/json".into());
+            if let Ok(v) = header::HeaderValue::from_str(&accept) {
+                parts.headers.insert(header::ACCEPT, v);
+            }
+            parts.headers.remove(header::ACCEPT_ENCODING);
+        }
+        let mut out = Request::new(tally(body.boxed_unsync(), record.up.clone(), None));
+        *out.method_mut() = parts.method;
+        *out.headers_mut() = parts.headers;
+        *out.uri_mut() = match att.forward.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return finish_response(
+                    refusal(
+                        protocol,
+                        StatusCode::BAD_REQUEST,
+                        "tollgate: the request path cannot be forwarded",
+                        None,
+                    ),
+                    record,
+                )
+            }
+        };
+        let sent = match bot_upgrade {
+            Some(bot) => self
+                .up
+                .send_upgrade(out, &authority)
+                .await
+                .map(|r| (r, Some(bot))),
+            None => self.up.send(out, &authority).await.map(|r| (r, None)),
+        };
+        match sent {
+            Ok((mut resp, Some(bot))) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let upstream = hyper::upgrade::on(&mut resp);
+                let (mut parts, _) = resp.into_parts();
+                let upgrade_value = parts.headers.get(header::UPGRADE).cloned();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.headers.insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("upgrade"),
+                );
+                if let Some(u) = upgrade_value {
+                    parts.headers.insert(header::UPGRADE, u);
+                }
+                crate::lock(self.relays).spawn(relay_upgraded(bot, upstream, record));
+                Response::from_parts(parts, super::full(Bytes::new()))
+            }
+            Ok((resp, _)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let mut body = body.boxed_unsync();
+                if let Some(watch) = secrets {
+                    match mask_secret_body(cx, &mut parts.headers, body, watch).await {
+                        Ok(b) => body = b,
+                        Err(msg) => {
+                            return finish_response(
+                                refusal(protocol, StatusCode::FORBIDDEN, &msg, None),
+                                record,
+                            )
+                        }
+                    }
+                }
+                finish_response(Response::from_parts(parts, body), record)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream request failed");
+                let msg = format!("tollgate: the upstream request failed: {e}");
+                finish_response(
+                    refusal(protocol, StatusCode::BAD_GATEWAY, &msg, None),
+                    record,
+                )
+            }
+        }
+    }
+}
+
+/// Mask a response about Secrets (see `mask.rs`): a watch event by event, a document whole.
+/// `Err(message)` when it cannot be masked: the bot gets a refusal, never the values.
+async fn mask_secret_body(
+    cx: &SessionCx,
+    headers: &mut header::HeaderMap,
+    body: AnyBody,
+    watch: bool,
+) -> Result<AnyBody, String> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if !ctype.trim_start().starts_with("application/json") || encoded {
+        return Err(format!(
+            "tollgate: a response about Secrets that the agent cannot mask (content type \"{ctype}\"{}) is refused",
+            if encoded { ", compressed" } else { "" }
+        ));
+    }
+    let counter = cx
+        .agent
+        .metrics
+        .masked_values
+        .with_label_values(&[&cx.target.name, "kubernetes_secret"]);
+    if watch {
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(WatchMask::new(body, Box::new(move |n| counter.inc_by(n))).boxed_unsync());
+    }
+    let bytes = http_body_util::Limited::new(body, MAX_DOCUMENT)
+        .collect()
+        .await
+        .map_err(|e| {
+            format!("tollgate: a response about Secrets could not be read for masking: {e}")
+        })?
+        .to_bytes();
+    let (out, n) = mask_document(&bytes).ok_or_else(|| {
+        "tollgate: a response about Secrets is not JSON, so it cannot be masked; refused"
+            .to_string()
+    })?;
+    counter.inc_by(n);
+    headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(out.len()));
+    Ok(super::full(out))
+}
+
+/// Relay an upgraded connection (WebSocket) both ways until either side closes, then write the
+/// request's recording line with the bytes each way.
+async fn relay_upgraded(
+    bot: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    record: RecordLine,
+) {
+    let (bot, upstream) = match tokio::join!(bot, upstream) {
+        (Ok(b), Ok(u)) => (b, u),
+        (b, u) => {
+            tracing::debug!(
+                bot = b.is_ok(),
+                upstream = u.is_ok(),
+                "an upgrade did not complete"
+            );
+            record.finish(101, 0);
+            return;
+        }
+    };
+    let (mut bot_r, mut bot_w) = tokio::io::split(TokioIo::new(bot));
+    let (mut up_r, mut up_w) = tokio::io::split(TokioIo::new(upstream));
+    // Each direction on its own, counting what it moved even when it ends in an error (a
+    // peer that closes TLS without close_notify).
+    let (up, down) = tokio::join!(
+        copy_counting(&mut bot_r, &mut up_w),
+        copy_counting(&mut up_r, &mut bot_w)
+    );
+    record.up.fetch_add(up, Ordering::Relaxed);
+    record.finish(101, down);
+}
+
+/// Copy until EOF or an error, then shut the writer down; the bytes copied.
+async fn copy_counting(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> u64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut n = 0u64;
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => {
+                if w.write_all(&buf[..k]).await.is_err() {
+                    break;
+                }
+                n += k as u64;
+            }
+        }
+    }
+    let _ = w.shutdown().await;
+    n
+}

@@ -1,0 +1,151 @@
+use hyper::{header, HeaderMap, Method, StatusCode, Uri};
+use tollgate_policy::Protocol;
+
+use super::*;
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    h
+}
+
+fn attr(
+    protocol: Protocol,
+    method: &str,
+    uri: &str,
+    h: &[(&str, &str)],
+    sni: Option<&str>,
+) -> Result<Attributed, Unattributable> {
+    let uri: Uri = uri.parse().expect("uri");
+    let method = Method::from_bytes(method.as_bytes()).expect("method");
+    attribute(protocol, &method, &uri, &headers(h), sni)
+}
+
+#[test]
+fn plain_request_is_attributed_and_canonical() {
+    let a = attr(
+        Protocol::Https,
+        "GET",
+        "/api//v1/./x/%2e%2e/invoices?limit=5",
+        &[("host", "Billing.Internal:8443")],
+        Some("billing.internal"),
+    )
+    .expect("attributed");
+    assert_eq!(a.path, "/api/v1/invoices");
+    assert_eq!(a.forward, "/api/v1/invoices?limit=5");
+    assert_eq!(a.host, "billing.internal");
+    assert_eq!(a.text(), "GET /api/v1/invoices");
+}
+
+#[test]
+fn smuggling_and_host_tricks_are_refused() {
+    let h = ("host", "b.internal");
+    for (uri, hs, sni, status) in [
+        (
+            "/x",
+            vec![h, ("content-length", "5"), ("transfer-encoding", "chunked")],
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/x",
+            vec![h, ("content-length", "5"), ("content-length", "6")],
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/x",
+            vec![h, ("transfer-encoding", "gzip, chunked")],
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/x",
+            vec![h, ("host", "other")],
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        ("https://other/x", vec![h], None, StatusCode::BAD_REQUEST),
+        (
+            "/x",
+            vec![h],
+            Some("other.internal"),
+            StatusCode::MISDIRECTED_REQUEST,
+        ),
+        ("/x", vec![], None, StatusCode::BAD_REQUEST),
+        ("/a/%2e%2e/%2e%2e/etc", vec![h], None, StatusCode::FORBIDDEN),
+        ("/a/..%2fadmin", vec![h], None, StatusCode::FORBIDDEN),
+    ] {
+        let e = attr(Protocol::Https, "POST", uri, &hs, sni).expect_err(uri);
+        assert_eq!(e.status, status, "{uri} {hs:?}: {}", e.message);
+        assert!(e.message.starts_with("tollgate: "), "{}", e.message);
+    }
+    // An absolute-form URI naming the same host is fine.
+    assert!(attr(
+        Protocol::Https,
+        "GET",
+        "https://b.internal/x",
+        &[h],
+        Some("b.internal")
+    )
+    .is_ok());
+}
+
+#[test]
+fn kubernetes_requests_carry_attributes() {
+    let h = [("host", "127.0.0.1:6443")];
+    let a = attr(
+        Protocol::Kubernetes,
+        "GET",
+        "/api/v1/namespaces/prod/pods?watch=1",
+        &h,
+        None,
+    )
+    .expect("attributed");
+    let Some(Some(k)) = &a.kube else {
+        panic!("{a:?}")
+    };
+    assert_eq!((k.verb.as_str(), k.namespace.as_str()), ("watch", "prod"));
+    assert_eq!(
+        a.text(),
+        "GET /api/v1/namespaces/prod/pods (watch pods -n prod)"
+    );
+    let d = attr(Protocol::Kubernetes, "GET", "/apis/apps/v1", &h, None).expect("discovery");
+    assert_eq!(d.kube, Some(None));
+    let e = attr(Protocol::Kubernetes, "GET", "/metrics", &h, None).expect_err("non-resource");
+    assert_eq!(e.status, StatusCode::FORBIDDEN);
+}
+
+#[test]
+fn kubernetes_refusal_is_a_status() {
+    let r = refusal(
+        Protocol::Kubernetes,
+        StatusCode::FORBIDDEN,
+        "tollgate: no",
+        Some("r1"),
+    );
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        r.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes()),
+        Some(&b"application/json"[..])
+    );
+}
+
+#[test]
+fn hop_by_hop_and_bot_credentials_are_stripped() {
+    let mut h = headers(&[
+        ("authorization", "Bearer stolen"),
+        ("connection", "close, x-secret"),
+        ("x-secret", "1"),
+        ("keep-alive", "5"),
+        ("accept", "*/*"),
+    ]);
+    strip_hop_by_hop(&mut h);
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert!(h.contains_key("accept"));
+}

@@ -1,0 +1,206 @@
+//! The agent's own connections to an HTTP target: TLS with rustls (ALPN h2, http/1.1) for
+//! `https` and `kubernetes`, plaintext for `http`; HTTP/2 multiplexed on one connection when
+//! the server negotiates it, otherwise a small pool of idle HTTP/1.1 connections.
+
+use std::sync::{Arc, Mutex};
+
+use hyper::{body::Incoming, client::conn, header, Request, Response, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::AnyBody;
+use crate::{
+    lock,
+    session::{DataPathError, SessionCx},
+    tls::{Conn, UpstreamTlsError},
+};
+
+/// Idle HTTP/1.1 connections kept per session.
+const IDLE_H1: usize = 8;
+
+/// Why a request could not be sent upstream. Safe to show the bot.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The TCP connection failed.
+    #[error("{0}")]
+    Connect(#[from] DataPathError),
+    /// The target's TLS settings cannot be used, or the handshake failed.
+    #[error("{0}")]
+    Tls(#[from] UpstreamTlsError),
+    /// The HTTP exchange failed.
+    #[error("the upstream HTTP exchange failed: {0}")]
+    Http(#[from] hyper::Error),
+    /// The request could not be rebuilt for the upstream.
+    #[error("the request cannot be sent upstream: {0}")]
+    Request(String),
+}
+
+enum Sender {
+    H1(conn::http1::SendRequest<AnyBody>),
+    H2(conn::http2::SendRequest<AnyBody>),
+}
+
+/// One session's upstream connections.
+pub struct Upstream<'a> {
+    cx: &'a SessionCx,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    /// The same TLS settings offering only http/1.1: for upgrades (WebSocket), which HTTP/2
+    /// cannot carry here.
+    tls_h1: Option<Arc<ClientConfig>>,
+    h2: Mutex<Option<conn::http2::SendRequest<AnyBody>>>,
+    h1: Mutex<Vec<conn::http1::SendRequest<AnyBody>>>,
+}
+
+impl<'a> Upstream<'a> {
+    /// `tls`: the client configuration and the name to verify, for `https`/`kubernetes`.
+    pub fn new(
+        cx: &'a SessionCx,
+        tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+        tls_h1: Option<Arc<ClientConfig>>,
+    ) -> Upstream<'a> {
+        Upstream {
+            cx,
+            tls,
+            tls_h1,
+            h2: Mutex::new(None),
+            h1: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Send `req` (origin-form URI: path and query) for `authority` (the bot's Host).
+    pub async fn send(
+        &self,
+        mut req: Request<AnyBody>,
+        authority: &str,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match self.sender().await? {
+            Sender::H2(mut s) => {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                *req.uri_mut() = Uri::builder()
+                    .scheme(scheme)
+                    .authority(authority)
+                    .path_and_query(pq)
+                    .build()
+                    .map_err(|e| UpstreamError::Request(e.to_string()))?;
+                *req.version_mut() = Version::HTTP_2;
+                req.headers_mut().remove(header::HOST);
+                Ok(s.send_request(req).await?)
+            }
+            Sender::H1(mut s) => {
+                *req.version_mut() = Version::HTTP_11;
+                if !req.headers().contains_key(header::HOST) {
+                    let v = header::HeaderValue::from_str(authority)
+                        .map_err(|e| UpstreamError::Request(e.to_string()))?;
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                let r = s.send_request(req).await;
+                // Back to the pool: it is ready again once this response's body has been
+                // read; one still busy when taken is dropped (see `sender`).
+                let mut idle = lock(&self.h1);
+                if idle.len() < IDLE_H1 {
+                    idle.push(s);
+                }
+                Ok(r?)
+            }
+        }
+    }
+
+    /// Send an upgrade request (WebSocket) on a connection of its own, HTTP/1.1 only; the
+    /// connection is driven with upgrades, so a 101 hands the socket over.
+    pub async fn send_upgrade(
+        &self,
+        mut req: Request<AnyBody>,
+        authority: &str,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let tcp = self.cx.connect_upstream().await?;
+        let io = match (&self.tls, &self.tls_h1) {
+            (Some((_, name)), Some(cfg)) => {
+                let tls = TlsConnector::from(cfg.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(UpstreamTlsError::Handshake)?;
+                Conn::Tls(Box::new(tokio_rustls::TlsStream::Client(tls)))
+            }
+            _ => Conn::Plain(tcp),
+        };
+        let (mut s, c) = conn::http1::handshake(TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = c.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended");
+            }
+        });
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST) {
+            let v = header::HeaderValue::from_str(authority)
+                .map_err(|e| UpstreamError::Request(e.to_string()))?;
+            req.headers_mut().insert(header::HOST, v);
+        }
+        Ok(s.send_request(req).await?)
+    }
+
+    async fn sender(&self) -> Result<Sender, UpstreamError> {
+        if let Some(s) = lock(&self.h2).clone() {
+            if !s.is_closed() {
+                return Ok(Sender::H2(s));
+            }
+        }
+        loop {
+            let Some(mut s) = lock(&self.h1).pop() else {
+                break;
+            };
+            // An idle connection is ready at once; give one that is finishing a response a
+            // moment before opening another.
+            if !s.is_closed()
+                && tokio::time::timeout(std::time::Duration::from_millis(5), s.ready())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            {
+                return Ok(Sender::H1(s));
+            }
+        }
+        self.connect().await
+    }
+
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let tcp = self.cx.connect_upstream().await?;
+        let (io, h2) = match &self.tls {
+            Some((cfg, name)) => {
+                let tls = TlsConnector::from(cfg.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(UpstreamTlsError::Handshake)?;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                (
+                    Conn::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))),
+                    h2,
+                )
+            }
+            None => (Conn::Plain(tcp), false),
+        };
+        if h2 {
+            let (s, c) = conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+            tokio::spawn(async move {
+                if let Err(e) = c.await {
+                    tracing::debug!(error = %e, "upstream h2 connection ended");
+                }
+            });
+            *lock(&self.h2) = Some(s.clone());
+            Ok(Sender::H2(s))
+        } else {
+            let (s, c) = conn::http1::handshake(TokioIo::new(io)).await?;
+            tokio::spawn(async move {
+                if let Err(e) = c.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+            });
+            Ok(Sender::H1(s))
+        }
+    }
+}

@@ -1,0 +1,670 @@
+//! HTTPS through tollgate, per request: unmodified curl (HTTP/1.1 and HTTP/2) and a raw TLS
+//! client as the unprivileged bot in a bot cgroup, a real HTTPS server on loopback (Python's
+//! http.server + ssl) that logs what reaches it. The bot trusts the agent's CA (`--cacert`);
+//! the agent verifies the server against the target's `tls.ca_file` and injects its token.
+
+use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Output};
+
+use serde_json::Value;
+use vm_tests::{
+    http::{raw_client, statuses, ws_client, HttpsServer},
+    require_root, AgentProc, Cgroup, FailMode, TempDir,
+};
+
+const TOKEN: &str = "tg-upstream-token-5f1e";
+const STOLEN: &str = "stolen-bot-token-77aa";
+
+fn policy(bot: &Cgroup, srv: &HttpsServer, token: &Path) -> String {
+    format!(
+        r#"[[identity]]
+name = "ci-bot"
+cgroup = "{glob}"
+
+[[target]]
+name = "billing"
+protocol = "https"
+address = ["127.0.0.1:{port}"]
+credential = "billing-api"
+tls = {{ mode = "verify-full", ca_file = "{ca}", server_name = "localhost" }}
+
+[credential.billing-api]
+token_file = "{token}"
+
+[[rule]]
+name = "ci reads the v1 API"
+identities = ["ci-bot"]
+targets = ["billing"]
+action = "allow"
+http = {{ methods = ["GET", "POST"], paths = ["/api/v1/*"] }}
+
+[[rule]]
+name = "nobody deletes"
+identities = ["ci-bot"]
+targets = ["billing"]
+action = "deny"
+http = {{ methods = ["DELETE"] }}
+"#,
+        glob = bot.glob(),
+        port = srv.port,
+        ca = srv.ca_file.display(),
+        token = token.display(),
+    )
+}
+
+fn world_readable(dir: &TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).expect("write");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    p
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `/usr/bin/python3 ARGS` as the bot, with a clean environment.
+fn python(bot: &Cgroup, args: &[&std::ffi::OsStr]) -> Output {
+    bot.command(Path::new("/usr/bin/python3"))
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("python3")
+}
+
+/// curl as the bot; prints the body, then a line `<status> <http version>`.
+fn curl(bot: &Cgroup, ca: &Path, args: &[&str]) -> (u16, String, String) {
+    let out = bot
+        .command(Path::new("/usr/bin/curl"))
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(ca)
+        .args(["-H", &format!("Authorization: Bearer {STOLEN}")])
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, tail) = s.rsplit_once('\n').unwrap_or(("", &s));
+    let mut t = tail.split(' ');
+    let code = t.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let version = t.next().unwrap_or("").to_string();
+    assert!(code != 0, "curl {args:?} failed: {}", text(&out));
+    (code, body.to_string(), version)
+}
+
+/// A server, a bot cgroup, the target's token file, the agent (with `extra` rules, and the
+/// admin API when `admin`) and the agent's CA where the bot can read it.
+struct Fixture {
+    srv: HttpsServer,
+    bot: Cgroup,
+    files: TempDir,
+    agent: AgentProc,
+    trust: TempDir,
+    ca: std::path::PathBuf,
+}
+
+fn fixture(tag: &str, extra: &str, admin: bool) -> Fixture {
+    require_root();
+    let srv = HttpsServer::start(tag);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let files = TempDir::new(&format!("{tag}-files"));
+    let token = files.path().join("billing.token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+    let body = format!("{}{extra}", policy(&bot, &srv, &token));
+    let agent = if admin {
+        AgentProc::start_with_admin(tag, FailMode::Closed, &body)
+    } else {
+        AgentProc::start(tag, FailMode::Closed, &body)
+    };
+    let pem = std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA");
+    let trust = TempDir::new(&format!("{tag}-trust"));
+    let ca = world_readable(&trust, "tollgate-ca.pem", &pem);
+    Fixture {
+        srv,
+        bot,
+        files,
+        agent,
+        trust,
+        ca,
+    }
+}
+
+#[test]
+fn https_requests_are_decided_one_by_one_with_the_token_injected() {
+    let Fixture {
+        srv,
+        bot,
+        files,
+        agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-basic", "", false);
+    let base = format!("https://localhost:{}", srv.port);
+    // curl resolves localhost to 127.0.0.1 (the target address) and sends SNI localhost.
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+
+    for (flag, want_version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let url = format!("{base}/api/v1/invoices?limit=5");
+        let (code, body, version) = curl(&bot, &ca, &[flag, "--resolve", &resolve, &url]);
+        assert_eq!((code, version.as_str()), (200, want_version), "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["path"], "/api/v1/invoices?limit=5", "{v}");
+
+        // Outside the allowed paths: a 403 with a JSON body, the upstream never asked.
+        let url = format!("{base}/admin/users");
+        let (code, body, _) = curl(&bot, &ca, &[flag, "--resolve", &resolve, &url]);
+        assert_eq!(code, 403, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert!(
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("tollgate: GET /admin/users denied")),
+            "{v}"
+        );
+        // A deny rule is named.
+        let url = format!("{base}/api/v1/invoices/7");
+        let (code, body, _) = curl(
+            &bot,
+            &ca,
+            &[flag, "--resolve", &resolve, "-X", "DELETE", &url],
+        );
+        assert_eq!(code, 403, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["rule"], "nobody deletes", "{v}");
+
+        // An upload streams through (chunked, 8 MiB) and arrives whole.
+        let big = files.path().join("upload.bin");
+        std::fs::write(&big, vec![b'x'; 8 << 20]).expect("upload");
+        std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let url = format!("{base}/api/v1/uploads");
+        let data = format!("@{}", big.display());
+        let (code, body, _) = curl(
+            &bot,
+            &ca,
+            &[
+                flag,
+                "--resolve",
+                &resolve,
+                "-H",
+                "Transfer-Encoding: chunked",
+                "--data-binary",
+                &data,
+                &url,
+            ],
+        );
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["bytes"], 8 << 20, "{v}");
+        std::fs::remove_file(&big).expect("rm");
+    }
+
+    // Python requests (Debian's python3-requests), as unmodified as curl.
+    let script = format!(
+        "import json, requests\n\
+         s = requests.Session()\n\
+         out = []\n\
+         for p in ['/api/v1/invoices/9', '/api/v1/../../admin']:\n\
+         \x20   r = s.get('https://localhost:{port}' + p, verify='{ca}', headers={{'Authorization': 'Bearer {STOLEN}'}})\n\
+         \x20   out.append([r.status_code, r.json()])\n\
+         print(json.dumps(out))\n",
+        port = srv.port,
+        ca = ca.display()
+    );
+    let out = python(&bot, &["-c".as_ref(), script.as_ref()]);
+    let v: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(v[0][0], 200, "{v}");
+    assert_eq!(v[0][1]["path"], "/api/v1/invoices/9", "{v}");
+    // requests resolves dot segments itself (RFC 3986) and sends /admin: denied.
+    assert_eq!(v[1][0], 403, "{v}");
+
+    let log = srv.access_log();
+    assert_eq!(log.len(), 5, "{log:#?}");
+    for e in &log {
+        assert_eq!(e["authorization"], format!("Bearer {TOKEN}"), "{e}");
+        assert!(
+            e["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/api/v1/")),
+            "{e}"
+        );
+    }
+    // The stolen header never went anywhere: not upstream, not the audit, not a recording.
+    let audit = std::fs::read_to_string(agent.audit_path()).expect("audit");
+    assert!(!audit.contains(STOLEN) && !audit.contains(TOKEN));
+    let mut requests = 0;
+    for f in std::fs::read_dir(agent.data_dir.join("sessions")).expect("sessions") {
+        let t = std::fs::read_to_string(f.expect("entry").path()).expect("recording");
+        assert!(!t.contains(STOLEN) && !t.contains(TOKEN));
+        for l in t.lines() {
+            let v: Value = serde_json::from_str(l).expect("line");
+            if v["event"] == "request" {
+                requests += 1;
+                assert!(v["status"].is_u64() && v["duration_ms"].is_number(), "{v}");
+            }
+        }
+    }
+    assert_eq!(requests, 10);
+    let allowed = agent.metric(
+        "tollgate_decisions_total",
+        &[("target", "billing"), ("action", "allow")],
+    );
+    assert!(allowed >= 4.0, "{allowed}");
+    let timed = agent.metric(
+        "tollgate_http_request_duration_seconds_count",
+        &[("target", "billing"), ("protocol", "https")],
+    );
+    assert_eq!(timed, 10.0, "one observation per request");
+}
+
+#[test]
+fn smuggling_and_path_tricks_never_reach_a_denied_path() {
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust,
+        ca,
+    } = fixture("http-tricks", "", false);
+    let client = raw_client(trust.path());
+    let h = "Host: localhost\\r\\n";
+    let end = "Connection: close\\r\\n\\r\\n";
+    let get = |path: &str| format!("GET {path} HTTP/1.1\\r\\n{h}{end}");
+    let smuggled = format!("GET /admin HTTP/1.1\\r\\n{h}\\r\\n");
+    // (name, SNI, raw request)
+    let tricks: Vec<(&str, &str, String)> = vec![
+        ("dot-dot", "localhost", get("/api/v1/../../admin")),
+        ("encoded dot-dot", "localhost", get("/api/v1/%2e%2e/%2e%2e/admin")),
+        ("upper-case encoded dots", "localhost", get("/api/v1/%2E%2E/%2E%2E/admin")),
+        ("mixed dot and %2e", "localhost", get("/api/v1/.%2e/.%2E/admin")),
+        ("encoded slash", "localhost", get("/api/v1/..%2f..%2fadmin")),
+        ("encoded backslash", "localhost", get("/api/v1/..%5c..%5cadmin")),
+        ("double encoding", "localhost", get("/api/v1/%252e%252e/%252e%252e/admin")),
+        ("double slash root", "localhost", get("//admin")),
+        ("double slash inside", "localhost", get("/api//v1/..//../admin")),
+        ("path parameter", "localhost", get("/api/v1/..;/..;/admin")),
+        ("encoded NUL", "localhost", get("/api/v1/%00/../../../admin")),
+        ("above root", "localhost", get("/../admin")),
+        ("absolute-form other host", "localhost", format!("GET https://evil.internal/api/v1/x HTTP/1.1\\r\\n{h}{end}")),
+        ("absolute-form denied path", "localhost", format!("GET https://localhost/admin HTTP/1.1\\r\\n{h}{end}")),
+        ("Host vs SNI mismatch", "localhost", format!("GET /api/v1/x HTTP/1.1\\r\\nHost: admin.internal\\r\\n{end}")),
+        ("two Host headers", "localhost", format!("GET /api/v1/x HTTP/1.1\\r\\n{h}Host: admin.internal\\r\\n{end}")),
+        ("no Host (HTTP/1.0)", "localhost", "GET /admin HTTP/1.0\\r\\n\\r\\n".to_string()),
+        ("duplicate Content-Length", "localhost", format!("POST /api/v1/x HTTP/1.1\\r\\n{h}Content-Length: 0\\r\\nContent-Length: 40\\r\\n\\r\\n{smuggled}")),
+        ("CL + TE", "localhost", format!("POST /api/v1/x HTTP/1.1\\r\\n{h}Content-Length: 4\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\n{smuggled}")),
+        ("TE + CL, header case", "localhost", format!("POST /api/v1/x HTTP/1.1\\r\\n{h}TRANSFER-ENCODING: chunked\\r\\ncontent-length: 4\\r\\n\\r\\n0\\r\\n\\r\\n{smuggled}")),
+        ("obfuscated TE", "localhost", format!("POST /api/v1/x HTTP/1.1\\r\\n{h}Transfer-Encoding: xchunked\\r\\n\\r\\n0\\r\\n\\r\\n{smuggled}")),
+        ("TE list", "localhost", format!("POST /api/v1/x HTTP/1.1\\r\\n{h}Transfer-Encoding: gzip, chunked\\r\\n\\r\\n0\\r\\n\\r\\n{smuggled}")),
+        ("space in path", "localhost", format!("GET /api/v1/x /admin HTTP/1.1\\r\\n{h}{end}")),
+        ("fragment", "localhost", get("/api/v1/x#/../../../admin")),
+        ("lower-case method", "localhost", format!("get /admin HTTP/1.1\\r\\n{h}{end}")),
+        ("CONNECT tunnel", "localhost", format!("CONNECT localhost:443 HTTP/1.1\\r\\n{h}{end}")),
+    ];
+    assert!(tricks.len() >= 20);
+    let mut report = Vec::new();
+    for (name, sni, req) in &tricks {
+        let port = srv.port.to_string();
+        let out = python(
+            &bot,
+            &[
+                client.as_ref(),
+                port.as_ref(),
+                ca.as_ref(),
+                sni.as_ref(),
+                req.as_ref(),
+            ],
+        );
+        let answer = String::from_utf8_lossy(&out.stdout).to_string();
+        let codes = statuses(&answer);
+        report.push(format!("{name}: {codes:?}"));
+        assert!(
+            !codes.is_empty() || answer.is_empty(),
+            "{name}: unexpected answer {answer:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // hyper reads CL+TE as chunked (TE wins, RFC 9112 6.3), answers the first request and
+        // closes the connection: the smuggled request after it is never read. That is the
+        // normalised outcome; anything else must be refused.
+        // A fragment is no part of the path (hyper drops it): `/api/v1/x` is what is decided
+        // and sent.
+        let normalised =
+            name.starts_with("CL + TE") || name.starts_with("TE + CL") || *name == "fragment";
+        if normalised {
+            assert!(
+                codes == [200] || codes.iter().all(|c| *c >= 400),
+                "{name}: {answer}"
+            );
+        } else {
+            assert!(
+                codes.iter().all(|c| *c >= 400),
+                "{name}: a trick got a success: {answer}"
+            );
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+
+    // Pipelined on one connection: the allowed request is answered, the denied one refused.
+    let pipelined =
+        format!("GET /api/v1/first HTTP/1.1\\r\\n{h}\\r\\nGET /admin HTTP/1.1\\r\\n{h}{end}");
+    let port = srv.port.to_string();
+    let out = python(
+        &bot,
+        &[
+            client.as_ref(),
+            port.as_ref(),
+            ca.as_ref(),
+            "localhost".as_ref(),
+            pipelined.as_ref(),
+        ],
+    );
+    let answer = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(statuses(&answer), vec![200, 403], "{answer}");
+
+    // What reached the server: only allowed paths, in canonical form.
+    let log = srv.access_log();
+    assert!(!log.is_empty());
+    for e in &log {
+        let p = e["path"].as_str().unwrap_or("");
+        assert!(
+            p.starts_with("/api/v1/") && !p.contains("..") && !p.contains('%') && !p.contains("//"),
+            "a trick reached the server: {e}"
+        );
+        assert_ne!(e["method"], "GET /admin");
+    }
+    assert!(log.iter().all(|e| e["path"] != "/admin"), "{log:#?}");
+    drop(agent);
+}
+
+/// `tollgate approvals ARGS` against `agent`'s admin API with its local admin token.
+fn approvals(agent: &AgentProc, args: &[&str]) -> String {
+    let out = std::process::Command::new(vm_tests::tollgate_bin())
+        .arg("approvals")
+        .args(args)
+        .arg("--admin")
+        .arg(agent.admin.expect("admin").to_string())
+        .arg("--token-file")
+        .arg(agent.data_dir.join("admin.token"))
+        .output()
+        .expect("tollgate approvals");
+    assert!(out.status.success(), "approvals {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The id of the one pending approval request, once there is one.
+fn pending_id(agent: &AgentProc) -> u64 {
+    vm_tests::wait_for(
+        std::time::Duration::from_secs(20),
+        "a pending request",
+        || {
+            let v: Value = serde_json::from_str(&approvals(agent, &["list", "--json"])).ok()?;
+            let list = v.get("pending").unwrap_or(&v);
+            list.as_array()?.first()?["id"].as_u64()
+        },
+    )
+}
+
+#[test]
+fn an_approve_rule_holds_the_request_until_a_human_decides() {
+    let extra = "\n[[rule]]\nname = \"refunds need a human\"\nidentities = [\"ci-bot\"]\ntargets = [\"billing\"]\naction = \"approve\"\nhttp = { methods = [\"POST\"], paths = [\"/api/v1/refunds/*\"] }\n";
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-approve", extra, true);
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let url = format!("https://localhost:{}/api/v1/refunds/42", srv.port);
+    let spawn = || {
+        let ca = ca.clone();
+        let (resolve, url) = (resolve.clone(), url.clone());
+        let bot = &bot;
+        let mut c = bot.command(Path::new("/usr/bin/curl"));
+        c.args(["-sS", "--max-time", "60", "--cacert"])
+            .arg(&ca)
+            .args([
+                "-w",
+                "\n%{http_code}",
+                "--resolve",
+                &resolve,
+                "-d",
+                "amount=10",
+                &url,
+            ])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdout(std::process::Stdio::piped());
+        c.spawn().expect("curl")
+    };
+
+    // Approved: the held request then reaches the server.
+    let child = spawn();
+    let id = pending_id(&agent);
+    assert!(srv.access_log().is_empty(), "held, not sent");
+    approvals(&agent, &["approve", &id.to_string()]);
+    let out = child.wait_with_output().expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(s.ends_with("\n200"), "{s}");
+    assert_eq!(srv.access_log().len(), 1);
+
+    // Denied: 403 JSON with the approver's comment; nothing sent.
+    let child = spawn();
+    let id = pending_id(&agent);
+    approvals(
+        &agent,
+        &[
+            "deny",
+            &id.to_string(),
+            "--comment",
+            "not during the freeze",
+        ],
+    );
+    let out = child.wait_with_output().expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = s.rsplit_once('\n').unwrap_or(("", ""));
+    assert_eq!(code, "403", "{s}");
+    let v: Value = serde_json::from_str(body).expect("json");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not during the freeze")),
+        "{v}"
+    );
+    assert_eq!(v["rule"], "refunds need a human", "{v}");
+    assert_eq!(srv.access_log().len(), 1);
+}
+
+#[test]
+fn websocket_upgrades_are_decided_then_relayed() {
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust,
+        ca,
+    } = fixture("http-ws", "", false);
+    let client = ws_client(trust.path());
+    let ws = |path: &str| -> Value {
+        let port = srv.port.to_string();
+        let out = python(
+            &bot,
+            &[
+                client.as_ref(),
+                port.as_ref(),
+                ca.as_ref(),
+                path.as_ref(),
+                "hello through tollgate".as_ref(),
+            ],
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+    };
+    let v = ws("/api/v1/ws");
+    assert_eq!(v["status"], 101, "{v}");
+    assert_eq!(v["echo"], "hello through tollgate", "{v}");
+    let v = ws("/admin/ws");
+    assert_eq!(v["status"], 403, "{v}");
+    let log = srv.access_log();
+    assert_eq!(log.len(), 1, "{log:#?}");
+    assert_eq!(log[0]["upgrade"], "websocket");
+    assert_eq!(log[0]["authorization"], format!("Bearer {TOKEN}"));
+    // The upgraded request is recorded with its bytes once the relay ends.
+    let recorded = vm_tests::wait_for(std::time::Duration::from_secs(10), "ws recording", || {
+        std::fs::read_dir(agent.data_dir.join("sessions"))
+            .ok()?
+            .flatten()
+            .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+            .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .find(|v| v["event"] == "request" && v["status"] == 101)
+    });
+    assert!(recorded["bytes_up"].as_u64().unwrap_or(0) > 0, "{recorded}");
+    assert!(
+        recorded["bytes_down"].as_u64().unwrap_or(0) > 0,
+        "{recorded}"
+    );
+}
+
+/// Peak resident memory of `pid` (VmHWM), in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_1gib_download_streams_byte_identical_in_flat_memory() {
+    use std::io::Read as _;
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-big", "", false);
+    const SIZE: u64 = 1 << 30;
+    let before = peak_kib(agent.pid().expect("agent pid"));
+    let url = format!(
+        "https://localhost:{}/api/v1/download?bytes={SIZE}",
+        srv.port
+    );
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let started = std::time::Instant::now();
+    let mut child = bot
+        .command(Path::new("/usr/bin/curl"))
+        .args(["-sS", "--fail", "--max-time", "300", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &resolve, &url])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let mut out = child.stdout.take().expect("stdout");
+    // Compared with the server's pattern as it arrives (byte i of each 64 KiB block is
+    // i % 251), slice by slice.
+    let block: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = out.read(&mut buf).expect("read");
+        if k == 0 {
+            break;
+        }
+        let mut chunk = &buf[..k];
+        while !chunk.is_empty() {
+            let at = (n % 65536) as usize;
+            let take = chunk.len().min(65536 - at);
+            assert!(
+                chunk[..take] == block[at..at + take],
+                "the download differs at byte {n}"
+            );
+            chunk = &chunk[take..];
+            n += take as u64;
+        }
+    }
+    assert!(child.wait().expect("curl").success());
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(n, SIZE);
+    let after = peak_kib(agent.pid().expect("agent pid"));
+    eprintln!(
+        "1 GiB through the agent in {secs:.1} s ({:.0} MiB/s); agent peak RSS {before} -> {after} KiB",
+        1024.0 / secs
+    );
+    assert!(
+        after.saturating_sub(before) < 64 * 1024,
+        "agent peak RSS grew from {before} to {after} KiB: the body was buffered"
+    );
+}
+
+/// Removes the installed CA and refreshes the bundle again, whatever the test did.
+struct Uninstall(std::path::PathBuf);
+
+impl Drop for Uninstall {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::process::Command::new("update-ca-certificates")
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn ca_install_lets_clients_trust_the_agent_without_flags() {
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust: _trust,
+        ca: _ca,
+    } = fixture("http-cainstall", "", false);
+    let url = format!("https://localhost:{}/api/v1/invoices", srv.port);
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let curl = || {
+        bot.command(Path::new("/usr/bin/curl"))
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .args(["--resolve", &resolve, &url])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .expect("curl")
+    };
+    // Before: the agent's CA is unknown to the system bundle.
+    let o = curl();
+    assert!(!o.status.success(), "{}", text(&o));
+    let _guard = Uninstall("/usr/local/share/ca-certificates/tollgate.crt".into());
+    let out = std::process::Command::new(vm_tests::tollgate_bin())
+        .args(["ca", "install", "--data-dir"])
+        .arg(&agent.data_dir)
+        .output()
+        .expect("tollgate ca install");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out)
+        .contains("installed the tollgate CA as /usr/local/share/ca-certificates/tollgate.crt"));
+    let o = curl();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "{}", text(&o));
+}

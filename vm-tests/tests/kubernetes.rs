@@ -1,0 +1,273 @@
+//! Unmodified kubectl 1.32 as the unprivileged bot, through tollgate, against a fake API
+//! server on loopback. The kubeconfig trusts the agent's CA (`certificate-authority-data`)
+//! and holds no credentials: the agent injects the target's token, which the fake checks on
+//! every request. Requests are decided per Kubernetes verb, resource and namespace.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use vm_tests::{
+    kube::{kubeconfig, FakeApiServer, SECRET_PASSWORD},
+    require_root, AgentProc, Cgroup, FailMode, TempDir,
+};
+
+const TOKEN: &str = "kube-sa-token-0b5d";
+
+fn policy(bot: &Cgroup, api: &FakeApiServer, token: &Path) -> String {
+    format!(
+        r#"[[identity]]
+name = "ci-bot"
+cgroup = "{glob}"
+
+[[target]]
+name = "cluster"
+protocol = "kubernetes"
+address = ["127.0.0.1:{port}"]
+credential = "cluster-sa"
+tls = {{ mode = "verify-full", ca_file = "{ca}", server_name = "localhost" }}
+
+[credential.cluster-sa]
+token_file = "{token}"
+
+[[rule]]
+name = "ci reads in default"
+identities = ["ci-bot"]
+targets = ["cluster"]
+action = "allow"
+kubernetes = {{ verbs = ["get", "list", "watch"], resources = ["pods", "pods/log", "events", "secrets"], namespaces = ["default"] }}
+
+[[rule]]
+name = "ci may exec into web-1"
+identities = ["ci-bot"]
+targets = ["cluster"]
+action = "allow"
+kubernetes = {{ verbs = ["create", "get"], resources = ["pods/exec"], namespaces = ["default"], names = ["web-1"] }}
+
+[[rule]]
+name = "ci deletes pods in default"
+identities = ["ci-bot"]
+targets = ["cluster"]
+action = "allow"
+kubernetes = {{ verbs = ["delete"], resources = ["pods"], namespaces = ["default"] }}
+"#,
+        glob = bot.glob(),
+        port = api.port,
+        ca = api.ca_file.display(),
+        token = token.display(),
+    )
+}
+
+struct Kubectl {
+    home: PathBuf,
+    config: PathBuf,
+}
+
+impl Kubectl {
+    fn command(&self, bot: &Cgroup, args: &[&str]) -> Command {
+        let mut c = bot.command(Path::new("/usr/bin/kubectl"));
+        c.arg("--kubeconfig")
+            .arg(&self.config)
+            .args(["--request-timeout", "20s"])
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", &self.home);
+        c
+    }
+    fn run(&self, bot: &Cgroup, args: &[&str]) -> Output {
+        self.command(bot, args).output().expect("kubectl")
+    }
+    fn spawn(&self, bot: &Cgroup, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+        let mut child = self
+            .command(bot, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, rx)
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Lines from `rx` until one satisfies `pred`, within `timeout`.
+fn wait_line(
+    rx: &mpsc::Receiver<String>,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let done = pred(&l);
+                seen.push(l);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("no matching line within {timeout:?}; saw {seen:?}"),
+        }
+    }
+}
+
+#[test]
+fn kubectl_through_the_agent_with_injected_token() {
+    require_root();
+    let tag = "kube-ctl";
+    let api = FakeApiServer::start(tag, TOKEN);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let files = TempDir::new(&format!("{tag}-files"));
+    let token = files.path().join("sa.token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+    let agent = AgentProc::start(tag, FailMode::Closed, &policy(&bot, &api, &token));
+    let pem = std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA");
+    let home = TempDir::new(&format!("{tag}-home"));
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let config = home.path().join("kubeconfig");
+    std::fs::write(&config, kubeconfig(api.port, &pem)).expect("kubeconfig");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let k = Kubectl {
+        home: home.path().to_path_buf(),
+        config,
+    };
+
+    let o = k.run(&bot, &["get", "pods"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("web-1") && t.contains("web-2") && t.contains("Running"),
+        "{t}"
+    );
+
+    let o = k.run(&bot, &["describe", "pod", "web-1"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("Name:") && t.contains("web-1") && t.contains("nginx:1.25"),
+        "{t}"
+    );
+
+    // Another namespace: refused by the agent, in kubectl's own words.
+    let o = k.run(&bot, &["get", "pods", "-n", "prod"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("Error from server (Forbidden): tollgate: "),
+        "{t}"
+    );
+    let o = k.run(
+        &bot,
+        &["delete", "pod", "db-0", "-n", "prod", "--wait=false"],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("(Forbidden)"),
+        "{}",
+        text(&o)
+    );
+
+    // exec: allowed into web-1 only (WebSocket, v5 channels relayed).
+    let o = k.run(&bot, &["exec", "web-1", "--", "echo", "hi"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("exec in web-1: echo hi"), "{t}");
+    for args in [
+        &["exec", "web-2", "--", "cat", "/etc/shadow"][..],
+        &["exec", "db-0", "-n", "prod", "--", "ls"][..],
+    ] {
+        let o = k.run(&bot, args);
+        let t = text(&o);
+        assert!(!o.status.success(), "{args:?}: {t}");
+        assert!(
+            t.contains("tollgate: ") && t.contains("denied"),
+            "{args:?}: {t}"
+        );
+    }
+    // port-forward: no rule allows pods/portforward.
+    let o = k.run(&bot, &["port-forward", "pod/web-1", "18080:80"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("tollgate: "), "{t}");
+
+    // Secret data is masked by default.
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(SECRET_PASSWORD);
+    let o = k.run(&bot, &["get", "secret", "db", "-o", "yaml"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("password:"), "{t}");
+    assert!(
+        !t.contains(&encoded) && !t.contains(SECRET_PASSWORD),
+        "secret leaked: {t}"
+    );
+
+    // logs -f streams: the first lines arrive while the server is still writing.
+    let started = Instant::now();
+    let (mut logs, rx) = k.spawn(&bot, &["logs", "-f", "web-1"]);
+    wait_line(&rx, Duration::from_secs(8), |l| {
+        l.contains("web-1 log line 2")
+    });
+    assert!(
+        logs.try_wait().expect("wait").is_none(),
+        "kubectl logs -f ended after {:?}; it should still be following",
+        started.elapsed()
+    );
+    let _ = logs.kill();
+    let _ = logs.wait();
+
+    // get --watch streams: a deletion made meanwhile shows up in the running watch.
+    let (mut watch, rx) = k.spawn(&bot, &["get", "pods", "--watch"]);
+    wait_line(&rx, Duration::from_secs(10), |l| l.contains("web-2"));
+    std::thread::sleep(Duration::from_millis(500));
+    let o = k.run(&bot, &["delete", "pod", "web-2", "--wait=false"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("deleted"), "{}", text(&o));
+    wait_line(&rx, Duration::from_secs(10), |l| l.contains("web-2"));
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // What the API server saw: the agent's token on every request, never the prod namespace.
+    let log = api.access_log();
+    assert!(log.len() >= 8, "{log:#?}");
+    for e in &log {
+        assert_eq!(e["authorization"], format!("Bearer {TOKEN}"), "{e}");
+        let p = e["path"].as_str().unwrap_or("");
+        assert!(
+            !p.contains("/namespaces/prod")
+                && !p.contains("web-2/exec")
+                && !p.contains("/portforward"),
+            "{e}"
+        );
+    }
+    let audit = std::fs::read_to_string(agent.audit_path()).expect("audit");
+    assert!(!audit.contains(TOKEN) && !audit.contains(&encoded));
+    assert!(audit.contains("\"kind\":\"kubernetes\""));
+    assert!(
+        audit.contains("(get pods/exec -n default web-1) command: echo hi"),
+        "{audit}"
+    );
+}
