@@ -2075,7 +2075,9 @@ impl ClientSide<'_> {
                 );
                 tracing::warn!(target = %self.cx.target.name, "{message}");
                 let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
-                let _ = self.cx.audit_operation("too_long", &message, &d, None);
+                let _ = self
+                    .cx
+                    .audit_operation(&self.cx.policy(), "too_long", &message, &d, None);
                 let sub = self.refuse_substitute("54000", message);
                 self.copy_plans.clear();
                 if tag == b'P' {
@@ -2149,7 +2151,7 @@ impl ClientSide<'_> {
                             (Ok(None), Ok(None)) => break,
                             (Ok(None), Err(e)) | (Err(e), _) => e,
                             (Ok(None), Ok(Some(_))) => {
-                                return Err(DataPathError::Internal("framing".into()))
+                                return Err(InternalError::unreachable("framing"))
                             }
                         };
                         // Tell the server nothing; the session ends with the error the
@@ -3333,7 +3335,10 @@ impl ServerSide<'_> {
                     addr: self.cx.orig_dst,
                     source,
                 },
-                RelayError::Scan(e) => DataPathError::Internal(e.to_string()),
+                RelayError::Scan(e) => DataPathError::Upstream {
+                    addr: self.cx.orig_dst,
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+                },
             })?;
         if !drop {
             out.extend_from_slice(&last);
