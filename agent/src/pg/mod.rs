@@ -10,4 +10,5 @@ pub mod pool;
 pub mod scram;
 pub mod startup;
 pub mod upstream;
+pub mod verdict;
 pub mod wire;
