@@ -9,6 +9,7 @@
 pub mod approvals;
 pub mod audit;
 pub mod bpf;
+pub mod cli;
 pub mod datadir;
 pub mod doctor;
 pub mod identity;
@@ -23,6 +24,7 @@ pub mod recording;
 pub mod relay;
 pub mod replay;
 pub mod run;
+pub mod status;
 pub mod sys;
 pub mod targets;
 pub mod tls;

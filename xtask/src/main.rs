@@ -109,6 +109,18 @@ fn test(no_lint: bool, no_kernels: bool) -> Result<()> {
             run(Command::new(&bin).arg("check-policy").arg(ex.path()))?;
         }
     }
+    // The shipped examples' [[test]] cases, decided as the agent decides.
+    run(Command::new(&bin)
+        .args(["policy", "test"])
+        .arg(root.join("policy/examples")))?;
+    // The Prometheus alerting rules, and their unit tests (one or more per alert).
+    let rules = root.join("agent/dist/prometheus");
+    run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(rules.join("tollgate-alerts.yml")))?;
+    run(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(rules.join("tollgate-alerts.test.yml")))?;
     run(cargo().args(["test", "--workspace", "--exclude", "vm-tests"]))?;
     run(cargo()
         .args([

@@ -74,7 +74,11 @@ pub(super) fn case(cx: &mut Cx<'_>, t: &RawTest, names: &CaseNames<'_>) -> Optio
     };
     let target_names: Vec<&str> = names.targets.keys().copied().collect();
     known(cx, &t.target, "target", &target_names);
-    let protocol = names.targets.get(t.target.get_ref().as_str()).copied().flatten();
+    let protocol = names
+        .targets
+        .get(t.target.get_ref().as_str())
+        .copied()
+        .flatten();
     let expect = one_of(
         cx,
         &t.expect,
@@ -130,13 +134,18 @@ pub(super) fn case(cx: &mut Cx<'_>, t: &RawTest, names: &CaseNames<'_>) -> Optio
             CaseOp::Http {
                 method: r.method.get_ref().clone(),
                 path: r.path.get_ref().clone(),
-                host: r.host.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default(),
+                host: r
+                    .host
+                    .as_ref()
+                    .map(|v| v.get_ref().clone())
+                    .unwrap_or_default(),
             },
         ));
     }
     if let Some(k) = &t.kubernetes {
         let r = k.get_ref();
-        let opt = |v: &Option<crate::raw::S>| v.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default();
+        let opt =
+            |v: &Option<crate::raw::S>| v.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default();
         ops.push((
             "kubernetes",
             k.span(),
@@ -168,12 +177,19 @@ pub(super) fn case(cx: &mut Cx<'_>, t: &RawTest, names: &CaseNames<'_>) -> Optio
                 format!(
                     "`{key}` of {owner} does not fit target \"{}\" (protocol {p}){}",
                     t.target.get_ref(),
-                    fits.map(|f| format!(": use `{f} = ...`")).unwrap_or_else(|| ": tcp targets take no operation, test the connection".into())
+                    fits.map(|f| format!(": use `{f} = ...`"))
+                        .unwrap_or_else(
+                            || ": tcp targets take no operation, test the connection".into()
+                        )
                 ),
             );
         }
     }
-    let op = ops.into_iter().next().map(|(_, _, op)| op).unwrap_or(CaseOp::Connect);
+    let op = ops
+        .into_iter()
+        .next()
+        .map(|(_, _, op)| op)
+        .unwrap_or(CaseOp::Connect);
     if cx.errors.len() != before {
         return None;
     }
