@@ -1,0 +1,314 @@
+//! Operating tollgate (issue 18) on a real kernel with a real PostgreSQL and a real Prometheus:
+//! `tollgate status` reports a live, held session and the pending approval; the approvals CLI
+//! works in an incident where the policy file is broken (with `--admin` and a token alone);
+//! every panel query of the shipped Grafana dashboard returns data from Prometheus scraping
+//! the running agent; and `tollgate policy test` passes on the shipped examples and fails a
+//! broken expectation by name.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use serde_json::Value;
+use vm_tests::{
+    pg::{app_target, PgServer, APP_PASSWORD},
+    psql::Psql,
+    require_root, tollgate, tollgate_bin, wait_for, AgentProc, Cgroup, FailMode, Prometheus,
+    TempDir,
+};
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn body(pg: &PgServer, bot: &Cgroup, secret: &Path) -> String {
+    format!(
+        r#"[[identity]]
+name = "ci-bot"
+cgroup = "{glob}"
+
+{target}
+[[rule]]
+name = "ci reads and writes rows"
+identities = ["ci-bot"]
+targets = ["app-db"]
+action = "allow"
+sql = {{ statements = ["select", "insert", "update", "set", "show", "begin", "commit", "rollback"] }}
+
+[[rule]]
+name = "deletes need a dba"
+identities = ["ci-bot"]
+targets = ["app-db"]
+action = "approve"
+sql = {{ statements = ["delete"] }}
+approvers = ["dba"]
+timeout = "5m"
+
+[[mask]]
+targets = ["app-db"]
+columns = ["customers.email"]
+style = "partial"
+"#,
+        glob = bot.glob(),
+        target = app_target(pg, secret, ""),
+    )
+}
+
+/// `tollgate ARGS` with `TOLLGATE_TOKEN` set (or removed when `None`).
+fn tollgate_env(args: &[&str], token: Option<&str>) -> (i32, String, String) {
+    let mut c = Command::new(tollgate_bin());
+    c.args(args).env_remove("TOLLGATE_TOKEN");
+    if let Some(t) = token {
+        c.env("TOLLGATE_TOKEN", t);
+    }
+    let out = c.output().expect("run tollgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn status_incident_approvals_and_every_dashboard_panel_has_data() {
+    require_root();
+    let pg = PgServer::start("ops");
+    let bot = Cgroup::new("ops-bot");
+    let dir = TempDir::new("ops-secret");
+    let secret = dir.path().join("app-rw.pw");
+    std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
+    let policy = body(&pg, &bot, &secret);
+    let agent = AgentProc::start_with_admin("ops", FailMode::Closed, &policy);
+    let admin = agent.admin.expect("admin").to_string();
+    wait_for(Duration::from_secs(10), "the admin API", || {
+        matches!(
+            vm_tests::http_get(
+                agent.admin.expect("admin"),
+                "/healthz",
+                Duration::from_secs(2)
+            ),
+            Ok((200, _))
+        )
+        .then_some(())
+    });
+    let token_file = agent.data_dir.join("admin.token");
+    let tf = token_file.display().to_string();
+    let token = std::fs::read_to_string(&token_file).expect("admin token");
+    let token = token.trim();
+
+    // Traffic the dashboard shows: a masked read, a denial, and a held delete.
+    let (ok, out) =
+        Psql::spawn(&bot, pg.port, "x", &["-c", "SELECT email FROM customers"]).finish();
+    assert!(ok, "{out}\n{}", agent.stderr_text());
+    let (ok, out) = Psql::spawn(&bot, pg.port, "x", &["-c", "DROP TABLE orders"]).finish();
+    assert!(!ok && out.contains("42501"), "{out}");
+    let mut held = Psql::spawn(
+        &bot,
+        pg.port,
+        "x",
+        &["-c", "DELETE FROM orders WHERE id = 3"],
+    );
+    let id = held.approval_id();
+
+    // `tollgate status` while the delete is held: its session is live, its request pending.
+    let (code, text, err) = tollgate(&["status", "--admin", &admin, "--token-file", &tf]);
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.contains("ci-bot -> app-db"), "{text}");
+    assert!(text.contains("approvals: 1 pending"), "{text}");
+    assert!(
+        text.contains("programs attached and pinned under"),
+        "{text}"
+    );
+    let (code, json, err) = tollgate(&["status", "--json", "--admin", &admin, "--token-file", &tf]);
+    assert_eq!(code, 0, "{json}{err}");
+    let s: Value = serde_json::from_str(&json).expect("status JSON");
+    assert_eq!(s["up"], true);
+    assert_eq!(s["policy"]["generation"], 1, "{s}");
+    assert!(
+        !s["datapath"]["pinned_links"]
+            .as_array()
+            .expect("links")
+            .is_empty(),
+        "{s}"
+    );
+    assert!(s["datapath"]["redirects_total"].as_u64() >= Some(3), "{s}");
+    let live = s["sessions"]["by_identity_target"]
+        .as_array()
+        .expect("live");
+    assert!(
+        live.iter()
+            .any(|e| e["identity"] == "ci-bot" && e["target"] == "app-db" && e["sessions"] == 1),
+        "{s}"
+    );
+    assert_eq!(s["approvals"]["pending"], 1, "{s}");
+    assert_eq!(s["audit"]["healthy"], true, "{s}");
+    assert_eq!(s["audit"]["write_errors"], 0, "{s}");
+    assert!(s["audit"]["free_bytes"].as_u64() > Some(0), "{s}");
+    // A token the agent does not accept gets nothing.
+    let bad = TempDir::new("ops-bad-token");
+    let bad_file = bad.path().join("t");
+    std::fs::write(&bad_file, "not-the-token").expect("bad token");
+    let (code, text, err) = tollgate(&[
+        "status",
+        "--admin",
+        &admin,
+        "--token-file",
+        &bad_file.display().to_string(),
+    ]);
+    assert_ne!(code, 0, "{text}");
+    assert!(err.contains("401"), "{err}");
+    assert!(!text.contains("ci-bot"), "{text}");
+
+    // The incident: someone broke the policy file. The agent keeps the previous policy and
+    // counts the rejected reload; approvers still act with --admin and a token alone.
+    let policy_path = agent.policy_path.display().to_string();
+    agent.write_policy_raw(&format!(
+        "{}[[rule]]\nnam = \"typo\"\n",
+        agent.agent_section()
+    ));
+    wait_for(Duration::from_secs(20), "the rejected reload", || {
+        (agent.metric("tollgate_policy_reloads_total", &[("result", "error")]) >= 1.0).then_some(())
+    });
+    let (code, _, err) = tollgate_env(&["approvals", "list", "--policy", &policy_path], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("pass --admin ADDR"), "{err}");
+    let (code, out, err) = tollgate_env(
+        &[
+            "approvals",
+            "list",
+            "--policy",
+            &policy_path,
+            "--admin",
+            &admin,
+        ],
+        Some(token),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("#{id}")), "{out}");
+    let (code, out, err) = tollgate_env(
+        &[
+            "approvals",
+            "approve",
+            &id.to_string(),
+            "--policy",
+            &policy_path,
+            "--admin",
+            &admin,
+            "--token-file",
+            &tf,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let (ok, out) = held.finish();
+    assert!(ok && out.contains("DELETE 1"), "{out}");
+    agent.write_policy(&policy);
+    wait_for(Duration::from_secs(20), "the good reload", || {
+        (agent.metric("tollgate_policy_reloads_total", &[("result", "ok")]) >= 1.0).then_some(())
+    });
+
+    // Every panel of the shipped dashboard, against a real Prometheus scraping this agent.
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("agent/dist/grafana/tollgate.json"))
+            .expect("dashboard JSON"),
+    )
+    .expect("dashboard parses");
+    let prom = Prometheus::start(&[agent.metrics]);
+    wait_for(
+        Duration::from_secs(60),
+        "a few scrapes of the agent",
+        || {
+            (prom
+                .query("count_over_time(up{job=\"tollgate\"}[1m]) >= 3")
+                .len()
+                == 1)
+                .then_some(())
+        },
+    );
+    let mut queries = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().expect("expr");
+            let q = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$instance", ".*");
+            queries.push((p["title"].as_str().unwrap_or("?").to_string(), q));
+        }
+    }
+    assert!(queries.len() >= 15, "{queries:?}");
+    let mut empty = Vec::new();
+    for (title, q) in &queries {
+        let r = prom.query(q);
+        if r.is_empty() {
+            empty.push(format!("{title}: {q}"));
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "dashboard panels without data:\n{}",
+        empty.join("\n")
+    );
+    // And some of it is the traffic above, not just zeros.
+    let v = |q: &str| -> f64 {
+        prom.query(q)
+            .first()
+            .and_then(|s| s["value"][1].as_str())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(v("sum(tollgate_masked_values_total)") >= 1.0);
+    assert!(v("sum(tollgate_decisions_total{action=\"deny\"})") >= 1.0);
+    assert_eq!(
+        v("sum(tollgate_approvals_total{outcome=\"approved\"})"),
+        1.0
+    );
+    assert!(v("tollgate_bpf_links_pinned") >= 1.0);
+}
+
+#[test]
+fn policy_test_passes_the_examples_and_names_a_broken_case() {
+    let examples = repo().join("policy/examples");
+    let (code, out, err) = tollgate(&["policy", "test", &examples.display().to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+    let dir = TempDir::new("policy-test");
+    let f = dir.path().join("quickstart.toml");
+    let text = std::fs::read_to_string(examples.join("quickstart.toml")).expect("example");
+    // Flip one expectation: the DROP case now expects allow.
+    let broken = text.replacen(
+        "sql = \"DROP TABLE orders\"\nexpect = \"deny\"",
+        "sql = \"DROP TABLE orders\"\nexpect = \"allow\"",
+        1,
+    );
+    assert_ne!(broken, text, "the example changed: update this test");
+    std::fs::write(&f, broken).expect("write");
+    let (code, out, _) = tollgate(&["policy", "test", &f.display().to_string()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL")
+            && out.contains(
+                "test \"ci may not drop tables\": expected allow, got deny by rule \"no-ddl\""
+            ),
+        "{out}"
+    );
+    // explain prints the decision and the rules considered.
+    let (code, out, err) = tollgate(&[
+        "policy",
+        "explain",
+        "--policy",
+        &examples.join("quickstart.toml").display().to_string(),
+        "--identity",
+        "ci-bot",
+        "--target",
+        "orders-db",
+        "--sql",
+        "DELETE FROM orders",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("allow \"ci may read and write rows\": does not match"),
+        "{out}"
+    );
+    assert!(
+        out.contains("decision: deny (no rule matches: default deny)"),
+        "{out}"
+    );
+}
