@@ -1,13 +1,15 @@
-//! Project tasks: `cargo xtask setup | build | test | kernels | demo | bench`.
+//! Project tasks: `cargo xtask setup | build | test | kernels | demo | bench | package`.
 //!
 //! Layout: `setup.rs` (toolchain, bpf-linker, Debian packages), `demo.rs` (the README demo and
 //! the process/cgroup/PostgreSQL guards it needs), `bench.rs` (side-by-side ratios),
-//! `kernels.rs` (the kernel matrix under qemu), `util.rs` (process helpers).
+//! `kernels.rs` (the kernel matrix under qemu), `package.rs` (the .deb), `util.rs` (process
+//! helpers).
 
 mod bench;
 mod bench_pg;
 mod demo;
 mod kernels;
+mod package;
 mod setup;
 mod util;
 
@@ -65,6 +67,18 @@ enum Cmd {
     },
     /// Show the agent gating a local PostgreSQL (needs root).
     Demo,
+    /// Build a Debian package (target/debian/tollgate_VERSION-1_ARCH.deb) and lint it.
+    Package {
+        /// Package this binary instead of a fresh release build.
+        #[arg(long)]
+        bin: Option<std::path::PathBuf>,
+        /// Where to write the .deb (default target/debian).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Skip lintian.
+        #[arg(long)]
+        no_lint: bool,
+    },
     /// Print side-by-side performance ratios (needs root).
     Bench {
         /// `pg` for the pgbench table; nothing for the interception figures.
@@ -176,6 +190,7 @@ fn leftovers() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::setup(true),
+        Cmd::Package { bin, out, no_lint } => package::package(bin, out, !no_lint).map(|_| ()),
         Cmd::Build { release } => build(release),
         Cmd::Test {
             no_lint,

@@ -36,6 +36,9 @@ const APT_PACKAGES: &[&str] = &[
     "make",
     "gcc",
     "python3-venv",
+    // `cargo xtask package` and its test: lint the .deb; systemd-analyze verifies the unit.
+    "lintian",
+    "systemd",
 ];
 
 pub fn setup(apt: bool) -> Result<()> {
