@@ -212,9 +212,14 @@ enum SessionsCmd {
         /// Only this target.
         #[arg(long)]
         target: Option<String>,
-        /// Only sessions started at or after this RFC 3339 time.
+        /// Only sessions started at or after this RFC 3339 time, or this long ago (`2h`).
         #[arg(long)]
         since: Option<String>,
+        /// Only sessions that are: open, ended, stopped (cut off by an agent stop), crashed
+        /// (cut off by an agent crash), cut-off (either), denied (had a denial), approval
+        /// (had an approval request).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(tollgate::cli::sessions::STATUSES))]
+        status: Option<String>,
     },
 }
 
@@ -275,16 +280,21 @@ fn main() -> ExitCode {
                     identity,
                     target,
                     since,
+                    status,
                 },
         } => data_dir(&policy, dd).and_then(|d| {
-            let f = tollgate::replay::Filter {
+            use tollgate::cli::sessions;
+            let f = sessions::Filter {
                 identity,
                 target,
-                since,
+                since: since
+                    .as_deref()
+                    .map(sessions::parse_since)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!(e))?,
+                status,
             };
-            for l in tollgate::replay::list(&d, &f)? {
-                println!("{l}");
-            }
+            print!("{}", sessions::render(&sessions::list(&d, &f)?));
             Ok(())
         }),
         Cmd::Ca {

@@ -1,9 +1,8 @@
-//! `tollgate sessions list` and `tollgate replay ID`: read the JSON-lines recordings under
-//! `<data_dir>/sessions/` and print them for a human.
+//! `tollgate replay ID`: read a session's JSON-lines recording under `<data_dir>/sessions/`
+//! and print it for a human, ending with how it closed (`cli/sessions.rs` lists sessions).
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
 };
 
@@ -20,78 +19,8 @@ pub enum ReplayError {
     Io { dir: String, source: std::io::Error },
 }
 
-/// Filters for `sessions list`.
-#[derive(Debug, Default)]
-pub struct Filter {
-    pub identity: Option<String>,
-    pub target: Option<String>,
-    /// RFC 3339 lower bound on the start time (string comparison on the same format).
-    pub since: Option<String>,
-}
-
-fn first_line(p: &Path) -> Option<Value> {
-    let f = fs::File::open(p).ok()?;
-    let mut line = String::new();
-    BufReader::new(f).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
-
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v[k].as_str().unwrap_or("-")
-}
-
-/// One line per recorded session, oldest first.
-pub fn list(data_dir: &Path, filter: &Filter) -> Result<Vec<String>, ReplayError> {
-    let dir = data_dir.join("sessions");
-    let rd = fs::read_dir(&dir).map_err(|source| ReplayError::Io {
-        dir: dir.display().to_string(),
-        source,
-    })?;
-    let mut rows: Vec<(String, String)> = Vec::new();
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_none_or(|x| x != "jsonl") {
-            continue;
-        }
-        let Some(start) = first_line(&p) else {
-            continue;
-        };
-        if filter
-            .identity
-            .as_deref()
-            .is_some_and(|i| s(&start, "identity") != i)
-            || filter
-                .target
-                .as_deref()
-                .is_some_and(|t| s(&start, "target") != t)
-            || filter.since.as_deref().is_some_and(|t| s(&start, "ts") < t)
-        {
-            continue;
-        }
-        let statements = fs::read_to_string(&p)
-            .map(|t| {
-                t.lines()
-                    .filter(|l| l.contains("\"event\":\"statement\""))
-                    .count()
-            })
-            .unwrap_or(0);
-        rows.push((
-            s(&start, "ts").to_string(),
-            format!(
-                "{}  {}  identity={} target={} db={} user={} app={} statements={}",
-                s(&start, "session"),
-                s(&start, "ts"),
-                s(&start, "identity"),
-                s(&start, "target"),
-                s(&start, "database"),
-                s(&start, "user"),
-                s(&start, "application_name"),
-                statements
-            ),
-        ));
-    }
-    rows.sort();
-    Ok(rows.into_iter().map(|(_, l)| l).collect())
 }
 
 /// The session's timeline as readable lines.
@@ -170,8 +99,31 @@ pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
                 ),
             },
             "end" => format!("{ts}  END{}", v["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()),
+            "approval_requested" => format!(
+                "{ts}  HOLD   approval #{} under rule \"{}\": {}",
+                v["approval_id"], s(&v, "rule"), s(&v, "text")
+            ),
+            "approval" => {
+                let by: Vec<&str> = v["approvers"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                format!(
+                    "{ts}  APPROVAL #{} {}{}{}",
+                    v["approval_id"],
+                    s(&v, "outcome"),
+                    if by.is_empty() { String::new() } else { format!(" by {}", by.join(", ")) },
+                    v["comment"].as_str().map(|c| format!(" ({c})")).unwrap_or_default()
+                )
+            }
             other => format!("{ts}  {other}"),
         });
+    }
+    // How it closed (or did not): from the recording and the audit log.
+    if let Some(sum) =
+        crate::cli::sessions::summarize(&p, &crate::cli::sessions::AuditIndex::read(data_dir))
+    {
+        out.push(crate::cli::sessions::status_line(&sum));
     }
     Ok(out)
 }

@@ -108,6 +108,24 @@ fn status_incident_approvals_and_every_dashboard_panel_has_data() {
     );
     let id = held.approval_id();
 
+    // `sessions list` while the delete is held: that session is open; the DROP's is denied.
+    let dd = agent.data_dir.display().to_string();
+    let (code, open, err) = tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "open"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        open.lines().count(),
+        2,
+        "header and the held session:\n{open}"
+    );
+    assert!(
+        open.contains("ci-bot -> app-db") && open.contains(&format!("#{id} pending")),
+        "{open}"
+    );
+    let (_, denied, _) = tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "denied"]);
+    assert_eq!(denied.lines().count(), 2, "{denied}");
+    let denied_row = denied.lines().nth(1).expect("row");
+    assert!(denied_row.contains(" ended "), "{denied}");
+
     // `tollgate status` while the delete is held: its session is live, its request pending.
     let (code, text, err) = tollgate(&["status", "--admin", &admin, "--token-file", &tf]);
     assert_eq!(code, 0, "{text}{err}");
@@ -200,6 +218,37 @@ fn status_incident_approvals_and_every_dashboard_panel_has_data() {
     assert_eq!(code, 0, "{out}{err}");
     let (ok, out) = held.finish();
     assert!(ok && out.contains("DELETE 1"), "{out}");
+    // The approval in the list and in the replay: id, outcome, approver.
+    let (_, appr, _) = tollgate(&[
+        "sessions",
+        "list",
+        "--data-dir",
+        &dd,
+        "--status",
+        "approval",
+    ]);
+    assert!(
+        appr.contains(&format!("#{id} approved by local:root")),
+        "{appr}"
+    );
+    let sid = appr
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .expect("session id");
+    let (code, replay, err) = tollgate(&["replay", sid, "--data-dir", &dd]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        replay.contains(&format!(
+            "HOLD   approval #{id} under rule \"deletes need a dba\""
+        )),
+        "{replay}"
+    );
+    assert!(
+        replay.contains(&format!("APPROVAL #{id} approved by local:root")),
+        "{replay}"
+    );
+    assert!(replay.contains("STATUS ended after"), "{replay}");
     agent.write_policy(&policy);
     wait_for(Duration::from_secs(20), "the good reload", || {
         (agent.metric("tollgate_policy_reloads_total", &[("result", "ok")]) >= 1.0).then_some(())
@@ -311,4 +360,59 @@ fn policy_test_passes_the_examples_and_names_a_broken_case() {
         out.contains("decision: deny (no rule matches: default deny)"),
         "{out}"
     );
+}
+
+#[test]
+fn a_session_cut_off_by_an_agent_crash_is_marked() {
+    require_root();
+    let pg = PgServer::start("opscrash");
+    let bot = Cgroup::new("opscrash-bot");
+    let dir = TempDir::new("opscrash-secret");
+    let secret = dir.path().join("app-rw.pw");
+    std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
+    let mut agent = AgentProc::start("opscrash", FailMode::Closed, &body(&pg, &bot, &secret));
+    let dd = agent.data_dir.display().to_string();
+    // A session in the middle of its second statement when the agent is killed (the first
+    // one, answered, is in the recording).
+    let p = Psql::spawn(
+        &bot,
+        pg.port,
+        "x",
+        &["-c", "SELECT 1", "-c", "SELECT pg_sleep(30)"],
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the first statement in the recording",
+        || {
+            let (_, out, _) =
+                tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "open"]);
+            let row = out.lines().nth(1)?;
+            // SESSION STARTED STATUS DURATION IDENTITY -> TARGET STMTS ...
+            (row.split_whitespace().nth(7) == Some("1")).then_some(())
+        },
+    );
+    agent.kill9();
+    let (ok, out) = p.finish();
+    assert!(!ok, "{out}");
+    let (code, list, err) =
+        tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "crashed"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(list.lines().count(), 2, "{list}");
+    assert!(list.contains("cut-off-crash"), "{list}");
+    let sid = list
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .expect("id");
+    let (_, replay, _) = tollgate(&["replay", sid, "--data-dir", &dd]);
+    assert!(replay.contains("SQL    SELECT 1"), "{replay}");
+    assert!(
+        replay
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("STATUS cut off by an agent crash")),
+        "{replay}"
+    );
+    let (_, open, _) = tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "open"]);
+    assert_eq!(open.lines().count(), 1, "{open}");
 }
