@@ -4,6 +4,7 @@
 //! Layout: `approvals/` (the approval broker, admin API, CLI client, webhook), `run.rs` (daemon wiring, reload, shutdown), `proxy.rs` (sessions and the
 //! protocol-handler trait), `relay.rs` (opaque relays), `bpf.rs` (kernel side), `targets.rs`
 //! (routes), `identity.rs` (kernel facts to identity), `audit.rs`, `metrics.rs`, `doctor.rs`,
+//! `status.rs` (`GET /v1/status`), `cli/` (`policy test|explain`, `sessions list`, status text),
 //! `tls.rs` (the agent CA and upstream TLS) and `sys.rs` (every raw syscall).
 
 pub mod approvals;
