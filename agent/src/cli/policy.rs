@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use tollgate_policy::{
     decide, Action, CaseOp, CaseWho, Decision, DecisionReason, Operation, Policy, PolicyCase,
-    Request, Rule,
+    Request,
 };
 
 use crate::pg::classify::{self, Statement};
@@ -51,49 +51,12 @@ fn names(list: &[String], name: &str) -> bool {
     list.iter().any(|n| n == "*" || n == name)
 }
 
-/// Whether `rule`'s matcher (if any) covers `op` (claims are not considered).
-fn rule_covers(rule: &Rule, op: &Operation<'_>, statement: Option<&str>) -> bool {
-    let whole = rule.sql.is_none()
-        && rule.ssh.is_none()
-        && rule.http.is_none()
-        && rule.kubernetes.is_none();
-    if whole {
-        return true;
-    }
-    match *op {
-        Operation::Connect => false,
-        Operation::Sql {
-            tables, functions, ..
-        } => rule
-            .sql
-            .as_ref()
-            .is_some_and(|m| m.matches(rule.action, statement.unwrap_or(""), tables, functions)),
-        Operation::Ssh { kind, command } => {
-            rule.ssh.as_ref().is_some_and(|m| m.matches(kind, command))
-        }
-        Operation::Http { method, path, host } => rule
-            .http
-            .as_ref()
-            .is_some_and(|m| m.matches(method, path, host)),
-        Operation::Kube {
-            verb,
-            resource,
-            namespace,
-            name,
-        } => rule
-            .kubernetes
-            .as_ref()
-            .is_some_and(|m| m.matches(verb, resource, namespace, name)),
-    }
-}
-
 /// The rules naming this identity and target, each with whether it covers `op`.
 fn considered(
     policy: &Policy,
     identity: Option<&str>,
     target: &str,
     op: &Operation<'_>,
-    statement: Option<&str>,
     indent: &str,
     trace: &mut Vec<String>,
 ) {
@@ -104,7 +67,7 @@ fn considered(
             continue;
         }
         any = true;
-        let hit = rule_covers(r, op, statement);
+        let hit = r.covers(op);
         let whole =
             r.sql.is_none() && r.ssh.is_none() && r.http.is_none() && r.kubernetes.is_none();
         let verdict = match (op, hit) {
@@ -191,7 +154,6 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
         identity,
         target,
         &Operation::Connect,
-        None,
         "  ",
         &mut trace,
     );
@@ -234,7 +196,7 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
             };
             let d = ask(o);
             trace.push(format!("{}: {}", op_text(other), describe(&d)));
-            considered(policy, identity, target, &o, None, "  ", &mut trace);
+            considered(policy, identity, target, &o, "  ", &mut trace);
             d
         }
     };
@@ -351,15 +313,7 @@ fn sql_outcome(
                     functions: &s.functions,
                 };
                 trace.push(format!("  as {kind}:"));
-                considered(
-                    a.policy,
-                    a.identity,
-                    a.target,
-                    &op,
-                    Some(kind),
-                    "    ",
-                    trace,
-                );
+                considered(a.policy, a.identity, a.target, &op, "    ", trace);
             }
             let (d, kind) = verdict::decide_statement(a, s);
             let gated = verdict::dangerous_gate(a.policy, s, d.clone());
