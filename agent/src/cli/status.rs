@@ -15,6 +15,9 @@ fn bytes(n: u64) -> String {
     format!("{v:.1} {}", UNITS[u])
 }
 
+/// Below this much free space in data_dir, `status` reports the agent unhealthy.
+pub const LOW_BYTES: u64 = 1 << 30;
+
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
@@ -109,10 +112,19 @@ pub fn render(s: &Value) -> (String, bool) {
     let free = match (au["free_bytes"].as_u64(), au["total_bytes"].as_u64()) {
         (Some(f), Some(t)) if t > 0 => {
             let pct = f as f64 * 100.0 / t as f64;
-            if pct < 5.0 {
+            // Unhealthy when writes are about to fail; low (the alert's 10%) is only noted.
+            let nearly_full = f < LOW_BYTES || pct < 1.0;
+            if nearly_full {
                 healthy = false;
             }
-            format!("{} free of {} ({pct:.0}%)", bytes(f), bytes(t))
+            let note = if nearly_full {
+                " NEARLY FULL: the audit log stops, and operations are refused, when it fills"
+            } else if pct < 10.0 {
+                " (low)"
+            } else {
+                ""
+            };
+            format!("{} free of {} ({pct:.0}%){note}", bytes(f), bytes(t))
         }
         _ => "free space unknown".into(),
     };
