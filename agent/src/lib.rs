@@ -7,12 +7,15 @@
 //! approvals, upstream, credentials, workload tokens), `handlers.rs` (the registry of protocol
 //! handlers, the one place naming them), `pg/` (the PostgreSQL handler), `relay.rs` (opaque
 //! relays), `bpf.rs` (kernel side), `targets.rs` (routes), `identity.rs` (kernel facts to
-//! identity), `http/` (the HTTP, HTTPS and Kubernetes handler), `audit.rs`, `metrics.rs`, `doctor.rs`, `tls.rs` (the agent CA, bot-side TLS per
+//! identity), `http/` (the HTTP, HTTPS and Kubernetes handler), `audit.rs`, `metrics.rs`, `doctor.rs`,
+//! `status.rs` (`GET /v1/status`), `cli/` (`policy test|explain`, `sessions list`, status text),
+//! `tls.rs` (the agent CA, bot-side TLS per
 //! handler and upstream TLS) and `sys.rs` (every raw syscall).
 
 pub mod approvals;
 pub mod audit;
 pub mod bpf;
+pub mod cli;
 pub mod datadir;
 pub mod doctor;
 pub mod handlers;
@@ -30,6 +33,7 @@ pub mod relay;
 pub mod replay;
 pub mod run;
 pub mod session;
+pub mod status;
 pub mod sys;
 pub mod targets;
 pub mod tls;

@@ -30,6 +30,19 @@ enum Cmd {
     },
     /// Validate a policy file; exit 1 with file:line:col messages if it is broken.
     CheckPolicy { file: PathBuf },
+    /// Test a policy's `[[test]]` cases, or explain one decision, as the agent decides.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Is the agent up, and how is it doing (through its admin API).
+    Status {
+        #[command(flatten)]
+        conn: AdminConn,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that this host can run the agent, with the fix for each failure.
     Doctor {
         /// Also check what this policy's targets need from the host (e.g. PostgreSQL's Unix
@@ -75,6 +88,65 @@ enum Cmd {
         #[arg(long)]
         pin_path: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Check every `[[test]]` case of the policy files (directories: their *.toml); exit 1 on
+    /// a failed case or a broken file, naming it.
+    Test {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Also print the reasoning of passing cases.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// What the agent would decide for one operation, and the rules it considered.
+    Explain(Box<ExplainArgs>),
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    #[arg(long, default_value = "/etc/tollgate/policy.toml")]
+    policy: PathBuf,
+    /// Identity name (or give kernel facts: --cgroup, --uid, --user, --exe, --comm).
+    #[arg(long)]
+    identity: Option<String>,
+    /// cgroup v2 path of the workload, attributed to an identity as the agent does.
+    #[arg(long)]
+    cgroup: Option<String>,
+    #[arg(long)]
+    uid: Option<u32>,
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    exe: Option<String>,
+    #[arg(long)]
+    comm: Option<String>,
+    /// Target name.
+    #[arg(long)]
+    target: String,
+    /// One SQL string, classified by the agent's classifier.
+    #[arg(long, group = "op")]
+    sql: Option<String>,
+    /// An SSH exec command line.
+    #[arg(long, group = "op")]
+    ssh_exec: Option<String>,
+    /// An interactive SSH shell.
+    #[arg(long, group = "op")]
+    ssh_shell: bool,
+    /// An SSH subsystem (sftp).
+    #[arg(long, group = "op")]
+    ssh_subsystem: Option<String>,
+    /// An HTTP request, "METHOD PATH".
+    #[arg(long, group = "op")]
+    http: Option<String>,
+    /// Host of --http.
+    #[arg(long, requires = "http")]
+    host: Option<String>,
+    /// A Kubernetes request, "VERB RESOURCE [NAMESPACE [NAME]]".
+    #[arg(long, group = "op")]
+    kube: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -154,9 +226,14 @@ enum SessionsCmd {
         /// Only this target.
         #[arg(long)]
         target: Option<String>,
-        /// Only sessions started at or after this RFC 3339 time.
+        /// Only sessions started at or after this RFC 3339 time, or this long ago (`2h`).
         #[arg(long)]
         since: Option<String>,
+        /// Only sessions that are: open, ended, stopped (cut off by an agent stop), crashed
+        /// (cut off by an agent crash), cut-off (either), denied (had a denial), approval
+        /// (had an approval request).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(tollgate::cli::sessions::STATUSES))]
+        status: Option<String>,
     },
 }
 
@@ -199,6 +276,13 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Run { policy } => run::run(&policy),
         Cmd::CheckPolicy { file } => return check_policy(&file),
+        Cmd::Policy {
+            cmd: PolicyCmd::Test { paths, verbose },
+        } => return policy_test(&paths, verbose),
+        Cmd::Policy {
+            cmd: PolicyCmd::Explain(args),
+        } => explain(*args),
+        Cmd::Status { conn, json } => status(conn, json),
         Cmd::Doctor { policy } => return doctor::doctor(policy.as_deref()),
         Cmd::Uninstall { policy, pin_path } => uninstall(policy, pin_path),
         Cmd::Approvals { cmd, conn } => approvals(cmd, conn),
@@ -210,16 +294,21 @@ fn main() -> ExitCode {
                     identity,
                     target,
                     since,
+                    status,
                 },
         } => data_dir(&policy, dd).and_then(|d| {
-            let f = tollgate::replay::Filter {
+            use tollgate::cli::sessions;
+            let f = sessions::Filter {
                 identity,
                 target,
-                since,
+                since: since
+                    .as_deref()
+                    .map(sessions::parse_since)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!(e))?,
+                status,
             };
-            for l in tollgate::replay::list(&d, &f)? {
-                println!("{l}");
-            }
+            print!("{}", sessions::render(&sessions::list(&d, &f)?));
             Ok(())
         }),
         Cmd::Ca {
@@ -253,6 +342,12 @@ fn main() -> ExitCode {
             for l in tollgate::replay::replay(&d, &id)? {
                 println!("{l}");
             }
+            // How it closed (or did not): from the recording and the audit log.
+            let p = tollgate::replay::recording_path(&d, &id);
+            let audit = tollgate::cli::sessions::AuditIndex::read(&d);
+            if let Some(sum) = tollgate::cli::sessions::summarize(&p, &audit) {
+                println!("{}", tollgate::cli::sessions::status_line(&sum));
+            }
             Ok(())
         }),
     };
@@ -263,6 +358,116 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn policy_test(paths: &[PathBuf], verbose: bool) -> ExitCode {
+    use tollgate::cli::policy;
+    let files = match policy::policy_files(paths) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = String::new();
+    let t = policy::test_files(&files, verbose, &mut out);
+    print!("{out}");
+    if t.failed == 0 && t.broken_files == 0 && !files.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn explain(args: ExplainArgs) -> anyhow::Result<()> {
+    use tollgate_policy::{CaseFacts, CaseOp, CaseWho, SshOpKind};
+    let ExplainArgs {
+        policy,
+        identity,
+        cgroup,
+        uid,
+        user,
+        exe,
+        comm,
+        target,
+        sql,
+        ssh_exec,
+        ssh_shell,
+        ssh_subsystem,
+        http,
+        host,
+        kube,
+    } = args;
+    let p = run::load_policy(&policy)?;
+    let facts = CaseFacts {
+        cgroup,
+        uid,
+        user,
+        exe,
+        comm,
+    };
+    let who = match identity {
+        Some(i) if facts == CaseFacts::default() => CaseWho::Identity(i),
+        Some(_) => {
+            anyhow::bail!("give --identity or kernel facts (--cgroup, --uid, ...), not both")
+        }
+        None if facts == CaseFacts::default() => {
+            anyhow::bail!("say who: --identity NAME, or kernel facts such as --cgroup PATH --uid N")
+        }
+        None => CaseWho::Facts(facts),
+    };
+    let op = if let Some(s) = sql {
+        CaseOp::Sql(s)
+    } else if let Some(c) = ssh_exec {
+        CaseOp::Ssh(SshOpKind::Exec, c)
+    } else if ssh_shell {
+        CaseOp::Ssh(SshOpKind::Shell, String::new())
+    } else if let Some(c) = ssh_subsystem {
+        CaseOp::Ssh(SshOpKind::Subsystem, c)
+    } else if let Some(h) = http {
+        let (method, path) = h.split_once(' ').ok_or_else(|| {
+            anyhow::anyhow!("--http takes \"METHOD PATH\", e.g. \"GET /api/orders\"")
+        })?;
+        CaseOp::Http {
+            method: method.to_string(),
+            path: path.trim().to_string(),
+            host: host.unwrap_or_default(),
+        }
+    } else if let Some(k) = kube {
+        let mut w = k.split_whitespace().map(str::to_string);
+        let (Some(verb), Some(resource)) = (w.next(), w.next()) else {
+            anyhow::bail!(
+                "--kube takes \"VERB RESOURCE [NAMESPACE [NAME]]\", e.g. \"create pods/exec prod\""
+            );
+        };
+        CaseOp::Kube {
+            verb,
+            resource,
+            namespace: w.next().unwrap_or_default(),
+            name: w.next().unwrap_or_default(),
+        }
+    } else {
+        CaseOp::Connect
+    };
+    if p.target(&target).is_none() {
+        anyhow::bail!(
+            "{} has no target \"{target}\" (targets: {})",
+            policy.display(),
+            p.targets
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let o = tollgate::cli::policy::evaluate(&p, &who, &target, &op);
+    for l in &o.trace {
+        println!("{l}");
+    }
+    for n in &o.notes {
+        println!("note: {n}");
+    }
+    Ok(())
 }
 
 fn check_policy(file: &std::path::Path) -> ExitCode {
@@ -331,16 +536,16 @@ fn uninstall(policy: Option<PathBuf>, pin_path: Option<PathBuf>) -> anyhow::Resu
     Ok(())
 }
 
-fn approvals(cmd: ApprovalsCmd, conn: AdminConn) -> anyhow::Result<()> {
+/// The admin address and bearer token from the flags, `TOLLGATE_TOKEN`, and only for what
+/// those do not give, the policy file: with `--admin` and a token the policy is never read, so
+/// a broken policy does not block approving in an incident.
+fn admin_conn(conn: &AdminConn) -> anyhow::Result<(std::net::SocketAddr, String)> {
     use anyhow::Context as _;
-    use hyper::Method;
-    use tollgate::approvals::client;
-    // The policy is needed only for what the flags do not give.
-    let policy = if conn.admin.is_none() || conn.token_file.is_none() {
-        Some(run::load_policy(&conn.policy))
-    } else {
-        None
-    };
+    let env_token = std::env::var("TOLLGATE_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let needs_policy = conn.admin.is_none() || (conn.token_file.is_none() && env_token.is_none());
+    let policy = needs_policy.then(|| run::load_policy(&conn.policy));
     let addr = match (conn.admin, &policy) {
         (Some(a), _) => a,
         (None, Some(Ok(p))) => p.agent.admin.with_context(|| {
@@ -350,15 +555,17 @@ fn approvals(cmd: ApprovalsCmd, conn: AdminConn) -> anyhow::Result<()> {
             )
         })?,
         (None, Some(Err(e))) => {
-            return Err(anyhow::anyhow!("{e:#}")).context("pass --admin ADDR, or --policy FILE")
+            return Err(anyhow::anyhow!("{e:#}")).context(
+                "pass --admin ADDR (and --token-file FILE or TOLLGATE_TOKEN), or fix --policy FILE",
+            )
         }
-        (None, None) => unreachable!("policy is loaded when --admin is absent"),
+        (None, None) => anyhow::bail!("pass --admin ADDR"),
     };
-    let token = match (&conn.token_file, std::env::var("TOLLGATE_TOKEN")) {
+    let token = match (&conn.token_file, env_token) {
         (Some(f), _) => std::fs::read_to_string(f)
             .with_context(|| format!("cannot read the token file {}", f.display()))?,
-        (None, Ok(t)) if !t.trim().is_empty() => t,
-        _ => {
+        (None, Some(t)) => t,
+        (None, None) => {
             let dir = match &policy {
                 Some(Ok(p)) => p.agent.data_dir.clone(),
                 _ => tollgate_policy::AgentConfig::default().data_dir,
@@ -366,13 +573,47 @@ fn approvals(cmd: ApprovalsCmd, conn: AdminConn) -> anyhow::Result<()> {
             let f = dir.join("admin.token");
             std::fs::read_to_string(&f).with_context(|| {
                 format!(
-                    "no approver token: pass --token-file FILE or set TOLLGATE_TOKEN (the local admin token {} is not readable)",
+                    "no token: pass --token-file FILE or set TOLLGATE_TOKEN (the local admin token {} is not readable)",
                     f.display()
                 )
             })?
         }
     };
-    let token = token.trim().to_string();
+    Ok((addr, token.trim().to_string()))
+}
+
+fn status(conn: AdminConn, json: bool) -> anyhow::Result<()> {
+    use tollgate::approvals::client;
+    let (addr, token) = admin_conn(&conn)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let v = rt
+        .block_on(client::call(
+            addr,
+            &token,
+            hyper::Method::GET,
+            "/v1/status",
+            None,
+        ))
+        .map_err(|e| anyhow::anyhow!("agent at {addr} is not answering: {e}"))?;
+    let (text, healthy) = tollgate::cli::status::render(&v);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{text}");
+    }
+    if healthy {
+        Ok(())
+    } else {
+        anyhow::bail!("the agent is up but not healthy (see above)")
+    }
+}
+
+fn approvals(cmd: ApprovalsCmd, conn: AdminConn) -> anyhow::Result<()> {
+    use hyper::Method;
+    use tollgate::approvals::client;
+    let (addr, token) = admin_conn(&conn)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -1,9 +1,8 @@
-//! `tollgate sessions list` and `tollgate replay ID`: read the JSON-lines recordings under
-//! `<data_dir>/sessions/` and print them for a human.
+//! `tollgate replay ID`: read a session's JSON-lines recording under `<data_dir>/sessions/`
+//! and print it for a human (the CLI adds how it closed; `cli/sessions.rs` lists sessions).
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
 };
 
@@ -18,22 +17,6 @@ pub enum ReplayError {
     /// The sessions directory could not be read.
     #[error("cannot read {dir}: {source}")]
     Io { dir: String, source: std::io::Error },
-}
-
-/// Filters for `sessions list`.
-#[derive(Debug, Default)]
-pub struct Filter {
-    pub identity: Option<String>,
-    pub target: Option<String>,
-    /// RFC 3339 lower bound on the start time (string comparison on the same format).
-    pub since: Option<String>,
-}
-
-fn first_line(p: &Path) -> Option<Value> {
-    let f = fs::File::open(p).ok()?;
-    let mut line = String::new();
-    BufReader::new(f).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
 }
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {
@@ -54,96 +37,9 @@ fn nested(v: &Value) -> String {
         .collect()
 }
 
-/// One line per recorded session, oldest first.
-pub fn list(data_dir: &Path, filter: &Filter) -> Result<Vec<String>, ReplayError> {
-    let dir = data_dir.join("sessions");
-    let rd = fs::read_dir(&dir).map_err(|source| ReplayError::Io {
-        dir: dir.display().to_string(),
-        source,
-    })?;
-    let mut rows: Vec<(String, String)> = Vec::new();
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_none_or(|x| x != "jsonl") {
-            continue;
-        }
-        let Some(start) = first_line(&p) else {
-            continue;
-        };
-        if filter
-            .identity
-            .as_deref()
-            .is_some_and(|i| s(&start, "identity") != i)
-            || filter
-                .target
-                .as_deref()
-                .is_some_and(|t| s(&start, "target") != t)
-            || filter.since.as_deref().is_some_and(|t| s(&start, "ts") < t)
-        {
-            continue;
-        }
-        let statements = fs::read_to_string(&p)
-            .map(|t| {
-                t.lines()
-                    .filter(|l| {
-                        l.contains("\"event\":\"statement\"")
-                            || l.contains("\"event\":\"operation\"")
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        rows.push((
-            s(&start, "ts").to_string(),
-            format!(
-                "{}  {}  identity={} target={} db={} user={} app={} statements={}",
-                s(&start, "session"),
-                s(&start, "ts"),
-                s(&start, "identity"),
-                s(&start, "target"),
-                s(&start, "database"),
-                s(&start, "user"),
-                s(&start, "application_name"),
-                statements
-            ),
-        ));
-    }
-    rows.sort();
-    Ok(rows.into_iter().map(|(_, l)| l).collect())
-}
-
 /// The session's timeline as readable lines.
 pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
-    let safe: String = id
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .collect();
-    let dir = data_dir.join("sessions");
-    // `<id>.jsonl` (older agents) or `<id>.<random hex>.jsonl`.
-    let is_it = |name: &str| {
-        name.strip_prefix(safe.as_str())
-            .and_then(|r| r.strip_suffix(".jsonl"))
-            .is_some_and(|mid| {
-                mid.is_empty()
-                    || mid
-                        .strip_prefix('.')
-                        .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            })
-    };
-    // The randomly named recording first: a `<id>.jsonl` may have been planted by someone else
-    // (in a data_dir that was not the agent's own), and it is never read through a link.
-    let mut found: Vec<PathBuf> = fs::read_dir(&dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_it))
-                .collect()
-        })
-        .unwrap_or_default();
-    found.sort_by_key(|p| p.file_name().is_some_and(|n| n.len() == safe.len() + 6));
-    let p = found
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| dir.join(format!("{safe}.jsonl")));
+    let p = recording_path(data_dir, id);
     let not_found = || ReplayError::NotFound {
         id: id.to_string(),
         dir: data_dir.join("sessions").display().to_string(),
@@ -200,10 +96,62 @@ pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
                 ),
             },
             "end" => format!("{ts}  END{}", v["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()),
+            "approval_requested" => format!(
+                "{ts}  HOLD   approval #{} under rule \"{}\": {}",
+                v["approval_id"], s(&v, "rule"), s(&v, "text")
+            ),
+            "approval" => {
+                let by: Vec<&str> = v["approvers"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                format!(
+                    "{ts}  APPROVAL #{} {}{}{}",
+                    v["approval_id"],
+                    s(&v, "outcome"),
+                    if by.is_empty() { String::new() } else { format!(" by {}", by.join(", ")) },
+                    v["comment"].as_str().map(|c| format!(" ({c})")).unwrap_or_default()
+                )
+            }
             other => format!("{ts}  {other}"),
         });
     }
     Ok(out)
+}
+
+/// The recording of session `id` under `data_dir` (which may not exist).
+pub fn recording_path(data_dir: &Path, id: &str) -> PathBuf {
+    let safe: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    let dir = data_dir.join("sessions");
+    // `<id>.jsonl` (older agents) or `<id>.<random hex>.jsonl`.
+    let is_it = |name: &str| {
+        name.strip_prefix(safe.as_str())
+            .and_then(|r| r.strip_suffix(".jsonl"))
+            .is_some_and(|mid| {
+                mid.is_empty()
+                    || mid
+                        .strip_prefix('.')
+                        .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            })
+    };
+    // The randomly named recording first: a `<id>.jsonl` may have been planted by someone else
+    // (in a data_dir that was not the agent's own), and it is never read through a link.
+    let mut found: Vec<PathBuf> = fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_it))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort_by_key(|p| p.file_name().is_some_and(|n| n.len() == safe.len() + 6));
+    found
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| dir.join(format!("{safe}.jsonl")))
 }
 
 #[cfg(test)]
@@ -218,7 +166,7 @@ mod tests {
     use std::sync::Arc;
 
     /// A protocol other than PostgreSQL records neutral events, and replay renders them with
-    /// its nested fields; `sessions list` counts them.
+    /// its nested fields (`cli::sessions` counts them).
     #[test]
     fn neutral_operation_events_replay_for_any_protocol() {
         let dir = std::env::temp_dir().join(format!("tg-replay-neutral-{}", std::process::id()));
@@ -254,8 +202,6 @@ mod tests {
             lines[2].contains("-> tollgate: exec denied by rule \"no rm\""),
             "{lines:?}"
         );
-        let listed = list(&dir, &Filter::default()).expect("list");
-        assert!(listed[0].ends_with("statements=2"), "{listed:?}");
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -171,6 +171,7 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         }
         crate::bpf::UnixRedirect::NotConfigured => {}
     }
+    crate::status::register_gauges(&metrics.registry, &cfg.bpf_pin_path, &cfg.data_dir)?;
     let resolver = Resolver::new(sys::cgroup2_mount()?);
     let gen_policy_approvals = policy.approvals.clone();
     // The verifier's connections to OIDC providers are the agent's own: never redirected.
@@ -212,6 +213,7 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             auth,
             web,
             audit: Some(agent.audit.clone()),
+            status: std::sync::OnceLock::new(),
         }));
     }
     agent.set_local(local);
@@ -219,6 +221,14 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     agent.handlers = crate::handlers::registry(agent.relay_kind);
     agent.handlers.register_metrics(&metrics.registry);
     let agent = Arc::new(agent);
+    if let Some(api) = &admin_api {
+        let _ = api.status.set(Arc::new(crate::status::Status {
+            agent: agent.clone(),
+            policy_path: policy_path.clone(),
+            started: std::time::Instant::now(),
+            started_at: SystemTime::now(),
+        }));
+    }
     for (h, ips) in resolved {
         agent.set_resolved(h, ips);
     }

@@ -247,6 +247,30 @@ pub fn decide(policy: &Policy, req: &Request<'_>) -> Decision {
     }
 }
 
+impl Rule {
+    /// Whether this rule speaks about `op`, claims aside: a rule without an operation matcher
+    /// decides the whole connection (so covers everything on it); otherwise its matcher of the
+    /// operation's kind must match, the SQL statement kind included. For explaining a
+    /// decision; [`decide`] itself uses the precompiled index.
+    pub fn covers(&self, op: &Operation<'_>) -> bool {
+        let whole = self.sql.is_none()
+            && self.ssh.is_none()
+            && self.http.is_none()
+            && self.kubernetes.is_none();
+        if whole {
+            return true;
+        }
+        let statement_fits = match op {
+            Operation::Sql { statement, .. } => self
+                .sql
+                .as_ref()
+                .is_some_and(|m| m.any_statement || word_in(&m.statements, statement)),
+            _ => true,
+        };
+        statement_fits && op_matches(self, op)
+    }
+}
+
 /// Whether the rule's matcher of the operation's kind matches it.
 fn op_matches(rule: &Rule, op: &Operation<'_>) -> bool {
     match *op {

@@ -72,6 +72,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod case;
 mod decide;
 mod error;
 mod glob;
@@ -82,6 +83,7 @@ mod model;
 mod raw;
 mod validate;
 
+pub use case::{CaseFacts, CaseOp, CaseWho, PolicyCase};
 pub use decide::{decide, Decision, DecisionReason, Operation, Request, SshOpKind};
 pub use error::PolicyError;
 pub use lint::{secret_files, warnings, SecretFileRef};

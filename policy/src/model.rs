@@ -30,6 +30,8 @@ pub struct Policy {
     pub approvals: Option<ApprovalsConfig>,
     /// `[[mask]]` tables, in file order.
     pub masks: Vec<MaskRule>,
+    /// `[[test]]` tables, in file order: expected decisions for `tollgate policy test`.
+    pub cases: Vec<crate::PolicyCase>,
     pub(crate) index: Index,
 }
 

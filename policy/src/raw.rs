@@ -33,6 +33,9 @@ pub(crate) struct RawPolicy {
     pub approvals: Option<RawApprovals>,
     /// `[[mask]]`: response masking.
     pub mask: Vec<Spanned<RawMask>>,
+    /// `[[test]]`: expected decisions, checked by `tollgate policy test` (the agent ignores
+    /// them).
+    pub test: Vec<Spanned<RawTest>>,
 }
 pub(crate) const ROOT_KEYS: &[&str] = &[
     "agent",
@@ -42,6 +45,7 @@ pub(crate) const ROOT_KEYS: &[&str] = &[
     "rule",
     "approvals",
     "mask",
+    "test",
 ];
 
 /// `[agent]`.
@@ -373,6 +377,107 @@ pub(crate) struct RawMask {
 }
 pub(crate) const MASK_KEYS: &[&str] = &["targets", "columns", "detectors", "style"];
 
+/// `[[test]]`: one expected decision.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTest {
+    /// What the case checks, named in failures.
+    pub name: S,
+    /// Identity name, as `identify` would give it.
+    pub identity: Option<S>,
+    /// Kernel facts of the workload, attributed with `identify` as the agent does.
+    pub facts: Option<Spanned<RawTestFacts>>,
+    /// Target name.
+    pub target: S,
+    /// One SQL string (the agent classifies it).
+    pub sql: Option<S>,
+    /// One SSH channel request.
+    pub ssh: Option<Spanned<RawTestSsh>>,
+    /// One HTTP request.
+    pub http: Option<Spanned<RawTestHttp>>,
+    /// One Kubernetes API request.
+    pub kubernetes: Option<Spanned<RawTestKube>>,
+    /// `allow`, `deny` or `approve`.
+    pub expect: S,
+    /// The deciding rule's name; `""` for a denial no rule made.
+    pub rule: Option<S>,
+}
+pub(crate) const TEST_KEYS: &[&str] = &[
+    "name",
+    "identity",
+    "facts",
+    "target",
+    "sql",
+    "ssh",
+    "http",
+    "kubernetes",
+    "expect",
+    "rule",
+];
+
+/// `facts = { ... }` of `[[test]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawTestFacts {
+    /// cgroup v2 path.
+    pub cgroup: Option<S>,
+    /// Real uid.
+    pub uid: Option<Spanned<i64>>,
+    /// User name.
+    pub user: Option<S>,
+    /// Executable path.
+    pub exe: Option<S>,
+    /// Command name.
+    pub comm: Option<S>,
+}
+pub(crate) const TEST_FACTS_KEYS: &[&str] = &["cgroup", "uid", "user", "exe", "comm"];
+
+/// `ssh = { ... }` of `[[test]]`: exactly one key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawTestSsh {
+    /// Exec command line.
+    pub exec: Option<S>,
+    /// An interactive shell.
+    pub shell: Option<Spanned<bool>>,
+    /// Subsystem name (`sftp`).
+    pub subsystem: Option<S>,
+    /// Forward destination `host:port`.
+    pub forward: Option<S>,
+}
+pub(crate) const TEST_SSH_KEYS: &[&str] = &["exec", "shell", "subsystem", "forward"];
+
+/// `http = { ... }` of `[[test]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTestHttp {
+    /// Request method.
+    pub method: S,
+    /// Request path.
+    pub path: S,
+    /// Host header (default: empty).
+    #[serde(default)]
+    pub host: Option<S>,
+}
+pub(crate) const TEST_HTTP_KEYS: &[&str] = &["method", "path", "host"];
+
+/// `kubernetes = { ... }` of `[[test]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTestKube {
+    /// API verb.
+    pub verb: S,
+    /// `resource` or `resource/subresource`.
+    pub resource: S,
+    /// Namespace (default: cluster-scoped).
+    #[serde(default)]
+    pub namespace: Option<S>,
+    /// Object name (default: a collection).
+    #[serde(default)]
+    pub name: Option<S>,
+}
+pub(crate) const TEST_KUBE_KEYS: &[&str] = &["verb", "resource", "namespace", "name"];
+
 /// Label of the file's root table.
 pub(crate) const ROOT_LABEL: &str = "the top level";
 
@@ -393,4 +498,9 @@ pub(crate) const TABLES: &[(&[&str], &str)] = &[
     (APPROVALS_KEYS, "[approvals]"),
     (OIDC_KEYS, "[approvals.oidc]"),
     (MASK_KEYS, "[[mask]]"),
+    (TEST_KEYS, "[[test]]"),
+    (TEST_FACTS_KEYS, "`facts` of [[test]]"),
+    (TEST_SSH_KEYS, "`ssh` of [[test]]"),
+    (TEST_HTTP_KEYS, "`http` of [[test]]"),
+    (TEST_KUBE_KEYS, "`kubernetes` of [[test]]"),
 ];

@@ -418,6 +418,25 @@ pub(crate) fn build(cx: &mut Cx<'_>, raw: RawPolicy) -> Option<Policy> {
         .filter_map(|m| mask(cx, m.get_ref(), m.span(), &names))
         .collect();
 
+    let rule_names: Vec<&str> = raw
+        .rule
+        .iter()
+        .map(|r| r.get_ref().name.get_ref().as_str())
+        .collect();
+    let case_names = case::CaseNames {
+        identities: &identity_names,
+        targets: &target_protocols,
+        rules: &rule_names,
+    };
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut cases = Vec::with_capacity(raw.test.len());
+    for t in &raw.test {
+        check_name(cx, &t.get_ref().name, "test", &mut seen);
+        if let Some(c) = case::case(cx, t.get_ref(), &case_names) {
+            cases.push(c);
+        }
+    }
+
     if !cx.errors.is_empty() {
         return None;
     }
@@ -434,6 +453,7 @@ pub(crate) fn build(cx: &mut Cx<'_>, raw: RawPolicy) -> Option<Policy> {
         rules,
         approvals,
         masks,
+        cases,
         index,
     })
 }
@@ -1368,6 +1388,8 @@ fn mask(cx: &mut Cx<'_>, m: &RawMask, table: Range<usize>, names: &Names<'_>) ->
         column_globs,
     })
 }
+
+mod case;
 
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,8 @@
-//! Project tasks: `cargo xtask setup | build | test | kernels | demo | bench`.
+//! Project tasks: `cargo xtask setup | build | test | kernels | demo | bench | package`.
 //!
 //! Layout: `setup.rs` (toolchain, bpf-linker, Debian packages), `demo.rs` (the README demo and
 //! the process/cgroup/PostgreSQL guards it needs), `bench.rs` (side-by-side ratios),
-//! `kernels.rs` (the kernel matrix under qemu), `modcycles.rs` (no import cycle between the
+//! `kernels.rs` (the kernel matrix under qemu), `package.rs` (the .deb), `modcycles.rs` (no import cycle between the
 //! agent's modules), `util.rs` (process helpers).
 
 mod bench;
@@ -10,6 +10,7 @@ mod bench_pg;
 mod demo;
 mod kernels;
 mod modcycles;
+mod package;
 mod setup;
 mod util;
 
@@ -69,6 +70,18 @@ enum Cmd {
     Modcycles,
     /// Show the agent gating a local PostgreSQL (needs root).
     Demo,
+    /// Build a Debian package (target/debian/tollgate_VERSION-1_ARCH.deb) and lint it.
+    Package {
+        /// Package this binary instead of a fresh release build.
+        #[arg(long)]
+        bin: Option<std::path::PathBuf>,
+        /// Where to write the .deb (default target/debian).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Skip lintian.
+        #[arg(long)]
+        no_lint: bool,
+    },
     /// Print side-by-side performance ratios (needs root).
     Bench {
         /// `pg` for the pgbench table; nothing for the interception figures.
@@ -114,6 +127,18 @@ fn test(no_lint: bool, no_kernels: bool) -> Result<()> {
             run(Command::new(&bin).arg("check-policy").arg(ex.path()))?;
         }
     }
+    // The shipped examples' [[test]] cases, decided as the agent decides.
+    run(Command::new(&bin)
+        .args(["policy", "test"])
+        .arg(root.join("policy/examples")))?;
+    // The Prometheus alerting rules, and their unit tests (one or more per alert).
+    let rules = root.join("agent/dist/prometheus");
+    run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(rules.join("tollgate-alerts.yml")))?;
+    run(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(rules.join("tollgate-alerts.test.yml")))?;
     run(cargo().args(["test", "--workspace", "--exclude", "vm-tests"]))?;
     run(cargo()
         .args([
@@ -169,6 +194,7 @@ fn leftovers() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::setup(true),
+        Cmd::Package { bin, out, no_lint } => package::package(bin, out, !no_lint).map(|_| ()),
         Cmd::Build { release } => build(release),
         Cmd::Test {
             no_lint,

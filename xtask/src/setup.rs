@@ -38,6 +38,9 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     // The HTTP handler's tests: Python `requests` as an unmodified bot.
     "python3-requests",
+    // `cargo xtask package` and its test: lint the .deb; systemd-analyze verifies the unit.
+    "lintian",
+    "systemd",
 ];
 
 pub fn setup(apt: bool) -> Result<()> {

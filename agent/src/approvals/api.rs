@@ -6,6 +6,7 @@
 //! | `GET /v1/approvals` | `{"pending": [...], "recent": [...]}` |
 //! | `GET /v1/approvals/{id}` | `{"request": {...}}` |
 //! | `POST /v1/approvals/{id}/approve`, `/deny` with `{"comment": "..."}` | `{"request": {...}}` |
+//! | `GET /v1/status` | the agent's status (`crate::status`) |
 //! | `/ui/...` | the web page (`web.rs`) |
 //!
 //! Every `/v1` call needs `Authorization: Bearer <token>`, or the web page's session cookie
@@ -39,6 +40,17 @@ pub struct Admin {
     pub web: Web,
     /// The audit log whose write health `/healthz` reports (None in tests).
     pub audit: Option<crate::audit::Audit>,
+    /// What `GET /v1/status` reports (set once the agent is built; unset: 503).
+    pub status: std::sync::OnceLock<Arc<dyn StatusReport>>,
+}
+
+/// The agent's status document for `GET /v1/status` (`crate::status` implements it; the API
+/// only serves it).
+pub trait StatusReport: Send + Sync {
+    fn report<'a>(
+        &'a self,
+        broker: Option<&'a Arc<dyn ApprovalStore>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Value> + Send + 'a>>;
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -103,6 +115,9 @@ impl Admin {
                 Web::On(w) => w.handle(req).await,
                 Web::Off(reason) => web::handle_off(reason, &path),
             };
+        }
+        if path == "/v1/status" {
+            return self.status(req).await;
         }
         let Some(rest) = path.strip_prefix("/v1/approvals") else {
             return error(StatusCode::NOT_FOUND, format!("not found: {path}"));
@@ -204,6 +219,26 @@ impl Admin {
 }
 
 impl Admin {
+    /// `GET /v1/status` (`status.rs`), for any caller the approvals API accepts.
+    async fn status(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{} is not allowed on /v1/status", req.method()),
+            );
+        }
+        if let Err(r) = self.caller(&req, false).await {
+            return r;
+        }
+        match self.status.get() {
+            Some(s) => reply(StatusCode::OK, s.report(self.broker.as_ref()).await),
+            None => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the agent is still starting",
+            ),
+        }
+    }
+
     /// The approver behind a call: its bearer token if it has one, else the web page's session
     /// cookie (a state-changing call must then echo the session's CSRF token).
     async fn caller(

@@ -215,6 +215,7 @@ async fn api_authenticates_and_authorizes() {
         auth: Arc::new(LocalToken::new("t".repeat(40))),
         web: crate::approvals::web::Web::Off("no OIDC in this test".into()),
         audit: None,
+        status: std::sync::OnceLock::new(),
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -30,7 +30,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
-use tollgate_policy::{Action, Decision, IdentityOidc, Operation, Protocol};
+use tollgate_policy::{Action, Decision, IdentityOidc, Protocol};
 
 use crate::{
     audit::Line,
@@ -41,7 +41,7 @@ use crate::{
         classify::{self, ClassifyCache, Statement},
         copy::{self, CopyMasker, CopyPlan},
         functions::{self, Functions},
-        pool, startup, upstream,
+        pool, startup, upstream, verdict,
         wire::{self, ErrorReport, Frontend, Startup, TransactionStatus},
     },
     recording::Recorder,
@@ -1325,15 +1325,6 @@ const DDL_KINDS: &[&str] = &[
     "import",
 ];
 
-/// Dangerous flags no rule can allow, with why. The policy language has no word that names
-/// them, and the statement kind alone (`set`) would let a rule written for
-/// `SET statement_timeout` allow them too. (COPY to or from server files and programs are policy
-/// decisions: `copy_server_files` / `copy_program` in a rule's `sql`, see `dangerous_gate`.)
-const NEVER_ALLOWED: &[(&str, &str)] = &[(
-    "set:client_encoding",
-    "changing client_encoding away from UTF8 is not allowed through tollgate (the statement classifier reads UTF-8)",
-)];
-
 /// A text's classification with the lexing it was made under (see `ClientSide::refresh_for`).
 type Classified = (classify::Escapes, Arc<Vec<Statement>>);
 
@@ -1555,11 +1546,7 @@ impl ClientSide<'_> {
                         }
                     }
                 }
-                if let Some((flag, why)) = s
-                    .dangerous
-                    .iter()
-                    .find_map(|f| NEVER_ALLOWED.iter().find(|(n, _)| n == f))
-                {
+                if let Some((flag, why)) = verdict::never_allowed(s) {
                     let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                     cx.audit_operation(&gen, s.kind, shown, &d, Some(flag));
                     return Verdict::Deny(format!("tollgate: {why}; denied"));
@@ -2670,96 +2657,25 @@ fn upstream_err(cx: &SessionCx, e: std::io::Error) -> DataPathError {
     }
 }
 
-/// Decide one statement: each kind it performs, strictest answer wins.
+/// Decide one statement as this session under `gen` (see `verdict::decide_statement`).
 fn decide_statement(cx: &SessionCx, gen: &Generation, s: &Statement) -> (Decision, &'static str) {
-    let mut worst: Option<(Decision, &'static str)> = None;
-    let single = [s.kind];
-    let kinds: &[&'static str] = if s.kinds.is_empty() {
-        &single
-    } else {
-        &s.kinds
-    };
-    for &kind in kinds {
-        let d = cx.decide_in(
-            gen,
-            Operation::Sql {
-                statement: kind,
-                tables: &s.tables,
-                functions: &s.functions,
-            },
-        );
-        let rank = |a: Action| match a {
-            Action::Deny => 2,
-            Action::Approve => 1,
-            Action::Allow => 0,
-        };
-        if worst
-            .as_ref()
-            .is_none_or(|(w, _)| rank(d.action) > rank(w.action))
-        {
-            worst = Some((d, kind));
-        }
-    }
-    worst.unwrap_or((
-        Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule),
-        s.kind,
-    ))
+    verdict::decide_statement(
+        &verdict::Asker {
+            policy: &gen.policy,
+            identity: cx.identity.as_deref(),
+            target: &cx.target.name,
+            claims: cx.claims.get(),
+        },
+        s,
+    )
 }
 
-/// A statement flagged dangerous (server file access, COPY PROGRAM, dynamic SQL in DO, ...)
-/// is allowed only by a rule that names what it allows: explicit `functions` for dangerous
-/// functions, explicit `statements` for the rest. A blanket allow does not cover it.
 fn dangerous_gate(gen: &Generation, s: &Statement, d: Decision) -> Decision {
-    if s.dangerous.is_empty() || d.action != Action::Allow {
-        return d;
-    }
-    let explicit = d
-        .rule
-        .as_deref()
-        .and_then(|r| gen.policy.rule(r))
-        .and_then(|r| r.sql.as_ref())
-        .is_some_and(|m| {
-            s.dangerous.iter().all(|flag| {
-                // Its SQL text is never classified: only the exact name allows it.
-                let sql_text = flag
-                    .strip_prefix("function:")
-                    .is_some_and(classify::runs_sql_text);
-                m.allows_flag(flag, sql_text)
-            })
-        });
-    if explicit {
-        d
-    } else {
-        Decision {
-            action: Action::Deny,
-            rule: d.rule,
-            reason: tollgate_policy::DecisionReason::NoMatchingRule,
-        }
-    }
+    verdict::dangerous_gate(&gen.policy, s, d)
 }
 
-/// Functions that are not plain (functions.rs) run only under an allow rule whose `functions`
-/// names them: `decide` already checked that every function matches such a rule's globs, so
-/// what is left is a rule that names no functions at all (`select` alone).
 fn function_gate(gen: &Generation, named: &[&str], d: Decision) -> Decision {
-    if named.is_empty() || d.action != Action::Allow {
-        return d;
-    }
-    let names_them = d
-        .rule
-        .as_deref()
-        .and_then(|r| gen.policy.rule(r))
-        .and_then(|r| r.sql.as_ref())
-        .is_some_and(|m| !m.functions.is_empty());
-    if names_them {
-        d
-    } else {
-        Decision {
-            action: Action::Deny,
-            rule: d.rule,
-            reason: tollgate_policy::DecisionReason::NoMatchingRule,
-        }
-    }
+    verdict::function_gate(&gen.policy, named, d)
 }
 
 /// The refusal id in a server error about the substitute `'<nonce>-<id>'`.

@@ -10,6 +10,7 @@ pub mod pool;
 pub mod scram;
 pub mod startup;
 pub mod upstream;
+pub mod verdict;
 pub mod wire;
 
 #[cfg(test)]

@@ -95,6 +95,8 @@ pub struct Agent {
     pub handlers: Registry,
     /// Workload token verifiers, one per (issuer, audience), discovered on first use.
     pub workload: WorkloadVerifiers,
+    /// Open sessions by identity and target (`GET /v1/status`).
+    pub live: super::live::LiveSessions,
     next_session: AtomicU64,
     started_ms: u64,
 }
@@ -132,6 +134,7 @@ impl Agent {
             plane: None,
             handlers: Registry::new(RelayKind::from_env()),
             workload: WorkloadVerifiers::default(),
+            live: Default::default(),
             next_session: AtomicU64::new(1),
             started_ms,
         }

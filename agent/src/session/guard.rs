@@ -28,11 +28,13 @@ impl SessionGuard {
             .sessions_active
             .with_label_values(&[protocol])
             .inc();
+        let base = cx.base();
+        cx.agent.live.open(&base);
         SessionGuard {
             protocol,
             done: false,
             agent: cx.agent.clone(),
-            base: cx.base(),
+            base,
             started: cx.started,
         }
     }
@@ -59,6 +61,7 @@ impl SessionGuard {
         self.done = true;
         let m = &self.agent.metrics;
         m.sessions_active.with_label_values(&[self.protocol]).dec();
+        self.agent.live.close(&self.base);
         m.relay_bytes
             .with_label_values(&[self.protocol, "upstream"])
             .inc_by(t.bytes_up);

@@ -23,6 +23,7 @@ mod cx;
 mod error;
 mod guard;
 mod handler;
+pub mod live;
 mod relay;
 pub mod testing;
 mod upstream;
