@@ -13,6 +13,7 @@
 //! - `model`: the public validated types, with private precompiled glob matchers.
 //! - `index`: name, rule and address lookup tables built once at parse time.
 //! - `glob`: compiled glob helpers (`*` matches `/` too).
+//! - `shell`: exec commands read as POSIX shell word lists, and `ssh.exec` patterns.
 //! - `decide`: [`Request`], [`Operation`], [`Decision`] and [`decide`].
 //! - `error`: [`PolicyError`], `file:line:col: message`.
 //!
@@ -78,6 +79,7 @@ mod index;
 mod lint;
 mod model;
 mod raw;
+mod shell;
 mod validate;
 
 pub use decide::{decide, Decision, DecisionReason, Operation, Request, SshOpKind};
@@ -89,6 +91,7 @@ pub use model::{
     Protocol, Rule, SecretSource, SqlMatch, SshMatch, StorePassword, Target, TargetAddress,
     TargetTls, TlsMode, WorkloadFacts, DETECTORS, KUBE_VERBS, SQL_STATEMENTS, SQL_STATEMENT_GROUPS,
 };
+pub use shell::{split_command, CommandError};
 
 /// Parse and validate a policy file. `file_name` is only used in error messages.
 ///

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::glob::{GlobList, NameGlobs, Pattern};
 use crate::index::Index;
+use crate::shell::ExecPattern;
 
 /// A parsed, validated policy file.
 #[derive(Debug, Clone, Default)]
@@ -786,7 +787,8 @@ pub(crate) fn statement_bit(statement: &str) -> u64 {
 /// an empty `exec` means "any exec" only when no other kind is selected.
 #[derive(Debug, Clone)]
 pub struct SshMatch {
-    /// Key `exec`: globs on the exec command line.
+    /// Key `exec`: command patterns, matched word by word against the command read as a POSIX
+    /// shell word list (see [`crate::split_command`]).
     pub exec: Vec<String>,
     /// Key `shell`: `true` matches interactive shells, `false` excludes them.
     pub shell: Option<bool>,
@@ -794,7 +796,7 @@ pub struct SshMatch {
     pub subsystems: Vec<String>,
     /// Key `forwarding`: `true` matches port forwarding, `false` excludes it.
     pub forwarding: Option<bool>,
-    pub(crate) exec_globs: GlobList,
+    pub(crate) exec_patterns: Box<[ExecPattern]>,
     pub(crate) subsystem_globs: GlobList,
 }
 

@@ -25,6 +25,7 @@ use crate::raw::{
     RawAgent, RawApprovals, RawCredential, RawHttp, RawIdentity, RawKube, RawMask, RawPolicy,
     RawRule, RawSql, RawSsh, RawTarget, RawTargetTls, S,
 };
+use crate::shell::ExecPattern;
 
 /// Secret-source keys of a credential; at most one may be set.
 const SECRET_KEYS: &str = "password_file, key_file, token_file, env";
@@ -193,6 +194,21 @@ fn globs(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str, ci: bool) -> Vec<Pa
                     );
                     None
                 }
+            }
+        })
+        .collect()
+}
+
+fn exec_patterns(cx: &mut Cx<'_>, list: &[S], what: &str) -> Box<[ExecPattern]> {
+    list.iter()
+        .filter_map(|p| match ExecPattern::compile(p.get_ref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                cx.err(
+                    p.span(),
+                    format!("bad pattern \"{}\" in `ssh.exec`{what}: {e}", p.get_ref()),
+                );
+                None
             }
         })
         .collect()
@@ -1134,7 +1150,7 @@ fn ssh(cx: &mut Cx<'_>, m: &RawSsh, what: &str) -> SshMatch {
         shell: m.shell,
         subsystems: strings(&m.subsystems),
         forwarding: m.forwarding,
-        exec_globs: glob_list(cx, &m.exec, "ssh.exec", what, false),
+        exec_patterns: exec_patterns(cx, &m.exec, what),
         subsystem_globs: glob_list(cx, &m.subsystems, "ssh.subsystems", what, false),
     }
 }
