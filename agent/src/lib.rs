@@ -23,6 +23,7 @@ pub mod recording;
 pub mod relay;
 pub mod replay;
 pub mod run;
+pub mod ssh;
 pub mod sys;
 pub mod targets;
 pub mod tls;

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub pg_upstream: IntCounterVec,
     pub pg_pool_idle: IntGauge,
     pub audit_write_errors: IntCounterVec,
+    /// `tollgate_ssh_channels_total{target,kind,action}`.
+    pub ssh_channels: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -67,6 +69,13 @@ impl Metrics {
                 "Values masked in responses, by target and detector.",
             ),
             &["target", "detector"],
+        ));
+        let ssh_channels = must(IntCounterVec::new(
+            Opts::new(
+                "tollgate_ssh_channels_total",
+                "SSH channel requests decided, by target, kind (exec, shell, subsystem, env, direct-tcpip, ...) and action.",
+            ),
+            &["target", "kind", "action"],
         ));
         let approvals_pending = must(IntGauge::new(
             "tollgate_approvals_pending",
@@ -145,6 +154,7 @@ impl Metrics {
             Box::new(pg_pool_idle.clone()),
             Box::new(sessions_active.clone()),
             Box::new(masked_values.clone()),
+            Box::new(ssh_channels.clone()),
             Box::new(approvals_pending.clone()),
             Box::new(approvals_total.clone()),
             Box::new(approval_wait.clone()),
@@ -177,7 +187,15 @@ impl Metrics {
             pg_upstream,
             pg_pool_idle,
             audit_write_errors,
+            ssh_channels,
         })
+    }
+
+    /// Count one decided SSH channel request (`kind` and `action` are bounded words).
+    pub fn ssh_channel(&self, target: &str, kind: &str, action: &str) {
+        self.ssh_channels
+            .with_label_values(&[target, kind, action])
+            .inc();
     }
 
     /// Export the kernel's per-CPU counters at scrape time.

@@ -325,6 +325,12 @@ pub struct Target {
     /// for the next session of the same identity with the same upstream user, database and
     /// startup parameters.
     pub pool: bool,
+    /// Key `known_hosts` (ssh): OpenSSH `known_hosts` file holding the upstream server's host
+    /// key; an unknown or changed key fails closed. Required for ssh targets the agent proxies.
+    pub known_hosts: Option<PathBuf>,
+    /// Key `host_key_file` (ssh): the upstream server's own host private key, which the agent
+    /// presents to bots so their `known_hosts` stays as it is.
+    pub host_key_file: Option<PathBuf>,
 }
 
 /// `tls = { mode = "...", ca_file = "...", server_name = "..." }` of a target: the agent's

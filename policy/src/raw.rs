@@ -150,9 +150,21 @@ pub(crate) struct RawTarget {
     pub tls: Option<toml::Spanned<RawTargetTls>>,
     /// Whether finished sessions' upstream connections are kept for the next session.
     pub pool: Option<toml::Spanned<bool>>,
+    /// ssh: OpenSSH `known_hosts` file the upstream server's host key must be in.
+    pub known_hosts: Option<S>,
+    /// ssh: the server's own host private key, which the agent presents to bots.
+    pub host_key_file: Option<S>,
 }
-pub(crate) const TARGET_KEYS: &[&str] =
-    &["name", "protocol", "address", "credential", "tls", "pool"];
+pub(crate) const TARGET_KEYS: &[&str] = &[
+    "name",
+    "protocol",
+    "address",
+    "credential",
+    "tls",
+    "pool",
+    "known_hosts",
+    "host_key_file",
+];
 
 /// `tls = { ... }` inside `[[target]]`: the agent's connection to the target.
 #[derive(Debug, Deserialize)]

@@ -867,6 +867,17 @@ fn target<'r>(
             return None;
         }
     }
+    for (key, v) in [("known_hosts", &t.known_hosts), ("host_key_file", &t.host_key_file)] {
+        if let Some(v) = v {
+            if protocol != Protocol::Ssh {
+                cx.err(
+                    v.span(),
+                    format!("`{key}` of target \"{name}\": only protocol \"ssh\" uses it; remove it"),
+                );
+                return None;
+            }
+        }
+    }
     Some(Target {
         name: name.to_string(),
         protocol,
@@ -874,6 +885,8 @@ fn target<'r>(
         credential,
         tls,
         pool: t.pool.as_ref().is_none_or(|p| *p.get_ref()),
+        known_hosts: t.known_hosts.as_ref().map(|p| PathBuf::from(p.get_ref())),
+        host_key_file: t.host_key_file.as_ref().map(|p| PathBuf::from(p.get_ref())),
     })
 }
 

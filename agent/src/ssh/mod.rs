@@ -1,0 +1,432 @@
+//! The SSH handler (`protocol = "ssh"`): a russh server faces the bot, a russh client logs in
+//! upstream with the target's credential, and every channel request is decided on its own.
+//!
+//! # Layout
+//! - `mod.rs` (this file): [`SshHandler`], the adapter to the session contract
+//!   ([`crate::proxy::ProtocolHandler`] / [`crate::proxy::SessionCx`]); the bot-facing russh
+//!   server handler, which only answers requests in order and hands channels to the session loop.
+//! - `channel`: one session channel: collect pty/env, decide exec/shell/subsystem, open the
+//!   upstream channel, pass data, EOF, window changes, signals and exit status both ways.
+//! - `upstream`: the russh client: `known_hosts` check (fail closed) and credential injection.
+//!
+//! Bot authentication: the identity is the kernel's attribution, so any public key, password or
+//! `none` is accepted; keys and passwords are never logged or forwarded.
+//!
+//! Host key toward the bot: the target's `host_key_file` (the real server's own key, so the
+//! bot's `known_hosts` is untouched). Without it the session is refused before the handshake
+//! completes (the bot sees a closed connection and the agent logs why).
+
+mod channel;
+pub mod upstream;
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use russh::{
+    server::{self, Auth, Msg, Session},
+    Channel, ChannelId,
+};
+use tokio::{net::TcpStream, sync::mpsc};
+use tollgate_policy::{decide, Operation, Protocol, Request, SshOpKind};
+
+use crate::{
+    proxy::{DataPathError, ProtocolHandler, SessionCx},
+    relay::Totals,
+};
+
+/// Detectors always applied to SSH commands in the audit log and recordings.
+pub const SSH_DETECTORS: &[&str] = &["private_key", "aws_access_key", "jwt", "bearer_token"];
+
+/// The SSH protocol handler.
+pub struct SshHandler {
+    pub hash_key: [u8; 32],
+}
+
+impl ProtocolHandler for SshHandler {
+    fn protocol(&self) -> Protocol {
+        Protocol::Ssh
+    }
+    fn serve<'a>(
+        &'a self,
+        cx: &'a SessionCx,
+        client: TcpStream,
+    ) -> Pin<Box<dyn Future<Output = Result<Totals, DataPathError>> + Send + 'a>> {
+        Box::pin(serve(cx, client, self.hash_key))
+    }
+}
+
+/// What the bot-facing handler tells the session loop.
+enum Event {
+    /// Authentication done, as this user (recorded; upstream uses the credential's user).
+    Authed(String),
+    /// A session channel was opened.
+    Session(Channel<Msg>),
+    /// A direct-tcpip channel (`ssh -L`, `-D`) was opened, already allowed by policy.
+    DirectTcpip(Channel<Msg>, String, u32),
+    /// A forwarding-kind request (env, agent, X11, -L/-D/-R) was decided in the handler: the
+    /// loop audits and counts it.
+    Forward(&'static str, String, tollgate_policy::Decision),
+}
+
+/// Counts shared with the channels.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub up: AtomicU64,
+    pub down: AtomicU64,
+}
+
+async fn serve(cx: &SessionCx, client: TcpStream, hash_key: [u8; 32]) -> Result<Totals, DataPathError> {
+    let host_key = match &cx.target.host_key_file {
+        Some(path) => russh::keys::load_secret_key(path, None).map_err(|e| {
+            DataPathError::Internal(format!(
+                "cannot load host_key_file {} of target {}: {e}",
+                path.display(),
+                cx.target.name
+            ))
+        })?,
+        None => {
+            return Err(DataPathError::Internal(format!(
+                "target {} has no host_key_file: the agent has no host key to show bots (add `host_key_file` with the server's own host key)",
+                cx.target.name
+            )))
+        }
+    };
+    let config = Arc::new(server::Config {
+        keys: vec![host_key],
+        auth_rejection_time: std::time::Duration::from_millis(0),
+        auth_rejection_time_initial: Some(std::time::Duration::from_millis(0)),
+        inactivity_timeout: None,
+        nodelay: true,
+        ..Default::default()
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let bot = BotSide {
+        tx,
+        agent: cx.agent.clone(),
+        identity: cx.identity.clone(),
+        target: cx.target.name.clone(),
+    };
+    let running = server::run_stream(config, client, bot)
+        .await
+        .map_err(|e| DataPathError::Client(std::io::Error::other(e.to_string())))?;
+    let server_handle = running.handle();
+    let counters = Arc::new(Counters::default());
+    let masker = crate::mask::Masker::with_detectors(
+        SSH_DETECTORS,
+        tollgate_policy::MaskStyle::Full,
+        hash_key,
+    );
+    let recorder = crate::recording::Recorder::open(
+        &cx.gen.policy.agent.data_dir,
+        &cx.id,
+        cx.agent.audit.health().clone(),
+    )
+    .ok()
+    .map(Arc::new);
+    let mut upstream: Option<Result<Arc<channel::Upstream>, String>> = None;
+    let mut channels = FuturesUnordered::new();
+    let mut running = std::pin::pin!(running);
+    let result = loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { continue };
+                match ev {
+                    Event::Authed(user) => {
+                        if upstream.is_none() {
+                            upstream = Some(connect_upstream(cx, &user).await.map(Arc::new));
+                            if let Some(r) = &recorder {
+                                r.write(crate::obj(serde_json::json!({
+                                    "event": "start", "session": cx.id, "identity": cx.identity,
+                                    "target": cx.target.name, "protocol": "ssh", "client_user": user,
+                                    "pid": cx.facts.pid, "uid": cx.facts.uid, "cgroup": cx.facts.cgroup,
+                                    "exe": cx.facts.exe,
+                                })));
+                            }
+                        }
+                    }
+                    Event::Session(ch) => {
+                        let up = upstream.clone().unwrap_or_else(|| Err("not authenticated".into()));
+                        channels.push(Box::pin(channel::session(channel::ChannelCx {
+                            cx,
+                            server: server_handle.clone(),
+                            upstream: up,
+                            counters: counters.clone(),
+                            masker: &masker,
+                            recorder: recorder.clone(),
+                        }, ch)) as Pin<Box<dyn Future<Output = ()> + Send + '_>>);
+                    }
+                    Event::Forward(kind, what, d) => {
+                        let shown = format!("{kind} {what}");
+                        cx.audit_operation("ssh", shown.trim_end(), &d, Some(kind));
+                        cx.agent.metrics.ssh_channel(&cx.target.name, kind, d.action.as_str());
+                    }
+                    Event::DirectTcpip(ch, host, port) => {
+                        let up = upstream.clone().unwrap_or_else(|| Err("not authenticated".into()));
+                        channels.push(Box::pin(channel::direct_tcpip(cx, up, counters.clone(), ch, host, port)));
+                    }
+                }
+            }
+            Some(()) = channels.next(), if !channels.is_empty() => {}
+            r = &mut running => {
+                break r.map_err(|e| DataPathError::Client(std::io::Error::other(e.to_string())));
+            }
+        }
+    };
+    if let Some(Ok(up)) = upstream {
+        let _ = up
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "", "")
+            .await;
+    }
+    let totals = Totals {
+        bytes_up: counters.up.load(Ordering::Relaxed),
+        bytes_down: counters.down.load(Ordering::Relaxed),
+    };
+    cx.add_bytes(totals);
+    result.map(|_| totals)
+}
+
+/// Log in upstream as the credential's user (or the bot's, when the credential names none).
+async fn connect_upstream(cx: &SessionCx, bot_user: &str) -> Result<channel::Upstream, String> {
+    let gen = cx.agent.gen.load();
+    let cred = cx
+        .target
+        .credential
+        .as_deref()
+        .and_then(|c| gen.policy.credentials.get(c));
+    let Some(cred) = cred else {
+        return Err(format!(
+            "target {} has no credential: the agent injects the upstream login (add `credential = \"...\"` with key_file or password_file)",
+            cx.target.name
+        ));
+    };
+    let login = upstream::Login {
+        user: cred.user.clone().unwrap_or_else(|| bot_user.to_string()),
+        key_file: cred.key_file.clone(),
+        password_file: cred.password_file.clone(),
+    };
+    let stream = cx.connect_upstream().await.map_err(|e| e.to_string())?;
+    let mut hosts = Vec::new();
+    if let Some(h) = cx.dialled_host() {
+        hosts.push((h, cx.orig_dst.port()));
+    }
+    hosts.push((cx.orig_dst.ip().to_string(), cx.orig_dst.port()));
+    let handle = upstream::connect(stream, cx.target.known_hosts.clone(), hosts, &login)
+        .await
+        .map_err(|e| e.to_string())?;
+    cx.audit_event(
+        "upstream_login",
+        crate::obj(serde_json::json!({ "user": login.user, "client_user": bot_user })),
+    );
+    Ok(channel::Upstream { handle })
+}
+
+/// The bot-facing russh handler. It answers every request in order (replies must follow the
+/// requests' order) and leaves the work to the session loop.
+struct BotSide {
+    tx: mpsc::UnboundedSender<Event>,
+    agent: Arc<crate::proxy::Agent>,
+    identity: Option<String>,
+    target: String,
+}
+
+impl BotSide {
+    /// Whether policy allows a forwarding-kind request (`-L`, `-D`, env, agent, X11). Pure: the
+    /// channel audits the decision it enforces.
+    fn forwarding_allowed(&self, kind: &'static str, what: &str) -> bool {
+        let gen = self.agent.gen.load();
+        let d = decide(
+            &gen.policy,
+            &Request {
+                claims: None,
+                identity: self.identity.as_deref(),
+                target: &self.target,
+                op: Operation::Ssh {
+                    kind: SshOpKind::Forward,
+                    command: &format!("{kind} {what}"),
+                },
+            },
+        );
+        let allowed = d.action == tollgate_policy::Action::Allow
+            && !matches!(kind, "x11" | "auth-agent" | "tcpip-forward" | "streamlocal-forward");
+        let d = if allowed || d.action == tollgate_policy::Action::Deny {
+            d
+        } else {
+            // Allowed by policy but not supported here, or `approve` (which a forwarding request
+            // cannot wait for): refused, and the audit says so.
+            tollgate_policy::Decision {
+                action: tollgate_policy::Action::Deny,
+                ..d
+            }
+        };
+        let _ = self.tx.send(Event::Forward(kind, what.to_string(), d));
+        allowed
+    }
+
+    fn authed(&self, user: &str) -> Result<Auth, russh::Error> {
+        let _ = self.tx.send(Event::Authed(user.to_string()));
+        Ok(Auth::Accept)
+    }
+}
+
+impl server::Handler for BotSide {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        self.authed(user)
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        // Never logged, never forwarded: the kernel's attribution is the identity.
+        self.authed(user)
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        _key: server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.authed(user)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply.accept().await;
+        let _ = self.tx.send(Event::Session(channel));
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.forwarding_allowed("direct-tcpip", &format!("{host}:{port}")) {
+            reply.accept().await;
+            let _ = self
+                .tx
+                .send(Event::DirectTcpip(channel, host.to_string(), port));
+        } else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.forwarding_allowed("env", name) {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Not supported in this version, whatever the policy says (fail closed).
+        self.forwarding_allowed("x11", "");
+        session.channel_failure(channel)
+    }
+
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // The bot's agent would let the bastion sign for it: never forwarded in this version.
+        self.forwarding_allowed("auth-agent", "");
+        Ok(false)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // Remote forwarding (`ssh -R`) is not supported in this version (fail closed).
+        self.forwarding_allowed("tcpip-forward", &format!("{address}:{port}"));
+        Ok(false)
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.forwarding_allowed("streamlocal-forward", socket_path);
+        Ok(false)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Accepted at once (replies must stay in order); the channel decides and, when policy
+        // refuses, ends it with a stderr message and exit status 126.
+        session.channel_success(channel)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+}
