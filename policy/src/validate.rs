@@ -867,12 +867,17 @@ fn target<'r>(
             return None;
         }
     }
-    for (key, v) in [("known_hosts", &t.known_hosts), ("host_key_file", &t.host_key_file)] {
+    for (key, v) in [
+        ("known_hosts", &t.known_hosts),
+        ("host_key_file", &t.host_key_file),
+    ] {
         if let Some(v) = v {
             if protocol != Protocol::Ssh {
                 cx.err(
                     v.span(),
-                    format!("`{key}` of target \"{name}\": only protocol \"ssh\" uses it; remove it"),
+                    format!(
+                        "`{key}` of target \"{name}\": only protocol \"ssh\" uses it; remove it"
+                    ),
                 );
                 return None;
             }

@@ -36,6 +36,15 @@ const APT_PACKAGES: &[&str] = &[
     "make",
     "gcc",
     "python3-venv",
+    // The SSH handler's tests (`vm-tests/tests/ssh.rs`): a real sshd and the unmodified
+    // OpenSSH clients, rsync and git over ssh, an interactive shell under tmux, asciinema.
+    "openssh-server",
+    "openssh-client",
+    "openssh-sftp-server",
+    "rsync",
+    "git",
+    "tmux",
+    "asciinema",
 ];
 
 pub fn setup(apt: bool) -> Result<()> {

@@ -28,9 +28,12 @@ pub struct ChannelCx<'a> {
     pub recorder: Option<Arc<Recorder>>,
 }
 
+/// A `pty-req`: terminal, columns, rows, pixel width and height, modes.
+type PtyReq = (String, u32, u32, u32, u32, Vec<(russh::Pty, u32)>);
+
 /// Requests collected before the channel's main request.
 struct Setup {
-    pty: Option<(String, u32, u32, u32, u32, Vec<(russh::Pty, u32)>)>,
+    pty: Option<PtyReq>,
     env: Vec<(String, String)>,
 }
 
@@ -117,7 +120,11 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
         }
     };
     let (kind, kind_word, text) = match &main {
-        Main::Exec(c) => (SshOpKind::Exec, "exec", String::from_utf8_lossy(c).into_owned()),
+        Main::Exec(c) => (
+            SshOpKind::Exec,
+            "exec",
+            String::from_utf8_lossy(c).into_owned(),
+        ),
         Main::Shell => (SshOpKind::Shell, "shell", String::new()),
         Main::Subsystem(n) => (SshOpKind::Subsystem, "subsystem", n.clone()),
     };
@@ -158,7 +165,16 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
                     d.reason.as_str()
                 ),
             };
-            record(&ccx, kind_word, &shown, "deny", d.rule.as_deref(), Some(DENIED_STATUS), 0, 0);
+            record(
+                &ccx,
+                kind_word,
+                &shown,
+                "deny",
+                d.rule.as_deref(),
+                Some(DENIED_STATUS),
+                0,
+                0,
+            );
             refuse(&bot_w, &msg).await;
             return;
         }
@@ -166,7 +182,16 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
             match approve(&ccx, &mut bot_r, &bot_w, &what, kind_word, &audit_text, &d).await {
                 Ok(()) => {}
                 Err(Some(msg)) => {
-                    record(&ccx, kind_word, &shown, "deny", d.rule.as_deref(), Some(DENIED_STATUS), 0, 0);
+                    record(
+                        &ccx,
+                        kind_word,
+                        &shown,
+                        "deny",
+                        d.rule.as_deref(),
+                        Some(DENIED_STATUS),
+                        0,
+                        0,
+                    );
                     refuse(&bot_w, &msg).await;
                     return;
                 }
@@ -185,13 +210,19 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
     let up_ch = match up.handle.channel_open_session().await {
         Ok(c) => c,
         Err(e) => {
-            fail(&bot_w, &format!("tollgate: upstream refused a new channel: {e}\r\n")).await;
+            fail(
+                &bot_w,
+                &format!("tollgate: upstream refused a new channel: {e}\r\n"),
+            )
+            .await;
             return;
         }
     };
     let setup_ok = async {
         if let Some((term, w, h, pw, ph, modes)) = &setup.pty {
-            up_ch.request_pty(false, term, *w, *h, *pw, *ph, modes).await?;
+            up_ch
+                .request_pty(false, term, *w, *h, *pw, *ph, modes)
+                .await?;
         }
         for (k, v) in &setup.env {
             up_ch.set_env(false, k.clone(), v.clone()).await?;
@@ -204,13 +235,25 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
     }
     .await;
     if let Err(e) = setup_ok {
-        fail(&bot_w, &format!("tollgate: upstream channel failed: {e}\r\n")).await;
+        fail(
+            &bot_w,
+            &format!("tollgate: upstream channel failed: {e}\r\n"),
+        )
+        .await;
         return;
     }
     let (up_r, up_w) = up_ch.split();
-    let (up_bytes, down_bytes, status) =
-        pump(&ccx, id, bot_r, &bot_w, up_r, &up_w).await;
-    record(&ccx, kind_word, &shown, "allow", d.rule.as_deref(), status, up_bytes, down_bytes);
+    let (up_bytes, down_bytes, status) = pump(&ccx, id, bot_r, &bot_w, up_r, &up_w).await;
+    record(
+        &ccx,
+        kind_word,
+        &shown,
+        "allow",
+        d.rule.as_deref(),
+        status,
+        up_bytes,
+        down_bytes,
+    );
 }
 
 fn env_allowed(cx: &SessionCx, name: &str) -> bool {
@@ -380,12 +423,16 @@ async fn pump(
             let r = match m {
                 ChannelMsg::Data { data } => {
                     down_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    counters.down.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    counters
+                        .down
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                     bot_w.data_bytes(data).await
                 }
                 ChannelMsg::ExtendedData { data, ext } => {
                     down_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    counters.down.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    counters
+                        .down
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                     bot_w.extended_data_bytes(ext, data).await
                 }
                 ChannelMsg::Eof => bot_w.eof().await,

@@ -82,7 +82,11 @@ pub(crate) struct Counters {
     pub down: AtomicU64,
 }
 
-async fn serve(cx: &SessionCx, client: TcpStream, hash_key: [u8; 32]) -> Result<Totals, DataPathError> {
+async fn serve(
+    cx: &SessionCx,
+    client: TcpStream,
+    hash_key: [u8; 32],
+) -> Result<Totals, DataPathError> {
     let host_key = match &cx.target.host_key_file {
         Some(path) => russh::keys::load_secret_key(path, None).map_err(|e| {
             DataPathError::Internal(format!(
@@ -162,11 +166,7 @@ async fn serve(cx: &SessionCx, client: TcpStream, hash_key: [u8; 32]) -> Result<
                             recorder: recorder.clone(),
                         }, ch)) as Pin<Box<dyn Future<Output = ()> + Send + '_>>);
                     }
-                    Event::Forward(kind, what, d) => {
-                        let shown = format!("{kind} {what}");
-                        cx.audit_operation("ssh", shown.trim_end(), &d, Some(kind));
-                        cx.agent.metrics.ssh_channel(&cx.target.name, kind, d.action.as_str());
-                    }
+                    Event::Forward(kind, what, d) => audit_forward(cx, kind, &what, &d),
                     Event::DirectTcpip(ch, host, port) => {
                         let up = upstream.clone().unwrap_or_else(|| Err("not authenticated".into()));
                         channels.push(Box::pin(channel::direct_tcpip(cx, up, counters.clone(), ch, host, port)));
@@ -179,6 +179,12 @@ async fn serve(cx: &SessionCx, client: TcpStream, hash_key: [u8; 32]) -> Result<
             }
         }
     };
+    // Decisions the handler made just before the bot left are still audited.
+    while let Ok(ev) = rx.try_recv() {
+        if let Event::Forward(kind, what, d) = ev {
+            audit_forward(cx, kind, &what, &d);
+        }
+    }
     if let Some(Ok(up)) = upstream {
         let _ = up
             .handle
@@ -191,6 +197,14 @@ async fn serve(cx: &SessionCx, client: TcpStream, hash_key: [u8; 32]) -> Result<
     };
     cx.add_bytes(totals);
     result.map(|_| totals)
+}
+
+fn audit_forward(cx: &SessionCx, kind: &str, what: &str, d: &tollgate_policy::Decision) {
+    let shown = format!("{kind} {what}");
+    cx.audit_operation("ssh", shown.trim_end(), d, Some(kind));
+    cx.agent
+        .metrics
+        .ssh_channel(&cx.target.name, kind, d.action.as_str());
 }
 
 /// Log in upstream as the credential's user (or the bot's, when the credential names none).
@@ -255,7 +269,10 @@ impl BotSide {
             },
         );
         let allowed = d.action == tollgate_policy::Action::Allow
-            && !matches!(kind, "x11" | "auth-agent" | "tcpip-forward" | "streamlocal-forward");
+            && !matches!(
+                kind,
+                "x11" | "auth-agent" | "tcpip-forward" | "streamlocal-forward"
+            );
         let d = if allowed || d.action == tollgate_policy::Action::Deny {
             d
         } else {

@@ -168,10 +168,7 @@ pub async fn connect(
             .success()
     } else if let Some(path) = &login.password_file {
         let password = std::fs::read_to_string(path).map_err(|e| {
-            UpstreamError::Credential(format!(
-                "cannot read password_file {}: {e}",
-                path.display()
-            ))
+            UpstreamError::Credential(format!("cannot read password_file {}: {e}", path.display()))
         })?;
         handle
             .authenticate_password(login.user.clone(), password.trim_end_matches(['\n', '\r']))
