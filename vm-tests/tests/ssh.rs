@@ -364,3 +364,133 @@ ssh = { exec = ["scp *"], subsystems = ["sftp"] }
         let _ = fs::remove_file(f);
     }
 }
+
+/// Run `tmux -S SOCK args...` as the bot.
+fn tmux(server: &SshServer, bot: &Cgroup, sock: &Path, args: &[&str]) -> String {
+    let mut all = vec!["-S".to_string(), sock.display().to_string()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    let (st, out, err) = server.run_as_bot(bot, "/usr/bin/tmux", &all);
+    assert!(st.success(), "tmux {args:?}: {err}");
+    out
+}
+
+#[test]
+fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
+    require_root();
+    let rules = format!(
+        "{EXEC_RULES}\n[[rule]]\nname = \"shells\"\nidentities = [\"bot\"]\ntargets = [\"box\"]\naction = \"allow\"\nssh = {{ shell = true }}\n"
+    );
+    let (server, bot, agent) = world("ssh-tmux", &rules);
+    let sock = server.bot_home.join("tmux.sock");
+    let status = server.bot_home.join("status");
+    let mut ssh = vec!["/usr/bin/ssh".to_string()];
+    ssh.extend(server.client_opts());
+    ssh.extend(["-tt", "-p", &server.port.to_string(), "root@127.0.0.1"].map(String::from));
+    let shell_cmd = format!("{}; echo EXIT=$? > {}", ssh.join(" "), status.display());
+    tmux(
+        &server,
+        &bot,
+        &sock,
+        &["new-session", "-d", "-x", "80", "-y", "24", &shell_cmd],
+    );
+    let pane = || tmux(&server, &bot, &sock, &["capture-pane", "-p"]);
+    wait_for(std::time::Duration::from_secs(20), "a shell prompt", || {
+        pane().contains('#').then_some(())
+    });
+    tmux(
+        &server,
+        &bot,
+        &sock,
+        &["send-keys", "echo typed-$((6*7))", "Enter"],
+    );
+    wait_for(std::time::Duration::from_secs(10), "typed output", || {
+        pane().contains("typed-42").then_some(())
+    });
+    // Resizing reaches the remote terminal.
+    tmux(
+        &server,
+        &bot,
+        &sock,
+        &["resize-window", "-x", "100", "-y", "30"],
+    );
+    tmux(&server, &bot, &sock, &["send-keys", "stty size", "Enter"]);
+    wait_for(std::time::Duration::from_secs(10), "new size", || {
+        pane().contains("30 100").then_some(())
+    });
+    // Ctrl-C interrupts the remote command, the shell goes on.
+    tmux(
+        &server,
+        &bot,
+        &sock,
+        &["send-keys", "sleep 60; echo not-interrupted", "Enter"],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    tmux(&server, &bot, &sock, &["send-keys", "C-c"]);
+    tmux(
+        &server,
+        &bot,
+        &sock,
+        &["send-keys", "echo after-$((1+1))", "Enter"],
+    );
+    wait_for(std::time::Duration::from_secs(10), "after Ctrl-C", || {
+        pane().contains("after-2").then_some(())
+    });
+    tmux(&server, &bot, &sock, &["send-keys", "exit 3", "Enter"]);
+    let st = wait_for(std::time::Duration::from_secs(15), "ssh exit", || {
+        fs::read_to_string(&status)
+            .ok()
+            .filter(|s| s.contains("EXIT="))
+    });
+    assert_eq!(st.trim(), "EXIT=3");
+    // (`after-2` within seconds of a `sleep 60` shows Ctrl-C interrupted it.)
+
+    // The recording: asciicast v2 with output and the resize, which asciinema plays.
+    let sessions = agent.data_dir.join("sessions");
+    let cast = wait_for(std::time::Duration::from_secs(10), "a .cast file", || {
+        fs::read_dir(&sessions)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "cast"))
+    });
+    let text = fs::read_to_string(&cast).expect("read cast");
+    let header: serde_json::Value =
+        serde_json::from_str(text.lines().next().unwrap_or_default()).expect("header");
+    assert_eq!(header["version"], 2, "{header}");
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(80), Some(24))
+    );
+    assert!(text.contains("typed-42"), "{text}");
+    assert!(text.contains("\"r\",\"100x30\""), "{text}");
+    let out = std::process::Command::new("asciinema")
+        .args(["play", "-i", "0.05"])
+        .arg(&cast)
+        .output()
+        .expect("asciinema");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("typed-42"));
+    // `tollgate replay` prints the terminal's output.
+    let session = fs::read_dir(&sessions)
+        .expect("sessions")
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .find(|n| n.ends_with(".jsonl"))
+        .and_then(|n| n.split('.').next().map(str::to_string))
+        .expect("jsonl recording");
+    let out = std::process::Command::new(tollgate_bin())
+        .args(["replay", &session, "--data-dir"])
+        .arg(&agent.data_dir)
+        .output()
+        .expect("tollgate replay");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("typed-42"),
+        "{shown}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

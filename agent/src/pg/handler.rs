@@ -35,7 +35,7 @@ use tollgate_policy::{decide, Action, Decision, IdentityOidc, Mode, Operation, P
 use crate::{
     audit::Line,
     mask::{Masked, Masker},
-    oidc::{self, Claims, WorkloadVerifiers},
+    oidc::{self, Claims},
     pg::{
         catalog::{self, Catalog},
         classify::{self, ClassifyCache, Statement},
@@ -53,10 +53,6 @@ use crate::{
 /// Statement classifications shared by all sessions (keyed by normalised statement).
 static CLASSIFY: std::sync::LazyLock<ClassifyCache> =
     std::sync::LazyLock::new(|| ClassifyCache::new(4096));
-
-/// Workload token verifiers, one per (issuer, audience), discovered on first use.
-static WORKLOAD_VERIFIERS: std::sync::LazyLock<WorkloadVerifiers> =
-    std::sync::LazyLock::new(WorkloadVerifiers::default);
 
 /// What a CancelRequest with one of our keys reaches: the session's upstream backend (address
 /// and key), and the session's held operation if one is waiting for approval.
@@ -214,23 +210,7 @@ async fn workload_token(
     // A PasswordMessage body is one NUL-terminated string.
     let token = password.strip_suffix(b"\0").unwrap_or(&password);
     let token = std::str::from_utf8(token).unwrap_or("").trim();
-    let audience = o
-        .audience
-        .as_deref()
-        .unwrap_or(oidc::DEFAULT_WORKLOAD_AUDIENCE);
-    let result = if token.is_empty() {
-        Err(oidc::OidcError::Malformed(
-            "empty password: the bot sent no token",
-        ))
-    } else {
-        match WORKLOAD_VERIFIERS.get(&o.issuer, audience).await {
-            Ok(v) => match v.verify_bearer(token).await {
-                Ok(c) => oidc::check_required_claims(&c, &o.require_claims).map(|()| c),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        }
-    };
+    let result = oidc::verify_workload_token(o, token).await;
     match result {
         Ok(c) => {
             cx.audit_event(

@@ -242,8 +242,29 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
         .await;
         return;
     }
+    // A terminal (a pty was requested) is recorded as asciicast v2 beside the session's
+    // JSON-lines recording, which names the file.
+    let cast = setup.pty.as_ref().and_then(|(term, w, h, ..)| {
+        let c = super::cast::Cast::create(
+            &ccx.cx.gen.policy.agent.data_dir,
+            &ccx.cx.id,
+            u32::from(id),
+            *w,
+            *h,
+            term,
+        )
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot create the terminal recording"))
+        .ok()?;
+        if let Some(r) = &ccx.recorder {
+            r.write(crate::obj(
+                json!({"event": "terminal", "cast": c.file_name(), "command": shown}),
+            ));
+        }
+        Some(c)
+    });
     let (up_r, up_w) = up_ch.split();
-    let (up_bytes, down_bytes, status) = pump(&ccx, id, bot_r, &bot_w, up_r, &up_w).await;
+    let (up_bytes, down_bytes, status) =
+        pump(&ccx, id, bot_r, &bot_w, up_r, &up_w, cast.as_ref()).await;
     record(
         &ccx,
         kind_word,
@@ -382,6 +403,7 @@ async fn pump(
     bot_w: &ChannelWriteHalf<server::Msg>,
     mut up_r: ChannelReadHalf,
     up_w: &ChannelWriteHalf<client::Msg>,
+    cast: Option<&super::cast::Cast>,
 ) -> (u64, u64, Option<u32>) {
     let counters = &ccx.counters;
     let up_bytes = std::sync::atomic::AtomicU64::new(0);
@@ -403,6 +425,9 @@ async fn pump(
                     pix_width,
                     pix_height,
                 } => {
+                    if let Some(c) = cast {
+                        c.resize(col_width, row_height);
+                    }
                     up_w.window_change(col_width, row_height, pix_width, pix_height)
                         .await
                 }
@@ -426,6 +451,9 @@ async fn pump(
                     counters
                         .down
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Some(c) = cast {
+                        c.output(&data, ccx.masker);
+                    }
                     bot_w.data_bytes(data).await
                 }
                 ChannelMsg::ExtendedData { data, ext } => {
@@ -433,6 +461,9 @@ async fn pump(
                     counters
                         .down
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Some(c) = cast {
+                        c.output(&data, ccx.masker);
+                    }
                     bot_w.extended_data_bytes(ext, data).await
                 }
                 ChannelMsg::Eof => bot_w.eof().await,

@@ -7,6 +7,7 @@
 //!   server handler, which only answers requests in order and hands channels to the session loop.
 //! - `channel`: one session channel: collect pty/env, decide exec/shell/subsystem, open the
 //!   upstream channel, pass data, EOF, window changes, signals and exit status both ways.
+//! - `cast`: asciicast v2 recordings of terminals.
 //! - `upstream`: the russh client: `known_hosts` check (fail closed) and credential injection.
 //!
 //! Bot authentication: the identity is the kernel's attribution, so any public key, password or
@@ -16,6 +17,7 @@
 //! bot's `known_hosts` is untouched). Without it the session is refused before the handshake
 //! completes (the bot sees a closed connection and the agent logs why).
 
+mod cast;
 mod channel;
 pub mod upstream;
 
@@ -64,8 +66,11 @@ impl ProtocolHandler for SshHandler {
 
 /// What the bot-facing handler tells the session loop.
 enum Event {
-    /// Authentication done, as this user (recorded; upstream uses the credential's user).
-    Authed(String),
+    /// Authentication done, as this user (recorded; upstream uses the credential's user), with
+    /// the verified workload token's claims for an identity with `oidc`.
+    Authed(String, Option<Box<crate::oidc::Claims>>),
+    /// A workload token was refused (the reason, never the token).
+    AuthRefused(String),
     /// A session channel was opened.
     Session(Channel<Msg>),
     /// A direct-tcpip channel (`ssh -L`, `-D`) was opened, already allowed by policy.
@@ -111,8 +116,14 @@ async fn serve(
         ..Default::default()
     });
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let oidc = cx
+        .identity
+        .as_deref()
+        .and_then(|n| cx.gen.policy.identity(n))
+        .and_then(|i| i.oidc.clone());
     let bot = BotSide {
         tx,
+        oidc,
         agent: cx.agent.clone(),
         identity: cx.identity.clone(),
         target: cx.target.name.clone(),
@@ -142,7 +153,19 @@ async fn serve(
             ev = rx.recv() => {
                 let Some(ev) = ev else { continue };
                 match ev {
-                    Event::Authed(user) => {
+                    Event::AuthRefused(reason) => cx.audit_event(
+                        "auth",
+                        crate::obj(serde_json::json!({"method": "oidc", "outcome": "denied", "reason": reason})),
+                    ),
+                    Event::Authed(user, claims) => {
+                        if let Some(c) = claims {
+                            let _ = cx.claims.set(crate::oidc::claim_values(&c));
+                            cx.audit_event(
+                                "auth",
+                                crate::obj(serde_json::json!({"method": "oidc", "outcome": "allowed",
+                                    "oidc_subject": c.subject, "oidc_groups": c.groups})),
+                            );
+                        }
                         if upstream.is_none() {
                             upstream = Some(connect_upstream(cx, &user).await.map(Arc::new));
                             if let Some(r) = &recorder {
@@ -246,6 +269,8 @@ async fn connect_upstream(cx: &SessionCx, bot_user: &str) -> Result<channel::Ups
 /// requests' order) and leaves the work to the session loop.
 struct BotSide {
     tx: mpsc::UnboundedSender<Event>,
+    /// The identity's workload OIDC: then only a valid token as the password logs in.
+    oidc: Option<tollgate_policy::IdentityOidc>,
     agent: Arc<crate::proxy::Agent>,
     identity: Option<String>,
     target: String,
@@ -287,8 +312,17 @@ impl BotSide {
         allowed
     }
 
+    /// Any key or `none` logs in, unless the identity needs a workload token.
     fn authed(&self, user: &str) -> Result<Auth, russh::Error> {
-        let _ = self.tx.send(Event::Authed(user.to_string()));
+        if self.oidc.is_some() {
+            return Ok(Auth::Reject {
+                proceed_with_methods: Some(russh::MethodSet::from(
+                    &[russh::MethodKind::Password][..],
+                )),
+                partial_success: false,
+            });
+        }
+        let _ = self.tx.send(Event::Authed(user.to_string(), None));
         Ok(Auth::Accept)
     }
 }
@@ -300,9 +334,24 @@ impl server::Handler for BotSide {
         self.authed(user)
     }
 
-    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
-        // Never logged, never forwarded: the kernel's attribution is the identity.
-        self.authed(user)
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        // Never logged, never forwarded: the kernel's attribution is the identity. An identity
+        // with workload OIDC presents its token here instead.
+        let Some(o) = &self.oidc else {
+            return self.authed(user);
+        };
+        match crate::oidc::verify_workload_token(o, password.trim()).await {
+            Ok(c) => {
+                let _ = self
+                    .tx
+                    .send(Event::Authed(user.to_string(), Some(Box::new(c))));
+                Ok(Auth::Accept)
+            }
+            Err(e) => {
+                let _ = self.tx.send(Event::AuthRefused(e.to_string()));
+                Ok(Auth::reject())
+            }
+        }
     }
 
     async fn auth_publickey(

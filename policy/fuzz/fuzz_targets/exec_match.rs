@@ -12,7 +12,8 @@ fn policy() -> &'static Policy {
     static P: OnceLock<Policy> = OnceLock::new();
     P.get_or_init(|| {
         parse(
-            "[[target]]\nname = \"box\"\nprotocol = \"ssh\"\naddress = [\"127.0.0.1:22\"]\n\
+            "[[identity]]\nname = \"x\"\nuid = 1000\n\
+             [[target]]\nname = \"box\"\nprotocol = \"ssh\"\naddress = [\"127.0.0.1:22\"]\n\
              [[rule]]\nname = \"r\"\nidentities = [\"*\"]\ntargets = [\"box\"]\naction = \"allow\"\n\
              ssh = { exec = [\"* *\", \"*\", \"echo *\", \"cat /var/log/*.log\"] }\n",
             "fuzz.toml",
@@ -29,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let action = decide(
         policy(),
         &Request {
-            identity: None,
+            identity: Some("x"),
             target: "box",
             op: Operation::Ssh {
                 kind: SshOpKind::Exec,
