@@ -494,3 +494,138 @@ fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `ssh` as the bot in the background, its stderr readable line by line.
+fn spawn_ssh(server: &SshServer, bot: &Cgroup, command: &str) -> std::process::Child {
+    let mut args = server.client_opts();
+    args.extend(
+        [
+            "-p",
+            &server.port.to_string(),
+            "root@127.0.0.1",
+            "--",
+            command,
+        ]
+        .map(String::from),
+    );
+    bot.command(Path::new("/usr/bin/ssh"))
+        .args(&args)
+        .env("HOME", &server.bot_home)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ssh")
+}
+
+/// Read the child's stderr until the approval notice; returns the request number.
+fn held_approval(child: &mut std::process::Child) -> (u64, String) {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr);
+    let mut line = String::new();
+    lines.read_line(&mut line).expect("read stderr");
+    let n = line
+        .split("approval #")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no approval notice: {line:?}"));
+    // Keep draining in the background so the child never blocks on a full pipe.
+    let (tx, _rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(lines.get_mut(), &mut rest);
+        let _ = tx.send(rest);
+    });
+    (n, line)
+}
+
+#[test]
+fn approval_holds_the_channel_then_runs_or_refuses_with_the_comment() {
+    require_root();
+    let server = SshServer::start("ssh-appr");
+    let bot = Cgroup::new("ssh-appr-bot");
+    let body = [
+        identity_for("bot", &bot),
+        server.target_toml("box"),
+        format!(
+            "{EXEC_RULES}\n[[rule]]\nname = \"restarts need ops\"\nidentities = [\"bot\"]\ntargets = [\"box\"]\naction = \"approve\"\nssh = {{ exec = [\"echo restart *\"] }}\napprovers = [\"ops\"]\ntimeout = \"2m\"\n"
+        ),
+    ]
+    .concat();
+    let agent = AgentProc::start_with_admin("ssh-appr", FailMode::Closed, &body);
+    let admin = agent.admin.expect("admin").to_string();
+    let token = agent.data_dir.join("admin.token").display().to_string();
+    let cli = |args: &[&str]| {
+        let mut a = vec!["approvals"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--admin", &admin, "--token-file", &token]);
+        tollgate(&a)
+    };
+    wait_for(std::time::Duration::from_secs(10), "admin API", || {
+        std::fs::metadata(agent.data_dir.join("admin.token")).ok()
+    });
+
+    // Approved: the held command runs once.
+    let mut child = spawn_ssh(&server, &bot, "echo restart app");
+    let (n, notice) = held_approval(&mut child);
+    assert!(notice.contains("waits for approval"), "{notice}");
+    assert!(
+        notice.contains(&format!("tollgate approvals approve {n}")),
+        "{notice}"
+    );
+    let (code, out, err) = cli(&["approve", &n.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let out = child.wait_with_output().expect("ssh");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "restart app\n");
+
+    // Denied with a comment: 126 and the comment on stderr.
+    let mut child = spawn_ssh(&server, &bot, "echo restart db");
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr");
+    let mut reader = std::io::BufReader::new(stderr);
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("notice");
+    let n: u64 = first
+        .split("approval #")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("{first:?}"));
+    let (code, out, err) = cli(&["deny", &n.to_string(), "--comment", "not during the freeze"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).expect("stderr");
+    let status = child.wait().expect("ssh");
+    assert_eq!(status.code(), Some(126), "{rest}");
+    assert!(rest.contains("not during the freeze"), "{rest}");
+
+    // Withdrawn: the bot goes away while held; the request leaves the queue.
+    let mut child = spawn_ssh(&server, &bot, "echo restart cache");
+    let (n, _) = held_approval(&mut child);
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut last = String::new();
+    let withdrawn = (0..150).any(|_| {
+        let (_, out, _) = cli(&["list", "--json"]);
+        last = out.clone();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        // Not pending any more, and recorded as cancelled.
+        let in_list = |k: &str| {
+            v[k].as_array()
+                .and_then(|a| a.iter().find(|r| r["id"] == n).cloned())
+        };
+        let gone = in_list("pending").is_none()
+            && in_list("recent").is_some_and(|r| r["status"] == "cancelled");
+        if !gone {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        gone
+    });
+    assert!(
+        withdrawn,
+        "request #{n} still pending after the bot left: {last}"
+    );
+}

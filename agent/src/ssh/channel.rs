@@ -153,6 +153,8 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
         Main::Shell => "shell".into(),
         Main::Subsystem(n) => format!("subsystem \"{n}\""),
     };
+    // What the bot sent while its request waited for approval, passed on once it runs.
+    let mut held = Vec::new();
     match d.action {
         Action::Allow => {}
         Action::Deny => {
@@ -179,7 +181,18 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
             return;
         }
         Action::Approve => {
-            match approve(&ccx, &mut bot_r, &bot_w, &what, kind_word, &audit_text, &d).await {
+            match approve(
+                &ccx,
+                &mut bot_r,
+                &bot_w,
+                &what,
+                kind_word,
+                &audit_text,
+                &d,
+                &mut held,
+            )
+            .await
+            {
                 Ok(()) => {}
                 Err(Some(msg)) => {
                     record(
@@ -264,7 +277,7 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
     });
     let (up_r, up_w) = up_ch.split();
     let (up_bytes, down_bytes, status) =
-        pump(&ccx, id, bot_r, &bot_w, up_r, &up_w, cast.as_ref()).await;
+        pump(&ccx, id, held, bot_r, &bot_w, up_r, &up_w, cast.as_ref()).await;
     record(
         &ccx,
         kind_word,
@@ -296,7 +309,7 @@ fn env_allowed(cx: &SessionCx, name: &str) -> bool {
 }
 
 /// One JSON line per channel in the session's recording.
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "one recording line's fields")]
 fn record(
     ccx: &ChannelCx<'_>,
     kind: &str,
@@ -337,6 +350,10 @@ async fn fail(w: &ChannelWriteHalf<server::Msg>, msg: &str) {
 /// Hold the request for a human. `Ok` to run it; `Err(Some(message))` to refuse it;
 /// `Err(None)` when the bot closed the channel meanwhile (the request is withdrawn by dropping
 /// its ticket).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "both halves of the bot channel plus the decision's texts; a struct would only rename them"
+)]
 async fn approve(
     ccx: &ChannelCx<'_>,
     bot_r: &mut ChannelReadHalf,
@@ -345,6 +362,7 @@ async fn approve(
     kind: &str,
     audit_text: &str,
     d: &tollgate_policy::Decision,
+    held: &mut Vec<ChannelMsg>,
 ) -> Result<(), Option<String>> {
     let who = ccx.cx.identity.as_deref().unwrap_or("(unknown)");
     let mut ticket = match ccx.cx.open_approval(audit_text, kind, d).await {
@@ -371,8 +389,11 @@ async fn approve(
         tokio::select! {
             o = ccx.cx.wait_approval(&mut ticket) => break o,
             m = bot_r.wait() => match m {
-                Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return Err(None),
-                _ => {}
+                // Closing the channel (or the connection) withdraws the request.
+                Some(ChannelMsg::Close) | None => return Err(None),
+                // Input and EOF wait with the request (bounded: the SSH window limits how much
+                // the bot can send before we adjust it, and nothing is adjusted meanwhile).
+                Some(m) => held.push(m),
             },
         }
     };
@@ -396,9 +417,14 @@ async fn approve(
 
 /// Pass the channel both ways until the upstream closes it. Returns (bytes up, bytes down,
 /// exit status).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the four channel halves, what was held, and the recording"
+)]
 async fn pump(
     ccx: &ChannelCx<'_>,
     id: russh::ChannelId,
+    held: Vec<ChannelMsg>,
     mut bot_r: ChannelReadHalf,
     bot_w: &ChannelWriteHalf<server::Msg>,
     mut up_r: ChannelReadHalf,
@@ -410,7 +436,15 @@ async fn pump(
     let down_bytes = std::sync::atomic::AtomicU64::new(0);
     // Bot to upstream: data, EOF, window changes, signals. Ends when the bot closes.
     let to_up = async {
-        while let Some(m) = bot_r.wait().await {
+        let mut held = held.into_iter();
+        loop {
+            let m = match held.next() {
+                Some(m) => m,
+                None => match bot_r.wait().await {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
             let r = match m {
                 ChannelMsg::Data { data } => {
                     up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
