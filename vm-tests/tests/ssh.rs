@@ -629,3 +629,124 @@ fn approval_holds_the_channel_then_runs_or_refuses_with_the_comment() {
         "request #{n} still pending after the bot left: {last}"
     );
 }
+
+/// A file of `mib` MiB of random bytes, owned by the bot.
+fn random_file(path: &Path, mib: usize) -> String {
+    let st = std::process::Command::new("head")
+        .args(["-c", &(mib << 20).to_string(), "/dev/urandom"])
+        .stdout(fs::File::create(path).expect("create"))
+        .status()
+        .expect("head");
+    assert!(st.success());
+    std::os::unix::fs::chown(path, Some(BOT_UID), Some(BOT_UID)).expect("chown");
+    sha256(path)
+}
+
+#[test]
+fn rsync_and_git_over_ssh_are_byte_identical() {
+    require_root();
+    let rules = r#"
+[[rule]]
+name = "rsync and git"
+identities = ["bot"]
+targets = ["box"]
+action = "allow"
+ssh = { exec = ["rsync --server *", "git-upload-pack *", "git-receive-pack *"] }
+"#;
+    let (server, bot, agent) = world("ssh-rsync", rules);
+    let ssh_cmd = format!("ssh {} -p {}", server.client_opts().join(" "), server.port);
+    // rsync -e ssh, both ways, 100 MiB.
+    let src = server.bot_home.join("big.bin");
+    let want = random_file(&src, 100);
+    let remote_dir = server.dir.path().join("rsync-remote");
+    fs::create_dir(&remote_dir).expect("mkdir");
+    let remote = remote_dir.join("big.bin");
+    let (st, _, err) = server.run_as_bot(
+        &bot,
+        "/usr/bin/rsync",
+        &[
+            "-e".into(),
+            ssh_cmd.clone(),
+            src.display().to_string(),
+            format!("root@127.0.0.1:{}", remote.display()),
+        ],
+    );
+    assert!(st.success(), "rsync up: {err}\n{}", agent.stderr_text());
+    assert_eq!(sha256(&remote), want, "rsync up");
+    let back = server.bot_home.join("big-back.bin");
+    let (st, _, err) = server.run_as_bot(
+        &bot,
+        "/usr/bin/rsync",
+        &[
+            "-e".into(),
+            ssh_cmd.clone(),
+            format!("root@127.0.0.1:{}", remote.display()),
+            back.display().to_string(),
+        ],
+    );
+    assert!(st.success(), "rsync down: {err}");
+    assert_eq!(sha256(&back), want, "rsync down");
+    let _ = fs::remove_file(&remote);
+    let _ = fs::remove_file(&back);
+
+    // git push then clone over ssh (git-receive-pack / git-upload-pack), with the 100 MiB file.
+    let bare = server.dir.path().join("repo.git");
+    let st = std::process::Command::new("git")
+        .args(["init", "-q", "--bare"])
+        .arg(&bare)
+        .status()
+        .expect("git init --bare");
+    assert!(st.success());
+    let url = format!("ssh://root@127.0.0.1:{}{}", server.port, bare.display());
+    let work = server.bot_home.join("work");
+    let git = |args: &[&str], dir: &Path| {
+        let mut all = vec![
+            "-C".to_string(),
+            dir.display().to_string(),
+            "-c".into(),
+            "user.name=bot".into(),
+            "-c".into(),
+            "user.email=bot@example.invalid".into(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let child = bot
+            .command(Path::new("/usr/bin/git"))
+            .args(&all)
+            .env("HOME", &server.bot_home)
+            .env("GIT_SSH_COMMAND", &ssh_cmd)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn git");
+        let (st, out, err) = wait_child(child, std::time::Duration::from_secs(300), "git");
+        assert!(
+            st.success(),
+            "git {args:?}: {out}{err}\n{}",
+            agent.stderr_text()
+        );
+    };
+    let (st, _, err) = server.run_as_bot(&bot, "/bin/mkdir", &[work.display().to_string()]);
+    assert!(st.success(), "{err}");
+    git(&["init", "-q", "-b", "main"], &work);
+    fs::rename(&src, work.join("big.bin")).expect("move big file");
+    git(&["add", "big.bin"], &work);
+    git(&["commit", "-q", "-m", "big"], &work);
+    git(&["push", "-q", &url, "main"], &work);
+    let clone = server.bot_home.join("clone");
+    git(
+        &[
+            "clone",
+            "-q",
+            "-b",
+            "main",
+            &url,
+            &clone.display().to_string(),
+        ],
+        &server.bot_home,
+    );
+    assert_eq!(sha256(&clone.join("big.bin")), want, "git clone");
+    let _ = fs::remove_dir_all(&work);
+    let _ = fs::remove_dir_all(&clone);
+    let _ = fs::remove_dir_all(&bare);
+}

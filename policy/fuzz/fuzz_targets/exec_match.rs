@@ -51,11 +51,11 @@ fuzz_target!(|data: &[u8]| {
             for w in &words {
                 assert!(w.bytes().all(|b| (0x20..0x7f).contains(&b)), "{w:?}");
             }
-            // Quoting every word again and reading it back gives the same words (unless the
-            // first word is reserved or an assignment once quoted, which is refused).
+            // Quoting every word again (single quotes; a `'` as `"'"`) and reading it back
+            // gives the same words (unless the first word is then reserved, which is refused).
             let quoted: Vec<String> = words
                 .iter()
-                .map(|w| if w.contains('\'') { format!("\"{w}\"") } else { format!("'{w}'") })
+                .map(|w| format!("'{}'", w.replace('\'', "'\"'\"'")))
                 .collect();
             if let Ok(again) = split_command(&quoted.join(" ")) {
                 assert_eq!(again, words);
