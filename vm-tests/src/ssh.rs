@@ -191,6 +191,11 @@ impl SshServer {
         self.run_as_bot(cg, "/usr/bin/ssh", &args)
     }
 
+    /// The pid of the listening `sshd -D` this helper started.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The sshd log (for assertions and failure messages).
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()

@@ -750,3 +750,68 @@ ssh = { exec = ["rsync --server *", "git-upload-pack *", "git-receive-pack *"] }
     let _ = fs::remove_dir_all(&clone);
     let _ = fs::remove_dir_all(&bare);
 }
+
+#[test]
+fn malformed_input_ends_that_session_only() {
+    require_root();
+    let (server, bot, agent) = world("ssh-bad", EXEC_RULES);
+    // A client that speaks garbage after a version line, and one with an absurd packet length.
+    for payload in [
+        "SSH-2.0-evil\\r\\n\\x00\\x00\\x00\\x0c\\x0a\\x14garbagegarbage",
+        "SSH-2.0-evil\\r\\n\\xff\\xff\\xff\\xf0\\x04AAAAAAAAAAAAAAAA",
+        "not ssh at all\\r\\n\\r\\n\\r\\n",
+    ] {
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{}; printf '{payload}' >&3; timeout 10 cat <&3 >/dev/null; echo done",
+            server.port
+        );
+        let (st, out, err) = server.run_as_bot(&bot, "/bin/bash", &["-c".to_string(), script]);
+        assert!(st.success() && out.contains("done"), "{out}{err}");
+    }
+    // The agent is still serving: a real client works.
+    let (st, out, err) = server.ssh(&bot, &[], "echo still-serving");
+    assert_eq!(
+        (st.code(), out.as_str()),
+        (Some(0), "still-serving\n"),
+        "{err}"
+    );
+    // Each bad session ended with a close event that names the client side.
+    let closes: Vec<_> = agent
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "close" && e["status"] == "client")
+        .collect();
+    assert!(closes.len() >= 3, "{closes:?}");
+}
+
+#[test]
+fn upstream_killed_mid_channel_gives_a_clean_error() {
+    require_root();
+    let (server, bot, _agent) = world("ssh-kill", EXEC_RULES);
+    let child = spawn_ssh(&server, &bot, "sleep 60");
+    let sshd = server.pid().expect("sshd pid");
+    // The per-connection sshd process (a child of the sshd this test started) serving it.
+    let conn = wait_for(
+        std::time::Duration::from_secs(15),
+        "the session's sshd",
+        || {
+            let out = std::process::Command::new("pgrep")
+                .args(["-P", &sshd.to_string()])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse::<i32>().ok())
+        },
+    );
+    // Let the exec start, then kill the upstream side of this one session.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(conn), nix::sys::signal::SIGKILL);
+    let (st, _out, err) = wait_child(child, std::time::Duration::from_secs(20), "ssh");
+    assert_eq!(st.code(), Some(255), "{err}");
+    assert!(err.contains("upstream connection was lost"), "{err}");
+    // Other sessions go on.
+    let (st, out, err) = server.ssh(&bot, &[], "echo after");
+    assert_eq!((st.code(), out.as_str()), (Some(0), "after\n"), "{err}");
+}

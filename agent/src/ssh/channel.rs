@@ -478,6 +478,7 @@ async fn pump(
     // Upstream to bot: data, stderr, EOF, exit status/signal, close.
     let to_bot = async {
         let mut status = None;
+        let mut closed = false;
         while let Some(m) = up_r.wait().await {
             let r = match m {
                 ChannelMsg::Data { data } => {
@@ -527,12 +528,26 @@ async fn pump(
                     let _ = bot_w.exit_status(255).await;
                     break;
                 }
-                ChannelMsg::Close => break,
+                ChannelMsg::Close => {
+                    closed = true;
+                    break;
+                }
                 _ => Ok(()),
             };
             if r.is_err() {
                 break;
             }
+        }
+        if !closed && status.is_none() {
+            // The upstream connection went away mid-channel: say so, the way ssh reports its
+            // own failures (status 255), instead of a silent close.
+            let _ = bot_w
+                .extended_data_bytes(
+                    1,
+                    b"tollgate: the upstream connection was lost\r\n".to_vec(),
+                )
+                .await;
+            let _ = bot_w.exit_status(255).await;
         }
         let _ = bot_w.eof().await;
         let _ = bot_w.close().await;
