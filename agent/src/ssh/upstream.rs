@@ -185,3 +185,46 @@ pub async fn connect(
     }
     Ok(handle)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> PublicKey {
+        let k = keys::PrivateKey::from(keys::ssh_key::private::Ed25519Keypair::from_seed(
+            &[seed; 32],
+        ));
+        k.public_key().clone()
+    }
+
+    #[test]
+    fn known_hosts_match_unknown_changed_and_missing() {
+        let dir = std::env::temp_dir().join(format!("tg-ssh-kh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let file = dir.join("known_hosts");
+        let good = key(1);
+        std::fs::write(
+            &file,
+            format!("[127.0.0.1]:2222 {}\n", good.to_openssh().expect("openssh")),
+        )
+        .expect("write");
+        let hosts = vec![("127.0.0.1".to_string(), 2222)];
+        assert!(check_host_key(Some(&file), &hosts, &good).is_ok());
+        let e = check_host_key(Some(&file), &hosts, &key(2)).expect_err("changed");
+        assert!(
+            matches!(&e, UpstreamError::ChangedKey { line: 1, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&file.display().to_string()), "{e}");
+        let other = vec![("127.0.0.1".to_string(), 2223)];
+        let e = check_host_key(Some(&file), &other, &good).expect_err("unknown");
+        assert!(matches!(e, UpstreamError::UnknownKey { .. }), "{e}");
+        assert!(matches!(
+            check_host_key(None, &hosts, &good),
+            Err(UpstreamError::NoKnownHosts)
+        ));
+        let missing = dir.join("nope");
+        assert!(check_host_key(Some(&missing), &hosts, &good).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
