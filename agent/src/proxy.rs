@@ -818,10 +818,14 @@ impl SessionCx {
         // injection, masking, recording), even under a whole-connection allow.
         let handler: Option<&dyn ProtocolHandler> = match (d.action, self.target.protocol, whole) {
             (Action::Allow, Protocol::Postgres, _) => Some(&pg),
-            // SSH always goes through its handler when the target names a host key to show
-            // (per-channel policy, injected login); without one only a whole-connection allow
-            // relays it opaquely, as before.
-            (Action::Allow, Protocol::Ssh, _) if self.target.host_key_file.is_some() => Some(&ssh),
+            // SSH goes through its handler (per-channel policy, injected login) when the target
+            // names a credential or a host key; otherwise only a whole-connection allow relays
+            // it opaquely, as before.
+            (Action::Allow, Protocol::Ssh, _)
+                if self.target.host_key_file.is_some() || self.target.credential.is_some() =>
+            {
+                Some(&ssh)
+            }
             (Action::Allow, _, true) | (Action::Allow, Protocol::Tcp, _) => Some(&tcp),
             _ => None,
         };

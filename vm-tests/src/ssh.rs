@@ -123,15 +123,25 @@ impl SshServer {
     /// The `[[target]]` and `[credential]` of this server for a policy (target `name`, with the
     /// agent's own known_hosts file written beside).
     pub fn target_toml(&self, name: &str) -> String {
+        self.target_toml_with(name, true)
+    }
+
+    /// Like [`SshServer::target_toml`]; without `host_key_file` when `host_key` is false (the
+    /// agent then shows a host certificate from its own SSH CA).
+    pub fn target_toml_with(&self, name: &str, host_key: bool) -> String {
         let kh = self.dir.path().join("agent_known_hosts");
         fs::write(&kh, &self.known_hosts_line).expect("agent known_hosts");
+        let host_key_line = if host_key {
+            format!("host_key_file = \"{}\"\n", self.host_key.display())
+        } else {
+            String::new()
+        };
         format!(
             "[[target]]\nname = \"{name}\"\nprotocol = \"ssh\"\naddress = [\"127.0.0.1:{}\"]\n\
-             credential = \"{name}-login\"\nknown_hosts = \"{}\"\nhost_key_file = \"{}\"\n\n\
+             credential = \"{name}-login\"\nknown_hosts = \"{}\"\n{host_key_line}\n\
              [credential.{name}-login]\nuser = \"root\"\nkey_file = \"{}\"\n\n",
             self.port,
             kh.display(),
-            self.host_key.display(),
             self.agent_key.display()
         )
     }

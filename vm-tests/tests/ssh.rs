@@ -815,3 +815,44 @@ fn upstream_killed_mid_channel_gives_a_clean_error() {
     let (st, out, err) = server.ssh(&bot, &[], "echo after");
     assert_eq!((st.code(), out.as_str()), (Some(0), "after\n"), "{err}");
 }
+
+#[test]
+fn ssh_ca_host_certificates_need_the_cert_authority_line() {
+    require_root();
+    let server = SshServer::start("ssh-ca");
+    let bot = Cgroup::new("ssh-ca-bot");
+    let body = [
+        identity_for("bot", &bot),
+        server.target_toml_with("box", false),
+        EXEC_RULES.to_string(),
+    ]
+    .concat();
+    let agent = AgentProc::start("ssh-ca", FailMode::Closed, &body);
+    // The bot trusts only the real server's key: the agent's certificate is not accepted
+    // (OpenSSH's own host-key error, nothing runs).
+    let (st, out, err) = server.ssh(&bot, &[], "echo should-not-run");
+    assert_eq!(st.code(), Some(255), "out {out:?} err {err:?}");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("Host key verification failed")
+            || err.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"),
+        "{err}"
+    );
+    // With the @cert-authority line from `tollgate ca export --ssh`, the same client works.
+    let (code, line, err) = tollgate(&[
+        "ca",
+        "export",
+        "--ssh",
+        "--data-dir",
+        &agent.data_dir.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(line.starts_with("@cert-authority * ssh-ed25519 "), "{line}");
+    fs::write(&server.bot_known_hosts, &line).expect("known_hosts");
+    let (st, out, err) = server.ssh(&bot, &[], "echo via-certificate");
+    assert_eq!(
+        (st.code(), out.as_str()),
+        (Some(0), "via-certificate\n"),
+        "{err}"
+    );
+}

@@ -7,6 +7,7 @@
 //!   server handler, which only answers requests in order and hands channels to the session loop.
 //! - `channel`: one session channel: collect pty/env, decide exec/shell/subsystem, open the
 //!   upstream channel, pass data, EOF, window changes, signals and exit status both ways.
+//! - `ca`: the agent's SSH CA (host certificates for the name or IP dialled).
 //! - `cast`: asciicast v2 recordings of terminals.
 //! - `upstream`: the russh client: `known_hosts` check (fail closed) and credential injection.
 //!
@@ -14,9 +15,10 @@
 //! `none` is accepted; keys and passwords are never logged or forwarded.
 //!
 //! Host key toward the bot: the target's `host_key_file` (the real server's own key, so the
-//! bot's `known_hosts` is untouched). Without it the session is refused before the handshake
-//! completes (the bot sees a closed connection and the agent logs why).
+//! bot's `known_hosts` is untouched); otherwise a host certificate from the agent's SSH CA for
+//! the name or IP dialled (`tollgate ca export --ssh` prints the `@cert-authority` line).
 
+pub mod ca;
 mod cast;
 mod channel;
 pub mod upstream;
@@ -92,23 +94,29 @@ async fn serve(
     client: TcpStream,
     hash_key: [u8; 32],
 ) -> Result<Totals, DataPathError> {
-    let host_key = match &cx.target.host_key_file {
-        Some(path) => russh::keys::load_secret_key(path, None).map_err(|e| {
-            DataPathError::Internal(format!(
-                "cannot load host_key_file {} of target {}: {e}",
-                path.display(),
-                cx.target.name
-            ))
-        })?,
+    let (host_key, certificates) = match &cx.target.host_key_file {
+        Some(path) => (
+            russh::keys::load_secret_key(path, None).map_err(|e| {
+                DataPathError::Internal(format!(
+                    "cannot load host_key_file {} of target {}: {e}",
+                    path.display(),
+                    cx.target.name
+                ))
+            })?,
+            Vec::new(),
+        ),
         None => {
-            return Err(DataPathError::Internal(format!(
-                "target {} has no host_key_file: the agent has no host key to show bots (add `host_key_file` with the server's own host key)",
-                cx.target.name
-            )))
+            let ca = ca::SshCa::shared(&cx.gen.policy.agent.data_dir)
+                .map_err(DataPathError::Internal)?;
+            let mut principals = vec![cx.orig_dst.ip().to_string()];
+            principals.extend(cx.dialled_host());
+            let cert = ca.host_cert(&principals).map_err(DataPathError::Internal)?;
+            (ca.host_key(), vec![cert])
         }
     };
     let config = Arc::new(server::Config {
         keys: vec![host_key],
+        certificates,
         auth_rejection_time: std::time::Duration::from_millis(0),
         auth_rejection_time_initial: Some(std::time::Duration::from_millis(0)),
         inactivity_timeout: None,
