@@ -856,3 +856,96 @@ fn ssh_ca_host_certificates_need_the_cert_authority_line() {
         "{err}"
     );
 }
+
+#[test]
+fn workload_oidc_token_is_the_ssh_password() {
+    require_root();
+    let idp = vm_tests::oidc::OidcProvider::start("ssh-oidc");
+    let server = SshServer::start("ssh-oidc");
+    let bot = Cgroup::new("ssh-oidc-bot");
+    let body = format!(
+        "[[identity]]\nname = \"bot\"\ncgroup = \"{}\"\noidc = {{ issuer = \"{}\", audience = \"tollgate\", require_claims = {{ groups = [\"deployers\"] }} }}\n\n{}{EXEC_RULES}",
+        bot.glob(),
+        idp.issuer(),
+        server.target_toml("box"),
+    );
+    let agent = AgentProc::start("ssh-oidc", FailMode::Closed, &body);
+    let askpass = server.bot_home.join("askpass");
+    let token_file = server.bot_home.join("token");
+    fs::write(
+        &askpass,
+        format!("#!/bin/sh\ncat {}\n", token_file.display()),
+    )
+    .expect("askpass");
+    fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let run = |token: &str| {
+        fs::write(&token_file, token).expect("token");
+        // Password prompts need BatchMode off; the askpass helper answers with the token.
+        let mut args: Vec<String> = server
+            .client_opts()
+            .into_iter()
+            .map(|a| {
+                if a == "BatchMode=yes" {
+                    "BatchMode=no".into()
+                } else {
+                    a
+                }
+            })
+            .collect();
+        args.extend(
+            [
+                "-o",
+                "PreferredAuthentications=password",
+                "-o",
+                "NumberOfPasswordPrompts=1",
+                "-p",
+                &server.port.to_string(),
+                "root@127.0.0.1",
+                "--",
+                "echo with-token",
+            ]
+            .map(String::from),
+        );
+        let child = bot
+            .command(Path::new("/usr/bin/ssh"))
+            .args(&args)
+            .env("HOME", &server.bot_home)
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ssh");
+        wait_child(child, std::time::Duration::from_secs(60), "ssh")
+    };
+    let good = idp.workload_token("deploy-bot");
+    let (st, out, err) = run(&good);
+    assert_eq!(
+        (st.code(), out.as_str()),
+        (Some(0), "with-token\n"),
+        "{err}\n{}",
+        agent.stderr_text()
+    );
+    let ev = agent.wait_audit("oidc auth allowed", |e| {
+        e["event"] == "auth" && e["outcome"] == "allowed"
+    });
+    assert!(ev["oidc_subject"].is_string(), "{ev}");
+    // A forged token: refused before anything reaches upstream.
+    let forged = format!("{}x", &good[..good.len() - 1]);
+    let (st, out, err) = run(&forged);
+    assert_eq!(st.code(), Some(255), "{out}{err}");
+    assert!(out.is_empty() && err.contains("Permission denied"), "{err}");
+    agent.wait_audit("oidc auth denied", |e| {
+        e["event"] == "auth" && e["outcome"] == "denied"
+    });
+    // The token never reaches the audit log or the agent's own log.
+    let audit = fs::read_to_string(agent.audit_path()).expect("audit");
+    let sig = good.rsplit('.').next().unwrap_or_default();
+    assert!(!audit.contains(sig) && !agent.stderr_text().contains(sig));
+}
