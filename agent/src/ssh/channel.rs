@@ -155,31 +155,17 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
     };
     // What the bot sent while its request waited for approval, passed on once it runs.
     let mut held = Vec::new();
-    match d.action {
-        Action::Allow => {}
-        Action::Deny => {
-            let msg = match &d.rule {
-                Some(rule) => format!(
-                    "tollgate: {what} denied by rule \"{rule}\" for identity {who}\r\n"
-                ),
-                None => format!(
-                    "tollgate: {what} denied for identity {who}: no rule allows it ({}); ask for access\r\n",
-                    d.reason.as_str()
-                ),
-            };
-            record(
-                &ccx,
-                kind_word,
-                &shown,
-                "deny",
-                d.rule.as_deref(),
-                Some(DENIED_STATUS),
-                0,
-                0,
-            );
-            refuse(&bot_w, &msg).await;
-            return;
-        }
+    let refusal = match d.action {
+        Action::Allow => None,
+        Action::Deny => Some(match &d.rule {
+            Some(rule) => format!(
+                "tollgate: {what} denied by rule \"{rule}\" for identity {who}\r\n"
+            ),
+            None => format!(
+                "tollgate: {what} denied for identity {who}: no rule allows it ({}); ask for access\r\n",
+                d.reason.as_str()
+            ),
+        }),
         Action::Approve => {
             match approve(
                 &ccx,
@@ -193,25 +179,27 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
             )
             .await
             {
-                Ok(()) => {}
-                Err(Some(msg)) => {
-                    record(
-                        &ccx,
-                        kind_word,
-                        &shown,
-                        "deny",
-                        d.rule.as_deref(),
-                        Some(DENIED_STATUS),
-                        0,
-                        0,
-                    );
-                    refuse(&bot_w, &msg).await;
-                    return;
-                }
+                Ok(()) => None,
+                Err(Some(msg)) => Some(msg),
                 // The bot went away: the request was withdrawn.
                 Err(None) => return,
             }
         }
+    };
+    if let Some(msg) = refusal {
+        let rule = d.rule.as_deref();
+        record(
+            &ccx,
+            kind_word,
+            &shown,
+            "deny",
+            rule,
+            Some(DENIED_STATUS),
+            0,
+            0,
+        );
+        refuse(&bot_w, &msg).await;
+        return;
     }
     let up = match &ccx.upstream {
         Ok(u) => u.clone(),
@@ -292,17 +280,12 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
 
 fn env_allowed(cx: &SessionCx, name: &str) -> bool {
     let gen = cx.agent.gen.load();
-    tollgate_policy::decide(
+    super::decide_forward(
         &gen.policy,
-        &tollgate_policy::Request {
-            claims: None,
-            identity: cx.identity.as_deref(),
-            target: &cx.target.name,
-            op: Operation::Ssh {
-                kind: SshOpKind::Forward,
-                command: &format!("env {name}"),
-            },
-        },
+        cx.identity.as_deref(),
+        &cx.target.name,
+        "env",
+        name,
     )
     .action
         == Action::Allow

@@ -230,6 +230,28 @@ async fn serve(
     result.map(|_| totals)
 }
 
+/// The pure policy decision on a forwarding-kind request (`kind` `what`, e.g. `env LANG`).
+pub(crate) fn decide_forward(
+    policy: &tollgate_policy::Policy,
+    identity: Option<&str>,
+    target: &str,
+    kind: &str,
+    what: &str,
+) -> tollgate_policy::Decision {
+    decide(
+        policy,
+        &Request {
+            claims: None,
+            identity,
+            target,
+            op: Operation::Ssh {
+                kind: SshOpKind::Forward,
+                command: &format!("{kind} {what}"),
+            },
+        },
+    )
+}
+
 fn audit_forward(cx: &SessionCx, kind: &str, what: &str, d: &tollgate_policy::Decision) {
     let shown = format!("{kind} {what}");
     cx.audit_operation("ssh", shown.trim_end(), d, Some(kind));
@@ -289,17 +311,12 @@ impl BotSide {
     /// channel audits the decision it enforces.
     fn forwarding_allowed(&self, kind: &'static str, what: &str) -> bool {
         let gen = self.agent.gen.load();
-        let d = decide(
+        let d = decide_forward(
             &gen.policy,
-            &Request {
-                claims: None,
-                identity: self.identity.as_deref(),
-                target: &self.target,
-                op: Operation::Ssh {
-                    kind: SshOpKind::Forward,
-                    command: &format!("{kind} {what}"),
-                },
-            },
+            self.identity.as_deref(),
+            &self.target,
+            kind,
+            what,
         );
         let allowed = d.action == tollgate_policy::Action::Allow
             && !matches!(
