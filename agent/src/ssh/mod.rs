@@ -156,10 +156,15 @@ async fn serve(
     let mut upstream: Option<Result<Arc<channel::Upstream>, String>> = None;
     let mut channels = FuturesUnordered::new();
     let mut running = std::pin::pin!(running);
+    // The handler's sender goes away with the russh session; stop polling it then.
+    let mut events_open = true;
     let result = loop {
         tokio::select! {
-            ev = rx.recv() => {
-                let Some(ev) = ev else { continue };
+            ev = rx.recv(), if events_open => {
+                let Some(ev) = ev else {
+                    events_open = false;
+                    continue;
+                };
                 match ev {
                     Event::AuthRefused(reason) => cx.audit_event(
                         "auth",
