@@ -949,3 +949,70 @@ fn workload_oidc_token_is_the_ssh_password() {
     let sig = good.rsplit('.').next().unwrap_or_default();
     assert!(!audit.contains(sig) && !agent.stderr_text().contains(sig));
 }
+
+#[test]
+fn exec_recordings_and_audit_mask_secrets() {
+    require_root();
+    let (server, bot, agent) = world("ssh-rec", EXEC_RULES);
+    // An AWS access key id in an allowed command and in a denied one, and a JWT-shaped value.
+    let key = "AKIAIOSFODNN7EXAMPLE";
+    let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib3QifQ.c2lnbmF0dXJlLXZhbHVlLWhlcmU";
+    let (st, out, err) = server.ssh(&bot, &[], &format!("echo {key}"));
+    assert_eq!(st.code(), Some(0), "{err}");
+    // The bot still gets its command's real output: masking applies to what tollgate keeps.
+    assert_eq!(out, format!("{key}\n"));
+    let (st, _, err) = server.ssh(&bot, &[], &format!("printf {jwt}"));
+    assert_eq!(st.code(), Some(126), "{err}");
+    assert!(!err.contains(jwt), "the refusal echoes the secret: {err}");
+    let (st, _, _) = server.ssh(&bot, &[], "exit 4");
+    assert_eq!(st.code(), Some(4));
+    // Recordings: one JSON line per channel with command, action, rule, exit status, bytes.
+    let sessions = agent.data_dir.join("sessions");
+    let lines: Vec<serde_json::Value> = wait_for(
+        std::time::Duration::from_secs(10),
+        "three channel lines",
+        || {
+            let all: Vec<serde_json::Value> = fs::read_dir(&sessions)
+                .ok()?
+                .flatten()
+                .filter_map(|e| fs::read_to_string(e.path()).ok())
+                .flat_map(|t| {
+                    t.lines()
+                        .filter_map(|l| serde_json::from_str(l).ok())
+                        .collect::<Vec<serde_json::Value>>()
+                })
+                .filter(|v: &serde_json::Value| v["event"] == "exec")
+                .collect();
+            (all.len() >= 3).then_some(all)
+        },
+    );
+    let exit4 = lines
+        .iter()
+        .find(|v| v["command"] == "exit 4")
+        .expect("exit 4 recorded");
+    assert_eq!(exit4["action"], "allow");
+    assert_eq!(exit4["rule"], "plain commands");
+    assert_eq!(exit4["exit_status"], 4);
+    let echo = lines
+        .iter()
+        .find(|v| {
+            v["command"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("echo "))
+        })
+        .expect("echo recorded");
+    assert_eq!(echo["bytes_down"], key.len() + 1, "{echo}");
+    let denied = lines
+        .iter()
+        .find(|v| v["action"] == "deny")
+        .expect("deny recorded");
+    assert_eq!(denied["exit_status"], 126);
+    // Neither secret is in any recording or the audit log.
+    let mut kept = fs::read_to_string(agent.audit_path()).expect("audit");
+    for e in fs::read_dir(&sessions).expect("sessions").flatten() {
+        kept.push_str(&fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    assert!(!kept.contains(key), "AWS key kept:\n{kept}");
+    assert!(!kept.contains(jwt), "JWT kept:\n{kept}");
+    assert!(!agent.stderr_text().contains(key) && !agent.stderr_text().contains(jwt));
+}

@@ -215,6 +215,10 @@ async fn serve(
             }
         }
     };
+    // Channels still finishing (the bot often disconnects right after its channel's close)
+    // write their recording lines; bounded, their bot side is gone.
+    let drain = async { while channels.next().await.is_some() {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
     // Decisions the handler made just before the bot left are still audited.
     while let Ok(ev) = rx.try_recv() {
         if let Event::Forward(kind, what, d) = ev {
