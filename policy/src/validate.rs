@@ -859,10 +859,10 @@ fn target<'r>(
         }
     }
     if let Some(pool) = &t.pool {
-        if protocol != Protocol::Postgres {
+        if !matches!(protocol, Protocol::Postgres | Protocol::Ssh) {
             cx.err(
                 pool.span(),
-                format!("`pool` of target \"{name}\": connection pooling is only supported for protocol \"postgres\"; remove it"),
+                format!("`pool` of target \"{name}\": connection pooling is only supported for protocols \"postgres\" and \"ssh\"; remove it"),
             );
             return None;
         }

@@ -1016,3 +1016,36 @@ fn exec_recordings_and_audit_mask_secrets() {
     assert!(!kept.contains(jwt), "JWT kept:\n{kept}");
     assert!(!agent.stderr_text().contains(key) && !agent.stderr_text().contains(jwt));
 }
+
+#[test]
+fn upstream_connections_are_reused_unless_pool_is_false() {
+    require_root();
+    for (pool, want_logins) in [(true, 1), (false, 3)] {
+        let tag = if pool { "ssh-pool" } else { "ssh-nopool" };
+        let server = SshServer::start(tag);
+        let bot = Cgroup::new(&format!("{tag}-bot"));
+        let mut target = server.target_toml("box");
+        if !pool {
+            target = target.replace("protocol = \"ssh\"\n", "protocol = \"ssh\"\npool = false\n");
+        }
+        let body = [identity_for("bot", &bot), target, EXEC_RULES.to_string()].concat();
+        let agent = AgentProc::start(tag, FailMode::Closed, &body);
+        for i in 0..3 {
+            let (st, out, err) = server.ssh(&bot, &[], &format!("echo run-{i}"));
+            assert_eq!(
+                (st.code(), out.clone()),
+                (Some(0), format!("run-{i}\n")),
+                "{err}"
+            );
+        }
+        // The server saw one login with the pool (the next sessions reused it), three without.
+        let logins = server.log().matches("Accepted publickey").count();
+        assert_eq!(logins, want_logins, "pool={pool}\n{}", server.log());
+        let reused = agent
+            .audit()
+            .into_iter()
+            .filter(|e| e["event"] == "upstream_login" && e["reused"] == true)
+            .count();
+        assert_eq!(reused, 3 - want_logins, "pool={pool}");
+    }
+}

@@ -9,6 +9,7 @@
 //!   upstream channel, pass data, EOF, window changes, signals and exit status both ways.
 //! - `ca`: the agent's SSH CA (host certificates for the name or IP dialled).
 //! - `cast`: asciicast v2 recordings of terminals.
+//! - `pool`: idle upstream connections kept for the identity's next bot connection.
 //! - `upstream`: the russh client: `known_hosts` check (fail closed) and credential injection.
 //!
 //! Bot authentication: the identity is the kernel's attribution, so any public key, password or
@@ -21,6 +22,7 @@
 pub mod ca;
 mod cast;
 mod channel;
+pub mod pool;
 pub mod upstream;
 
 use std::{
@@ -154,6 +156,7 @@ async fn serve(
     .ok()
     .map(Arc::new);
     let mut upstream: Option<Result<Arc<channel::Upstream>, String>> = None;
+    let mut pool_key = None;
     let mut channels = FuturesUnordered::new();
     let mut running = std::pin::pin!(running);
     // The handler's sender goes away with the russh session; stop polling it then.
@@ -180,7 +183,10 @@ async fn serve(
                             );
                         }
                         if upstream.is_none() {
-                            upstream = Some(connect_upstream(cx, &user).await.map(Arc::new));
+                            upstream = Some(connect_upstream(cx, &user).await.map(|(up, key)| {
+                                pool_key = Some(key);
+                                up
+                            }));
                             if let Some(r) = &recorder {
                                 r.write(crate::obj(serde_json::json!({
                                     "event": "start", "session": cx.id, "identity": cx.identity,
@@ -226,10 +232,18 @@ async fn serve(
         }
     }
     if let Some(Ok(up)) = upstream {
-        let _ = up
-            .handle
-            .disconnect(russh::Disconnect::ByApplication, "", "")
-            .await;
+        // A session that ended cleanly leaves its upstream connection for the identity's next
+        // one (`pool`, default on); otherwise it is closed.
+        let kept = match (cx.target.pool && result.is_ok(), pool_key) {
+            (true, Some(key)) => pool::put(key, up),
+            (_, _) => Err(up),
+        };
+        if let Err(up) = kept {
+            let _ = up
+                .handle
+                .disconnect(russh::Disconnect::ByApplication, "", "")
+                .await;
+        }
     }
     let totals = Totals {
         bytes_up: counters.up.load(Ordering::Relaxed),
@@ -270,7 +284,10 @@ fn audit_forward(cx: &SessionCx, kind: &str, what: &str, d: &tollgate_policy::De
 }
 
 /// Log in upstream as the credential's user (or the bot's, when the credential names none).
-async fn connect_upstream(cx: &SessionCx, bot_user: &str) -> Result<channel::Upstream, String> {
+async fn connect_upstream(
+    cx: &SessionCx,
+    bot_user: &str,
+) -> Result<(Arc<channel::Upstream>, pool::PoolKey), String> {
     let gen = cx.agent.gen.load();
     let cred = cx
         .target
@@ -288,6 +305,24 @@ async fn connect_upstream(cx: &SessionCx, bot_user: &str) -> Result<channel::Ups
         key_file: cred.key_file.clone(),
         password_file: cred.password_file.clone(),
     };
+    let key = pool::PoolKey {
+        target: cx.target.name.clone(),
+        identity: cx.identity.clone(),
+        server: cx.orig_dst,
+        user: login.user.clone(),
+        key_file: login.key_file.clone(),
+        password_file: login.password_file.clone(),
+        known_hosts: cx.target.known_hosts.clone(),
+    };
+    if cx.target.pool {
+        if let Some(up) = pool::take(&key) {
+            cx.audit_event(
+                "upstream_login",
+                crate::obj(serde_json::json!({ "user": login.user, "client_user": bot_user, "reused": true })),
+            );
+            return Ok((up, key));
+        }
+    }
     let stream = cx.connect_upstream().await.map_err(|e| e.to_string())?;
     let mut hosts = Vec::new();
     if let Some(h) = cx.dialled_host() {
@@ -299,9 +334,11 @@ async fn connect_upstream(cx: &SessionCx, bot_user: &str) -> Result<channel::Ups
         .map_err(|e| e.to_string())?;
     cx.audit_event(
         "upstream_login",
-        crate::obj(serde_json::json!({ "user": login.user, "client_user": bot_user })),
+        crate::obj(
+            serde_json::json!({ "user": login.user, "client_user": bot_user, "reused": false }),
+        ),
     );
-    Ok(channel::Upstream { handle })
+    Ok((Arc::new(channel::Upstream { handle }), key))
 }
 
 /// The bot-facing russh handler. It answers every request in order (replies must follow the
