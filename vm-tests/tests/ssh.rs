@@ -1018,15 +1018,16 @@ fn exec_recordings_and_audit_mask_secrets() {
 }
 
 #[test]
-fn upstream_connections_are_reused_unless_pool_is_false() {
+fn upstream_connections_are_reused_with_pool_true() {
     require_root();
+    // Opt-in (`pool = true`); the default for ssh targets is no reuse.
     for (pool, want_logins) in [(true, 1), (false, 3)] {
         let tag = if pool { "ssh-pool" } else { "ssh-nopool" };
         let server = SshServer::start(tag);
         let bot = Cgroup::new(&format!("{tag}-bot"));
         let mut target = server.target_toml("box");
-        if !pool {
-            target = target.replace("protocol = \"ssh\"\n", "protocol = \"ssh\"\npool = false\n");
+        if pool {
+            target = target.replace("protocol = \"ssh\"\n", "protocol = \"ssh\"\npool = true\n");
         }
         let body = [identity_for("bot", &bot), target, EXEC_RULES.to_string()].concat();
         let agent = AgentProc::start(tag, FailMode::Closed, &body);
