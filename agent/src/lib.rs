@@ -1,16 +1,21 @@
 //! The tollgate host agent as a library: the `tollgate` binary is a thin CLI over it, and fuzz
 //! targets and tests link it directly.
 //!
-//! Layout: `approvals/` (the approval broker, admin API, CLI client, webhook), `run.rs` (daemon wiring, reload, shutdown), `proxy.rs` (sessions and the
-//! protocol-handler trait), `relay.rs` (opaque relays), `bpf.rs` (kernel side), `targets.rs`
-//! (routes), `identity.rs` (kernel facts to identity), `audit.rs`, `metrics.rs`, `doctor.rs`,
-//! `tls.rs` (the agent CA and upstream TLS) and `sys.rs` (every raw syscall).
+//! Layout: `approvals/` (the approval broker, admin API, CLI client, webhook), `run.rs`
+//! (daemon wiring, reload, shutdown), `proxy.rs` (the accept path), `session/` (the
+//! protocol-neutral session layer: `SessionCx`, the handler trait and registry, decisions,
+//! approvals, upstream, credentials, workload tokens), `handlers.rs` (the registry of protocol
+//! handlers, the one place naming them), `pg/` (the PostgreSQL handler), `relay.rs` (opaque
+//! relays), `bpf.rs` (kernel side), `targets.rs` (routes), `identity.rs` (kernel facts to
+//! identity), `audit.rs`, `metrics.rs`, `doctor.rs`, `tls.rs` (the agent CA, bot-side TLS per
+//! handler and upstream TLS) and `sys.rs` (every raw syscall).
 
 pub mod approvals;
 pub mod audit;
 pub mod bpf;
 pub mod datadir;
 pub mod doctor;
+pub mod handlers;
 pub mod identity;
 pub mod mask;
 pub mod metrics;
@@ -23,6 +28,7 @@ pub mod recording;
 pub mod relay;
 pub mod replay;
 pub mod run;
+pub mod session;
 pub mod ssh;
 pub mod sys;
 pub mod targets;

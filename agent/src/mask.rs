@@ -88,27 +88,72 @@ impl Masked {
 /// `Debug` shows the rules but never the hash key.
 #[derive(Clone)]
 pub struct Masker {
+    /// Field selection: which fields are masked whole.
+    columns: SqlColumns,
+    /// Value detection: what is masked inside any value, whatever field it is in.
+    detectors: Detectors,
+    key: HashKey,
+}
+
+/// The field selector of SQL results: the applicable rules' `columns` (`public.users.email`).
+/// Kept apart from the value detectors so another protocol's selector (JSON paths) sits beside
+/// it and shares the detectors and styles.
+#[derive(Clone, Default)]
+struct SqlColumns {
     /// The applicable rules that select columns.
-    columns: Vec<tollgate_policy::MaskRule>,
-    /// Strictest style among `columns`: what [`Masker::mask_text`] uses for a column rule.
-    column_style: Option<MaskStyle>,
+    rules: Vec<tollgate_policy::MaskRule>,
+    /// Strictest style among `rules`: what [`Masker::mask_text`] uses for a column rule.
+    strictest: Option<MaskStyle>,
+}
+
+impl SqlColumns {
+    /// The strictest style among the rules that select `column` of `table` ("" for none).
+    fn style(&self, table: &str, column: &str) -> Option<MaskStyle> {
+        self.rules
+            .iter()
+            .filter(|r| r.matches_column(table, column))
+            .fold(None, |acc, r| Some(stricter(acc, r.style)))
+    }
+}
+
+/// The value detectors in force (`detectors` in mask rules), each with its strictest style.
+#[derive(Clone)]
+struct Detectors {
     /// Strictest style per detector ([`Det`] order); `None` = the detector is off.
-    det_style: [Option<MaskStyle>; Det::COUNT],
+    style: [Option<MaskStyle>; Det::COUNT],
     /// Bit per enabled detector.
     enabled: u16,
     /// Shortest value any enabled detector can match: anything shorter is skipped outright.
     min_len: usize,
-    key: HashKey,
+}
+
+impl Detectors {
+    fn new(style: [Option<MaskStyle>; Det::COUNT]) -> Detectors {
+        let mut enabled = 0;
+        let mut min_len = usize::MAX;
+        for d in Det::ALL {
+            if style[d as usize].is_some() {
+                enabled |= d.bit();
+                min_len = min_len.min(d.min_len());
+            }
+        }
+        Detectors {
+            style,
+            enabled,
+            min_len,
+        }
+    }
 }
 
 impl fmt::Debug for Masker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let detectors: Vec<(&str, &str)> = Det::ALL
             .iter()
-            .filter_map(|&d| self.det_style[d as usize].map(|s| (d.name(), s.as_str())))
+            .filter_map(|&d| self.detectors.style[d as usize].map(|s| (d.name(), s.as_str())))
             .collect();
         let columns: Vec<(&[String], &str)> = self
             .columns
+            .rules
             .iter()
             .map(|r| (r.columns.as_slice(), r.style.as_str()))
             .collect();
@@ -163,20 +208,12 @@ impl Masker {
         det_style: [Option<MaskStyle>; Det::COUNT],
         hash_key: [u8; 32],
     ) -> Masker {
-        let mut enabled = 0;
-        let mut min_len = usize::MAX;
-        for d in Det::ALL {
-            if det_style[d as usize].is_some() {
-                enabled |= d.bit();
-                min_len = min_len.min(d.min_len());
-            }
-        }
         Masker {
-            columns,
-            column_style,
-            det_style,
-            enabled,
-            min_len,
+            columns: SqlColumns {
+                rules: columns,
+                strictest: column_style,
+            },
+            detectors: Detectors::new(det_style),
             key: HashKey::new(hash_key),
         }
     }
@@ -184,7 +221,7 @@ impl Masker {
     /// Whether any applicable rule selects columns (if not, a handler need not resolve the
     /// tables of result columns at all).
     pub fn has_column_rules(&self) -> bool {
-        !self.columns.is_empty()
+        !self.columns.rules.is_empty()
     }
 
     /// Whether a column is masked by a column rule ([`tollgate_policy::MaskRule::matches_column`]).
@@ -199,16 +236,12 @@ impl Masker {
     /// [`Masker::column_masked`]), for handlers that want each column's own style rather than
     /// the strictest of all column rules that [`Masker::mask_text`] applies.
     pub fn column_style(&self, table: Option<&str>, column: &str) -> Option<MaskStyle> {
-        let table = table.unwrap_or("");
-        self.columns
-            .iter()
-            .filter(|r| r.matches_column(table, column))
-            .fold(None, |acc, r| Some(stricter(acc, r.style)))
+        self.columns.style(table.unwrap_or(""), column)
     }
 
     /// Whether any detector is enabled (if not, only column rules can change values).
     pub fn has_detectors(&self) -> bool {
-        self.enabled != 0
+        self.detectors.enabled != 0
     }
 
     /// Mask one text-format value.
@@ -221,7 +254,7 @@ impl Masker {
         if column_rule {
             // A caller that says "column rule" on a masker without one still gets it masked:
             // fail closed.
-            let style = self.column_style.unwrap_or(MaskStyle::Full);
+            let style = self.columns.strictest.unwrap_or(MaskStyle::Full);
             return Some(self.mask_column(value, style));
         }
         self.mask_detected(value)
@@ -232,7 +265,7 @@ impl Masker {
     /// was changed (`reverse(email)` keeps the local part in its "domain"), so only `null` and
     /// `hash` are kept as they are and every other style masks in full.
     pub fn mask_derived(&self, value: &[u8]) -> Masked {
-        let style = match self.column_style {
+        let style = match self.columns.strictest {
             Some(s @ (MaskStyle::Null | MaskStyle::Hash)) => s,
             _ => MaskStyle::Full,
         };
@@ -261,7 +294,7 @@ impl Masker {
     }
 
     fn mask_detected(&self, value: &[u8]) -> Option<Masked> {
-        if self.enabled == 0 || value.len() < self.min_len {
+        if self.detectors.enabled == 0 || value.len() < self.detectors.min_len {
             return None;
         }
         let mut hits = Vec::new();
@@ -291,14 +324,14 @@ impl Masker {
     }
 
     fn scan(&self, s: &[u8], hits: &mut Vec<Hit>) {
-        scan(s, self.enabled, hits);
+        scan(s, self.detectors.enabled, hits);
     }
 
     fn style_of(&self, dets: u16) -> MaskStyle {
         Det::ALL
             .iter()
             .filter(|d| dets & d.bit() != 0)
-            .filter_map(|&d| self.det_style[d as usize])
+            .filter_map(|&d| self.detectors.style[d as usize])
             .fold(MaskStyle::Partial, |acc, s| stricter(Some(acc), s))
     }
 

@@ -31,14 +31,12 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub relay_bytes: IntCounterVec,
     pub session_seconds: HistogramVec,
-    pub pg_upstream: IntCounterVec,
-    pub pg_pool_idle: IntGauge,
     pub audit_write_errors: IntCounterVec,
     /// `tollgate_ssh_channels_total{target,kind,action}`.
     pub ssh_channels: IntCounterVec,
 }
 
-fn must<T>(r: prometheus::Result<T>) -> T {
+pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
     match r {
         Ok(v) => v,
         // Metric definitions are static; a failure here is a programming error caught by tests.
@@ -126,17 +124,6 @@ impl Metrics {
             .buckets(vec![0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0]),
             &["protocol"],
         ));
-        let pg_upstream = must(IntCounterVec::new(
-            Opts::new(
-                "tollgate_pg_upstream_connections_total",
-                "Upstream connections PostgreSQL sessions started on, by target and whether the connection was new (connect and login) or reused from the pool.",
-            ),
-            &["target", "connection"],
-        ));
-        let pg_pool_idle = must(IntGauge::new(
-            "tollgate_pg_pool_idle_connections",
-            "Logged-in PostgreSQL upstream connections kept idle for reuse.",
-        ));
         let audit_write_errors = must(IntCounterVec::new(
             Opts::new(
                 "tollgate_audit_write_errors_total",
@@ -150,8 +137,6 @@ impl Metrics {
         for c in [
             Box::new(decisions.clone()) as Box<dyn Collector>,
             Box::new(audit_write_errors.clone()),
-            Box::new(pg_upstream.clone()),
-            Box::new(pg_pool_idle.clone()),
             Box::new(sessions_active.clone()),
             Box::new(masked_values.clone()),
             Box::new(ssh_channels.clone()),
@@ -184,8 +169,6 @@ impl Metrics {
             rejected,
             relay_bytes,
             session_seconds,
-            pg_upstream,
-            pg_pool_idle,
             audit_write_errors,
             ssh_channels,
         })
@@ -204,7 +187,6 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        self.pg_pool_idle.set(crate::pg::pool::kept() as i64);
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");

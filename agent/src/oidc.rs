@@ -732,31 +732,6 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
 /// A verifier being discovered, or discovered.
 type VerifierCell = tokio::sync::OnceCell<Arc<OidcVerifier>>;
 
-/// Workload token verifiers, one per (issuer, audience), discovered on first use.
-static WORKLOAD_VERIFIERS: std::sync::LazyLock<WorkloadVerifiers> =
-    std::sync::LazyLock::new(WorkloadVerifiers::default);
-
-/// Verify a bot's workload token for an identity with `oidc = {...}`: issuer, audience,
-/// signature, expiry, then `require_claims`. Shared by every handler that takes the token as
-/// a password (PostgreSQL, SSH).
-pub async fn verify_workload_token(
-    o: &tollgate_policy::IdentityOidc,
-    token: &str,
-) -> Result<Claims, OidcError> {
-    if token.is_empty() {
-        return Err(OidcError::Malformed(
-            "empty password: the bot sent no token",
-        ));
-    }
-    let audience = o.audience.as_deref().unwrap_or(DEFAULT_WORKLOAD_AUDIENCE);
-    let c = WORKLOAD_VERIFIERS
-        .get(&o.issuer, audience)
-        .await?
-        .verify_bearer(token)
-        .await?;
-    check_required_claims(&c, &o.require_claims).map(|()| c)
-}
-
 /// One verifier per (issuer, audience), discovered on first use and kept for the life of the
 /// agent. A failed discovery is not cached (the next connection tries again).
 #[derive(Default)]

@@ -23,6 +23,22 @@ use crate::{
     lock,
 };
 
+/// One operation as [`Recorder::operation`] records it.
+pub struct OperationEvent<'a> {
+    /// `ssh`, `http`, `kubernetes`, ...
+    pub protocol: &'a str,
+    /// The operation's kind (`exec`, `GET`, `pods/exec`).
+    pub kind: &'a str,
+    /// What was attempted, as the audit log shows it (masked).
+    pub text: &'a str,
+    /// `allow`, `deny` or `approve`.
+    pub decision: &'a str,
+    /// What the client was told when it was refused.
+    pub error: Option<&'a str>,
+    /// The protocol's own fields.
+    pub fields: Map<String, Value>,
+}
+
 pub struct Recorder {
     path: PathBuf,
     file: Mutex<File>,
@@ -65,6 +81,22 @@ impl Recorder {
             health,
             pending: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The neutral operation event every protocol can write (`tollgate replay` renders it for
+    /// any protocol), with the protocol's own fields nested under its name
+    /// (`{"ssh": {"channel": 2}}`). PostgreSQL keeps its `statement`/`result` events.
+    pub fn operation(&self, session: &str, op: OperationEvent<'_>) {
+        let mut ev = Map::new();
+        ev.insert("event".into(), "operation".into());
+        ev.insert("session".into(), session.into());
+        ev.insert("protocol".into(), op.protocol.into());
+        ev.insert("kind".into(), op.kind.into());
+        ev.insert("text".into(), op.text.into());
+        ev.insert("decision".into(), op.decision.into());
+        ev.insert("error".into(), op.error.into());
+        ev.insert(op.protocol.into(), Value::Object(op.fields));
+        self.write(ev);
     }
 
     pub fn path(&self) -> &Path {

@@ -40,6 +40,20 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v[k].as_str().unwrap_or("-")
 }
 
+/// The protocol's own fields of an event (nested under its `protocol`), as ` key=value`.
+fn nested(v: &Value) -> String {
+    let Some(fields) = v[s(v, "protocol")].as_object() else {
+        return String::new();
+    };
+    fields
+        .iter()
+        .map(|(k, x)| match x.as_str() {
+            Some(t) => format!(" {k}={t}"),
+            None => format!(" {k}={x}"),
+        })
+        .collect()
+}
+
 /// One line per recorded session, oldest first.
 pub fn list(data_dir: &Path, filter: &Filter) -> Result<Vec<String>, ReplayError> {
     let dir = data_dir.join("sessions");
@@ -71,7 +85,10 @@ pub fn list(data_dir: &Path, filter: &Filter) -> Result<Vec<String>, ReplayError
         let statements = fs::read_to_string(&p)
             .map(|t| {
                 t.lines()
-                    .filter(|l| l.contains("\"event\":\"statement\""))
+                    .filter(|l| {
+                        l.contains("\"event\":\"statement\"")
+                            || l.contains("\"event\":\"operation\"")
+                    })
                     .count()
             })
             .unwrap_or(0);
@@ -181,6 +198,19 @@ pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
         };
         let ts = s(&v, "ts");
         out.push(match s(&v, "event") {
+            // Another protocol's start: its own fields are nested under its name.
+            "start" if !matches!(v["protocol"].as_str(), None | Some("postgres")) => format!(
+                "{ts}  START  identity={} target={} protocol={}{} pid={} cgroup={} exe={}",
+                s(&v, "identity"), s(&v, "target"), s(&v, "protocol"),
+                nested(&v), v["pid"], s(&v, "cgroup"), s(&v, "exe")
+            ),
+            "operation" => {
+                let label = s(&v, "protocol").to_ascii_uppercase();
+                match v["error"].as_str() {
+                    Some(e) => format!("{ts}  DENY   {}{}\n{:26}-> {e}", s(&v, "text"), nested(&v), ""),
+                    None => format!("{ts}  {label:<6} {}{}", s(&v, "text"), nested(&v)),
+                }
+            }
             "start" => format!(
                 "{ts}  START  identity={} target={} database={} user={} (client said user={}) app={} pid={} cgroup={} exe={}",
                 s(&v, "identity"), s(&v, "target"), s(&v, "database"), s(&v, "user"), s(&v, "client_user"),
@@ -219,4 +249,58 @@ pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        audit::Health,
+        obj,
+        recording::{OperationEvent, Recorder},
+    };
+    use serde_json::json;
+    use std::sync::Arc;
+
+    /// A protocol other than PostgreSQL records neutral events, and replay renders them with
+    /// its nested fields; `sessions list` counts them.
+    #[test]
+    fn neutral_operation_events_replay_for_any_protocol() {
+        let dir = std::env::temp_dir().join(format!("tg-replay-neutral-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let r = Recorder::open(&dir, "s-1", Arc::new(Health::default())).expect("open");
+        r.write(obj(
+            json!({"event": "start", "session": "s-1", "identity": "ops-bot",
+            "target": "bastion", "protocol": "ssh", "ssh": {"user": "deploy"}, "pid": 7}),
+        ));
+        let op = |text, decision, error, channel: u32| OperationEvent {
+            protocol: "ssh",
+            kind: "exec",
+            text,
+            decision,
+            error,
+            fields: obj(json!({ "channel": channel })),
+        };
+        r.operation("s-1", op("systemctl status nginx", "allow", None, 0));
+        let why = "tollgate: exec denied by rule \"no rm\"";
+        r.operation("s-1", op("rm -rf /", "deny", Some(why), 1));
+        let lines = replay(&dir, "s-1").expect("replay");
+        assert!(
+            lines[0]
+                .contains("START  identity=ops-bot target=bastion protocol=ssh user=deploy pid=7"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].ends_with("SSH    systemctl status nginx channel=0"),
+            "{lines:?}"
+        );
+        assert!(lines[2].contains("DENY   rm -rf / channel=1"), "{lines:?}");
+        assert!(
+            lines[2].contains("-> tollgate: exec denied by rule \"no rm\""),
+            "{lines:?}"
+        );
+        let listed = list(&dir, &Filter::default()).expect("list");
+        assert!(listed[0].ends_with("statements=2"), "{listed:?}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

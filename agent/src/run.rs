@@ -20,7 +20,7 @@ use crate::{
     bpf::Datapath,
     identity::Resolver,
     metrics::{self, Metrics},
-    proxy::{Agent, Generation},
+    session::{Agent, Generation},
     sys,
     targets::{self, Routes},
 };
@@ -161,8 +161,9 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         0 => None,
         n => Some(crate::plane::Plane::start(n).context("cannot start the session threads")?),
     };
-    // Bot-side TLS for PostgreSQL: without a usable CA, bots' TLS requests are refused (and
-    // libpq's default sslmode=prefer falls back to plaintext), so this is not fatal.
+    // Bot-side TLS, for every handler that terminates it: without a usable CA, bots' TLS
+    // requests are refused (libpq's default sslmode=prefer falls back to plaintext), so this
+    // is not fatal.
     agent.ca = match crate::tls::Ca::load_or_create(&cfg.data_dir) {
         Ok(ca) => Some(Arc::new(ca)),
         Err(e) => {
@@ -188,6 +189,9 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
         }));
     }
     agent.set_local(local);
+    // The protocol handlers, built once; each registers its own metrics.
+    agent.handlers = crate::handlers::registry(agent.relay_kind);
+    agent.handlers.register_metrics(&metrics.registry);
     let agent = Arc::new(agent);
     for (h, ips) in resolved {
         agent.set_resolved(h, ips);
@@ -244,12 +248,9 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
             "drain deadline passed; closing remaining sessions"
         );
     }
-    // Kept upstream connections: say goodbye to the servers rather than vanish.
-    crate::pg::pool::close_all();
-    let until = std::time::Instant::now() + Duration::from_millis(500);
-    while crate::pg::pool::kept() > 0 && std::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // What handlers keep (pooled upstream connections): say goodbye to the servers rather
+    // than vanish.
+    agent.handlers.shutdown().await;
     if let Some(b) = &agent.approvals {
         b.flush();
     }
@@ -315,15 +316,14 @@ async fn approvals_setup(
             let password = match cfg.as_ref().and_then(|a| a.store_password.as_ref()) {
                 None => None,
                 Some(tollgate_policy::StorePassword::File(p)) => Some(
-                    std::fs::read_to_string(p)
+                    crate::session::credentials::read_secret_file(p)
+                        .map(|v| String::from_utf8_lossy(&v).into_owned())
                         .with_context(|| {
                             format!(
                                 "cannot read [approvals] store_password_file {}",
                                 p.display()
                             )
-                        })?
-                        .trim_end_matches(['\r', '\n'])
-                        .to_string(),
+                        })?,
                 ),
                 Some(tollgate_policy::StorePassword::Env(v)) => {
                     Some(std::env::var(v).with_context(|| {
@@ -405,20 +405,9 @@ async fn reload(agent: &Agent, dp: &Datapath, path: &Path, why: &str) {
                     {
                         warn!("[agent] listen/fail_mode/namespace changes take effect after a restart");
                     }
-                    // Idle upstream connections of a target the new policy changed, removed
-                    // or stopped pooling would otherwise serve sessions for up to a minute.
-                    let closed = crate::pg::pool::close_targets(|name| {
-                        match (old.policy.target(name), p.target(name)) {
-                            (Some(was), Some(now)) => was != now || !now.pool,
-                            _ => true,
-                        }
-                    });
-                    if closed > 0 {
-                        info!(
-                            closed,
-                            "closed idle upstream connections of changed targets"
-                        );
-                    }
+                    // Handlers drop what the new policy makes stale (pooled connections of
+                    // changed targets) before it serves sessions.
+                    agent.handlers.on_reload(&old, &p);
                     agent.gen.store(Arc::new(Generation { policy: p, routes }));
                     Ok(())
                 }

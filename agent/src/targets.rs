@@ -49,13 +49,8 @@ pub struct Routes {
 
 /// Normalise an IPv4-mapped IPv6 address to IPv4.
 pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
+    // std's, as the policy's index does: one canonical form on both sides.
+    ip.to_canonical()
 }
 
 fn is_loopback_net(net: &IpNet) -> bool {

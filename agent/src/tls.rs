@@ -217,16 +217,42 @@ impl Ca {
         Ok(ck)
     }
 
-    /// Server configuration for one bot connection that dialled `ip`.
-    pub fn server_config(self: &Arc<Self>, ip: IpAddr) -> Arc<ServerConfig> {
-        let mut cfg = ServerConfig::builder()
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Resolver {
-                ca: self.clone(),
-                ip,
-            }));
-        cfg.alpn_protocols = vec![ALPN_POSTGRES.to_vec()];
+    /// Server configuration for one bot connection that dialled `ip`, as the handler's
+    /// protocol wants it (`how`: ALPN ids, client certificates).
+    pub fn server_config(self: &Arc<Self>, ip: IpAddr, how: &ServerTls) -> Arc<ServerConfig> {
+        let builder = ServerConfig::builder();
+        let builder = match &how.client_auth {
+            Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        let mut cfg = builder.with_cert_resolver(Arc::new(Resolver {
+            ca: self.clone(),
+            ip,
+        }));
+        cfg.alpn_protocols = how.alpn.clone();
         Arc::new(cfg)
+    }
+}
+
+/// How a handler terminates its bots' TLS with a leaf of the agent's CA: the ALPN protocol
+/// ids it accepts (a client offering only others fails the handshake, as rustls does), and a
+/// client-certificate verifier when the protocol authenticates bots by certificate.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// ALPN ids, in preference order (empty: no ALPN).
+    pub alpn: Vec<Vec<u8>>,
+    /// None: no client certificate asked for.
+    pub client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+impl ServerTls {
+    /// PostgreSQL: ALPN `postgresql` (PostgreSQL 17 clients send it; direct TLS requires
+    /// it), no client certificates.
+    pub fn postgres() -> ServerTls {
+        ServerTls {
+            alpn: vec![ALPN_POSTGRES.to_vec()],
+            client_auth: None,
+        }
     }
 }
 
@@ -597,6 +623,85 @@ pub fn server_end_point(cert: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The handler's choices reach the handshake: its ALPN ids are negotiated, and a
+    /// required client certificate turns away a bot without one.
+    #[tokio::test]
+    async fn server_config_takes_the_handlers_alpn_and_client_auth() {
+        let dir = std::env::temp_dir().join(format!("tollgate-servertls-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let ca = Arc::new(Ca::load_or_create(&dir).expect("ca"));
+        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der.clone()).expect("root");
+        let roots = Arc::new(roots);
+        let client = |alpn: &[&[u8]]| {
+            let mut c = ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+            c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+            tokio_rustls::TlsConnector::from(Arc::new(c))
+        };
+        // A handshake over an in-memory pipe: the ALPN id the client ended with, or an error.
+        let handshake = |how: ServerTls, offer: &'static [&'static [u8]]| {
+            let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(ip, &how));
+            let connector = client(offer);
+            async move {
+                let (a, b) = tokio::io::duplex(64 * 1024);
+                let server = tokio::spawn(async move {
+                    let mut s = acceptor.accept(b).await.ok()?;
+                    use tokio::io::AsyncWriteExt as _;
+                    s.write_all(b"x").await.ok()?;
+                    s.flush().await.ok()
+                });
+                let name = ServerName::try_from("127.0.0.1").expect("name");
+                let r = async {
+                    let mut c = connector.connect(name, a).await?;
+                    use tokio::io::AsyncReadExt as _;
+                    let mut one = [0u8; 1];
+                    c.read_exact(&mut one).await?;
+                    Ok::<_, io::Error>(c.get_ref().1.alpn_protocol().map(|p| p.to_vec()))
+                }
+                .await;
+                let _ = server.await;
+                r
+            }
+        };
+        let web = ServerTls {
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            client_auth: None,
+        };
+        assert_eq!(
+            handshake(web.clone(), &[b"http/1.1"]).await.expect("tls"),
+            Some(b"http/1.1".to_vec())
+        );
+        assert_eq!(
+            handshake(ServerTls::postgres(), &[b"postgresql"])
+                .await
+                .expect("tls"),
+            Some(ALPN_POSTGRES.to_vec())
+        );
+        assert!(
+            handshake(ServerTls::postgres(), &[b"h2"]).await.is_err(),
+            "a protocol the handler does not speak fails the handshake"
+        );
+        let verifier = rustls::server::WebPkiClientVerifier::builder(roots.clone())
+            .build()
+            .expect("verifier");
+        let mtls = ServerTls {
+            client_auth: Some(verifier),
+            ..web
+        };
+        assert!(
+            handshake(mtls, &[b"h2"]).await.is_err(),
+            "no client certificate, no session"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn ca_is_created_once_and_leaves_chain_to_it() {

@@ -59,6 +59,7 @@ fn bench(c: &mut Criterion) {
 
     let connect = Request {
         claims: None,
+        inspected: true,
         identity: Some("bot-996"),
         target: "db-996",
         op: Operation::Connect,
@@ -70,6 +71,7 @@ fn bench(c: &mut Criterion) {
 
     let select = Request {
         claims: None,
+        inspected: true,
         identity: Some("bot-996"),
         target: "db-996",
         op: Operation::Sql {
@@ -87,6 +89,7 @@ fn bench(c: &mut Criterion) {
     let tables = vec!["schema_998.t".to_string()];
     let update = Request {
         claims: None,
+        inspected: true,
         identity: Some("ci"),
         target: "db",
         op: Operation::Sql {
@@ -105,6 +108,7 @@ fn bench(c: &mut Criterion) {
     });
     let connect = Request {
         claims: None,
+        inspected: true,
         identity: Some("ci"),
         target: "db",
         op: Operation::Connect,

@@ -8,9 +8,7 @@
 use std::fmt;
 
 use crate::index::{KIND_HTTP, KIND_KUBE, KIND_SQL, KIND_SSH};
-use crate::model::{
-    statement_bit, Action, HttpMatch, KubeMatch, Policy, Protocol, Rule, SqlMatch, SshMatch,
-};
+use crate::model::{statement_bit, Action, HttpMatch, KubeMatch, Policy, Rule, SqlMatch, SshMatch};
 use crate::shell;
 
 /// One question for [`decide`].
@@ -25,6 +23,10 @@ pub struct Request<'a> {
     /// The session's verified workload OIDC claims (claim name to values), if any; rules with
     /// a `claims` condition match only when they fit.
     pub claims: Option<&'a std::collections::BTreeMap<String, Vec<String>>>,
+    /// Whether the connection's handler checks every operation itself (the agent knows which
+    /// protocols have such a handler). Only then may `Connect` let a connection in because an
+    /// operation-scoped rule, or one whose `claims` are presented later, could apply.
+    pub inspected: bool,
 }
 
 /// What a workload attempts.
@@ -173,17 +175,14 @@ pub fn decide(policy: &Policy, req: &Request<'_>) -> Decision {
     // At connect time a workload's token has not been presented yet: rules with a `claims`
     // condition can only let the connection in to have its operations checked (with the
     // claims) one by one, and only where the handler checks operations.
-    let connecting = matches!(req.op, Operation::Connect) && req.claims.is_none();
+    let connecting = matches!(req.op, Operation::Connect) && req.claims.is_none() && req.inspected;
     let candidates = policy
         .index
         .rules_for_identity(ii)
         .filter(|h| h.names_target(ti, rules))
         .filter(|h| {
             rules.get(h.rule as usize).is_some_and(|r| {
-                r.claims_match(req.claims)
-                    || (connecting
-                        && r.action != Action::Deny
-                        && target.protocol == crate::Protocol::Postgres)
+                r.claims_match(req.claims) || (connecting && r.action != Action::Deny)
             })
         });
 
@@ -204,7 +203,7 @@ pub fn decide(policy: &Policy, req: &Request<'_>) -> Decision {
     };
     match req.op {
         Operation::Connect => {
-            let fits = protocol_kind(target.protocol);
+            let fits = target.protocol.matcher_kind();
             for h in candidates {
                 if h.kinds == 0 {
                     if let Some(deny) = pick(h.action, h.rule) {
@@ -246,17 +245,6 @@ pub fn decide(policy: &Policy, req: &Request<'_>) -> Decision {
         Decision::matched(Action::Allow, rule)
     } else {
         Decision::deny(DecisionReason::NoMatchingRule)
-    }
-}
-
-/// The `KIND_*` bit of the matcher that fits `protocol` (0 for tcp).
-fn protocol_kind(protocol: Protocol) -> u8 {
-    match protocol {
-        Protocol::Postgres => KIND_SQL,
-        Protocol::Ssh => KIND_SSH,
-        Protocol::Http | Protocol::Https => KIND_HTTP,
-        Protocol::Kubernetes => KIND_KUBE,
-        Protocol::Tcp => 0,
     }
 }
 

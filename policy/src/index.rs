@@ -95,13 +95,8 @@ pub(crate) struct Index {
 
 /// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) as IPv4; everything else unchanged.
 pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
-    }
+    // std's, so the policy and the agent's routes canonicalise the same way.
+    ip.to_canonical()
 }
 
 impl Index {

@@ -54,11 +54,11 @@
 //!     .map(|t| t.name.as_str());
 //! assert_eq!((identity, target), (Some("ci-bot"), Some("orders-db")));
 //!
-//! let connect = Request { identity, target: "orders-db", op: Operation::Connect, claims: None };
+//! let connect = Request { identity, target: "orders-db", op: Operation::Connect, claims: None, inspected: true };
 //! assert_eq!(decide(&policy, &connect).action, Action::Allow);
 //! let tables = vec!["public.orders".to_string()];
 //! let drop = Operation::Sql { statement: "drop", tables: &tables, functions: &[] };
-//! let d = decide(&policy, &Request { identity, target: "orders-db", op: drop, claims: None });
+//! let d = decide(&policy, &Request { identity, target: "orders-db", op: drop, claims: None, inspected: true });
 //! assert_eq!((d.action, d.rule), (Action::Deny, None));
 //!
 //! let err = parse("[[identity]]\nname = \"x\"\ncgroups = \"/a\"\n", "policy.toml").unwrap_err();

@@ -289,6 +289,18 @@ impl Protocol {
         }
     }
 
+    /// The `KIND_*` bit of the rule matcher that applies to this protocol (0 for tcp).
+    pub(crate) fn matcher_kind(self) -> u8 {
+        use crate::index::{KIND_HTTP, KIND_KUBE, KIND_SQL, KIND_SSH};
+        match self {
+            Protocol::Postgres => KIND_SQL,
+            Protocol::Ssh => KIND_SSH,
+            Protocol::Http | Protocol::Https => KIND_HTTP,
+            Protocol::Kubernetes => KIND_KUBE,
+            Protocol::Tcp => 0,
+        }
+    }
+
     /// The rule matcher key that applies to this protocol (`None` for tcp).
     pub fn matcher_key(self) -> Option<&'static str> {
         match self {

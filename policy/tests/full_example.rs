@@ -168,6 +168,10 @@ fn full_example_decides_like_its_comments_say() {
             &p,
             &Request {
                 claims: None,
+                // As the agent registers handlers today: only PostgreSQL inspects operations.
+                inspected: p
+                    .target(target)
+                    .is_some_and(|t| t.protocol == tollgate_policy::Protocol::Postgres),
                 identity: Some(identity),
                 target,
                 op,

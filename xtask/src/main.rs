@@ -2,12 +2,14 @@
 //!
 //! Layout: `setup.rs` (toolchain, bpf-linker, Debian packages), `demo.rs` (the README demo and
 //! the process/cgroup/PostgreSQL guards it needs), `bench.rs` (side-by-side ratios),
-//! `kernels.rs` (the kernel matrix under qemu), `util.rs` (process helpers).
+//! `kernels.rs` (the kernel matrix under qemu), `modcycles.rs` (no import cycle between the
+//! agent's modules), `util.rs` (process helpers).
 
 mod bench;
 mod bench_pg;
 mod demo;
 mod kernels;
+mod modcycles;
 mod setup;
 mod util;
 
@@ -63,6 +65,8 @@ enum Cmd {
         #[arg(long)]
         append: Vec<String>,
     },
+    /// Check that the agent's top-level modules import each other without a cycle.
+    Modcycles,
     /// Show the agent gating a local PostgreSQL (needs root).
     Demo,
     /// Print side-by-side performance ratios (needs root).
@@ -90,6 +94,7 @@ fn test(no_lint: bool, no_kernels: bool) -> Result<()> {
         bail!("`cargo xtask test` includes the real-kernel vm-tests: run it as root (a skipped privileged test is a failure)");
     }
     setup::setup(true)?;
+    modcycles::check(&util::root())?;
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"]))?;
         run(cargo().args([
@@ -185,6 +190,7 @@ fn main() -> Result<()> {
                 append,
             })
         }
+        Cmd::Modcycles => modcycles::check(&util::root()),
         Cmd::Demo => {
             setup::setup(true)?;
             build(false)?;

@@ -1,6 +1,6 @@
 //! The approval broker: an operation that policy sends to `approve` is held while a human
 //! decides. The broker knows nothing about protocols; a handler opens a request through
-//! [`crate::proxy::SessionCx::open_approval`], tells its client how to ask for approval, and
+//! [`crate::session::SessionCx::open_approval`], tells its client how to ask for approval, and
 //! waits on the [`Ticket`]. Approvers act through the admin API (`api.rs`), which the CLI
 //! (`client.rs`) and the web page (`web.rs`, `/ui/`) call.
 //!

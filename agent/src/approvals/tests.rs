@@ -451,7 +451,8 @@ async fn https_webhook_is_verified_and_delivered() {
     let _ = std::fs::remove_dir_all(&dir);
     let ca = Arc::new(crate::tls::Ca::load_or_create(&dir).expect("ca"));
     let ip: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
-    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(ip));
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(ca.server_config(ip, &crate::tls::ServerTls::postgres()));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

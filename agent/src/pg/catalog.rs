@@ -16,7 +16,7 @@
 use std::{
     collections::{HashMap, HashSet},
     io,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -263,10 +263,45 @@ impl Catalog {
 /// `(name, masked, generated)`, for [`Catalog::from_tables`].
 pub type TestColumn<'a> = (&'a str, bool, bool);
 
-type Cached = (Instant, Arc<Catalog>);
-static CACHE: LazyLock<Mutex<HashMap<(String, String), Cached>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
-const TTL: Duration = Duration::from_secs(30);
+/// Snapshots read from the server per (target, database), fresh for [`TTL`]: the next
+/// sessions of the same database start from them. A field of the handler (built once), for the
+/// catalog and the function catalog alike.
+pub struct Snapshots<T> {
+    map: Mutex<HashMap<SnapshotKey, (Instant, Arc<T>)>>,
+}
+
+/// (target, database).
+type SnapshotKey = (String, String);
+
+impl<T> Default for Snapshots<T> {
+    fn default() -> Self {
+        Snapshots {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T> Snapshots<T> {
+    /// The snapshot of `database` on `target`, if one younger than [`TTL`] is kept.
+    pub fn fresh(&self, target: &str, database: &str) -> Option<Arc<T>> {
+        let key = (target.to_string(), database.to_string());
+        crate::lock(&self.map)
+            .get(&key)
+            .filter(|(at, _)| at.elapsed() < TTL)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// Keep a snapshot (read at login or on a session's own connection, the in-band refresh).
+    pub fn remember(&self, target: &str, database: &str, v: Arc<T>) {
+        crate::lock(&self.map).insert(
+            (target.to_string(), database.to_string()),
+            (Instant::now(), v),
+        );
+    }
+}
+
+/// How long a kept snapshot serves new sessions.
+pub const TTL: Duration = Duration::from_secs(30);
 
 /// Every column of every user relation (a relation without columns once, with NULL column
 /// fields, so zero-column tables are known), then every user view's definition, then the names
@@ -288,16 +323,14 @@ const QUERY: &str = "SELECT c.oid::int8, n.nspname, c.relname, a.attnum::int4, a
 
 /// The columns masked by column rules, from the cache or the server.
 pub async fn load(
+    cache: &Snapshots<Catalog>,
     s: &mut Session,
     masker: &Masker,
     target: &str,
     database: &str,
 ) -> io::Result<Arc<Catalog>> {
-    let key = (target.to_string(), database.to_string());
-    if let Some((at, set)) = crate::lock(&CACHE).get(&key) {
-        if at.elapsed() < TTL {
-            return Ok(set.clone());
-        }
+    if let Some(set) = cache.fresh(target, database) {
+        return Ok(set);
     }
     let mut out = BytesMut::new();
     query(&mut out)?;
@@ -308,22 +341,13 @@ pub async fn load(
         })
         .await?,
     );
-    remember(target, database, cat.clone());
+    cache.remember(target, database, cat.clone());
     Ok(cat)
 }
 
 /// The catalog query as a Query message (three result sets, one ReadyForQuery).
 pub fn query(out: &mut BytesMut) -> io::Result<()> {
     postgres_protocol::message::frontend::query(QUERY, out)
-}
-
-/// Cache a snapshot read on a session's own connection (see `handler.rs`, in-band refresh), so
-/// the next sessions of the same (target, database) start from it.
-pub fn remember(target: &str, database: &str, cat: Arc<Catalog>) {
-    crate::lock(&CACHE).insert(
-        (target.to_string(), database.to_string()),
-        (Instant::now(), cat),
-    );
 }
 
 /// Reads the answer to [`query`] one backend message at a time, so the same code serves the

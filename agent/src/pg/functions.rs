@@ -21,13 +21,12 @@
 use std::{
     collections::{HashMap, HashSet},
     io,
-    sync::{Arc, LazyLock, Mutex},
-    time::{Duration, Instant},
+    sync::Arc,
 };
 
 use bytes::BytesMut;
 
-use crate::pg::{classify::dangerous_function, upstream::Session, wire};
+use crate::pg::{catalog::Snapshots, classify::dangerous_function, upstream::Session, wire};
 
 /// Volatile built-ins that only read the clock or a random source, or wait.
 const VOLATILE_PLAIN: &[&str] = &[
@@ -144,22 +143,19 @@ impl Functions {
     }
 }
 
-type Cached = (Instant, Arc<Functions>);
-static CACHE: LazyLock<Mutex<HashMap<(String, String), Cached>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
-const TTL: Duration = Duration::from_secs(30);
-
 const QUERY: &str =
     "SELECT n.nspname, p.proname, p.oid::int8, p.provolatile::text, p.prorettype::int8 \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace";
 
 /// The plain functions of `database` on `target`, from the cache or the server.
-pub async fn load(s: &mut Session, target: &str, database: &str) -> io::Result<Arc<Functions>> {
-    let key = (target.to_string(), database.to_string());
-    if let Some((at, f)) = crate::lock(&CACHE).get(&key) {
-        if at.elapsed() < TTL {
-            return Ok(f.clone());
-        }
+pub async fn load(
+    cache: &Snapshots<Functions>,
+    s: &mut Session,
+    target: &str,
+    database: &str,
+) -> io::Result<Arc<Functions>> {
+    if let Some(f) = cache.fresh(target, database) {
+        return Ok(f);
     }
     let mut out = BytesMut::new();
     query(&mut out)?;
@@ -170,21 +166,13 @@ pub async fn load(s: &mut Session, target: &str, database: &str) -> io::Result<A
         })
         .await?,
     );
-    remember(target, database, f.clone());
+    cache.remember(target, database, f.clone());
     Ok(f)
 }
 
 /// The function catalog query as a Query message.
 pub fn query(out: &mut BytesMut) -> io::Result<()> {
     postgres_protocol::message::frontend::query(QUERY, out)
-}
-
-/// Cache a snapshot read on a session's own connection (the in-band refresh).
-pub fn remember(target: &str, database: &str, f: Arc<Functions>) {
-    crate::lock(&CACHE).insert(
-        (target.to_string(), database.to_string()),
-        (Instant::now(), f),
-    );
 }
 
 /// Reads the answer to [`query`] one backend message at a time (login and in-band refresh).

@@ -30,12 +30,12 @@ use tokio::{
     io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
-use tollgate_policy::{decide, Action, Decision, IdentityOidc, Mode, Operation, Protocol, Request};
+use tollgate_policy::{Action, Decision, IdentityOidc, Operation, Protocol};
 
 use crate::{
     audit::Line,
     mask::{Masked, Masker},
-    oidc::{self, Claims},
+    oidc,
     pg::{
         catalog::{self, Catalog},
         classify::{self, ClassifyCache, Statement},
@@ -44,15 +44,14 @@ use crate::{
         pool, startup, upstream,
         wire::{self, ErrorReport, Frontend, Startup, TransactionStatus},
     },
-    proxy::{ApprovalOutcome, DataPathError, ProtocolHandler, SessionCx},
     recording::Recorder,
     relay::Totals,
+    session::{
+        workload::WorkloadAuth as Checked, ApprovalOutcome, BoxFuture, DataPathError, Generation,
+        InternalError, ProtocolHandler, Refusal as ConnRefusal, SessionCx, Withdrawn,
+    },
     tls::{self, Ca, Conn, ReadHalf, WriteHalf},
 };
-
-/// Statement classifications shared by all sessions (keyed by normalised statement).
-static CLASSIFY: std::sync::LazyLock<ClassifyCache> =
-    std::sync::LazyLock::new(|| ClassifyCache::new(4096));
 
 /// What a CancelRequest with one of our keys reaches: the session's upstream backend (address
 /// and key), and the session's held operation if one is waiting for approval.
@@ -73,38 +72,158 @@ struct HeldCancel {
 
 /// Our cancel keys -> where a cancel goes.
 type CancelMap = HashMap<(i32, i32), CancelTarget>;
-static CANCEL_KEYS: std::sync::LazyLock<Mutex<CancelMap>> =
-    std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// Removes a session's cancel key when the session ends.
-struct CancelKeyGuard((i32, i32));
-impl Drop for CancelKeyGuard {
+struct CancelKeyGuard<'a>(&'a Mutex<CancelMap>, (i32, i32));
+impl Drop for CancelKeyGuard<'_> {
     fn drop(&mut self) {
-        lock(&CANCEL_KEYS).remove(&self.0);
+        lock(self.0).remove(&self.1);
     }
 }
 
+/// The PostgreSQL handler, built once (`handlers.rs`): what its sessions share lives here,
+/// not in statics.
 pub struct PgHandler {
-    /// Key for the `hash` masking style (stable per installation).
-    pub hash_key: [u8; 32],
-    /// The agent's CA, for bots that ask for TLS (None: TLS is refused and libpq's default
-    /// `sslmode=prefer` falls back to plaintext on loopback).
-    pub ca: Option<Arc<Ca>>,
+    /// Statement classifications shared by all sessions (keyed by normalised statement).
+    classify: ClassifyCache,
+    /// Our cancel keys, for CancelRequests that arrive on connections of their own.
+    cancel_keys: Mutex<CancelMap>,
+    /// Logged-in upstream connections kept for reuse (`pool.rs`).
+    pool: pool::Pool,
+    /// Masking catalog snapshots per (target, database).
+    catalogs: catalog::Snapshots<Catalog>,
+    /// Function catalog snapshots per (target, database).
+    functions: catalog::Snapshots<Functions>,
+    /// `tollgate_pg_upstream_connections_total{target, connection}`.
+    upstream_conns: prometheus::IntCounterVec,
+    /// `tollgate_pg_pool_idle_connections` (the pool counts in it).
+    pool_idle: prometheus::IntGauge,
+}
+
+impl Default for PgHandler {
+    fn default() -> Self {
+        PgHandler::new()
+    }
+}
+
+impl PgHandler {
+    pub fn new() -> PgHandler {
+        use crate::metrics::must;
+        let upstream_conns = must(prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "tollgate_pg_upstream_connections_total",
+                "Upstream connections PostgreSQL sessions started on, by target and whether the connection was new (connect and login) or reused from the pool.",
+            ),
+            &["target", "connection"],
+        ));
+        let pool_idle = must(prometheus::IntGauge::new(
+            "tollgate_pg_pool_idle_connections",
+            "Logged-in PostgreSQL upstream connections kept idle for reuse.",
+        ));
+        PgHandler {
+            classify: ClassifyCache::new(4096),
+            cancel_keys: Mutex::new(HashMap::new()),
+            pool: pool::Pool::new(pool_idle.clone()),
+            catalogs: Default::default(),
+            functions: Default::default(),
+            upstream_conns,
+            pool_idle,
+        }
+    }
 }
 
 impl ProtocolHandler for PgHandler {
     fn protocol(&self) -> Protocol {
         Protocol::Postgres
     }
+    fn inspects(&self) -> bool {
+        true
+    }
     fn serve<'a>(
         &'a self,
         cx: &'a SessionCx,
         client: TcpStream,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Totals, DataPathError>> + Send + 'a>,
-    > {
+    ) -> BoxFuture<'a, Result<Totals, DataPathError>> {
         Box::pin(serve(self, cx, client))
     }
+    fn refuse<'a>(
+        &'a self,
+        client: TcpStream,
+        why: ConnRefusal,
+        message: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        // 28000: invalid authorization; 53100 (disk_full): the audit log cannot be written.
+        let code = match why {
+            ConnRefusal::Denied => "28000",
+            ConnRefusal::AuditUnwritable => "53100",
+        };
+        Box::pin(refuse(client, code, message))
+    }
+    fn on_reload(&self, old: &Generation, new: &tollgate_policy::Policy) {
+        // Idle upstream connections of a target the new policy changed, removed or stopped
+        // pooling would otherwise serve sessions for up to a minute.
+        let closed =
+            self.pool
+                .close_targets(|name| match (old.policy.target(name), new.target(name)) {
+                    (Some(was), Some(now)) => was != now || !now.pool,
+                    _ => true,
+                });
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                "closed idle upstream connections of changed targets"
+            );
+        }
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Kept upstream connections: say goodbye to the servers rather than vanish.
+            self.pool.close_all();
+            let until = std::time::Instant::now() + Duration::from_millis(500);
+            while self.pool.kept() > 0 && std::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    }
+    fn register_metrics(&self, registry: &prometheus::Registry) {
+        for c in [
+            Box::new(self.upstream_conns.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(self.pool_idle.clone()),
+        ] {
+            if let Err(e) = registry.register(c) {
+                tracing::warn!(error = %e, "PostgreSQL metrics not registered");
+            }
+        }
+    }
+}
+
+/// Refuse a PostgreSQL client before anything reaches the server: answer an SSLRequest or
+/// GSSENCRequest with `N`, read its startup message (bounded, 2 s), then send a FATAL with
+/// SQLSTATE `code` and `message` and close.
+async fn refuse(mut stream: TcpStream, code: &str, message: &str) {
+    const SSL_REQUEST: u32 = 80_877_103;
+    const GSSENC_REQUEST: u32 = 80_877_104;
+    let read_startup = async {
+        let mut head = [0u8; 8];
+        loop {
+            stream.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+            let code = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+            if len == 8 && (code == SSL_REQUEST || code == GSSENC_REQUEST) {
+                stream.write_all(b"N").await?;
+                continue;
+            }
+            let rest = (len as usize).saturating_sub(8).min(10_000);
+            let mut sink = vec![0u8; rest];
+            stream.read_exact(&mut sink).await?;
+            return Ok::<(), std::io::Error>(());
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read_startup).await;
+    let mut out = bytes::BytesMut::new();
+    wire::encode_error_response(&wire::ErrorReport::fatal(code, message), &mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Bytes counted in both directions.
@@ -137,7 +256,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the workload token check decided.
 enum WorkloadAuth {
     /// The token verified and matched `require_claims`.
-    Verified(Claims),
+    Verified(oidc::Claims),
     /// Observe mode: the check failed, was audited, and is not enforced.
     Unverified,
     /// The bot was told why and the session ends.
@@ -210,30 +329,10 @@ async fn workload_token(
     // A PasswordMessage body is one NUL-terminated string.
     let token = password.strip_suffix(b"\0").unwrap_or(&password);
     let token = std::str::from_utf8(token).unwrap_or("").trim();
-    let result = oidc::verify_workload_token(o, token).await;
-    match result {
-        Ok(c) => {
-            cx.audit_event(
-                "auth",
-                obj(
-                    json!({"method": "oidc", "outcome": "allowed", "oidc_subject": c.subject,
-                           "oidc_issuer": o.issuer, "oidc_groups": c.groups}),
-                ),
-            );
-            Ok(WorkloadAuth::Verified(c))
-        }
-        Err(e) => {
-            let observe = cx.agent.gen.load().policy.agent.mode == Mode::Observe;
-            cx.audit_event(
-                "auth",
-                obj(
-                    json!({"method": "oidc", "outcome": "denied", "reason": e.to_string(),
-                           "oidc_issuer": o.issuer, "enforced": !observe}),
-                ),
-            );
-            if observe {
-                return Ok(WorkloadAuth::Unverified);
-            }
+    match cx.check_workload_token(o, token).await {
+        Checked::Verified(c) => Ok(WorkloadAuth::Verified(c)),
+        Checked::Unverified => Ok(WorkloadAuth::Unverified),
+        Checked::Refused(e) => {
             let (code, hint) = if e.is_unavailable() {
                 (
                     "08006",
@@ -267,7 +366,6 @@ async fn secure_upstream(cx: &SessionCx, up: TcpStream) -> Result<Conn, upstream
 /// handshake when the agent has a CA (else 'N'); a client that opens with a TLS ClientHello
 /// (`sslnegotiation=direct`) gets TLS at once. Returns the (possibly encrypted) stream.
 async fn read_startup(
-    h: &PgHandler,
     cx: &SessionCx,
     tcp: TcpStream,
     buf: &mut BytesMut,
@@ -286,7 +384,7 @@ async fn read_startup(
         Err(_) => return Err(timed_out()),
     }
     let mut client = if first[0] == wire::TLS_HANDSHAKE {
-        match &h.ca {
+        match &cx.agent.ca {
             Some(ca) => accept_tls(ca, cx, tcp, deadline).await?,
             // A TLS client cannot read a plaintext error: just close.
             None => {
@@ -301,7 +399,7 @@ async fn read_startup(
     };
     loop {
         match wire::parse_startup(buf) {
-            Ok(Some(Startup::Ssl)) if !client.is_tls() && h.ca.is_some() => {
+            Ok(Some(Startup::Ssl)) if !client.is_tls() && cx.agent.ca.is_some() => {
                 if !buf.is_empty() {
                     // Bytes sent after SSLRequest but before the handshake could be injected
                     // by anyone on the path (CVE-2021-23214): refuse, as PostgreSQL does.
@@ -316,8 +414,8 @@ async fn read_startup(
                     .write_all(&[wire::SSL_ACCEPTED])
                     .await
                     .map_err(DataPathError::Client)?;
-                let (Conn::Plain(tcp), Some(ca)) = (client, &h.ca) else {
-                    return Err(DataPathError::Internal("TLS requested twice".into()));
+                let (Conn::Plain(tcp), Some(ca)) = (client, &cx.agent.ca) else {
+                    return Err(InternalError::unreachable("TLS requested twice"));
                 };
                 client = accept_tls(ca, cx, tcp, deadline).await?;
             }
@@ -358,7 +456,9 @@ async fn accept_tls(
     tcp: TcpStream,
     deadline: tokio::time::Instant,
 ) -> Result<Conn, DataPathError> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(cx.orig_dst.ip()));
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        ca.server_config(cx.orig_dst.ip(), &tls::ServerTls::postgres()),
+    );
     match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))),
         Ok(Err(e)) => Err(DataPathError::Client(std::io::Error::new(
@@ -369,16 +469,22 @@ async fn accept_tls(
     }
 }
 
-async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, DataPathError> {
+/// The startup phase: TLS if asked, the startup packet; a CancelRequest is forwarded here
+/// and a replication connection refused (`None`: nothing more to serve).
+async fn startup(
+    h: &PgHandler,
+    cx: &SessionCx,
+    tcp: TcpStream,
+    cbuf: &mut BytesMut,
+) -> Result<Option<(Conn, Vec<(String, String)>)>, DataPathError> {
     // As PostgreSQL and libpq do: every write is a whole protocol exchange, and Nagle would
     // hold a result behind the delayed ACK of an earlier small write (an approval notice).
     let _ = tcp.set_nodelay(true);
-    let mut cbuf = BytesMut::with_capacity(8192);
-    let (mut client, startup) = read_startup(h, cx, tcp, &mut cbuf).await?;
+    let (mut client, startup) = read_startup(cx, tcp, cbuf).await?;
     let params = match startup {
         Startup::Cancel { pid, secret } => {
             // A cancel for one of our sessions: forward it with the upstream backend's key.
-            let found = lock(&CANCEL_KEYS).get(&(pid, secret)).cloned();
+            let found = lock(&h.cancel_keys).get(&(pid, secret)).cloned();
             if let Some(t) = found.filter(|t| t.addr == cx.orig_dst) {
                 if t.held.holding.load(Ordering::SeqCst) {
                     t.held.notify.notify_waiters();
@@ -396,7 +502,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             // An orderly end (TLS close_notify): libpq 17 reports an encrypted cancel whose
             // connection ends without one as failed.
             let _ = client.shutdown().await;
-            return Ok(Totals::default());
+            return Ok(None);
         }
         s @ Startup::Startup { .. } => {
             if s.needs_negotiation() {
@@ -405,14 +511,14 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                 let opts = s.protocol_options();
                 let mut out = BytesMut::new();
                 wire::encode_negotiate_protocol_version(&opts, &mut out)
-                    .map_err(|e| DataPathError::Internal(e.to_string()))?;
+                    .map_err(InternalError::encode)?;
                 client
                     .write_all(&out)
                     .await
                     .map_err(DataPathError::Client)?;
             }
             let Startup::Startup { params, .. } = s else {
-                return Err(DataPathError::Internal("startup".into()));
+                return Err(InternalError::unreachable("startup"));
             };
             if params.iter().any(|(k, v)| {
                 k == "replication" && !matches!(v.as_str(), "false" | "off" | "no" | "0")
@@ -424,22 +530,48 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                     None,
                 )
                 .await;
-                return Ok(Totals::default());
+                return Ok(None);
             }
             params
         }
         // read_startup answers SSL/GSS requests itself and never returns them.
         Startup::Ssl | Startup::GssEnc => {
-            return Err(DataPathError::Internal(
-                "unexpected encryption request".into(),
-            ))
+            return Err(InternalError::unreachable("unexpected encryption request"))
         }
     };
+    Ok(Some((client, params)))
+}
+
+/// What the login phase leaves for the session.
+struct LoggedIn {
+    session: upstream::Session,
+    /// The pool key and login ParameterStatus messages, if the connection may be kept.
+    keep: Option<(pool::Key, Bytes)>,
+    /// Whether the connection came from the pool.
+    reused: bool,
+    /// The upstream user, the user the client asked for, and the database.
+    user: String,
+    client_user: String,
+    database: String,
+    /// The verified workload token's claims, if the identity presented one.
+    workload: Option<oidc::Claims>,
+    /// The parameters sent upstream.
+    pass: Vec<(String, String)>,
+}
+
+/// The login phase: the workload token, the startup settings, the credential, then an
+/// upstream connection from the pool or a fresh login (`None`: the client was refused).
+async fn login(
+    h: &PgHandler,
+    cx: &SessionCx,
+    client: &mut Conn,
+    cbuf: &mut BytesMut,
+    policy: &tollgate_policy::Policy,
+    params: &[(String, String)],
+) -> Result<Option<LoggedIn>, DataPathError> {
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let client_user = param("user").unwrap_or_default();
     let database = param("database").unwrap_or_else(|| client_user.clone());
-    let gen = cx.agent.gen.load_full();
-    let policy = &gen.policy;
     // Workload OIDC: the identity (already attributed from kernel facts) must also present a
     // valid token as its password, before anything reaches upstream.
     let workload_oidc = cx
@@ -448,21 +580,21 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         .and_then(|n| policy.identity(n))
         .and_then(|i| i.oidc.clone());
     let workload = match workload_oidc {
-        Some(o) => match workload_token(cx, &mut client, &mut cbuf, &o).await? {
+        Some(o) => match workload_token(cx, client, cbuf, &o).await? {
             WorkloadAuth::Verified(claims) => {
                 let _ = cx.claims.set(oidc::claim_values(&claims));
                 Some(claims)
             }
             WorkloadAuth::Unverified => None,
-            WorkloadAuth::Refused => return Ok(Totals::default()),
+            WorkloadAuth::Refused => return Ok(None),
         },
         None => None,
     };
     // Startup parameters are settings like any SET (startup.rs): decided before anything
     // reaches upstream, and all of them audited.
-    let settings = match startup_settings(cx, &mut client, &params).await {
+    let settings = match startup_settings(cx, client, params).await {
         Some(s) => s,
-        None => return Ok(Totals::default()),
+        None => return Ok(None),
     };
     let cred_name = cx.target.credential.clone();
     let cred = cred_name
@@ -473,7 +605,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             Ok(s) => (c.user.clone().unwrap_or(client_user.clone()), s),
             Err(e) => {
                 send_fatal(
-                    &mut client,
+                    client,
                     "28P01",
                     &format!("tollgate: {e}"),
                     Some("fix the credential in the tollgate policy"),
@@ -513,13 +645,11 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         )
     });
     let pooled = match pool_key {
-        Some(k) => pool::take(k).await,
+        Some(k) => h.pool.take(k).await,
         None => None,
     };
     let reused = pooled.is_some();
-    cx.agent
-        .metrics
-        .pg_upstream
+    h.upstream_conns
         .with_label_values(&[
             cx.target.name.as_str(),
             if reused { "reused" } else { "new" },
@@ -528,7 +658,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     // The login's ParameterStatus messages, kept for the pool: shared by the sessions that
     // reuse one connection, copied to its exact size after a fresh login.
     let reused_relay = pooled.as_ref().map(|idle| idle.relay.clone());
-    let mut session = if let Some(idle) = pooled {
+    let session = if let Some(idle) = pooled {
         upstream::Session {
             stream: idle.conn,
             backend_key: idle.backend_key,
@@ -544,7 +674,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             }
             Err(e) => {
                 send_fatal(
-                    &mut client,
+                    client,
                     "08006",
                     &format!(
                         "tollgate: cannot reach {} ({}): {e}",
@@ -567,7 +697,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                 let hint = e.blames_credential().then_some(
                     "the bot's own password is ignored; fix the credential in the tollgate policy",
                 );
-                send_fatal(&mut client, e.sqlstate(), &format!("tollgate: {e}"), hint).await;
+                send_fatal(client, e.sqlstate(), &format!("tollgate: {e}"), hint).await;
                 return Err(DataPathError::Upstream {
                     addr: cx.orig_dst,
                     source: std::io::Error::other(e.to_string()),
@@ -580,16 +710,36 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         let relay = reused_relay.unwrap_or_else(|| Bytes::copy_from_slice(&session.relay));
         (key, relay)
     });
-    let backend_key = session.backend_key;
+    Ok(Some(LoggedIn {
+        session,
+        keep,
+        reused,
+        user,
+        client_user,
+        database,
+        workload,
+        pass,
+    }))
+}
 
-    let masker = Masker::for_target(policy, &cx.target.name, h.hash_key).map(Arc::new);
+/// The masking plan and the catalog snapshots the session's decisions need (from the
+/// handler's snapshots or read on the new connection).
+async fn snapshots(
+    h: &PgHandler,
+    cx: &SessionCx,
+    client: &mut Conn,
+    session: &mut upstream::Session,
+    policy: &tollgate_policy::Policy,
+    database: &str,
+) -> Result<(Option<Arc<Masker>>, Arc<Catalog>, Arc<Functions>), DataPathError> {
+    let masker = Masker::for_target(policy, &cx.target.name, cx.agent.hash_key).map(Arc::new);
     let catalog = match &masker {
         Some(m) if m.has_column_rules() => {
-            match catalog::load(&mut session, m, &cx.target.name, &database).await {
+            match catalog::load(&h.catalogs, session, m, &cx.target.name, database).await {
                 Ok(set) => set,
                 Err(e) => {
                     send_fatal(
-                        &mut client,
+                        client,
                         "XX000",
                         &format!("tollgate: cannot read the catalog needed for masking: {e}"),
                         None,
@@ -606,22 +756,51 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     };
 
     // Which functions a rule may let run without naming them (functions.rs).
-    let plain_functions = match functions::load(&mut session, &cx.target.name, &database).await {
-        Ok(f) => f,
-        Err(e) => {
-            send_fatal(
-                &mut client,
-                "XX000",
-                &format!("tollgate: cannot read the function catalog needed for policy: {e}"),
-                None,
-            )
-            .await;
-            return Err(DataPathError::Upstream {
-                addr: cx.orig_dst,
-                source: e,
-            });
-        }
+    let plain_functions =
+        match functions::load(&h.functions, session, &cx.target.name, database).await {
+            Ok(f) => f,
+            Err(e) => {
+                send_fatal(
+                    client,
+                    "XX000",
+                    &format!("tollgate: cannot read the function catalog needed for policy: {e}"),
+                    None,
+                )
+                .await;
+                return Err(DataPathError::Upstream {
+                    addr: cx.orig_dst,
+                    source: e,
+                });
+            }
+        };
+    Ok((masker, catalog, plain_functions))
+}
+
+async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, DataPathError> {
+    let mut cbuf = BytesMut::with_capacity(8192);
+    let Some((mut client, params)) = startup(h, cx, tcp, &mut cbuf).await? else {
+        return Ok(Totals::default());
     };
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let gen = cx.agent.gen.load_full();
+    let policy = &gen.policy;
+    let Some(LoggedIn {
+        mut session,
+        keep,
+        reused,
+        user,
+        client_user,
+        database,
+        workload,
+        pass,
+    }) = login(h, cx, &mut client, &mut cbuf, policy, &params).await?
+    else {
+        return Ok(Totals::default());
+    };
+    let backend_key = session.backend_key;
+
+    let (masker, catalog, plain_functions) =
+        snapshots(h, cx, &mut client, &mut session, policy, &database).await?;
 
     let recorder = Recorder::open(
         &policy.agent.data_dir,
@@ -648,7 +827,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     // works through us. Keys are (pid, secret) pairs: redraw the secret on a clash.
     let held_cancel = Arc::new(HeldCancel::default());
     let our_key = {
-        let mut keys = lock(&CANCEL_KEYS);
+        let mut keys = lock(&h.cancel_keys);
         loop {
             let pid = session
                 .backend_key
@@ -664,7 +843,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
             }
         }
     };
-    let _cancel_guard = CancelKeyGuard(our_key);
+    let _cancel_guard = CancelKeyGuard(&h.cancel_keys, our_key);
     let mut out = BytesMut::new();
     wire::encode_authentication_ok(&mut out);
     out.extend_from_slice(&session.relay);
@@ -715,6 +894,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let end_state = shared.clone();
     let c2u = ClientSide {
         cx,
+        h,
         shared: shared.clone(),
         nonce: nonce.clone(),
         prepared: HashMap::new(),
@@ -772,7 +952,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
                 match keep {
                     Some((key, relay)) if quiet => {
                         if let Some(conn) = pool::reset(conn).await {
-                            pool::put(
+                            h.pool.put(
                                 key,
                                 &cx.target.name,
                                 pool::Idle {
@@ -814,9 +994,10 @@ async fn startup_settings(
         shown.insert(k.clone(), json!(v));
     }
     cx.audit_event("startup", obj(json!({ "parameters": shown })));
+    let gen = cx.policy();
     let refuse = |text: String, flag: &str| {
         let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
-        cx.audit_operation("set", &text, &d, Some(flag))
+        cx.audit_operation(&gen, "set", &text, &d, Some(flag))
     };
     let settings = match startup::settings(params) {
         Ok(s) => s,
@@ -850,8 +1031,8 @@ async fn startup_settings(
                 literal_dependent: false,
                 lineage: Default::default(),
             };
-            let (d, _) = decide_statement(cx, &as_set);
-            cx.audit_operation("set", &text, &d, Some("startup"))
+            let (d, _) = decide_statement(cx, &gen, &as_set);
+            cx.audit_operation(&gen, "set", &text, &d, Some("startup"))
         };
         let why = match d.action {
             Action::Allow => continue,
@@ -1082,6 +1263,7 @@ const PORTAL_KINDS: &[&str] = &[
 /// The client -> server direction: decide, then forward or replace.
 struct ClientSide<'a> {
     cx: &'a SessionCx,
+    h: &'a PgHandler,
     shared: Arc<Shared>,
     nonce: String,
     /// Prepared statements by name: their classification, for SQL-level EXECUTE.
@@ -1170,6 +1352,8 @@ enum Verdict {
 
 /// A message held for approval.
 struct Hold {
+    /// The policy snapshot it was decided under (the approval's rule, approvers, timeout).
+    gen: Arc<Generation>,
     /// The statement kind that needed approval (the first one).
     kind: &'static str,
     /// The `approve` decision (names the rule).
@@ -1233,12 +1417,15 @@ impl ClientSide<'_> {
 
     async fn decide_sql(&mut self, sql: &str, shown: &str, made: Option<Classified>) -> Verdict {
         let cx = self.cx;
-        if let Err(refusal) = cx.audit_gate(shown) {
+        // One policy snapshot for the whole message: every decision, gate, audit line and
+        // approval of it.
+        let gen = cx.policy();
+        if let Err(refusal) = cx.audit_gate(&gen, "sql", "statements", shown) {
             return Verdict::Deny(refusal);
         }
         if let Some(m) = self.stale_refusal.take() {
             let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
-            cx.audit_operation("sql", shown, &d, Some("stale_catalog"));
+            cx.audit_operation(&gen, "sql", shown, &d, Some("stale_catalog"));
             return Verdict::Deny(m);
         }
         self.copy_plans.clear();
@@ -1248,7 +1435,7 @@ impl ClientSide<'_> {
         let unsafe_encoding = lock(&self.shared.unsafe_encoding).clone();
         if let Some(enc) = unsafe_encoding {
             let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
-            cx.audit_operation("sql", shown, &d, Some("client_encoding"));
+            cx.audit_operation(&gen, "sql", shown, &d, Some("client_encoding"));
             return Verdict::Deny(format!(
                 "tollgate: client_encoding {enc} cannot be classified safely (its characters can hide quotes and backslashes); set client_encoding to UTF8"
             ));
@@ -1262,13 +1449,13 @@ impl ClientSide<'_> {
             }
         };
         let made = made.filter(|(e, _)| *e == escapes).map(|(_, st)| st);
-        let statements = match made.map_or_else(|| CLASSIFY.classify_as(sql, escapes), Ok) {
+        let statements = match made.map_or_else(|| self.h.classify.classify_as(sql, escapes), Ok) {
             Ok(s) => s,
             Err(classify::ClassifyError::Syntax(m)) => {
                 // The server would reject it too: answer as it would, not as a policy denial.
                 let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                 if cx
-                    .audit_operation("sql", shown, &d, Some("syntax_error"))
+                    .audit_operation(&gen, "sql", shown, &d, Some("syntax_error"))
                     .action
                     == Action::Allow
                 {
@@ -1283,7 +1470,7 @@ impl ClientSide<'_> {
                 // none for PL/pgSQL), not as a policy denial. Nothing of it runs either way.
                 let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                 if cx
-                    .audit_operation("do", shown, &d, Some("plpgsql_error"))
+                    .audit_operation(&gen, "do", shown, &d, Some("plpgsql_error"))
                     .action
                     == Action::Allow
                 {
@@ -1295,7 +1482,7 @@ impl ClientSide<'_> {
             Err(e) => {
                 let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                 if cx
-                    .audit_operation("sql", shown, &d, Some("unparseable"))
+                    .audit_operation(&gen, "sql", shown, &d, Some("unparseable"))
                     .action
                     == Action::Allow
                 {
@@ -1338,7 +1525,7 @@ impl ClientSide<'_> {
                         .any(|k| matches!(*k, "insert" | "update" | "merge" | "create"))
                 {
                     let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
-                    cx.audit_operation(s.kind, shown, &d, Some("masked_lineage"));
+                    cx.audit_operation(&gen, s.kind, shown, &d, Some("masked_lineage"));
                     return Verdict::Deny(format!(
                         "tollgate: {}{} would write values derived from masked columns (mask rules of target {}); denied",
                         s.kind,
@@ -1356,6 +1543,7 @@ impl ClientSide<'_> {
                         Err(e) => {
                             let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                             cx.audit_operation(
+                                &gen,
                                 "copy",
                                 &self.masked_text(&s.text),
                                 &d,
@@ -1373,10 +1561,10 @@ impl ClientSide<'_> {
                     .find_map(|f| NEVER_ALLOWED.iter().find(|(n, _)| n == f))
                 {
                     let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
-                    cx.audit_operation(s.kind, shown, &d, Some(flag));
+                    cx.audit_operation(&gen, s.kind, shown, &d, Some(flag));
                     return Verdict::Deny(format!("tollgate: {why}; denied"));
                 }
-                let (d, kind) = decide_statement(cx, s);
+                let (d, kind) = decide_statement(cx, &gen, s);
                 // The cached classification may come from a statement with other constants:
                 // the audit shows what this bot actually sent.
                 let text: std::borrow::Cow<str> = if statements.len() == 1 {
@@ -1389,7 +1577,7 @@ impl ClientSide<'_> {
                 } else {
                     Some(s.dangerous.join(","))
                 };
-                let d = dangerous_gate(cx, s, d);
+                let d = dangerous_gate(&gen, s, d);
                 let named: Vec<&str> = s
                     .functions
                     .iter()
@@ -1397,9 +1585,9 @@ impl ClientSide<'_> {
                     .map(String::as_str)
                     .collect();
                 let allowed = d.action == Action::Allow;
-                let d = function_gate(cx, &named, d);
+                let d = function_gate(&gen, &named, d);
                 let refused_for_functions = allowed && d.action == Action::Deny;
-                let d = cx.audit_operation(kind, &text, &d, extra.as_deref());
+                let d = cx.audit_operation(&gen, kind, &text, &d, extra.as_deref());
                 if d.action == Action::Deny && refused_for_functions {
                     return Verdict::Deny(format!(
                         "tollgate: {kind}{} calls {}, which a rule must name in its functions (user-defined, extension and volatile functions can write or run SQL) for identity {}; denied",
@@ -1416,6 +1604,7 @@ impl ClientSide<'_> {
                         // (a later deny still wins).
                         if held.is_none() {
                             held = Some(Hold {
+                                gen: gen.clone(),
                                 kind,
                                 decision: d,
                                 shown: shown.to_string(),
@@ -1445,7 +1634,10 @@ impl ClientSide<'_> {
     async fn hold(&mut self, h: Hold, cr: &mut ReadHalf, buf: &mut BytesMut) -> Option<Verdict> {
         let cx = self.cx;
         let rule = h.decision.rule.as_deref().unwrap_or("?").to_string();
-        let mut ticket = match cx.open_approval(&h.shown, h.kind, &h.decision).await {
+        let ticket = match cx
+            .open_approval(&h.gen, &h.shown, h.kind, &h.decision)
+            .await
+        {
             Ok(t) => t,
             Err(why) => {
                 return Some(Verdict::Deny(format!(
@@ -1469,70 +1661,47 @@ impl ClientSide<'_> {
             &mut n,
         );
         let _ = self.notices.send(n.freeze());
-        if let Some(r) = &self.recorder {
-            r.write(obj(json!({"event": "approval_requested", "session": cx.id, "approval_id": id, "rule": rule, "text": h.shown})));
-        }
-        enum Waited {
-            Decided(ApprovalOutcome),
-            Gone,
-            Cancelled,
-        }
         let held = self.held_cancel.clone();
-        let waited = {
+        let outcome = {
             // Registered before `holding` is set, so a cancel that sees `holding` wakes us.
             let cancelled = held.notify.notified();
             tokio::pin!(cancelled);
             cancelled.as_mut().enable();
             held.holding.store(true, Ordering::SeqCst);
-            let wait = cx.wait_approval(&mut ticket);
-            tokio::pin!(wait);
-            let mut reading = true;
-            let w = loop {
-                tokio::select! {
-                    o = &mut wait => break Waited::Decided(o),
-                    _ = &mut cancelled => break Waited::Cancelled,
-                    r = cr.read_buf(buf), if reading => match r {
-                        Ok(0) | Err(_) => break Waited::Gone,
-                        Ok(_) => reading = buf.len() < HOLD_READ_CAP,
-                    },
+            // The client is watched while it waits: a disconnect or a CancelRequest withdraws
+            // the request.
+            let watch = async {
+                let mut reading = true;
+                loop {
+                    tokio::select! {
+                        _ = &mut cancelled => {
+                            return Withdrawn::Cancelled(
+                                "the client cancelled the statement while it waited",
+                            )
+                        }
+                        r = cr.read_buf(buf), if reading => match r {
+                            Ok(0) | Err(_) => return Withdrawn::Gone,
+                            Ok(_) => reading = buf.len() < HOLD_READ_CAP,
+                        },
+                    }
                 }
             };
+            let o = cx
+                .hold_approval(ticket, &rule, &h.shown, self.recorder.as_deref(), watch)
+                .await;
             held.holding.store(false, Ordering::SeqCst);
-            w
+            o
         };
-        let outcome = match waited {
-            Waited::Decided(o) => Some(o),
-            Waited::Gone => None,
-            Waited::Cancelled => {
-                ticket.withdraw("the client cancelled the statement while it waited");
-                if let Some(r) = &self.recorder {
-                    r.write(obj(json!({"event": "approval", "session": cx.id, "approval_id": id, "outcome": "cancelled", "reason": "cancelled by the client"})));
-                }
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(Withdrawn::Cancelled(_)) => {
                 return Some(Verdict::Cancelled(format!(
                     "canceling statement due to user request (tollgate: approval #{id} for {}{} withdrawn)",
                     h.kind, h.tables
                 )));
             }
+            Err(Withdrawn::Gone) => return None,
         };
-        let Some(outcome) = outcome else {
-            // Dropping the ticket cancels the request (audited by the broker).
-            drop(ticket);
-            if let Some(r) = &self.recorder {
-                r.write(obj(json!({"event": "approval", "session": cx.id, "approval_id": id, "outcome": "cancelled", "reason": "client disconnected"})));
-            }
-            return None;
-        };
-        if let Some(r) = &self.recorder {
-            let (by, comment) = match &outcome {
-                ApprovalOutcome::Approved { approvers, .. } => (json!(approvers), None),
-                ApprovalOutcome::Denied {
-                    approver, comment, ..
-                } => (json!([approver]), comment.clone()),
-                ApprovalOutcome::Expired { reason, .. } => (json!([]), Some(reason.clone())),
-                ApprovalOutcome::Unavailable => (json!([]), None),
-            };
-            r.write(obj(json!({"event": "approval", "session": cx.id, "approval_id": id, "outcome": outcome.label(), "approvers": by, "comment": comment})));
-        }
         Some(match outcome {
             ApprovalOutcome::Approved { .. } => Verdict::Allow,
             ApprovalOutcome::Denied {
@@ -1644,7 +1813,7 @@ impl ClientSide<'_> {
             }
         };
         // decide_sql classifies the same text again: a cache hit.
-        let Ok(statements) = CLASSIFY.classify_as(sql, escapes) else {
+        let Ok(statements) = self.h.classify.classify_as(sql, escapes) else {
             return Ok(None);
         };
         let column_rules = self.masker.as_ref().is_some_and(|m| m.has_column_rules());
@@ -1749,7 +1918,9 @@ impl ClientSide<'_> {
         let database = self.database.clone();
         match cat {
             Some(Ok(c)) => {
-                catalog::remember(&self.cx.target.name, &database, c.clone());
+                self.h
+                    .catalogs
+                    .remember(&self.cx.target.name, &database, c.clone());
                 self.catalog = c;
             }
             Some(Err(e)) => tracing::info!(error = %e, "catalog re-read failed; old snapshot kept"),
@@ -1757,7 +1928,9 @@ impl ClientSide<'_> {
         }
         match funcs {
             Ok(f) => {
-                functions::remember(&self.cx.target.name, &database, f.clone());
+                self.h
+                    .functions
+                    .remember(&self.cx.target.name, &database, f.clone());
                 self.functions = f;
             }
             Err(e) => {
@@ -1830,7 +2003,7 @@ impl ClientSide<'_> {
                             Verdict::Allow => out.extend_from_slice(&raw),
                             // hold() never answers Hold.
                             Verdict::Hold(_) => {
-                                return Err(DataPathError::Internal("held twice".into()))
+                                return Err(InternalError::unreachable("held twice"))
                             }
                             v => {
                                 let sub = self.verdict_substitute(v);
@@ -1875,7 +2048,7 @@ impl ClientSide<'_> {
                             Verdict::Allow => out.extend_from_slice(&raw),
                             // hold() never answers Hold.
                             Verdict::Hold(_) => {
-                                return Err(DataPathError::Internal("held twice".into()))
+                                return Err(InternalError::unreachable("held twice"))
                             }
                             v => {
                                 let sub = self.verdict_substitute(v);
@@ -2016,6 +2189,7 @@ impl ClientSide<'_> {
                                 let d =
                                     Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                                 let _ = self.cx.audit_operation(
+                                    &self.cx.policy(),
                                     "function_call",
                                     &format!("fast-path call of {what}"),
                                     &d,
@@ -2051,7 +2225,7 @@ impl ClientSide<'_> {
                                 out.extend_from_slice(&raw);
                             }
                             (Verdict::Hold(_), _) => {
-                                return Err(DataPathError::Internal("held twice".into()))
+                                return Err(InternalError::unreachable("held twice"))
                             }
                             (v, _) => {
                                 // The substitute is a simple query: its error and
@@ -2261,8 +2435,7 @@ fn upstream_err(cx: &SessionCx, e: std::io::Error) -> DataPathError {
 }
 
 /// Decide one statement: each kind it performs, strictest answer wins.
-fn decide_statement(cx: &SessionCx, s: &Statement) -> (Decision, &'static str) {
-    let gen = cx.agent.gen.load();
+fn decide_statement(cx: &SessionCx, gen: &Generation, s: &Statement) -> (Decision, &'static str) {
     let mut worst: Option<(Decision, &'static str)> = None;
     let single = [s.kind];
     let kinds: &[&'static str] = if s.kinds.is_empty() {
@@ -2271,17 +2444,12 @@ fn decide_statement(cx: &SessionCx, s: &Statement) -> (Decision, &'static str) {
         &s.kinds
     };
     for &kind in kinds {
-        let d = decide(
-            &gen.policy,
-            &Request {
-                claims: cx.claims.get(),
-                identity: cx.identity.as_deref(),
-                target: &cx.target.name,
-                op: Operation::Sql {
-                    statement: kind,
-                    tables: &s.tables,
-                    functions: &s.functions,
-                },
+        let d = cx.decide_in(
+            gen,
+            Operation::Sql {
+                statement: kind,
+                tables: &s.tables,
+                functions: &s.functions,
             },
         );
         let rank = |a: Action| match a {
@@ -2305,11 +2473,10 @@ fn decide_statement(cx: &SessionCx, s: &Statement) -> (Decision, &'static str) {
 /// A statement flagged dangerous (server file access, COPY PROGRAM, dynamic SQL in DO, ...)
 /// is allowed only by a rule that names what it allows: explicit `functions` for dangerous
 /// functions, explicit `statements` for the rest. A blanket allow does not cover it.
-fn dangerous_gate(cx: &SessionCx, s: &Statement, d: Decision) -> Decision {
+fn dangerous_gate(gen: &Generation, s: &Statement, d: Decision) -> Decision {
     if s.dangerous.is_empty() || d.action != Action::Allow {
         return d;
     }
-    let gen = cx.agent.gen.load();
     let explicit = d
         .rule
         .as_deref()
@@ -2338,11 +2505,10 @@ fn dangerous_gate(cx: &SessionCx, s: &Statement, d: Decision) -> Decision {
 /// Functions that are not plain (functions.rs) run only under an allow rule whose `functions`
 /// names them: `decide` already checked that every function matches such a rule's globs, so
 /// what is left is a rule that names no functions at all (`select` alone).
-fn function_gate(cx: &SessionCx, named: &[&str], d: Decision) -> Decision {
+fn function_gate(gen: &Generation, named: &[&str], d: Decision) -> Decision {
     if named.is_empty() || d.action != Action::Allow {
         return d;
     }
-    let gen = cx.agent.gen.load();
     let names_them = d
         .rule
         .as_deref()
@@ -2656,8 +2822,7 @@ impl ServerSide<'_> {
         }
         self.masked_in_statement += fired.len() as u64;
         let mut out = BytesMut::with_capacity(raw.len());
-        wire::encode_data_row(&new, &mut out)
-            .map_err(|e| DataPathError::Internal(e.to_string()))?;
+        wire::encode_data_row(&new, &mut out).map_err(InternalError::encode)?;
         Ok(Some(out))
     }
 
@@ -2714,8 +2879,7 @@ impl ServerSide<'_> {
                 }
                 self.masked_in_statement += fired.len() as u64;
                 if !rows.is_empty() {
-                    wire::encode_copy_data(&rows, out)
-                        .map_err(|e| DataPathError::Internal(e.to_string()))?;
+                    wire::encode_copy_data(&rows, out).map_err(InternalError::encode)?;
                 }
                 Ok(())
             }

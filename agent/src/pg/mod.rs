@@ -11,3 +11,6 @@ pub mod scram;
 pub mod startup;
 pub mod upstream;
 pub mod wire;
+
+#[cfg(test)]
+mod inprocess;

@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     hash::BuildHasher as _,
     net::SocketAddr,
-    sync::{atomic::Ordering, Mutex, OnceLock},
+    sync::{Mutex, OnceLock},
     time::Duration,
 };
 
@@ -40,9 +40,6 @@ pub const MAX_IDLE_PER_KEY: usize = 32;
 /// `application_name`), so without a total a bot could park any number of backends on the
 /// server, outside the agent's `max_connections`.
 pub const MAX_IDLE_TOTAL: usize = 64;
-
-/// Idle connections currently kept (each keeper task holds one).
-static KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A logged-in, reset upstream connection and what a new session needs to greet its client.
 pub struct Idle {
@@ -98,95 +95,112 @@ struct Kept {
     claims: Vec<Claim>,
 }
 
-static POOL: Mutex<Option<HashMap<Key, Kept>>> = Mutex::new(None);
+/// The idle connections, a field of the PostgreSQL handler (built once).
+pub struct Pool {
+    map: Mutex<Option<HashMap<Key, Kept>>>,
+    /// Idle connections currently kept (each keeper task holds one); exported as
+    /// `tollgate_pg_pool_idle_connections`.
+    kept: prometheus::IntGauge,
+}
 
-/// Take an idle connection for `key`, if one is kept.
-pub async fn take(key: Key) -> Option<Idle> {
-    loop {
-        let claim = {
-            let mut pool = lock(&POOL);
-            let map = pool.as_mut()?;
-            let list = &mut map.get_mut(&key)?.claims;
-            let claim = list.pop();
-            if list.is_empty() {
-                map.remove(&key);
+impl Pool {
+    /// An empty pool counting its connections in `kept`.
+    pub fn new(kept: prometheus::IntGauge) -> Pool {
+        Pool {
+            map: Mutex::new(None),
+            kept,
+        }
+    }
+
+    /// Take an idle connection for `key`, if one is kept.
+    pub async fn take(&self, key: Key) -> Option<Idle> {
+        loop {
+            let claim = {
+                let mut pool = lock(&self.map);
+                let map = pool.as_mut()?;
+                let list = &mut map.get_mut(&key)?.claims;
+                let claim = list.pop();
+                if list.is_empty() {
+                    map.remove(&key);
+                }
+                claim?
+            };
+            let (tx, rx) = oneshot::channel();
+            if claim.send(tx).is_err() {
+                continue; // its keeper already closed it
             }
-            claim?
-        };
+            if let Ok(mut idle) = rx.await {
+                if let Conn::Plain(s) = idle.conn {
+                    // Register the socket with this thread's runtime.
+                    let Ok(s) = s.into_std().and_then(tokio::net::TcpStream::from_std) else {
+                        continue;
+                    };
+                    idle.conn = Conn::Plain(s);
+                }
+                return Some(idle);
+            }
+        }
+    }
+
+    /// Keep `idle`, a connection to `target`, for the next session with `key` (needs a tokio
+    /// runtime).
+    pub fn put(&self, key: Key, target: &str, idle: Idle) {
         let (tx, rx) = oneshot::channel();
-        if claim.send(tx).is_err() {
-            continue; // its keeper already closed it
-        }
-        if let Ok(mut idle) = rx.await {
-            if let Conn::Plain(s) = idle.conn {
-                // Register the socket with this thread's runtime.
-                let Ok(s) = s.into_std().and_then(tokio::net::TcpStream::from_std) else {
-                    continue;
-                };
-                idle.conn = Conn::Plain(s);
+        {
+            let mut pool = lock(&self.map);
+            let list = &mut pool
+                .get_or_insert_with(HashMap::new)
+                .entry(key)
+                .or_insert_with(|| Kept {
+                    target: target.to_string(),
+                    claims: Vec::new(),
+                })
+                .claims;
+            list.retain(|c| !c.is_closed());
+            // Counted under the pool's lock, so no two puts pass the cap together (keepers
+            // only lower the count).
+            if list.len() >= MAX_IDLE_PER_KEY || self.kept() >= MAX_IDLE_TOTAL {
+                drop(pool);
+                tokio::spawn(terminate(idle.conn));
+                return;
             }
-            return Some(idle);
+            self.kept.inc();
+            list.push(tx);
         }
+        let kept = self.kept.clone();
+        tokio::spawn(async move {
+            keep(idle, rx).await;
+            kept.dec();
+        });
     }
-}
 
-/// Keep `idle`, a connection to `target`, for the next session with `key` (needs a tokio
-/// runtime).
-pub fn put(key: Key, target: &str, idle: Idle) {
-    let (tx, rx) = oneshot::channel();
-    {
-        let mut pool = lock(&POOL);
-        let list = &mut pool
-            .get_or_insert_with(HashMap::new)
-            .entry(key)
-            .or_insert_with(|| Kept {
-                target: target.to_string(),
-                claims: Vec::new(),
-            })
-            .claims;
-        list.retain(|c| !c.is_closed());
-        // Counted under the pool's lock, so no two puts pass the cap together (keepers only
-        // lower the count).
-        if list.len() >= MAX_IDLE_PER_KEY || KEPT.load(Ordering::SeqCst) >= MAX_IDLE_TOTAL {
-            drop(pool);
-            tokio::spawn(terminate(idle.conn));
-            return;
-        }
-        KEPT.fetch_add(1, Ordering::SeqCst);
-        list.push(tx);
+    /// How many idle connections are kept now.
+    pub fn kept(&self) -> usize {
+        self.kept.get().max(0) as usize
     }
-    tokio::spawn(async move {
-        keep(idle, rx).await;
-        KEPT.fetch_sub(1, Ordering::SeqCst);
-    });
-}
 
-/// How many idle connections are kept now.
-pub fn kept() -> usize {
-    KEPT.load(Ordering::SeqCst)
-}
+    /// Close every idle connection (at shutdown): their keepers say Terminate to the server.
+    pub fn close_all(&self) {
+        let map = lock(&self.map).take();
+        drop(map);
+    }
 
-/// Close every idle connection (at shutdown): their keepers say Terminate to the server.
-pub fn close_all() {
-    let map = lock(&POOL).take();
-    drop(map);
-}
-
-/// Close the idle connections of every target `stale` names (after a reload that changed or
-/// removed the target, or turned its pool off); returns how many were closed.
-pub fn close_targets(stale: impl Fn(&str) -> bool) -> usize {
-    let closed: Vec<Kept> = match lock(&POOL).as_mut() {
-        Some(map) => map
-            .extract_if(|_, k| stale(&k.target))
-            .map(|(_, k)| k)
-            .collect(),
-        None => return 0,
-    };
-    // Dropping the claims wakes their keepers, which say Terminate.
-    closed
-        .iter()
-        .map(|k| k.claims.iter().filter(|c| !c.is_closed()).count())
-        .sum()
+    /// Close the idle connections of every target `stale` names (after a reload that changed
+    /// or removed the target, or turned its pool off); returns how many were closed.
+    pub fn close_targets(&self, stale: impl Fn(&str) -> bool) -> usize {
+        let closed: Vec<Kept> = match lock(&self.map).as_mut() {
+            Some(map) => map
+                .extract_if(|_, k| stale(&k.target))
+                .map(|(_, k)| k)
+                .collect(),
+            None => return 0,
+        };
+        // Dropping the claims wakes their keepers, which say Terminate.
+        closed
+            .iter()
+            .map(|k| k.claims.iter().filter(|c| !c.is_closed()).count())
+            .sum()
+    }
 }
 
 /// Watch an idle connection until a session claims it, it times out, or the server speaks.
@@ -298,41 +312,44 @@ mod tests {
     }
 
     /// Wait (bounded) until every keeper has finished.
-    async fn none_kept() {
+    async fn none_kept(pool: &Pool) {
         for _ in 0..200 {
-            if kept() == 0 {
+            if pool.kept() == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
-    // One test: the pool is process-wide.
     #[tokio::test]
     async fn kept_connections_are_reused_capped_and_dropped_when_the_server_leaves() {
+        let pool = Pool::new(prometheus::IntGauge::new("kept", "kept").expect("gauge"));
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         // Reuse: the same connection comes back for the same key, not for another.
         let (c, mut s) = pair(&l).await;
-        put(key(0), "db", idle(c));
-        assert!(take(key(1)).await.is_none(), "another key gets nothing");
+        pool.put(key(0), "db", idle(c));
         assert!(
-            take(key_of("ops-bot", 0)).await.is_none(),
+            pool.take(key(1)).await.is_none(),
+            "another key gets nothing"
+        );
+        assert!(
+            pool.take(key_of("ops-bot", 0)).await.is_none(),
             "another identity with the same login gets nothing"
         );
-        let mut back = take(key(0)).await.expect("kept for its key");
+        let mut back = pool.take(key(0)).await.expect("kept for its key");
         assert_eq!(back.backend_key, Some((1, 2)));
         back.conn.write_all(b"ping").await.expect("write");
         let mut b = [0u8; 4];
         s.read_exact(&mut b).await.expect("same socket");
         assert_eq!(&b, b"ping");
-        assert!(take(key(0)).await.is_none(), "taken once");
+        assert!(pool.take(key(0)).await.is_none(), "taken once");
 
         // The server closing an idle connection removes it.
-        put(key(0), "db", back);
+        pool.put(key(0), "db", back);
         drop(s);
-        none_kept().await;
-        assert_eq!(kept(), 0, "a closed connection is not kept");
-        assert!(take(key(0)).await.is_none());
+        none_kept(&pool).await;
+        assert_eq!(pool.kept(), 0, "a closed connection is not kept");
+        assert!(pool.take(key(0)).await.is_none());
 
         // A reload closes the connections of the targets it changed, and only those.
         let other = Key::new(
@@ -345,16 +362,17 @@ mod tests {
             None,
         );
         let (c, mut s_db) = pair(&l).await;
-        put(key(0), "db", idle(c));
+        pool.put(key(0), "db", idle(c));
         let (c, mut s_other) = pair(&l).await;
-        put(other, "other", idle(c));
-        assert_eq!(close_targets(|t| t == "other"), 1);
+        pool.put(other, "other", idle(c));
+        assert_eq!(pool.close_targets(|t| t == "other"), 1);
         assert!(
             said_goodbye(&mut s_other).await,
             "the changed target's connection closed with Terminate"
         );
-        assert!(take(other).await.is_none());
-        let mut back = take(key(0))
+        assert!(pool.take(other).await.is_none());
+        let mut back = pool
+            .take(key(0))
             .await
             .expect("the unchanged target's connection stays");
         back.conn.write_all(b"pong").await.expect("write");
@@ -363,27 +381,27 @@ mod tests {
         assert_eq!(&b, b"pong");
         drop(back);
         drop(s_db);
-        assert_eq!(close_targets(|_| true), 0, "nothing left to close");
-        none_kept().await;
-        assert_eq!(kept(), 0);
+        assert_eq!(pool.close_targets(|_| true), 0, "nothing left to close");
+        none_kept(&pool).await;
+        assert_eq!(pool.kept(), 0);
 
         // The total cap: bot-chosen startup parameters cannot park unbounded backends.
         let mut servers = Vec::new();
         for n in 0..MAX_IDLE_TOTAL + 3 {
             let (c, s) = pair(&l).await;
-            put(key(n), "db", idle(c));
+            pool.put(key(n), "db", idle(c));
             servers.push(s);
         }
-        assert_eq!(kept(), MAX_IDLE_TOTAL);
+        assert_eq!(pool.kept(), MAX_IDLE_TOTAL);
         for s in servers.iter_mut().skip(MAX_IDLE_TOTAL) {
             assert!(said_goodbye(s).await, "over the cap: closed with Terminate");
         }
         // Shutdown closes the rest, each with Terminate.
-        close_all();
+        pool.close_all();
         for s in servers.iter_mut().take(MAX_IDLE_TOTAL) {
             assert!(said_goodbye(s).await, "closed at shutdown with Terminate");
         }
-        none_kept().await;
-        assert_eq!(kept(), 0);
+        none_kept(&pool).await;
+        assert_eq!(pool.kept(), 0);
     }
 }

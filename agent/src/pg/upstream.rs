@@ -3,7 +3,7 @@
 //! server sends after `AuthenticationOk` up to the first `ReadyForQuery` is returned raw so the
 //! handler can relay it (with its own BackendKeyData).
 
-use std::{fs, io};
+use std::io;
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::{
@@ -15,7 +15,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use tollgate_policy::{Credential, SecretSource, TargetTls, TlsMode};
+use tollgate_policy::{Credential, TargetTls, TlsMode};
 
 use crate::{
     pg::{scram, wire},
@@ -85,25 +85,10 @@ impl LoginError {
 /// The secret of a credential, read fresh at each login so rotation needs no restart.
 /// Never logged, never returned in an error.
 pub fn read_secret(name: &str, cred: &Credential) -> Result<Option<Vec<u8>>, LoginError> {
-    let err = |reason: String| LoginError::Secret {
-        credential: name.to_string(),
-        reason,
-    };
-    match cred.secret_source() {
-        None => Ok(None),
-        Some(SecretSource::PasswordFile(p))
-        | Some(SecretSource::TokenFile(p))
-        | Some(SecretSource::KeyFile(p)) => {
-            let mut v = fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())))?;
-            while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                v.pop();
-            }
-            Ok(Some(v))
-        }
-        Some(SecretSource::Env(var)) => std::env::var(var)
-            .map(|v| Some(v.into_bytes()))
-            .map_err(|_| err(format!("environment variable {var} is not set"))),
-    }
+    crate::session::credentials::read_secret(name, cred).map_err(|e| LoginError::Secret {
+        credential: e.credential,
+        reason: e.reason,
+    })
 }
 
 /// Result of a successful login.

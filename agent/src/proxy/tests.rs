@@ -3,11 +3,31 @@
 //! client socket's cookie), and assertions on wire bytes, audit
 //! lines and scraped metrics.
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt, path::PathBuf, sync::Mutex};
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpSocket,
+};
+use tollgate_common::ConnInfo;
 
 use super::*;
+use crate::{
+    audit::Audit,
+    identity::Resolver,
+    metrics::Metrics,
+    session::{ConnSource, Generation},
+    targets::Routes,
+};
 
 /// Connection records keyed by the client's address (the agent finds them by the client
 /// socket's cookie; its address identifies that socket just as well here).

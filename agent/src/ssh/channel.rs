@@ -9,7 +9,7 @@ use serde_json::json;
 use tollgate_policy::{Action, Operation, SshOpKind};
 
 use super::{upstream::UpstreamClient, Counters};
-use crate::{mask::Masker, proxy::SessionCx, recording::Recorder};
+use crate::{mask::Masker, recording::Recorder, session::SessionCx};
 
 /// Exit status of a command refused by tollgate (POSIX "found but not executable").
 pub const DENIED_STATUS: u32 = 126;
@@ -348,7 +348,11 @@ async fn approve(
     held: &mut Vec<ChannelMsg>,
 ) -> Result<(), Option<String>> {
     let who = ccx.cx.identity.as_deref().unwrap_or("(unknown)");
-    let mut ticket = match ccx.cx.open_approval(audit_text, kind, d).await {
+    let mut ticket = match ccx
+        .cx
+        .open_approval(&ccx.cx.policy(), audit_text, kind, d)
+        .await
+    {
         Ok(t) => t,
         Err(e) => {
             return Err(Some(format!(
@@ -380,7 +384,7 @@ async fn approve(
             },
         }
     };
-    use crate::proxy::ApprovalOutcome as O;
+    use crate::session::ApprovalOutcome as O;
     match outcome {
         O::Approved { .. } => Ok(()),
         O::Denied {

@@ -25,13 +25,9 @@ mod channel;
 pub mod pool;
 pub mod upstream;
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
 };
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -43,38 +39,40 @@ use tokio::{net::TcpStream, sync::mpsc};
 use tollgate_policy::{decide, Operation, Protocol, Request, SshOpKind};
 
 use crate::{
-    proxy::{DataPathError, ProtocolHandler, SessionCx},
     relay::Totals,
+    session::{BoxFuture, DataPathError, ProtocolHandler, SessionCx},
 };
 
 /// Detectors always applied to SSH commands in the audit log and recordings.
 pub const SSH_DETECTORS: &[&str] = &["private_key", "aws_access_key", "jwt", "bearer_token"];
 
 /// The SSH protocol handler.
-pub struct SshHandler {
-    pub hash_key: [u8; 32],
-}
+pub struct SshHandler;
 
 impl ProtocolHandler for SshHandler {
     fn protocol(&self) -> Protocol {
         Protocol::Ssh
     }
+    /// Every channel request is decided on its own.
+    fn inspects(&self) -> bool {
+        true
+    }
     fn serve<'a>(
         &'a self,
         cx: &'a SessionCx,
         client: TcpStream,
-    ) -> Pin<Box<dyn Future<Output = Result<Totals, DataPathError>> + Send + 'a>> {
-        Box::pin(serve(cx, client, self.hash_key))
+    ) -> BoxFuture<'a, Result<Totals, DataPathError>> {
+        Box::pin(serve(cx, client, cx.agent.hash_key))
     }
 }
 
 /// What the bot-facing handler tells the session loop.
 enum Event {
-    /// Authentication done, as this user (recorded; upstream uses the credential's user), with
-    /// the verified workload token's claims for an identity with `oidc`.
-    Authed(String, Option<Box<crate::oidc::Claims>>),
-    /// A workload token was refused (the reason, never the token).
-    AuthRefused(String),
+    /// Authentication done, as this user (recorded; upstream uses the credential's user).
+    Authed(String),
+    /// A password from a bot whose identity needs a workload token: the loop checks it with
+    /// the session's shared check (audit, observe mode) and answers.
+    Token(String, String, tokio::sync::oneshot::Sender<bool>),
     /// A session channel was opened.
     Session(Channel<Msg>),
     /// A direct-tcpip channel (`ssh -L`, `-D`) was opened, already allowed by policy.
@@ -99,7 +97,7 @@ async fn serve(
     let (host_key, certificates) = match &cx.target.host_key_file {
         Some(path) => (
             russh::keys::load_secret_key(path, None).map_err(|e| {
-                DataPathError::Internal(format!(
+                config_error(format!(
                     "cannot load host_key_file {} of target {}: {e}",
                     path.display(),
                     cx.target.name
@@ -108,11 +106,10 @@ async fn serve(
             Vec::new(),
         ),
         None => {
-            let ca = ca::SshCa::shared(&cx.gen.policy.agent.data_dir)
-                .map_err(DataPathError::Internal)?;
+            let ca = ca::SshCa::shared(&cx.gen.policy.agent.data_dir).map_err(config_error)?;
             let mut principals = vec![cx.orig_dst.ip().to_string()];
             principals.extend(cx.dialled_host());
-            let cert = ca.host_cert(&principals).map_err(DataPathError::Internal)?;
+            let cert = ca.host_cert(&principals).map_err(config_error)?;
             (ca.host_key(), vec![cert])
         }
     };
@@ -126,11 +123,8 @@ async fn serve(
         ..Default::default()
     });
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let oidc = cx
-        .identity
-        .as_deref()
-        .and_then(|n| cx.gen.policy.identity(n))
-        .and_then(|i| i.oidc.clone());
+    let oidc = oidc_of(cx);
+    let self_tx = tx.clone();
     let bot = BotSide {
         tx,
         oidc,
@@ -169,19 +163,25 @@ async fn serve(
                     continue;
                 };
                 match ev {
-                    Event::AuthRefused(reason) => cx.audit_event(
-                        "auth",
-                        crate::obj(serde_json::json!({"method": "oidc", "outcome": "denied", "reason": reason})),
-                    ),
-                    Event::Authed(user, claims) => {
-                        if let Some(c) = claims {
-                            let _ = cx.claims.set(crate::oidc::claim_values(&c));
-                            cx.audit_event(
-                                "auth",
-                                crate::obj(serde_json::json!({"method": "oidc", "outcome": "allowed",
-                                    "oidc_subject": c.subject, "oidc_groups": c.groups})),
-                            );
+                    Event::Token(user, token, reply) => {
+                        let ok = match &oidc_of(cx) {
+                            Some(o) => match cx.check_workload_token(o, token.trim()).await {
+                                crate::session::workload::WorkloadAuth::Verified(c) => {
+                                    let _ = cx.claims.set(crate::oidc::claim_values(&c));
+                                    true
+                                }
+                                crate::session::workload::WorkloadAuth::Unverified => true,
+                                crate::session::workload::WorkloadAuth::Refused(_) => false,
+                            },
+                            None => true,
+                        };
+                        // Authed first: the bot opens channels only after the reply.
+                        if ok {
+                            let _ = self_tx.send(Event::Authed(user));
                         }
+                        let _ = reply.send(ok);
+                    }
+                    Event::Authed(user) => {
                         if upstream.is_none() {
                             upstream = Some(connect_upstream(cx, &user).await.map(|(up, key)| {
                                 pool_key = Some(key);
@@ -206,7 +206,7 @@ async fn serve(
                             counters: counters.clone(),
                             masker: &masker,
                             recorder: recorder.clone(),
-                        }, ch)) as Pin<Box<dyn Future<Output = ()> + Send + '_>>);
+                        }, ch)) as BoxFuture<'_, ()>);
                     }
                     Event::Forward(kind, what, d) => audit_forward(cx, kind, &what, &d),
                     Event::DirectTcpip(ch, host, port) => {
@@ -267,6 +267,7 @@ pub(crate) fn decide_forward(
             claims: None,
             identity,
             target,
+            inspected: true,
             op: Operation::Ssh {
                 kind: SshOpKind::Forward,
                 command: &format!("{kind} {what}"),
@@ -277,10 +278,22 @@ pub(crate) fn decide_forward(
 
 fn audit_forward(cx: &SessionCx, kind: &str, what: &str, d: &tollgate_policy::Decision) {
     let shown = format!("{kind} {what}");
-    cx.audit_operation("ssh", shown.trim_end(), d, Some(kind));
+    cx.audit_operation(&cx.policy(), "ssh", shown.trim_end(), d, Some(kind));
     cx.agent
         .metrics
         .ssh_channel(&cx.target.name, kind, d.action.as_str());
+}
+
+fn config_error(msg: String) -> DataPathError {
+    DataPathError::Internal(crate::session::InternalError::Config(msg))
+}
+
+/// The identity's workload OIDC, if it has one.
+fn oidc_of(cx: &SessionCx) -> Option<tollgate_policy::IdentityOidc> {
+    cx.identity
+        .as_deref()
+        .and_then(|n| cx.gen.policy.identity(n))
+        .and_then(|i| i.oidc.clone())
 }
 
 /// Log in upstream as the credential's user (or the bot's, when the credential names none).
@@ -347,7 +360,7 @@ struct BotSide {
     tx: mpsc::UnboundedSender<Event>,
     /// The identity's workload OIDC: then only a valid token as the password logs in.
     oidc: Option<tollgate_policy::IdentityOidc>,
-    agent: Arc<crate::proxy::Agent>,
+    agent: Arc<crate::session::Agent>,
     identity: Option<String>,
     target: String,
 }
@@ -393,7 +406,7 @@ impl BotSide {
                 partial_success: false,
             });
         }
-        let _ = self.tx.send(Event::Authed(user.to_string(), None));
+        let _ = self.tx.send(Event::Authed(user.to_string()));
         Ok(Auth::Accept)
     }
 }
@@ -408,20 +421,16 @@ impl server::Handler for BotSide {
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
         // Never logged, never forwarded: the kernel's attribution is the identity. An identity
         // with workload OIDC presents its token here instead.
-        let Some(o) = &self.oidc else {
+        if self.oidc.is_none() {
             return self.authed(user);
-        };
-        match crate::oidc::verify_workload_token(o, password.trim()).await {
-            Ok(c) => {
-                let _ = self
-                    .tx
-                    .send(Event::Authed(user.to_string(), Some(Box::new(c))));
-                Ok(Auth::Accept)
-            }
-            Err(e) => {
-                let _ = self.tx.send(Event::AuthRefused(e.to_string()));
-                Ok(Auth::reject())
-            }
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let _ = self
+            .tx
+            .send(Event::Token(user.to_string(), password.to_string(), reply));
+        match answer.await {
+            Ok(true) => Ok(Auth::Accept),
+            _ => Ok(Auth::reject()),
         }
     }
 

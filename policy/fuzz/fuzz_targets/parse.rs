@@ -67,6 +67,7 @@ fuzz_target!(|data: &[u8]| {
                             &policy,
                             &Request {
                                 claims: None,
+                                inspected: true,
                                 identity: i,
                                 target: &t.name,
                                 op,

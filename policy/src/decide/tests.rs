@@ -58,6 +58,10 @@ fn ask(p: &Policy, identity: &str, target: &str, op: Operation<'_>) -> Decision 
             identity: Some(identity),
             target,
             op,
+            // As the agent registers handlers today: only PostgreSQL inspects operations.
+            inspected: p
+                .target(target)
+                .is_some_and(|t| t.protocol == crate::Protocol::Postgres),
         },
     )
 }
@@ -104,6 +108,7 @@ fn unknown_identity_and_target() {
         identity: None,
         target: "db",
         op: Operation::Connect,
+        inspected: true,
     };
     assert_eq!(decide(&p, &req), denied(DecisionReason::UnknownIdentity));
     // "*" never matches a name the policy does not define.
@@ -769,6 +774,7 @@ claims = { groups = ["deployers", "admins"] }
                 target: "db",
                 op: upd,
                 claims,
+                inspected: true,
             },
         )
         .action
@@ -781,16 +787,22 @@ claims = { groups = ["deployers", "admins"] }
     assert_eq!(decide_with(Some(&c)), Action::Allow);
     // At connect time (no token yet) the postgres connection is let in to be checked per
     // statement.
-    let connect = decide(
-        &p,
-        &Request {
-            identity: Some("bot"),
-            target: "db",
-            op: Operation::Connect,
-            claims: None,
-        },
-    );
-    assert_eq!(connect.action, Action::Allow);
+    let connect = |inspected| {
+        decide(
+            &p,
+            &Request {
+                identity: Some("bot"),
+                target: "db",
+                op: Operation::Connect,
+                claims: None,
+                inspected,
+            },
+        )
+    };
+    assert_eq!(connect(true).action, Action::Allow);
+    // Without a handler that checks operations (an opaque relay) the claims could never be
+    // checked: the connection stays out.
+    assert_eq!(connect(false).action, Action::Deny);
     let e = crate::parse(
         "[[identity]]\nname = \"bot\"\nuid = 1\n[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = [\"127.0.0.1:5432\"]\n[[rule]]\nname = \"r\"\nidentities = [\"bot\"]\ntargets = [\"db\"]\naction = \"allow\"\nclaims = { groups = [] }\n",
         "p.toml",
