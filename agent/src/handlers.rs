@@ -1,5 +1,5 @@
 //! The protocol handlers this agent serves, built once at start: the one place that names
-//! them. A new protocol is a folder (`pg/`, next `ssh/`, `http/`) implementing
+//! them. A new protocol is a folder (`pg/`, `ssh/`, next `http/`) implementing
 //! [`ProtocolHandler`](crate::session::ProtocolHandler) and one line here.
 
 use std::sync::Arc;
