@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
                 command: cmd,
             },
             claims: None,
+            inspected: true,
         },
     )
     .action;

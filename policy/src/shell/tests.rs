@@ -151,6 +151,7 @@ ssh = { exec = ["echo *", "systemctl status *"] }
                     command: cmd,
                 },
                 claims: None,
+                inspected: true,
             },
         )
         .action
