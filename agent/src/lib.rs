@@ -33,6 +33,7 @@ pub mod relay;
 pub mod replay;
 pub mod run;
 pub mod session;
+pub mod ssh;
 pub mod status;
 pub mod sys;
 pub mod targets;

@@ -195,6 +195,10 @@ enum CaCmd {
         policy: PathBuf,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Print the SSH CA as an `@cert-authority` line for `/etc/ssh/ssh_known_hosts`
+        /// instead (ssh targets without `host_key_file` show certificates it signs).
+        #[arg(long)]
+        ssh: bool,
     },
     /// Trust the CA host-wide (curl, Python, Go and most clients read the system bundle):
     /// writes `<dir>/tollgate.crt` and runs Debian's `update-ca-certificates`.
@@ -312,12 +316,20 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Cmd::Ca {
-            cmd: CaCmd::Export {
-                policy,
-                data_dir: dd,
-            },
+            cmd:
+                CaCmd::Export {
+                    policy,
+                    data_dir: dd,
+                    ssh,
+                },
         } => data_dir(&policy, dd).and_then(|d| {
-            print!("{}", tollgate::tls::Ca::load_or_create(&d)?.pem());
+            if ssh {
+                let ca =
+                    tollgate::ssh::ca::SshCa::load_or_create(&d).map_err(anyhow::Error::msg)?;
+                print!("{}", ca.authority_line().map_err(anyhow::Error::msg)?);
+            } else {
+                print!("{}", tollgate::tls::Ca::load_or_create(&d)?.pem());
+            }
             Ok(())
         }),
         Cmd::Ca {

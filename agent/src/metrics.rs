@@ -35,6 +35,8 @@ pub struct Metrics {
     /// request, from its headers to the end of its response body (a watch lasts long).
     pub http_request_seconds: HistogramVec,
     pub audit_write_errors: IntCounterVec,
+    /// `tollgate_ssh_channels_total{target,kind,action}`.
+    pub ssh_channels: IntCounterVec,
 }
 
 pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
@@ -68,6 +70,13 @@ impl Metrics {
                 "Values masked in responses, by target and detector.",
             ),
             &["target", "detector"],
+        ));
+        let ssh_channels = must(IntCounterVec::new(
+            Opts::new(
+                "tollgate_ssh_channels_total",
+                "SSH channel requests decided, by target, kind (exec, shell, subsystem, env, direct-tcpip, ...) and action.",
+            ),
+            &["target", "kind", "action"],
         ));
         let approvals_pending = must(IntGauge::new(
             "tollgate_approvals_pending",
@@ -143,6 +152,7 @@ impl Metrics {
             Box::new(audit_write_errors.clone()),
             Box::new(sessions_active.clone()),
             Box::new(masked_values.clone()),
+            Box::new(ssh_channels.clone()),
             Box::new(approvals_pending.clone()),
             Box::new(approvals_total.clone()),
             Box::new(approval_wait.clone()),
@@ -175,7 +185,15 @@ impl Metrics {
             session_seconds,
             http_request_seconds,
             audit_write_errors,
+            ssh_channels,
         })
+    }
+
+    /// Count one decided SSH channel request (`kind` and `action` are bounded words).
+    pub fn ssh_channel(&self, target: &str, kind: &str, action: &str) {
+        self.ssh_channels
+            .with_label_values(&[target, kind, action])
+            .inc();
     }
 
     /// Export the kernel's per-CPU counters at scrape time.

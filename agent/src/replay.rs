@@ -37,6 +37,36 @@ fn nested(v: &Value) -> String {
         .collect()
 }
 
+/// The output of an asciicast v2 recording in `dir` (named by a session's recording): the
+/// `"o"` events concatenated. Only plain names ending in `.cast` are read, never through a link.
+fn cast_text(dir: &Path, name: &str) -> String {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if !name.ends_with(".cast")
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        || name.starts_with('.')
+    {
+        return "(no terminal recording)".into();
+    }
+    let mut t = String::new();
+    let read = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join(name))
+        .and_then(|mut f| f.read_to_string(&mut t));
+    if read.is_err() {
+        return format!("(cannot read {name})");
+    }
+    t.lines()
+        .skip(1)
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e[1] == "o")
+        .filter_map(|e| e[2].as_str().map(str::to_string))
+        .collect()
+}
+
 /// The session's timeline as readable lines.
 pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
     let p = recording_path(data_dir, id);
@@ -113,6 +143,21 @@ pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
                     v["comment"].as_str().map(|c| format!(" ({c})")).unwrap_or_default()
                 )
             }
+            // SSH channels: one line per exec/shell/subsystem, and the terminal's output.
+            kind @ ("exec" | "shell" | "subsystem") => format!(
+                "{ts}  {:<6} {} -> {}{}{}",
+                kind.to_uppercase(),
+                s(&v, "command"),
+                s(&v, "action"),
+                v["rule"].as_str().map(|r| format!(" rule=\"{r}\"")).unwrap_or_default(),
+                v["exit_status"].as_u64().map(|x| format!(" exit={x} up={} down={}", v["bytes_up"], v["bytes_down"])).unwrap_or_default()
+            ),
+            "terminal" => format!(
+                "{ts}  TERM   {} (asciicast: {})\n{}",
+                s(&v, "command"),
+                s(&v, "cast"),
+                cast_text(&data_dir.join("sessions"), s(&v, "cast"))
+            ),
             other => format!("{ts}  {other}"),
         });
     }

@@ -9,6 +9,7 @@ use std::fmt;
 
 use crate::index::{KIND_HTTP, KIND_KUBE, KIND_SQL, KIND_SSH};
 use crate::model::{statement_bit, Action, HttpMatch, KubeMatch, Policy, Rule, SqlMatch, SshMatch};
+use crate::shell;
 
 /// One question for [`decide`].
 #[derive(Debug, Clone, Copy)]
@@ -335,13 +336,14 @@ impl SqlMatch {
 impl SshMatch {
     /// Whether an SSH request of `kind` with `command` matches (see the type's docs).
     pub fn matches(&self, kind: SshOpKind, command: &str) -> bool {
-        let selects_any = !self.exec_globs.is_empty()
+        let selects_any = !self.exec_patterns.is_empty()
             || self.shell == Some(true)
             || !self.subsystem_globs.is_empty()
             || self.forwarding == Some(true);
         match kind {
-            SshOpKind::Exec if self.exec_globs.is_empty() => !selects_any,
-            SshOpKind::Exec => self.exec_globs.any_glob_matches(command),
+            // No patterns: the rule decides every exec request, whatever its syntax.
+            SshOpKind::Exec if self.exec_patterns.is_empty() => !selects_any,
+            SshOpKind::Exec => shell::any_matches(&self.exec_patterns, command),
             SshOpKind::Shell => match self.shell {
                 Some(s) => s,
                 None => !selects_any,

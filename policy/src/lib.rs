@@ -14,6 +14,7 @@
 //! - `index`: name, rule and address lookup tables built once at parse time.
 //! - `glob`: compiled glob helpers (`*` matches `/` too).
 //! - [`http`]: request attribution for HTTP and Kubernetes (path normalisation, API verbs).
+//! - `shell`: exec commands read as POSIX shell word lists, and `ssh.exec` patterns.
 //! - `decide`: [`Request`], [`Operation`], [`Decision`] and [`decide`].
 //! - `error`: [`PolicyError`], `file:line:col: message`.
 //!
@@ -81,6 +82,7 @@ mod index;
 mod lint;
 mod model;
 mod raw;
+mod shell;
 mod validate;
 
 pub use case::{CaseFacts, CaseOp, CaseWho, PolicyCase};
@@ -94,6 +96,7 @@ pub use model::{
     TargetTls, TlsMode, WorkloadFacts, AGENT_SOCKET_NAME, DETECTORS, KUBE_VERBS, SQL_STATEMENTS,
     SQL_STATEMENT_GROUPS, UNIX_PATH_MAX,
 };
+pub use shell::{split_command, CommandError};
 
 /// Parse and validate a policy file. `file_name` is only used in error messages.
 ///

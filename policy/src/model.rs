@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::glob::{GlobList, NameGlobs, Pattern};
 use crate::index::Index;
+use crate::shell::ExecPattern;
 
 /// A parsed, validated policy file.
 #[derive(Debug, Clone, Default)]
@@ -344,7 +345,9 @@ pub struct Target {
     pub credential: Option<String>,
     /// Key `tls`: how the agent secures its own connection to the target.
     pub tls: TargetTls,
-    /// Key `pool` (PostgreSQL only, default true): a session that ends cleanly (Terminate,
+    /// Key `pool` (PostgreSQL: default true; SSH: default false, opt-in). SSH: a bot
+    /// connection that ends cleanly leaves its logged-in upstream connection for the same
+    /// identity's next one (see the agent's `ssh/pool.rs`). PostgreSQL: a session that ends cleanly (Terminate,
     /// idle, not in a transaction) leaves its upstream connection, reset with `DISCARD ALL`,
     /// for the next session of the same identity with the same upstream user, database and
     /// startup parameters.
@@ -354,6 +357,12 @@ pub struct Target {
     /// agent like a TCP connect (and served upstream over the target's first IP address); on
     /// older kernels `doctor` and the agent's log warn that it is not covered.
     pub unix_socket: Option<PathBuf>,
+    /// Key `known_hosts` (ssh): OpenSSH `known_hosts` file holding the upstream server's host
+    /// key; an unknown or changed key fails closed. Required for ssh targets the agent proxies.
+    pub known_hosts: Option<PathBuf>,
+    /// Key `host_key_file` (ssh): the upstream server's own host private key, which the agent
+    /// presents to bots so their `known_hosts` stays as it is.
+    pub host_key_file: Option<PathBuf>,
 }
 
 /// `tls = { mode = "...", ca_file = "...", server_name = "..." }` of a target: the agent's
@@ -816,7 +825,8 @@ pub(crate) fn statement_bit(statement: &str) -> u64 {
 /// an empty `exec` means "any exec" only when no other kind is selected.
 #[derive(Debug, Clone)]
 pub struct SshMatch {
-    /// Key `exec`: globs on the exec command line.
+    /// Key `exec`: command patterns, matched word by word against the command read as a POSIX
+    /// shell word list (see [`crate::split_command`]).
     pub exec: Vec<String>,
     /// Key `shell`: `true` matches interactive shells, `false` excludes them.
     pub shell: Option<bool>,
@@ -824,7 +834,7 @@ pub struct SshMatch {
     pub subsystems: Vec<String>,
     /// Key `forwarding`: `true` matches port forwarding, `false` excludes it.
     pub forwarding: Option<bool>,
-    pub(crate) exec_globs: GlobList,
+    pub(crate) exec_patterns: Box<[ExecPattern]>,
     pub(crate) subsystem_globs: GlobList,
 }
 

@@ -159,6 +159,10 @@ pub(crate) struct RawTarget {
     pub pool: Option<toml::Spanned<bool>>,
     /// The server's Unix socket path, redirected like its TCP address (Linux 6.7+).
     pub unix_socket: Option<S>,
+    /// ssh: OpenSSH `known_hosts` file the upstream server's host key must be in.
+    pub known_hosts: Option<S>,
+    /// ssh: the server's own host private key, which the agent presents to bots.
+    pub host_key_file: Option<S>,
 }
 pub(crate) const TARGET_KEYS: &[&str] = &[
     "name",
@@ -168,6 +172,8 @@ pub(crate) const TARGET_KEYS: &[&str] = &[
     "tls",
     "pool",
     "unix_socket",
+    "known_hosts",
+    "host_key_file",
 ];
 
 /// `tls = { ... }` inside `[[target]]`: the agent's connection to the target.

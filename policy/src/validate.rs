@@ -25,6 +25,7 @@ use crate::raw::{
     RawAgent, RawApprovals, RawCredential, RawHttp, RawIdentity, RawKube, RawMask, RawPolicy,
     RawRule, RawSql, RawSsh, RawTarget, RawTargetTls, S,
 };
+use crate::shell::ExecPattern;
 
 /// Secret-source keys of a credential; at most one may be set.
 const SECRET_KEYS: &str = "password_file, key_file, token_file, env";
@@ -193,6 +194,21 @@ fn globs(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str, ci: bool) -> Vec<Pa
                     );
                     None
                 }
+            }
+        })
+        .collect()
+}
+
+fn exec_patterns(cx: &mut Cx<'_>, list: &[S], what: &str) -> Box<[ExecPattern]> {
+    list.iter()
+        .filter_map(|p| match ExecPattern::compile(p.get_ref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                cx.err(
+                    p.span(),
+                    format!("bad pattern \"{}\" in `ssh.exec`{what}: {e}", p.get_ref()),
+                );
+                None
             }
         })
         .collect()
@@ -884,10 +900,10 @@ fn target<'r>(
         }
     }
     if let Some(pool) = &t.pool {
-        if protocol != Protocol::Postgres {
+        if !matches!(protocol, Protocol::Postgres | Protocol::Ssh) {
             cx.err(
                 pool.span(),
-                format!("`pool` of target \"{name}\": connection pooling is only supported for protocol \"postgres\"; remove it"),
+                format!("`pool` of target \"{name}\": connection pooling is only supported for protocols \"postgres\" and \"ssh\"; remove it"),
             );
             return None;
         }
@@ -896,13 +912,36 @@ fn target<'r>(
         None => None,
         Some(v) => Some(target_unix_socket(cx, name, protocol, &address, v)?),
     };
+    for (key, v) in [
+        ("known_hosts", &t.known_hosts),
+        ("host_key_file", &t.host_key_file),
+    ] {
+        if let Some(v) = v {
+            if protocol != Protocol::Ssh {
+                cx.err(
+                    v.span(),
+                    format!(
+                        "`{key}` of target \"{name}\": only protocol \"ssh\" uses it; remove it"
+                    ),
+                );
+                return None;
+            }
+        }
+    }
     Some(Target {
         name: name.to_string(),
         protocol,
         address,
         credential,
         tls,
-        pool: t.pool.as_ref().is_none_or(|p| *p.get_ref()),
+        // SSH reuse is opt-in for now: on a reused upstream connection an exit status was
+        // seen lost once in five multiplexed runs (see ssh/pool.rs).
+        pool: t
+            .pool
+            .as_ref()
+            .map_or(protocol != Protocol::Ssh, |p| *p.get_ref()),
+        known_hosts: t.known_hosts.as_ref().map(|p| PathBuf::from(p.get_ref())),
+        host_key_file: t.host_key_file.as_ref().map(|p| PathBuf::from(p.get_ref())),
         unix_socket,
     })
 }
@@ -1204,7 +1243,7 @@ fn ssh(cx: &mut Cx<'_>, m: &RawSsh, what: &str) -> SshMatch {
         shell: m.shell,
         subsystems: strings(&m.subsystems),
         forwarding: m.forwarding,
-        exec_globs: glob_list(cx, &m.exec, "ssh.exec", what, false),
+        exec_patterns: exec_patterns(cx, &m.exec, what),
         subsystem_globs: glob_list(cx, &m.subsystems, "ssh.subsystems", what, false),
     }
 }

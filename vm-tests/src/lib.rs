@@ -33,6 +33,7 @@ pub mod netns;
 pub mod oidc;
 pub mod pg;
 pub mod psql;
+pub mod ssh;
 
 use std::{
     collections::BTreeMap,

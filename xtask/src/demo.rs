@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: a throwaway PostgreSQL, the agent with policy/examples/quickstart.toml,
-//! and two "bots" in their own cgroups: one allowed, one denied. Prints what happened from the
+//! `cargo xtask demo`: a throwaway PostgreSQL and sshd, the agent with
+//! policy/examples/quickstart.toml, and two "bots" in their own cgroups: one allowed (psql, and
+//! plain ssh where a command with `;` is denied), one denied. Prints what happened from the
 //! bot's, the audit log's and Prometheus' point of view, then cleans everything up.
 
 use std::{
@@ -17,6 +18,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::util::{self, run};
 
 const PG_PORT: u16 = 15432;
+const SSH_PORT: u16 = 15022;
 const WORK: &str = "/tmp/tollgate-demo";
 
 fn pg_bin() -> Result<PathBuf> {
@@ -113,6 +115,84 @@ impl Drop for Postgres {
             .args(["-m", "fast", "-w", "stop"])
             .stdout(Stdio::null())
             .status();
+    }
+}
+
+/// A throwaway `sshd -D` on 127.0.0.1:SSH_PORT whose `authorized_keys` holds only the agent's
+/// key; stopped on drop.
+pub struct Sshd {
+    child: Child,
+}
+
+impl Sshd {
+    /// Keys and config under `dir`, the agent's key in `secrets/build-box-key`, the bot's own
+    /// key and known_hosts (the real server's key) in `dir/bot`, owned by nobody.
+    pub fn start(dir: &Path, secrets: &Path) -> Result<Sshd> {
+        let _ = fs::remove_dir_all(dir);
+        let bot = dir.join("bot");
+        fs::create_dir_all(&bot)?;
+        fs::create_dir_all("/run/sshd")?;
+        let keygen = |p: &Path| {
+            let _ = fs::remove_file(p);
+            let _ = fs::remove_file(p.with_extension("pub"));
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "tollgate-demo", "-f"])
+                .arg(p))
+        };
+        let host = dir.join("host_ed25519");
+        let agent_key = secrets.join("build-box-key");
+        let bot_key = bot.join("id_ed25519");
+        keygen(&host)?;
+        keygen(&agent_key)?;
+        keygen(&bot_key)?;
+        for p in [&bot, &bot_key, &bot_key.with_extension("pub")] {
+            std::os::unix::fs::chown(p, Some(65534), Some(65534))?;
+        }
+        fs::copy(agent_key.with_extension("pub"), dir.join("authorized_keys"))?;
+        let public = fs::read_to_string(host.with_extension("pub"))?;
+        let mut parts = public.split_whitespace();
+        let line = format!(
+            "[127.0.0.1]:{SSH_PORT} {} {}\n",
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default()
+        );
+        fs::write(dir.join("known_hosts"), &line)?;
+        fs::write(bot.join("known_hosts"), &line)?;
+        std::os::unix::fs::chown(bot.join("known_hosts"), Some(65534), Some(65534))?;
+        let config = dir.join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "ListenAddress 127.0.0.1:{SSH_PORT}\nHostKey {}\nAuthorizedKeysFile {}\n\
+                 PidFile none\nStrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\nSubsystem sftp internal-sftp\n",
+                host.display(),
+                dir.join("authorized_keys").display()
+            ),
+        )?;
+        let child = Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-f")
+            .arg(&config)
+            .arg("-E")
+            .arg(dir.join("sshd.log"))
+            .spawn()
+            .context("starting /usr/sbin/sshd (cargo xtask setup installs openssh-server)")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", SSH_PORT)).is_err() {
+            if Instant::now() > deadline {
+                bail!("sshd did not listen on 127.0.0.1:{SSH_PORT}");
+            }
+            sleep(Duration::from_millis(50));
+        }
+        Ok(Sshd { child })
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -259,6 +339,12 @@ pub fn demo() -> Result<()> {
         secret.display()
     );
 
+    let sshd = Sshd::start(&work.join("ssh"), &work.join("secrets"))?;
+    println!(
+        "   and a throwaway sshd on 127.0.0.1:{SSH_PORT} that accepts only the agent's key ({}/secrets/build-box-key)",
+        WORK
+    );
+
     println!("\n== 2. The agent, with policy/examples/quickstart.toml");
     run(Command::new(&bin).arg("check-policy").arg(&policy))?;
     let log = work.join("agent.log");
@@ -342,6 +428,63 @@ pub fn demo() -> Result<()> {
         }
     );
 
+    println!("\n== 5b. ci-bot runs plain ssh to the build box, with its own key (which the server rejects)");
+    let bot_dir = work.join("ssh/bot");
+    let ssh = |cmd: &str| -> Result<(Option<i32>, String)> {
+        let key = bot_dir.join("id_ed25519").display().to_string();
+        let kh = format!(
+            "UserKnownHostsFile={}",
+            bot_dir.join("known_hosts").display()
+        );
+        let home = format!("HOME={}", bot_dir.display());
+        let port = SSH_PORT.to_string();
+        let argv = [
+            "env",
+            &home,
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            &key,
+            "-o",
+            &kh,
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-p",
+            &port,
+            "root@127.0.0.1",
+            cmd,
+        ];
+        let o = ci.wrap("nobody", &argv).output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok((o.status.code(), text.trim_end().to_string()))
+    };
+    println!("   $ ssh -p {SSH_PORT} root@127.0.0.1 'echo hello from the build box'");
+    let (code_ok, out_ok) = ssh("echo hello from the build box")?;
+    println!("{}", indent(&out_ok));
+    println!("   $ ssh -p {SSH_PORT} root@127.0.0.1 'echo hi; cat /etc/shadow'");
+    let (code_denied, out_denied) = ssh("echo hi; cat /etc/shadow")?;
+    println!("{}", indent(&out_denied));
+    let ssh_ok = code_ok == Some(0)
+        && out_ok.contains("hello from the build box")
+        && code_denied == Some(126)
+        && out_denied.contains("denied");
+    println!(
+        "   -> {}",
+        if ssh_ok {
+            "the plain command ran (tollgate logged in with its own key); the one with `;` was denied, exit 126"
+        } else {
+            "UNEXPECTED"
+        }
+    );
+    drop(sshd);
+
     println!("\n== 6. The audit log ({WORK}/data/audit.jsonl)");
     let audit = fs::read_to_string(work.join("data/audit.jsonl")).unwrap_or_default();
     let mut ci_session = None;
@@ -418,8 +561,8 @@ pub fn demo() -> Result<()> {
         || fs::read_to_string(&log)
             .unwrap_or_default()
             .contains(app_pw);
-    if !masked || !dropped_denied || ok3 || ok4 || leaked || ci_session.is_none() {
-        bail!("the demo did not behave as described above (masked={masked} drop_denied={dropped_denied} batch_allowed={ok3} reached_while_down={ok4} leaked={leaked})");
+    if !masked || !dropped_denied || ok3 || ok4 || leaked || ci_session.is_none() || !ssh_ok {
+        bail!("the demo did not behave as described above (masked={masked} drop_denied={dropped_denied} batch_allowed={ok3} reached_while_down={ok4} leaked={leaked} ssh={ssh_ok})");
     }
     println!("\nDemo complete. Audit log and recordings kept under {WORK}/data/.");
     Ok(())

@@ -41,6 +41,15 @@ const APT_PACKAGES: &[&str] = &[
     // `cargo xtask package` and its test: lint the .deb; systemd-analyze verifies the unit.
     "lintian",
     "systemd",
+    // The SSH handler's tests (`vm-tests/tests/ssh.rs`): a real sshd and the unmodified
+    // OpenSSH clients, rsync and git over ssh, an interactive shell under tmux, asciinema.
+    "openssh-server",
+    "openssh-client",
+    "openssh-sftp-server",
+    "rsync",
+    "git",
+    "tmux",
+    "asciinema",
 ];
 
 pub fn setup(apt: bool) -> Result<()> {

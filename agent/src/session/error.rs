@@ -31,6 +31,10 @@ pub enum InternalError {
     /// A state the handler's own logic rules out (a bug): names the state.
     #[error("unexpected state: {0}")]
     Unreachable(&'static str),
+    /// The target's configuration cannot be used as it is (a key file that does not load);
+    /// the message names the file and the fix.
+    #[error("target configuration: {0}")]
+    Config(String),
 }
 
 impl InternalError {

@@ -955,13 +955,15 @@ fn target_pool_defaults_on_for_postgres_and_is_refused_elsewhere() {
     };
     assert!(pooled(&t("postgres", "")), "on by default");
     assert!(!pooled(&t("postgres", "pool = false\n")));
+    assert!(!pooled(&t("ssh", "")), "opt-in for ssh");
+    assert!(pooled(&t("ssh", "pool = true\n")));
     check(
         &t("tcp", "pool = true\n"),
         5,
         8,
         &[
             "`pool` of target \"t4\"",
-            "only supported for protocol \"postgres\"",
+            "only supported for protocols \"postgres\" and \"ssh\"",
         ],
     );
     check(&t("postgres", "pool = \"yes\"\n"), 5, 8, &["pool"]);
