@@ -8,7 +8,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use crate::{free_port, TempDir};
+use crate::{free_port, require_root, AgentProc, Cgroup, FailMode, TempDir};
 
 /// The application role's password: it must never appear in anything the agent writes.
 pub const APP_PASSWORD: &str = "Upstream-Secret-7f3a9c";
@@ -306,6 +306,34 @@ impl Drop for PgServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// A real PostgreSQL, an unprivileged bot's cgroup, and an agent (failing closed) gating the
+/// server under the policy `policy` writes for them, given the file holding the application
+/// role's password (the target's credential). Dropped in that order.
+pub struct PgGate {
+    pub pg: PgServer,
+    pub bot: Cgroup,
+    pub agent: AgentProc,
+    _dir: TempDir,
+}
+
+impl PgGate {
+    pub fn start(tag: &str, policy: impl FnOnce(&PgServer, &Cgroup, &Path) -> String) -> PgGate {
+        require_root();
+        let pg = PgServer::start(tag);
+        let bot = Cgroup::new(&format!("{tag}-bot"));
+        let dir = TempDir::new(&format!("{tag}-secret"));
+        let secret = dir.path().join("app-rw.pw");
+        fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
+        let agent = AgentProc::start(tag, FailMode::Closed, &policy(&pg, &bot, &secret));
+        PgGate {
+            pg,
+            bot,
+            agent,
+            _dir: dir,
+        }
     }
 }
 

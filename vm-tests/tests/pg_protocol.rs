@@ -6,8 +6,8 @@
 use std::{path::Path, process::Output};
 
 use vm_tests::{
-    pg::{app_target, PgServer, APP_PASSWORD},
-    require_root, AgentProc, Cgroup, FailMode, TempDir,
+    pg::{app_target, PgGate, PgServer},
+    Cgroup,
 };
 
 /// The policy: `extra` rules (decided first), then rows and DDL allowed, DROP denied.
@@ -38,27 +38,20 @@ sql = {{ statements = ["drop", "truncate"] }}
     )
 }
 
-struct Fixture {
-    pg: PgServer,
-    bot: Cgroup,
-    agent: AgentProc,
-    _dir: TempDir,
+/// The shared gate (`vm_tests::pg::PgGate`) with this file's helpers.
+struct Fixture(PgGate);
+
+impl std::ops::Deref for Fixture {
+    type Target = PgGate;
+    fn deref(&self) -> &PgGate {
+        &self.0
+    }
 }
 
 fn fixture(tag: &str, extra: &str) -> Fixture {
-    require_root();
-    let pg = PgServer::start(tag);
-    let bot = Cgroup::new(&format!("{tag}-bot"));
-    let dir = TempDir::new(&format!("{tag}-secret"));
-    let secret = dir.path().join("app-rw.pw");
-    std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
-    let agent = AgentProc::start(tag, FailMode::Closed, &policy(&pg, &bot, &secret, extra));
-    Fixture {
-        pg,
-        bot,
-        agent,
-        _dir: dir,
-    }
+    Fixture(PgGate::start(tag, |pg, bot, secret| {
+        policy(pg, bot, secret, extra)
+    }))
 }
 
 impl Fixture {

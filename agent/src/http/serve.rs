@@ -104,19 +104,9 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         .http_request_seconds
         .with_label_values(&[&cx.target.name, protocol.as_str()]);
     let credential = credential_header(cx);
-    let recorder = Recorder::open(
-        &cx.gen.policy.agent.data_dir,
-        &cx.id,
-        cx.agent.audit.health().clone(),
-    )
-    .ok()
-    .map(Arc::new);
+    let recorder = cx.open_recorder();
     if let Some(r) = &recorder {
-        r.write(obj(json!({
-            "event": "start", "session": cx.id, "identity": cx.identity, "target": cx.target.name,
-            "protocol": protocol.as_str(), "sni": sni, "pid": cx.facts.pid, "uid": cx.facts.uid,
-            "cgroup": cx.facts.cgroup, "exe": cx.facts.exe,
-        })));
+        r.write(cx.start_event(json!({ "sni": sni })));
     }
     let totals = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
 

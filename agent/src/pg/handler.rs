@@ -724,6 +724,27 @@ async fn login(
 
 /// The masking plan and the catalog snapshots the session's decisions need (from the
 /// handler's snapshots or read on the new connection).
+/// A catalog snapshot the session needs could not be read upstream: tell the client (FATAL
+/// XX000 naming `what`) and end the session as an upstream failure.
+async fn snapshot_failed(
+    cx: &SessionCx,
+    client: &mut Conn,
+    what: &str,
+    e: std::io::Error,
+) -> DataPathError {
+    send_fatal(
+        client,
+        "XX000",
+        &format!("tollgate: cannot read the {what}: {e}"),
+        None,
+    )
+    .await;
+    DataPathError::Upstream {
+        addr: cx.orig_dst,
+        source: e,
+    }
+}
+
 async fn snapshots(
     h: &PgHandler,
     cx: &SessionCx,
@@ -738,17 +759,7 @@ async fn snapshots(
             match catalog::load(&h.catalogs, session, m, &cx.target.name, database).await {
                 Ok(set) => set,
                 Err(e) => {
-                    send_fatal(
-                        client,
-                        "XX000",
-                        &format!("tollgate: cannot read the catalog needed for masking: {e}"),
-                        None,
-                    )
-                    .await;
-                    return Err(DataPathError::Upstream {
-                        addr: cx.orig_dst,
-                        source: e,
-                    });
+                    return Err(snapshot_failed(cx, client, "catalog needed for masking", e).await)
                 }
             }
         }
@@ -756,23 +767,14 @@ async fn snapshots(
     };
 
     // Which functions a rule may let run without naming them (functions.rs).
-    let plain_functions =
-        match functions::load(&h.functions, session, &cx.target.name, database).await {
-            Ok(f) => f,
-            Err(e) => {
-                send_fatal(
-                    client,
-                    "XX000",
-                    &format!("tollgate: cannot read the function catalog needed for policy: {e}"),
-                    None,
-                )
-                .await;
-                return Err(DataPathError::Upstream {
-                    addr: cx.orig_dst,
-                    source: e,
-                });
-            }
-        };
+    let plain_functions = match functions::load(&h.functions, session, &cx.target.name, database)
+        .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            return Err(snapshot_failed(cx, client, "function catalog needed for policy", e).await)
+        }
+    };
     Ok((masker, catalog, plain_functions))
 }
 
@@ -802,19 +804,11 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let (masker, catalog, plain_functions) =
         snapshots(h, cx, &mut client, &mut session, policy, &database).await?;
 
-    let recorder = Recorder::open(
-        &policy.agent.data_dir,
-        &cx.id,
-        cx.agent.audit.health().clone(),
-    )
-    .ok()
-    .map(Arc::new);
+    let recorder = cx.open_recorder();
     if let Some(r) = &recorder {
-        r.write(obj(json!({
-            "event": "start", "session": cx.id, "identity": cx.identity, "target": cx.target.name,
-            "protocol": "postgres", "database": database, "user": user, "client_user": client_user,
-            "application_name": param("application_name"), "pid": cx.facts.pid, "uid": cx.facts.uid,
-            "cgroup": cx.facts.cgroup, "exe": cx.facts.exe,
+        r.write(cx.start_event(json!({
+            "database": database, "user": user, "client_user": client_user,
+            "application_name": param("application_name"),
             "oidc_subject": workload.as_ref().map(|c| c.subject.clone()),
             "startup": params.iter().filter(|(k, _)| !k.starts_with("_pq_.")).map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "upstream_connection": if reused { "reused" } else { "new" },

@@ -128,6 +128,31 @@ impl SessionCx {
             .get_or_init(|| crate::audit::Line::fields(&self.base()))
     }
 
+    /// Open the session's recording under data_dir. None when it cannot be created: the
+    /// failure is then reported to the audit health (`/healthz`, `tollgate status`).
+    pub fn open_recorder(&self) -> Option<std::sync::Arc<crate::recording::Recorder>> {
+        crate::recording::Recorder::open(
+            &self.gen.policy.agent.data_dir,
+            &self.id,
+            self.agent.audit.health().clone(),
+        )
+        .ok()
+        .map(std::sync::Arc::new)
+    }
+
+    /// A recording's `start` event: who the session is (attribution, target, protocol) plus
+    /// the protocol's own `fields` (a JSON object).
+    pub fn start_event(&self, fields: Value) -> Map<String, Value> {
+        let mut m = obj(json!({
+            "event": "start", "session": self.id, "identity": self.identity,
+            "target": self.target.name, "protocol": self.target.protocol.as_str(),
+            "pid": self.facts.pid, "uid": self.facts.uid, "cgroup": self.facts.cgroup,
+            "exe": self.facts.exe,
+        }));
+        m.extend(obj(fields));
+        m
+    }
+
     pub(super) fn base(&self) -> Map<String, Value> {
         let mut m = obj(json!({
             "session": self.id,

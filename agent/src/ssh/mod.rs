@@ -142,13 +142,7 @@ async fn serve(
         tollgate_policy::MaskStyle::Full,
         hash_key,
     );
-    let recorder = crate::recording::Recorder::open(
-        &cx.gen.policy.agent.data_dir,
-        &cx.id,
-        cx.agent.audit.health().clone(),
-    )
-    .ok()
-    .map(Arc::new);
+    let recorder = cx.open_recorder();
     let mut upstream: Option<Result<Arc<channel::Upstream>, String>> = None;
     let mut pool_key = None;
     let mut channels = FuturesUnordered::new();
@@ -188,12 +182,7 @@ async fn serve(
                                 up
                             }));
                             if let Some(r) = &recorder {
-                                r.write(crate::obj(serde_json::json!({
-                                    "event": "start", "session": cx.id, "identity": cx.identity,
-                                    "target": cx.target.name, "protocol": "ssh", "client_user": user,
-                                    "pid": cx.facts.pid, "uid": cx.facts.uid, "cgroup": cx.facts.cgroup,
-                                    "exe": cx.facts.exe,
-                                })));
+                                r.write(cx.start_event(serde_json::json!({ "client_user": user })));
                             }
                         }
                     }
