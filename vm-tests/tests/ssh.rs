@@ -374,6 +374,20 @@ fn tmux(server: &SshServer, bot: &Cgroup, sock: &Path, args: &[&str]) -> String 
     out
 }
 
+/// The bot's tmux server, ended (with what runs in it) when the test ends, pass or fail.
+struct TmuxServer<'a>(&'a SshServer, &'a Cgroup, &'a Path);
+
+impl Drop for TmuxServer<'_> {
+    fn drop(&mut self) {
+        let args = [
+            "-S".to_string(),
+            self.2.display().to_string(),
+            "kill-server".into(),
+        ];
+        let _ = self.0.run_as_bot(self.1, "/usr/bin/tmux", &args);
+    }
+}
+
 #[test]
 fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
     require_root();
@@ -386,17 +400,33 @@ fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
     let mut ssh = vec!["/usr/bin/ssh".to_string()];
     ssh.extend(server.client_opts());
     ssh.extend(["-tt", "-p", &server.port.to_string(), "root@127.0.0.1"].map(String::from));
-    let shell_cmd = format!("{}; echo EXIT=$? > {}", ssh.join(" "), status.display());
+    // ssh's own messages go to a file, and the pane outlives ssh (so a failure shows why,
+    // instead of "no server running" when the tmux session ends with ssh).
+    let ssh_err = server.bot_home.join("ssh.err");
+    let shell_cmd = format!(
+        "{} 2>{}; echo EXIT=$? > {}; sleep 120",
+        ssh.join(" "),
+        ssh_err.display(),
+        status.display()
+    );
     tmux(
         &server,
         &bot,
         &sock,
         &["new-session", "-d", "-x", "80", "-y", "24", &shell_cmd],
     );
+    let _tmux = TmuxServer(&server, &bot, &sock);
     let pane = || tmux(&server, &bot, &sock, &["capture-pane", "-p"]);
-    wait_for(std::time::Duration::from_secs(20), "a shell prompt", || {
+    let prompt = wait_until(std::time::Duration::from_secs(20), || {
         pane().contains('#').then_some(())
     });
+    assert!(
+        prompt.is_some(),
+        "no shell prompt in 20 s; pane: {:?}; ssh stderr: {:?}; {:?}",
+        pane(),
+        fs::read_to_string(&ssh_err).unwrap_or_default(),
+        fs::read_to_string(&status).unwrap_or_default()
+    );
     tmux(
         &server,
         &bot,
