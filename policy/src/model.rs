@@ -345,7 +345,7 @@ pub struct Target {
     pub credential: Option<String>,
     /// Key `tls`: how the agent secures its own connection to the target.
     pub tls: TargetTls,
-    /// Key `pool` (PostgreSQL: default true; SSH: default false, opt-in). SSH: a bot
+    /// Key `pool` (default true; `pool = false` turns reuse off). SSH: a bot
     /// connection that ends cleanly leaves its logged-in upstream connection for the same
     /// identity's next one (see the agent's `ssh/pool.rs`). PostgreSQL: a session that ends cleanly (Terminate,
     /// idle, not in a transaction) leaves its upstream connection, reset with `DISCARD ALL`,

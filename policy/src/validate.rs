@@ -934,12 +934,7 @@ fn target<'r>(
         address,
         credential,
         tls,
-        // SSH reuse is opt-in for now: on a reused upstream connection an exit status was
-        // seen lost once in five multiplexed runs (see ssh/pool.rs).
-        pool: t
-            .pool
-            .as_ref()
-            .map_or(protocol != Protocol::Ssh, |p| *p.get_ref()),
+        pool: t.pool.as_ref().is_none_or(|p| *p.get_ref()),
         known_hosts: t.known_hosts.as_ref().map(|p| PathBuf::from(p.get_ref())),
         host_key_file: t.host_key_file.as_ref().map(|p| PathBuf::from(p.get_ref())),
         unix_socket,

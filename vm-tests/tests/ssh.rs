@@ -1048,16 +1048,16 @@ fn exec_recordings_and_audit_mask_secrets() {
 }
 
 #[test]
-fn upstream_connections_are_reused_with_pool_true() {
+fn upstream_connections_are_reused_unless_pool_false() {
     require_root();
-    // Opt-in (`pool = true`); the default for ssh targets is no reuse.
+    // Reuse is the default for ssh targets; `pool = false` turns it off.
     for (pool, want_logins) in [(true, 1), (false, 3)] {
         let tag = if pool { "ssh-pool" } else { "ssh-nopool" };
         let server = SshServer::start(tag);
         let bot = Cgroup::new(&format!("{tag}-bot"));
         let mut target = server.target_toml("box");
-        if pool {
-            target = target.replace("protocol = \"ssh\"\n", "protocol = \"ssh\"\npool = true\n");
+        if !pool {
+            target = target.replace("protocol = \"ssh\"\n", "protocol = \"ssh\"\npool = false\n");
         }
         let body = [identity_for("bot", &bot), target, EXEC_RULES.to_string()].concat();
         let agent = AgentProc::start(tag, FailMode::Closed, &body);
@@ -1079,4 +1079,347 @@ fn upstream_connections_are_reused_with_pool_true() {
             .count();
         assert_eq!(reused, 3 - want_logins, "pool={pool}");
     }
+}
+
+/// The exit status `ssh host 'exit N'` must give for run `i` (varied, never 255, which is
+/// ssh's own error status).
+fn status_of(i: usize) -> i32 {
+    ((i * 37 + 1) % 250) as i32
+}
+
+#[test]
+fn pooled_connection_passes_every_exit_status() {
+    require_root();
+    let (server, bot, agent) = world("ssh-pool50", EXEC_RULES);
+    // 50 bot connections in a row, all served as channels of one reused upstream login.
+    for i in 0..50 {
+        let want = status_of(i);
+        let (st, _, err) = server.ssh(&bot, &[], &format!("exit {want}"));
+        assert_eq!(
+            st.code(),
+            Some(want),
+            "run {i}: {err}\n{}",
+            agent.stderr_text()
+        );
+    }
+    let logins = server.log().matches("Accepted publickey").count();
+    assert_eq!(logins, 1, "{}", server.log());
+    // ControlMaster on top: the multiplexed channels of one bot connection, each on the
+    // reused upstream connection, each with its own status.
+    let ctl = server.bot_home.join("ctl50");
+    let ctl_opt = format!("ControlPath={}", ctl.display());
+    let mut master = server.client_opts();
+    master.extend(
+        [
+            "-p",
+            &server.port.to_string(),
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            &ctl_opt,
+            "-o",
+            "ControlPersist=60",
+            "-N",
+            "-f",
+            "root@127.0.0.1",
+        ]
+        .map(String::from),
+    );
+    let (st, _, err) = server.run_as_bot(&bot, "/usr/bin/ssh", &master);
+    assert!(st.success(), "master: {err}");
+    let mux = ["-o", "ControlMaster=no", "-o", ctl_opt.as_str()];
+    for i in 0..30 {
+        let want = status_of(i + 50);
+        let (st, _, err) = server.ssh(&bot, &mux, &format!("exit {want}"));
+        assert_eq!(st.code(), Some(want), "mux run {i}: {err}");
+    }
+    let mut stop = server.client_opts();
+    stop.extend(["-o", &ctl_opt, "-O", "exit", "root@127.0.0.1"].map(String::from));
+    let _ = server.run_as_bot(&bot, "/usr/bin/ssh", &stop);
+    let logins = server.log().matches("Accepted publickey").count();
+    assert_eq!(logins, 1, "{}", server.log());
+}
+
+#[test]
+fn exit_signals_propagate_as_openssh_does_directly() {
+    require_root();
+    let rules = format!(
+        "{EXEC_RULES}\n[[rule]]\nname = \"self kill\"\nidentities = [\"bot\"]\ntargets = [\"box\"]\naction = \"allow\"\nssh = {{ exec = [\"kill -TERM *\"] }}\n"
+    );
+    let server = SshServer::start("ssh-sig");
+    // (`$$` is a substitution the matcher refuses; `0` is the shell's own process group.)
+    let cmd = "kill -TERM 0";
+    // Directly (before any agent runs), with the key the server accepts: OpenSSH's own
+    // behaviour for a command killed by a signal.
+    let mut args = server.client_opts();
+    let key_at = args.iter().position(|a| a == "-i").expect("-i") + 1;
+    args[key_at] = server.agent_key.display().to_string();
+    args.extend(
+        [
+            "-v",
+            "-p",
+            &server.port.to_string(),
+            "root@127.0.0.1",
+            "--",
+            cmd,
+        ]
+        .map(String::from),
+    );
+    let child = std::process::Command::new("/usr/bin/ssh")
+        .args(&args)
+        .env("HOME", &server.bot_home)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    let (direct, _, direct_err) = wait_child(child, std::time::Duration::from_secs(60), "ssh");
+    assert!(
+        direct_err.contains("rtype exit-signal"),
+        "direct: {direct_err}"
+    );
+    // Through the agent, as the bot with its own (rejected) key.
+    let bot = Cgroup::new("ssh-sig-bot");
+    let body = [identity_for("bot", &bot), server.target_toml("box"), rules].concat();
+    let agent = AgentProc::start("ssh-sig", FailMode::Closed, &body);
+    let (st, out, err) = server.ssh(&bot, &["-v"], cmd);
+    assert_eq!(
+        st.code(),
+        direct.code(),
+        "out {out:?} err {err}\n{}",
+        agent.stderr_text()
+    );
+    assert_eq!(st.code(), Some(255), "{err}");
+    assert!(err.contains("rtype exit-signal"), "{err}");
+    assert!(!err.contains("tollgate:"), "{err}");
+    // A normal status after it on the same agent.
+    let (st, _, err) = server.ssh(&bot, &[], "exit 9");
+    assert_eq!(st.code(), Some(9), "{err}");
+}
+
+/// A TCP service that greets each connection once (an unprotected port).
+fn greeter() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for mut s in listener.incoming().flatten() {
+            let _ = s.write_all(b"hello through the forward\n");
+        }
+    });
+    addr
+}
+
+/// Connect to a local forward's port (retrying until ssh listens) and read what comes.
+fn read_forward(port: u16) -> String {
+    use std::io::Read;
+    let mut s = wait_for(
+        std::time::Duration::from_secs(20),
+        "the forward's local port",
+        || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = String::new();
+    let _ = s.read_to_string(&mut got);
+    got
+}
+
+/// `ssh [extra] host 'sleep 4'` as the bot in the background (a forward lives as long).
+fn spawn_ssh_with(server: &SshServer, bot: &Cgroup, extra: &[&str]) -> std::process::Child {
+    let mut args = server.client_opts();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(
+        [
+            "-p",
+            &server.port.to_string(),
+            "root@127.0.0.1",
+            "--",
+            "sleep 4",
+        ]
+        .map(String::from),
+    );
+    bot.command(Path::new("/usr/bin/ssh"))
+        .args(&args)
+        .env("HOME", &server.bot_home)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ssh")
+}
+
+#[test]
+fn l_r_d_a_and_sendenv_are_each_refused_by_default() {
+    require_root();
+    let rules = EXEC_RULES.replace("\"sleep *\"", "\"sleep *\", \"printenv *\"");
+    let (server, bot, agent) = world("ssh-fwd5", &rules);
+    let target = greeter();
+    let denied = |what: &str| {
+        let ev = agent.wait_audit(what, |e| {
+            e["event"] == "operation" && e["operation"] == what
+        });
+        assert_eq!(ev["action"], "deny", "{ev}");
+        assert_eq!(ev["protocol"], "ssh", "{ev}");
+    };
+    // -L: the local port opens (ssh's side), but the channel to the destination is refused.
+    let lport = free_port();
+    let child = spawn_ssh_with(&server, &bot, &["-L", &format!("{lport}:{target}")]);
+    assert_eq!(read_forward(lport), "", "a -L forward got through");
+    let (_, _, err) = wait_child(child, std::time::Duration::from_secs(30), "ssh -L");
+    assert!(err.contains("administratively prohibited"), "{err}");
+    denied(&format!("direct-tcpip {target}"));
+    // -D: a SOCKS5 CONNECT to the greeter through the dynamic forward is refused the same way.
+    let dport = free_port();
+    let child = spawn_ssh_with(&server, &bot, &["-D", &dport.to_string()]);
+    let reply = {
+        use std::io::{Read, Write};
+        let mut s = wait_for(std::time::Duration::from_secs(20), "the -D port", || {
+            std::net::TcpStream::connect(("127.0.0.1", dport)).ok()
+        });
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(&[5, 1, 0]).expect("socks hello");
+        let mut hello = [0u8; 2];
+        s.read_exact(&mut hello).expect("socks method");
+        assert_eq!(hello, [5, 0]);
+        let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+        req.extend(target.port().to_be_bytes());
+        s.write_all(&req).expect("socks connect");
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got
+    };
+    assert!(
+        !String::from_utf8_lossy(&reply).contains("hello through"),
+        "a -D forward got through: {reply:?}"
+    );
+    assert!(
+        reply.get(1).is_none_or(|&r| r != 0),
+        "SOCKS success: {reply:?}"
+    );
+    let _ = wait_child(child, std::time::Duration::from_secs(30), "ssh -D");
+    denied(&format!("direct-tcpip 127.0.0.1:{}", target.port()));
+    // -R: the server-side listener is refused.
+    let (st, _, err) = server.ssh(
+        &bot,
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("0:{target}"),
+        ],
+        "echo should-not-run",
+    );
+    assert_eq!(st.code(), Some(255), "{err}");
+    denied("tcpip-forward localhost:0");
+    // -A with a real agent for the bot: the request is refused, the server never sets
+    // SSH_AUTH_SOCK.
+    let sock = server.bot_home.join("agent.sock");
+    let mut ssh_agent = bot
+        .command(Path::new("/usr/bin/ssh-agent"))
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "ssh-agent socket",
+        || sock.exists().then_some(()),
+    );
+    let mut args = server.client_opts();
+    args.extend(
+        [
+            "-A",
+            "-p",
+            &server.port.to_string(),
+            "root@127.0.0.1",
+            "--",
+            "printenv SSH_AUTH_SOCK",
+        ]
+        .map(String::from),
+    );
+    let child = bot
+        .command(Path::new("/usr/bin/ssh"))
+        .args(&args)
+        .env("HOME", &server.bot_home)
+        .env("SSH_AUTH_SOCK", &sock)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ssh -A");
+    let (_st, out, err) = wait_child(child, std::time::Duration::from_secs(60), "ssh -A");
+    let _ = ssh_agent.kill();
+    let _ = ssh_agent.wait();
+    assert_eq!(out, "", "agent forwarding reached the server: {err}");
+    denied("auth-agent");
+    // SendEnv: LANG is one the server accepts (AcceptEnv LANG), but tollgate refuses it.
+    let mut args = server.client_opts();
+    args.extend(
+        [
+            "-o",
+            "SendEnv=LANG",
+            "-p",
+            &server.port.to_string(),
+            "root@127.0.0.1",
+            "--",
+            "printenv LANG",
+        ]
+        .map(String::from),
+    );
+    let child = bot
+        .command(Path::new("/usr/bin/ssh"))
+        .args(&args)
+        .env("HOME", &server.bot_home)
+        .env("LANG", "tollgate-sent.UTF-8")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ssh SendEnv");
+    let (_st, out, err) = wait_child(child, std::time::Duration::from_secs(60), "ssh");
+    assert!(
+        !out.contains("tollgate-sent"),
+        "LANG reached the server: {err}"
+    );
+    denied("env LANG");
+}
+
+#[test]
+fn forwarding_true_lets_ssh_l_through_and_records_it() {
+    require_root();
+    let rules = format!(
+        "{EXEC_RULES}\n[[rule]]\nname = \"fwd\"\nidentities = [\"bot\"]\ntargets = [\"box\"]\naction = \"allow\"\nssh = {{ forwarding = true }}\n"
+    );
+    let (server, bot, agent) = world("ssh-fwd-l", &rules);
+    let target = greeter();
+    let lport = free_port();
+    let child = spawn_ssh_with(&server, &bot, &["-L", &format!("{lport}:{target}")]);
+    assert_eq!(read_forward(lport), "hello through the forward\n");
+    let _ = wait_child(child, std::time::Duration::from_secs(30), "ssh -L");
+    let what = format!("direct-tcpip {target}");
+    let ev = agent.wait_audit("allowed -L", |e| {
+        e["event"] == "operation" && e["operation"] == what
+    });
+    assert_eq!(ev["action"], "allow", "{ev}");
+    // The session recording names the forward's destination and its bytes.
+    let sessions = agent.data_dir.join("sessions");
+    let line = wait_for(
+        std::time::Duration::from_secs(10),
+        "recorded forward",
+        || {
+            fs::read_dir(&sessions).ok()?.flatten().find_map(|e| {
+                fs::read_to_string(e.path())
+                    .ok()?
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|v| v["event"] == "direct-tcpip")
+            })
+        },
+    );
+    assert_eq!(line["destination"], target.to_string(), "{line}");
+    assert_eq!(line["bytes_down"], 26, "{line}");
 }

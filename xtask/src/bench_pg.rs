@@ -28,7 +28,7 @@ const WORK: &str = "/tmp/tollgate-bench-pg";
 const PW: &str = "bench-upstream-password";
 const SECONDS: &str = "8";
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -159,7 +159,7 @@ fn metrics_addr(port: u16) -> String {
 }
 
 /// Resident memory of `pid` in bytes.
-fn rss(pid: u32) -> Result<f64> {
+pub(crate) fn rss(pid: u32) -> Result<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
@@ -170,12 +170,13 @@ fn rss(pid: u32) -> Result<f64> {
     Ok(kb * 1024.0)
 }
 
-/// `tollgate_sessions_active{protocol="postgres"}` from the agent's metrics.
-fn active_sessions(metrics: &str) -> Result<f64> {
+/// `tollgate_sessions_active{protocol="PROTOCOL"}` from the agent's metrics.
+pub(crate) fn active_sessions(metrics: &str, protocol: &str) -> Result<f64> {
     let text = crate::demo::http_get(metrics, "/metrics")?;
+    let prefix = format!("tollgate_sessions_active{{protocol=\"{protocol}\"}} ");
     Ok(text
         .lines()
-        .find_map(|l| l.strip_prefix("tollgate_sessions_active{protocol=\"postgres\"} "))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0))
 }
@@ -202,7 +203,7 @@ fn idle_session_memory(agent_pid: u32, pg_port: u16, metrics: &str) -> Result<(u
     };
     let wait_active = |want: f64| -> Result<()> {
         for _ in 0..300 {
-            if active_sessions(metrics)? == want {
+            if active_sessions(metrics, "postgres")? == want {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -315,13 +316,13 @@ enum Part {
     Approvals,
 }
 
-/// This process (and so its pgbench and psql children) in the bench cgroup, the bench
+/// This process (and so its children: pgbench, psql, ssh...) in a bench cgroup, the bench
 /// identity's, until dropped: then back in the cgroup root and the cgroup removed.
-struct InBenchCgroup(Cgroup);
+pub(crate) struct InBenchCgroup(Cgroup);
 
 impl InBenchCgroup {
-    fn enter() -> Result<InBenchCgroup> {
-        let cg = Cgroup::create("tollgate-bench-pg")?;
+    pub(crate) fn enter(name: &str) -> Result<InBenchCgroup> {
+        let cg = Cgroup::create(name)?;
         fs::write(cg.0.join("cgroup.procs"), std::process::id().to_string())?;
         Ok(InBenchCgroup(cg))
     }
@@ -534,7 +535,7 @@ fn agent_columns(
     idle: &mut Option<(usize, f64)>,
 ) -> Result<()> {
     // The bot: this process and its pgbench children in the bench cgroup.
-    let _cg = InBenchCgroup::enter()?;
+    let _cg = InBenchCgroup::enter("tollgate-bench-pg")?;
     let work = Path::new(WORK);
     let (listen, metrics) = (free_port()?, free_port()?);
     let mut agents: [(usize, &str, AgentEnv); 2] = [
@@ -596,7 +597,7 @@ fn approvals(bin: &Path, pg: &Postgres, pg_port: u16) -> Result<()> {
             WAKE_RUNS + 1
         ),
     )?;
-    let _cg = InBenchCgroup::enter()?;
+    let _cg = InBenchCgroup::enter("tollgate-bench-pg")?;
     let work = Path::new(WORK);
     let (listen, metrics, admin) = (free_port()?, free_port()?, free_port()?);
     let mut a_tps = Vec::new();

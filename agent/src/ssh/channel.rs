@@ -541,11 +541,20 @@ async fn pump(
         status
     };
     // The channel ends when the upstream side has closed; the bot side's loop then sees the
-    // close we sent and ends too (bounded, in case the bot never answers).
+    // close we sent and ends too (bounded, in case the bot never answers). When the bot side
+    // ends first (its close, or a write upstream failed because that channel is already
+    // gone), what the upstream still sends (exit status or signal, EOF, close) is passed on
+    // all the same: `to_bot` is never dropped while it can still deliver the exit status.
+    // (Dropping it there lost an exit status on busy reused connections, about one run in
+    // five: `select!` picks at random among branches ready together.)
     let mut to_up = std::pin::pin!(to_up);
+    let mut to_bot = std::pin::pin!(to_bot);
     let status = tokio::select! {
-        s = to_bot => s,
-        _ = &mut to_up => None,
+        biased;
+        s = &mut to_bot => s,
+        _ = &mut to_up => tokio::time::timeout(std::time::Duration::from_secs(5), &mut to_bot)
+            .await
+            .unwrap_or(None),
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut to_up).await;
     (
@@ -556,11 +565,13 @@ async fn pump(
 }
 
 /// A direct-tcpip channel (`ssh -L` / `-D`), allowed by `forwarding = true`: opened upstream to
-/// the same destination (recorded in the audit log by the handler's decision).
+/// the same destination (audited by the handler's decision; the session recording gets a line
+/// with the destination and the bytes each way when it ends).
 pub async fn direct_tcpip(
     cx: &SessionCx,
     upstream: Result<Arc<Upstream>, String>,
     counters: Arc<Counters>,
+    recorder: Option<Arc<Recorder>>,
     ch: Channel<server::Msg>,
     host: String,
     port: u32,
@@ -583,8 +594,15 @@ pub async fn direct_tcpip(
     };
     let mut bot = ch.into_stream();
     let mut upc = up_ch.into_stream();
-    if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut bot, &mut upc).await {
-        counters.up.fetch_add(a, Ordering::Relaxed);
-        counters.down.fetch_add(b, Ordering::Relaxed);
+    let (a, b) = tokio::io::copy_bidirectional(&mut bot, &mut upc)
+        .await
+        .unwrap_or_default();
+    counters.up.fetch_add(a, Ordering::Relaxed);
+    counters.down.fetch_add(b, Ordering::Relaxed);
+    if let Some(r) = &recorder {
+        r.write(crate::obj(json!({
+            "event": "direct-tcpip", "destination": format!("{host}:{port}"),
+            "bytes_up": a, "bytes_down": b,
+        })));
     }
 }

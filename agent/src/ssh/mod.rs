@@ -200,7 +200,7 @@ async fn serve(
                     Event::Forward(kind, what, d) => audit_forward(cx, kind, &what, &d),
                     Event::DirectTcpip(ch, host, port) => {
                         let up = upstream.clone().unwrap_or_else(|| Err("not authenticated".into()));
-                        channels.push(Box::pin(channel::direct_tcpip(cx, up, counters.clone(), ch, host, port)));
+                        channels.push(Box::pin(channel::direct_tcpip(cx, up, counters.clone(), recorder.clone(), ch, host, port)));
                     }
                 }
             }
