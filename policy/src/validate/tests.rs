@@ -955,8 +955,8 @@ fn target_pool_defaults_on_for_postgres_and_is_refused_elsewhere() {
     };
     assert!(pooled(&t("postgres", "")), "on by default");
     assert!(!pooled(&t("postgres", "pool = false\n")));
-    assert!(!pooled(&t("ssh", "")), "opt-in for ssh");
-    assert!(pooled(&t("ssh", "pool = true\n")));
+    assert!(pooled(&t("ssh", "")), "on by default for ssh too");
+    assert!(!pooled(&t("ssh", "pool = false\n")));
     check(
         &t("tcp", "pool = true\n"),
         5,
