@@ -1423,3 +1423,86 @@ fn forwarding_true_lets_ssh_l_through_and_records_it() {
     assert_eq!(line["destination"], target.to_string(), "{line}");
     assert_eq!(line["bytes_down"], 26, "{line}");
 }
+
+#[test]
+fn terminal_recordings_mask_secrets_split_across_reads() {
+    require_root();
+    let rules = format!(
+        "{EXEC_RULES}\n[[rule]]\nname = \"shell\"\nidentities = [\"bot\"]\ntargets = [\"box\"]\naction = \"allow\"\nssh = {{ shell = true }}\n"
+    );
+    let (server, bot, agent) = world("ssh-castmask", &rules);
+    // On the server: a script that prints each secret in two writes with a pause between, so
+    // sshd reads the terminal twice and the agent sees two output chunks. The secrets are not
+    // in what the bot types (only the script's path is), so any trace of them in the
+    // recording comes from the output.
+    let aws = "AKIAIOSFODNN7EXAMPLE";
+    let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib3QifQ.c2lnbmF0dXJlLXZhbHVlLWhlcmU";
+    let token = "abcdefghijklmnopqrstuvwxyz012345";
+    let body = "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ";
+    let script = server.dir.path().join("split.sh");
+    let halves = |s: &str| (s[..s.len() / 2].to_string(), s[s.len() / 2..].to_string());
+    let mut text = String::from("printf 'begin-marker\\n'\n");
+    for (pre, secret, post) in [
+        ("aws ", aws, " end\\n"),
+        ("jwt=", jwt, "\\n"),
+        ("Authorization: Bearer ", token, "\\n"),
+        (
+            "-----BEGIN OPENSSH PRIVATE KEY-----\\n",
+            body,
+            "\\n-----END OPENSSH PRIVATE KEY-----\\n",
+        ),
+    ] {
+        let (a, b) = halves(secret);
+        text.push_str(&format!(
+            "printf -- '{pre}{a}'; sleep 0.4; printf -- '{b}{post}'\n"
+        ));
+    }
+    text.push_str("printf 'end-marker\\n'\n");
+    fs::write(&script, text).expect("script");
+    let mut args = server.client_opts();
+    args.extend(["-tt", "-p", &server.port.to_string(), "root@127.0.0.1"].map(String::from));
+    let mut child = bot
+        .command(Path::new("/usr/bin/ssh"))
+        .args(&args)
+        .env("HOME", &server.bot_home)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ssh -tt");
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(format!("sh {}; exit 5\n", script.display()).as_bytes())
+            .expect("type");
+    }
+    let (st, out, err) = wait_child(child, std::time::Duration::from_secs(60), "ssh -tt");
+    assert_eq!(
+        st.code(),
+        Some(5),
+        "out {out:?} err {err}\n{}",
+        agent.stderr_text()
+    );
+    // The bot saw the real output, every secret whole.
+    for secret in [aws, jwt, token, body] {
+        assert!(out.contains(secret), "{secret} not printed: {out:?}");
+    }
+    // The recording: markers kept, no half of any secret.
+    let sessions = agent.data_dir.join("sessions");
+    let cast = wait_for(std::time::Duration::from_secs(10), "the cast file", || {
+        fs::read_dir(&sessions).ok()?.flatten().find_map(|e| {
+            let p = e.path();
+            let t = fs::read_to_string(&p).ok()?;
+            (p.extension()? == "cast" && t.contains("end-marker")).then_some(t)
+        })
+    });
+    assert!(cast.contains("begin-marker"), "{cast}");
+    for secret in [aws, jwt, token, body] {
+        let (a, b) = halves(secret);
+        assert!(
+            !cast.contains(&a) && !cast.contains(&b),
+            "part of {secret} recorded:\n{cast}"
+        );
+    }
+}

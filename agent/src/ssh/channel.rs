@@ -266,6 +266,9 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
     let (up_r, up_w) = up_ch.split();
     let (up_bytes, down_bytes, status) =
         pump(&ccx, id, held, bot_r, &bot_w, up_r, &up_w, cast.as_ref()).await;
+    if let Some(c) = &cast {
+        c.finish(ccx.masker);
+    }
     record(
         &ccx,
         kind_word,
