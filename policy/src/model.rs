@@ -473,6 +473,10 @@ pub struct Credential {
     pub password_file: Option<PathBuf>,
     /// Key `key_file`: file holding a private key (ssh).
     pub key_file: Option<PathBuf>,
+    /// Key `cert_file` (ssh, only beside `key_file`): an OpenSSH user certificate for that key
+    /// (`ssh-keygen -s CA -I ID -n USER key.pub` writes `key-cert.pub`), for servers that
+    /// trust a user CA (`TrustedUserCAKeys`) instead of `authorized_keys`.
+    pub cert_file: Option<PathBuf>,
     /// Key `token_file`: file holding a bearer token (http, kubernetes).
     pub token_file: Option<PathBuf>,
     /// Key `env`: name of the agent's environment variable holding the secret.

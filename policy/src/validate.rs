@@ -783,6 +783,12 @@ fn credential(
             }
         }
     }
+    if let (Some(cert), None) = (&c.cert_file, &c.key_file) {
+        cx.err(
+            cert.span(),
+            format!("`cert_file` of credential \"{name}\" needs `key_file` beside it: the certificate is for that private key"),
+        );
+    }
     if first.is_none() && c.user.is_none() {
         cx.err(
             table,
@@ -802,6 +808,10 @@ fn credential(
             .key_file
             .as_ref()
             .and_then(|v| path(cx, v, "key_file", &what)),
+        cert_file: c
+            .cert_file
+            .as_ref()
+            .and_then(|v| path(cx, v, "cert_file", &what)),
         token_file: c
             .token_file
             .as_ref()

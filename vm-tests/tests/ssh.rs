@@ -912,7 +912,7 @@ fn workload_oidc_token_is_the_ssh_password() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .expect("chmod");
-    let run = |token: &str| {
+    let run_with = |token: &str, method: &str| {
         fs::write(&token_file, token).expect("token");
         // Password prompts need BatchMode off; the askpass helper answers with the token.
         let mut args: Vec<String> = server
@@ -929,7 +929,7 @@ fn workload_oidc_token_is_the_ssh_password() {
         args.extend(
             [
                 "-o",
-                "PreferredAuthentications=password",
+                &format!("PreferredAuthentications={method}"),
                 "-o",
                 "NumberOfPasswordPrompts=1",
                 "-p",
@@ -954,6 +954,7 @@ fn workload_oidc_token_is_the_ssh_password() {
             .expect("spawn ssh");
         wait_child(child, std::time::Duration::from_secs(60), "ssh")
     };
+    let run = |token: &str| run_with(token, "password");
     let good = idp.workload_token("deploy-bot");
     let (st, out, err) = run(&good);
     assert_eq!(
@@ -974,6 +975,29 @@ fn workload_oidc_token_is_the_ssh_password() {
     agent.wait_audit("oidc auth denied", |e| {
         e["event"] == "auth" && e["outcome"] == "denied"
     });
+    // The same token through keyboard-interactive (one hidden "Token: " prompt).
+    let (st, out, err) = run_with(&good, "keyboard-interactive");
+    assert_eq!(
+        (st.code(), out.as_str()),
+        (Some(0), "with-token\n"),
+        "keyboard-interactive: {err}\n{}",
+        agent.stderr_text()
+    );
+    let (st, out, err) = run_with(&forged, "keyboard-interactive");
+    assert_eq!(st.code(), Some(255), "{out}{err}");
+    assert!(out.is_empty() && err.contains("Permission denied"), "{err}");
+    let outcomes: Vec<_> = agent
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "auth")
+        .map(|e| e["outcome"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["allowed", "denied", "allowed", "denied"],
+        "{}",
+        agent.stderr_text()
+    );
     // The token never reaches the audit log or the agent's own log.
     let audit = fs::read_to_string(agent.audit_path()).expect("audit");
     let sig = good.rsplit('.').next().unwrap_or_default();
@@ -1505,4 +1529,81 @@ fn terminal_recordings_mask_secrets_split_across_reads() {
             "part of {secret} recorded:\n{cast}"
         );
     }
+}
+
+#[test]
+fn upstream_login_with_an_openssh_user_certificate() {
+    require_root();
+    // A user CA the server trusts; the agent's key is NOT in authorized_keys, only its
+    // certificate (signed for principal root) lets it in.
+    let ca_dir = TempDir::new("ssh-userca");
+    let ca = ca_dir.path().join("user_ca");
+    let key = ca_dir.path().join("agent_cert_key");
+    for k in [&ca, &key] {
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(k)
+            .status()
+            .expect("ssh-keygen");
+        assert!(st.success());
+    }
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&ca)
+        .args(["-I", "tollgate-agent", "-n", "root", "-V", "-5m:+1h"])
+        .arg(key.with_extension("pub"))
+        .status()
+        .expect("ssh-keygen -s");
+    assert!(st.success());
+    let cert = ca_dir.path().join("agent_cert_key-cert.pub");
+    assert!(cert.exists());
+    let server = SshServer::start_with(
+        "ssh-cert",
+        &format!("TrustedUserCAKeys {}\n", ca.with_extension("pub").display()),
+    );
+    let bot = Cgroup::new("ssh-cert-bot");
+    let plain = server.target_toml("box").replace(
+        &format!("key_file = \"{}\"", server.agent_key.display()),
+        &format!("key_file = \"{}\"", key.display()),
+    );
+    assert!(plain.contains(&key.display().to_string()));
+    // The key alone (no certificate): the server refuses it, the bot gets a clean error.
+    let body = [
+        identity_for("bot", &bot),
+        plain.clone(),
+        EXEC_RULES.to_string(),
+    ]
+    .concat();
+    let agent = AgentProc::start("ssh-cert-plain", FailMode::Closed, &body);
+    let (st, out, err) = server.ssh(&bot, &[], "echo via-key");
+    assert_eq!(st.code(), Some(255), "out {out:?} err {err}");
+    assert!(
+        err.contains("refused the injected credential"),
+        "{err}\n{}",
+        agent.stderr_text()
+    );
+    drop(agent);
+    // With cert_file beside it: logged in by certificate.
+    let with_cert = plain.replace(
+        &format!("key_file = \"{}\"\n", key.display()),
+        &format!(
+            "key_file = \"{}\"\ncert_file = \"{}\"\n",
+            key.display(),
+            cert.display()
+        ),
+    );
+    let body = [identity_for("bot", &bot), with_cert, EXEC_RULES.to_string()].concat();
+    let agent = AgentProc::start("ssh-cert", FailMode::Closed, &body);
+    let (st, out, err) = server.ssh(&bot, &[], "echo via-certificate");
+    assert_eq!(
+        (st.code(), out.as_str()),
+        (Some(0), "via-certificate\n"),
+        "{err}\n{}",
+        agent.stderr_text()
+    );
+    let log = server.log();
+    assert!(
+        log.contains("Accepted publickey for root") && log.contains("ID tollgate-agent"),
+        "{log}"
+    );
 }

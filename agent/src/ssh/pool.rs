@@ -30,6 +30,7 @@ pub struct PoolKey {
     pub server: SocketAddr,
     pub user: String,
     pub key_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
     pub password_file: Option<PathBuf>,
     pub known_hosts: Option<PathBuf>,
 }

@@ -725,6 +725,12 @@ fn credentials() {
         14,
         &["both `key_file` and `token_file`"],
     );
+    check(
+        "[credential.x]\nuser = \"u\"\ncert_file = \"/c\"\n",
+        3,
+        13,
+        &["`cert_file` of credential \"x\" needs `key_file` beside it"],
+    );
     check("[credential.x]\n", 1, 1, &["credential \"x\" is empty"]);
     check(
         "[credential.x]\nenv = \"hunter2!\"\n",
