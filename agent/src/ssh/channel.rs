@@ -466,9 +466,14 @@ async fn pump(
         let _ = up_w.close().await;
     };
     // Upstream to bot: data, stderr, EOF, exit status/signal, close.
+    // The upstream's EOF is held until its exit status (or signal, or close) has been passed
+    // on: a client that has sent its own EOF closes the channel as soon as it gets ours, and
+    // russh's server forgets a channel the client closed, so a status sent after that would
+    // be dropped (the bot then exits 255). sshd itself never closes before the status.
     let to_bot = async {
         let mut status = None;
         let mut closed = false;
+        let mut eof_held = false;
         while let Some(m) = up_r.wait().await {
             let r = match m {
                 ChannelMsg::Data { data } => {
@@ -491,10 +496,17 @@ async fn pump(
                     }
                     bot_w.extended_data_bytes(ext, data).await
                 }
-                ChannelMsg::Eof => bot_w.eof().await,
+                ChannelMsg::Eof => {
+                    eof_held = true;
+                    Ok(())
+                }
                 ChannelMsg::ExitStatus { exit_status } => {
                     status = Some(exit_status);
-                    bot_w.exit_status(exit_status).await
+                    let r = bot_w.exit_status(exit_status).await;
+                    if std::mem::take(&mut eof_held) {
+                        let _ = bot_w.eof().await;
+                    }
+                    r
                 }
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -506,6 +518,9 @@ async fn pump(
                         .server
                         .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
                         .await;
+                    if std::mem::take(&mut eof_held) {
+                        let _ = bot_w.eof().await;
+                    }
                     Ok(())
                 }
                 ChannelMsg::Failure => {
@@ -548,8 +563,6 @@ async fn pump(
     // ends first (its close, or a write upstream failed because that channel is already
     // gone), what the upstream still sends (exit status or signal, EOF, close) is passed on
     // all the same: `to_bot` is never dropped while it can still deliver the exit status.
-    // (Dropping it there lost an exit status on busy reused connections, about one run in
-    // five: `select!` picks at random among branches ready together.)
     let mut to_up = std::pin::pin!(to_up);
     let mut to_bot = std::pin::pin!(to_bot);
     let status = tokio::select! {
