@@ -69,27 +69,7 @@ fn exec_allowed_denied_and_controlmaster_siblings() {
     assert!(out.is_empty(), "{out}");
 
     // ControlMaster: one connection, a denied channel, then a sibling that still works.
-    let ctl = server.bot_home.join("ctl");
-    let ctl_opt = format!("ControlPath={}", ctl.display());
-    let mut master_args = server.client_opts();
-    master_args.extend(
-        [
-            "-p",
-            &server.port.to_string(),
-            "-o",
-            "ControlMaster=yes",
-            "-o",
-            &ctl_opt,
-            "-o",
-            "ControlPersist=30",
-            "-N",
-            "-f",
-            "root@127.0.0.1",
-        ]
-        .map(String::from),
-    );
-    let (st, _, err) = server.run_as_bot(&bot, "/usr/bin/ssh", &master_args);
-    assert!(st.success(), "master: {err}");
+    let ctl_opt = control_master(&server, &bot, "ctl");
     let mux = ["-o", "ControlMaster=no", "-o", ctl_opt.as_str()];
     let (st, _, err) = server.ssh(&bot, &mux, "cat /etc/shadow");
     assert_eq!(st.code(), Some(126), "{err}");
@@ -98,9 +78,7 @@ fn exec_allowed_denied_and_controlmaster_siblings() {
     let (st, _, err) = server.ssh(&bot, &mux, "exit 3");
     assert_eq!(st.code(), Some(3), "{err}");
     // One upstream login served all three channels of the multiplexed connection.
-    let mut stop = server.client_opts();
-    stop.extend(["-o", &ctl_opt, "-O", "exit", "root@127.0.0.1"].map(String::from));
-    let _ = server.run_as_bot(&bot, "/usr/bin/ssh", &stop);
+    stop_master(&server, &bot, &ctl_opt);
 
     // Audit and metrics carry protocol ssh and the channel counter.
     let ev = agent.wait_audit("denied exec", |e| {
@@ -525,27 +503,66 @@ fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
     );
 }
 
-/// `ssh` as the bot in the background, its stderr readable line by line.
-fn spawn_ssh(server: &SshServer, bot: &Cgroup, command: &str) -> std::process::Child {
+/// `ssh [extra] root@127.0.0.1 [-- command]` as the bot (its HOME, stdin null, stdout and
+/// stderr piped), to spawn; tests add environment or stdin.
+fn bot_ssh(
+    server: &SshServer,
+    bot: &Cgroup,
+    extra: &[&str],
+    command: Option<&str>,
+) -> std::process::Command {
     let mut args = server.client_opts();
-    args.extend(
-        [
-            "-p",
-            &server.port.to_string(),
-            "root@127.0.0.1",
-            "--",
-            command,
-        ]
-        .map(String::from),
-    );
-    bot.command(Path::new("/usr/bin/ssh"))
-        .args(&args)
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["-p", &server.port.to_string(), "root@127.0.0.1"].map(String::from));
+    if let Some(c) = command {
+        args.extend(["--".to_string(), c.to_string()]);
+    }
+    let mut cmd = bot.command(Path::new("/usr/bin/ssh"));
+    cmd.args(&args)
         .env("HOME", &server.bot_home)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// `ssh` as the bot in the background, its stderr readable line by line.
+fn spawn_ssh(server: &SshServer, bot: &Cgroup, command: &str) -> std::process::Child {
+    bot_ssh(server, bot, &[], Some(command))
         .spawn()
         .expect("spawn ssh")
+}
+
+/// A ControlMaster connection of the bot (`ssh -M -N -f`) with its socket `name` in the bot's
+/// HOME; returns the `ControlPath=...` option for the clients that share it.
+fn control_master(server: &SshServer, bot: &Cgroup, name: &str) -> String {
+    let ctl_opt = format!("ControlPath={}", server.bot_home.join(name).display());
+    let mut args = server.client_opts();
+    args.extend(["-p", &server.port.to_string()].map(String::from));
+    args.extend(
+        [
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            &ctl_opt,
+            "-o",
+            "ControlPersist=60",
+            "-N",
+            "-f",
+            "root@127.0.0.1",
+        ]
+        .map(String::from),
+    );
+    let (st, _, err) = server.run_as_bot(bot, "/usr/bin/ssh", &args);
+    assert!(st.success(), "master: {err}");
+    ctl_opt
+}
+
+/// End the ControlMaster of `ctl_opt` (`ssh -O exit`).
+fn stop_master(server: &SshServer, bot: &Cgroup, ctl_opt: &str) {
+    let mut stop = server.client_opts();
+    stop.extend(["-o", ctl_opt, "-O", "exit", "root@127.0.0.1"].map(String::from));
+    let _ = server.run_as_bot(bot, "/usr/bin/ssh", &stop);
 }
 
 /// Read the child's stderr until the approval notice; returns the request number.
@@ -1130,36 +1147,14 @@ fn pooled_connection_passes_every_exit_status() {
     assert_eq!(logins, 1, "{}", server.log());
     // ControlMaster on top: the multiplexed channels of one bot connection, each on the
     // reused upstream connection, each with its own status.
-    let ctl = server.bot_home.join("ctl50");
-    let ctl_opt = format!("ControlPath={}", ctl.display());
-    let mut master = server.client_opts();
-    master.extend(
-        [
-            "-p",
-            &server.port.to_string(),
-            "-o",
-            "ControlMaster=yes",
-            "-o",
-            &ctl_opt,
-            "-o",
-            "ControlPersist=60",
-            "-N",
-            "-f",
-            "root@127.0.0.1",
-        ]
-        .map(String::from),
-    );
-    let (st, _, err) = server.run_as_bot(&bot, "/usr/bin/ssh", &master);
-    assert!(st.success(), "master: {err}");
+    let ctl_opt = control_master(&server, &bot, "ctl50");
     let mux = ["-o", "ControlMaster=no", "-o", ctl_opt.as_str()];
     for i in 0..30 {
         let want = status_of(i + 50);
         let (st, _, err) = server.ssh(&bot, &mux, &format!("exit {want}"));
         assert_eq!(st.code(), Some(want), "mux run {i}: {err}");
     }
-    let mut stop = server.client_opts();
-    stop.extend(["-o", &ctl_opt, "-O", "exit", "root@127.0.0.1"].map(String::from));
-    let _ = server.run_as_bot(&bot, "/usr/bin/ssh", &stop);
+    stop_master(&server, &bot, &ctl_opt);
     let logins = server.log().matches("Accepted publickey").count();
     assert_eq!(logins, 1, "{}", server.log());
 }
@@ -1251,24 +1246,7 @@ fn read_forward(port: u16) -> String {
 
 /// `ssh [extra] host 'sleep 4'` as the bot in the background (a forward lives as long).
 fn spawn_ssh_with(server: &SshServer, bot: &Cgroup, extra: &[&str]) -> std::process::Child {
-    let mut args = server.client_opts();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend(
-        [
-            "-p",
-            &server.port.to_string(),
-            "root@127.0.0.1",
-            "--",
-            "sleep 4",
-        ]
-        .map(String::from),
-    );
-    bot.command(Path::new("/usr/bin/ssh"))
-        .args(&args)
-        .env("HOME", &server.bot_home)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+    bot_ssh(server, bot, extra, Some("sleep 4"))
         .spawn()
         .expect("spawn ssh")
 }
@@ -1353,26 +1331,8 @@ fn l_r_d_a_and_sendenv_are_each_refused_by_default() {
         "ssh-agent socket",
         || sock.exists().then_some(()),
     );
-    let mut args = server.client_opts();
-    args.extend(
-        [
-            "-A",
-            "-p",
-            &server.port.to_string(),
-            "root@127.0.0.1",
-            "--",
-            "printenv SSH_AUTH_SOCK",
-        ]
-        .map(String::from),
-    );
-    let child = bot
-        .command(Path::new("/usr/bin/ssh"))
-        .args(&args)
-        .env("HOME", &server.bot_home)
+    let child = bot_ssh(&server, &bot, &["-A"], Some("printenv SSH_AUTH_SOCK"))
         .env("SSH_AUTH_SOCK", &sock)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("ssh -A");
     let (_st, out, err) = wait_child(child, std::time::Duration::from_secs(60), "ssh -A");
@@ -1381,29 +1341,15 @@ fn l_r_d_a_and_sendenv_are_each_refused_by_default() {
     assert_eq!(out, "", "agent forwarding reached the server: {err}");
     denied("auth-agent");
     // SendEnv: LANG is one the server accepts (AcceptEnv LANG), but tollgate refuses it.
-    let mut args = server.client_opts();
-    args.extend(
-        [
-            "-o",
-            "SendEnv=LANG",
-            "-p",
-            &server.port.to_string(),
-            "root@127.0.0.1",
-            "--",
-            "printenv LANG",
-        ]
-        .map(String::from),
-    );
-    let child = bot
-        .command(Path::new("/usr/bin/ssh"))
-        .args(&args)
-        .env("HOME", &server.bot_home)
-        .env("LANG", "tollgate-sent.UTF-8")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("ssh SendEnv");
+    let child = bot_ssh(
+        &server,
+        &bot,
+        &["-o", "SendEnv=LANG"],
+        Some("printenv LANG"),
+    )
+    .env("LANG", "tollgate-sent.UTF-8")
+    .spawn()
+    .expect("ssh SendEnv");
     let (_st, out, err) = wait_child(child, std::time::Duration::from_secs(60), "ssh");
     assert!(
         !out.contains("tollgate-sent"),
@@ -1483,15 +1429,8 @@ fn terminal_recordings_mask_secrets_split_across_reads() {
     }
     text.push_str("printf 'end-marker\\n'\n");
     fs::write(&script, text).expect("script");
-    let mut args = server.client_opts();
-    args.extend(["-tt", "-p", &server.port.to_string(), "root@127.0.0.1"].map(String::from));
-    let mut child = bot
-        .command(Path::new("/usr/bin/ssh"))
-        .args(&args)
-        .env("HOME", &server.bot_home)
+    let mut child = bot_ssh(&server, &bot, &["-tt"], None)
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("ssh -tt");
     {

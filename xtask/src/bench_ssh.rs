@@ -13,14 +13,14 @@ use std::{
     fs,
     io::Write as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Instant,
 };
 
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bench_pg::{active_sessions, free_port, rss, InBenchCgroup},
+    bench_pg::{free_port, held_session_memory, InBenchCgroup},
     demo::{AgentProc, Sshd},
     util::{self, cpu_ms, median},
 };
@@ -122,19 +122,9 @@ struct Samples {
 }
 
 fn policy(ssh_port: u16, listen: u16, metrics: u16, pool: bool) -> String {
-    format!(
-        r#"[agent]
-listen = ["127.0.0.1:{listen}", "[::1]:{listen}"]
-metrics = "127.0.0.1:{metrics}"
-admin = "off"
-data_dir = "{WORK}/data"
-bpf_pin_path = "/sys/fs/bpf/tollgate-bench-ssh"
-fail_mode = "open"
-
-[[identity]]
-name = "bench"
-cgroup = "/tollgate-bench-ssh*"
-
+    crate::bench::bench_agent_toml("tollgate-bench-ssh", WORK, listen, metrics)
+        + &format!(
+            r#"
 [[target]]
 name = "box"
 protocol = "ssh"
@@ -155,7 +145,7 @@ targets = ["box"]
 action = "allow"
 ssh = {{ exec = ["true", "cat", "scp *"], subsystems = ["sftp"] }}
 "#
-    )
+        )
 }
 
 /// `MIB` MiB that do not compress (xorshift), so no layer can shortcut the copy.
@@ -231,47 +221,14 @@ fn start_agent(bin: &Path, ssh_port: u16, pool: bool) -> Result<(AgentProc, Stri
 
 /// Agent RSS growth per idle session: `IDLE` sessions each running `cat` on an open stdin.
 fn idle_session_memory(c: &Client, agent_pid: u32, metrics: &str) -> Result<f64> {
-    let wait_active = |want: f64| -> Result<()> {
-        for _ in 0..600 {
-            if active_sessions(metrics, "ssh")? == want {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("the agent did not reach {want} active ssh sessions")
-    };
-    let spawn = |n: usize| -> Result<Vec<Child>> {
-        (0..n)
-            .map(|_| {
-                c.ssh("cat")
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("ssh")
-            })
-            .collect()
-    };
-    let end = |children: Vec<Child>| {
-        for mut ch in children {
-            drop(ch.stdin.take());
-            let _ = ch.wait();
-        }
-    };
-    // Warm-up: allocator arenas, the first handshakes' one-time costs.
-    let warm = spawn(5)?;
-    wait_active(5.0)?;
-    end(warm);
-    wait_active(0.0)?;
-    std::thread::sleep(Duration::from_millis(500));
-    let before = rss(agent_pid)?;
-    let held = spawn(IDLE)?;
-    wait_active(IDLE as f64)?;
-    std::thread::sleep(Duration::from_millis(2500));
-    let after = rss(agent_pid)?;
-    end(held);
-    wait_active(0.0)?;
-    Ok((after - before).max(0.0) / IDLE as f64)
+    held_session_memory(agent_pid, metrics, "ssh", IDLE, 5, || {
+        c.ssh("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("ssh")
+    })
 }
 
 pub fn bench_ssh() -> Result<()> {
