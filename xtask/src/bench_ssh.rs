@@ -263,12 +263,14 @@ pub fn bench_ssh() -> Result<()> {
         let direct_block = |cols: &mut [Samples; 3]| measure(&direct, &mut cols[0], None, check);
         let agent_block = |cols: &mut [Samples; 3], idle: &mut Option<f64>| -> Result<()> {
             let _cg = InBenchCgroup::enter("tollgate-bench-ssh")?;
-            let (mut agent, metrics) = start_agent(&bin, ssh_port, true)?;
-            let pid = agent.child.id();
-            measure(&bot, &mut cols[1], Some(pid), check)?;
             if idle.is_none() {
-                *idle = Some(idle_session_memory(&bot, pid, &metrics)?);
+                // On an agent of its own, before any copy has grown its heap.
+                let (mut agent, metrics) = start_agent(&bin, ssh_port, true)?;
+                *idle = Some(idle_session_memory(&bot, agent.child.id(), &metrics)?);
+                agent.stop();
             }
+            let (mut agent, _) = start_agent(&bin, ssh_port, true)?;
+            measure(&bot, &mut cols[1], Some(agent.child.id()), check)?;
             agent.stop();
             let (mut agent, _) = start_agent(&bin, ssh_port, false)?;
             bot.true_ms()?; // the first login of this agent
