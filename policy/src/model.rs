@@ -851,8 +851,8 @@ pub struct HttpMatch {
     pub(crate) host_globs: GlobList,
 }
 
-/// `kubernetes = { verbs, resources, namespaces, names }`: all given keys must match; empty
-/// lists match anything.
+/// `kubernetes = { verbs, resources, namespaces, names, exec }`: all given keys must match;
+/// empty lists match anything.
 #[derive(Debug, Clone)]
 pub struct KubeMatch {
     /// Key `verbs`: API verbs (`get`, `create`, ...), case-insensitive; `"*"` = any.
@@ -863,6 +863,11 @@ pub struct KubeMatch {
     pub namespaces: Vec<String>,
     /// Key `names`: object name globs.
     pub names: Vec<String>,
+    /// Key `exec`: command patterns for `pods/exec`, matched word by word against the
+    /// command's arguments as the query string gives them (no shell reads them), with the
+    /// pattern syntax of `ssh.exec`. Given, the rule matches only requests with a command.
+    pub exec: Vec<String>,
+    pub(crate) exec_patterns: Box<[ExecPattern]>,
     pub(crate) resource_globs: GlobList,
     pub(crate) namespace_globs: GlobList,
     pub(crate) name_globs: GlobList,

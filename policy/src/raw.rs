@@ -317,8 +317,10 @@ pub(crate) struct RawKube {
     pub namespaces: Vec<S>,
     /// Object name globs.
     pub names: Vec<S>,
+    /// Exec command patterns (`pods/exec`), as `ssh.exec`.
+    pub exec: Vec<S>,
 }
-pub(crate) const KUBE_KEYS: &[&str] = &["verbs", "resources", "namespaces", "names"];
+pub(crate) const KUBE_KEYS: &[&str] = &["verbs", "resources", "namespaces", "names", "exec"];
 
 /// `[approvals]`.
 #[derive(Debug, Default, Deserialize)]
@@ -481,8 +483,11 @@ pub(crate) struct RawTestKube {
     /// Object name (default: a collection).
     #[serde(default)]
     pub name: Option<S>,
+    /// The command of a `pods/exec`, one string per argument.
+    #[serde(default)]
+    pub command: Option<Vec<S>>,
 }
-pub(crate) const TEST_KUBE_KEYS: &[&str] = &["verb", "resource", "namespace", "name"];
+pub(crate) const TEST_KUBE_KEYS: &[&str] = &["verb", "resource", "namespace", "name", "command"];
 
 /// Label of the file's root table.
 pub(crate) const ROOT_LABEL: &str = "the top level";

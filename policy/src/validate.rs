@@ -199,14 +199,14 @@ fn globs(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str, ci: bool) -> Vec<Pa
         .collect()
 }
 
-fn exec_patterns(cx: &mut Cx<'_>, list: &[S], what: &str) -> Box<[ExecPattern]> {
+fn exec_patterns(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str) -> Box<[ExecPattern]> {
     list.iter()
         .filter_map(|p| match ExecPattern::compile(p.get_ref()) {
             Ok(p) => Some(p),
             Err(e) => {
                 cx.err(
                     p.span(),
-                    format!("bad pattern \"{}\" in `ssh.exec`{what}: {e}", p.get_ref()),
+                    format!("bad pattern \"{}\" in `{key}`{what}: {e}", p.get_ref()),
                 );
                 None
             }
@@ -1243,7 +1243,7 @@ fn ssh(cx: &mut Cx<'_>, m: &RawSsh, what: &str) -> SshMatch {
         shell: m.shell,
         subsystems: strings(&m.subsystems),
         forwarding: m.forwarding,
-        exec_patterns: exec_patterns(cx, &m.exec, what),
+        exec_patterns: exec_patterns(cx, &m.exec, "ssh.exec", what),
         subsystem_globs: glob_list(cx, &m.subsystems, "ssh.subsystems", what, false),
     }
 }
@@ -1277,6 +1277,8 @@ fn kube(cx: &mut Cx<'_>, m: &RawKube, what: &str) -> KubeMatch {
         resources: strings(&m.resources),
         namespaces: strings(&m.namespaces),
         names: strings(&m.names),
+        exec: strings(&m.exec),
+        exec_patterns: exec_patterns(cx, &m.exec, "kubernetes.exec", what),
         resource_globs: glob_list(cx, &m.resources, "kubernetes.resources", what, false),
         namespace_globs: glob_list(cx, &m.namespaces, "kubernetes.namespaces", what, false),
         name_globs: glob_list(cx, &m.names, "kubernetes.names", what, false),

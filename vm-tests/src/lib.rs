@@ -1079,6 +1079,45 @@ impl AgentProc {
         AgentProc::start_opts(tag, fail_mode, body, Some(admin), "")
     }
 
+    /// `tollgate approvals ARGS` against this agent's admin API with its local admin token;
+    /// its stdout (panics when the command fails).
+    pub fn approvals(&self, args: &[&str]) -> String {
+        let out = Command::new(tollgate_bin())
+            .arg("approvals")
+            .args(args)
+            .arg("--admin")
+            .arg(
+                self.admin
+                    .expect("an agent started with the admin API")
+                    .to_string(),
+            )
+            .arg("--token-file")
+            .arg(self.data_dir.join("admin.token"))
+            .output()
+            .expect("tollgate approvals");
+        assert!(
+            out.status.success(),
+            "approvals {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// The first pending approval request (its JSON from `approvals list --json`), once there
+    /// is one (within 20 s).
+    pub fn pending_approval(&self) -> Value {
+        wait_for(
+            Duration::from_secs(20),
+            "a pending approval request",
+            || {
+                let v: Value = serde_json::from_str(&self.approvals(&["list", "--json"])).ok()?;
+                let list = v.get("pending").unwrap_or(&v);
+                list.as_array()?.first().cloned()
+            },
+        )
+    }
+
     /// Like [`AgentProc::start_with_admin`] on a given admin address: for a caller that must
     /// know it first (an OIDC provider registering `http://<admin>/ui/callback`).
     pub fn start_with_admin_at(

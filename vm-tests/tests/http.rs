@@ -385,32 +385,14 @@ fn smuggling_and_path_tricks_never_reach_a_denied_path() {
     drop(agent);
 }
 
-/// `tollgate approvals ARGS` against `agent`'s admin API with its local admin token.
 fn approvals(agent: &AgentProc, args: &[&str]) -> String {
-    let out = std::process::Command::new(vm_tests::tollgate_bin())
-        .arg("approvals")
-        .args(args)
-        .arg("--admin")
-        .arg(agent.admin.expect("admin").to_string())
-        .arg("--token-file")
-        .arg(agent.data_dir.join("admin.token"))
-        .output()
-        .expect("tollgate approvals");
-    assert!(out.status.success(), "approvals {args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).to_string()
+    agent.approvals(args)
 }
 
-/// The id of the one pending approval request, once there is one.
 fn pending_id(agent: &AgentProc) -> u64 {
-    vm_tests::wait_for(
-        std::time::Duration::from_secs(20),
-        "a pending request",
-        || {
-            let v: Value = serde_json::from_str(&approvals(agent, &["list", "--json"])).ok()?;
-            let list = v.get("pending").unwrap_or(&v);
-            list.as_array()?.first()?["id"].as_u64()
-        },
-    )
+    agent.pending_approval()["id"]
+        .as_u64()
+        .expect("an approval id")
 }
 
 #[test]

@@ -47,7 +47,15 @@ name = "ci may exec into web-1"
 identities = ["ci-bot"]
 targets = ["cluster"]
 action = "allow"
-kubernetes = {{ verbs = ["create", "get"], resources = ["pods/exec"], namespaces = ["default"], names = ["web-1"] }}
+kubernetes = {{ verbs = ["create", "get"], resources = ["pods/exec"], namespaces = ["default"], names = ["web-1"], exec = ["echo *", "cat /etc/hostname"] }}
+
+[[rule]]
+name = "restarts need a human"
+identities = ["ci-bot"]
+targets = ["cluster"]
+action = "approve"
+kubernetes = {{ verbs = ["create", "get"], resources = ["pods/exec"], namespaces = ["default"], exec = ["restart *"] }}
+timeout = "2m"
 
 [[rule]]
 name = "ci deletes pods in default"
@@ -135,16 +143,25 @@ fn wait_line(
     }
 }
 
-#[test]
-fn kubectl_through_the_agent_with_injected_token() {
+/// The fake API server, the bot, an agent (with the admin API) deciding by [`policy`], and
+/// kubectl configured for the bot.
+struct World {
+    api: FakeApiServer,
+    bot: Cgroup,
+    agent: AgentProc,
+    k: Kubectl,
+    _files: TempDir,
+    _home: TempDir,
+}
+
+fn world(tag: &str) -> World {
     require_root();
-    let tag = "kube-ctl";
     let api = FakeApiServer::start(tag, TOKEN);
     let bot = Cgroup::new(&format!("{tag}-bot"));
     let files = TempDir::new(&format!("{tag}-files"));
     let token = files.path().join("sa.token");
     std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
-    let agent = AgentProc::start(tag, FailMode::Closed, &policy(&bot, &api, &token));
+    let agent = AgentProc::start_with_admin(tag, FailMode::Closed, &policy(&bot, &api, &token));
     let pem = std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA");
     let home = TempDir::new(&format!("{tag}-home"));
     std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
@@ -155,6 +172,26 @@ fn kubectl_through_the_agent_with_injected_token() {
         home: home.path().to_path_buf(),
         config,
     };
+    World {
+        api,
+        bot,
+        agent,
+        k,
+        _files: files,
+        _home: home,
+    }
+}
+
+#[test]
+fn kubectl_through_the_agent_with_injected_token() {
+    let World {
+        api,
+        bot,
+        agent,
+        k,
+        _files,
+        _home,
+    } = world("kube-ctl");
 
     let o = k.run(&bot, &["get", "pods"]);
     let t = text(&o);
@@ -195,9 +232,14 @@ fn kubectl_through_the_agent_with_injected_token() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("exec in web-1: echo hi"), "{t}");
+    // Denied by name, by namespace, and by command (the `command` words of the request are
+    // matched against the rule's `exec` patterns word by word: no shell joins them).
     for args in [
-        &["exec", "web-2", "--", "cat", "/etc/shadow"][..],
-        &["exec", "db-0", "-n", "prod", "--", "ls"][..],
+        &["exec", "web-2", "--", "echo", "hi"][..],
+        &["exec", "db-0", "-n", "prod", "--", "echo", "hi"][..],
+        &["exec", "web-1", "--", "cat", "/etc/shadow"][..],
+        &["exec", "web-1", "--", "sh", "-c", "echo hi"][..],
+        &["exec", "web-1", "--", "echo hi; id"][..],
     ] {
         let o = k.run(&bot, args);
         let t = text(&o);
@@ -259,6 +301,8 @@ fn kubectl_through_the_agent_with_injected_token() {
         assert!(
             !p.contains("/namespaces/prod")
                 && !p.contains("web-2/exec")
+                && !p.contains("shadow")
+                && !p.contains("command=sh")
                 && !p.contains("/portforward"),
             "{e}"
         );
@@ -270,4 +314,61 @@ fn kubectl_through_the_agent_with_injected_token() {
         audit.contains("(get pods/exec -n default web-1) command: echo hi"),
         "{audit}"
     );
+    assert!(
+        audit.contains("command: cat /etc/shadow") && audit.contains("command: 'echo hi; id'"),
+        "{audit}"
+    );
+}
+
+/// An exec the policy sends for approval is held (the WebSocket upgrade waits) until a human
+/// decides with `tollgate approvals`: approved, it runs; denied, kubectl prints the comment and
+/// the API server never sees it.
+#[test]
+fn kubectl_exec_waits_for_approval() {
+    let World {
+        api,
+        bot,
+        agent,
+        k,
+        _files,
+        _home,
+    } = world("kube-appr");
+    let spawn = |what: &str| {
+        k.command(&bot, &["exec", "web-1", "--", "restart", what])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl")
+    };
+    let execs = || {
+        api.access_log()
+            .iter()
+            .filter(|e| e["path"].as_str().is_some_and(|p| p.contains("/exec")))
+            .count()
+    };
+
+    let child = spawn("app");
+    let pending = agent.pending_approval();
+    let shown = pending.to_string();
+    assert!(shown.contains("command: restart app"), "{shown}");
+    assert_eq!(execs(), 0, "held, not sent: {:?}", api.access_log());
+    let id = pending["id"].as_u64().expect("id").to_string();
+    agent.approvals(&["approve", &id]);
+    let out = child.wait_with_output().expect("kubectl");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("exec in web-1: restart app"), "{t}");
+    assert_eq!(execs(), 1);
+
+    let child = spawn("db");
+    let id = agent.pending_approval()["id"]
+        .as_u64()
+        .expect("id")
+        .to_string();
+    agent.approvals(&["deny", &id, "--comment", "not during the freeze"]);
+    let out = child.wait_with_output().expect("kubectl");
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("not during the freeze"), "{t}");
+    assert_eq!(execs(), 1, "a denied exec never reaches the API server");
 }

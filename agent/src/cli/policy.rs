@@ -194,11 +194,13 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
                     resource,
                     namespace,
                     name,
+                    command,
                 } => Operation::Kube {
                     verb,
                     resource,
                     namespace,
                     name,
+                    command: command.as_deref(),
                 },
                 CaseOp::Connect | CaseOp::Sql(_) => Operation::Connect,
             };
@@ -241,7 +243,14 @@ fn op_text(op: &CaseOp) -> String {
             resource,
             namespace,
             name,
-        } => format!("kubernetes {verb} {resource} namespace={namespace:?} name={name:?}"),
+            command,
+        } => format!(
+            "kubernetes {verb} {resource} namespace={namespace:?} name={name:?}{}",
+            command
+                .as_ref()
+                .map(|c| format!(" command={c:?}"))
+                .unwrap_or_default()
+        ),
     }
 }
 

@@ -79,9 +79,9 @@ pub struct Attributed {
     /// `Some` for a Kubernetes target: the API request's attributes (`None` inside for a
     /// discovery document).
     pub kube: Option<Option<KubeAttrs>>,
-    /// The command of `pods/exec` (and `pods/attach`, empty) from the query, words joined by
-    /// spaces.
-    pub command: Option<String>,
+    /// The command of `pods/exec` (and `pods/attach`, empty) from the query, one word per
+    /// `command` argument.
+    pub command: Option<Vec<String>>,
 }
 
 /// Why a request is refused before policy sees it; the message is for the bot.
@@ -226,7 +226,7 @@ pub fn attribute(
                         "tollgate: request refused: malformed exec query",
                     )
                 })?;
-            Some(words.join(" "))
+            Some(words)
         }
         _ => None,
     };
@@ -274,12 +274,39 @@ impl Attributed {
                 },
                 self.command
                     .as_deref()
-                    .map(|c| format!(" command: {c}"))
+                    .map(|c| format!(" command: {}", command_text(c)))
                     .unwrap_or_default(),
             ),
             _ => format!("{} {}", self.method, self.path),
         }
     }
+}
+
+/// An exec command's words as one line: plain words as they are, any other word in single
+/// quotes (so `sh -c 'rm -rf /'` shows where each word ends), control characters escaped.
+pub fn command_text(words: &[String]) -> String {
+    let plain = |w: &str| {
+        !w.is_empty()
+            && w.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'_' | b'.' | b'/' | b':' | b'=' | b'@' | b'%' | b'+' | b',' | b'-' | b'*'
+                    )
+            })
+    };
+    words
+        .iter()
+        .map(|w| {
+            if plain(w) {
+                w.clone()
+            } else {
+                let escaped: String = w.escape_default().collect();
+                format!("'{}'", escaped.replace('\'', "\\'"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A refusal in the client's own language: a Kubernetes `Status` for kubernetes targets (so

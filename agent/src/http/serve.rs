@@ -278,6 +278,7 @@ impl Env<'_> {
                         resource: &resource,
                         namespace: &a.namespace,
                         name: &a.name,
+                        command: att.command.as_deref(),
                     },
                     &text,
                 )
@@ -305,10 +306,39 @@ impl Env<'_> {
             "action": d.action.as_str(), "rule": d.rule,
         })));
         let what = format!("{} {}", att.method, att.path);
+        // Upgrades: WebSocket over HTTP/1.1 is relayed once decided; anything else (SPDY,
+        // h2c) is refused.
+        let upgrade = match req.headers().get(header::UPGRADE) {
+            None => Ok(None),
+            Some(v)
+                if v.as_bytes().eq_ignore_ascii_case(b"websocket")
+                    && req.version() == hyper::Version::HTTP_11 =>
+            {
+                Ok(Some(v.clone()))
+            }
+            Some(v) => Err(format!(
+                "tollgate: an upgrade to {} is refused; only WebSocket (HTTP/1.1) is relayed (kubectl uses WebSocket for exec, attach and port-forward since 1.30)",
+                String::from_utf8_lossy(v.as_bytes())
+            )),
+        };
         match d.action {
             Action::Allow => {}
             Action::Deny => {
                 let msg = denial_message(&d, cx.identity.as_deref(), &cx.target.name, &what);
+                return finish_response(
+                    refusal(protocol, StatusCode::FORBIDDEN, &msg, d.rule.as_deref()),
+                    record,
+                );
+            }
+            // kubectl falls back from a refused WebSocket exec to SPDY, which is never relayed:
+            // that retry opens no second approval request, and says how the first one ended.
+            Action::Approve if upgrade.is_err() => {
+                let msg = match earlier_outcome(cx, &att).await {
+                    Some(m) => m,
+                    None => format!(
+                        "tollgate: {what} needs approval, which only a WebSocket request can wait for"
+                    ),
+                };
                 return finish_response(
                     refusal(protocol, StatusCode::FORBIDDEN, &msg, d.rule.as_deref()),
                     record,
@@ -328,21 +358,9 @@ impl Env<'_> {
                 }
             }
         }
-        // Upgrades: WebSocket over HTTP/1.1 is relayed once decided; anything else (SPDY,
-        // h2c) is refused.
-        let upgrade = match req.headers().get(header::UPGRADE) {
-            None => None,
-            Some(v)
-                if v.as_bytes().eq_ignore_ascii_case(b"websocket")
-                    && req.version() == hyper::Version::HTTP_11 =>
-            {
-                Some(v.clone())
-            }
-            Some(v) => {
-                let msg = format!(
-                    "tollgate: an upgrade to {} is refused; only WebSocket (HTTP/1.1) is relayed (kubectl uses WebSocket for exec, attach and port-forward since 1.30)",
-                    String::from_utf8_lossy(v.as_bytes())
-                );
+        let upgrade = match upgrade {
+            Ok(u) => u,
+            Err(msg) => {
                 return finish_response(
                     refusal(protocol, StatusCode::FORBIDDEN, &msg, None),
                     record,
@@ -475,6 +493,33 @@ impl Env<'_> {
             }
         }
     }
+}
+
+/// How the latest approval request of this identity for the same exec (same pod path and
+/// command, on this target, within the last two minutes) ended, as a refusal message; `None`
+/// when there is none.
+async fn earlier_outcome(cx: &SessionCx, att: &super::Attributed) -> Option<String> {
+    let command = att.command.as_deref()?;
+    let store = cx.agent.approvals.clone()?;
+    let (_, recent) = store.list().await.ok()?;
+    let tail = format!(" command: {}", super::command_text(command));
+    let path = format!(" {} ", att.path);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let r = recent.into_iter().find(|r| {
+        r.identity == cx.identity
+            && r.target == cx.target.name
+            && r.operation.ends_with(&tail)
+            && r.operation.contains(&path)
+            && now.saturating_sub(r.created_ms) < 120_000
+    })?;
+    let outcome = ApprovalOutcome::of(&r);
+    if matches!(outcome, ApprovalOutcome::Approved { .. }) {
+        return None;
+    }
+    let what = format!("{} {}", att.method, att.path);
+    Some(approval_message(&outcome, &what))
 }
 
 /// Mask a response about Secrets (see `mask.rs`): a watch event by event, a document whole.

@@ -439,6 +439,15 @@ fn bad_globs() {
         12,
         &["bad glob \"a.{b\" in `columns`"],
     );
+    check(
+        &format!(
+            "[[target]]\nname = \"k8s\"\nprotocol = \"kubernetes\"\naddress = [\"10.0.0.9:443\"]\n{}",
+            rule("kubernetes = { exec = [\"ls [ab]\"] }\n").replace("\"db\"", "\"k8s\"")
+        ),
+        10,
+        24,
+        &["bad pattern \"ls [ab]\" in `kubernetes.exec` of rule \"r\""],
+    );
 }
 
 #[test]
