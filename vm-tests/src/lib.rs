@@ -1555,3 +1555,91 @@ impl Drop for Prometheus {
         }
     }
 }
+
+/// A tmux server run by the bot (`tmux -S SOCKET`), for terminal programs under test; ended
+/// (with what runs in it) on drop, pass or fail.
+pub struct BotTmux<'a> {
+    bot: &'a Cgroup,
+    socket: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl<'a> BotTmux<'a> {
+    /// Start a detached `cols`x`rows` session running `shell_command` (by `sh -c`), with only
+    /// `env` in its environment (plus `PATH`). `socket` must be in a directory the bot can write.
+    pub fn start(
+        bot: &'a Cgroup,
+        socket: &Path,
+        env: &[(&str, &str)],
+        cols: u16,
+        rows: u16,
+        shell_command: &str,
+    ) -> BotTmux<'a> {
+        let t = BotTmux {
+            bot,
+            socket: socket.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        t.run(&[
+            "new-session",
+            "-d",
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+            shell_command,
+        ]);
+        t
+    }
+
+    /// `tmux -S SOCKET ARGS...` as the bot; its stdout (panics when it fails).
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self
+            .bot
+            .command(Path::new("/usr/bin/tmux"))
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            // tmux runs commands with $SHELL, else the user's login shell (nologin for the bot).
+            .env("SHELL", "/bin/sh")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("tmux");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// What the pane shows now.
+    pub fn pane(&self) -> String {
+        self.run(&["capture-pane", "-p"])
+    }
+
+    /// Type `keys` (tmux key names, e.g. `"Enter"`, `"C-c"`, or text).
+    pub fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys"];
+        args.extend_from_slice(keys);
+        self.run(&args);
+    }
+}
+
+impl Drop for BotTmux<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .bot
+            .command(Path::new("/usr/bin/tmux"))
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .env_clear()
+            .output();
+    }
+}

@@ -372,3 +372,127 @@ fn kubectl_exec_waits_for_approval() {
     assert!(t.contains("not during the freeze"), "{t}");
     assert_eq!(execs(), 1, "a denied exec never reaches the API server");
 }
+
+/// `kubectl exec -it` in a real terminal (tmux): typing reaches the container's shell, a
+/// resize reaches it as the channel-4 message, the exit status comes back to kubectl, and the
+/// terminal is recorded as asciicast v2 that asciinema plays and `tollgate replay` prints.
+#[test]
+fn kubectl_exec_tty_in_tmux_is_recorded_as_asciicast() {
+    let World {
+        api: _api,
+        bot,
+        agent,
+        k,
+        _files,
+        _home,
+    } = world("kube-tty");
+    let status = k.home.join("status");
+    let err = k.home.join("kubectl.err");
+    // The pane outlives kubectl, so a failure shows why.
+    let shell = format!(
+        "/usr/bin/kubectl --kubeconfig {} exec -it web-1 -- echo session 2>{}; echo EXIT=$? > {}; sleep 120",
+        k.config.display(),
+        err.display(),
+        status.display()
+    );
+    let home = k.home.display().to_string();
+    let tmux = vm_tests::BotTmux::start(
+        &bot,
+        &k.home.join("tmux.sock"),
+        &[("HOME", &home), ("TERM", "xterm")],
+        80,
+        24,
+        &shell,
+    );
+    let prompt = vm_tests::wait_until(Duration::from_secs(20), || {
+        // (capture-pane drops the prompt's trailing space)
+        tmux.pane()
+            .lines()
+            .any(|l| l.trim_end() == "$")
+            .then_some(())
+    });
+    assert!(
+        prompt.is_some(),
+        "no prompt in 20 s; pane: {:?}; kubectl stderr: {:?}; {:?}",
+        tmux.pane(),
+        std::fs::read_to_string(&err).unwrap_or_default(),
+        std::fs::read_to_string(&status).unwrap_or_default()
+    );
+    tmux.keys(&["echo typed-42", "Enter"]);
+    vm_tests::wait_for(Duration::from_secs(10), "typed output", || {
+        tmux.pane()
+            .lines()
+            .any(|l| l.trim_end() == "typed-42")
+            .then_some(())
+    });
+    tmux.run(&["resize-window", "-x", "100", "-y", "30"]);
+    tmux.keys(&["stty size", "Enter"]);
+    vm_tests::wait_for(Duration::from_secs(10), "the new size", || {
+        tmux.pane().contains("30 100").then_some(())
+    });
+    tmux.keys(&["exit 3", "Enter"]);
+    let st = vm_tests::wait_for(Duration::from_secs(15), "kubectl's exit", || {
+        std::fs::read_to_string(&status)
+            .ok()
+            .filter(|s| s.contains("EXIT="))
+    });
+    assert_eq!(
+        st.trim(),
+        "EXIT=3",
+        "{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+
+    // The recording: asciicast v2 with the output and the resize, never the input alone.
+    let sessions = agent.data_dir.join("sessions");
+    let cast = vm_tests::wait_for(Duration::from_secs(10), "a .cast file", || {
+        std::fs::read_dir(&sessions)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "cast"))
+    });
+    let text = std::fs::read_to_string(&cast).expect("cast");
+    let header: serde_json::Value =
+        serde_json::from_str(text.lines().next().unwrap_or_default()).expect("header");
+    assert_eq!(header["version"], 2, "{header}");
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(80), Some(24)),
+        "{header}"
+    );
+    assert!(text.contains("typed-42"), "{text}");
+    assert!(text.contains("\"r\",\"100x30\""), "{text}");
+    let out = Command::new("asciinema")
+        .args(["play", "-i", "0.05"])
+        .arg(&cast)
+        .output()
+        .expect("asciinema");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("typed-42"));
+    let session = std::fs::read_dir(&sessions)
+        .expect("sessions")
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".jsonl"))
+        .find(|n| {
+            std::fs::read_to_string(sessions.join(n)).is_ok_and(|t| t.contains("\"terminal\""))
+        })
+        .and_then(|n| n.split('.').next().map(str::to_string))
+        .expect("the exec session's recording");
+    let out = Command::new(vm_tests::tollgate_bin())
+        .args(["replay", &session, "--data-dir"])
+        .arg(&agent.data_dir)
+        .output()
+        .expect("tollgate replay");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("TERM") && shown.contains("echo session") && shown.contains("typed-42"),
+        "{shown}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

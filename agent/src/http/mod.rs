@@ -24,6 +24,7 @@
 //! request, with the canonical path that was decided.
 
 mod adapter;
+mod exec;
 mod mask;
 mod serve;
 mod upstream;

@@ -226,6 +226,50 @@ struct Env<'a> {
 }
 
 impl Env<'_> {
+    /// For an exec or attach with a terminal (`tty=true`): its recording, made when the
+    /// relayed WebSocket first shows the terminal's size or output.
+    fn terminal(
+        &self,
+        att: &super::Attributed,
+        query: Option<&str>,
+    ) -> Option<Arc<super::exec::Terminal>> {
+        att.command.as_ref()?;
+        let tty = tollgate_policy::http::query_values(query, "tty")?;
+        if !tty.first().is_some_and(|v| v == "true" || v == "1") {
+            return None;
+        }
+        let cx = self.cx;
+        let data_dir = cx.gen.policy.agent.data_dir.clone();
+        let session = cx.id.clone();
+        let recorder = self.recorder.clone();
+        let shown = match att.command.as_deref() {
+            Some([]) => format!("attach {}", att.path),
+            Some(words) => super::command_text(words),
+            None => String::new(),
+        };
+        let masker = crate::mask::Masker::with_detectors(
+            crate::ssh::SSH_DETECTORS,
+            tollgate_policy::MaskStyle::Full,
+            cx.agent.hash_key,
+        );
+        Some(Arc::new(super::exec::Terminal::new(
+            masker,
+            Box::new(move |w, h| {
+                let c = crate::ssh::cast::Cast::create(&data_dir, &session, 1, w, h, "xterm")
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, "cannot create the terminal recording"),
+                    )
+                    .ok()?;
+                if let Some(r) = &recorder {
+                    r.write(crate::obj(
+                        json!({"event": "terminal", "cast": c.file_name(), "command": shown}),
+                    ));
+                }
+                Some(c)
+            }),
+        )))
+    }
+
     async fn handle(self, mut req: Request<Incoming>) -> Response<AnyBody> {
         let cx = self.cx;
         let protocol = cx.target.protocol;
@@ -368,6 +412,11 @@ impl Env<'_> {
             }
         };
         let bot_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let terminal = if upgrade.is_some() {
+            self.terminal(&att, req.uri().query())
+        } else {
+            None
+        };
         let credential = match self.credential {
             Ok(c) => c.clone(),
             Err(e) => {
@@ -463,7 +512,7 @@ impl Env<'_> {
                 if let Some(u) = upgrade_value {
                     parts.headers.insert(header::UPGRADE, u);
                 }
-                crate::lock(self.relays).spawn(relay_upgraded(bot, upstream, record));
+                crate::lock(self.relays).spawn(relay_upgraded(bot, upstream, record, terminal));
                 Response::from_parts(parts, super::full(Bytes::new()))
             }
             Ok((resp, _)) => {
@@ -575,6 +624,7 @@ async fn relay_upgraded(
     bot: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     record: RecordLine,
+    terminal: Option<Arc<super::exec::Terminal>>,
 ) {
     let (bot, upstream) = match tokio::join!(bot, upstream) {
         (Ok(b), Ok(u)) => (b, u),
@@ -592,9 +642,10 @@ async fn relay_upgraded(
     let (mut up_r, mut up_w) = tokio::io::split(TokioIo::new(upstream));
     // Each direction on its own, counting what it moved even when it ends in an error (a
     // peer that closes TLS without close_notify).
+    let tap = |from_bot| terminal.clone().map(|t| super::exec::Tap::new(t, from_bot));
     let (up, down) = tokio::join!(
-        copy_counting(&mut bot_r, &mut up_w),
-        copy_counting(&mut up_r, &mut bot_w)
+        copy_counting(&mut bot_r, &mut up_w, tap(true)),
+        copy_counting(&mut up_r, &mut bot_w, tap(false))
     );
     record.up.fetch_add(up, Ordering::Relaxed);
     record.finish(101, down);
@@ -604,6 +655,7 @@ async fn relay_upgraded(
 async fn copy_counting(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
     w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut tap: Option<super::exec::Tap>,
 ) -> u64 {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut buf = vec![0u8; 16 * 1024];
@@ -614,6 +666,9 @@ async fn copy_counting(
             Ok(k) => {
                 if w.write_all(&buf[..k]).await.is_err() {
                     break;
+                }
+                if let Some(t) = &mut tap {
+                    t.feed(&buf[..k]);
                 }
                 n += k as u64;
             }
