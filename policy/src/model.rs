@@ -363,6 +363,10 @@ pub struct Target {
     /// Key `host_key_file` (ssh): the upstream server's own host private key, which the agent
     /// presents to bots so their `known_hosts` stays as it is.
     pub host_key_file: Option<PathBuf>,
+    /// Key `inspect` (http, https, kubernetes; default true): `false` relays the connection
+    /// as it is, without terminating its TLS: only whole-connection rules decide it (no
+    /// per-request policy, credential, masking or request recording).
+    pub inspect: bool,
 }
 
 /// `tls = { mode = "...", ca_file = "...", server_name = "..." }` of a target: the agent's

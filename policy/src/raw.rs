@@ -163,6 +163,8 @@ pub(crate) struct RawTarget {
     pub known_hosts: Option<S>,
     /// ssh: the server's own host private key, which the agent presents to bots.
     pub host_key_file: Option<S>,
+    /// http/https/kubernetes: `false` relays the connection without decrypting it.
+    pub inspect: Option<toml::Spanned<bool>>,
 }
 pub(crate) const TARGET_KEYS: &[&str] = &[
     "name",
@@ -174,6 +176,7 @@ pub(crate) const TARGET_KEYS: &[&str] = &[
     "unix_socket",
     "known_hosts",
     "host_key_file",
+    "inspect",
 ];
 
 /// `tls = { ... }` inside `[[target]]`: the agent's connection to the target.

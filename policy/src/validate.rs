@@ -376,6 +376,13 @@ pub(crate) fn build(cx: &mut Cx<'_>, raw: RawPolicy) -> Option<Policy> {
             (t.name.get_ref().as_str(), protocol_of(t.protocol.get_ref()))
         })
         .collect();
+    let opaque_targets: Vec<&str> = raw
+        .target
+        .iter()
+        .map(|t| t.get_ref())
+        .filter(|t| t.inspect.as_ref().is_some_and(|v| !*v.get_ref()))
+        .map(|t| t.name.get_ref().as_str())
+        .collect();
 
     let agent = agent(cx, &raw.agent);
 
@@ -416,6 +423,7 @@ pub(crate) fn build(cx: &mut Cx<'_>, raw: RawPolicy) -> Option<Policy> {
         identities: &identity_names,
         targets: &target_names,
         target_protocols: &target_protocols,
+        opaque_targets: &opaque_targets,
         target_index: &target_index,
     };
     let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -479,6 +487,8 @@ struct Names<'a> {
     identities: &'a [&'a str],
     targets: &'a [&'a str],
     target_protocols: &'a HashMap<&'a str, Option<Protocol>>,
+    /// Targets with `inspect = false` (relayed whole: no operation matcher applies).
+    opaque_targets: &'a [&'a str],
     /// First position of each target name (targets with errors included, so positions match
     /// only when the policy is valid, which is the only time they are used).
     target_index: &'a HashMap<&'a str, u32>,
@@ -928,8 +938,34 @@ fn target<'r>(
             }
         }
     }
+    let inspect = match &t.inspect {
+        None => true,
+        Some(v) => {
+            if !matches!(
+                protocol,
+                Protocol::Http | Protocol::Https | Protocol::Kubernetes
+            ) {
+                cx.err(
+                    v.span(),
+                    format!("`inspect` of target \"{name}\": only protocols \"http\", \"https\" and \"kubernetes\" use it; remove it"),
+                );
+                return None;
+            }
+            if !*v.get_ref() {
+                if let Some(c) = &t.credential {
+                    cx.err(
+                        c.span(),
+                        format!("`credential` of target \"{name}\": a target with `inspect = false` is relayed without decrypting, so no credential can be injected; remove one of them"),
+                    );
+                    return None;
+                }
+            }
+            *v.get_ref()
+        }
+    };
     Some(Target {
         name: name.to_string(),
+        inspect,
         protocol,
         address,
         credential,
@@ -1077,6 +1113,16 @@ fn rule(cx: &mut Cx<'_>, r: &RawRule, names: &Names<'_>) -> Option<Rule> {
             let Some(Some(protocol)) = names.target_protocols.get(t.get_ref().as_str()) else {
                 continue;
             };
+            if names.opaque_targets.contains(&t.get_ref().as_str()) {
+                cx.err(
+                    span.clone(),
+                    format!(
+                        "{owner}: target \"{}\" has `inspect = false` (relayed without decrypting), so it takes no operation matcher: remove `{key}` (its rules decide the whole connection)",
+                        t.get_ref()
+                    ),
+                );
+                continue;
+            }
             match protocol.matcher_key() {
                 Some(k) if k == key => {}
                 Some(k) => {

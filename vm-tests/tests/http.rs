@@ -650,3 +650,106 @@ fn ca_install_lets_clients_trust_the_agent_without_flags() {
     let o = curl();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "{}", text(&o));
 }
+
+/// `inspect = false`: the connection is decided once and relayed as it is. The bot sees the
+/// server's own certificate (not one minted by the agent), its own Authorization reaches the
+/// server untouched, no request is decided or recorded one by one; an identity without a
+/// whole-connection rule is refused at connect.
+#[test]
+fn inspect_false_relays_tls_without_decrypting() {
+    require_root();
+    let tag = "http-opaque";
+    let srv = HttpsServer::start(tag);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let other = Cgroup::new(&format!("{tag}-other"));
+    let body = format!(
+        r#"[[identity]]
+name = "ci-bot"
+cgroup = "{glob}"
+
+[[identity]]
+name = "other-bot"
+cgroup = "{other}"
+
+[[target]]
+name = "partner"
+protocol = "https"
+address = ["127.0.0.1:{port}"]
+inspect = false
+
+[[rule]]
+name = "ci reaches the partner API"
+identities = ["ci-bot"]
+targets = ["partner"]
+action = "allow"
+"#,
+        glob = bot.glob(),
+        other = other.glob(),
+        port = srv.port,
+    );
+    let agent = AgentProc::start(tag, FailMode::Closed, &body);
+    let trust = TempDir::new(&format!("{tag}-trust"));
+    let server_ca = world_readable(
+        &trust,
+        "server-ca.pem",
+        &std::fs::read_to_string(&srv.ca_file).expect("server CA"),
+    );
+    let agent_ca = world_readable(
+        &trust,
+        "agent-ca.pem",
+        &std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA"),
+    );
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let url = format!("https://localhost:{}/anything/at/all", srv.port);
+
+    // Trusting only the server's own CA works: the TLS session is the server's.
+    let (code, body, _) = curl(&bot, &server_ca, &["--resolve", &resolve, &url]);
+    assert_eq!(code, 200, "{body}");
+    let log = srv.access_log();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["path"], "/anything/at/all");
+    // The bot's own header went through: nothing was decrypted, so nothing was replaced.
+    assert_eq!(log[0]["authorization"], format!("Bearer {STOLEN}"));
+    // Trusting only the agent's CA fails: the agent minted no certificate.
+    let out = bot
+        .command(Path::new("/usr/bin/curl"))
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&agent_ca)
+        .args(["--resolve", &resolve, &url])
+        .env_clear()
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "{}", text(&out));
+
+    // Another identity, no whole-connection rule: refused at connect, nothing reaches the server.
+    let out = other
+        .command(Path::new("/usr/bin/curl"))
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&server_ca)
+        .args(["--resolve", &resolve, &url])
+        .env_clear()
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(srv.access_log().len(), 1);
+
+    // The audit: connection decisions only, no request was decided one by one.
+    let audit = agent.audit();
+    let connects: Vec<_> = audit.iter().filter(|e| e["event"] == "connect").collect();
+    assert!(
+        connects
+            .iter()
+            .any(|e| e["action"] == "allow" && e["rule"] == "ci reaches the partner API"),
+        "{audit:#?}"
+    );
+    assert!(
+        connects
+            .iter()
+            .any(|e| e["action"] == "deny" && e["identity"] == "other-bot"),
+        "{audit:#?}"
+    );
+    assert!(
+        !audit.iter().any(|e| e["event"] == "operation"),
+        "{audit:#?}"
+    );
+}

@@ -139,9 +139,10 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
     // Whether the agent serves this target's protocol with an inspecting handler (the
     // registry is the one place that knows; the connection decision depends on it).
     let inspected = policy.target(target).is_some_and(|t| {
-        crate::handlers::registry(crate::relay::RelayKind::Copy)
-            .inspecting(t.protocol)
-            .is_some()
+        t.inspect
+            && crate::handlers::registry(crate::relay::RelayKind::Copy)
+                .inspecting(t.protocol)
+                .is_some()
     });
     let ask = |op: Operation<'_>| {
         decide(

@@ -1212,3 +1212,31 @@ fn unix_dir_of_the_agent() {
     let long = format!("[agent]\nunix_dir = \"/{}\"\n", "d".repeat(96));
     check(&long, 2, 12, &["at most 96 bytes"]);
 }
+
+#[test]
+fn inspect_false_takes_no_credential_and_no_operation_matcher() {
+    let opaque = "[[target]]\nname = \"partner\"\nprotocol = \"https\"\naddress = [\"10.0.0.8:443\"]\ninspect = false\n";
+    let ok = parse(
+        &format!("{BASE}{opaque}[[rule]]\nname = \"r\"\nidentities = [\"ci-bot\"]\ntargets = [\"partner\"]\naction = \"allow\"\n"),
+        "p.toml",
+    )
+    .expect("a whole-connection rule is fine");
+    assert!(!ok.target("partner").expect("partner").inspect);
+    assert!(ok.target("web").expect("web").inspect);
+    let (_, _, msg) = err(&format!(
+        "{opaque}[[rule]]\nname = \"r\"\nidentities = [\"ci-bot\"]\ntargets = [\"partner\"]\naction = \"allow\"\nhttp = {{ methods = [\"GET\"] }}\n"
+    ));
+    assert!(
+        msg.contains("`inspect = false`") && msg.contains("remove `http`"),
+        "{msg}"
+    );
+    let (_, _, msg) = err(&format!("{opaque}credential = \"db-rw\"\n"));
+    assert!(msg.contains("no credential can be injected"), "{msg}");
+    let (_, _, msg) = err(
+        "[[target]]\nname = \"pg2\"\nprotocol = \"postgres\"\naddress = [\"10.0.0.9:5432\"]\ninspect = false\n",
+    );
+    assert!(
+        msg.contains("only protocols \"http\", \"https\" and \"kubernetes\""),
+        "{msg}"
+    );
+}
