@@ -481,6 +481,9 @@ pub struct Credential {
     pub token_file: Option<PathBuf>,
     /// Key `env`: name of the agent's environment variable holding the secret.
     pub env: Option<String>,
+    /// Key `cert_file` (https, kubernetes): PEM client certificate chain presented upstream
+    /// (mTLS), whose private key is `key_file`.
+    pub cert_file: Option<PathBuf>,
 }
 
 /// Where a credential's secret comes from (at most one per credential).

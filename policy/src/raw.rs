@@ -206,9 +206,17 @@ pub(crate) struct RawCredential {
     pub token_file: Option<S>,
     /// Environment variable holding the secret.
     pub env: Option<S>,
+    /// PEM client certificate (chain) for mTLS upstream, with `key_file`.
+    pub cert_file: Option<S>,
 }
-pub(crate) const CREDENTIAL_KEYS: &[&str] =
-    &["user", "password_file", "key_file", "token_file", "env"];
+pub(crate) const CREDENTIAL_KEYS: &[&str] = &[
+    "user",
+    "password_file",
+    "key_file",
+    "token_file",
+    "env",
+    "cert_file",
+];
 
 /// `[[rule]]`.
 #[derive(Debug, Deserialize)]

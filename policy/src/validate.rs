@@ -793,7 +793,15 @@ fn credential(
             }
         }
     }
-    if first.is_none() && c.user.is_none() {
+    if let Some(v) = &c.cert_file {
+        if c.key_file.is_none() {
+            cx.err(
+                v.span(),
+                format!("credential \"{name}\" has `cert_file` without `key_file`: a client certificate needs its private key (`key_file`)"),
+            );
+        }
+    }
+    if first.is_none() && c.user.is_none() && c.cert_file.is_none() {
         cx.err(
             table,
             format!("credential \"{name}\" is empty: set `user` and one of {SECRET_KEYS}"),
@@ -817,6 +825,10 @@ fn credential(
             .as_ref()
             .and_then(|v| path(cx, v, "token_file", &what)),
         env: c.env.as_ref().and_then(|v| env_name(cx, v, &what)),
+        cert_file: c
+            .cert_file
+            .as_ref()
+            .and_then(|v| path(cx, v, "cert_file", &what)),
     };
     (cx.errors.len() == before).then_some(cred)
 }
@@ -936,6 +948,35 @@ fn target<'r>(
                 );
                 return None;
             }
+        }
+    }
+    // A client certificate is TLS: only https and kubernetes targets present one; and an
+    // HTTP target's `key_file` is only ever a client certificate's key (never sent as a token).
+    if let (Some(c), Some(raw)) = (
+        &t.credential,
+        credential
+            .as_ref()
+            .and_then(|c| credentials.get(c.as_str())),
+    ) {
+        let raw = raw.get_ref();
+        let tls_client = matches!(protocol, Protocol::Https | Protocol::Kubernetes);
+        if raw.cert_file.is_some() && !tls_client {
+            cx.err(
+                c.span(),
+                format!("`credential` of target \"{name}\": its `cert_file` (a TLS client certificate) is only used by \"https\" and \"kubernetes\" targets"),
+            );
+            return None;
+        }
+        let http = matches!(
+            protocol,
+            Protocol::Http | Protocol::Https | Protocol::Kubernetes
+        );
+        if http && raw.key_file.is_some() && raw.cert_file.is_none() {
+            cx.err(
+                c.span(),
+                format!("`credential` of target \"{name}\": for an HTTP target `key_file` is a client certificate's key and needs `cert_file` (a bearer token is `token_file`)"),
+            );
+            return None;
         }
     }
     let inspect = match &t.inspect {

@@ -30,6 +30,9 @@ class H(BaseHTTPRequestHandler):
         e = {"method": self.command, "path": self.path,
              "authorization": self.headers.get("Authorization"),
              "host": self.headers.get("Host")}
+        pc = self.connection.getpeercert() if hasattr(self.connection, "getpeercert") else None
+        if pc:
+            e["client_issuer"] = [v for rdn in pc.get("issuer", ()) for (k, v) in rdn if k == "commonName"]
         e.update(extra or {})
         logf.write(json.dumps(e) + "\n")
     def reply(self, code, obj):
@@ -100,6 +103,10 @@ class H(BaseHTTPRequestHandler):
     do_PATCH = do_POST
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(cert, key)
+if len(sys.argv) > 5:
+    # mTLS: a client certificate from this CA is required.
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(sys.argv[5])
 srv = ThreadingHTTPServer(("127.0.0.1", port), H)
 srv.daemon_threads = True
 srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
@@ -225,7 +232,16 @@ impl Drop for PyTlsServer {
 
 impl HttpsServer {
     pub fn start(tag: &str) -> HttpsServer {
-        let s = PyTlsServer::start(&format!("{tag}-https"), &format!("{WS_PY}{SERVER}"), &[]);
+        HttpsServer::start_opts(tag, &[])
+    }
+
+    /// A server that requires a client certificate issued by the CA in `client_ca` (mTLS).
+    pub fn start_mtls(tag: &str, client_ca: &std::path::Path) -> HttpsServer {
+        HttpsServer::start_opts(tag, &[&client_ca.display().to_string()])
+    }
+
+    fn start_opts(tag: &str, args: &[&str]) -> HttpsServer {
+        let s = PyTlsServer::start(&format!("{tag}-https"), &format!("{WS_PY}{SERVER}"), args);
         HttpsServer {
             port: s.port,
             ca_file: s.ca_file.clone(),

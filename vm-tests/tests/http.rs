@@ -753,3 +753,114 @@ action = "allow"
         "{audit:#?}"
     );
 }
+
+/// mTLS upstream: the target's credential is a client certificate (`cert_file` + `key_file`),
+/// which the agent presents to a server that requires one; the bot holds no certificate and
+/// its own Authorization is still dropped.
+#[test]
+fn client_certificate_credential_for_a_server_requiring_mtls() {
+    require_root();
+    let tag = "http-mtls";
+    let client = vm_tests::pg::TestCa::new(&format!("{tag}-client"));
+    let files = TempDir::new(&format!("{tag}-files"));
+    let client_ca = files.path().join("client-ca.pem");
+    let cert = files.path().join("client.pem");
+    let key = files.path().join("client.key");
+    std::fs::write(&client_ca, &client.ca_pem).expect("ca");
+    std::fs::write(&cert, &client.cert_pem).expect("cert");
+    std::fs::write(&key, &client.key_pem).expect("key");
+    let srv = HttpsServer::start_mtls(tag, &client_ca);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let body = format!(
+        r#"[[identity]]
+name = "ci-bot"
+cgroup = "{glob}"
+
+[[target]]
+name = "billing"
+protocol = "https"
+address = ["127.0.0.1:{port}"]
+credential = "billing-mtls"
+tls = {{ mode = "verify-full", ca_file = "{ca}", server_name = "localhost" }}
+
+[credential.billing-mtls]
+cert_file = "{cert}"
+key_file = "{key}"
+
+[[rule]]
+name = "ci reads the v1 API"
+identities = ["ci-bot"]
+targets = ["billing"]
+action = "allow"
+http = {{ methods = ["GET"], paths = ["/api/v1/*"] }}
+"#,
+        glob = bot.glob(),
+        port = srv.port,
+        ca = srv.ca_file.display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let agent = AgentProc::start(tag, FailMode::Closed, &body);
+    let trust = TempDir::new(&format!("{tag}-trust"));
+    let ca = world_readable(
+        &trust,
+        "tollgate-ca.pem",
+        &std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA"),
+    );
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+
+    // Without a client certificate the server refuses the handshake (root is not redirected).
+    let direct = std::process::Command::new("/usr/bin/curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&srv.ca_file)
+        .args(["--resolve", &resolve])
+        .arg(format!("https://localhost:{}/api/v1/x", srv.port))
+        .output()
+        .expect("curl");
+    assert!(!direct.status.success(), "{}", text(&direct));
+    assert!(srv.access_log().is_empty());
+
+    // Through the agent: its client certificate opens the server.
+    for version in ["--http1.1", "--http2"] {
+        let (code, body, _) = curl(
+            &bot,
+            &ca,
+            &[
+                version,
+                "--resolve",
+                &resolve,
+                &format!("https://localhost:{}/api/v1/invoices", srv.port),
+            ],
+        );
+        assert_eq!(code, 200, "{version}: {body}");
+    }
+    let (code, _, _) = curl(
+        &bot,
+        &ca,
+        &[
+            "--resolve",
+            &resolve,
+            &format!("https://localhost:{}/admin", srv.port),
+        ],
+    );
+    assert_eq!(code, 403);
+    let log = srv.access_log();
+    assert_eq!(log.len(), 2, "{log:#?}");
+    for e in &log {
+        assert_eq!(e["path"], "/api/v1/invoices", "{e}");
+        assert_eq!(
+            e["client_issuer"][0],
+            format!("{tag}-client test CA"),
+            "the agent's client certificate: {e}"
+        );
+        assert!(
+            e["authorization"].is_null(),
+            "the bot's header is dropped: {e}"
+        );
+    }
+    let audit = std::fs::read_to_string(agent.audit_path()).expect("audit");
+    assert!(
+        !audit.contains("PRIVATE KEY"),
+        "no key material in the audit"
+    );
+}

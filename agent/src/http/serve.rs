@@ -77,6 +77,8 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
     } else {
         (Conn::Plain(client), None)
     };
+    let credential = credential_for(cx);
+    let client_cert = credential.as_ref().ok().and_then(|(_, c)| c.as_ref());
     let upstream_tls = if tls_target {
         let name = crate::tls::server_name(
             &cx.target.tls,
@@ -84,9 +86,9 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
             cx.orig_dst.ip(),
         )
         .map_err(InternalError::encode)?;
-        let cfg =
-            crate::tls::http_client_config(&cx.target.tls, ALPN).map_err(InternalError::encode)?;
-        let h1 = crate::tls::http_client_config(&cx.target.tls, &ALPN[1..])
+        let cfg = crate::tls::http_client_config(&cx.target.tls, ALPN, client_cert)
+            .map_err(InternalError::encode)?;
+        let h1 = crate::tls::http_client_config(&cx.target.tls, &ALPN[1..], client_cert)
             .map_err(InternalError::encode)?;
         Some(((cfg, name), h1))
     } else {
@@ -103,7 +105,7 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         .metrics
         .http_request_seconds
         .with_label_values(&[&cx.target.name, protocol.as_str()]);
-    let credential = credential_header(cx);
+    let credential = credential.map(|(header, _)| header);
     let recorder = cx.open_recorder();
     if let Some(r) = &recorder {
         r.write(cx.start_event(json!({ "sni": sni })));
@@ -176,12 +178,16 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
     }
 }
 
-/// The `Authorization` value the target's credential gives: `Bearer <token>` for a
-/// `token_file` (or `env`), `Basic` for `user` + `password_file`. `Err` when the credential
-/// cannot be read: requests are then refused (fail closed), never sent without it.
-fn credential_header(cx: &SessionCx) -> Result<Option<header::HeaderValue>, String> {
+/// What the target's credential gives: the `Authorization` value (`Bearer <token>` for a
+/// `token_file` or `env`, `Basic` for `user` + `password_file`) or a client certificate for
+/// mTLS (`cert_file` + `key_file`). `Err` when the credential cannot be read: requests are then
+/// refused (fail closed), never sent without it.
+#[allow(clippy::type_complexity)]
+fn credential_for(
+    cx: &SessionCx,
+) -> Result<(Option<header::HeaderValue>, Option<crate::tls::ClientCert>), String> {
     let Some(name) = &cx.target.credential else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let gen = cx.agent.gen.load();
     let Some(cred): Option<&Credential> = gen.policy.credentials.get(name) else {
@@ -190,6 +196,11 @@ fn credential_header(cx: &SessionCx) -> Result<Option<header::HeaderValue>, Stri
     let secret = crate::session::credentials::read_secret(name, cred)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("credential {name} has no secret"))?;
+    if let Some(cert_file) = &cred.cert_file {
+        let cert = crate::tls::ClientCert::load(cert_file, &secret)
+            .map_err(|e| format!("credential {name}: {e}"))?;
+        return Ok((None, Some(cert)));
+    }
     let value = match (&cred.user, &cred.password_file) {
         (Some(user), Some(_)) => {
             use base64::Engine as _;
@@ -209,7 +220,7 @@ fn credential_header(cx: &SessionCx) -> Result<Option<header::HeaderValue>, Stri
     let mut v = header::HeaderValue::from_str(&value)
         .map_err(|_| format!("credential {name} cannot be sent in a header"))?;
     v.set_sensitive(true);
-    Ok(Some(v))
+    Ok((Some(v), None))
 }
 
 /// What every request of the session shares.

@@ -1240,3 +1240,27 @@ fn inspect_false_takes_no_credential_and_no_operation_matcher() {
         "{msg}"
     );
 }
+
+#[test]
+fn client_certificates_need_their_key_and_a_tls_target() {
+    let (_, _, msg) = err("[credential.mtls]\ncert_file = \"/etc/c.pem\"\n");
+    assert!(msg.contains("`cert_file` without `key_file`"), "{msg}");
+    let cred = "[credential.mtls]\ncert_file = \"/etc/c.pem\"\nkey_file = \"/etc/c.key\"\n";
+    let (_, _, msg) = err(&format!(
+        "{cred}[[target]]\nname = \"pg2\"\nprotocol = \"postgres\"\naddress = [\"10.0.0.9:5432\"]\ncredential = \"mtls\"\n"
+    ));
+    assert!(
+        msg.contains("only used by \"https\" and \"kubernetes\""),
+        "{msg}"
+    );
+    let (_, _, msg) = err(
+        "[credential.k]\nkey_file = \"/etc/k\"\n[[target]]\nname = \"api\"\nprotocol = \"https\"\naddress = [\"10.0.0.9:443\"]\ncredential = \"k\"\n",
+    );
+    assert!(msg.contains("needs `cert_file`"), "{msg}");
+    let p = parse(
+        &format!("{BASE}{cred}[[target]]\nname = \"api\"\nprotocol = \"kubernetes\"\naddress = [\"10.0.0.9:6443\"]\ncredential = \"mtls\"\n"),
+        "p.toml",
+    )
+    .expect("a client certificate for a kubernetes target");
+    assert!(p.credentials["mtls"].cert_file.is_some());
+}
