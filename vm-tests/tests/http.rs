@@ -864,3 +864,111 @@ http = {{ methods = ["GET"], paths = ["/api/v1/*"] }}
         "no key material in the audit"
     );
 }
+
+/// `[[mask]]` on an HTTPS target: JSON fields by path (`ssn`, `items.*.spec.email`) and the
+/// credit-card detector, masked as the answer streams (HTTP/1.1 and HTTP/2), a ~100 MB list
+/// masked in flat agent memory; an answer that cannot be masked (HTML, gzip) is refused, and
+/// the agent asks upstream for an uncompressed answer.
+#[test]
+fn json_answers_are_masked_as_they_stream() {
+    let extra = "\n[[mask]]\ntargets = [\"billing\"]\ncolumns = [\"ssn\", \"items.*.spec.email\"]\ndetectors = [\"credit_card\"]\n";
+    let Fixture {
+        srv,
+        bot,
+        files,
+        agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-mask", extra, false);
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let url = |p: &str| format!("https://localhost:{}{p}", srv.port);
+    for version in ["--http1.1", "--http2"] {
+        let (code, body, _) = curl(
+            &bot,
+            &ca,
+            &[
+                version,
+                "--compressed",
+                "--resolve",
+                &resolve,
+                &url("/api/v1/customers?n=3"),
+            ],
+        );
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("masked JSON is JSON");
+        let items = v["items"].as_array().expect("items");
+        assert_eq!(items.len(), 3, "{body}");
+        for (i, it) in items.iter().enumerate() {
+            assert_eq!(it["id"], i, "{body}");
+            assert_eq!(it["spec"]["name"], format!("n{i}"), "{body}");
+            assert!(
+                !it["ssn"].as_str().unwrap_or("123-45").contains("123-45"),
+                "{body}"
+            );
+            assert!(
+                it["spec"]["email"] != format!("user{i}@example.com"),
+                "{body}"
+            );
+            assert!(
+                it["note"].as_str().is_some_and(|n| !n.contains("4111")),
+                "{body}"
+            );
+        }
+    }
+    // The agent asked for an uncompressed answer.
+    let log = srv.access_log();
+    assert!(
+        log.iter().all(|e| e["accept_encoding"].is_null()),
+        "{log:#?}"
+    );
+
+    // Not maskable: refused, never passed on.
+    for path in ["/api/v1/page", "/api/v1/gz"] {
+        let (code, body, _) = curl(&bot, &ca, &["--resolve", &resolve, &url(path)]);
+        assert_eq!(code, 403, "{path}: {body}");
+        assert!(body.contains("cannot be masked"), "{body}");
+        assert!(!body.contains("123-45-6789"), "{body}");
+    }
+
+    // A list of about 100 MB streams through in flat memory, every value masked.
+    let n = 650_000;
+    let out = files.path().join("customers.json");
+    let pid = agent.pid().expect("agent pid");
+    let before = peak_kib(pid);
+    let dl = bot
+        .command(Path::new("/usr/bin/curl"))
+        .args(["-sS", "--max-time", "300", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &resolve, "-o", "-"])
+        .arg(url(&format!("/api/v1/customers?n={n}")))
+        .env_clear()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let got = dl.wait_with_output().expect("curl");
+    assert!(got.status.success(), "{}", text(&got));
+    std::fs::write(&out, &got.stdout).expect("write");
+    let after = peak_kib(pid);
+    let size = got.stdout.len();
+    // (about 100 MB as the server sends it; the masked values are shorter)
+    assert!(size > 64 << 20, "{size} bytes");
+    let body = String::from_utf8_lossy(&got.stdout);
+    assert!(!body.contains("4111 1111"), "a card number leaked");
+    assert!(!body.contains("@example.com"), "an email leaked");
+    assert!(!body.contains("\"123-45-"), "an ssn leaked");
+    let v: Value = serde_json::from_slice(&got.stdout).expect("the whole list is JSON");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(n));
+    assert!(
+        after.saturating_sub(before) < 64 * 1024,
+        "agent peak memory grew by {} KiB for a {} MiB answer",
+        after.saturating_sub(before),
+        size >> 20
+    );
+    let _ = std::fs::remove_file(&out);
+    eprintln!(
+        "masked {} MiB; agent peak RSS {} -> {} KiB",
+        size >> 20,
+        before,
+        after
+    );
+}

@@ -25,6 +25,7 @@
 
 mod adapter;
 mod exec;
+mod json;
 mod mask;
 mod serve;
 mod upstream;

@@ -111,6 +111,9 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         r.write(cx.start_event(json!({ "sni": sni })));
     }
     let totals = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    // `[[mask]]` rules naming this target: JSON answers masked as they stream.
+    let masker =
+        crate::mask::Masker::for_target(&cx.gen.policy, &cx.target.name, cx.agent.hash_key);
 
     let (tx, mut rx) = mpsc::channel::<Job>(64);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -148,6 +151,7 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         totals: &totals,
         relays: &relays,
         seconds: &seconds,
+        masker: &masker,
     };
     let result = loop {
         tokio::select! {
@@ -234,6 +238,7 @@ struct Env<'a> {
     totals: &'a Arc<(AtomicU64, AtomicU64)>,
     relays: &'a std::sync::Mutex<tokio::task::JoinSet<()>>,
     seconds: &'a prometheus::Histogram,
+    masker: &'a Option<crate::mask::Masker>,
 }
 
 impl Env<'_> {
@@ -467,7 +472,7 @@ impl Env<'_> {
             Some(Some(a)) if a.resource == "secrets" => Some(a.verb == "watch"),
             _ => None,
         };
-        if secrets.is_some() {
+        if secrets.is_some() || self.masker.is_some() {
             let accept = parts
                 .headers
                 .get(header::ACCEPT)
@@ -485,6 +490,7 @@ impl Env<'_> {
             }
             parts.headers.remove(header::ACCEPT_ENCODING);
         }
+        let head = parts.method == hyper::Method::HEAD;
         let mut out = Request::new(tally(body.boxed_unsync(), record.up.clone(), None));
         *out.method_mut() = parts.method;
         *out.headers_mut() = parts.headers;
@@ -541,6 +547,17 @@ impl Env<'_> {
                         }
                     }
                 }
+                if let Some(m) = self.masker {
+                    match mask_json_body(cx, &mut parts, body, m, head) {
+                        Ok(b) => body = b,
+                        Err(msg) => {
+                            return finish_response(
+                                refusal(protocol, StatusCode::FORBIDDEN, &msg, None),
+                                record,
+                            )
+                        }
+                    }
+                }
                 finish_response(Response::from_parts(parts, body), record)
             }
             Err(e) => {
@@ -580,6 +597,60 @@ async fn earlier_outcome(cx: &SessionCx, att: &super::Attributed) -> Option<Stri
     }
     let what = format!("{} {}", att.method, att.path);
     Some(approval_message(&outcome, &what))
+}
+
+/// Under `[[mask]]` rules: a JSON answer masked as it streams (`json.rs`); an answer with a
+/// body the agent cannot read (another type, compressed) is refused, never passed unmasked.
+fn mask_json_body(
+    cx: &SessionCx,
+    parts: &mut hyper::http::response::Parts,
+    body: AnyBody,
+    masker: &crate::mask::Masker,
+    head: bool,
+) -> Result<AnyBody, String> {
+    use hyper::body::Body as _;
+    let empty =
+        head || matches!(
+            parts.status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        ) || parts.status.is_informational()
+            || body.is_end_stream()
+            || body.size_hint().exact() == Some(0);
+    if empty {
+        return Ok(body);
+    }
+    let ctype = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mime = ctype.split(';').next().unwrap_or("").trim().to_string();
+    let json = mime == "application/json"
+        || mime.ends_with("+json")
+        || mime == "application/x-ndjson"
+        || mime == "application/jsonl";
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if !json || encoded {
+        return Err(format!(
+            "tollgate: masking applies to target {}, and its answer (content type \"{ctype}\"{}) cannot be masked, so it is refused",
+            cx.target.name,
+            if encoded { ", compressed" } else { "" }
+        ));
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let counter = cx
+        .agent
+        .metrics
+        .masked_values
+        .with_label_values(&[&cx.target.name, "http_json"]);
+    Ok(
+        super::json::JsonMaskBody::new(body, masker.clone(), Box::new(move |n| counter.inc_by(n)))
+            .boxed_unsync(),
+    )
 }
 
 /// Mask a response about Secrets (see `mask.rs`): a watch event by event, a document whole.
