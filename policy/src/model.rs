@@ -367,6 +367,10 @@ pub struct Target {
     /// as it is, without terminating its TLS: only whole-connection rules decide it (no
     /// per-request policy, credential, masking or request recording).
     pub inspect: bool,
+    /// Key `record_bodies` (http, https, kubernetes; default false): each request's recording
+    /// line also carries the start of its request and response bodies (up to 64 KiB each),
+    /// masked by the target's `[[mask]]` rules and the secret detectors.
+    pub record_bodies: bool,
 }
 
 /// `tls = { mode = "...", ca_file = "...", server_name = "..." }` of a target: the agent's

@@ -165,6 +165,8 @@ pub(crate) struct RawTarget {
     pub host_key_file: Option<S>,
     /// http/https/kubernetes: `false` relays the connection without decrypting it.
     pub inspect: Option<toml::Spanned<bool>>,
+    /// http/https/kubernetes: record request and response bodies (masked, bounded).
+    pub record_bodies: Option<toml::Spanned<bool>>,
 }
 pub(crate) const TARGET_KEYS: &[&str] = &[
     "name",
@@ -177,6 +179,7 @@ pub(crate) const TARGET_KEYS: &[&str] = &[
     "known_hosts",
     "host_key_file",
     "inspect",
+    "record_bodies",
 ];
 
 /// `tls = { ... }` inside `[[target]]`: the agent's connection to the target.

@@ -1004,9 +1004,27 @@ fn target<'r>(
             *v.get_ref()
         }
     };
+    let record_bodies = match &t.record_bodies {
+        None => false,
+        Some(v) => {
+            if !matches!(
+                protocol,
+                Protocol::Http | Protocol::Https | Protocol::Kubernetes
+            ) || !inspect
+            {
+                cx.err(
+                    v.span(),
+                    format!("`record_bodies` of target \"{name}\": only inspected \"http\", \"https\" and \"kubernetes\" targets have bodies to record; remove it"),
+                );
+                return None;
+            }
+            *v.get_ref()
+        }
+    };
     Some(Target {
         name: name.to_string(),
         inspect,
+        record_bodies,
         protocol,
         address,
         credential,

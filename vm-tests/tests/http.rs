@@ -972,3 +972,101 @@ fn json_answers_are_masked_as_they_stream() {
         after
     );
 }
+
+/// `record_bodies = true`: each request's recording line carries the start of both bodies,
+/// masked (JSON fields by the target's `[[mask]]`, values by its detectors).
+#[test]
+fn record_bodies_keeps_masked_bodies_in_the_recording() {
+    require_root();
+    let tag = "http-bodies";
+    let srv = HttpsServer::start(tag);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let files = TempDir::new(&format!("{tag}-files"));
+    let token = files.path().join("billing.token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+    let body = policy(&bot, &srv, &token).replace(
+        "credential = \"billing-api\"\n",
+        "credential = \"billing-api\"\nrecord_bodies = true\n",
+    ) + "\n[[mask]]\ntargets = [\"billing\"]\ncolumns = [\"ssn\"]\ndetectors = [\"credit_card\"]\n";
+    let agent = AgentProc::start(tag, FailMode::Closed, &body);
+    let trust = TempDir::new(&format!("{tag}-trust"));
+    let ca = world_readable(
+        &trust,
+        "tollgate-ca.pem",
+        &std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA"),
+    );
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let url = |p: &str| format!("https://localhost:{}{p}", srv.port);
+    let (code, _, _) = curl(
+        &bot,
+        &ca,
+        &["--resolve", &resolve, &url("/api/v1/customers?n=2")],
+    );
+    assert_eq!(code, 200);
+    let (code, _, _) = curl(
+        &bot,
+        &ca,
+        &[
+            "--resolve",
+            &resolve,
+            "-H",
+            "Content-Type: text/plain",
+            "-d",
+            "pay with 4111 1111 1111 1111 please",
+            &url("/api/v1/invoices"),
+        ],
+    );
+    assert_eq!(code, 200);
+    let sessions = agent.data_dir.join("sessions");
+    let lines: Vec<Value> = vm_tests::wait_for(
+        std::time::Duration::from_secs(10),
+        "two recorded requests",
+        || {
+            let v: Vec<Value> = std::fs::read_dir(&sessions)
+                .ok()?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+                .flat_map(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .lines()
+                        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                        .collect::<Vec<_>>()
+                })
+                .filter(|l| l["event"] == "request")
+                .collect();
+            (v.len() >= 2).then_some(v)
+        },
+    );
+    let get = lines
+        .iter()
+        .find(|l| l["method"] == "GET")
+        .expect("the GET");
+    let shown = get["response_body"]["text"]
+        .as_str()
+        .expect("response body");
+    assert!(
+        shown.contains("CustomerList") && shown.contains("user0@example.com"),
+        "{get}"
+    );
+    assert!(
+        !shown.contains("123-45-") && !shown.contains("4111 1111"),
+        "{get}"
+    );
+    let post = lines
+        .iter()
+        .find(|l| l["method"] == "POST")
+        .expect("the POST");
+    let sent = post["request_body"]["text"].as_str().expect("request body");
+    assert!(
+        sent.starts_with("pay with ") && !sent.contains("4111"),
+        "{post}"
+    );
+    assert_eq!(post["request_body"]["bytes"], 35, "{post}");
+    assert!(
+        post["response_body"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("sha256")),
+        "{post}"
+    );
+}

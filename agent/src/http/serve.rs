@@ -302,6 +302,22 @@ impl Env<'_> {
             started,
             totals: self.totals.clone(),
             seconds: self.seconds.clone(),
+            bodies: cx.target.record_bodies.then(|| {
+                // The target's masks, else the secret detectors (a recording never holds a
+                // credential or a masked value).
+                let m = self
+                    .masker
+                    .clone()
+                    .filter(|m| m.has_detectors())
+                    .unwrap_or_else(|| {
+                        crate::mask::Masker::with_detectors(
+                            crate::ssh::SSH_DETECTORS,
+                            tollgate_policy::MaskStyle::Full,
+                            cx.agent.hash_key,
+                        )
+                    });
+                Arc::new(super::Bodies::new(m))
+            }),
         };
         let att = match attribute(protocol, req.method(), req.uri(), req.headers(), self.sni) {
             Ok(a) => a,
@@ -491,7 +507,11 @@ impl Env<'_> {
             parts.headers.remove(header::ACCEPT_ENCODING);
         }
         let head = parts.method == hyper::Method::HEAD;
-        let mut out = Request::new(tally(body.boxed_unsync(), record.up.clone(), None));
+        let mut out = Request::new(tally(
+            super::capture(body.boxed_unsync(), &record.bodies, false),
+            record.up.clone(),
+            None,
+        ));
         *out.method_mut() = parts.method;
         *out.headers_mut() = parts.headers;
         *out.uri_mut() = match att.forward.parse() {

@@ -1264,3 +1264,15 @@ fn client_certificates_need_their_key_and_a_tls_target() {
     .expect("a client certificate for a kubernetes target");
     assert!(p.credentials["mtls"].cert_file.is_some());
 }
+
+#[test]
+fn record_bodies_is_for_inspected_http_targets() {
+    let (_, _, msg) = err(
+        "[[target]]\nname = \"pg2\"\nprotocol = \"postgres\"\naddress = [\"10.0.0.9:5432\"]\nrecord_bodies = true\n",
+    );
+    assert!(msg.contains("`record_bodies` of target \"pg2\""), "{msg}");
+    let (_, _, msg) = err(
+        "[[target]]\nname = \"p\"\nprotocol = \"https\"\naddress = [\"10.0.0.9:443\"]\ninspect = false\nrecord_bodies = true\n",
+    );
+    assert!(msg.contains("only inspected"), "{msg}");
+}
