@@ -5,7 +5,7 @@
 
 use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Output};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use vm_tests::{
     http::{raw_client, statuses, ws_client, HttpsServer},
     require_root, AgentProc, Cgroup, FailMode, TempDir,
@@ -1068,5 +1068,143 @@ fn record_bodies_keeps_masked_bodies_in_the_recording() {
             .as_str()
             .is_some_and(|t| t.contains("sha256")),
         "{post}"
+    );
+}
+
+/// `tg-hyper` (a hyper client over rustls, run as the bot) with `args` on one connection; its
+/// JSON lines.
+fn hyper_client(
+    bot: &Cgroup,
+    port: u16,
+    ca: &Path,
+    version: &str,
+    requests: &[Value],
+) -> Vec<Value> {
+    let out = bot
+        .command(Path::new(env!("CARGO_BIN_EXE_tg-hyper")))
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("localhost")
+        .arg(ca)
+        .arg(version)
+        .args(requests.iter().map(|r| r.to_string()))
+        .env_clear()
+        .output()
+        .expect("tg-hyper");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A Rust client (hyper, HTTP/1.1 and HTTP/2) through the agent: allowed and denied requests,
+/// and HTTP/2 header tricks (`:authority` against a `host` header, against SNI, two `host`
+/// headers, `:path` with `..` and encoded dots) that are refused or normalised; none reaches a
+/// path the policy denies.
+#[test]
+fn hyper_client_and_http2_pseudo_header_tricks() {
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent: _agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-hyper", "", false);
+    let port = srv.port;
+    let base = format!("https://localhost:{port}");
+    let get =
+        |uri: String, headers: Value| json!({"method": "GET", "uri": uri, "headers": headers});
+
+    let r = hyper_client(
+        &bot,
+        port,
+        &ca,
+        "h2",
+        &[
+            get(format!("{base}/api/v1/ok"), json!([])),
+            json!({"method": "DELETE", "uri": format!("{base}/api/v1/x"), "headers": []}),
+        ],
+    );
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(
+        (r[0]["status"].as_u64(), r[0]["version"].as_str()),
+        (Some(200), Some("HTTP/2.0")),
+        "{r:?}"
+    );
+    assert_eq!(r[1]["status"], 403, "{r:?}");
+    let refusal: Value =
+        serde_json::from_str(r[1]["body"].as_str().unwrap_or("")).expect("403 JSON");
+    assert_eq!(refusal["rule"], "nobody deletes", "{refusal}");
+    let r = hyper_client(
+        &bot,
+        port,
+        &ca,
+        "h1",
+        &[get(format!("{base}/api/v1/h1"), json!([]))],
+    );
+    assert_eq!(
+        (r[0]["status"].as_u64(), r[0]["version"].as_str()),
+        (Some(200), Some("HTTP/1.1")),
+        "{r:?}"
+    );
+
+    // HTTP/2 tricks, each on its own connection: (request, acceptable statuses).
+    let tricks: Vec<(Value, &[u64])> = vec![
+        // :authority says localhost, a host header says another name.
+        (
+            get(
+                format!("{base}/api/v1/ok"),
+                json!([["host", "admin.internal"]]),
+            ),
+            &[400],
+        ),
+        // :authority names another host than the TLS server name.
+        (
+            get(
+                format!("https://admin.internal:{port}/api/v1/ok"),
+                json!([]),
+            ),
+            &[421, 400],
+        ),
+        // Two host headers.
+        (
+            get(
+                format!("{base}/api/v1/ok"),
+                json!([
+                    ["host", format!("localhost:{port}")],
+                    ["host", "admin.internal"]
+                ]),
+            ),
+            &[400],
+        ),
+        // :path climbing out of the allowed prefix, plain and percent-encoded.
+        (get(format!("{base}/api/v1/../../admin"), json!([])), &[403]),
+        (
+            get(format!("{base}/api/v1/%2e%2e/%2e%2e/admin"), json!([])),
+            &[403],
+        ),
+        (
+            get(format!("{base}/api/v1/..%2fadmin"), json!([])),
+            &[403, 400],
+        ),
+        (get(format!("{base}//admin"), json!([])), &[403]),
+    ];
+    for (req, ok) in &tricks {
+        let r = hyper_client(&bot, port, &ca, "h2", std::slice::from_ref(req));
+        let status = r.first().and_then(|l| l["status"].as_u64());
+        assert!(status.is_some_and(|s| ok.contains(&s)), "{req}: {r:?}");
+    }
+    let log = srv.access_log();
+    let paths: Vec<&str> = log.iter().filter_map(|e| e["path"].as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/api/v1/ok", "/api/v1/h1"],
+        "only the two allowed requests reached the server"
+    );
+    assert!(
+        log.iter().all(|e| e["host"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("localhost"))),
+        "{log:#?}"
     );
 }
