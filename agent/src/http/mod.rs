@@ -303,8 +303,9 @@ pub fn command_text(words: &[String]) -> String {
             if plain(w) {
                 w.clone()
             } else {
-                let escaped: String = w.escape_default().collect();
-                format!("'{}'", escaped.replace('\'', "\\'"))
+                // `escape_default` also escapes quotes and backslashes, so the word's end is
+                // unambiguous.
+                format!("'{}'", w.escape_default())
             }
         })
         .collect::<Vec<_>>()
