@@ -144,7 +144,7 @@ struct ExplainArgs {
     /// Host of --http.
     #[arg(long, requires = "http")]
     host: Option<String>,
-    /// A Kubernetes request, "VERB RESOURCE [NAMESPACE [NAME]]".
+    /// A Kubernetes request, "VERB RESOURCE [NAMESPACE [NAME]] [-- COMMAND...]".
     #[arg(long, group = "op")]
     kube: Option<String>,
 }
@@ -446,10 +446,15 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
             host: host.unwrap_or_default(),
         }
     } else if let Some(k) = kube {
+        // `create pods/exec prod web-1 -- ls -l`: the words after `--` are an exec's command.
+        let (k, command) = match k.split_once(" -- ") {
+            Some((k, c)) => (k, Some(c.split_whitespace().map(str::to_string).collect())),
+            None => (k.as_str(), None),
+        };
         let mut w = k.split_whitespace().map(str::to_string);
         let (Some(verb), Some(resource)) = (w.next(), w.next()) else {
             anyhow::bail!(
-                "--kube takes \"VERB RESOURCE [NAMESPACE [NAME]]\", e.g. \"create pods/exec prod\""
+                "--kube takes \"VERB RESOURCE [NAMESPACE [NAME]] [-- COMMAND...]\", e.g. \"create pods/exec prod web-1 -- ls -l\""
             );
         };
         CaseOp::Kube {
@@ -457,6 +462,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
             resource,
             namespace: w.next().unwrap_or_default(),
             name: w.next().unwrap_or_default(),
+            command,
         }
     } else {
         CaseOp::Connect

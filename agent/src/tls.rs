@@ -440,27 +440,61 @@ pub enum UpstreamTlsError {
     ServerName(String),
     #[error("TLS handshake with the server failed: {0}")]
     Handshake(io::Error),
+    #[error("the client certificate cannot be used: {0}")]
+    ClientCert(String),
 }
 
 /// Client configuration for a target's `tls` table. `host` is the name the certificate must
 /// carry when `server_name` is not set.
 pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
-    client_config_alpn(tls, &[ALPN_POSTGRES])
+    client_config_alpn(tls, &[ALPN_POSTGRES], None)
 }
 
-/// [`client_config`] offering the ALPN protocols `alpn`.
+/// A client certificate the agent presents upstream (mTLS): a credential's `cert_file` and
+/// its `key_file`.
+pub struct ClientCert {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl ClientCert {
+    /// From the PEM certificate chain in `cert_file` and the PEM private key `key_pem`; the
+    /// error says what is wrong (never the key).
+    pub fn load(cert_file: &Path, key_pem: &[u8]) -> Result<ClientCert, String> {
+        let chain = CertificateDer::pem_file_iter(cert_file)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("cannot read cert_file {}: {e}", cert_file.display()))?;
+        if chain.is_empty() {
+            return Err(format!(
+                "cert_file {} holds no certificate",
+                cert_file.display()
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|_| "key_file holds no PEM private key".to_string())?;
+        Ok(ClientCert { chain, key })
+    }
+}
+
+/// [`client_config`] offering the ALPN protocols `alpn`, presenting `client` if given.
 fn client_config_alpn(
     tls: &TargetTls,
     alpn: &[&[u8]],
+    client: Option<&ClientCert>,
 ) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = server_verifier(tls, &provider)?;
-    let mut cfg = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| UpstreamTlsError::Handshake(io::Error::other(e)))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match client {
+        None => builder.with_no_client_auth(),
+        Some(c) => builder
+            .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
+            .map_err(|e| UpstreamTlsError::ClientCert(e.to_string()))?,
+    };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
@@ -475,6 +509,7 @@ pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub fn http_client_config(
     tls: &TargetTls,
     alpn: &[&[u8]],
+    client: Option<&ClientCert>,
 ) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
     let mut effective = tls.clone();
     if effective.ca_file.is_none() {
@@ -483,7 +518,7 @@ pub fn http_client_config(
     if effective.mode == TlsMode::Disable {
         effective.mode = TlsMode::VerifyFull;
     }
-    client_config_alpn(&effective, alpn)
+    client_config_alpn(&effective, alpn, client)
 }
 
 /// How the server's certificate is checked under `tls.mode`.

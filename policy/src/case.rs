@@ -93,5 +93,7 @@ pub enum CaseOp {
         namespace: String,
         /// Name.
         name: String,
+        /// The command of a `pods/exec`, one string per argument.
+        command: Option<Vec<String>>,
     },
 }

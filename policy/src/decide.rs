@@ -69,6 +69,9 @@ pub enum Operation<'a> {
         namespace: &'a str,
         /// Object name, `""` for collections.
         name: &'a str,
+        /// The command of a `pods/exec` (its `command` query arguments); `None` for any
+        /// other request.
+        command: Option<&'a [String]>,
     },
 }
 
@@ -296,10 +299,11 @@ fn op_matches(rule: &Rule, op: &Operation<'_>) -> bool {
             resource,
             namespace,
             name,
+            command,
         } => rule
             .kubernetes
             .as_ref()
-            .is_some_and(|m| m.matches(verb, resource, namespace, name)),
+            .is_some_and(|m| m.matches(verb, resource, namespace, name, command)),
     }
 }
 
@@ -368,12 +372,26 @@ impl HttpMatch {
 }
 
 impl KubeMatch {
-    /// Whether an API request matches every given key.
-    pub fn matches(&self, verb: &str, resource: &str, namespace: &str, name: &str) -> bool {
+    /// Whether an API request matches every given key. With `exec` patterns, only a request
+    /// carrying a command (`pods/exec`) can match, and its argument words must match one
+    /// pattern (the words go to the container's runtime as they are: no shell reads them).
+    pub fn matches(
+        &self,
+        verb: &str,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+        command: Option<&[String]>,
+    ) -> bool {
+        let exec_ok = self.exec_patterns.is_empty()
+            || command.is_some_and(|words| {
+                !words.is_empty() && self.exec_patterns.iter().any(|p| p.matches(words))
+            });
         word_in(&self.verbs, verb)
             && self.resource_globs.allows(resource)
             && self.namespace_globs.allows(namespace)
             && self.name_globs.allows(name)
+            && exec_ok
     }
 }
 

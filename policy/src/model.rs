@@ -363,6 +363,14 @@ pub struct Target {
     /// Key `host_key_file` (ssh): the upstream server's own host private key, which the agent
     /// presents to bots so their `known_hosts` stays as it is.
     pub host_key_file: Option<PathBuf>,
+    /// Key `inspect` (http, https, kubernetes; default true): `false` relays the connection
+    /// as it is, without terminating its TLS: only whole-connection rules decide it (no
+    /// per-request policy, credential, masking or request recording).
+    pub inspect: bool,
+    /// Key `record_bodies` (http, https, kubernetes; default false): each request's recording
+    /// line also carries the start of its request and response bodies (up to 64 KiB each),
+    /// masked by the target's `[[mask]]` rules and the secret detectors.
+    pub record_bodies: bool,
 }
 
 /// `tls = { mode = "...", ca_file = "...", server_name = "..." }` of a target: the agent's
@@ -473,9 +481,10 @@ pub struct Credential {
     pub password_file: Option<PathBuf>,
     /// Key `key_file`: file holding a private key (ssh).
     pub key_file: Option<PathBuf>,
-    /// Key `cert_file` (ssh, only beside `key_file`): an OpenSSH user certificate for that key
-    /// (`ssh-keygen -s CA -I ID -n USER key.pub` writes `key-cert.pub`), for servers that
-    /// trust a user CA (`TrustedUserCAKeys`) instead of `authorized_keys`.
+    /// Key `cert_file` (only beside `key_file`): for ssh, an OpenSSH user certificate for that
+    /// key (`ssh-keygen -s CA -I ID -n USER key.pub` writes `key-cert.pub`), for servers that
+    /// trust a user CA (`TrustedUserCAKeys`) instead of `authorized_keys`; for https and
+    /// kubernetes, the PEM client certificate chain presented upstream (mTLS).
     pub cert_file: Option<PathBuf>,
     /// Key `token_file`: file holding a bearer token (http, kubernetes).
     pub token_file: Option<PathBuf>,
@@ -855,8 +864,8 @@ pub struct HttpMatch {
     pub(crate) host_globs: GlobList,
 }
 
-/// `kubernetes = { verbs, resources, namespaces, names }`: all given keys must match; empty
-/// lists match anything.
+/// `kubernetes = { verbs, resources, namespaces, names, exec }`: all given keys must match;
+/// empty lists match anything.
 #[derive(Debug, Clone)]
 pub struct KubeMatch {
     /// Key `verbs`: API verbs (`get`, `create`, ...), case-insensitive; `"*"` = any.
@@ -867,6 +876,11 @@ pub struct KubeMatch {
     pub namespaces: Vec<String>,
     /// Key `names`: object name globs.
     pub names: Vec<String>,
+    /// Key `exec`: command patterns for `pods/exec`, matched word by word against the
+    /// command's arguments as the query string gives them (no shell reads them), with the
+    /// pattern syntax of `ssh.exec`. Given, the rule matches only requests with a command.
+    pub exec: Vec<String>,
+    pub(crate) exec_patterns: Box<[ExecPattern]>,
     pub(crate) resource_globs: GlobList,
     pub(crate) namespace_globs: GlobList,
     pub(crate) name_globs: GlobList,

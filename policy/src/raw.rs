@@ -163,6 +163,10 @@ pub(crate) struct RawTarget {
     pub known_hosts: Option<S>,
     /// ssh: the server's own host private key, which the agent presents to bots.
     pub host_key_file: Option<S>,
+    /// http/https/kubernetes: `false` relays the connection without decrypting it.
+    pub inspect: Option<toml::Spanned<bool>>,
+    /// http/https/kubernetes: record request and response bodies (masked, bounded).
+    pub record_bodies: Option<toml::Spanned<bool>>,
 }
 pub(crate) const TARGET_KEYS: &[&str] = &[
     "name",
@@ -174,6 +178,8 @@ pub(crate) const TARGET_KEYS: &[&str] = &[
     "unix_socket",
     "known_hosts",
     "host_key_file",
+    "inspect",
+    "record_bodies",
 ];
 
 /// `tls = { ... }` inside `[[target]]`: the agent's connection to the target.
@@ -199,7 +205,7 @@ pub(crate) struct RawCredential {
     pub password_file: Option<S>,
     /// File holding a private key.
     pub key_file: Option<S>,
-    /// File holding an OpenSSH certificate for `key_file`.
+    /// File holding a certificate for `key_file` (OpenSSH user certificate, or PEM for mTLS).
     pub cert_file: Option<S>,
     /// File holding a bearer token.
     pub token_file: Option<S>,
@@ -325,8 +331,10 @@ pub(crate) struct RawKube {
     pub namespaces: Vec<S>,
     /// Object name globs.
     pub names: Vec<S>,
+    /// Exec command patterns (`pods/exec`), as `ssh.exec`.
+    pub exec: Vec<S>,
 }
-pub(crate) const KUBE_KEYS: &[&str] = &["verbs", "resources", "namespaces", "names"];
+pub(crate) const KUBE_KEYS: &[&str] = &["verbs", "resources", "namespaces", "names", "exec"];
 
 /// `[approvals]`.
 #[derive(Debug, Default, Deserialize)]
@@ -489,8 +497,11 @@ pub(crate) struct RawTestKube {
     /// Object name (default: a collection).
     #[serde(default)]
     pub name: Option<S>,
+    /// The command of a `pods/exec`, one string per argument.
+    #[serde(default)]
+    pub command: Option<Vec<S>>,
 }
-pub(crate) const TEST_KUBE_KEYS: &[&str] = &["verb", "resource", "namespace", "name"];
+pub(crate) const TEST_KUBE_KEYS: &[&str] = &["verb", "resource", "namespace", "name", "command"];
 
 /// Label of the file's root table.
 pub(crate) const ROOT_LABEL: &str = "the top level";

@@ -199,14 +199,14 @@ fn globs(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str, ci: bool) -> Vec<Pa
         .collect()
 }
 
-fn exec_patterns(cx: &mut Cx<'_>, list: &[S], what: &str) -> Box<[ExecPattern]> {
+fn exec_patterns(cx: &mut Cx<'_>, list: &[S], key: &str, what: &str) -> Box<[ExecPattern]> {
     list.iter()
         .filter_map(|p| match ExecPattern::compile(p.get_ref()) {
             Ok(p) => Some(p),
             Err(e) => {
                 cx.err(
                     p.span(),
-                    format!("bad pattern \"{}\" in `ssh.exec`{what}: {e}", p.get_ref()),
+                    format!("bad pattern \"{}\" in `{key}`{what}: {e}", p.get_ref()),
                 );
                 None
             }
@@ -376,6 +376,13 @@ pub(crate) fn build(cx: &mut Cx<'_>, raw: RawPolicy) -> Option<Policy> {
             (t.name.get_ref().as_str(), protocol_of(t.protocol.get_ref()))
         })
         .collect();
+    let opaque_targets: Vec<&str> = raw
+        .target
+        .iter()
+        .map(|t| t.get_ref())
+        .filter(|t| t.inspect.as_ref().is_some_and(|v| !*v.get_ref()))
+        .map(|t| t.name.get_ref().as_str())
+        .collect();
 
     let agent = agent(cx, &raw.agent);
 
@@ -416,6 +423,7 @@ pub(crate) fn build(cx: &mut Cx<'_>, raw: RawPolicy) -> Option<Policy> {
         identities: &identity_names,
         targets: &target_names,
         target_protocols: &target_protocols,
+        opaque_targets: &opaque_targets,
         target_index: &target_index,
     };
     let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -479,6 +487,8 @@ struct Names<'a> {
     identities: &'a [&'a str],
     targets: &'a [&'a str],
     target_protocols: &'a HashMap<&'a str, Option<Protocol>>,
+    /// Targets with `inspect = false` (relayed whole: no operation matcher applies).
+    opaque_targets: &'a [&'a str],
     /// First position of each target name (targets with errors included, so positions match
     /// only when the policy is valid, which is the only time they are used).
     target_index: &'a HashMap<&'a str, u32>,
@@ -789,7 +799,7 @@ fn credential(
             format!("`cert_file` of credential \"{name}\" needs `key_file` beside it: the certificate is for that private key"),
         );
     }
-    if first.is_none() && c.user.is_none() {
+    if first.is_none() && c.user.is_none() && c.cert_file.is_none() {
         cx.err(
             table,
             format!("credential \"{name}\" is empty: set `user` and one of {SECRET_KEYS}"),
@@ -938,8 +948,85 @@ fn target<'r>(
             }
         }
     }
+    // A certificate is an OpenSSH user certificate (ssh) or a TLS client certificate (https,
+    // kubernetes); and an HTTP target's `key_file` is only ever a client certificate's key
+    // (never sent as a token).
+    if let (Some(c), Some(raw)) = (
+        &t.credential,
+        credential
+            .as_ref()
+            .and_then(|c| credentials.get(c.as_str())),
+    ) {
+        let raw = raw.get_ref();
+        let has_cert = matches!(
+            protocol,
+            Protocol::Https | Protocol::Kubernetes | Protocol::Ssh
+        );
+        if raw.cert_file.is_some() && !has_cert {
+            cx.err(
+                c.span(),
+                format!("`credential` of target \"{name}\": its `cert_file` is only used by \"ssh\" (an OpenSSH user certificate), \"https\" and \"kubernetes\" (a TLS client certificate) targets"),
+            );
+            return None;
+        }
+        let http = matches!(
+            protocol,
+            Protocol::Http | Protocol::Https | Protocol::Kubernetes
+        );
+        if http && raw.key_file.is_some() && raw.cert_file.is_none() {
+            cx.err(
+                c.span(),
+                format!("`credential` of target \"{name}\": for an HTTP target `key_file` is a client certificate's key and needs `cert_file` (a bearer token is `token_file`)"),
+            );
+            return None;
+        }
+    }
+    let inspect = match &t.inspect {
+        None => true,
+        Some(v) => {
+            if !matches!(
+                protocol,
+                Protocol::Http | Protocol::Https | Protocol::Kubernetes
+            ) {
+                cx.err(
+                    v.span(),
+                    format!("`inspect` of target \"{name}\": only protocols \"http\", \"https\" and \"kubernetes\" use it; remove it"),
+                );
+                return None;
+            }
+            if !*v.get_ref() {
+                if let Some(c) = &t.credential {
+                    cx.err(
+                        c.span(),
+                        format!("`credential` of target \"{name}\": a target with `inspect = false` is relayed without decrypting, so no credential can be injected; remove one of them"),
+                    );
+                    return None;
+                }
+            }
+            *v.get_ref()
+        }
+    };
+    let record_bodies = match &t.record_bodies {
+        None => false,
+        Some(v) => {
+            if !matches!(
+                protocol,
+                Protocol::Http | Protocol::Https | Protocol::Kubernetes
+            ) || !inspect
+            {
+                cx.err(
+                    v.span(),
+                    format!("`record_bodies` of target \"{name}\": only inspected \"http\", \"https\" and \"kubernetes\" targets have bodies to record; remove it"),
+                );
+                return None;
+            }
+            *v.get_ref()
+        }
+    };
     Some(Target {
         name: name.to_string(),
+        inspect,
+        record_bodies,
         protocol,
         address,
         credential,
@@ -1082,6 +1169,16 @@ fn rule(cx: &mut Cx<'_>, r: &RawRule, names: &Names<'_>) -> Option<Rule> {
             let Some(Some(protocol)) = names.target_protocols.get(t.get_ref().as_str()) else {
                 continue;
             };
+            if names.opaque_targets.contains(&t.get_ref().as_str()) {
+                cx.err(
+                    span.clone(),
+                    format!(
+                        "{owner}: target \"{}\" has `inspect = false` (relayed without decrypting), so it takes no operation matcher: remove `{key}` (its rules decide the whole connection)",
+                        t.get_ref()
+                    ),
+                );
+                continue;
+            }
             match protocol.matcher_key() {
                 Some(k) if k == key => {}
                 Some(k) => {
@@ -1248,7 +1345,7 @@ fn ssh(cx: &mut Cx<'_>, m: &RawSsh, what: &str) -> SshMatch {
         shell: m.shell,
         subsystems: strings(&m.subsystems),
         forwarding: m.forwarding,
-        exec_patterns: exec_patterns(cx, &m.exec, what),
+        exec_patterns: exec_patterns(cx, &m.exec, "ssh.exec", what),
         subsystem_globs: glob_list(cx, &m.subsystems, "ssh.subsystems", what, false),
     }
 }
@@ -1282,6 +1379,8 @@ fn kube(cx: &mut Cx<'_>, m: &RawKube, what: &str) -> KubeMatch {
         resources: strings(&m.resources),
         namespaces: strings(&m.namespaces),
         names: strings(&m.names),
+        exec: strings(&m.exec),
+        exec_patterns: exec_patterns(cx, &m.exec, "kubernetes.exec", what),
         resource_globs: glob_list(cx, &m.resources, "kubernetes.resources", what, false),
         namespace_globs: glob_list(cx, &m.namespaces, "kubernetes.namespaces", what, false),
         name_globs: glob_list(cx, &m.names, "kubernetes.names", what, false),

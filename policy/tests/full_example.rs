@@ -252,6 +252,7 @@ fn full_example_decides_like_its_comments_say() {
         resource: "pods/exec",
         namespace: "prod-eu",
         name: "web-1",
+        command: Some(&["ls".to_string()]),
     };
     assert_eq!(
         ask("ops-bot", "prod-cluster", exec_pod).action,
@@ -262,6 +263,7 @@ fn full_example_decides_like_its_comments_say() {
         resource: "pods",
         namespace: "prod-eu",
         name: "",
+        command: None,
     };
     assert_eq!(ask("ops-bot", "prod-cluster", list).action, Action::Allow);
 

@@ -30,6 +30,9 @@ class H(BaseHTTPRequestHandler):
         e = {"method": self.command, "path": self.path,
              "authorization": self.headers.get("Authorization"),
              "host": self.headers.get("Host")}
+        pc = self.connection.getpeercert() if hasattr(self.connection, "getpeercert") else None
+        if pc:
+            e["client_issuer"] = [v for rdn in pc.get("issuer", ()) for (k, v) in rdn if k == "commonName"]
         e.update(extra or {})
         logf.write(json.dumps(e) + "\n")
     def reply(self, code, obj):
@@ -45,8 +48,51 @@ class H(BaseHTTPRequestHandler):
             return self.websocket()
         if self.path.startswith("/api/v1/download?bytes="):
             return self.download(int(self.path.split("=", 1)[1]))
+        if self.path.startswith("/api/v1/customers"):
+            return self.customers(int(self.path.split("n=", 1)[1]) if "n=" in self.path else 2)
+        if self.path == "/api/v1/page":
+            self.record()
+            b = b"<html>ssn 123-45-6789</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(b)))
+            self.end_headers()
+            return self.wfile.write(b)
+        if self.path == "/api/v1/gz":
+            import gzip
+            self.record({"accept_encoding": self.headers.get("Accept-Encoding")})
+            b = gzip.compress(json.dumps({"ssn": "123-45-6789"}).encode())
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(b)))
+            self.end_headers()
+            return self.wfile.write(b)
         self.record()
         self.reply(200, {"path": self.path, "ok": True})
+    def customers(self, n):
+        # {"items":[...]} with n customers (an SSN, an email under spec, a card number in a
+        # note), streamed chunked in pieces of about 64 KiB.
+        self.record({"accept_encoding": self.headers.get("Accept-Encoding")})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        def chunk(b):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(b), b))
+        buf = [b'{"kind":"CustomerList","items":[']
+        size = len(buf[0])
+        for i in range(n):
+            item = json.dumps({"id": i, "ssn": "123-45-%04d" % (i % 10000),
+                               "spec": {"email": "user%d@example.com" % i, "name": "n%d" % i},
+                               "note": "paid with 4111 1111 1111 1111"}).encode()
+            buf.append((b"," if i else b"") + item)
+            size += len(buf[-1])
+            if size > 65536:
+                chunk(b"".join(buf)); buf = []; size = 0
+        buf.append(b"]}")
+        chunk(b"".join(buf))
+        chunk(b"")
     def download(self, n):
         # n bytes of a fixed pattern (byte i of each 64 KiB block is i % 251), streamed.
         self.record({"bytes": n})
@@ -100,6 +146,10 @@ class H(BaseHTTPRequestHandler):
     do_PATCH = do_POST
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(cert, key)
+if len(sys.argv) > 5:
+    # mTLS: a client certificate from this CA is required.
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(sys.argv[5])
 srv = ThreadingHTTPServer(("127.0.0.1", port), H)
 srv.daemon_threads = True
 srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
@@ -225,7 +275,16 @@ impl Drop for PyTlsServer {
 
 impl HttpsServer {
     pub fn start(tag: &str) -> HttpsServer {
-        let s = PyTlsServer::start(&format!("{tag}-https"), &format!("{WS_PY}{SERVER}"), &[]);
+        HttpsServer::start_opts(tag, &[])
+    }
+
+    /// A server that requires a client certificate issued by the CA in `client_ca` (mTLS).
+    pub fn start_mtls(tag: &str, client_ca: &std::path::Path) -> HttpsServer {
+        HttpsServer::start_opts(tag, &[&client_ca.display().to_string()])
+    }
+
+    fn start_opts(tag: &str, args: &[&str]) -> HttpsServer {
+        let s = PyTlsServer::start(&format!("{tag}-https"), &format!("{WS_PY}{SERVER}"), args);
         HttpsServer {
             port: s.port,
             ca_file: s.ca_file.clone(),

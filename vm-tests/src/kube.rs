@@ -167,8 +167,60 @@ class H(BaseHTTPRequestHandler):
         self.send_header("Sec-WebSocket-Protocol", proto)
         self.end_headers()
         cmd = " ".join(q.get("command", []))
+        if q.get("tty", ["false"])[0] == "true":
+            return self.terminal(name, cmd)
         self.wfile.write(ws_frame(2, b"\x01" + ("exec in %s: %s\n" % (name, cmd)).encode()))
         self.wfile.write(ws_frame(2, b"\x03" + json.dumps({"metadata": {}, "status": "Success"}).encode()))
+        self.wfile.write(ws_frame(8, b"\x03\xe8"))
+        self.wfile.flush()
+        self.close_connection = True
+    def terminal(self, name, cmd):
+        # A tiny line-mode shell on a terminal: it echoes what is typed (as a tty does), and
+        # runs `echo WORDS`, `stty size` (from the last resize on channel 4) and `exit N`.
+        size = [0, 0]
+        out = lambda s: (self.wfile.write(ws_frame(2, b"\x01" + s.encode())), self.wfile.flush())
+        out("%s in %s\r\n$ " % (cmd, name))
+        line = b""
+        code = 0
+        while True:
+            m = ws_read(self.rfile)
+            if m is None: break
+            op, data = m
+            if op == 8: break
+            if not data: continue
+            ch, data = data[0], data[1:]
+            if ch == 4:
+                r = json.loads(data)
+                size = [r.get("Height", 0), r.get("Width", 0)]
+                continue
+            if ch != 0: continue
+            done = False
+            for b in data:
+                if b in (13, 10):
+                    out("\r\n")
+                    words = line.decode(errors="replace").split()
+                    line = b""
+                    if words[:1] == ["echo"]: out(" ".join(words[1:]) + "\r\n")
+                    elif words == ["stty", "size"]: out("%d %d\r\n" % tuple(size))
+                    elif words[:1] == ["exit"]:
+                        code = int(words[1]) if len(words) > 1 else 0
+                        done = True
+                        break
+                    elif words: out("%s: not found\r\n" % words[0])
+                    out("$ ")
+                elif b == 3:
+                    line = b""
+                    out("^C\r\n$ ")
+                else:
+                    line += bytes([b])
+                    out(bytes([b]).decode(errors="replace"))
+            if done: break
+        if code == 0:
+            st = {"metadata": {}, "status": "Success"}
+        else:
+            st = {"metadata": {}, "status": "Failure", "message": "command terminated with non-zero exit code: %d" % code,
+                  "reason": "NonZeroExitCode", "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}
+        self.wfile.write(ws_frame(2, b"\x03" + json.dumps(st).encode()))
         self.wfile.write(ws_frame(8, b"\x03\xe8"))
         self.wfile.flush()
         self.close_connection = True

@@ -1079,6 +1079,45 @@ impl AgentProc {
         AgentProc::start_opts(tag, fail_mode, body, Some(admin), "")
     }
 
+    /// `tollgate approvals ARGS` against this agent's admin API with its local admin token;
+    /// its stdout (panics when the command fails).
+    pub fn approvals(&self, args: &[&str]) -> String {
+        let out = Command::new(tollgate_bin())
+            .arg("approvals")
+            .args(args)
+            .arg("--admin")
+            .arg(
+                self.admin
+                    .expect("an agent started with the admin API")
+                    .to_string(),
+            )
+            .arg("--token-file")
+            .arg(self.data_dir.join("admin.token"))
+            .output()
+            .expect("tollgate approvals");
+        assert!(
+            out.status.success(),
+            "approvals {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// The first pending approval request (its JSON from `approvals list --json`), once there
+    /// is one (within 20 s).
+    pub fn pending_approval(&self) -> Value {
+        wait_for(
+            Duration::from_secs(20),
+            "a pending approval request",
+            || {
+                let v: Value = serde_json::from_str(&self.approvals(&["list", "--json"])).ok()?;
+                let list = v.get("pending").unwrap_or(&v);
+                list.as_array()?.first().cloned()
+            },
+        )
+    }
+
     /// Like [`AgentProc::start_with_admin`] on a given admin address: for a caller that must
     /// know it first (an OIDC provider registering `http://<admin>/ui/callback`).
     pub fn start_with_admin_at(
@@ -1514,5 +1553,93 @@ impl Drop for Prometheus {
         if std::thread::panicking() {
             eprintln!("---- prometheus log ----\n{}", self.log_text());
         }
+    }
+}
+
+/// A tmux server run by the bot (`tmux -S SOCKET`), for terminal programs under test; ended
+/// (with what runs in it) on drop, pass or fail.
+pub struct BotTmux<'a> {
+    bot: &'a Cgroup,
+    socket: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl<'a> BotTmux<'a> {
+    /// Start a detached `cols`x`rows` session running `shell_command` (by `sh -c`), with only
+    /// `env` in its environment (plus `PATH`). `socket` must be in a directory the bot can write.
+    pub fn start(
+        bot: &'a Cgroup,
+        socket: &Path,
+        env: &[(&str, &str)],
+        cols: u16,
+        rows: u16,
+        shell_command: &str,
+    ) -> BotTmux<'a> {
+        let t = BotTmux {
+            bot,
+            socket: socket.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        t.run(&[
+            "new-session",
+            "-d",
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+            shell_command,
+        ]);
+        t
+    }
+
+    /// `tmux -S SOCKET ARGS...` as the bot; its stdout (panics when it fails).
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self
+            .bot
+            .command(Path::new("/usr/bin/tmux"))
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            // tmux runs commands with $SHELL, else the user's login shell (nologin for the bot).
+            .env("SHELL", "/bin/sh")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("tmux");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// What the pane shows now.
+    pub fn pane(&self) -> String {
+        self.run(&["capture-pane", "-p"])
+    }
+
+    /// Type `keys` (tmux key names, e.g. `"Enter"`, `"C-c"`, or text).
+    pub fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys"];
+        args.extend_from_slice(keys);
+        self.run(&args);
+    }
+}
+
+impl Drop for BotTmux<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .bot
+            .command(Path::new("/usr/bin/tmux"))
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .env_clear()
+            .output();
     }
 }

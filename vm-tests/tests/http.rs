@@ -5,7 +5,7 @@
 
 use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Output};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use vm_tests::{
     http::{raw_client, statuses, ws_client, HttpsServer},
     require_root, AgentProc, Cgroup, FailMode, TempDir,
@@ -385,32 +385,14 @@ fn smuggling_and_path_tricks_never_reach_a_denied_path() {
     drop(agent);
 }
 
-/// `tollgate approvals ARGS` against `agent`'s admin API with its local admin token.
 fn approvals(agent: &AgentProc, args: &[&str]) -> String {
-    let out = std::process::Command::new(vm_tests::tollgate_bin())
-        .arg("approvals")
-        .args(args)
-        .arg("--admin")
-        .arg(agent.admin.expect("admin").to_string())
-        .arg("--token-file")
-        .arg(agent.data_dir.join("admin.token"))
-        .output()
-        .expect("tollgate approvals");
-    assert!(out.status.success(), "approvals {args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).to_string()
+    agent.approvals(args)
 }
 
-/// The id of the one pending approval request, once there is one.
 fn pending_id(agent: &AgentProc) -> u64 {
-    vm_tests::wait_for(
-        std::time::Duration::from_secs(20),
-        "a pending request",
-        || {
-            let v: Value = serde_json::from_str(&approvals(agent, &["list", "--json"])).ok()?;
-            let list = v.get("pending").unwrap_or(&v);
-            list.as_array()?.first()?["id"].as_u64()
-        },
-    )
+    agent.pending_approval()["id"]
+        .as_u64()
+        .expect("an approval id")
 }
 
 #[test]
@@ -667,4 +649,562 @@ fn ca_install_lets_clients_trust_the_agent_without_flags() {
         .contains("installed the tollgate CA as /usr/local/share/ca-certificates/tollgate.crt"));
     let o = curl();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "{}", text(&o));
+}
+
+/// `inspect = false`: the connection is decided once and relayed as it is. The bot sees the
+/// server's own certificate (not one minted by the agent), its own Authorization reaches the
+/// server untouched, no request is decided or recorded one by one; an identity without a
+/// whole-connection rule is refused at connect.
+#[test]
+fn inspect_false_relays_tls_without_decrypting() {
+    require_root();
+    let tag = "http-opaque";
+    let srv = HttpsServer::start(tag);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let other = Cgroup::new(&format!("{tag}-other"));
+    let body = format!(
+        r#"[[identity]]
+name = "ci-bot"
+cgroup = "{glob}"
+
+[[identity]]
+name = "other-bot"
+cgroup = "{other}"
+
+[[target]]
+name = "partner"
+protocol = "https"
+address = ["127.0.0.1:{port}"]
+inspect = false
+
+[[rule]]
+name = "ci reaches the partner API"
+identities = ["ci-bot"]
+targets = ["partner"]
+action = "allow"
+"#,
+        glob = bot.glob(),
+        other = other.glob(),
+        port = srv.port,
+    );
+    let agent = AgentProc::start(tag, FailMode::Closed, &body);
+    let trust = TempDir::new(&format!("{tag}-trust"));
+    let server_ca = world_readable(
+        &trust,
+        "server-ca.pem",
+        &std::fs::read_to_string(&srv.ca_file).expect("server CA"),
+    );
+    let agent_ca = world_readable(
+        &trust,
+        "agent-ca.pem",
+        &std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA"),
+    );
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let url = format!("https://localhost:{}/anything/at/all", srv.port);
+
+    // Trusting only the server's own CA works: the TLS session is the server's.
+    let (code, body, _) = curl(&bot, &server_ca, &["--resolve", &resolve, &url]);
+    assert_eq!(code, 200, "{body}");
+    let log = srv.access_log();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["path"], "/anything/at/all");
+    // The bot's own header went through: nothing was decrypted, so nothing was replaced.
+    assert_eq!(log[0]["authorization"], format!("Bearer {STOLEN}"));
+    // Trusting only the agent's CA fails: the agent minted no certificate.
+    let out = bot
+        .command(Path::new("/usr/bin/curl"))
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&agent_ca)
+        .args(["--resolve", &resolve, &url])
+        .env_clear()
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "{}", text(&out));
+
+    // Another identity, no whole-connection rule: refused at connect, nothing reaches the server.
+    let out = other
+        .command(Path::new("/usr/bin/curl"))
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&server_ca)
+        .args(["--resolve", &resolve, &url])
+        .env_clear()
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(srv.access_log().len(), 1);
+
+    // The audit: connection decisions only, no request was decided one by one.
+    let audit = agent.audit();
+    let connects: Vec<_> = audit.iter().filter(|e| e["event"] == "connect").collect();
+    assert!(
+        connects
+            .iter()
+            .any(|e| e["action"] == "allow" && e["rule"] == "ci reaches the partner API"),
+        "{audit:#?}"
+    );
+    assert!(
+        connects
+            .iter()
+            .any(|e| e["action"] == "deny" && e["identity"] == "other-bot"),
+        "{audit:#?}"
+    );
+    assert!(
+        !audit.iter().any(|e| e["event"] == "operation"),
+        "{audit:#?}"
+    );
+}
+
+/// mTLS upstream: the target's credential is a client certificate (`cert_file` + `key_file`),
+/// which the agent presents to a server that requires one; the bot holds no certificate and
+/// its own Authorization is still dropped.
+#[test]
+fn client_certificate_credential_for_a_server_requiring_mtls() {
+    require_root();
+    let tag = "http-mtls";
+    let client = vm_tests::pg::TestCa::new(&format!("{tag}-client"));
+    let files = TempDir::new(&format!("{tag}-files"));
+    let client_ca = files.path().join("client-ca.pem");
+    let cert = files.path().join("client.pem");
+    let key = files.path().join("client.key");
+    std::fs::write(&client_ca, &client.ca_pem).expect("ca");
+    std::fs::write(&cert, &client.cert_pem).expect("cert");
+    std::fs::write(&key, &client.key_pem).expect("key");
+    let srv = HttpsServer::start_mtls(tag, &client_ca);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let body = format!(
+        r#"[[identity]]
+name = "ci-bot"
+cgroup = "{glob}"
+
+[[target]]
+name = "billing"
+protocol = "https"
+address = ["127.0.0.1:{port}"]
+credential = "billing-mtls"
+tls = {{ mode = "verify-full", ca_file = "{ca}", server_name = "localhost" }}
+
+[credential.billing-mtls]
+cert_file = "{cert}"
+key_file = "{key}"
+
+[[rule]]
+name = "ci reads the v1 API"
+identities = ["ci-bot"]
+targets = ["billing"]
+action = "allow"
+http = {{ methods = ["GET"], paths = ["/api/v1/*"] }}
+"#,
+        glob = bot.glob(),
+        port = srv.port,
+        ca = srv.ca_file.display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let agent = AgentProc::start(tag, FailMode::Closed, &body);
+    let trust = TempDir::new(&format!("{tag}-trust"));
+    let ca = world_readable(
+        &trust,
+        "tollgate-ca.pem",
+        &std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA"),
+    );
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+
+    // Without a client certificate the server refuses the handshake (root is not redirected).
+    let direct = std::process::Command::new("/usr/bin/curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&srv.ca_file)
+        .args(["--resolve", &resolve])
+        .arg(format!("https://localhost:{}/api/v1/x", srv.port))
+        .output()
+        .expect("curl");
+    assert!(!direct.status.success(), "{}", text(&direct));
+    assert!(srv.access_log().is_empty());
+
+    // Through the agent: its client certificate opens the server.
+    for version in ["--http1.1", "--http2"] {
+        let (code, body, _) = curl(
+            &bot,
+            &ca,
+            &[
+                version,
+                "--resolve",
+                &resolve,
+                &format!("https://localhost:{}/api/v1/invoices", srv.port),
+            ],
+        );
+        assert_eq!(code, 200, "{version}: {body}");
+    }
+    let (code, _, _) = curl(
+        &bot,
+        &ca,
+        &[
+            "--resolve",
+            &resolve,
+            &format!("https://localhost:{}/admin", srv.port),
+        ],
+    );
+    assert_eq!(code, 403);
+    let log = srv.access_log();
+    assert_eq!(log.len(), 2, "{log:#?}");
+    for e in &log {
+        assert_eq!(e["path"], "/api/v1/invoices", "{e}");
+        assert_eq!(
+            e["client_issuer"][0],
+            format!("{tag}-client test CA"),
+            "the agent's client certificate: {e}"
+        );
+        assert!(
+            e["authorization"].is_null(),
+            "the bot's header is dropped: {e}"
+        );
+    }
+    let audit = std::fs::read_to_string(agent.audit_path()).expect("audit");
+    assert!(
+        !audit.contains("PRIVATE KEY"),
+        "no key material in the audit"
+    );
+}
+
+/// `[[mask]]` on an HTTPS target: JSON fields by path (`ssn`, `items.*.spec.email`) and the
+/// credit-card detector, masked as the answer streams (HTTP/1.1 and HTTP/2), a ~100 MB list
+/// masked in flat agent memory; an answer that cannot be masked (HTML, gzip) is refused, and
+/// the agent asks upstream for an uncompressed answer.
+#[test]
+fn json_answers_are_masked_as_they_stream() {
+    let extra = "\n[[mask]]\ntargets = [\"billing\"]\ncolumns = [\"ssn\", \"items.*.spec.email\"]\ndetectors = [\"credit_card\"]\n";
+    let Fixture {
+        srv,
+        bot,
+        files,
+        agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-mask", extra, false);
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let url = |p: &str| format!("https://localhost:{}{p}", srv.port);
+    for version in ["--http1.1", "--http2"] {
+        let (code, body, _) = curl(
+            &bot,
+            &ca,
+            &[
+                version,
+                "--compressed",
+                "--resolve",
+                &resolve,
+                &url("/api/v1/customers?n=3"),
+            ],
+        );
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("masked JSON is JSON");
+        let items = v["items"].as_array().expect("items");
+        assert_eq!(items.len(), 3, "{body}");
+        for (i, it) in items.iter().enumerate() {
+            assert_eq!(it["id"], i, "{body}");
+            assert_eq!(it["spec"]["name"], format!("n{i}"), "{body}");
+            assert!(
+                !it["ssn"].as_str().unwrap_or("123-45").contains("123-45"),
+                "{body}"
+            );
+            assert!(
+                it["spec"]["email"] != format!("user{i}@example.com"),
+                "{body}"
+            );
+            assert!(
+                it["note"].as_str().is_some_and(|n| !n.contains("4111")),
+                "{body}"
+            );
+        }
+    }
+    // The agent asked for an uncompressed answer.
+    let log = srv.access_log();
+    assert!(
+        log.iter().all(|e| e["accept_encoding"].is_null()),
+        "{log:#?}"
+    );
+
+    // Not maskable: refused, never passed on.
+    for path in ["/api/v1/page", "/api/v1/gz"] {
+        let (code, body, _) = curl(&bot, &ca, &["--resolve", &resolve, &url(path)]);
+        assert_eq!(code, 403, "{path}: {body}");
+        assert!(body.contains("cannot be masked"), "{body}");
+        assert!(!body.contains("123-45-6789"), "{body}");
+    }
+
+    // A list of about 100 MB streams through in flat memory, every value masked.
+    let n = 650_000;
+    let out = files.path().join("customers.json");
+    let pid = agent.pid().expect("agent pid");
+    let before = peak_kib(pid);
+    let dl = bot
+        .command(Path::new("/usr/bin/curl"))
+        .args(["-sS", "--max-time", "300", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &resolve, "-o", "-"])
+        .arg(url(&format!("/api/v1/customers?n={n}")))
+        .env_clear()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let got = dl.wait_with_output().expect("curl");
+    assert!(got.status.success(), "{}", text(&got));
+    std::fs::write(&out, &got.stdout).expect("write");
+    let after = peak_kib(pid);
+    let size = got.stdout.len();
+    // (about 100 MB as the server sends it; the masked values are shorter)
+    assert!(size > 64 << 20, "{size} bytes");
+    let body = String::from_utf8_lossy(&got.stdout);
+    assert!(!body.contains("4111 1111"), "a card number leaked");
+    assert!(!body.contains("@example.com"), "an email leaked");
+    assert!(!body.contains("\"123-45-"), "an ssn leaked");
+    let v: Value = serde_json::from_slice(&got.stdout).expect("the whole list is JSON");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(n));
+    assert!(
+        after.saturating_sub(before) < 64 * 1024,
+        "agent peak memory grew by {} KiB for a {} MiB answer",
+        after.saturating_sub(before),
+        size >> 20
+    );
+    let _ = std::fs::remove_file(&out);
+    eprintln!(
+        "masked {} MiB; agent peak RSS {} -> {} KiB",
+        size >> 20,
+        before,
+        after
+    );
+}
+
+/// `record_bodies = true`: each request's recording line carries the start of both bodies,
+/// masked (JSON fields by the target's `[[mask]]`, values by its detectors).
+#[test]
+fn record_bodies_keeps_masked_bodies_in_the_recording() {
+    require_root();
+    let tag = "http-bodies";
+    let srv = HttpsServer::start(tag);
+    let bot = Cgroup::new(&format!("{tag}-bot"));
+    let files = TempDir::new(&format!("{tag}-files"));
+    let token = files.path().join("billing.token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+    let body = policy(&bot, &srv, &token).replace(
+        "credential = \"billing-api\"\n",
+        "credential = \"billing-api\"\nrecord_bodies = true\n",
+    ) + "\n[[mask]]\ntargets = [\"billing\"]\ncolumns = [\"ssn\"]\ndetectors = [\"credit_card\"]\n";
+    let agent = AgentProc::start(tag, FailMode::Closed, &body);
+    let trust = TempDir::new(&format!("{tag}-trust"));
+    let ca = world_readable(
+        &trust,
+        "tollgate-ca.pem",
+        &std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA"),
+    );
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let url = |p: &str| format!("https://localhost:{}{p}", srv.port);
+    let (code, _, _) = curl(
+        &bot,
+        &ca,
+        &["--resolve", &resolve, &url("/api/v1/customers?n=2")],
+    );
+    assert_eq!(code, 200);
+    let (code, _, _) = curl(
+        &bot,
+        &ca,
+        &[
+            "--resolve",
+            &resolve,
+            "-H",
+            "Content-Type: text/plain",
+            "-d",
+            "pay with 4111 1111 1111 1111 please",
+            &url("/api/v1/invoices"),
+        ],
+    );
+    assert_eq!(code, 200);
+    let sessions = agent.data_dir.join("sessions");
+    let lines: Vec<Value> = vm_tests::wait_for(
+        std::time::Duration::from_secs(10),
+        "two recorded requests",
+        || {
+            let v: Vec<Value> = std::fs::read_dir(&sessions)
+                .ok()?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+                .flat_map(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .lines()
+                        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                        .collect::<Vec<_>>()
+                })
+                .filter(|l| l["event"] == "request")
+                .collect();
+            (v.len() >= 2).then_some(v)
+        },
+    );
+    let get = lines
+        .iter()
+        .find(|l| l["method"] == "GET")
+        .expect("the GET");
+    let shown = get["response_body"]["text"]
+        .as_str()
+        .expect("response body");
+    assert!(
+        shown.contains("CustomerList") && shown.contains("user0@example.com"),
+        "{get}"
+    );
+    assert!(
+        !shown.contains("123-45-") && !shown.contains("4111 1111"),
+        "{get}"
+    );
+    let post = lines
+        .iter()
+        .find(|l| l["method"] == "POST")
+        .expect("the POST");
+    let sent = post["request_body"]["text"].as_str().expect("request body");
+    assert!(
+        sent.starts_with("pay with ") && !sent.contains("4111"),
+        "{post}"
+    );
+    assert_eq!(post["request_body"]["bytes"], 35, "{post}");
+    assert!(
+        post["response_body"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("sha256")),
+        "{post}"
+    );
+}
+
+/// `tg-hyper` (a hyper client over rustls, run as the bot) with `args` on one connection; its
+/// JSON lines.
+fn hyper_client(
+    bot: &Cgroup,
+    port: u16,
+    ca: &Path,
+    version: &str,
+    requests: &[Value],
+) -> Vec<Value> {
+    let out = bot
+        .command(Path::new(env!("CARGO_BIN_EXE_tg-hyper")))
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("localhost")
+        .arg(ca)
+        .arg(version)
+        .args(requests.iter().map(|r| r.to_string()))
+        .env_clear()
+        .output()
+        .expect("tg-hyper");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A Rust client (hyper, HTTP/1.1 and HTTP/2) through the agent: allowed and denied requests,
+/// and HTTP/2 header tricks (`:authority` against a `host` header, against SNI, two `host`
+/// headers, `:path` with `..` and encoded dots) that are refused or normalised; none reaches a
+/// path the policy denies.
+#[test]
+fn hyper_client_and_http2_pseudo_header_tricks() {
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent: _agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-hyper", "", false);
+    let port = srv.port;
+    let base = format!("https://localhost:{port}");
+    let get =
+        |uri: String, headers: Value| json!({"method": "GET", "uri": uri, "headers": headers});
+
+    let r = hyper_client(
+        &bot,
+        port,
+        &ca,
+        "h2",
+        &[
+            get(format!("{base}/api/v1/ok"), json!([])),
+            json!({"method": "DELETE", "uri": format!("{base}/api/v1/x"), "headers": []}),
+        ],
+    );
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(
+        (r[0]["status"].as_u64(), r[0]["version"].as_str()),
+        (Some(200), Some("HTTP/2.0")),
+        "{r:?}"
+    );
+    assert_eq!(r[1]["status"], 403, "{r:?}");
+    let refusal: Value =
+        serde_json::from_str(r[1]["body"].as_str().unwrap_or("")).expect("403 JSON");
+    assert_eq!(refusal["rule"], "nobody deletes", "{refusal}");
+    let r = hyper_client(
+        &bot,
+        port,
+        &ca,
+        "h1",
+        &[get(format!("{base}/api/v1/h1"), json!([]))],
+    );
+    assert_eq!(
+        (r[0]["status"].as_u64(), r[0]["version"].as_str()),
+        (Some(200), Some("HTTP/1.1")),
+        "{r:?}"
+    );
+
+    // HTTP/2 tricks, each on its own connection: (request, acceptable statuses).
+    let tricks: Vec<(Value, &[u64])> = vec![
+        // :authority says localhost, a host header says another name.
+        (
+            get(
+                format!("{base}/api/v1/ok"),
+                json!([["host", "admin.internal"]]),
+            ),
+            &[400],
+        ),
+        // :authority names another host than the TLS server name.
+        (
+            get(
+                format!("https://admin.internal:{port}/api/v1/ok"),
+                json!([]),
+            ),
+            &[421, 400],
+        ),
+        // Two host headers.
+        (
+            get(
+                format!("{base}/api/v1/ok"),
+                json!([
+                    ["host", format!("localhost:{port}")],
+                    ["host", "admin.internal"]
+                ]),
+            ),
+            &[400],
+        ),
+        // :path climbing out of the allowed prefix, plain and percent-encoded.
+        (get(format!("{base}/api/v1/../../admin"), json!([])), &[403]),
+        (
+            get(format!("{base}/api/v1/%2e%2e/%2e%2e/admin"), json!([])),
+            &[403],
+        ),
+        (
+            get(format!("{base}/api/v1/..%2fadmin"), json!([])),
+            &[403, 400],
+        ),
+        (get(format!("{base}//admin"), json!([])), &[403]),
+    ];
+    for (req, ok) in &tricks {
+        let r = hyper_client(&bot, port, &ca, "h2", std::slice::from_ref(req));
+        let status = r.first().and_then(|l| l["status"].as_u64());
+        assert!(status.is_some_and(|s| ok.contains(&s)), "{req}: {r:?}");
+    }
+    let log = srv.access_log();
+    let paths: Vec<&str> = log.iter().filter_map(|e| e["path"].as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/api/v1/ok", "/api/v1/h1"],
+        "only the two allowed requests reached the server"
+    );
+    assert!(
+        log.iter().all(|e| e["host"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("localhost"))),
+        "{log:#?}"
+    );
 }

@@ -47,7 +47,15 @@ name = "ci may exec into web-1"
 identities = ["ci-bot"]
 targets = ["cluster"]
 action = "allow"
-kubernetes = {{ verbs = ["create", "get"], resources = ["pods/exec"], namespaces = ["default"], names = ["web-1"] }}
+kubernetes = {{ verbs = ["create", "get"], resources = ["pods/exec"], namespaces = ["default"], names = ["web-1"], exec = ["echo *", "cat /etc/hostname"] }}
+
+[[rule]]
+name = "restarts need a human"
+identities = ["ci-bot"]
+targets = ["cluster"]
+action = "approve"
+kubernetes = {{ verbs = ["create", "get"], resources = ["pods/exec"], namespaces = ["default"], exec = ["restart *"] }}
+timeout = "2m"
 
 [[rule]]
 name = "ci deletes pods in default"
@@ -135,16 +143,25 @@ fn wait_line(
     }
 }
 
-#[test]
-fn kubectl_through_the_agent_with_injected_token() {
+/// The fake API server, the bot, an agent (with the admin API) deciding by [`policy`], and
+/// kubectl configured for the bot.
+struct World {
+    api: FakeApiServer,
+    bot: Cgroup,
+    agent: AgentProc,
+    k: Kubectl,
+    _files: TempDir,
+    _home: TempDir,
+}
+
+fn world(tag: &str) -> World {
     require_root();
-    let tag = "kube-ctl";
     let api = FakeApiServer::start(tag, TOKEN);
     let bot = Cgroup::new(&format!("{tag}-bot"));
     let files = TempDir::new(&format!("{tag}-files"));
     let token = files.path().join("sa.token");
     std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
-    let agent = AgentProc::start(tag, FailMode::Closed, &policy(&bot, &api, &token));
+    let agent = AgentProc::start_with_admin(tag, FailMode::Closed, &policy(&bot, &api, &token));
     let pem = std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA");
     let home = TempDir::new(&format!("{tag}-home"));
     std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
@@ -155,6 +172,26 @@ fn kubectl_through_the_agent_with_injected_token() {
         home: home.path().to_path_buf(),
         config,
     };
+    World {
+        api,
+        bot,
+        agent,
+        k,
+        _files: files,
+        _home: home,
+    }
+}
+
+#[test]
+fn kubectl_through_the_agent_with_injected_token() {
+    let World {
+        api,
+        bot,
+        agent,
+        k,
+        _files,
+        _home,
+    } = world("kube-ctl");
 
     let o = k.run(&bot, &["get", "pods"]);
     let t = text(&o);
@@ -195,9 +232,14 @@ fn kubectl_through_the_agent_with_injected_token() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("exec in web-1: echo hi"), "{t}");
+    // Denied by name, by namespace, and by command (the `command` words of the request are
+    // matched against the rule's `exec` patterns word by word: no shell joins them).
     for args in [
-        &["exec", "web-2", "--", "cat", "/etc/shadow"][..],
-        &["exec", "db-0", "-n", "prod", "--", "ls"][..],
+        &["exec", "web-2", "--", "echo", "hi"][..],
+        &["exec", "db-0", "-n", "prod", "--", "echo", "hi"][..],
+        &["exec", "web-1", "--", "cat", "/etc/shadow"][..],
+        &["exec", "web-1", "--", "sh", "-c", "echo hi"][..],
+        &["exec", "web-1", "--", "echo hi; id"][..],
     ] {
         let o = k.run(&bot, args);
         let t = text(&o);
@@ -259,6 +301,8 @@ fn kubectl_through_the_agent_with_injected_token() {
         assert!(
             !p.contains("/namespaces/prod")
                 && !p.contains("web-2/exec")
+                && !p.contains("shadow")
+                && !p.contains("command=sh")
                 && !p.contains("/portforward"),
             "{e}"
         );
@@ -269,5 +313,186 @@ fn kubectl_through_the_agent_with_injected_token() {
     assert!(
         audit.contains("(get pods/exec -n default web-1) command: echo hi"),
         "{audit}"
+    );
+    assert!(
+        audit.contains("command: cat /etc/shadow") && audit.contains("command: 'echo hi; id'"),
+        "{audit}"
+    );
+}
+
+/// An exec the policy sends for approval is held (the WebSocket upgrade waits) until a human
+/// decides with `tollgate approvals`: approved, it runs; denied, kubectl prints the comment and
+/// the API server never sees it.
+#[test]
+fn kubectl_exec_waits_for_approval() {
+    let World {
+        api,
+        bot,
+        agent,
+        k,
+        _files,
+        _home,
+    } = world("kube-appr");
+    let spawn = |what: &str| {
+        k.command(&bot, &["exec", "web-1", "--", "restart", what])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl")
+    };
+    let execs = || {
+        api.access_log()
+            .iter()
+            .filter(|e| e["path"].as_str().is_some_and(|p| p.contains("/exec")))
+            .count()
+    };
+
+    let child = spawn("app");
+    let pending = agent.pending_approval();
+    let shown = pending.to_string();
+    assert!(shown.contains("command: restart app"), "{shown}");
+    assert_eq!(execs(), 0, "held, not sent: {:?}", api.access_log());
+    let id = pending["id"].as_u64().expect("id").to_string();
+    agent.approvals(&["approve", &id]);
+    let out = child.wait_with_output().expect("kubectl");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("exec in web-1: restart app"), "{t}");
+    assert_eq!(execs(), 1);
+
+    let child = spawn("db");
+    let id = agent.pending_approval()["id"]
+        .as_u64()
+        .expect("id")
+        .to_string();
+    agent.approvals(&["deny", &id, "--comment", "not during the freeze"]);
+    let out = child.wait_with_output().expect("kubectl");
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("not during the freeze"), "{t}");
+    assert_eq!(execs(), 1, "a denied exec never reaches the API server");
+}
+
+/// `kubectl exec -it` in a real terminal (tmux): typing reaches the container's shell, a
+/// resize reaches it as the channel-4 message, the exit status comes back to kubectl, and the
+/// terminal is recorded as asciicast v2 that asciinema plays and `tollgate replay` prints.
+#[test]
+fn kubectl_exec_tty_in_tmux_is_recorded_as_asciicast() {
+    let World {
+        api: _api,
+        bot,
+        agent,
+        k,
+        _files,
+        _home,
+    } = world("kube-tty");
+    let status = k.home.join("status");
+    let err = k.home.join("kubectl.err");
+    // The pane outlives kubectl, so a failure shows why.
+    let shell = format!(
+        "/usr/bin/kubectl --kubeconfig {} exec -it web-1 -- echo session 2>{}; echo EXIT=$? > {}; sleep 120",
+        k.config.display(),
+        err.display(),
+        status.display()
+    );
+    let home = k.home.display().to_string();
+    let tmux = vm_tests::BotTmux::start(
+        &bot,
+        &k.home.join("tmux.sock"),
+        &[("HOME", &home), ("TERM", "xterm")],
+        80,
+        24,
+        &shell,
+    );
+    let prompt = vm_tests::wait_until(Duration::from_secs(20), || {
+        // (capture-pane drops the prompt's trailing space)
+        tmux.pane()
+            .lines()
+            .any(|l| l.trim_end() == "$")
+            .then_some(())
+    });
+    assert!(
+        prompt.is_some(),
+        "no prompt in 20 s; pane: {:?}; kubectl stderr: {:?}; {:?}",
+        tmux.pane(),
+        std::fs::read_to_string(&err).unwrap_or_default(),
+        std::fs::read_to_string(&status).unwrap_or_default()
+    );
+    tmux.keys(&["echo typed-42", "Enter"]);
+    vm_tests::wait_for(Duration::from_secs(10), "typed output", || {
+        tmux.pane()
+            .lines()
+            .any(|l| l.trim_end() == "typed-42")
+            .then_some(())
+    });
+    tmux.run(&["resize-window", "-x", "100", "-y", "30"]);
+    tmux.keys(&["stty size", "Enter"]);
+    vm_tests::wait_for(Duration::from_secs(10), "the new size", || {
+        tmux.pane().contains("30 100").then_some(())
+    });
+    tmux.keys(&["exit 3", "Enter"]);
+    let st = vm_tests::wait_for(Duration::from_secs(15), "kubectl's exit", || {
+        std::fs::read_to_string(&status)
+            .ok()
+            .filter(|s| s.contains("EXIT="))
+    });
+    assert_eq!(
+        st.trim(),
+        "EXIT=3",
+        "{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+
+    // The recording: asciicast v2 with the output and the resize, never the input alone.
+    let sessions = agent.data_dir.join("sessions");
+    let cast = vm_tests::wait_for(Duration::from_secs(10), "a .cast file", || {
+        std::fs::read_dir(&sessions)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "cast"))
+    });
+    let text = std::fs::read_to_string(&cast).expect("cast");
+    let header: serde_json::Value =
+        serde_json::from_str(text.lines().next().unwrap_or_default()).expect("header");
+    assert_eq!(header["version"], 2, "{header}");
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(80), Some(24)),
+        "{header}"
+    );
+    assert!(text.contains("typed-42"), "{text}");
+    assert!(text.contains("\"r\",\"100x30\""), "{text}");
+    let out = Command::new("asciinema")
+        .args(["play", "-i", "0.05"])
+        .arg(&cast)
+        .output()
+        .expect("asciinema");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("typed-42"));
+    let session = std::fs::read_dir(&sessions)
+        .expect("sessions")
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".jsonl"))
+        .find(|n| {
+            std::fs::read_to_string(sessions.join(n)).is_ok_and(|t| t.contains("\"terminal\""))
+        })
+        .and_then(|n| n.split('.').next().map(str::to_string))
+        .expect("the exec session's recording");
+    let out = Command::new(vm_tests::tollgate_bin())
+        .args(["replay", &session, "--data-dir"])
+        .arg(&agent.data_dir)
+        .output()
+        .expect("tollgate replay");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("TERM") && shown.contains("echo session") && shown.contains("typed-42"),
+        "{shown}\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

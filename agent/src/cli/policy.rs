@@ -139,9 +139,10 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
     // Whether the agent serves this target's protocol with an inspecting handler (the
     // registry is the one place that knows; the connection decision depends on it).
     let inspected = policy.target(target).is_some_and(|t| {
-        crate::handlers::registry(crate::relay::RelayKind::Copy)
-            .inspecting(t.protocol)
-            .is_some()
+        t.inspect
+            && crate::handlers::registry(crate::relay::RelayKind::Copy)
+                .inspecting(t.protocol)
+                .is_some()
     });
     let ask = |op: Operation<'_>| {
         decide(
@@ -194,11 +195,13 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
                     resource,
                     namespace,
                     name,
+                    command,
                 } => Operation::Kube {
                     verb,
                     resource,
                     namespace,
                     name,
+                    command: command.as_deref(),
                 },
                 CaseOp::Connect | CaseOp::Sql(_) => Operation::Connect,
             };
@@ -241,7 +244,14 @@ fn op_text(op: &CaseOp) -> String {
             resource,
             namespace,
             name,
-        } => format!("kubernetes {verb} {resource} namespace={namespace:?} name={name:?}"),
+            command,
+        } => format!(
+            "kubernetes {verb} {resource} namespace={namespace:?} name={name:?}{}",
+            command
+                .as_ref()
+                .map(|c| format!(" command={c:?}"))
+                .unwrap_or_default()
+        ),
     }
 }
 

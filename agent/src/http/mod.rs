@@ -24,6 +24,8 @@
 //! request, with the canonical path that was decided.
 
 mod adapter;
+mod exec;
+mod json;
 mod mask;
 mod serve;
 mod upstream;
@@ -79,9 +81,9 @@ pub struct Attributed {
     /// `Some` for a Kubernetes target: the API request's attributes (`None` inside for a
     /// discovery document).
     pub kube: Option<Option<KubeAttrs>>,
-    /// The command of `pods/exec` (and `pods/attach`, empty) from the query, words joined by
-    /// spaces.
-    pub command: Option<String>,
+    /// The command of `pods/exec` (and `pods/attach`, empty) from the query, one word per
+    /// `command` argument.
+    pub command: Option<Vec<String>>,
 }
 
 /// Why a request is refused before policy sees it; the message is for the bot.
@@ -226,7 +228,7 @@ pub fn attribute(
                         "tollgate: request refused: malformed exec query",
                     )
                 })?;
-            Some(words.join(" "))
+            Some(words)
         }
         _ => None,
     };
@@ -274,12 +276,40 @@ impl Attributed {
                 },
                 self.command
                     .as_deref()
-                    .map(|c| format!(" command: {c}"))
+                    .map(|c| format!(" command: {}", command_text(c)))
                     .unwrap_or_default(),
             ),
             _ => format!("{} {}", self.method, self.path),
         }
     }
+}
+
+/// An exec command's words as one line: plain words as they are, any other word in single
+/// quotes (so `sh -c 'rm -rf /'` shows where each word ends), control characters escaped.
+pub fn command_text(words: &[String]) -> String {
+    let plain = |w: &str| {
+        !w.is_empty()
+            && w.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'_' | b'.' | b'/' | b':' | b'=' | b'@' | b'%' | b'+' | b',' | b'-' | b'*'
+                    )
+            })
+    };
+    words
+        .iter()
+        .map(|w| {
+            if plain(w) {
+                w.clone()
+            } else {
+                // `escape_default` also escapes quotes and backslashes, so the word's end is
+                // unambiguous.
+                format!("'{}'", w.escape_default())
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A refusal in the client's own language: a Kubernetes `Status` for kubernetes targets (so
@@ -457,6 +487,96 @@ struct RecordLine {
     totals: Arc<(AtomicU64, AtomicU64)>,
     /// `tollgate_http_request_duration_seconds` for the session's target.
     seconds: prometheus::Histogram,
+    /// `record_bodies = true`: the start of the request and response bodies, and the masker
+    /// they pass before they are written.
+    bodies: Option<Arc<Bodies>>,
+}
+
+/// Largest part of each body a recording keeps.
+const RECORDED_BODY: usize = 64 * 1024;
+
+/// The recorded starts of one request's bodies (`record_bodies = true`).
+struct Bodies {
+    request: std::sync::Mutex<(Vec<u8>, u64)>,
+    response: std::sync::Mutex<(Vec<u8>, u64)>,
+    masker: crate::mask::Masker,
+}
+
+impl Bodies {
+    fn new(masker: crate::mask::Masker) -> Bodies {
+        Bodies {
+            request: std::sync::Mutex::new((Vec::new(), 0)),
+            response: std::sync::Mutex::new((Vec::new(), 0)),
+            masker,
+        }
+    }
+
+    /// Keep the start of `data` (the bytes of one side as they pass), count all of it.
+    fn keep(side: &std::sync::Mutex<(Vec<u8>, u64)>, data: &[u8]) {
+        let mut s = crate::lock(side);
+        let room = RECORDED_BODY.saturating_sub(s.0.len());
+        s.0.extend_from_slice(&data[..room.min(data.len())]);
+        s.1 += data.len() as u64;
+    }
+
+    /// One side as recorded: masked text, and whether it was cut.
+    fn shown(&self, side: &std::sync::Mutex<(Vec<u8>, u64)>) -> Value {
+        let s = crate::lock(side);
+        let text = match self.masker.mask_text(&s.0, false) {
+            Some(crate::mask::Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned(),
+            Some(crate::mask::Masked::Null(_)) => String::new(),
+            None => String::from_utf8_lossy(&s.0).into_owned(),
+        };
+        json!({ "text": text, "bytes": s.1, "truncated": s.1 > s.0.len() as u64 })
+    }
+}
+
+/// A body that keeps its start in `bodies` (request or response side).
+struct Capture {
+    inner: AnyBody,
+    bodies: Arc<Bodies>,
+    response: bool,
+}
+
+impl Body for Capture {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                let side = if self.response {
+                    &self.bodies.response
+                } else {
+                    &self.bodies.request
+                };
+                Bodies::keep(side, d);
+            }
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `inner`, its start kept in `bodies` when bodies are recorded.
+fn capture(inner: AnyBody, bodies: &Option<Arc<Bodies>>, response: bool) -> AnyBody {
+    match bodies {
+        Some(b) => Capture {
+            inner,
+            bodies: b.clone(),
+            response,
+        }
+        .boxed_unsync(),
+        None => inner,
+    }
 }
 
 impl RecordLine {
@@ -473,6 +593,12 @@ impl RecordLine {
                 "duration_ms".into(),
                 (self.started.elapsed().as_secs_f64() * 1000.0).into(),
             );
+            if let Some(b) = &self.bodies {
+                self.fields
+                    .insert("request_body".into(), b.shown(&b.request));
+                self.fields
+                    .insert("response_body".into(), b.shown(&b.response));
+            }
             r.write(std::mem::take(&mut self.fields));
         }
     }
@@ -494,6 +620,7 @@ fn kube_json(a: &Option<Option<KubeAttrs>>) -> Value {
 fn finish_response(resp: Response<AnyBody>, record: RecordLine) -> Response<AnyBody> {
     let status = resp.status().as_u16();
     let (parts, body) = resp.into_parts();
+    let body = capture(body, &record.bodies, true);
     let body = tally(
         body,
         Arc::new(AtomicU64::new(0)),

@@ -77,6 +77,8 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
     } else {
         (Conn::Plain(client), None)
     };
+    let credential = credential_for(cx);
+    let client_cert = credential.as_ref().ok().and_then(|(_, c)| c.as_ref());
     let upstream_tls = if tls_target {
         let name = crate::tls::server_name(
             &cx.target.tls,
@@ -84,9 +86,9 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
             cx.orig_dst.ip(),
         )
         .map_err(InternalError::encode)?;
-        let cfg =
-            crate::tls::http_client_config(&cx.target.tls, ALPN).map_err(InternalError::encode)?;
-        let h1 = crate::tls::http_client_config(&cx.target.tls, &ALPN[1..])
+        let cfg = crate::tls::http_client_config(&cx.target.tls, ALPN, client_cert)
+            .map_err(InternalError::encode)?;
+        let h1 = crate::tls::http_client_config(&cx.target.tls, &ALPN[1..], client_cert)
             .map_err(InternalError::encode)?;
         Some(((cfg, name), h1))
     } else {
@@ -103,12 +105,15 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         .metrics
         .http_request_seconds
         .with_label_values(&[&cx.target.name, protocol.as_str()]);
-    let credential = credential_header(cx);
+    let credential = credential.map(|(header, _)| header);
     let recorder = cx.open_recorder();
     if let Some(r) = &recorder {
         r.write(cx.start_event(json!({ "sni": sni })));
     }
     let totals = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    // `[[mask]]` rules naming this target: JSON answers masked as they stream.
+    let masker =
+        crate::mask::Masker::for_target(&cx.gen.policy, &cx.target.name, cx.agent.hash_key);
 
     let (tx, mut rx) = mpsc::channel::<Job>(64);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -146,6 +151,7 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         totals: &totals,
         relays: &relays,
         seconds: &seconds,
+        masker: &masker,
     };
     let result = loop {
         tokio::select! {
@@ -176,12 +182,16 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
     }
 }
 
-/// The `Authorization` value the target's credential gives: `Bearer <token>` for a
-/// `token_file` (or `env`), `Basic` for `user` + `password_file`. `Err` when the credential
-/// cannot be read: requests are then refused (fail closed), never sent without it.
-fn credential_header(cx: &SessionCx) -> Result<Option<header::HeaderValue>, String> {
+/// What the target's credential gives: the `Authorization` value (`Bearer <token>` for a
+/// `token_file` or `env`, `Basic` for `user` + `password_file`) or a client certificate for
+/// mTLS (`cert_file` + `key_file`). `Err` when the credential cannot be read: requests are then
+/// refused (fail closed), never sent without it.
+#[allow(clippy::type_complexity)]
+fn credential_for(
+    cx: &SessionCx,
+) -> Result<(Option<header::HeaderValue>, Option<crate::tls::ClientCert>), String> {
     let Some(name) = &cx.target.credential else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let gen = cx.agent.gen.load();
     let Some(cred): Option<&Credential> = gen.policy.credentials.get(name) else {
@@ -190,6 +200,11 @@ fn credential_header(cx: &SessionCx) -> Result<Option<header::HeaderValue>, Stri
     let secret = crate::session::credentials::read_secret(name, cred)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("credential {name} has no secret"))?;
+    if let Some(cert_file) = &cred.cert_file {
+        let cert = crate::tls::ClientCert::load(cert_file, &secret)
+            .map_err(|e| format!("credential {name}: {e}"))?;
+        return Ok((None, Some(cert)));
+    }
     let value = match (&cred.user, &cred.password_file) {
         (Some(user), Some(_)) => {
             use base64::Engine as _;
@@ -209,7 +224,7 @@ fn credential_header(cx: &SessionCx) -> Result<Option<header::HeaderValue>, Stri
     let mut v = header::HeaderValue::from_str(&value)
         .map_err(|_| format!("credential {name} cannot be sent in a header"))?;
     v.set_sensitive(true);
-    Ok(Some(v))
+    Ok((Some(v), None))
 }
 
 /// What every request of the session shares.
@@ -223,9 +238,54 @@ struct Env<'a> {
     totals: &'a Arc<(AtomicU64, AtomicU64)>,
     relays: &'a std::sync::Mutex<tokio::task::JoinSet<()>>,
     seconds: &'a prometheus::Histogram,
+    masker: &'a Option<crate::mask::Masker>,
 }
 
 impl Env<'_> {
+    /// For an exec or attach with a terminal (`tty=true`): its recording, made when the
+    /// relayed WebSocket first shows the terminal's size or output.
+    fn terminal(
+        &self,
+        att: &super::Attributed,
+        query: Option<&str>,
+    ) -> Option<Arc<super::exec::Terminal>> {
+        att.command.as_ref()?;
+        let tty = tollgate_policy::http::query_values(query, "tty")?;
+        if !tty.first().is_some_and(|v| v == "true" || v == "1") {
+            return None;
+        }
+        let cx = self.cx;
+        let data_dir = cx.gen.policy.agent.data_dir.clone();
+        let session = cx.id.clone();
+        let recorder = self.recorder.clone();
+        let shown = match att.command.as_deref() {
+            Some([]) => format!("attach {}", att.path),
+            Some(words) => super::command_text(words),
+            None => String::new(),
+        };
+        let masker = crate::mask::Masker::with_detectors(
+            crate::ssh::SSH_DETECTORS,
+            tollgate_policy::MaskStyle::Full,
+            cx.agent.hash_key,
+        );
+        Some(Arc::new(super::exec::Terminal::new(
+            masker,
+            Box::new(move |w, h| {
+                let c = crate::ssh::cast::Cast::create(&data_dir, &session, 1, w, h, "xterm")
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, "cannot create the terminal recording"),
+                    )
+                    .ok()?;
+                if let Some(r) = &recorder {
+                    r.write(crate::obj(
+                        json!({"event": "terminal", "cast": c.file_name(), "command": shown}),
+                    ));
+                }
+                Some(c)
+            }),
+        )))
+    }
+
     async fn handle(self, mut req: Request<Incoming>) -> Response<AnyBody> {
         let cx = self.cx;
         let protocol = cx.target.protocol;
@@ -242,6 +302,22 @@ impl Env<'_> {
             started,
             totals: self.totals.clone(),
             seconds: self.seconds.clone(),
+            bodies: cx.target.record_bodies.then(|| {
+                // The target's masks, else the secret detectors (a recording never holds a
+                // credential or a masked value).
+                let m = self
+                    .masker
+                    .clone()
+                    .filter(|m| m.has_detectors())
+                    .unwrap_or_else(|| {
+                        crate::mask::Masker::with_detectors(
+                            crate::ssh::SSH_DETECTORS,
+                            tollgate_policy::MaskStyle::Full,
+                            cx.agent.hash_key,
+                        )
+                    });
+                Arc::new(super::Bodies::new(m))
+            }),
         };
         let att = match attribute(protocol, req.method(), req.uri(), req.headers(), self.sni) {
             Ok(a) => a,
@@ -278,6 +354,7 @@ impl Env<'_> {
                         resource: &resource,
                         namespace: &a.namespace,
                         name: &a.name,
+                        command: att.command.as_deref(),
                     },
                     &text,
                 )
@@ -305,10 +382,39 @@ impl Env<'_> {
             "action": d.action.as_str(), "rule": d.rule,
         })));
         let what = format!("{} {}", att.method, att.path);
+        // Upgrades: WebSocket over HTTP/1.1 is relayed once decided; anything else (SPDY,
+        // h2c) is refused.
+        let upgrade = match req.headers().get(header::UPGRADE) {
+            None => Ok(None),
+            Some(v)
+                if v.as_bytes().eq_ignore_ascii_case(b"websocket")
+                    && req.version() == hyper::Version::HTTP_11 =>
+            {
+                Ok(Some(v.clone()))
+            }
+            Some(v) => Err(format!(
+                "tollgate: an upgrade to {} is refused; only WebSocket (HTTP/1.1) is relayed (kubectl uses WebSocket for exec, attach and port-forward since 1.30)",
+                String::from_utf8_lossy(v.as_bytes())
+            )),
+        };
         match d.action {
             Action::Allow => {}
             Action::Deny => {
                 let msg = denial_message(&d, cx.identity.as_deref(), &cx.target.name, &what);
+                return finish_response(
+                    refusal(protocol, StatusCode::FORBIDDEN, &msg, d.rule.as_deref()),
+                    record,
+                );
+            }
+            // kubectl falls back from a refused WebSocket exec to SPDY, which is never relayed:
+            // that retry opens no second approval request, and says how the first one ended.
+            Action::Approve if upgrade.is_err() => {
+                let msg = match earlier_outcome(cx, &att).await {
+                    Some(m) => m,
+                    None => format!(
+                        "tollgate: {what} needs approval, which only a WebSocket request can wait for"
+                    ),
+                };
                 return finish_response(
                     refusal(protocol, StatusCode::FORBIDDEN, &msg, d.rule.as_deref()),
                     record,
@@ -328,21 +434,9 @@ impl Env<'_> {
                 }
             }
         }
-        // Upgrades: WebSocket over HTTP/1.1 is relayed once decided; anything else (SPDY,
-        // h2c) is refused.
-        let upgrade = match req.headers().get(header::UPGRADE) {
-            None => None,
-            Some(v)
-                if v.as_bytes().eq_ignore_ascii_case(b"websocket")
-                    && req.version() == hyper::Version::HTTP_11 =>
-            {
-                Some(v.clone())
-            }
-            Some(v) => {
-                let msg = format!(
-                    "tollgate: an upgrade to {} is refused; only WebSocket (HTTP/1.1) is relayed (kubectl uses WebSocket for exec, attach and port-forward since 1.30)",
-                    String::from_utf8_lossy(v.as_bytes())
-                );
+        let upgrade = match upgrade {
+            Ok(u) => u,
+            Err(msg) => {
                 return finish_response(
                     refusal(protocol, StatusCode::FORBIDDEN, &msg, None),
                     record,
@@ -350,6 +444,11 @@ impl Env<'_> {
             }
         };
         let bot_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let terminal = if upgrade.is_some() {
+            self.terminal(&att, req.uri().query())
+        } else {
+            None
+        };
         let credential = match self.credential {
             Ok(c) => c.clone(),
             Err(e) => {
@@ -389,7 +488,7 @@ impl Env<'_> {
             Some(Some(a)) if a.resource == "secrets" => Some(a.verb == "watch"),
             _ => None,
         };
-        if secrets.is_some() {
+        if secrets.is_some() || self.masker.is_some() {
             let accept = parts
                 .headers
                 .get(header::ACCEPT)
@@ -407,7 +506,12 @@ impl Env<'_> {
             }
             parts.headers.remove(header::ACCEPT_ENCODING);
         }
-        let mut out = Request::new(tally(body.boxed_unsync(), record.up.clone(), None));
+        let head = parts.method == hyper::Method::HEAD;
+        let mut out = Request::new(tally(
+            super::capture(body.boxed_unsync(), &record.bodies, false),
+            record.up.clone(),
+            None,
+        ));
         *out.method_mut() = parts.method;
         *out.headers_mut() = parts.headers;
         *out.uri_mut() = match att.forward.parse() {
@@ -445,7 +549,7 @@ impl Env<'_> {
                 if let Some(u) = upgrade_value {
                     parts.headers.insert(header::UPGRADE, u);
                 }
-                crate::lock(self.relays).spawn(relay_upgraded(bot, upstream, record));
+                crate::lock(self.relays).spawn(relay_upgraded(bot, upstream, record, terminal));
                 Response::from_parts(parts, super::full(Bytes::new()))
             }
             Ok((resp, _)) => {
@@ -454,6 +558,17 @@ impl Env<'_> {
                 let mut body = body.boxed_unsync();
                 if let Some(watch) = secrets {
                     match mask_secret_body(cx, &mut parts.headers, body, watch).await {
+                        Ok(b) => body = b,
+                        Err(msg) => {
+                            return finish_response(
+                                refusal(protocol, StatusCode::FORBIDDEN, &msg, None),
+                                record,
+                            )
+                        }
+                    }
+                }
+                if let Some(m) = self.masker {
+                    match mask_json_body(cx, &mut parts, body, m, head) {
                         Ok(b) => body = b,
                         Err(msg) => {
                             return finish_response(
@@ -475,6 +590,87 @@ impl Env<'_> {
             }
         }
     }
+}
+
+/// How the latest approval request of this identity for the same exec (same pod path and
+/// command, on this target, within the last two minutes) ended, as a refusal message; `None`
+/// when there is none.
+async fn earlier_outcome(cx: &SessionCx, att: &super::Attributed) -> Option<String> {
+    let command = att.command.as_deref()?;
+    let store = cx.agent.approvals.clone()?;
+    let (_, recent) = store.list().await.ok()?;
+    let tail = format!(" command: {}", super::command_text(command));
+    let path = format!(" {} ", att.path);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let r = recent.into_iter().find(|r| {
+        r.identity == cx.identity
+            && r.target == cx.target.name
+            && r.operation.ends_with(&tail)
+            && r.operation.contains(&path)
+            && now.saturating_sub(r.created_ms) < 120_000
+    })?;
+    let outcome = ApprovalOutcome::of(&r);
+    if matches!(outcome, ApprovalOutcome::Approved { .. }) {
+        return None;
+    }
+    let what = format!("{} {}", att.method, att.path);
+    Some(approval_message(&outcome, &what))
+}
+
+/// Under `[[mask]]` rules: a JSON answer masked as it streams (`json.rs`); an answer with a
+/// body the agent cannot read (another type, compressed) is refused, never passed unmasked.
+fn mask_json_body(
+    cx: &SessionCx,
+    parts: &mut hyper::http::response::Parts,
+    body: AnyBody,
+    masker: &crate::mask::Masker,
+    head: bool,
+) -> Result<AnyBody, String> {
+    use hyper::body::Body as _;
+    let empty =
+        head || matches!(
+            parts.status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        ) || parts.status.is_informational()
+            || body.is_end_stream()
+            || body.size_hint().exact() == Some(0);
+    if empty {
+        return Ok(body);
+    }
+    let ctype = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mime = ctype.split(';').next().unwrap_or("").trim().to_string();
+    let json = mime == "application/json"
+        || mime.ends_with("+json")
+        || mime == "application/x-ndjson"
+        || mime == "application/jsonl";
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if !json || encoded {
+        return Err(format!(
+            "tollgate: masking applies to target {}, and its answer (content type \"{ctype}\"{}) cannot be masked, so it is refused",
+            cx.target.name,
+            if encoded { ", compressed" } else { "" }
+        ));
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let counter = cx
+        .agent
+        .metrics
+        .masked_values
+        .with_label_values(&[&cx.target.name, "http_json"]);
+    Ok(
+        super::json::JsonMaskBody::new(body, masker.clone(), Box::new(move |n| counter.inc_by(n)))
+            .boxed_unsync(),
+    )
 }
 
 /// Mask a response about Secrets (see `mask.rs`): a watch event by event, a document whole.
@@ -530,6 +726,7 @@ async fn relay_upgraded(
     bot: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     record: RecordLine,
+    terminal: Option<Arc<super::exec::Terminal>>,
 ) {
     let (bot, upstream) = match tokio::join!(bot, upstream) {
         (Ok(b), Ok(u)) => (b, u),
@@ -547,9 +744,10 @@ async fn relay_upgraded(
     let (mut up_r, mut up_w) = tokio::io::split(TokioIo::new(upstream));
     // Each direction on its own, counting what it moved even when it ends in an error (a
     // peer that closes TLS without close_notify).
+    let tap = |from_bot| terminal.clone().map(|t| super::exec::Tap::new(t, from_bot));
     let (up, down) = tokio::join!(
-        copy_counting(&mut bot_r, &mut up_w),
-        copy_counting(&mut up_r, &mut bot_w)
+        copy_counting(&mut bot_r, &mut up_w, tap(true)),
+        copy_counting(&mut up_r, &mut bot_w, tap(false))
     );
     record.up.fetch_add(up, Ordering::Relaxed);
     record.finish(101, down);
@@ -559,6 +757,7 @@ async fn relay_upgraded(
 async fn copy_counting(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
     w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut tap: Option<super::exec::Tap>,
 ) -> u64 {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut buf = vec![0u8; 16 * 1024];
@@ -569,6 +768,9 @@ async fn copy_counting(
             Ok(k) => {
                 if w.write_all(&buf[..k]).await.is_err() {
                     break;
+                }
+                if let Some(t) = &mut tap {
+                    t.feed(&buf[..k]);
                 }
                 n += k as u64;
             }

@@ -149,3 +149,15 @@ fn hop_by_hop_and_bot_credentials_are_stripped() {
     assert_eq!(h.len(), 1, "{h:?}");
     assert!(h.contains_key("accept"));
 }
+
+#[test]
+fn exec_commands_are_shown_word_by_word() {
+    let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(super::command_text(&w(&["ls", "-l", "/tmp"])), "ls -l /tmp");
+    assert_eq!(
+        super::command_text(&w(&["sh", "-c", "echo hi; id"])),
+        "sh -c 'echo hi; id'"
+    );
+    assert_eq!(super::command_text(&w(&["a'b", "x\ny"])), r"'a\'b' 'x\ny'");
+    assert_eq!(super::command_text(&w(&[""])), "''");
+}

@@ -42,7 +42,7 @@ impl ApprovalOutcome {
         }
     }
 
-    fn of(r: &crate::approvals::ApprovalRequest) -> ApprovalOutcome {
+    pub(crate) fn of(r: &crate::approvals::ApprovalRequest) -> ApprovalOutcome {
         use crate::approvals::Status;
         match r.status {
             Status::Approved => ApprovalOutcome::Approved {

@@ -346,7 +346,11 @@ impl SessionCx {
         // (per-operation policy, credential injection, masking, recording), even under a
         // whole-connection allow, and only then may rules that need operations checked one by
         // one (or claims, presented later) let a connection in.
-        let inspecting = handlers.inspecting(self.target.protocol);
+        // A target with `inspect = false` has no handler of its own here: only the opaque
+        // relay, under a whole-connection rule (its TLS is never terminated).
+        let inspecting = handlers
+            .inspecting(self.target.protocol)
+            .filter(|_| self.target.inspect);
         let d = decide(
             policy,
             &Request {
@@ -367,7 +371,9 @@ impl SessionCx {
             .as_deref()
             .and_then(|r| policy.rule(r))
             .is_some_and(|r| r.is_whole_connection());
-        let own = handlers.get(self.target.protocol);
+        let own = handlers
+            .get(self.target.protocol)
+            .filter(|_| self.target.inspect);
         let handler: Option<&Arc<dyn ProtocolHandler>> = match d.action {
             Action::Allow => inspecting
                 .or_else(|| whole.then(|| handlers.relay()))

@@ -20,7 +20,7 @@
 //! the name or IP dialled (`tollgate ca export --ssh` prints the `@cert-authority` line).
 
 pub mod ca;
-mod cast;
+pub(crate) mod cast;
 mod channel;
 pub mod pool;
 pub mod upstream;

@@ -53,6 +53,7 @@ fuzz_target!(|data: &[u8]| {
                     resource: "pods",
                     namespace: "",
                     name: "",
+                    command: None,
                 },
             ];
             for t in &policy.targets {

@@ -619,6 +619,7 @@ fn kube_matchers() {
                 resource,
                 namespace,
                 name,
+                command: None,
             },
         )
         .action
@@ -633,6 +634,73 @@ fn kube_matchers() {
     assert_eq!(d("create", "pods/exec", "dev", "web-1"), Action::Deny);
     assert_eq!(d("create", "pods/exec", "prod-eu", "db-1"), Action::Deny);
     assert_eq!(d("create", "pods/attach", "prod-eu", "web-1"), Action::Deny);
+}
+
+#[test]
+fn kube_exec_commands() {
+    let p = policy(&format!(
+        "{}{}{}",
+        rule(
+            "ls",
+            "\"ci\"",
+            "\"k8s\"",
+            "allow",
+            "kubernetes = { resources = [\"pods/exec\"], namespaces = [\"dev\"], exec = [\"ls *\", \"cat /etc/hostname\"] }",
+        ),
+        rule(
+            "psql",
+            "\"ci\"",
+            "\"k8s\"",
+            "approve",
+            "kubernetes = { resources = [\"pods/exec\"], exec = [\"psql *\"] }",
+        ),
+        rule("read", "\"ci\"", "\"k8s\"", "allow", "kubernetes = { verbs = [\"get\"] }"),
+    ));
+    let d = |resource, namespace, command: Option<&[&str]>| {
+        let words: Option<Vec<String>> = command.map(|c| c.iter().map(|w| w.to_string()).collect());
+        ask(
+            &p,
+            "ci",
+            "k8s",
+            Operation::Kube {
+                verb: "create",
+                resource,
+                namespace,
+                name: "web-1",
+                command: words.as_deref(),
+            },
+        )
+        .action
+    };
+    assert_eq!(d("pods/exec", "dev", Some(&["ls"])), Action::Allow);
+    assert_eq!(
+        d("pods/exec", "dev", Some(&["ls", "-l", "/tmp"])),
+        Action::Allow
+    );
+    assert_eq!(
+        d("pods/exec", "dev", Some(&["cat", "/etc/hostname"])),
+        Action::Allow
+    );
+    assert_eq!(
+        d("pods/exec", "dev", Some(&["cat", "/etc/shadow"])),
+        Action::Deny
+    );
+    // Words are matched as the runtime receives them: no shell joins or splits them.
+    assert_eq!(d("pods/exec", "dev", Some(&["ls; rm -rf /"])), Action::Deny);
+    assert_eq!(
+        d("pods/exec", "dev", Some(&["sh", "-c", "ls"])),
+        Action::Deny
+    );
+    assert_eq!(d("pods/exec", "dev", Some(&[])), Action::Deny);
+    // attach carries no command: an `exec` rule never matches it.
+    assert_eq!(d("pods/attach", "dev", Some(&[])), Action::Deny);
+    assert_eq!(d("pods/exec", "prod", Some(&["ls"])), Action::Deny);
+    assert_eq!(
+        d("pods/exec", "prod", Some(&["psql", "-c", "select 1"])),
+        Action::Approve
+    );
+    // A rule with `exec` says nothing about requests without a command.
+    assert_eq!(d("pods", "dev", None), Action::Deny);
 }
 
 #[test]

@@ -154,6 +154,10 @@ pub(super) fn case(cx: &mut Cx<'_>, t: &RawTest, names: &CaseNames<'_>) -> Optio
                 resource: r.resource.get_ref().clone(),
                 namespace: opt(&r.namespace),
                 name: opt(&r.name),
+                command: r
+                    .command
+                    .as_ref()
+                    .map(|c| c.iter().map(|w| w.get_ref().clone()).collect()),
             },
         ));
     }

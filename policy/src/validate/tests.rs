@@ -439,6 +439,15 @@ fn bad_globs() {
         12,
         &["bad glob \"a.{b\" in `columns`"],
     );
+    check(
+        &format!(
+            "[[target]]\nname = \"k8s\"\nprotocol = \"kubernetes\"\naddress = [\"10.0.0.9:443\"]\n{}",
+            rule("kubernetes = { exec = [\"ls [ab]\"] }\n").replace("\"db\"", "\"k8s\"")
+        ),
+        10,
+        24,
+        &["bad pattern \"ls [ab]\" in `kubernetes.exec` of rule \"r\""],
+    );
 }
 
 #[test]
@@ -1208,4 +1217,65 @@ fn unix_dir_of_the_agent() {
     );
     let long = format!("[agent]\nunix_dir = \"/{}\"\n", "d".repeat(96));
     check(&long, 2, 12, &["at most 96 bytes"]);
+}
+
+#[test]
+fn inspect_false_takes_no_credential_and_no_operation_matcher() {
+    let opaque = "[[target]]\nname = \"partner\"\nprotocol = \"https\"\naddress = [\"10.0.0.8:443\"]\ninspect = false\n";
+    let ok = parse(
+        &format!("{BASE}{opaque}[[rule]]\nname = \"r\"\nidentities = [\"ci-bot\"]\ntargets = [\"partner\"]\naction = \"allow\"\n"),
+        "p.toml",
+    )
+    .expect("a whole-connection rule is fine");
+    assert!(!ok.target("partner").expect("partner").inspect);
+    assert!(ok.target("web").expect("web").inspect);
+    let (_, _, msg) = err(&format!(
+        "{opaque}[[rule]]\nname = \"r\"\nidentities = [\"ci-bot\"]\ntargets = [\"partner\"]\naction = \"allow\"\nhttp = {{ methods = [\"GET\"] }}\n"
+    ));
+    assert!(
+        msg.contains("`inspect = false`") && msg.contains("remove `http`"),
+        "{msg}"
+    );
+    let (_, _, msg) = err(&format!("{opaque}credential = \"db-rw\"\n"));
+    assert!(msg.contains("no credential can be injected"), "{msg}");
+    let (_, _, msg) = err(
+        "[[target]]\nname = \"pg2\"\nprotocol = \"postgres\"\naddress = [\"10.0.0.9:5432\"]\ninspect = false\n",
+    );
+    assert!(
+        msg.contains("only protocols \"http\", \"https\" and \"kubernetes\""),
+        "{msg}"
+    );
+}
+
+#[test]
+fn client_certificates_need_their_key_and_a_tls_target() {
+    let (_, _, msg) = err("[credential.mtls]\ncert_file = \"/etc/c.pem\"\n");
+    assert!(msg.contains("needs `key_file` beside it"), "{msg}");
+    let cred = "[credential.mtls]\ncert_file = \"/etc/c.pem\"\nkey_file = \"/etc/c.key\"\n";
+    let (_, _, msg) = err(&format!(
+        "{cred}[[target]]\nname = \"pg2\"\nprotocol = \"postgres\"\naddress = [\"10.0.0.9:5432\"]\ncredential = \"mtls\"\n"
+    ));
+    assert!(msg.contains("only used by \"ssh\""), "{msg}");
+    let (_, _, msg) = err(
+        "[credential.k]\nkey_file = \"/etc/k\"\n[[target]]\nname = \"api\"\nprotocol = \"https\"\naddress = [\"10.0.0.9:443\"]\ncredential = \"k\"\n",
+    );
+    assert!(msg.contains("needs `cert_file`"), "{msg}");
+    let p = parse(
+        &format!("{BASE}{cred}[[target]]\nname = \"api\"\nprotocol = \"kubernetes\"\naddress = [\"10.0.0.9:6443\"]\ncredential = \"mtls\"\n"),
+        "p.toml",
+    )
+    .expect("a client certificate for a kubernetes target");
+    assert!(p.credentials["mtls"].cert_file.is_some());
+}
+
+#[test]
+fn record_bodies_is_for_inspected_http_targets() {
+    let (_, _, msg) = err(
+        "[[target]]\nname = \"pg2\"\nprotocol = \"postgres\"\naddress = [\"10.0.0.9:5432\"]\nrecord_bodies = true\n",
+    );
+    assert!(msg.contains("`record_bodies` of target \"pg2\""), "{msg}");
+    let (_, _, msg) = err(
+        "[[target]]\nname = \"p\"\nprotocol = \"https\"\naddress = [\"10.0.0.9:443\"]\ninspect = false\nrecord_bodies = true\n",
+    );
+    assert!(msg.contains("only inspected"), "{msg}");
 }

@@ -1,0 +1,304 @@
+//! Recording `kubectl exec -t` / `attach -t`: the relayed WebSocket is read as it passes (the
+//! bytes are relayed unchanged), its Kubernetes channel messages (`v4`/`v5.channel.k8s.io`:
+//! one channel byte before each message) give the terminal's output (channels 1 and 2, masked
+//! with the SSH detectors) and resizes (channel 4, `{"Width":W,"Height":H}` from the bot),
+//! written as asciicast v2 beside the session's JSON-lines recording ([`Cast`], shared with
+//! the SSH handler). Input (channel 0) is not recorded, as for SSH terminals.
+//!
+//! Frames are parsed as they pass; one data frame's payload is held (unmasked) until it is
+//! complete, so the detectors see each message whole. A frame longer than [`MAX_FRAME`] stops
+//! the recording of that direction (the relay goes on, and the recording says so).
+
+use std::sync::{Arc, Mutex};
+
+use crate::{lock, mask::Masker, ssh::cast::Cast};
+
+/// Longest frame payload the tap follows (kubectl and the kubelet send at most 32 KiB per
+/// message).
+pub const MAX_FRAME: u64 = 1 << 20;
+
+/// The terminal of one exec: its cast, created at the first resize or output.
+pub struct Terminal {
+    cast: Mutex<Option<Arc<Cast>>>,
+    create: Box<dyn Fn(u32, u32) -> Option<Cast> + Send + Sync>,
+    masker: Masker,
+}
+
+impl Terminal {
+    /// `create(width, height)` makes the cast file (and names it in the session recording).
+    pub fn new(
+        masker: Masker,
+        create: Box<dyn Fn(u32, u32) -> Option<Cast> + Send + Sync>,
+    ) -> Terminal {
+        Terminal {
+            cast: Mutex::new(None),
+            create,
+            masker,
+        }
+    }
+
+    fn cast(&self, width: u32, height: u32) -> Option<Arc<Cast>> {
+        let mut c = lock(&self.cast);
+        if c.is_none() {
+            *c = (self.create)(width, height).map(Arc::new);
+        }
+        c.clone()
+    }
+
+    fn message(&self, from_bot: bool, channel: u8, data: &[u8]) {
+        match (from_bot, channel) {
+            (false, 1 | 2) if !data.is_empty() => {
+                if let Some(c) = self.cast(80, 24) {
+                    c.output(data, &self.masker);
+                }
+            }
+            (true, 4) => {
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+                    return;
+                };
+                let (Some(w), Some(h)) = (v["Width"].as_u64(), v["Height"].as_u64()) else {
+                    return;
+                };
+                let (w, h) = (w.min(10_000) as u32, h.min(10_000) as u32);
+                let fresh = lock(&self.cast).is_none();
+                if let Some(c) = self.cast(w, h) {
+                    if !fresh {
+                        c.resize(w, h);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A streaming reader of one direction's WebSocket frames.
+pub struct Tap {
+    terminal: Arc<Terminal>,
+    from_bot: bool,
+    header: Vec<u8>,
+    /// Payload bytes left in the current frame.
+    left: u64,
+    /// Offset into the current payload (for the mask).
+    at: u64,
+    key: Option<[u8; 4]>,
+    /// The current frame is a data frame (text, binary or continuation).
+    data: bool,
+    /// Channel of the current message (its first payload byte), once read.
+    channel: Option<u8>,
+    /// The current frame's first payload byte is the channel (not a continuation).
+    leading: bool,
+    broken: bool,
+    scratch: Vec<u8>,
+}
+
+impl Tap {
+    pub fn new(terminal: Arc<Terminal>, from_bot: bool) -> Tap {
+        Tap {
+            terminal,
+            from_bot,
+            header: Vec::with_capacity(14),
+            left: 0,
+            at: 0,
+            key: None,
+            data: false,
+            channel: None,
+            leading: false,
+            broken: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The header's total length once enough of it is known, or `None` while too short.
+    fn header_len(h: &[u8]) -> Option<usize> {
+        if h.len() < 2 {
+            return None;
+        }
+        let masked = if h[1] & 0x80 != 0 { 4 } else { 0 };
+        Some(
+            2 + masked
+                + match h[1] & 0x7f {
+                    126 => 2,
+                    127 => 8,
+                    _ => 0,
+                },
+        )
+    }
+
+    fn start_frame(&mut self) {
+        let h = &self.header;
+        let op = h[0] & 0x0f;
+        let (len, rest) = match h[1] & 0x7f {
+            126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), &h[4..]),
+            127 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&h[2..10]);
+                (u64::from_be_bytes(b), &h[10..])
+            }
+            n => (u64::from(n), &h[2..]),
+        };
+        self.key = (h[1] & 0x80 != 0).then(|| [rest[0], rest[1], rest[2], rest[3]]);
+        self.left = len;
+        self.at = 0;
+        self.data = matches!(op, 0..=2);
+        self.leading = matches!(op, 1 | 2);
+        if self.leading {
+            self.channel = None;
+        }
+        if len > MAX_FRAME {
+            self.broken = true;
+            if let Some(c) = lock(&self.terminal.cast).clone() {
+                c.output(
+                    b"\r\n[tollgate: a message longer than 1 MiB; the recording stops here]\r\n",
+                    &self.terminal.masker,
+                );
+            }
+        }
+        self.header.clear();
+    }
+
+    /// Read `bytes` (the next bytes of this direction, as relayed).
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.broken {
+            if self.left == 0 {
+                // In a header (a frame with an empty payload is only a header).
+                let need = Self::header_len(&self.header).unwrap_or(2);
+                let take = (need - self.header.len()).min(bytes.len());
+                self.header.extend_from_slice(&bytes[..take]);
+                bytes = &bytes[take..];
+                if Self::header_len(&self.header) == Some(self.header.len()) {
+                    self.start_frame();
+                }
+                continue;
+            }
+            let take = (self.left.min(bytes.len() as u64)) as usize;
+            let (chunk, rest) = bytes.split_at(take);
+            bytes = rest;
+            if self.data {
+                let at = self.at;
+                self.scratch
+                    .extend(chunk.iter().enumerate().map(|(i, b)| match self.key {
+                        Some(k) => b ^ k[((at + i as u64) % 4) as usize],
+                        None => *b,
+                    }));
+            }
+            self.left -= take as u64;
+            self.at += take as u64;
+            if self.left == 0 && self.data {
+                // One whole frame (masking sees a message's text whole, as kubectl frames it).
+                let mut skip = 0;
+                if self.leading && !self.scratch.is_empty() {
+                    self.channel = Some(self.scratch[0]);
+                    skip = 1;
+                }
+                if let Some(ch) = self.channel {
+                    self.terminal
+                        .message(self.from_bot, ch, &self.scratch[skip..]);
+                }
+                self.scratch.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(op: u8, payload: &[u8], key: Option<[u8; 4]>) -> Vec<u8> {
+        let mut f = vec![0x80 | op];
+        let m = if key.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(m | n as u8),
+            n if n < 65536 => {
+                f.push(m | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(m | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if let Some(k) = key {
+            f.extend_from_slice(&k);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        } else {
+            f.extend_from_slice(payload);
+        }
+        f
+    }
+
+    #[test]
+    fn output_and_resizes_are_read_across_any_split() {
+        let data_dir = std::env::temp_dir().join(format!("tg-exec-tap-{}", std::process::id()));
+        let made = Arc::new(Mutex::new(Vec::<std::path::PathBuf>::new()));
+        let cleanup = data_dir.clone();
+        let made2 = made.clone();
+        let terminal = Arc::new(Terminal::new(
+            Masker::with_detectors(
+                crate::ssh::SSH_DETECTORS,
+                tollgate_policy::MaskStyle::Full,
+                [7; 32],
+            ),
+            Box::new(move |w, h| {
+                let c = Cast::create(&data_dir, "s-1", 1, w, h, "xterm").ok()?;
+                lock(&made2).push(data_dir.join("sessions").join(c.file_name()));
+                Some(c)
+            }),
+        ));
+        let mut up = Vec::new();
+        up.extend(frame(
+            2,
+            b"\x04{\"Width\":80,\"Height\":24}",
+            Some([1, 2, 3, 4]),
+        ));
+        up.extend(frame(2, b"\x00typed", Some([9, 8, 7, 6])));
+        up.extend(frame(
+            2,
+            b"\x04{\"Width\":100,\"Height\":30}",
+            Some([5, 5, 5, 5]),
+        ));
+        let mut down = Vec::new();
+        down.extend(frame(2, b"\x01hello ", None));
+        down.extend(frame(
+            2,
+            &[b"\x02".as_slice(), &vec![b'x'; 300]].concat(),
+            None,
+        ));
+        down.extend(frame(2, b"\x01AKIAIOSFODNN7EXAMPLE world", None));
+        let mut tap_up = Tap::new(terminal.clone(), true);
+        let mut tap_down = Tap::new(terminal.clone(), false);
+        // The resize first, then the output, one byte at a time and in odd pieces.
+        for b in up.chunks(1).take(30) {
+            tap_up.feed(b);
+        }
+        for piece in down.chunks(7) {
+            tap_down.feed(piece);
+        }
+        for piece in up[30..].chunks(3) {
+            tap_up.feed(piece);
+        }
+        let path = lock(&made).first().cloned().expect("a cast");
+        let text = std::fs::read_to_string(path).expect("cast");
+        let mut lines = text.lines();
+        let header: serde_json::Value =
+            serde_json::from_str(lines.next().expect("header")).expect("json");
+        assert_eq!(
+            (header["width"].as_u64(), header["height"].as_u64()),
+            (Some(80), Some(24))
+        );
+        let out: String = lines
+            .clone()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e[1] == "o")
+            .filter_map(|e| e[2].as_str().map(str::to_string))
+            .collect();
+        assert!(out.starts_with("hello xxx"), "{out}");
+        assert!(out.ends_with(" world"), "{out}");
+        assert!(!out.contains("AKIAIOSFODNN7EXAMPLE"), "{out}");
+        assert!(!text.contains("typed"), "input is not recorded: {text}");
+        assert!(text.contains("\"r\",\"100x30\""), "{text}");
+        assert_eq!(lock(&made).len(), 1);
+        let _ = std::fs::remove_dir_all(cleanup);
+    }
+}
