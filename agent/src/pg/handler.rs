@@ -1390,15 +1390,16 @@ const HOLD_READ_CAP: usize = 1 << 20;
 
 impl ClientSide<'_> {
     /// Mask literals in statement text before it reaches the audit log or a recording.
-    fn masked_text(&self, sql: &str) -> String {
+    fn masked_text<'s>(&self, sql: &'s str) -> std::borrow::Cow<'s, str> {
         match self
             .masker
             .as_ref()
             .and_then(|m| m.mask_text(sql.as_bytes(), false))
         {
-            Some(Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned(),
+            Some(Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned().into(),
             Some(Masked::Null(_)) => "[masked]".into(),
-            None => sql.to_string(),
+            // Nothing to mask (the usual case): the text itself, not a copy.
+            None => sql.into(),
         }
     }
 
@@ -1412,8 +1413,7 @@ impl ClientSide<'_> {
 
     /// [`Self::judge`] `sql`, shown in the audit log and the recording as `shown`.
     async fn judge_as(&mut self, sql: &str, shown: &str, made: Option<Classified>) -> Verdict {
-        let shown = shown.to_string();
-        let v = self.decide_sql(sql, &shown, made).await;
+        let v = self.decide_sql(sql, shown, made).await;
         if let Some(r) = &self.recorder {
             let (decision, error) = match &v {
                 Verdict::Allow => ("allow", None),
@@ -1427,7 +1427,7 @@ impl ClientSide<'_> {
                 Line::new("")
                     .str("event", "statement")
                     .str("session", &self.cx.id)
-                    .str("text", &shown)
+                    .str("text", shown)
                     .str("decision", decision)
                     .opt("error", error),
             );
@@ -3846,5 +3846,80 @@ mod read_more_tests {
         assert!(buf.capacity() <= IDLE_READ_CAPACITY, "{}", buf.capacity());
         assert_eq!(out.capacity(), 0, "the idle session kept its output buffer");
         assert!(size.idle.is_none(), "the idle session kept its timer");
+    }
+}
+
+#[cfg(test)]
+mod session_error_tests {
+    use super::*;
+
+    /// The (severity, SQLSTATE, message) the client is told for `e`.
+    fn told(e: &DataPathError) -> (String, String, String) {
+        let mut out = BytesMut::new();
+        encode_session_error(e, &mut out);
+        let en = wire::decode_error_notice(&out).expect("an ErrorResponse");
+        (
+            en.severity().unwrap_or("").to_string(),
+            en.code().unwrap_or("").to_string(),
+            en.message().unwrap_or("").to_string(),
+        )
+    }
+
+    #[test]
+    fn every_session_error_is_a_fatal_with_postgres_sqlstate() {
+        let addr: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+        let framing = wire::WireError::UnknownMessage(b'?');
+        let too_many = wire::WireError::TooMany {
+            what: "DataRow",
+            count: 2,
+            limit: 1,
+        };
+        let cases = [
+            // A client message that cannot be framed keeps the WireError's own SQLSTATE.
+            (
+                DataPathError::Client(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    framing.clone(),
+                )),
+                framing.sqlstate(),
+                framing.to_string(),
+            ),
+            (
+                DataPathError::Client(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    too_many.clone(),
+                )),
+                "54000",
+                too_many.to_string(),
+            ),
+            (
+                DataPathError::Upstream {
+                    addr,
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, framing.clone()),
+                },
+                "08P01",
+                format!("tollgate: malformed message from the server: {framing}"),
+            ),
+            (
+                DataPathError::Upstream {
+                    addr,
+                    source: std::io::ErrorKind::ConnectionReset.into(),
+                },
+                "08006",
+                "tollgate: the upstream server closed the connection unexpectedly".into(),
+            ),
+            (
+                InternalError::unreachable("test"),
+                "XX000",
+                "tollgate: internal error: unexpected state: test".into(),
+            ),
+        ];
+        for (e, code, message) in cases {
+            assert_eq!(
+                told(&e),
+                ("FATAL".to_string(), code.to_string(), message),
+                "{e}"
+            );
+        }
     }
 }
