@@ -2,7 +2,10 @@
 //! plain `tcp` relay with kernel splicing off (a bare userspace relay); tollgate with the
 //! `postgres` handler (classification plus a masking rule); pgbouncer in session mode; each
 //! cell the median of interleaved rounds. Rows:
-//! `-S`, `-S -M prepared`, TPC-B-like, `-S -C`. Then idle session memory (`--only memory`),
+//! `-S`, `-S -M prepared`, TPC-B-like, `-S -C`; the proxies' CPU per transaction; one client's
+//! latency per transaction (p50/p99, each column); connect + first byte and the proxies'
+//! system calls per transaction and per connection (strace, first round); all of these alone
+//! with `--only table`. Then idle session memory (`--only memory`),
 //! approvals (`--only approvals`: pgbench -S with and without approvals configured, in ABBA
 //! order, and the approval wake-up latency) and masking throughput. Never fails on slow
 //! numbers.
@@ -311,6 +314,8 @@ impl Drop for Bouncer {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Part {
     All,
+    /// The pgbench table, the latency block, connection set-up and idle memory.
+    Table,
     Memory,
     Approvals,
 }
@@ -340,8 +345,9 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
         None => Part::All,
         Some("memory") => Part::Memory,
         Some("approvals") => Part::Approvals,
+        Some("table") => Part::Table,
         Some(o) => bail!(
-            "unknown part {o:?} of `bench pg`: use --only memory, --only approvals or nothing"
+            "unknown part {o:?} of `bench pg`: use --only table, --only memory, --only approvals or nothing"
         ),
     };
     if !util::is_root() {
@@ -377,9 +383,9 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
         .stdout(Stdio::null()))?;
 
     if part != Part::Approvals {
-        table_and_memory(&bin, pg_port, part == Part::All)?;
+        table_and_memory(&bin, pg_port, matches!(part, Part::All | Part::Table))?;
     }
-    if part != Part::Memory {
+    if matches!(part, Part::All | Part::Approvals) {
         approvals(&bin, &pg, pg_port)?;
     }
     if part == Part::All {

@@ -3867,7 +3867,7 @@ mod session_error_tests {
 
     #[test]
     fn every_session_error_is_a_fatal_with_postgres_sqlstate() {
-        let addr: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 5432));
         let framing = wire::WireError::UnknownMessage(b'?');
         let too_many = wire::WireError::TooMany {
             what: "DataRow",
