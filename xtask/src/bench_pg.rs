@@ -541,21 +541,7 @@ impl Table {
         self.latency[col].push(latency(port, password)?);
         self.first_byte[col].push(first_byte_us(port, FIRST_BYTES)?);
         if let (Some(pid), None) = (proxy, self.syscalls[col]) {
-            let pgbench = |args: &[&str]| {
-                let out = Command::new("pgbench")
-                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app_rw"])
-                    .args(["-n", "-c", "1", "-j", "1", "-S"])
-                    .args(args)
-                    .arg("bench")
-                    .env("PGPASSWORD", password)
-                    .env("PGSSLMODE", "disable")
-                    .output()
-                    .context("pgbench")?;
-                if !out.status.success() {
-                    bail!("pgbench {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-                }
-                Ok(())
-            };
+            let pgbench = |args: &[&str]| one_client(port, password, args);
             const TXS: u32 = 2000;
             const CONNS: u32 = 200;
             let per_tx = syscalls_during(pid, || pgbench(&["-t", &TXS.to_string()]))?;
@@ -624,29 +610,13 @@ fn latency(port: u16, password: &str) -> Result<(f64, f64)> {
     let dir = Path::new(WORK).join("latency");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    let out = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app_rw"])
-        .args([
-            "-n",
-            "-c",
-            "1",
-            "-j",
-            "1",
-            "-T",
-            LATENCY_SECONDS,
-            "-S",
-            "-l",
-        ])
-        .arg("--log-prefix")
-        .arg(dir.join("tx"))
-        .arg("bench")
-        .env("PGPASSWORD", password)
-        .env("PGSSLMODE", "disable")
-        .output()
-        .context("pgbench -c1")?;
-    if !out.status.success() {
-        bail!("pgbench -c1: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let prefix = dir.join("tx");
+    let prefix = prefix.to_str().context("latency log path")?;
+    one_client(
+        port,
+        password,
+        &["-T", LATENCY_SECONDS, "-l", "--log-prefix", prefix],
+    )?;
     let mut us = Vec::new();
     for e in fs::read_dir(&dir)? {
         // client_id transaction_no latency_us script_no epoch epoch_us
@@ -663,6 +633,26 @@ fn latency(port: u16, password: &str) -> Result<(f64, f64)> {
     us.sort_by(f64::total_cmp);
     let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
     Ok((at(0.5), at(0.99)))
+}
+
+/// pgbench -S with one client through 127.0.0.1:`port`, plus `args`.
+fn one_client(port: u16, password: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app_rw"])
+        .args(["-n", "-c", "1", "-j", "1", "-S"])
+        .args(args)
+        .arg("bench")
+        .env("PGPASSWORD", password)
+        .env("PGSSLMODE", "disable")
+        .output()
+        .context("pgbench")?;
+    if !out.status.success() {
+        bail!(
+            "pgbench -c1 {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// Median microseconds from connect() to the first byte of the answer to an SSLRequest (the

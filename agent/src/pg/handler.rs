@@ -2304,6 +2304,18 @@ impl ClientSide<'_> {
         Ok(self.hold(h, &mut io.cr, &mut io.buf).await)
     }
 
+    /// The verdict on SQL text `sql` (snapshots re-read first if it needs them, an approval
+    /// waited for); None: the client went away while it was held.
+    async fn verdict_on(
+        &mut self,
+        sql: &str,
+        io: &mut ClientIo<'_>,
+    ) -> Result<Option<Verdict>, DataPathError> {
+        let made = self.refresh_for(sql, io).await?;
+        let v = self.judge(sql, made).await;
+        self.settle(v, io).await
+    }
+
     /// A simple query: decided as a whole, forwarded or replaced by a refusal.
     async fn on_query(
         &mut self,
@@ -2311,9 +2323,7 @@ impl ClientSide<'_> {
         raw: &[u8],
         io: &mut ClientIo<'_>,
     ) -> Result<Next, DataPathError> {
-        let made = self.refresh_for(sql, io).await?;
-        let v = self.judge(sql, made).await;
-        let Some(v) = self.settle(v, io).await? else {
+        let Some(v) = self.verdict_on(sql, io).await? else {
             return Ok(Next::Close);
         };
         let plans = std::mem::take(&mut self.copy_plans);
@@ -2351,9 +2361,7 @@ impl ClientSide<'_> {
         raw: &[u8],
         io: &mut ClientIo<'_>,
     ) -> Result<Next, DataPathError> {
-        let made = self.refresh_for(query, io).await?;
-        let v = self.judge(query, made).await;
-        let Some(v) = self.settle(v, io).await? else {
+        let Some(v) = self.verdict_on(query, io).await? else {
             return Ok(Next::Close);
         };
         match (self.copy_plans.pop(), &v) {
