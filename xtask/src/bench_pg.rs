@@ -475,7 +475,7 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         println!("  {name:<32} {}", per.join("  |  "));
     }
     println!(
-        "\ngoals: pg/relay >= 0.9 every row; pg/pgbouncer >= 1.1 every row; -C pg/direct >= 2.0"
+        "\ngoals (issue 17): pg/relay >= 0.9 every row; pg/pgbouncer >= 1.0 on -S and -S -M prepared; -C pg/direct >= 2.0"
     );
     // What each proxy costs: at the same TPS a proxy that spends more CPU per transaction
     // leaves less of the two cores to pgbench and the server.
@@ -498,6 +498,7 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         };
         println!("{name:<32} {:>12.1} {:>14.1} {:>11.1}", us(1), us(2), us(3));
     }
+    println!("goal (issue 17): tollgate pg <= 1.2x pgbouncer on -S and -S -M prepared");
     table.print_latency_and_setup();
     if let Some((n, per)) = idle {
         println!(
