@@ -2182,6 +2182,8 @@ impl ClientSide<'_> {
                 }
             }
             io.write_out(self.cx).await?;
+            // A TLS upstream may hold records back until flushed (a no-op on plain TCP).
+            io.uw.flush().await.map_err(|e| upstream_err(self.cx, e))?;
             match read_more(&mut io.cr, &mut io.buf, &mut io.out, &mut size).await {
                 Ok(0) => {
                     let _ = io.uw.shutdown().await;
