@@ -2,7 +2,10 @@
 //! plain `tcp` relay with kernel splicing off (a bare userspace relay); tollgate with the
 //! `postgres` handler (classification plus a masking rule); pgbouncer in session mode; each
 //! cell the median of interleaved rounds. Rows:
-//! `-S`, `-S -M prepared`, TPC-B-like, `-S -C`. Then idle session memory (`--only memory`),
+//! `-S`, `-S -M prepared`, TPC-B-like, `-S -C`; the proxies' CPU per transaction; one client's
+//! latency per transaction (p50/p99, each column); connect + first byte and the proxies'
+//! system calls per transaction and per connection (strace, first round); all of these alone
+//! with `--only table`. Then idle session memory (`--only memory`),
 //! approvals (`--only approvals`: pgbench -S with and without approvals configured, in ABBA
 //! order, and the approval wake-up latency) and masking throughput. Never fails on slow
 //! numbers.
@@ -322,6 +325,8 @@ impl Drop for Bouncer {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Part {
     All,
+    /// The pgbench table, the latency block, connection set-up and idle memory.
+    Table,
     Memory,
     Approvals,
 }
@@ -351,8 +356,9 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
         None => Part::All,
         Some("memory") => Part::Memory,
         Some("approvals") => Part::Approvals,
+        Some("table") => Part::Table,
         Some(o) => bail!(
-            "unknown part {o:?} of `bench pg`: use --only memory, --only approvals or nothing"
+            "unknown part {o:?} of `bench pg`: use --only table, --only memory, --only approvals or nothing"
         ),
     };
     if !util::is_root() {
@@ -388,9 +394,9 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
         .stdout(Stdio::null()))?;
 
     if part != Part::Approvals {
-        table_and_memory(&bin, pg_port, part == Part::All)?;
+        table_and_memory(&bin, pg_port, matches!(part, Part::All | Part::Table))?;
     }
-    if part != Part::Memory {
+    if matches!(part, Part::All | Part::Approvals) {
         approvals(&bin, &pg, pg_port)?;
     }
     if part == Part::All {
@@ -419,7 +425,10 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         ("-S -C (connect per transaction)", &["-S", "-C"]),
     ];
     // runs[row][column]: direct, tcp relay, tollgate pg, pgbouncer.
-    let mut runs: Vec<[Vec<Run>; 4]> = vec![Default::default(); rows.len()];
+    let mut table = Table {
+        runs: vec![Default::default(); rows.len()],
+        ..Table::default()
+    };
     let mut idle = None;
     if !tps {
         agent_columns(bin, pg_port, &rows, None, false, &mut idle)?;
@@ -434,13 +443,14 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
     for round in 0..ROUNDS {
         let reverse = round % 2 == 1;
         if reverse {
-            agent_columns(bin, pg_port, &rows, Some(&mut runs), true, &mut idle)?;
-            plain_columns(pg_port, &rows, &mut runs, true)?;
+            agent_columns(bin, pg_port, &rows, Some(&mut table), true, &mut idle)?;
+            plain_columns(pg_port, &rows, &mut table, true)?;
         } else {
-            plain_columns(pg_port, &rows, &mut runs, false)?;
-            agent_columns(bin, pg_port, &rows, Some(&mut runs), false, &mut idle)?;
+            plain_columns(pg_port, &rows, &mut table, false)?;
+            agent_columns(bin, pg_port, &rows, Some(&mut table), false, &mut idle)?;
         }
     }
+    let runs = &table.runs;
 
     println!("\npgbench TPS, -c4 -j2 -T{SECONDS}, scale 1, median of {ROUNDS} interleaved rounds on this machine (2 cores shared by client, proxy and server)\n");
     println!(
@@ -476,7 +486,7 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         println!("  {name:<32} {}", per.join("  |  "));
     }
     println!(
-        "\ngoals: pg/relay >= 0.9 every row; pg/pgbouncer >= 1.1 every row; -C pg/direct >= 2.0"
+        "\ngoals (issue 17): pg/relay >= 0.9 every row; pg/pgbouncer >= 1.0 on -S and -S -M prepared; -C pg/direct >= 2.0"
     );
     // What each proxy costs: at the same TPS a proxy that spends more CPU per transaction
     // leaves less of the two cores to pgbench and the server.
@@ -499,6 +509,8 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         };
         println!("{name:<32} {:>12.1} {:>14.1} {:>11.1}", us(1), us(2), us(3));
     }
+    println!("goal (issue 17): tollgate pg <= 1.2x pgbouncer on -S and -S -M prepared");
+    table.print_latency_and_setup();
     if let Some((n, per)) = idle {
         println!(
             "\nidle postgres session memory: {:.1} KiB per session (agent RSS growth over {n} idle psql sessions; goal <= 16 KiB)",
@@ -508,17 +520,207 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
     Ok(())
 }
 
+/// The table's runs and the latency and connection set-up figures, by column (direct, tcp
+/// relay, tollgate pg, pgbouncer).
+#[derive(Default)]
+struct Table {
+    /// runs[row][column].
+    runs: Vec<[Vec<Run>; 4]>,
+    /// One client's (p50, p99) microseconds per transaction, per round.
+    latency: [Vec<(f64, f64)>; 4],
+    /// Median microseconds of connect + first byte, per round.
+    first_byte: [Vec<f64>; 4],
+    /// The proxy's system calls per transaction (-S) and per connection (-S -C, each a login,
+    /// one SELECT and a Terminate), counted once by strace (first round).
+    syscalls: [Option<(f64, f64)>; 4],
+}
+
+/// Seconds of each one-client latency run.
+const LATENCY_SECONDS: &str = "5";
+
+/// Connections timed for connect + first byte, per column and round.
+const FIRST_BYTES: usize = 300;
+
+impl Table {
+    /// The latency and set-up figures of column `col` (reached at `port`, through `proxy`).
+    fn latency_and_setup(
+        &mut self,
+        col: usize,
+        port: u16,
+        password: &str,
+        proxy: Option<u32>,
+    ) -> Result<()> {
+        self.latency[col].push(latency(port, password)?);
+        self.first_byte[col].push(first_byte_us(port, FIRST_BYTES)?);
+        if let (Some(pid), None) = (proxy, self.syscalls[col]) {
+            let pgbench = |args: &[&str]| one_client(port, password, args);
+            const TXS: u32 = 2000;
+            const CONNS: u32 = 200;
+            let per_tx = syscalls_during(pid, || pgbench(&["-t", &TXS.to_string()]))?;
+            let per_conn = syscalls_during(pid, || pgbench(&["-C", "-t", &CONNS.to_string()]))?;
+            self.syscalls[col] = Some((per_tx / f64::from(TXS), per_conn / f64::from(CONNS)));
+        }
+        Ok(())
+    }
+
+    fn print_latency_and_setup(&self) {
+        let names = ["direct", "tcp relay", "tollgate pg", "pgbouncer"];
+        let lat: Vec<(f64, f64)> = self
+            .latency
+            .iter()
+            .map(|v| {
+                let mut p50: Vec<f64> = v.iter().map(|l| l.0).collect();
+                let mut p99: Vec<f64> = v.iter().map(|l| l.1).collect();
+                (util::median(&mut p50), util::median(&mut p99))
+            })
+            .collect();
+        println!("
+latency per transaction, one client (pgbench -S -c1 -T{LATENCY_SECONDS}, per-transaction log), microseconds; median of the rounds:");
+        println!("{:<14} {:>8} {:>8} {:>16}", "", "p50", "p99", "added p50");
+        for (i, name) in names.iter().enumerate() {
+            println!(
+                "{name:<14} {:>8.0} {:>8.0} {:>16.0}",
+                lat[i].0,
+                lat[i].1,
+                lat[i].0 - lat[0].0
+            );
+        }
+        let (pg_added, bouncer_added) = (lat[2].0 - lat[0].0, lat[3].0 - lat[0].0);
+        println!(
+            "tollgate's added p50 / pgbouncer's: {:.2}x (goal <= 1.25x)",
+            pg_added / bouncer_added
+        );
+        println!("
+connect + first byte (an SSLRequest answered), median of {FIRST_BYTES} connections, median of the rounds; system calls of the proxy (strace -c -f, all threads):");
+        println!(
+            "{:<14} {:>10} {:>10} {:>16} {:>16}",
+            "", "us", "/direct", "syscalls/txn", "syscalls/conn"
+        );
+        let fb: Vec<f64> = self
+            .first_byte
+            .iter()
+            .map(|v| util::median(&mut v.clone()))
+            .collect();
+        for (i, name) in names.iter().enumerate() {
+            let (tx, conn) = match self.syscalls[i] {
+                Some((t, c)) => (format!("{t:.1}"), format!("{c:.1}")),
+                None => ("-".into(), "-".into()),
+            };
+            println!(
+                "{name:<14} {:>10.0} {:>9.2}x {tx:>16} {conn:>16}",
+                fb[i],
+                fb[i] / fb[0]
+            );
+        }
+        println!("goal: tollgate pg connect + first byte <= 1.5x direct (syscalls/conn: a login, one SELECT, a Terminate)");
+    }
+}
+
+/// One client's latency per transaction through 127.0.0.1:`port`: pgbench -S -c1 with a
+/// per-transaction log; (p50, p99) in microseconds.
+fn latency(port: u16, password: &str) -> Result<(f64, f64)> {
+    let dir = Path::new(WORK).join("latency");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let prefix = dir.join("tx");
+    let prefix = prefix.to_str().context("latency log path")?;
+    one_client(
+        port,
+        password,
+        &["-T", LATENCY_SECONDS, "-l", "--log-prefix", prefix],
+    )?;
+    let mut us = Vec::new();
+    for e in fs::read_dir(&dir)? {
+        // client_id transaction_no latency_us script_no epoch epoch_us
+        let text = fs::read_to_string(e?.path())?;
+        us.extend(
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok()),
+        );
+    }
+    fs::remove_dir_all(&dir)?;
+    if us.is_empty() {
+        bail!("pgbench -c1 logged no transaction");
+    }
+    us.sort_by(f64::total_cmp);
+    let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+    Ok((at(0.5), at(0.99)))
+}
+
+/// pgbench -S with one client through 127.0.0.1:`port`, plus `args`.
+fn one_client(port: u16, password: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app_rw"])
+        .args(["-n", "-c", "1", "-j", "1", "-S"])
+        .args(args)
+        .arg("bench")
+        .env("PGPASSWORD", password)
+        .env("PGSSLMODE", "disable")
+        .output()
+        .context("pgbench")?;
+    if !out.status.success() {
+        bail!(
+            "pgbench -c1 {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Median microseconds from connect() to the first byte of the answer to an SSLRequest (the
+/// first thing libpq sends): the accept path of whoever answers.
+fn first_byte_us(port: u16, n: usize) -> Result<f64> {
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_nodelay(true)?;
+        s.write_all(&SSL_REQUEST)?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).context("no answer to an SSLRequest")?;
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(util::median(&mut v))
+}
+
+/// System calls process `pid` makes (all threads) while `f` runs, counted by `strace -c -f`.
+fn syscalls_during(pid: u32, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let out = Path::new(WORK).join("strace.txt");
+    let mut strace = Command::new("strace")
+        .args(["-c", "-f", "-o"])
+        .arg(&out)
+        .args(["-p", &pid.to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("strace (cargo xtask setup installs it)")?;
+    // strace says "attached" on stderr once it traces every thread.
+    let mut err = BufReader::new(strace.stderr.take().context("strace stderr")?);
+    let mut line = String::new();
+    while err.read_line(&mut line)? > 0 && !line.contains("attached") {
+        line.clear();
+    }
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    std::thread::sleep(Duration::from_millis(300));
+    let ran = f();
+    // SAFETY: kill(2) of the strace child this function started.
+    unsafe { libc::kill(strace.id() as libc::pid_t, libc::SIGINT) };
+    strace.wait()?;
+    ran?;
+    let text = fs::read_to_string(&out)?;
+    let _ = fs::remove_file(&out);
+    text.lines()
+        .find(|l| l.trim_end().ends_with(" total"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .with_context(|| format!("no total in strace -c output:\n{text}"))
+}
+
 /// A pgbench table's rows: a name and pgbench's arguments.
 type Rows<'a> = [(&'a str, &'a [&'a str]); 4];
 
 /// One run of each row direct (column 0) and through pgbouncer (column 3), with no agent
 /// loaded (it would redirect pgbouncer too); pgbouncer first when `reverse`.
-fn plain_columns(
-    pg_port: u16,
-    rows: &Rows<'_>,
-    runs: &mut [[Vec<Run>; 4]],
-    reverse: bool,
-) -> Result<()> {
+fn plain_columns(pg_port: u16, rows: &Rows<'_>, table: &mut Table, reverse: bool) -> Result<()> {
     let bport = free_port()?;
     let bouncer = Bouncer::start(pg_port, bport)?;
     let mut cols = [(0, pg_port, None), (3, bport, Some(bouncer.pid))];
@@ -527,8 +729,9 @@ fn plain_columns(
     }
     for (col, port, proxy) in cols {
         for (i, (_, args)) in rows.iter().enumerate() {
-            runs[i][col].push(pgbench_cpu(port, PW, args, proxy)?);
+            table.runs[i][col].push(pgbench_cpu(port, PW, args, proxy)?);
         }
+        table.latency_and_setup(col, port, PW, proxy)?;
     }
     Ok(())
 }
@@ -540,7 +743,7 @@ fn agent_columns(
     bin: &Path,
     pg_port: u16,
     rows: &Rows<'_>,
-    mut runs: Option<&mut [[Vec<Run>; 4]]>,
+    mut table: Option<&mut Table>,
     reverse: bool,
     idle: &mut Option<(usize, f64)>,
 ) -> Result<()> {
@@ -556,7 +759,7 @@ fn agent_columns(
         agents.reverse();
     }
     for (col, protocol, env) in agents {
-        if runs.is_none() && protocol != "postgres" {
+        if table.is_none() && protocol != "postgres" {
             continue;
         }
         let pol = work.join(format!("{protocol}.toml"));
@@ -571,7 +774,7 @@ fn agent_columns(
                 &metrics_addr(metrics),
             )?);
         }
-        if let Some(runs) = runs.as_deref_mut() {
+        if let Some(table) = table.as_deref_mut() {
             // Through tollgate the bot's password does not matter (postgres mode injects it);
             // the tcp relay passes authentication through, so it needs the real one.
             let pw = if protocol == "postgres" {
@@ -579,9 +782,11 @@ fn agent_columns(
             } else {
                 PW
             };
+            let pid = agent.child.id();
             for (i, (_, args)) in rows.iter().enumerate() {
-                runs[i][col].push(pgbench_cpu(pg_port, pw, args, Some(agent.child.id()))?);
+                table.runs[i][col].push(pgbench_cpu(pg_port, pw, args, Some(pid))?);
             }
+            table.latency_and_setup(col, pg_port, pw, Some(pid))?;
         }
         agent.stop();
     }

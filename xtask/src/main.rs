@@ -87,7 +87,8 @@ enum Cmd {
     Bench {
         /// `pg` for the pgbench table, `ssh` for the SSH handler; nothing for the interception figures.
         what: Option<String>,
-        /// Run only one part: connect, first-byte or throughput; for `pg`: memory or approvals.
+        /// Run only one part: connect, first-byte or throughput; for `pg`: table, memory or
+        /// approvals.
         #[arg(long)]
         only: Option<String>,
     },

@@ -19,6 +19,8 @@ const APT_PACKAGES: &[&str] = &[
     "pgbouncer",
     "wrk",
     "hyperfine",
+    // `cargo xtask bench pg` counts the proxies' system calls.
+    "strace",
     "iproute2",
     "curl",
     "procps",

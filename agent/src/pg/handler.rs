@@ -783,81 +783,38 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let Some((mut client, params)) = startup(h, cx, tcp, &mut cbuf).await? else {
         return Ok(Totals::default());
     };
-    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let gen = cx.agent.gen.load_full();
     let policy = &gen.policy;
-    let Some(LoggedIn {
-        mut session,
-        keep,
-        reused,
-        user,
-        client_user,
-        database,
-        workload,
-        pass,
-    }) = login(h, cx, &mut client, &mut cbuf, policy, &params).await?
-    else {
+    let Some(mut logged) = login(h, cx, &mut client, &mut cbuf, policy, &params).await? else {
         return Ok(Totals::default());
     };
-    let backend_key = session.backend_key;
-
-    let (masker, catalog, plain_functions) =
-        snapshots(h, cx, &mut client, &mut session, policy, &database).await?;
-
+    let (masker, catalog, plain_functions) = snapshots(
+        h,
+        cx,
+        &mut client,
+        &mut logged.session,
+        policy,
+        &logged.database,
+    )
+    .await?;
     let recorder = cx.open_recorder();
     if let Some(r) = &recorder {
-        r.write(cx.start_event(json!({
-            "database": database, "user": user, "client_user": client_user,
-            "application_name": param("application_name"),
-            "oidc_subject": workload.as_ref().map(|c| c.subject.clone()),
-            "startup": params.iter().filter(|(k, _)| !k.starts_with("_pq_.")).map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
-            "upstream_connection": if reused { "reused" } else { "new" },
-        })));
+        r.write(start_event(cx, &logged, &params));
     }
-
-    // Greet the client as the server would, with our own cancel key: the backend's real
-    // process id (clients compare it with NotificationResponse's sender and pg_backend_pid(),
-    // e.g. to skip their own notifications) and a secret of our own, so a CancelRequest only
-    // works through us. Keys are (pid, secret) pairs: redraw the secret on a clash.
     let held_cancel = Arc::new(HeldCancel::default());
-    let our_key = {
-        let mut keys = lock(&h.cancel_keys);
-        loop {
-            let pid = session
-                .backend_key
-                .map_or_else(|| rand::random::<i32>() & 0x7fff_ffff, |k| k.0);
-            let key = (pid, rand::random::<i32>());
-            if let std::collections::hash_map::Entry::Vacant(e) = keys.entry(key) {
-                e.insert(CancelTarget {
-                    addr: cx.orig_dst,
-                    upstream: session.backend_key,
-                    held: held_cancel.clone(),
-                });
-                break key;
-            }
-        }
-    };
+    let our_key = cancel_key(h, cx, &logged.session, &held_cancel);
     let _cancel_guard = CancelKeyGuard(&h.cancel_keys, our_key);
-    let mut out = BytesMut::new();
-    wire::encode_authentication_ok(&mut out);
-    out.extend_from_slice(&session.relay);
-    wire::encode_backend_key_data(
-        wire::BackendKeyData {
-            pid: our_key.0,
-            secret: our_key.1,
-        },
-        &mut out,
-    );
-    wire::encode_ready_for_query(
-        TransactionStatus::from_byte(session.status).unwrap_or(TransactionStatus::Idle),
-        &mut out,
-    );
-    client
-        .write_all(&out)
-        .await
-        .map_err(DataPathError::Client)?;
+    greet(&mut client, &logged.session, our_key).await?;
+    let LoggedIn {
+        mut session,
+        keep,
+        database,
+        pass,
+        ..
+    } = logged;
+    drop(pass);
+    let backend_key = session.backend_key;
 
-    let nonce = format!("tollgate-denied-{:016x}", rand::random::<u64>());
     let shared = Arc::new(Shared {
         denials: Mutex::new(VecDeque::new()),
         lexing: Mutex::new(Lexing {
@@ -873,10 +830,9 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     let (ur, uw) = session.stream.into_split();
     let up_rest = std::mem::take(&mut session.rest);
     // The session lives long: keep nothing of the login phase.
-    drop(std::mem::take(&mut session.relay));
-    drop(out);
-    drop(pass);
+    drop(session.relay);
     drop(params);
+    let nonce = format!("tollgate-denied-{:016x}", rand::random::<u64>());
     let (notice_tx, notice_rx) = tokio::sync::mpsc::unbounded_channel();
     let (release, released) = if keep.is_some() {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -884,8 +840,6 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     } else {
         (None, None)
     };
-    let status = session.status;
-    let end_state = shared.clone();
     let c2u = ClientSide {
         cx,
         h,
@@ -908,13 +862,13 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         held_cancel,
         release,
         ddl_since_refresh: false,
-        database: database.clone(),
+        database,
         unknown_after_refresh: HashMap::new(),
         stale_refusal: None,
     };
     let u2c = ServerSide {
         cx,
-        shared,
+        shared: shared.clone(),
         nonce,
         masker,
         catalog,
@@ -927,38 +881,24 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         copy_scratch: Vec::new(),
         withhold: false,
         notices: notice_rx,
-        status,
+        status: session.status,
         released,
         refreshing: None,
     };
-    let r = match tokio::try_join!(
+    let r = tokio::try_join!(
         c2u.run(cr, uw, cbuf, &counters),
         u2c.run(ur, cw, up_rest, &counters)
-    ) {
+    );
+    let r = match r {
         // The client said goodbye without the Terminate being forwarded: the server's end may
         // serve the next session if nothing is in flight.
         Ok((Some(uw), Some((ur, rest, status)))) => {
             let quiet = rest.is_empty()
                 && status == b'I'
-                && lock(&end_state.expect).is_empty()
-                && lock(&end_state.denials).is_empty();
+                && lock(&shared.expect).is_empty()
+                && lock(&shared.denials).is_empty();
             if let Some(conn) = Conn::reunite(ur, uw) {
-                match keep {
-                    Some((key, relay)) if quiet => {
-                        if let Some(conn) = pool::reset(conn).await {
-                            h.pool.put(
-                                key,
-                                &cx.target.name,
-                                pool::Idle {
-                                    conn,
-                                    backend_key,
-                                    relay,
-                                },
-                            );
-                        }
-                    }
-                    _ => pool::terminate(conn).await,
-                }
+                keep_or_end(h, cx, conn, keep.filter(|_| quiet), backend_key).await;
             }
             Ok(())
         }
@@ -974,6 +914,101 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     };
     cx.add_bytes(totals);
     r.map(|_| totals)
+}
+
+/// The recording's start event: who logged in as whom, and what the client asked for
+/// (startup parameters other than protocol options).
+fn start_event(
+    cx: &SessionCx,
+    l: &LoggedIn,
+    params: &[(String, String)],
+) -> serde_json::Map<String, serde_json::Value> {
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    cx.start_event(json!({
+        "database": l.database, "user": l.user, "client_user": l.client_user,
+        "application_name": param("application_name"),
+        "oidc_subject": l.workload.as_ref().map(|c| c.subject.clone()),
+        "startup": params.iter().filter(|(k, _)| !k.starts_with("_pq_.")).map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "upstream_connection": if l.reused { "reused" } else { "new" },
+    }))
+}
+
+/// Our own cancel key for the session: the backend's real process id (clients compare it with
+/// NotificationResponse's sender and pg_backend_pid(), e.g. to skip their own notifications)
+/// and a secret of our own, so a CancelRequest only works through us. Keys are (pid, secret)
+/// pairs: the secret is redrawn on a clash.
+fn cancel_key(
+    h: &PgHandler,
+    cx: &SessionCx,
+    session: &upstream::Session,
+    held: &Arc<HeldCancel>,
+) -> (i32, i32) {
+    let mut keys = lock(&h.cancel_keys);
+    loop {
+        let pid = session
+            .backend_key
+            .map_or_else(|| rand::random::<i32>() & 0x7fff_ffff, |k| k.0);
+        let key = (pid, rand::random::<i32>());
+        if let std::collections::hash_map::Entry::Vacant(e) = keys.entry(key) {
+            e.insert(CancelTarget {
+                addr: cx.orig_dst,
+                upstream: session.backend_key,
+                held: held.clone(),
+            });
+            return key;
+        }
+    }
+}
+
+/// Greet the client as the server would: AuthenticationOk, the server's ParameterStatus
+/// messages, our cancel key, ReadyForQuery; one write.
+async fn greet(
+    client: &mut Conn,
+    session: &upstream::Session,
+    key: (i32, i32),
+) -> Result<(), DataPathError> {
+    let mut out = BytesMut::with_capacity(session.relay.len() + 64);
+    wire::encode_authentication_ok(&mut out);
+    out.extend_from_slice(&session.relay);
+    wire::encode_backend_key_data(
+        wire::BackendKeyData {
+            pid: key.0,
+            secret: key.1,
+        },
+        &mut out,
+    );
+    wire::encode_ready_for_query(
+        TransactionStatus::from_byte(session.status).unwrap_or(TransactionStatus::Idle),
+        &mut out,
+    );
+    client.write_all(&out).await.map_err(DataPathError::Client)
+}
+
+/// After the client left quietly: the upstream connection goes back to the pool (reset) when
+/// it may be kept (`keep`), else it is ended politely.
+async fn keep_or_end(
+    h: &PgHandler,
+    cx: &SessionCx,
+    conn: Conn,
+    keep: Option<(pool::Key, Bytes)>,
+    backend_key: Option<(i32, i32)>,
+) {
+    match keep {
+        Some((key, relay)) => {
+            if let Some(conn) = pool::reset(conn).await {
+                h.pool.put(
+                    key,
+                    &cx.target.name,
+                    pool::Idle {
+                        conn,
+                        backend_key,
+                        relay,
+                    },
+                );
+            }
+        }
+        None => pool::terminate(conn).await,
+    }
 }
 
 /// Decide the settings the client's startup parameters ask for (see `startup.rs`), after
@@ -1355,15 +1390,16 @@ const HOLD_READ_CAP: usize = 1 << 20;
 
 impl ClientSide<'_> {
     /// Mask literals in statement text before it reaches the audit log or a recording.
-    fn masked_text(&self, sql: &str) -> String {
+    fn masked_text<'s>(&self, sql: &'s str) -> std::borrow::Cow<'s, str> {
         match self
             .masker
             .as_ref()
             .and_then(|m| m.mask_text(sql.as_bytes(), false))
         {
-            Some(Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned(),
+            Some(Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned().into(),
             Some(Masked::Null(_)) => "[masked]".into(),
-            None => sql.to_string(),
+            // Nothing to mask (the usual case): the text itself, not a copy.
+            None => sql.into(),
         }
     }
 
@@ -1377,8 +1413,7 @@ impl ClientSide<'_> {
 
     /// [`Self::judge`] `sql`, shown in the audit log and the recording as `shown`.
     async fn judge_as(&mut self, sql: &str, shown: &str, made: Option<Classified>) -> Verdict {
-        let shown = shown.to_string();
-        let v = self.decide_sql(sql, &shown, made).await;
+        let v = self.decide_sql(sql, shown, made).await;
         if let Some(r) = &self.recorder {
             let (decision, error) = match &v {
                 Verdict::Allow => ("allow", None),
@@ -1392,7 +1427,7 @@ impl ClientSide<'_> {
                 Line::new("")
                     .str("event", "statement")
                     .str("session", &self.cx.id)
-                    .str("text", &shown)
+                    .str("text", shown)
                     .str("decision", decision)
                     .opt("error", error),
             );
@@ -1781,9 +1816,7 @@ impl ClientSide<'_> {
     async fn refresh_for(
         &mut self,
         sql: &str,
-        uw: &mut WriteHalf,
-        out: &mut BytesMut,
-        counters: &Counters,
+        io: &mut ClientIo<'_>,
     ) -> Result<Option<Classified>, DataPathError> {
         let escapes = {
             let l = lock(&self.shared.lexing);
@@ -1835,7 +1868,7 @@ impl ClientSide<'_> {
             return Ok(Some((escapes, statements)));
         }
         if self.idle() {
-            self.refresh(uw, out, counters, column_rules).await?;
+            self.refresh(io, column_rules).await?;
             let now = std::time::Instant::now();
             for t in relations {
                 if !self.catalog.knows(&t) {
@@ -1866,12 +1899,10 @@ impl ClientSide<'_> {
     /// snapshots stay.
     async fn refresh(
         &mut self,
-        uw: &mut WriteHalf,
-        out: &mut BytesMut,
-        counters: &Counters,
+        io: &mut ClientIo<'_>,
         with_catalog: bool,
     ) -> Result<(), DataPathError> {
-        flush(uw, out, counters, self.cx).await?;
+        flush(&mut io.uw, &mut io.out, io.counters, self.cx).await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job = Arc::new(RefreshJob {
             catalog: with_catalog,
@@ -1887,10 +1918,10 @@ impl ClientSide<'_> {
             ex.push_back(Expect::Refresh(job));
             self.shared.refresh_queued.store(true, Ordering::Release);
         }
-        uw.write_all(&q)
+        io.uw
+            .write_all(&q)
             .await
             .map_err(|e| upstream_err(self.cx, e))?;
-        uw.flush().await.map_err(|e| upstream_err(self.cx, e))?;
         // The server side answers when it has read both answers, or drops the sender if the
         // session ends first.
         let Ok((cat, funcs)) = rx.await else {
@@ -1956,7 +1987,10 @@ impl ClientSide<'_> {
     ) -> Result<Option<WriteHalf>, DataPathError> {
         tracing::warn!(error = %e, "malformed message from client; session ends");
         let mut o = BytesMut::new();
-        wire::encode_error_response(&ErrorReport::fatal(e.sqlstate(), &e.to_string()), &mut o);
+        encode_session_error(
+            &DataPathError::Client(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            &mut o,
+        );
         let _ = self.notices.send(o.freeze());
         let _ = uw.shutdown().await;
         Ok(None)
@@ -1971,13 +2005,17 @@ impl ClientSide<'_> {
     async fn large(
         &mut self,
         l: wire::Large,
-        cr: &mut ReadHalf,
-        uw: &mut WriteHalf,
-        buf: &mut BytesMut,
-        out: &mut BytesMut,
-        counters: &Counters,
+        io: &mut ClientIo<'_>,
     ) -> Result<Result<(), wire::WireError>, DataPathError> {
         let cx = self.cx;
+        let ClientIo {
+            cr,
+            uw,
+            buf,
+            out,
+            counters,
+        } = io;
+        let counters: &Counters = counters;
         let side = |e: RelayError| match e {
             RelayError::Read(e) => DataPathError::Client(e),
             RelayError::Write(e) => upstream_err(cx, e),
@@ -2105,357 +2143,50 @@ impl ClientSide<'_> {
 
     async fn run(
         mut self,
-        mut cr: ReadHalf,
-        mut uw: WriteHalf,
-        mut buf: BytesMut,
+        cr: ReadHalf,
+        uw: WriteHalf,
+        buf: BytesMut,
         counters: &Counters,
     ) -> Result<Option<WriteHalf>, DataPathError> {
-        let mut out = BytesMut::with_capacity(ReadSize::START);
+        let mut io = ClientIo {
+            cr,
+            uw,
+            buf,
+            out: BytesMut::with_capacity(ReadSize::START),
+            counters,
+        };
         let mut size = ReadSize::new(16 * 1024);
         loop {
+            // Every whole message read so far is decided, then all of them go in one write.
             loop {
-                let (msg, raw) = match wire::parse_frontend(&mut buf) {
-                    Ok(Some(m)) => m,
-                    r => {
-                        // Incomplete, or too long to hold: a large message is relayed in
-                        // pieces or refused (see `large`).
-                        let e = match (wire::large_frontend(&buf), r) {
-                            (Ok(Some(l)), _) => {
-                                match self
-                                    .large(l, &mut cr, &mut uw, &mut buf, &mut out, counters)
-                                    .await?
-                                {
-                                    Ok(()) => continue,
-                                    Err(e) => e,
-                                }
-                            }
-                            (Ok(None), Ok(None)) => break,
-                            (Ok(None), Err(e)) | (Err(e), _) => e,
-                            (Ok(None), Ok(Some(_))) => {
-                                return Err(InternalError::unreachable("framing"))
-                            }
-                        };
-                        // Tell the server nothing; the session ends with the error the
-                        // server would give (a FATAL the server side writes once the
-                        // upstream has closed).
-                        return self.malformed(e, &mut uw).await;
-                    }
+                let (msg, raw) = match self.frame(&mut io).await? {
+                    Framed::Message(m, raw) => (m, raw),
+                    Framed::More => break,
+                    Framed::Malformed(e) => return self.malformed(e, &mut io.uw).await,
                 };
-                match msg {
-                    Frontend::Query(sql) => {
-                        let made = self.refresh_for(&sql, &mut uw, &mut out, counters).await?;
-                        let mut v = self.judge(&sql, made).await;
-                        if let Verdict::Hold(h) = v {
-                            // What was decided before this message runs while it waits.
-                            flush(&mut uw, &mut out, counters, self.cx).await?;
-                            match self.hold(h, &mut cr, &mut buf).await {
-                                Some(x) => v = x,
-                                None => {
-                                    let _ = uw.shutdown().await;
-                                    return Ok(None);
-                                }
-                            }
-                        }
-                        let plans = std::mem::take(&mut self.copy_plans);
-                        // A simple query replaces the unnamed statement and portal.
-                        self.statements.remove("");
-                        self.portals.remove("");
-                        if let Verdict::Syntax(message, _) = v {
-                            // Let the server's own parser say what is wrong (Expect::Probe):
-                            // a Parse is parsed and analysed, never run.
-                            lock(&self.shared.expect).push_back(Expect::Probe(message));
-                            postgres_protocol::message::frontend::parse(
-                                "",
-                                &sql,
-                                std::iter::empty(),
-                                &mut out,
-                            )
-                            .map_err(internal)?;
-                            postgres_protocol::message::frontend::sync(&mut out);
-                            continue;
-                        }
-                        lock(&self.shared.expect)
-                            .push_back(Expect::Simple(plans.into(), self.taint));
-                        match v {
-                            Verdict::Allow => out.extend_from_slice(&raw),
-                            // hold() never answers Hold.
-                            Verdict::Hold(_) => {
-                                return Err(InternalError::unreachable("held twice"))
-                            }
-                            v => {
-                                let sub = self.verdict_substitute(v);
-                                postgres_protocol::message::frontend::query(&sub, &mut out)
-                                    .map_err(internal)?;
-                            }
+                match self.on_message(msg, raw, &mut io).await? {
+                    Next::Forwarded => {
+                        // Until the server is ready again, it may have changed how the next
+                        // message is lexed.
+                        lock(&self.shared.lexing).settled = false;
+                        if io.out.len() > 64 * 1024 {
+                            io.write_out(self.cx).await?;
                         }
                     }
-                    Frontend::Parse { name, query, .. } => {
-                        let made = self
-                            .refresh_for(&query, &mut uw, &mut out, counters)
-                            .await?;
-                        let mut v = self.judge(&query, made).await;
-                        if let Verdict::Hold(h) = v {
-                            flush(&mut uw, &mut out, counters, self.cx).await?;
-                            match self.hold(h, &mut cr, &mut buf).await {
-                                Some(x) => v = x,
-                                None => {
-                                    let _ = uw.shutdown().await;
-                                    return Ok(None);
-                                }
-                            }
-                        }
-                        match (self.copy_plans.pop(), &v) {
-                            (Some(p), Verdict::Allow) => {
-                                self.statement_copy.insert(name.clone(), p);
-                            }
-                            _ => {
-                                self.statement_copy.remove(&name);
-                            }
-                        }
-                        self.copy_plans.clear();
-                        let info = StatementInfo {
-                            version: self.next_version,
-                            taint: self.taint || !matches!(v, Verdict::Allow),
-                            resets: self.resets,
-                        };
-                        self.next_version += 1;
-                        self.statements.insert(name.clone(), info);
-                        lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
-                        match v {
-                            Verdict::Allow => out.extend_from_slice(&raw),
-                            // hold() never answers Hold.
-                            Verdict::Hold(_) => {
-                                return Err(InternalError::unreachable("held twice"))
-                            }
-                            v => {
-                                let sub = self.verdict_substitute(v);
-                                postgres_protocol::message::frontend::parse(
-                                    &name,
-                                    &sub,
-                                    std::iter::empty(),
-                                    &mut out,
-                                )
-                                .map_err(internal)?;
-                            }
-                        }
-                    }
-                    Frontend::Bind {
-                        portal,
-                        statement,
-                        raw: body,
-                    } => {
-                        let formats = wire::decode_bind(&body)
-                            .map(|b| b.result_formats)
-                            .unwrap_or_default();
-                        self.bind(portal, statement, formats);
-                        out.extend_from_slice(&raw);
-                    }
-                    Frontend::Describe { kind, name } => {
-                        lock(&self.shared.expect).push_back(if kind == b'S' {
-                            let version =
-                                self.statements.get(&name).map_or(u64::MAX, |i| i.version);
-                            Expect::DescribeStatement(name, version)
-                        } else {
-                            Expect::DescribePortal(name)
-                        });
-                        out.extend_from_slice(&raw);
-                    }
-                    Frontend::Execute { portal, .. } => {
-                        let ex = match self.portals.get(&portal) {
-                            Some(b) => Expect::Execute {
-                                copy: self.statement_copy.get(&b.statement).cloned(),
-                                statement: Some((b.statement.clone(), b.info.version)),
-                                formats: b.formats.clone(),
-                                taint: b.info.taint,
-                                resets: b.info.resets,
-                                portal,
-                            },
-                            // A portal this session did not bind (a SQL cursor): nothing is
-                            // known of its rows but a Describe of it.
-                            None => Expect::Execute {
-                                portal,
-                                statement: None,
-                                formats: Vec::new(),
-                                copy: None,
-                                taint: true,
-                                resets: true,
-                            },
-                        };
-                        lock(&self.shared.expect).push_back(ex);
-                        out.extend_from_slice(&raw);
-                    }
-                    Frontend::Close { kind, name } => {
-                        if kind == b'S' {
-                            self.statements.remove(&name);
-                        } else {
-                            self.portals.remove(&name);
-                        }
-                        lock(&self.shared.expect).push_back(Expect::Close(kind, name));
-                        out.extend_from_slice(&raw);
-                    }
-                    Frontend::Sync => {
-                        lock(&self.shared.expect).push_back(Expect::Sync);
-                        out.extend_from_slice(&raw);
-                    }
-                    Frontend::FunctionCall(body) => {
-                        // A fast-path call names a function by OID: decided as a SQL call of
-                        // that function, under the same rules. An OID the snapshot does not
-                        // have may be a function created since: re-read it first.
-                        if let Ok(c) = wire::decode_function_call(&body) {
-                            let key = format!("oid:{}", c.oid);
-                            if self.functions.by_oid(c.oid).is_none()
-                                && self.may_retry(&key)
-                                && self.idle()
-                            {
-                                self.refresh(&mut uw, &mut out, counters, false).await?;
-                                if self.functions.by_oid(c.oid).is_none() {
-                                    self.unknown_after_refresh
-                                        .insert(key, std::time::Instant::now());
-                                }
-                            }
-                        }
-                        let call = wire::decode_function_call(&body).ok().map(|c| {
-                            (
-                                c.oid,
-                                c.args.len(),
-                                c.result_format,
-                                self.functions.by_oid(c.oid).cloned(),
-                            )
-                        });
-                        let (v, call) = match call {
-                            Some((oid, nargs, format, Some(f))) => {
-                                let sql = format!(
-                                    "SELECT {}.{}()",
-                                    quote_ident(&f.schema),
-                                    quote_ident(&f.name)
-                                );
-                                let shown = format!(
-                                    "fast-path call {}.{}({nargs} argument{})",
-                                    f.schema,
-                                    f.name,
-                                    if nargs == 1 { "" } else { "s" }
-                                );
-                                let v = self.judge_as(&sql, &shown, None).await;
-                                (v, Some((oid, f.result_type, format)))
-                            }
-                            other => {
-                                let what = match other {
-                                    Some((oid, ..)) => format!(
-                                        "function OID {oid}, which is not in the catalog snapshot"
-                                    ),
-                                    None => "a malformed FunctionCall message".into(),
-                                };
-                                let d =
-                                    Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
-                                let _ = self.cx.audit_operation(
-                                    &self.cx.policy(),
-                                    "function_call",
-                                    &format!("fast-path call of {what}"),
-                                    &d,
-                                    None,
-                                );
-                                (
-                                    Verdict::Deny(format!(
-                                        "tollgate: fast-path call of {what}; denied"
-                                    )),
-                                    None,
-                                )
-                            }
-                        };
-                        let mut v = v;
-                        if let Verdict::Hold(h) = v {
-                            flush(&mut uw, &mut out, counters, self.cx).await?;
-                            match self.hold(h, &mut cr, &mut buf).await {
-                                Some(x) => v = x,
-                                None => {
-                                    let _ = uw.shutdown().await;
-                                    return Ok(None);
-                                }
-                            }
-                        }
-                        self.copy_plans.clear();
-                        match (v, call) {
-                            (Verdict::Allow, Some((_, result_type, format))) => {
-                                lock(&self.shared.expect).push_back(Expect::Call {
-                                    result_type,
-                                    format,
-                                    taint: self.taint,
-                                });
-                                out.extend_from_slice(&raw);
-                            }
-                            (Verdict::Hold(_), _) => {
-                                return Err(InternalError::unreachable("held twice"))
-                            }
-                            (v, _) => {
-                                // The substitute is a simple query: its error and
-                                // ReadyForQuery answer the call.
-                                let v = match v {
-                                    Verdict::Allow => {
-                                        Verdict::Deny("tollgate: fast-path call denied".into())
-                                    }
-                                    v => v,
-                                };
-                                // Queued before the refusal (see Shared::denials).
-                                lock(&self.shared.expect)
-                                    .push_back(Expect::Simple(VecDeque::new(), true));
-                                let sub = self.verdict_substitute(v);
-                                postgres_protocol::message::frontend::query(&sub, &mut out)
-                                    .map_err(internal)?;
-                            }
-                        }
-                    }
-                    Frontend::Password(_) => {
-                        // We never asked: after startup this is a protocol violation.
-                        return Err(DataPathError::Client(std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            "unexpected password message after login",
-                        )));
-                    }
-                    Frontend::Terminate => {
-                        if let Some(release) = self.release.take() {
-                            // The connection may serve the next session: send what was
-                            // decided before the Terminate, and keep the server's end open.
-                            flush(&mut uw, &mut out, counters, self.cx).await?;
-                            let _ = release.send(());
-                            return Ok(Some(uw));
-                        }
-                        out.extend_from_slice(&raw);
-                        uw.write_all(&out)
-                            .await
-                            .map_err(|e| upstream_err(self.cx, e))?;
-                        counters.up.fetch_add(out.len() as u64, Ordering::Relaxed);
-                        let _ = uw.shutdown().await;
+                    Next::Probed => {}
+                    Next::Release => return Ok(Some(io.uw)),
+                    Next::Close => {
+                        let _ = io.uw.shutdown().await;
                         return Ok(None);
                     }
-                    Frontend::Flush
-                    | Frontend::CopyData(_)
-                    | Frontend::CopyDone
-                    | Frontend::CopyFail(_) => {
-                        out.extend_from_slice(&raw);
-                    }
-                }
-                // Forwarded (its expectation queued): until the server is ready again, it may
-                // have changed how the next message is lexed.
-                lock(&self.shared.lexing).settled = false;
-                if out.len() > 64 * 1024 {
-                    uw.write_all(&out)
-                        .await
-                        .map_err(|e| upstream_err(self.cx, e))?;
-                    counters.up.fetch_add(out.len() as u64, Ordering::Relaxed);
-                    out.clear();
                 }
             }
-            if !out.is_empty() {
-                uw.write_all(&out)
-                    .await
-                    .map_err(|e| upstream_err(self.cx, e))?;
-                counters.up.fetch_add(out.len() as u64, Ordering::Relaxed);
-                out.clear();
-            }
-            uw.flush().await.map_err(|e| upstream_err(self.cx, e))?;
-            match read_more(&mut cr, &mut buf, &mut out, &mut size).await {
+            io.write_out(self.cx).await?;
+            // A TLS upstream may hold records back until flushed (a no-op on plain TCP).
+            io.uw.flush().await.map_err(|e| upstream_err(self.cx, e))?;
+            match read_more(&mut io.cr, &mut io.buf, &mut io.out, &mut size).await {
                 Ok(0) => {
-                    let _ = uw.shutdown().await;
+                    let _ = io.uw.shutdown().await;
                     return Ok(None);
                 }
                 Ok(_) => {}
@@ -2463,6 +2194,392 @@ impl ClientSide<'_> {
             }
         }
     }
+
+    /// The next whole message in the buffer. A message too long to hold is relayed in pieces
+    /// or refused here (see `large`), and framing goes on after it.
+    async fn frame(&mut self, io: &mut ClientIo<'_>) -> Result<Framed, DataPathError> {
+        loop {
+            let e = match wire::parse_frontend(&mut io.buf) {
+                Ok(Some((m, raw))) => return Ok(Framed::Message(m, raw)),
+                r => match (wire::large_frontend(&io.buf), r) {
+                    (Ok(Some(l)), _) => match self.large(l, io).await? {
+                        Ok(()) => continue,
+                        Err(e) => e,
+                    },
+                    (Ok(None), Ok(None)) => return Ok(Framed::More),
+                    (Ok(None), Err(e)) | (Err(e), _) => e,
+                    (Ok(None), Ok(Some(_))) => return Err(InternalError::unreachable("framing")),
+                },
+            };
+            // Tell the server nothing; the session ends with the error the server would give
+            // (a FATAL the server side writes once the upstream has closed).
+            return Ok(Framed::Malformed(e));
+        }
+    }
+
+    /// Decide one message and queue what goes to the server for it (the message itself, or a
+    /// substitute that makes the server answer with the refusal in its place).
+    async fn on_message(
+        &mut self,
+        msg: Frontend,
+        raw: Bytes,
+        io: &mut ClientIo<'_>,
+    ) -> Result<Next, DataPathError> {
+        match msg {
+            Frontend::Query(sql) => return self.on_query(&sql, &raw, io).await,
+            Frontend::Parse { name, query, .. } => {
+                return self.on_parse(name, &query, &raw, io).await
+            }
+            Frontend::Bind {
+                portal,
+                statement,
+                raw: body,
+            } => {
+                let formats = wire::decode_bind(&body)
+                    .map(|b| b.result_formats)
+                    .unwrap_or_default();
+                self.bind(portal, statement, formats);
+            }
+            Frontend::Describe { kind, name } => {
+                lock(&self.shared.expect).push_back(if kind == b'S' {
+                    let version = self.statements.get(&name).map_or(u64::MAX, |i| i.version);
+                    Expect::DescribeStatement(name, version)
+                } else {
+                    Expect::DescribePortal(name)
+                });
+            }
+            Frontend::Execute { portal, .. } => {
+                let ex = self.execute_expect(portal);
+                lock(&self.shared.expect).push_back(ex);
+            }
+            Frontend::Close { kind, name } => {
+                if kind == b'S' {
+                    self.statements.remove(&name);
+                } else {
+                    self.portals.remove(&name);
+                }
+                lock(&self.shared.expect).push_back(Expect::Close(kind, name));
+            }
+            Frontend::Sync => lock(&self.shared.expect).push_back(Expect::Sync),
+            Frontend::FunctionCall(body) => return self.on_function_call(&body, &raw, io).await,
+            Frontend::Password(_) => {
+                // We never asked: after startup this is a protocol violation.
+                return Err(DataPathError::Client(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "unexpected password message after login",
+                )));
+            }
+            Frontend::Terminate => {
+                if let Some(release) = self.release.take() {
+                    // The connection may serve the next session: send what was decided
+                    // before the Terminate, and keep the server's end open.
+                    flush(&mut io.uw, &mut io.out, io.counters, self.cx).await?;
+                    let _ = release.send(());
+                    return Ok(Next::Release);
+                }
+                io.out.extend_from_slice(&raw);
+                io.write_out(self.cx).await?;
+                return Ok(Next::Close);
+            }
+            Frontend::Flush
+            | Frontend::CopyData(_)
+            | Frontend::CopyDone
+            | Frontend::CopyFail(_) => {}
+        }
+        // Forwarded as it came.
+        io.out.extend_from_slice(&raw);
+        Ok(Next::Forwarded)
+    }
+
+    /// `v`, or what the approval wait made of it (see [`Self::hold`]); None: the client went
+    /// away while the message was held. What was decided before the message goes to the server
+    /// first: it runs while this one waits.
+    async fn settle(
+        &mut self,
+        v: Verdict,
+        io: &mut ClientIo<'_>,
+    ) -> Result<Option<Verdict>, DataPathError> {
+        let Verdict::Hold(h) = v else {
+            return Ok(Some(v));
+        };
+        flush(&mut io.uw, &mut io.out, io.counters, self.cx).await?;
+        Ok(self.hold(h, &mut io.cr, &mut io.buf).await)
+    }
+
+    /// The verdict on SQL text `sql` (snapshots re-read first if it needs them, an approval
+    /// waited for); None: the client went away while it was held.
+    async fn verdict_on(
+        &mut self,
+        sql: &str,
+        io: &mut ClientIo<'_>,
+    ) -> Result<Option<Verdict>, DataPathError> {
+        let made = self.refresh_for(sql, io).await?;
+        let v = self.judge(sql, made).await;
+        self.settle(v, io).await
+    }
+
+    /// A simple query: decided as a whole, forwarded or replaced by a refusal.
+    async fn on_query(
+        &mut self,
+        sql: &str,
+        raw: &[u8],
+        io: &mut ClientIo<'_>,
+    ) -> Result<Next, DataPathError> {
+        let Some(v) = self.verdict_on(sql, io).await? else {
+            return Ok(Next::Close);
+        };
+        let plans = std::mem::take(&mut self.copy_plans);
+        // A simple query replaces the unnamed statement and portal.
+        self.statements.remove("");
+        self.portals.remove("");
+        if let Verdict::Syntax(message, _) = v {
+            // Let the server's own parser say what is wrong (Expect::Probe): a Parse is parsed
+            // and analysed, never run.
+            lock(&self.shared.expect).push_back(Expect::Probe(message));
+            postgres_protocol::message::frontend::parse("", sql, std::iter::empty(), &mut io.out)
+                .map_err(internal)?;
+            postgres_protocol::message::frontend::sync(&mut io.out);
+            return Ok(Next::Probed);
+        }
+        lock(&self.shared.expect).push_back(Expect::Simple(plans.into(), self.taint));
+        match v {
+            Verdict::Allow => io.out.extend_from_slice(raw),
+            // settle() never answers Hold.
+            Verdict::Hold(_) => return Err(InternalError::unreachable("held twice")),
+            v => {
+                let sub = self.verdict_substitute(v);
+                postgres_protocol::message::frontend::query(&sub, &mut io.out).map_err(internal)?;
+            }
+        }
+        Ok(Next::Forwarded)
+    }
+
+    /// A Parse: its text decided as a simple query's; a refused one prepares the refusal under
+    /// the same name, so the statement's Bind/Execute fail as the server would fail them.
+    async fn on_parse(
+        &mut self,
+        name: String,
+        query: &str,
+        raw: &[u8],
+        io: &mut ClientIo<'_>,
+    ) -> Result<Next, DataPathError> {
+        let Some(v) = self.verdict_on(query, io).await? else {
+            return Ok(Next::Close);
+        };
+        match (self.copy_plans.pop(), &v) {
+            (Some(p), Verdict::Allow) => {
+                self.statement_copy.insert(name.clone(), p);
+            }
+            _ => {
+                self.statement_copy.remove(&name);
+            }
+        }
+        self.copy_plans.clear();
+        let info = StatementInfo {
+            version: self.next_version,
+            taint: self.taint || !matches!(v, Verdict::Allow),
+            resets: self.resets,
+        };
+        self.next_version += 1;
+        match self.statements.get_mut(&name) {
+            Some(i) => *i = info,
+            None => {
+                self.statements.insert(name.clone(), info);
+            }
+        }
+        match v {
+            Verdict::Allow => io.out.extend_from_slice(raw),
+            // settle() never answers Hold.
+            Verdict::Hold(_) => return Err(InternalError::unreachable("held twice")),
+            v => {
+                let sub = self.verdict_substitute(v);
+                postgres_protocol::message::frontend::parse(
+                    &name,
+                    &sub,
+                    std::iter::empty(),
+                    &mut io.out,
+                )
+                .map_err(internal)?;
+            }
+        }
+        lock(&self.shared.expect).push_back(Expect::Parse(name));
+        Ok(Next::Forwarded)
+    }
+
+    /// What the server's answer to an Execute of `portal` is read with.
+    fn execute_expect(&self, portal: String) -> Expect {
+        match self.portals.get(&portal) {
+            Some(b) => Expect::Execute {
+                copy: self.statement_copy.get(&b.statement).cloned(),
+                statement: Some((b.statement.clone(), b.info.version)),
+                formats: b.formats.clone(),
+                taint: b.info.taint,
+                resets: b.info.resets,
+                portal,
+            },
+            // A portal this session did not bind (a SQL cursor): nothing is known of its rows
+            // but a Describe of it.
+            None => Expect::Execute {
+                portal,
+                statement: None,
+                formats: Vec::new(),
+                copy: None,
+                taint: true,
+                resets: true,
+            },
+        }
+    }
+
+    /// A fast-path FunctionCall names a function by OID: decided as a SQL call of that
+    /// function, under the same rules; a refused one is answered by a substitute query (its
+    /// error and ReadyForQuery answer the call).
+    async fn on_function_call(
+        &mut self,
+        body: &[u8],
+        raw: &[u8],
+        io: &mut ClientIo<'_>,
+    ) -> Result<Next, DataPathError> {
+        let (v, call) = self.function_call_verdict(body, io).await?;
+        let Some(v) = self.settle(v, io).await? else {
+            return Ok(Next::Close);
+        };
+        self.copy_plans.clear();
+        match (v, call) {
+            (Verdict::Allow, Some((result_type, format))) => {
+                lock(&self.shared.expect).push_back(Expect::Call {
+                    result_type,
+                    format,
+                    taint: self.taint,
+                });
+                io.out.extend_from_slice(raw);
+            }
+            (Verdict::Hold(_), _) => return Err(InternalError::unreachable("held twice")),
+            (v, _) => {
+                let v = match v {
+                    Verdict::Allow => Verdict::Deny("tollgate: fast-path call denied".into()),
+                    v => v,
+                };
+                // Queued before the refusal (see Shared::denials).
+                lock(&self.shared.expect).push_back(Expect::Simple(VecDeque::new(), true));
+                let sub = self.verdict_substitute(v);
+                postgres_protocol::message::frontend::query(&sub, &mut io.out).map_err(internal)?;
+            }
+        }
+        Ok(Next::Forwarded)
+    }
+
+    /// The verdict on a FunctionCall, and (result type, format) when the function is known. An
+    /// OID the snapshot does not have may be a function created since: re-read it first.
+    async fn function_call_verdict(
+        &mut self,
+        body: &[u8],
+        io: &mut ClientIo<'_>,
+    ) -> Result<(Verdict, Option<(u32, i16)>), DataPathError> {
+        if let Ok(c) = wire::decode_function_call(body) {
+            let key = format!("oid:{}", c.oid);
+            if self.functions.by_oid(c.oid).is_none() && self.may_retry(&key) && self.idle() {
+                self.refresh(io, false).await?;
+                if self.functions.by_oid(c.oid).is_none() {
+                    self.unknown_after_refresh
+                        .insert(key, std::time::Instant::now());
+                }
+            }
+        }
+        let call = wire::decode_function_call(body).ok().map(|c| {
+            (
+                c.oid,
+                c.args.len(),
+                c.result_format,
+                self.functions.by_oid(c.oid).cloned(),
+            )
+        });
+        Ok(match call {
+            Some((_, nargs, format, Some(f))) => {
+                let sql = format!(
+                    "SELECT {}.{}()",
+                    quote_ident(&f.schema),
+                    quote_ident(&f.name)
+                );
+                let shown = format!(
+                    "fast-path call {}.{}({nargs} argument{})",
+                    f.schema,
+                    f.name,
+                    if nargs == 1 { "" } else { "s" }
+                );
+                let v = self.judge_as(&sql, &shown, None).await;
+                (v, Some((f.result_type, format)))
+            }
+            other => {
+                let what = match other {
+                    Some((oid, ..)) => {
+                        format!("function OID {oid}, which is not in the catalog snapshot")
+                    }
+                    None => "a malformed FunctionCall message".into(),
+                };
+                let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
+                let _ = self.cx.audit_operation(
+                    &self.cx.policy(),
+                    "function_call",
+                    &format!("fast-path call of {what}"),
+                    &d,
+                    None,
+                );
+                (
+                    Verdict::Deny(format!("tollgate: fast-path call of {what}; denied")),
+                    None,
+                )
+            }
+        })
+    }
+}
+
+/// The client side's I/O: the client's read half, the server's write half, the bytes read
+/// and not yet framed, the bytes decided and not yet written, and the byte counters.
+struct ClientIo<'c> {
+    cr: ReadHalf,
+    uw: WriteHalf,
+    buf: BytesMut,
+    out: BytesMut,
+    counters: &'c Counters,
+}
+
+impl ClientIo<'_> {
+    /// Write what is decided to the server: one write for a batch of messages.
+    async fn write_out(&mut self, cx: &SessionCx) -> Result<(), DataPathError> {
+        if !self.out.is_empty() {
+            self.uw
+                .write_all(&self.out)
+                .await
+                .map_err(|e| upstream_err(cx, e))?;
+            self.counters
+                .up
+                .fetch_add(self.out.len() as u64, Ordering::Relaxed);
+            self.out.clear();
+        }
+        Ok(())
+    }
+}
+
+/// What the client side's buffer holds next.
+enum Framed {
+    /// One whole message and its raw bytes.
+    Message(Frontend, Bytes),
+    /// Part of a message: read more.
+    More,
+    /// Bytes that cannot be a message: the session ends.
+    Malformed(wire::WireError),
+}
+
+/// How the client side goes on after one message.
+enum Next {
+    /// The message (or its substitute) is queued for the server.
+    Forwarded,
+    /// A syntax probe is queued (parsed by the server, never run: the lexing stays).
+    Probed,
+    /// A Terminate that was not forwarded: the server's end may serve the next session.
+    Release,
+    /// The session ends (a Terminate was forwarded, or the client went away while held).
+    Close,
 }
 
 /// How much of a large message one read takes.
@@ -2638,6 +2755,58 @@ async fn flush(
         out.clear();
     }
     uw.flush().await.map_err(|e| upstream_err(cx, e))
+}
+
+/// The one mapping of a data-path error to what the PostgreSQL client is told as its session
+/// ends: a FATAL ErrorResponse with the SQLSTATE PostgreSQL itself would use. A message that
+/// cannot be framed (from either side) keeps its [`wire::WireError`] inside the I/O error, for
+/// its own SQLSTATE and text. Refusals of single statements are not session errors: they are
+/// ERRORs in the statement's place (see [`refusal_report`]).
+fn encode_session_error(e: &DataPathError, out: &mut BytesMut) {
+    let wire = |io: &std::io::Error| {
+        io.get_ref()
+            .and_then(|x| x.downcast_ref::<wire::WireError>())
+            .cloned()
+    };
+    let (code, message) = match e {
+        DataPathError::Client(io) => match wire(io) {
+            Some(w) => (w.sqlstate(), w.to_string()),
+            None => ("08P01", format!("tollgate: {io}")),
+        },
+        DataPathError::Upstream { source, .. } => match wire(source) {
+            Some(w) => (
+                "08P01",
+                format!("tollgate: malformed message from the server: {w}"),
+            ),
+            None => (
+                "08006",
+                "tollgate: the upstream server closed the connection unexpectedly".into(),
+            ),
+        },
+        DataPathError::Policy(d) => (
+            "42501",
+            format!(
+                "tollgate: session ended by policy (rule {})",
+                d.rule.as_deref().unwrap_or("none")
+            ),
+        ),
+        DataPathError::Internal(i) => ("XX000", format!("tollgate: internal error: {i}")),
+    };
+    wire::encode_error_response(&ErrorReport::fatal(code, &message), out);
+}
+
+/// What the client sees for a refused statement: an ERROR with the refusal's SQLSTATE, the
+/// "ask for access" hint on policy denials, and the parser's position on syntax errors.
+fn refusal_report(r: &Refusal) -> ErrorReport<'_> {
+    let mut report = ErrorReport::error(r.code, &r.message);
+    if r.code == "42501" {
+        report = report
+            .with_hint("ask for access: a tollgate policy rule must allow this for your identity");
+    }
+    if let Some(p) = r.position {
+        report = report.with_position(p);
+    }
+    report
 }
 
 fn internal(e: std::io::Error) -> DataPathError {
@@ -2858,10 +3027,6 @@ impl ServerSide<'_> {
         }
     }
 
-    fn pop_expect(&self) -> Option<Expect> {
-        lock(&self.shared.expect).pop_front()
-    }
-
     /// The server reached `e` (it completed, failed or was skipped): forget the descriptions it
     /// makes void.
     fn void(&mut self, e: &Expect) {
@@ -2889,10 +3054,6 @@ impl ServerSide<'_> {
             }
             _ => {}
         }
-    }
-
-    fn front_expect(&self) -> Option<Expect> {
-        lock(&self.shared.expect).front().cloned()
     }
 
     /// Mask one DataRow; None if unchanged.
@@ -3081,24 +3242,11 @@ impl ServerSide<'_> {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
-                        let mut o = BytesMut::new();
-                        wire::encode_error_response(
-                            &ErrorReport::fatal(
-                                "08P01",
-                                &format!("tollgate: malformed message from the server: {e}"),
-                            ),
-                            &mut o,
-                        );
+                        let e = self.bad(e);
+                        encode_session_error(&e, &mut out);
                         let _ = cw.write_all(&out).await;
-                        let _ = cw.write_all(&o).await;
                         let _ = cw.shutdown().await;
-                        return Err(DataPathError::Upstream {
-                            addr: self.cx.orig_dst,
-                            source: std::io::Error::new(
-                                std::io::ErrorKind::InvalidData,
-                                e.to_string(),
-                            ),
-                        });
+                        return Err(e);
                     }
                 };
                 self.on_message(tag, raw, &mut out)?;
@@ -3151,20 +3299,12 @@ impl ServerSide<'_> {
                 Ok(_) => {}
                 Err(e) => {
                     // The server went away mid-stream: tell the client in its own language.
+                    let e = upstream_err(self.cx, e);
                     let mut o = BytesMut::new();
-                    wire::encode_error_response(
-                        &ErrorReport::fatal(
-                            "08006",
-                            "tollgate: the upstream server closed the connection unexpectedly",
-                        ),
-                        &mut o,
-                    );
+                    encode_session_error(&e, &mut o);
                     let _ = cw.write_all(&o).await;
                     let _ = cw.shutdown().await;
-                    return Err(DataPathError::Upstream {
-                        addr: self.cx.orig_dst,
-                        source: e,
-                    });
+                    return Err(e);
                 }
             }
         }
@@ -3185,7 +3325,7 @@ impl ServerSide<'_> {
         counters: &Counters,
     ) -> Result<bool, DataPathError> {
         if self.shared.refresh_queued.load(Ordering::Acquire)
-            && matches!(self.front_expect(), Some(Expect::Refresh(_)))
+            && matches!(lock(&self.shared.expect).front(), Some(Expect::Refresh(_)))
         {
             // The answer to the agent's own catalog query: held, and bounded, as any.
             return Ok(false);
@@ -3301,56 +3441,37 @@ impl ServerSide<'_> {
     fn on_message(&mut self, tag: u8, raw: Bytes, out: &mut BytesMut) -> Result<(), DataPathError> {
         if self.shared.refresh_queued.load(Ordering::Acquire) && !matches!(tag, b'A' | b'S' | b'N')
         {
-            if let Some(Expect::Refresh(job)) = self.front_expect() {
+            let job = match lock(&self.shared.expect).front() {
+                Some(Expect::Refresh(job)) => Some(job.clone()),
+                _ => None,
+            };
+            if let Some(job) = job {
                 self.on_refresh(job, tag, &raw);
                 return Ok(());
             }
         }
-        let bad = |e: wire::WireError| DataPathError::Upstream {
-            addr: self.cx.orig_dst,
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-        };
         match tag {
-            b'T' => {
-                let fields = Arc::new(wire::decode_row_description(&raw).map_err(bad)?);
-                match self.front_expect() {
-                    Some(Expect::DescribeStatement(name, version)) => {
-                        self.stmt_descs.insert(name, (version, fields));
-                        self.pop_expect();
-                    }
-                    Some(Expect::DescribePortal(name)) => {
-                        self.portal_descs.insert(name, fields);
-                        self.pop_expect();
-                    }
-                    Some(Expect::Simple(_, taint)) => {
-                        // Simple query: formats are in the message.
-                        self.current = Some(self.plan(&fields, None, taint));
-                    }
-                    _ => {
-                        // Nothing we sent asks for this description: trust none of its
-                        // columns to be plain.
-                        self.current = Some(self.plan(&fields, None, true));
-                    }
-                }
-                out.extend_from_slice(&raw);
-            }
+            b'T' => self.on_row_description(&raw)?,
             b'n' => {
                 // NoData answers a Describe: the statement or portal returns no rows.
-                match self.front_expect() {
+                match self.pop_if(|e| {
+                    matches!(e, Expect::DescribeStatement(..) | Expect::DescribePortal(_))
+                }) {
                     Some(Expect::DescribeStatement(n, _)) => {
                         self.stmt_descs.remove(&n);
-                        self.pop_expect();
                     }
                     Some(Expect::DescribePortal(n)) => {
                         self.portal_descs.remove(&n);
-                        self.pop_expect();
                     }
                     _ => {}
                 }
-                out.extend_from_slice(&raw);
             }
             b'1' => {
-                if let Some(Expect::Probe(message)) = self.front_expect() {
+                let probe = match lock(&self.shared.expect).front() {
+                    Some(Expect::Probe(message)) => Some(message.clone()),
+                    _ => None,
+                };
+                if let Some(message) = probe {
                     // The server's parser accepted what this classifier's grammar (a newer
                     // PostgreSQL's) rejects: the text is not run, and the client gets the
                     // classifier's error. Without a position: the server reports such checks
@@ -3361,87 +3482,35 @@ impl ServerSide<'_> {
                     return Ok(());
                 }
                 // ParseComplete: the statement's old description no longer applies.
-                if matches!(self.front_expect(), Some(Expect::Parse(_))) {
-                    if let Some(e) = self.pop_expect() {
-                        self.void(&e);
-                    }
+                if let Some(e) = self.pop_if(|e| matches!(e, Expect::Parse(_))) {
+                    self.void(&e);
                 }
-                out.extend_from_slice(&raw);
             }
             b'2' | b'3' => {
                 // BindComplete / CloseComplete: the portal's (statement's) old description
                 // no longer applies.
-                if matches!(
-                    self.front_expect(),
-                    Some(Expect::Bind(_) | Expect::Close(..))
-                ) {
-                    if let Some(e) = self.pop_expect() {
-                        self.void(&e);
-                    }
+                if let Some(e) = self.pop_if(|e| matches!(e, Expect::Bind(_) | Expect::Close(..))) {
+                    self.void(&e);
                 }
-                out.extend_from_slice(&raw);
             }
             // The rest of a result refused with 54000 (see `large`).
-            b'D' if self.withhold => {}
+            b'D' if self.withhold => return Ok(()),
             b'D' => {
                 if self.current.is_none() {
-                    self.current = Some(match self.front_expect() {
-                        Some(Expect::Execute {
-                            portal,
-                            statement,
-                            formats,
-                            taint,
-                            ..
-                        }) => {
-                            // The portal's own description (a Describe after its Bind), else
-                            // that of the exact statement version it was bound from.
-                            let desc = self.portal_descs.get(&portal).cloned().or_else(|| {
-                                let (name, version) = statement.as_ref()?;
-                                self.stmt_descs
-                                    .get(name)
-                                    .filter(|(v, _)| v == version)
-                                    .map(|(_, d)| d.clone())
-                            });
-                            match desc {
-                                Some(d) => self.plan(&d, Some(&formats), taint),
-                                // Rows nothing describes: under column rules every value is
-                                // masked rather than passed on a guess.
-                                None => self.blind_plan(&formats),
-                            }
-                        }
-                        _ => self.blind_plan(&[]),
-                    });
+                    self.current = Some(self.execute_plan());
                 }
-                match self.mask_row(&raw)? {
-                    Some(m) => out.extend_from_slice(&m),
-                    None => out.extend_from_slice(&raw),
-                }
-            }
-            b'H' => {
-                let resp = wire::decode_copy_response(&raw).map_err(bad)?;
-                let plan = self.take_copy_plan();
-                if self.masker.is_none() {
-                    out.extend_from_slice(&raw);
+                if let Some(m) = self.mask_row(&raw)? {
+                    out.extend_from_slice(&m);
                     return Ok(());
                 }
-                match plan {
-                    Some(p) if resp.format == 0 => {
-                        self.copy = Some(CopyMasker::new(p));
-                        out.extend_from_slice(&raw);
-                    }
-                    // Binary output, or a COPY no plan was made for: nothing of it may pass.
-                    Some(_) => self.withhold_copy(&copy::CopyError::Binary.to_string(), out),
-                    None => {
-                        self.withhold_copy("COPY output that tollgate did not plan to mask", out)
-                    }
-                }
             }
-            b'd' | b'c' if self.withhold => {}
-            b'd' if self.copy.is_some() => self.copy_data(&raw[5..], false, out)?,
+            b'H' => return self.on_copy_response(&raw, out),
+            b'd' | b'c' if self.withhold => return Ok(()),
+            b'd' if self.copy.is_some() => return self.copy_data(&raw[5..], false, out),
             b'c' if self.copy.is_some() => {
                 self.copy_data(&[], true, out)?;
-                if !self.withhold {
-                    out.extend_from_slice(&raw);
+                if self.withhold {
+                    return Ok(());
                 }
             }
             b'C' | b's' if self.withhold => {
@@ -3450,196 +3519,278 @@ impl ServerSide<'_> {
                 self.withhold = false;
                 self.copy = None;
                 self.current = None;
-                if matches!(self.front_expect(), Some(Expect::Execute { .. })) {
-                    self.pop_expect();
-                }
-                let tagtxt = wire::decode_command_complete(&raw).ok().map(str::to_string);
-                self.record_result(tagtxt.as_deref(), Some("COPY output withheld by tollgate"));
+                self.pop_if(|e| matches!(e, Expect::Execute { .. }));
+                let tagtxt = wire::decode_command_complete(&raw).ok();
+                self.record_result(tagtxt, Some("COPY output withheld by tollgate"));
+                return Ok(());
             }
             wire::FUNCTION_CALL_RESPONSE_TAG if self.masker.is_some() => {
-                // A fast-path result is one computed value: masked as SQL masks `SELECT f()`.
-                let plan = match self.front_expect() {
-                    Some(Expect::Call {
-                        result_type,
-                        format,
-                        taint,
-                    }) => RowPlan {
-                        cols: vec![(
-                            format,
-                            result_type,
-                            if taint {
-                                self.derived_rule()
-                            } else {
-                                Rule::None
-                            },
-                        )],
-                        ..self.blind_plan(&[])
-                    },
-                    _ => self.blind_plan(&[1]),
-                };
-                // As a one-column DataRow: Int16 count, then the Int32 length and value.
-                let mut row = BytesMut::with_capacity(raw.len() + 2);
-                row.extend_from_slice(b"D");
-                row.extend_from_slice(&((raw.len() - 1 + 2) as i32).to_be_bytes());
-                row.extend_from_slice(&1i16.to_be_bytes());
-                row.extend_from_slice(&raw[5..]);
-                let saved = self.current.replace(plan);
-                let masked = self.mask_row(&row);
-                self.current = saved;
-                match masked? {
-                    Some(m) => {
-                        // Back to a FunctionCallResponse: drop the count.
-                        out.extend_from_slice(&[wire::FUNCTION_CALL_RESPONSE_TAG]);
-                        out.extend_from_slice(&((m.len() - 1 - 2) as i32).to_be_bytes());
-                        out.extend_from_slice(&m[7..]);
-                    }
-                    None => out.extend_from_slice(&raw),
-                }
+                return self.on_function_result(&raw, out)
             }
-            b'S' => {
-                match wire::decode_parameter_status(&raw) {
-                    Ok(("client_encoding", v)) => {
-                        *lock(&self.shared.unsafe_encoding) = unsafe_encoding_name(v);
-                    }
-                    Ok(("standard_conforming_strings", v)) => {
-                        lock(&self.shared.lexing).scs = classify::Escapes::from_setting(v);
-                    }
-                    _ => {}
+            b'S' => match wire::decode_parameter_status(&raw) {
+                Ok(("client_encoding", v)) => {
+                    *lock(&self.shared.unsafe_encoding) = unsafe_encoding_name(v);
                 }
-                out.extend_from_slice(&raw);
-            }
+                Ok(("standard_conforming_strings", v)) => {
+                    lock(&self.shared.lexing).scs = classify::Escapes::from_setting(v);
+                }
+                _ => {}
+            },
             b'C' | b's' | b'I' => {
                 self.copy = None;
-                let tagtxt = if tag == b'C' {
-                    wire::decode_command_complete(&raw).ok().map(str::to_string)
-                } else {
-                    None
-                };
-                if matches!(self.front_expect(), Some(Expect::Execute { .. })) {
-                    if let Some(e) = self.pop_expect() {
-                        self.void(&e);
-                    }
+                if let Some(e) = self.pop_if(|e| matches!(e, Expect::Execute { .. })) {
+                    self.void(&e);
                 }
                 if tag != b's' {
-                    self.record_result(tagtxt.as_deref(), None);
-                }
-                self.current = None;
-                out.extend_from_slice(&raw);
-            }
-            b'E' => {
-                self.withhold = false;
-                self.copy = None;
-                let en = wire::decode_error_notice(&raw).map_err(bad)?;
-                // Extended protocol: the server now skips to Sync; so do our expectations.
-                loop {
-                    let front = {
-                        let mut ex = lock(&self.shared.expect);
-                        match ex.front() {
-                            None
-                            | Some(
-                                Expect::Sync
-                                | Expect::Simple(..)
-                                | Expect::Call { .. }
-                                | Expect::Probe(..),
-                            ) => None,
-                            Some(_) => ex.pop_front(),
-                        }
-                    };
-                    match front {
-                        Some(e) => self.void(&e),
-                        None => break,
-                    }
-                }
-                self.current = None;
-                if let Some(id) = en.message().and_then(|m| refusal_id(m, &self.nonce)) {
-                    let r = {
-                        let mut q = lock(&self.shared.denials);
-                        // Refusals whose substitutes the server skipped (aborted transaction).
-                        while q.front().is_some_and(|r| r.id < id) {
-                            q.pop_front();
-                        }
-                        q.pop_front().filter(|r| r.id == id)
-                    }
-                    .unwrap_or_else(|| Refusal {
-                        id,
-                        code: "42501",
-                        message: "tollgate: statement denied".into(),
-                        position: None,
-                    });
-                    self.record_result(None, Some(&r.message));
-                    let mut report = ErrorReport::error(r.code, &r.message);
-                    if r.code == "42501" {
-                        report = report.with_hint("ask for access: a tollgate policy rule must allow this for your identity");
-                    }
-                    if let Some(p) = r.position {
-                        report = report.with_position(p);
-                    }
-                    wire::encode_error_response(&report, out);
-                } else if self.column_rules() && !quotes_no_values(en.code().unwrap_or("")) {
-                    // Data errors quote the value that failed (`invalid input syntax for type
-                    // integer: "a@example.com"`, `Key (email)=(...)`, RAISE): a cast or a
-                    // constraint would unmask a column. Only the SQLSTATE goes on.
-                    let code = en.code().unwrap_or("XX000").to_string();
-                    let msg = format!(
-                        "tollgate: error {code} (the server's message is withheld on this target: it may quote values of masked columns)"
-                    );
-                    self.record_result(None, Some(&msg));
-                    let report = ErrorReport::error(&code, &msg);
-                    let report = if en.severity() == Some("FATAL") {
-                        ErrorReport {
-                            severity: wire::Severity::Fatal,
-                            ..report
-                        }
+                    let tagtxt = if tag == b'C' {
+                        wire::decode_command_complete(&raw).ok()
                     } else {
-                        report
+                        None
                     };
-                    wire::encode_error_response(&report, out);
-                } else {
-                    let m = en.message().unwrap_or("").to_string();
-                    self.record_result(None, Some(&m));
-                    out.extend_from_slice(&raw);
-                }
-            }
-            b'Z' => {
-                self.status = raw.get(5).copied().unwrap_or(0);
-                self.withhold = false;
-                self.copy = None;
-                if matches!(
-                    self.front_expect(),
-                    Some(
-                        Expect::Sync | Expect::Simple(..) | Expect::Call { .. } | Expect::Probe(..)
-                    )
-                ) {
-                    if let Some(Expect::Simple(..) | Expect::Call { .. } | Expect::Probe(..)) =
-                        self.pop_expect()
-                    {
-                        // A simple query replaces the unnamed statement and portal, and its
-                        // statements may declare or close cursors.
-                        self.stmt_descs.remove("");
-                        self.portal_descs.clear();
-                    }
-                }
-                {
-                    // Everything forwarded is answered: the ParameterStatus values reported
-                    // before this ReadyForQuery are what the next message is lexed with.
-                    let ex = lock(&self.shared.expect);
-                    if ex.is_empty() {
-                        lock(&self.shared.lexing).settled = true;
-                        // Every substitute was answered: refusals left were skipped.
-                        lock(&self.shared.denials).clear();
-                    }
-                }
-                if self.status == b'I' {
-                    // Out of a transaction: its portals are gone (holdable cursors aside,
-                    // which are then described again or masked whole).
-                    self.portal_descs.clear();
+                    self.record_result(tagtxt, None);
                 }
                 self.current = None;
-                out.extend_from_slice(&raw);
             }
-            _ => out.extend_from_slice(&raw),
+            b'E' => return self.on_error(&raw, out),
+            b'Z' => self.on_ready(&raw),
+            _ => {}
+        }
+        out.extend_from_slice(&raw);
+        Ok(())
+    }
+
+    /// A malformed message from the server, as the session's error.
+    fn bad(&self, e: wire::WireError) -> DataPathError {
+        upstream_err(
+            self.cx,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        )
+    }
+
+    /// Pops the front expectation if `pred` holds for it.
+    fn pop_if(&self, pred: impl FnOnce(&Expect) -> bool) -> Option<Expect> {
+        let mut ex = lock(&self.shared.expect);
+        if ex.front().is_some_and(pred) {
+            ex.pop_front()
+        } else {
+            None
+        }
+    }
+
+    /// A RowDescription: the description of a Describe's statement or portal, or the plan of
+    /// the simple query's rows that follow.
+    fn on_row_description(&mut self, raw: &[u8]) -> Result<(), DataPathError> {
+        let fields = Arc::new(wire::decode_row_description(raw).map_err(|e| self.bad(e))?);
+        let taint = match self
+            .pop_if(|e| matches!(e, Expect::DescribeStatement(..) | Expect::DescribePortal(_)))
+        {
+            Some(Expect::DescribeStatement(name, version)) => {
+                self.stmt_descs.insert(name, (version, fields));
+                return Ok(());
+            }
+            Some(Expect::DescribePortal(name)) => {
+                self.portal_descs.insert(name, fields);
+                return Ok(());
+            }
+            // Simple query: formats are in the message. Nothing we sent asks for any other
+            // description: trust none of its columns to be plain.
+            _ => match lock(&self.shared.expect).front() {
+                Some(Expect::Simple(_, taint)) => *taint,
+                _ => true,
+            },
+        };
+        self.current = Some(self.plan(&fields, None, taint));
+        Ok(())
+    }
+
+    /// The plan for the rows of the Execute the server is answering: the portal's own
+    /// description (a Describe after its Bind), else that of the exact statement version it
+    /// was bound from; rows nothing describes are masked whole under column rules.
+    fn execute_plan(&self) -> RowPlan {
+        let ex = lock(&self.shared.expect);
+        let Some(Expect::Execute {
+            portal,
+            statement,
+            formats,
+            taint,
+            ..
+        }) = ex.front()
+        else {
+            return self.blind_plan(&[]);
+        };
+        let desc = self.portal_descs.get(portal).or_else(|| {
+            let (name, version) = statement.as_ref()?;
+            self.stmt_descs
+                .get(name)
+                .filter(|(v, _)| v == version)
+                .map(|(_, d)| d)
+        });
+        match desc {
+            Some(d) => self.plan(d, Some(formats), *taint),
+            None => self.blind_plan(formats),
+        }
+    }
+
+    /// A CopyOutResponse: its output is masked by the plan made for it, or withheld.
+    fn on_copy_response(&mut self, raw: &[u8], out: &mut BytesMut) -> Result<(), DataPathError> {
+        let resp = wire::decode_copy_response(raw).map_err(|e| self.bad(e))?;
+        let plan = self.take_copy_plan();
+        if self.masker.is_none() {
+            out.extend_from_slice(raw);
+            return Ok(());
+        }
+        match plan {
+            Some(p) if resp.format == 0 => {
+                self.copy = Some(CopyMasker::new(p));
+                out.extend_from_slice(raw);
+            }
+            // Binary output, or a COPY no plan was made for: nothing of it may pass.
+            Some(_) => self.withhold_copy(&copy::CopyError::Binary.to_string(), out),
+            None => self.withhold_copy("COPY output that tollgate did not plan to mask", out),
         }
         Ok(())
+    }
+
+    /// A fast-path result is one computed value: masked as SQL masks `SELECT f()`.
+    fn on_function_result(&mut self, raw: &[u8], out: &mut BytesMut) -> Result<(), DataPathError> {
+        let call = match lock(&self.shared.expect).front() {
+            Some(Expect::Call {
+                result_type,
+                format,
+                taint,
+            }) => Some((*result_type, *format, *taint)),
+            _ => None,
+        };
+        let plan = match call {
+            Some((result_type, format, taint)) => RowPlan {
+                cols: vec![(
+                    format,
+                    result_type,
+                    if taint {
+                        self.derived_rule()
+                    } else {
+                        Rule::None
+                    },
+                )],
+                ..self.blind_plan(&[])
+            },
+            None => self.blind_plan(&[1]),
+        };
+        // As a one-column DataRow: Int16 count, then the Int32 length and value.
+        let mut row = BytesMut::with_capacity(raw.len() + 2);
+        row.extend_from_slice(b"D");
+        row.extend_from_slice(&((raw.len() - 1 + 2) as i32).to_be_bytes());
+        row.extend_from_slice(&1i16.to_be_bytes());
+        row.extend_from_slice(&raw[5..]);
+        let saved = self.current.replace(plan);
+        let masked = self.mask_row(&row);
+        self.current = saved;
+        match masked? {
+            Some(m) => {
+                // Back to a FunctionCallResponse: drop the count.
+                out.extend_from_slice(&[wire::FUNCTION_CALL_RESPONSE_TAG]);
+                out.extend_from_slice(&((m.len() - 1 - 2) as i32).to_be_bytes());
+                out.extend_from_slice(&m[7..]);
+            }
+            None => out.extend_from_slice(raw),
+        }
+        Ok(())
+    }
+
+    /// An ErrorResponse: a refusal's substitute failing becomes the refusal; under column
+    /// rules a server error that may quote a value keeps only its SQLSTATE.
+    fn on_error(&mut self, raw: &[u8], out: &mut BytesMut) -> Result<(), DataPathError> {
+        self.withhold = false;
+        self.copy = None;
+        let en = wire::decode_error_notice(raw).map_err(|e| self.bad(e))?;
+        // Extended protocol: the server now skips to Sync; so do our expectations.
+        while let Some(e) = self.pop_if(|e| {
+            !matches!(
+                e,
+                Expect::Sync | Expect::Simple(..) | Expect::Call { .. } | Expect::Probe(..)
+            )
+        }) {
+            self.void(&e);
+        }
+        self.current = None;
+        if let Some(id) = en.message().and_then(|m| refusal_id(m, &self.nonce)) {
+            let r = {
+                let mut q = lock(&self.shared.denials);
+                // Refusals whose substitutes the server skipped (aborted transaction).
+                while q.front().is_some_and(|r| r.id < id) {
+                    q.pop_front();
+                }
+                q.pop_front().filter(|r| r.id == id)
+            }
+            .unwrap_or_else(|| Refusal {
+                id,
+                code: "42501",
+                message: "tollgate: statement denied".into(),
+                position: None,
+            });
+            self.record_result(None, Some(&r.message));
+            wire::encode_error_response(&refusal_report(&r), out);
+        } else if self.column_rules() && !quotes_no_values(en.code().unwrap_or("")) {
+            // Data errors quote the value that failed (`invalid input syntax for type
+            // integer: "a@example.com"`, `Key (email)=(...)`, RAISE): a cast or a constraint
+            // would unmask a column. Only the SQLSTATE goes on.
+            let code = en.code().unwrap_or("XX000").to_string();
+            let msg = format!(
+                "tollgate: error {code} (the server's message is withheld on this target: it may quote values of masked columns)"
+            );
+            self.record_result(None, Some(&msg));
+            let report = ErrorReport::error(&code, &msg);
+            let report = if en.severity() == Some("FATAL") {
+                ErrorReport {
+                    severity: wire::Severity::Fatal,
+                    ..report
+                }
+            } else {
+                report
+            };
+            wire::encode_error_response(&report, out);
+        } else {
+            self.record_result(None, Some(en.message().unwrap_or("")));
+            out.extend_from_slice(raw);
+        }
+        Ok(())
+    }
+
+    /// A ReadyForQuery: the server finished what it was answering.
+    fn on_ready(&mut self, raw: &[u8]) {
+        self.status = raw.get(5).copied().unwrap_or(0);
+        self.withhold = false;
+        self.copy = None;
+        let ended_simple = self
+            .pop_if(|e| {
+                matches!(
+                    e,
+                    Expect::Sync | Expect::Simple(..) | Expect::Call { .. } | Expect::Probe(..)
+                )
+            })
+            .is_some_and(|e| !matches!(e, Expect::Sync));
+        if ended_simple {
+            // A simple query replaces the unnamed statement and portal, and its statements
+            // may declare or close cursors.
+            self.stmt_descs.remove("");
+            self.portal_descs.clear();
+        }
+        {
+            // Everything forwarded is answered: the ParameterStatus values reported before
+            // this ReadyForQuery are what the next message is lexed with.
+            let ex = lock(&self.shared.expect);
+            if ex.is_empty() {
+                lock(&self.shared.lexing).settled = true;
+                // Every substitute was answered: refusals left were skipped.
+                lock(&self.shared.denials).clear();
+            }
+        }
+        if self.status == b'I' {
+            // Out of a transaction: its portals are gone (holdable cursors aside, which are
+            // then described again or masked whole).
+            self.portal_descs.clear();
+        }
+        self.current = None;
     }
 }
 
@@ -3705,5 +3856,80 @@ mod read_more_tests {
         assert!(buf.capacity() <= IDLE_READ_CAPACITY, "{}", buf.capacity());
         assert_eq!(out.capacity(), 0, "the idle session kept its output buffer");
         assert!(size.idle.is_none(), "the idle session kept its timer");
+    }
+}
+
+#[cfg(test)]
+mod session_error_tests {
+    use super::*;
+
+    /// The (severity, SQLSTATE, message) the client is told for `e`.
+    fn told(e: &DataPathError) -> (String, String, String) {
+        let mut out = BytesMut::new();
+        encode_session_error(e, &mut out);
+        let en = wire::decode_error_notice(&out).expect("an ErrorResponse");
+        (
+            en.severity().unwrap_or("").to_string(),
+            en.code().unwrap_or("").to_string(),
+            en.message().unwrap_or("").to_string(),
+        )
+    }
+
+    #[test]
+    fn every_session_error_is_a_fatal_with_postgres_sqlstate() {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 5432));
+        let framing = wire::WireError::UnknownMessage(b'?');
+        let too_many = wire::WireError::TooMany {
+            what: "DataRow",
+            count: 2,
+            limit: 1,
+        };
+        let cases = [
+            // A client message that cannot be framed keeps the WireError's own SQLSTATE.
+            (
+                DataPathError::Client(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    framing.clone(),
+                )),
+                framing.sqlstate(),
+                framing.to_string(),
+            ),
+            (
+                DataPathError::Client(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    too_many.clone(),
+                )),
+                "54000",
+                too_many.to_string(),
+            ),
+            (
+                DataPathError::Upstream {
+                    addr,
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, framing.clone()),
+                },
+                "08P01",
+                format!("tollgate: malformed message from the server: {framing}"),
+            ),
+            (
+                DataPathError::Upstream {
+                    addr,
+                    source: std::io::ErrorKind::ConnectionReset.into(),
+                },
+                "08006",
+                "tollgate: the upstream server closed the connection unexpectedly".into(),
+            ),
+            (
+                InternalError::unreachable("test"),
+                "XX000",
+                "tollgate: internal error: unexpected state: test".into(),
+            ),
+        ];
+        for (e, code, message) in cases {
+            assert_eq!(
+                told(&e),
+                ("FATAL".to_string(), code.to_string(), message),
+                "{e}"
+            );
+        }
     }
 }
