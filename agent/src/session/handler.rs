@@ -72,6 +72,20 @@ pub trait ProtocolHandler: Send + Sync {
     fn register_metrics(&self, _registry: &prometheus::Registry) {}
 }
 
+/// Whether a reload from `old` to `new` leaves the kept upstream connections of target `name`
+/// stale: the target changed, went away or stopped pooling. What a pooling handler's
+/// [`ProtocolHandler::on_reload`] closes.
+pub fn target_changed(
+    old: &tollgate_policy::Policy,
+    new: &tollgate_policy::Policy,
+    name: &str,
+) -> bool {
+    match (old.target(name), new.target(name)) {
+        (Some(was), Some(now)) => was != now || !now.pool,
+        _ => true,
+    }
+}
+
 /// Protocol to handler, built once at start. The opaque relay is always there: it serves
 /// `tcp` targets and whole-connection allows of protocols without an inspecting handler.
 #[derive(Clone)]

@@ -33,7 +33,7 @@ pub use agent::{Agent, ConnSource, Generation};
 pub use approval::{ApprovalOutcome, Withdrawn, DEFAULT_APPROVAL_TIMEOUT};
 pub use cx::{audit_refusal, reset, SessionCx};
 pub use error::{DataPathError, InternalError};
-pub use handler::{BoxFuture, ProtocolHandler, Refusal, Registry};
+pub use handler::{target_changed, BoxFuture, ProtocolHandler, Refusal, Registry};
 pub use relay::TcpHandler;
 
 #[cfg(test)]
