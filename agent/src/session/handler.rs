@@ -20,7 +20,7 @@ pub enum Refusal {
     AuditUnwritable,
 }
 
-/// A protocol handler (postgres today; ssh, http, kubernetes next; the opaque tcp relay). The
+/// A protocol handler (postgres, ssh, http/https/kubernetes, and the opaque tcp relay). The
 /// agent has already attributed the connection and admitted it; the handler classifies
 /// operations, asks [`SessionCx::decide`] (or [`SessionCx::decide_in`] with one
 /// [`SessionCx::policy`] snapshot) for each, connects upstream with

@@ -1,5 +1,5 @@
 //! The protocol-neutral session layer: everything a protocol handler shares, so that a handler
-//! is a folder that plugs in (`pg/` today) and the accept path (`proxy.rs`) and the daemon
+//! is a folder that plugs in (`pg/`, `ssh/`, `http/`) and the accept path (`proxy.rs`) and the daemon
 //! (`run.rs`) do not grow with each protocol.
 //!
 //! Layout: `agent.rs` (the shared state: [`Agent`], one policy [`Generation`], where kernel
