@@ -553,7 +553,7 @@ fn uninstall(policy: Option<PathBuf>, pin_path: Option<PathBuf>) -> anyhow::Resu
 /// a broken policy does not block approving in an incident.
 fn admin_conn(conn: &AdminConn) -> anyhow::Result<(std::net::SocketAddr, String)> {
     use anyhow::Context as _;
-    use tollgate::session::credentials::read_secret_text;
+    use tollgate::secret::read_secret_text;
     let env_token = std::env::var("TOLLGATE_TOKEN")
         .ok()
         .map(|t| t.trim().to_string())

@@ -60,7 +60,7 @@ impl LocalToken {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         let path = data_dir.join("admin.token");
-        match crate::session::credentials::read_secret_text(&path) {
+        match crate::secret::read_secret_text(&path) {
             Ok(token) if token.len() >= 32 => return Ok(LocalToken { token }),
             Ok(_) => {
                 return Err(std::io::Error::new(

@@ -97,7 +97,7 @@ impl Web {
         }
         let client_secret = match &oidc.client_secret_file {
             Some(p) => {
-                let s = crate::session::credentials::read_secret_text(p).map_err(|e| {
+                let s = crate::secret::read_secret_text(p).map_err(|e| {
                     std::io::Error::new(
                         e.kind(),
                         format!(

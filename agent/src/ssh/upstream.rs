@@ -167,7 +167,7 @@ pub async fn connect(
             .map_err(|e| UpstreamError::Ssh(e.to_string()))?
             .success()
     } else if let Some(path) = &login.password_file {
-        let password = crate::session::credentials::read_secret_text(path).map_err(|e| {
+        let password = crate::secret::read_secret_text(path).map_err(|e| {
             UpstreamError::Credential(format!("cannot read password_file {}: {e}", path.display()))
         })?;
         handle
