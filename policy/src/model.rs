@@ -345,7 +345,7 @@ pub struct Target {
     pub credential: Option<String>,
     /// Key `tls`: how the agent secures its own connection to the target.
     pub tls: TargetTls,
-    /// Key `pool` (PostgreSQL: default true; SSH: default false, opt-in). SSH: a bot
+    /// Key `pool` (default true; `pool = false` turns reuse off). SSH: a bot
     /// connection that ends cleanly leaves its logged-in upstream connection for the same
     /// identity's next one (see the agent's `ssh/pool.rs`). PostgreSQL: a session that ends cleanly (Terminate,
     /// idle, not in a transaction) leaves its upstream connection, reset with `DISCARD ALL`,
@@ -473,6 +473,10 @@ pub struct Credential {
     pub password_file: Option<PathBuf>,
     /// Key `key_file`: file holding a private key (ssh).
     pub key_file: Option<PathBuf>,
+    /// Key `cert_file` (ssh, only beside `key_file`): an OpenSSH user certificate for that key
+    /// (`ssh-keygen -s CA -I ID -n USER key.pub` writes `key-cert.pub`), for servers that
+    /// trust a user CA (`TrustedUserCAKeys`) instead of `authorized_keys`.
+    pub cert_file: Option<PathBuf>,
     /// Key `token_file`: file holding a bearer token (http, kubernetes).
     pub token_file: Option<PathBuf>,
     /// Key `env`: name of the agent's environment variable holding the secret.

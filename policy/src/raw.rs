@@ -199,13 +199,21 @@ pub(crate) struct RawCredential {
     pub password_file: Option<S>,
     /// File holding a private key.
     pub key_file: Option<S>,
+    /// File holding an OpenSSH certificate for `key_file`.
+    pub cert_file: Option<S>,
     /// File holding a bearer token.
     pub token_file: Option<S>,
     /// Environment variable holding the secret.
     pub env: Option<S>,
 }
-pub(crate) const CREDENTIAL_KEYS: &[&str] =
-    &["user", "password_file", "key_file", "token_file", "env"];
+pub(crate) const CREDENTIAL_KEYS: &[&str] = &[
+    "user",
+    "password_file",
+    "key_file",
+    "cert_file",
+    "token_file",
+    "env",
+];
 
 /// `[[rule]]`.
 #[derive(Debug, Deserialize)]

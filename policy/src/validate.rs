@@ -772,6 +772,12 @@ fn credential(
             }
         }
     }
+    if let (Some(cert), None) = (&c.cert_file, &c.key_file) {
+        cx.err(
+            cert.span(),
+            format!("`cert_file` of credential \"{name}\" needs `key_file` beside it: the certificate is for that private key"),
+        );
+    }
     if first.is_none() && c.user.is_none() {
         cx.err(
             table,
@@ -791,6 +797,10 @@ fn credential(
             .key_file
             .as_ref()
             .and_then(|v| path(cx, v, "key_file", &what)),
+        cert_file: c
+            .cert_file
+            .as_ref()
+            .and_then(|v| path(cx, v, "cert_file", &what)),
         token_file: c
             .token_file
             .as_ref()
@@ -923,12 +933,7 @@ fn target<'r>(
         address,
         credential,
         tls,
-        // SSH reuse is opt-in for now: on a reused upstream connection an exit status was
-        // seen lost once in five multiplexed runs (see ssh/pool.rs).
-        pool: t
-            .pool
-            .as_ref()
-            .map_or(protocol != Protocol::Ssh, |p| *p.get_ref()),
+        pool: t.pool.as_ref().is_none_or(|p| *p.get_ref()),
         known_hosts: t.known_hosts.as_ref().map(|p| PathBuf::from(p.get_ref())),
         host_key_file: t.host_key_file.as_ref().map(|p| PathBuf::from(p.get_ref())),
         unix_socket,

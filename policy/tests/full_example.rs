@@ -83,6 +83,16 @@ fn full_example_parses_every_key() {
         p.credentials["bastion-key"].key_file.as_deref(),
         Some(Path::new("/etc/tollgate/secrets/bastion.key"))
     );
+    assert_eq!(
+        p.credentials["bastion-key"].cert_file.as_deref(),
+        Some(Path::new("/etc/tollgate/secrets/bastion.key-cert.pub"))
+    );
+    let bastion = p
+        .targets
+        .iter()
+        .find(|t| t.name == "bastion")
+        .expect("bastion");
+    assert!(bastion.pool, "ssh reuse on");
 
     let dba = p.rule("schema changes need a dba").expect("rule");
     assert_eq!(dba.action, Action::Approve);

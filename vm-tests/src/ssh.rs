@@ -45,6 +45,11 @@ fn keygen(path: &Path) {
 impl SshServer {
     /// Start `sshd -D` on a free loopback port and wait until it accepts connections.
     pub fn start(tag: &str) -> SshServer {
+        SshServer::start_with(tag, "")
+    }
+
+    /// Like [`SshServer::start`], with `extra` lines appended to `sshd_config`.
+    pub fn start_with(tag: &str, extra: &str) -> SshServer {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} missing: run `cargo xtask setup` (installs openssh-server)"
@@ -77,7 +82,7 @@ impl SshServer {
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                  AllowTcpForwarding yes\nAllowAgentForwarding yes\nX11Forwarding no\n\
                  MaxSessions 50\nMaxStartups 100\nAcceptEnv LANG LC_*\n\
-                 Subsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                 Subsystem sftp internal-sftp\nLogLevel VERBOSE\n{extra}",
                 host_key.display(),
                 d.join("sshd.pid").display(),
                 authorized.display(),

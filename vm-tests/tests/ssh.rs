@@ -69,27 +69,7 @@ fn exec_allowed_denied_and_controlmaster_siblings() {
     assert!(out.is_empty(), "{out}");
 
     // ControlMaster: one connection, a denied channel, then a sibling that still works.
-    let ctl = server.bot_home.join("ctl");
-    let ctl_opt = format!("ControlPath={}", ctl.display());
-    let mut master_args = server.client_opts();
-    master_args.extend(
-        [
-            "-p",
-            &server.port.to_string(),
-            "-o",
-            "ControlMaster=yes",
-            "-o",
-            &ctl_opt,
-            "-o",
-            "ControlPersist=30",
-            "-N",
-            "-f",
-            "root@127.0.0.1",
-        ]
-        .map(String::from),
-    );
-    let (st, _, err) = server.run_as_bot(&bot, "/usr/bin/ssh", &master_args);
-    assert!(st.success(), "master: {err}");
+    let ctl_opt = control_master(&server, &bot, "ctl");
     let mux = ["-o", "ControlMaster=no", "-o", ctl_opt.as_str()];
     let (st, _, err) = server.ssh(&bot, &mux, "cat /etc/shadow");
     assert_eq!(st.code(), Some(126), "{err}");
@@ -98,9 +78,7 @@ fn exec_allowed_denied_and_controlmaster_siblings() {
     let (st, _, err) = server.ssh(&bot, &mux, "exit 3");
     assert_eq!(st.code(), Some(3), "{err}");
     // One upstream login served all three channels of the multiplexed connection.
-    let mut stop = server.client_opts();
-    stop.extend(["-o", &ctl_opt, "-O", "exit", "root@127.0.0.1"].map(String::from));
-    let _ = server.run_as_bot(&bot, "/usr/bin/ssh", &stop);
+    stop_master(&server, &bot, &ctl_opt);
 
     // Audit and metrics carry protocol ssh and the channel counter.
     let ev = agent.wait_audit("denied exec", |e| {
@@ -525,27 +503,66 @@ fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
     );
 }
 
-/// `ssh` as the bot in the background, its stderr readable line by line.
-fn spawn_ssh(server: &SshServer, bot: &Cgroup, command: &str) -> std::process::Child {
+/// `ssh [extra] root@127.0.0.1 [-- command]` as the bot (its HOME, stdin null, stdout and
+/// stderr piped), to spawn; tests add environment or stdin.
+fn bot_ssh(
+    server: &SshServer,
+    bot: &Cgroup,
+    extra: &[&str],
+    command: Option<&str>,
+) -> std::process::Command {
     let mut args = server.client_opts();
-    args.extend(
-        [
-            "-p",
-            &server.port.to_string(),
-            "root@127.0.0.1",
-            "--",
-            command,
-        ]
-        .map(String::from),
-    );
-    bot.command(Path::new("/usr/bin/ssh"))
-        .args(&args)
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["-p", &server.port.to_string(), "root@127.0.0.1"].map(String::from));
+    if let Some(c) = command {
+        args.extend(["--".to_string(), c.to_string()]);
+    }
+    let mut cmd = bot.command(Path::new("/usr/bin/ssh"));
+    cmd.args(&args)
         .env("HOME", &server.bot_home)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// `ssh` as the bot in the background, its stderr readable line by line.
+fn spawn_ssh(server: &SshServer, bot: &Cgroup, command: &str) -> std::process::Child {
+    bot_ssh(server, bot, &[], Some(command))
         .spawn()
         .expect("spawn ssh")
+}
+
+/// A ControlMaster connection of the bot (`ssh -M -N -f`) with its socket `name` in the bot's
+/// HOME; returns the `ControlPath=...` option for the clients that share it.
+fn control_master(server: &SshServer, bot: &Cgroup, name: &str) -> String {
+    let ctl_opt = format!("ControlPath={}", server.bot_home.join(name).display());
+    let mut args = server.client_opts();
+    args.extend(["-p", &server.port.to_string()].map(String::from));
+    args.extend(
+        [
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            &ctl_opt,
+            "-o",
+            "ControlPersist=60",
+            "-N",
+            "-f",
+            "root@127.0.0.1",
+        ]
+        .map(String::from),
+    );
+    let (st, _, err) = server.run_as_bot(bot, "/usr/bin/ssh", &args);
+    assert!(st.success(), "master: {err}");
+    ctl_opt
+}
+
+/// End the ControlMaster of `ctl_opt` (`ssh -O exit`).
+fn stop_master(server: &SshServer, bot: &Cgroup, ctl_opt: &str) {
+    let mut stop = server.client_opts();
+    stop.extend(["-o", ctl_opt, "-O", "exit", "root@127.0.0.1"].map(String::from));
+    let _ = server.run_as_bot(bot, "/usr/bin/ssh", &stop);
 }
 
 /// Read the child's stderr until the approval notice; returns the request number.
@@ -912,7 +929,7 @@ fn workload_oidc_token_is_the_ssh_password() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .expect("chmod");
-    let run = |token: &str| {
+    let run_with = |token: &str, method: &str| {
         fs::write(&token_file, token).expect("token");
         // Password prompts need BatchMode off; the askpass helper answers with the token.
         let mut args: Vec<String> = server
@@ -929,7 +946,7 @@ fn workload_oidc_token_is_the_ssh_password() {
         args.extend(
             [
                 "-o",
-                "PreferredAuthentications=password",
+                &format!("PreferredAuthentications={method}"),
                 "-o",
                 "NumberOfPasswordPrompts=1",
                 "-p",
@@ -954,6 +971,7 @@ fn workload_oidc_token_is_the_ssh_password() {
             .expect("spawn ssh");
         wait_child(child, std::time::Duration::from_secs(60), "ssh")
     };
+    let run = |token: &str| run_with(token, "password");
     let good = idp.workload_token("deploy-bot");
     let (st, out, err) = run(&good);
     assert_eq!(
@@ -974,6 +992,29 @@ fn workload_oidc_token_is_the_ssh_password() {
     agent.wait_audit("oidc auth denied", |e| {
         e["event"] == "auth" && e["outcome"] == "denied"
     });
+    // The same token through keyboard-interactive (one hidden "Token: " prompt).
+    let (st, out, err) = run_with(&good, "keyboard-interactive");
+    assert_eq!(
+        (st.code(), out.as_str()),
+        (Some(0), "with-token\n"),
+        "keyboard-interactive: {err}\n{}",
+        agent.stderr_text()
+    );
+    let (st, out, err) = run_with(&forged, "keyboard-interactive");
+    assert_eq!(st.code(), Some(255), "{out}{err}");
+    assert!(out.is_empty() && err.contains("Permission denied"), "{err}");
+    let outcomes: Vec<_> = agent
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "auth")
+        .map(|e| e["outcome"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["allowed", "denied", "allowed", "denied"],
+        "{}",
+        agent.stderr_text()
+    );
     // The token never reaches the audit log or the agent's own log.
     let audit = fs::read_to_string(agent.audit_path()).expect("audit");
     let sig = good.rsplit('.').next().unwrap_or_default();
@@ -1048,16 +1089,16 @@ fn exec_recordings_and_audit_mask_secrets() {
 }
 
 #[test]
-fn upstream_connections_are_reused_with_pool_true() {
+fn upstream_connections_are_reused_unless_pool_false() {
     require_root();
-    // Opt-in (`pool = true`); the default for ssh targets is no reuse.
+    // Reuse is the default for ssh targets; `pool = false` turns it off.
     for (pool, want_logins) in [(true, 1), (false, 3)] {
         let tag = if pool { "ssh-pool" } else { "ssh-nopool" };
         let server = SshServer::start(tag);
         let bot = Cgroup::new(&format!("{tag}-bot"));
         let mut target = server.target_toml("box");
-        if pool {
-            target = target.replace("protocol = \"ssh\"\n", "protocol = \"ssh\"\npool = true\n");
+        if !pool {
+            target = target.replace("protocol = \"ssh\"\n", "protocol = \"ssh\"\npool = false\n");
         }
         let body = [identity_for("bot", &bot), target, EXEC_RULES.to_string()].concat();
         let agent = AgentProc::start(tag, FailMode::Closed, &body);
@@ -1114,4 +1155,429 @@ fn upstream_connections_are_reused_with_pool_true() {
             .expect("upstream_login after the reload");
         assert_eq!(last["reused"], false, "{last}");
     }
+}
+
+/// The exit status `ssh host 'exit N'` must give for run `i` (varied, never 255, which is
+/// ssh's own error status).
+fn status_of(i: usize) -> i32 {
+    ((i * 37 + 1) % 250) as i32
+}
+
+#[test]
+fn pooled_connection_passes_every_exit_status() {
+    require_root();
+    let (server, bot, agent) = world("ssh-pool50", EXEC_RULES);
+    // 50 bot connections in a row, all served as channels of one reused upstream login.
+    for i in 0..50 {
+        let want = status_of(i);
+        let (st, _, err) = server.ssh(&bot, &[], &format!("exit {want}"));
+        assert_eq!(
+            st.code(),
+            Some(want),
+            "run {i}: {err}\n{}",
+            agent.stderr_text()
+        );
+    }
+    let logins = server.log().matches("Accepted publickey").count();
+    assert_eq!(logins, 1, "{}", server.log());
+    // ControlMaster on top: the multiplexed channels of one bot connection, each on the
+    // reused upstream connection, each with its own status.
+    let ctl_opt = control_master(&server, &bot, "ctl50");
+    let mux = ["-o", "ControlMaster=no", "-o", ctl_opt.as_str()];
+    for i in 0..30 {
+        let want = status_of(i + 50);
+        let (st, _, err) = server.ssh(&bot, &mux, &format!("exit {want}"));
+        assert_eq!(st.code(), Some(want), "mux run {i}: {err}");
+    }
+    stop_master(&server, &bot, &ctl_opt);
+    let logins = server.log().matches("Accepted publickey").count();
+    assert_eq!(logins, 1, "{}", server.log());
+}
+
+#[test]
+fn exit_signals_propagate_as_openssh_does_directly() {
+    require_root();
+    let rules = format!(
+        "{EXEC_RULES}\n[[rule]]\nname = \"self kill\"\nidentities = [\"bot\"]\ntargets = [\"box\"]\naction = \"allow\"\nssh = {{ exec = [\"kill -TERM *\"] }}\n"
+    );
+    let server = SshServer::start("ssh-sig");
+    // (`$$` is a substitution the matcher refuses; `0` is the shell's own process group.)
+    let cmd = "kill -TERM 0";
+    // Directly (before any agent runs), with the key the server accepts: OpenSSH's own
+    // behaviour for a command killed by a signal.
+    let mut args = server.client_opts();
+    let key_at = args.iter().position(|a| a == "-i").expect("-i") + 1;
+    args[key_at] = server.agent_key.display().to_string();
+    args.extend(
+        [
+            "-v",
+            "-p",
+            &server.port.to_string(),
+            "root@127.0.0.1",
+            "--",
+            cmd,
+        ]
+        .map(String::from),
+    );
+    let child = std::process::Command::new("/usr/bin/ssh")
+        .args(&args)
+        .env("HOME", &server.bot_home)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    let (direct, _, direct_err) = wait_child(child, std::time::Duration::from_secs(60), "ssh");
+    assert!(
+        direct_err.contains("rtype exit-signal"),
+        "direct: {direct_err}"
+    );
+    // Through the agent, as the bot with its own (rejected) key.
+    let bot = Cgroup::new("ssh-sig-bot");
+    let body = [identity_for("bot", &bot), server.target_toml("box"), rules].concat();
+    let agent = AgentProc::start("ssh-sig", FailMode::Closed, &body);
+    let (st, out, err) = server.ssh(&bot, &["-v"], cmd);
+    assert_eq!(
+        st.code(),
+        direct.code(),
+        "out {out:?} err {err}\n{}",
+        agent.stderr_text()
+    );
+    assert_eq!(st.code(), Some(255), "{err}");
+    assert!(err.contains("rtype exit-signal"), "{err}");
+    assert!(!err.contains("tollgate:"), "{err}");
+    // A normal status after it on the same agent.
+    let (st, _, err) = server.ssh(&bot, &[], "exit 9");
+    assert_eq!(st.code(), Some(9), "{err}");
+}
+
+/// A TCP service that greets each connection once (an unprotected port).
+fn greeter() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for mut s in listener.incoming().flatten() {
+            let _ = s.write_all(b"hello through the forward\n");
+        }
+    });
+    addr
+}
+
+/// Connect to a local forward's port (retrying until ssh listens) and read what comes.
+fn read_forward(port: u16) -> String {
+    use std::io::Read;
+    let mut s = wait_for(
+        std::time::Duration::from_secs(20),
+        "the forward's local port",
+        || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = String::new();
+    let _ = s.read_to_string(&mut got);
+    got
+}
+
+/// `ssh [extra] host 'sleep 4'` as the bot in the background (a forward lives as long).
+fn spawn_ssh_with(server: &SshServer, bot: &Cgroup, extra: &[&str]) -> std::process::Child {
+    bot_ssh(server, bot, extra, Some("sleep 4"))
+        .spawn()
+        .expect("spawn ssh")
+}
+
+#[test]
+fn l_r_d_a_and_sendenv_are_each_refused_by_default() {
+    require_root();
+    let rules = EXEC_RULES.replace("\"sleep *\"", "\"sleep *\", \"printenv *\"");
+    let (server, bot, agent) = world("ssh-fwd5", &rules);
+    let target = greeter();
+    let denied = |what: &str| {
+        let ev = agent.wait_audit(what, |e| {
+            e["event"] == "operation" && e["operation"] == what
+        });
+        assert_eq!(ev["action"], "deny", "{ev}");
+        assert_eq!(ev["protocol"], "ssh", "{ev}");
+    };
+    // -L: the local port opens (ssh's side), but the channel to the destination is refused.
+    let lport = free_port();
+    let child = spawn_ssh_with(&server, &bot, &["-L", &format!("{lport}:{target}")]);
+    assert_eq!(read_forward(lport), "", "a -L forward got through");
+    let (_, _, err) = wait_child(child, std::time::Duration::from_secs(30), "ssh -L");
+    assert!(err.contains("administratively prohibited"), "{err}");
+    denied(&format!("direct-tcpip {target}"));
+    // -D: a SOCKS5 CONNECT to the greeter through the dynamic forward is refused the same way.
+    let dport = free_port();
+    let child = spawn_ssh_with(&server, &bot, &["-D", &dport.to_string()]);
+    let reply = {
+        use std::io::{Read, Write};
+        let mut s = wait_for(std::time::Duration::from_secs(20), "the -D port", || {
+            std::net::TcpStream::connect(("127.0.0.1", dport)).ok()
+        });
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(&[5, 1, 0]).expect("socks hello");
+        let mut hello = [0u8; 2];
+        s.read_exact(&mut hello).expect("socks method");
+        assert_eq!(hello, [5, 0]);
+        let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+        req.extend(target.port().to_be_bytes());
+        s.write_all(&req).expect("socks connect");
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got
+    };
+    assert!(
+        !String::from_utf8_lossy(&reply).contains("hello through"),
+        "a -D forward got through: {reply:?}"
+    );
+    assert!(
+        reply.get(1).is_none_or(|&r| r != 0),
+        "SOCKS success: {reply:?}"
+    );
+    let _ = wait_child(child, std::time::Duration::from_secs(30), "ssh -D");
+    denied(&format!("direct-tcpip 127.0.0.1:{}", target.port()));
+    // -R: the server-side listener is refused.
+    let (st, _, err) = server.ssh(
+        &bot,
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("0:{target}"),
+        ],
+        "echo should-not-run",
+    );
+    assert_eq!(st.code(), Some(255), "{err}");
+    denied("tcpip-forward localhost:0");
+    // -A with a real agent for the bot: the request is refused, the server never sets
+    // SSH_AUTH_SOCK.
+    let sock = server.bot_home.join("agent.sock");
+    let mut ssh_agent = bot
+        .command(Path::new("/usr/bin/ssh-agent"))
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "ssh-agent socket",
+        || sock.exists().then_some(()),
+    );
+    let child = bot_ssh(&server, &bot, &["-A"], Some("printenv SSH_AUTH_SOCK"))
+        .env("SSH_AUTH_SOCK", &sock)
+        .spawn()
+        .expect("ssh -A");
+    let (_st, out, err) = wait_child(child, std::time::Duration::from_secs(60), "ssh -A");
+    let _ = ssh_agent.kill();
+    let _ = ssh_agent.wait();
+    assert_eq!(out, "", "agent forwarding reached the server: {err}");
+    denied("auth-agent");
+    // SendEnv: LANG is one the server accepts (AcceptEnv LANG), but tollgate refuses it.
+    let child = bot_ssh(
+        &server,
+        &bot,
+        &["-o", "SendEnv=LANG"],
+        Some("printenv LANG"),
+    )
+    .env("LANG", "tollgate-sent.UTF-8")
+    .spawn()
+    .expect("ssh SendEnv");
+    let (_st, out, err) = wait_child(child, std::time::Duration::from_secs(60), "ssh");
+    assert!(
+        !out.contains("tollgate-sent"),
+        "LANG reached the server: {err}"
+    );
+    denied("env LANG");
+}
+
+#[test]
+fn forwarding_true_lets_ssh_l_through_and_records_it() {
+    require_root();
+    let rules = format!(
+        "{EXEC_RULES}\n[[rule]]\nname = \"fwd\"\nidentities = [\"bot\"]\ntargets = [\"box\"]\naction = \"allow\"\nssh = {{ forwarding = true }}\n"
+    );
+    let (server, bot, agent) = world("ssh-fwd-l", &rules);
+    let target = greeter();
+    let lport = free_port();
+    let child = spawn_ssh_with(&server, &bot, &["-L", &format!("{lport}:{target}")]);
+    assert_eq!(read_forward(lport), "hello through the forward\n");
+    let _ = wait_child(child, std::time::Duration::from_secs(30), "ssh -L");
+    let what = format!("direct-tcpip {target}");
+    let ev = agent.wait_audit("allowed -L", |e| {
+        e["event"] == "operation" && e["operation"] == what
+    });
+    assert_eq!(ev["action"], "allow", "{ev}");
+    // The session recording names the forward's destination and its bytes.
+    let sessions = agent.data_dir.join("sessions");
+    let line = wait_for(
+        std::time::Duration::from_secs(10),
+        "recorded forward",
+        || {
+            fs::read_dir(&sessions).ok()?.flatten().find_map(|e| {
+                fs::read_to_string(e.path())
+                    .ok()?
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|v| v["event"] == "direct-tcpip")
+            })
+        },
+    );
+    assert_eq!(line["destination"], target.to_string(), "{line}");
+    assert_eq!(line["bytes_down"], 26, "{line}");
+}
+
+#[test]
+fn terminal_recordings_mask_secrets_split_across_reads() {
+    require_root();
+    let rules = format!(
+        "{EXEC_RULES}\n[[rule]]\nname = \"shell\"\nidentities = [\"bot\"]\ntargets = [\"box\"]\naction = \"allow\"\nssh = {{ shell = true }}\n"
+    );
+    let (server, bot, agent) = world("ssh-castmask", &rules);
+    // On the server: a script that prints each secret in two writes with a pause between, so
+    // sshd reads the terminal twice and the agent sees two output chunks. The secrets are not
+    // in what the bot types (only the script's path is), so any trace of them in the
+    // recording comes from the output.
+    let aws = "AKIAIOSFODNN7EXAMPLE";
+    let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib3QifQ.c2lnbmF0dXJlLXZhbHVlLWhlcmU";
+    let token = "abcdefghijklmnopqrstuvwxyz012345";
+    let body = "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ";
+    let script = server.dir.path().join("split.sh");
+    let halves = |s: &str| (s[..s.len() / 2].to_string(), s[s.len() / 2..].to_string());
+    let mut text = String::from("printf 'begin-marker\\n'\n");
+    for (pre, secret, post) in [
+        ("aws ", aws, " end\\n"),
+        ("jwt=", jwt, "\\n"),
+        ("Authorization: Bearer ", token, "\\n"),
+        (
+            "-----BEGIN OPENSSH PRIVATE KEY-----\\n",
+            body,
+            "\\n-----END OPENSSH PRIVATE KEY-----\\n",
+        ),
+    ] {
+        let (a, b) = halves(secret);
+        text.push_str(&format!(
+            "printf -- '{pre}{a}'; sleep 0.4; printf -- '{b}{post}'\n"
+        ));
+    }
+    text.push_str("printf 'end-marker\\n'\n");
+    fs::write(&script, text).expect("script");
+    let mut child = bot_ssh(&server, &bot, &["-tt"], None)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("ssh -tt");
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(format!("sh {}; exit 5\n", script.display()).as_bytes())
+            .expect("type");
+    }
+    let (st, out, err) = wait_child(child, std::time::Duration::from_secs(60), "ssh -tt");
+    assert_eq!(
+        st.code(),
+        Some(5),
+        "out {out:?} err {err}\n{}",
+        agent.stderr_text()
+    );
+    // The bot saw the real output, every secret whole.
+    for secret in [aws, jwt, token, body] {
+        assert!(out.contains(secret), "{secret} not printed: {out:?}");
+    }
+    // The recording: markers kept, no half of any secret.
+    let sessions = agent.data_dir.join("sessions");
+    let cast = wait_for(std::time::Duration::from_secs(10), "the cast file", || {
+        fs::read_dir(&sessions).ok()?.flatten().find_map(|e| {
+            let p = e.path();
+            let t = fs::read_to_string(&p).ok()?;
+            (p.extension()? == "cast" && t.contains("end-marker")).then_some(t)
+        })
+    });
+    assert!(cast.contains("begin-marker"), "{cast}");
+    for secret in [aws, jwt, token, body] {
+        let (a, b) = halves(secret);
+        assert!(
+            !cast.contains(&a) && !cast.contains(&b),
+            "part of {secret} recorded:\n{cast}"
+        );
+    }
+}
+
+#[test]
+fn upstream_login_with_an_openssh_user_certificate() {
+    require_root();
+    // A user CA the server trusts; the agent's key is NOT in authorized_keys, only its
+    // certificate (signed for principal root) lets it in.
+    let ca_dir = TempDir::new("ssh-userca");
+    let ca = ca_dir.path().join("user_ca");
+    let key = ca_dir.path().join("agent_cert_key");
+    for k in [&ca, &key] {
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(k)
+            .status()
+            .expect("ssh-keygen");
+        assert!(st.success());
+    }
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&ca)
+        .args(["-I", "tollgate-agent", "-n", "root", "-V", "-5m:+1h"])
+        .arg(key.with_extension("pub"))
+        .status()
+        .expect("ssh-keygen -s");
+    assert!(st.success());
+    let cert = ca_dir.path().join("agent_cert_key-cert.pub");
+    assert!(cert.exists());
+    let server = SshServer::start_with(
+        "ssh-cert",
+        &format!("TrustedUserCAKeys {}\n", ca.with_extension("pub").display()),
+    );
+    let bot = Cgroup::new("ssh-cert-bot");
+    let plain = server.target_toml("box").replace(
+        &format!("key_file = \"{}\"", server.agent_key.display()),
+        &format!("key_file = \"{}\"", key.display()),
+    );
+    assert!(plain.contains(&key.display().to_string()));
+    // The key alone (no certificate): the server refuses it, the bot gets a clean error.
+    let body = [
+        identity_for("bot", &bot),
+        plain.clone(),
+        EXEC_RULES.to_string(),
+    ]
+    .concat();
+    let agent = AgentProc::start("ssh-cert-plain", FailMode::Closed, &body);
+    let (st, out, err) = server.ssh(&bot, &[], "echo via-key");
+    assert_eq!(st.code(), Some(255), "out {out:?} err {err}");
+    assert!(
+        err.contains("refused the injected credential"),
+        "{err}\n{}",
+        agent.stderr_text()
+    );
+    drop(agent);
+    // With cert_file beside it: logged in by certificate.
+    let with_cert = plain.replace(
+        &format!("key_file = \"{}\"\n", key.display()),
+        &format!(
+            "key_file = \"{}\"\ncert_file = \"{}\"\n",
+            key.display(),
+            cert.display()
+        ),
+    );
+    let body = [identity_for("bot", &bot), with_cert, EXEC_RULES.to_string()].concat();
+    let agent = AgentProc::start("ssh-cert", FailMode::Closed, &body);
+    let (st, out, err) = server.ssh(&bot, &[], "echo via-certificate");
+    assert_eq!(
+        (st.code(), out.as_str()),
+        (Some(0), "via-certificate\n"),
+        "{err}\n{}",
+        agent.stderr_text()
+    );
+    let log = server.log();
+    assert!(
+        log.contains("Accepted publickey for root") && log.contains("ID tollgate-agent"),
+        "{log}"
+    );
 }

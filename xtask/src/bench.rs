@@ -203,20 +203,29 @@ fn gib_down_secs(port: u16) -> Result<f64> {
     Ok(secs)
 }
 
-fn policy(echo: u16, sink: u16, source: u16, listen: u16, metrics: u16) -> String {
+/// The `[agent]` table and the `bench` identity (cgroup `/NAME*`) of a bench policy: data under
+/// `work`, pins under `/sys/fs/bpf/NAME`, the admin listener off, fail open.
+pub(crate) fn bench_agent_toml(name: &str, work: &str, listen: u16, metrics: u16) -> String {
     format!(
         r#"[agent]
 listen = ["127.0.0.1:{listen}", "[::1]:{listen}"]
 metrics = "127.0.0.1:{metrics}"
 admin = "off"
-data_dir = "{WORK}/data"
-bpf_pin_path = "/sys/fs/bpf/tollgate-bench"
+data_dir = "{work}/data"
+bpf_pin_path = "/sys/fs/bpf/{name}"
 fail_mode = "open"
 
 [[identity]]
 name = "bench"
-cgroup = "/tollgate-bench*"
+cgroup = "/{name}*"
+"#
+    )
+}
 
+fn policy(echo: u16, sink: u16, source: u16, listen: u16, metrics: u16) -> String {
+    bench_agent_toml("tollgate-bench", WORK, listen, metrics)
+        + &format!(
+            r#"
 [[target]]
 name = "echo"
 protocol = "tcp"
@@ -238,7 +247,7 @@ identities = ["bench"]
 targets = ["echo", "sink", "source"]
 action = "allow"
 "#
-    )
+        )
 }
 
 struct Joined(std::path::PathBuf);

@@ -28,7 +28,7 @@ const WORK: &str = "/tmp/tollgate-bench-pg";
 const PW: &str = "bench-upstream-password";
 const SECONDS: &str = "8";
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -170,12 +170,13 @@ fn rss(pid: u32) -> Result<f64> {
     Ok(kb * 1024.0)
 }
 
-/// `tollgate_sessions_active{protocol="postgres"}` from the agent's metrics.
-fn active_sessions(metrics: &str) -> Result<f64> {
+/// `tollgate_sessions_active{protocol="PROTOCOL"}` from the agent's metrics.
+fn active_sessions(metrics: &str, protocol: &str) -> Result<f64> {
     let text = crate::demo::http_get(metrics, "/metrics")?;
+    let prefix = format!("tollgate_sessions_active{{protocol=\"{protocol}\"}} ");
     Ok(text
         .lines()
-        .find_map(|l| l.strip_prefix("tollgate_sessions_active{protocol=\"postgres\"} "))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0))
 }
@@ -185,29 +186,39 @@ fn active_sessions(metrics: &str) -> Result<f64> {
 fn idle_session_memory(agent_pid: u32, pg_port: u16, metrics: &str) -> Result<(usize, f64)> {
     // Below the server's default max_connections (100, minus reserved slots).
     const N: usize = 80;
-    // Warm up allocator arenas and caches with a few sessions first, so the measurement is
-    // of sessions, not of first-use initialisation.
-    let spawn = |n: usize| -> Result<Vec<std::process::Child>> {
-        (0..n)
-            .map(|_| {
-                bot_psql(pg_port)
-                    .arg("-q")
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("psql")
-            })
-            .collect()
-    };
-    let wait_active = |want: f64| -> Result<()> {
-        for _ in 0..300 {
-            if active_sessions(metrics)? == want {
+    let per = held_session_memory(agent_pid, metrics, "postgres", N, 10, || {
+        bot_psql(pg_port)
+            .arg("-q")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("psql")
+    })?;
+    Ok((N, per))
+}
+
+/// The agent's RSS growth per session while `n` sessions of `protocol` that `spawn` starts
+/// (each a client waiting on its piped stdin) are held idle, after `warm` sessions opened
+/// and ended first (allocator arenas and first-use caches, so the figure is of sessions).
+/// The sessions are ended (stdin closed) before returning.
+pub(crate) fn held_session_memory(
+    agent_pid: u32,
+    metrics: &str,
+    protocol: &str,
+    n: usize,
+    warm: usize,
+    spawn: impl Fn() -> Result<std::process::Child>,
+) -> Result<f64> {
+    let spawn_n = |k: usize| (0..k).map(|_| spawn()).collect::<Result<Vec<_>>>();
+    let wait_active = |want: usize| -> Result<()> {
+        for _ in 0..600 {
+            if active_sessions(metrics, protocol)? == want as f64 {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        bail!("the agent did not reach {want} active postgres sessions")
+        bail!("the agent did not reach {want} active {protocol} sessions")
     };
     let end = |children: Vec<std::process::Child>| {
         for mut c in children {
@@ -215,20 +226,20 @@ fn idle_session_memory(agent_pid: u32, pg_port: u16, metrics: &str) -> Result<(u
             let _ = c.wait();
         }
     };
-    let warm = spawn(10)?;
-    wait_active(10.0)?;
-    end(warm);
-    wait_active(0.0)?;
+    let warmed = spawn_n(warm)?;
+    wait_active(warm)?;
+    end(warmed);
+    wait_active(0)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
     let before = rss(agent_pid)?;
-    let held = spawn(N)?;
-    wait_active(N as f64)?;
+    let held = spawn_n(n)?;
+    wait_active(n)?;
     // Let every session go idle (past its buffers' idle trim).
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let after = rss(agent_pid)?;
     end(held);
-    wait_active(0.0)?;
-    Ok((N, (after - before).max(0.0) / N as f64))
+    wait_active(0)?;
+    Ok((after - before).max(0.0) / n as f64)
 }
 
 /// Masking throughput (DataRow-like fields through every detector, one core), from the
@@ -315,13 +326,13 @@ enum Part {
     Approvals,
 }
 
-/// This process (and so its pgbench and psql children) in the bench cgroup, the bench
+/// This process (and so its children: pgbench, psql, ssh...) in a bench cgroup, the bench
 /// identity's, until dropped: then back in the cgroup root and the cgroup removed.
-struct InBenchCgroup(Cgroup);
+pub(crate) struct InBenchCgroup(Cgroup);
 
 impl InBenchCgroup {
-    fn enter() -> Result<InBenchCgroup> {
-        let cg = Cgroup::create("tollgate-bench-pg")?;
+    pub(crate) fn enter(name: &str) -> Result<InBenchCgroup> {
+        let cg = Cgroup::create(name)?;
         fs::write(cg.0.join("cgroup.procs"), std::process::id().to_string())?;
         Ok(InBenchCgroup(cg))
     }
@@ -534,7 +545,7 @@ fn agent_columns(
     idle: &mut Option<(usize, f64)>,
 ) -> Result<()> {
     // The bot: this process and its pgbench children in the bench cgroup.
-    let _cg = InBenchCgroup::enter()?;
+    let _cg = InBenchCgroup::enter("tollgate-bench-pg")?;
     let work = Path::new(WORK);
     let (listen, metrics) = (free_port()?, free_port()?);
     let mut agents: [(usize, &str, AgentEnv); 2] = [
@@ -596,7 +607,7 @@ fn approvals(bin: &Path, pg: &Postgres, pg_port: u16) -> Result<()> {
             WAKE_RUNS + 1
         ),
     )?;
-    let _cg = InBenchCgroup::enter()?;
+    let _cg = InBenchCgroup::enter("tollgate-bench-pg")?;
     let work = Path::new(WORK);
     let (listen, metrics, admin) = (free_port()?, free_port()?, free_port()?);
     let mut a_tps = Vec::new();

@@ -118,7 +118,7 @@ impl Drop for Postgres {
     }
 }
 
-/// A throwaway `sshd -D` on 127.0.0.1:SSH_PORT whose `authorized_keys` holds only the agent's
+/// A throwaway `sshd -D` on 127.0.0.1:PORT whose `authorized_keys` holds only the agent's
 /// key; stopped on drop.
 pub struct Sshd {
     child: Child,
@@ -127,7 +127,7 @@ pub struct Sshd {
 impl Sshd {
     /// Keys and config under `dir`, the agent's key in `secrets/build-box-key`, the bot's own
     /// key and known_hosts (the real server's key) in `dir/bot`, owned by nobody.
-    pub fn start(dir: &Path, secrets: &Path) -> Result<Sshd> {
+    pub fn start(dir: &Path, secrets: &Path, port: u16) -> Result<Sshd> {
         let _ = fs::remove_dir_all(dir);
         let bot = dir.join("bot");
         fs::create_dir_all(&bot)?;
@@ -152,7 +152,7 @@ impl Sshd {
         let public = fs::read_to_string(host.with_extension("pub"))?;
         let mut parts = public.split_whitespace();
         let line = format!(
-            "[127.0.0.1]:{SSH_PORT} {} {}\n",
+            "[127.0.0.1]:{port} {} {}\n",
             parts.next().unwrap_or_default(),
             parts.next().unwrap_or_default()
         );
@@ -163,9 +163,10 @@ impl Sshd {
         fs::write(
             &config,
             format!(
-                "ListenAddress 127.0.0.1:{SSH_PORT}\nHostKey {}\nAuthorizedKeysFile {}\n\
+                "ListenAddress 127.0.0.1:{port}\nHostKey {}\nAuthorizedKeysFile {}\n\
                  PidFile none\nStrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n\
-                 PasswordAuthentication no\nSubsystem sftp internal-sftp\n",
+                 PasswordAuthentication no\nSubsystem sftp internal-sftp\n\
+                 MaxStartups 100\nMaxSessions 50\n",
                 host.display(),
                 dir.join("authorized_keys").display()
             ),
@@ -179,9 +180,9 @@ impl Sshd {
             .spawn()
             .context("starting /usr/sbin/sshd (cargo xtask setup installs openssh-server)")?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", SSH_PORT)).is_err() {
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
-                bail!("sshd did not listen on 127.0.0.1:{SSH_PORT}");
+                bail!("sshd did not listen on 127.0.0.1:{port}");
             }
             sleep(Duration::from_millis(50));
         }
@@ -339,7 +340,7 @@ pub fn demo() -> Result<()> {
         secret.display()
     );
 
-    let sshd = Sshd::start(&work.join("ssh"), &work.join("secrets"))?;
+    let sshd = Sshd::start(&work.join("ssh"), &work.join("secrets"), SSH_PORT)?;
     println!(
         "   and a throwaway sshd on 127.0.0.1:{SSH_PORT} that accepts only the agent's key ({}/secrets/build-box-key)",
         WORK

@@ -266,6 +266,9 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
     let (up_r, up_w) = up_ch.split();
     let (up_bytes, down_bytes, status) =
         pump(&ccx, id, held, bot_r, &bot_w, up_r, &up_w, cast.as_ref()).await;
+    if let Some(c) = &cast {
+        c.finish(ccx.masker);
+    }
     record(
         &ccx,
         kind_word,
@@ -463,9 +466,14 @@ async fn pump(
         let _ = up_w.close().await;
     };
     // Upstream to bot: data, stderr, EOF, exit status/signal, close.
+    // The upstream's EOF is held until its exit status (or signal, or close) has been passed
+    // on: a client that has sent its own EOF closes the channel as soon as it gets ours, and
+    // russh's server forgets a channel the client closed, so a status sent after that would
+    // be dropped (the bot then exits 255). sshd itself never closes before the status.
     let to_bot = async {
         let mut status = None;
         let mut closed = false;
+        let mut eof_held = false;
         while let Some(m) = up_r.wait().await {
             let r = match m {
                 ChannelMsg::Data { data } => {
@@ -488,10 +496,17 @@ async fn pump(
                     }
                     bot_w.extended_data_bytes(ext, data).await
                 }
-                ChannelMsg::Eof => bot_w.eof().await,
+                ChannelMsg::Eof => {
+                    eof_held = true;
+                    Ok(())
+                }
                 ChannelMsg::ExitStatus { exit_status } => {
                     status = Some(exit_status);
-                    bot_w.exit_status(exit_status).await
+                    let r = bot_w.exit_status(exit_status).await;
+                    if std::mem::take(&mut eof_held) {
+                        let _ = bot_w.eof().await;
+                    }
+                    r
                 }
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -503,6 +518,9 @@ async fn pump(
                         .server
                         .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
                         .await;
+                    if std::mem::take(&mut eof_held) {
+                        let _ = bot_w.eof().await;
+                    }
                     Ok(())
                 }
                 ChannelMsg::Failure => {
@@ -541,11 +559,18 @@ async fn pump(
         status
     };
     // The channel ends when the upstream side has closed; the bot side's loop then sees the
-    // close we sent and ends too (bounded, in case the bot never answers).
+    // close we sent and ends too (bounded, in case the bot never answers). When the bot side
+    // ends first (its close, or a write upstream failed because that channel is already
+    // gone), what the upstream still sends (exit status or signal, EOF, close) is passed on
+    // all the same: `to_bot` is never dropped while it can still deliver the exit status.
     let mut to_up = std::pin::pin!(to_up);
+    let mut to_bot = std::pin::pin!(to_bot);
     let status = tokio::select! {
-        s = to_bot => s,
-        _ = &mut to_up => None,
+        biased;
+        s = &mut to_bot => s,
+        _ = &mut to_up => tokio::time::timeout(std::time::Duration::from_secs(5), &mut to_bot)
+            .await
+            .unwrap_or(None),
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut to_up).await;
     (
@@ -556,11 +581,13 @@ async fn pump(
 }
 
 /// A direct-tcpip channel (`ssh -L` / `-D`), allowed by `forwarding = true`: opened upstream to
-/// the same destination (recorded in the audit log by the handler's decision).
+/// the same destination (audited by the handler's decision; the session recording gets a line
+/// with the destination and the bytes each way when it ends).
 pub async fn direct_tcpip(
     cx: &SessionCx,
     upstream: Result<Arc<Upstream>, String>,
     counters: Arc<Counters>,
+    recorder: Option<Arc<Recorder>>,
     ch: Channel<server::Msg>,
     host: String,
     port: u32,
@@ -583,8 +610,15 @@ pub async fn direct_tcpip(
     };
     let mut bot = ch.into_stream();
     let mut upc = up_ch.into_stream();
-    if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut bot, &mut upc).await {
-        counters.up.fetch_add(a, Ordering::Relaxed);
-        counters.down.fetch_add(b, Ordering::Relaxed);
+    let (a, b) = tokio::io::copy_bidirectional(&mut bot, &mut upc)
+        .await
+        .unwrap_or_default();
+    counters.up.fetch_add(a, Ordering::Relaxed);
+    counters.down.fetch_add(b, Ordering::Relaxed);
+    if let Some(r) = &recorder {
+        r.write(crate::obj(json!({
+            "event": "direct-tcpip", "destination": format!("{host}:{port}"),
+            "bytes_up": a, "bytes_down": b,
+        })));
     }
 }

@@ -242,7 +242,7 @@ async fn serve(
                     Event::Forward(kind, what, d) => audit_forward(cx, kind, &what, &d),
                     Event::DirectTcpip(ch, host, port) => {
                         let up = upstream.clone().unwrap_or_else(|| Err("not authenticated".into()));
-                        channels.push(Box::pin(channel::direct_tcpip(cx, up, counters.clone(), ch, host, port)));
+                        channels.push(Box::pin(channel::direct_tcpip(cx, up, counters.clone(), recorder.clone(), ch, host, port)));
                     }
                 }
             }
@@ -348,6 +348,7 @@ async fn connect_upstream(
     let login = upstream::Login {
         user: cred.user.clone().unwrap_or_else(|| bot_user.to_string()),
         key_file: cred.key_file.clone(),
+        cert_file: cred.cert_file.clone(),
         password_file: cred.password_file.clone(),
     };
     let key = pool::PoolKey {
@@ -356,6 +357,7 @@ async fn connect_upstream(
         server: cx.orig_dst,
         user: login.user.clone(),
         key_file: login.key_file.clone(),
+        cert_file: login.cert_file.clone(),
         password_file: login.password_file.clone(),
         known_hosts: cx.target.known_hosts.clone(),
     };
@@ -433,13 +435,26 @@ impl BotSide {
         if self.oidc.is_some() {
             return Ok(Auth::Reject {
                 proceed_with_methods: Some(russh::MethodSet::from(
-                    &[russh::MethodKind::Password][..],
+                    &[
+                        russh::MethodKind::Password,
+                        russh::MethodKind::KeyboardInteractive,
+                    ][..],
                 )),
                 partial_success: false,
             });
         }
         let _ = self.tx.send(Event::Authed(user.to_string()));
         Ok(Auth::Accept)
+    }
+
+    /// The session loop checks `token` (the identity's workload OIDC token) and answers.
+    async fn token(&self, user: &str, token: String) -> Auth {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let _ = self.tx.send(Event::Token(user.to_string(), token, reply));
+        match answer.await {
+            Ok(true) => Auth::Accept,
+            _ => Auth::reject(),
+        }
     }
 }
 
@@ -456,13 +471,31 @@ impl server::Handler for BotSide {
         if self.oidc.is_none() {
             return self.authed(user);
         }
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let _ = self
-            .tx
-            .send(Event::Token(user.to_string(), password.to_string(), reply));
-        match answer.await {
-            Ok(true) => Ok(Auth::Accept),
-            _ => Ok(Auth::reject()),
+        Ok(self.token(user, password.to_string()).await)
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        response: Option<server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        if self.oidc.is_none() {
+            return self.authed(user);
+        }
+        // One prompt, not echoed; its answer is the token, checked like a password.
+        match response.map(|mut r| r.next()) {
+            None => Ok(Auth::Partial {
+                name: "tollgate".into(),
+                instructions: "This identity logs in with its workload OIDC token.".into(),
+                prompts: vec![("Token: ".into(), false)].into(),
+            }),
+            Some(Some(answer)) => {
+                let token = String::from_utf8_lossy(&answer).into_owned();
+                Ok(self.token(user, token).await)
+            }
+            // A response without an answer.
+            Some(None) => Ok(Auth::reject()),
         }
     }
 

@@ -1,9 +1,7 @@
 //! Upstream connection reuse: when a bot connection ends cleanly, its logged-in upstream SSH
 //! connection is kept (idle, bounded) for the next connection of the same identity to the same
 //! server with the same login, which then opens its channels on it and skips the upstream key
-//! exchange and login. Opt-in with `pool = true` on the target: in a ControlMaster test on a
-//! reused connection, one channel's exit status was lost (the bot saw 255 after the right
-//! output) in about one run in five; not yet understood, so reuse is off by default.
+//! exchange and login. On by default; `pool = false` on the target turns it off.
 //!
 //! Nothing session-specific lives on an SSH connection between channels (env, pty and forwards
 //! are per channel), so a kept connection is as good as a fresh one; each channel is still
@@ -35,6 +33,7 @@ pub struct PoolKey {
     pub server: SocketAddr,
     pub user: String,
     pub key_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
     pub password_file: Option<PathBuf>,
     pub known_hosts: Option<PathBuf>,
 }

@@ -121,6 +121,8 @@ fn host_port(host: &str, port: u16) -> String {
 pub struct Login {
     pub user: String,
     pub key_file: Option<PathBuf>,
+    /// An OpenSSH user certificate for `key_file` (then the login is by certificate).
+    pub cert_file: Option<PathBuf>,
     pub password_file: Option<PathBuf>,
 }
 
@@ -153,6 +155,31 @@ pub async fn connect(
         let key = keys::load_secret_key(path, None).map_err(|e| {
             UpstreamError::Credential(format!("cannot load key_file {}: {e}", path.display()))
         })?;
+        if let Some(cert_path) = &login.cert_file {
+            let cert = keys::load_openssh_certificate(cert_path).map_err(|e| {
+                UpstreamError::Credential(format!(
+                    "cannot load cert_file {}: {e}",
+                    cert_path.display()
+                ))
+            })?;
+            if cert.public_key() != key.public_key().key_data() {
+                return Err(UpstreamError::Credential(format!(
+                    "cert_file {} is not a certificate for key_file {}",
+                    cert_path.display(),
+                    path.display()
+                )));
+            }
+            let ok = handle
+                .authenticate_openssh_cert(login.user.clone(), Arc::new(key), cert)
+                .await
+                .map_err(|e| UpstreamError::Ssh(e.to_string()))?
+                .success();
+            return if ok {
+                Ok(handle)
+            } else {
+                Err(UpstreamError::Refused(login.user.clone()))
+            };
+        }
         let hash = handle
             .best_supported_rsa_hash()
             .await

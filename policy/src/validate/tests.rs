@@ -725,6 +725,12 @@ fn credentials() {
         14,
         &["both `key_file` and `token_file`"],
     );
+    check(
+        "[credential.x]\nuser = \"u\"\ncert_file = \"/c\"\n",
+        3,
+        13,
+        &["`cert_file` of credential \"x\" needs `key_file` beside it"],
+    );
     check("[credential.x]\n", 1, 1, &["credential \"x\" is empty"]);
     check(
         "[credential.x]\nenv = \"hunter2!\"\n",
@@ -955,8 +961,8 @@ fn target_pool_defaults_on_for_postgres_and_is_refused_elsewhere() {
     };
     assert!(pooled(&t("postgres", "")), "on by default");
     assert!(!pooled(&t("postgres", "pool = false\n")));
-    assert!(!pooled(&t("ssh", "")), "opt-in for ssh");
-    assert!(pooled(&t("ssh", "pool = true\n")));
+    assert!(pooled(&t("ssh", "")), "on by default for ssh too");
+    assert!(!pooled(&t("ssh", "pool = false\n")));
     check(
         &t("tcp", "pool = true\n"),
         5,
