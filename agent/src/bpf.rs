@@ -177,7 +177,10 @@ pub fn orig_dst(info: &ConnInfo) -> SocketAddr {
         o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
     }
     let ip = std::net::Ipv6Addr::from(o);
-    SocketAddr::new(crate::targets::canonical(IpAddr::V6(ip)), info.orig_port)
+    SocketAddr::new(
+        tollgate_policy::route::canonical_ip(IpAddr::V6(ip)),
+        info.orig_port,
+    )
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>

@@ -12,7 +12,7 @@ use crate::{http::HttpHandler, pg::handler::PgHandler, relay::RelayKind, session
 pub fn registry(relay_kind: RelayKind) -> Registry {
     let mut r = Registry::new(relay_kind)
         .with(Arc::new(PgHandler::new()))
-        .with(Arc::new(crate::ssh::SshHandler));
+        .with(Arc::new(crate::ssh::SshHandler::default()));
     for protocol in [Protocol::Http, Protocol::Https, Protocol::Kubernetes] {
         r = r.with(Arc::new(HttpHandler { protocol }));
     }

@@ -5,11 +5,12 @@
 //! (daemon wiring, reload, shutdown), `proxy.rs` (the accept path), `session/` (the
 //! protocol-neutral session layer: `SessionCx`, the handler trait and registry, decisions,
 //! approvals, upstream, credentials, workload tokens), `handlers.rs` (the registry of protocol
-//! handlers, the one place naming them), `pg/` (the PostgreSQL handler), `relay.rs` (opaque
-//! relays), `bpf.rs` (kernel side), `targets.rs` (routes), `identity.rs` (kernel facts to
+//! handlers, the one place naming them), `pg/` (the PostgreSQL handler), `ssh/` (the SSH
+//! handler), `relay.rs` (opaque relays), `bpf.rs` (kernel side), `targets.rs` (routes over
+//! `tollgate_policy::route`), `identity.rs` (kernel facts to
 //! identity), `http/` (the HTTP, HTTPS and Kubernetes handler), `audit.rs`, `metrics.rs`, `doctor.rs`,
 //! `status.rs` (`GET /v1/status`), `cli/` (`policy test|explain`, `sessions list`, status text),
-//! `tls.rs` (the agent CA, bot-side TLS per
+//! `secret.rs` (reading a secret file: the one trim), `tls.rs` (the agent CA, bot-side TLS per
 //! handler and upstream TLS) and `sys.rs` (every raw syscall).
 
 pub mod approvals;
@@ -32,6 +33,7 @@ pub mod recording;
 pub mod relay;
 pub mod replay;
 pub mod run;
+pub mod secret;
 pub mod session;
 pub mod ssh;
 pub mod status;

@@ -559,9 +559,11 @@ fn uninstall(policy: Option<PathBuf>, pin_path: Option<PathBuf>) -> anyhow::Resu
 /// a broken policy does not block approving in an incident.
 fn admin_conn(conn: &AdminConn) -> anyhow::Result<(std::net::SocketAddr, String)> {
     use anyhow::Context as _;
+    use tollgate::secret::read_secret_text;
     let env_token = std::env::var("TOLLGATE_TOKEN")
         .ok()
-        .filter(|t| !t.trim().is_empty());
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
     let needs_policy = conn.admin.is_none() || (conn.token_file.is_none() && env_token.is_none());
     let policy = needs_policy.then(|| run::load_policy(&conn.policy));
     let addr = match (conn.admin, &policy) {
@@ -580,7 +582,7 @@ fn admin_conn(conn: &AdminConn) -> anyhow::Result<(std::net::SocketAddr, String)
         (None, None) => anyhow::bail!("pass --admin ADDR"),
     };
     let token = match (&conn.token_file, env_token) {
-        (Some(f), _) => std::fs::read_to_string(f)
+        (Some(f), _) => read_secret_text(f)
             .with_context(|| format!("cannot read the token file {}", f.display()))?,
         (None, Some(t)) => t,
         (None, None) => {
@@ -589,7 +591,7 @@ fn admin_conn(conn: &AdminConn) -> anyhow::Result<(std::net::SocketAddr, String)
                 _ => tollgate_policy::AgentConfig::default().data_dir,
             };
             let f = dir.join("admin.token");
-            std::fs::read_to_string(&f).with_context(|| {
+            read_secret_text(&f).with_context(|| {
                 format!(
                     "no token: pass --token-file FILE or set TOLLGATE_TOKEN (the local admin token {} is not readable)",
                     f.display()
@@ -597,7 +599,7 @@ fn admin_conn(conn: &AdminConn) -> anyhow::Result<(std::net::SocketAddr, String)
             })?
         }
     };
-    Ok((addr, token.trim().to_string()))
+    Ok((addr, token))
 }
 
 fn status(conn: AdminConn, json: bool) -> anyhow::Result<()> {

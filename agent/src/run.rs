@@ -360,16 +360,14 @@ async fn approvals_setup(
         Some(url) => {
             let password = match cfg.as_ref().and_then(|a| a.store_password.as_ref()) {
                 None => None,
-                Some(tollgate_policy::StorePassword::File(p)) => Some(
-                    crate::session::credentials::read_secret_file(p)
-                        .map(|v| String::from_utf8_lossy(&v).into_owned())
-                        .with_context(|| {
-                            format!(
-                                "cannot read [approvals] store_password_file {}",
-                                p.display()
-                            )
-                        })?,
-                ),
+                Some(tollgate_policy::StorePassword::File(p)) => {
+                    Some(crate::secret::read_secret_text(p).with_context(|| {
+                        format!(
+                            "cannot read [approvals] store_password_file {}",
+                            p.display()
+                        )
+                    })?)
+                }
                 Some(tollgate_policy::StorePassword::Env(v)) => {
                     Some(std::env::var(v).with_context(|| {
                         format!("[approvals] store_password_env: variable {v} is not set")

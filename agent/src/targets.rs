@@ -18,7 +18,11 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tollgate_common::{TargetKey4, TargetKey6};
-use tollgate_policy::{Policy, Protocol, TargetAddress};
+pub use tollgate_policy::route::Route;
+use tollgate_policy::{
+    route::{canonical_ip, canonical_net},
+    Policy, Protocol, TargetAddress,
+};
 
 /// `(prefix_len, key data, target index)` for the IPv4 trie.
 pub type KeySet4 = BTreeSet<(u32, TargetKey4, u32)>;
@@ -30,27 +34,10 @@ pub type KeySet6 = BTreeSet<(u32, TargetKey6, u32)>;
 /// are always local and need not be in it.
 pub type LocalAddrs = std::collections::BTreeMap<IpAddr, u32>;
 
-/// One protected prefix and port, and the index of its target in `Policy::targets`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    pub net: IpNet,
-    pub port: u16,
-    pub target: usize,
-    /// Added because the target's address is local (not written in the policy): an explicit
-    /// route of another target with the same prefix wins over it.
-    pub alias: bool,
-}
-
 /// The route table for one policy generation.
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
     routes: Vec<Route>,
-}
-
-/// Normalise an IPv4-mapped IPv6 address to IPv4.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    // std's, as the policy's index does: one canonical form on both sides.
-    ip.to_canonical()
 }
 
 fn is_loopback_net(net: &IpNet) -> bool {
@@ -61,20 +48,7 @@ fn is_loopback_net(net: &IpNet) -> bool {
 }
 
 fn host_net(ip: IpAddr) -> IpNet {
-    IpNet::from(canonical(ip))
-}
-
-/// A CIDR inside `::ffff:0:0/96` as the IPv4 CIDR it is: connect4 and connect6 (for mapped
-/// destinations) look IPv4 up in `TARGETS4` only, so a mapped prefix in `TARGETS6` would
-/// protect nothing.
-fn canonical_net(net: IpNet) -> IpNet {
-    match net {
-        IpNet::V6(n) if n.prefix_len() >= 96 => match n.network().to_ipv4_mapped() {
-            Some(v4) => Ipv4Net::new(v4, n.prefix_len() - 96).map_or(net, IpNet::V4),
-            None => net,
-        },
-        _ => net,
-    }
+    IpNet::from(canonical_ip(ip))
 }
 
 /// Whether `net` reaches this host: it is loopback, holds an unspecified address (a connect
@@ -83,7 +57,7 @@ pub fn is_local_net(net: &IpNet, local: &LocalAddrs) -> bool {
     is_loopback_net(net)
         || net.contains(&IpAddr::V4(Ipv4Addr::UNSPECIFIED))
         || net.contains(&IpAddr::V6(Ipv6Addr::UNSPECIFIED))
-        || local.keys().any(|ip| net.contains(&canonical(*ip)))
+        || local.keys().any(|ip| net.contains(&canonical_ip(*ip)))
 }
 
 /// Every spelling of "this host": loopback, unspecified and each interface address.
@@ -101,55 +75,29 @@ impl Routes {
         resolved: &HashMap<String, Vec<IpAddr>>,
         local: &LocalAddrs,
     ) -> Routes {
+        let resolved = |h: &str| resolved.get(h).cloned().unwrap_or_default();
         let mut routes = Vec::new();
-        for (idx, t) in policy.targets.iter().enumerate() {
-            let mut push = |net: IpNet, port: u16| {
-                let is_local = is_local_net(&net, local);
-                routes.push(Route {
-                    net,
-                    port,
-                    target: idx,
-                    alias: false,
-                });
-                if is_local {
-                    for alias in local_nets(local) {
-                        routes.push(Route {
-                            net: alias,
-                            port,
-                            target: idx,
-                            alias: true,
-                        });
-                    }
-                }
-            };
-            for a in &t.address {
-                match a {
-                    TargetAddress::Exact(sa) => push(host_net(sa.ip()), sa.port()),
-                    TargetAddress::Cidr(net, port) => push(canonical_net(net.trunc()), *port),
-                    TargetAddress::Host(h, port) => {
-                        for ip in resolved.get(h).into_iter().flatten() {
-                            push(host_net(*ip), *port);
-                        }
-                    }
-                }
-            }
+        // The policy's own routes (file order), each followed by the local aliases of a local
+        // one: a server bound to 0.0.0.0/:: answers on all of them.
+        for r in policy.routes(&resolved) {
+            let aliases = is_local_net(&r.net, local).then(|| local_nets(local));
+            let (port, target) = (r.port, r.target);
+            routes.push(r);
+            routes.extend(aliases.into_iter().flatten().map(|net| Route {
+                net,
+                port,
+                target,
+                alias: true,
+            }));
         }
         Routes { routes }
     }
 
-    /// The target protecting `addr`, longest prefix first; at equal length a route written in
-    /// the policy wins over a local alias, then the earlier target.
+    /// The target protecting `addr` ([`tollgate_policy::route::lookup`]: longest prefix first;
+    /// at equal length a route written in the policy wins over a local alias, then the earlier
+    /// target).
     pub fn lookup(&self, addr: SocketAddr) -> Option<usize> {
-        let ip = canonical(addr.ip());
-        let rank = |r: &Route| (r.net.prefix_len(), !r.alias);
-        self.routes
-            .iter()
-            .filter(|r| r.port == addr.port() && r.net.contains(&ip))
-            .fold(None::<&Route>, |best, r| match best {
-                Some(b) if rank(b) >= rank(r) => Some(b),
-                _ => Some(r),
-            })
-            .map(|r| r.target)
+        tollgate_policy::route::lookup(&self.routes, addr)
     }
 
     /// LPM keys for the kernel: `(prefix_len, data)` with the port in front (see
@@ -204,7 +152,7 @@ pub fn local_postgres_ports(policy: &Policy, local: &LocalAddrs) -> Vec<(String,
             let (is_local, port) = match a {
                 TargetAddress::Exact(sa) => (is_local_net(&host_net(sa.ip()), local), sa.port()),
                 TargetAddress::Cidr(net, port) => {
-                    (is_local_net(&canonical_net(net.trunc()), local), *port)
+                    (is_local_net(&canonical_net(*net), local), *port)
                 }
                 TargetAddress::Host(h, port) => {
                     let h = h.trim_end_matches('.').to_ascii_lowercase();
@@ -432,5 +380,57 @@ mod tests {
         let r = Routes::build(&p, &res, &LocalAddrs::new());
         assert_eq!(r.lookup("192.0.2.10:5432".parse().expect("addr")), Some(0));
         assert_eq!(r.lookup("192.0.2.11:5432".parse().expect("addr")), None);
+    }
+
+    /// The agent's routes and `Policy::target_for` are one rule: off this host (no local
+    /// aliases) they name the same target for every address, ties included.
+    #[test]
+    fn routes_and_the_policys_target_for_agree() {
+        let text = r#"
+[[target]]
+name = "wide"
+protocol = "tcp"
+address = ["10.0.0.0/8:5432", "[fd00::/16]:5432"]
+[[target]]
+name = "named"
+protocol = "tcp"
+address = ["db.internal:5432"]
+[[target]]
+name = "exact"
+protocol = "tcp"
+address = ["10.1.2.3:5432", "10.1.2.50:5432", "[::ffff:10.1.2.9]:5432"]
+[[target]]
+name = "cidr32"
+protocol = "tcp"
+address = ["10.1.2.3/32:5432", "10.1.2.0/24:5432"]
+"#;
+        let p = tollgate_policy::parse(text, "t.toml").expect("valid policy");
+        let mut res = HashMap::new();
+        res.insert(
+            "db.internal".to_string(),
+            vec![
+                "10.1.2.50".parse().expect("ip"),
+                "::ffff:10.1.2.51".parse().expect("ip"),
+            ],
+        );
+        let r = Routes::build(&p, &res, &LocalAddrs::new());
+        let resolve = |h: &str| res.get(h).cloned().unwrap_or_default();
+        let name = |i: Option<usize>| i.map(|i| p.targets[i].name.as_str());
+        for (a, want) in [
+            ("10.1.2.3:5432", Some("exact")),  // equal /32: the earlier target
+            ("10.1.2.50:5432", Some("named")), // host name vs exact: the earlier target
+            ("[::ffff:10.1.2.51]:5432", Some("named")),
+            ("10.1.2.9:5432", Some("exact")),
+            ("10.1.2.4:5432", Some("cidr32")),
+            ("10.9.9.9:5432", Some("wide")),
+            ("[fd00:1::1]:5432", Some("wide")),
+            ("10.1.2.3:5433", None),
+            ("11.0.0.1:5432", None),
+        ] {
+            let addr: std::net::SocketAddr = a.parse().expect("addr");
+            assert_eq!(name(r.lookup(addr)), want, "routes: {a}");
+            let policy = p.target_for(addr, &resolve).map(|t| t.name.as_str());
+            assert_eq!(policy, want, "Policy::target_for: {a}");
+        }
     }
 }

@@ -1,13 +1,9 @@
-//! Lookup tables built once at parse time: names to positions, rules by identity, and
-//! addresses to targets. They make `decide` and `target_for` independent of how many rules and
-//! targets other workloads have.
+//! Lookup tables built once at parse time: names to positions and rules by identity. They make
+//! `decide` independent of how many rules and targets other workloads have. (Addresses to
+//! targets: `route.rs`.)
 
+use crate::model::{statement_bit, Action, Rule, Target};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-
-use ipnet::IpNet;
-
-use crate::model::{statement_bit, Action, Rule, Target, TargetAddress};
 
 /// `Hot::target` for a rule naming `"*"`.
 pub(crate) const ANY_TARGET: u32 = u32::MAX;
@@ -86,17 +82,6 @@ pub(crate) struct Index {
     rules_by_identity: Vec<Box<[Hot]>>,
     /// Rules whose `identities` contain `"*"`, in file order.
     rules_any_identity: Box<[Hot]>,
-    exact: HashMap<SocketAddr, usize>,
-    /// (host, port, target), file order.
-    hosts: Vec<(String, u16, usize)>,
-    /// (network, port, target), longest prefix first, then file order.
-    cidrs: Vec<(IpNet, u16, usize)>,
-}
-
-/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) as IPv4; everything else unchanged.
-pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
-    // std's, so the policy and the agent's routes canonicalise the same way.
-    ip.to_canonical()
 }
 
 impl Index {
@@ -127,30 +112,11 @@ impl Index {
                 }
             }
         }
-        let mut exact = HashMap::new();
-        let mut hosts = Vec::new();
-        let mut cidrs = Vec::new();
-        for (ti, t) in targets.iter().enumerate() {
-            for a in &t.address {
-                match a {
-                    TargetAddress::Exact(sa) => {
-                        exact.entry(*sa).or_insert(ti);
-                    }
-                    TargetAddress::Host(h, p) => hosts.push((h.clone(), *p, ti)),
-                    TargetAddress::Cidr(net, p) => cidrs.push((*net, *p, ti)),
-                }
-            }
-        }
-        // Stable sort keeps file order among equal prefixes.
-        cidrs.sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
         Index {
             identities,
             targets: target_map,
             rules_by_identity: by_identity.into_iter().map(Vec::into_boxed_slice).collect(),
             rules_any_identity: any.into_boxed_slice(),
-            exact,
-            hosts,
-            cidrs,
         }
     }
 
@@ -168,27 +134,6 @@ impl Index {
             a: self.rules_by_identity.get(ii).map_or(&[][..], |b| &b[..]),
             b: &self.rules_any_identity,
         }
-    }
-
-    pub(crate) fn target_for(
-        &self,
-        addr: SocketAddr,
-        resolved: &dyn Fn(&str) -> Vec<IpAddr>,
-    ) -> Option<usize> {
-        let ip = canonical_ip(addr.ip());
-        let port = addr.port();
-        if let Some(&ti) = self.exact.get(&SocketAddr::new(ip, port)) {
-            return Some(ti);
-        }
-        for (host, p, ti) in &self.hosts {
-            if *p == port && resolved(host).into_iter().any(|r| canonical_ip(r) == ip) {
-                return Some(*ti);
-            }
-        }
-        self.cidrs
-            .iter()
-            .find(|(net, p, _)| *p == port && net.contains(&ip))
-            .map(|(_, _, ti)| *ti)
     }
 }
 

@@ -1,8 +1,9 @@
 //! tollgate's policy language: parse a TOML policy file, validate it, and decide.
 //!
 //! Everything here is pure: no I/O, no async, no global state. The agent reads the file, calls
-//! [`parse`], attributes each connection with [`Policy::identify`] and [`Policy::target_for`],
-//! and asks [`decide`] about the connection and then about each operation on it.
+//! [`parse`], attributes each connection with [`Policy::identify`] and its route table (built
+//! from [`Policy::routes`], looked up with [`route::lookup`], the rule [`Policy::target_for`]
+//! follows too), and asks [`decide`] about the connection and then about each operation on it.
 //!
 //! # Layout
 //!
@@ -11,7 +12,9 @@
 //! - `validate`: raw tree to [`Policy`]: enums, addresses, globs, durations and cross-references
 //!   checked, each error pointing at the offending value.
 //! - `model`: the public validated types, with private precompiled glob matchers.
-//! - `index`: name, rule and address lookup tables built once at parse time.
+//! - `index`: name and rule lookup tables built once at parse time.
+//! - [`route`]: which target protects an address (canonical addresses, longest prefix), shared
+//!   with the agent's route table.
 //! - `glob`: compiled glob helpers (`*` matches `/` too).
 //! - [`http`]: request attribution for HTTP and Kubernetes (path normalisation, API verbs).
 //! - `shell`: exec commands read as POSIX shell word lists, and `ssh.exec` patterns.
@@ -82,6 +85,7 @@ mod index;
 mod lint;
 mod model;
 mod raw;
+pub mod route;
 mod shell;
 mod validate;
 

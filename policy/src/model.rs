@@ -1026,18 +1026,39 @@ impl Policy {
         self.identities.iter().find(|i| i.matches(facts))
     }
 
-    /// Target protecting `addr`. IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is normalised to IPv4
-    /// first. Exact `ip:port` beats host names, which beat CIDRs; the longest prefix wins among
-    /// CIDRs, and file order among equals. `resolved(host)` gives the current addresses of a
-    /// host-name target (the agent resolves; this crate does no I/O).
+    /// The routes of every target's addresses, in file order (`resolved(host)` gives the
+    /// current addresses of a host-name target; the agent resolves, this crate does no I/O).
+    /// The agent adds its local aliases to these.
+    pub fn routes(&self, resolved: &dyn Fn(&str) -> Vec<IpAddr>) -> Vec<crate::route::Route> {
+        let mut out = Vec::new();
+        for (target, t) in self.targets.iter().enumerate() {
+            for a in &t.address {
+                out.extend(
+                    a.prefixes(resolved)
+                        .into_iter()
+                        .map(|net| crate::route::Route {
+                            net,
+                            port: a.port(),
+                            target,
+                            alias: false,
+                        }),
+                );
+            }
+        }
+        out
+    }
+
+    /// Target protecting `addr`: the longest prefix holding it on its port (an exact address
+    /// or a host name's address is a full-length prefix), then file order; IPv4-mapped IPv6
+    /// (`::ffff:a.b.c.d`) counts as IPv4 ([`crate::route::lookup`], the rule the agent's
+    /// routes and the kernel's tries follow). Without the agent's local aliases: a loopback
+    /// target here protects only the addresses written.
     pub fn target_for(
         &self,
         addr: SocketAddr,
         resolved: &dyn Fn(&str) -> Vec<IpAddr>,
     ) -> Option<&Target> {
-        self.index
-            .target_for(addr, resolved)
-            .and_then(|i| self.targets.get(i))
+        crate::route::lookup(&self.routes(resolved), addr).and_then(|i| self.targets.get(i))
     }
 
     /// Target by name.

@@ -10,11 +10,11 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use crate::error::{suggest, PolicyError};
 use crate::glob::{compile, GlobList, NameGlobs, Pattern};
-use crate::index::{canonical_ip, Index};
+use crate::index::Index;
 use crate::model::{
     redact_url_password, Action, AgentConfig, ApprovalsConfig, Credential, FailMode, HttpMatch,
     Identity, IdentityOidc, KubeMatch, MaskRule, MaskStyle, Mode, NetnsScope, OidcConfig, Policy,
@@ -25,6 +25,7 @@ use crate::raw::{
     RawAgent, RawApprovals, RawCredential, RawHttp, RawIdentity, RawKube, RawMask, RawPolicy,
     RawRule, RawSql, RawSsh, RawTarget, RawTargetTls, S,
 };
+use crate::route::{canonical_ip, canonical_net};
 use crate::shell::ExecPattern;
 
 /// Secret-source keys of a credential; at most one may be set.
@@ -295,7 +296,7 @@ pub(crate) fn target_address(s: &str) -> Result<TargetAddress, String> {
         let net: IpNet = host.parse().map_err(|e| {
             format!("bad CIDR \"{host}\" in \"{s}\": {e}; e.g. \"10.0.0.0/24:5432\"")
         })?;
-        return Ok(TargetAddress::Cidr(canonical_net(net).trunc(), port));
+        return Ok(TargetAddress::Cidr(canonical_net(net), port));
     }
     if bracketed {
         return Err(format!(
@@ -323,18 +324,6 @@ pub(crate) fn target_address(s: &str) -> Result<TargetAddress, String> {
         return Err(format!("bad host name \"{host}\" in \"{s}\"; {FORMS}"));
     }
     Ok(TargetAddress::Host(name.to_ascii_lowercase(), port))
-}
-
-/// IPv4-mapped IPv6 networks (`::ffff:10.0.0.0/120`) as IPv4 networks.
-fn canonical_net(net: IpNet) -> IpNet {
-    if let IpNet::V6(n) = net {
-        if let (Some(v4), true) = (n.network().to_ipv4_mapped(), n.prefix_len() >= 96) {
-            if let Ok(n4) = Ipv4Net::new(v4, n.prefix_len() - 96) {
-                return IpNet::V4(n4);
-            }
-        }
-    }
-    net
 }
 
 fn url(cx: &mut Cx<'_>, value: &S, key: &str, schemes: &[&str], example: &str) -> Option<String> {

@@ -178,10 +178,11 @@ fn full_example_decides_like_its_comments_say() {
             &p,
             &Request {
                 claims: None,
-                // As the agent registers handlers today: only PostgreSQL inspects operations.
+                // As the agent registers handlers (handlers.rs): every protocol but the opaque `tcp`
+                // relay has an inspecting handler (postgres, ssh, http, https, kubernetes).
                 inspected: p
                     .target(target)
-                    .is_some_and(|t| t.protocol == tollgate_policy::Protocol::Postgres),
+                    .is_some_and(|t| t.protocol != tollgate_policy::Protocol::Tcp),
                 identity: Some(identity),
                 target,
                 op,

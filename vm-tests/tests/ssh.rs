@@ -1119,6 +1119,41 @@ fn upstream_connections_are_reused_unless_pool_false() {
             .filter(|e| e["event"] == "upstream_login" && e["reused"] == true)
             .count();
         assert_eq!(reused, 3 - want_logins, "pool={pool}");
+        if !pool {
+            continue;
+        }
+        // A reload that changes the target (one more address; pooling stays on) drops the kept
+        // connection (the SSH handler's on_reload): the next session logs in anew.
+        let port = format!("127.0.0.1:{}", server.port);
+        let changed = body.replace(
+            &format!("address = [\"{port}\"]"),
+            &format!("address = [\"{port}\", \"[::1]:{}\"]", server.port),
+        );
+        assert_ne!(changed, body, "the target's address line");
+        agent.write_policy(&changed);
+        agent.wait_audit("policy_reload ok", |e| {
+            e["event"] == "policy_reload" && e["result"] == "ok"
+        });
+        let (st, out, err) = server.ssh(&bot, &[], "echo after-reload");
+        assert_eq!(
+            (st.code(), out),
+            (Some(0), "after-reload\n".into()),
+            "{err}"
+        );
+        let logins = server.log().matches("Accepted publickey").count();
+        assert_eq!(
+            logins,
+            2,
+            "a fresh login after the reload\n{}",
+            server.log()
+        );
+        let last = agent
+            .audit()
+            .into_iter()
+            .rev()
+            .find(|e| e["event"] == "upstream_login")
+            .expect("upstream_login after the reload");
+        assert_eq!(last["reused"], false, "{last}");
     }
 }
 

@@ -3,7 +3,7 @@
 //! Layout: `setup.rs` (toolchain, bpf-linker, Debian packages), `demo.rs` (the README demo and
 //! the process/cgroup/PostgreSQL guards it needs), `bench.rs` (side-by-side ratios; `bench_pg.rs` and `bench_ssh.rs` per protocol),
 //! `kernels.rs` (the kernel matrix under qemu), `package.rs` (the .deb), `modcycles.rs` (no import cycle between the
-//! agent's modules), `util.rs` (process helpers).
+//! agent's modules), `statics.rs` (no handler state in a `static`), `util.rs` (process helpers).
 
 mod bench;
 mod bench_pg;
@@ -13,6 +13,7 @@ mod kernels;
 mod modcycles;
 mod package;
 mod setup;
+mod statics;
 mod util;
 
 use std::process::Command;
@@ -67,7 +68,8 @@ enum Cmd {
         #[arg(long)]
         append: Vec<String>,
     },
-    /// Check that the agent's top-level modules import each other without a cycle.
+    /// Check that the agent's top-level modules import each other without a cycle, and that no
+    /// handler state (agent/src/{pg,ssh,http}) is a `static`.
     Modcycles,
     /// Show the agent gating a local PostgreSQL (needs root).
     Demo,
@@ -110,6 +112,7 @@ fn test(no_lint: bool, no_kernels: bool) -> Result<()> {
     }
     setup::setup(true)?;
     modcycles::check(&util::root())?;
+    statics::check(&util::root())?;
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"]))?;
         run(cargo().args([
@@ -218,7 +221,10 @@ fn main() -> Result<()> {
                 append,
             })
         }
-        Cmd::Modcycles => modcycles::check(&util::root()),
+        Cmd::Modcycles => {
+            modcycles::check(&util::root())?;
+            statics::check(&util::root())
+        }
         Cmd::Demo => {
             setup::setup(true)?;
             build(false)?;

@@ -1,4 +1,5 @@
-//! `cargo xtask modcycles`: no import cycle between the agent's top-level modules.
+//! `cargo xtask modcycles`: no import cycle between the agent's top-level modules (and, in
+//! `statics.rs`, no handler state in a `static`).
 //!
 //! Every `crate::name` path in `agent/src` (in `use` lines and inline paths, comments left
 //! out) is an edge from the file's top-level module (`pg` for `pg/handler.rs`, `proxy` for
@@ -23,7 +24,7 @@ fn module_of(rel: &Path) -> Option<String> {
 }
 
 /// The source with `//` comments (doc comments included) removed.
-fn strip_comments(src: &str) -> String {
+pub(crate) fn strip_comments(src: &str) -> String {
     src.lines()
         .map(|l| {
             // Good enough for this codebase: no `//` inside the string literals that matter.
@@ -36,7 +37,7 @@ fn strip_comments(src: &str) -> String {
         .join("\n")
 }
 
-fn ident_at(s: &str) -> &str {
+pub(crate) fn ident_at(s: &str) -> &str {
     let end = s
         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .unwrap_or(s.len());
@@ -91,7 +92,7 @@ pub fn crate_refs(src: &str) -> BTreeSet<String> {
     out
 }
 
-fn walk(dir: &Path, files: &mut Vec<std::path::PathBuf>) -> Result<()> {
+pub(crate) fn walk(dir: &Path, files: &mut Vec<std::path::PathBuf>) -> Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
         let p = e?.path();
         if p.is_dir() {

@@ -60,12 +60,8 @@ impl LocalToken {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         let path = data_dir.join("admin.token");
-        match std::fs::read_to_string(&path) {
-            Ok(t) if t.trim().len() >= 32 => {
-                return Ok(LocalToken {
-                    token: t.trim().to_string(),
-                })
-            }
+        match crate::secret::read_secret_text(&path) {
+            Ok(token) if token.len() >= 32 => return Ok(LocalToken { token }),
             Ok(_) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,

@@ -97,7 +97,7 @@ impl Web {
         }
         let client_secret = match &oidc.client_secret_file {
             Some(p) => {
-                let s = std::fs::read_to_string(p).map_err(|e| {
+                let s = crate::secret::read_secret_text(p).map_err(|e| {
                     std::io::Error::new(
                         e.kind(),
                         format!(
@@ -106,7 +106,7 @@ impl Web {
                         ),
                     )
                 })?;
-                Some(s.trim().to_string())
+                Some(s)
             }
             None => None,
         };

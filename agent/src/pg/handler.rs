@@ -41,7 +41,7 @@ use crate::{
         classify::{self, ClassifyCache, Statement},
         copy::{self, CopyMasker, CopyPlan},
         functions::{self, Functions},
-        pool, startup, upstream, verdict,
+        pool, scram, startup, upstream, verdict,
         wire::{self, ErrorReport, Frontend, Startup, TransactionStatus},
     },
     recording::Recorder,
@@ -90,6 +90,8 @@ pub struct PgHandler {
     cancel_keys: Mutex<CancelMap>,
     /// Logged-in upstream connections kept for reuse (`pool.rs`).
     pool: pool::Pool,
+    /// SCRAM salted passwords already derived, for upstream logins (`scram.rs`).
+    salted: scram::SaltedPasswords,
     /// Masking catalog snapshots per (target, database).
     catalogs: catalog::Snapshots<Catalog>,
     /// Function catalog snapshots per (target, database).
@@ -124,6 +126,7 @@ impl PgHandler {
             classify: ClassifyCache::new(4096),
             cancel_keys: Mutex::new(HashMap::new()),
             pool: pool::Pool::new(pool_idle.clone()),
+            salted: Default::default(),
             catalogs: Default::default(),
             functions: Default::default(),
             upstream_conns,
@@ -162,12 +165,9 @@ impl ProtocolHandler for PgHandler {
     fn on_reload(&self, old: &Generation, new: &tollgate_policy::Policy) {
         // Idle upstream connections of a target the new policy changed, removed or stopped
         // pooling would otherwise serve sessions for up to a minute.
-        let closed =
-            self.pool
-                .close_targets(|name| match (old.policy.target(name), new.target(name)) {
-                    (Some(was), Some(now)) => was != now || !now.pool,
-                    _ => true,
-                });
+        let closed = self
+            .pool
+            .close_targets(|name| crate::session::target_changed(&old.policy, new, name));
         if closed > 0 {
             tracing::info!(
                 closed,
@@ -634,7 +634,7 @@ async fn login(
         .collect();
     // A connection left by an earlier session with the same upstream login, if any.
     let pool_key = cx.target.pool.then(|| {
-        pool::Key::new(
+        h.pool.key(
             cx.identity.as_deref().unwrap_or(""),
             cx.target.tls.mode != tollgate_policy::TlsMode::Disable,
             &cx.target.name,
@@ -688,7 +688,9 @@ async fn login(
         };
         let cred_label = cred_name.clone().unwrap_or_else(|| "(none)".into());
         let login = match secure_upstream(cx, up).await {
-            Ok(up) => upstream::login(up, &user, &pass, &cred_label, secret.as_deref()).await,
+            Ok(up) => {
+                upstream::login(up, &user, &pass, &cred_label, secret.as_deref(), &h.salted).await
+            }
             Err(e) => Err(e),
         };
         match login {

@@ -15,10 +15,10 @@
 //! from under the TLS state) are only reused on the thread that made them.
 
 use std::{
-    collections::HashMap,
+    collections::{hash_map::RandomState, HashMap},
     hash::BuildHasher as _,
     net::SocketAddr,
-    sync::{Mutex, OnceLock},
+    sync::Mutex,
     time::Duration,
 };
 
@@ -53,37 +53,12 @@ pub struct Idle {
 /// What must match for a connection to be reused: the workload identity, the target, its
 /// address, the upstream user, the startup parameters (sorted) and the credential's secret (a
 /// rotated secret gets fresh connections), as a 128-bit keyed digest (two independently
-/// seeded SipHashes). Every session holds its key, so it is kept small, and it never holds the
-/// secret.
+/// seeded SipHashes, seeded per [`Pool`]). Every session holds its key, so it is kept small, and
+/// it never holds the secret. Made by [`Pool::key`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
     thread: Option<usize>,
     digest: [u64; 2],
-}
-
-impl Key {
-    /// `identity`: the session's workload identity. Backend state that `DISCARD ALL` leaves
-    /// (a `LOAD`ed library, dblink connections, a procedural language's session globals) then
-    /// never passes from one identity to another that shares the credential.
-    pub fn new(
-        identity: &str,
-        tls: bool,
-        target: &str,
-        addr: SocketAddr,
-        user: &str,
-        params: &[(String, String)],
-        secret: Option<&[u8]>,
-    ) -> Key {
-        static SEEDS: OnceLock<[std::collections::hash_map::RandomState; 2]> = OnceLock::new();
-        let mut params: Vec<&(String, String)> = params.iter().collect();
-        params.sort();
-        let fields = (identity, tls, target, addr, user, params, secret);
-        let [a, b] = SEEDS.get_or_init(Default::default);
-        Key {
-            thread: if tls { crate::plane::current() } else { None },
-            digest: [a.hash_one(&fields), b.hash_one(&fields)],
-        }
-    }
 }
 
 type Claim = oneshot::Sender<oneshot::Sender<Idle>>;
@@ -98,6 +73,9 @@ struct Kept {
 /// The idle connections, a field of the PostgreSQL handler (built once).
 pub struct Pool {
     map: Mutex<Option<HashMap<Key, Kept>>>,
+    /// The seeds of the two SipHashes of [`Key`]: random per pool, so a bot cannot choose
+    /// startup parameters that collide with another session's key.
+    seeds: [RandomState; 2],
     /// Idle connections currently kept (each keeper task holds one); exported as
     /// `tollgate_pg_pool_idle_connections`.
     kept: prometheus::IntGauge,
@@ -108,7 +86,33 @@ impl Pool {
     pub fn new(kept: prometheus::IntGauge) -> Pool {
         Pool {
             map: Mutex::new(None),
+            seeds: Default::default(),
             kept,
+        }
+    }
+
+    /// The key of a session's upstream login. `identity`: the session's workload identity.
+    /// Backend state that `DISCARD ALL` leaves (a `LOAD`ed library, dblink connections, a
+    /// procedural language's session globals) then never passes from one identity to another
+    /// that shares the credential.
+    #[expect(clippy::too_many_arguments, reason = "each field of the key")]
+    pub fn key(
+        &self,
+        identity: &str,
+        tls: bool,
+        target: &str,
+        addr: SocketAddr,
+        user: &str,
+        params: &[(String, String)],
+        secret: Option<&[u8]>,
+    ) -> Key {
+        let mut params: Vec<&(String, String)> = params.iter().collect();
+        params.sort();
+        let fields = (identity, tls, target, addr, user, params, secret);
+        let [a, b] = &self.seeds;
+        Key {
+            thread: if tls { crate::plane::current() } else { None },
+            digest: [a.hash_one(&fields), b.hash_one(&fields)],
         }
     }
 
@@ -279,13 +283,13 @@ mod tests {
         (Conn::Plain(c), s)
     }
 
-    fn key(n: usize) -> Key {
-        key_of("ci-bot", n)
+    fn key(pool: &Pool, n: usize) -> Key {
+        key_of(pool, "ci-bot", n)
     }
 
     /// [`key`] for another workload identity.
-    fn key_of(identity: &str, n: usize) -> Key {
-        Key::new(
+    fn key_of(pool: &Pool, identity: &str, n: usize) -> Key {
+        pool.key(
             identity,
             false,
             "db",
@@ -327,32 +331,32 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         // Reuse: the same connection comes back for the same key, not for another.
         let (c, mut s) = pair(&l).await;
-        pool.put(key(0), "db", idle(c));
+        pool.put(key(&pool, 0), "db", idle(c));
         assert!(
-            pool.take(key(1)).await.is_none(),
+            pool.take(key(&pool, 1)).await.is_none(),
             "another key gets nothing"
         );
         assert!(
-            pool.take(key_of("ops-bot", 0)).await.is_none(),
+            pool.take(key_of(&pool, "ops-bot", 0)).await.is_none(),
             "another identity with the same login gets nothing"
         );
-        let mut back = pool.take(key(0)).await.expect("kept for its key");
+        let mut back = pool.take(key(&pool, 0)).await.expect("kept for its key");
         assert_eq!(back.backend_key, Some((1, 2)));
         back.conn.write_all(b"ping").await.expect("write");
         let mut b = [0u8; 4];
         s.read_exact(&mut b).await.expect("same socket");
         assert_eq!(&b, b"ping");
-        assert!(pool.take(key(0)).await.is_none(), "taken once");
+        assert!(pool.take(key(&pool, 0)).await.is_none(), "taken once");
 
         // The server closing an idle connection removes it.
-        pool.put(key(0), "db", back);
+        pool.put(key(&pool, 0), "db", back);
         drop(s);
         none_kept(&pool).await;
         assert_eq!(pool.kept(), 0, "a closed connection is not kept");
-        assert!(pool.take(key(0)).await.is_none());
+        assert!(pool.take(key(&pool, 0)).await.is_none());
 
         // A reload closes the connections of the targets it changed, and only those.
-        let other = Key::new(
+        let other = pool.key(
             "ci-bot",
             false,
             "other",
@@ -362,7 +366,7 @@ mod tests {
             None,
         );
         let (c, mut s_db) = pair(&l).await;
-        pool.put(key(0), "db", idle(c));
+        pool.put(key(&pool, 0), "db", idle(c));
         let (c, mut s_other) = pair(&l).await;
         pool.put(other, "other", idle(c));
         assert_eq!(pool.close_targets(|t| t == "other"), 1);
@@ -372,7 +376,7 @@ mod tests {
         );
         assert!(pool.take(other).await.is_none());
         let mut back = pool
-            .take(key(0))
+            .take(key(&pool, 0))
             .await
             .expect("the unchanged target's connection stays");
         back.conn.write_all(b"pong").await.expect("write");
@@ -389,7 +393,7 @@ mod tests {
         let mut servers = Vec::new();
         for n in 0..MAX_IDLE_TOTAL + 3 {
             let (c, s) = pair(&l).await;
-            pool.put(key(n), "db", idle(c));
+            pool.put(key(&pool, n), "db", idle(c));
             servers.push(s);
         }
         assert_eq!(pool.kept(), MAX_IDLE_TOTAL);

@@ -5,16 +5,13 @@
 //! and offers no way to reuse the result. The salted password depends only on the password, the
 //! role's salt and the iteration count, all of which stay the same from one connection to the
 //! next, so a bot that connects once per transaction (`pgbench -C`) would pay for the same
-//! derivation every time. This module caches it, keyed by a hash of the three, and does the rest
-//! of the exchange (fresh nonce, proof, server signature check) per connection as usual.
+//! derivation every time. [`SaltedPasswords`] caches it, keyed by a hash of the three (one
+//! cache, a field of the PostgreSQL handler), and [`Scram`] does the rest of the exchange (fresh
+//! nonce, proof, server signature check) per connection as usual.
 //! Holding the salted password in memory is no weaker than holding the password itself, which
 //! the agent already does.
 
-use std::{
-    collections::HashMap,
-    fmt::Write as _,
-    sync::{Mutex, OnceLock},
-};
+use std::{collections::HashMap, fmt::Write as _, sync::Mutex};
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use hmac::{Hmac, Mac};
@@ -136,8 +133,13 @@ impl Scram {
         self.message.as_bytes()
     }
 
-    /// Take the server-first message (`r=...,s=...,i=...`) and prepare the client-final one.
-    pub fn update(&mut self, server_first: &[u8]) -> Result<(), ScramError> {
+    /// Take the server-first message (`r=...,s=...,i=...`) and prepare the client-final one,
+    /// deriving the salted password through `cache`.
+    pub fn update(
+        &mut self,
+        server_first: &[u8],
+        cache: &SaltedPasswords,
+    ) -> Result<(), ScramError> {
         let State::First { nonce, password } = std::mem::replace(&mut self.state, State::Done)
         else {
             return Err(ScramError::State);
@@ -169,7 +171,7 @@ impl Scram {
         if iterations == 0 || iterations > MAX_ITERATIONS {
             return Err(ScramError::Iterations(iterations));
         }
-        let salted = salted_password(&password, &salt, iterations);
+        let salted = cache.get(&password, &salt, iterations);
         let client_key = hmac(&salted, b"Client Key");
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
 
@@ -237,28 +239,46 @@ fn normalize(password: &[u8]) -> Vec<u8> {
     }
 }
 
-/// `Hi(password, salt, i)` (PBKDF2-HMAC-SHA-256, one block), from the cache when the same
-/// password, salt and count were derived before.
-fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    static CACHE: OnceLock<Mutex<HashMap<[u8; 32], [u8; 32]>>> = OnceLock::new();
-    let mut h = Sha256::new();
-    h.update((password.len() as u64).to_be_bytes());
-    h.update(password);
-    h.update((salt.len() as u64).to_be_bytes());
-    h.update(salt);
-    h.update(iterations.to_be_bytes());
-    let key: [u8; 32] = h.finalize().into();
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(v) = crate::lock(cache).get(&key) {
-        return *v;
+/// Salted passwords (`Hi(password, salt, i)`) already derived, keyed by a SHA-256 of the three;
+/// cleared when it would grow past [`CACHE_CAP`]. One per PostgreSQL handler, shared by its
+/// sessions.
+#[derive(Default)]
+pub struct SaltedPasswords {
+    derived: Mutex<HashMap<[u8; 32], [u8; 32]>>,
+}
+
+impl SaltedPasswords {
+    /// `Hi(password, salt, i)` (PBKDF2-HMAC-SHA-256, one block), from the cache when the same
+    /// password, salt and count were derived before.
+    fn get(&self, password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update((password.len() as u64).to_be_bytes());
+        h.update(password);
+        h.update((salt.len() as u64).to_be_bytes());
+        h.update(salt);
+        h.update(iterations.to_be_bytes());
+        let key: [u8; 32] = h.finalize().into();
+        if let Some(v) = crate::lock(&self.derived).get(&key) {
+            return *v;
+        }
+        let v = hi(password, salt, iterations);
+        let mut c = crate::lock(&self.derived);
+        if c.len() >= CACHE_CAP {
+            c.clear();
+        }
+        c.insert(key, v);
+        v
     }
-    let v = hi(password, salt, iterations);
-    let mut c = crate::lock(cache);
-    if c.len() >= CACHE_CAP {
-        c.clear();
+
+    /// How many salted passwords are kept.
+    pub fn len(&self) -> usize {
+        crate::lock(&self.derived).len()
     }
-    c.insert(key, v);
-    v
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
@@ -293,7 +313,7 @@ mod tests {
             "rOprNGfwEbeRWgbNEkqO".into(),
         );
         assert_eq!(s.message(), b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
-        s.update(b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
+        s.update(b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", &SaltedPasswords::default())
             .expect("update");
         assert_eq!(
             std::str::from_utf8(s.message()).expect("utf8"),
@@ -312,7 +332,7 @@ mod tests {
                 "user",
                 "rOprNGfwEbeRWgbNEkqO".into(),
             );
-            s.update(b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
+            s.update(b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", &SaltedPasswords::default())
                 .expect("update");
             s
         };
@@ -345,7 +365,7 @@ mod tests {
             b"",
         ] {
             assert!(
-                fresh().update(bad).is_err(),
+                fresh().update(bad, &SaltedPasswords::default()).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
@@ -356,12 +376,21 @@ mod tests {
 
     #[test]
     fn the_cache_answers_with_the_same_key_and_only_for_the_same_inputs() {
-        let a = salted_password(b"secret", b"salt-1", 4096);
+        let cache = SaltedPasswords::default();
+        let a = cache.get(b"secret", b"salt-1", 4096);
         assert_eq!(a, hi(b"secret", b"salt-1", 4096));
-        assert_eq!(a, salted_password(b"secret", b"salt-1", 4096));
-        assert_ne!(a, salted_password(b"secret", b"salt-2", 4096));
-        assert_ne!(a, salted_password(b"secret", b"salt-1", 4097));
-        assert_ne!(a, salted_password(b"other", b"salt-1", 4096));
+        assert_eq!(a, cache.get(b"secret", b"salt-1", 4096));
+        assert_eq!(cache.len(), 1, "the same inputs are derived once");
+        assert_ne!(a, cache.get(b"secret", b"salt-2", 4096));
+        assert_ne!(a, cache.get(b"secret", b"salt-1", 4097));
+        assert_ne!(a, cache.get(b"other", b"salt-1", 4096));
+        assert_eq!(cache.len(), 4);
+        // Two handlers' caches are apart: nothing is process-wide.
+        assert!(SaltedPasswords::default().is_empty());
+        for i in 0..CACHE_CAP as u32 {
+            cache.get(b"secret", b"salt-1", 1 + i);
+        }
+        assert!(cache.len() <= CACHE_CAP, "bounded: {}", cache.len());
     }
 
     #[test]
@@ -373,7 +402,8 @@ mod tests {
             "abc".into(),
         );
         assert!(s.message().starts_with(b"p=tls-server-end-point,,n=,r=abc"));
-        s.update(b"r=abcdef,s=c2FsdA==,i=16").expect("update");
+        s.update(b"r=abcdef,s=c2FsdA==,i=16", &SaltedPasswords::default())
+            .expect("update");
         let mut cbind = b"p=tls-server-end-point,,".to_vec();
         cbind.extend([1, 2, 3]);
         let want = format!("c={},r=abcdef,p=", STANDARD.encode(cbind));

@@ -187,13 +187,15 @@ fn channel_binding(stream: &Conn, plus: bool) -> scram::Binding {
 }
 
 /// Log in as `user` to `database` with `params` (client parameters such as application_name
-/// to pass through) using the secret of credential `cred_name`.
+/// to pass through) using the secret of credential `cred_name`; a SCRAM login derives its salted
+/// password through `salted` (the handler's cache).
 pub async fn login(
     mut stream: Conn,
     user: &str,
     params: &[(String, String)],
     cred_name: &str,
     secret: Option<&[u8]>,
+    salted: &scram::SaltedPasswords,
 ) -> Result<Session, LoginError> {
     let mut out = BytesMut::new();
     let mut all: Vec<(&str, &str)> = vec![("user", user)];
@@ -259,7 +261,7 @@ pub async fn login(
                     "SASL continue without start",
                     cred_name.into(),
                 ))?;
-                s.update(b.data()).map_err(|e| LoginError::Scram {
+                s.update(b.data(), salted).map_err(|e| LoginError::Scram {
                     credential: cred_name.into(),
                     reason: e.to_string(),
                 })?;

@@ -1,8 +1,6 @@
 //! A target's secret (`password_file`, `token_file`, `key_file` or `env`), read when a
 //! session logs in upstream, for every protocol.
 
-use std::{fs, path::Path};
-
 use tollgate_policy::{Credential, SecretSource};
 
 /// A secret that could not be read; never carries the secret itself.
@@ -26,21 +24,11 @@ pub fn read_secret(name: &str, cred: &Credential) -> Result<Option<Vec<u8>>, Sec
         None => Ok(None),
         Some(SecretSource::PasswordFile(p))
         | Some(SecretSource::TokenFile(p))
-        | Some(SecretSource::KeyFile(p)) => read_secret_file(p)
+        | Some(SecretSource::KeyFile(p)) => crate::secret::read_secret_file(p)
             .map(Some)
             .map_err(|e| err(format!("{}: {e}", p.display()))),
         Some(SecretSource::Env(var)) => std::env::var(var)
             .map(|v| Some(v.into_bytes()))
             .map_err(|_| err(format!("environment variable {var} is not set"))),
     }
-}
-
-/// A secret file's content without trailing line ends (the one place secrets are trimmed:
-/// credentials here, the approval store's password in `run.rs`).
-pub fn read_secret_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut v = fs::read(path)?;
-    while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        v.pop();
-    }
-    Ok(v)
 }

@@ -20,7 +20,7 @@ pub enum Refusal {
     AuditUnwritable,
 }
 
-/// A protocol handler (postgres today; ssh, http, kubernetes next; the opaque tcp relay). The
+/// A protocol handler (postgres, ssh, http/https/kubernetes, and the opaque tcp relay). The
 /// agent has already attributed the connection and admitted it; the handler classifies
 /// operations, asks [`SessionCx::decide`] (or [`SessionCx::decide_in`] with one
 /// [`SessionCx::policy`] snapshot) for each, connects upstream with
@@ -70,6 +70,20 @@ pub trait ProtocolHandler: Send + Sync {
 
     /// Register the handler's own metrics (called once, at start).
     fn register_metrics(&self, _registry: &prometheus::Registry) {}
+}
+
+/// Whether a reload from `old` to `new` leaves the kept upstream connections of target `name`
+/// stale: the target changed, went away or stopped pooling. What a pooling handler's
+/// [`ProtocolHandler::on_reload`] closes.
+pub fn target_changed(
+    old: &tollgate_policy::Policy,
+    new: &tollgate_policy::Policy,
+    name: &str,
+) -> bool {
+    match (old.target(name), new.target(name)) {
+        (Some(was), Some(now)) => was != now || !now.pool,
+        _ => true,
+    }
 }
 
 /// Protocol to handler, built once at start. The opaque relay is always there: it serves

@@ -1,5 +1,5 @@
 //! The protocol-neutral session layer: everything a protocol handler shares, so that a handler
-//! is a folder that plugs in (`pg/` today) and the accept path (`proxy.rs`) and the daemon
+//! is a folder that plugs in (`pg/`, `ssh/`, `http/`) and the accept path (`proxy.rs`) and the daemon
 //! (`run.rs`) do not grow with each protocol.
 //!
 //! Layout: `agent.rs` (the shared state: [`Agent`], one policy [`Generation`], where kernel
@@ -33,7 +33,7 @@ pub use agent::{Agent, ConnSource, Generation};
 pub use approval::{ApprovalOutcome, Withdrawn, DEFAULT_APPROVAL_TIMEOUT};
 pub use cx::{audit_refusal, reset, SessionCx};
 pub use error::{DataPathError, InternalError};
-pub use handler::{BoxFuture, ProtocolHandler, Refusal, Registry};
+pub use handler::{target_changed, BoxFuture, ProtocolHandler, Refusal, Registry};
 pub use relay::TcpHandler;
 
 #[cfg(test)]

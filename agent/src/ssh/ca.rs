@@ -12,7 +12,7 @@ use std::{
     io::Write,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
 };
 
 use russh::keys::{
@@ -23,6 +23,26 @@ use russh::keys::{
     },
     Certificate, PrivateKey,
 };
+
+/// The agent's SSH CA of each data directory, loaded (or created) on first use: a field of the
+/// SSH handler, so its connections share one CA without a process-wide cache.
+#[derive(Default)]
+pub struct Cas {
+    by_data_dir: Mutex<HashMap<PathBuf, Arc<SshCa>>>,
+}
+
+impl Cas {
+    /// The CA of `data_dir`, loaded once.
+    pub fn get(&self, data_dir: &Path) -> Result<Arc<SshCa>, String> {
+        let mut map = crate::lock(&self.by_data_dir);
+        if let Some(ca) = map.get(data_dir) {
+            return Ok(ca.clone());
+        }
+        let ca = Arc::new(SshCa::load_or_create(data_dir)?);
+        map.insert(data_dir.to_path_buf(), ca.clone());
+        Ok(ca)
+    }
+}
 
 /// The agent's SSH CA and the host key it certifies.
 pub struct SshCa {
@@ -64,18 +84,6 @@ impl SshCa {
             ca: load_or_create_key(&dir.join("ssh_ca_ed25519"))?,
             host: load_or_create_key(&dir.join("ssh_host_ed25519"))?,
         })
-    }
-
-    /// The CA of `data_dir`, loaded once per agent.
-    pub fn shared(data_dir: &Path) -> Result<Arc<SshCa>, String> {
-        static CAS: OnceLock<Mutex<HashMap<PathBuf, Arc<SshCa>>>> = OnceLock::new();
-        let mut map = crate::lock(CAS.get_or_init(Default::default));
-        if let Some(ca) = map.get(data_dir) {
-            return Ok(ca.clone());
-        }
-        let ca = Arc::new(SshCa::load_or_create(data_dir)?);
-        map.insert(data_dir.to_path_buf(), ca.clone());
-        Ok(ca)
     }
 
     /// The line for `/etc/ssh/ssh_known_hosts` (narrow `*` to the protected hosts if wanted).

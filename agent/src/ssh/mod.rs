@@ -46,8 +46,15 @@ use crate::{
 /// Detectors always applied to SSH commands in the audit log and recordings.
 pub const SSH_DETECTORS: &[&str] = &["private_key", "aws_access_key", "jwt", "bearer_token"];
 
-/// The SSH protocol handler.
-pub struct SshHandler;
+/// The SSH protocol handler, built once (`handlers.rs`): what its sessions share lives in its
+/// fields, not in statics.
+#[derive(Default)]
+pub struct SshHandler {
+    /// Idle upstream connections kept for reuse (`pool.rs`).
+    pool: pool::Pool,
+    /// The agent's SSH CA, per data directory (`ca.rs`).
+    cas: ca::Cas,
+}
 
 impl ProtocolHandler for SshHandler {
     fn protocol(&self) -> Protocol {
@@ -62,7 +69,38 @@ impl ProtocolHandler for SshHandler {
         cx: &'a SessionCx,
         client: TcpStream,
     ) -> BoxFuture<'a, Result<Totals, DataPathError>> {
-        Box::pin(serve(cx, client, cx.agent.hash_key))
+        Box::pin(serve(self, cx, client, cx.agent.hash_key))
+    }
+    fn on_reload(&self, old: &crate::session::Generation, new: &tollgate_policy::Policy) {
+        // Idle upstream connections of a target the new policy changed, removed or stopped
+        // pooling: dropped (which closes them), as the PostgreSQL handler's are.
+        let closed = self
+            .pool
+            .remove_targets(|name| crate::session::target_changed(&old.policy, new, name))
+            .len();
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                "closed idle SSH upstream connections of changed targets"
+            );
+        }
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Kept upstream connections: say goodbye to the servers rather than vanish.
+            let bye = self
+                .pool
+                .remove_targets(|_| true)
+                .into_iter()
+                .map(|up| async move {
+                    let _ = up
+                        .handle
+                        .disconnect(russh::Disconnect::ByApplication, "", "")
+                        .await;
+                });
+            let all = futures_util::future::join_all(bye);
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(500), all).await;
+        })
     }
 }
 
@@ -90,6 +128,7 @@ pub(crate) struct Counters {
 }
 
 async fn serve(
+    h: &SshHandler,
     cx: &SessionCx,
     client: TcpStream,
     hash_key: [u8; 32],
@@ -106,7 +145,10 @@ async fn serve(
             Vec::new(),
         ),
         None => {
-            let ca = ca::SshCa::shared(&cx.gen.policy.agent.data_dir).map_err(config_error)?;
+            let ca = h
+                .cas
+                .get(&cx.gen.policy.agent.data_dir)
+                .map_err(config_error)?;
             let mut principals = vec![cx.orig_dst.ip().to_string()];
             principals.extend(cx.dialled_host());
             let cert = ca.host_cert(&principals).map_err(config_error)?;
@@ -177,7 +219,7 @@ async fn serve(
                     }
                     Event::Authed(user) => {
                         if upstream.is_none() {
-                            upstream = Some(connect_upstream(cx, &user).await.map(|(up, key)| {
+                            upstream = Some(connect_upstream(cx, &h.pool, &user).await.map(|(up, key)| {
                                 pool_key = Some(key);
                                 up
                             }));
@@ -224,7 +266,7 @@ async fn serve(
         // A session that ended cleanly leaves its upstream connection for the identity's next
         // one (`pool`, default on); otherwise it is closed.
         let kept = match (cx.target.pool && result.is_ok(), pool_key) {
-            (true, Some(key)) => pool::put(key, up),
+            (true, Some(key)) => h.pool.put(key, up),
             (_, _) => Err(up),
         };
         if let Err(up) = kept {
@@ -288,6 +330,7 @@ fn oidc_of(cx: &SessionCx) -> Option<tollgate_policy::IdentityOidc> {
 /// Log in upstream as the credential's user (or the bot's, when the credential names none).
 async fn connect_upstream(
     cx: &SessionCx,
+    pool: &pool::Pool,
     bot_user: &str,
 ) -> Result<(Arc<channel::Upstream>, pool::PoolKey), String> {
     let gen = cx.agent.gen.load();
@@ -319,7 +362,7 @@ async fn connect_upstream(
         known_hosts: cx.target.known_hosts.clone(),
     };
     if cx.target.pool {
-        if let Some(up) = pool::take(&key) {
+        if let Some(up) = pool.take(&key) {
             cx.audit_event(
                 "upstream_login",
                 crate::obj(serde_json::json!({ "user": login.user, "client_user": bot_user, "reused": true })),

@@ -6,12 +6,15 @@
 //! Nothing session-specific lives on an SSH connection between channels (env, pty and forwards
 //! are per channel), so a kept connection is as good as a fresh one; each channel is still
 //! decided under the policy of the moment.
+//!
+//! The kept connections are a [`Pool`], a field of the SSH handler (built once): a reload closes
+//! those of targets it changed or removed, shutdown disconnects the rest.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -37,41 +40,56 @@ pub struct PoolKey {
 
 type Idle = Vec<(Arc<Upstream>, Instant)>;
 
-static POOL: LazyLock<Mutex<HashMap<PoolKey, Idle>>> = LazyLock::new(Default::default);
+/// Idle upstream connections by what must match to reuse them.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<PoolKey, Idle>>,
+}
 
-/// A kept connection for `key` that is still open, if any.
-pub fn take(key: &PoolKey) -> Option<Arc<Upstream>> {
-    let mut pool = crate::lock(&POOL);
-    let idle = pool.get_mut(key)?;
-    while let Some((up, since)) = idle.pop() {
-        if since.elapsed() < IDLE && !up.handle.is_closed() {
-            return Some(up);
+impl Pool {
+    /// A kept connection for `key` that is still open, if any.
+    pub fn take(&self, key: &PoolKey) -> Option<Arc<Upstream>> {
+        let mut pool = crate::lock(&self.idle);
+        let idle = pool.get_mut(key)?;
+        while let Some((up, since)) = idle.pop() {
+            if since.elapsed() < IDLE && !up.handle.is_closed() {
+                return Some(up);
+            }
         }
+        None
     }
-    None
-}
 
-/// Keep `up` for the next session of `key` (dropped when the key already has enough, or when
-/// it is shared with a channel still running).
-pub fn put(key: PoolKey, up: Arc<Upstream>) -> Result<(), Arc<Upstream>> {
-    if up.handle.is_closed() || Arc::strong_count(&up) > 1 {
-        return Err(up);
+    /// Keep `up` for the next session of `key` (refused when the key already has enough, or
+    /// when it is shared with a channel still running).
+    pub fn put(&self, key: PoolKey, up: Arc<Upstream>) -> Result<(), Arc<Upstream>> {
+        if up.handle.is_closed() || Arc::strong_count(&up) > 1 {
+            return Err(up);
+        }
+        let mut pool = crate::lock(&self.idle);
+        // Expired connections go first (their drop closes them).
+        pool.retain(|_, idle| {
+            idle.retain(|(u, since)| since.elapsed() < IDLE && !u.handle.is_closed());
+            !idle.is_empty()
+        });
+        let idle = pool.entry(key).or_default();
+        if idle.len() >= PER_KEY {
+            return Err(up);
+        }
+        idle.push((up, Instant::now()));
+        Ok(())
     }
-    let mut pool = crate::lock(&POOL);
-    // Expired connections go first (their drop closes them).
-    pool.retain(|_, idle| {
-        idle.retain(|(u, since)| since.elapsed() < IDLE && !u.handle.is_closed());
-        !idle.is_empty()
-    });
-    let idle = pool.entry(key).or_default();
-    if idle.len() >= PER_KEY {
-        return Err(up);
-    }
-    idle.push((up, Instant::now()));
-    Ok(())
-}
 
-/// Idle upstream connections kept (for tests and metrics).
-pub fn kept() -> usize {
-    crate::lock(&POOL).values().map(Vec::len).sum()
+    /// Idle upstream connections kept.
+    pub fn kept(&self) -> usize {
+        crate::lock(&self.idle).values().map(Vec::len).sum()
+    }
+
+    /// Take out the kept connections of every target `stale` names (all of them at shutdown);
+    /// the caller disconnects them (dropping one closes it too).
+    pub fn remove_targets(&self, stale: impl Fn(&str) -> bool) -> Vec<Arc<Upstream>> {
+        crate::lock(&self.idle)
+            .extract_if(|k, _| stale(&k.target))
+            .flat_map(|(_, idle)| idle.into_iter().map(|(up, _)| up))
+            .collect()
+    }
 }

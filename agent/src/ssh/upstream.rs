@@ -194,11 +194,11 @@ pub async fn connect(
             .map_err(|e| UpstreamError::Ssh(e.to_string()))?
             .success()
     } else if let Some(path) = &login.password_file {
-        let password = std::fs::read_to_string(path).map_err(|e| {
+        let password = crate::secret::read_secret_text(path).map_err(|e| {
             UpstreamError::Credential(format!("cannot read password_file {}: {e}", path.display()))
         })?;
         handle
-            .authenticate_password(login.user.clone(), password.trim_end_matches(['\n', '\r']))
+            .authenticate_password(login.user.clone(), password)
             .await
             .map_err(|e| UpstreamError::Ssh(e.to_string()))?
             .success()

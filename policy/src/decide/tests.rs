@@ -58,10 +58,11 @@ fn ask(p: &Policy, identity: &str, target: &str, op: Operation<'_>) -> Decision 
             identity: Some(identity),
             target,
             op,
-            // As the agent registers handlers today: only PostgreSQL inspects operations.
+            // As the agent registers handlers (handlers.rs): every protocol but the opaque `tcp`
+            // relay has an inspecting handler (postgres, ssh, http, https, kubernetes).
             inspected: p
                 .target(target)
-                .is_some_and(|t| t.protocol == crate::Protocol::Postgres),
+                .is_some_and(|t| t.protocol != crate::Protocol::Tcp),
         },
     )
 }

@@ -195,7 +195,7 @@ fn target_for<'p>(p: &'p Policy, addr: &str) -> Option<&'p str> {
 }
 
 #[test]
-fn exact_beats_host_beats_cidr_and_longest_prefix_wins() {
+fn the_longest_prefix_wins_exact_and_host_addresses_being_full_length() {
     let p = policy(TARGETS);
     assert_eq!(target_for(&p, "10.1.2.3:5432"), Some("exact"));
     assert_eq!(target_for(&p, "10.1.2.50:5432"), Some("named"));
