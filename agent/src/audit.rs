@@ -22,6 +22,8 @@ use std::{
 
 use serde_json::{Map, Value};
 
+use crate::journal::Journal;
+
 /// The audit log. Cheap to clone: clones share the file, its lock and its [`Health`] (the
 /// approvals broker writes through a clone, so a rotation reopens both).
 #[derive(Clone)]
@@ -30,9 +32,98 @@ pub struct Audit {
 }
 
 struct AuditInner {
-    path: PathBuf,
-    file: Mutex<File>,
+    sink: Arc<Sink>,
     health: Arc<Health>,
+    /// The crash-safe journal the lines go through (see `journal.rs`); None: each line is
+    /// written directly.
+    journal: Option<Arc<Journal>>,
+}
+
+/// An append-only JSON-lines file (audit.jsonl or one recording): the file, its length as
+/// written through it, and the shared [`Health`] its failures are reported to.
+pub struct Sink {
+    path: PathBuf,
+    kind: FileKind,
+    health: Arc<Health>,
+    file: Mutex<SinkFile>,
+}
+
+struct SinkFile {
+    file: File,
+    dev: u64,
+    ino: u64,
+    /// The file's length after our last write (the journal's in-flight note uses it).
+    len: u64,
+}
+
+impl Sink {
+    /// Open `path` for appending (see [`open_append`]).
+    pub fn open(
+        path: PathBuf,
+        create_new: bool,
+        kind: FileKind,
+        health: Arc<Health>,
+    ) -> std::io::Result<Sink> {
+        let file = SinkFile::open(&path, create_new)?;
+        Ok(Sink {
+            path,
+            kind,
+            health,
+            file: Mutex::new(file),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append whole lines with one write(2); `false` (reported to the health) on failure.
+    pub fn append(&self, bytes: &[u8]) -> bool {
+        let mut f = crate::lock(&self.file);
+        match append_whole(&mut f.file, bytes) {
+            Ok(()) => {
+                f.len += bytes.len() as u64;
+                drop(f);
+                self.health.ok(self.kind);
+                true
+            }
+            Err(e) => {
+                if let Ok(md) = f.file.metadata() {
+                    f.len = md.len();
+                }
+                drop(f);
+                self.health.failed(self.kind, &self.path, &e);
+                false
+            }
+        }
+    }
+
+    /// The file's device, inode and length as written through this sink.
+    pub fn identity(&self) -> Option<(u64, u64, u64)> {
+        let f = crate::lock(&self.file);
+        Some((f.dev, f.ino, f.len))
+    }
+
+    /// Open the path again (after a rotation); the old file is kept if that fails.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let file = SinkFile::open(&self.path, false)?;
+        *crate::lock(&self.file) = file;
+        Ok(())
+    }
+}
+
+impl SinkFile {
+    fn open(path: &Path, create_new: bool) -> std::io::Result<SinkFile> {
+        let file = open_append(path, create_new)?;
+        let md = file.metadata()?;
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(SinkFile {
+            dev: md.dev(),
+            ino: md.ino(),
+            len: md.len(),
+            file,
+        })
+    }
 }
 
 /// Which kind of file a write failure concerns (the `file` label of the metric).
@@ -234,19 +325,51 @@ fn cut(f: &File, written: usize, e: std::io::Error) -> std::io::Error {
 }
 
 impl Audit {
+    /// The audit log with each line written directly (one write(2) per line).
     pub fn open(data_dir: &Path) -> std::io::Result<Audit> {
         std::fs::create_dir_all(data_dir)?;
-        let path = data_dir.join("audit.jsonl");
-        let file = open_append(&path, false)?;
         let health = Arc::new(Health::default());
         let _ = health.sessions_dir.set(data_dir.join("sessions"));
+        let sink = Sink::open(
+            data_dir.join("audit.jsonl"),
+            false,
+            FileKind::Audit,
+            health.clone(),
+        )?;
         Ok(Audit {
             inner: Arc::new(AuditInner {
-                path,
-                file: Mutex::new(file),
+                sink: Arc::new(sink),
                 health,
+                journal: None,
             }),
         })
+    }
+
+    /// The agent's audit log: lines go through `<data_dir>/journal` (see `journal.rs`), and
+    /// what a crashed agent left there is written out first. If the journal cannot be used
+    /// (another agent holds it, no room for it) each line is written directly, as
+    /// [`Audit::open`] does, with a warning.
+    pub fn open_journaled(data_dir: &Path) -> std::io::Result<Audit> {
+        let direct = Audit::open(data_dir)?;
+        let inner = &direct.inner;
+        match Journal::open(
+            data_dir,
+            inner.sink.clone(),
+            inner.health.clone(),
+            crate::journal::DEFAULT_CAPACITY,
+        ) {
+            Ok(j) => Ok(Audit {
+                inner: Arc::new(AuditInner {
+                    sink: inner.sink.clone(),
+                    health: inner.health.clone(),
+                    journal: Some(j),
+                }),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "audit journal unavailable: every audit and recording line is written with its own write(2)");
+                Ok(direct)
+            }
+        }
     }
 
     /// The write health shared by this log and the recordings.
@@ -254,13 +377,19 @@ impl Audit {
         &self.inner.health
     }
 
+    /// The journal lines go through, if any.
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.inner.journal.as_ref()
+    }
+
     /// Open the file again at its path (after logrotate renamed it: SIGHUP). Lines written
     /// before the swap are in the old file, lines after it in the new one; none is lost or
     /// split. If the path cannot be opened the old file is kept.
     pub fn reopen(&self) -> std::io::Result<()> {
-        let file = open_append(&self.inner.path, false)?;
-        *crate::lock(&self.inner.file) = file;
-        Ok(())
+        match &self.inner.journal {
+            Some(j) => j.drained(|| self.inner.sink.reopen()),
+            None => self.inner.sink.reopen(),
+        }
     }
 
     /// Write one event; `ts` is added first. A failure is cut back, counted and makes
@@ -274,33 +403,26 @@ impl Audit {
         self.append(line.as_bytes());
     }
 
-    /// Write one event built with [`Line`] (the per-statement hot path: no map, one write).
+    /// Write one event built with [`Line`] (the per-statement hot path: no map; with the
+    /// journal no syscall, else one write).
     pub fn write_line(&self, line: Line) {
         self.append(&line.finish());
     }
 
-    /// Append whole lines; `false` if they could not be written.
-    fn append(&self, line: &[u8]) -> bool {
-        let mut f = crate::lock(&self.inner.file);
-        match append_whole(&mut f, line) {
-            Ok(()) => {
-                drop(f);
-                self.inner.health.ok(FileKind::Audit);
-                true
-            }
-            Err(e) => {
-                drop(f);
-                self.inner
-                    .health
-                    .failed(FileKind::Audit, &self.inner.path, &e);
-                false
+    /// Append whole lines: into the journal, or directly.
+    fn append(&self, line: &[u8]) {
+        match &self.inner.journal {
+            Some(j) => j.append(crate::journal::AUDIT, b"", line, false),
+            None => {
+                self.inner.sink.append(line);
             }
         }
     }
 
     /// `Err(reason)` while the audit log or recordings cannot be written. In that state each
-    /// call retries: a probe line (`audit_resumed`) for the log, a probe file for recordings;
-    /// if they succeed, service resumes at once. One atomic load when all is well.
+    /// call retries: a probe line (`audit_resumed`) for the log (with the journal: the lines
+    /// it holds are written, then that line), a probe file for recordings; if they succeed,
+    /// service resumes at once. One atomic load when all is well.
     pub fn check(&self) -> Result<(), String> {
         let h = &self.inner.health;
         if !h.any.load(Ordering::Acquire) {
@@ -312,7 +434,20 @@ impl Audit {
                 .str("event", "audit_resumed")
                 .str("after_error", &err)
                 .finish();
-            self.append(&line);
+            match &self.inner.journal {
+                Some(j) => {
+                    j.drain_now();
+                    if crate::lock(&h.audit).is_none() {
+                        self.append(&line);
+                    } else if j.backlog() == 0 {
+                        // Nothing held back: the failure was a direct write's; probe directly.
+                        j.drained(|| self.inner.sink.append(&line));
+                    }
+                }
+                None => {
+                    self.inner.sink.append(&line);
+                }
+            }
         }
         h.probe_recording();
         match h.failure() {

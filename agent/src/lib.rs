@@ -21,6 +21,7 @@ pub mod doctor;
 pub mod handlers;
 pub mod http;
 pub mod identity;
+pub mod journal;
 pub mod mask;
 pub mod metrics;
 pub mod oidc;
