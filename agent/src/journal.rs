@@ -709,6 +709,27 @@ impl Journal {
         }
     }
 
+    /// For commands that read the record (`sessions list`, `replay`): if an agent stopped
+    /// with lines still in `<data_dir>/journal` and no agent holds it now, write them out
+    /// (as the next agent start would, each once). Nothing happens while an agent runs (it
+    /// drains its journal itself) or when there is no journal.
+    pub fn recover(data_dir: &Path) {
+        if std::fs::symlink_metadata(data_dir.join("journal")).is_err() {
+            return;
+        }
+        let health = Arc::new(Health::default());
+        let Ok(audit) = Sink::open(
+            data_dir.join("audit.jsonl"),
+            false,
+            FileKind::Audit,
+            health.clone(),
+        ) else {
+            return;
+        };
+        // Drop drains and releases the lock; a Locked error means an agent runs.
+        let _ = Journal::open_with(data_dir, Arc::new(audit), health, DEFAULT_CAPACITY, false);
+    }
+
     /// The data_dir whose `sessions/` the recordings it names are in.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir

@@ -275,3 +275,23 @@ fn a_foreign_or_locked_journal_is_refused_and_the_file_is_private() {
     std::os::unix::fs::symlink("/etc/passwd", dir.0.join("journal")).expect("symlink");
     assert!(Journal::open_with(&dir.0, sink, health, SMALL, false).is_err());
 }
+
+#[test]
+fn a_command_writes_out_a_stopped_agents_leftovers_but_not_a_running_ones() {
+    let dir = Dir::new("recover");
+    Journal::recover(&dir.0);
+    assert!(
+        !dir.0.join("journal").exists(),
+        "no journal is created by a reader"
+    );
+    let (j, _) = open(&dir);
+    j.append(AUDIT, b"", &line(1), false);
+    // The agent runs (holds the lock): the command leaves its journal alone.
+    Journal::recover(&dir.0);
+    assert_eq!(dir.audit(), "");
+    crash(j);
+    Journal::recover(&dir.0);
+    assert_eq!(numbers(&dir.audit()), [1]);
+    Journal::recover(&dir.0);
+    assert_eq!(numbers(&dir.audit()), [1], "written once");
+}
