@@ -382,6 +382,13 @@ impl Audit {
         self.inner.journal.as_ref()
     }
 
+    /// Write out what the journal holds (at a clean stop); nothing to do without one.
+    pub fn flush(&self) {
+        if let Some(j) = &self.inner.journal {
+            j.drain_now();
+        }
+    }
+
     /// Open the file again at its path (after logrotate renamed it: SIGHUP). Lines written
     /// before the swap are in the old file, lines after it in the new one; none is lost or
     /// split. If the path cannot be opened the old file is kept.

@@ -71,6 +71,8 @@ const CLOSE: u64 = 2 << 48;
 pub const AUDIT: u32 = 0;
 /// How long the drainer waits between batches while lines keep coming.
 const BATCH_INTERVAL: Duration = Duration::from_millis(1);
+/// How often lines held back by a failing file are tried again.
+const FAILING_RETRY: Duration = Duration::from_millis(50);
 /// Idle batches before the drainer parks (then the next append wakes it at once).
 const IDLE_ROUNDS: u32 = 10;
 
@@ -775,8 +777,15 @@ fn drain_loop(j: Weak<Journal>) {
         };
         if n > 0 || jj.backlog() > 0 {
             idle = 0;
+            // Lines held back by a failing file (disk full): retry at a calmer pace; the
+            // gate's own retries (Audit::check) drain at once when asked.
+            let pause = if n == 0 && jj.health.failure().is_some() {
+                FAILING_RETRY
+            } else {
+                BATCH_INTERVAL
+            };
             drop(jj);
-            std::thread::sleep(BATCH_INTERVAL);
+            std::thread::sleep(pause);
             continue;
         }
         idle += 1;

@@ -302,6 +302,8 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     agent.audit.write(obj(
         json!({"event": "agent_stop", "pid": std::process::id()}),
     ));
+    // Everything in the journal reaches the files before the process goes.
+    agent.audit.flush();
     if cfg.fail_mode == FailMode::Closed {
         info!(pins = %cfg.bpf_pin_path.display(), "stopped; protected destinations refuse connections until the agent is back (`tollgate uninstall` restores direct access)");
     }
