@@ -380,8 +380,9 @@ fn a_session_cut_off_by_an_agent_crash_is_marked() {
     std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
     let mut agent = AgentProc::start("opscrash", FailMode::Closed, &body(&pg, &bot, &secret));
     let dd = agent.data_dir.display().to_string();
-    // A session in the middle of its second statement when the agent is killed (the first
-    // one, answered, is in the recording).
+    // A session in the middle of its second statement when the agent is killed: the first
+    // one, answered, is in the recording, and so is the second, in flight (the journal has
+    // it before the server does).
     let p = Psql::spawn(
         &bot,
         pg.port,
@@ -390,13 +391,13 @@ fn a_session_cut_off_by_an_agent_crash_is_marked() {
     );
     wait_for(
         Duration::from_secs(10),
-        "the first statement in the recording",
+        "both statements in the recording",
         || {
             let (_, out, _) =
                 tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "open"]);
             let row = out.lines().nth(1)?;
             // SESSION STARTED STATUS DURATION IDENTITY -> TARGET STMTS ...
-            (row.split_whitespace().nth(7) == Some("1")).then_some(())
+            (row.split_whitespace().nth(7) == Some("2")).then_some(())
         },
     );
     agent.kill9();
@@ -414,6 +415,7 @@ fn a_session_cut_off_by_an_agent_crash_is_marked() {
         .expect("id");
     let (_, replay, _) = tollgate(&["replay", sid, "--data-dir", &dd]);
     assert!(replay.contains("SQL    SELECT 1"), "{replay}");
+    assert!(replay.contains("SELECT pg_sleep(30)"), "{replay}");
     assert!(
         replay
             .lines()
