@@ -49,8 +49,8 @@ use std::{
 };
 
 use crate::{
-    audit::{FileKind, Health, Sink},
     lock,
+    sink::{FileKind, Health, Sink},
 };
 
 /// Ring bytes of a new journal: at 20k statements a second (about 1 KiB of lines each) a
@@ -278,6 +278,9 @@ impl Journal {
             die_after_write: AtomicBool::new(false),
         };
         let h = j.header();
+        // A journal whose header was never written (the agent died right after creating it)
+        // is a new one.
+        let fresh = fresh || (h.magic == [0; 8] && h.capacity.load(Ordering::Relaxed) == 0);
         if fresh {
             // SAFETY: the header page is ours alone until the journal is shared.
             unsafe { std::ptr::copy_nonoverlapping(FILE_MAGIC.as_ptr(), j.map.as_ptr(), 8) };

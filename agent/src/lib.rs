@@ -34,6 +34,7 @@ pub mod relay;
 pub mod replay;
 pub mod run;
 pub mod session;
+pub mod sink;
 pub mod ssh;
 pub mod status;
 pub mod sys;

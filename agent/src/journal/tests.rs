@@ -271,6 +271,13 @@ fn a_foreign_or_locked_journal_is_refused_and_the_file_is_private() {
         .err()
         .expect("foreign");
     assert!(e.to_string().contains("not a tollgate journal"), "{e}");
+    // Created and sized, header never written (died in between): taken as a new journal.
+    std::fs::write(dir.0.join("journal"), vec![0u8; HEADER + SMALL as usize]).expect("zeros");
+    let j = Journal::open_with(&dir.0, sink.clone(), health.clone(), SMALL, false)
+        .expect("an unwritten journal is a new one");
+    j.append(AUDIT, b"", &line(7), false);
+    drop(j);
+    assert_eq!(numbers(&dir.audit()), [7]);
     std::fs::remove_file(dir.0.join("journal")).expect("rm");
     std::os::unix::fs::symlink("/etc/passwd", dir.0.join("journal")).expect("symlink");
     assert!(Journal::open_with(&dir.0, sink, health, SMALL, false).is_err());
