@@ -11,8 +11,8 @@ use serde_json::Value;
 use vm_tests::{
     pg::{app_target, PgServer, APP_PASSWORD},
     psql::Psql,
-    require_root, tollgate, tollgate_bin, wait_for, AgentProc, Cgroup, FailMode, Prometheus,
-    TempDir,
+    require_root, tollgate, tollgate_bin, wait_for, wait_until, AgentProc, Cgroup, FailMode,
+    Prometheus, TempDir,
 };
 
 fn repo() -> &'static Path {
@@ -109,9 +109,19 @@ fn status_incident_approvals_and_every_dashboard_panel_has_data() {
     let id = held.approval_id();
 
     // `sessions list` while the delete is held: that session is open; the DROP's is denied.
+    // (The agent's lines reach the files from its journal within milliseconds, later on a
+    // loaded machine: poll briefly.)
     let dd = agent.data_dir.display().to_string();
-    let (code, open, err) = tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "open"]);
-    assert_eq!(code, 0, "{err}");
+    let list = |status: &str| {
+        wait_until(Duration::from_secs(5), || {
+            let (code, out, err) =
+                tollgate(&["sessions", "list", "--data-dir", &dd, "--status", status]);
+            assert_eq!(code, 0, "{err}");
+            (out.lines().count() == 2).then_some(out.clone())
+        })
+        .unwrap_or_else(|| tollgate(&["sessions", "list", "--data-dir", &dd, "--status", status]).1)
+    };
+    let open = list("open");
     assert_eq!(
         open.lines().count(),
         2,
@@ -121,7 +131,7 @@ fn status_incident_approvals_and_every_dashboard_panel_has_data() {
         open.contains("ci-bot -> app-db") && open.contains(&format!("#{id} pending")),
         "{open}"
     );
-    let (_, denied, _) = tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "denied"]);
+    let denied = list("denied");
     assert_eq!(denied.lines().count(), 2, "{denied}");
     let denied_row = denied.lines().nth(1).expect("row");
     assert!(denied_row.contains(" ended "), "{denied}");

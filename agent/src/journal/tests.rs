@@ -23,18 +23,16 @@ impl Drop for Dir {
 
 const SMALL: u64 = 64 * 1024;
 
+/// A sink for `name` under `dir` (a recording when `kind` says so).
+fn sink(dir: &Dir, name: &str, kind: FileKind, health: &Arc<Health>) -> Arc<Sink> {
+    let create_new = kind == FileKind::Recording;
+    Arc::new(Sink::open(dir.0.join(name), create_new, kind, health.clone()).expect("sink"))
+}
+
 /// A journal over `dir` without its drain thread (the test drains), and the audit sink.
 fn open(dir: &Dir) -> (Arc<Journal>, Arc<Sink>) {
     let health = Arc::new(Health::default());
-    let sink = Arc::new(
-        Sink::open(
-            dir.0.join("audit.jsonl"),
-            false,
-            FileKind::Audit,
-            health.clone(),
-        )
-        .expect("audit sink"),
-    );
+    let sink = sink(dir, "audit.jsonl", FileKind::Audit, &health);
     let j = Journal::open_with(&dir.0, sink.clone(), health, SMALL, false).expect("journal");
     (j, sink)
 }
@@ -62,14 +60,11 @@ fn numbers(text: &str) -> Vec<u64> {
 fn lines_reach_their_files_in_order_across_many_laps() {
     let dir = Dir::new("laps");
     let (j, _) = open(&dir);
-    let rec = Arc::new(
-        Sink::open(
-            dir.0.join("sessions/s-1.00.jsonl"),
-            true,
-            FileKind::Recording,
-            Arc::default(),
-        )
-        .expect("recording"),
+    let rec = sink(
+        &dir,
+        "sessions/s-1.00.jsonl",
+        FileKind::Recording,
+        &Arc::default(),
     );
     let id = j.register(rec);
     // About 20 laps of a 64 KiB ring, drained every 50 lines.
@@ -101,14 +96,11 @@ fn a_crash_leaves_lines_that_the_next_open_writes_once() {
         j.append(AUDIT, b"", &line(i), false);
     }
     j.drain_now();
-    let rec = Arc::new(
-        Sink::open(
-            dir.0.join("sessions/s-2.ab.jsonl"),
-            true,
-            FileKind::Recording,
-            Arc::default(),
-        )
-        .expect("recording"),
+    let rec = sink(
+        &dir,
+        "sessions/s-2.ab.jsonl",
+        FileKind::Recording,
+        &Arc::default(),
     );
     let id = j.register(rec);
     for i in 10..25 {
@@ -203,15 +195,7 @@ fn a_crash_between_the_write_and_its_flags_writes_nothing_twice() {
 fn many_threads_append_at_once_with_the_drain_thread_running() {
     let dir = Dir::new("threads");
     let health = Arc::new(Health::default());
-    let sink = Arc::new(
-        Sink::open(
-            dir.0.join("audit.jsonl"),
-            false,
-            FileKind::Audit,
-            health.clone(),
-        )
-        .expect("sink"),
-    );
+    let sink = sink(&dir, "audit.jsonl", FileKind::Audit, &health);
     let j = Journal::open(&dir.0, sink, health, SMALL).expect("journal");
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -252,15 +236,7 @@ fn a_foreign_or_locked_journal_is_refused_and_the_file_is_private() {
     let mode = std::fs::metadata(dir.0.join("journal")).expect("md").mode() & 0o777;
     assert_eq!(mode, 0o600);
     let health = Arc::new(Health::default());
-    let sink = Arc::new(
-        Sink::open(
-            dir.0.join("audit.jsonl"),
-            false,
-            FileKind::Audit,
-            health.clone(),
-        )
-        .expect("sink"),
-    );
+    let sink = sink(&dir, "audit.jsonl", FileKind::Audit, &health);
     let e = Journal::open_with(&dir.0, sink.clone(), health.clone(), SMALL, false)
         .err()
         .expect("locked");
