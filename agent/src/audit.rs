@@ -1,5 +1,6 @@
-//! `<data_dir>/audit.jsonl`: one JSON object per line, appended with a single write(2) per
-//! event so concurrent sessions never interleave partial lines.
+//! `<data_dir>/audit.jsonl`: one JSON object per line, through the journal (`journal.rs`) or
+//! appended with a single write(2) per event, so concurrent sessions never interleave
+//! partial lines. The file primitives are in `sink.rs` (re-exported here).
 //!
 //! Writes are fail-closed: a failed or short write (disk full, I/O error) is cut back to the
 //! file's length before it (so no half line is left and the next line starts on its own),
@@ -7,20 +8,13 @@
 //! that holds, [`Health::check`] refuses new connections and statements (under
 //! `fail_mode = "closed"`) and `/healthz` answers 503 with the reason.
 
-use std::{
-    fmt::Write as _,
-    fs::{File, OpenOptions},
-    io::{Read as _, Seek as _, SeekFrom, Write},
-    os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, OnceLock,
-    },
-    time::SystemTime,
-};
+use std::{fmt::Write as _, path::Path, sync::atomic::Ordering, sync::Arc, time::SystemTime};
 
 use serde_json::{Map, Value};
+
+use crate::journal::Journal;
+pub(crate) use crate::sink::{append_whole, open_append};
+pub use crate::sink::{FileKind, Health, Sink};
 
 /// The audit log. Cheap to clone: clones share the file, its lock and its [`Health`] (the
 /// approvals broker writes through a clone, so a rotation reopens both).
@@ -30,120 +24,11 @@ pub struct Audit {
 }
 
 struct AuditInner {
-    path: PathBuf,
-    file: Mutex<File>,
+    sink: Arc<Sink>,
     health: Arc<Health>,
-}
-
-/// Which kind of file a write failure concerns (the `file` label of the metric).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileKind {
-    /// `audit.jsonl`.
-    Audit,
-    /// A session recording under `sessions/`.
-    Recording,
-}
-
-impl FileKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FileKind::Audit => "audit",
-            FileKind::Recording => "recording",
-        }
-    }
-}
-
-/// Whether the audit log and the recordings can be written. One atomic load on the hot path
-/// while everything is fine.
-#[derive(Default)]
-pub struct Health {
-    any: AtomicBool,
-    audit: Mutex<Option<String>>,
-    recording: Mutex<Option<String>>,
-    counter: OnceLock<prometheus::IntCounterVec>,
-    /// `<data_dir>/sessions`, where a recording probe is written.
-    sessions_dir: OnceLock<PathBuf>,
-}
-
-impl Health {
-    /// The counter of failed writes (`tollgate_audit_write_errors_total{file}`).
-    pub fn set_counter(&self, c: prometheus::IntCounterVec) {
-        let _ = self.counter.set(c);
-    }
-
-    fn slot(&self, kind: FileKind) -> &Mutex<Option<String>> {
-        match kind {
-            FileKind::Audit => &self.audit,
-            FileKind::Recording => &self.recording,
-        }
-    }
-
-    /// A write of `kind` failed.
-    pub fn failed(&self, kind: FileKind, path: &Path, e: &std::io::Error) {
-        if let Some(c) = self.counter.get() {
-            c.with_label_values(&[kind.as_str()]).inc();
-        }
-        let msg = format!("{} {}: {e}", kind.as_str(), path.display());
-        let mut slot = crate::lock(self.slot(kind));
-        if slot.is_none() {
-            tracing::error!(error = %msg, "audit write failed: new connections and statements are refused until it can be written (fail_mode = \"closed\")");
-        }
-        *slot = Some(msg);
-        self.any.store(true, Ordering::Release);
-    }
-
-    /// A write of `kind` succeeded.
-    pub fn ok(&self, kind: FileKind) {
-        if !self.any.load(Ordering::Acquire) {
-            return;
-        }
-        let mut slot = crate::lock(self.slot(kind));
-        if slot.take().is_some() {
-            tracing::warn!(file = kind.as_str(), "audit writes succeed again");
-        }
-        drop(slot);
-        if crate::lock(&self.audit).is_none() && crate::lock(&self.recording).is_none() {
-            self.any.store(false, Ordering::Release);
-        }
-    }
-
-    /// The current failure, if any (for `/healthz`), without trying to write.
-    pub fn failure(&self) -> Option<String> {
-        if !self.any.load(Ordering::Acquire) {
-            return None;
-        }
-        let a = crate::lock(&self.audit).clone();
-        let r = crate::lock(&self.recording).clone();
-        match (a, r) {
-            (None, None) => None,
-            (Some(x), None) | (None, Some(x)) => Some(x),
-            (Some(a), Some(r)) => Some(format!("{a}; {r}")),
-        }
-    }
-
-    /// Try the failed recording path again with a small probe file (the audit log is retried
-    /// by [`Audit::check`] itself).
-    fn probe_recording(&self) {
-        if crate::lock(&self.recording).is_none() {
-            return;
-        }
-        let Some(dir) = self.sessions_dir.get() else {
-            return;
-        };
-        let path = dir.join(format!(".write-probe-{}", std::process::id()));
-        let r = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| f.write_all(&[b'\n'; 512]).and_then(|()| f.sync_data()));
-        let _ = std::fs::remove_file(&path);
-        match r {
-            Ok(()) => self.ok(FileKind::Recording),
-            Err(e) => self.failed(FileKind::Recording, dir, &e),
-        }
-    }
+    /// The crash-safe journal the lines go through (see `journal.rs`); None: each line is
+    /// written directly.
+    journal: Option<Arc<Journal>>,
 }
 
 /// RFC 3339 timestamp with milliseconds, UTC.
@@ -176,77 +61,52 @@ fn ts_of(t: SystemTime) -> String {
     })
 }
 
-/// Open a JSON-lines file for appending: never through a symlink, created 0600. A file
-/// whose last byte is not a newline (a crash in the middle of a line) gets one, so the next
-/// line starts on its own.
-pub(crate) fn open_append(path: &Path, create_new: bool) -> std::io::Result<File> {
-    let mut o = OpenOptions::new();
-    o.append(true)
-        .read(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW);
-    if create_new {
-        o.create_new(true);
-    } else {
-        o.create(true);
-    }
-    let mut f = o.open(path)?;
-    let len = f.metadata()?.len();
-    if len > 0 {
-        let mut last = [0u8; 1];
-        f.seek(SeekFrom::Start(len - 1))?;
-        f.read_exact(&mut last)?;
-        if last[0] != b'\n' {
-            f.write_all(b"\n")?;
-        }
-    }
-    Ok(f)
-}
-
-/// Append `bytes` with one write(2) (more only after a short write). On failure the bytes of
-/// this call that did reach the file are cut off again (the file is opened `O_APPEND` and
-/// written under its lock, so they are its last bytes), so no partial line is left behind.
-/// No extra syscall when the write succeeds.
-pub(crate) fn append_whole(f: &mut File, bytes: &[u8]) -> std::io::Result<()> {
-    let mut written = 0;
-    while written < bytes.len() {
-        match f.write(&bytes[written..]) {
-            Ok(0) => return Err(cut(f, written, std::io::ErrorKind::WriteZero.into())),
-            Ok(n) => written += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(cut(f, written, e)),
-        }
-    }
-    Ok(())
-}
-
-/// Remove the `written` bytes a failed append left at the end of `f`; returns `e`.
-fn cut(f: &File, written: usize, e: std::io::Error) -> std::io::Error {
-    if written > 0 {
-        let r = f
-            .metadata()
-            .and_then(|m| f.set_len(m.len().saturating_sub(written as u64)));
-        if let Err(t) = r {
-            tracing::error!(error = %t, "cannot cut a partial line back");
-        }
-    }
-    e
-}
-
 impl Audit {
+    /// The audit log with each line written directly (one write(2) per line).
     pub fn open(data_dir: &Path) -> std::io::Result<Audit> {
         std::fs::create_dir_all(data_dir)?;
-        let path = data_dir.join("audit.jsonl");
-        let file = open_append(&path, false)?;
         let health = Arc::new(Health::default());
         let _ = health.sessions_dir.set(data_dir.join("sessions"));
+        let sink = Sink::open(
+            data_dir.join("audit.jsonl"),
+            false,
+            FileKind::Audit,
+            health.clone(),
+        )?;
         Ok(Audit {
             inner: Arc::new(AuditInner {
-                path,
-                file: Mutex::new(file),
+                sink: Arc::new(sink),
                 health,
+                journal: None,
             }),
         })
+    }
+
+    /// The agent's audit log: lines go through `<data_dir>/journal` (see `journal.rs`), and
+    /// what a crashed agent left there is written out first. If the journal cannot be used
+    /// (another agent holds it, no room for it) each line is written directly, as
+    /// [`Audit::open`] does, with a warning.
+    pub fn open_journaled(data_dir: &Path) -> std::io::Result<Audit> {
+        let direct = Audit::open(data_dir)?;
+        let inner = &direct.inner;
+        match Journal::open(
+            data_dir,
+            inner.sink.clone(),
+            inner.health.clone(),
+            crate::journal::DEFAULT_CAPACITY,
+        ) {
+            Ok(j) => Ok(Audit {
+                inner: Arc::new(AuditInner {
+                    sink: inner.sink.clone(),
+                    health: inner.health.clone(),
+                    journal: Some(j),
+                }),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "audit journal unavailable: every audit and recording line is written with its own write(2)");
+                Ok(direct)
+            }
+        }
     }
 
     /// The write health shared by this log and the recordings.
@@ -254,13 +114,26 @@ impl Audit {
         &self.inner.health
     }
 
+    /// The journal lines go through, if any.
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.inner.journal.as_ref()
+    }
+
+    /// Write out what the journal holds (at a clean stop); nothing to do without one.
+    pub fn flush(&self) {
+        if let Some(j) = &self.inner.journal {
+            j.drain_now();
+        }
+    }
+
     /// Open the file again at its path (after logrotate renamed it: SIGHUP). Lines written
     /// before the swap are in the old file, lines after it in the new one; none is lost or
     /// split. If the path cannot be opened the old file is kept.
     pub fn reopen(&self) -> std::io::Result<()> {
-        let file = open_append(&self.inner.path, false)?;
-        *crate::lock(&self.inner.file) = file;
-        Ok(())
+        match &self.inner.journal {
+            Some(j) => j.drained(|| self.inner.sink.reopen()),
+            None => self.inner.sink.reopen(),
+        }
     }
 
     /// Write one event; `ts` is added first. A failure is cut back, counted and makes
@@ -274,33 +147,26 @@ impl Audit {
         self.append(line.as_bytes());
     }
 
-    /// Write one event built with [`Line`] (the per-statement hot path: no map, one write).
+    /// Write one event built with [`Line`] (the per-statement hot path: no map; with the
+    /// journal no syscall, else one write).
     pub fn write_line(&self, line: Line) {
         self.append(&line.finish());
     }
 
-    /// Append whole lines; `false` if they could not be written.
-    fn append(&self, line: &[u8]) -> bool {
-        let mut f = crate::lock(&self.inner.file);
-        match append_whole(&mut f, line) {
-            Ok(()) => {
-                drop(f);
-                self.inner.health.ok(FileKind::Audit);
-                true
-            }
-            Err(e) => {
-                drop(f);
-                self.inner
-                    .health
-                    .failed(FileKind::Audit, &self.inner.path, &e);
-                false
+    /// Append whole lines: into the journal, or directly.
+    fn append(&self, line: &[u8]) {
+        match &self.inner.journal {
+            Some(j) => j.append(crate::journal::AUDIT, b"", line, false),
+            None => {
+                self.inner.sink.append(line);
             }
         }
     }
 
     /// `Err(reason)` while the audit log or recordings cannot be written. In that state each
-    /// call retries: a probe line (`audit_resumed`) for the log, a probe file for recordings;
-    /// if they succeed, service resumes at once. One atomic load when all is well.
+    /// call retries: a probe line (`audit_resumed`) for the log (with the journal: the lines
+    /// it holds are written, then that line), a probe file for recordings; if they succeed,
+    /// service resumes at once. One atomic load when all is well.
     pub fn check(&self) -> Result<(), String> {
         let h = &self.inner.health;
         if !h.any.load(Ordering::Acquire) {
@@ -312,7 +178,20 @@ impl Audit {
                 .str("event", "audit_resumed")
                 .str("after_error", &err)
                 .finish();
-            self.append(&line);
+            match &self.inner.journal {
+                Some(j) => {
+                    j.drain_now();
+                    if crate::lock(&h.audit).is_none() {
+                        self.append(&line);
+                    } else if j.backlog() == 0 {
+                        // Nothing held back: the failure was a direct write's; probe directly.
+                        j.drained(|| self.inner.sink.append(&line));
+                    }
+                }
+                None => {
+                    self.inner.sink.append(&line);
+                }
+            }
         }
         h.probe_recording();
         match h.failure() {

@@ -1,9 +1,11 @@
 //! Session recordings: one JSON-lines file per session under `<data_dir>/sessions/`.
 //! Callers only ever pass masked values; credentials never reach a recording.
 //!
-//! Every write is a single write(2) of whole lines. A statement's line is deferred
-//! ([`Recorder::defer`]) and goes out in the same write(2) as the next event, normally the
-//! statement's result, so a statement costs one write instead of two; a crash therefore loses
+//! With the agent's journal (`journal.rs`, [`Recorder::open_in`]) every line goes into the
+//! journal at once, with no syscall, and reaches the file with the next drain: a crash loses
+//! none. Without it every write is a single write(2) of whole lines, and a statement's line is
+//! deferred ([`Recorder::defer`]) to go out in the same write(2) as the next event, normally
+//! the statement's result, so a statement costs one write instead of two; a crash then loses
 //! at most the statement in flight (its line and its result), never an earlier one.
 //!
 //! File names are `<session id>.<16 random hex digits>.jsonl`, created with `O_EXCL` and
@@ -11,7 +13,7 @@
 //! write is cut back and reported to the shared [`Health`] (see `audit.rs`).
 
 use std::{
-    fs::{self, File},
+    fs,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -19,7 +21,8 @@ use std::{
 use serde_json::{Map, Value};
 
 use crate::{
-    audit::{append_whole, now_ts, open_append, FileKind, Health, Line},
+    audit::{now_ts, Audit, FileKind, Health, Line, Sink},
+    journal::Journal,
     lock,
 };
 
@@ -41,8 +44,9 @@ pub struct OperationEvent<'a> {
 
 pub struct Recorder {
     path: PathBuf,
-    file: Mutex<File>,
-    health: Arc<Health>,
+    sink: Arc<Sink>,
+    /// The journal, this recording's destination id in it, and its file name.
+    journal: Option<(Arc<Journal>, u32, String)>,
     /// Deferred lines (statements waiting for their result), written with the next event.
     pending: Mutex<Vec<u8>>,
 }
@@ -64,7 +68,8 @@ fn safe(id: &str) -> String {
 }
 
 impl Recorder {
-    /// Create the session's recording. A failure (disk full) is reported to `health` too.
+    /// Create the session's recording, written directly. A failure (disk full) is reported
+    /// to `health` too.
     pub fn open(data_dir: &Path, session: &str, health: Arc<Health>) -> std::io::Result<Recorder> {
         let dir = data_dir.join("sessions");
         let path = dir.join(format!(
@@ -72,15 +77,32 @@ impl Recorder {
             safe(session),
             rand::random::<u64>()
         ));
-        let file = fs::create_dir_all(&dir)
-            .and_then(|()| open_append(&path, true))
+        let sink = fs::create_dir_all(&dir)
+            .and_then(|()| Sink::open(path.clone(), true, FileKind::Recording, health.clone()))
             .inspect_err(|e| health.failed(FileKind::Recording, &path, e))?;
         Ok(Recorder {
             path,
-            file: Mutex::new(file),
-            health,
+            sink: Arc::new(sink),
+            journal: None,
             pending: Mutex::new(Vec::new()),
         })
+    }
+
+    /// [`Recorder::open`] with `audit`'s health, its lines going through `audit`'s journal
+    /// when it has one.
+    pub fn open_in(data_dir: &Path, session: &str, audit: &Audit) -> std::io::Result<Recorder> {
+        let mut r = Recorder::open(data_dir, session, audit.health().clone())?;
+        if let Some(j) = audit.journal().filter(|j| j.data_dir() == data_dir) {
+            let name = r
+                .path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let id = j.register(r.sink.clone());
+            r.journal = Some((j.clone(), id, name));
+        }
+        Ok(r)
     }
 
     /// The neutral operation event every protocol can write (`tollgate replay` renders it for
@@ -118,46 +140,47 @@ impl Recorder {
         self.emit(&line.finish());
     }
 
-    /// Keep `line` to write with the next event (see the module comment).
+    /// Keep `line` to write with the next event (see the module comment); with the journal
+    /// it goes in at once.
     pub fn defer(&self, line: Line) {
+        if let Some((j, id, name)) = &self.journal {
+            return j.append(*id, name.as_bytes(), &line.finish(), false);
+        }
         let mut p = lock(&self.pending);
         p.extend_from_slice(&line.finish());
         if p.len() >= PENDING_CAP {
             let out = std::mem::take(&mut *p);
             drop(p);
-            self.append(&out);
+            self.sink.append(&out);
         }
     }
 
     fn emit(&self, line: &[u8]) {
+        if let Some((j, id, name)) = &self.journal {
+            return j.append(*id, name.as_bytes(), line, false);
+        }
         let mut p = lock(&self.pending);
         if p.is_empty() {
             drop(p);
-            self.append(line);
+            self.sink.append(line);
         } else {
             p.extend_from_slice(line);
             let out = std::mem::take(&mut *p);
             drop(p);
-            self.append(&out);
-        }
-    }
-
-    fn append(&self, bytes: &[u8]) {
-        let mut f = lock(&self.file);
-        let r = append_whole(&mut f, bytes);
-        drop(f);
-        match r {
-            Ok(()) => self.health.ok(FileKind::Recording),
-            Err(e) => self.health.failed(FileKind::Recording, &self.path, &e),
+            self.sink.append(&out);
         }
     }
 }
 
 impl Drop for Recorder {
     fn drop(&mut self) {
+        if let Some((j, id, name)) = &self.journal {
+            // The journal releases the file once this recording's last line is written.
+            return j.append(*id, name.as_bytes(), b"", true);
+        }
         let p = std::mem::take(&mut *lock(&self.pending));
         if !p.is_empty() {
-            self.append(&p);
+            self.sink.append(&p);
         }
     }
 }

@@ -69,6 +69,7 @@ fn cast_text(dir: &Path, name: &str) -> String {
 
 /// The session's timeline as readable lines.
 pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
+    crate::journal::Journal::recover(data_dir);
     let p = recording_path(data_dir, id);
     let not_found = || ReplayError::NotFound {
         id: id.to_string(),

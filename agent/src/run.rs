@@ -92,7 +92,7 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     let cfg = policy.agent.clone();
     // Before anything is written there: data_dir must be the agent's own.
     crate::datadir::prepare(&cfg.data_dir).context("[agent] data_dir cannot be trusted")?;
-    let audit = Audit::open(&cfg.data_dir)
+    let audit = Audit::open_journaled(&cfg.data_dir)
         .with_context(|| format!("cannot open audit log in {}", cfg.data_dir.display()))?;
     let metrics = Metrics::new();
     audit
@@ -302,6 +302,8 @@ async fn run_async(policy_path: PathBuf, policy: Policy) -> anyhow::Result<()> {
     agent.audit.write(obj(
         json!({"event": "agent_stop", "pid": std::process::id()}),
     ));
+    // Everything in the journal reaches the files before the process goes.
+    agent.audit.flush();
     if cfg.fail_mode == FailMode::Closed {
         info!(pins = %cfg.bpf_pin_path.display(), "stopped; protected destinations refuse connections until the agent is back (`tollgate uninstall` restores direct access)");
     }

@@ -11,8 +11,8 @@ use serde_json::Value;
 use vm_tests::{
     pg::{app_target, PgServer, APP_PASSWORD},
     psql::Psql,
-    require_root, tollgate, tollgate_bin, wait_for, AgentProc, Cgroup, FailMode, Prometheus,
-    TempDir,
+    require_root, tollgate, tollgate_bin, wait_for, wait_until, AgentProc, Cgroup, FailMode,
+    Prometheus, TempDir,
 };
 
 fn repo() -> &'static Path {
@@ -109,9 +109,19 @@ fn status_incident_approvals_and_every_dashboard_panel_has_data() {
     let id = held.approval_id();
 
     // `sessions list` while the delete is held: that session is open; the DROP's is denied.
+    // (The agent's lines reach the files from its journal within milliseconds, later on a
+    // loaded machine: poll briefly.)
     let dd = agent.data_dir.display().to_string();
-    let (code, open, err) = tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "open"]);
-    assert_eq!(code, 0, "{err}");
+    let list = |status: &str| {
+        wait_until(Duration::from_secs(5), || {
+            let (code, out, err) =
+                tollgate(&["sessions", "list", "--data-dir", &dd, "--status", status]);
+            assert_eq!(code, 0, "{err}");
+            (out.lines().count() == 2).then_some(out.clone())
+        })
+        .unwrap_or_else(|| tollgate(&["sessions", "list", "--data-dir", &dd, "--status", status]).1)
+    };
+    let open = list("open");
     assert_eq!(
         open.lines().count(),
         2,
@@ -121,7 +131,7 @@ fn status_incident_approvals_and_every_dashboard_panel_has_data() {
         open.contains("ci-bot -> app-db") && open.contains(&format!("#{id} pending")),
         "{open}"
     );
-    let (_, denied, _) = tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "denied"]);
+    let denied = list("denied");
     assert_eq!(denied.lines().count(), 2, "{denied}");
     let denied_row = denied.lines().nth(1).expect("row");
     assert!(denied_row.contains(" ended "), "{denied}");
@@ -380,8 +390,9 @@ fn a_session_cut_off_by_an_agent_crash_is_marked() {
     std::fs::write(&secret, format!("{APP_PASSWORD}\n")).expect("secret");
     let mut agent = AgentProc::start("opscrash", FailMode::Closed, &body(&pg, &bot, &secret));
     let dd = agent.data_dir.display().to_string();
-    // A session in the middle of its second statement when the agent is killed (the first
-    // one, answered, is in the recording).
+    // A session in the middle of its second statement when the agent is killed: the first
+    // one, answered, is in the recording, and so is the second, in flight (the journal has
+    // it before the server does).
     let p = Psql::spawn(
         &bot,
         pg.port,
@@ -390,13 +401,13 @@ fn a_session_cut_off_by_an_agent_crash_is_marked() {
     );
     wait_for(
         Duration::from_secs(10),
-        "the first statement in the recording",
+        "both statements in the recording",
         || {
             let (_, out, _) =
                 tollgate(&["sessions", "list", "--data-dir", &dd, "--status", "open"]);
             let row = out.lines().nth(1)?;
             // SESSION STARTED STATUS DURATION IDENTITY -> TARGET STMTS ...
-            (row.split_whitespace().nth(7) == Some("1")).then_some(())
+            (row.split_whitespace().nth(7) == Some("2")).then_some(())
         },
     );
     agent.kill9();
@@ -414,6 +425,7 @@ fn a_session_cut_off_by_an_agent_crash_is_marked() {
         .expect("id");
     let (_, replay, _) = tollgate(&["replay", sid, "--data-dir", &dd]);
     assert!(replay.contains("SQL    SELECT 1"), "{replay}");
+    assert!(replay.contains("SELECT pg_sleep(30)"), "{replay}");
     assert!(
         replay
             .lines()

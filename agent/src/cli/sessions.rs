@@ -273,6 +273,7 @@ pub fn list(data_dir: &Path, filter: &Filter) -> Result<Vec<Summary>, ReplayErro
         dir: dir.display().to_string(),
         source,
     })?;
+    crate::journal::Journal::recover(data_dir);
     let audit = AuditIndex::read(data_dir);
     let mut out: Vec<Summary> = rd
         .flatten()

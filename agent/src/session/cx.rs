@@ -131,10 +131,10 @@ impl SessionCx {
     /// Open the session's recording under data_dir. None when it cannot be created: the
     /// failure is then reported to the audit health (`/healthz`, `tollgate status`).
     pub fn open_recorder(&self) -> Option<std::sync::Arc<crate::recording::Recorder>> {
-        crate::recording::Recorder::open(
+        crate::recording::Recorder::open_in(
             &self.gen.policy.agent.data_dir,
             &self.id,
-            self.agent.audit.health().clone(),
+            &self.agent.audit,
         )
         .ok()
         .map(std::sync::Arc::new)
