@@ -230,6 +230,56 @@ fn cleanup_stale() {
     }
 }
 
+/// The terminal recording (`.cast`) under `data_dir/sessions`, once written: asciicast v2
+/// begun at 80x24, holding `typed` and the resize event `resize` (`"100x30"`), which
+/// `asciinema play` plays showing `typed`. Returns its text.
+pub fn checked_cast(data_dir: &Path, typed: &str, resize: &str) -> String {
+    let sessions = data_dir.join("sessions");
+    let cast = wait_for(Duration::from_secs(10), "a .cast file", || {
+        fs::read_dir(&sessions)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "cast"))
+    });
+    let text = fs::read_to_string(&cast).expect("read cast");
+    let header: Value =
+        serde_json::from_str(text.lines().next().unwrap_or_default()).expect("cast header");
+    assert_eq!(header["version"], 2, "{header}");
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(80), Some(24)),
+        "{header}"
+    );
+    assert!(text.contains(typed), "{text}");
+    assert!(text.contains(&format!("\"r\",\"{resize}\"")), "{text}");
+    let out = Command::new("asciinema")
+        .args(["play", "-i", "0.05"])
+        .arg(&cast)
+        .output()
+        .expect("asciinema");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(typed));
+    text
+}
+
+/// `tollgate replay SESSION --data-dir DATA_DIR`: (stdout, stderr).
+pub fn replay(data_dir: &Path, session: &str) -> (String, String) {
+    let out = Command::new(tollgate_bin())
+        .args(["replay", session, "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("tollgate replay");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Poll `f` every 20 ms until it returns `Some`, or panic after `timeout` naming `what`.
 pub fn wait_for<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
     wait_until(timeout, f)

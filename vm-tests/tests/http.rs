@@ -15,6 +15,17 @@ const TOKEN: &str = "tg-upstream-token-5f1e";
 const STOLEN: &str = "stolen-bot-token-77aa";
 
 fn policy(bot: &Cgroup, srv: &HttpsServer, token: &Path) -> String {
+    billing_policy(
+        bot,
+        srv,
+        &format!("token_file = \"{}\"", token.display()),
+        "\"GET\", \"POST\"",
+    )
+}
+
+/// The `billing` target with `credential` as its credential's keys, read by `ci-bot` with
+/// `methods` under `/api/v1/*`; DELETE denied.
+fn billing_policy(bot: &Cgroup, srv: &HttpsServer, credential: &str, methods: &str) -> String {
     format!(
         r#"[[identity]]
 name = "ci-bot"
@@ -28,14 +39,14 @@ credential = "billing-api"
 tls = {{ mode = "verify-full", ca_file = "{ca}", server_name = "localhost" }}
 
 [credential.billing-api]
-token_file = "{token}"
+{credential}
 
 [[rule]]
 name = "ci reads the v1 API"
 identities = ["ci-bot"]
 targets = ["billing"]
 action = "allow"
-http = {{ methods = ["GET", "POST"], paths = ["/api/v1/*"] }}
+http = {{ methods = [{methods}], paths = ["/api/v1/*"] }}
 
 [[rule]]
 name = "nobody deletes"
@@ -47,7 +58,6 @@ http = {{ methods = ["DELETE"] }}
         glob = bot.glob(),
         port = srv.port,
         ca = srv.ca_file.display(),
-        token = token.display(),
     )
 }
 
@@ -97,6 +107,20 @@ fn curl(bot: &Cgroup, ca: &Path, args: &[&str]) -> (u16, String, String) {
     let version = t.next().unwrap_or("").to_string();
     assert!(code != 0, "curl {args:?} failed: {}", text(&out));
     (code, body.to_string(), version)
+}
+
+/// `curl URL` as `bot`, trusting only `ca`, with `host:port:addr` as `resolve`: it must fail
+/// (no HTTP status at all: refused at connect or in the TLS handshake).
+fn curl_fails(bot: &Cgroup, ca: &Path, resolve: &str, url: &str) {
+    let out = bot
+        .command(Path::new("/usr/bin/curl"))
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", resolve, url])
+        .env_clear()
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "{}", text(&out));
 }
 
 /// A server, a bot cgroup, the target's token file, the agent (with `extra` rules, and the
@@ -711,26 +735,10 @@ action = "allow"
     // The bot's own header went through: nothing was decrypted, so nothing was replaced.
     assert_eq!(log[0]["authorization"], format!("Bearer {STOLEN}"));
     // Trusting only the agent's CA fails: the agent minted no certificate.
-    let out = bot
-        .command(Path::new("/usr/bin/curl"))
-        .args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(&agent_ca)
-        .args(["--resolve", &resolve, &url])
-        .env_clear()
-        .output()
-        .expect("curl");
-    assert!(!out.status.success(), "{}", text(&out));
+    curl_fails(&bot, &agent_ca, &resolve, &url);
 
     // Another identity, no whole-connection rule: refused at connect, nothing reaches the server.
-    let out = other
-        .command(Path::new("/usr/bin/curl"))
-        .args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(&server_ca)
-        .args(["--resolve", &resolve, &url])
-        .env_clear()
-        .output()
-        .expect("curl");
-    assert!(!out.status.success(), "{}", text(&out));
+    curl_fails(&other, &server_ca, &resolve, &url);
     assert_eq!(srv.access_log().len(), 1);
 
     // The audit: connection decisions only, no request was decided one by one.
@@ -771,34 +779,15 @@ fn client_certificate_credential_for_a_server_requiring_mtls() {
     std::fs::write(&key, &client.key_pem).expect("key");
     let srv = HttpsServer::start_mtls(tag, &client_ca);
     let bot = Cgroup::new(&format!("{tag}-bot"));
-    let body = format!(
-        r#"[[identity]]
-name = "ci-bot"
-cgroup = "{glob}"
-
-[[target]]
-name = "billing"
-protocol = "https"
-address = ["127.0.0.1:{port}"]
-credential = "billing-mtls"
-tls = {{ mode = "verify-full", ca_file = "{ca}", server_name = "localhost" }}
-
-[credential.billing-mtls]
-cert_file = "{cert}"
-key_file = "{key}"
-
-[[rule]]
-name = "ci reads the v1 API"
-identities = ["ci-bot"]
-targets = ["billing"]
-action = "allow"
-http = {{ methods = ["GET"], paths = ["/api/v1/*"] }}
-"#,
-        glob = bot.glob(),
-        port = srv.port,
-        ca = srv.ca_file.display(),
-        cert = cert.display(),
-        key = key.display(),
+    let body = billing_policy(
+        &bot,
+        &srv,
+        &format!(
+            "cert_file = \"{}\"\nkey_file = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+        "\"GET\"",
     );
     let agent = AgentProc::start(tag, FailMode::Closed, &body);
     let trust = TempDir::new(&format!("{tag}-trust"));

@@ -444,36 +444,8 @@ fn kubectl_exec_tty_in_tmux_is_recorded_as_asciicast() {
     );
 
     // The recording: asciicast v2 with the output and the resize, never the input alone.
+    vm_tests::checked_cast(&agent.data_dir, "typed-42", "100x30");
     let sessions = agent.data_dir.join("sessions");
-    let cast = vm_tests::wait_for(Duration::from_secs(10), "a .cast file", || {
-        std::fs::read_dir(&sessions)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "cast"))
-    });
-    let text = std::fs::read_to_string(&cast).expect("cast");
-    let header: serde_json::Value =
-        serde_json::from_str(text.lines().next().unwrap_or_default()).expect("header");
-    assert_eq!(header["version"], 2, "{header}");
-    assert_eq!(
-        (header["width"].as_u64(), header["height"].as_u64()),
-        (Some(80), Some(24)),
-        "{header}"
-    );
-    assert!(text.contains("typed-42"), "{text}");
-    assert!(text.contains("\"r\",\"100x30\""), "{text}");
-    let out = Command::new("asciinema")
-        .args(["play", "-i", "0.05"])
-        .arg(&cast)
-        .output()
-        .expect("asciinema");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("typed-42"));
     let session = std::fs::read_dir(&sessions)
         .expect("sessions")
         .flatten()
@@ -484,15 +456,9 @@ fn kubectl_exec_tty_in_tmux_is_recorded_as_asciicast() {
         })
         .and_then(|n| n.split('.').next().map(str::to_string))
         .expect("the exec session's recording");
-    let out = Command::new(vm_tests::tollgate_bin())
-        .args(["replay", &session, "--data-dir"])
-        .arg(&agent.data_dir)
-        .output()
-        .expect("tollgate replay");
-    let shown = String::from_utf8_lossy(&out.stdout);
+    let (shown, err) = vm_tests::replay(&agent.data_dir, &session);
     assert!(
         shown.contains("TERM") && shown.contains("echo session") && shown.contains("typed-42"),
-        "{shown}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{shown}\n{err}"
     );
 }

@@ -453,35 +453,8 @@ fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
     // (`after-2` within seconds of a `sleep 60` shows Ctrl-C interrupted it.)
 
     // The recording: asciicast v2 with output and the resize, which asciinema plays.
+    checked_cast(&agent.data_dir, "typed-42", "100x30");
     let sessions = agent.data_dir.join("sessions");
-    let cast = wait_for(std::time::Duration::from_secs(10), "a .cast file", || {
-        fs::read_dir(&sessions)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "cast"))
-    });
-    let text = fs::read_to_string(&cast).expect("read cast");
-    let header: serde_json::Value =
-        serde_json::from_str(text.lines().next().unwrap_or_default()).expect("header");
-    assert_eq!(header["version"], 2, "{header}");
-    assert_eq!(
-        (header["width"].as_u64(), header["height"].as_u64()),
-        (Some(80), Some(24))
-    );
-    assert!(text.contains("typed-42"), "{text}");
-    assert!(text.contains("\"r\",\"100x30\""), "{text}");
-    let out = std::process::Command::new("asciinema")
-        .args(["play", "-i", "0.05"])
-        .arg(&cast)
-        .output()
-        .expect("asciinema");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("typed-42"));
     // `tollgate replay` prints the terminal's output.
     let session = fs::read_dir(&sessions)
         .expect("sessions")
@@ -490,17 +463,8 @@ fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
         .find(|n| n.ends_with(".jsonl"))
         .and_then(|n| n.split('.').next().map(str::to_string))
         .expect("jsonl recording");
-    let out = std::process::Command::new(tollgate_bin())
-        .args(["replay", &session, "--data-dir"])
-        .arg(&agent.data_dir)
-        .output()
-        .expect("tollgate replay");
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        shown.contains("typed-42"),
-        "{shown}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (shown, err) = replay(&agent.data_dir, &session);
+    assert!(shown.contains("typed-42"), "{shown}\n{err}");
 }
 
 /// `ssh [extra] root@127.0.0.1 [-- command]` as the bot (its HOME, stdin null, stdout and

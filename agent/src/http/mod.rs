@@ -430,15 +430,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-/// A body that counts the bytes it passes and, when dropped, writes the request's
-/// recording line (so bytes and duration are final).
-struct Tally {
+/// A body that shows each data frame it passes to `seen`, and calls `done` when dropped.
+struct Observed<F: FnMut(&Bytes) + Send + 'static> {
     inner: AnyBody,
-    bytes: Arc<AtomicU64>,
-    done: Option<Box<dyn FnOnce(u64) + Send>>,
+    seen: F,
+    done: Option<Box<dyn FnOnce() + Send>>,
 }
 
-impl Body for Tally {
+impl<F: FnMut(&Bytes) + Send + Unpin + 'static> Body for Observed<F> {
     type Data = Bytes;
     type Error = hyper::Error;
     fn poll_frame(
@@ -448,7 +447,7 @@ impl Body for Tally {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
-                self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                (self.seen)(d);
             }
         }
         r
@@ -461,20 +460,32 @@ impl Body for Tally {
     }
 }
 
-impl Drop for Tally {
+impl<F: FnMut(&Bytes) + Send + 'static> Drop for Observed<F> {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
-            done(self.bytes.load(Ordering::Relaxed));
+            done();
         }
     }
 }
 
+/// `inner`, counting the bytes it passes into `bytes`; `done` gets the count when the body
+/// is dropped (so the request's recording line has final bytes and duration).
 fn tally(
     inner: AnyBody,
     bytes: Arc<AtomicU64>,
     done: Option<Box<dyn FnOnce(u64) + Send>>,
 ) -> AnyBody {
-    Tally { inner, bytes, done }.boxed_unsync()
+    let counted = bytes.clone();
+    Observed {
+        inner,
+        seen: move |d: &Bytes| {
+            counted.fetch_add(d.len() as u64, Ordering::Relaxed);
+        },
+        done: done.map(|f| -> Box<dyn FnOnce() + Send> {
+            Box::new(move || f(bytes.load(Ordering::Relaxed)))
+        }),
+    }
+    .boxed_unsync()
 }
 
 /// One request's recording line, written when its response body ends.
@@ -531,50 +542,25 @@ impl Bodies {
     }
 }
 
-/// A body that keeps its start in `bodies` (request or response side).
-struct Capture {
-    inner: AnyBody,
-    bodies: Arc<Bodies>,
-    response: bool,
-}
-
-impl Body for Capture {
-    type Data = Bytes;
-    type Error = hyper::Error;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                let side = if self.response {
-                    &self.bodies.response
-                } else {
-                    &self.bodies.request
-                };
-                Bodies::keep(side, d);
-            }
-        }
-        r
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// `inner`, its start kept in `bodies` when bodies are recorded.
 fn capture(inner: AnyBody, bodies: &Option<Arc<Bodies>>, response: bool) -> AnyBody {
     match bodies {
-        Some(b) => Capture {
-            inner,
-            bodies: b.clone(),
-            response,
+        Some(b) => {
+            let bodies = b.clone();
+            Observed {
+                inner,
+                seen: move |d: &Bytes| {
+                    let side = if response {
+                        &bodies.response
+                    } else {
+                        &bodies.request
+                    };
+                    Bodies::keep(side, d);
+                },
+                done: None,
+            }
+            .boxed_unsync()
         }
-        .boxed_unsync(),
         None => inner,
     }
 }
