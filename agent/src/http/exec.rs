@@ -22,6 +22,9 @@ pub struct Terminal {
     cast: Mutex<Option<Arc<Cast>>>,
     create: Box<dyn Fn(u32, u32) -> Option<Cast> + Send + Sync>,
     masker: Masker,
+    /// The output channel (1 stdout, 2 stderr) of the last message: a switch ends a word for
+    /// the detectors (what the cast held back of the other stream is written first).
+    channel: Mutex<u8>,
 }
 
 impl Terminal {
@@ -34,6 +37,7 @@ impl Terminal {
             cast: Mutex::new(None),
             create,
             masker,
+            channel: Mutex::new(0),
         }
     }
 
@@ -49,6 +53,10 @@ impl Terminal {
         match (from_bot, channel) {
             (false, 1 | 2) if !data.is_empty() => {
                 if let Some(c) = self.cast(80, 24) {
+                    let last = std::mem::replace(&mut *lock(&self.channel), channel);
+                    if last != channel {
+                        c.finish(&self.masker);
+                    }
                     c.output(data, &self.masker);
                 }
             }
@@ -68,6 +76,15 @@ impl Terminal {
                 }
             }
             _ => {}
+        }
+    }
+}
+
+impl Drop for Terminal {
+    /// The exec ended (both directions' taps are gone): what the cast held back is written.
+    fn drop(&mut self) {
+        if let Some(c) = lock(&self.cast).as_ref() {
+            c.finish(&self.masker);
         }
     }
 }
@@ -278,6 +295,8 @@ mod tests {
         for piece in up[30..].chunks(3) {
             tap_up.feed(piece);
         }
+        // The exec ends: the taps and the terminal go, and the cast's held-back tail is written.
+        drop((tap_up, tap_down, terminal));
         let path = lock(&made).first().cloned().expect("a cast");
         let text = std::fs::read_to_string(path).expect("cast");
         let mut lines = text.lines();
