@@ -293,7 +293,7 @@ fn measure(port: u16, s: &mut Samples, agent: Option<u32>) -> Result<()> {
 fn idle_connection_memory(port: u16, agent_pid: u32, metrics: &str) -> Result<f64> {
     held_session_memory(agent_pid, metrics, "https", IDLE, 5, || {
         let mut c = Command::new("openssl")
-            .args(["s_client", "-quiet", "-connect"])
+            .args(["s_client", "-quiet", "-no_ign_eof", "-connect"])
             .arg(format!("127.0.0.1:{port}"))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
