@@ -1,11 +1,12 @@
 //! Project tasks: `cargo xtask setup | build | test | kernels | demo | bench | package`.
 //!
 //! Layout: `setup.rs` (toolchain, bpf-linker, Debian packages), `demo.rs` (the README demo and
-//! the process/cgroup/PostgreSQL guards it needs), `bench.rs` (side-by-side ratios; `bench_pg.rs` and `bench_ssh.rs` per protocol),
+//! the process/cgroup/PostgreSQL guards it needs), `bench.rs` (side-by-side ratios; `bench_pg.rs`, `bench_ssh.rs` and `bench_http.rs` per protocol),
 //! `kernels.rs` (the kernel matrix under qemu), `package.rs` (the .deb), `modcycles.rs` (no import cycle between the
 //! agent's modules), `statics.rs` (no handler state in a `static`), `util.rs` (process helpers).
 
 mod bench;
+mod bench_http;
 mod bench_pg;
 mod bench_ssh;
 mod demo;
@@ -87,7 +88,7 @@ enum Cmd {
     },
     /// Print side-by-side performance ratios (needs root).
     Bench {
-        /// `pg` for the pgbench table, `ssh` for the SSH handler; nothing for the interception figures.
+        /// `pg` for the pgbench table, `ssh` for the SSH handler, `http` for the HTTPS handler; nothing for the interception figures.
         what: Option<String>,
         /// Run only one part: connect, first-byte or throughput; for `pg`: table, memory or
         /// approvals.
@@ -237,7 +238,8 @@ fn main() -> Result<()> {
                 None => bench::bench(only.as_deref()),
                 Some("pg") => bench_pg::bench_pg(only.as_deref()),
                 Some("ssh") => bench_ssh::bench_ssh(),
-                Some(other) => bail!("unknown benchmark {other:?}: use `cargo xtask bench`, `cargo xtask bench pg` or `cargo xtask bench ssh`"),
+                Some("http") => bench_http::bench_http(),
+                Some(other) => bail!("unknown benchmark {other:?}: use `cargo xtask bench`, `cargo xtask bench pg`, `cargo xtask bench ssh` or `cargo xtask bench http`"),
             }
         }
     }

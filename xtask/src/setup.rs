@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "pgbouncer",
     "wrk",
+    // `cargo xtask bench http`: the HTTPS upstream and the reverse proxy it is compared with.
+    "nginx",
     "hyperfine",
     // `cargo xtask bench pg` counts the proxies' system calls.
     "strace",

@@ -1,0 +1,472 @@
+//! `cargo xtask bench http`: the HTTPS handler against the same upstream directly and against
+//! nginx configured as the same TLS-terminating, re-encrypting reverse proxy (verifying the
+//! upstream, keep-alive upstream connections, adding an `Authorization` header), in one run of
+//! interleaved rounds (the columns' order rotates every round, so a drift of the machine over
+//! time falls on all of them alike). Figures: `wrk` requests per second and p50/p99 latency for
+//! a small answer over keep-alive connections, a 1 GiB download, the agent's CPU time per
+//! request, and the agent's memory per idle keep-alive connection.
+//!
+//! The upstream is nginx serving static files over TLS on loopback (a certificate from a
+//! throwaway CA made with `openssl`); the bench process and its clients join the bench
+//! identity's cgroup for the agent's column. Clients do not verify the certificate they get
+//! (`wrk` never does, `curl -k`): every column still does a full TLS handshake and encryption.
+//! Never fails on slow numbers, only on broken setups.
+
+use std::{
+    fs,
+    io::Write as _,
+    net::TcpStream,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    bench_pg::{free_port, held_session_memory, InBenchCgroup},
+    demo::AgentProc,
+    util::{self, cpu_ms, median, run},
+};
+
+const WORK: &str = "/tmp/tollgate-bench-http";
+/// The download (a sparse file: no disk used; nginx sends it as is, nothing compresses it).
+const DOWNLOAD_MIB: u64 = 1024;
+/// Rounds of every measurement; each figure is the median over them.
+const ROUNDS: usize = 3;
+/// `wrk` duration per round and column.
+const WRK_SECS: u32 = 5;
+/// `wrk` keep-alive connections.
+const CONNS: usize = 32;
+/// Idle keep-alive connections held for the memory figure.
+const IDLE: usize = 50;
+/// The small answer.
+const SMALL: &str = "{\"ok\":true,\"items\":[1,2,3],\"note\":\"a small JSON answer\"}\n";
+
+/// One nginx (`daemon off`, so the child is the master), stopped on drop.
+struct Nginx(Child);
+
+impl Nginx {
+    fn start(name: &str, server: &str, port: u16) -> Result<Nginx> {
+        let work = Path::new(WORK);
+        let prefix = work.join(name);
+        fs::create_dir_all(&prefix)?;
+        let p = prefix.display();
+        let conf = format!(
+            r#"daemon off;
+worker_processes auto;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {p}/body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    keepalive_requests 1000000;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_certificate {w}/tls/server.crt;
+    ssl_certificate_key {w}/tls/server.key;
+{server}
+}}
+"#,
+            w = work.display()
+        );
+        let path = prefix.join("nginx.conf");
+        fs::write(&path, conf)?;
+        let log = fs::File::create(prefix.join("stderr.log"))?;
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start nginx (cargo xtask setup installs it)")?;
+        let mut n = Nginx(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if n.0.try_wait()?.is_some() || Instant::now() > deadline {
+                bail!(
+                    "nginx {name} did not start:\n{}",
+                    fs::read_to_string(prefix.join("stderr.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        util::kill(self.0.id(), libc::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+/// A CA and a `localhost` server certificate it signs, in `WORK/tls`.
+fn certificates() -> Result<()> {
+    let tls = Path::new(WORK).join("tls");
+    fs::create_dir_all(&tls)?;
+    let t = |f: &str| tls.join(f);
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=tollgate bench CA", "-keyout"])
+        .arg(t("ca.key"))
+        .arg("-out")
+        .arg(t("ca.crt"))
+        .stderr(Stdio::null()))?;
+    run(Command::new("openssl")
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(t("server.key"))
+        .arg("-out")
+        .arg(t("server.csr"))
+        .stderr(Stdio::null()))?;
+    fs::write(
+        t("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(t("server.csr"))
+        .arg("-CA")
+        .arg(t("ca.crt"))
+        .arg("-CAkey")
+        .arg(t("ca.key"))
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(t("ext.cnf"))
+        .arg("-out")
+        .arg(t("server.crt"))
+        .stderr(Stdio::null()))?;
+    Ok(())
+}
+
+fn policy(up: u16, listen: u16, metrics: u16) -> String {
+    crate::bench::bench_agent_toml("tollgate-bench-http", WORK, listen, metrics)
+        + &format!(
+            r#"
+[[target]]
+name = "api"
+protocol = "https"
+address = ["127.0.0.1:{up}"]
+credential = "api-token"
+tls = {{ mode = "verify-full", ca_file = "{WORK}/tls/ca.crt", server_name = "localhost" }}
+
+[credential.api-token]
+token_file = "{WORK}/secrets/token"
+
+[[rule]]
+name = "bench reads"
+identities = ["bench"]
+targets = ["api"]
+action = "allow"
+http = {{ methods = ["GET"], paths = ["/*"] }}
+"#
+        )
+}
+
+/// One `wrk` run's figures.
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: f64,
+}
+
+/// `wrk`'s duration (`812.00us`, `1.23ms`, `2.00s`) in milliseconds.
+fn wrk_ms(v: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|n| n * scale)
+}
+
+fn wrk(port: u16) -> Result<Wrk> {
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{CONNS}"), &format!("-d{WRK_SECS}s")])
+        .arg("--latency")
+        .arg(format!("https://127.0.0.1:{port}/small.json"))
+        .stdin(Stdio::null())
+        .output()
+        .context("wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() || text.contains("Non-2xx") || text.contains("Socket errors") {
+        bail!(
+            "wrk against port {port} failed or saw errors:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let field = |key: &str| -> Option<&str> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|r| r.split_whitespace().next())
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok());
+    match (
+        field("Requests/sec:").and_then(|v| v.parse().ok()),
+        field("50%").and_then(wrk_ms),
+        field("99%").and_then(wrk_ms),
+        requests,
+    ) {
+        (Some(rps), Some(p50_ms), Some(p99_ms), Some(requests)) => Ok(Wrk {
+            rps,
+            p50_ms,
+            p99_ms,
+            requests,
+        }),
+        _ => bail!("cannot read wrk's output:\n{text}"),
+    }
+}
+
+/// `curl -k` of the download through `port`: seconds; fails unless every byte arrived.
+fn download(port: u16) -> Result<f64> {
+    let t = Instant::now();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-k",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+        ])
+        .arg(format!("https://127.0.0.1:{port}/big"))
+        .stdin(Stdio::null())
+        .output()
+        .context("curl")?;
+    let secs = t.elapsed().as_secs_f64();
+    let got = String::from_utf8_lossy(&out.stdout).to_string();
+    if got != format!("200 {}", DOWNLOAD_MIB << 20) {
+        bail!(
+            "download through port {port}: {got:?}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(secs)
+}
+
+/// A column's samples.
+#[derive(Default)]
+struct Samples {
+    rps: Vec<f64>,
+    p50_ms: Vec<f64>,
+    p99_ms: Vec<f64>,
+    down_s: Vec<f64>,
+    /// Agent CPU microseconds per request.
+    cpu_us: Vec<f64>,
+}
+
+fn measure(port: u16, s: &mut Samples, agent: Option<u32>) -> Result<()> {
+    let before = agent.map(cpu_ms);
+    let w = wrk(port)?;
+    if let (Some(pid), Some(b)) = (agent, before) {
+        s.cpu_us.push((cpu_ms(pid) - b) * 1000.0 / w.requests);
+    }
+    s.rps.push(w.rps);
+    s.p50_ms.push(w.p50_ms);
+    s.p99_ms.push(w.p99_ms);
+    s.down_s.push(download(port)?);
+    Ok(())
+}
+
+/// Agent RSS growth per idle keep-alive connection: `IDLE` `openssl s_client` connections
+/// that each made one request and then wait on their open stdin.
+fn idle_connection_memory(port: u16, agent_pid: u32, metrics: &str) -> Result<f64> {
+    held_session_memory(agent_pid, metrics, "https", IDLE, 5, || {
+        let mut c = Command::new("openssl")
+            .args(["s_client", "-quiet", "-no_ign_eof", "-connect"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("openssl s_client")?;
+        c.stdin
+            .as_mut()
+            .context("stdin")?
+            .write_all(b"GET /small.json HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        Ok(c)
+    })
+}
+
+pub fn bench_http() -> Result<()> {
+    if !util::is_root() {
+        bail!("the benchmark loads eBPF programs: run it as root");
+    }
+    let work = Path::new(WORK);
+    let _ = fs::remove_dir_all(work);
+    fs::create_dir_all(work.join("www"))?;
+    fs::create_dir_all(work.join("secrets"))?;
+    let bin = std::env::var_os("TOLLGATE_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| util::root().join("target/release/tollgate"));
+    println!("agent binary: {}", bin.display());
+    certificates()?;
+    fs::write(work.join("www/small.json"), SMALL)?;
+    fs::File::create(work.join("www/big"))?.set_len(DOWNLOAD_MIB << 20)?;
+    let token = work.join("secrets/token");
+    fs::write(&token, "bench-token\n")?;
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600))?;
+
+    let (up_port, proxy_port) = (free_port()?, free_port()?);
+    let _upstream = Nginx::start(
+        "upstream",
+        &format!(
+            r#"    server {{
+        listen 127.0.0.1:{up_port} ssl;
+        root {w}/www;
+        default_type application/json;
+    }}"#,
+            w = work.display()
+        ),
+        up_port,
+    )?;
+    let _proxy = Nginx::start(
+        "proxy",
+        &format!(
+            r#"    upstream api {{ server 127.0.0.1:{up_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{proxy_port} ssl;
+        location / {{
+            proxy_pass https://api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host localhost;
+            proxy_set_header Authorization "Bearer bench-token";
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {w}/tls/ca.crt;
+            proxy_ssl_name localhost;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+            proxy_max_temp_file_size 0;
+        }}
+    }}"#,
+            w = work.display()
+        ),
+        proxy_port,
+    )?;
+
+    let start_agent = || -> Result<(AgentProc, String)> {
+        let (listen, metrics) = (free_port()?, free_port()?);
+        let pol = work.join("policy.toml");
+        fs::write(&pol, policy(up_port, listen, metrics))?;
+        let log = work.join("agent.log");
+        let mut agent = AgentProc::start(&bin, &pol, &log, &[])?;
+        let metrics = format!("127.0.0.1:{metrics}");
+        agent.wait_ready(&metrics, &log)?;
+        Ok((agent, metrics))
+    };
+
+    // Columns: direct, tollgate, nginx.
+    let mut cols: [Samples; 3] = Default::default();
+    let mut idle = None;
+    for round in 0..ROUNDS {
+        for k in 0..3 {
+            match (round + k) % 3 {
+                0 => measure(up_port, &mut cols[0], None)?,
+                1 => {
+                    let _cg = InBenchCgroup::enter("tollgate-bench-http")?;
+                    if idle.is_none() {
+                        // On an agent of its own, before the load has grown its heap.
+                        let (mut agent, metrics) = start_agent()?;
+                        idle = Some(idle_connection_memory(up_port, agent.child.id(), &metrics)?);
+                        agent.stop();
+                    }
+                    let (mut agent, _) = start_agent()?;
+                    measure(up_port, &mut cols[1], Some(agent.child.id()))?;
+                    agent.stop();
+                }
+                _ => measure(proxy_port, &mut cols[2], None)?,
+            }
+        }
+    }
+    drop(_proxy);
+    drop(_upstream);
+    let _ = fs::remove_dir_all(work);
+
+    let med = |v: &[f64]| median(&mut v.to_vec());
+    let [d, a, n] = &cols;
+    println!(
+        "\nhttps through tollgate vs the same nginx upstream directly and through nginx as a re-encrypting reverse proxy,\nmedian of {ROUNDS} interleaved rounds on this machine (2 cores shared by wrk, proxy and upstream)\n"
+    );
+    println!(
+        "{:<40} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "", "direct", "tollgate", "nginx", "tg/nginx", "tg/direct"
+    );
+    let row = |name: &str, x: f64, y: f64, z: f64, higher_better: bool| {
+        let (rn, rd) = if higher_better {
+            (y / z, y / x)
+        } else {
+            (z / y, x / y)
+        };
+        println!("{name:<40} {x:>10.2} {y:>10.2} {z:>10.2} {rn:>9.2}x {rd:>9.2}x");
+    };
+    row(
+        &format!("requests/s ({CONNS} keep-alive conns)"),
+        med(&d.rps),
+        med(&a.rps),
+        med(&n.rps),
+        true,
+    );
+    row(
+        "p50 latency (ms)",
+        med(&d.p50_ms),
+        med(&a.p50_ms),
+        med(&n.p50_ms),
+        false,
+    );
+    row(
+        "p99 latency (ms)",
+        med(&d.p99_ms),
+        med(&a.p99_ms),
+        med(&n.p99_ms),
+        false,
+    );
+    let mbps = |v: &[f64]| DOWNLOAD_MIB as f64 / med(v);
+    row(
+        &format!("{DOWNLOAD_MIB} MiB download (MiB/s)"),
+        mbps(&d.down_s),
+        mbps(&a.down_s),
+        mbps(&n.down_s),
+        true,
+    );
+    println!("(latency ratios are inverted: above 1.0x means tollgate is faster)");
+    println!("\neach round (requests/s direct, tollgate, nginx):");
+    for k in 0..ROUNDS {
+        println!(
+            "  round {k}: {:.0}  {:.0}  {:.0}",
+            d.rps[k], a.rps[k], n.rps[k]
+        );
+    }
+    println!(
+        "\nagent CPU per request (user + system, all threads): {:.1} us",
+        med(&a.cpu_us)
+    );
+    if let Some(per) = idle {
+        println!(
+            "idle https connection memory: {:.1} KiB per connection (agent RSS growth over {IDLE} idle keep-alive connections after one request, each with its upstream connection)",
+            per / 1024.0
+        );
+    }
+    println!("\ngoals: requests/s >= 1.0x nginx and >= 0.5x direct");
+    Ok(())
+}
