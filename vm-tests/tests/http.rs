@@ -69,6 +69,14 @@ fn world_readable(dir: &TempDir, name: &str, text: &str) -> std::path::PathBuf {
     p
 }
 
+/// The agent's CA in a directory the bot can read: (that directory, the CA file).
+fn agent_ca_for_bot(tag: &str, agent: &AgentProc) -> (TempDir, std::path::PathBuf) {
+    let trust = TempDir::new(&format!("{tag}-trust"));
+    let pem = std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA");
+    let ca = world_readable(&trust, "tollgate-ca.pem", &pem);
+    (trust, ca)
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -790,12 +798,7 @@ fn client_certificate_credential_for_a_server_requiring_mtls() {
         "\"GET\"",
     );
     let agent = AgentProc::start(tag, FailMode::Closed, &body);
-    let trust = TempDir::new(&format!("{tag}-trust"));
-    let ca = world_readable(
-        &trust,
-        "tollgate-ca.pem",
-        &std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA"),
-    );
+    let (_trust, ca) = agent_ca_for_bot(tag, &agent);
     let resolve = format!("localhost:{}:127.0.0.1", srv.port);
 
     // Without a client certificate the server refuses the handshake (root is not redirected).
@@ -978,12 +981,7 @@ fn record_bodies_keeps_masked_bodies_in_the_recording() {
         "credential = \"billing-api\"\nrecord_bodies = true\n",
     ) + "\n[[mask]]\ntargets = [\"billing\"]\ncolumns = [\"ssn\"]\ndetectors = [\"credit_card\"]\n";
     let agent = AgentProc::start(tag, FailMode::Closed, &body);
-    let trust = TempDir::new(&format!("{tag}-trust"));
-    let ca = world_readable(
-        &trust,
-        "tollgate-ca.pem",
-        &std::fs::read_to_string(agent.data_dir.join("ca/ca.pem")).expect("agent CA"),
-    );
+    let (_trust, ca) = agent_ca_for_bot(tag, &agent);
     let resolve = format!("localhost:{}:127.0.0.1", srv.port);
     let url = |p: &str| format!("https://localhost:{}{p}", srv.port);
     let (code, _, _) = curl(
