@@ -343,29 +343,6 @@ ssh = { exec = ["scp *"], subsystems = ["sftp"] }
     }
 }
 
-/// Run `tmux -S SOCK args...` as the bot.
-fn tmux(server: &SshServer, bot: &Cgroup, sock: &Path, args: &[&str]) -> String {
-    let mut all = vec!["-S".to_string(), sock.display().to_string()];
-    all.extend(args.iter().map(|s| s.to_string()));
-    let (st, out, err) = server.run_as_bot(bot, "/usr/bin/tmux", &all);
-    assert!(st.success(), "tmux {args:?}: {err}");
-    out
-}
-
-/// The bot's tmux server, ended (with what runs in it) when the test ends, pass or fail.
-struct TmuxServer<'a>(&'a SshServer, &'a Cgroup, &'a Path);
-
-impl Drop for TmuxServer<'_> {
-    fn drop(&mut self) {
-        let args = [
-            "-S".to_string(),
-            self.2.display().to_string(),
-            "kill-server".into(),
-        ];
-        let _ = self.0.run_as_bot(self.1, "/usr/bin/tmux", &args);
-    }
-}
-
 #[test]
 fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
     require_root();
@@ -387,14 +364,9 @@ fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
         ssh_err.display(),
         status.display()
     );
-    tmux(
-        &server,
-        &bot,
-        &sock,
-        &["new-session", "-d", "-x", "80", "-y", "24", &shell_cmd],
-    );
-    let _tmux = TmuxServer(&server, &bot, &sock);
-    let pane = || tmux(&server, &bot, &sock, &["capture-pane", "-p"]);
+    let home = server.bot_home.display().to_string();
+    let tmux = vm_tests::BotTmux::start(&bot, &sock, &[("HOME", &home)], 80, 24, &shell_cmd);
+    let pane = || tmux.pane();
     let prompt = wait_until(std::time::Duration::from_secs(20), || {
         pane().contains('#').then_some(())
     });
@@ -405,45 +377,25 @@ fn interactive_shell_under_tmux_is_recorded_as_asciicast() {
         fs::read_to_string(&ssh_err).unwrap_or_default(),
         fs::read_to_string(&status).unwrap_or_default()
     );
-    tmux(
-        &server,
-        &bot,
-        &sock,
-        &["send-keys", "echo typed-$((6*7))", "Enter"],
-    );
+    tmux.keys(&["echo typed-$((6*7))", "Enter"]);
     wait_for(std::time::Duration::from_secs(10), "typed output", || {
         pane().contains("typed-42").then_some(())
     });
     // Resizing reaches the remote terminal.
-    tmux(
-        &server,
-        &bot,
-        &sock,
-        &["resize-window", "-x", "100", "-y", "30"],
-    );
-    tmux(&server, &bot, &sock, &["send-keys", "stty size", "Enter"]);
+    tmux.run(&["resize-window", "-x", "100", "-y", "30"]);
+    tmux.keys(&["stty size", "Enter"]);
     wait_for(std::time::Duration::from_secs(10), "new size", || {
         pane().contains("30 100").then_some(())
     });
     // Ctrl-C interrupts the remote command, the shell goes on.
-    tmux(
-        &server,
-        &bot,
-        &sock,
-        &["send-keys", "sleep 60; echo not-interrupted", "Enter"],
-    );
+    tmux.keys(&["sleep 60; echo not-interrupted", "Enter"]);
     std::thread::sleep(std::time::Duration::from_millis(500));
-    tmux(&server, &bot, &sock, &["send-keys", "C-c"]);
-    tmux(
-        &server,
-        &bot,
-        &sock,
-        &["send-keys", "echo after-$((1+1))", "Enter"],
-    );
+    tmux.keys(&["C-c"]);
+    tmux.keys(&["echo after-$((1+1))", "Enter"]);
     wait_for(std::time::Duration::from_secs(10), "after Ctrl-C", || {
         pane().contains("after-2").then_some(())
     });
-    tmux(&server, &bot, &sock, &["send-keys", "exit 3", "Enter"]);
+    tmux.keys(&["exit 3", "Enter"]);
     let st = wait_for(std::time::Duration::from_secs(15), "ssh exit", || {
         fs::read_to_string(&status)
             .ok()
