@@ -9,6 +9,10 @@
 //! approvals (`--only approvals`: pgbench -S with and without approvals configured, in ABBA
 //! order, and the approval wake-up latency) and masking throughput. Never fails on slow
 //! numbers.
+//!
+//! `TOLLGATE_BENCH_BASELINE=PATH` adds a fifth column, another build of the agent (e.g. an
+//! older commit's) run as the same postgres target in the same interleaved rounds: a
+//! before/after comparison that the machine's drift cannot tilt.
 
 use std::{
     fs,
@@ -373,6 +377,13 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| util::root().join("target/release/tollgate"));
     println!("agent binary: {}", bin.display());
+    let baseline = std::env::var_os("TOLLGATE_BENCH_BASELINE").map(std::path::PathBuf::from);
+    if let Some(b) = &baseline {
+        println!(
+            "baseline agent binary (column \"baseline pg\"): {}",
+            b.display()
+        );
+    }
     let pg_port = free_port()?;
     let pg = Postgres::start(&work.join("pg"), pg_port)?;
     pg.sql(
@@ -394,7 +405,12 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
         .stdout(Stdio::null()))?;
 
     if part != Part::Approvals {
-        table_and_memory(&bin, pg_port, matches!(part, Part::All | Part::Table))?;
+        table_and_memory(
+            &bin,
+            baseline.as_deref(),
+            pg_port,
+            matches!(part, Part::All | Part::Table),
+        )?;
     }
     if matches!(part, Part::All | Part::Approvals) {
         approvals(&bin, &pg, pg_port)?;
@@ -417,21 +433,22 @@ const ROUNDS: usize = 3;
 /// of every cell; odd rounds run their blocks in the reverse order (the agents' block first,
 /// postgres before relay; then pgbouncer before direct), so a drift of the machine over time
 /// falls on every column alike. Each cell is the median of its runs.
-fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
+fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool) -> Result<()> {
     let rows: Rows = [
         ("-S", &["-S"]),
         ("-S -M prepared", &["-S", "-M", "prepared"]),
         ("TPC-B (default)", &[]),
         ("-S -C (connect per transaction)", &["-S", "-C"]),
     ];
-    // runs[row][column]: direct, tcp relay, tollgate pg, pgbouncer.
+    // runs[row][column]: direct, tcp relay, tollgate pg, pgbouncer, baseline pg.
     let mut table = Table {
         runs: vec![Default::default(); rows.len()],
+        baseline: baseline.is_some(),
         ..Table::default()
     };
     let mut idle = None;
     if !tps {
-        agent_columns(bin, pg_port, &rows, None, false, &mut idle)?;
+        agent_columns(bin, None, pg_port, &rows, None, false, &mut idle)?;
         if let Some((n, per)) = idle {
             println!(
                 "idle postgres session memory: {:.1} KiB per session over {n} sessions",
@@ -443,18 +460,35 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
     for round in 0..ROUNDS {
         let reverse = round % 2 == 1;
         if reverse {
-            agent_columns(bin, pg_port, &rows, Some(&mut table), true, &mut idle)?;
+            agent_columns(
+                bin,
+                baseline,
+                pg_port,
+                &rows,
+                Some(&mut table),
+                true,
+                &mut idle,
+            )?;
             plain_columns(pg_port, &rows, &mut table, true)?;
         } else {
             plain_columns(pg_port, &rows, &mut table, false)?;
-            agent_columns(bin, pg_port, &rows, Some(&mut table), false, &mut idle)?;
+            agent_columns(
+                bin,
+                baseline,
+                pg_port,
+                &rows,
+                Some(&mut table),
+                false,
+                &mut idle,
+            )?;
         }
     }
     let runs = &table.runs;
 
     println!("\npgbench TPS, -c4 -j2 -T{SECONDS}, scale 1, median of {ROUNDS} interleaved rounds on this machine (2 cores shared by client, proxy and server)\n");
+    let base = table.baseline;
     println!(
-        "{:<32} {:>10} {:>12} {:>14} {:>11}   {:>12} {:>12} {:>10}",
+        "{:<32} {:>10} {:>12} {:>14} {:>11}   {:>12} {:>12} {:>10}{}",
         "",
         "direct",
         "tcp relay",
@@ -462,14 +496,25 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
         "pgbouncer",
         "pg/relay",
         "pg/pgbouncer",
-        "pg/direct"
+        "pg/direct",
+        if base {
+            format!(" {:>13} {:>13}", "baseline pg", "pg/baseline")
+        } else {
+            String::new()
+        }
     );
     for (i, (name, _)) in rows.iter().enumerate() {
         let tps =
             |c: usize| util::median(&mut runs[i][c].iter().map(|r| r.tps).collect::<Vec<_>>());
         let [d, r, p, b] = [0, 1, 2, 3].map(tps);
+        let extra = if base {
+            let o = tps(4);
+            format!(" {o:>13.0} {:>12.2}x", p / o)
+        } else {
+            String::new()
+        };
         println!(
-            "{name:<32} {d:>10.0} {r:>12.0} {p:>14.0} {b:>11.0}   {:>11.2}x {:>11.2}x {:>9.2}x",
+            "{name:<32} {d:>10.0} {r:>12.0} {p:>14.0} {b:>11.0}   {:>11.2}x {:>11.2}x {:>9.2}x{extra}",
             p / r,
             p / b,
             p / d
@@ -492,8 +537,16 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
     // leaves less of the two cores to pgbench and the server.
     println!("\nproxy CPU per transaction (user + system, all threads; median of the rounds), microseconds:");
     println!(
-        "{:<32} {:>12} {:>14} {:>11}",
-        "", "tcp relay", "tollgate pg", "pgbouncer"
+        "{:<32} {:>12} {:>14} {:>11}{}",
+        "",
+        "tcp relay",
+        "tollgate pg",
+        "pgbouncer",
+        if base {
+            format!(" {:>13}", "baseline pg")
+        } else {
+            String::new()
+        }
     );
     for (i, (name, _)) in rows.iter().enumerate() {
         let us = |c: usize| {
@@ -507,7 +560,17 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
                 util::median(&mut v)
             }
         };
-        println!("{name:<32} {:>12.1} {:>14.1} {:>11.1}", us(1), us(2), us(3));
+        let extra = if base {
+            format!(" {:>13.1}", us(4))
+        } else {
+            String::new()
+        };
+        println!(
+            "{name:<32} {:>12.1} {:>14.1} {:>11.1}{extra}",
+            us(1),
+            us(2),
+            us(3)
+        );
     }
     println!("goal (issue 17): tollgate pg <= 1.2x pgbouncer on -S and -S -M prepared");
     table.print_latency_and_setup();
@@ -521,19 +584,24 @@ fn table_and_memory(bin: &Path, pg_port: u16, tps: bool) -> Result<()> {
 }
 
 /// The table's runs and the latency and connection set-up figures, by column (direct, tcp
-/// relay, tollgate pg, pgbouncer).
+/// relay, tollgate pg, pgbouncer, and the baseline build when there is one).
 #[derive(Default)]
 struct Table {
     /// runs[row][column].
-    runs: Vec<[Vec<Run>; 4]>,
+    runs: Vec<[Vec<Run>; COLUMNS]>,
     /// One client's (p50, p99) microseconds per transaction, per round.
-    latency: [Vec<(f64, f64)>; 4],
+    latency: [Vec<(f64, f64)>; COLUMNS],
     /// Median microseconds of connect + first byte, per round.
-    first_byte: [Vec<f64>; 4],
+    first_byte: [Vec<f64>; COLUMNS],
     /// The proxy's system calls per transaction (-S) and per connection (-S -C, each a login,
     /// one SELECT and a Terminate), counted once by strace (first round).
-    syscalls: [Option<(f64, f64)>; 4],
+    syscalls: [Option<(f64, f64)>; COLUMNS],
+    /// Column 4 (another build, `TOLLGATE_BENCH_BASELINE`) is measured.
+    baseline: bool,
 }
+
+/// Columns of the table: direct, tcp relay, tollgate pg, pgbouncer, baseline pg.
+const COLUMNS: usize = 5;
 
 /// Seconds of each one-client latency run.
 const LATENCY_SECONDS: &str = "5";
@@ -564,9 +632,15 @@ impl Table {
     }
 
     fn print_latency_and_setup(&self) {
-        let names = ["direct", "tcp relay", "tollgate pg", "pgbouncer"];
-        let lat: Vec<(f64, f64)> = self
-            .latency
+        let all = [
+            "direct",
+            "tcp relay",
+            "tollgate pg",
+            "pgbouncer",
+            "baseline pg",
+        ];
+        let names = &all[..if self.baseline { 5 } else { 4 }];
+        let lat: Vec<(f64, f64)> = self.latency[..names.len()]
             .iter()
             .map(|v| {
                 let mut p50: Vec<f64> = v.iter().map(|l| l.0).collect();
@@ -596,8 +670,7 @@ connect + first byte (an SSLRequest answered), median of {FIRST_BYTES} connectio
             "{:<14} {:>10} {:>10} {:>16} {:>16}",
             "", "us", "/direct", "syscalls/txn", "syscalls/conn"
         );
-        let fb: Vec<f64> = self
-            .first_byte
+        let fb: Vec<f64> = self.first_byte[..names.len()]
             .iter()
             .map(|v| util::median(&mut v.clone()))
             .collect();
@@ -741,6 +814,7 @@ fn plain_columns(pg_port: u16, rows: &Rows<'_>, table: &mut Table, reverse: bool
 /// runs, for the idle session memory. The memory is measured once, into `idle`.
 fn agent_columns(
     bin: &Path,
+    baseline: Option<&Path>,
     pg_port: u16,
     rows: &Rows<'_>,
     mut table: Option<&mut Table>,
@@ -751,14 +825,17 @@ fn agent_columns(
     let _cg = InBenchCgroup::enter("tollgate-bench-pg")?;
     let work = Path::new(WORK);
     let (listen, metrics) = (free_port()?, free_port()?);
-    let mut agents: [(usize, &str, AgentEnv); 2] = [
-        (1, "tcp", &[("TOLLGATE_RELAY", "copy")]),
-        (2, "postgres", &[]),
+    let mut agents: Vec<(usize, &str, AgentEnv, &Path)> = vec![
+        (1, "tcp", &[("TOLLGATE_RELAY", "copy")], bin),
+        (2, "postgres", &[], bin),
     ];
+    if let Some(b) = baseline {
+        agents.push((4, "postgres", &[], b));
+    }
     if reverse {
         agents.reverse();
     }
-    for (col, protocol, env) in agents {
+    for (col, protocol, env, bin) in agents {
         if table.is_none() && protocol != "postgres" {
             continue;
         }
@@ -767,7 +844,7 @@ fn agent_columns(
         let log = work.join(format!("agent-{protocol}.log"));
         let mut agent = AgentProc::start(bin, &pol, &log, env)?;
         agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
-        if protocol == "postgres" && idle.is_none() {
+        if col == 2 && idle.is_none() {
             *idle = Some(idle_session_memory(
                 agent.child.id(),
                 pg_port,
