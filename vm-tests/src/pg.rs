@@ -133,6 +133,10 @@ impl PgServer {
             "initdb",
             &[
                 "--auth=scram-sha-256",
+                // UTF-8 whatever the caller's environment (without LANG initdb picks SQL_ASCII,
+                // and clients then get bytes for text).
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
                 "-U",
                 "postgres",
                 "--pwfile",

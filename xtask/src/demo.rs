@@ -58,7 +58,9 @@ impl Postgres {
         fs::write(&pw, "demo-superuser\n")?;
         run(Command::new("chown").arg("postgres:postgres").arg(&pw))?;
         run(as_pg("initdb")
-            .args(["--auth=scram-sha-256", "-U", "postgres", "--pwfile"])
+            // UTF-8 whatever the caller's environment (without LANG: SQL_ASCII).
+            .args(["--auth=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8"])
+            .args(["-U", "postgres", "--pwfile"])
             .arg(&pw)
             .arg("-D")
             .arg(&data)
