@@ -183,13 +183,37 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
             &mut trace,
             &mut notes,
         ),
+        // The agent decides on the normalised path (`..`, `//` and percent-encoding resolved)
+        // and refuses a path it cannot normalise: so does the test.
+        CaseOp::Http { path, .. } if tollgate_policy::http::normalize_path(path).is_err() => {
+            let e = tollgate_policy::http::normalize_path(path)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            trace.push(format!("{}: refused by the agent: {e}", op_text(op)));
+            Decision {
+                action: Action::Deny,
+                rule: None,
+                reason: DecisionReason::NoMatchingRule,
+            }
+        }
         other => {
+            let normal = match other {
+                CaseOp::Http { path, .. } => tollgate_policy::http::normalize_path(path)
+                    .ok()
+                    .map(|n| n.decoded),
+                _ => None,
+            };
             let o = match other {
                 CaseOp::Ssh(kind, command) => Operation::Ssh {
                     kind: *kind,
                     command,
                 },
-                CaseOp::Http { method, path, host } => Operation::Http { method, path, host },
+                CaseOp::Http { method, path, host } => Operation::Http {
+                    method,
+                    path: normal.as_deref().unwrap_or(path),
+                    host,
+                },
                 CaseOp::Kube {
                     verb,
                     resource,
