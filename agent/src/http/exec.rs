@@ -28,6 +28,9 @@ pub const MAX_FRAME: u64 = 1 << 20;
 /// Longest line of output held for one `output` event; longer is written in pieces.
 const MAX_LINE: usize = 16 << 10;
 
+/// Output of one exec without a terminal recorded as lines; the rest is relayed only.
+pub const MAX_LINES_OUTPUT: usize = 256 << 10;
+
 /// Where an exec's output is recorded.
 enum Sink {
     /// A terminal (`tty=true`): asciicast v2, created at the first resize or output by
@@ -45,6 +48,10 @@ enum Sink {
         /// Masked text of the line in progress (written at its newline, at a switch of
         /// streams, at the end, or past [`MAX_LINE`]).
         line: Mutex<String>,
+        /// Output bytes still recorded ([`MAX_LINES_OUTPUT`] at first): `kubectl cp` streams
+        /// a tar archive over such an exec, which is relayed but not copied into the
+        /// recording.
+        left: Mutex<usize>,
     },
 }
 
@@ -81,6 +88,7 @@ impl Terminal {
                 recorder,
                 out: MaskedOutput::default(),
                 line: Mutex::new(String::new()),
+                left: Mutex::new(MAX_LINES_OUTPUT),
             },
             masker,
             channel: Mutex::new(0),
@@ -135,13 +143,29 @@ impl Terminal {
                 recorder,
                 out,
                 line,
+                left,
             } => {
+                let mut left = lock(left);
+                if *left == 0 {
+                    return;
+                }
                 if last != channel {
                     let t = out.flush(&self.masker).unwrap_or_default();
                     Self::write_lines(recorder, line, last, &t, true);
                 }
-                let t = out.push(data, &self.masker).unwrap_or_default();
+                let take = data.len().min(*left);
+                *left -= take;
+                let t = out.push(&data[..take], &self.masker).unwrap_or_default();
                 Self::write_lines(recorder, line, channel, &t, false);
+                if *left == 0 {
+                    let t = out.flush(&self.masker).unwrap_or_default();
+                    Self::write_lines(recorder, line, channel, &t, true);
+                    drop(left);
+                    self.note(&format!(
+                        "[tollgate: output past {} KiB is relayed but not recorded]",
+                        MAX_LINES_OUTPUT >> 10
+                    ));
+                }
             }
         }
     }
@@ -201,6 +225,7 @@ impl Drop for Terminal {
                 recorder,
                 out,
                 line,
+                ..
             } => {
                 let last = *lock(&self.channel);
                 let t = out.flush(&self.masker).unwrap_or_default();
@@ -499,6 +524,40 @@ mod tests {
         assert!(shown.contains("STDOUT build ok ********"), "{shown}");
         assert!(shown.contains("STDERR warning: disk 91% full"), "{shown}");
         assert!(!shown.contains("AKIAIOSFODNN7EXAMPLE"), "{shown}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A large output (`kubectl cp` streams a tar archive over an exec) is relayed, but only
+    /// its first [`MAX_LINES_OUTPUT`] bytes are recorded, with a note saying so.
+    #[test]
+    fn lines_are_recorded_up_to_a_bound() {
+        let dir = std::env::temp_dir().join(format!("tg-exec-bound-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let recorder = Arc::new(
+            Recorder::open(&dir, "s-3", Arc::new(crate::audit::Health::default())).expect("open"),
+        );
+        let terminal = Arc::new(Terminal::lines(
+            Masker::with_detectors(
+                &["aws_access_key"],
+                tollgate_policy::MaskStyle::Full,
+                [7; 32],
+            ),
+            recorder.clone(),
+        ));
+        let mut tap = Tap::new(terminal.clone(), false);
+        let line = [b"\x01".as_slice(), &[b'y'; 1000], b"\n"].concat();
+        for _ in 0..1000 {
+            tap.feed(&frame(2, &line, None));
+        }
+        drop((tap, terminal, recorder));
+        let text =
+            std::fs::read_to_string(crate::replay::recording_path(&dir, "s-3")).expect("recording");
+        assert!(
+            text.len() > MAX_LINES_OUTPUT && text.len() < MAX_LINES_OUTPUT + (64 << 10),
+            "{} bytes",
+            text.len()
+        );
+        assert_eq!(text.matches("relayed but not recorded").count(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
