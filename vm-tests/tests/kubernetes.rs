@@ -468,16 +468,10 @@ fn kubectl_exec_tty_in_tmux_is_recorded_as_asciicast() {
 /// printed by the command), which `tollgate replay` prints.
 #[test]
 fn kubectl_exec_without_tty_records_stdout_and_stderr() {
-    let World {
-        api: _api,
-        bot,
-        agent,
-        k,
-        _files,
-        _home,
-    } = world("kube-exec-lines");
+    let w = world("kube-exec-lines");
+    let (bot, agent, k) = (&w.bot, &w.agent, &w.k);
     let key = "AKIAIOSFODNN7EXAMPLE";
-    let o = k.run(&bot, &["exec", "web-1", "--", "echo", "build", "ok", key]);
+    let o = k.run(bot, &["exec", "web-1", "--", "echo", "build", "ok", key]);
     let (out, err) = (
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr),

@@ -312,7 +312,8 @@ const STATUS_API_TOKEN: &str = "demo-status-api-token-only-tollgate-knows";
 
 /// nginx as the HTTPS status API on 127.0.0.1:`HTTPS_PORT`: static JSON under `/api/` and
 /// `/admin/` (both exist, so a 403 is the agent's), a certificate from its own CA, and the
-/// token file the agent injects.
+/// token file the agent injects (nginx answers 401 to any other `Authorization`, so a 200
+/// shows the injection).
 fn start_status_api(work: &Path) -> Result<crate::bench_http::Nginx> {
     let https = work.join("https");
     let _ = fs::remove_dir_all(&https);
@@ -332,7 +333,7 @@ fn start_status_api(work: &Path) -> Result<crate::bench_http::Nginx> {
         &https,
         "nginx",
         &format!(
-            "    server {{\n        listen 127.0.0.1:{HTTPS_PORT} ssl;\n        root {};\n        default_type application/json;\n    }}",
+            "    server {{\n        listen 127.0.0.1:{HTTPS_PORT} ssl;\n        root {};\n        default_type application/json;\n        if ($http_authorization != \"Bearer {STATUS_API_TOKEN}\") {{ return 401; }}\n    }}",
             www.display()
         ),
         HTTPS_PORT,

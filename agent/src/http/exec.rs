@@ -463,15 +463,16 @@ mod tests {
         let _ = std::fs::remove_dir_all(cleanup);
     }
 
-    /// Without a terminal, stdout and stderr become `output` lines of the session recording,
-    /// masked across frame boundaries, and `tollgate replay` prints them per stream.
-    #[test]
-    fn output_without_a_terminal_is_recorded_as_lines() {
-        let dir = std::env::temp_dir().join(format!("tg-exec-lines-{}", std::process::id()));
+    /// A fresh data dir, the session's recorder, and an exec without a terminal recording
+    /// into it with the SSH detectors.
+    fn lines_terminal(
+        tag: &str,
+        session: &str,
+    ) -> (std::path::PathBuf, Arc<Recorder>, Arc<Terminal>) {
+        let dir = std::env::temp_dir().join(format!("tg-exec-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let recorder = Arc::new(
-            Recorder::open(&dir, "s-2", Arc::new(crate::audit::Health::default())).expect("open"),
-        );
+        let health = Arc::new(crate::audit::Health::default());
+        let recorder = Arc::new(Recorder::open(&dir, session, health).expect("open"));
         let terminal = Arc::new(Terminal::lines(
             Masker::with_detectors(
                 crate::ssh::SSH_DETECTORS,
@@ -480,6 +481,14 @@ mod tests {
             ),
             recorder.clone(),
         ));
+        (dir, recorder, terminal)
+    }
+
+    /// Without a terminal, stdout and stderr become `output` lines of the session recording,
+    /// masked across frame boundaries, and `tollgate replay` prints them per stream.
+    #[test]
+    fn output_without_a_terminal_is_recorded_as_lines() {
+        let (dir, recorder, terminal) = lines_terminal("lines", "s-2");
         let mut down = Vec::new();
         // The key is cut across two frames of stdout.
         down.extend(frame(2, b"\x01build ok AKIAIOSFOD", None));
@@ -531,19 +540,7 @@ mod tests {
     /// its first [`MAX_LINES_OUTPUT`] bytes are recorded, with a note saying so.
     #[test]
     fn lines_are_recorded_up_to_a_bound() {
-        let dir = std::env::temp_dir().join(format!("tg-exec-bound-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let recorder = Arc::new(
-            Recorder::open(&dir, "s-3", Arc::new(crate::audit::Health::default())).expect("open"),
-        );
-        let terminal = Arc::new(Terminal::lines(
-            Masker::with_detectors(
-                &["aws_access_key"],
-                tollgate_policy::MaskStyle::Full,
-                [7; 32],
-            ),
-            recorder.clone(),
-        ));
+        let (dir, recorder, terminal) = lines_terminal("bound", "s-3");
         let mut tap = Tap::new(terminal.clone(), false);
         let line = [b"\x01".as_slice(), &[b'y'; 1000], b"\n"].concat();
         for _ in 0..1000 {
