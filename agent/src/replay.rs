@@ -153,6 +153,8 @@ pub fn replay(data_dir: &Path, id: &str) -> Result<Vec<String>, ReplayError> {
                 v["rule"].as_str().map(|r| format!(" rule=\"{r}\"")).unwrap_or_default(),
                 v["exit_status"].as_u64().map(|x| format!(" exit={x} up={} down={}", v["bytes_up"], v["bytes_down"])).unwrap_or_default()
             ),
+            // Output of a command without a terminal (`kubectl exec` without -t), per stream.
+            "output" => format!("{ts}  {:<6} {}", s(&v, "stream").to_uppercase(), s(&v, "text")),
             "terminal" => format!(
                 "{ts}  TERM   {} (asciicast: {})\n{}",
                 s(&v, "command"),

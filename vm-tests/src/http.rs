@@ -50,6 +50,19 @@ class H(BaseHTTPRequestHandler):
             return self.download(int(self.path.split("=", 1)[1]))
         if self.path.startswith("/api/v1/customers"):
             return self.customers(int(self.path.split("n=", 1)[1]) if "n=" in self.path else 2)
+        if self.path == "/api/v1/disguised":
+            # Masked keys spelled with escapes, in another case and repeated; a card number
+            # escaped and as a JSON number; sent in 3-byte chunks, so keys and escapes are cut.
+            self.record()
+            b = b'{"s\\u0073n":"123-45-6789","ssn":"987-65-4320","\\u0053SN":"555-12-3456","note":"card 4111\\u00201111\\u00201111\\u00201111","n":4111111111111111,"ok":true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(b), 3):
+                c = b[i:i + 3]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(c), c))
+            return self.wfile.write(b"0\r\n\r\n")
         if self.path == "/api/v1/page":
             self.record()
             b = b"<html>ssn 123-45-6789</html>"

@@ -170,6 +170,11 @@ class H(BaseHTTPRequestHandler):
         if q.get("tty", ["false"])[0] == "true":
             return self.terminal(name, cmd)
         self.wfile.write(ws_frame(2, b"\x01" + ("exec in %s: %s\n" % (name, cmd)).encode()))
+        # Without a terminal, `echo WORDS` prints WORDS on stdout and a note on stderr.
+        words = q.get("command", [])
+        if words[:1] == ["echo"]:
+            self.wfile.write(ws_frame(2, b"\x01" + (" ".join(words[1:]) + "\n").encode()))
+            self.wfile.write(ws_frame(2, b"\x02" + ("echo in %s: a note on stderr\n" % name).encode()))
         self.wfile.write(ws_frame(2, b"\x03" + json.dumps({"metadata": {}, "status": "Success"}).encode()))
         self.wfile.write(ws_frame(8, b"\x03\xe8"))
         self.wfile.flush()

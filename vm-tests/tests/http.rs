@@ -907,6 +907,23 @@ fn json_answers_are_masked_as_they_stream() {
             );
         }
     }
+    // Keys spelled with escapes, in another case or twice, a card number escaped or sent as
+    // a number, all cut across tiny chunks: masked as a JSON reader would read them.
+    let (code, body, _) = curl(
+        &bot,
+        &ca,
+        &["--resolve", &resolve, &url("/api/v1/disguised")],
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("masked JSON is JSON");
+    assert_eq!(v["ok"], true, "{body}");
+    for secret in ["123-45-6789", "987-65-4320", "555-12-3456", "4111"] {
+        assert!(!body.contains(secret), "{secret}: {body}");
+    }
+    assert!(
+        !body.contains("\\u0020") && !body.contains("\\u0031"),
+        "escaped digits pass: {body}"
+    );
     // The agent asked for an uncompressed answer.
     let log = srv.access_log();
     assert!(

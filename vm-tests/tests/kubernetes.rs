@@ -462,3 +462,52 @@ fn kubectl_exec_tty_in_tmux_is_recorded_as_asciicast() {
         "{shown}\n{err}"
     );
 }
+
+/// `kubectl exec` without a terminal: stdout and stderr reach kubectl as sent, and the
+/// session's recording holds both streams line by line, masked by the detectors (an AWS key
+/// printed by the command), which `tollgate replay` prints.
+#[test]
+fn kubectl_exec_without_tty_records_stdout_and_stderr() {
+    let w = world("kube-exec-lines");
+    let (bot, agent, k) = (&w.bot, &w.agent, &w.k);
+    let key = "AKIAIOSFODNN7EXAMPLE";
+    let o = k.run(bot, &["exec", "web-1", "--", "echo", "build", "ok", key]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains(&format!("build ok {key}")), "stdout: {out}");
+    assert!(
+        err.contains("echo in web-1: a note on stderr"),
+        "stderr: {err}"
+    );
+
+    // The recording: found by its output lines (written when the exec's WebSocket ends).
+    let sessions = agent.data_dir.join("sessions");
+    let (session, recording) =
+        vm_tests::wait_for(Duration::from_secs(10), "the exec's output lines", || {
+            std::fs::read_dir(&sessions)
+                .ok()?
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.ends_with(".jsonl"))
+                .find_map(|n| {
+                    let t = std::fs::read_to_string(sessions.join(&n)).ok()?;
+                    (t.contains("\"stderr\"") && t.contains("build ok"))
+                        .then(|| (n.split('.').next().unwrap_or_default().to_string(), t))
+                })
+        });
+    assert!(!recording.contains(key), "{recording}");
+    let (shown, e) = vm_tests::replay(&agent.data_dir, &session);
+    assert!(
+        shown.contains("STDOUT exec in web-1: echo build ok"),
+        "{shown}\n{e}"
+    );
+    assert!(shown.contains("STDOUT build ok ********"), "{shown}\n{e}");
+    assert!(
+        shown.contains("STDERR echo in web-1: a note on stderr"),
+        "{shown}\n{e}"
+    );
+    assert!(!shown.contains(key), "{shown}");
+}

@@ -44,12 +44,14 @@ const IDLE: usize = 50;
 /// The small answer.
 const SMALL: &str = "{\"ok\":true,\"items\":[1,2,3],\"note\":\"a small JSON answer\"}\n";
 
-/// One nginx (`daemon off`, so the child is the master), stopped on drop.
-struct Nginx(Child);
+/// One nginx (`daemon off`, so the child is the master), stopped on drop. Also the demo's
+/// HTTPS target.
+pub struct Nginx(Child);
 
 impl Nginx {
-    fn start(name: &str, server: &str, port: u16) -> Result<Nginx> {
-        let work = Path::new(WORK);
+    /// nginx with `server` (its `server { }` blocks) in `work/name`, on 127.0.0.1:`port`, with
+    /// the certificate [`certificates`] made in `work/tls`.
+    pub fn start(work: &Path, name: &str, server: &str, port: u16) -> Result<Nginx> {
         let prefix = work.join(name);
         fs::create_dir_all(&prefix)?;
         let p = prefix.display();
@@ -109,15 +111,15 @@ impl Drop for Nginx {
     }
 }
 
-/// A CA and a `localhost` server certificate it signs, in `WORK/tls`.
-fn certificates() -> Result<()> {
-    let tls = Path::new(WORK).join("tls");
+/// A CA and a `localhost` server certificate it signs, in `work/tls`.
+pub fn certificates(work: &Path) -> Result<()> {
+    let tls = work.join("tls");
     fs::create_dir_all(&tls)?;
     let t = |f: &str| tls.join(f);
     run(Command::new("openssl")
         .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
         .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-        .args(["-subj", "/CN=tollgate bench CA", "-keyout"])
+        .args(["-subj", "/CN=tollgate throwaway test CA", "-keyout"])
         .arg(t("ca.key"))
         .arg("-out")
         .arg(t("ca.crt"))
@@ -320,7 +322,7 @@ pub fn bench_http() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| util::root().join("target/release/tollgate"));
     println!("agent binary: {}", bin.display());
-    certificates()?;
+    certificates(work)?;
     fs::write(work.join("www/small.json"), SMALL)?;
     fs::File::create(work.join("www/big"))?.set_len(DOWNLOAD_MIB << 20)?;
     let token = work.join("secrets/token");
@@ -329,6 +331,7 @@ pub fn bench_http() -> Result<()> {
 
     let (up_port, proxy_port) = (free_port()?, free_port()?);
     let _upstream = Nginx::start(
+        work,
         "upstream",
         &format!(
             r#"    server {{
@@ -341,6 +344,7 @@ pub fn bench_http() -> Result<()> {
         up_port,
     )?;
     let _proxy = Nginx::start(
+        work,
         "proxy",
         &format!(
             r#"    upstream api {{ server 127.0.0.1:{up_port}; keepalive 64; }}

@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: a throwaway PostgreSQL and sshd, the agent with
+//! `cargo xtask demo`: a throwaway PostgreSQL, sshd and nginx (HTTPS), the agent with
 //! policy/examples/quickstart.toml, and two "bots" in their own cgroups: one allowed (psql, and
-//! plain ssh where a command with `;` is denied), one denied. Prints what happened from the
+//! plain ssh where a command with `;` is denied, and curl over HTTPS: a masked JSON answer and
+//! a 403 naming the rule), one denied. Prints what happened from the
 //! bot's, the audit log's and Prometheus' point of view, then cleans everything up.
 
 use std::{
@@ -19,6 +20,7 @@ use crate::util::{self, run};
 
 const PG_PORT: u16 = 15432;
 const SSH_PORT: u16 = 15022;
+const HTTPS_PORT: u16 = 15443;
 const WORK: &str = "/tmp/tollgate-demo";
 
 fn pg_bin() -> Result<PathBuf> {
@@ -306,6 +308,113 @@ pub fn http_get(addr: &str, path: &str) -> Result<String> {
         .unwrap_or_default())
 }
 
+/// The token only the agent reads (`secrets/status-api-token`); bots send their own, which is
+/// stripped.
+const STATUS_API_TOKEN: &str = "demo-status-api-token-only-tollgate-knows";
+
+/// nginx as the HTTPS status API on 127.0.0.1:`HTTPS_PORT`: static JSON under `/api/` and
+/// `/admin/` (both exist, so a 403 is the agent's), a certificate from its own CA, and the
+/// token file the agent injects (nginx answers 401 to any other `Authorization`, so a 200
+/// shows the injection).
+fn start_status_api(work: &Path) -> Result<crate::bench_http::Nginx> {
+    let https = work.join("https");
+    let _ = fs::remove_dir_all(&https);
+    let www = https.join("www");
+    fs::create_dir_all(www.join("api/orders"))?;
+    fs::create_dir_all(www.join("admin"))?;
+    fs::write(
+        www.join("api/orders/1.json"),
+        "{\"id\": 1, \"customer\": \"Alice\", \"email\": \"alice@example.com\", \"card\": \"4111 1111 1111 1111\", \"status\": \"shipped\"}\n",
+    )?;
+    fs::write(www.join("admin/users.json"), "{\"users\": [\"root\"]}\n")?;
+    crate::bench_http::certificates(&https)?;
+    let token = work.join("secrets/status-api-token");
+    fs::write(&token, format!("{STATUS_API_TOKEN}\n"))?;
+    run(Command::new("chmod").arg("600").arg(&token))?;
+    crate::bench_http::Nginx::start(
+        &https,
+        "nginx",
+        &format!(
+            "    server {{\n        listen 127.0.0.1:{HTTPS_PORT} ssl;\n        root {};\n        default_type application/json;\n        if ($http_authorization != \"Bearer {STATUS_API_TOKEN}\") {{ return 401; }}\n    }}",
+            www.display()
+        ),
+        HTTPS_PORT,
+    )
+}
+
+/// Act 5c: one allowed GET (200, the email and card masked) and one denied (403 JSON naming
+/// the rule), by the bot's own curl trusting the agent's CA. True when both behaved.
+fn status_api_act(
+    bin: &Path,
+    policy: &Path,
+    work: &Path,
+    ci: &Cgroup,
+    indent: &dyn Fn(&str) -> String,
+) -> Result<bool> {
+    // What an operator does once per bot host: export the agent's CA where the bot reads it.
+    let ca_pem = util::output(
+        Command::new(bin)
+            .args(["ca", "export", "--policy"])
+            .arg(policy),
+    )?;
+    let ca = work.join("https/tollgate-ca.pem");
+    fs::write(&ca, ca_pem)?;
+    run(Command::new("chmod").arg("644").arg(&ca))?;
+    let ca = ca.display().to_string();
+    let curl = |path: &str| -> Result<String> {
+        let url = format!("https://localhost:{HTTPS_PORT}{path}");
+        println!("   $ curl --cacert {ca} -H 'Authorization: Bearer bot-own-token' {url}");
+        let argv = [
+            "curl",
+            "-sS",
+            "--max-time",
+            "15",
+            "--cacert",
+            &ca,
+            "-H",
+            "Authorization: Bearer bot-own-token",
+            "-w",
+            "\nHTTP %{http_code}",
+            &url,
+        ];
+        let o = ci.wrap("nobody", &argv).output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let text = text.trim_end().to_string();
+        println!("{}", indent(&text));
+        Ok(text)
+    };
+    let allowed = curl("/api/orders/1.json")?;
+    let read_ok = allowed.ends_with("HTTP 200")
+        && allowed.contains("\"status\": \"shipped\"")
+        && !allowed.contains("alice@example.com")
+        && !allowed.contains("4111 1111 1111 1111");
+    println!(
+        "   -> {}",
+        if read_ok {
+            "allowed; tollgate verified nginx's certificate, sent its own token instead of the bot's, and masked the email and card"
+        } else {
+            "UNEXPECTED"
+        }
+    );
+    let denied = curl("/admin/users.json")?;
+    let deny_ok = denied.ends_with("HTTP 403")
+        && denied.contains("no admin API")
+        && !denied.contains("\"users\": [");
+    println!(
+        "   -> {}",
+        if deny_ok {
+            "denied with a 403 JSON body naming the rule, and not forwarded to nginx"
+        } else {
+            "UNEXPECTED"
+        }
+    );
+    Ok(read_ok && deny_ok)
+}
+
 pub fn demo() -> Result<()> {
     if !util::is_root() {
         bail!("the demo loads eBPF programs and creates cgroups: run it as root");
@@ -346,6 +455,11 @@ pub fn demo() -> Result<()> {
     println!(
         "   and a throwaway sshd on 127.0.0.1:{SSH_PORT} that accepts only the agent's key ({}/secrets/build-box-key)",
         WORK
+    );
+
+    let nginx = start_status_api(work)?;
+    println!(
+        "   and a throwaway nginx on https://localhost:{HTTPS_PORT} (its own CA) serving a small JSON API"
     );
 
     println!("\n== 2. The agent, with policy/examples/quickstart.toml");
@@ -488,6 +602,10 @@ pub fn demo() -> Result<()> {
     );
     drop(sshd);
 
+    println!("\n== 5c. ci-bot calls the HTTPS status API with curl, trusting the agent's CA (tollgate ca export)");
+    let https_ok = status_api_act(&bin, &policy, work, &ci, &indent)?;
+    drop(nginx);
+
     println!("\n== 6. The audit log ({WORK}/data/audit.jsonl)");
     let audit = fs::read_to_string(work.join("data/audit.jsonl")).unwrap_or_default();
     let mut ci_session = None;
@@ -510,8 +628,13 @@ pub fn demo() -> Result<()> {
                 );
             }
             Some("operation") => println!(
-                "   {} statement identity={} {} {:?} rule={}",
+                "   {} {:<9} identity={} {} {:?} rule={}",
                 v["ts"].as_str().unwrap_or(""),
+                match v["kind"].as_str() {
+                    Some("http") => "request",
+                    Some("ssh") => "command",
+                    _ => "statement",
+                },
                 v["identity"].as_str().unwrap_or("unknown"),
                 v["action"].as_str().unwrap_or("-"),
                 v["operation"].as_str().unwrap_or(""),
@@ -564,8 +687,17 @@ pub fn demo() -> Result<()> {
         || fs::read_to_string(&log)
             .unwrap_or_default()
             .contains(app_pw);
-    if !masked || !dropped_denied || ok3 || ok4 || leaked || ci_session.is_none() || !ssh_ok {
-        bail!("the demo did not behave as described above (masked={masked} drop_denied={dropped_denied} batch_allowed={ok3} reached_while_down={ok4} leaked={leaked} ssh={ssh_ok})");
+    let leaked = leaked || audit.contains(STATUS_API_TOKEN);
+    if !masked
+        || !dropped_denied
+        || ok3
+        || ok4
+        || leaked
+        || ci_session.is_none()
+        || !ssh_ok
+        || !https_ok
+    {
+        bail!("the demo did not behave as described above (masked={masked} drop_denied={dropped_denied} batch_allowed={ok3} reached_while_down={ok4} leaked={leaked} ssh={ssh_ok} https={https_ok})");
     }
     println!("\nDemo complete. Audit log and recordings kept under {WORK}/data/.");
     Ok(())

@@ -166,6 +166,12 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
         "  ",
         &mut trace,
     );
+    // The agent decides on the normalised path (`..`, `//` and percent-encoding resolved) and
+    // refuses a path it cannot normalise: so does the test.
+    let normal = match op {
+        CaseOp::Http { path, .. } => Some(tollgate_policy::http::normalize_path(path)),
+        _ => None,
+    };
     let decision = match op {
         CaseOp::Connect => connect,
         _ if connect.action == Action::Deny => {
@@ -183,13 +189,31 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
             &mut trace,
             &mut notes,
         ),
+        CaseOp::Http { .. } if normal.as_ref().is_some_and(Result::is_err) => {
+            let e = normal
+                .as_ref()
+                .and_then(|n| n.as_ref().err())
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            trace.push(format!("{}: refused by the agent: {e}", op_text(op)));
+            Decision {
+                action: Action::Deny,
+                rule: None,
+                reason: DecisionReason::NoMatchingRule,
+            }
+        }
         other => {
+            let normal = normal.and_then(Result::ok).map(|n| n.decoded);
             let o = match other {
                 CaseOp::Ssh(kind, command) => Operation::Ssh {
                     kind: *kind,
                     command,
                 },
-                CaseOp::Http { method, path, host } => Operation::Http { method, path, host },
+                CaseOp::Http { method, path, host } => Operation::Http {
+                    method,
+                    path: normal.as_deref().unwrap_or(path),
+                    host,
+                },
                 CaseOp::Kube {
                     verb,
                     resource,

@@ -1,9 +1,10 @@
-//! Recording `kubectl exec -t` / `attach -t`: the relayed WebSocket is read as it passes (the
-//! bytes are relayed unchanged), its Kubernetes channel messages (`v4`/`v5.channel.k8s.io`:
-//! one channel byte before each message) give the terminal's output (channels 1 and 2, masked
-//! with the SSH detectors) and resizes (channel 4, `{"Width":W,"Height":H}` from the bot),
-//! written as asciicast v2 beside the session's JSON-lines recording ([`Cast`], shared with
-//! the SSH handler). Input (channel 0) is not recorded, as for SSH terminals.
+//! Recording `kubectl exec` / `attach`: the relayed WebSocket is read as it passes (the bytes
+//! are relayed unchanged), its Kubernetes channel messages (`v4`/`v5.channel.k8s.io`: one
+//! channel byte before each message) give the output (channels 1 and 2, masked with the SSH
+//! detectors) and resizes (channel 4, `{"Width":W,"Height":H}` from the bot). With a terminal
+//! (`-t`) they are written as asciicast v2 beside the session's JSON-lines recording ([`Cast`],
+//! shared with the SSH handler); without one, stdout and stderr are `output` events of that
+//! recording, which `tollgate replay` prints. Input (channel 0) is not recorded, as for SSH.
 //!
 //! Frames are parsed as they pass; one data frame's payload is held (unmasked) until it is
 //! complete, so the detectors see each message whole. A frame longer than [`MAX_FRAME`] stops
@@ -11,56 +12,187 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::{lock, mask::Masker, ssh::cast::Cast};
+use serde_json::json;
+
+use crate::{
+    lock,
+    mask::Masker,
+    recording::Recorder,
+    ssh::cast::{Cast, MaskedOutput},
+};
 
 /// Longest frame payload the tap follows (kubectl and the kubelet send at most 32 KiB per
 /// message).
 pub const MAX_FRAME: u64 = 1 << 20;
 
-/// The terminal of one exec: its cast, created at the first resize or output.
+/// Longest line of output held for one `output` event; longer is written in pieces.
+const MAX_LINE: usize = 16 << 10;
+
+/// Output of one exec without a terminal recorded as lines; the rest is relayed only.
+pub const MAX_LINES_OUTPUT: usize = 256 << 10;
+
+/// Where an exec's output is recorded.
+enum Sink {
+    /// A terminal (`tty=true`): asciicast v2, created at the first resize or output by
+    /// `create(width, height)` (which names it in the session recording).
+    Cast {
+        cast: Mutex<Option<Arc<Cast>>>,
+        create: Box<dyn Fn(u32, u32) -> Option<Cast> + Send + Sync>,
+    },
+    /// No terminal: stdout and stderr as `output` events of the session's JSON-lines
+    /// recording, one per line of output (`{"event":"output","stream":"stdout","text":...}`),
+    /// masked as the cast is.
+    Lines {
+        recorder: Arc<Recorder>,
+        out: MaskedOutput,
+        /// Masked text of the line in progress (written at its newline, at a switch of
+        /// streams, at the end, or past [`MAX_LINE`]).
+        line: Mutex<String>,
+        /// Output bytes still recorded ([`MAX_LINES_OUTPUT`] at first): `kubectl cp` streams
+        /// a tar archive over such an exec, which is relayed but not copied into the
+        /// recording.
+        left: Mutex<usize>,
+    },
+}
+
+/// The recorded output of one exec or attach.
 pub struct Terminal {
-    cast: Mutex<Option<Arc<Cast>>>,
-    create: Box<dyn Fn(u32, u32) -> Option<Cast> + Send + Sync>,
+    sink: Sink,
     masker: Masker,
     /// The output channel (1 stdout, 2 stderr) of the last message: a switch ends a word for
-    /// the detectors (what the cast held back of the other stream is written first).
+    /// the detectors (what was held back of the other stream is written first).
     channel: Mutex<u8>,
 }
 
 impl Terminal {
-    /// `create(width, height)` makes the cast file (and names it in the session recording).
+    /// With a terminal: `create(width, height)` makes the cast file (and names it in the
+    /// session recording).
     pub fn new(
         masker: Masker,
         create: Box<dyn Fn(u32, u32) -> Option<Cast> + Send + Sync>,
     ) -> Terminal {
         Terminal {
-            cast: Mutex::new(None),
-            create,
+            sink: Sink::Cast {
+                cast: Mutex::new(None),
+                create,
+            },
+            masker,
+            channel: Mutex::new(0),
+        }
+    }
+
+    /// Without a terminal: stdout and stderr as lines of the session's recording.
+    pub fn lines(masker: Masker, recorder: Arc<Recorder>) -> Terminal {
+        Terminal {
+            sink: Sink::Lines {
+                recorder,
+                out: MaskedOutput::default(),
+                line: Mutex::new(String::new()),
+                left: Mutex::new(MAX_LINES_OUTPUT),
+            },
             masker,
             channel: Mutex::new(0),
         }
     }
 
     fn cast(&self, width: u32, height: u32) -> Option<Arc<Cast>> {
-        let mut c = lock(&self.cast);
+        let Sink::Cast { cast, create } = &self.sink else {
+            return None;
+        };
+        let mut c = lock(cast);
         if c.is_none() {
-            *c = (self.create)(width, height).map(Arc::new);
+            *c = create(width, height).map(Arc::new);
         }
         c.clone()
     }
 
-    fn message(&self, from_bot: bool, channel: u8, data: &[u8]) {
-        match (from_bot, channel) {
-            (false, 1 | 2) if !data.is_empty() => {
+    /// Masked `text` of stream `channel` (1 stdout, 2 stderr): one `output` event per whole
+    /// line; with `end`, what is left of the line too.
+    fn write_lines(recorder: &Recorder, line: &Mutex<String>, channel: u8, text: &str, end: bool) {
+        let stream = if channel == 2 { "stderr" } else { "stdout" };
+        let write = |t: &str| {
+            recorder.write(crate::obj(
+                json!({"event": "output", "stream": stream, "text": t}),
+            ));
+        };
+        let mut held = lock(line);
+        held.push_str(text);
+        while let Some(i) = held.find('\n') {
+            let rest = held.split_off(i + 1);
+            write(held.trim_end_matches(['\n', '\r']));
+            *held = rest;
+        }
+        if (end && !held.is_empty()) || held.len() > MAX_LINE {
+            write(&std::mem::take(&mut *held));
+        }
+    }
+
+    /// Output of `channel`: what the other stream held back is written first.
+    fn output(&self, channel: u8, data: &[u8]) {
+        let last = std::mem::replace(&mut *lock(&self.channel), channel);
+        match &self.sink {
+            Sink::Cast { .. } => {
                 if let Some(c) = self.cast(80, 24) {
-                    let last = std::mem::replace(&mut *lock(&self.channel), channel);
                     if last != channel {
                         c.finish(&self.masker);
                     }
                     c.output(data, &self.masker);
                 }
             }
+            Sink::Lines {
+                recorder,
+                out,
+                line,
+                left,
+            } => {
+                let mut left = lock(left);
+                if *left == 0 {
+                    return;
+                }
+                if last != channel {
+                    let t = out.flush(&self.masker).unwrap_or_default();
+                    Self::write_lines(recorder, line, last, &t, true);
+                }
+                let take = data.len().min(*left);
+                *left -= take;
+                let t = out.push(&data[..take], &self.masker).unwrap_or_default();
+                Self::write_lines(recorder, line, channel, &t, false);
+                if *left == 0 {
+                    let t = out.flush(&self.masker).unwrap_or_default();
+                    Self::write_lines(recorder, line, channel, &t, true);
+                    drop(left);
+                    self.note(&format!(
+                        "[tollgate: output past {} KiB is relayed but not recorded]",
+                        MAX_LINES_OUTPUT >> 10
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A note from the agent in the recording (in the output, where a human reads it).
+    fn note(&self, text: &str) {
+        match &self.sink {
+            Sink::Cast { cast, .. } => {
+                if let Some(c) = lock(cast).clone() {
+                    c.output(format!("\r\n{text}\r\n").as_bytes(), &self.masker);
+                }
+            }
+            Sink::Lines { recorder, .. } => {
+                recorder.write(crate::obj(
+                    json!({"event": "output", "stream": "tollgate", "text": text}),
+                ));
+            }
+        }
+    }
+
+    fn message(&self, from_bot: bool, channel: u8, data: &[u8]) {
+        match (from_bot, channel) {
+            (false, 1 | 2) if !data.is_empty() => self.output(channel, data),
             (true, 4) => {
+                let Sink::Cast { cast, .. } = &self.sink else {
+                    return;
+                };
                 let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
                     return;
                 };
@@ -68,7 +200,7 @@ impl Terminal {
                     return;
                 };
                 let (w, h) = (w.min(10_000) as u32, h.min(10_000) as u32);
-                let fresh = lock(&self.cast).is_none();
+                let fresh = lock(cast).is_none();
                 if let Some(c) = self.cast(w, h) {
                     if !fresh {
                         c.resize(w, h);
@@ -81,10 +213,24 @@ impl Terminal {
 }
 
 impl Drop for Terminal {
-    /// The exec ended (both directions' taps are gone): what the cast held back is written.
+    /// The exec ended (both directions' taps are gone): what was held back is written.
     fn drop(&mut self) {
-        if let Some(c) = lock(&self.cast).as_ref() {
-            c.finish(&self.masker);
+        match &self.sink {
+            Sink::Cast { cast, .. } => {
+                if let Some(c) = lock(cast).as_ref() {
+                    c.finish(&self.masker);
+                }
+            }
+            Sink::Lines {
+                recorder,
+                out,
+                line,
+                ..
+            } => {
+                let last = *lock(&self.channel);
+                let t = out.flush(&self.masker).unwrap_or_default();
+                Self::write_lines(recorder, line, last, &t, true);
+            }
         }
     }
 }
@@ -164,12 +310,8 @@ impl Tap {
         }
         if len > MAX_FRAME {
             self.broken = true;
-            if let Some(c) = lock(&self.terminal.cast).clone() {
-                c.output(
-                    b"\r\n[tollgate: a message longer than 1 MiB; the recording stops here]\r\n",
-                    &self.terminal.masker,
-                );
-            }
+            self.terminal
+                .note("[tollgate: a message longer than 1 MiB; the recording stops here]");
         }
         self.header.clear();
     }
@@ -319,5 +461,100 @@ mod tests {
         assert!(text.contains("\"r\",\"100x30\""), "{text}");
         assert_eq!(lock(&made).len(), 1);
         let _ = std::fs::remove_dir_all(cleanup);
+    }
+
+    /// A fresh data dir, the session's recorder, and an exec without a terminal recording
+    /// into it with the SSH detectors.
+    fn lines_terminal(
+        tag: &str,
+        session: &str,
+    ) -> (std::path::PathBuf, Arc<Recorder>, Arc<Terminal>) {
+        let dir = std::env::temp_dir().join(format!("tg-exec-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let health = Arc::new(crate::audit::Health::default());
+        let recorder = Arc::new(Recorder::open(&dir, session, health).expect("open"));
+        let terminal = Arc::new(Terminal::lines(
+            Masker::with_detectors(
+                crate::ssh::SSH_DETECTORS,
+                tollgate_policy::MaskStyle::Full,
+                [7; 32],
+            ),
+            recorder.clone(),
+        ));
+        (dir, recorder, terminal)
+    }
+
+    /// Without a terminal, stdout and stderr become `output` lines of the session recording,
+    /// masked across frame boundaries, and `tollgate replay` prints them per stream.
+    #[test]
+    fn output_without_a_terminal_is_recorded_as_lines() {
+        let (dir, recorder, terminal) = lines_terminal("lines", "s-2");
+        let mut down = Vec::new();
+        // The key is cut across two frames of stdout.
+        down.extend(frame(2, b"\x01build ok AKIAIOSFOD", None));
+        down.extend(frame(2, b"\x01NN7EXAMPLE\nsecond line\n", None));
+        down.extend(frame(2, b"\x02warning: disk 91% full\n", None));
+        down.extend(frame(2, b"\x01done", None));
+        down.extend(frame(2, b"\x03{\"status\":\"Success\"}", None));
+        let mut tap_up = Tap::new(terminal.clone(), true);
+        tap_up.feed(&frame(2, b"\x00typed input", Some([1, 2, 3, 4])));
+        let mut tap_down = Tap::new(terminal.clone(), false);
+        for piece in down.chunks(5) {
+            tap_down.feed(piece);
+        }
+        drop((tap_up, tap_down, terminal, recorder));
+        let text =
+            std::fs::read_to_string(crate::replay::recording_path(&dir, "s-2")).expect("recording");
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let stream = |name: &str| -> String {
+            events
+                .iter()
+                .filter(|e| e["event"] == "output" && e["stream"] == name)
+                .filter_map(|e| e["text"].as_str())
+                .collect::<Vec<_>>()
+                .join("|")
+        };
+        assert_eq!(
+            stream("stdout"),
+            "build ok ********|second line|done",
+            "{text}"
+        );
+        assert_eq!(stream("stderr"), "warning: disk 91% full", "{text}");
+        assert!(
+            !text.contains("typed") && !text.contains("Success"),
+            "{text}"
+        );
+        let shown = crate::replay::replay(&dir, "s-2")
+            .expect("replay")
+            .join("\n");
+        assert!(shown.contains("STDOUT build ok ********"), "{shown}");
+        assert!(shown.contains("STDERR warning: disk 91% full"), "{shown}");
+        assert!(!shown.contains("AKIAIOSFODNN7EXAMPLE"), "{shown}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A large output (`kubectl cp` streams a tar archive over an exec) is relayed, but only
+    /// its first [`MAX_LINES_OUTPUT`] bytes are recorded, with a note saying so.
+    #[test]
+    fn lines_are_recorded_up_to_a_bound() {
+        let (dir, recorder, terminal) = lines_terminal("bound", "s-3");
+        let mut tap = Tap::new(terminal.clone(), false);
+        let line = [b"\x01".as_slice(), &[b'y'; 1000], b"\n"].concat();
+        for _ in 0..1000 {
+            tap.feed(&frame(2, &line, None));
+        }
+        drop((tap, terminal, recorder));
+        let text =
+            std::fs::read_to_string(crate::replay::recording_path(&dir, "s-3")).expect("recording");
+        assert!(
+            text.len() > MAX_LINES_OUTPUT && text.len() < MAX_LINES_OUTPUT + (64 << 10),
+            "{} bytes",
+            text.len()
+        );
+        assert_eq!(text.matches("relayed but not recorded").count(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

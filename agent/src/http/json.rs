@@ -7,9 +7,11 @@
 //! the object keys and array indexes from the top, joined by `.` (`items.3.spec.email`), seen
 //! as the SQL masks see `table.column` (a glob without `.` matches the last key anywhere, so
 //! `ssn` masks every `ssn`; `items.*.spec.email` masks that field of every item). A masked
-//! object or array is replaced whole. Every other string value goes through the target's value
-//! detectors. Anything that is not JSON ends the stream with an error; nothing unmasked of a
-//! value that could not be read is ever sent.
+//! object or array is replaced whole. Every other string value, number and object key goes
+//! through the target's value detectors. Keys and strings are decoded first (`\u0073`, `\/`,
+//! surrogate pairs), so a key or value spelled with escapes is seen as any JSON reader sees it;
+//! a string no reader agrees on (a lone surrogate) is not JSON. Anything that is not JSON ends
+//! the stream with an error; nothing unmasked of a value that could not be read is ever sent.
 
 use std::{
     pin::Pin,
@@ -121,11 +123,26 @@ impl JsonMask {
                 colon,
             }) = self.stack.last_mut()
             {
-                *key = Some(text);
                 *want_key = false;
                 *colon = false;
+                // Paths see the key as sent: a detector's mask of it must not change which
+                // column rules select its value.
+                *key = Some(text.clone());
             }
-            out.extend_from_slice(&raw);
+            // A key can hold what a detector catches too (a map keyed by email); a masked key
+            // is a string even in the `null` style, as a key must be.
+            match self.masker.mask_text(text.as_bytes(), false) {
+                Some(m) => {
+                    self.masked += 1;
+                    match m {
+                        Masked::Null(_) => {
+                            write_masked(Some(Masked::Value(b"********".to_vec(), Vec::new())), out)
+                        }
+                        v => write_masked(Some(v), out),
+                    }
+                }
+                None => out.extend_from_slice(&raw),
+            }
             return Ok(());
         }
         if self.masked_here() {
@@ -147,8 +164,17 @@ impl JsonMask {
             .map_err(|_| NotJson("a number or literal is not valid JSON"))?;
         if self.masked_here() {
             self.emit_masked(&raw, out);
-        } else {
-            out.extend_from_slice(&raw);
+            return Ok(());
+        }
+        // A number goes through the detectors too (a card number sent as a JSON number); a
+        // masked one becomes a string (or null).
+        let number = !matches!(raw.first(), Some(b't' | b'f' | b'n'));
+        match number.then(|| self.masker.mask_text(&raw, false)).flatten() {
+            Some(m) => {
+                self.masked += 1;
+                write_masked(Some(m), out);
+            }
+            None => out.extend_from_slice(&raw),
         }
         Ok(())
     }
@@ -480,6 +506,102 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    /// Every split of `doc` gives the same output (keys and values cut anywhere, inside an
+    /// escape too); that output.
+    fn run_any_split(m: &Masker, doc: &[u8]) -> String {
+        let whole = run(m, doc, doc.len()).expect("json");
+        for piece in 1..doc.len().min(24) {
+            assert_eq!(run(m, doc, piece).expect("json"), whole, "piece {piece}");
+        }
+        whole
+    }
+
+    /// An upstream may spell a masked key with JSON escapes, in any case (column globs are
+    /// case-insensitive, as for SQL), or repeat it: a JSON client reads the same key, so the
+    /// masker must too.
+    #[test]
+    fn disguised_and_repeated_keys_are_still_masked() {
+        let m = masker(&["ssn", "items.*.spec.email"], &[]);
+        for (doc, secret) in [
+            (r#"{"s\u0073n":"111-22-3333"}"#, "111-22-3333"),
+            (r#"{"\u0073sn":"111-22-3333"}"#, "111-22-3333"),
+            (r#"{"\u0073\u0073\u006e":"111-22-3333"}"#, "111-22-3333"),
+            (r#"{"\u0073\u0073\u006E":"111-22-3333"}"#, "111-22-3333"),
+            (r#"{"\u0053SN":"111-22-3333"}"#, "111-22-3333"),
+            (r#"{"SsN":"111-22-3333"}"#, "111-22-3333"),
+            (r#"{"ssn":"first-value","ssn":"second-value"}"#, "-value"),
+            (
+                r#"{"ssn":"first-value","x":1,"s\u0073n":"second-value"}"#,
+                "-value",
+            ),
+            (r#"{"ssn":{"nested":"object-value"}}"#, "object-value"),
+            (r#"{"ssn":12345678901}"#, "12345678901"),
+            (
+                r#"{"it\u0065ms":[{"sp\u0065c":{"\u0065mail":"x@secret.example"}}]}"#,
+                "secret.example",
+            ),
+            (
+                r#"{"items":[{"spec":{"em\u0061il":"x@secret.example","email":"y@secret.example"}}]}"#,
+                "secret.example",
+            ),
+        ] {
+            let out = run_any_split(&m, doc.as_bytes());
+            assert!(!out.contains(secret), "{doc} -> {out}");
+            serde_json::from_str::<serde_json::Value>(&out).expect("masked JSON is JSON");
+        }
+        // Not the masked key: left as sent, escapes and all.
+        let doc = r#"{"ssn2":"a","xssn":"b","s\u0073n\u0032":"c"}"#;
+        assert_eq!(run_any_split(&m, doc.as_bytes()), doc);
+    }
+
+    /// Detectors see a string value decoded: a card number or AWS key written with escapes
+    /// (or as a JSON number, or as an object key) is still caught.
+    #[test]
+    fn detectors_see_decoded_values_numbers_and_keys() {
+        let m = masker(&[], &["credit_card", "aws_access_key", "email"]);
+        for (doc, secret) in [
+            (r#"{"k":"AKIA\u0049OSFODNN7EXAMPLE"}"#, "OSFODNN7EXAMPLE"),
+            (r#"{"k":"\u0041KIAIOSFODNN7EXAMPLE"}"#, "OSFODNN7EXAMPLE"),
+            (r#"{"card":"4111\u00201111\u00201111\u00201111"}"#, "1111"),
+            (
+                r#"{"card":"\u0034\u0031\u0031\u0031111111111111"}"#,
+                "111111",
+            ),
+            (r#"{"mail":"alice\u0040example.com"}"#, "alice"),
+            (r#"{"mail":"alice\/x@example.com"}"#, "alice"),
+            (r#"{"card":4111111111111111}"#, "4111111111111111"),
+            (r#"[4111111111111111,1]"#, "4111111111111111"),
+            (r#"{"4111 1111 1111 1111":true}"#, "4111 1111 1111 1111"),
+            (r#"{"by":{"alice\u0040example.com":1}}"#, "alice"),
+        ] {
+            let out = run_any_split(&m, doc.as_bytes());
+            assert!(!out.contains(secret), "{doc} -> {out}");
+            serde_json::from_str::<serde_json::Value>(&out).expect("masked JSON is JSON");
+        }
+        // A plain number or key stays as it is.
+        let doc = r#"{"count":41,"price":-1.5e3,"name":"widget"}"#;
+        assert_eq!(run_any_split(&m, doc.as_bytes()), doc);
+    }
+
+    /// Surrogates: a pair is one character, decoded like any other; a lone surrogate is not
+    /// a string any JSON reader agrees on, so the body is refused (never passed unmasked).
+    #[test]
+    fn surrogate_escapes() {
+        let m = masker(&["ssn"], &["email"]);
+        let out = run_any_split(
+            &m,
+            r#"{"ssn\ud83d\ude00":"kept","mail":"\ud83d\ude00 alice@example.com"}"#.as_bytes(),
+        );
+        assert!(out.contains("kept") && !out.contains("alice"), "{out}");
+        for bad in [
+            r#"{"ssn":"\ud800"}"#,
+            r#"{"s\udc00sn":"x"}"#,
+            r#"{"a":"\u00zz"}"#,
+        ] {
+            assert!(run(&m, bad.as_bytes(), 1).is_err(), "{bad}");
         }
     }
 }

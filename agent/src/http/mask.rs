@@ -175,4 +175,23 @@ mod tests {
         assert!(s.contains(MASKED));
         assert!(mask_document(b"\x0a\x0bk8s\x00protobuf").is_none());
     }
+
+    /// `data` spelled with escapes, or twice (a JSON reader keeps the last), is still `data`.
+    #[test]
+    fn disguised_data_keys_are_masked() {
+        for doc in [
+            r#"{"kind":"Secret","d\u0061ta":{"p":"aHVudGVyMg=="}}"#,
+            r#"{"kind":"Secret","\u0073tringData":{"p":"hunter2"}}"#,
+            r#"{"kind":"Secret","data":{"p":"aHVudGVyMg=="},"data":{"q":"aHVudGVyMg=="}}"#,
+            r#"{"kind":"Secret","data":{"p":"x"},"d\u0061ta":{"q":"aHVudGVyMg=="}}"#,
+        ] {
+            let (out, n) = mask_document(doc.as_bytes()).expect("json");
+            let s = String::from_utf8(out).expect("utf8");
+            assert!(n >= 1, "{doc} -> {s}");
+            assert!(
+                !s.contains("hunter2") && !s.contains("aHVudGVyMg=="),
+                "{doc} -> {s}"
+            );
+        }
+    }
 }

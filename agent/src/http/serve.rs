@@ -242,19 +242,26 @@ struct Env<'a> {
 }
 
 impl Env<'_> {
-    /// For an exec or attach with a terminal (`tty=true`): its recording, made when the
-    /// relayed WebSocket first shows the terminal's size or output.
+    /// For an exec or attach: its output's recording. With a terminal (`tty=true`) an
+    /// asciicast made when the relayed WebSocket first shows the terminal's size or output;
+    /// without one, `output` lines of the session recording.
     fn terminal(
         &self,
         att: &super::Attributed,
         query: Option<&str>,
     ) -> Option<Arc<super::exec::Terminal>> {
         att.command.as_ref()?;
-        let tty = tollgate_policy::http::query_values(query, "tty")?;
-        if !tty.first().is_some_and(|v| v == "true" || v == "1") {
-            return None;
-        }
         let cx = self.cx;
+        let masker = crate::mask::Masker::with_detectors(
+            crate::ssh::SSH_DETECTORS,
+            tollgate_policy::MaskStyle::Full,
+            cx.agent.hash_key,
+        );
+        let tty = tollgate_policy::http::query_values(query, "tty").unwrap_or_default();
+        if !tty.first().is_some_and(|v| v == "true" || v == "1") {
+            let recorder = self.recorder.clone()?;
+            return Some(Arc::new(super::exec::Terminal::lines(masker, recorder)));
+        }
         let data_dir = cx.gen.policy.agent.data_dir.clone();
         let session = cx.id.clone();
         let recorder = self.recorder.clone();
@@ -263,11 +270,6 @@ impl Env<'_> {
             Some(words) => super::command_text(words),
             None => String::new(),
         };
-        let masker = crate::mask::Masker::with_detectors(
-            crate::ssh::SSH_DETECTORS,
-            tollgate_policy::MaskStyle::Full,
-            cx.agent.hash_key,
-        );
         Some(Arc::new(super::exec::Terminal::new(
             masker,
             Box::new(move |w, h| {

@@ -25,8 +25,45 @@ pub struct Cast {
     path: PathBuf,
     file: Mutex<File>,
     started: Instant,
-    /// Output not yet written: it may be the first part of a secret (see [`stable_prefix`]).
+    carry: MaskedOutput,
+}
+
+/// Output masked across the chunks it arrives in (see the module docs): what may be the first
+/// part of a secret waits for the next chunk. The cast's, and the JSON-lines output of a
+/// `kubectl exec` without a terminal.
+#[derive(Default)]
+pub struct MaskedOutput {
+    /// Output not yet written (see [`stable_prefix`]).
     carry: Mutex<Vec<u8>>,
+}
+
+impl MaskedOutput {
+    /// `bytes` after what waited: the masked text to write now, if any.
+    pub fn push(&self, bytes: &[u8], masker: &Masker) -> Option<String> {
+        let mut carry = lock(&self.carry);
+        carry.extend_from_slice(bytes);
+        let cut = stable_prefix(&carry);
+        let chunk: Vec<u8> = carry.drain(..cut).collect();
+        drop(carry);
+        masked_text(&chunk, masker)
+    }
+
+    /// The output ended (or switches streams): what waited, masked.
+    pub fn flush(&self, masker: &Masker) -> Option<String> {
+        let chunk = std::mem::take(&mut *lock(&self.carry));
+        masked_text(&chunk, masker)
+    }
+}
+
+fn masked_text(chunk: &[u8], masker: &Masker) -> Option<String> {
+    if chunk.is_empty() {
+        return None;
+    }
+    Some(match masker.mask_text(chunk, false) {
+        Some(Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned(),
+        Some(Masked::Null(_)) => String::new(),
+        None => String::from_utf8_lossy(chunk).into_owned(),
+    })
 }
 
 impl Cast {
@@ -69,7 +106,7 @@ impl Cast {
             path,
             file: Mutex::new(file),
             started: Instant::now(),
-            carry: Mutex::new(Vec::new()),
+            carry: MaskedOutput::default(),
         })
     }
 
@@ -89,30 +126,16 @@ impl Cast {
 
     /// Record terminal output (masked by `masker`); what may continue a secret waits.
     pub fn output(&self, bytes: &[u8], masker: &Masker) {
-        let mut carry = lock(&self.carry);
-        carry.extend_from_slice(bytes);
-        let cut = stable_prefix(&carry);
-        let chunk: Vec<u8> = carry.drain(..cut).collect();
-        drop(carry);
-        self.write_masked(&chunk, masker);
+        if let Some(t) = self.carry.push(bytes, masker) {
+            self.event("o", &t);
+        }
     }
 
     /// The channel ended: write what was waiting.
     pub fn finish(&self, masker: &Masker) {
-        let chunk = std::mem::take(&mut *lock(&self.carry));
-        self.write_masked(&chunk, masker);
-    }
-
-    fn write_masked(&self, chunk: &[u8], masker: &Masker) {
-        if chunk.is_empty() {
-            return;
+        if let Some(t) = self.carry.flush(masker) {
+            self.event("o", &t);
         }
-        let text = match masker.mask_text(chunk, false) {
-            Some(Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned(),
-            Some(Masked::Null(_)) => String::new(),
-            None => String::from_utf8_lossy(chunk).into_owned(),
-        };
-        self.event("o", &text);
     }
 
     /// Record a terminal resize.
