@@ -573,6 +573,29 @@ fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool
         );
     }
     println!("goal (issue 17): tollgate pg <= 1.2x pgbouncer on -S and -S -M prepared");
+    // Each round's CPU per transaction, relative to pgbouncer's in the same round (and the
+    // baseline build's, when there is one): the spread says what is noise.
+    println!(
+        "each round's tollgate pg CPU per transaction / pgbouncer's{}:",
+        if base { " (and / baseline pg's)" } else { "" }
+    );
+    for (i, (name, _)) in rows.iter().enumerate() {
+        let per: Vec<String> = (0..ROUNDS)
+            .map(|k| {
+                let us = |c: usize| runs[i][c].get(k).and_then(|r| r.proxy_us_per_tx);
+                let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                    _ => "-".into(),
+                };
+                if base {
+                    format!("{} {}", ratio(us(2), us(3)), ratio(us(2), us(4)))
+                } else {
+                    ratio(us(2), us(3))
+                }
+            })
+            .collect();
+        println!("  {name:<32} {}", per.join("  |  "));
+    }
     table.print_latency_and_setup();
     if let Some((n, per)) = idle {
         println!(
