@@ -459,28 +459,13 @@ fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool
     }
     for round in 0..ROUNDS {
         let reverse = round % 2 == 1;
-        if reverse {
-            agent_columns(
-                bin,
-                baseline,
-                pg_port,
-                &rows,
-                Some(&mut table),
-                true,
-                &mut idle,
-            )?;
-            plain_columns(pg_port, &rows, &mut table, true)?;
-        } else {
+        if !reverse {
             plain_columns(pg_port, &rows, &mut table, false)?;
-            agent_columns(
-                bin,
-                baseline,
-                pg_port,
-                &rows,
-                Some(&mut table),
-                false,
-                &mut idle,
-            )?;
+        }
+        let t = Some(&mut table);
+        agent_columns(bin, baseline, pg_port, &rows, t, reverse, &mut idle)?;
+        if reverse {
+            plain_columns(pg_port, &rows, &mut table, true)?;
         }
     }
     let runs = &table.runs;
