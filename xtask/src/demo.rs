@@ -61,7 +61,11 @@ impl Postgres {
         run(Command::new("chown").arg("postgres:postgres").arg(&pw))?;
         run(as_pg("initdb")
             // UTF-8 whatever the caller's environment (without LANG: SQL_ASCII).
-            .args(["--auth=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8"])
+            .args([
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+            ])
             .args(["-U", "postgres", "--pwfile"])
             .arg(&pw)
             .arg("-D")
