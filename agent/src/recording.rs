@@ -21,7 +21,7 @@ use std::{
 use serde_json::{Map, Value};
 
 use crate::{
-    audit::{now_ts, Audit, FileKind, Health, Line, Sink},
+    audit::{Audit, FileKind, Health, Line, Sink},
     journal::Journal,
     lock,
 };
@@ -127,12 +127,22 @@ impl Recorder {
 
     /// Append one event (`ts` first, then the given fields), after any deferred lines.
     pub fn write(&self, event: Map<String, Value>) {
-        let mut body = Map::new();
-        body.insert("ts".into(), Value::String(now_ts()));
-        body.extend(event);
-        let mut line = Value::Object(body).to_string().into_bytes();
-        line.push(b'\n');
-        self.emit(&line);
+        let mut line = Line::new("");
+        for (k, v) in &event {
+            line = line.val(k, v);
+        }
+        self.write_line(line);
+    }
+
+    /// [`Recorder::write`] of `(key, value)` fields (keys unique) without building a map:
+    /// the same line, its fields in the same (sorted) order.
+    pub fn write_fields(&self, fields: &mut [(&str, Value)]) {
+        fields.sort_unstable_by_key(|(k, _)| *k);
+        let mut line = Line::new("");
+        for (k, v) in fields.iter() {
+            line = line.val(k, v);
+        }
+        self.write_line(line);
     }
 
     /// Append one event built with [`Line`], after any deferred lines.

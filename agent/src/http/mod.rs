@@ -49,7 +49,7 @@ use hyper::{
     header::{self, HeaderMap, HeaderName, HeaderValue},
     Method, Response, StatusCode,
 };
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tollgate_policy::{
     http::{kube_attributes, normalize_path, KubeAttrs, KubeRequest},
     Decision, DecisionReason, Operation, Protocol,
@@ -404,15 +404,8 @@ pub fn approval_message(o: &ApprovalOutcome, what: &str) -> String {
 /// Headers that belong to one hop and are never forwarded (RFC 9110 7.6.1), plus the bot's
 /// credentials (replaced by the target's).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.contains_key(header::CONNECTION) {
+        strip_connection_named(headers);
     }
     for n in [
         header::CONNECTION,
@@ -426,8 +419,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(n);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(HeaderName::from_static("keep-alive"));
+    headers.remove(HeaderName::from_static("proxy-connection"));
+}
+
+/// The headers `Connection` names (hop-by-hop too).
+fn strip_connection_named(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
 }
 
 /// A body that shows each data frame it passes to `seen`, and calls `done` when dropped.
@@ -492,7 +499,8 @@ fn tally(
 #[derive(Clone)]
 struct RecordLine {
     recorder: Option<Arc<Recorder>>,
-    fields: Map<String, Value>,
+    /// The line's fields so far (a few; a later `set` of a key replaces it).
+    fields: Vec<(&'static str, Value)>,
     up: Arc<AtomicU64>,
     started: Instant,
     totals: Arc<(AtomicU64, AtomicU64)>,
@@ -566,26 +574,30 @@ fn capture(inner: AnyBody, bodies: &Option<Arc<Bodies>>, response: bool) -> AnyB
 }
 
 impl RecordLine {
+    /// Set field `k` of the line (replacing an earlier value).
+    fn set(&mut self, k: &'static str, v: impl Into<Value>) {
+        let v = v.into();
+        match self.fields.iter_mut().find(|(f, _)| *f == k) {
+            Some(f) => f.1 = v,
+            None => self.fields.push((k, v)),
+        }
+    }
+
     fn finish(mut self, status: u16, down: u64) {
         self.seconds.observe(self.started.elapsed().as_secs_f64());
         let up = self.up.load(Ordering::Relaxed);
         self.totals.0.fetch_add(up, Ordering::Relaxed);
         self.totals.1.fetch_add(down, Ordering::Relaxed);
-        if let Some(r) = &self.recorder {
-            self.fields.insert("status".into(), status.into());
-            self.fields.insert("bytes_up".into(), up.into());
-            self.fields.insert("bytes_down".into(), down.into());
-            self.fields.insert(
-                "duration_ms".into(),
-                (self.started.elapsed().as_secs_f64() * 1000.0).into(),
-            );
-            if let Some(b) = &self.bodies {
-                self.fields
-                    .insert("request_body".into(), b.shown(&b.request));
-                self.fields
-                    .insert("response_body".into(), b.shown(&b.response));
+        if let Some(r) = self.recorder.take() {
+            self.set("status", status);
+            self.set("bytes_up", up);
+            self.set("bytes_down", down);
+            self.set("duration_ms", self.started.elapsed().as_secs_f64() * 1000.0);
+            if let Some(b) = self.bodies.take() {
+                self.set("request_body", b.shown(&b.request));
+                self.set("response_body", b.shown(&b.response));
             }
-            r.write(std::mem::take(&mut self.fields));
+            r.write_fields(&mut self.fields);
         }
     }
 }

@@ -299,7 +299,10 @@ impl Env<'_> {
         let started = Instant::now();
         let mut record = RecordLine {
             recorder: self.recorder.clone(),
-            fields: obj(json!({ "event": "request", "method": req.method().as_str() })),
+            fields: vec![
+                ("event", "request".into()),
+                ("method", req.method().as_str().into()),
+            ],
             up: Arc::new(AtomicU64::new(0)),
             started,
             totals: self.totals.clone(),
@@ -338,11 +341,9 @@ impl Env<'_> {
                     &d,
                     Some("unattributable"),
                 );
-                record.fields.insert("target".into(), raw.into());
-                record.fields.insert("action".into(), "deny".into());
-                record
-                    .fields
-                    .insert("reason".into(), u.message.clone().into());
+                record.set("target", raw);
+                record.set("action", "deny");
+                record.set("reason", u.message.clone());
                 return finish_response(refusal(protocol, u.status, &u.message, None), record);
             }
         };
@@ -379,11 +380,12 @@ impl Env<'_> {
                 reason: DecisionReason::NoMatchingRule,
             },
         };
-        record.fields.extend(obj(json!({
-            "path": att.path, "host": att.host, "kubernetes": kube_json(&att.kube),
-            "action": d.action.as_str(), "rule": d.rule,
-        })));
-        let what = format!("{} {}", att.method, att.path);
+        record.set("path", att.path.as_str());
+        record.set("host", att.host.as_str());
+        record.set("kubernetes", kube_json(&att.kube));
+        record.set("action", d.action.as_str());
+        record.set("rule", d.rule.as_deref());
+        let what = || format!("{} {}", att.method, att.path);
         // Upgrades: WebSocket over HTTP/1.1 is relayed once decided; anything else (SPDY,
         // h2c) is refused.
         let upgrade = match req.headers().get(header::UPGRADE) {
@@ -402,7 +404,7 @@ impl Env<'_> {
         match d.action {
             Action::Allow => {}
             Action::Deny => {
-                let msg = denial_message(&d, cx.identity.as_deref(), &cx.target.name, &what);
+                let msg = denial_message(&d, cx.identity.as_deref(), &cx.target.name, &what());
                 return finish_response(
                     refusal(protocol, StatusCode::FORBIDDEN, &msg, d.rule.as_deref()),
                     record,
@@ -414,7 +416,8 @@ impl Env<'_> {
                 let msg = match earlier_outcome(cx, &att).await {
                     Some(m) => m,
                     None => format!(
-                        "tollgate: {what} needs approval, which only a WebSocket request can wait for"
+                        "tollgate: {} needs approval, which only a WebSocket request can wait for",
+                        what()
                     ),
                 };
                 return finish_response(
@@ -424,11 +427,9 @@ impl Env<'_> {
             }
             Action::Approve => {
                 let outcome = cx.request_approval(&cx.policy(), &text, kind, &d).await;
-                record
-                    .fields
-                    .insert("approval".into(), outcome.label().into());
+                record.set("approval", outcome.label());
                 if !matches!(outcome, ApprovalOutcome::Approved { .. }) {
-                    let msg = approval_message(&outcome, &what);
+                    let msg = approval_message(&outcome, &what());
                     return finish_response(
                         refusal(protocol, StatusCode::FORBIDDEN, &msg, d.rule.as_deref()),
                         record,

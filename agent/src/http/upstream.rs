@@ -155,12 +155,13 @@ impl<'a> Upstream<'a> {
             let Some(mut s) = lock(&self.h1).pop() else {
                 break;
             };
-            // An idle connection is ready at once; give one that is finishing a response a
-            // moment before opening another.
-            if !s.is_closed()
-                && tokio::time::timeout(std::time::Duration::from_millis(5), s.ready())
-                    .await
-                    .is_ok_and(|r| r.is_ok())
+            // An idle connection is ready at once (no timer then); give one that is finishing
+            // a response a moment before opening another.
+            if s.is_ready()
+                || !s.is_closed()
+                    && tokio::time::timeout(std::time::Duration::from_millis(5), s.ready())
+                        .await
+                        .is_ok_and(|r| r.is_ok())
             {
                 return Ok(Sender::H1(s));
             }
