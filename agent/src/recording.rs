@@ -127,21 +127,19 @@ impl Recorder {
 
     /// Append one event (`ts` first, then the given fields), after any deferred lines.
     pub fn write(&self, event: Map<String, Value>) {
-        let mut line = Line::new("");
-        for (k, v) in &event {
-            line = line.val(k, v);
-        }
-        self.write_line(line);
+        self.write_sorted(event.iter().map(|(k, v)| (k.as_str(), v)));
     }
 
     /// [`Recorder::write`] of `(key, value)` fields (keys unique) without building a map:
     /// the same line, its fields in the same (sorted) order.
     pub fn write_fields(&self, fields: &mut [(&str, Value)]) {
         fields.sort_unstable_by_key(|(k, _)| *k);
-        let mut line = Line::new("");
-        for (k, v) in fields.iter() {
-            line = line.val(k, v);
-        }
+        self.write_sorted(fields.iter().map(|(k, v)| (*k, v)));
+    }
+
+    /// One line of `fields`, in the order given.
+    fn write_sorted<'v>(&self, fields: impl Iterator<Item = (&'v str, &'v Value)>) {
+        let line = fields.fold(Line::new(""), |line, (k, v)| line.val(k, v));
         self.write_line(line);
     }
 

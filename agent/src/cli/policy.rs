@@ -168,9 +168,12 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
     );
     // The agent decides on the normalised path (`..`, `//` and percent-encoding resolved) and
     // refuses a path it cannot normalise: so does the test.
-    let normal = match op {
-        CaseOp::Http { path, .. } => Some(tollgate_policy::http::normalize_path(path)),
-        _ => None,
+    let (normal, refused) = match op {
+        CaseOp::Http { path, .. } => match tollgate_policy::http::normalize_path(path) {
+            Ok(n) => (Some(n.decoded), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        _ => (None, None),
     };
     let decision = match op {
         CaseOp::Connect => connect,
@@ -189,12 +192,8 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
             &mut trace,
             &mut notes,
         ),
-        CaseOp::Http { .. } if normal.as_ref().is_some_and(Result::is_err) => {
-            let e = normal
-                .as_ref()
-                .and_then(|n| n.as_ref().err())
-                .map(ToString::to_string)
-                .unwrap_or_default();
+        CaseOp::Http { .. } if refused.is_some() => {
+            let e = refused.as_deref().unwrap_or_default();
             trace.push(format!("{}: refused by the agent: {e}", op_text(op)));
             Decision {
                 action: Action::Deny,
@@ -203,7 +202,6 @@ pub fn evaluate(policy: &Policy, who: &CaseWho, target: &str, op: &CaseOp) -> Ou
             }
         }
         other => {
-            let normal = normal.and_then(Result::ok).map(|n| n.decoded);
             let o = match other {
                 CaseOp::Ssh(kind, command) => Operation::Ssh {
                     kind: *kind,

@@ -117,18 +117,6 @@ impl JsonMask {
         let text: String =
             serde_json::from_slice(&raw).map_err(|_| NotJson("a string is not valid JSON"))?;
         if key {
-            if let Some(Frame_::Object {
-                key,
-                want_key,
-                colon,
-            }) = self.stack.last_mut()
-            {
-                *want_key = false;
-                *colon = false;
-                // Paths see the key as sent: a detector's mask of it must not change which
-                // column rules select its value.
-                *key = Some(text.clone());
-            }
             // A key can hold what a detector catches too (a map keyed by email); a masked key
             // is a string even in the `null` style, as a key must be.
             match self.masker.mask_text(text.as_bytes(), false) {
@@ -142,6 +130,18 @@ impl JsonMask {
                     }
                 }
                 None => out.extend_from_slice(&raw),
+            }
+            if let Some(Frame_::Object {
+                key,
+                want_key,
+                colon,
+            }) = self.stack.last_mut()
+            {
+                *want_key = false;
+                *colon = false;
+                // Paths see the key as sent: a detector's mask of it must not change which
+                // column rules select its value.
+                *key = Some(text);
             }
             return Ok(());
         }
