@@ -384,3 +384,27 @@ pub fn assert_sleep_cancelled_quickly(
     let ms = v["elapsed_ms"].as_u64().expect("elapsed");
     assert!(ms < 2000, "pg_sleep(30) cancelled after {ms} ms: {v}");
 }
+
+/// An unmodified psql in cgroup `bot` to the server at `port` (dialled directly: the eBPF
+/// redirect takes it to the agent), as user `bot` with a WRONG password (identity comes from
+/// the kernel), verbose errors (SQLSTATE shown).
+pub fn bot_psql(bot: &Cgroup, port: u16, args: &[&str]) -> std::process::Output {
+    let conn = format!("host=127.0.0.1 port={port} user=bot dbname=app password=wrong-on-purpose sslmode=disable connect_timeout=10");
+    bot.command(Path::new("/usr/bin/psql"))
+        .arg(conn)
+        .args(["-X", "-v", "VERBOSITY=verbose"])
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("psql")
+}
+
+/// A finished command's stdout and stderr, as text.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

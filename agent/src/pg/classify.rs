@@ -70,7 +70,8 @@ use std::panic::catch_unwind;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use pg_query::protobuf::{
-    self, CmdType, CoercionForm, ObjectType, OnConflictAction, TransactionStmtKind, VariableSetKind,
+    self, AExprKind, CmdType, CoercionForm, ObjectType, OnConflictAction, SubLinkType,
+    TransactionStmtKind, VariableSetKind,
 };
 use pg_query::{NodeEnum, ParserOptions};
 use serde::ser::{self, Serialize, Serializer};
@@ -98,6 +99,20 @@ pub struct Statement {
     /// functions named in GRANT/DROP), lowercased, schema-qualified when written so. Sorted,
     /// deduplicated.
     pub functions: Vec<String>,
+    /// Operators used by name, each of which runs the function behind it: written ones
+    /// (`a !!! b`, `x = ANY(...)`, `OPERATOR(public.+)` as `public.+`, `ORDER BY x USING <`),
+    /// and the `=` of `IN (...)`, `IS [NOT] DISTINCT FROM`, `NULLIF`, `CASE x WHEN`, JOIN
+    /// `USING`/`NATURAL` and the `~~` of `LIKE`, the `>=`, `<=`, `<`, `>` of `BETWEEN`. Sorted,
+    /// deduplicated. The caller looks up what runs behind them (functions.rs).
+    pub operators: Vec<String>,
+    /// Target types of casts (`x::t`, `CAST(x AS t)`, `t 'literal'`), whose input function and
+    /// cast functions run: lowercased, schema-qualified when written so (`::int` is the parser's
+    /// `pg_catalog.int4`), array types by their element type. Sorted, deduplicated.
+    pub casts: Vec<String>,
+    /// DDL that may change what an operator name or a cast runs (CREATE/ALTER OPERATOR, TYPE,
+    /// DOMAIN, CAST, AGGREGATE, renames and schema moves): the caller re-reads its function
+    /// snapshot before the next statement that uses one.
+    pub redefines: bool,
     /// Dangerous things found, as short stable strings: `function:<name>` (file access, large
     /// objects, dblink, backend signalling, `set_config`, query-executing XML functions, ...),
     /// `copy:program`, `copy:file`, `ddl:code` (CREATE FUNCTION/PROCEDURE/TRIGGER/RULE/EVENT
@@ -608,6 +623,9 @@ fn same_meaning(a: &[Statement], b: &[Statement]) -> bool {
                 && a.kinds == b.kinds
                 && a.tables == b.tables
                 && a.functions == b.functions
+                && a.operators == b.operators
+                && a.casts == b.casts
+                && a.redefines == b.redefines
                 && a.dangerous == b.dangerous
                 && a.prepared_name == b.prepared_name
                 && a.read_only == b.read_only
@@ -865,6 +883,9 @@ struct Classified {
     kinds: KindSet,
     tables: BTreeSet<String>,
     functions: BTreeSet<String>,
+    operators: BTreeSet<String>,
+    casts: BTreeSet<String>,
+    redefines: bool,
     dangerous: BTreeSet<String>,
     /// Something writes that `kinds` does not say (a CALL, a sequence write, 2PC commit).
     writes: bool,
@@ -882,6 +903,9 @@ impl Classified {
         self.kinds = self.kinds.union(other.kinds);
         self.tables.extend(other.tables);
         self.functions.extend(other.functions);
+        self.operators.extend(other.operators);
+        self.casts.extend(other.casts);
+        self.redefines |= other.redefines;
         self.dangerous.extend(other.dangerous);
         self.writes |= other.writes;
         self.literal_dependent |= other.literal_dependent;
@@ -899,6 +923,9 @@ impl Classified {
             kinds,
             tables: self.tables.into_iter().collect(),
             functions: self.functions.into_iter().collect(),
+            operators: self.operators.into_iter().collect(),
+            casts: self.casts.into_iter().collect(),
+            redefines: self.redefines,
             dangerous: self.dangerous.into_iter().collect(),
             read_only,
             text,
@@ -930,6 +957,22 @@ fn classify_node(node: &NodeEnum, depth: u8) -> Result<Classified, ClassifyError
     let mut c = scanned.objects;
     // Kinds of nested statements and clauses: what the statement runs besides its own kind.
     c.kinds = nested.union(scanned.extra);
+    c.redefines = matches!(
+        node,
+        NodeEnum::DefineStmt(_)
+            | NodeEnum::CreateDomainStmt(_)
+            | NodeEnum::CreateCastStmt(_)
+            | NodeEnum::CreateEnumStmt(_)
+            | NodeEnum::CreateRangeStmt(_)
+            | NodeEnum::CompositeTypeStmt(_)
+            | NodeEnum::AlterOperatorStmt(_)
+            | NodeEnum::AlterTypeStmt(_)
+            | NodeEnum::AlterDomainStmt(_)
+            | NodeEnum::AlterEnumStmt(_)
+            | NodeEnum::RenameStmt(_)
+            | NodeEnum::AlterObjectSchemaStmt(_)
+            | NodeEnum::CreateSchemaStmt(_)
+    );
     let own = match node {
         NodeEnum::SelectStmt(_)
         | NodeEnum::InsertStmt(_)
@@ -1590,6 +1633,8 @@ struct Scan {
     bare_pending: bool,
     /// Set while capturing a ColumnRef's fields when one of them is `*`.
     saw_star: bool,
+    /// Structs entered so far (whether an optional field held one).
+    structs: u64,
 }
 
 /// Fields whose values only filter, group or order rows: they never appear in a result row.
@@ -1632,6 +1677,7 @@ impl Scan {
             returning: 0,
             bare_pending: false,
             saw_star: false,
+            structs: 0,
         };
         // Infallible: no method of `Scan` returns an error.
         let _ = node.serialize(&mut scan);
@@ -1774,6 +1820,13 @@ impl Scan {
             }
         }
         self.objects.functions.insert(parts.join("."));
+    }
+
+    /// An operator used by name (`parts`: `["public", "!!!"]` for `OPERATOR(public.!!!)`).
+    fn operator(&mut self, parts: &[String]) {
+        if parts.last().is_some_and(|p| !p.is_empty()) {
+            self.objects.operators.insert(parts.join("."));
+        }
     }
 }
 
@@ -2008,6 +2061,10 @@ struct StructScan<'a> {
     column: Option<(Vec<String>, bool)>,
     /// ColumnRef: a whole top-level SELECT target.
     bare: bool,
+    /// AExpr: its kind.
+    op_kind: i64,
+    /// TypeName: the type of a TypeCast.
+    cast_type: bool,
 }
 
 impl<'a> StructScan<'a> {
@@ -2025,7 +2082,10 @@ impl<'a> StructScan<'a> {
             frame: false,
             column: None,
             bare: false,
+            op_kind: 0,
+            cast_type: false,
         };
+        s.scan.structs += 1;
         if s.passthrough {
             if name == "AStar" {
                 s.scan.saw_star = true;
@@ -2057,6 +2117,7 @@ impl<'a> StructScan<'a> {
                 s.scan.in_locking_clause += 1;
             }
             "WithClause" | "CommonTableExpr" => s.owner = s.scan.path.len().checked_sub(1),
+            "TypeName" => s.cast_type = s.scan.field == ("TypeCast", "type_name"),
             "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
                 let frame = s.scan.frames.len();
                 s.scan.frames.push(Frame::default());
@@ -2139,8 +2200,42 @@ impl StructScan<'_> {
             ("RangeVar", "schemaname") => self.relation[1] = self.scan.capture_string(value),
             ("RangeVar", "relname") => self.relation[2] = self.scan.capture_string(value),
             ("FuncCall" | "CreateTrigStmt" | "CreateEventTrigStmt", "funcname")
-            | ("ObjectWithArgs", "objname") => {
+            | ("ObjectWithArgs", "objname")
+            | ("AExpr", "name")
+            | ("TypeName", "names") => {
                 self.names = Some(self.scan.capture_strings(value));
+            }
+            ("AExpr", "kind") | ("SubLink", "sub_link_type") => {
+                self.op_kind = self.scan.capture_int(value);
+            }
+            ("SortBy", "use_op") | ("SubLink", "oper_name") => {
+                let mut names = self.scan.capture_strings(value);
+                if names.is_empty()
+                    && self.name == "SubLink"
+                    && self.op_kind == SubLinkType::AnySublink as i64
+                {
+                    // `x IN (SELECT ...)` is `x = ANY (SELECT ...)`.
+                    names.push("=".into());
+                }
+                self.scan.operator(&names);
+            }
+            ("CaseExpr", "arg") => {
+                // `CASE x WHEN y` compares with `=`.
+                let before = self.scan.structs;
+                value.serialize(&mut *self.scan)?;
+                if self.scan.structs > before {
+                    self.scan.operator(&["=".to_string()]);
+                }
+            }
+            ("JoinExpr", "is_natural") => {
+                if self.scan.capture_bool(value) {
+                    self.scan.operator(&["=".to_string()]);
+                }
+            }
+            ("JoinExpr", "using_clause") => {
+                if !self.scan.capture_strings(value).is_empty() {
+                    self.scan.operator(&["=".to_string()]);
+                }
             }
             ("FuncCall", "funcformat") => {
                 self.sql_syntax =
@@ -2207,6 +2302,30 @@ impl StructScan<'_> {
                 if let Some(names) = &self.names {
                     self.scan
                         .function(names, self.sql_syntax, self.name == "FuncCall");
+                }
+            }
+            "AExpr" => {
+                let between = [
+                    AExprKind::AexprBetween,
+                    AExprKind::AexprNotBetween,
+                    AExprKind::AexprBetweenSym,
+                    AExprKind::AexprNotBetweenSym,
+                ];
+                if between.iter().any(|k| *k as i64 == self.op_kind) {
+                    // Its name is `BETWEEN`: it compares with these.
+                    for op in [">=", "<=", "<", ">"] {
+                        self.scan.operator(&[op.to_string()]);
+                    }
+                } else if let Some(names) = &self.names {
+                    self.scan.operator(names);
+                }
+            }
+            "TypeName" if self.cast_type => {
+                if let Some(names) = &self.names {
+                    let name: Vec<String> = names.iter().map(|p| p.to_lowercase()).collect();
+                    if name.last().is_some_and(|n| !n.is_empty()) {
+                        self.scan.objects.casts.insert(name.join("."));
+                    }
                 }
             }
             _ => {}

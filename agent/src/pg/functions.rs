@@ -19,7 +19,7 @@
 //! else, may still pass for up to 30 s: see the README's security notes.)
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     io,
     sync::Arc,
 };
@@ -59,6 +59,25 @@ pub struct Functions {
     by_oid: HashMap<u32, Function>,
     /// Every name of the snapshot, bare and `schema.name`.
     names: HashSet<String>,
+    /// OIDs of the functions that are not plain.
+    not_plain: HashSet<u32>,
+    /// Operator names, bare and `schema.name`, with the functions behind them that are not
+    /// plain (`schema.name`), of any operator of that name (any argument types).
+    operators: HashMap<String, BTreeSet<String>>,
+    /// Type names, lowercased, bare and `schema.name`, with the functions that are not plain
+    /// that a cast to the type or a value of it may run: its input, output, receive, send and
+    /// typmod functions, the cast functions to it, the functions its domain CHECK constraints
+    /// call, and those of the types a domain is over.
+    types: HashMap<String, BTreeSet<String>>,
+}
+
+/// What a row of the catalog query other than a function's describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// An operator and its function (`pg_operator.oprcode`).
+    Operator,
+    /// A type and one function a cast to it or a value of it may run (0: none).
+    Type,
 }
 
 /// One function of the catalog snapshot, as a fast-path call names it.
@@ -87,6 +106,7 @@ impl Functions {
         let mut qualified: HashMap<String, bool> = HashMap::new();
         let mut by_oid = HashMap::new();
         let mut names = HashSet::new();
+        let mut not_plain = HashSet::new();
         for (schema, name, oid, volatility, result_type) in rows {
             names.insert(name.to_string());
             names.insert(format!("{schema}.{name}"));
@@ -102,6 +122,9 @@ impl Functions {
                 && (volatility != "v" || VOLATILE_PLAIN.contains(&name))
                 && !STABLE_WRITERS.contains(&name)
                 && !dangerous_function(name);
+            if !plain {
+                not_plain.insert(oid);
+            }
             *bare.entry(name.to_string()).or_insert(true) &= plain;
             *qualified.entry(format!("{schema}.{name}")).or_insert(true) &= plain;
         }
@@ -112,7 +135,70 @@ impl Functions {
             plain_qualified: keep(qualified),
             by_oid,
             names,
+            not_plain,
+            operators: HashMap::new(),
+            types: HashMap::new(),
         }
+    }
+
+    /// Add catalog rows `(link, schema, name, function OID)` of operators and types (after the
+    /// functions: a function is judged by its OID).
+    pub fn link<'a>(&mut self, rows: impl IntoIterator<Item = (Link, &'a str, &'a str, u32)>) {
+        for (link, schema, name, oid) in rows {
+            let (map, name) = match link {
+                Link::Operator => (&mut self.operators, name.to_string()),
+                // Matched case-insensitively: a quoted `"Money"` and `money` both count.
+                Link::Type => (&mut self.types, name.to_lowercase()),
+            };
+            let function = (oid != 0 && self.not_plain.contains(&oid)).then(|| {
+                self.by_oid
+                    .get(&oid)
+                    .map_or_else(|| oid.to_string(), |f| format!("{}.{}", f.schema, f.name))
+            });
+            for key in [format!("{}.{name}", schema.to_lowercase()), name] {
+                let behind = map.entry(key).or_default();
+                behind.extend(function.clone());
+            }
+        }
+    }
+
+    /// Whether the snapshot has an operator called `name` (as in `Statement::operators`).
+    pub fn knows_operator(&self, name: &str) -> bool {
+        self.operators.contains_key(last_two(name))
+    }
+
+    /// Whether the snapshot has a type called `name` (as in `Statement::casts`).
+    pub fn knows_type(&self, name: &str) -> bool {
+        self.types.contains_key(&last_two(name).to_lowercase())
+    }
+
+    /// The functions that are not plain behind the `operators` and cast target `types` a
+    /// statement uses (see the module docs), sorted: every function of every operator of each
+    /// name (any schema unless qualified, any argument types), and every function a cast to
+    /// each type or a value of it may run. A name the snapshot does not have stands for itself
+    /// (fail closed: only a rule that names it lets it run).
+    pub fn behind(&self, operators: &[String], types: &[String]) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (map, names, lower) in [
+            (&self.operators, operators, false),
+            (&self.types, types, true),
+        ] {
+            for name in names {
+                let key = last_two(name);
+                let key = if lower {
+                    key.to_lowercase()
+                } else {
+                    key.to_string()
+                };
+                match map.get(&key) {
+                    Some(behind) => out.extend(behind.iter().cloned()),
+                    None => {
+                        out.insert(name.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The function with `oid`, if the snapshot has it.
@@ -143,9 +229,42 @@ impl Functions {
     }
 }
 
-const QUERY: &str =
-    "SELECT n.nspname, p.proname, p.oid::int8, p.provolatile::text, p.prorettype::int8 \
-     FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace";
+/// `name` without a database part: `db.schema.name` is `schema.name`.
+fn last_two(name: &str) -> &str {
+    match name.rmatch_indices('.').nth(1) {
+        Some((at, _)) => &name[at + 1..],
+        None => name,
+    }
+}
+
+/// Functions; operators with their function; types with each function (narrowed here to user
+/// OIDs and volatile ones, which the Rust side judges) that a value of the type or a cast to it
+/// may run, following domains down to their base types (0 when none, so every type name is
+/// known). 3245 + 799 + 611 rows in a fresh PostgreSQL 15 database, 27 ms.
+const QUERY: &str = "WITH RECURSIVE chain(top, t) AS (\
+       SELECT oid, oid FROM pg_catalog.pg_type \
+       UNION SELECT c.top, ty.typbasetype FROM chain c \
+         JOIN pg_catalog.pg_type ty ON ty.oid = c.t WHERE ty.typtype = 'd'), \
+     fns(top, f) AS (\
+       SELECT c.top, f.f FROM chain c JOIN pg_catalog.pg_type ty ON ty.oid = c.t, \
+         unnest(ARRAY[ty.typinput::oid, ty.typoutput::oid, ty.typreceive::oid, \
+           ty.typsend::oid, ty.typmodin::oid, ty.typmodout::oid]) f(f) \
+       UNION SELECT c.top, k.castfunc FROM chain c \
+         JOIN pg_catalog.pg_cast k ON k.casttarget = c.t \
+       UNION SELECT c.top, d.refobjid FROM chain c \
+         JOIN pg_catalog.pg_constraint k ON k.contypid = c.t \
+         JOIN pg_catalog.pg_depend d \
+           ON d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass \
+           AND d.objid = k.oid AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass) \
+     SELECT 'f', n.nspname, p.proname, p.oid::int8, p.provolatile::text, p.prorettype::int8 \
+     FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     UNION ALL SELECT 'o', n.nspname, o.oprname, o.oprcode::oid::int8, '', 0 \
+     FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
+     UNION ALL SELECT DISTINCT 't', n.nspname, ty.typname, COALESCE(p.oid, 0)::int8, '', 0 \
+     FROM pg_catalog.pg_type ty JOIN pg_catalog.pg_namespace n ON n.oid = ty.typnamespace \
+     LEFT JOIN fns ON fns.top = ty.oid AND fns.f <> 0 \
+     LEFT JOIN pg_catalog.pg_proc p ON p.oid = fns.f \
+       AND (p.oid >= 16384 OR p.provolatile = 'v')";
 
 /// The plain functions of `database` on `target`, from the cache or the server.
 pub async fn load(
@@ -179,6 +298,7 @@ pub fn query(out: &mut BytesMut) -> io::Result<()> {
 #[derive(Default)]
 pub struct Reader {
     rows: Vec<(String, String, u32, String, u32)>,
+    links: Vec<(Link, String, String, u32)>,
     failed: Option<String>,
 }
 
@@ -194,14 +314,21 @@ impl Reader {
                             .flatten()
                             .map(|b| String::from_utf8_lossy(b).into_owned())
                     };
-                    if let (Some(schema), Some(name), Some(Ok(oid)), Some(vol), Some(Ok(ret))) = (
-                        text(0),
+                    let row = (
                         text(1),
-                        text(2).map(|o| o.parse::<u32>()),
-                        text(3),
-                        text(4).map(|o| o.parse::<u32>()),
-                    ) {
-                        self.rows.push((schema, name, oid, vol, ret));
+                        text(2),
+                        text(3).map(|o| o.parse::<u32>()),
+                        text(4),
+                        text(5).map(|o| o.parse::<u32>()),
+                    );
+                    if let (Some(schema), Some(name), Some(Ok(oid)), Some(vol), Some(Ok(ret))) = row
+                    {
+                        match text(0).as_deref() {
+                            Some("f") => self.rows.push((schema, name, oid, vol, ret)),
+                            Some("o") => self.links.push((Link::Operator, schema, name, oid)),
+                            Some("t") => self.links.push((Link::Type, schema, name, oid)),
+                            _ => {}
+                        }
                     }
                 }
                 Err(e) => {
@@ -222,9 +349,17 @@ impl Reader {
                     ))));
                 }
                 let rows = std::mem::take(&mut self.rows);
-                return Some(Ok(Functions::from_catalog(rows.iter().map(
-                    |(s, n, o, v, r)| (s.as_str(), n.as_str(), *o, v.as_str(), *r),
-                ))));
+                let mut f = Functions::from_catalog(
+                    rows.iter()
+                        .map(|(s, n, o, v, r)| (s.as_str(), n.as_str(), *o, v.as_str(), *r)),
+                );
+                let links = std::mem::take(&mut self.links);
+                f.link(
+                    links
+                        .iter()
+                        .map(|(l, s, n, o)| (*l, s.as_str(), n.as_str(), *o)),
+                );
+                return Some(Ok(f));
             }
             _ => {}
         }
@@ -287,5 +422,50 @@ mod tests {
             Some(("public", "wipe"))
         );
         assert_eq!(f.by_oid(1), None);
+    }
+
+    #[test]
+    fn operators_and_types_stand_for_their_functions_that_are_not_plain() {
+        let mut f = Functions::from_rows([
+            ("pg_catalog", "int4pl", 177, "i"),
+            ("pg_catalog", "textcat", 1258, "i"),
+            ("public", "evil", 16400, "v"),
+            ("public", "evil_in", 16401, "i"),
+            ("public", "tidy", 16402, "i"),
+            ("app", "check_it", 16403, "s"),
+        ]);
+        f.link([
+            (Link::Operator, "pg_catalog", "+", 177),
+            (Link::Operator, "pg_catalog", "||", 1258),
+            (Link::Operator, "public", "!!!", 16400),
+            // A user `+` on other types: every `+` then needs it named.
+            (Link::Operator, "public", "+", 16402),
+            (Link::Operator, "pg_catalog", "-", 0),
+            (Link::Type, "pg_catalog", "int4", 0),
+            (Link::Type, "public", "Evil_T", 16401),
+            (Link::Type, "public", "Evil_T", 16400),
+            (Link::Type, "app", "positive", 16403),
+        ]);
+        let behind = |ops: &[&str], types: &[&str]| -> Vec<String> {
+            let s = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+            f.behind(&s(ops), &s(types)).into_iter().collect()
+        };
+        assert!(behind(&["||", "-", "pg_catalog.+"], &["pg_catalog.int4", "int4"]).is_empty());
+        assert_eq!(behind(&["!!!"], &[]), ["public.evil"]);
+        assert_eq!(
+            behind(&["public.!!!", "db.public.!!!"], &[]),
+            ["public.evil"]
+        );
+        assert_eq!(behind(&["+"], &[]), ["public.tidy"]);
+        assert_eq!(
+            behind(&[], &["evil_t", "public.evil_t", "positive"]),
+            ["app.check_it", "public.evil", "public.evil_in"]
+        );
+        // Unknown names stand for themselves (fail closed) and are re-read first.
+        assert_eq!(behind(&["@@@"], &["other_t"]), ["@@@", "other_t"]);
+        assert!(f.knows_operator("!!!") && f.knows_operator("public.+"));
+        assert!(!f.knows_operator("@@@") && !f.knows_operator("app.!!!"));
+        assert!(f.knows_type("evil_t") && f.knows_type("public.evil_t"));
+        assert!(!f.knows_type("other_t") && !f.knows_type("app.evil_t"));
     }
 }

@@ -1055,6 +1055,9 @@ async fn startup_settings(
                 kinds: vec!["set"],
                 tables: Vec::new(),
                 functions: Vec::new(),
+                operators: Vec::new(),
+                casts: Vec::new(),
+                redefines: false,
                 dangerous: Vec::new(),
                 read_only: false,
                 text: text.clone(),
@@ -1529,6 +1532,23 @@ impl ClientSide<'_> {
                     None => vec![st],
                 };
             for s in effective {
+                // The functions behind its operators and casts count as called (functions.rs).
+                let with_behind;
+                let s = if s.operators.is_empty() && s.casts.is_empty() {
+                    s
+                } else {
+                    let behind = self.functions.behind(&s.operators, &s.casts);
+                    if behind.iter().all(|f| s.functions.contains(f)) {
+                        s
+                    } else {
+                        let mut called = s.clone();
+                        called.functions.extend(behind);
+                        called.functions.sort();
+                        called.functions.dedup();
+                        with_behind = called;
+                        &with_behind
+                    }
+                };
                 self.resets |=
                     s.kinds.iter().any(|k| PORTAL_KINDS.contains(k)) || !s.functions.is_empty();
                 let taint = if s.kind == "fetch" {
@@ -1838,7 +1858,10 @@ impl ClientSide<'_> {
         let mut names_any = false;
         let mut ddl = false;
         for st in statements.iter() {
-            names_any |= !st.tables.is_empty() || !st.functions.is_empty();
+            names_any |= !st.tables.is_empty()
+                || !st.functions.is_empty()
+                || !st.operators.is_empty()
+                || !st.casts.is_empty();
             // Without column rules only the function snapshot matters, and only DDL that can
             // create, replace or rename a function changes it (a dropped one is only missed,
             // which fails closed): re-reading after every CREATE TABLE made a DDL-heavy
@@ -1850,6 +1873,7 @@ impl ClientSide<'_> {
                     .iter()
                     .any(|f| f == "ddl:code" || f.starts_with("extension:"))
                     || (matches!(st.kind, "create" | "alter") && !st.functions.is_empty())
+                    || st.redefines
             };
             if column_rules {
                 for t in &st.tables {
@@ -1861,6 +1885,20 @@ impl ClientSide<'_> {
             for f in &st.functions {
                 if !self.functions.knows(f) && self.may_retry(f) {
                     unknown.push(f.clone());
+                }
+            }
+            // Operator and type names the snapshot lacks (created since): keyed apart from
+            // function names.
+            for o in &st.operators {
+                let key = format!("operator {o}");
+                if !self.functions.knows_operator(o) && self.may_retry(&key) {
+                    unknown.push(key);
+                }
+            }
+            for t in &st.casts {
+                let key = format!("type {t}");
+                if !self.functions.knows_type(t) && self.may_retry(&key) {
+                    unknown.push(key);
                 }
             }
         }
@@ -1878,7 +1916,12 @@ impl ClientSide<'_> {
                 }
             }
             for f in unknown {
-                if !self.functions.knows(&f) {
+                let known = match (f.strip_prefix("operator "), f.strip_prefix("type ")) {
+                    (Some(o), _) => self.functions.knows_operator(o),
+                    (_, Some(t)) => self.functions.knows_type(t),
+                    _ => self.functions.knows(&f),
+                };
+                if !known {
                     self.unknown_after_refresh.insert(f, now);
                 }
             }

@@ -1386,3 +1386,76 @@ fn syntax_errors_carry_the_parsers_position() {
     );
     assert_eq!(syntax_error_position("SELECT 1", Escapes::Standard), None);
 }
+
+#[test]
+fn operators_and_cast_types_are_collected() {
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("SELECT 1 !!! 2", &["!!!"], &[]),
+        ("SELECT 1 OPERATOR(public.!!!) 2", &["public.!!!"], &[]),
+        ("SELECT !!! 2", &["!!!"], &[]),
+        ("SELECT 1 + 2, 'a' || 'b'", &["+", "||"], &[]),
+        ("SELECT 1 = ANY(ARRAY[1, 2])", &["="], &[]),
+        ("SELECT 1 <> ALL(ARRAY[1, 2])", &["<>"], &[]),
+        ("SELECT 1 IN (1, 2)", &["="], &[]),
+        ("SELECT 1 NOT IN (1, 2)", &["<>"], &[]),
+        ("SELECT 1 IS DISTINCT FROM 2", &["="], &[]),
+        ("SELECT 1 IS NOT DISTINCT FROM 2", &["="], &[]),
+        ("SELECT NULLIF(1, 2)", &["="], &[]),
+        ("SELECT 'a' LIKE 'b', 'a' ILIKE 'b'", &["~~", "~~*"], &[]),
+        ("SELECT 2 BETWEEN 1 AND 3", &["<", "<=", ">", ">="], &[]),
+        ("SELECT CASE 1 WHEN 2 THEN 3 END", &["="], &[]),
+        ("SELECT CASE WHEN true THEN 3 END", &[], &[]),
+        ("SELECT x FROM t ORDER BY x USING ~<~", &["~<~"], &[]),
+        (
+            "SELECT x FROM t WHERE x > ANY (SELECT y FROM u)",
+            &[">"],
+            &[],
+        ),
+        ("SELECT x FROM t WHERE x IN (SELECT y FROM u)", &["="], &[]),
+        ("SELECT * FROM t JOIN u USING (id)", &["="], &[]),
+        ("SELECT * FROM t NATURAL JOIN u", &["="], &[]),
+        (
+            "SELECT * FROM t JOIN u ON t.id OPERATOR(app.===) u.id",
+            &["app.==="],
+            &[],
+        ),
+        ("SELECT 1::evil_t", &[], &["evil_t"]),
+        ("SELECT CAST(1 AS Public.Evil_T)", &[], &["public.evil_t"]),
+        ("SELECT evil_t '1'", &[], &["evil_t"]),
+        ("SELECT '{1}'::evil_t[]", &[], &["evil_t"]),
+        (
+            "SELECT 1::int, 'x'::text",
+            &[],
+            &["pg_catalog.int4", "text"],
+        ),
+        // Operators and casts in subqueries, CTEs and DML count too.
+        (
+            "WITH c AS (SELECT 1 !!! 2 AS v) SELECT v::evil_t FROM c",
+            &["!!!"],
+            &["evil_t"],
+        ),
+        (
+            "UPDATE t SET x = x !!! 1 WHERE y = 2::evil_t",
+            &["!!!", "="],
+            &["evil_t"],
+        ),
+        // Type names in definitions are not casts; operator names in DDL are not uses.
+        ("CREATE TABLE z (a evil_t)", &[], &[]),
+        ("DROP OPERATOR !!! (int, int)", &[], &[]),
+    ];
+    for (sql, operators, casts) in cases {
+        let s = one(sql);
+        assert_eq!(s.operators, *operators, "{sql}");
+        assert_eq!(s.casts, *casts, "{sql}");
+    }
+    for sql in [
+        "CREATE OPERATOR !!! (FUNCTION = evil, LEFTARG = int, RIGHTARG = int)",
+        "CREATE CAST (int AS evil_t) WITH FUNCTION evil(int)",
+        "CREATE DOMAIN d AS int CHECK (VALUE > 0)",
+        "ALTER TYPE evil_t RENAME TO e",
+        "CREATE TYPE evil_t",
+    ] {
+        assert!(one(sql).redefines, "{sql}");
+    }
+    assert!(!one("CREATE TABLE z (a int)").redefines);
+}
