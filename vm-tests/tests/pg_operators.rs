@@ -56,7 +56,8 @@ const SETUP: &str = "
     CREATE CAST (int AS evil_t) WITH FUNCTION evil_cast(int);
     CREATE FUNCTION evil_check(a int) RETURNS bool LANGUAGE plpgsql VOLATILE SECURITY DEFINER
       AS $$ BEGIN INSERT INTO side_effects VALUES ('domain'); RETURN true; END $$;
-    CREATE DOMAIN evil_d AS int CHECK (evil_check(VALUE));";
+    CREATE DOMAIN evil_d AS int CHECK (evil_check(VALUE));
+    CREATE DOMAIN evil_d2 AS evil_d;";
 
 fn side_effects(pg: &PgServer) -> String {
     pg.superuser_sql(
@@ -118,6 +119,8 @@ fn operators_casts_and_domains_run_only_functions_a_rule_names() {
         ("SELECT CAST(1 AS evil_t)", "public.evil_cast"),
         ("SELECT CAST(1 AS public.\"evil_t\")", "public.evil_cast"),
         ("SELECT 1::evil_d", "public.evil_check"),
+        ("SELECT 1::evil_d2", "public.evil_check"),
+        ("SELECT '{1}'::evil_d[]", "public.evil_check"),
     ] {
         denied(&reader, sql, function);
     }

@@ -17,6 +17,40 @@
 //! re-read it in band before deciding (`handler.rs`), so a function created since is judged by
 //! what it is. (A shadowing function of a name the snapshot already has, created by someone
 //! else, may still pass for up to 30 s: see the README's security notes.)
+//!
+//! # Functions that run without being named
+//! A statement can run a function it never names. The snapshot also maps operator names and
+//! type names to the functions behind them that are not plain, and the handler counts those as
+//! called (`Functions::behind`), so the rule's `functions` must name them like any other:
+//! - **Operators** (`SELECT 1 !!! 2` after `CREATE OPERATOR !!! (FUNCTION = evil, ...)`), also
+//!   written `OPERATOR(public.!!!)`, as `= ANY/ALL (...)`, in `ORDER BY x USING !!!`, in
+//!   sublinks, and the operators the parser picks by name: `=` of `IN`, `IS [NOT] DISTINCT
+//!   FROM`, `NULLIF`, `CASE x WHEN`, `JOIN ... USING`/`NATURAL JOIN`; `~~` of `LIKE`; `>=`,
+//!   `<=`, `<`, `>` of `BETWEEN` ([`crate::pg::classify::Statement::operators`]). An unqualified
+//!   name stands for every operator of that name in every schema, whatever its argument types:
+//!   a user `+` on its own types (or on `int, int` in `public`, reached by changing
+//!   `search_path`) makes every `+` need its function named.
+//! - **Casts** (`1::evil_t`, `CAST(1 AS evil_t)`, `evil_t '1'`, `'{1}'::evil_t[]`): every
+//!   function of a `pg_cast` to the type, the type's input/output/receive/send/typmod
+//!   functions, the functions its domain CHECK constraints call (`pg_depend`), and those of the
+//!   types a domain is over ([`crate::pg::classify::Statement::casts`]).
+//!
+//! Built-in operators, casts and types (plain functions) cost nothing. A name the snapshot does
+//! not have makes the session re-read it in band (as for functions); still unknown, the name
+//! stands for itself (only a rule naming it lets the statement run). CREATE/ALTER OPERATOR,
+//! TYPE, DOMAIN, CAST, renames and schema moves the session runs mark its snapshot stale.
+//!
+//! Still open (a bot needs such objects to exist already, and a `select` that reaches them):
+//! - Functions the planner chooses by type, not by a written name: a user type's output
+//!   function for `SELECT col FROM t` (the type is not written), its btree/hash support
+//!   functions for `ORDER BY`/`GROUP BY`/`DISTINCT`/joins/indexes, implicit and assignment casts
+//!   between columns, and parameters whose type a Parse message names by OID (the type's
+//!   input/receive function runs at Bind). Treating every statement that touches a table with a
+//!   column of such a type as calling them would need the tables' column types in this
+//!   snapshot; not done.
+//! - An operator, cast or type created by another session with a name the snapshot already has
+//!   (a shadowing `public.+`, a new cast to `int4`) passes for up to 30 s, as for functions.
+//! - `tollgate policy explain`/`policy test` decide without a catalog, so they do not add these.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -237,34 +271,40 @@ fn last_two(name: &str) -> &str {
     }
 }
 
-/// Functions; operators with their function; types with each function (narrowed here to user
-/// OIDs and volatile ones, which the Rust side judges) that a value of the type or a cast to it
-/// may run, following domains down to their base types (0 when none, so every type name is
-/// known). 3245 + 799 + 611 rows in a fresh PostgreSQL 15 database, 27 ms.
-const QUERY: &str = "WITH RECURSIVE chain(top, t) AS (\
-       SELECT oid, oid FROM pg_catalog.pg_type \
-       UNION SELECT c.top, ty.typbasetype FROM chain c \
-         JOIN pg_catalog.pg_type ty ON ty.oid = c.t WHERE ty.typtype = 'd'), \
-     fns(top, f) AS (\
-       SELECT c.top, f.f FROM chain c JOIN pg_catalog.pg_type ty ON ty.oid = c.t, \
+/// Functions; operators with their function; every type (function 0, so every type name is
+/// known), and again with each function that a value of the type or a cast to it may run (its
+/// I/O and typmod functions, casts to it, its domain CHECK functions through `pg_depend`, and
+/// those of the types a domain is over), narrowed here to user OIDs and volatile functions (the
+/// Rust side judges). A fresh PostgreSQL 15 database: 3245 + 799 + 611 rows, 7-8 ms (the
+/// functions alone: 3-5 ms).
+const QUERY: &str = "WITH RECURSIVE direct(top, f) AS (\
+       SELECT ty.oid, f.f FROM pg_catalog.pg_type ty, \
          unnest(ARRAY[ty.typinput::oid, ty.typoutput::oid, ty.typreceive::oid, \
            ty.typsend::oid, ty.typmodin::oid, ty.typmodout::oid]) f(f) \
-       UNION SELECT c.top, k.castfunc FROM chain c \
-         JOIN pg_catalog.pg_cast k ON k.casttarget = c.t \
-       UNION SELECT c.top, d.refobjid FROM chain c \
-         JOIN pg_catalog.pg_constraint k ON k.contypid = c.t \
+       UNION SELECT k.casttarget, k.castfunc FROM pg_catalog.pg_cast k \
+       UNION SELECT k.contypid, d.refobjid FROM pg_catalog.pg_constraint k \
          JOIN pg_catalog.pg_depend d \
            ON d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass \
-           AND d.objid = k.oid AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass) \
+           AND d.objid = k.oid AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass \
+         WHERE k.contypid <> 0), \
+     risky(top, f) AS (\
+       SELECT d.top, d.f FROM direct d JOIN pg_catalog.pg_proc p ON p.oid = d.f \
+       WHERE p.oid >= 16384 OR p.provolatile = 'v'), \
+     chain(top, t) AS (\
+       SELECT oid, typbasetype FROM pg_catalog.pg_type WHERE typtype = 'd' \
+       UNION SELECT c.top, ty.typbasetype FROM chain c \
+         JOIN pg_catalog.pg_type ty ON ty.oid = c.t WHERE ty.typtype = 'd') \
      SELECT 'f', n.nspname, p.proname, p.oid::int8, p.provolatile::text, p.prorettype::int8 \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      UNION ALL SELECT 'o', n.nspname, o.oprname, o.oprcode::oid::int8, '', 0 \
      FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
-     UNION ALL SELECT DISTINCT 't', n.nspname, ty.typname, COALESCE(p.oid, 0)::int8, '', 0 \
+     UNION ALL SELECT 't', n.nspname, ty.typname, 0, '', 0 \
      FROM pg_catalog.pg_type ty JOIN pg_catalog.pg_namespace n ON n.oid = ty.typnamespace \
-     LEFT JOIN fns ON fns.top = ty.oid AND fns.f <> 0 \
-     LEFT JOIN pg_catalog.pg_proc p ON p.oid = fns.f \
-       AND (p.oid >= 16384 OR p.provolatile = 'v')";
+     UNION ALL SELECT 't', n.nspname, ty.typname, r.f::int8, '', 0 \
+     FROM (SELECT top, f FROM risky \
+           UNION SELECT c.top, r.f FROM chain c JOIN risky r ON r.top = c.t) r \
+     JOIN pg_catalog.pg_type ty ON ty.oid = r.top \
+     JOIN pg_catalog.pg_namespace n ON n.oid = ty.typnamespace";
 
 /// The plain functions of `database` on `target`, from the cache or the server.
 pub async fn load(
