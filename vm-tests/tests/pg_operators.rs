@@ -3,7 +3,8 @@
 //! unmodified psql running unprivileged in bot cgroups. A bot allowed only `select` must be
 //! refused (42501, naming the function) and the functions must not run (a table they write to
 //! stays empty, read directly as the superuser); a rule naming the function lets its operator
-//! run; ordinary operators and casts keep working.
+//! run; ordinary operators and casts keep working. A table with a column of such a type counts
+//! as running its functions too.
 
 use std::path::Path;
 
@@ -57,7 +58,10 @@ const SETUP: &str = "
     CREATE FUNCTION evil_check(a int) RETURNS bool LANGUAGE plpgsql VOLATILE SECURITY DEFINER
       AS $$ BEGIN INSERT INTO side_effects VALUES ('domain'); RETURN true; END $$;
     CREATE DOMAIN evil_d AS int CHECK (evil_check(VALUE));
-    CREATE DOMAIN evil_d2 AS evil_d;";
+    CREATE DOMAIN evil_d2 AS evil_d;
+    CREATE TYPE holds_d AS (v evil_d);
+    CREATE TABLE holder (id int, v evil_d);
+    GRANT SELECT ON holder TO app_rw;";
 
 fn side_effects(pg: &PgServer) -> String {
     pg.superuser_sql(
@@ -121,6 +125,10 @@ fn operators_casts_and_domains_run_only_functions_a_rule_names() {
         ("SELECT 1::evil_d", "public.evil_check"),
         ("SELECT 1::evil_d2", "public.evil_check"),
         ("SELECT '{1}'::evil_d[]", "public.evil_check"),
+        // Composite types and table rows run their columns' types' functions.
+        ("SELECT '(1)'::holds_d", "public.evil_check"),
+        ("SELECT ROW(1)::holds_d", "public.evil_check"),
+        ("SELECT * FROM holder", "public.evil_check"),
     ] {
         denied(&reader, sql, function);
     }

@@ -106,8 +106,10 @@ pub struct Statement {
     /// deduplicated. The caller looks up what runs behind them (functions.rs).
     pub operators: Vec<String>,
     /// Target types of casts (`x::t`, `CAST(x AS t)`, `t 'literal'`), whose input function and
-    /// cast functions run: lowercased, schema-qualified when written so (`::int` is the parser's
-    /// `pg_catalog.int4`), array types by their element type. Sorted, deduplicated.
+    /// cast functions run, and types of columns a statement defines (CREATE TABLE, ALTER TABLE
+    /// ADD/ALTER COLUMN, composite types), whose functions will run on the rows: lowercased,
+    /// schema-qualified when written so (`::int` is the parser's `pg_catalog.int4`), array types
+    /// by their element type. Sorted, deduplicated.
     pub casts: Vec<String>,
     /// DDL that may change what an operator name or a cast runs (CREATE/ALTER OPERATOR, TYPE,
     /// DOMAIN, CAST, AGGREGATE, renames and schema moves): the caller re-reads its function
@@ -2117,7 +2119,9 @@ impl<'a> StructScan<'a> {
                 s.scan.in_locking_clause += 1;
             }
             "WithClause" | "CommonTableExpr" => s.owner = s.scan.path.len().checked_sub(1),
-            "TypeName" => s.cast_type = s.scan.field == ("TypeCast", "type_name"),
+            "TypeName" => {
+                s.cast_type = matches!(s.scan.field, ("TypeCast" | "ColumnDef", "type_name"))
+            }
             "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
                 let frame = s.scan.frames.len();
                 s.scan.frames.push(Frame::default());

@@ -32,24 +32,31 @@
 //!   `search_path`) makes every `+` need its function named.
 //! - **Casts** (`1::evil_t`, `CAST(1 AS evil_t)`, `evil_t '1'`, `'{1}'::evil_t[]`): every
 //!   function of a `pg_cast` to the type, the type's input/output/receive/send/typmod
-//!   functions, the functions its domain CHECK constraints call (`pg_depend`), and those of the
-//!   types a domain is over ([`crate::pg::classify::Statement::casts`]).
+//!   functions, the functions its domain CHECK constraints call (`pg_depend`), the support
+//!   functions and operators of its operator classes, and all of those of the types it holds:
+//!   a domain's base type, an array's element, a composite type's columns, a range's subtype
+//!   ([`crate::pg::classify::Statement::casts`]).
+//! - **Columns**: a table's (view's, ...) row type is a composite type of its name, so the
+//!   same functions of its columns' types count as called by any statement that touches the
+//!   relation (`SELECT * FROM t` runs a column type's output function, `ORDER BY` its btree
+//!   support function, `INSERT` a cast to it, a domain column its CHECK).
 //!
-//! Built-in operators, casts and types (plain functions) cost nothing. A name the snapshot does
-//! not have makes the session re-read it in band (as for functions); still unknown, the name
-//! stands for itself (only a rule naming it lets the statement run). CREATE/ALTER OPERATOR,
-//! TYPE, DOMAIN, CAST, renames and schema moves the session runs mark its snapshot stale.
+//! Built-in operators, casts and types (plain functions) cost nothing. An operator or cast name
+//! the snapshot does not have makes the session re-read it in band (as for functions); still
+//! unknown, the name stands for itself (only a rule naming it lets the statement run). An
+//! unknown relation adds nothing (the masking catalog and the server decide about it).
+//! CREATE/ALTER OPERATOR, TYPE, DOMAIN, CAST, renames and schema moves the session runs mark its
+//! snapshot stale.
 //!
-//! Still open (a bot needs such objects to exist already, and a `select` that reaches them):
-//! - Functions the planner chooses by type, not by a written name: a user type's output
-//!   function for `SELECT col FROM t` (the type is not written), its btree/hash support
-//!   functions for `ORDER BY`/`GROUP BY`/`DISTINCT`/joins/indexes, implicit and assignment casts
-//!   between columns, and parameters whose type a Parse message names by OID (the type's
-//!   input/receive function runs at Bind). Treating every statement that touches a table with a
-//!   column of such a type as calling them would need the tables' column types in this
-//!   snapshot; not done.
+//! Still open:
+//! - Parameters whose type a Parse message names by OID (the type's input/receive function
+//!   runs at Bind, with no type name written): only the relations and casts of the statement
+//!   count.
+//! - Functions reached through a function's result type (`SELECT f()` of a plain built-in
+//!   returning a user type) or a relation only a function or view body names.
 //! - An operator, cast or type created by another session with a name the snapshot already has
-//!   (a shadowing `public.+`, a new cast to `int4`) passes for up to 30 s, as for functions.
+//!   (a shadowing `public.+`, a new cast to `int4`), or a column added by another session to a
+//!   known table, passes for up to 30 s, as for functions.
 //! - `tollgate policy explain`/`policy test` decide without a catalog, so they do not add these.
 
 use std::{
@@ -206,6 +213,20 @@ impl Functions {
         self.types.contains_key(&last_two(name).to_lowercase())
     }
 
+    /// The functions that are not plain that reading or writing rows of `relations` (as in
+    /// `Statement::tables`) may run: those of the types of their columns (a table's row type
+    /// has the table's name). A name the snapshot does not have adds nothing (a relation made
+    /// since, or not a relation).
+    pub fn behind_relations(&self, relations: &[String]) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for name in relations {
+            if let Some(behind) = self.types.get(&last_two(name).to_lowercase()) {
+                out.extend(behind.iter().cloned());
+            }
+        }
+        out
+    }
+
     /// The functions that are not plain behind the `operators` and cast target `types` a
     /// statement uses (see the module docs), sorted: every function of every operator of each
     /// name (any schema unless qualified, any argument types), and every function a cast to
@@ -272,11 +293,14 @@ fn last_two(name: &str) -> &str {
 }
 
 /// Functions; operators with their function; every type (function 0, so every type name is
-/// known), and again with each function that a value of the type or a cast to it may run (its
-/// I/O and typmod functions, casts to it, its domain CHECK functions through `pg_depend`, and
-/// those of the types a domain is over), narrowed here to user OIDs and volatile functions (the
-/// Rust side judges). A fresh PostgreSQL 15 database: 3245 + 799 + 611 rows, 7-8 ms (the
-/// functions alone: 3-5 ms).
+/// known), and again with each function that a value of the type or a cast to it may run: its
+/// I/O and typmod functions, casts to it, its domain CHECK functions (through `pg_depend`), the
+/// support functions and operators of its operator classes (sorting, hashing, indexes),
+/// narrowed here to user OIDs and volatile functions (the Rust side judges), then handed up to
+/// every type that holds such a type (a domain over it, an array of it, a composite type or
+/// table row with a column of it, a range of it). A fresh PostgreSQL 15 database: 3245 + 799 +
+/// 611 rows, 9-10 ms (the functions alone: 3-5 ms); the walk up costs nothing when no type has
+/// such a function.
 const QUERY: &str = "WITH RECURSIVE direct(top, f) AS (\
        SELECT ty.oid, f.f FROM pg_catalog.pg_type ty, \
          unnest(ARRAY[ty.typinput::oid, ty.typoutput::oid, ty.typreceive::oid, \
@@ -286,24 +310,30 @@ const QUERY: &str = "WITH RECURSIVE direct(top, f) AS (\
          JOIN pg_catalog.pg_depend d \
            ON d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass \
            AND d.objid = k.oid AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass \
-         WHERE k.contypid <> 0), \
-     risky(top, f) AS (\
+         WHERE k.contypid <> 0 \
+       UNION SELECT a.amproclefttype, a.amproc::oid FROM pg_catalog.pg_amproc a \
+       UNION SELECT a.amoplefttype, o.oprcode::oid FROM pg_catalog.pg_amop a \
+         JOIN pg_catalog.pg_operator o ON o.oid = a.amopopr), \
+     up(top, f) AS (\
        SELECT d.top, d.f FROM direct d JOIN pg_catalog.pg_proc p ON p.oid = d.f \
-       WHERE p.oid >= 16384 OR p.provolatile = 'v'), \
-     chain(top, t) AS (\
-       SELECT oid, typbasetype FROM pg_catalog.pg_type WHERE typtype = 'd' \
-       UNION SELECT c.top, ty.typbasetype FROM chain c \
-         JOIN pg_catalog.pg_type ty ON ty.oid = c.t WHERE ty.typtype = 'd') \
+       WHERE p.oid >= 16384 OR p.provolatile = 'v' \
+       UNION SELECT part.whole, u.f FROM up u JOIN (\
+           SELECT oid AS whole, typbasetype AS t FROM pg_catalog.pg_type WHERE typtype = 'd' \
+           UNION ALL SELECT oid, typelem FROM pg_catalog.pg_type WHERE typelem <> 0 \
+           UNION ALL SELECT c.reltype, a.atttypid FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             WHERE a.attnum > 0 AND NOT a.attisdropped AND c.reltype <> 0 \
+           UNION ALL SELECT rngtypid, rngsubtype FROM pg_catalog.pg_range \
+           UNION ALL SELECT rngmultitypid, rngtypid FROM pg_catalog.pg_range) part \
+         ON part.t = u.top) \
      SELECT 'f', n.nspname, p.proname, p.oid::int8, p.provolatile::text, p.prorettype::int8 \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      UNION ALL SELECT 'o', n.nspname, o.oprname, o.oprcode::oid::int8, '', 0 \
      FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
      UNION ALL SELECT 't', n.nspname, ty.typname, 0, '', 0 \
      FROM pg_catalog.pg_type ty JOIN pg_catalog.pg_namespace n ON n.oid = ty.typnamespace \
-     UNION ALL SELECT 't', n.nspname, ty.typname, r.f::int8, '', 0 \
-     FROM (SELECT top, f FROM risky \
-           UNION SELECT c.top, r.f FROM chain c JOIN risky r ON r.top = c.t) r \
-     JOIN pg_catalog.pg_type ty ON ty.oid = r.top \
+     UNION ALL SELECT 't', n.nspname, ty.typname, u.f::int8, '', 0 \
+     FROM up u JOIN pg_catalog.pg_type ty ON ty.oid = u.top \
      JOIN pg_catalog.pg_namespace n ON n.oid = ty.typnamespace";
 
 /// The plain functions of `database` on `target`, from the cache or the server.
@@ -485,6 +515,7 @@ mod tests {
             (Link::Type, "public", "Evil_T", 16401),
             (Link::Type, "public", "Evil_T", 16400),
             (Link::Type, "app", "positive", 16403),
+            (Link::Type, "public", "holder", 16403),
         ]);
         let behind = |ops: &[&str], types: &[&str]| -> Vec<String> {
             let s = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
@@ -501,6 +532,16 @@ mod tests {
             behind(&[], &["evil_t", "public.evil_t", "positive"]),
             ["app.check_it", "public.evil", "public.evil_in"]
         );
+        // A table's row type carries its columns' types' functions; unknown relations add none.
+        let rel = |v: &[&str]| {
+            let v: Vec<String> = v.iter().map(|n| n.to_string()).collect();
+            f.behind_relations(&v).into_iter().collect::<Vec<_>>()
+        };
+        assert_eq!(
+            rel(&["holder", "public.holder", "made_since"]),
+            ["app.check_it"]
+        );
+        assert!(rel(&["pg_catalog.int4", "made_since"]).is_empty());
         // Unknown names stand for themselves (fail closed) and are re-read first.
         assert_eq!(behind(&["@@@"], &["other_t"]), ["@@@", "other_t"]);
         assert!(f.knows_operator("!!!") && f.knows_operator("public.+"));

@@ -1532,12 +1532,14 @@ impl ClientSide<'_> {
                     None => vec![st],
                 };
             for s in effective {
-                // The functions behind its operators and casts count as called (functions.rs).
+                // The functions behind its operators, casts and its relations' column types count
+                // as called (functions.rs).
                 let with_behind;
-                let s = if s.operators.is_empty() && s.casts.is_empty() {
+                let s = if s.operators.is_empty() && s.casts.is_empty() && s.tables.is_empty() {
                     s
                 } else {
-                    let behind = self.functions.behind(&s.operators, &s.casts);
+                    let mut behind = self.functions.behind(&s.operators, &s.casts);
+                    behind.extend(self.functions.behind_relations(&s.tables));
                     if behind.iter().all(|f| s.functions.contains(f)) {
                         s
                     } else {
@@ -1863,16 +1865,19 @@ impl ClientSide<'_> {
                 || !st.operators.is_empty()
                 || !st.casts.is_empty();
             // Without column rules only the function snapshot matters, and only DDL that can
-            // create, replace or rename a function changes it (a dropped one is only missed,
-            // which fails closed): re-reading after every CREATE TABLE made a DDL-heavy
-            // session (PostgreSQL's regression suite) 14 times slower.
+            // create, replace or rename a function, an operator, a cast or a type, or give a
+            // table a column of a type with functions that are not plain, changes it (a dropped
+            // one is only missed, which fails closed): re-reading after every CREATE TABLE made
+            // a DDL-heavy session (PostgreSQL's regression suite) 14 times slower.
             ddl |= if column_rules {
                 st.kinds.iter().any(|k| DDL_KINDS.contains(k))
             } else {
                 st.dangerous
                     .iter()
                     .any(|f| f == "ddl:code" || f.starts_with("extension:"))
-                    || (matches!(st.kind, "create" | "alter") && !st.functions.is_empty())
+                    || (matches!(st.kind, "create" | "alter")
+                        && (!st.functions.is_empty()
+                            || !self.functions.behind(&[], &st.casts).is_empty()))
                     || st.redefines
             };
             if column_rules {

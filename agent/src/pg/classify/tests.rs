@@ -1439,8 +1439,19 @@ fn operators_and_cast_types_are_collected() {
             &["!!!", "="],
             &["evil_t"],
         ),
-        // Type names in definitions are not casts; operator names in DDL are not uses.
-        ("CREATE TABLE z (a evil_t)", &[], &[]),
+        // Column types of new rows count; other type names in DDL and operator names in DDL
+        // are not uses.
+        (
+            "CREATE TABLE z (a evil_t, b int)",
+            &[],
+            &["evil_t", "pg_catalog.int4"],
+        ),
+        ("ALTER TABLE z ADD COLUMN c evil_d", &[], &["evil_d"]),
+        (
+            "CREATE FUNCTION f(a evil_t) RETURNS int LANGUAGE sql AS 'SELECT 1'",
+            &[],
+            &[],
+        ),
         ("DROP OPERATOR !!! (int, int)", &[], &[]),
     ];
     for (sql, operators, casts) in cases {
