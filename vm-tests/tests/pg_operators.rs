@@ -9,21 +9,14 @@
 use std::path::Path;
 
 use vm_tests::{
+    identity_for,
     pg::{app_target, bot_psql, output_text, PgServer, APP_PASSWORD},
     require_root, AgentProc, Cgroup, FailMode, TempDir,
 };
 
 fn policy(pg: &PgServer, reader: &Cgroup, trusted: &Cgroup, secret: &Path) -> String {
     format!(
-        r#"[[identity]]
-name = "reader"
-cgroup = "{reader}"
-
-[[identity]]
-name = "trusted"
-cgroup = "{trusted}"
-
-{target}
+        r#"{reader}{trusted}{target}
 [[rule]]
 name = "reader only reads"
 identities = ["reader"]
@@ -38,8 +31,8 @@ targets = ["app-db"]
 action = "allow"
 sql = {{ statements = ["select"], functions = ["evil"] }}
 "#,
-        reader = reader.glob(),
-        trusted = trusted.glob(),
+        reader = identity_for("reader", reader),
+        trusted = identity_for("trusted", trusted),
         target = app_target(pg, secret, ""),
     )
 }

@@ -57,16 +57,7 @@ fn fixture(tag: &str, extra: &str) -> Fixture {
 impl Fixture {
     /// psql as the bot (a wrong password: identity comes from the kernel).
     fn psql(&self, args: &[&str]) -> Output {
-        let conn = format!("host=127.0.0.1 port={} user=bot dbname=app password=wrong-on-purpose sslmode=disable connect_timeout=10", self.pg.port);
-        self.bot
-            .command(Path::new("/usr/bin/psql"))
-            .arg(conn)
-            .args(["-X", "-v", "VERBOSITY=verbose"])
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .output()
-            .expect("psql")
+        vm_tests::pg::bot_psql(&self.bot, self.pg.port, args)
     }
 
     /// tg-pgraw as the bot: one JSON object.

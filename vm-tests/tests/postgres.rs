@@ -84,15 +84,7 @@ impl Fixture {
 
 /// psql in cgroup `bot` to `pg`, with a WRONG password.
 fn psql_as(bot: &Cgroup, pg: &PgServer, args: &[&str]) -> Output {
-    let conn = format!("host=127.0.0.1 port={} user=bot dbname=app password=wrong-on-purpose sslmode=disable connect_timeout=10", pg.port);
-    bot.command(Path::new("/usr/bin/psql"))
-        .arg(conn)
-        .args(["-X", "-v", "VERBOSITY=verbose"])
-        .args(args)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .expect("psql")
+    vm_tests::pg::bot_psql(bot, pg.port, args)
 }
 
 /// The backend pid psql printed as `pid=N` (the output must be a success).
