@@ -240,12 +240,12 @@ impl Functions {
         ] {
             for name in names {
                 let key = last_two(name);
-                let key = if lower {
-                    key.to_lowercase()
+                let found = if lower {
+                    map.get(&key.to_lowercase())
                 } else {
-                    key.to_string()
+                    map.get(key)
                 };
-                match map.get(&key) {
+                match found {
                     Some(behind) => out.extend(behind.iter().cloned()),
                     None => {
                         out.insert(name.clone());
