@@ -1832,6 +1832,16 @@ impl Scan {
     }
 }
 
+/// Column types the parser turns into an integer with a sequence default.
+const SERIAL_TYPES: &[&str] = &[
+    "serial",
+    "serial2",
+    "serial4",
+    "serial8",
+    "smallserial",
+    "bigserial",
+];
+
 /// Never produced: [`Scan`] has no failure, but `serde` wants an error type.
 #[derive(Debug)]
 struct ScanError;
@@ -2327,7 +2337,11 @@ impl StructScan<'_> {
             "TypeName" if self.cast_type => {
                 if let Some(names) = &self.names {
                     let name: Vec<String> = names.iter().map(|p| p.to_lowercase()).collect();
-                    if name.last().is_some_and(|n| !n.is_empty()) {
+                    // `serial` & co. are no types: an integer with a sequence default.
+                    let serial = name.len() == 1
+                        && SERIAL_TYPES.contains(&name[0].as_str())
+                        && self.scan.field.0 == "ColumnDef";
+                    if !serial && name.last().is_some_and(|n| !n.is_empty()) {
                         self.scan.objects.casts.insert(name.join("."));
                     }
                 }

@@ -1447,6 +1447,7 @@ fn operators_and_cast_types_are_collected() {
             &["evil_t", "pg_catalog.int4"],
         ),
         ("ALTER TABLE z ADD COLUMN c evil_d", &[], &["evil_d"]),
+        ("CREATE TABLE z (id serial, n bigserial)", &[], &[]),
         (
             "CREATE FUNCTION f(a evil_t) RETURNS int LANGUAGE sql AS 'SELECT 1'",
             &[],
