@@ -54,7 +54,11 @@ const SETUP: &str = "
     CREATE DOMAIN evil_d2 AS evil_d;
     CREATE TYPE holds_d AS (v evil_d);
     CREATE TABLE holder (id int, v evil_d);
-    GRANT SELECT ON holder TO app_rw;";
+    GRANT SELECT ON holder TO app_rw;
+    CREATE EXTENSION citext;
+    CREATE TABLE people (name citext, tags int[]);
+    INSERT INTO people VALUES ('Alice', '{1}'), ('bob', '{2}');
+    GRANT SELECT ON people TO app_rw;";
 
 fn side_effects(pg: &PgServer) -> String {
     pg.superuser_sql(
@@ -100,6 +104,19 @@ fn operators_casts_and_domains_run_only_functions_a_rule_names() {
     assert_eq!(
         output_text(&o),
         "3|ab|t|3|5|t|t|1|7|t\n",
+        "--- agent ---\n{}",
+        agent.stderr_text()
+    );
+
+    // An extension's types and operators (citext's I/O, `=` and btree functions: user OIDs
+    // that are not volatile) run under the select-only rule without being named.
+    let o = run(
+        &reader,
+        "SELECT name FROM people WHERE name = 'ALICE' OR name::text = 'bob' ORDER BY name",
+    );
+    assert_eq!(
+        output_text(&o),
+        "Alice\nbob\n",
         "--- agent ---\n{}",
         agent.stderr_text()
     );

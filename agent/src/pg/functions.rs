@@ -33,7 +33,9 @@
 //! - **Casts** (`1::evil_t`, `CAST(1 AS evil_t)`, `evil_t '1'`, `'{1}'::evil_t[]`): every
 //!   function of a `pg_cast` to the type, the type's input/output/receive/send/typmod
 //!   functions, the functions its domain CHECK constraints call (`pg_depend`), the support
-//!   functions and operators of its operator classes, and all of those of the types it holds:
+//!   functions and operators of its default operator classes (what sorting, grouping and
+//!   hashing the type run; a non-default class runs only where an index names it, see below),
+//!   and all of those of the types it holds:
 //!   a domain's base type, an array's element, a composite type's columns, a range's subtype
 //!   ([`crate::pg::classify::Statement::casts`]).
 //! - **Columns**: a table's (view's, ...) row type is a composite type of its name, so the
@@ -41,7 +43,10 @@
 //!   relation (`SELECT * FROM t` runs a column type's output function, `ORDER BY` its btree
 //!   support function, `INSERT` a cast to it, a domain column its CHECK).
 //!
-//! Built-in operators, casts and types (plain functions) cost nothing. An operator or cast name
+//! Built-in operators, casts and types (plain functions) cost nothing, and neither do the
+//! functions an extension installed that are not volatile (`citext`'s `=` and I/O, `vector`'s,
+//! `geometry`'s): a database with such an extension keeps working under a select-only rule,
+//! while a call of such a function by name still needs naming as before. An operator or cast name
 //! the snapshot does not have makes the session re-read it in band (as for functions); still
 //! unknown, the name stands for itself (only a rule naming it lets the statement run). An
 //! unknown relation adds nothing (the masking catalog and the server decide about it).
@@ -57,6 +62,8 @@
 //! - An operator, cast or type created by another session with a name the snapshot already has
 //!   (a shadowing `public.+`, a new cast to `int4`), or a column added by another session to a
 //!   known table, passes for up to 30 s, as for functions.
+//! - Support functions of a non-default operator class run when a table with an index using
+//!   the class is written: they are not counted (creating an operator class takes a superuser).
 //! - `tollgate policy explain`/`policy test` decide without a catalog, so they do not add these.
 
 use std::{
@@ -113,12 +120,30 @@ pub struct Functions {
 }
 
 /// What a row of the catalog query other than a function's describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Link {
-    /// An operator and its function (`pg_operator.oprcode`).
-    Operator,
-    /// A type and one function a cast to it or a value of it may run (0: none).
-    Type,
+    /// An operator and its function (`pg_operator.oprcode`; 0: none).
+    Operator {
+        schema: String,
+        name: String,
+        function: u32,
+    },
+    /// A type's name.
+    Type {
+        schema: String,
+        name: String,
+        oid: u32,
+    },
+    /// A function a value of the type or a cast to it may run: its I/O and typmod functions,
+    /// a cast to it, a domain CHECK, a support function or operator of its default operator
+    /// classes (sorting, hashing).
+    Runs { ty: u32, function: u32 },
+    /// A type that holds values of another: a domain its base type, an array its element, a
+    /// composite type (a table's row type) its columns' types, a range its subtype.
+    Holds { whole: u32, part: u32 },
+    /// A function an extension installed that is not volatile: an extension's types (`citext`,
+    /// `vector`, `geometry`) and operators run such functions without counting as called.
+    Extension { function: u32 },
 }
 
 /// One function of the catalog snapshot, as a fast-path call names it.
@@ -182,25 +207,70 @@ impl Functions {
         }
     }
 
-    /// Add catalog rows `(link, schema, name, function OID)` of operators and types (after the
-    /// functions: a function is judged by its OID).
-    pub fn link<'a>(&mut self, rows: impl IntoIterator<Item = (Link, &'a str, &'a str, u32)>) {
-        for (link, schema, name, oid) in rows {
-            let (map, name) = match link {
-                Link::Operator => (&mut self.operators, name.to_string()),
-                // Matched case-insensitively: a quoted `"Money"` and `money` both count.
-                Link::Type => (&mut self.types, name.to_lowercase()),
-            };
-            let function = (oid != 0 && self.not_plain.contains(&oid)).then(|| {
-                self.by_oid
-                    .get(&oid)
-                    .map_or_else(|| oid.to_string(), |f| format!("{}.{}", f.schema, f.name))
-            });
-            for key in [format!("{}.{name}", schema.to_lowercase()), name] {
-                let behind = map.entry(key).or_default();
-                behind.extend(function.clone());
+    /// Add the catalog rows of operators and types (after the functions: a function is judged
+    /// by its OID). What a type may run is handed up to every type that holds it, transitively.
+    pub fn link(&mut self, rows: impl IntoIterator<Item = Link>) {
+        let mut extension = HashSet::new();
+        let mut operators = Vec::new();
+        let mut types = Vec::new();
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        let mut holders: HashMap<u32, Vec<u32>> = HashMap::new();
+        for row in rows {
+            match row {
+                Link::Operator {
+                    schema,
+                    name,
+                    function,
+                } => operators.push((schema, name, function)),
+                Link::Type { schema, name, oid } => types.push((schema, name, oid)),
+                Link::Runs { ty, function } => runs.push((ty, function)),
+                Link::Holds { whole, part } => holders.entry(part).or_default().push(whole),
+                Link::Extension { function } => {
+                    extension.insert(function);
+                }
             }
         }
+        let counts =
+            |oid: u32| oid != 0 && self.not_plain.contains(&oid) && !extension.contains(&oid);
+        // type OID -> function OIDs, walked up through the types that hold it.
+        let mut behind: HashMap<u32, BTreeSet<u32>> = HashMap::new();
+        let mut todo: Vec<(u32, u32)> = runs.into_iter().filter(|(_, f)| counts(*f)).collect();
+        while let Some((ty, f)) = todo.pop() {
+            if behind.entry(ty).or_default().insert(f) {
+                for whole in holders.get(&ty).into_iter().flatten() {
+                    todo.push((*whole, f));
+                }
+            }
+        }
+        let name_of = |oid: u32| {
+            self.by_oid
+                .get(&oid)
+                .map_or_else(|| oid.to_string(), |f| format!("{}.{}", f.schema, f.name))
+        };
+        let add = |map: &mut HashMap<String, BTreeSet<String>>,
+                   schema: &str,
+                   name: String,
+                   functions: &mut dyn Iterator<Item = u32>| {
+            let functions: Vec<String> = functions.map(name_of).collect();
+            for key in [format!("{}.{name}", schema.to_lowercase()), name] {
+                map.entry(key)
+                    .or_default()
+                    .extend(functions.iter().cloned());
+            }
+        };
+        let mut ops = HashMap::new();
+        for (schema, name, function) in operators {
+            let mut f = Some(function).into_iter().filter(|f| counts(*f));
+            add(&mut ops, &schema, name, &mut f);
+        }
+        let mut tys = HashMap::new();
+        for (schema, name, oid) in types {
+            // Matched case-insensitively: a quoted `"Money"` and `money` both count.
+            let mut f = behind.get(&oid).into_iter().flatten().copied();
+            add(&mut tys, &schema, name.to_lowercase(), &mut f);
+        }
+        self.operators = ops;
+        self.types = tys;
     }
 
     /// Whether the snapshot has an operator called `name` (as in `Statement::operators`).
@@ -292,49 +362,61 @@ fn last_two(name: &str) -> &str {
     }
 }
 
-/// Functions; operators with their function; every type (function 0, so every type name is
-/// known), and again with each function that a value of the type or a cast to it may run: its
-/// I/O and typmod functions, casts to it, its domain CHECK functions (through `pg_depend`), the
-/// support functions and operators of its operator classes (sorting, hashing, indexes),
-/// narrowed here to user OIDs and volatile functions (the Rust side judges), then handed up to
-/// every type that holds such a type (a domain over it, an array of it, a composite type or
-/// table row with a column of it, a range of it). A fresh PostgreSQL 15 database: 3245 + 799 +
-/// 611 rows, 9-10 ms (the functions alone: 3-5 ms); the walk up costs nothing when no type has
-/// such a function.
-const QUERY: &str = "WITH RECURSIVE direct(top, f) AS (\
+/// Rows `(tag, schema, name, oid, volatility, oid)`: `f` functions (OID, volatility, result
+/// type); `x` the functions extensions installed that are not volatile; `o` operators and their
+/// function; `t` every type with its OID; `r` a type and a function a value of it or a cast to it
+/// may run (I/O and typmod functions, casts to it, domain CHECK functions through `pg_depend`,
+/// the support functions and operators of its default operator classes, which sorting and
+/// hashing use), narrowed to user and volatile functions outside extensions (the Rust side
+/// judges); `h` which type holds which (a domain its base, an array its element, a table's or
+/// composite type's row its columns' types, a range its subtype), sent only when some `r` row
+/// is: the walk up is done in Rust ([`Functions::link`]). No recursion: a recursive query's
+/// cost estimate made the server JIT-compile it, 90 ms to 900 ms per read. A fresh
+/// PostgreSQL 15 database: 3245 + 799 + 611 rows, about 4 ms.
+const QUERY: &str = "WITH ext(f) AS (\
+       SELECT d.objid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p ON p.oid = d.objid \
+       WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass \
+         AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass \
+         AND d.deptype = 'e' AND p.provolatile <> 'v'), \
+     runs(ty, f) AS (\
        SELECT ty.oid, f.f FROM pg_catalog.pg_type ty, \
          unnest(ARRAY[ty.typinput::oid, ty.typoutput::oid, ty.typreceive::oid, \
            ty.typsend::oid, ty.typmodin::oid, ty.typmodout::oid]) f(f) \
-       UNION SELECT k.casttarget, k.castfunc FROM pg_catalog.pg_cast k \
-       UNION SELECT k.contypid, d.refobjid FROM pg_catalog.pg_constraint k \
+       UNION ALL SELECT k.casttarget, k.castfunc FROM pg_catalog.pg_cast k \
+       UNION ALL SELECT k.contypid, d.refobjid FROM pg_catalog.pg_constraint k \
          JOIN pg_catalog.pg_depend d \
            ON d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass \
            AND d.objid = k.oid AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass \
          WHERE k.contypid <> 0 \
-       UNION SELECT a.amproclefttype, a.amproc::oid FROM pg_catalog.pg_amproc a \
-       UNION SELECT a.amoplefttype, o.oprcode::oid FROM pg_catalog.pg_amop a \
-         JOIN pg_catalog.pg_operator o ON o.oid = a.amopopr), \
-     up(top, f) AS (\
-       SELECT d.top, d.f FROM direct d JOIN pg_catalog.pg_proc p ON p.oid = d.f \
-       WHERE p.oid >= 16384 OR p.provolatile = 'v' \
-       UNION SELECT part.whole, u.f FROM up u JOIN (\
-           SELECT oid AS whole, typbasetype AS t FROM pg_catalog.pg_type WHERE typtype = 'd' \
-           UNION ALL SELECT oid, typelem FROM pg_catalog.pg_type WHERE typelem <> 0 \
-           UNION ALL SELECT c.reltype, a.atttypid FROM pg_catalog.pg_attribute a \
-             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-             WHERE a.attnum > 0 AND NOT a.attisdropped AND c.reltype <> 0 \
-           UNION ALL SELECT rngtypid, rngsubtype FROM pg_catalog.pg_range \
-           UNION ALL SELECT rngmultitypid, rngtypid FROM pg_catalog.pg_range) part \
-         ON part.t = u.top) \
+       UNION ALL SELECT c.opcintype, a.amproc::oid FROM pg_catalog.pg_opclass c \
+         JOIN pg_catalog.pg_amproc a ON a.amprocfamily = c.opcfamily \
+           AND a.amproclefttype = c.opcintype AND a.amprocrighttype = c.opcintype \
+         WHERE c.opcdefault \
+       UNION ALL SELECT c.opcintype, o.oprcode::oid FROM pg_catalog.pg_opclass c \
+         JOIN pg_catalog.pg_amop a ON a.amopfamily = c.opcfamily \
+           AND a.amoplefttype = c.opcintype AND a.amoprighttype = c.opcintype \
+         JOIN pg_catalog.pg_operator o ON o.oid = a.amopopr \
+         WHERE c.opcdefault), \
+     counted(ty, f) AS (\
+       SELECT DISTINCT r.ty, r.f FROM runs r JOIN pg_catalog.pg_proc p ON p.oid = r.f \
+       WHERE (p.oid >= 16384 OR p.provolatile = 'v') AND p.oid NOT IN (SELECT f FROM ext)) \
      SELECT 'f', n.nspname, p.proname, p.oid::int8, p.provolatile::text, p.prorettype::int8 \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     UNION ALL SELECT 'x', '', '', f::int8, '', 0 FROM ext \
      UNION ALL SELECT 'o', n.nspname, o.oprname, o.oprcode::oid::int8, '', 0 \
      FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
-     UNION ALL SELECT 't', n.nspname, ty.typname, 0, '', 0 \
+     UNION ALL SELECT 't', n.nspname, ty.typname, ty.oid::int8, '', 0 \
      FROM pg_catalog.pg_type ty JOIN pg_catalog.pg_namespace n ON n.oid = ty.typnamespace \
-     UNION ALL SELECT 't', n.nspname, ty.typname, u.f::int8, '', 0 \
-     FROM up u JOIN pg_catalog.pg_type ty ON ty.oid = u.top \
-     JOIN pg_catalog.pg_namespace n ON n.oid = ty.typnamespace";
+     UNION ALL SELECT 'r', '', '', ty::int8, '', f::int8 FROM counted \
+     UNION ALL SELECT 'h', '', '', h.whole::int8, '', h.part::int8 FROM (\
+         SELECT oid AS whole, typbasetype AS part FROM pg_catalog.pg_type WHERE typtype = 'd' \
+         UNION ALL SELECT oid, typelem FROM pg_catalog.pg_type WHERE typelem <> 0 \
+         UNION ALL SELECT c.reltype, a.atttypid FROM pg_catalog.pg_attribute a \
+           JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+           WHERE a.attnum > 0 AND NOT a.attisdropped AND c.reltype <> 0 \
+         UNION ALL SELECT rngtypid, rngsubtype FROM pg_catalog.pg_range \
+         UNION ALL SELECT rngmultitypid, rngtypid FROM pg_catalog.pg_range) h \
+     WHERE EXISTS (SELECT 1 FROM counted)";
 
 /// The plain functions of `database` on `target`, from the cache or the server.
 pub async fn load(
@@ -368,7 +450,7 @@ pub fn query(out: &mut BytesMut) -> io::Result<()> {
 #[derive(Default)]
 pub struct Reader {
     rows: Vec<(String, String, u32, String, u32)>,
-    links: Vec<(Link, String, String, u32)>,
+    links: Vec<Link>,
     failed: Option<String>,
 }
 
@@ -393,12 +475,29 @@ impl Reader {
                     );
                     if let (Some(schema), Some(name), Some(Ok(oid)), Some(vol), Some(Ok(ret))) = row
                     {
-                        match text(0).as_deref() {
-                            Some("f") => self.rows.push((schema, name, oid, vol, ret)),
-                            Some("o") => self.links.push((Link::Operator, schema, name, oid)),
-                            Some("t") => self.links.push((Link::Type, schema, name, oid)),
-                            _ => {}
-                        }
+                        let link = match text(0).as_deref() {
+                            Some("f") => {
+                                self.rows.push((schema, name, oid, vol, ret));
+                                None
+                            }
+                            Some("o") => Some(Link::Operator {
+                                schema,
+                                name,
+                                function: oid,
+                            }),
+                            Some("t") => Some(Link::Type { schema, name, oid }),
+                            Some("r") => Some(Link::Runs {
+                                ty: oid,
+                                function: ret,
+                            }),
+                            Some("h") => Some(Link::Holds {
+                                whole: oid,
+                                part: ret,
+                            }),
+                            Some("x") => Some(Link::Extension { function: oid }),
+                            _ => None,
+                        };
+                        self.links.extend(link);
                     }
                 }
                 Err(e) => {
@@ -423,12 +522,7 @@ impl Reader {
                     rows.iter()
                         .map(|(s, n, o, v, r)| (s.as_str(), n.as_str(), *o, v.as_str(), *r)),
                 );
-                let links = std::mem::take(&mut self.links);
-                f.link(
-                    links
-                        .iter()
-                        .map(|(l, s, n, o)| (*l, s.as_str(), n.as_str(), *o)),
-                );
+                f.link(std::mem::take(&mut self.links));
                 return Some(Ok(f));
             }
             _ => {}
@@ -503,19 +597,55 @@ mod tests {
             ("public", "evil_in", 16401, "i"),
             ("public", "tidy", 16402, "i"),
             ("app", "check_it", 16403, "s"),
+            ("public", "citext_eq", 16404, "i"),
+            ("public", "citextin", 16405, "i"),
         ]);
+        let op = |schema: &str, name: &str, function| Link::Operator {
+            schema: schema.into(),
+            name: name.into(),
+            function,
+        };
+        let ty = |schema: &str, name: &str, oid| Link::Type {
+            schema: schema.into(),
+            name: name.into(),
+            oid,
+        };
+        let runs = |ty, function| Link::Runs { ty, function };
+        let holds = |whole, part| Link::Holds { whole, part };
         f.link([
-            (Link::Operator, "pg_catalog", "+", 177),
-            (Link::Operator, "pg_catalog", "||", 1258),
-            (Link::Operator, "public", "!!!", 16400),
+            op("pg_catalog", "+", 177),
+            op("pg_catalog", "||", 1258),
+            op("public", "!!!", 16400),
             // A user `+` on other types: every `+` then needs it named.
-            (Link::Operator, "public", "+", 16402),
-            (Link::Operator, "pg_catalog", "-", 0),
-            (Link::Type, "pg_catalog", "int4", 0),
-            (Link::Type, "public", "Evil_T", 16401),
-            (Link::Type, "public", "Evil_T", 16400),
-            (Link::Type, "app", "positive", 16403),
-            (Link::Type, "public", "holder", 16403),
+            op("public", "+", 16402),
+            op("pg_catalog", "-", 0),
+            // An extension's `=` (citext's) runs a function that is not volatile: no count.
+            op("public", "=", 16404),
+            Link::Extension { function: 16404 },
+            Link::Extension { function: 16405 },
+            ty("pg_catalog", "int4", 23),
+            ty("public", "Evil_T", 17000),
+            runs(17000, 16401),
+            runs(17000, 16400),
+            // Built-in functions that are plain never count.
+            runs(23, 177),
+            ty("app", "positive", 17001),
+            runs(17001, 16403),
+            // A domain over `positive`, a table with a column of it, an array of the table's rows.
+            ty("app", "positive2", 17002),
+            holds(17002, 17001),
+            ty("public", "holder", 17003),
+            holds(17003, 17002),
+            holds(17003, 23),
+            ty("public", "_holder", 17004),
+            holds(17004, 17003),
+            // An extension type's I/O function.
+            ty("public", "citext", 17005),
+            runs(17005, 16405),
+            ty("public", "notes", 17006),
+            holds(17006, 17005),
+            // A cycle (a composite type holding an array of itself) ends.
+            holds(17001, 17004),
         ]);
         let behind = |ops: &[&str], types: &[&str]| -> Vec<String> {
             let s = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
@@ -541,7 +671,9 @@ mod tests {
             rel(&["holder", "public.holder", "made_since"]),
             ["app.check_it"]
         );
-        assert!(rel(&["pg_catalog.int4", "made_since"]).is_empty());
+        assert!(rel(&["pg_catalog.int4", "made_since", "notes", "citext"]).is_empty());
+        assert_eq!(rel(&["_holder"]), ["app.check_it"]);
+        assert!(behind(&["="], &["citext"]).is_empty());
         // Unknown names stand for themselves (fail closed) and are re-read first.
         assert_eq!(behind(&["@@@"], &["other_t"]), ["@@@", "other_t"]);
         assert!(f.knows_operator("!!!") && f.knows_operator("public.+"));
