@@ -749,7 +749,11 @@ action = "allow"
     curl_fails(&other, &server_ca, &resolve, &url);
     assert_eq!(srv.access_log().len(), 1);
 
-    // The audit: connection decisions only, no request was decided one by one.
+    // The audit: connection decisions only, no request was decided one by one. (The refused
+    // connection's line may reach the file just after curl has given up.)
+    agent.wait_audit("the refused connection", |e| {
+        e["event"] == "connect" && e["action"] == "deny" && e["identity"] == "other-bot"
+    });
     let audit = agent.audit();
     let connects: Vec<_> = audit.iter().filter(|e| e["event"] == "connect").collect();
     assert!(

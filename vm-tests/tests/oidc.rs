@@ -251,7 +251,11 @@ fn workload_jwt_as_postgres_password_is_verified_against_the_kernel_identity() {
         ctx(&t)
     );
 
-    // 6. The audit shows who got in and why others did not, never the token.
+    // 6. The audit shows who got in and why others did not, never the token. (The last refusal's
+    // line may reach the file just after the client has given up.)
+    agent.wait_audit("a refused login", |e| {
+        e["event"] == "auth" && e["outcome"] == "denied"
+    });
     let audit = agent.audit();
     assert!(
         audit.iter().any(|e| e["event"] == "auth"

@@ -940,7 +940,11 @@ fn workload_oidc_token_is_the_ssh_password() {
 #[test]
 fn exec_recordings_and_audit_mask_secrets() {
     require_root();
-    let (server, bot, agent) = world("ssh-rec", EXEC_RULES);
+    let rules = format!(
+        "{EXEC_RULES}\n[[rule]]\nname = \"listing\"\nidentities = [\"bot\"]\ntargets = [\"box\"]\n\
+         action = \"allow\"\nssh = {{ exec = [\"ls *\"] }}\n"
+    );
+    let (server, bot, agent) = world("ssh-rec", &rules);
     // An AWS access key id in an allowed command and in a denied one, and a JWT-shaped value.
     let key = "AKIAIOSFODNN7EXAMPLE";
     let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib3QifQ.c2lnbmF0dXJlLXZhbHVlLWhlcmU";
@@ -1002,6 +1006,61 @@ fn exec_recordings_and_audit_mask_secrets() {
     assert!(!kept.contains(key), "AWS key kept:\n{kept}");
     assert!(!kept.contains(jwt), "JWT kept:\n{kept}");
     assert!(!agent.stderr_text().contains(key) && !agent.stderr_text().contains(jwt));
+
+    // A command without a terminal: its stdout and stderr are `output` lines of the session's
+    // recording, masked, naming the channel, and `tollgate replay` prints them.
+    let (st, _, err) = server.ssh(&bot, &[], &format!("ls /nonexistent-{key}"));
+    assert_eq!(st.code(), Some(2), "{err}");
+    assert!(err.contains(key), "the bot sees the real stderr: {err}");
+    let outputs = |stream: &str| -> Vec<serde_json::Value> {
+        fs::read_dir(&sessions)
+            .expect("sessions")
+            .flatten()
+            .filter_map(|e| fs::read_to_string(e.path()).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect::<Vec<serde_json::Value>>()
+            })
+            .filter(|v: &serde_json::Value| v["event"] == "output" && v["stream"] == stream)
+            .collect()
+    };
+    let stdout = outputs("stdout");
+    assert!(
+        stdout.iter().any(|v| v["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty() && !t.contains(key) && v["ssh"]["channel"].is_u64())),
+        "echo's output recorded, masked: {stdout:?}"
+    );
+    let stderr = wait_for(std::time::Duration::from_secs(10), "stderr line", || {
+        let e = outputs("stderr");
+        (!e.is_empty()).then_some(e)
+    });
+    let text = stderr[0]["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("cannot access") && text.contains("/nonexistent-"),
+        "{stderr:?}"
+    );
+    let mut kept = String::new();
+    for e in fs::read_dir(&sessions).expect("sessions").flatten() {
+        kept.push_str(&fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    assert!(!kept.contains(key), "AWS key kept in output lines:\n{kept}");
+    let session = fs::read_dir(&sessions)
+        .expect("sessions")
+        .flatten()
+        .filter_map(|e| fs::read_to_string(e.path()).ok().map(|t| (e, t)))
+        .find(|(_, t)| t.contains("cannot access"))
+        .and_then(|(e, _)| {
+            let n = e.file_name().into_string().ok()?;
+            n.split('.').next().map(str::to_string)
+        })
+        .expect("the ls session's recording");
+    let (shown, err) = replay(&agent.data_dir, &session);
+    assert!(
+        shown.contains("STDERR") && shown.contains("cannot access") && !shown.contains(key),
+        "{shown}\n{err}"
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! are relayed unchanged), its Kubernetes channel messages (`v4`/`v5.channel.k8s.io`: one
 //! channel byte before each message) give the output (channels 1 and 2, masked with the SSH
 //! detectors) and resizes (channel 4, `{"Width":W,"Height":H}` from the bot). With a terminal
-//! (`-t`) they are written as asciicast v2 beside the session's JSON-lines recording ([`Cast`],
+//! (`-t`) they are written as asciicast v2 beside the session's JSON-lines recording (`Cast`,
 //! shared with the SSH handler); without one, stdout and stderr are `output` events of that
 //! recording, which `tollgate replay` prints. Input (channel 0) is not recorded, as for SSH.
 //!
@@ -10,228 +10,29 @@
 //! complete, so the detectors see each message whole. A frame longer than [`MAX_FRAME`] stops
 //! the recording of that direction (the relay goes on, and the recording says so).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use serde_json::json;
-
-use crate::{
-    lock,
-    mask::Masker,
-    recording::Recorder,
-    ssh::cast::{Cast, MaskedOutput},
-};
+pub use crate::ssh::terminal::Terminal;
 
 /// Longest frame payload the tap follows (kubectl and the kubelet send at most 32 KiB per
 /// message).
 pub const MAX_FRAME: u64 = 1 << 20;
 
-/// Longest line of output held for one `output` event; longer is written in pieces.
-const MAX_LINE: usize = 16 << 10;
-
-/// Output of one exec without a terminal recorded as lines; the rest is relayed only.
-pub const MAX_LINES_OUTPUT: usize = 256 << 10;
-
-/// Where an exec's output is recorded.
-enum Sink {
-    /// A terminal (`tty=true`): asciicast v2, created at the first resize or output by
-    /// `create(width, height)` (which names it in the session recording).
-    Cast {
-        cast: Mutex<Option<Arc<Cast>>>,
-        create: Box<dyn Fn(u32, u32) -> Option<Cast> + Send + Sync>,
-    },
-    /// No terminal: stdout and stderr as `output` events of the session's JSON-lines
-    /// recording, one per line of output (`{"event":"output","stream":"stdout","text":...}`),
-    /// masked as the cast is.
-    Lines {
-        recorder: Arc<Recorder>,
-        out: MaskedOutput,
-        /// Masked text of the line in progress (written at its newline, at a switch of
-        /// streams, at the end, or past [`MAX_LINE`]).
-        line: Mutex<String>,
-        /// Output bytes still recorded ([`MAX_LINES_OUTPUT`] at first): `kubectl cp` streams
-        /// a tar archive over such an exec, which is relayed but not copied into the
-        /// recording.
-        left: Mutex<usize>,
-    },
-}
-
-/// The recorded output of one exec or attach.
-pub struct Terminal {
-    sink: Sink,
-    masker: Masker,
-    /// The output channel (1 stdout, 2 stderr) of the last message: a switch ends a word for
-    /// the detectors (what was held back of the other stream is written first).
-    channel: Mutex<u8>,
-}
-
-impl Terminal {
-    /// With a terminal: `create(width, height)` makes the cast file (and names it in the
-    /// session recording).
-    pub fn new(
-        masker: Masker,
-        create: Box<dyn Fn(u32, u32) -> Option<Cast> + Send + Sync>,
-    ) -> Terminal {
-        Terminal {
-            sink: Sink::Cast {
-                cast: Mutex::new(None),
-                create,
-            },
-            masker,
-            channel: Mutex::new(0),
+/// One whole channel message: output (channels 1 and 2 from the server) is recorded; a resize
+/// (channel 4 from the bot, `{"Width":W,"Height":H}`) sizes the terminal.
+fn message(terminal: &Terminal, from_bot: bool, channel: u8, data: &[u8]) {
+    match (from_bot, channel) {
+        (false, 1 | 2) if !data.is_empty() => terminal.output(channel, data),
+        (true, 4) if terminal.is_cast() => {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+                return;
+            };
+            let (Some(w), Some(h)) = (v["Width"].as_u64(), v["Height"].as_u64()) else {
+                return;
+            };
+            terminal.resize(w.min(10_000) as u32, h.min(10_000) as u32);
         }
-    }
-
-    /// Without a terminal: stdout and stderr as lines of the session's recording.
-    pub fn lines(masker: Masker, recorder: Arc<Recorder>) -> Terminal {
-        Terminal {
-            sink: Sink::Lines {
-                recorder,
-                out: MaskedOutput::default(),
-                line: Mutex::new(String::new()),
-                left: Mutex::new(MAX_LINES_OUTPUT),
-            },
-            masker,
-            channel: Mutex::new(0),
-        }
-    }
-
-    fn cast(&self, width: u32, height: u32) -> Option<Arc<Cast>> {
-        let Sink::Cast { cast, create } = &self.sink else {
-            return None;
-        };
-        let mut c = lock(cast);
-        if c.is_none() {
-            *c = create(width, height).map(Arc::new);
-        }
-        c.clone()
-    }
-
-    /// Masked `text` of stream `channel` (1 stdout, 2 stderr): one `output` event per whole
-    /// line; with `end`, what is left of the line too.
-    fn write_lines(recorder: &Recorder, line: &Mutex<String>, channel: u8, text: &str, end: bool) {
-        let stream = if channel == 2 { "stderr" } else { "stdout" };
-        let write = |t: &str| {
-            recorder.write(crate::obj(
-                json!({"event": "output", "stream": stream, "text": t}),
-            ));
-        };
-        let mut held = lock(line);
-        held.push_str(text);
-        while let Some(i) = held.find('\n') {
-            let rest = held.split_off(i + 1);
-            write(held.trim_end_matches(['\n', '\r']));
-            *held = rest;
-        }
-        if (end && !held.is_empty()) || held.len() > MAX_LINE {
-            write(&std::mem::take(&mut *held));
-        }
-    }
-
-    /// Output of `channel`: what the other stream held back is written first.
-    fn output(&self, channel: u8, data: &[u8]) {
-        let last = std::mem::replace(&mut *lock(&self.channel), channel);
-        match &self.sink {
-            Sink::Cast { .. } => {
-                if let Some(c) = self.cast(80, 24) {
-                    if last != channel {
-                        c.finish(&self.masker);
-                    }
-                    c.output(data, &self.masker);
-                }
-            }
-            Sink::Lines {
-                recorder,
-                out,
-                line,
-                left,
-            } => {
-                let mut left = lock(left);
-                if *left == 0 {
-                    return;
-                }
-                if last != channel {
-                    let t = out.flush(&self.masker).unwrap_or_default();
-                    Self::write_lines(recorder, line, last, &t, true);
-                }
-                let take = data.len().min(*left);
-                *left -= take;
-                let t = out.push(&data[..take], &self.masker).unwrap_or_default();
-                Self::write_lines(recorder, line, channel, &t, false);
-                if *left == 0 {
-                    let t = out.flush(&self.masker).unwrap_or_default();
-                    Self::write_lines(recorder, line, channel, &t, true);
-                    drop(left);
-                    self.note(&format!(
-                        "[tollgate: output past {} KiB is relayed but not recorded]",
-                        MAX_LINES_OUTPUT >> 10
-                    ));
-                }
-            }
-        }
-    }
-
-    /// A note from the agent in the recording (in the output, where a human reads it).
-    fn note(&self, text: &str) {
-        match &self.sink {
-            Sink::Cast { cast, .. } => {
-                if let Some(c) = lock(cast).clone() {
-                    c.output(format!("\r\n{text}\r\n").as_bytes(), &self.masker);
-                }
-            }
-            Sink::Lines { recorder, .. } => {
-                recorder.write(crate::obj(
-                    json!({"event": "output", "stream": "tollgate", "text": text}),
-                ));
-            }
-        }
-    }
-
-    fn message(&self, from_bot: bool, channel: u8, data: &[u8]) {
-        match (from_bot, channel) {
-            (false, 1 | 2) if !data.is_empty() => self.output(channel, data),
-            (true, 4) => {
-                let Sink::Cast { cast, .. } = &self.sink else {
-                    return;
-                };
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
-                    return;
-                };
-                let (Some(w), Some(h)) = (v["Width"].as_u64(), v["Height"].as_u64()) else {
-                    return;
-                };
-                let (w, h) = (w.min(10_000) as u32, h.min(10_000) as u32);
-                let fresh = lock(cast).is_none();
-                if let Some(c) = self.cast(w, h) {
-                    if !fresh {
-                        c.resize(w, h);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-impl Drop for Terminal {
-    /// The exec ended (both directions' taps are gone): what was held back is written.
-    fn drop(&mut self) {
-        match &self.sink {
-            Sink::Cast { cast, .. } => {
-                if let Some(c) = lock(cast).as_ref() {
-                    c.finish(&self.masker);
-                }
-            }
-            Sink::Lines {
-                recorder,
-                out,
-                line,
-                ..
-            } => {
-                let last = *lock(&self.channel);
-                let t = out.flush(&self.masker).unwrap_or_default();
-                Self::write_lines(recorder, line, last, &t, true);
-            }
-        }
+        _ => {}
     }
 }
 
@@ -351,8 +152,7 @@ impl Tap {
                     skip = 1;
                 }
                 if let Some(ch) = self.channel {
-                    self.terminal
-                        .message(self.from_bot, ch, &self.scratch[skip..]);
+                    message(&self.terminal, self.from_bot, ch, &self.scratch[skip..]);
                 }
                 self.scratch.clear();
             }
@@ -363,6 +163,10 @@ impl Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        lock, mask::Masker, recording::Recorder, ssh::cast::Cast, ssh::terminal::MAX_LINES_OUTPUT,
+    };
+    use std::sync::Mutex;
 
     fn frame(op: u8, payload: &[u8], key: Option<[u8; 4]>) -> Vec<u8> {
         let mut f = vec![0x80 | op];
@@ -480,6 +284,7 @@ mod tests {
                 [7; 32],
             ),
             recorder.clone(),
+            None,
         ));
         (dir, recorder, terminal)
     }

@@ -260,7 +260,9 @@ impl Env<'_> {
         let tty = tollgate_policy::http::query_values(query, "tty").unwrap_or_default();
         if !tty.first().is_some_and(|v| v == "true" || v == "1") {
             let recorder = self.recorder.clone()?;
-            return Some(Arc::new(super::exec::Terminal::lines(masker, recorder)));
+            return Some(Arc::new(super::exec::Terminal::lines(
+                masker, recorder, None,
+            )));
         }
         let data_dir = cx.gen.policy.agent.data_dir.clone();
         let session = cx.id.clone();

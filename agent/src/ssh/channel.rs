@@ -263,9 +263,40 @@ pub async fn session(ccx: ChannelCx<'_>, ch: Channel<server::Msg>) {
         }
         Some(c)
     });
+    // Without a terminal, a command's (or a piped shell's) stdout and stderr are lines of the
+    // session's recording, as for `kubectl exec` (the first 256 KiB: scp streams files this
+    // way). A subsystem (sftp) speaks a binary protocol: only its channel line is recorded.
+    let lines = match (&cast, &ccx.recorder, &main) {
+        (None, Some(r), Main::Exec(_) | Main::Shell) => Some(super::terminal::Terminal::lines(
+            ccx.masker.clone(),
+            r.clone(),
+            Some(u32::from(id)),
+        )),
+        _ => None,
+    };
+    let output = |channel: u8, data: &[u8]| {
+        if let Some(c) = &cast {
+            c.output(data, ccx.masker);
+        }
+        if let Some(l) = &lines {
+            l.output(channel, data);
+        }
+    };
     let (up_r, up_w) = up_ch.split();
-    let (up_bytes, down_bytes, status) =
-        pump(&ccx, id, held, bot_r, &bot_w, up_r, &up_w, cast.as_ref()).await;
+    let (up_bytes, down_bytes, status) = pump(
+        &ccx,
+        id,
+        held,
+        bot_r,
+        &bot_w,
+        up_r,
+        &up_w,
+        cast.as_ref(),
+        &output,
+    )
+    .await;
+    // What the line recording held back is written before the channel's line.
+    drop(lines);
     if let Some(c) = &cast {
         c.finish(ccx.masker);
     }
@@ -420,6 +451,7 @@ async fn pump(
     mut up_r: ChannelReadHalf,
     up_w: &ChannelWriteHalf<client::Msg>,
     cast: Option<&super::cast::Cast>,
+    output: &(dyn Fn(u8, &[u8]) + Sync),
 ) -> (u64, u64, Option<u32>) {
     let counters = &ccx.counters;
     let up_bytes = std::sync::atomic::AtomicU64::new(0);
@@ -481,9 +513,7 @@ async fn pump(
                     counters
                         .down
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if let Some(c) = cast {
-                        c.output(&data, ccx.masker);
-                    }
+                    output(1, &data);
                     bot_w.data_bytes(data).await
                 }
                 ChannelMsg::ExtendedData { data, ext } => {
@@ -491,9 +521,7 @@ async fn pump(
                     counters
                         .down
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if let Some(c) = cast {
-                        c.output(&data, ccx.masker);
-                    }
+                    output(if ext == 1 { 2 } else { 1 }, &data);
                     bot_w.extended_data_bytes(ext, data).await
                 }
                 ChannelMsg::Eof => {

@@ -23,6 +23,7 @@ pub mod ca;
 pub(crate) mod cast;
 mod channel;
 pub mod pool;
+pub(crate) mod terminal;
 pub mod upstream;
 
 use std::sync::{
