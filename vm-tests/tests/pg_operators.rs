@@ -142,6 +142,35 @@ fn operators_casts_and_domains_run_only_functions_a_rule_names() {
     ] {
         denied(&reader, sql, function);
     }
+    // A parameter whose type a Parse message fixes by OID runs that type's input function at
+    // Bind, with no type name in the SQL: `SELECT $1` with `$1` an `evil_d`.
+    let oid = pg
+        .superuser_sql("SELECT 'evil_d'::regtype::oid", "app")
+        .trim()
+        .to_string();
+    let raw = |script: &str| {
+        let o = reader
+            .command(Path::new(env!("CARGO_BIN_EXE_tg-pgraw")))
+            .args(["127.0.0.1", &pg.port.to_string(), script])
+            .args(["user=bot", "database=app"])
+            .output()
+            .expect("tg-pgraw");
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")
+    };
+    let v = raw(&format!("PT s|SELECT $1|{oid}\nBV p|s|1\nE p\nS"));
+    let errors = v["errors"].to_string();
+    assert!(
+        errors.contains("42501") && errors.contains("public.evil_check"),
+        "{v}\n--- agent ---\n{}",
+        agent.stderr_text()
+    );
+    // The same with a built-in type (int4) runs.
+    let v = raw("PT s|SELECT $1|23\nBV p|s|41\nE p\nS");
+    assert_eq!(v["rows"], serde_json::json!([["41"]]), "{v}");
+    // A type OID the catalog does not have stands for itself: refused, not passed.
+    let v = raw("PT s|SELECT $1|4000000000\nBV p|s|1\nE p\nS");
+    assert!(v["errors"].to_string().contains("42501"), "{v}");
+
     // The rule names `evil`, not the cast's function: no rule matches (as for `evil_cast(1)`).
     denied(&trusted, "SELECT 1::evil_t", "no rule matches");
     assert_eq!(side_effects(&pg), "0:", "nothing ran");

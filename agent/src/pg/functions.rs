@@ -38,6 +38,9 @@
 //!   and all of those of the types it holds:
 //!   a domain's base type, an array's element, a composite type's columns, a range's subtype
 //!   ([`crate::pg::classify::Statement::casts`]).
+//! - **Parameters** whose type a Parse message fixes by OID (`SELECT $1` with `$1` a domain):
+//!   the type's functions run at Bind ([`Functions::behind_type_oids`]); an OID the snapshot
+//!   does not have stands for itself.
 //! - **Columns**: a table's (view's, ...) row type is a composite type of its name, so the
 //!   same functions of its columns' types count as called by any statement that touches the
 //!   relation (`SELECT * FROM t` runs a column type's output function, `ORDER BY` its btree
@@ -54,9 +57,6 @@
 //! snapshot stale.
 //!
 //! Still open:
-//! - Parameters whose type a Parse message names by OID (the type's input/receive function
-//!   runs at Bind, with no type name written): only the relations and casts of the statement
-//!   count.
 //! - Functions reached through a function's result type (`SELECT f()` of a plain built-in
 //!   returning a user type) or a relation only a function or view body names.
 //! - An operator, cast or type created by another session with a name the snapshot already has
@@ -117,6 +117,9 @@ pub struct Functions {
     /// typmod functions, the cast functions to it, the functions its domain CHECK constraints
     /// call, and those of the types a domain is over.
     types: HashMap<String, BTreeSet<String>>,
+    /// Every type by OID, with the same functions (as a Parse message names a parameter's
+    /// type).
+    type_oids: HashMap<u32, BTreeSet<String>>,
 }
 
 /// What a row of the catalog query other than a function's describes.
@@ -204,6 +207,7 @@ impl Functions {
             not_plain,
             operators: HashMap::new(),
             types: HashMap::new(),
+            type_oids: HashMap::new(),
         }
     }
 
@@ -264,13 +268,17 @@ impl Functions {
             add(&mut ops, &schema, name, &mut f);
         }
         let mut tys = HashMap::new();
+        let mut by_oid = HashMap::new();
         for (schema, name, oid) in types {
             // Matched case-insensitively: a quoted `"Money"` and `money` both count.
             let mut f = behind.get(&oid).into_iter().flatten().copied();
             add(&mut tys, &schema, name.to_lowercase(), &mut f);
+            let f = behind.get(&oid).into_iter().flatten().copied().map(name_of);
+            by_oid.insert(oid, f.collect());
         }
         self.operators = ops;
         self.types = tys;
+        self.type_oids = by_oid;
     }
 
     /// Whether the snapshot has an operator called `name` (as in `Statement::operators`).
@@ -320,6 +328,23 @@ impl Functions {
                     None => {
                         out.insert(name.clone());
                     }
+                }
+            }
+        }
+        out
+    }
+
+    /// The functions that are not plain that the input (text or binary) of parameters of these
+    /// types runs, as a Parse message fixes them by OID (0: the server infers it from the
+    /// statement, whose names count already). An OID the snapshot does not have stands for
+    /// itself (`type 16999`): fail closed.
+    pub fn behind_type_oids(&self, oids: &[u32]) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for &oid in oids.iter().filter(|o| **o != 0) {
+            match self.type_oids.get(&oid) {
+                Some(f) => out.extend(f.iter().cloned()),
+                None => {
+                    out.insert(format!("type {oid}"));
                 }
             }
         }

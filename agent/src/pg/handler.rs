@@ -866,6 +866,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         ddl_since_refresh: false,
         database,
         unknown_after_refresh: HashMap::new(),
+        param_types: Vec::new(),
         stale_refusal: None,
     };
     let u2c = ServerSide {
@@ -1341,6 +1342,9 @@ struct ClientSide<'a> {
     /// [`RETRY_UNKNOWN_AFTER`] (a statement on a relation that does not exist costs one
     /// catalog read, not one per statement).
     unknown_after_refresh: HashMap<String, std::time::Instant>,
+    /// The parameter type OIDs of the Parse message being decided: their input functions run
+    /// at Bind, so they count as called (`Functions::behind_type_oids`).
+    param_types: Vec<u32>,
     /// Set when a re-read was needed under column rules while something was in flight: the
     /// statement is refused with this message.
     stale_refusal: Option<String>,
@@ -1535,11 +1539,16 @@ impl ClientSide<'_> {
                 // The functions behind its operators, casts and its relations' column types count
                 // as called (functions.rs).
                 let with_behind;
-                let s = if s.operators.is_empty() && s.casts.is_empty() && s.tables.is_empty() {
+                let s = if s.operators.is_empty()
+                    && s.casts.is_empty()
+                    && s.tables.is_empty()
+                    && self.param_types.is_empty()
+                {
                     s
                 } else {
                     let mut behind = self.functions.behind(&s.operators, &s.casts);
                     behind.extend(self.functions.behind_relations(&s.tables));
+                    behind.extend(self.functions.behind_type_oids(&self.param_types));
                     if behind.iter().all(|f| s.functions.contains(f)) {
                         s
                     } else {
@@ -2277,8 +2286,15 @@ impl ClientSide<'_> {
     ) -> Result<Next, DataPathError> {
         match msg {
             Frontend::Query(sql) => return self.on_query(&sql, &raw, io).await,
-            Frontend::Parse { name, query, .. } => {
-                return self.on_parse(name, &query, &raw, io).await
+            Frontend::Parse {
+                name,
+                query,
+                param_types,
+            } => {
+                self.param_types = param_types;
+                let next = self.on_parse(name, &query, &raw, io).await;
+                self.param_types.clear();
+                return next;
             }
             Frontend::Bind {
                 portal,

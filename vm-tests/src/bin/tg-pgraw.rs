@@ -3,7 +3,9 @@
 //!
 //! Usage: `tg-pgraw HOST PORT SCRIPT [KEY=VALUE ...]`; the extra arguments are startup
 //! parameters (`user=bot database=app` by default). SCRIPT has one message per line:
-//! `Q sql`, `P name|sql`, `B portal|statement`, `B1 portal|statement` (binary results),
+//! `Q sql`, `P name|sql`, `PT name|sql|oid,oid` (parameter types fixed by OID),
+//! `B portal|statement`, `B1 portal|statement` (binary results), `BV portal|statement|v,v`
+//! (text parameter values),
 //! `D S|name`, `D P|name`, `E portal`, `C S|name`, `C P|name`, `H` (Flush), `S` (Sync),
 //! `F oid|arg|arg...` (a fast-path FunctionCall: arguments as int4 when they are integers,
 //! else text, all in binary format; result in binary), `L name` (looks up
@@ -73,6 +75,38 @@ fn encode(line: &str, vars: &std::collections::HashMap<String, String>) -> Vec<u
             cstr(&mut b, sql);
             b.extend_from_slice(&0i16.to_be_bytes());
             msg(b'P', &b)
+        }
+        "PT" => {
+            let mut parts = rest.splitn(3, '|');
+            let (name, sql) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let oids: Vec<u32> = parts
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .map(|o| o.trim().parse().expect("type oid"))
+                .collect();
+            cstr(&mut b, name);
+            cstr(&mut b, sql);
+            b.extend_from_slice(&(oids.len() as i16).to_be_bytes());
+            for o in oids {
+                b.extend_from_slice(&o.to_be_bytes());
+            }
+            msg(b'P', &b)
+        }
+        "BV" => {
+            let mut parts = rest.splitn(3, '|');
+            let (portal, stmt) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let values: Vec<&str> = parts.next().unwrap_or("").split(',').collect();
+            cstr(&mut b, portal);
+            cstr(&mut b, stmt);
+            b.extend_from_slice(&0i16.to_be_bytes()); // parameter formats: text
+            b.extend_from_slice(&(values.len() as i16).to_be_bytes());
+            for v in values {
+                b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                b.extend_from_slice(v.as_bytes());
+            }
+            b.extend_from_slice(&0i16.to_be_bytes());
+            msg(b'B', &b)
         }
         "B" | "B1" => {
             let (portal, stmt) = split2(rest);
