@@ -497,6 +497,26 @@ fn an_approve_rule_holds_the_request_until_a_human_decides() {
     );
     assert_eq!(v["rule"], "refunds need a human", "{v}");
     assert_eq!(srv.access_log().len(), 1);
+
+    // The bot gives up (its connection closes): the request is withdrawn (the agent then
+    // refuses to approve it: "already cancelled") and nothing is sent.
+    let mut child = spawn();
+    let id = pending_id(&agent);
+    child.kill().expect("kill curl");
+    let _ = child.wait();
+    agent.wait_audit("the approval cancelled", |e| {
+        e["event"] == "approval" && e["action"] == "cancelled"
+    });
+    let list: Value =
+        serde_json::from_str(&approvals(&agent, &["list", "--json"])).expect("approvals json");
+    let pending = list.get("pending").unwrap_or(&list);
+    assert!(
+        pending
+            .as_array()
+            .is_some_and(|l| l.iter().all(|p| p["id"] != id)),
+        "{list}"
+    );
+    assert_eq!(srv.access_log().len(), 1, "a withdrawn request was sent");
 }
 
 #[test]

@@ -52,7 +52,7 @@ type Job = (Request<Incoming>, oneshot::Sender<Response<AnyBody>>);
 pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPathError> {
     let protocol = cx.target.protocol;
     let tls_target = matches!(protocol, Protocol::Https | Protocol::Kubernetes);
-    let (io, sni) = if tls_target {
+    let (io, sni, maybe_h2) = if tls_target {
         let Some(ca) = cx.agent.ca.clone() else {
             return Err(InternalError::unreachable(
                 "the agent has no CA, so it cannot terminate the bot's TLS",
@@ -70,12 +70,15 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
             .await
             .map_err(DataPathError::Client)?;
         let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         (
             Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
             sni,
+            h2,
         )
     } else {
-        (Conn::Plain(client), None)
+        // Plain text may be HTTP/2 with prior knowledge: hyper's auto builder tells.
+        (Conn::Plain(client), None, true)
     };
     let credential = credential_for(cx);
     let client_cert = credential.as_ref().ok().and_then(|(_, c)| c.as_ref());
@@ -115,6 +118,57 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
     let masker =
         crate::mask::Masker::for_target(&cx.gen.policy, &cx.target.name, cx.agent.hash_key);
 
+    let env = Env {
+        cx,
+        up: &up,
+        sni: sni.as_deref(),
+        credential: &credential,
+        recorder: &recorder,
+        totals: &totals,
+        relays: &relays,
+        seconds: &seconds,
+        masker: &masker,
+    };
+    let result = if maybe_h2 {
+        serve_any(io, env, protocol).await
+    } else {
+        // HTTP/1.1 (TLS without h2 in ALPN): each request is handled in the connection's own
+        // future, borrowing the session, without a hand-off to another loop.
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+            Ok::<_, std::convert::Infallible>(env.handle(req).await)
+        });
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+            .await
+            .map_err(Into::into)
+    };
+    // Upgraded connections (WebSocket) outlive hyper's connection: the session ends with them.
+    let mut relays = std::mem::take(&mut *crate::lock(&relays));
+    while relays.join_next().await.is_some() {}
+    if let Some(r) = &recorder {
+        r.write(obj(json!({"event": "end", "session": cx.id,
+            "error": result.as_ref().err().map(|e| e.to_string())})));
+    }
+    let t = Totals {
+        bytes_up: totals.0.load(Ordering::Relaxed),
+        bytes_down: totals.1.load(Ordering::Relaxed),
+    };
+    cx.add_bytes(t);
+    match result {
+        Ok(()) => Ok(t),
+        Err(e) => Err(DataPathError::Client(std::io::Error::other(e.to_string()))),
+    }
+}
+
+/// HTTP/2 (or a plain-text connection that may be): hyper's auto builder spawns each stream's
+/// service future, which must own what it holds, so requests are handed to this loop, which
+/// handles them with the session borrowed, and the answers go back.
+async fn serve_any(
+    io: Conn,
+    env: Env<'_>,
+    protocol: Protocol,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (tx, mut rx) = mpsc::channel::<Job>(64);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let tx = tx.clone();
@@ -142,17 +196,6 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut inflight = FuturesUnordered::new();
-    let env = Env {
-        cx,
-        up: &up,
-        sni: sni.as_deref(),
-        credential: &credential,
-        recorder: &recorder,
-        totals: &totals,
-        relays: &relays,
-        seconds: &seconds,
-        masker: &masker,
-    };
     let result = loop {
         tokio::select! {
             r = &mut conn => break r,
@@ -164,22 +207,7 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         }
     };
     drop(inflight);
-    // Upgraded connections (WebSocket) outlive hyper's connection: the session ends with them.
-    let mut relays = std::mem::take(&mut *crate::lock(&relays));
-    while relays.join_next().await.is_some() {}
-    if let Some(r) = &recorder {
-        r.write(obj(json!({"event": "end", "session": cx.id,
-            "error": result.as_ref().err().map(|e| e.to_string())})));
-    }
-    let t = Totals {
-        bytes_up: totals.0.load(Ordering::Relaxed),
-        bytes_down: totals.1.load(Ordering::Relaxed),
-    };
-    cx.add_bytes(t);
-    match result {
-        Ok(()) => Ok(t),
-        Err(e) => Err(DataPathError::Client(std::io::Error::other(e.to_string()))),
-    }
+    result
 }
 
 /// What the target's credential gives: the `Authorization` value (`Bearer <token>` for a
