@@ -1236,3 +1236,115 @@ fn hyper_client_and_http2_pseudo_header_tricks() {
         "{log:#?}"
     );
 }
+
+/// A plain-text `http` target: decided per request over HTTP/1.1 and over HTTP/2 with prior
+/// knowledge (`curl --http2-prior-knowledge`; the agent speaks HTTP/1.1 upstream), with the
+/// token injected and the bot's own header dropped, against Python's http.server.
+#[test]
+fn plain_http_target_over_http1_and_h2c() {
+    require_root();
+    let bot = Cgroup::new("plain-http-bot");
+    let files = TempDir::new("plain-http-files");
+    std::fs::create_dir_all(files.path().join("www/api/v1")).expect("www");
+    std::fs::create_dir_all(files.path().join("www/admin")).expect("www");
+    std::fs::write(files.path().join("www/api/v1/items"), "items-body\n").expect("file");
+    std::fs::write(files.path().join("www/admin/keys"), "admin-secret\n").expect("file");
+    let token = files.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+    let port = vm_tests::free_port();
+    let mut server = std::process::Command::new("/usr/bin/python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1"])
+        .arg(port.to_string())
+        .arg("--directory")
+        .arg(files.path().join("www"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    let ready = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let policy = format!(
+        r#"[[identity]]
+name = "ci-bot"
+cgroup = "{glob}"
+
+[[target]]
+name = "plain-api"
+protocol = "http"
+address = ["127.0.0.1:{port}"]
+credential = "plain-token"
+
+[credential.plain-token]
+token_file = "{token}"
+
+[[rule]]
+name = "ci reads the v1 API"
+identities = ["ci-bot"]
+targets = ["plain-api"]
+action = "allow"
+http = {{ methods = ["GET"], paths = ["/api/v1/*"] }}
+"#,
+        glob = bot.glob(),
+        token = token.display(),
+    );
+    let agent = AgentProc::start("plain-http", FailMode::Closed, &policy);
+    let run = |args: &[&str]| -> (String, String) {
+        let out = bot
+            .command(Path::new("/usr/bin/curl"))
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "-w",
+                "\n%{http_code} %{http_version}",
+            ])
+            .args(["-H", &format!("Authorization: Bearer {STOLEN}")])
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .expect("curl");
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, tail) = s.rsplit_once('\n').unwrap_or(("", &s));
+        (body.to_string(), tail.to_string())
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let mut failures = Vec::new();
+    for extra in [&[][..], &["--http2-prior-knowledge"][..]] {
+        let allowed = format!("{base}/api/v1/items");
+        let mut args = extra.to_vec();
+        args.push(&allowed);
+        let (body, tail) = run(&args);
+        let want = if extra.is_empty() { "200 1.1" } else { "200 2" };
+        if body != "items-body\n" || tail != want {
+            failures.push(format!("{extra:?} allowed: {tail} {body:?}"));
+        }
+        for denied in [
+            "/admin/keys",
+            "/api/v1/../../admin/keys",
+            "/api/v1/%2e%2e/%2e%2e/admin/keys",
+        ] {
+            let url = format!("{base}{denied}");
+            let mut args = extra.to_vec();
+            args.extend(["--path-as-is", url.as_str()]);
+            let (body, tail) = run(&args);
+            if !tail.starts_with("403") || body.contains("admin-secret") {
+                failures.push(format!("{extra:?} {denied}: {tail} {body:?}"));
+            }
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(ready, "http.server did not start");
+    assert!(
+        failures.is_empty(),
+        "{}\n--- agent ---\n{}",
+        failures.join("\n"),
+        agent.stderr_text()
+    );
+    // Every request was decided and audited; the bot's header never reached the audit.
+    let audit = std::fs::read_to_string(agent.audit_path()).expect("audit");
+    assert!(audit.contains("/api/v1/items") && !audit.contains(STOLEN));
+}

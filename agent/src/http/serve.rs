@@ -77,8 +77,10 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
             h2,
         )
     } else {
-        // Plain text may be HTTP/2 with prior knowledge: hyper's auto builder tells.
-        (Conn::Plain(client), None, true)
+        // Plain text may be HTTP/2 with prior knowledge, whose preface starts `PRI `, which no
+        // HTTP/1 request does (hyper's auto builder decides those).
+        let h2 = starts_like_h2(&client).await;
+        (Conn::Plain(client), None, h2)
     };
     let credential = credential_for(cx);
     let client_cert = credential.as_ref().ok().and_then(|(_, c)| c.as_ref());
@@ -159,6 +161,25 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         Ok(()) => Ok(t),
         Err(e) => Err(DataPathError::Client(std::io::Error::other(e.to_string()))),
     }
+}
+
+/// Whether a plain-text connection's first bytes may be HTTP/2's preface (`PRI * HTTP/2.0`):
+/// peeked, not read. A connection that ends or fails first goes to the auto builder, which
+/// reports it.
+async fn starts_like_h2(client: &TcpStream) -> bool {
+    let mut b = [0u8; 4];
+    // At most 10 s of a client sending `P`, `PR` or `PRI` and stalling.
+    for _ in 0..10_000 {
+        match client.peek(&mut b).await {
+            Ok(n) if n >= 4 || (n > 0 && !b"PRI ".starts_with(&b[..n])) => {
+                return &b[..n] == b"PRI ";
+            }
+            Ok(0) | Err(_) => return true,
+            // Fewer bytes than tell, all of them a prefix of `PRI `: wait for more.
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+        }
+    }
+    true
 }
 
 /// HTTP/2 (or a plain-text connection that may be): hyper's auto builder spawns each stream's
@@ -504,6 +525,7 @@ impl Env<'_> {
             })
             .unwrap_or_else(|| att.host.clone());
         let (mut parts, body) = req.into_parts();
+        let bot_version = parts.version;
         strip_hop_by_hop(&mut parts.headers);
         if let Some(c) = credential {
             parts.headers.insert(header::AUTHORIZATION, c);
@@ -587,6 +609,9 @@ impl Env<'_> {
             }
             Ok((resp, _)) => {
                 let (mut parts, body) = resp.into_parts();
+                // The bot's own version: an HTTP/1.0 upstream must not turn a keep-alive
+                // HTTP/1.1 connection into a 1.0 one.
+                parts.version = bot_version;
                 strip_hop_by_hop(&mut parts.headers);
                 let mut body = body.boxed_unsync();
                 if let Some(watch) = secrets {
