@@ -937,6 +937,21 @@ fn workload_oidc_token_is_the_ssh_password() {
     assert!(!audit.contains(sig) && !agent.stderr_text().contains(sig));
 }
 
+/// Every JSON line of every recording under `sessions`.
+fn recorded_events(sessions: &Path) -> Vec<serde_json::Value> {
+    fs::read_dir(sessions)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| fs::read_to_string(e.path()).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<serde_json::Value>>()
+        })
+        .collect()
+}
+
 #[test]
 fn exec_recordings_and_audit_mask_secrets() {
     require_root();
@@ -963,16 +978,9 @@ fn exec_recordings_and_audit_mask_secrets() {
         std::time::Duration::from_secs(10),
         "three channel lines",
         || {
-            let all: Vec<serde_json::Value> = fs::read_dir(&sessions)
-                .ok()?
-                .flatten()
-                .filter_map(|e| fs::read_to_string(e.path()).ok())
-                .flat_map(|t| {
-                    t.lines()
-                        .filter_map(|l| serde_json::from_str(l).ok())
-                        .collect::<Vec<serde_json::Value>>()
-                })
-                .filter(|v: &serde_json::Value| v["event"] == "exec")
+            let all: Vec<serde_json::Value> = recorded_events(&sessions)
+                .into_iter()
+                .filter(|v| v["event"] == "exec")
                 .collect();
             (all.len() >= 3).then_some(all)
         },
@@ -1013,16 +1021,9 @@ fn exec_recordings_and_audit_mask_secrets() {
     assert_eq!(st.code(), Some(2), "{err}");
     assert!(err.contains(key), "the bot sees the real stderr: {err}");
     let outputs = |stream: &str| -> Vec<serde_json::Value> {
-        fs::read_dir(&sessions)
-            .expect("sessions")
-            .flatten()
-            .filter_map(|e| fs::read_to_string(e.path()).ok())
-            .flat_map(|t| {
-                t.lines()
-                    .filter_map(|l| serde_json::from_str(l).ok())
-                    .collect::<Vec<serde_json::Value>>()
-            })
-            .filter(|v: &serde_json::Value| v["event"] == "output" && v["stream"] == stream)
+        recorded_events(&sessions)
+            .into_iter()
+            .filter(|v| v["event"] == "output" && v["stream"] == stream)
             .collect()
     };
     let stdout = outputs("stdout");
