@@ -1296,15 +1296,15 @@ const AWS_PREFIXES: [&[u8; 4]; 8] = [
     b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA",
 ];
 
-/// At `s[p] == b'A'`: one of the AWS key-id prefixes and 16 uppercase letters or digits,
-/// standing alone.
+/// At `s[p] == b'A'`: one of the AWS key-id prefixes and 16 uppercase letters or digits, also
+/// inside a longer word: a key a bot glued to other characters (`x` || key, `key=AKIA…x`) is
+/// still a key, and the pattern is rare enough outside keys (a prefix and 16 characters of 36)
+/// that no boundary is needed against false positives.
 #[inline(never)]
 fn aws_access_key_at(s: &[u8], p: usize) -> Option<usize> {
     let end = p + 20;
     let key = s.get(p..end)?;
-    let ok = left_free(s, p)
-        && right_free(s, end)
-        && AWS_PREFIXES.iter().any(|pre| key[..4] == pre[..])
+    let ok = AWS_PREFIXES.iter().any(|pre| key[..4] == pre[..])
         && key[4..].iter().all(|&b| bban_char(b));
     ok.then_some(end)
 }

@@ -1017,6 +1017,13 @@ fn exec_recordings_and_audit_mask_secrets() {
 
     // A command without a terminal: its stdout and stderr are `output` lines of the session's
     // recording, masked, naming the channel, and `tollgate replay` prints them.
+    // A key glued to other characters is still masked (in the command and its output).
+    let (st, out, err) = server.ssh(&bot, &[], &format!("echo glued{key}"));
+    assert_eq!(
+        (st.code(), out),
+        (Some(0), format!("glued{key}\n")),
+        "{err}"
+    );
     let (st, _, err) = server.ssh(&bot, &[], &format!("ls /nonexistent-{key}"));
     assert_eq!(st.code(), Some(2), "{err}");
     assert!(err.contains(key), "the bot sees the real stderr: {err}");

@@ -248,12 +248,17 @@ fn aws_access_key() {
             ("AKIAIOSFODNN7EXAMPLE", "********"),
             ("key=ASIAY34FZKBOKMUTVV7A;", "key=********;"),
             ("\"AROA1234567890ABCDEF\"", "\"********\""),
+            // Glued to other characters (concatenated by the bot): still a key.
+            ("XAKIAIOSFODNN7EXAMPLE", "X********"),
+            ("AKIAIOSFODNN7EXAMPLEX", "********X"),
+            (
+                "prefix_AKIAIOSFODNN7EXAMPLE_suffix",
+                "prefix_********_suffix",
+            ),
         ],
         &[
             "AKIAIOSFODNN7EXAMPL",
-            "AKIAIOSFODNN7EXAMPLEX",
             "akiaiosfodnn7example",
-            "XAKIAIOSFODNN7EXAMPLE",
             "ABCDIOSFODNN7EXAMPLE",
             "AKIAIOSFODNN7exAMPLE",
         ],
