@@ -288,7 +288,7 @@ impl Functions {
 
     /// Whether the snapshot has a type called `name` (as in `Statement::casts`).
     pub fn knows_type(&self, name: &str) -> bool {
-        self.types.contains_key(&last_two(name).to_lowercase())
+        self.types.contains_key(lower(last_two(name)).as_ref())
     }
 
     /// The functions that are not plain that reading or writing rows of `relations` (as in
@@ -298,7 +298,7 @@ impl Functions {
     pub fn behind_relations(&self, relations: &[String]) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         for name in relations {
-            if let Some(behind) = self.types.get(&last_two(name).to_lowercase()) {
+            if let Some(behind) = self.types.get(lower(last_two(name)).as_ref()) {
                 out.extend(behind.iter().cloned());
             }
         }
@@ -312,14 +312,14 @@ impl Functions {
     /// (fail closed: only a rule that names it lets it run).
     pub fn behind(&self, operators: &[String], types: &[String]) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
-        for (map, names, lower) in [
+        for (map, names, fold) in [
             (&self.operators, operators, false),
             (&self.types, types, true),
         ] {
             for name in names {
                 let key = last_two(name);
-                let found = if lower {
-                    map.get(&key.to_lowercase())
+                let found = if fold {
+                    map.get(lower(key).as_ref())
                 } else {
                     map.get(key)
                 };
@@ -376,6 +376,16 @@ impl Functions {
             [.., schema, fname] => self.plain_qualified.contains(&format!("{schema}.{fname}")),
             [] => false,
         }
+    }
+}
+
+/// `name` lowercased, without allocating when it already is (the classifier folds unquoted
+/// names: every statement's relations and casts are looked up here).
+fn lower(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) || !name.is_ascii() {
+        std::borrow::Cow::Owned(name.to_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
     }
 }
 

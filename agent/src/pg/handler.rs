@@ -1903,15 +1903,19 @@ impl ClientSide<'_> {
             }
             // Operator and type names the snapshot lacks (created since): keyed apart from
             // function names.
-            for o in &st.operators {
+            for o in st
+                .operators
+                .iter()
+                .filter(|o| !self.functions.knows_operator(o))
+            {
                 let key = format!("operator {o}");
-                if !self.functions.knows_operator(o) && self.may_retry(&key) {
+                if self.may_retry(&key) {
                     unknown.push(key);
                 }
             }
-            for t in &st.casts {
+            for t in st.casts.iter().filter(|t| !self.functions.knows_type(t)) {
                 let key = format!("type {t}");
-                if !self.functions.knows_type(t) && self.may_retry(&key) {
+                if self.may_retry(&key) {
                     unknown.push(key);
                 }
             }
