@@ -71,6 +71,12 @@ const CLOSE: u64 = 2 << 48;
 pub const AUDIT: u32 = 0;
 /// How long the drainer waits between batches while lines keep coming.
 const BATCH_INTERVAL: Duration = Duration::from_millis(1);
+/// A batch of at least this many lines means a busy agent: the drainer then waits
+/// [`BUSY_INTERVAL`], so each file gets fewer, larger writes (the lines are safe in the
+/// journal meanwhile; only their arrival in the files waits).
+const BUSY_LINES: usize = 256;
+/// The wait between batches of a busy agent.
+const BUSY_INTERVAL: Duration = Duration::from_millis(5);
 /// How often lines held back by a failing file are tried again.
 const FAILING_RETRY: Duration = Duration::from_millis(50);
 /// Idle batches before the drainer parks (then the next append wakes it at once).
@@ -763,7 +769,8 @@ impl Drop for Journal {
     }
 }
 
-/// The drain thread: a batch every [`BATCH_INTERVAL`] while lines come, parked when idle
+/// The drain thread: a batch every [`BATCH_INTERVAL`] while lines come ([`BUSY_INTERVAL`]
+/// while many do), parked when idle
 /// (the next append unparks it, so a lone statement's lines reach their files at once).
 fn drain_loop(j: Weak<Journal>) {
     let mut idle = 0u32;
@@ -784,6 +791,8 @@ fn drain_loop(j: Weak<Journal>) {
             // gate's own retries (Audit::check) drain at once when asked.
             let pause = if n == 0 && jj.health.failure().is_some() {
                 FAILING_RETRY
+            } else if n >= BUSY_LINES {
+                BUSY_INTERVAL
             } else {
                 BATCH_INTERVAL
             };

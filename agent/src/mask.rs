@@ -597,6 +597,7 @@ const fn anchors() -> [u16; 256] {
                 }
         } else {
             match b {
+                b'a' => bit(Det::AwsAccessKey),
                 b'b' => bit(Det::BearerToken),
                 b'@' => bit(Det::Email),
                 b'-' => bit(Det::UsSsn) | bit(Det::Phone) | bit(Det::PrivateKey),
@@ -725,6 +726,11 @@ fn anchor(
         }
         b'+' | b'(' => attempt!(Det::Phone, i, phone_at(s, i, b)),
         b'b' => bearer(s, i, want, skip, hits),
+        b'a' => attempt!(
+            Det::AwsAccessKey,
+            i,
+            aws_access_key_at(s, i).map(|e| (i, e))
+        ),
         _ => {
             // Uppercase letters: an IBAN starts with two and two digits.
             if s.get(i + 1).is_some_and(u8::is_ascii_uppercase)
@@ -1296,16 +1302,28 @@ const AWS_PREFIXES: [&[u8; 4]; 8] = [
     b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA",
 ];
 
-/// At `s[p] == b'A'`: one of the AWS key-id prefixes and 16 uppercase letters or digits, also
+/// At `s[p]` (`A` or `a`): one of the AWS key-id prefixes and 16 letters or digits, also
 /// inside a longer word: a key a bot glued to other characters (`x` || key, `key=AKIA…x`) is
 /// still a key, and the pattern is rare enough outside keys (a prefix and 16 characters of 36)
-/// that no boundary is needed against false positives.
+/// that no boundary is needed against false positives. A key id is capitals and digits, so
+/// its case carries nothing: `lower()`, `upper()` and `initcap()` of a key are keys too
+/// (after the first character, letters of one case); only mixed case is not.
 #[inline(never)]
 fn aws_access_key_at(s: &[u8], p: usize) -> Option<usize> {
     let end = p + 20;
     let key = s.get(p..end)?;
-    let ok = AWS_PREFIXES.iter().any(|pre| key[..4] == pre[..])
-        && key[4..].iter().all(|&b| bban_char(b));
+    let lower = key[1].is_ascii_lowercase();
+    let ok = AWS_PREFIXES
+        .iter()
+        .any(|pre| key[..4].eq_ignore_ascii_case(&pre[..]))
+        && key[1..].iter().all(|&b| {
+            digit(b)
+                || if lower {
+                    b.is_ascii_lowercase()
+                } else {
+                    b.is_ascii_uppercase()
+                }
+        });
     ok.then_some(end)
 }
 

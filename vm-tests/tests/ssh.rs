@@ -1017,11 +1017,13 @@ fn exec_recordings_and_audit_mask_secrets() {
 
     // A command without a terminal: its stdout and stderr are `output` lines of the session's
     // recording, masked, naming the channel, and `tollgate replay` prints them.
-    // A key glued to other characters is still masked (in the command and its output).
-    let (st, out, err) = server.ssh(&bot, &[], &format!("echo glued{key}"));
+    // A key glued to other characters is still masked (in the command and its output), and
+    // so is a lowercased one (a key id's case carries nothing).
+    let lower = key.to_lowercase();
+    let (st, out, err) = server.ssh(&bot, &[], &format!("echo glued{key} {lower}"));
     assert_eq!(
         (st.code(), out),
-        (Some(0), format!("glued{key}\n")),
+        (Some(0), format!("glued{key} {lower}\n")),
         "{err}"
     );
     let (st, _, err) = server.ssh(&bot, &[], &format!("ls /nonexistent-{key}"));
@@ -1054,6 +1056,7 @@ fn exec_recordings_and_audit_mask_secrets() {
         kept.push_str(&fs::read_to_string(e.path()).unwrap_or_default());
     }
     assert!(!kept.contains(key), "AWS key kept in output lines:\n{kept}");
+    assert!(!kept.contains(&lower), "lowercased AWS key kept:\n{kept}");
     let session = fs::read_dir(&sessions)
         .expect("sessions")
         .flatten()

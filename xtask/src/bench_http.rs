@@ -27,7 +27,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::{
     bench_pg::{free_port, held_session_memory, InBenchCgroup},
     demo::AgentProc,
-    util::{self, cpu_ms, median, run},
+    util::{self, median, run},
 };
 
 const WORK: &str = "/tmp/tollgate-bench-http";
@@ -199,8 +199,12 @@ fn wrk_ms(v: &str) -> Option<f64> {
 }
 
 fn wrk(port: u16) -> Result<Wrk> {
+    wrk_for(port, WRK_SECS)
+}
+
+fn wrk_for(port: u16, secs: u32) -> Result<Wrk> {
     let out = Command::new("wrk")
-        .args(["-t2", &format!("-c{CONNS}"), &format!("-d{WRK_SECS}s")])
+        .args(["-t2", &format!("-c{CONNS}"), &format!("-d{secs}s")])
         .arg("--latency")
         .arg(format!("https://127.0.0.1:{port}/small.json"))
         .stdin(Stdio::null())
@@ -273,20 +277,43 @@ struct Samples {
     p50_ms: Vec<f64>,
     p99_ms: Vec<f64>,
     down_s: Vec<f64>,
-    /// Agent CPU microseconds per request.
+    /// Proxy CPU microseconds per request.
     cpu_us: Vec<f64>,
+    /// The proxy's system calls per request (all threads and processes), counted once.
+    syscalls: Option<f64>,
 }
 
-fn measure(port: u16, s: &mut Samples, agent: Option<u32>) -> Result<()> {
-    let before = agent.map(cpu_ms);
+/// One column's round: `wrk` (with the proxy's CPU per request when `proxy` is the pid of
+/// the agent, or of nginx's master and its workers) and the download. With
+/// `TOLLGATE_BENCH_PERF=DIR`, the agent's first `wrk` is profiled into `DIR/http.data`.
+fn measure(port: u16, s: &mut Samples, proxy: Option<(u32, bool)>) -> Result<()> {
+    let before = proxy.map(|(pid, _)| util::tree_cpu_ms(pid));
+    let _perf = match (proxy, std::env::var_os("TOLLGATE_BENCH_PERF")) {
+        (Some((pid, true)), Some(dir)) if s.cpu_us.is_empty() => Some(util::PerfRecord::start(
+            pid,
+            &Path::new(&dir).join("http.data"),
+        )?),
+        _ => None,
+    };
     let w = wrk(port)?;
-    if let (Some(pid), Some(b)) = (agent, before) {
-        s.cpu_us.push((cpu_ms(pid) - b) * 1000.0 / w.requests);
+    drop(_perf);
+    if let (Some((pid, _)), Some(b)) = (proxy, before) {
+        s.cpu_us
+            .push((util::tree_cpu_ms(pid) - b) * 1000.0 / w.requests);
     }
     s.rps.push(w.rps);
     s.p50_ms.push(w.p50_ms);
     s.p99_ms.push(w.p99_ms);
     s.down_s.push(download(port)?);
+    if let (Some((pid, _)), None) = (proxy, s.syscalls) {
+        let pids = util::with_children(pid);
+        let mut requests = 0.0;
+        let calls = util::syscalls_during(&pids, || {
+            requests = wrk_for(port, 2)?.requests;
+            Ok(())
+        })?;
+        s.syscalls = Some(calls / requests);
+    }
     Ok(())
 }
 
@@ -343,7 +370,7 @@ pub fn bench_http() -> Result<()> {
         ),
         up_port,
     )?;
-    let _proxy = Nginx::start(
+    let proxy = Nginx::start(
         work,
         "proxy",
         &format!(
@@ -369,48 +396,60 @@ pub fn bench_http() -> Result<()> {
         proxy_port,
     )?;
 
-    let start_agent = || -> Result<(AgentProc, String)> {
+    // TOLLGATE_BENCH_BASELINE: another build measured in the same rounds (a before/after).
+    let baseline = std::env::var_os("TOLLGATE_BENCH_BASELINE").map(PathBuf::from);
+    if let Some(b) = &baseline {
+        println!("baseline agent binary: {}", b.display());
+    }
+    let start_agent = |bin: &Path| -> Result<(AgentProc, String)> {
         let (listen, metrics) = (free_port()?, free_port()?);
         let pol = work.join("policy.toml");
         fs::write(&pol, policy(up_port, listen, metrics))?;
         let log = work.join("agent.log");
-        let mut agent = AgentProc::start(&bin, &pol, &log, &[])?;
+        let mut agent = AgentProc::start(bin, &pol, &log, &[])?;
         let metrics = format!("127.0.0.1:{metrics}");
         agent.wait_ready(&metrics, &log)?;
         Ok((agent, metrics))
     };
 
-    // Columns: direct, tollgate, nginx.
-    let mut cols: [Samples; 3] = Default::default();
+    // Columns: direct, tollgate, nginx, and the baseline build when there is one.
+    let mut cols: [Samples; 4] = Default::default();
+    let ncols = if baseline.is_some() { 4 } else { 3 };
     let mut idle = None;
-    for round in 0..ROUNDS {
-        for k in 0..3 {
-            match (round + k) % 3 {
+    let rounds = util::rounds(ROUNDS);
+    for round in 0..rounds {
+        for k in 0..ncols {
+            match (round + k) % ncols {
                 0 => measure(up_port, &mut cols[0], None)?,
-                1 => {
+                2 => measure(proxy_port, &mut cols[2], Some((proxy.0.id(), false)))?,
+                col => {
                     let _cg = InBenchCgroup::enter("tollgate-bench-http")?;
-                    if idle.is_none() {
+                    if idle.is_none() && col == 1 {
                         // On an agent of its own, before the load has grown its heap.
-                        let (mut agent, metrics) = start_agent()?;
+                        let (mut agent, metrics) = start_agent(&bin)?;
                         idle = Some(idle_connection_memory(up_port, agent.child.id(), &metrics)?);
                         agent.stop();
                     }
-                    let (mut agent, _) = start_agent()?;
-                    measure(up_port, &mut cols[1], Some(agent.child.id()))?;
+                    let b = if col == 1 {
+                        &bin
+                    } else {
+                        baseline.as_ref().unwrap_or(&bin)
+                    };
+                    let (mut agent, _) = start_agent(b)?;
+                    measure(up_port, &mut cols[col], Some((agent.child.id(), col == 1)))?;
                     agent.stop();
                 }
-                _ => measure(proxy_port, &mut cols[2], None)?,
             }
         }
     }
-    drop(_proxy);
+    drop(proxy);
     drop(_upstream);
     let _ = fs::remove_dir_all(work);
 
     let med = |v: &[f64]| median(&mut v.to_vec());
-    let [d, a, n] = &cols;
+    let [d, a, n, base] = &cols;
     println!(
-        "\nhttps through tollgate vs the same nginx upstream directly and through nginx as a re-encrypting reverse proxy,\nmedian of {ROUNDS} interleaved rounds on this machine (2 cores shared by wrk, proxy and upstream)\n"
+        "\nhttps through tollgate vs the same nginx upstream directly and through nginx as a re-encrypting reverse proxy,\nmedian of {rounds} interleaved rounds on this machine (2 cores shared by wrk, proxy and upstream)\n"
     );
     println!(
         "{:<40} {:>10} {:>10} {:>10} {:>10} {:>10}",
@@ -455,15 +494,39 @@ pub fn bench_http() -> Result<()> {
     );
     println!("(latency ratios are inverted: above 1.0x means tollgate is faster)");
     println!("\neach round (requests/s direct, tollgate, nginx):");
-    for k in 0..ROUNDS {
+    for k in 0..rounds {
         println!(
             "  round {k}: {:.0}  {:.0}  {:.0}",
             d.rps[k], a.rps[k], n.rps[k]
         );
     }
     println!(
-        "\nagent CPU per request (user + system, all threads): {:.1} us",
-        med(&a.cpu_us)
+        "\nproxy CPU per request (user + system, all threads and processes): tollgate {:.1} us, nginx {:.1} us ({:.2}x)",
+        med(&a.cpu_us),
+        med(&n.cpu_us),
+        med(&a.cpu_us) / med(&n.cpu_us)
+    );
+    if baseline.is_some() {
+        println!(
+            "baseline build: {:.0} requests/s (tollgate/baseline {:.2}x; per round {}), CPU per request {:.1} us (tollgate/baseline {:.2}x; per round {})",
+            med(&base.rps),
+            med(&a.rps) / med(&base.rps),
+            (0..rounds)
+                .map(|k| format!("{:.2}", a.rps[k] / base.rps[k]))
+                .collect::<Vec<_>>()
+                .join(" "),
+            med(&base.cpu_us),
+            med(&a.cpu_us) / med(&base.cpu_us),
+            (0..rounds)
+                .map(|k| format!("{:.2}", a.cpu_us[k] / base.cpu_us[k]))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+    }
+    println!(
+        "proxy system calls per request (strace -c -f, one 2 s wrk run; strace slows it): tollgate {:.2}, nginx {:.2}",
+        a.syscalls.unwrap_or(f64::NAN),
+        n.syscalls.unwrap_or(f64::NAN)
     );
     if let Some(per) = idle {
         println!(

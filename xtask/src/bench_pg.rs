@@ -457,7 +457,8 @@ fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool
         }
         return Ok(());
     }
-    for round in 0..ROUNDS {
+    let rounds = util::rounds(ROUNDS);
+    for round in 0..rounds {
         let reverse = round % 2 == 1;
         if !reverse {
             plain_columns(pg_port, &rows, &mut table, false)?;
@@ -470,7 +471,7 @@ fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool
     }
     let runs = &table.runs;
 
-    println!("\npgbench TPS, -c4 -j2 -T{SECONDS}, scale 1, median of {ROUNDS} interleaved rounds on this machine (2 cores shared by client, proxy and server)\n");
+    println!("\npgbench TPS, -c4 -j2 -T{SECONDS}, scale 1, median of {rounds} interleaved rounds on this machine (2 cores shared by client, proxy and server)\n");
     let base = table.baseline;
     println!(
         "{:<32} {:>10} {:>12} {:>14} {:>11}   {:>12} {:>12} {:>10}{}",
@@ -507,7 +508,7 @@ fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool
     }
     println!("\neach round's ratios (pg/relay, pg/pgbouncer):");
     for (i, (name, _)) in rows.iter().enumerate() {
-        let per: Vec<String> = (0..ROUNDS)
+        let per: Vec<String> = (0..rounds)
             .map(|k| {
                 let [r, p, b] = [1, 2, 3].map(|c| runs[i][c][k].tps);
                 format!("{:.2} {:.2}", p / r, p / b)
@@ -565,7 +566,7 @@ fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool
         if base { " (and / baseline pg's)" } else { "" }
     );
     for (i, (name, _)) in rows.iter().enumerate() {
-        let per: Vec<String> = (0..ROUNDS)
+        let per: Vec<String> = (0..rounds)
             .map(|k| {
                 let us = |c: usize| runs[i][c].get(k).and_then(|r| r.proxy_us_per_tx);
                 let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -632,8 +633,9 @@ impl Table {
             let pgbench = |args: &[&str]| one_client(port, password, args);
             const TXS: u32 = 2000;
             const CONNS: u32 = 200;
-            let per_tx = syscalls_during(pid, || pgbench(&["-t", &TXS.to_string()]))?;
-            let per_conn = syscalls_during(pid, || pgbench(&["-C", "-t", &CONNS.to_string()]))?;
+            let per_tx = util::syscalls_during(&[pid], || pgbench(&["-t", &TXS.to_string()]))?;
+            let per_conn =
+                util::syscalls_during(&[pid], || pgbench(&["-C", "-t", &CONNS.to_string()]))?;
             self.syscalls[col] = Some((per_tx / f64::from(TXS), per_conn / f64::from(CONNS)));
         }
         Ok(())
@@ -765,37 +767,6 @@ fn first_byte_us(port: u16, n: usize) -> Result<f64> {
     Ok(util::median(&mut v))
 }
 
-/// System calls process `pid` makes (all threads) while `f` runs, counted by `strace -c -f`.
-fn syscalls_during(pid: u32, f: impl FnOnce() -> Result<()>) -> Result<f64> {
-    let out = Path::new(WORK).join("strace.txt");
-    let mut strace = Command::new("strace")
-        .args(["-c", "-f", "-o"])
-        .arg(&out)
-        .args(["-p", &pid.to_string()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("strace (cargo xtask setup installs it)")?;
-    // strace says "attached" on stderr once it traces every thread.
-    let mut err = BufReader::new(strace.stderr.take().context("strace stderr")?);
-    let mut line = String::new();
-    while err.read_line(&mut line)? > 0 && !line.contains("attached") {
-        line.clear();
-    }
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    std::thread::sleep(Duration::from_millis(300));
-    let ran = f();
-    // SAFETY: kill(2) of the strace child this function started.
-    unsafe { libc::kill(strace.id() as libc::pid_t, libc::SIGINT) };
-    strace.wait()?;
-    ran?;
-    let text = fs::read_to_string(&out)?;
-    let _ = fs::remove_file(&out);
-    text.lines()
-        .find(|l| l.trim_end().ends_with(" total"))
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .with_context(|| format!("no total in strace -c output:\n{text}"))
-}
-
 /// A pgbench table's rows: a name and pgbench's arguments.
 type Rows<'a> = [(&'a str, &'a [&'a str]); 4];
 
@@ -869,6 +840,13 @@ fn agent_columns(
             };
             let pid = agent.child.id();
             for (i, (_, args)) in rows.iter().enumerate() {
+                let _perf = (col == 2 && i < 2)
+                    .then(|| std::env::var_os("TOLLGATE_BENCH_PERF"))
+                    .flatten()
+                    .map(|dir| {
+                        util::PerfRecord::start(pid, &Path::new(&dir).join(format!("row{i}.data")))
+                    })
+                    .transpose()?;
                 table.runs[i][col].push(pgbench_cpu(pg_port, pw, args, Some(pid))?);
             }
             table.latency_and_setup(col, pg_port, pw, Some(pid))?;

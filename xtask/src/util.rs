@@ -1,8 +1,11 @@
 //! Small process and filesystem helpers shared by the tasks.
 
 use std::{
+    fs,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -115,6 +118,101 @@ pub fn cpu_ms(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) * 1000.0 / hz
+}
+
+/// A bench's rounds: `default`, or `TOLLGATE_BENCH_ROUNDS` (1 to 9: a quick look while
+/// profiling, or more rounds for a before/after of two builds).
+pub fn rounds(default: usize) -> usize {
+    std::env::var("TOLLGATE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=9).contains(n))
+        .unwrap_or(default)
+}
+
+/// `pid` and its child processes (nginx's master and its workers).
+pub fn with_children(pid: u32) -> Vec<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid)
+        .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+        .collect()
+}
+
+/// [`cpu_ms`] of `pid` and its child processes.
+pub fn tree_cpu_ms(pid: u32) -> f64 {
+    with_children(pid).into_iter().map(cpu_ms).sum()
+}
+
+/// `perf record -g` on the agent while it lives (`TOLLGATE_BENCH_PERF=DIR`: a profile of the
+/// agent during a bench's steady phase; that phase's figures then include perf's cost).
+pub struct PerfRecord(std::process::Child);
+
+impl PerfRecord {
+    pub fn start(pid: u32, out: &Path) -> Result<PerfRecord> {
+        let child = Command::new("perf")
+            .args(["record", "-q", "-p", &pid.to_string()])
+            // TOLLGATE_BENCH_PERF_ARGS: other sampling options (`--call-graph dwarf`).
+            .args(
+                std::env::var("TOLLGATE_BENCH_PERF_ARGS")
+                    .unwrap_or_else(|_| "-g".into())
+                    .split_whitespace(),
+            )
+            .arg("-o")
+            .arg(out)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("perf record")?;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        Ok(PerfRecord(child))
+    }
+}
+
+impl Drop for PerfRecord {
+    fn drop(&mut self) {
+        // perf writes its file on SIGINT.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// System calls the processes `pids` make (all threads) while `f` runs, counted by `strace -c -f`.
+pub fn syscalls_during(pids: &[u32], f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let out =
+        std::env::temp_dir().join(format!("tollgate-bench-strace-{}.txt", std::process::id()));
+    let mut strace = Command::new("strace")
+        .args(["-c", "-f", "-o"])
+        .arg(&out)
+        .args(pids.iter().flat_map(|p| ["-p".to_string(), p.to_string()]))
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("strace (cargo xtask setup installs it)")?;
+    // strace says "attached" on stderr once it traces every thread.
+    let mut err = BufReader::new(strace.stderr.take().context("strace stderr")?);
+    let mut line = String::new();
+    while err.read_line(&mut line)? > 0 && !line.contains("attached") {
+        line.clear();
+    }
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    std::thread::sleep(Duration::from_millis(300));
+    let ran = f();
+    // SAFETY: kill(2) of the strace child this function started.
+    unsafe { libc::kill(strace.id() as libc::pid_t, libc::SIGINT) };
+    strace.wait()?;
+    ran?;
+    let text = fs::read_to_string(&out)?;
+    let _ = fs::remove_file(&out);
+    // TOLLGATE_BENCH_PERF=DIR keeps each count's table (which system calls) there.
+    if let Some(dir) = std::env::var_os("TOLLGATE_BENCH_PERF") {
+        let n = fs::read_dir(&dir).map_or(0, |d| d.count());
+        let _ = fs::write(Path::new(&dir).join(format!("strace-{n}.txt")), &text);
+    }
+    text.lines()
+        .find(|l| l.trim_end().ends_with(" total"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .with_context(|| format!("no total in strace -c output:\n{text}"))
 }
 
 /// Send a signal to the process group `pgid` of a child we started in its own group.

@@ -255,12 +255,18 @@ fn aws_access_key() {
                 "prefix_AKIAIOSFODNN7EXAMPLE_suffix",
                 "prefix_********_suffix",
             ),
+            // lower(), initcap() of a key: its case carried nothing, so these are keys too.
+            ("akiaiosfodnn7example", "********"),
+            ("key=Akiaiosfodnn7example;", "key=********;"),
+            ("xasiay34fzkbokmutvv7a", "x********"),
         ],
         &[
             "AKIAIOSFODNN7EXAMPL",
-            "akiaiosfodnn7example",
+            "akiaiosfodnn7exampl",
             "ABCDIOSFODNN7EXAMPLE",
             "AKIAIOSFODNN7exAMPLE",
+            "akiaIOSFODNN7EXAMPLE",
+            "a hakia of words and more",
         ],
     );
 }
