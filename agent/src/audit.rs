@@ -36,13 +36,37 @@ pub fn now_ts() -> String {
     ts_of(SystemTime::now())
 }
 
-/// [`now_ts`] for `t`. Every audit and recording line carries one (two per statement), so the
-/// date and time of day are formatted once per second per thread and only the milliseconds
-/// each time.
+/// [`now_ts`] appended to `out`.
+fn push_now_ts(out: &mut Vec<u8>) {
+    with_ts(SystemTime::now(), |prefix, millis| {
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(&[
+            b'.',
+            b'0' + (millis / 100) as u8,
+            b'0' + (millis / 10 % 10) as u8,
+            b'0' + (millis % 10) as u8,
+            b'Z',
+        ]);
+    })
+}
+
+/// [`now_ts`] for `t`.
 fn ts_of(t: SystemTime) -> String {
+    with_ts(t, |prefix, millis| {
+        let mut s = String::with_capacity(prefix.len() + 5);
+        s.push_str(prefix);
+        let _ = write!(s, ".{millis:03}Z");
+        s
+    })
+}
+
+/// `f` of `t`'s date and time up to the seconds ("2026-11-29T15:40:31") and its
+/// milliseconds. Every audit and recording line carries a timestamp (two per statement), so
+/// the date and time of day are formatted once per second per thread.
+fn with_ts<R>(t: SystemTime, f: impl FnOnce(&str, u32) -> R) -> R {
     use std::cell::RefCell;
     thread_local! {
-        /// The second last formatted, and its text up to the seconds ("2026-11-29T15:40:31").
+        /// The second last formatted, and its text up to the seconds.
         static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -54,10 +78,7 @@ fn ts_of(t: SystemTime) -> String {
             prefix.pop(); // the 'Z'
             *cached = secs;
         }
-        let mut s = String::with_capacity(prefix.len() + 5);
-        s.push_str(prefix);
-        let _ = write!(s, ".{:03}Z", since.subsec_millis());
-        s
+        f(prefix, since.subsec_millis())
     })
 }
 
@@ -212,7 +233,7 @@ impl Line {
     pub fn new(fields: &str) -> Line {
         let mut b = Vec::with_capacity(256 + fields.len());
         b.extend_from_slice(b"{\"ts\":\"");
-        b.extend_from_slice(now_ts().as_bytes());
+        push_now_ts(&mut b);
         b.push(b'"');
         if !fields.is_empty() {
             b.push(b',');
@@ -230,13 +251,30 @@ impl Line {
 
     fn key(&mut self, k: &str) {
         self.0.push(b',');
-        let _ = serde_json::to_writer(&mut self.0, k);
+        self.string(k);
         self.0.push(b':');
+    }
+
+    /// `v` as a JSON string: copied as it is when nothing in it needs escaping (the usual
+    /// case: keys, names, most statements), else escaped by serde_json.
+    fn string(&mut self, v: &str) {
+        // No early exit, so that this compiles to a vectorised pass.
+        let plain = !v.bytes().fold(false, |esc, b| {
+            esc | (b < 0x20) | (b == b'"') | (b == b'\\')
+        });
+        if plain {
+            self.0.reserve(v.len() + 2);
+            self.0.push(b'"');
+            self.0.extend_from_slice(v.as_bytes());
+            self.0.push(b'"');
+        } else {
+            let _ = serde_json::to_writer(&mut self.0, v);
+        }
     }
 
     pub fn str(mut self, k: &str, v: &str) -> Line {
         self.key(k);
-        let _ = serde_json::to_writer(&mut self.0, v);
+        self.string(v);
         self
     }
 
@@ -244,9 +282,7 @@ impl Line {
     pub fn opt(mut self, k: &str, v: Option<&str>) -> Line {
         self.key(k);
         match v {
-            Some(v) => {
-                let _ = serde_json::to_writer(&mut self.0, v);
-            }
+            Some(v) => self.string(v),
             None => self.0.extend_from_slice(b"null"),
         }
         self
@@ -272,6 +308,37 @@ impl Line {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn line_strings_are_what_serde_json_writes() {
+        for v in [
+            "",
+            "plain text",
+            "SELECT \"q\" FROM t WHERE a = 'x\\y'",
+            "tab\tnewline\ncr\r\u{1}\u{1f}",
+            "del \u{7f} and ünïcødé ☃",
+            "\"",
+            "\\",
+        ] {
+            let line = Line(Vec::new())
+                .str("k", v)
+                .opt("n", None)
+                .opt("o", Some(v));
+            let got = String::from_utf8(line.0).expect("utf-8");
+            let want = format!(
+                ",\"k\":{0},\"n\":null,\"o\":{0}",
+                serde_json::to_string(v).expect("json")
+            );
+            assert_eq!(got, want, "{v:?}");
+        }
+        let ts = String::from_utf8(Line::new("").finish()).expect("utf-8");
+        let v: Value = serde_json::from_str(&ts).expect("json");
+        let ts = v["ts"].as_str().expect("ts");
+        assert!(
+            humantime::parse_rfc3339(ts).is_ok() && ts.len() == 24,
+            "{ts}"
+        );
+    }
 
     #[test]
     fn timestamps_match_rfc3339_millis_across_seconds() {

@@ -55,7 +55,7 @@ use tollgate_policy::{
     Decision, DecisionReason, Operation, Protocol,
 };
 
-use crate::{recording::Recorder, session::ApprovalOutcome};
+use crate::{audit::Line, recording::Recorder, session::ApprovalOutcome};
 
 /// Body type of everything the agent sends (to the bot and upstream).
 pub type AnyBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -404,10 +404,25 @@ pub fn approval_message(o: &ApprovalOutcome, what: &str) -> String {
 /// Headers that belong to one hop and are never forwarded (RFC 9110 7.6.1), plus the bot's
 /// credentials (replaced by the target's).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    // One look at each name, and a removal only for those present (most messages carry one
+    // or none): cheaper than a removal, with its hashing, per listed name.
+    let mut present: Vec<HeaderName> = Vec::new();
+    for n in headers.keys() {
+        if is_hop_by_hop(n) && !present.contains(n) {
+            present.push(n.clone());
+        }
+    }
+    if present.contains(&header::CONNECTION) {
         strip_connection_named(headers);
     }
-    for n in [
+    for n in present {
+        headers.remove(n);
+    }
+}
+
+/// A header [`strip_hop_by_hop`] removes whatever `Connection` says.
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    [
         header::CONNECTION,
         header::TRANSFER_ENCODING,
         header::TE,
@@ -416,11 +431,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::PROXY_AUTHORIZATION,
         header::PROXY_AUTHENTICATE,
         header::AUTHORIZATION,
-    ] {
-        headers.remove(n);
-    }
-    headers.remove(HeaderName::from_static("keep-alive"));
-    headers.remove(HeaderName::from_static("proxy-connection"));
+    ]
+    .contains(n)
+        || matches!(n.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// The headers `Connection` names (hop-by-hop too).
@@ -499,8 +512,8 @@ fn tally(
 #[derive(Clone)]
 struct RecordLine {
     recorder: Option<Arc<Recorder>>,
-    /// The line's fields so far (a few; a later `set` of a key replaces it).
-    fields: Vec<(&'static str, Value)>,
+    /// The line's fields so far.
+    fields: RecordFields,
     up: Arc<AtomicU64>,
     started: Instant,
     totals: Arc<(AtomicU64, AtomicU64)>,
@@ -509,6 +522,26 @@ struct RecordLine {
     /// `record_bodies = true`: the start of the request and response bodies, and the masker
     /// they pass before they are written.
     bodies: Option<Arc<Bodies>>,
+}
+
+/// What a request's recording line says besides its outcome (status, bytes, duration,
+/// bodies). Typed, and written field by field in key order, so a request costs no map of
+/// JSON values; a field left `None` is not in the line.
+#[derive(Clone, Default)]
+struct RecordFields {
+    method: Method,
+    /// The raw request target, when the request could not be attributed.
+    target: Option<String>,
+    action: Option<&'static str>,
+    /// Why the request could not be attributed.
+    reason: Option<String>,
+    path: Option<String>,
+    host: Option<String>,
+    /// The Kubernetes attributes (`null` for plain HTTP).
+    kubernetes: Option<Value>,
+    /// `Some(None)`: the line says `"rule":null`.
+    rule: Option<Option<String>>,
+    approval: Option<&'static str>,
 }
 
 /// Largest part of each body a recording keeps.
@@ -574,31 +607,59 @@ fn capture(inner: AnyBody, bodies: &Option<Arc<Bodies>>, response: bool) -> AnyB
 }
 
 impl RecordLine {
-    /// Set field `k` of the line (replacing an earlier value).
-    fn set(&mut self, k: &'static str, v: impl Into<Value>) {
-        let v = v.into();
-        match self.fields.iter_mut().find(|(f, _)| *f == k) {
-            Some(f) => f.1 = v,
-            None => self.fields.push((k, v)),
-        }
-    }
-
     fn finish(mut self, status: u16, down: u64) {
-        self.seconds.observe(self.started.elapsed().as_secs_f64());
+        let elapsed = self.started.elapsed();
+        self.seconds.observe(elapsed.as_secs_f64());
         let up = self.up.load(Ordering::Relaxed);
         self.totals.0.fetch_add(up, Ordering::Relaxed);
         self.totals.1.fetch_add(down, Ordering::Relaxed);
-        if let Some(r) = self.recorder.take() {
-            self.set("status", status);
-            self.set("bytes_up", up);
-            self.set("bytes_down", down);
-            self.set("duration_ms", self.started.elapsed().as_secs_f64() * 1000.0);
-            if let Some(b) = self.bodies.take() {
-                self.set("request_body", b.shown(&b.request));
-                self.set("response_body", b.shown(&b.response));
-            }
-            r.write_fields(&mut self.fields);
+        let Some(r) = self.recorder.take() else {
+            return;
+        };
+        let f = &self.fields;
+        let bodies = self
+            .bodies
+            .take()
+            .map(|b| (b.shown(&b.request), b.shown(&b.response)));
+        // Keys in order, as every recording line has them.
+        let mut line = Line::new("");
+        if let Some(a) = f.action {
+            line = line.str("action", a);
         }
+        if let Some(a) = f.approval {
+            line = line.str("approval", a);
+        }
+        line = line
+            .val("bytes_down", down)
+            .val("bytes_up", up)
+            .val("duration_ms", elapsed.as_secs_f64() * 1000.0)
+            .str("event", "request");
+        if let Some(h) = &f.host {
+            line = line.str("host", h);
+        }
+        if let Some(k) = &f.kubernetes {
+            line = line.val("kubernetes", k);
+        }
+        line = line.str("method", f.method.as_str());
+        if let Some(p) = &f.path {
+            line = line.str("path", p);
+        }
+        if let Some(why) = &f.reason {
+            line = line.str("reason", why);
+        }
+        if let Some((request, response)) = &bodies {
+            line = line
+                .val("request_body", request)
+                .val("response_body", response);
+        }
+        if let Some(rule) = &f.rule {
+            line = line.opt("rule", rule.as_deref());
+        }
+        line = line.val("status", status);
+        if let Some(t) = &f.target {
+            line = line.str("target", t);
+        }
+        r.write_line(line);
     }
 }
 

@@ -350,10 +350,10 @@ impl Env<'_> {
         let started = Instant::now();
         let mut record = RecordLine {
             recorder: self.recorder.clone(),
-            fields: vec![
-                ("event", "request".into()),
-                ("method", req.method().as_str().into()),
-            ],
+            fields: super::RecordFields {
+                method: req.method().clone(),
+                ..Default::default()
+            },
             up: Arc::new(AtomicU64::new(0)),
             started,
             totals: self.totals.clone(),
@@ -392,9 +392,9 @@ impl Env<'_> {
                     &d,
                     Some("unattributable"),
                 );
-                record.set("target", raw);
-                record.set("action", "deny");
-                record.set("reason", u.message.clone());
+                record.fields.target = Some(raw);
+                record.fields.action = Some("deny");
+                record.fields.reason = Some(u.message.clone());
                 return finish_response(refusal(protocol, u.status, &u.message, None), record);
             }
         };
@@ -431,11 +431,11 @@ impl Env<'_> {
                 reason: DecisionReason::NoMatchingRule,
             },
         };
-        record.set("path", att.path.as_str());
-        record.set("host", att.host.as_str());
-        record.set("kubernetes", kube_json(&att.kube));
-        record.set("action", d.action.as_str());
-        record.set("rule", d.rule.as_deref());
+        record.fields.path = Some(att.path.clone());
+        record.fields.host = Some(att.host.clone());
+        record.fields.kubernetes = Some(kube_json(&att.kube));
+        record.fields.action = Some(d.action.as_str());
+        record.fields.rule = Some(d.rule.clone());
         let what = || format!("{} {}", att.method, att.path);
         // Upgrades: WebSocket over HTTP/1.1 is relayed once decided; anything else (SPDY,
         // h2c) is refused.
@@ -478,7 +478,7 @@ impl Env<'_> {
             }
             Action::Approve => {
                 let outcome = cx.request_approval(&cx.policy(), &text, kind, &d).await;
-                record.set("approval", outcome.label());
+                record.fields.approval = Some(outcome.label());
                 if !matches!(outcome, ApprovalOutcome::Approved { .. }) {
                     let msg = approval_message(&outcome, &what());
                     return finish_response(

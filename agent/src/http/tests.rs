@@ -148,6 +148,26 @@ fn hop_by_hop_and_bot_credentials_are_stripped() {
     strip_hop_by_hop(&mut h);
     assert_eq!(h.len(), 1, "{h:?}");
     assert!(h.contains_key("accept"));
+    // Every listed name, repeated ones whole, and nothing else.
+    let mut h = headers(&[
+        ("Authorization", "Bearer one"),
+        ("authorization", "Basic two"),
+        ("proxy-authorization", "Basic three"),
+        ("proxy-authenticate", "Basic"),
+        ("proxy-connection", "keep-alive"),
+        ("te", "trailers"),
+        ("trailer", "x-t"),
+        ("transfer-encoding", "chunked"),
+        ("upgrade", "websocket"),
+        ("x-keep", "1"),
+        ("x-keep", "2"),
+    ]);
+    strip_hop_by_hop(&mut h);
+    assert_eq!(h.len(), 2, "{h:?}");
+    assert_eq!(h.get_all("x-keep").iter().count(), 2);
+    let mut none = headers(&[("accept", "*/*"), ("host", "a")]);
+    strip_hop_by_hop(&mut none);
+    assert_eq!(none.len(), 2);
 }
 
 #[test]
