@@ -130,13 +130,6 @@ impl Recorder {
         self.write_sorted(event.iter().map(|(k, v)| (k.as_str(), v)));
     }
 
-    /// [`Recorder::write`] of `(key, value)` fields (keys unique) without building a map:
-    /// the same line, its fields in the same (sorted) order.
-    pub fn write_fields(&self, fields: &mut [(&str, Value)]) {
-        fields.sort_unstable_by_key(|(k, _)| *k);
-        self.write_sorted(fields.iter().map(|(k, v)| (*k, v)));
-    }
-
     /// One line of `fields`, in the order given.
     fn write_sorted<'v>(&self, fields: impl Iterator<Item = (&'v str, &'v Value)>) {
         let line = fields.fold(Line::new(""), |line, (k, v)| line.val(k, v));
