@@ -1263,14 +1263,12 @@ fn b64url(b: u8) -> bool {
 
 /// At `s[p..] == "eyJ…"` (base64url of `{"`, the start of a JSON header) of 10+ characters,
 /// then 2-4 more `.`-separated base64url segments (JWS has 3, JWE 5; the last JWS segment is
-/// empty for `alg: none`), not glued to other base64url characters. Returns the match and how
-/// far the candidate reached (no other token starts before that).
+/// empty for `alg: none`). Also glued after other characters (`'x' || token`): the `eyJ` and
+/// the dots are rare enough elsewhere. Returns the match and how far the candidate reached (no
+/// other token starts before that).
 #[inline(never)]
 fn jwt_at(s: &[u8], p: usize) -> (Option<usize>, usize) {
     let n = s.len();
-    if before(s, p).is_some_and(|b| b64url(b) || b == b'.') {
-        return (None, p + 1);
-    }
     let mut j = p;
     while j < n && b64url(s[j]) {
         j += 1;

@@ -1017,13 +1017,13 @@ fn exec_recordings_and_audit_mask_secrets() {
 
     // A command without a terminal: its stdout and stderr are `output` lines of the session's
     // recording, masked, naming the channel, and `tollgate replay` prints them.
-    // A key glued to other characters is still masked (in the command and its output), and
-    // so is a lowercased one (a key id's case carries nothing).
+    // A key or a JWT glued to other characters is still masked (in the command and its
+    // output), and so is a lowercased key (a key id's case carries nothing).
     let lower = key.to_lowercase();
-    let (st, out, err) = server.ssh(&bot, &[], &format!("echo glued{key} {lower}"));
+    let (st, out, err) = server.ssh(&bot, &[], &format!("echo glued{key} {lower} x{jwt}"));
     assert_eq!(
         (st.code(), out),
-        (Some(0), format!("glued{key} {lower}\n")),
+        (Some(0), format!("glued{key} {lower} x{jwt}\n")),
         "{err}"
     );
     let (st, _, err) = server.ssh(&bot, &[], &format!("ls /nonexistent-{key}"));
@@ -1057,6 +1057,7 @@ fn exec_recordings_and_audit_mask_secrets() {
     }
     assert!(!kept.contains(key), "AWS key kept in output lines:\n{kept}");
     assert!(!kept.contains(&lower), "lowercased AWS key kept:\n{kept}");
+    assert!(!kept.contains(jwt), "glued JWT kept:\n{kept}");
     let session = fs::read_dir(&sessions)
         .expect("sessions")
         .flatten()

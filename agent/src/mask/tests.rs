@@ -223,6 +223,9 @@ const JWT: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkw
 fn jwt() {
     let sentence = format!("token {JWT}.");
     let jwe = format!("{JWT}.abc.def");
+    // Glued to other characters (concatenated by the bot): still a token.
+    let glued = format!("x{JWT}");
+    let dotted = format!("a.{JWT}");
     check(
         "jwt",
         &[
@@ -230,10 +233,12 @@ fn jwt() {
             (&sentence, "token ********."),
             ("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", "********"),
             (&jwe, "********"),
+            (&glued, "x********"),
+            (&dotted, "a.********"),
+            ("xeyJhbGciOiJIUzI1NiJ9.a.b", "x********"),
         ],
         &[
             "eyJhbGciOiJIUzI1NiJ9.payload",
-            "xeyJhbGciOiJIUzI1NiJ9.a.b",
             "eyJhbG.a.b",
             "keyJhbGciOiJIUzI1NiJ9",
         ],
