@@ -192,7 +192,9 @@ pub fn syscalls_during(pids: &[u32], f: impl FnOnce() -> Result<()>) -> Result<f
     // strace says "attached" on stderr once it traces every thread.
     let mut err = BufReader::new(strace.stderr.take().context("strace stderr")?);
     let mut line = String::new();
+    let mut said = String::new();
     while err.read_line(&mut line)? > 0 && !line.contains("attached") {
+        said.push_str(&line);
         line.clear();
     }
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
@@ -212,7 +214,7 @@ pub fn syscalls_during(pids: &[u32], f: impl FnOnce() -> Result<()>) -> Result<f
     text.lines()
         .find(|l| l.trim_end().ends_with(" total"))
         .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .with_context(|| format!("no total in strace -c output:\n{text}"))
+        .with_context(|| format!("no total in strace -c output:\n{text}\nstrace said:\n{said}"))
 }
 
 /// Send a signal to the process group `pgid` of a child we started in its own group.
