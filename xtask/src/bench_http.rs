@@ -510,20 +510,21 @@ pub fn bench_http() -> Result<()> {
         med(&a.cpu_us) / med(&n.cpu_us)
     );
     if baseline.is_some() {
+        // Each round's ratio of tollgate's figure to the baseline build's.
+        let per_round = |x: &[f64], y: &[f64]| {
+            (0..rounds)
+                .map(|k| format!("{:.2}", x[k] / y[k]))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         println!(
             "baseline build: {:.0} requests/s (tollgate/baseline {:.2}x; per round {}), CPU per request {:.1} us (tollgate/baseline {:.2}x; per round {})",
             med(&base.rps),
             med(&a.rps) / med(&base.rps),
-            (0..rounds)
-                .map(|k| format!("{:.2}", a.rps[k] / base.rps[k]))
-                .collect::<Vec<_>>()
-                .join(" "),
+            per_round(&a.rps, &base.rps),
             med(&base.cpu_us),
             med(&a.cpu_us) / med(&base.cpu_us),
-            (0..rounds)
-                .map(|k| format!("{:.2}", a.cpu_us[k] / base.cpu_us[k]))
-                .collect::<Vec<_>>()
-                .join(" "),
+            per_round(&a.cpu_us, &base.cpu_us),
         );
     }
     println!(
