@@ -8,7 +8,7 @@
 //! that holds, [`Health::check`] refuses new connections and statements (under
 //! `fail_mode = "closed"`) and `/healthz` answers 503 with the reason.
 
-use std::{fmt::Write as _, path::Path, sync::atomic::Ordering, sync::Arc, time::SystemTime};
+use std::{path::Path, sync::atomic::Ordering, sync::Arc, time::SystemTime};
 
 use serde_json::{Map, Value};
 
@@ -36,41 +36,26 @@ pub fn now_ts() -> String {
     ts_of(SystemTime::now())
 }
 
-/// [`now_ts`] appended to `out`.
-fn push_now_ts(out: &mut Vec<u8>) {
-    with_ts(SystemTime::now(), |prefix, millis| {
-        out.extend_from_slice(prefix.as_bytes());
-        out.extend_from_slice(&[
-            b'.',
-            b'0' + (millis / 100) as u8,
-            b'0' + (millis / 10 % 10) as u8,
-            b'0' + (millis % 10) as u8,
-            b'Z',
-        ]);
-    })
-}
-
 /// [`now_ts`] for `t`.
 fn ts_of(t: SystemTime) -> String {
-    with_ts(t, |prefix, millis| {
-        let mut s = String::with_capacity(prefix.len() + 5);
-        s.push_str(prefix);
-        let _ = write!(s, ".{millis:03}Z");
-        s
-    })
+    let mut b = Vec::with_capacity(24);
+    push_ts(t, &mut b);
+    // ASCII digits and separators only.
+    String::from_utf8(b).unwrap_or_default()
 }
 
-/// `f` of `t`'s date and time up to the seconds ("2026-11-29T15:40:31") and its
-/// milliseconds. Every audit and recording line carries a timestamp (two per statement), so
-/// the date and time of day are formatted once per second per thread.
-fn with_ts<R>(t: SystemTime, f: impl FnOnce(&str, u32) -> R) -> R {
+/// `t` as [`now_ts`] writes it, appended to `out`. Every audit and recording line carries one
+/// (two per statement), so the date and time of day are formatted once per second per thread
+/// and only the milliseconds each time.
+fn push_ts(t: SystemTime, out: &mut Vec<u8>) {
     use std::cell::RefCell;
     thread_local! {
-        /// The second last formatted, and its text up to the seconds.
+        /// The second last formatted, and its text up to the seconds ("2026-11-29T15:40:31").
         static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
+    let millis = since.subsec_millis();
     SECOND.with_borrow_mut(|(cached, prefix)| {
         if *cached != secs {
             let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
@@ -78,8 +63,15 @@ fn with_ts<R>(t: SystemTime, f: impl FnOnce(&str, u32) -> R) -> R {
             prefix.pop(); // the 'Z'
             *cached = secs;
         }
-        f(prefix, since.subsec_millis())
-    })
+        out.extend_from_slice(prefix.as_bytes());
+    });
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (millis / 100) as u8,
+        b'0' + (millis / 10 % 10) as u8,
+        b'0' + (millis % 10) as u8,
+        b'Z',
+    ]);
 }
 
 impl Audit {
@@ -256,7 +248,7 @@ impl Line {
     pub fn new(fields: &str) -> Line {
         let mut b = Vec::with_capacity(256 + fields.len());
         b.extend_from_slice(b"{\"ts\":\"");
-        push_now_ts(&mut b);
+        push_ts(SystemTime::now(), &mut b);
         b.push(b'"');
         if !fields.is_empty() {
             b.push(b',');

@@ -726,11 +726,6 @@ fn anchor(
         }
         b'+' | b'(' => attempt!(Det::Phone, i, phone_at(s, i, b)),
         b'b' => bearer(s, i, want, skip, hits),
-        b'a' => attempt!(
-            Det::AwsAccessKey,
-            i,
-            aws_access_key_at(s, i).map(|e| (i, e))
-        ),
         _ => {
             // Uppercase letters: an IBAN starts with two and two digits.
             if s.get(i + 1).is_some_and(u8::is_ascii_uppercase)
@@ -739,7 +734,8 @@ fn anchor(
                 attempt!(Det::Iban, i, iban_at(s, i).map(|e| (i, e)));
             }
             match b {
-                b'A' => attempt!(
+                // A key id lowercased (`lower(key)`) starts with `a`.
+                b'A' | b'a' => attempt!(
                     Det::AwsAccessKey,
                     i,
                     aws_access_key_at(s, i).map(|e| (i, e))

@@ -1252,19 +1252,30 @@ fn plain_http_target_over_http1_and_h2c() {
     let token = files.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
     let port = vm_tests::free_port();
-    let mut server = std::process::Command::new("/usr/bin/python3")
-        .args(["-m", "http.server", "--bind", "127.0.0.1"])
-        .arg(port.to_string())
-        .arg("--directory")
-        .arg(files.path().join("www"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("python3 http.server");
-    let ready = (0..200).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(25));
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    /// The server, ended by its pid however the test ends.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Server(
+        std::process::Command::new("/usr/bin/python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(port.to_string())
+            .arg("--directory")
+            .arg(files.path().join("www"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 http.server"),
+    );
+    vm_tests::wait_for(
+        std::time::Duration::from_secs(5),
+        "http.server listening",
+        || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
     let policy = format!(
         r#"[[identity]]
 name = "ci-bot"
@@ -1335,9 +1346,6 @@ http = {{ methods = ["GET"], paths = ["/api/v1/*"] }}
             }
         }
     }
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(ready, "http.server did not start");
     assert!(
         failures.is_empty(),
         "{}\n--- agent ---\n{}",

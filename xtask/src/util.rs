@@ -133,7 +133,7 @@ pub fn rounds(default: usize) -> usize {
 /// `pid` and its child processes (nginx's master and its workers).
 pub fn with_children(pid: u32) -> Vec<u32> {
     let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     std::iter::once(pid)
         .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
         .collect()
@@ -163,7 +163,7 @@ impl PerfRecord {
             .stdout(Stdio::null())
             .spawn()
             .context("perf record")?;
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(300));
         Ok(PerfRecord(child))
     }
 }
@@ -171,9 +171,7 @@ impl PerfRecord {
 impl Drop for PerfRecord {
     fn drop(&mut self) {
         // perf writes its file on SIGINT.
-        let _ = Command::new("kill")
-            .args(["-INT", &self.0.id().to_string()])
-            .status();
+        kill(self.0.id(), libc::SIGINT);
         let _ = self.0.wait();
     }
 }
@@ -200,8 +198,7 @@ pub fn syscalls_during(pids: &[u32], f: impl FnOnce() -> Result<()>) -> Result<f
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
     std::thread::sleep(Duration::from_millis(300));
     let ran = f();
-    // SAFETY: kill(2) of the strace child this function started.
-    unsafe { libc::kill(strace.id() as libc::pid_t, libc::SIGINT) };
+    kill(strace.id(), libc::SIGINT);
     strace.wait()?;
     ran?;
     let text = fs::read_to_string(&out)?;
