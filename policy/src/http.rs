@@ -71,45 +71,44 @@ pub fn normalize_path(path: &str) -> Result<NormalPath, PathError> {
     if raw.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
     }
-    let mut segments: Vec<String> = Vec::new();
     let trailing = raw.len() > 1 && raw.ends_with(b"/");
-    for seg in path.split('/') {
-        let bytes = decode_segment(seg.as_bytes())?;
-        let s = String::from_utf8(bytes).map_err(|_| PathError::NotUtf8)?;
-        match s.as_str() {
+    // One pass: each segment decoded into `seg`, then appended to `decoded` as `/seg` (a
+    // decoded segment never holds `/`, so `..` removes back to the last `/`).
+    let mut decoded = String::with_capacity(path.len() + 1);
+    let mut seg = Vec::with_capacity(64);
+    let mut dir_tail = false;
+    for part in path.split('/') {
+        seg.clear();
+        decode_segment(part.as_bytes(), &mut seg)?;
+        let s = std::str::from_utf8(&seg).map_err(|_| PathError::NotUtf8)?;
+        // `/a/..` and `/a/.` name a directory: the trailing slash they imply is kept.
+        dir_tail = matches!(s, "." | "..");
+        match s {
             "" | "." => {}
-            ".." => {
-                if segments.pop().is_none() {
-                    return Err(PathError::AboveRoot);
-                }
+            ".." => match decoded.rfind('/') {
+                Some(at) => decoded.truncate(at),
+                None => return Err(PathError::AboveRoot),
+            },
+            _ => {
+                decoded.push('/');
+                decoded.push_str(s);
             }
-            _ => segments.push(s),
         }
     }
-    // `/a/..` and `/a/.` name a directory: keep the trailing slash they imply.
-    let last = path.rsplit('/').next().unwrap_or("");
-    let dir_tail = matches!(
-        decode_segment(last.as_bytes()).as_deref(),
-        Ok(b".") | Ok(b"..")
-    );
-    let mut decoded = String::with_capacity(path.len());
-    let mut encoded = String::with_capacity(path.len());
-    for s in &segments {
-        decoded.push('/');
-        decoded.push_str(s);
+    let mut encoded = String::with_capacity(decoded.len() + 8);
+    for s in decoded.split('/').skip(1) {
         encoded.push('/');
         encode_segment(s, &mut encoded);
     }
-    if segments.is_empty() || trailing || dir_tail {
+    if decoded.is_empty() || trailing || dir_tail {
         decoded.push('/');
         encoded.push('/');
     }
     Ok(NormalPath { decoded, encoded })
 }
 
-/// Decode one path segment, refusing what [`PathError`] lists.
-fn decode_segment(seg: &[u8]) -> Result<Vec<u8>, PathError> {
-    let mut out = Vec::with_capacity(seg.len());
+/// Decode one path segment onto `out`, refusing what [`PathError`] lists.
+fn decode_segment(seg: &[u8], out: &mut Vec<u8>) -> Result<(), PathError> {
     let mut i = 0;
     while i < seg.len() {
         let b = seg[i];
@@ -136,7 +135,7 @@ fn decode_segment(seg: &[u8]) -> Result<Vec<u8>, PathError> {
         out.push(b);
         i += 1;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Percent-encode a decoded segment: RFC 3986 `pchar` stays as is, everything else is escaped.

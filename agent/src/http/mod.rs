@@ -128,13 +128,13 @@ pub fn attribute(
     // Framing: a request both chunked and sized, or sized twice, is read differently by
     // different servers (request smuggling): refused.
     let te = headers.get_all(header::TRANSFER_ENCODING).iter().count();
-    let cl: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
-    if te > 0 && !cl.is_empty() {
+    let cl = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    if te > 0 && cl > 0 {
         return Err(bad(
             "Content-Length together with Transfer-Encoding is refused",
         ));
     }
-    if cl.len() > 1 {
+    if cl > 1 {
         return Err(bad("more than one Content-Length is refused"));
     }
     for v in headers.get_all(header::TRANSFER_ENCODING) {
@@ -148,11 +148,12 @@ pub fn attribute(
         return Err(bad("more than one Transfer-Encoding is refused"));
     }
     // Host: exactly one, agreeing with an absolute-form URI or :authority, and with SNI.
-    let hosts: Vec<_> = headers.get_all(header::HOST).iter().collect();
-    if hosts.len() > 1 {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let first_host = hosts.next();
+    if hosts.next().is_some() {
         return Err(bad("more than one Host header is refused"));
     }
-    let header_host = match hosts.first() {
+    let header_host = match first_host {
         Some(h) => Some(
             h.to_str()
                 .map_err(|_| bad("the Host header is not ASCII"))
@@ -198,10 +199,11 @@ pub fn attribute(
             format!("tollgate: request refused: {e}"),
         )
     })?;
-    let forward = match uri.query() {
-        Some(q) => format!("{}?{q}", path.encoded),
-        None => path.encoded.clone(),
-    };
+    let mut forward = path.encoded;
+    if let Some(q) = uri.query() {
+        forward.push('?');
+        forward.push_str(q);
+    }
     let kube = match protocol {
         Protocol::Kubernetes => {
             match kube_attributes(method.as_str(), &path.decoded, uri.query()) {
@@ -279,7 +281,13 @@ impl Attributed {
                     .map(|c| format!(" command: {}", command_text(c)))
                     .unwrap_or_default(),
             ),
-            _ => format!("{} {}", self.method, self.path),
+            _ => {
+                let mut t = String::with_capacity(self.method.len() + 1 + self.path.len());
+                t.push_str(&self.method);
+                t.push(' ');
+                t.push_str(&self.path);
+                t
+            }
         }
     }
 }
@@ -402,59 +410,59 @@ pub fn approval_message(o: &ApprovalOutcome, what: &str) -> String {
 }
 
 /// Headers that belong to one hop and are never forwarded (RFC 9110 7.6.1), plus the bot's
-/// credentials (replaced by the target's).
+/// credentials (replaced by the target's). `CONNECTION` first: see [`strip_hop_by_hop`].
+const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Remove the [`HOP_BY_HOP`] headers and those `Connection` names. One look at each name
+/// present and a removal only for those listed (most messages carry one or none), with no
+/// allocation: this runs twice per request.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One look at each name, and a removal only for those present (most messages carry one
-    // or none): cheaper than a removal, with its hashing, per listed name.
-    let mut present: Vec<HeaderName> = Vec::new();
+    let mut present = 0u16;
     for n in headers.keys() {
-        if is_hop_by_hop(n) && !present.contains(n) {
-            present.push(n.clone());
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == n) {
+            present |= 1 << i;
         }
     }
-    if present.contains(&header::CONNECTION) {
+    if present & 1 != 0 {
         strip_connection_named(headers);
     }
-    for n in present {
-        headers.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(n);
+        }
     }
 }
 
-/// A header [`strip_hop_by_hop`] removes whatever `Connection` says.
-fn is_hop_by_hop(n: &HeaderName) -> bool {
-    [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::TE,
-        header::TRAILER,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        header::AUTHORIZATION,
-    ]
-    .contains(n)
-        || matches!(n.as_str(), "keep-alive" | "proxy-connection")
-}
-
-/// The headers `Connection` names (hop-by-hop too).
+/// The headers `Connection` names (hop-by-hop too). Each value is a cheap clone (a shared
+/// buffer), so the map can change while its names are read.
 fn strip_connection_named(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    for k in 0.. {
+        let Some(v) = headers.get_all(header::CONNECTION).iter().nth(k).cloned() else {
+            break;
+        };
+        let Ok(v) = v.to_str() else { continue };
+        for n in v.split(',') {
+            // A token that is no header name removes nothing.
+            headers.remove(n.trim());
+        }
     }
 }
 
-/// A body that shows each data frame it passes to `seen`, and calls `done` when dropped.
+/// A body that shows each data frame it passes to `seen`.
 struct Observed<F: FnMut(&Bytes) + Send + 'static> {
     inner: AnyBody,
     seen: F,
-    done: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl<F: FnMut(&Bytes) + Send + Unpin + 'static> Body for Observed<F> {
@@ -480,32 +488,55 @@ impl<F: FnMut(&Bytes) + Send + Unpin + 'static> Body for Observed<F> {
     }
 }
 
-impl<F: FnMut(&Bytes) + Send + 'static> Drop for Observed<F> {
-    fn drop(&mut self) {
-        if let Some(done) = self.done.take() {
-            done();
-        }
-    }
-}
-
-/// `inner`, counting the bytes it passes into `bytes`; `done` gets the count when the body
-/// is dropped (so the request's recording line has final bytes and duration).
-fn tally(
-    inner: AnyBody,
-    bytes: Arc<AtomicU64>,
-    done: Option<Box<dyn FnOnce(u64) + Send>>,
-) -> AnyBody {
-    let counted = bytes.clone();
+/// `inner`, counting the bytes it passes into `bytes`.
+fn tally(inner: AnyBody, bytes: Arc<AtomicU64>) -> AnyBody {
     Observed {
         inner,
         seen: move |d: &Bytes| {
-            counted.fetch_add(d.len() as u64, Ordering::Relaxed);
+            bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
         },
-        done: done.map(|f| -> Box<dyn FnOnce() + Send> {
-            Box::new(move || f(bytes.load(Ordering::Relaxed)))
-        }),
     }
     .boxed_unsync()
+}
+
+/// A response body on its way to the bot: counts what it passes, and writes the request's
+/// recording line when it is dropped (ended, or abandoned), with final bytes and duration.
+struct Finishing {
+    inner: AnyBody,
+    down: u64,
+    status: u16,
+    record: Option<RecordLine>,
+}
+
+impl Body for Finishing {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.down += d.len() as u64;
+            }
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Finishing {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            r.finish(self.status, self.down);
+        }
+    }
 }
 
 /// One request's recording line, written when its response body ends.
@@ -514,7 +545,8 @@ struct RecordLine {
     recorder: Option<Arc<Recorder>>,
     /// The line's fields so far.
     fields: RecordFields,
-    up: Arc<AtomicU64>,
+    /// Bytes sent upstream, counted as the request body passes (`None`: no body, 0).
+    up: Option<Arc<AtomicU64>>,
     started: Instant,
     totals: Arc<(AtomicU64, AtomicU64)>,
     /// `tollgate_http_request_duration_seconds` for the session's target.
@@ -598,7 +630,6 @@ fn capture(inner: AnyBody, bodies: &Option<Arc<Bodies>>, response: bool) -> AnyB
                     };
                     Bodies::keep(side, d);
                 },
-                done: None,
             }
             .boxed_unsync()
         }
@@ -610,7 +641,7 @@ impl RecordLine {
     fn finish(mut self, status: u16, down: u64) {
         let elapsed = self.started.elapsed();
         self.seconds.observe(elapsed.as_secs_f64());
-        let up = self.up.load(Ordering::Relaxed);
+        let up = self.up.as_ref().map_or(0, |u| u.load(Ordering::Relaxed));
         self.totals.0.fetch_add(up, Ordering::Relaxed);
         self.totals.1.fetch_add(down, Ordering::Relaxed);
         let Some(r) = self.recorder.take() else {
@@ -679,12 +710,13 @@ fn kube_json(a: &Option<Option<KubeAttrs>>) -> Value {
 fn finish_response(resp: Response<AnyBody>, record: RecordLine) -> Response<AnyBody> {
     let status = resp.status().as_u16();
     let (parts, body) = resp.into_parts();
-    let body = capture(body, &record.bodies, true);
-    let body = tally(
-        body,
-        Arc::new(AtomicU64::new(0)),
-        Some(Box::new(move |down| record.finish(status, down))),
-    );
+    let body = Finishing {
+        inner: capture(body, &record.bodies, true),
+        down: 0,
+        status,
+        record: Some(record),
+    }
+    .boxed_unsync();
     Response::from_parts(parts, body)
 }
 

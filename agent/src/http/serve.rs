@@ -354,7 +354,7 @@ impl Env<'_> {
                 method: req.method().clone(),
                 ..Default::default()
             },
-            up: Arc::new(AtomicU64::new(0)),
+            up: None,
             started,
             totals: self.totals.clone(),
             seconds: self.seconds.clone(),
@@ -375,7 +375,7 @@ impl Env<'_> {
                 Arc::new(super::Bodies::new(m))
             }),
         };
-        let att = match attribute(protocol, req.method(), req.uri(), req.headers(), self.sni) {
+        let mut att = match attribute(protocol, req.method(), req.uri(), req.headers(), self.sni) {
             Ok(a) => a,
             Err(u) => {
                 // The raw target, bounded, for the audit: it is what the bot sent.
@@ -513,17 +513,24 @@ impl Env<'_> {
                 );
             }
         };
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| att.host.clone());
+        // The bot's authority for the upstream: an absolute-form URI's, else its Host (a
+        // shared buffer, not copied), else the attributed host.
+        let authority = match req.uri().authority() {
+            Some(a) => header::HeaderValue::from_str(a.as_str()).ok(),
+            None => req.headers().get(header::HOST).cloned(),
+        }
+        .or_else(|| header::HeaderValue::from_str(&att.host).ok());
+        let Some(authority) = authority else {
+            return finish_response(
+                refusal(
+                    protocol,
+                    StatusCode::BAD_REQUEST,
+                    "tollgate: the request's host cannot be forwarded",
+                    None,
+                ),
+                record,
+            );
+        };
         let (mut parts, body) = req.into_parts();
         let bot_version = parts.version;
         strip_hop_by_hop(&mut parts.headers);
@@ -562,27 +569,35 @@ impl Env<'_> {
             parts.headers.remove(header::ACCEPT_ENCODING);
         }
         let head = parts.method == hyper::Method::HEAD;
-        let mut out = Request::new(tally(
-            super::capture(body.boxed_unsync(), &record.bodies, false),
-            record.up.clone(),
-            None,
-        ));
+        // A request without a body (most) is not wrapped to count or keep it.
+        let body = if hyper::body::Body::is_end_stream(&body) {
+            body.boxed_unsync()
+        } else {
+            let up = Arc::new(AtomicU64::new(0));
+            record.up = Some(up.clone());
+            tally(
+                super::capture(body.boxed_unsync(), &record.bodies, false),
+                up,
+            )
+        };
+        let mut out = Request::new(body);
         *out.method_mut() = parts.method;
         *out.headers_mut() = parts.headers;
-        *out.uri_mut() = match att.forward.parse() {
-            Ok(u) => u,
-            Err(_) => {
-                return finish_response(
-                    refusal(
-                        protocol,
-                        StatusCode::BAD_REQUEST,
-                        "tollgate: the request path cannot be forwarded",
-                        None,
-                    ),
-                    record,
-                )
-            }
-        };
+        *out.uri_mut() =
+            match hyper::Uri::from_maybe_shared(Bytes::from(std::mem::take(&mut att.forward))) {
+                Ok(u) => u,
+                Err(_) => {
+                    return finish_response(
+                        refusal(
+                            protocol,
+                            StatusCode::BAD_REQUEST,
+                            "tollgate: the request path cannot be forwarded",
+                            None,
+                        ),
+                        record,
+                    )
+                }
+            };
         let sent = match bot_upgrade {
             Some(bot) => self
                 .up
@@ -783,7 +798,7 @@ async fn mask_secret_body(
 async fn relay_upgraded(
     bot: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    record: RecordLine,
+    mut record: RecordLine,
     terminal: Option<Arc<super::exec::Terminal>>,
 ) {
     let (bot, upstream) = match tokio::join!(bot, upstream) {
@@ -807,7 +822,10 @@ async fn relay_upgraded(
         copy_counting(&mut bot_r, &mut up_w, tap(true)),
         copy_counting(&mut up_r, &mut bot_w, tap(false))
     );
-    record.up.fetch_add(up, Ordering::Relaxed);
+    record
+        .up
+        .get_or_insert_with(Default::default)
+        .fetch_add(up, Ordering::Relaxed);
     record.finish(101, down);
 }
 

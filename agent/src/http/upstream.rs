@@ -73,7 +73,7 @@ impl<'a> Upstream<'a> {
     pub async fn send(
         &self,
         mut req: Request<AnyBody>,
-        authority: &str,
+        authority: &header::HeaderValue,
     ) -> Result<Response<Incoming>, UpstreamError> {
         match self.sender().await? {
             Sender::H2(mut s) => {
@@ -85,7 +85,7 @@ impl<'a> Upstream<'a> {
                     .to_string();
                 *req.uri_mut() = Uri::builder()
                     .scheme(scheme)
-                    .authority(authority)
+                    .authority(authority.as_bytes())
                     .path_and_query(pq)
                     .build()
                     .map_err(|e| UpstreamError::Request(e.to_string()))?;
@@ -96,9 +96,7 @@ impl<'a> Upstream<'a> {
             Sender::H1(mut s) => {
                 *req.version_mut() = Version::HTTP_11;
                 if !req.headers().contains_key(header::HOST) {
-                    let v = header::HeaderValue::from_str(authority)
-                        .map_err(|e| UpstreamError::Request(e.to_string()))?;
-                    req.headers_mut().insert(header::HOST, v);
+                    req.headers_mut().insert(header::HOST, authority.clone());
                 }
                 let r = s.send_request(req).await;
                 // Back to the pool: it is ready again once this response's body has been
@@ -117,7 +115,7 @@ impl<'a> Upstream<'a> {
     pub async fn send_upgrade(
         &self,
         mut req: Request<AnyBody>,
-        authority: &str,
+        authority: &header::HeaderValue,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let tcp = self.cx.connect_upstream().await?;
         let io = match (&self.tls, &self.tls_h1) {
@@ -138,9 +136,7 @@ impl<'a> Upstream<'a> {
         });
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {
-            let v = header::HeaderValue::from_str(authority)
-                .map_err(|e| UpstreamError::Request(e.to_string()))?;
-            req.headers_mut().insert(header::HOST, v);
+            req.headers_mut().insert(header::HOST, authority.clone());
         }
         Ok(s.send_request(req).await?)
     }
