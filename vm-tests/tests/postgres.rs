@@ -44,7 +44,7 @@ sql = {{ statements = ["drop", "truncate", "alter", "create"] }}
 [[mask]]
 targets = ["app-db"]
 columns = ["*.email", "customers.card_number"]
-detectors = ["email", "credit_card"]
+detectors = ["email", "credit_card", "aws_access_key"]
 style = "partial"
 "#,
         glob = bot.glob(),
@@ -188,6 +188,32 @@ fn psql_select_is_masked_and_ddl_denied_without_ending_the_session() {
             .trim(),
         "10"
     );
+    // A secret in free text, changed by SQL the way a bot would to slip past a detector:
+    // lowercased, initcapped, glued to other characters. Every form comes back masked, and
+    // the SQL the bot sent shows no key either (it names the column, not the value).
+    f.pg.superuser_sql(
+        "UPDATE customers SET note = 'deploy key AKIAIOSFODNN7EXAMPLE' WHERE id = 1",
+        "app",
+    );
+    let o = f.psql(&[
+        "-Atc",
+        "SELECT lower(note), initcap(note), 'x' || replace(note, ' ', ''), upper(lower(note)) FROM customers WHERE id = 1",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success() && t.contains("deploy"), "{t}");
+    for form in [
+        "AKIAIOSFODNN7EXAMPLE",
+        "akiaiosfodnn7example",
+        "Akiaiosfodnn7example",
+        "IOSFODNN7EXAMPLE",
+        "iosfodnn7example",
+    ] {
+        assert!(
+            !t.to_ascii_lowercase().contains(&form.to_ascii_lowercase()),
+            "{form} leaked: {t}"
+        );
+    }
+
     // A string literal that mentions DROP is just a select.
     let o = f.psql(&["-Atc", "SELECT 'DROP TABLE orders' AS s"]);
     assert!(
@@ -208,6 +234,10 @@ fn psql_select_is_masked_and_ddl_denied_without_ending_the_session() {
             "{secret} leaked into agent output"
         );
     }
+    assert!(
+        !written.to_ascii_lowercase().contains("iosfodnn7example"),
+        "the AWS key leaked into agent output"
+    );
     let audit = f.agent.audit();
     assert!(audit.iter().any(|e| e["event"] == "operation"
         && e["kind"] == "drop"

@@ -373,13 +373,15 @@ pub fn bench_http() -> Result<()> {
         ),
         up_port,
     )?;
-    let proxy = Nginx::start(
-        work,
-        "proxy",
-        &format!(
+    // nginx as the same reverse proxy; the second also writes an access log line per request
+    // (buffered, as a busy nginx is set up), the counterpart of tollgate's audit line.
+    let logged_port = free_port()?;
+    let proxy_conf = |port: u16, log: &str| {
+        format!(
             r#"    upstream api {{ server 127.0.0.1:{up_port}; keepalive 64; }}
     server {{
-        listen 127.0.0.1:{proxy_port} ssl;
+        listen 127.0.0.1:{port} ssl;
+        {log}
         location / {{
             proxy_pass https://api;
             proxy_http_version 1.1;
@@ -395,8 +397,20 @@ pub fn bench_http() -> Result<()> {
         }}
     }}"#,
             w = work.display()
+        )
+    };
+    let proxy = Nginx::start(work, "proxy", &proxy_conf(proxy_port, ""), proxy_port)?;
+    let logged = Nginx::start(
+        work,
+        "logged",
+        &proxy_conf(
+            logged_port,
+            &format!(
+                "access_log {}/logged/access.log combined buffer=64k flush=1s;",
+                work.display()
+            ),
         ),
-        proxy_port,
+        logged_port,
     )?;
 
     // TOLLGATE_BENCH_BASELINE: another build measured in the same rounds (a before/after).
@@ -415,9 +429,10 @@ pub fn bench_http() -> Result<()> {
         Ok((agent, metrics))
     };
 
-    // Columns: direct, tollgate, nginx, and the baseline build when there is one.
-    let mut cols: [Samples; 4] = Default::default();
-    let ncols = if baseline.is_some() { 4 } else { 3 };
+    // Columns: direct, tollgate, nginx, nginx with its access log, and the baseline build
+    // when there is one.
+    let mut cols: [Samples; 5] = Default::default();
+    let ncols = if baseline.is_some() { 5 } else { 4 };
     let mut idle = None;
     let rounds = util::rounds(ROUNDS);
     for round in 0..rounds {
@@ -425,6 +440,7 @@ pub fn bench_http() -> Result<()> {
             match (round + k) % ncols {
                 0 => measure(up_port, &mut cols[0], None)?,
                 2 => measure(proxy_port, &mut cols[2], Some((proxy.0.id(), false)))?,
+                3 => measure(logged_port, &mut cols[3], Some((logged.0.id(), false)))?,
                 col => {
                     let _cg = InBenchCgroup::enter("tollgate-bench-http")?;
                     if idle.is_none() && col == 1 {
@@ -446,11 +462,12 @@ pub fn bench_http() -> Result<()> {
         }
     }
     drop(proxy);
+    drop(logged);
     drop(_upstream);
     let _ = fs::remove_dir_all(work);
 
     let med = |v: &[f64]| median(&mut v.to_vec());
-    let [d, a, n, base] = &cols;
+    let [d, a, n, logged, base] = &cols;
     println!(
         "\nhttps through tollgate vs the same nginx upstream directly and through nginx as a re-encrypting reverse proxy,\nmedian of {rounds} interleaved rounds on this machine (2 cores shared by wrk, proxy and upstream)\n"
     );
@@ -509,14 +526,22 @@ pub fn bench_http() -> Result<()> {
         med(&n.cpu_us),
         med(&a.cpu_us) / med(&n.cpu_us)
     );
+    // Each round's ratio of tollgate's figure to another column's.
+    let per_round = |x: &[f64], y: &[f64]| {
+        (0..rounds)
+            .map(|k| format!("{:.2}", x[k] / y[k]))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "nginx with a buffered access log (a line per request, as tollgate's audit): {:.0} requests/s (tollgate/that {:.2}x; per round {}), CPU per request {:.1} us (tollgate/that {:.2}x)",
+        med(&logged.rps),
+        med(&a.rps) / med(&logged.rps),
+        per_round(&a.rps, &logged.rps),
+        med(&logged.cpu_us),
+        med(&a.cpu_us) / med(&logged.cpu_us),
+    );
     if baseline.is_some() {
-        // Each round's ratio of tollgate's figure to the baseline build's.
-        let per_round = |x: &[f64], y: &[f64]| {
-            (0..rounds)
-                .map(|k| format!("{:.2}", x[k] / y[k]))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
         println!(
             "baseline build: {:.0} requests/s (tollgate/baseline {:.2}x; per round {}), CPU per request {:.1} us (tollgate/baseline {:.2}x; per round {})",
             med(&base.rps),

@@ -539,18 +539,24 @@ impl Drop for Finishing {
     }
 }
 
-/// One request's recording line, written when its response body ends.
-#[derive(Clone)]
-struct RecordLine {
+/// What a session's requests share with their recording lines, which outlive the request's
+/// future (they are written when the response body is dropped).
+struct Shared {
     recorder: Option<Arc<Recorder>>,
+    /// Bytes up and down over the session.
+    totals: (AtomicU64, AtomicU64),
+    /// `tollgate_http_request_duration_seconds` for the session's target.
+    seconds: prometheus::Histogram,
+}
+
+/// One request's recording line, written when its response body ends.
+struct RecordLine {
+    shared: Arc<Shared>,
     /// The line's fields so far.
     fields: RecordFields,
     /// Bytes sent upstream, counted as the request body passes (`None`: no body, 0).
     up: Option<Arc<AtomicU64>>,
     started: Instant,
-    totals: Arc<(AtomicU64, AtomicU64)>,
-    /// `tollgate_http_request_duration_seconds` for the session's target.
-    seconds: prometheus::Histogram,
     /// `record_bodies = true`: the start of the request and response bodies, and the masker
     /// they pass before they are written.
     bodies: Option<Arc<Bodies>>,
@@ -640,11 +646,12 @@ fn capture(inner: AnyBody, bodies: &Option<Arc<Bodies>>, response: bool) -> AnyB
 impl RecordLine {
     fn finish(mut self, status: u16, down: u64) {
         let elapsed = self.started.elapsed();
-        self.seconds.observe(elapsed.as_secs_f64());
+        let shared = &self.shared;
+        shared.seconds.observe(elapsed.as_secs_f64());
         let up = self.up.as_ref().map_or(0, |u| u.load(Ordering::Relaxed));
-        self.totals.0.fetch_add(up, Ordering::Relaxed);
-        self.totals.1.fetch_add(down, Ordering::Relaxed);
-        let Some(r) = self.recorder.take() else {
+        shared.totals.0.fetch_add(up, Ordering::Relaxed);
+        shared.totals.1.fetch_add(down, Ordering::Relaxed);
+        let Some(r) = &shared.recorder else {
             return;
         };
         let f = &self.fields;

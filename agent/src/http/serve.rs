@@ -37,7 +37,6 @@ use super::{
 };
 use crate::{
     obj,
-    recording::Recorder,
     relay::Totals,
     session::{ApprovalOutcome, DataPathError, InternalError, SessionCx},
     tls::Conn,
@@ -105,17 +104,20 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
     };
     let up = Upstream::new(cx, upstream_tls, tls_h1);
     let relays = std::sync::Mutex::new(tokio::task::JoinSet::new());
-    let seconds = cx
-        .agent
-        .metrics
-        .http_request_seconds
-        .with_label_values(&[&cx.target.name, protocol.as_str()]);
     let credential = credential.map(|(header, _)| header);
-    let recorder = cx.open_recorder();
-    if let Some(r) = &recorder {
+    let shared = Arc::new(super::Shared {
+        recorder: cx.open_recorder(),
+        totals: (AtomicU64::new(0), AtomicU64::new(0)),
+        seconds: cx
+            .agent
+            .metrics
+            .http_request_seconds
+            .with_label_values(&[&cx.target.name, protocol.as_str()]),
+    });
+    let recorder = &shared.recorder;
+    if let Some(r) = recorder {
         r.write(cx.start_event(json!({ "sni": sni })));
     }
-    let totals = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     // `[[mask]]` rules naming this target: JSON answers masked as they stream.
     let masker =
         crate::mask::Masker::for_target(&cx.gen.policy, &cx.target.name, cx.agent.hash_key);
@@ -125,10 +127,8 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         up: &up,
         sni: sni.as_deref(),
         credential: &credential,
-        recorder: &recorder,
-        totals: &totals,
+        shared: &shared,
         relays: &relays,
-        seconds: &seconds,
         masker: &masker,
     };
     let result = if maybe_h2 {
@@ -148,13 +148,13 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
     // Upgraded connections (WebSocket) outlive hyper's connection: the session ends with them.
     let mut relays = std::mem::take(&mut *crate::lock(&relays));
     while relays.join_next().await.is_some() {}
-    if let Some(r) = &recorder {
+    if let Some(r) = recorder {
         r.write(obj(json!({"event": "end", "session": cx.id,
             "error": result.as_ref().err().map(|e| e.to_string())})));
     }
     let t = Totals {
-        bytes_up: totals.0.load(Ordering::Relaxed),
-        bytes_down: totals.1.load(Ordering::Relaxed),
+        bytes_up: shared.totals.0.load(Ordering::Relaxed),
+        bytes_down: shared.totals.1.load(Ordering::Relaxed),
     };
     cx.add_bytes(t);
     match result {
@@ -283,10 +283,9 @@ struct Env<'a> {
     up: &'a Upstream<'a>,
     sni: Option<&'a str>,
     credential: &'a Result<Option<header::HeaderValue>, String>,
-    recorder: &'a Option<Arc<Recorder>>,
-    totals: &'a Arc<(AtomicU64, AtomicU64)>,
+    /// What each request's recording line takes along (one counted reference).
+    shared: &'a Arc<super::Shared>,
     relays: &'a std::sync::Mutex<tokio::task::JoinSet<()>>,
-    seconds: &'a prometheus::Histogram,
     masker: &'a Option<crate::mask::Masker>,
 }
 
@@ -308,14 +307,14 @@ impl Env<'_> {
         );
         let tty = tollgate_policy::http::query_values(query, "tty").unwrap_or_default();
         if !tty.first().is_some_and(|v| v == "true" || v == "1") {
-            let recorder = self.recorder.clone()?;
+            let recorder = self.shared.recorder.clone()?;
             return Some(Arc::new(super::exec::Terminal::lines(
                 masker, recorder, None,
             )));
         }
         let data_dir = cx.gen.policy.agent.data_dir.clone();
         let session = cx.id.clone();
-        let recorder = self.recorder.clone();
+        let recorder = self.shared.recorder.clone();
         let shown = match att.command.as_deref() {
             Some([]) => format!("attach {}", att.path),
             Some(words) => super::command_text(words),
@@ -349,15 +348,13 @@ impl Env<'_> {
         };
         let started = Instant::now();
         let mut record = RecordLine {
-            recorder: self.recorder.clone(),
+            shared: self.shared.clone(),
             fields: super::RecordFields {
                 method: req.method().clone(),
                 ..Default::default()
             },
             up: None,
             started,
-            totals: self.totals.clone(),
-            seconds: self.seconds.clone(),
             bodies: cx.target.record_bodies.then(|| {
                 // The target's masks, else the secret detectors (a recording never holds a
                 // credential or a masked value).

@@ -220,9 +220,10 @@ impl SessionCx {
     /// masked by the handler). In observe mode the returned decision is always allow; the
     /// audit keeps the real one.
     pub fn decide(&self, op: Operation<'_>, text: &str) -> Decision {
-        let gen = self.policy();
+        // A borrowed snapshot (no reference count taken) for this one decision.
+        let gen = self.agent.gen.load();
         let d = self.decide_in(&gen, op);
-        self.audit_operation(&gen, op.kind_str(), text, &d, None)
+        self.audit_decision(&gen, op.kind_str(), text, d, None)
     }
 
     /// Audit and count a decision a handler reached itself (for example the strictest of
@@ -234,6 +235,18 @@ impl SessionCx {
         kind: &str,
         text: &str,
         d: &Decision,
+        flags: Option<&str>,
+    ) -> Decision {
+        self.audit_decision(gen, kind, text, d.clone(), flags)
+    }
+
+    /// [`Self::audit_operation`] of a decision the caller no longer needs.
+    fn audit_decision(
+        &self,
+        gen: &Generation,
+        kind: &str,
+        text: &str,
+        mut d: Decision,
         flags: Option<&str>,
     ) -> Decision {
         let observe = gen.policy.agent.mode == Mode::Observe;
@@ -250,13 +263,9 @@ impl SessionCx {
         );
         self.count_decision(d.action.as_str());
         if observe {
-            Decision {
-                action: Action::Allow,
-                ..d.clone()
-            }
-        } else {
-            d.clone()
+            d.action = Action::Allow;
         }
+        d
     }
 
     /// Fail-closed audit, the statement hook: `Err(message for the client)` while the audit
