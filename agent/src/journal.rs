@@ -806,6 +806,9 @@ fn drain_loop(j: Weak<Journal>) {
             std::thread::sleep(BATCH_INTERVAL);
             continue;
         }
+        // Going to sleep: the buffers kept for each destination of the last batches go too
+        // (a host of idle sessions keeps none).
+        drop(std::mem::take(&mut lock(&jj.drain).groups));
         jj.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         let pending = jj.backlog() > 0;

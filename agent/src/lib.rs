@@ -20,6 +20,7 @@ pub mod cli;
 pub mod datadir;
 pub mod doctor;
 pub mod handlers;
+pub mod heap;
 pub mod http;
 pub mod identity;
 pub mod journal;

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub audit_write_errors: IntCounterVec,
     /// `tollgate_ssh_channels_total{target,kind,action}`.
     pub ssh_channels: IntCounterVec,
+    /// `tollgate_heap_bytes_in_use`, only while the allocator counts (see `heap.rs`).
+    heap: Option<IntGauge>,
 }
 
 pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
@@ -78,6 +80,12 @@ impl Metrics {
             ),
             &["target", "kind", "action"],
         ));
+        let heap = crate::heap::counting().then(|| {
+            must(IntGauge::new(
+                "tollgate_heap_bytes_in_use",
+                "Heap bytes allocated and not yet freed since start-up (TOLLGATE_HEAP_STATS=1 only).",
+            ))
+        });
         let approvals_pending = must(IntGauge::new(
             "tollgate_approvals_pending",
             "Operations waiting for a human approval.",
@@ -164,6 +172,9 @@ impl Metrics {
         ] {
             must(registry.register(c));
         }
+        if let Some(g) = &heap {
+            must(registry.register(Box::new(g.clone())));
+        }
         // Reload counters exist from the start so dashboards see zeros, not gaps.
         for r in ["ok", "error"] {
             policy_reloads.with_label_values(&[r]);
@@ -186,6 +197,7 @@ impl Metrics {
             http_request_seconds,
             audit_write_errors,
             ssh_channels,
+            heap,
         })
     }
 
@@ -202,6 +214,9 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        if let Some(g) = &self.heap {
+            g.set(crate::heap::in_use());
+        }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");

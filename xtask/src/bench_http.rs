@@ -25,7 +25,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bench_pg::{free_port, held_session_memory, InBenchCgroup},
+    bench_pg::{free_port, held_session_memory, Held, InBenchCgroup, HEAP_STATS},
     demo::AgentProc,
     util::{self, median, run},
 };
@@ -322,7 +322,7 @@ fn measure(port: u16, s: &mut Samples, proxy: Option<(u32, bool)>) -> Result<()>
 
 /// Agent RSS growth per idle keep-alive connection: `IDLE` `openssl s_client` connections
 /// that each made one request and then wait on their open stdin.
-fn idle_connection_memory(port: u16, agent_pid: u32, metrics: &str) -> Result<f64> {
+fn idle_connection_memory(port: u16, agent_pid: u32, metrics: &str) -> Result<Held> {
     held_session_memory(agent_pid, metrics, "https", IDLE, 5, || {
         let mut c = Command::new("openssl")
             .args(["s_client", "-quiet", "-no_ign_eof", "-connect"])
@@ -418,12 +418,12 @@ pub fn bench_http() -> Result<()> {
     if let Some(b) = &baseline {
         println!("baseline agent binary: {}", b.display());
     }
-    let start_agent = |bin: &Path| -> Result<(AgentProc, String)> {
+    let start_agent = |bin: &Path, env: &[(&str, &str)]| -> Result<(AgentProc, String)> {
         let (listen, metrics) = (free_port()?, free_port()?);
         let pol = work.join("policy.toml");
         fs::write(&pol, policy(up_port, listen, metrics))?;
         let log = work.join("agent.log");
-        let mut agent = AgentProc::start(bin, &pol, &log, &[])?;
+        let mut agent = AgentProc::start(bin, &pol, &log, env)?;
         let metrics = format!("127.0.0.1:{metrics}");
         agent.wait_ready(&metrics, &log)?;
         Ok((agent, metrics))
@@ -445,7 +445,7 @@ pub fn bench_http() -> Result<()> {
                     let _cg = InBenchCgroup::enter("tollgate-bench-http")?;
                     if idle.is_none() && col == 1 {
                         // On an agent of its own, before the load has grown its heap.
-                        let (mut agent, metrics) = start_agent(&bin)?;
+                        let (mut agent, metrics) = start_agent(&bin, &[HEAP_STATS])?;
                         idle = Some(idle_connection_memory(up_port, agent.child.id(), &metrics)?);
                         agent.stop();
                     }
@@ -454,7 +454,7 @@ pub fn bench_http() -> Result<()> {
                     } else {
                         baseline.as_ref().unwrap_or(&bin)
                     };
-                    let (mut agent, _) = start_agent(b)?;
+                    let (mut agent, _) = start_agent(b, &[])?;
                     measure(up_port, &mut cols[col], Some((agent.child.id(), col == 1)))?;
                     agent.stop();
                 }
@@ -559,8 +559,8 @@ pub fn bench_http() -> Result<()> {
     );
     if let Some(per) = idle {
         println!(
-            "idle https connection memory: {:.1} KiB per connection (agent RSS growth over {IDLE} idle keep-alive connections after one request, each with its upstream connection)",
-            per / 1024.0
+            "idle https connection memory over {IDLE} idle keep-alive connections after one request, each with its upstream connection: {}",
+            per.describe("connection")
         );
     }
     println!("\ngoals: requests/s >= 1.0x nginx and >= 0.5x direct");

@@ -188,9 +188,9 @@ fn active_sessions(metrics: &str, protocol: &str) -> Result<f64> {
         .unwrap_or(0.0))
 }
 
-/// Open N idle psql sessions through the agent (each waits on its stdin) and return N and the
-/// agent's RSS growth per session. The sessions are ended (stdin closed) before returning.
-fn idle_session_memory(agent_pid: u32, pg_port: u16, metrics: &str) -> Result<(usize, f64)> {
+/// Open N idle psql sessions through the agent (each waits on its stdin) and return N and what
+/// each holds ([`Held`]). The sessions are ended (stdin closed) before returning.
+fn idle_session_memory(agent_pid: u32, pg_port: u16, metrics: &str) -> Result<(usize, Held)> {
     // Below the server's default max_connections (100, minus reserved slots).
     const N: usize = 80;
     let per = held_session_memory(agent_pid, metrics, "postgres", N, 10, || {
@@ -205,10 +205,47 @@ fn idle_session_memory(agent_pid: u32, pg_port: u16, metrics: &str) -> Result<(u
     Ok((N, per))
 }
 
-/// The agent's RSS growth per session while `n` sessions of `protocol` that `spawn` starts
-/// (each a client waiting on its piped stdin) are held idle, after `warm` sessions opened
-/// and ended first (allocator arenas and first-use caches, so the figure is of sessions).
-/// The sessions are ended (stdin closed) before returning.
+/// What an idle session holds, per session: the agent's RSS growth, and its heap growth
+/// (bytes allocated and not freed, `tollgate_heap_bytes_in_use`, when the agent was started
+/// with `TOLLGATE_HEAP_STATS=1`; [`HEAP_STATS`]). mimalloc keeps freed memory for reuse, so
+/// RSS growth stays near 0 while sessions fit in what earlier ones freed; the heap figure is
+/// the one that says what a session holds.
+#[derive(Clone, Copy)]
+pub(crate) struct Held {
+    pub rss: f64,
+    pub heap: Option<f64>,
+}
+
+impl Held {
+    /// `label: H KiB per session of heap (RSS growth R KiB)`.
+    pub(crate) fn describe(&self, per: &str) -> String {
+        match self.heap {
+            Some(h) => format!(
+                "{:.1} KiB per {per} of heap in use (RSS growth {:.1} KiB)",
+                h / 1024.0,
+                self.rss / 1024.0
+            ),
+            None => format!("{:.1} KiB per {per} of RSS growth", self.rss / 1024.0),
+        }
+    }
+}
+
+/// The environment that makes the agent count its heap (see `agent/src/heap.rs`).
+pub(crate) const HEAP_STATS: (&str, &str) = ("TOLLGATE_HEAP_STATS", "1");
+
+/// `tollgate_heap_bytes_in_use` from the agent's metrics, when it counts.
+fn heap_in_use(metrics: &str) -> Result<Option<f64>> {
+    let text = crate::demo::http_get(metrics, "/metrics")?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_heap_bytes_in_use "))
+        .and_then(|v| v.trim().parse().ok()))
+}
+
+/// What each of `n` sessions of `protocol` that `spawn` starts (each a client waiting on its
+/// piped stdin) holds while idle, after `warm` sessions opened and ended first (allocator
+/// arenas and first-use caches, so the figure is of sessions). The sessions are ended (stdin
+/// closed) before returning.
 pub(crate) fn held_session_memory(
     agent_pid: u32,
     metrics: &str,
@@ -216,7 +253,7 @@ pub(crate) fn held_session_memory(
     n: usize,
     warm: usize,
     spawn: impl Fn() -> Result<std::process::Child>,
-) -> Result<f64> {
+) -> Result<Held> {
     let spawn_n = |k: usize| (0..k).map(|_| spawn()).collect::<Result<Vec<_>>>();
     let wait_active = |want: usize| -> Result<()> {
         for _ in 0..600 {
@@ -238,15 +275,18 @@ pub(crate) fn held_session_memory(
     end(warmed);
     wait_active(0)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let before = rss(agent_pid)?;
+    let (rss_before, heap_before) = (rss(agent_pid)?, heap_in_use(metrics)?);
     let held = spawn_n(n)?;
     wait_active(n)?;
     // Let every session go idle (past its buffers' idle trim).
     std::thread::sleep(std::time::Duration::from_millis(2500));
-    let after = rss(agent_pid)?;
+    let (rss_after, heap_after) = (rss(agent_pid)?, heap_in_use(metrics)?);
     end(held);
     wait_active(0)?;
-    Ok((after - before).max(0.0) / n as f64)
+    Ok(Held {
+        rss: (rss_after - rss_before).max(0.0) / n as f64,
+        heap: heap_before.zip(heap_after).map(|(b, a)| (a - b) / n as f64),
+    })
 }
 
 /// Masking throughput (DataRow-like fields through every detector, one core), from the
@@ -451,8 +491,8 @@ fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool
         agent_columns(bin, None, pg_port, &rows, None, false, &mut idle)?;
         if let Some((n, per)) = idle {
             println!(
-                "idle postgres session memory: {:.1} KiB per session over {n} sessions",
-                per / 1024.0
+                "idle postgres session memory over {n} sessions: {}",
+                per.describe("session")
             );
         }
         return Ok(());
@@ -585,8 +625,8 @@ fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool
     table.print_latency_and_setup();
     if let Some((n, per)) = idle {
         println!(
-            "\nidle postgres session memory: {:.1} KiB per session (agent RSS growth over {n} idle psql sessions; goal <= 16 KiB)",
-            per / 1024.0
+            "\nidle postgres session memory over {n} idle psql sessions: {} (goal <= 16 KiB)",
+            per.describe("session")
         );
     }
     Ok(())
@@ -798,7 +838,7 @@ fn agent_columns(
     rows: &Rows<'_>,
     mut table: Option<&mut Table>,
     reverse: bool,
-    idle: &mut Option<(usize, f64)>,
+    idle: &mut Option<(usize, Held)>,
 ) -> Result<()> {
     // The bot: this process and its pgbench children in the bench cgroup.
     let _cg = InBenchCgroup::enter("tollgate-bench-pg")?;
@@ -821,15 +861,19 @@ fn agent_columns(
         let pol = work.join(format!("{protocol}.toml"));
         fs::write(&pol, policy(pg_port, listen, metrics, protocol))?;
         let log = work.join(format!("agent-{protocol}.log"));
-        let mut agent = AgentProc::start(bin, &pol, &log, env)?;
-        agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
         if col == 2 && idle.is_none() {
+            // On an agent of its own that counts its heap (which costs the measured ones).
+            let mut agent = AgentProc::start(bin, &pol, &log, &[HEAP_STATS])?;
+            agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
             *idle = Some(idle_session_memory(
                 agent.child.id(),
                 pg_port,
                 &metrics_addr(metrics),
             )?);
+            agent.stop();
         }
+        let mut agent = AgentProc::start(bin, &pol, &log, env)?;
+        agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
         if let Some(table) = table.as_deref_mut() {
             // Through tollgate the bot's password does not matter (postgres mode injects it);
             // the tcp relay passes authentication through, so it needs the real one.

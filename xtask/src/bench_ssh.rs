@@ -20,7 +20,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bench_pg::{free_port, held_session_memory, InBenchCgroup},
+    bench_pg::{free_port, held_session_memory, Held, InBenchCgroup, HEAP_STATS},
     demo::{AgentProc, Sshd},
     util::{self, cpu_ms, median},
 };
@@ -207,20 +207,25 @@ fn measure(c: &Client, s: &mut Samples, agent: Option<u32>, check: bool) -> Resu
 }
 
 /// An agent for the bench target, ready; with its metrics address.
-fn start_agent(bin: &Path, ssh_port: u16, pool: bool) -> Result<(AgentProc, String)> {
+fn start_agent(
+    bin: &Path,
+    ssh_port: u16,
+    pool: bool,
+    env: &[(&str, &str)],
+) -> Result<(AgentProc, String)> {
     let work = Path::new(WORK);
     let (listen, metrics) = (free_port()?, free_port()?);
     let pol = work.join(format!("pool-{pool}.toml"));
     fs::write(&pol, policy(ssh_port, listen, metrics, pool))?;
     let log = work.join(format!("agent-pool-{pool}.log"));
-    let mut agent = AgentProc::start(bin, &pol, &log, &[])?;
+    let mut agent = AgentProc::start(bin, &pol, &log, env)?;
     let metrics = format!("127.0.0.1:{metrics}");
     agent.wait_ready(&metrics, &log)?;
     Ok((agent, metrics))
 }
 
 /// Agent RSS growth per idle session: `IDLE` sessions each running `cat` on an open stdin.
-fn idle_session_memory(c: &Client, agent_pid: u32, metrics: &str) -> Result<f64> {
+fn idle_session_memory(c: &Client, agent_pid: u32, metrics: &str) -> Result<Held> {
     held_session_memory(agent_pid, metrics, "ssh", IDLE, 5, || {
         c.ssh("cat")
             .stdin(Stdio::piped())
@@ -261,18 +266,18 @@ pub fn bench_ssh() -> Result<()> {
     for round in 0..ROUNDS {
         let check = round == 0;
         let direct_block = |cols: &mut [Samples; 3]| measure(&direct, &mut cols[0], None, check);
-        let agent_block = |cols: &mut [Samples; 3], idle: &mut Option<f64>| -> Result<()> {
+        let agent_block = |cols: &mut [Samples; 3], idle: &mut Option<Held>| -> Result<()> {
             let _cg = InBenchCgroup::enter("tollgate-bench-ssh")?;
             if idle.is_none() {
                 // On an agent of its own, before any copy has grown its heap.
-                let (mut agent, metrics) = start_agent(&bin, ssh_port, true)?;
+                let (mut agent, metrics) = start_agent(&bin, ssh_port, true, &[HEAP_STATS])?;
                 *idle = Some(idle_session_memory(&bot, agent.child.id(), &metrics)?);
                 agent.stop();
             }
-            let (mut agent, _) = start_agent(&bin, ssh_port, true)?;
+            let (mut agent, _) = start_agent(&bin, ssh_port, true, &[])?;
             measure(&bot, &mut cols[1], Some(agent.child.id()), check)?;
             agent.stop();
-            let (mut agent, _) = start_agent(&bin, ssh_port, false)?;
+            let (mut agent, _) = start_agent(&bin, ssh_port, false, &[])?;
             bot.true_ms()?; // the first login of this agent
             for _ in 0..TRUE_RUNS {
                 cols[2].true_ms.push(bot.true_ms()?);
@@ -334,8 +339,8 @@ pub fn bench_ssh() -> Result<()> {
     );
     if let Some(per) = idle {
         println!(
-            "idle ssh session memory: {:.1} KiB per session (agent RSS growth over {IDLE} idle `ssh host cat` sessions, each with its own upstream connection)",
-            per / 1024.0
+            "idle ssh session memory over {IDLE} idle `ssh host cat` sessions, each with its own upstream connection: {}",
+            per.describe("session")
         );
     }
     println!("\ngoals: scp ratio >= 0.6x; ssh host true with pool <= 1.0x direct");

@@ -826,6 +826,8 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         expect: Mutex::new(VecDeque::new()),
         unsafe_encoding: Mutex::new(unsafe_client_encoding(&session.relay)),
         refresh_queued: AtomicBool::new(false),
+        notices: Mutex::new(VecDeque::new()),
+        notice: tokio::sync::Notify::new(),
     });
     let counters = Counters::default();
     let (cr, cw) = client.into_split();
@@ -835,7 +837,6 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
     drop(session.relay);
     drop(params);
     let nonce = format!("tollgate-denied-{:016x}", rand::random::<u64>());
-    let (notice_tx, notice_rx) = tokio::sync::mpsc::unbounded_channel();
     let (release, released) = if keep.is_some() {
         let (tx, rx) = tokio::sync::oneshot::channel();
         (Some(tx), Some(rx))
@@ -860,7 +861,6 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         functions: plain_functions,
         copy_plans: Vec::new(),
         statement_copy: HashMap::new(),
-        notices: notice_tx,
         held_cancel,
         release,
         ddl_since_refresh: false,
@@ -883,7 +883,6 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         copy: None,
         copy_scratch: Vec::new(),
         withhold: false,
-        notices: notice_rx,
         status: session.status,
         released,
         refreshing: None,
@@ -1107,6 +1106,24 @@ struct Shared {
     /// An [`Expect::Refresh`] is queued: the server side looks for it only then, so the hot
     /// path pays one relaxed load per message.
     refresh_queued: AtomicBool,
+    /// Messages the client side has for the client (approval notices, a final FATAL), which
+    /// the server side writes between whole messages; `notice` wakes it. (A queue and a
+    /// `Notify` rather than a channel, which allocates a block of slots per session.)
+    notices: Mutex<VecDeque<Bytes>>,
+    notice: tokio::sync::Notify,
+}
+
+impl Shared {
+    /// Queue `msg` for the client (see [`Shared::notices`]).
+    fn notify(&self, msg: Bytes) {
+        lock(&self.notices).push_back(msg);
+        self.notice.notify_one();
+    }
+
+    /// The next queued message for the client.
+    fn next_notice(&self) -> Option<Bytes> {
+        lock(&self.notices).pop_front()
+    }
 }
 
 /// An in-band re-read of the catalog snapshots (see `ClientSide::refresh`): the client side
@@ -1325,9 +1342,6 @@ struct ClientSide<'a> {
     copy_plans: Vec<Arc<CopyPlan>>,
     /// Prepared statements (protocol level) that are a COPY ... TO STDOUT: their plan.
     statement_copy: HashMap<String, Arc<CopyPlan>>,
-    /// Messages for the client that the server side writes between server messages
-    /// (approval notices).
-    notices: tokio::sync::mpsc::UnboundedSender<Bytes>,
     /// Signalled by a CancelRequest with this session's key while an operation is held.
     held_cancel: Arc<HeldCancel>,
     /// Set when the upstream connection may be kept for the next session: a Terminate is then
@@ -1527,14 +1541,14 @@ impl ClientSide<'_> {
         let mut held: Option<Hold> = None;
         for (index, st) in statements.iter().enumerate() {
             // SQL-level EXECUTE runs what PREPARE prepared: decide that.
-            let effective: Vec<&Statement> =
-                match st.prepared_name.as_deref().filter(|_| st.kind == "execute") {
-                    Some(name) => match self.prepared.get(name) {
-                        Some(p) => p.iter().collect(),
-                        None => vec![st],
-                    },
-                    None => vec![st],
-                };
+            let prepared = st
+                .prepared_name
+                .as_deref()
+                .filter(|_| st.kind == "execute")
+                .and_then(|name| self.prepared.get(name).cloned());
+            let effective = prepared
+                .as_deref()
+                .map_or(std::slice::from_ref(st), Vec::as_slice);
             for s in effective {
                 // The functions behind its operators, casts and its relations' column types count
                 // as called (functions.rs).
@@ -1636,7 +1650,7 @@ impl ClientSide<'_> {
                 let allowed = d.action == Action::Allow;
                 let d = function_gate(&gen, &named, d);
                 let refused_for_functions = allowed && d.action == Action::Deny;
-                let d = cx.audit_operation(&gen, kind, &text, &d, extra.as_deref());
+                let d = cx.audit_decision(&gen, kind, &text, d, extra.as_deref());
                 if d.action == Action::Deny && refused_for_functions {
                     return Verdict::Deny(format!(
                         "tollgate: {kind}{} calls {}, which a rule must name in its functions (user-defined, extension and volatile functions can write or run SQL) for identity {}; denied",
@@ -1709,7 +1723,7 @@ impl ClientSide<'_> {
             },
             &mut n,
         );
-        let _ = self.notices.send(n.freeze());
+        self.shared.notify(n.freeze());
         let held = self.held_cancel.clone();
         let outcome = {
             // Registered before `holding` is set, so a cancel that sees `holding` wakes us.
@@ -2054,7 +2068,7 @@ impl ClientSide<'_> {
             &DataPathError::Client(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
             &mut o,
         );
-        let _ = self.notices.send(o.freeze());
+        self.shared.notify(o.freeze());
         let _ = uw.shutdown().await;
         Ok(None)
     }
@@ -2710,8 +2724,10 @@ async fn relay(
     }
 }
 
-/// Capacity a quiet session keeps for its next message.
-const IDLE_READ_CAPACITY: usize = 512;
+/// Capacity a quiet session keeps for its next message: none. Its next read takes 64 bytes
+/// (what `read_buf` reserves in an empty buffer) and the read after it the usual chunk: a
+/// read or two more once per idle period, for 1 KiB less per idle session (both sides).
+const IDLE_READ_CAPACITY: usize = 0;
 
 /// How long a session waits for its peer before it releases its buffers: far longer than the
 /// pause between round trips of a busy session, short enough that sessions opened in a burst
@@ -3001,8 +3017,6 @@ struct ServerSide<'a> {
     /// The rest of a COPY's output is withheld (it could not be masked; the client already
     /// got an error): CopyData, CopyDone and its CommandComplete are dropped.
     withhold: bool,
-    /// Messages from the client side to write at the next message boundary.
-    notices: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
     /// Transaction status of the server's last ReadyForQuery.
     status: u8,
     /// Fires when the client side ended with a Terminate it did not forward.
@@ -3350,17 +3364,23 @@ impl ServerSide<'_> {
                     }
                     continue;
                 }
-                Some(n) = self.notices.recv() => {
-                    cw.write_all(&n).await.map_err(DataPathError::Client)?;
+                () = self.shared.notice.notified() => {
+                    loop {
+                        let Some(n) = self.shared.next_notice() else { break };
+                        cw.write_all(&n).await.map_err(DataPathError::Client)?;
+                        counters.down.fetch_add(n.len() as u64, Ordering::Relaxed);
+                    }
                     cw.flush().await.map_err(DataPathError::Client)?;
-                    counters.down.fetch_add(n.len() as u64, Ordering::Relaxed);
                     continue;
                 }
             };
             match read {
                 Ok(0) => {
                     // A FATAL the client side queued before it shut the upstream down.
-                    while let Ok(n) = self.notices.try_recv() {
+                    loop {
+                        let Some(n) = self.shared.next_notice() else {
+                            break;
+                        };
                         let _ = cw.write_all(&n).await;
                     }
                     let _ = cw.shutdown().await;
@@ -3923,7 +3943,8 @@ mod read_more_tests {
         let (n, ()) = tokio::join!(read_more(&mut r, &mut buf, &mut out, &mut size), later);
         assert_eq!(n.expect("read"), 2);
         assert_eq!(&buf[..], b"yz");
-        assert!(buf.capacity() <= IDLE_READ_CAPACITY, "{}", buf.capacity());
+        // What `read_buf` reserves in an empty buffer to read into.
+        assert!(buf.capacity() <= 64, "{}", buf.capacity());
         assert_eq!(out.capacity(), 0, "the idle session kept its output buffer");
         assert!(size.idle.is_none(), "the idle session kept its timer");
     }

@@ -241,7 +241,7 @@ impl SessionCx {
     }
 
     /// [`Self::audit_operation`] of a decision the caller no longer needs.
-    fn audit_decision(
+    pub fn audit_decision(
         &self,
         gen: &Generation,
         kind: &str,
