@@ -220,6 +220,9 @@ impl Ca {
             ip,
         }));
         cfg.alpn_protocols = how.alpn.clone();
+        // A configuration serves one connection, so a session cache in it could never be hit,
+        // and rustls's default one costs a table of 256 entries per connection.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Arc::new(cfg)
     }
 }
@@ -496,6 +499,10 @@ fn client_config_alpn(
             .map_err(|e| UpstreamTlsError::ClientCert(e.to_string()))?,
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // Built per connection: a resumption cache in it could never be hit, and rustls's default
+    // one costs a table per connection. (Sharing one across connections would let a session
+    // made with one client certificate resume under another's configuration.)
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 

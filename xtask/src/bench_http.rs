@@ -4,7 +4,9 @@
 //! interleaved rounds (the columns' order rotates every round, so a drift of the machine over
 //! time falls on all of them alike). Figures: `wrk` requests per second and p50/p99 latency for
 //! a small answer over keep-alive connections, a 1 GiB download, the agent's CPU time per
-//! request, and the agent's memory per idle keep-alive connection.
+//! request, and the agent's memory per idle keep-alive connection (heap in use). A second nginx
+//! proxy writes a buffered access log line per request, as tollgate writes an audit line, and
+//! is measured in the same rounds as a fourth column.
 //!
 //! The upstream is nginx serving static files over TLS on loopback (a certificate from a
 //! throwaway CA made with `openssl`); the bench process and its clients join the bench
