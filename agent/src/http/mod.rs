@@ -459,13 +459,24 @@ fn strip_connection_named(headers: &mut HeaderMap) {
     }
 }
 
-/// A body that shows each data frame it passes to `seen`.
-struct Observed<F: FnMut(&Bytes) + Send + 'static> {
-    inner: AnyBody,
-    seen: F,
+/// What an [`Observed`] body does with each data frame it passes.
+trait Seen: Send + Unpin + 'static {
+    fn seen(&mut self, d: &Bytes);
 }
 
-impl<F: FnMut(&Bytes) + Send + Unpin + 'static> Body for Observed<F> {
+impl<F: FnMut(&Bytes) + Send + Unpin + 'static> Seen for F {
+    fn seen(&mut self, d: &Bytes) {
+        self(d)
+    }
+}
+
+/// A body that shows each data frame it passes to `seen`.
+struct Observed<S: Seen> {
+    inner: AnyBody,
+    seen: S,
+}
+
+impl<S: Seen> Body for Observed<S> {
     type Data = Bytes;
     type Error = hyper::Error;
     fn poll_frame(
@@ -475,7 +486,7 @@ impl<F: FnMut(&Bytes) + Send + Unpin + 'static> Body for Observed<F> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
-                (self.seen)(d);
+                self.seen.seen(d);
             }
         }
         r
@@ -499,35 +510,18 @@ fn tally(inner: AnyBody, bytes: Arc<AtomicU64>) -> AnyBody {
     .boxed_unsync()
 }
 
-/// A response body on its way to the bot: counts what it passes, and writes the request's
-/// recording line when it is dropped (ended, or abandoned), with final bytes and duration.
+/// A response body's observer on its way to the bot: counts what passes, and writes the
+/// request's recording line when the body is dropped (ended, or abandoned), with final bytes
+/// and duration.
 struct Finishing {
-    inner: AnyBody,
     down: u64,
     status: u16,
     record: Option<RecordLine>,
 }
 
-impl Body for Finishing {
-    type Data = Bytes;
-    type Error = hyper::Error;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                self.down += d.len() as u64;
-            }
-        }
-        r
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+impl Seen for Finishing {
+    fn seen(&mut self, d: &Bytes) {
+        self.down += d.len() as u64;
     }
 }
 
@@ -717,11 +711,13 @@ fn kube_json(a: &Option<Option<KubeAttrs>>) -> Value {
 fn finish_response(resp: Response<AnyBody>, record: RecordLine) -> Response<AnyBody> {
     let status = resp.status().as_u16();
     let (parts, body) = resp.into_parts();
-    let body = Finishing {
+    let body = Observed {
         inner: capture(body, &record.bodies, true),
-        down: 0,
-        status,
-        record: Some(record),
+        seen: Finishing {
+            down: 0,
+            status,
+            record: Some(record),
+        },
     }
     .boxed_unsync();
     Response::from_parts(parts, body)
