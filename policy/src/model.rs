@@ -389,7 +389,7 @@ pub struct TargetTls {
 }
 
 /// How the agent connects to a target (PostgreSQL `sslmode` semantics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum TlsMode {
     /// `disable`: plaintext (the default; right for loopback and unix-socket-like setups).
     #[default]
