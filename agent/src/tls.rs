@@ -452,7 +452,7 @@ pub enum UpstreamTlsError {
 /// Client configuration for a target's `tls` table. `host` is the name the certificate must
 /// carry when `server_name` is not set.
 pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
-    client_config_alpn(tls, &[ALPN_POSTGRES], None)
+    client_config_alpn(tls, &[ALPN_POSTGRES], None, false)
 }
 
 /// A client certificate the agent presents upstream (mTLS): a credential's `cert_file` and
@@ -460,6 +460,8 @@ pub fn client_config(tls: &TargetTls) -> Result<Arc<ClientConfig>, UpstreamTlsEr
 pub struct ClientCert {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    /// SHA-256 over the chain and the key: which configurations may share a session cache.
+    fingerprint: [u8; 32],
 }
 
 impl ClientCert {
@@ -477,7 +479,18 @@ impl ClientCert {
         }
         let key = PrivateKeyDer::from_pem_slice(key_pem)
             .map_err(|_| "key_file holds no PEM private key".to_string())?;
-        Ok(ClientCert { chain, key })
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        for c in &chain {
+            h.update((c.len() as u64).to_be_bytes());
+            h.update(c);
+        }
+        h.update(key.secret_der());
+        Ok(ClientCert {
+            chain,
+            key,
+            fingerprint: h.finalize().into(),
+        })
     }
 }
 
@@ -486,9 +499,19 @@ fn client_config_alpn(
     tls: &TargetTls,
     alpn: &[&[u8]],
     client: Option<&ClientCert>,
+    resume: bool,
 ) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
     let provider = provider();
-    let verifier = cached_verifier(tls, provider)?;
+    let (verifier, verifier_key) = cached_verifier(tls, provider)?;
+    let key = ConfigKey {
+        verifier: verifier_key,
+        alpn: alpn.iter().map(|p| p.to_vec()).collect(),
+        client: client.map(|c| c.fingerprint),
+        resume,
+    };
+    if let Some(cfg) = crate::lock(&CONFIGS).as_ref().and_then(|c| c.get(&key)) {
+        return Ok(cfg.clone());
+    }
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| UpstreamTlsError::Handshake(io::Error::other(e)))?
@@ -500,12 +523,42 @@ fn client_config_alpn(
             .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
             .map_err(|e| UpstreamTlsError::ClientCert(e.to_string()))?,
     };
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    // Built per connection: a resumption cache in it could never be hit, and rustls's default
-    // one costs a table per connection. (Sharing one across connections would let a session
-    // made with one client certificate resume under another's configuration.)
-    cfg.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(cfg))
+    cfg.alpn_protocols = key.alpn.clone();
+    // Shared by every connection with the same settings (the same verifier from the same CA
+    // file, ALPN ids and client certificate), so a session resumed from its cache was made
+    // under exactly these settings and skips only the certificate checks already done.
+    cfg.resumption = if resume {
+        rustls::client::Resumption::in_memory_sessions(SESSIONS_KEPT)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
+    let cfg = Arc::new(cfg);
+    let mut configs = crate::lock(&CONFIGS);
+    let configs = configs.get_or_insert_with(HashMap::new);
+    if configs.len() >= CONFIGS_KEPT {
+        configs.clear();
+    }
+    configs.insert(key, cfg.clone());
+    Ok(cfg)
+}
+
+/// Client configurations by what they were built from (see [`client_config_alpn`]).
+#[allow(clippy::type_complexity)]
+static CONFIGS: Mutex<Option<HashMap<ConfigKey, Arc<ClientConfig>>>> = Mutex::new(None);
+/// Distinct client configurations kept (past this, the cache starts over).
+const CONFIGS_KEPT: usize = 64;
+/// TLS sessions kept for resumption per client configuration (rustls keys them by server
+/// name).
+const SESSIONS_KEPT: usize = 64;
+
+/// What a shared client configuration was built from.
+#[derive(PartialEq, Eq, Hash)]
+struct ConfigKey {
+    verifier: VerifierKey,
+    alpn: Vec<Vec<u8>>,
+    /// The client certificate's fingerprint ([`ClientCert`]).
+    client: Option<[u8; 32]>,
+    resume: bool,
 }
 
 /// Debian's bundle of the system's trusted roots (`ca-certificates`).
@@ -527,7 +580,7 @@ pub fn http_client_config(
     if effective.mode == TlsMode::Disable {
         effective.mode = TlsMode::VerifyFull;
     }
-    client_config_alpn(&effective, alpn, client)
+    client_config_alpn(&effective, alpn, client, true)
 }
 
 /// The crypto provider every client configuration uses (one, built once).
@@ -550,13 +603,13 @@ struct VerifierKey {
     file: Option<(u64, u64, u64, i64, i64)>,
 }
 
-/// [`server_verifier`] for `tls`, reused across connections while its CA file is unchanged.
-/// Reading and parsing the system's roots (about 140 certificates) took 0.65 ms per
-/// connection; a `stat` now.
+/// [`server_verifier`] for `tls`, reused across connections while its CA file is unchanged,
+/// with the key it is kept under. Reading and parsing the system's roots (about 140
+/// certificates) took 0.65 ms per connection; a `stat` now.
 fn cached_verifier(
     tls: &TargetTls,
     provider: &Arc<CryptoProvider>,
-) -> Result<Arc<dyn ServerCertVerifier>, UpstreamTlsError> {
+) -> Result<(Arc<dyn ServerCertVerifier>, VerifierKey), UpstreamTlsError> {
     use std::os::unix::fs::MetadataExt as _;
     static CACHE: Mutex<Option<HashMap<VerifierKey, Arc<dyn ServerCertVerifier>>>> =
         Mutex::new(None);
@@ -574,7 +627,7 @@ fn cached_verifier(
         file,
     };
     if let Some(v) = crate::lock(&CACHE).as_ref().and_then(|c| c.get(&key)) {
-        return Ok(v.clone());
+        return Ok((v.clone(), key));
     }
     let v = server_verifier(tls, provider)?;
     let mut cache = crate::lock(&CACHE);
@@ -582,8 +635,8 @@ fn cached_verifier(
     if cache.len() >= VERIFIERS_KEPT {
         cache.clear();
     }
-    cache.insert(key, v.clone());
-    Ok(v)
+    cache.insert(key.clone(), v.clone());
+    Ok((v, key))
 }
 
 /// How the server's certificate is checked under `tls.mode`.
@@ -794,19 +847,49 @@ mod tests {
             server_name: None,
         };
         fs::write(&file, pem("one")).expect("write");
-        let a = cached_verifier(&tls, provider()).expect("first");
-        let b = cached_verifier(&tls, provider()).expect("again");
+        let a = cached_verifier(&tls, provider()).expect("first").0;
+        let b = cached_verifier(&tls, provider()).expect("again").0;
         assert!(
             Arc::ptr_eq(&a, &b),
             "an unchanged CA file is not read again"
         );
         fs::write(&file, format!("{}{}", pem("one"), pem("two"))).expect("rewrite");
-        let c = cached_verifier(&tls, provider()).expect("rotated");
+        let c = cached_verifier(&tls, provider()).expect("rotated").0;
         assert!(!Arc::ptr_eq(&a, &c), "a rewritten CA file is read again");
         fs::write(&file, "not a certificate").expect("break");
         assert!(matches!(
             cached_verifier(&tls, provider()),
             Err(UpstreamTlsError::CaFile { .. })
+        ));
+        // Whole configurations are shared by the same settings only (their session caches
+        // with them): not across client certificates or ALPN lists.
+        fs::write(&file, pem("one")).expect("restore");
+        let cert = |name: &str| {
+            let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).expect("cert");
+            let f = dir.join(format!("{name}.pem"));
+            fs::write(&f, c.cert.pem()).expect("write cert");
+            ClientCert::load(&f, c.key_pair.serialize_pem().as_bytes()).expect("client cert")
+        };
+        let (one, two) = (cert("c1"), cert("c2"));
+        let cfg = |alpn: &[&[u8]], c: Option<&ClientCert>| {
+            http_client_config(&tls, alpn, c).expect("config")
+        };
+        assert!(Arc::ptr_eq(&cfg(&[b"h2"], None), &cfg(&[b"h2"], None)));
+        assert!(Arc::ptr_eq(
+            &cfg(&[b"h2"], Some(&one)),
+            &cfg(&[b"h2"], Some(&one))
+        ));
+        assert!(!Arc::ptr_eq(
+            &cfg(&[b"h2"], Some(&one)),
+            &cfg(&[b"h2"], Some(&two))
+        ));
+        assert!(!Arc::ptr_eq(
+            &cfg(&[b"h2"], None),
+            &cfg(&[b"h2"], Some(&one))
+        ));
+        assert!(!Arc::ptr_eq(
+            &cfg(&[b"h2"], None),
+            &cfg(&[b"http/1.1"], None)
         ));
         fs::remove_file(&file).expect("remove");
         assert!(matches!(

@@ -41,6 +41,10 @@ const ROUNDS: usize = 3;
 const WRK_SECS: u32 = 5;
 /// `wrk` keep-alive connections.
 const CONNS: usize = 32;
+/// `wrk` duration per round and column with a new connection per request.
+const FRESH_SECS: u32 = 2;
+/// `wrk` connections (each one request, then closed) for that figure.
+const FRESH_CONNS: usize = 8;
 /// Idle keep-alive connections held for the memory figure.
 const IDLE: usize = 50;
 /// The small answer.
@@ -205,8 +209,14 @@ fn wrk(port: u16) -> Result<Wrk> {
 }
 
 fn wrk_for(port: u16, secs: u32) -> Result<Wrk> {
+    wrk_with(port, secs, CONNS, &[])
+}
+
+/// `wrk` with `conns` connections and the extra arguments `extra`.
+fn wrk_with(port: u16, secs: u32, conns: usize, extra: &[&str]) -> Result<Wrk> {
     let out = Command::new("wrk")
-        .args(["-t2", &format!("-c{CONNS}"), &format!("-d{secs}s")])
+        .args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s")])
+        .args(extra)
         .arg("--latency")
         .arg(format!("https://127.0.0.1:{port}/small.json"))
         .stdin(Stdio::null())
@@ -279,6 +289,8 @@ struct Samples {
     p50_ms: Vec<f64>,
     p99_ms: Vec<f64>,
     down_s: Vec<f64>,
+    /// Requests per second with a new connection (and TLS handshake) for each.
+    fresh_rps: Vec<f64>,
     /// Proxy CPU microseconds per request.
     cpu_us: Vec<f64>,
     /// The proxy's system calls per request (all threads and processes), counted once.
@@ -287,7 +299,8 @@ struct Samples {
 
 /// One column's round: `wrk` (with the proxy's CPU per request when `proxy` is the pid of
 /// the agent, or of nginx's master and its workers) and the download. With
-/// `TOLLGATE_BENCH_PERF=DIR`, the agent's first `wrk` is profiled into `DIR/http.data`.
+/// `TOLLGATE_BENCH_PERF=DIR`, the agent's first `wrk` is profiled into `DIR/http.data`, and its
+/// first run with a new connection per request into `DIR/http-fresh.data`.
 fn measure(port: u16, s: &mut Samples, proxy: Option<(u32, bool)>) -> Result<()> {
     let before = proxy.map(|(pid, _)| util::tree_cpu_ms(pid));
     let _perf = match (proxy, std::env::var_os("TOLLGATE_BENCH_PERF")) {
@@ -307,6 +320,16 @@ fn measure(port: u16, s: &mut Samples, proxy: Option<(u32, bool)>) -> Result<()>
     s.p50_ms.push(w.p50_ms);
     s.p99_ms.push(w.p99_ms);
     s.down_s.push(download(port)?);
+    let _perf = match (proxy, std::env::var_os("TOLLGATE_BENCH_PERF")) {
+        (Some((pid, true)), Some(dir)) if s.fresh_rps.is_empty() => Some(util::PerfRecord::start(
+            pid,
+            &Path::new(&dir).join("http-fresh.data"),
+        )?),
+        _ => None,
+    };
+    s.fresh_rps
+        .push(wrk_with(port, FRESH_SECS, FRESH_CONNS, &["-H", "Connection: close"])?.rps);
+    drop(_perf);
     if let (Some((pid, _)), None) = (proxy, s.syscalls) {
         let pids = util::with_children(pid);
         let mut requests = 0.0;
@@ -512,6 +535,13 @@ pub fn bench_http() -> Result<()> {
         mbps(&d.down_s),
         mbps(&a.down_s),
         mbps(&n.down_s),
+        true,
+    );
+    row(
+        &format!("requests/s, new connection for each ({FRESH_CONNS})"),
+        med(&d.fresh_rps),
+        med(&a.fresh_rps),
+        med(&n.fresh_rps),
         true,
     );
     println!("(latency ratios are inverted: above 1.0x means tollgate is faster)");

@@ -92,11 +92,10 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         .map_err(InternalError::encode)?;
         let cfg = crate::tls::http_client_config(&cx.target.tls, ALPN, client_cert)
             .map_err(InternalError::encode)?;
-        // The same settings offering only http/1.1 (for upgrades): a clone shares the
-        // verifier and its roots instead of reading them again.
-        let mut h1 = (*cfg).clone();
-        h1.alpn_protocols = vec![ALPN[1].to_vec()];
-        Some(((cfg, name), Arc::new(h1)))
+        // The same settings offering only http/1.1 (for upgrades).
+        let h1 = crate::tls::http_client_config(&cx.target.tls, &ALPN[1..], client_cert)
+            .map_err(InternalError::encode)?;
+        Some(((cfg, name), h1))
     } else {
         None
     };
