@@ -14,7 +14,7 @@ pub fn registry(relay_kind: RelayKind) -> Registry {
         .with(Arc::new(PgHandler::new()))
         .with(Arc::new(crate::ssh::SshHandler::default()));
     for protocol in [Protocol::Http, Protocol::Https, Protocol::Kubernetes] {
-        r = r.with(Arc::new(HttpHandler { protocol }));
+        r = r.with(Arc::new(HttpHandler::new(protocol)));
     }
     r
 }

@@ -350,7 +350,8 @@ pub struct Target {
     /// identity's next one (see the agent's `ssh/pool.rs`). PostgreSQL: a session that ends cleanly (Terminate,
     /// idle, not in a transaction) leaves its upstream connection, reset with `DISCARD ALL`,
     /// for the next session of the same identity with the same upstream user, database and
-    /// startup parameters.
+    /// startup parameters. HTTP, HTTPS and Kubernetes: a bot connection's idle upstream
+    /// connections are kept 30 s for the same identity's next one.
     pub pool: bool,
     /// Key `unix_socket` (PostgreSQL only): the server's Unix socket, e.g.
     /// `/var/run/postgresql/.s.PGSQL.5432`. On Linux 6.7+ a connect to it is redirected to the

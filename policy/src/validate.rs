@@ -909,10 +909,17 @@ fn target<'r>(
         }
     }
     if let Some(pool) = &t.pool {
-        if !matches!(protocol, Protocol::Postgres | Protocol::Ssh) {
+        if !matches!(
+            protocol,
+            Protocol::Postgres
+                | Protocol::Ssh
+                | Protocol::Http
+                | Protocol::Https
+                | Protocol::Kubernetes
+        ) {
             cx.err(
                 pool.span(),
-                format!("`pool` of target \"{name}\": connection pooling is only supported for protocols \"postgres\" and \"ssh\"; remove it"),
+                format!("`pool` of target \"{name}\": connection pooling is only supported for protocols \"postgres\", \"ssh\", \"http\", \"https\" and \"kubernetes\"; remove it"),
             );
             return None;
         }

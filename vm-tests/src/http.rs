@@ -29,7 +29,7 @@ class H(BaseHTTPRequestHandler):
     def record(self, extra=None):
         e = {"method": self.command, "path": self.path,
              "authorization": self.headers.get("Authorization"),
-             "host": self.headers.get("Host")}
+             "host": self.headers.get("Host"), "peer": self.client_address[1]}
         pc = self.connection.getpeercert() if hasattr(self.connection, "getpeercert") else None
         if pc:
             e["client_issuer"] = [v for rdn in pc.get("issuer", ()) for (k, v) in rdn if k == "commonName"]

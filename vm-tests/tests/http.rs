@@ -298,6 +298,75 @@ fn https_requests_are_decided_one_by_one_with_the_token_injected() {
     assert_eq!(timed, 10.0, "one observation per request");
 }
 
+/// A bot's next connection reuses the upstream connection its last one left, so a `curl` per
+/// call costs no upstream handshake, and another identity never gets it: the upstream sees
+/// the bot's calls on as many connections as the agent has session threads (each keeps its
+/// own), and the other identity's call on a connection of its own.
+#[test]
+fn upstream_connections_are_kept_for_the_same_identity_only() {
+    let other = Cgroup::new("http-reuse-other");
+    let extra = format!(
+        r#"
+[[identity]]
+name = "ops-bot"
+cgroup = "{}"
+
+[[rule]]
+name = "ops reads the v1 API"
+identities = ["ops-bot"]
+targets = ["billing"]
+action = "allow"
+http = {{ methods = ["GET"], paths = ["/api/v1/*"] }}
+"#,
+        other.glob()
+    );
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent: _agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-reuse", &extra, false);
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let url = format!("https://localhost:{}/api/v1/invoices", srv.port);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let calls = threads + 3;
+    let peer = |n: usize| -> u64 {
+        let log = srv.access_log();
+        assert_eq!(log.len(), n, "{log:?}");
+        log[n - 1]["peer"].as_u64().expect("peer port")
+    };
+    // HTTP/1.1 and HTTP/2 from the bot alike (the upstream connection is HTTP/1.1).
+    for flag in ["--http1.1", "--http2"].into_iter().cycle().take(2 * calls) {
+        let (code, body, _) = curl(&bot, &ca, &[flag, "--resolve", &resolve, &url]);
+        assert_eq!(code, 200, "{body}");
+    }
+    // Each session thread opened one connection and kept it; all later calls reused them.
+    let log = srv.access_log();
+    assert_eq!(log.len(), 2 * calls, "{log:?}");
+    let bot_peers: std::collections::BTreeSet<u64> =
+        log.iter().filter_map(|e| e["peer"].as_u64()).collect();
+    assert!(
+        bot_peers.len() <= threads,
+        "{} calls on {} upstream connections with {threads} session threads: {log:?}",
+        2 * calls,
+        bot_peers.len()
+    );
+    let (code, body, _) = curl(&other, &ca, &["--http1.1", "--resolve", &resolve, &url]);
+    assert_eq!(code, 200, "{body}");
+    let theirs = peer(2 * calls + 1);
+    assert!(
+        !bot_peers.contains(&theirs),
+        "ops-bot's call went on a connection ci-bot's sessions left: {theirs}"
+    );
+    // The injected credential is on every call, whichever connection carried it.
+    assert!(srv
+        .access_log()
+        .iter()
+        .all(|e| e["authorization"] == format!("Bearer {TOKEN}")));
+}
+
 #[test]
 fn smuggling_and_path_tricks_never_reach_a_denied_path() {
     let Fixture {

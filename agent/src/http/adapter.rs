@@ -12,6 +12,17 @@ use crate::{
 /// `http`, `https` and `kubernetes` targets (one instance per protocol).
 pub struct HttpHandler {
     pub protocol: Protocol,
+    /// Upstream connections ended sessions left for their identity's next ones.
+    kept: super::upstream::Kept,
+}
+
+impl HttpHandler {
+    pub fn new(protocol: Protocol) -> HttpHandler {
+        HttpHandler {
+            protocol,
+            kept: Default::default(),
+        }
+    }
 }
 
 impl ProtocolHandler for HttpHandler {
@@ -27,6 +38,23 @@ impl ProtocolHandler for HttpHandler {
         cx: &'a SessionCx,
         client: TcpStream,
     ) -> BoxFuture<'a, Result<Totals, DataPathError>> {
-        Box::pin(super::serve::serve(cx, client))
+        Box::pin(super::serve::serve(&self.kept, cx, client))
+    }
+    fn on_reload(&self, old: &crate::session::Generation, new: &tollgate_policy::Policy) {
+        // Kept upstream connections of a target the new policy changed, removed or stopped
+        // pooling: dropped (which closes them), as the other handlers' are.
+        let closed = self
+            .kept
+            .remove_targets(|name| crate::session::target_changed(&old.policy, new, name));
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                "closed kept HTTP upstream connections of changed targets"
+            );
+        }
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        self.kept.remove_targets(|_| true);
+        Box::pin(async {})
     }
 }

@@ -48,7 +48,11 @@ const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 type Job = (Request<Incoming>, oneshot::Sender<Response<AnyBody>>);
 
 /// Serve one bot connection until it closes.
-pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPathError> {
+pub async fn serve(
+    kept: &super::upstream::Kept,
+    cx: &SessionCx,
+    client: TcpStream,
+) -> Result<Totals, DataPathError> {
     let protocol = cx.target.protocol;
     let tls_target = matches!(protocol, Protocol::Https | Protocol::Kubernetes);
     let (io, sni, maybe_h2) = if tls_target {
@@ -103,7 +107,7 @@ pub async fn serve(cx: &SessionCx, client: TcpStream) -> Result<Totals, DataPath
         Some((t, h1)) => (Some(t), Some(h1)),
         None => (None, None),
     };
-    let up = Upstream::new(cx, upstream_tls, tls_h1);
+    let up = Upstream::new(cx, upstream_tls, tls_h1, kept);
     let relays = std::sync::Mutex::new(tokio::task::JoinSet::new());
     let credential = credential.map(|(header, _)| header);
     let shared = Arc::new(super::Shared {

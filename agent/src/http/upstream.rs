@@ -1,8 +1,20 @@
 //! The agent's own connections to an HTTP target: TLS with rustls (ALPN h2, http/1.1) for
 //! `https` and `kubernetes`, plaintext for `http`; HTTP/2 multiplexed on one connection when
 //! the server negotiates it, otherwise a small pool of idle HTTP/1.1 connections.
+//!
+//! When a bot's connection ends, its idle upstream connections are kept for the next
+//! connection of the **same identity** to the same target, address and TLS settings (on the
+//! same session thread), for [`SHARED_IDLE`]: a bot that runs `curl` once per call then
+//! costs no upstream TCP and TLS handshake per call. Never across identities: an upstream
+//! that binds authentication to its connection (NTLM, or a bot's own `Authorization` on a
+//! target without a credential) cannot lend one bot's login to another.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use hyper::{body::Incoming, client::conn, header, Request, Response, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -19,6 +31,94 @@ use crate::{
 
 /// Idle HTTP/1.1 connections kept per session.
 const IDLE_H1: usize = 8;
+/// How long a connection left idle by an ended session is kept for the next one.
+const SHARED_IDLE: Duration = Duration::from_secs(30);
+
+/// Which sessions may take over a connection: see the module documentation.
+#[derive(Clone)]
+struct PoolKey {
+    identity: Option<String>,
+    target: String,
+    addr: SocketAddr,
+    /// The client configuration (compared by identity: it is kept alive by the key, so its
+    /// address is never another configuration's) and the name verified.
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+}
+
+impl PartialEq for PoolKey {
+    fn eq(&self, o: &PoolKey) -> bool {
+        self.identity == o.identity
+            && self.target == o.target
+            && self.addr == o.addr
+            && match (&self.tls, &o.tls) {
+                (None, None) => true,
+                (Some((a, n)), Some((b, m))) => Arc::ptr_eq(a, b) && n == m,
+                _ => false,
+            }
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.identity.hash(h);
+        self.target.hash(h);
+        self.addr.hash(h);
+        if let Some((cfg, name)) = &self.tls {
+            Arc::as_ptr(cfg).hash(h);
+            name.hash(h);
+        }
+    }
+}
+
+/// Connections left idle by an ended session.
+#[derive(Default)]
+struct Shared {
+    h2: Option<conn::http2::SendRequest<AnyBody>>,
+    h1: Vec<conn::http1::SendRequest<AnyBody>>,
+    since: Option<Instant>,
+}
+
+/// The connections ended sessions left, per session thread (their connection tasks run on
+/// that thread's runtime, so a session only takes those of its own thread) and [`PoolKey`].
+/// Owned by the handler: a reload closes a changed target's, shutdown all.
+#[derive(Default)]
+pub struct Kept(Mutex<HashMap<(Option<usize>, PoolKey), Shared>>);
+
+impl Kept {
+    /// The connections kept for `key` on this thread (expired ones are dropped first).
+    fn take(&self, key: &PoolKey) -> Option<Shared> {
+        let mut kept = lock(&self.0);
+        let now = Instant::now();
+        kept.retain(|_, k| k.since.is_some_and(|t| now - t < SHARED_IDLE));
+        kept.remove(&(crate::plane::current(), key.clone()))
+    }
+
+    fn put(
+        &self,
+        key: PoolKey,
+        h2: Option<conn::http2::SendRequest<AnyBody>>,
+        h1: Vec<conn::http1::SendRequest<AnyBody>>,
+    ) {
+        let mut kept = lock(&self.0);
+        let k = kept.entry((crate::plane::current(), key)).or_default();
+        if h2.is_some() {
+            k.h2 = h2;
+        }
+        k.h1.extend(h1);
+        k.h1.truncate(IDLE_H1);
+        k.since = Some(Instant::now());
+    }
+
+    /// Drop (so close) the connections of the targets `changed` names; how many.
+    pub fn remove_targets(&self, changed: impl Fn(&str) -> bool) -> usize {
+        let mut kept = lock(&self.0);
+        let before = kept.len();
+        kept.retain(|(_, key), _| !changed(&key.target));
+        before - kept.len()
+    }
+}
 
 /// Why a request could not be sent upstream. Safe to show the bot.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +151,9 @@ pub struct Upstream<'a> {
     tls_h1: Option<Arc<ClientConfig>>,
     h2: Mutex<Option<conn::http2::SendRequest<AnyBody>>>,
     h1: Mutex<Vec<conn::http1::SendRequest<AnyBody>>>,
+    /// Where this session's idle connections go when it ends (None: the target says
+    /// `pool = false`).
+    kept: Option<(&'a Kept, PoolKey)>,
 }
 
 impl<'a> Upstream<'a> {
@@ -59,13 +162,30 @@ impl<'a> Upstream<'a> {
         cx: &'a SessionCx,
         tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
         tls_h1: Option<Arc<ClientConfig>>,
+        kept: &'a Kept,
     ) -> Upstream<'a> {
+        let kept = cx.target.pool.then(|| {
+            let key = PoolKey {
+                identity: cx.identity.clone(),
+                target: cx.target.name.clone(),
+                addr: cx.orig_dst,
+                tls: tls.clone(),
+            };
+            (kept, key)
+        });
+        // The connections a previous session of this identity left (HTTP/2 is shared by
+        // every session that takes it; HTTP/1.1 ones are handed over).
+        let (h2, h1) = match kept.as_ref().and_then(|(kept, key)| kept.take(key)) {
+            Some(k) => (k.h2.filter(|s| !s.is_closed()), k.h1),
+            None => (None, Vec::new()),
+        };
         Upstream {
             cx,
             tls,
             tls_h1,
-            h2: Mutex::new(None),
-            h1: Mutex::new(Vec::new()),
+            h2: Mutex::new(h2),
+            h1: Mutex::new(h1),
+            kept,
         }
     }
 
@@ -198,6 +318,26 @@ impl<'a> Upstream<'a> {
                 }
             });
             Ok(Sender::H1(s))
+        }
+    }
+}
+
+impl Drop for Upstream<'_> {
+    /// Keep the session's idle connections for the identity's next session (see the module
+    /// documentation); closed ones are dropped.
+    fn drop(&mut self) {
+        let Some((kept, key)) = self.kept.take() else {
+            return;
+        };
+        let h2 = lock(&self.h2).take().filter(|s| !s.is_closed());
+        let h1: Vec<_> = std::mem::take(&mut *lock(&self.h1))
+            .into_iter()
+            // Not `is_ready`: a connection whose last response ended in this very poll has
+            // not been told yet; one still busy later is skipped when taken (see `sender`).
+            .filter(|s| !s.is_closed())
+            .collect();
+        if h2.is_some() || !h1.is_empty() {
+            kept.put(key, h2, h1);
         }
     }
 }

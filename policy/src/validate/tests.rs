@@ -972,13 +972,15 @@ fn target_pool_defaults_on_for_postgres_and_is_refused_elsewhere() {
     assert!(!pooled(&t("postgres", "pool = false\n")));
     assert!(pooled(&t("ssh", "")), "on by default for ssh too");
     assert!(!pooled(&t("ssh", "pool = false\n")));
+    assert!(pooled(&t("https", "")), "and for http targets");
+    assert!(!pooled(&t("https", "pool = false\n")));
     check(
         &t("tcp", "pool = true\n"),
         5,
         8,
         &[
             "`pool` of target \"t4\"",
-            "only supported for protocols \"postgres\" and \"ssh\"",
+            "only supported for protocols \"postgres\", \"ssh\", \"http\", \"https\" and \"kubernetes\"",
         ],
     );
     check(&t("postgres", "pool = \"yes\"\n"), 5, 8, &["pool"]);
