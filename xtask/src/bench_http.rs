@@ -297,19 +297,29 @@ struct Samples {
     syscalls: Option<f64>,
 }
 
+/// With `TOLLGATE_BENCH_PERF=DIR`, the agent's (`proxy` marked `true`) profile into `DIR/name`
+/// while the returned recorder lives, when `first`.
+fn profile(
+    proxy: Option<(u32, bool)>,
+    first: bool,
+    name: &str,
+) -> Result<Option<util::PerfRecord>> {
+    match (proxy, std::env::var_os("TOLLGATE_BENCH_PERF")) {
+        (Some((pid, true)), Some(dir)) if first => Ok(Some(util::PerfRecord::start(
+            pid,
+            &Path::new(&dir).join(name),
+        )?)),
+        _ => Ok(None),
+    }
+}
+
 /// One column's round: `wrk` (with the proxy's CPU per request when `proxy` is the pid of
 /// the agent, or of nginx's master and its workers) and the download. With
 /// `TOLLGATE_BENCH_PERF=DIR`, the agent's first `wrk` is profiled into `DIR/http.data`, and its
 /// first run with a new connection per request into `DIR/http-fresh.data`.
 fn measure(port: u16, s: &mut Samples, proxy: Option<(u32, bool)>) -> Result<()> {
     let before = proxy.map(|(pid, _)| util::tree_cpu_ms(pid));
-    let _perf = match (proxy, std::env::var_os("TOLLGATE_BENCH_PERF")) {
-        (Some((pid, true)), Some(dir)) if s.cpu_us.is_empty() => Some(util::PerfRecord::start(
-            pid,
-            &Path::new(&dir).join("http.data"),
-        )?),
-        _ => None,
-    };
+    let _perf = profile(proxy, s.cpu_us.is_empty(), "http.data")?;
     let w = wrk(port)?;
     drop(_perf);
     if let (Some((pid, _)), Some(b)) = (proxy, before) {
@@ -320,13 +330,7 @@ fn measure(port: u16, s: &mut Samples, proxy: Option<(u32, bool)>) -> Result<()>
     s.p50_ms.push(w.p50_ms);
     s.p99_ms.push(w.p99_ms);
     s.down_s.push(download(port)?);
-    let _perf = match (proxy, std::env::var_os("TOLLGATE_BENCH_PERF")) {
-        (Some((pid, true)), Some(dir)) if s.fresh_rps.is_empty() => Some(util::PerfRecord::start(
-            pid,
-            &Path::new(&dir).join("http-fresh.data"),
-        )?),
-        _ => None,
-    };
+    let _perf = profile(proxy, s.fresh_rps.is_empty(), "http-fresh.data")?;
     s.fresh_rps
         .push(wrk_with(port, FRESH_SECS, FRESH_CONNS, &["-H", "Connection: close"])?.rps);
     drop(_perf);

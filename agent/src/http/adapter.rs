@@ -45,7 +45,8 @@ impl ProtocolHandler for HttpHandler {
         // pooling: dropped (which closes them), as the other handlers' are.
         let closed = self
             .kept
-            .remove_targets(|name| crate::session::target_changed(&old.policy, new, name));
+            .remove_targets(|name| crate::session::target_changed(&old.policy, new, name))
+            .len();
         if closed > 0 {
             tracing::info!(
                 closed,

@@ -10,10 +10,9 @@
 //! target without a credential) cannot lend one bot's login to another.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use hyper::{body::Incoming, client::conn, header, Request, Response, Uri, Version};
@@ -25,7 +24,10 @@ use tokio_rustls::TlsConnector;
 use super::AnyBody;
 use crate::{
     lock,
-    session::{DataPathError, SessionCx},
+    session::{
+        kept::{KeptConn, KeptKey},
+        DataPathError, SessionCx,
+    },
     tls::{Conn, UpstreamTlsError},
 };
 
@@ -36,7 +38,9 @@ const SHARED_IDLE: Duration = Duration::from_secs(30);
 
 /// Which sessions may take over a connection: see the module documentation.
 #[derive(Clone)]
-struct PoolKey {
+pub struct PoolKey {
+    /// The session thread (the connection's task runs on its runtime).
+    thread: Option<usize>,
     identity: Option<String>,
     target: String,
     addr: SocketAddr,
@@ -47,7 +51,8 @@ struct PoolKey {
 
 impl PartialEq for PoolKey {
     fn eq(&self, o: &PoolKey) -> bool {
-        self.identity == o.identity
+        self.thread == o.thread
+            && self.identity == o.identity
             && self.target == o.target
             && self.addr == o.addr
             && match (&self.tls, &o.tls) {
@@ -62,6 +67,7 @@ impl Eq for PoolKey {}
 
 impl std::hash::Hash for PoolKey {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.thread.hash(h);
         self.identity.hash(h);
         self.target.hash(h);
         self.addr.hash(h);
@@ -72,53 +78,32 @@ impl std::hash::Hash for PoolKey {
     }
 }
 
-/// Connections left idle by an ended session.
-#[derive(Default)]
-struct Shared {
-    h2: Option<conn::http2::SendRequest<AnyBody>>,
-    h1: Vec<conn::http1::SendRequest<AnyBody>>,
-    since: Option<Instant>,
+impl KeptKey for PoolKey {
+    const IDLE: Duration = SHARED_IDLE;
+    const PER_KEY: usize = IDLE_H1;
+    fn target(&self) -> &str {
+        &self.target
+    }
 }
 
-/// The connections ended sessions left, per session thread (their connection tasks run on
-/// that thread's runtime, so a session only takes those of its own thread) and [`PoolKey`].
-/// Owned by the handler: a reload closes a changed target's, shutdown all.
-#[derive(Default)]
-pub struct Kept(Mutex<HashMap<(Option<usize>, PoolKey), Shared>>);
+/// A connection an ended session left.
+pub enum Idle {
+    H1(conn::http1::SendRequest<AnyBody>),
+    H2(conn::http2::SendRequest<AnyBody>),
+}
 
-impl Kept {
-    /// The connections kept for `key` on this thread (expired ones are dropped first).
-    fn take(&self, key: &PoolKey) -> Option<Shared> {
-        let mut kept = lock(&self.0);
-        let now = Instant::now();
-        kept.retain(|_, k| k.since.is_some_and(|t| now - t < SHARED_IDLE));
-        kept.remove(&(crate::plane::current(), key.clone()))
-    }
-
-    fn put(
-        &self,
-        key: PoolKey,
-        h2: Option<conn::http2::SendRequest<AnyBody>>,
-        h1: Vec<conn::http1::SendRequest<AnyBody>>,
-    ) {
-        let mut kept = lock(&self.0);
-        let k = kept.entry((crate::plane::current(), key)).or_default();
-        if h2.is_some() {
-            k.h2 = h2;
+impl KeptConn for Idle {
+    fn is_open(&self) -> bool {
+        match self {
+            Idle::H1(s) => !s.is_closed(),
+            Idle::H2(s) => !s.is_closed(),
         }
-        k.h1.extend(h1);
-        k.h1.truncate(IDLE_H1);
-        k.since = Some(Instant::now());
-    }
-
-    /// Drop (so close) the connections of the targets `changed` names; how many.
-    pub fn remove_targets(&self, changed: impl Fn(&str) -> bool) -> usize {
-        let mut kept = lock(&self.0);
-        let before = kept.len();
-        kept.retain(|(_, key), _| !changed(&key.target));
-        before - kept.len()
     }
 }
+
+/// The connections ended sessions left, owned by the handler: a reload drops a changed
+/// target's, shutdown all.
+pub type Kept = crate::session::kept::Kept<PoolKey, Idle>;
 
 /// Why a request could not be sent upstream. Safe to show the bot.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +151,7 @@ impl<'a> Upstream<'a> {
     ) -> Upstream<'a> {
         let kept = cx.target.pool.then(|| {
             let key = PoolKey {
+                thread: crate::plane::current(),
                 identity: cx.identity.clone(),
                 target: cx.target.name.clone(),
                 addr: cx.orig_dst,
@@ -173,10 +159,11 @@ impl<'a> Upstream<'a> {
             };
             (kept, key)
         });
-        // The connections a previous session of this identity left (HTTP/2 is shared by
-        // every session that takes it; HTTP/1.1 ones are handed over).
+        // A connection a previous session of this identity left (one: a session that needs
+        // more opens them).
         let (h2, h1) = match kept.as_ref().and_then(|(kept, key)| kept.take(key)) {
-            Some(k) => (k.h2.filter(|s| !s.is_closed()), k.h1),
+            Some(Idle::H2(s)) => (Some(s), Vec::new()),
+            Some(Idle::H1(s)) => (None, vec![s]),
             None => (None, Vec::new()),
         };
         Upstream {
@@ -324,20 +311,20 @@ impl<'a> Upstream<'a> {
 
 impl Drop for Upstream<'_> {
     /// Keep the session's idle connections for the identity's next session (see the module
-    /// documentation); closed ones are dropped.
+    /// documentation); closed ones, and those past [`IDLE_H1`], are dropped.
     fn drop(&mut self) {
         let Some((kept, key)) = self.kept.take() else {
             return;
         };
-        let h2 = lock(&self.h2).take().filter(|s| !s.is_closed());
-        let h1: Vec<_> = std::mem::take(&mut *lock(&self.h1))
+        let h2 = lock(&self.h2).take().map(Idle::H2);
+        // Not only the ready ones: a connection whose last response ended in this very poll
+        // has not been told yet; one still busy later is skipped when taken (see `sender`).
+        let h1 = std::mem::take(&mut *lock(&self.h1))
             .into_iter()
-            // Not `is_ready`: a connection whose last response ended in this very poll has
-            // not been told yet; one still busy later is skipped when taken (see `sender`).
-            .filter(|s| !s.is_closed())
-            .collect();
-        if h2.is_some() || !h1.is_empty() {
-            kept.put(key, h2, h1);
+            .map(Idle::H1);
+        for c in h2.into_iter().chain(h1) {
+            // Refused (closed, or enough kept): dropped, which closes it.
+            let _ = kept.put(key.clone(), c);
         }
     }
 }

@@ -8,7 +8,7 @@
 //! per operation for its decision, audit line and approval, claims always passed), `guard.rs`
 //! (the close event and metrics, exactly once), `approval.rs` (open, wait and hold an approval
 //! with withdrawal), `upstream.rs` (connect to the original destination), `credentials.rs`
-//! (read a target's secret), `workload.rs` (workload OIDC token checks), `error.rs` (typed
+//! (read a target's secret), `kept.rs` (upstream connections kept between sessions), `workload.rs` (workload OIDC token checks), `error.rs` (typed
 //! data-path errors), `relay.rs` (the opaque TCP relay, the handler of `tcp` targets and
 //! of whole-connection allows) and `testing.rs` (the in-process tier's constructors).
 //!
@@ -23,6 +23,7 @@ mod cx;
 mod error;
 mod guard;
 mod handler;
+pub mod kept;
 pub mod live;
 mod relay;
 pub mod testing;
