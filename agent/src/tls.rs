@@ -501,18 +501,27 @@ fn client_config_alpn(
     client: Option<&ClientCert>,
     resume: bool,
 ) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
-    let provider = provider();
-    let (verifier, verifier_key) = cached_verifier(tls, provider)?;
     let key = ConfigKey {
-        verifier: verifier_key,
+        verifier: verifier_key(tls)?,
         alpn: alpn.iter().map(|p| p.to_vec()).collect(),
         client: client.map(|c| c.fingerprint),
         resume,
     };
-    if let Some(cfg) = crate::lock(&CONFIGS).as_ref().and_then(|c| c.get(&key)) {
-        return Ok(cfg.clone());
-    }
-    let builder = ClientConfig::builder_with_provider(provider.clone())
+    static CONFIGS: Cache<ConfigKey, Arc<ClientConfig>> = Mutex::new(None);
+    cached(&CONFIGS, key, |key| build_client_config(tls, key, client))
+}
+
+/// A client configuration as `key` describes it (see [`client_config_alpn`]).
+fn build_client_config(
+    tls: &TargetTls,
+    key: &ConfigKey,
+    client: Option<&ClientCert>,
+) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
+    static VERIFIERS: Cache<VerifierKey, Arc<dyn ServerCertVerifier>> = Mutex::new(None);
+    let verifier = cached(&VERIFIERS, key.verifier.clone(), |_| {
+        server_verifier(tls, provider())
+    })?;
+    let builder = ClientConfig::builder_with_provider(provider().clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| UpstreamTlsError::Handshake(io::Error::other(e)))?
         .dangerous()
@@ -527,26 +536,39 @@ fn client_config_alpn(
     // Shared by every connection with the same settings (the same verifier from the same CA
     // file, ALPN ids and client certificate), so a session resumed from its cache was made
     // under exactly these settings and skips only the certificate checks already done.
-    cfg.resumption = if resume {
+    cfg.resumption = if key.resume {
         rustls::client::Resumption::in_memory_sessions(SESSIONS_KEPT)
     } else {
         rustls::client::Resumption::disabled()
     };
-    let cfg = Arc::new(cfg);
-    let mut configs = crate::lock(&CONFIGS);
-    let configs = configs.get_or_insert_with(HashMap::new);
-    if configs.len() >= CONFIGS_KEPT {
-        configs.clear();
-    }
-    configs.insert(key, cfg.clone());
-    Ok(cfg)
+    Ok(Arc::new(cfg))
 }
 
-/// Client configurations by what they were built from (see [`client_config_alpn`]).
-#[allow(clippy::type_complexity)]
-static CONFIGS: Mutex<Option<HashMap<ConfigKey, Arc<ClientConfig>>>> = Mutex::new(None);
-/// Distinct client configurations kept (past this, the cache starts over).
-const CONFIGS_KEPT: usize = 64;
+/// A process-wide cache of what TLS settings were built into (verifiers, client
+/// configurations), keyed by what they were built from.
+type Cache<K, V> = Mutex<Option<HashMap<K, V>>>;
+/// Distinct entries a [`Cache`] keeps (a policy names a few CA files; past this, the cache
+/// starts over).
+const CACHE_KEPT: usize = 64;
+
+/// The value `cache` holds for `key`, built by `build` when it holds none.
+fn cached<K: Eq + std::hash::Hash, V: Clone, E>(
+    cache: &Cache<K, V>,
+    key: K,
+    build: impl FnOnce(&K) -> Result<V, E>,
+) -> Result<V, E> {
+    if let Some(v) = crate::lock(cache).as_ref().and_then(|c| c.get(&key)) {
+        return Ok(v.clone());
+    }
+    let v = build(&key)?;
+    let mut cache = crate::lock(cache);
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if cache.len() >= CACHE_KEPT {
+        cache.clear();
+    }
+    cache.insert(key, v.clone());
+    Ok(v)
+}
 /// TLS sessions kept for resumption per client configuration (rustls keys them by server
 /// name).
 const SESSIONS_KEPT: usize = 64;
@@ -589,13 +611,10 @@ fn provider() -> &'static Arc<CryptoProvider> {
     PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
-/// Distinct verifiers kept by [`cached_verifier`] (a policy names a few CA files; past this,
-/// the cache starts over).
-const VERIFIERS_KEPT: usize = 64;
-
-/// What a cached verifier was built from: the mode, the CA file's path and the identity of
-/// its contents then (device, inode, length, modification time), so a CA file replaced or
-/// rewritten is read again on the next connection.
+/// What a verifier is built from: the mode, the CA file's path and the identity of its
+/// contents then (device, inode, length, modification time), so a CA file replaced or
+/// rewritten is read again on the next connection. Reading and parsing the system's roots
+/// (about 140 certificates) took 0.65 ms per connection; a `stat` now.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct VerifierKey {
     mode: TlsMode,
@@ -603,16 +622,8 @@ struct VerifierKey {
     file: Option<(u64, u64, u64, i64, i64)>,
 }
 
-/// [`server_verifier`] for `tls`, reused across connections while its CA file is unchanged,
-/// with the key it is kept under. Reading and parsing the system's roots (about 140
-/// certificates) took 0.65 ms per connection; a `stat` now.
-fn cached_verifier(
-    tls: &TargetTls,
-    provider: &Arc<CryptoProvider>,
-) -> Result<(Arc<dyn ServerCertVerifier>, VerifierKey), UpstreamTlsError> {
+fn verifier_key(tls: &TargetTls) -> Result<VerifierKey, UpstreamTlsError> {
     use std::os::unix::fs::MetadataExt as _;
-    static CACHE: Mutex<Option<HashMap<VerifierKey, Arc<dyn ServerCertVerifier>>>> =
-        Mutex::new(None);
     let reads_file = matches!(tls.mode, TlsMode::VerifyFull | TlsMode::VerifyCa);
     let file = match (&tls.ca_file, reads_file) {
         (Some(path), true) => {
@@ -621,22 +632,11 @@ fn cached_verifier(
         }
         _ => None,
     };
-    let key = VerifierKey {
+    Ok(VerifierKey {
         mode: tls.mode,
         ca_file: tls.ca_file.clone().filter(|_| reads_file),
         file,
-    };
-    if let Some(v) = crate::lock(&CACHE).as_ref().and_then(|c| c.get(&key)) {
-        return Ok((v.clone(), key));
-    }
-    let v = server_verifier(tls, provider)?;
-    let mut cache = crate::lock(&CACHE);
-    let cache = cache.get_or_insert_with(HashMap::new);
-    if cache.len() >= VERIFIERS_KEPT {
-        cache.clear();
-    }
-    cache.insert(key.clone(), v.clone());
-    Ok((v, key))
+    })
 }
 
 /// How the server's certificate is checked under `tls.mode`.
@@ -827,7 +827,7 @@ pub fn server_end_point(cert: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// The verifier built from a CA file is reused while the file is unchanged, and the file
+    /// What is built from a CA file is reused while the file is unchanged, and the file
     /// is read again once it is rewritten (a rotated CA is trusted, a broken one refused).
     #[test]
     fn verifiers_are_reused_until_their_ca_file_changes() {
@@ -847,18 +847,18 @@ mod tests {
             server_name: None,
         };
         fs::write(&file, pem("one")).expect("write");
-        let a = cached_verifier(&tls, provider()).expect("first").0;
-        let b = cached_verifier(&tls, provider()).expect("again").0;
+        let a = http_client_config(&tls, &[b"h2"], None).expect("first");
+        let b = http_client_config(&tls, &[b"h2"], None).expect("again");
         assert!(
             Arc::ptr_eq(&a, &b),
             "an unchanged CA file is not read again"
         );
         fs::write(&file, format!("{}{}", pem("one"), pem("two"))).expect("rewrite");
-        let c = cached_verifier(&tls, provider()).expect("rotated").0;
+        let c = http_client_config(&tls, &[b"h2"], None).expect("rotated");
         assert!(!Arc::ptr_eq(&a, &c), "a rewritten CA file is read again");
         fs::write(&file, "not a certificate").expect("break");
         assert!(matches!(
-            cached_verifier(&tls, provider()),
+            http_client_config(&tls, &[b"h2"], None),
             Err(UpstreamTlsError::CaFile { .. })
         ));
         // Whole configurations are shared by the same settings only (their session caches
