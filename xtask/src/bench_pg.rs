@@ -884,11 +884,16 @@ fn agent_columns(
             };
             let pid = agent.child.id();
             for (i, (_, args)) in rows.iter().enumerate() {
-                let _perf = (col == 2 && i < 2)
+                // The bare relay's profile too, to set tollgate's against.
+                let name = if col == 2 { "row" } else { "relay-row" };
+                let _perf = ((col == 1 || col == 2) && i < 2)
                     .then(|| std::env::var_os("TOLLGATE_BENCH_PERF"))
                     .flatten()
                     .map(|dir| {
-                        util::PerfRecord::start(pid, &Path::new(&dir).join(format!("row{i}.data")))
+                        util::PerfRecord::start(
+                            pid,
+                            &Path::new(&dir).join(format!("{name}{i}.data")),
+                        )
                     })
                     .transpose()?;
                 table.runs[i][col].push(pgbench_cpu(pg_port, pw, args, Some(pid))?);
