@@ -246,7 +246,13 @@ impl Line {
     /// A line starting with `ts` (now) and then `fields`, a pre-serialized run of
     /// `"key":value` pairs (see [`Line::fields`]); empty for none.
     pub fn new(fields: &str) -> Line {
-        let mut b = Vec::with_capacity(256 + fields.len());
+        // A buffer an earlier line of this thread finished with, if there is one.
+        let mut b = SPARE_LINES
+            .try_with(|s| s.try_borrow_mut().ok()?.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        b.reserve(256 + fields.len());
         b.extend_from_slice(b"{\"ts\":\"");
         push_ts(SystemTime::now(), &mut b);
         b.push(b'"');
@@ -311,11 +317,71 @@ impl Line {
         self
     }
 
-    /// The finished line, newline included.
-    pub fn finish(mut self) -> Vec<u8> {
+    /// The finished line, newline included. Its buffer serves a later line of this thread
+    /// once the [`Finished`] is dropped.
+    pub fn finish(mut self) -> Finished {
         self.0.extend_from_slice(b"}\n");
-        self.0
+        Finished(std::mem::take(&mut self.0))
     }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        keep_spare(std::mem::take(&mut self.0));
+    }
+}
+
+/// A finished [`Line`]'s bytes. Dropped, its buffer is kept for the next line of this thread:
+/// the hot paths make an audit line and a recording line or two per statement and request,
+/// each copied into the journal at once, so a few buffers per thread serve them all without
+/// an allocation each.
+pub struct Finished(Vec<u8>);
+
+impl Finished {
+    /// The bytes, as a buffer of their own (not kept for reuse).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl std::ops::Deref for Finished {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        keep_spare(std::mem::take(&mut self.0));
+    }
+}
+
+/// Buffers kept per thread for [`Line::new`], at most this many...
+const SPARE_LINES_KEPT: usize = 4;
+/// ...of at most this capacity (a line of a long statement gives its buffer back to the
+/// allocator).
+const SPARE_LINE_CAPACITY: usize = 4096;
+
+thread_local! {
+    /// This thread's spare line buffers (see [`Finished`]).
+    static SPARE_LINES: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Keep `b` (emptied) for a later [`Line::new`] of this thread, if it is worth keeping.
+fn keep_spare(mut b: Vec<u8>) {
+    if b.capacity() == 0 || b.capacity() > SPARE_LINE_CAPACITY {
+        return;
+    }
+    b.clear();
+    // try_with: a line dropped while the thread's locals are torn down is simply freed.
+    let _ = SPARE_LINES.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            if s.len() < SPARE_LINES_KEPT {
+                s.push(b);
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -344,14 +410,14 @@ mod tests {
                 .str("k", v)
                 .opt("n", None)
                 .opt("o", Some(v));
-            let got = String::from_utf8(line.0).expect("utf-8");
+            let got = String::from_utf8(line.finish().into_vec()).expect("utf-8");
             let want = format!(
-                ",\"k\":{0},\"n\":null,\"o\":{0}",
+                ",\"k\":{0},\"n\":null,\"o\":{0}}}\n",
                 serde_json::to_string(v).expect("json")
             );
             assert_eq!(got, want, "{v:?}");
         }
-        let ts = String::from_utf8(Line::new("").finish()).expect("utf-8");
+        let ts = String::from_utf8(Line::new("").finish().into_vec()).expect("utf-8");
         let v: Value = serde_json::from_str(&ts).expect("json");
         let ts = v["ts"].as_str().expect("ts");
         assert!(

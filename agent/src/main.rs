@@ -276,7 +276,7 @@ fn init_logging(json: bool) {
 
 /// mimalloc: the data path allocates per message and per request (buffers, audit lines, hyper's
 /// headers); glibc's malloc took 11 % of the agent's CPU under `bench http`. Counted for
-/// `tollgate_heap_bytes_in_use` when asked (see `heap.rs`).
+/// `tollgate_heap_bytes_in_use` and `tollgate_heap_allocations_total` when asked (see `heap.rs`).
 #[global_allocator]
 static GLOBAL: Counted = Counted(mimalloc::MiMalloc);
 
@@ -288,7 +288,7 @@ unsafe impl std::alloc::GlobalAlloc for Counted {
         // SAFETY: the caller's contract, passed on.
         let p = unsafe { self.0.alloc(l) };
         if !p.is_null() {
-            tollgate::heap::note(l.size() as i64);
+            tollgate::heap::note_allocation(l.size() as i64);
         }
         p
     }
@@ -296,7 +296,7 @@ unsafe impl std::alloc::GlobalAlloc for Counted {
         // SAFETY: the caller's contract, passed on.
         let p = unsafe { self.0.alloc_zeroed(l) };
         if !p.is_null() {
-            tollgate::heap::note(l.size() as i64);
+            tollgate::heap::note_allocation(l.size() as i64);
         }
         p
     }
@@ -309,7 +309,7 @@ unsafe impl std::alloc::GlobalAlloc for Counted {
         // SAFETY: the caller's contract, passed on.
         let q = unsafe { self.0.realloc(p, l, new) };
         if !q.is_null() {
-            tollgate::heap::note(new as i64 - l.size() as i64);
+            tollgate::heap::note_allocation(new as i64 - l.size() as i64);
         }
         q
     }

@@ -10,8 +10,8 @@ use hyper_util::rt::TokioIo;
 use prometheus::{
     core::{Collector, Desc},
     proto::{Counter, LabelPair, Metric, MetricFamily, MetricType},
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tollgate_common::counter;
@@ -37,8 +37,9 @@ pub struct Metrics {
     pub audit_write_errors: IntCounterVec,
     /// `tollgate_ssh_channels_total{target,kind,action}`.
     pub ssh_channels: IntCounterVec,
-    /// `tollgate_heap_bytes_in_use`, only while the allocator counts (see `heap.rs`).
-    heap: Option<IntGauge>,
+    /// `tollgate_heap_bytes_in_use` and `tollgate_heap_allocations_total`, only while the
+    /// allocator counts (see `heap.rs`).
+    heap: Option<(IntGauge, IntCounter)>,
 }
 
 pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
@@ -81,10 +82,16 @@ impl Metrics {
             &["target", "kind", "action"],
         ));
         let heap = crate::heap::counting().then(|| {
-            must(IntGauge::new(
-                "tollgate_heap_bytes_in_use",
-                "Heap bytes allocated and not yet freed since start-up (TOLLGATE_HEAP_STATS=1 only).",
-            ))
+            (
+                must(IntGauge::new(
+                    "tollgate_heap_bytes_in_use",
+                    "Heap bytes allocated and not yet freed since start-up (TOLLGATE_HEAP_STATS=1 only).",
+                )),
+                must(IntCounter::new(
+                    "tollgate_heap_allocations_total",
+                    "Heap allocations (and reallocations) since start-up (TOLLGATE_HEAP_STATS=1 only).",
+                )),
+            )
         });
         let approvals_pending = must(IntGauge::new(
             "tollgate_approvals_pending",
@@ -172,8 +179,9 @@ impl Metrics {
         ] {
             must(registry.register(c));
         }
-        if let Some(g) = &heap {
-            must(registry.register(Box::new(g.clone())));
+        if let Some((bytes, allocations)) = &heap {
+            must(registry.register(Box::new(bytes.clone())));
+            must(registry.register(Box::new(allocations.clone())));
         }
         // Reload counters exist from the start so dashboards see zeros, not gaps.
         for r in ["ok", "error"] {
@@ -214,8 +222,12 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        if let Some(g) = &self.heap {
-            g.set(crate::heap::in_use());
+        if let Some((bytes, allocations)) = &self.heap {
+            bytes.set(crate::heap::in_use());
+            // Brought up to the allocator's count (two scrapes at once: the later adds 0).
+            static CATCH_UP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one = crate::lock(&CATCH_UP);
+            allocations.inc_by(crate::heap::allocations().saturating_sub(allocations.get()));
         }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {

@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 
 use crate::{
     demo::{AgentProc, Cgroup, Postgres},
@@ -235,11 +235,83 @@ pub(crate) const HEAP_STATS: (&str, &str) = ("TOLLGATE_HEAP_STATS", "1");
 
 /// `tollgate_heap_bytes_in_use` from the agent's metrics, when it counts.
 fn heap_in_use(metrics: &str) -> Result<Option<f64>> {
+    heap_metric(metrics, "tollgate_heap_bytes_in_use")
+}
+
+/// One of the agent's heap metrics (`heap.rs`), when it counts.
+pub(crate) fn heap_metric(metrics: &str, name: &str) -> Result<Option<f64>> {
     let text = crate::demo::http_get(metrics, "/metrics")?;
     Ok(text
         .lines()
-        .find_map(|l| l.strip_prefix("tollgate_heap_bytes_in_use "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok()))
+}
+
+/// Transactions of each allocation count (one client, after a warm-up run).
+const ALLOC_TXNS: usize = 5000;
+
+/// The agent's heap allocations per transaction of pgbench with `args` (one client,
+/// [`ALLOC_TXNS`] transactions; its login and Terminate are in the count, spread over them).
+fn allocations_per_transaction(pg_port: u16, metrics: &str, args: &[&str]) -> Result<f64> {
+    let count = || -> Result<f64> {
+        heap_metric(metrics, "tollgate_heap_allocations_total")?
+            .context("the agent does not count its allocations (TOLLGATE_HEAP_STATS=1)")
+    };
+    let run = || -> Result<()> {
+        let st = Command::new("pgbench")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg_port.to_string(),
+                "-U",
+                "app_rw",
+            ])
+            .args(["-n", "-c", "1", "-t", &ALLOC_TXNS.to_string()])
+            .args(args)
+            .arg("bench")
+            .env("PGPASSWORD", "not-the-password")
+            .env("PGSSLMODE", "disable")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("pgbench")?;
+        ensure!(st.success(), "pgbench {args:?} through the agent failed");
+        Ok(())
+    };
+    // First-use caches (classification, catalog snapshots) are filled by a first run.
+    run()?;
+    let before = count()?;
+    run()?;
+    Ok((count()? - before) / ALLOC_TXNS as f64)
+}
+
+/// What the heap-counting agent measured: idle sessions, and allocations per transaction.
+#[derive(Clone)]
+struct HeapFigures {
+    sessions: usize,
+    idle: Held,
+    /// (row, allocations per transaction).
+    allocations: Vec<(&'static str, f64)>,
+}
+
+impl HeapFigures {
+    fn print(&self) {
+        println!(
+            "\nidle postgres session memory over {} idle psql sessions: {} (goal <= 16 KiB)",
+            self.sessions,
+            self.idle.describe("session")
+        );
+        let per: Vec<String> = self
+            .allocations
+            .iter()
+            .map(|(row, n)| format!("{row} {n:.1}"))
+            .collect();
+        println!(
+            "agent heap allocations per transaction (one client, {ALLOC_TXNS} transactions): {}",
+            per.join(", ")
+        );
+    }
 }
 
 /// What each of `n` sessions of `protocol` that `spawn` starts (each a client waiting on its
@@ -489,11 +561,8 @@ fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool
     let mut idle = None;
     if !tps {
         agent_columns(bin, None, pg_port, &rows, None, false, &mut idle)?;
-        if let Some((n, per)) = idle {
-            println!(
-                "idle postgres session memory over {n} sessions: {}",
-                per.describe("session")
-            );
+        if let Some(h) = idle {
+            h.print();
         }
         return Ok(());
     }
@@ -623,11 +692,8 @@ fn table_and_memory(bin: &Path, baseline: Option<&Path>, pg_port: u16, tps: bool
         println!("  {name:<32} {}", per.join("  |  "));
     }
     table.print_latency_and_setup();
-    if let Some((n, per)) = idle {
-        println!(
-            "\nidle postgres session memory over {n} idle psql sessions: {} (goal <= 16 KiB)",
-            per.describe("session")
-        );
+    if let Some(h) = idle {
+        h.print();
     }
     Ok(())
 }
@@ -838,7 +904,7 @@ fn agent_columns(
     rows: &Rows<'_>,
     mut table: Option<&mut Table>,
     reverse: bool,
-    idle: &mut Option<(usize, Held)>,
+    idle: &mut Option<HeapFigures>,
 ) -> Result<()> {
     // The bot: this process and its pgbench children in the bench cgroup.
     let _cg = InBenchCgroup::enter("tollgate-bench-pg")?;
@@ -865,11 +931,20 @@ fn agent_columns(
             // On an agent of its own that counts its heap (which costs the measured ones).
             let mut agent = AgentProc::start(bin, &pol, &log, &[HEAP_STATS])?;
             agent.wait_ready(&format!("127.0.0.1:{metrics}"), &log)?;
-            *idle = Some(idle_session_memory(
-                agent.child.id(),
-                pg_port,
-                &metrics_addr(metrics),
-            )?);
+            let m = metrics_addr(metrics);
+            let (sessions, held) = idle_session_memory(agent.child.id(), pg_port, &m)?;
+            let mut allocations = Vec::new();
+            for (row, args) in [
+                ("-S", &["-S"][..]),
+                ("-S -M prepared", &["-S", "-M", "prepared"]),
+            ] {
+                allocations.push((row, allocations_per_transaction(pg_port, &m, args)?));
+            }
+            *idle = Some(HeapFigures {
+                sessions,
+                idle: held,
+                allocations,
+            });
             agent.stop();
         }
         let mut agent = AgentProc::start(bin, &pol, &log, env)?;

@@ -878,10 +878,13 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         stmt_descs: HashMap::new(),
         portal_descs: HashMap::new(),
         current: None,
+        last_desc: None,
+        last_plan: None,
         recorder: recorder.clone(),
         masked_in_statement: 0,
         copy: None,
         copy_scratch: Vec::new(),
+        row_scratch: Vec::new(),
         withhold: false,
         status: session.status,
         released,
@@ -2319,9 +2322,7 @@ impl ClientSide<'_> {
                 statement,
                 raw: body,
             } => {
-                let formats = wire::decode_bind(&body)
-                    .map(|b| b.result_formats)
-                    .unwrap_or_default();
+                let formats = wire::bind_result_formats(&body).unwrap_or_default();
                 self.bind(portal, statement, formats);
             }
             Frontend::Describe { kind, name } => {
@@ -2995,6 +2996,19 @@ struct RowPlan {
     rest_masked: Rule,
 }
 
+/// A plan and what it was made from (see `ServerSide::described_plan`): the same description
+/// (the same `Arc`), result formats, taint and catalog snapshot make the same plan.
+struct PlanMemo {
+    fields: Arc<Vec<wire::Field>>,
+    formats: Option<Vec<i16>>,
+    taint: bool,
+    catalog: Arc<Catalog>,
+    plan: Arc<RowPlan>,
+}
+
+/// The longest RowDescription a session keeps for reuse (`ServerSide::last_desc`).
+const DESC_KEPT: usize = 1024;
+
 /// The server -> client direction: rewrite denial errors, mask rows, record results.
 struct ServerSide<'a> {
     cx: &'a SessionCx,
@@ -3007,13 +3021,20 @@ struct ServerSide<'a> {
     /// RowDescriptions of portals, by name, valid until the portal is bound again, closed, or
     /// may have been replaced (see `Expect::Execute::resets`).
     portal_descs: HashMap<String, Arc<Vec<wire::Field>>>,
-    current: Option<RowPlan>,
+    current: Option<Arc<RowPlan>>,
+    /// The last RowDescription of a simple query (its bytes, bounded) and its fields: a session
+    /// running the same query shape again reuses them instead of decoding each time.
+    last_desc: Option<(Vec<u8>, Arc<Vec<wire::Field>>)>,
+    /// The last plan made from a description, and what it was made from.
+    last_plan: Option<PlanMemo>,
     recorder: Option<Arc<Recorder>>,
     masked_in_statement: u64,
     /// The COPY ... TO STDOUT being masked.
     copy: Option<CopyMasker>,
     /// Reused buffer for masked COPY rows.
     copy_scratch: Vec<u8>,
+    /// Reused buffer for a DataRow's value ranges (see `mask_row`).
+    row_scratch: Vec<Option<std::ops::Range<usize>>>,
     /// The rest of a COPY's output is withheld (it could not be masked; the client already
     /// got an error): CopyData, CopyDone and its CommandComplete are dropped.
     withhold: bool,
@@ -3038,6 +3059,9 @@ const NO_VALUE_CLASSES: &[&str] = &[
 fn quotes_no_values(code: &str) -> bool {
     code.get(..2).is_some_and(|c| NO_VALUE_CLASSES.contains(&c))
 }
+
+/// Columns of value ranges a session keeps between DataRows (16 bytes each).
+const ROW_SCRATCH_KEPT: usize = 64;
 
 /// Types whose binary form is their text (UTF-8): masked like text.
 fn text_like(oid: u32) -> bool {
@@ -3145,15 +3169,18 @@ impl ServerSide<'_> {
         let (Some(m), Some(plan)) = (self.masker.as_ref(), self.current.as_ref()) else {
             return Ok(None);
         };
-        let values = wire::data_row_values(raw).map_err(|e| DataPathError::Upstream {
+        // The row's values as ranges of `raw`, in a buffer every row of the session reuses.
+        let mut ranges = std::mem::take(&mut self.row_scratch);
+        wire::data_row_ranges(raw, &mut ranges).map_err(|e| DataPathError::Upstream {
             addr: self.cx.orig_dst,
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
         })?;
+        let values = ranges.iter().map(|r| r.clone().map(|r| &raw[r]));
         // Most rows need no change: only masked fields are collected (no allocation otherwise),
         // and the row is re-encoded only when there is one.
         let mut changes: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
         let mut fired: Vec<&'static str> = Vec::new();
-        for (i, v) in values.iter().enumerate() {
+        for (i, v) in values.clone().enumerate() {
             let (fmt, oid, col_rule) = plan.cols.get(i).copied().unwrap_or((
                 format_at(&plan.rest_formats, i),
                 0,
@@ -3196,10 +3223,18 @@ impl ServerSide<'_> {
                 }
             }
         }
+        let mut new: Vec<Option<&[u8]>> = if changes.is_empty() {
+            Vec::new()
+        } else {
+            values.collect()
+        };
+        // Kept for the next row, unless a very wide row made it large.
+        if ranges.capacity() <= ROW_SCRATCH_KEPT {
+            self.row_scratch = ranges;
+        }
         if changes.is_empty() {
             return Ok(None);
         }
-        let mut new: Vec<Option<&[u8]>> = values.clone();
         for (i, v) in &changes {
             new[*i] = v.as_deref();
         }
@@ -3670,7 +3705,14 @@ impl ServerSide<'_> {
     /// A RowDescription: the description of a Describe's statement or portal, or the plan of
     /// the simple query's rows that follow.
     fn on_row_description(&mut self, raw: &[u8]) -> Result<(), DataPathError> {
-        let fields = Arc::new(wire::decode_row_description(raw).map_err(|e| self.bad(e))?);
+        let fields = match &self.last_desc {
+            Some((bytes, fields)) if bytes[..] == *raw => fields.clone(),
+            _ => {
+                let fields = Arc::new(wire::decode_row_description(raw).map_err(|e| self.bad(e))?);
+                self.last_desc = (raw.len() <= DESC_KEPT).then(|| (raw.to_vec(), fields.clone()));
+                fields
+            }
+        };
         let taint = match self
             .pop_if(|e| matches!(e, Expect::DescribeStatement(..) | Expect::DescribePortal(_)))
         {
@@ -3689,15 +3731,16 @@ impl ServerSide<'_> {
                 _ => true,
             },
         };
-        self.current = Some(self.plan(&fields, None, taint));
+        self.current = Some(self.described_plan(&fields, None, taint));
         Ok(())
     }
 
     /// The plan for the rows of the Execute the server is answering: the portal's own
     /// description (a Describe after its Bind), else that of the exact statement version it
     /// was bound from; rows nothing describes are masked whole under column rules.
-    fn execute_plan(&self) -> RowPlan {
-        let ex = lock(&self.shared.expect);
+    fn execute_plan(&mut self) -> Arc<RowPlan> {
+        let shared = self.shared.clone();
+        let ex = lock(&shared.expect);
         let Some(Expect::Execute {
             portal,
             statement,
@@ -3706,7 +3749,7 @@ impl ServerSide<'_> {
             ..
         }) = ex.front()
         else {
-            return self.blind_plan(&[]);
+            return Arc::new(self.blind_plan(&[]));
         };
         let desc = self.portal_descs.get(portal).or_else(|| {
             let (name, version) = statement.as_ref()?;
@@ -3715,10 +3758,38 @@ impl ServerSide<'_> {
                 .filter(|(v, _)| v == version)
                 .map(|(_, d)| d)
         });
-        match desc {
-            Some(d) => self.plan(d, Some(formats), *taint),
-            None => self.blind_plan(formats),
+        match desc.cloned() {
+            Some(d) => self.described_plan(&d, Some(formats), *taint),
+            None => Arc::new(self.blind_plan(formats)),
         }
+    }
+
+    /// [`Self::plan`], or the last plan when it was made from the same description, formats,
+    /// taint and catalog snapshot (a session repeating one statement: no plan per result).
+    fn described_plan(
+        &mut self,
+        fields: &Arc<Vec<wire::Field>>,
+        formats: Option<&[i16]>,
+        taint: bool,
+    ) -> Arc<RowPlan> {
+        if let Some(m) = &self.last_plan {
+            if Arc::ptr_eq(&m.fields, fields)
+                && m.formats.as_deref() == formats
+                && m.taint == taint
+                && Arc::ptr_eq(&m.catalog, &self.catalog)
+            {
+                return m.plan.clone();
+            }
+        }
+        let plan = Arc::new(self.plan(fields, formats, taint));
+        self.last_plan = Some(PlanMemo {
+            fields: fields.clone(),
+            formats: formats.map(<[i16]>::to_vec),
+            taint,
+            catalog: self.catalog.clone(),
+            plan: plan.clone(),
+        });
+        plan
     }
 
     /// A CopyOutResponse: its output is masked by the plan made for it, or withheld.
@@ -3772,7 +3843,7 @@ impl ServerSide<'_> {
         row.extend_from_slice(&((raw.len() - 1 + 2) as i32).to_be_bytes());
         row.extend_from_slice(&1i16.to_be_bytes());
         row.extend_from_slice(&raw[5..]);
-        let saved = self.current.replace(plan);
+        let saved = self.current.replace(Arc::new(plan));
         let masked = self.mask_row(&row);
         self.current = saved;
         match masked? {

@@ -774,7 +774,7 @@ fn decode_frontend(tag: u8, what: &'static str, msg: &Bytes) -> Result<Frontend,
             let portal = r.cstr()?.to_owned();
             let statement = r.cstr()?.to_owned();
             let start = HEADER + r.pos;
-            bind_params(&mut r)?;
+            check_bind_params(&mut r)?;
             Frontend::Bind {
                 portal,
                 statement,
@@ -857,6 +857,46 @@ pub fn decode_bind(raw: &[u8]) -> Result<BindParams<'_>, WireError> {
     let params = bind_params(&mut r)?;
     r.finish()?;
     Ok(params)
+}
+
+/// The result format codes of the `raw` part of [`Frontend::Bind`] (already validated by
+/// [`parse_frontend`]), without collecting the parameters: the data path's per-Bind need.
+pub fn bind_result_formats(raw: &[u8]) -> Result<Vec<i16>, WireError> {
+    let mut r = Reader::new(raw, "Bind message");
+    skip_params(&mut r)?;
+    let formats = r.formats("result format code")?;
+    r.finish()?;
+    Ok(formats)
+}
+
+/// Validates what [`bind_params`] does, collecting nothing.
+fn check_bind_params(r: &mut Reader<'_>) -> Result<(), WireError> {
+    skip_params(r)?;
+    let n = r.count("format count")?;
+    for _ in 0..n {
+        r.format("result format code")?;
+    }
+    Ok(())
+}
+
+/// Steps over a Bind's parameter format codes and values, validating them as
+/// [`bind_params`] does.
+fn skip_params(r: &mut Reader<'_>) -> Result<(), WireError> {
+    let formats = r.count("format count")?;
+    for _ in 0..formats {
+        r.format("parameter format code")?;
+    }
+    let values = r.count("value count")?;
+    for _ in 0..values {
+        r.value()?;
+    }
+    if formats > 1 && formats != values {
+        return Err(r.invalid(
+            "parameter format count (must be 0, 1 or the value count)",
+            formats as i64,
+        ));
+    }
+    Ok(())
 }
 
 fn bind_params<'a>(r: &mut Reader<'a>) -> Result<BindParams<'a>, WireError> {
@@ -1326,6 +1366,24 @@ pub fn data_row_values(raw: &[u8]) -> Result<Vec<Option<&[u8]>>, WireError> {
     let values = r.values()?;
     r.finish()?;
     Ok(values)
+}
+
+/// [`data_row_values`] as ranges of `raw` (`None` for NULL), into `out` (cleared first), so
+/// the data path reuses one buffer for every row instead of allocating one per row.
+pub fn data_row_ranges(
+    raw: &[u8],
+    out: &mut Vec<Option<std::ops::Range<usize>>>,
+) -> Result<(), WireError> {
+    out.clear();
+    let (_, mut r) = open(raw, &[pgb::DATA_ROW_TAG], "DataRow message")?;
+    let n = r.count("value count")?;
+    out.reserve(n.min(r.remaining() / 4));
+    for _ in 0..n {
+        let start = 5 + r.pos;
+        out.push(r.value()?.map(|v| start + 4..start + 4 + v.len()));
+    }
+    r.finish()?;
+    Ok(())
 }
 
 /// The tag of a CommandComplete ('C'), e.g. "SELECT 3" or "INSERT 0 1".
