@@ -27,7 +27,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bench_pg::{free_port, held_session_memory, Held, InBenchCgroup, HEAP_STATS},
+    bench_pg::{self, free_port, held_session_memory, Held, InBenchCgroup, HEAP_STATS},
     demo::AgentProc,
     util::{self, median, run},
 };
@@ -349,6 +349,22 @@ fn measure(port: u16, s: &mut Samples, proxy: Option<(u32, bool)>) -> Result<()>
     Ok(())
 }
 
+/// `wrk` duration of the allocation count.
+const ALLOC_SECS: u32 = 2;
+
+/// The agent's heap allocations per keep-alive request (`tollgate_heap_allocations_total`,
+/// an agent started with `TOLLGATE_HEAP_STATS=1`), over one `wrk` run after a warm-up run.
+fn allocations_per_request(port: u16, metrics: &str) -> Result<f64> {
+    let count = || -> Result<f64> {
+        bench_pg::heap_metric(metrics, "tollgate_heap_allocations_total")?
+            .context("the agent does not count its allocations (TOLLGATE_HEAP_STATS=1)")
+    };
+    wrk_for(port, 1)?;
+    let before = count()?;
+    let w = wrk_for(port, ALLOC_SECS)?;
+    Ok((count()? - before) / w.requests)
+}
+
 /// Agent RSS growth per idle keep-alive connection: `IDLE` `openssl s_client` connections
 /// that each made one request and then wait on their open stdin.
 fn idle_connection_memory(port: u16, agent_pid: u32, metrics: &str) -> Result<Held> {
@@ -475,7 +491,8 @@ pub fn bench_http() -> Result<()> {
                     if idle.is_none() && col == 1 {
                         // On an agent of its own, before the load has grown its heap.
                         let (mut agent, metrics) = start_agent(&bin, &[HEAP_STATS])?;
-                        idle = Some(idle_connection_memory(up_port, agent.child.id(), &metrics)?);
+                        let held = idle_connection_memory(up_port, agent.child.id(), &metrics)?;
+                        idle = Some((held, allocations_per_request(up_port, &metrics)?));
                         agent.stop();
                     }
                     let b = if col == 1 {
@@ -593,10 +610,13 @@ pub fn bench_http() -> Result<()> {
         a.syscalls.unwrap_or(f64::NAN),
         n.syscalls.unwrap_or(f64::NAN)
     );
-    if let Some(per) = idle {
+    if let Some((per, allocations)) = idle {
         println!(
             "idle https connection memory over {IDLE} idle keep-alive connections after one request, each with its upstream connection: {}",
             per.describe("connection")
+        );
+        println!(
+            "agent heap allocations per request (keep-alive, {CONNS} connections, one {ALLOC_SECS} s wrk run): {allocations:.1}"
         );
     }
     println!("\ngoals: requests/s >= 1.0x nginx and >= 0.5x direct");

@@ -278,3 +278,39 @@ fn a_command_writes_out_a_stopped_agents_leftovers_but_not_a_running_ones() {
     Journal::recover(&dir.0);
     assert_eq!(numbers(&dir.audit()), [1], "written once");
 }
+
+#[test]
+fn a_journal_of_another_size_is_made_again_at_the_size_asked_for_once_written_out() {
+    let dir = Dir::new("resize");
+    let len = || {
+        std::fs::metadata(dir.0.join("journal"))
+            .expect("journal")
+            .len()
+    };
+    let (j, sink) = open(&dir);
+    assert_eq!(len(), HEADER as u64 + SMALL);
+    for i in 0..3 {
+        j.append(AUDIT, b"", &line(i), false);
+    }
+    crash(j);
+    // A newer agent asks for a larger ring: the old one's lines are written out first, then
+    // the journal is made again at the new size, and the lines go on in order.
+    let health = Arc::new(Health::default());
+    let reopen = |cap| Journal::open_with(&dir.0, sink.clone(), health.clone(), cap, false);
+    let j = reopen(2 * SMALL).expect("journal");
+    assert_eq!(numbers(&dir.audit()), [0, 1, 2]);
+    assert_eq!(len(), HEADER as u64 + 2 * SMALL);
+    // The lock is still held across the re-creation: no second agent gets in.
+    assert!(matches!(
+        reopen(2 * SMALL),
+        Err(JournalError::Locked { .. })
+    ));
+    j.append(AUDIT, b"", &line(3), false);
+    drop(j);
+    // Opened again at the same size: kept as it is, the lines go on.
+    let j = reopen(2 * SMALL).expect("journal");
+    j.append(AUDIT, b"", &line(4), false);
+    drop(j);
+    assert_eq!(numbers(&dir.audit()), [0, 1, 2, 3, 4]);
+    assert_eq!(len(), HEADER as u64 + 2 * SMALL);
+}
