@@ -55,9 +55,12 @@ fn frontend(data: &[u8]) {
                 );
                 match &msg {
                     Frontend::Bind { raw, .. } => {
-                        assert!(
-                            wire::decode_bind(raw).is_ok(),
-                            "parse_frontend validated the Bind"
+                        let bind = wire::decode_bind(raw);
+                        assert!(bind.is_ok(), "parse_frontend validated the Bind");
+                        assert_eq!(
+                            wire::bind_result_formats(raw).ok(),
+                            bind.ok().map(|b| b.result_formats),
+                            "the data path's result formats are decode_bind's"
                         );
                     }
                     Frontend::FunctionCall(body) => {
@@ -143,6 +146,12 @@ fn streamed(data: &[u8]) {
 
 fn decode_all(raw: &[u8]) {
     let _ = wire::decode_row_description(raw);
+    // The data path reads rows as ranges into a reused buffer: exactly the values, or the
+    // same refusal.
+    let mut ranges = vec![Some(0..1)];
+    let as_ranges = wire::data_row_ranges(raw, &mut ranges)
+        .map(|()| ranges.iter().map(|r| r.clone().map(|r| &raw[r])).collect::<Vec<_>>());
+    assert_eq!(as_ranges, wire::data_row_values(raw));
     if let Ok(values) = wire::data_row_values(raw) {
         // Masking re-encodes rows: a decoded row must re-encode to the same bytes.
         let mut again = BytesMut::new();

@@ -1645,3 +1645,65 @@ fn write_fuzz_corpus() {
         std::fs::write(dir.join(name), bytes).expect("write seed");
     }
 }
+
+#[test]
+fn data_row_ranges_read_what_data_row_values_read_and_refuse_the_same() {
+    let rows: Vec<Vec<Option<&[u8]>>> = vec![
+        vec![],
+        vec![None],
+        vec![Some(b"")],
+        vec![Some(b"12345"), None, Some(b"x"), Some(&[0xff; 300])],
+    ];
+    // A reused buffer holding an earlier row's ranges.
+    let mut ranges = vec![Some(0..3), None, Some(1..2), Some(4..9), None];
+    for values in rows {
+        let mut raw = BytesMut::new();
+        encode_data_row(&values, &mut raw).expect("encode");
+        let raw = raw.to_vec();
+        data_row_ranges(&raw, &mut ranges).expect("ranges");
+        let got: Vec<Option<&[u8]>> = ranges.iter().map(|r| r.clone().map(|r| &raw[r])).collect();
+        assert_eq!(got, values);
+        // Every cut and every extra byte is refused by both.
+        for cut in 0..raw.len() {
+            let mut short = raw[..cut].to_vec();
+            if short.len() >= 5 {
+                short[1..5].copy_from_slice(&((cut - 1) as u32).to_be_bytes());
+            }
+            assert_eq!(
+                data_row_ranges(&short, &mut ranges).is_err(),
+                data_row_values(&short).is_err(),
+                "{short:?}"
+            );
+            if cut > 6 {
+                assert!(data_row_ranges(&short, &mut ranges).is_err(), "{short:?}");
+            }
+        }
+        let mut long = raw.clone();
+        long.push(0);
+        let len = (long.len() - 1) as u32;
+        long[1..5].copy_from_slice(&len.to_be_bytes());
+        assert!(data_row_ranges(&long, &mut ranges).is_err());
+        assert!(data_row_values(&long).is_err());
+    }
+}
+
+#[test]
+fn bind_result_formats_are_decode_binds() {
+    for (formats, values, results) in [
+        (&[][..], &[][..], &[][..]),
+        (&[1][..], &[Some(&b"xy"[..]), None][..], &[0, 1][..]),
+        (
+            &[0, 1][..],
+            &[Some(&b""[..]), Some(&b"\x01"[..])][..],
+            &[1][..],
+        ),
+    ] {
+        let m = bind_msg("", "s1", formats, values, results);
+        let raw = &m[5 + 4..];
+        assert_eq!(bind_result_formats(raw), Ok(results.to_vec()));
+        assert_eq!(
+            decode_bind(raw).map(|b| b.result_formats),
+            Ok(results.to_vec())
+        );
+    }
+}
