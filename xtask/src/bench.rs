@@ -265,13 +265,7 @@ pub fn bench(only: Option<&str>) -> Result<()> {
     if !util::is_root() {
         bail!("the benchmark loads eBPF programs: run it as root");
     }
-    let root = util::root();
-    // TOLLGATE_BENCH_BIN compares another build (e.g. an older commit's) with the same method.
-    let bin = std::env::var_os("TOLLGATE_BENCH_BIN")
-        .filter(|b| !b.is_empty())
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target/release/tollgate"));
-    println!("agent binary: {}", bin.display());
+    let bin = util::bench_agent();
     let work = Path::new(WORK);
     let _ = fs::remove_dir_all(work);
     fs::create_dir_all(work)?;

@@ -393,10 +393,7 @@ pub fn bench_http() -> Result<()> {
     let _ = fs::remove_dir_all(work);
     fs::create_dir_all(work.join("www"))?;
     fs::create_dir_all(work.join("secrets"))?;
-    let bin = std::env::var_os("TOLLGATE_BENCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| util::root().join("target/release/tollgate"));
-    println!("agent binary: {}", bin.display());
+    let bin = util::bench_agent();
     certificates(work)?;
     fs::write(work.join("www/small.json"), SMALL)?;
     fs::File::create(work.join("www/big"))?.set_len(DOWNLOAD_MIB << 20)?;

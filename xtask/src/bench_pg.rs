@@ -484,11 +484,7 @@ pub fn bench_pg(only: Option<&str>) -> Result<()> {
     let _ = fs::remove_dir_all(work);
     fs::create_dir_all(work)?;
     fs::write(work.join("pw"), format!("{PW}\n"))?;
-    // TOLLGATE_BENCH_BIN: another build of the agent (a before/after comparison).
-    let bin = std::env::var_os("TOLLGATE_BENCH_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| util::root().join("target/release/tollgate"));
-    println!("agent binary: {}", bin.display());
+    let bin = util::bench_agent();
     let baseline = std::env::var_os("TOLLGATE_BENCH_BASELINE").map(std::path::PathBuf::from);
     if let Some(b) = &baseline {
         println!(

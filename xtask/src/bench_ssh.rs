@@ -243,10 +243,7 @@ pub fn bench_ssh() -> Result<()> {
     let work = Path::new(WORK);
     let _ = fs::remove_dir_all(work);
     fs::create_dir_all(work.join("secrets"))?;
-    let bin = std::env::var_os("TOLLGATE_BENCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| util::root().join("target/release/tollgate"));
-    println!("agent binary: {}", bin.display());
+    let bin = util::bench_agent();
     let ssh_port = free_port()?;
     let sshd = Sshd::start(&work.join("ssh"), &work.join("secrets"), ssh_port)?;
     payload(&work.join("payload"))?;

@@ -33,7 +33,7 @@ pub fn package(bin: Option<PathBuf>, out: Option<PathBuf>, lint: bool) -> Result
         Some(b) => b,
         None => {
             crate::build(true)?;
-            root.join("target/release/tollgate")
+            util::release_agent()
         }
     };
     if !bin.is_file() {

@@ -18,6 +18,28 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The release build of the agent: under `$CARGO_TARGET_DIR` when it is set (cargo builds
+/// there), else under the workspace's `target/`.
+pub fn release_agent() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root().join(d) })
+        .unwrap_or_else(|| root().join("target"))
+        .join("release/tollgate")
+}
+
+/// The agent a bench measures: `$TOLLGATE_BENCH_BIN` (another build, e.g. an older commit's,
+/// measured with the same method), else [`release_agent`]. Printed.
+pub fn bench_agent() -> PathBuf {
+    let bin = std::env::var_os("TOLLGATE_BENCH_BIN")
+        .filter(|b| !b.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(release_agent);
+    println!("agent binary: {}", bin.display());
+    bin
+}
+
 /// Where `setup` puts bpf-linker: `$TOLLGATE_TOOLS` or `~/.cache/tollgate/tools`.
 pub fn tools_dir() -> PathBuf {
     std::env::var_os("TOLLGATE_TOOLS")
