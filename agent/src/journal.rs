@@ -227,130 +227,120 @@ impl Journal {
                 path: path.display().to_string(),
             });
         }
-        Journal::attach(file, path, data_dir, audit, health, capacity, spawn)
-    }
-
-    /// [`Journal::open_with`] on the opened and locked `file` at `path`.
-    fn attach(
-        file: File,
-        path: PathBuf,
-        data_dir: &Path,
-        audit: Arc<Sink>,
-        health: Arc<Health>,
-        capacity: u64,
-        spawn: bool,
-    ) -> Result<Arc<Journal>, JournalError> {
-        let again = (audit.clone(), health.clone());
-        let md = file.metadata().map_err(io_err(&path))?;
-        let foreign = |size| JournalError::Foreign {
-            path: path.display().to_string(),
-            size,
-        };
-        if !md.is_file() {
-            return Err(foreign(md.len()));
-        }
-        let fresh = md.len() == 0;
-        let wanted = capacity.max(64 * 1024) & !7;
-        let cap = if fresh {
-            let cap = wanted;
-            // Allocate every block now: a store into a hole on a full disk would be SIGBUS.
-            // SAFETY: posix_fallocate on a descriptor we own.
-            let r =
-                unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, (HEADER as u64 + cap) as i64) };
-            if r != 0 {
-                let _ = std::fs::remove_file(&path);
-                return Err(io_err(&path)(std::io::Error::from_raw_os_error(r)));
+        let mut file = file;
+        // Twice when a journal of another size is made again (see below), under the same lock.
+        loop {
+            let md = file.metadata().map_err(io_err(&path))?;
+            let foreign = |size| JournalError::Foreign {
+                path: path.display().to_string(),
+                size,
+            };
+            if !md.is_file() {
+                return Err(foreign(md.len()));
             }
-            cap
-        } else {
-            md.len().saturating_sub(HEADER as u64)
-        };
-        let map_len = HEADER + cap as usize;
-        if md.len() != 0 && (md.len() < HEADER as u64 + 64 * 1024 || cap % 8 != 0) {
-            return Err(foreign(md.len()));
-        }
-        // SAFETY: a new shared read-write mapping of the whole file, which is `map_len`
-        // bytes long (checked or allocated above); unmapped in Drop.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
+            let fresh = md.len() == 0;
+            let wanted = capacity.max(64 * 1024) & !7;
+            let cap = if fresh {
+                let cap = wanted;
+                // Allocate every block now: a store into a hole on a full disk would be SIGBUS.
+                // SAFETY: posix_fallocate on a descriptor we own.
+                let r = unsafe {
+                    libc::posix_fallocate(file.as_raw_fd(), 0, (HEADER as u64 + cap) as i64)
+                };
+                if r != 0 {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(io_err(&path)(std::io::Error::from_raw_os_error(r)));
+                }
+                cap
+            } else {
+                md.len().saturating_sub(HEADER as u64)
+            };
+            let map_len = HEADER + cap as usize;
+            if md.len() != 0 && (md.len() < HEADER as u64 + 64 * 1024 || cap % 8 != 0) {
+                return Err(foreign(md.len()));
+            }
+            // SAFETY: a new shared read-write mapping of the whole file, which is `map_len`
+            // bytes long (checked or allocated above); unmapped in Drop.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    map_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(io_err(&path)(std::io::Error::last_os_error()));
+            }
+            let map = NonNull::new(p.cast::<u8>()).ok_or_else(|| foreign(md.len()))?;
+            let j = Journal {
+                path: path.clone(),
+                data_dir: data_dir.to_path_buf(),
+                _file: file,
+                map,
                 map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io_err(&path)(std::io::Error::last_os_error()));
-        }
-        let map = NonNull::new(p.cast::<u8>()).ok_or_else(|| foreign(md.len()))?;
-        let j = Journal {
-            path: path.clone(),
-            data_dir: data_dir.to_path_buf(),
-            _file: file,
-            map,
-            map_len,
-            cap,
-            head: Mutex::new(0),
-            committed: AtomicU64::new(0),
-            dests: Mutex::new(HashMap::new()),
-            drain: Mutex::new(DrainState::default()),
-            health,
-            sleeping: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            thread: OnceLock::new(),
-            #[cfg(test)]
-            crashed: AtomicBool::new(false),
-            #[cfg(test)]
-            die_after_write: AtomicBool::new(false),
-        };
-        let h = j.header();
-        // A journal whose header was never written (the agent died right after creating it)
-        // is a new one.
-        let fresh = fresh || (h.magic == [0; 8] && h.capacity.load(Ordering::Relaxed) == 0);
-        if fresh {
-            // SAFETY: the header page is ours alone until the journal is shared.
-            unsafe { std::ptr::copy_nonoverlapping(FILE_MAGIC.as_ptr(), j.map.as_ptr(), 8) };
-            h.capacity.store(cap, Ordering::Relaxed);
-            // Positions start at one lap, so the zeroed ring never looks like a record.
-            h.drained.store(cap, Ordering::Relaxed);
-            h.next_dest.store(1, Ordering::Relaxed);
-        } else if h.magic != FILE_MAGIC || h.capacity.load(Ordering::Relaxed) != cap {
-            return Err(foreign(md.len()));
-        }
-        let end = j.replay_prepare(&audit)?;
-        *lock(&j.head) = end;
-        j.committed.store(end, Ordering::Release);
-        lock(&j.dests).insert(AUDIT, audit);
-        let j = Arc::new(j);
-        // What a crashed agent left is written out before anything new is appended.
-        j.drain_now();
-        let leftover = j.header().drained.load(Ordering::Acquire) != end;
-        if !leftover {
-            lock(&j.dests).retain(|id, _| *id == AUDIT);
-            if j.cap != wanted {
-                // A journal of another size (an earlier version's default) with nothing left
-                // in it: made again at the size asked for, under the same lock (the copied
-                // descriptor shares it while the mapping goes). One with leftovers keeps its
-                // size until they are written.
-                let file = j._file.try_clone().map_err(io_err(&path))?;
-                drop(j);
-                file.set_len(0).map_err(io_err(&path))?;
-                let (audit, health) = again;
-                return Journal::attach(file, path, data_dir, audit, health, capacity, spawn);
+                cap,
+                head: Mutex::new(0),
+                committed: AtomicU64::new(0),
+                dests: Mutex::new(HashMap::new()),
+                drain: Mutex::new(DrainState::default()),
+                health: health.clone(),
+                sleeping: AtomicBool::new(false),
+                stop: AtomicBool::new(false),
+                thread: OnceLock::new(),
+                #[cfg(test)]
+                crashed: AtomicBool::new(false),
+                #[cfg(test)]
+                die_after_write: AtomicBool::new(false),
+            };
+            let h = j.header();
+            // A journal whose header was never written (the agent died right after creating it)
+            // is a new one.
+            let fresh = fresh || (h.magic == [0; 8] && h.capacity.load(Ordering::Relaxed) == 0);
+            if fresh {
+                // SAFETY: the header page is ours alone until the journal is shared.
+                unsafe { std::ptr::copy_nonoverlapping(FILE_MAGIC.as_ptr(), j.map.as_ptr(), 8) };
+                h.capacity.store(cap, Ordering::Relaxed);
+                // Positions start at one lap, so the zeroed ring never looks like a record.
+                h.drained.store(cap, Ordering::Relaxed);
+                h.next_dest.store(1, Ordering::Relaxed);
+            } else if h.magic != FILE_MAGIC || h.capacity.load(Ordering::Relaxed) != cap {
+                return Err(foreign(md.len()));
             }
-        }
-        if !spawn {
+            let end = j.replay_prepare(&audit)?;
+            *lock(&j.head) = end;
+            j.committed.store(end, Ordering::Release);
+            lock(&j.dests).insert(AUDIT, audit.clone());
+            let j = Arc::new(j);
+            // What a crashed agent left is written out before anything new is appended.
+            j.drain_now();
+            let leftover = j.header().drained.load(Ordering::Acquire) != end;
+            if !leftover {
+                lock(&j.dests).retain(|id, _| *id == AUDIT);
+                if j.cap != wanted {
+                    // A journal of another size (an earlier version's default) with nothing left
+                    // in it: made again at the size asked for, under the same lock (the copied
+                    // descriptor shares it while the mapping goes). One with leftovers keeps its
+                    // size until they are written.
+                    file = j._file.try_clone().map_err(io_err(&path))?;
+                    drop(j);
+                    file.set_len(0).map_err(io_err(&path))?;
+                    continue;
+                }
+            }
+            if !spawn {
+                return Ok(j);
+            }
+            let weak = Arc::downgrade(&j);
+            let t = std::thread::Builder::new()
+                .name("tollgate-journal".into())
+                .spawn(move || drain_loop(weak))
+                .map_err(io_err(&path))?;
+            let _ = j.thread.set(t.thread().clone());
             return Ok(j);
         }
-        let weak = Arc::downgrade(&j);
-        let t = std::thread::Builder::new()
-            .name("tollgate-journal".into())
-            .spawn(move || drain_loop(weak))
-            .map_err(io_err(&path))?;
-        let _ = j.thread.set(t.thread().clone());
-        Ok(j)
     }
 
     fn header(&self) -> &Header {
