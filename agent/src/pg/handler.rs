@@ -3060,7 +3060,7 @@ fn quotes_no_values(code: &str) -> bool {
     code.get(..2).is_some_and(|c| NO_VALUE_CLASSES.contains(&c))
 }
 
-/// Columns of value ranges a session keeps between DataRows (16 bytes each).
+/// Columns of value ranges a session keeps between DataRows (24 bytes each).
 const ROW_SCRATCH_KEPT: usize = 64;
 
 /// Types whose binary form is their text (UTF-8): masked like text.
@@ -3223,18 +3223,14 @@ impl ServerSide<'_> {
                 }
             }
         }
-        let mut new: Vec<Option<&[u8]>> = if changes.is_empty() {
-            Vec::new()
-        } else {
-            values.collect()
-        };
+        let new: Option<Vec<Option<&[u8]>>> = (!changes.is_empty()).then(|| values.collect());
         // Kept for the next row, unless a very wide row made it large.
         if ranges.capacity() <= ROW_SCRATCH_KEPT {
             self.row_scratch = ranges;
         }
-        if changes.is_empty() {
+        let Some(mut new) = new else {
             return Ok(None);
-        }
+        };
         for (i, v) in &changes {
             new[*i] = v.as_deref();
         }
