@@ -107,7 +107,7 @@ pub struct Decision {
     /// What to do.
     pub action: Action,
     /// Name of the deciding rule; `None` for default deny, unknown identity or unknown target.
-    pub rule: Option<String>,
+    pub rule: Option<std::sync::Arc<str>>,
     /// Why.
     pub reason: DecisionReason,
 }
@@ -162,7 +162,7 @@ impl Decision {
     }
 }
 
-/// Decide `req` under `policy`. Deterministic; allocates only the returned rule name.
+/// Decide `req` under `policy`. Deterministic; allocates nothing (the rule name is shared).
 pub fn decide(policy: &Policy, req: &Request<'_>) -> Decision {
     let Some(ii) = req.identity.and_then(|name| policy.index.identity(name)) else {
         return Decision::deny(DecisionReason::UnknownIdentity);

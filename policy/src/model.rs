@@ -555,8 +555,9 @@ impl fmt::Display for Action {
 /// whole connection and every operation on it.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    /// Key `name`: unique; reported in decisions and audit lines.
-    pub name: String,
+    /// Key `name`: unique; reported in decisions and audit lines (shared with each
+    /// [`crate::Decision`] it makes, which then costs no copy of it).
+    pub name: std::sync::Arc<str>,
     /// Key `identities`: identity names, or `"*"` for every known identity.
     pub identities: Vec<String>,
     /// Key `targets`: target names, or `"*"` for every target.
@@ -1076,7 +1077,7 @@ impl Policy {
 
     /// Rule by name.
     pub fn rule(&self, name: &str) -> Option<&Rule> {
-        self.rules.iter().find(|r| r.name == name)
+        self.rules.iter().find(|r| *r.name == *name)
     }
 
     /// Credential of the target named `target`, if it has one.

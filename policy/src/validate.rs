@@ -1280,7 +1280,7 @@ fn rule(cx: &mut Cx<'_>, r: &RawRule, names: &Names<'_>) -> Option<Rule> {
         }
     }
     Some(Rule {
-        name: name.to_string(),
+        name: name.into(),
         identities: strings(r.identities.get_ref()),
         targets,
         action: action?,

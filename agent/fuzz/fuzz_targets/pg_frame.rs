@@ -57,9 +57,14 @@ fn frontend(data: &[u8]) {
                     Frontend::Bind { raw, .. } => {
                         let bind = wire::decode_bind(raw);
                         assert!(bind.is_ok(), "parse_frontend validated the Bind");
+                        // The same codes, except that all text (every code 0) is none.
+                        let mut want = bind.ok().map(|b| b.result_formats);
+                        if let Some(w) = want.as_mut().filter(|w| w.iter().all(|&f| f == 0)) {
+                            w.clear();
+                        }
                         assert_eq!(
                             wire::bind_result_formats(raw).ok(),
-                            bind.ok().map(|b| b.result_formats),
+                            want,
                             "the data path's result formats are decode_bind's"
                         );
                     }
@@ -135,7 +140,7 @@ fn streamed(data: &[u8]) {
             ))),
             Ok(head),
         ) => {
-            assert_eq!((portal, statement), (head.portal, head.statement));
+            assert_eq!((portal, statement.to_string()), (head.portal, head.statement));
             let formats = wire::decode_bind(&raw).expect("validated").result_formats;
             assert_eq!(formats, head.result_formats);
         }

@@ -437,7 +437,7 @@ impl Env<'_> {
         record.fields.host = Some(att.host.clone());
         record.fields.kubernetes = Some(kube_json(&att.kube));
         record.fields.action = Some(d.action.as_str());
-        record.fields.rule = Some(d.rule.clone());
+        record.fields.rule = Some(d.rule.as_deref().map(str::to_owned));
         let what = || format!("{} {}", att.method, att.path);
         // Upgrades: WebSocket over HTTP/1.1 is relayed once decided; anything else (SPDY,
         // h2c) is refused.

@@ -64,7 +64,7 @@
 //!   debug builds (the walk here about 250 KiB; release builds need under 256 KiB in all), so
 //!   classify on threads with at least the default 2 MiB.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::panic::catch_unwind;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -303,21 +303,29 @@ pub fn cache_key(sql: &str) -> Result<String, ClassifyError> {
 /// `N'..'`, `date'..'`). Everything else returns `None` and goes through [`cache_key`].
 /// Classifications that read a constant ([`Statement::literal_dependent`]) are never shared.
 pub fn fast_key(sql: &str) -> Option<String> {
+    let mut key = String::new();
+    fast_key_into(sql, &mut key).then_some(key)
+}
+
+/// [`fast_key`] written into `key` (cleared first; its capacity reused): whether `sql` has one.
+pub fn fast_key_into(sql: &str, key: &mut String) -> bool {
     // The NUL marks the key space apart from cache_key's (no SQL text holds one).
-    fast_scan(sql, "\0", "?", "#")
+    fast_scan(sql, "\0", "?", "#", key)
 }
 
 /// Another text with the same [`fast_key`] as `sql` (every such string `'z'`, every such
 /// number `9`), for tests and fuzzing of the key's promise.
 #[doc(hidden)]
 pub fn fast_key_sibling(sql: &str) -> Option<String> {
-    fast_scan(sql, "", "'z'", "9")
+    let mut key = String::new();
+    fast_scan(sql, "", "'z'", "9", &mut key).then_some(key)
 }
 
-fn fast_scan(sql: &str, prefix: &str, string: &str, number: &str) -> Option<String> {
+fn fast_scan(sql: &str, prefix: &str, string: &str, number: &str, key: &mut String) -> bool {
     let b = sql.as_bytes();
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
-    let mut key = String::with_capacity(b.len() + prefix.len());
+    key.clear();
+    key.reserve(b.len() + prefix.len());
     key.push_str(prefix);
     let mut i = 0;
     while i < b.len() {
@@ -328,13 +336,13 @@ fn fast_scan(sql: &str, prefix: &str, string: &str, number: &str) -> Option<Stri
                 let mut j = i + 1;
                 loop {
                     match b.get(j) {
-                        None => return None,
+                        None => return false,
                         Some(b'\'') if b.get(j + 1) == Some(&b'\'') => j += 2,
                         Some(b'\'') => break,
                         Some(&x) if x == b'\\' || !(x.is_ascii_graphic() || x == b' ') => {
                             // Backslashes and control or non-ASCII bytes: leave it to the parser.
                             if x != b'\t' && x != b'\n' && x != b'\r' {
-                                return None;
+                                return false;
                             }
                             j += 1;
                         }
@@ -350,9 +358,9 @@ fn fast_scan(sql: &str, prefix: &str, string: &str, number: &str) -> Option<Stri
                 }
                 key.push_str(number);
             }
-            b'\'' | b'\\' | b'$' | b'"' | b'&' => return None,
-            b'-' if b.get(i + 1) == Some(&b'-') => return None,
-            b'/' if b.get(i + 1) == Some(&b'*') => return None,
+            b'\'' | b'\\' | b'$' | b'"' | b'&' => return false,
+            b'-' if b.get(i + 1) == Some(&b'-') => return false,
+            b'/' if b.get(i + 1) == Some(&b'*') => return false,
             b' ' | b'\t' | b'\n' | b'\r' => {
                 key.push(c as char);
                 i += 1;
@@ -361,10 +369,10 @@ fn fast_scan(sql: &str, prefix: &str, string: &str, number: &str) -> Option<Stri
                 key.push(c as char);
                 i += 1;
             }
-            _ => return None,
+            _ => return false,
         }
     }
-    Some(key)
+    true
 }
 
 /// Texts longer than this are classified but never cached.
@@ -399,9 +407,9 @@ struct Maps {
 
 #[derive(Default)]
 struct Generations {
-    young: HashMap<Box<str>, Arc<Vec<Statement>>>,
+    young: foldhash::HashMap<Box<str>, Arc<Vec<Statement>>>,
     young_bytes: usize,
-    old: HashMap<Box<str>, Arc<Vec<Statement>>>,
+    old: foldhash::HashMap<Box<str>, Arc<Vec<Statement>>>,
 }
 
 impl ClassifyCache {
@@ -428,6 +436,17 @@ impl ClassifyCache {
         sql: &str,
         escapes: Escapes,
     ) -> Result<Arc<Vec<Statement>>, ClassifyError> {
+        self.classify_with(sql, escapes, &mut String::new())
+    }
+
+    /// [`Self::classify_as`] with `key` as the buffer for the text's [`fast_key`] (a session
+    /// keeps one, so a cache hit costs no allocation).
+    pub fn classify_with(
+        &self,
+        sql: &str,
+        escapes: Escapes,
+        key: &mut String,
+    ) -> Result<Arc<Vec<Statement>>, ClassifyError> {
         if sql.len() > MAX_CACHED_SQL_LEN || (escapes != Escapes::Unknown && sql.contains('\\')) {
             return classify_as(sql, escapes).map(Arc::new);
         }
@@ -435,12 +454,13 @@ impl ClassifyCache {
             return Ok(hit);
         }
         // Plain texts first, without the parser.
-        let fast = fast_key(sql);
-        if let Some(key) = &fast {
+        let fast = fast_key_into(sql, key);
+        if fast {
             if let Some(hit) = self.lock().normalized.get(key, self.half, self.half_bytes) {
                 return Ok(hit);
             }
         }
+        let fast = fast.then(|| key.as_str().into());
         // Normalizing would hide a backslash trick inside a constant (see the module docs).
         let normalized = if sql.contains('\\') {
             None

@@ -868,6 +868,9 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         unknown_after_refresh: HashMap::new(),
         param_types: Vec::new(),
         stale_refusal: None,
+        fast_key: String::new(),
+        known: None,
+        covered: None,
     };
     let u2c = ServerSide {
         cx,
@@ -1252,7 +1255,7 @@ enum Expect {
     /// may carry masked values; `resets` if running it may create or drop other portals.
     Execute {
         portal: String,
-        statement: Option<(String, u64)>,
+        statement: Option<(Arc<str>, u64)>,
         formats: Vec<i16>,
         copy: Option<Arc<CopyPlan>>,
         taint: bool,
@@ -1291,7 +1294,7 @@ struct StatementInfo {
 /// A portal this session bound.
 #[derive(Debug, Clone)]
 struct Bound {
-    statement: String,
+    statement: Arc<str>,
     info: StatementInfo,
     formats: Vec<i16>,
 }
@@ -1326,7 +1329,7 @@ struct ClientSide<'a> {
     /// Portals this session bound.
     portals: HashMap<String, Bound>,
     /// Prepared statements (protocol level) by name: their current version.
-    statements: HashMap<String, StatementInfo>,
+    statements: HashMap<Arc<str>, StatementInfo>,
     /// The next statement version.
     next_version: u64,
     /// The next refusal's id.
@@ -1365,7 +1368,37 @@ struct ClientSide<'a> {
     /// Set when a re-read was needed under column rules while something was in flight: the
     /// statement is refused with this message.
     stale_refusal: Option<String>,
+    /// The buffer of the classification cache's key (see `ClassifyCache::classify_with`).
+    fast_key: String,
+    /// The last classification `refresh_for` found fully known to the snapshots.
+    known: Option<Known>,
+    /// The last classification `decide_sql` found to name every function behind it.
+    covered: Option<Covered>,
 }
+
+/// A classification (without parameter types, and with no EXECUTE of a prepared statement)
+/// each of whose statements already names the functions behind its operators, casts and
+/// relations' column types under this function snapshot: `decide_sql` skips looking them up.
+struct Covered {
+    statements: Arc<Vec<Statement>>,
+    functions: Arc<Functions>,
+}
+
+/// A classification whose every relation and function the snapshots know (see
+/// `ClientSide::refresh_for`): a session repeating one statement checks it once per snapshot.
+struct Known {
+    statements: Arc<Vec<Statement>>,
+    catalog: Arc<Catalog>,
+    functions: Arc<Functions>,
+    column_rules: bool,
+    /// Whether its statements name any relation, function, operator or type.
+    names_any: bool,
+    /// Whether they are DDL that may change the snapshots.
+    ddl: bool,
+}
+
+/// A key buffer longer than this (a long statement's) is not kept for the next one.
+const FAST_KEY_KEPT: usize = 1024;
 
 /// See `ClientSide::unknown_after_refresh`.
 const RETRY_UNKNOWN_AFTER: Duration = Duration::from_secs(2);
@@ -1542,6 +1575,14 @@ impl ClientSide<'_> {
         self.taint = false;
         self.resets = false;
         let mut held: Option<Hold> = None;
+        // The same classification under the same function snapshot was found to name every
+        // function behind its statements already (see `Covered`).
+        let covered = self.param_types.is_empty()
+            && self.covered.as_ref().is_some_and(|c| {
+                Arc::ptr_eq(&c.statements, &statements)
+                    && Arc::ptr_eq(&c.functions, &self.functions)
+            });
+        let mut all_covered = self.param_types.is_empty();
         for (index, st) in statements.iter().enumerate() {
             // SQL-level EXECUTE runs what PREPARE prepared: decide that.
             let prepared = st
@@ -1549,6 +1590,7 @@ impl ClientSide<'_> {
                 .as_deref()
                 .filter(|_| st.kind == "execute")
                 .and_then(|name| self.prepared.get(name).cloned());
+            all_covered &= prepared.is_none();
             let effective = prepared
                 .as_deref()
                 .map_or(std::slice::from_ref(st), Vec::as_slice);
@@ -1556,10 +1598,11 @@ impl ClientSide<'_> {
                 // The functions behind its operators, casts and its relations' column types count
                 // as called (functions.rs).
                 let with_behind;
-                let s = if s.operators.is_empty()
-                    && s.casts.is_empty()
-                    && s.tables.is_empty()
-                    && self.param_types.is_empty()
+                let s = if (covered && prepared.is_none())
+                    || (s.operators.is_empty()
+                        && s.casts.is_empty()
+                        && s.tables.is_empty()
+                        && self.param_types.is_empty())
                 {
                     s
                 } else {
@@ -1569,6 +1612,7 @@ impl ClientSide<'_> {
                     if behind.iter().all(|f| s.functions.contains(f)) {
                         s
                     } else {
+                        all_covered = false;
                         let mut called = s.clone();
                         called.functions.extend(behind);
                         called.functions.sort();
@@ -1687,6 +1731,12 @@ impl ClientSide<'_> {
                         .insert(name.to_string(), Arc::new(vec![st.clone()]));
                 }
             }
+        }
+        if all_covered && !covered {
+            self.covered = Some(Covered {
+                statements: statements.clone(),
+                functions: self.functions.clone(),
+            });
         }
         match held {
             Some(h) => Verdict::Hold(h),
@@ -1877,10 +1927,29 @@ impl ClientSide<'_> {
             }
         };
         // decide_sql classifies the same text again: a cache hit.
-        let Ok(statements) = self.h.classify.classify_as(sql, escapes) else {
+        let classified = self
+            .h
+            .classify
+            .classify_with(sql, escapes, &mut self.fast_key);
+        if self.fast_key.capacity() > FAST_KEY_KEPT {
+            self.fast_key = String::new();
+        }
+        let Ok(statements) = classified else {
             return Ok(None);
         };
         let column_rules = self.masker.as_ref().is_some_and(|m| m.has_column_rules());
+        if let Some(k) = self.known.as_ref().filter(|k| {
+            Arc::ptr_eq(&k.statements, &statements)
+                && Arc::ptr_eq(&k.catalog, &self.catalog)
+                && Arc::ptr_eq(&k.functions, &self.functions)
+                && k.column_rules == column_rules
+        }) {
+            // Known as a whole the last time, against these very snapshots.
+            if !(self.ddl_since_refresh && k.names_any) {
+                self.ddl_since_refresh |= k.ddl;
+                return Ok(Some((escapes, statements)));
+            }
+        }
         let mut relations: Vec<String> = Vec::new();
         let mut unknown: Vec<String> = Vec::new();
         let mut names_any = false;
@@ -1938,9 +2007,19 @@ impl ClientSide<'_> {
             }
         }
         let after_ddl = self.ddl_since_refresh && names_any;
-        if relations.is_empty() && unknown.is_empty() && !after_ddl {
-            self.ddl_since_refresh |= ddl;
-            return Ok(Some((escapes, statements)));
+        if relations.is_empty() && unknown.is_empty() {
+            self.known = Some(Known {
+                statements: statements.clone(),
+                catalog: self.catalog.clone(),
+                functions: self.functions.clone(),
+                column_rules,
+                names_any,
+                ddl,
+            });
+            if !after_ddl {
+                self.ddl_since_refresh |= ddl;
+                return Ok(Some((escapes, statements)));
+            }
         }
         if self.idle() {
             self.refresh(io, column_rules).await?;
@@ -2034,17 +2113,20 @@ impl ClientSide<'_> {
     }
 
     /// A Bind is forwarded: remember the portal it makes.
-    fn bind(&mut self, portal: String, statement: String, formats: Vec<i16>) {
-        // A statement not parsed in this session (SQL PREPARE): unknown.
-        let info = self
-            .statements
-            .get(&statement)
-            .copied()
-            .unwrap_or(StatementInfo {
-                version: u64::MAX,
-                taint: true,
-                resets: true,
-            });
+    fn bind(&mut self, portal: String, statement: &str, formats: Vec<i16>) {
+        // The name as the statements map holds it, so a Bind costs no copy of it.
+        let (statement, info) = match self.statements.get_key_value(statement) {
+            Some((name, info)) => (name.clone(), *info),
+            // A statement not parsed in this session (SQL PREPARE): unknown.
+            None => (
+                statement.into(),
+                StatementInfo {
+                    version: u64::MAX,
+                    taint: true,
+                    resets: true,
+                },
+            ),
+        };
         lock(&self.shared.expect).push_back(Expect::Bind(portal.clone()));
         self.portals.insert(
             portal,
@@ -2138,7 +2220,7 @@ impl ClientSide<'_> {
                 };
                 match scan.finish() {
                     Ok(head) => {
-                        self.bind(head.portal, head.statement, head.result_formats);
+                        self.bind(head.portal, &head.statement, head.result_formats);
                         out.extend_from_slice(&last);
                     }
                     Err(e) => return Ok(Err(e)),
@@ -2197,7 +2279,7 @@ impl ClientSide<'_> {
                         resets: self.resets,
                     };
                     self.next_version += 1;
-                    self.statements.insert(name.clone(), info);
+                    self.statements.insert(name.as_str().into(), info);
                     lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
                     postgres_protocol::message::frontend::parse(
                         &name,
@@ -2323,11 +2405,14 @@ impl ClientSide<'_> {
                 raw: body,
             } => {
                 let formats = wire::bind_result_formats(&body).unwrap_or_default();
-                self.bind(portal, statement, formats);
+                self.bind(portal, &statement, formats);
             }
             Frontend::Describe { kind, name } => {
                 lock(&self.shared.expect).push_back(if kind == b'S' {
-                    let version = self.statements.get(&name).map_or(u64::MAX, |i| i.version);
+                    let version = self
+                        .statements
+                        .get(name.as_str())
+                        .map_or(u64::MAX, |i| i.version);
                     Expect::DescribeStatement(name, version)
                 } else {
                     Expect::DescribePortal(name)
@@ -2339,7 +2424,7 @@ impl ClientSide<'_> {
             }
             Frontend::Close { kind, name } => {
                 if kind == b'S' {
-                    self.statements.remove(&name);
+                    self.statements.remove(name.as_str());
                 } else {
                     self.portals.remove(&name);
                 }
@@ -2466,10 +2551,10 @@ impl ClientSide<'_> {
             resets: self.resets,
         };
         self.next_version += 1;
-        match self.statements.get_mut(&name) {
+        match self.statements.get_mut(name.as_str()) {
             Some(i) => *i = info,
             None => {
-                self.statements.insert(name.clone(), info);
+                self.statements.insert(name.as_str().into(), info);
             }
         }
         match v {
@@ -2495,7 +2580,7 @@ impl ClientSide<'_> {
     fn execute_expect(&self, portal: String) -> Expect {
         match self.portals.get(&portal) {
             Some(b) => Expect::Execute {
-                copy: self.statement_copy.get(&b.statement).cloned(),
+                copy: self.statement_copy.get(&*b.statement).cloned(),
                 statement: Some((b.statement.clone(), b.info.version)),
                 formats: b.formats.clone(),
                 taint: b.info.taint,
@@ -3750,7 +3835,7 @@ impl ServerSide<'_> {
         let desc = self.portal_descs.get(portal).or_else(|| {
             let (name, version) = statement.as_ref()?;
             self.stmt_descs
-                .get(name)
+                .get(&**name)
                 .filter(|(v, _)| v == version)
                 .map(|(_, d)| d)
         });

@@ -122,7 +122,7 @@ async fn fake_conn(mut s: TcpStream, queries: Arc<Mutex<Vec<String>>>, logins: A
                 wire::encode_error_response(&ErrorReport::error("22P02", &m), &mut out);
             }
             Frontend::Query(q) => {
-                queries.lock().expect("lock").push(q);
+                queries.lock().expect("lock").push(q.to_string());
                 let field = Field {
                     name: "?column?".into(),
                     table_oid: 0,

@@ -337,6 +337,13 @@ impl<'a> Reader<'a> {
         Ok(&rest[..end])
     }
 
+    /// [`Self::cstr`] as a [`Text`] sharing `msg`'s bytes; the reader reads `msg[skip..]`.
+    fn text(&mut self, msg: &Bytes, skip: usize) -> Result<Text, WireError> {
+        let start = skip + self.pos;
+        let len = self.cstr_bytes()?.len();
+        Text::new(msg.slice(start..start + len)).ok_or(WireError::InvalidUtf8 { what: self.what })
+    }
+
     fn cstr(&mut self) -> Result<&'a str, WireError> {
         let bytes = self.cstr_bytes()?;
         std::str::from_utf8(bytes).map_err(|_| WireError::InvalidUtf8 { what: self.what })
@@ -611,17 +618,54 @@ pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<Startup>, WireError> {
 // ---------------------------------------------------------------------------------------------
 // Frontend (client to server)
 
+/// A string field of a client message (a query's text), checked to be UTF-8 and sharing the
+/// message's bytes instead of copying them: a statement costs no allocation for its text.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Text(Bytes);
+
+impl Text {
+    /// `b` as text, if it is UTF-8.
+    fn new(b: Bytes) -> Option<Text> {
+        std::str::from_utf8(&b).is_ok().then_some(Text(b))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // SAFETY: checked to be UTF-8 in `Text::new` (or made from a `&str`), and `Bytes` never
+        // changes its contents.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Text {
+        Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
 /// A message from the client, after startup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frontend {
     /// 'Q': a simple query, possibly several statements.
-    Query(String),
+    Query(Text),
     /// 'P': prepare `query` as statement `name` ("" is the unnamed statement).
     Parse {
         /// Statement name.
         name: String,
         /// SQL text.
-        query: String,
+        query: Text,
         /// Parameter type OIDs the client fixed (0 = unspecified).
         param_types: Vec<u32>,
     },
@@ -631,7 +675,7 @@ pub enum Frontend {
         /// Portal name.
         portal: String,
         /// Statement name.
-        statement: String,
+        statement: Text,
         /// Body after the two names.
         raw: Bytes,
     },
@@ -755,10 +799,10 @@ fn decode_frontend(tag: u8, what: &'static str, msg: &Bytes) -> Result<Frontend,
     const HEADER: usize = 5;
     let mut r = Reader::new(&msg[HEADER..], what);
     let m = match tag {
-        b'Q' => Frontend::Query(r.cstr()?.to_owned()),
+        b'Q' => Frontend::Query(r.text(msg, HEADER)?),
         b'P' => {
             let name = r.cstr()?.to_owned();
-            let query = r.cstr()?.to_owned();
+            let query = r.text(msg, HEADER)?;
             let n = r.count("parameter type count")?;
             let mut param_types = Vec::with_capacity(n.min(r.remaining() / 4));
             for _ in 0..n {
@@ -772,7 +816,7 @@ fn decode_frontend(tag: u8, what: &'static str, msg: &Bytes) -> Result<Frontend,
         }
         b'B' => {
             let portal = r.cstr()?.to_owned();
-            let statement = r.cstr()?.to_owned();
+            let statement = r.text(msg, HEADER)?;
             let start = HEADER + r.pos;
             check_bind_params(&mut r)?;
             Frontend::Bind {
@@ -861,10 +905,23 @@ pub fn decode_bind(raw: &[u8]) -> Result<BindParams<'_>, WireError> {
 
 /// The result format codes of the `raw` part of [`Frontend::Bind`] (already validated by
 /// [`parse_frontend`]), without collecting the parameters: the data path's per-Bind need.
+/// Codes that are all text (0) come back as none, which means the same: libpq sends one
+/// text code with every Bind, and this way a Bind costs no allocation for it.
 pub fn bind_result_formats(raw: &[u8]) -> Result<Vec<i16>, WireError> {
     let mut r = Reader::new(raw, "Bind message");
     skip_params(&mut r)?;
-    let formats = r.formats("result format code")?;
+    let n = r.count("format count")?;
+    let mut formats = Vec::new();
+    for i in 0..n {
+        let f = r.format("result format code")?;
+        if f != 0 && formats.is_empty() {
+            formats.reserve(n);
+            formats.resize(i, 0);
+        }
+        if !formats.is_empty() || f != 0 {
+            formats.push(f);
+        }
+    }
     r.finish()?;
     Ok(formats)
 }

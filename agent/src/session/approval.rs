@@ -103,7 +103,7 @@ impl SessionCx {
                 session: self.id.clone(),
                 operation: operation.to_string(),
                 kind: kind.to_string(),
-                rule: rule_name,
+                rule: rule_name.to_string(),
                 approvers: rule.map(|r| r.approvers.clone()).unwrap_or_default(),
                 min_approvals: rule.and_then(|r| r.min_approvals).unwrap_or(1),
                 timeout: rule

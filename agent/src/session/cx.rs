@@ -407,7 +407,7 @@ impl SessionCx {
         ev.insert("event".into(), "connect".into());
         ev.insert("operation".into(), "connect".into());
         ev.insert("action".into(), action.into());
-        ev.insert("rule".into(), json!(d.rule));
+        ev.insert("rule".into(), json!(d.rule.as_deref()));
         ev.insert("reason".into(), reason.into());
         ev.insert("enforced".into(), (!observe).into());
         // The file behind `exe`, as the agent's mount namespace sees it: a path alone can be

@@ -70,7 +70,7 @@ fn ask(p: &Policy, identity: &str, target: &str, op: Operation<'_>) -> Decision 
 fn matched(action: Action, rule: &str) -> Decision {
     Decision {
         action,
-        rule: Some(rule.to_string()),
+        rule: Some(rule.into()),
         reason: DecisionReason::Matched,
     }
 }

@@ -414,7 +414,7 @@ fn simple_query() {
     );
     assert_eq!(
         frontend(&build(|b| pgf::query("", b).expect("encode"))),
-        Frontend::Query(String::new())
+        Frontend::Query("".into())
     );
 }
 
@@ -1528,7 +1528,7 @@ fn bind_scan_reads_what_decode_bind_reads_at_every_split() {
         };
         let want = BindHead {
             portal,
-            statement,
+            statement: statement.to_string(),
             result_formats: decode_bind(&raw).expect("valid").result_formats,
         };
         let body = &m[5..];
@@ -1705,5 +1705,26 @@ fn bind_result_formats_are_decode_binds() {
             decode_bind(raw).map(|b| b.result_formats),
             Ok(results.to_vec())
         );
+    }
+    // All text is no codes; anything else comes back as sent.
+    for (results, want) in [
+        (&[0][..], &[][..]),
+        (&[0, 0, 0][..], &[][..]),
+        (&[0, 1][..], &[0, 1][..]),
+        (&[0, 0, 1, 0][..], &[0, 0, 1, 0][..]),
+        (&[1, 0][..], &[1, 0][..]),
+    ] {
+        let m = bind_msg("", "", &[], &[], results);
+        let raw = &m[5 + 2..];
+        assert_eq!(bind_result_formats(raw), Ok(want.to_vec()), "{results:?}");
+        assert_eq!(
+            decode_bind(raw).map(|b| b.result_formats),
+            Ok(results.to_vec())
+        );
+        // A code that is not 0 or 1 is refused, wherever it is.
+        let mut bad = raw.to_vec();
+        let at = bad.len() - 2 * results.len();
+        bad[at + 1] = 2;
+        assert!(bind_result_formats(&bad).is_err(), "{results:?}");
     }
 }
