@@ -1210,6 +1210,30 @@ fn fast_key_covers_plain_texts_and_refuses_anything_lexically_subtle() {
 }
 
 #[test]
+fn a_reused_key_buffer_gives_what_a_fresh_one_gives() {
+    // A session's buffer holds the previous text's key (or garbage) when the next one comes.
+    let mut key = String::from("SELECT * FROM secrets WHERE leftover = 1");
+    for sql in [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+        "SELECT $$x$$",
+        "SELECT 1",
+        "SELECT * FROM t1 WHERE a = 'it''s'",
+        "SELECT 'unterminated",
+        "",
+    ] {
+        let had = fast_key_into(sql, &mut key);
+        assert_eq!(had.then(|| key.clone()), fast_key(sql), "{sql:?}");
+    }
+    let cache = ClassifyCache::new(16);
+    let mut key = String::from("leftover");
+    for sql in ["SELECT 1", "SELECT 2", "DELETE FROM t WHERE a = 'x'", "SELECT 1"] {
+        let with = cache.classify_with(sql, Escapes::Unknown, &mut key).expect(sql);
+        let kinds = |v: &[Statement]| v.iter().map(|s| s.kind).collect::<Vec<_>>();
+        assert_eq!(kinds(&with), kinds(&classify(sql).expect(sql)), "{sql:?}");
+    }
+}
+
+#[test]
 fn texts_sharing_a_fast_key_classify_alike() {
     // The fast key's promise: only string and number contents differ, so the classification
     // (unless it read a constant) is the same. Checked over every text the tests know.
