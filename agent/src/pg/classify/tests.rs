@@ -1226,8 +1226,15 @@ fn a_reused_key_buffer_gives_what_a_fresh_one_gives() {
     }
     let cache = ClassifyCache::new(16);
     let mut key = String::from("leftover");
-    for sql in ["SELECT 1", "SELECT 2", "DELETE FROM t WHERE a = 'x'", "SELECT 1"] {
-        let with = cache.classify_with(sql, Escapes::Unknown, &mut key).expect(sql);
+    for sql in [
+        "SELECT 1",
+        "SELECT 2",
+        "DELETE FROM t WHERE a = 'x'",
+        "SELECT 1",
+    ] {
+        let with = cache
+            .classify_with(sql, Escapes::Unknown, &mut key)
+            .expect(sql);
         let kinds = |v: &[Statement]| v.iter().map(|s| s.kind).collect::<Vec<_>>();
         assert_eq!(kinds(&with), kinds(&classify(sql).expect(sql)), "{sql:?}");
     }
