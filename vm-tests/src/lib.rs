@@ -1345,6 +1345,29 @@ impl AgentProc {
             .collect()
     }
 
+    /// Wait (bounded) until at least `n` audit events match `pred` (lines reach audit.jsonl
+    /// from the journal a few milliseconds after the event); all of them, in order.
+    pub fn wait_audit_count(
+        &self,
+        what: &str,
+        n: usize,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got: Vec<Value> = self.audit().into_iter().filter(&pred).collect();
+            if got.len() >= n {
+                return got;
+            }
+            if Instant::now() >= deadline {
+                // The caller's assertion says what is wrong with what came.
+                eprintln!("only {} of {n} audit events {what} within 15 s", got.len());
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Wait (bounded) for an audit event matching `pred`.
     pub fn wait_audit(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(15);

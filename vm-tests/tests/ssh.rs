@@ -920,9 +920,8 @@ fn workload_oidc_token_is_the_ssh_password() {
     assert_eq!(st.code(), Some(255), "{out}{err}");
     assert!(out.is_empty() && err.contains("Permission denied"), "{err}");
     let outcomes: Vec<_> = agent
-        .audit()
+        .wait_audit_count("four auth lines", 4, |e| e["event"] == "auth")
         .into_iter()
-        .filter(|e| e["event"] == "auth")
         .map(|e| e["outcome"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(
