@@ -739,11 +739,9 @@ fn malformed_input_ends_that_session_only() {
         "{err}"
     );
     // Each bad session ended with a close event that names the client side.
-    let closes: Vec<_> = agent
-        .audit()
-        .into_iter()
-        .filter(|e| e["event"] == "close" && e["status"] == "client")
-        .collect();
+    let closes = agent.wait_audit_count("three client-side closes", 3, |e| {
+        e["event"] == "close" && e["status"] == "client"
+    });
     assert!(closes.len() >= 3, "{closes:?}");
 }
 
@@ -1100,10 +1098,10 @@ fn upstream_connections_are_reused_unless_pool_false() {
         let logins = server.log().matches("Accepted publickey").count();
         assert_eq!(logins, want_logins, "pool={pool}\n{}", server.log());
         let reused = agent
-            .audit()
-            .into_iter()
-            .filter(|e| e["event"] == "upstream_login" && e["reused"] == true)
-            .count();
+            .wait_audit_count("reused upstream logins", 3 - want_logins, |e| {
+                e["event"] == "upstream_login" && e["reused"] == true
+            })
+            .len();
         assert_eq!(reused, 3 - want_logins, "pool={pool}");
         if !pool {
             continue;
