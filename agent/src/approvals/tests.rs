@@ -194,6 +194,10 @@ async fn store_survives_a_restart_and_pending_requests_expire() {
     let t3 = b.open_request(new_req(&[], 1, Duration::from_secs(60)));
     assert!(t3.id() > id2, "ids keep counting across restarts");
     drop(t3);
+    // Written out before the directory goes, so no late write re-creates it.
+    b.flush();
+    drop(b);
+    drop(guard);
 }
 
 #[tokio::test]
