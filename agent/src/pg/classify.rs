@@ -64,7 +64,7 @@
 //!   debug builds (the walk here about 250 KiB; release builds need under 256 KiB in all), so
 //!   classify on threads with at least the default 2 MiB.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::panic::catch_unwind;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -407,9 +407,9 @@ struct Maps {
 
 #[derive(Default)]
 struct Generations {
-    young: foldhash::HashMap<Box<str>, Arc<Vec<Statement>>>,
+    young: HashMap<Box<str>, Arc<Vec<Statement>>>,
     young_bytes: usize,
-    old: foldhash::HashMap<Box<str>, Arc<Vec<Statement>>>,
+    old: HashMap<Box<str>, Arc<Vec<Statement>>>,
 }
 
 impl ClassifyCache {

@@ -870,7 +870,6 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         stale_refusal: None,
         fast_key: String::new(),
         known: None,
-        covered: None,
     };
     let u2c = ServerSide {
         cx,
@@ -1372,29 +1371,30 @@ struct ClientSide<'a> {
     fast_key: String,
     /// The last classification `refresh_for` found fully known to the snapshots.
     known: Option<Known>,
-    /// The last classification `decide_sql` found to name every function behind it.
-    covered: Option<Covered>,
-}
-
-/// A classification (without parameter types, and with no EXECUTE of a prepared statement)
-/// each of whose statements already names the functions behind its operators, casts and
-/// relations' column types under this function snapshot: `decide_sql` skips looking them up.
-struct Covered {
-    statements: Arc<Vec<Statement>>,
-    functions: Arc<Functions>,
 }
 
 /// A classification whose every relation and function the snapshots know (see
 /// `ClientSide::refresh_for`): a session repeating one statement checks it once per snapshot.
+/// (Whether column rules apply is the session's masker's, fixed for the session.)
 struct Known {
     statements: Arc<Vec<Statement>>,
     catalog: Arc<Catalog>,
     functions: Arc<Functions>,
-    column_rules: bool,
     /// Whether its statements name any relation, function, operator or type.
     names_any: bool,
     /// Whether they are DDL that may change the snapshots.
     ddl: bool,
+    /// Set by `decide_sql`: without parameter types and with no EXECUTE of a prepared
+    /// statement, each statement already names the functions behind its operators, casts and
+    /// relations' column types under `functions`, so they need not be looked up again.
+    covered: bool,
+}
+
+impl Known {
+    /// Whether this is what is known of `statements` under `functions`.
+    fn of(&self, statements: &Arc<Vec<Statement>>, functions: &Arc<Functions>) -> bool {
+        Arc::ptr_eq(&self.statements, statements) && Arc::ptr_eq(&self.functions, functions)
+    }
 }
 
 /// A key buffer longer than this (a long statement's) is not kept for the next one.
@@ -1576,12 +1576,12 @@ impl ClientSide<'_> {
         self.resets = false;
         let mut held: Option<Hold> = None;
         // The same classification under the same function snapshot was found to name every
-        // function behind its statements already (see `Covered`).
+        // function behind its statements already (see `Known::covered`).
         let covered = self.param_types.is_empty()
-            && self.covered.as_ref().is_some_and(|c| {
-                Arc::ptr_eq(&c.statements, &statements)
-                    && Arc::ptr_eq(&c.functions, &self.functions)
-            });
+            && self
+                .known
+                .as_ref()
+                .is_some_and(|k| k.covered && k.of(&statements, &self.functions));
         let mut all_covered = self.param_types.is_empty();
         for (index, st) in statements.iter().enumerate() {
             // SQL-level EXECUTE runs what PREPARE prepared: decide that.
@@ -1733,10 +1733,13 @@ impl ClientSide<'_> {
             }
         }
         if all_covered && !covered {
-            self.covered = Some(Covered {
-                statements: statements.clone(),
-                functions: self.functions.clone(),
-            });
+            if let Some(k) = self
+                .known
+                .as_mut()
+                .filter(|k| k.of(&statements, &self.functions))
+            {
+                k.covered = true;
+            }
         }
         match held {
             Some(h) => Verdict::Hold(h),
@@ -1939,10 +1942,7 @@ impl ClientSide<'_> {
         };
         let column_rules = self.masker.as_ref().is_some_and(|m| m.has_column_rules());
         if let Some(k) = self.known.as_ref().filter(|k| {
-            Arc::ptr_eq(&k.statements, &statements)
-                && Arc::ptr_eq(&k.catalog, &self.catalog)
-                && Arc::ptr_eq(&k.functions, &self.functions)
-                && k.column_rules == column_rules
+            k.of(&statements, &self.functions) && Arc::ptr_eq(&k.catalog, &self.catalog)
         }) {
             // Known as a whole the last time, against these very snapshots.
             if !(self.ddl_since_refresh && k.names_any) {
@@ -2012,9 +2012,9 @@ impl ClientSide<'_> {
                 statements: statements.clone(),
                 catalog: self.catalog.clone(),
                 functions: self.functions.clone(),
-                column_rules,
                 names_any,
                 ddl,
+                covered: false,
             });
             if !after_ddl {
                 self.ddl_since_refresh |= ddl;
