@@ -411,6 +411,39 @@ fn stale_portal_and_statement_descriptions_never_unmask_rows() {
             "SQL prepared statement bound by the protocol",
             "Q PREPARE q AS SELECT email, card_number FROM customers\nB |q\nE \nS",
         ),
+        // A Parse the server refuses or skips leaves the statement it had: the rows are the
+        // old statement's, whatever the refused text was.
+        (
+            "named statement parsed again while it exists (42P05), portal described",
+            "P s1|SELECT upper(email), reverse(card_number) FROM customers\nS\n\
+             P s1|SELECT 'x'::text, 'y'::text\nS\nB |s1\nD P|\nE \nS",
+        ),
+        (
+            "named statement parsed again while it exists (42P05), statement described",
+            "P s1|SELECT upper(email), reverse(card_number) FROM customers\nS\n\
+             P s1|SELECT 'x'::text, 'y'::text\nS\nD S|s1\nB |s1\nE \nS",
+        ),
+        (
+            "named statement parsed again, bound before the server's refusal was read",
+            "P s1|SELECT upper(email), reverse(card_number) FROM customers\nS\n\
+             P s1|SELECT 'x'::text, 'y'::text\nSN\nB |s1\nD P|\nE \nS",
+        ),
+        (
+            "unnamed statement parsed after an error (skipped to the Sync)",
+            "P |SELECT upper(email), reverse(card_number) FROM customers\nS\n\
+             B x|no_such_statement\nP |SELECT 'x'::text, 'y'::text\nS\nB |\nD P|\nE \nS",
+        ),
+        (
+            "unnamed statement parsed after the client saw the error",
+            "P |SELECT upper(email), reverse(card_number) FROM customers\nS\n\
+             B x|no_such_statement\nH\nW\nP |SELECT 'x'::text, 'y'::text\nS\nB |\nD P|\nE \nS",
+        ),
+        (
+            "simple query skipped after an error, then a query of masked values",
+            "P |SELECT 1/0\nB |\nE \nH\nW\nQN SELECT 'x'\nP |SELECT 2\nB |\nE \nS\n\
+             Q SELECT upper(email), reverse(card_number) FROM customers\n\
+             Q SELECT upper(email), reverse(card_number) FROM customers",
+        ),
     ];
     let mut failures = Vec::new();
     for (what, script) in scripts {

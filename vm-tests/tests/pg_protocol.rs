@@ -138,6 +138,45 @@ fn syntax_errors_come_back_as_the_server_gives_them() {
     );
 }
 
+/// After an error in an extended-protocol message the server skips every message up to the
+/// Sync, simple queries included. A client that sends more of them only once it has read the
+/// error (psycopg's pipeline mode can) gets one ReadyForQuery for all of them, and every
+/// answer after it still goes with its own message: a syntax error answered by the server's
+/// parser is not given again to the next statement, and a skipped query (allowed, refused, or
+/// a syntax error) gets no answer, as it gets none directly. Nothing is left in flight after
+/// it: the last statement is read as the server reads it (standard_conforming_strings on),
+/// which is certain only then (while anything is in flight a backslash is read both ways, and
+/// one of the readings is a DROP).
+#[test]
+fn messages_skipped_after_an_error_leave_later_answers_in_place() {
+    let f = fixture("pgskip", "");
+    let v = f.raw(
+        "P |SELECT 1/0\nB |\nE \nH\nW\nP |SELECT 2\nB |\nE \nS\n\
+         Q SELEC 1\nQ SELECT 3\nP |SELECT 4\nB |\nE \nS\n\
+         P |SELECT 1/0\nB |\nE \nH\nW\nP |SELECT 5\nB |\nE \nSN\nQ SELEC 6\n\
+         P |SELECT 7\nB |\nE \nS\n\
+         P |SELECT 1/0\nB |\nE \nH\nW\nQN SELECT 8\nQN SELEC 9\nQN DROP TABLE orders\n\
+         P |SELECT 10\nB |\nE \nS\nQ SELECT 11\n\
+         Q SELECT 'a\\' || ' ; DROP TABLE orders; --'",
+    );
+    assert_eq!(
+        v["errors"],
+        serde_json::json!([
+            "22012: division by zero",
+            "42601: syntax error at or near \"SELEC\"@1",
+            "22012: division by zero",
+            "42601: syntax error at or near \"SELEC\"@1",
+            "22012: division by zero",
+        ]),
+        "{v}"
+    );
+    assert_eq!(
+        v["rows"],
+        serde_json::json!([["3"], ["4"], ["7"], ["11"], ["a\\ ; DROP TABLE orders; --"]]),
+        "{v}"
+    );
+}
+
 /// Fast-path function calls (libpq's large-object API) are decided as SQL calls of the
 /// function their OID names: allowed where a rule names the functions, refused naming the
 /// function otherwise, refused for an OID the catalog does not know; audited without values.

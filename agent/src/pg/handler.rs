@@ -828,6 +828,10 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         refresh_queued: AtomicBool::new(false),
         notices: Mutex::new(VecDeque::new()),
         notice: tokio::sync::Notify::new(),
+        refused: Mutex::new(Refused::default()),
+        refused_new: AtomicBool::new(false),
+        refused_some: AtomicBool::new(false),
+        skipping: AtomicBool::new(false),
     });
     let counters = Counters::default();
     let (cr, cw) = client.into_split();
@@ -1116,6 +1120,33 @@ struct Shared {
     /// `Notify` rather than a channel, which allocates a block of slots per session.)
     notices: Mutex<VecDeque<Bytes>>,
     notice: tokio::sync::Notify,
+    /// Statement versions whose Parse the server refused or skipped (see [`Refused`]).
+    refused: Mutex<Refused>,
+    /// `refused` has versions the client side has not applied yet: it looks only then.
+    refused_new: AtomicBool,
+    /// `refused` has versions (written by the server side only): it looks only then.
+    refused_some: AtomicBool,
+    /// The server is skipping every message up to the next Sync, after an error in an
+    /// extended-protocol message: a simple Query or a FunctionCall sent meanwhile gets no
+    /// answer. Written by the server side only: set before the expectations it skips are
+    /// popped, cleared before the Sync's is, so a client side that finds the queue empty
+    /// (under its lock) reads it right.
+    skipping: AtomicBool,
+}
+
+/// Parses that did not take: the server answered an ErrorResponse to them or skipped them
+/// (after an error, everything up to the Sync), so the name still means what it meant before
+/// (a named statement that already existed keeps its old text; a skipped Parse of the unnamed
+/// statement leaves the old one). The session's record of that version is wrong: it is
+/// treated as unknown (its computed columns masked, no COPY plan). The server side records
+/// them and reads them for the Executes already queued; the client side applies them to its
+/// statements and portals before its next message. They are forgotten once both sides agree
+/// and nothing is in flight.
+#[derive(Default)]
+struct Refused {
+    versions: Vec<u64>,
+    /// How many of `versions` the client side has applied.
+    applied: usize,
 }
 
 impl Shared {
@@ -1230,6 +1261,29 @@ fn unsafe_client_encoding(relay: &[u8]) -> Option<String> {
     found
 }
 
+/// Whether the server ends its answer to `e` with a ReadyForQuery (it is the last message of a
+/// batch the server skips to after an error).
+fn ends_at_ready(e: &Expect) -> bool {
+    matches!(
+        e,
+        Expect::Sync | Expect::Simple(..) | Expect::Call { .. } | Expect::Probe(..)
+    )
+}
+
+/// Whether `e` is an extended-protocol message's: an error in it makes the server skip to the
+/// next Sync.
+fn extended(e: &Expect) -> bool {
+    matches!(
+        e,
+        Expect::Parse(..)
+            | Expect::Bind(_)
+            | Expect::Close(..)
+            | Expect::DescribeStatement(..)
+            | Expect::DescribePortal(_)
+            | Expect::Execute { .. }
+    )
+}
+
 /// A forwarded message whose answer shapes how DataRows must be read.
 #[derive(Debug, Clone)]
 enum Expect {
@@ -1237,9 +1291,9 @@ enum Expect {
     /// The plans of its COPY ... TO STDOUT statements on a masked target, in order, and whether
     /// its computed columns may carry masked values.
     Simple(VecDeque<Arc<CopyPlan>>, bool),
-    /// Parse of statement `name`: its old description is void once the server reaches it
-    /// (whether the Parse succeeds or not).
-    Parse(String),
+    /// Parse of statement `name` at `version`: its old description is void once the server
+    /// reaches it (whether the Parse succeeds or not); see [`Refused`] if it does not.
+    Parse(String, u64),
     /// Bind of portal `name`: the portal's old description is void once the server reaches it.
     Bind(String),
     /// Close of a statement (`b'S'`) or portal (`b'P'`).
@@ -1901,7 +1955,10 @@ impl ClientSide<'_> {
 
     /// Nothing is in flight: every forwarded message is answered up to a ReadyForQuery.
     fn idle(&self) -> bool {
-        lock(&self.shared.expect).is_empty() && lock(&self.shared.lexing).settled
+        let ex = lock(&self.shared.expect);
+        ex.is_empty()
+            && !self.shared.skipping.load(Ordering::Relaxed)
+            && lock(&self.shared.lexing).settled
     }
 
     /// Whether an unknown `name` may trigger a re-read (see `unknown_after_refresh`).
@@ -2280,7 +2337,7 @@ impl ClientSide<'_> {
                     };
                     self.next_version += 1;
                     self.statements.insert(name.as_str().into(), info);
-                    lock(&self.shared.expect).push_back(Expect::Parse(name.clone()));
+                    lock(&self.shared.expect).push_back(Expect::Parse(name.clone(), info.version));
                     postgres_protocol::message::frontend::parse(
                         &name,
                         &sub,
@@ -2387,6 +2444,9 @@ impl ClientSide<'_> {
         raw: Bytes,
         io: &mut ClientIo<'_>,
     ) -> Result<Next, DataPathError> {
+        if self.shared.refused_new.load(Ordering::Acquire) {
+            self.apply_refused();
+        }
         match msg {
             Frontend::Query(sql) => return self.on_query(&sql, &raw, io).await,
             Frontend::Parse {
@@ -2502,15 +2562,25 @@ impl ClientSide<'_> {
         // A simple query replaces the unnamed statement and portal.
         self.statements.remove("");
         self.portals.remove("");
-        if let Verdict::Syntax(message, _) = v {
-            // Let the server's own parser say what is wrong (Expect::Probe): a Parse is parsed
-            // and analysed, never run.
-            lock(&self.shared.expect).push_back(Expect::Probe(message));
-            postgres_protocol::message::frontend::parse("", sql, std::iter::empty(), &mut io.out)
+        let v = match v {
+            // With nothing in flight, let the server's own parser say what is wrong
+            // (Expect::Probe): a Parse is parsed and analysed, never run. Its Sync would end a
+            // skip after an error and the implicit transaction of messages in flight, so
+            // otherwise the client gets the classifier's own error, in its place.
+            Verdict::Syntax(message, _) if self.idle() => {
+                lock(&self.shared.expect).push_back(Expect::Probe(message));
+                postgres_protocol::message::frontend::parse(
+                    "",
+                    sql,
+                    std::iter::empty(),
+                    &mut io.out,
+                )
                 .map_err(internal)?;
-            postgres_protocol::message::frontend::sync(&mut io.out);
-            return Ok(Next::Probed);
-        }
+                postgres_protocol::message::frontend::sync(&mut io.out);
+                return Ok(Next::Probed);
+            }
+            v => v,
+        };
         lock(&self.shared.expect).push_back(Expect::Simple(plans.into(), self.taint));
         match v {
             Verdict::Allow => io.out.extend_from_slice(raw),
@@ -2572,8 +2642,31 @@ impl ClientSide<'_> {
                 .map_err(internal)?;
             }
         }
-        lock(&self.shared.expect).push_back(Expect::Parse(name));
+        lock(&self.shared.expect).push_back(Expect::Parse(name, info.version));
         Ok(Next::Forwarded)
+    }
+
+    /// Statement versions whose Parse did not take ([`Refused`]) are unknown from now on: their
+    /// computed columns are masked, they may reset portals, and no COPY plan holds for them.
+    fn apply_refused(&mut self) {
+        let mut r = lock(&self.shared.refused);
+        self.shared.refused_new.store(false, Ordering::Relaxed);
+        for &version in &r.versions[r.applied..] {
+            for (name, info) in self.statements.iter_mut() {
+                if info.version == version {
+                    info.taint = true;
+                    info.resets = true;
+                    self.statement_copy.remove(&**name);
+                }
+            }
+            for b in self.portals.values_mut() {
+                if b.info.version == version {
+                    b.info.taint = true;
+                    b.info.resets = true;
+                }
+            }
+        }
+        r.applied = r.versions.len();
     }
 
     /// What the server's answer to an Execute of `portal` is read with.
@@ -3222,9 +3315,38 @@ impl ServerSide<'_> {
 
     /// The server reached `e` (it completed, failed or was skipped): forget the descriptions it
     /// makes void.
+    /// Drop the expectations of messages the server refused or skipped: up to the next Sync
+    /// when it is `skipping` after an error in an extended-protocol message, else up to the
+    /// next message that ends at a ReadyForQuery.
+    fn drop_skipped(&mut self, skipping: bool) {
+        while let Some(e) = self.pop_if(|e| {
+            !matches!(e, Expect::Sync | Expect::Probe(_) | Expect::Refresh(_))
+                && (skipping || !ends_at_ready(e))
+        }) {
+            self.void_refused(&e);
+        }
+    }
+
+    /// [`Self::void`] for `e`, which the server refused or skipped: a Parse's version is
+    /// recorded in [`Refused`].
+    fn void_refused(&mut self, e: &Expect) {
+        if let Expect::Parse(_, version) = e {
+            lock(&self.shared.refused).versions.push(*version);
+            self.shared.refused_some.store(true, Ordering::Relaxed);
+            self.shared.refused_new.store(true, Ordering::Release);
+        }
+        self.void(e);
+    }
+
+    /// Whether statement `version`'s Parse did not take (see [`Refused`]).
+    fn refused(&self, version: u64) -> bool {
+        self.shared.refused_some.load(Ordering::Relaxed)
+            && lock(&self.shared.refused).versions.contains(&version)
+    }
+
     fn void(&mut self, e: &Expect) {
         match e {
-            Expect::Parse(name) => {
+            Expect::Parse(name, _) => {
                 self.stmt_descs.remove(name);
             }
             Expect::Bind(portal) => {
@@ -3337,7 +3459,12 @@ impl ServerSide<'_> {
     fn take_copy_plan(&self) -> Option<Arc<CopyPlan>> {
         match lock(&self.shared.expect).front_mut() {
             Some(Expect::Simple(plans, _)) => plans.pop_front(),
-            Some(Expect::Execute { copy, .. }) => copy.take(),
+            // No plan holds for an older text than the one it was made for.
+            Some(Expect::Execute {
+                copy, statement, ..
+            }) => copy
+                .take()
+                .filter(|_| !statement.as_ref().is_some_and(|(_, v)| self.refused(*v))),
             _ => None,
         }
     }
@@ -3688,7 +3815,7 @@ impl ServerSide<'_> {
                     return Ok(());
                 }
                 // ParseComplete: the statement's old description no longer applies.
-                if let Some(e) = self.pop_if(|e| matches!(e, Expect::Parse(_))) {
+                if let Some(e) = self.pop_if(|e| matches!(e, Expect::Parse(..))) {
                     self.void(&e);
                 }
             }
@@ -3832,6 +3959,11 @@ impl ServerSide<'_> {
         else {
             return Arc::new(self.blind_plan(&[]));
         };
+        // Bound from a version whose Parse did not take: the portal runs an older text.
+        let taint = *taint
+            || statement
+                .as_ref()
+                .is_some_and(|(_, version)| self.refused(*version));
         let desc = self.portal_descs.get(portal).or_else(|| {
             let (name, version) = statement.as_ref()?;
             self.stmt_descs
@@ -3840,7 +3972,7 @@ impl ServerSide<'_> {
                 .map(|(_, d)| d)
         });
         match desc.cloned() {
-            Some(d) => self.described_plan(&d, Some(formats), *taint),
+            Some(d) => self.described_plan(&d, Some(formats), taint),
             None => Arc::new(self.blind_plan(formats)),
         }
     }
@@ -3945,15 +4077,17 @@ impl ServerSide<'_> {
         self.withhold = false;
         self.copy = None;
         let en = wire::decode_error_notice(raw).map_err(|e| self.bad(e))?;
-        // Extended protocol: the server now skips to Sync; so do our expectations.
-        while let Some(e) = self.pop_if(|e| {
-            !matches!(
-                e,
-                Expect::Sync | Expect::Simple(..) | Expect::Call { .. } | Expect::Probe(..)
-            )
-        }) {
-            self.void(&e);
-        }
+        // Extended protocol: the server now skips to Sync; so do our expectations. Messages the
+        // client sends after this, up to its Sync, are skipped too (`on_ready`).
+        let skipping = {
+            let ex = lock(&self.shared.expect);
+            let skip = ex.front().is_some_and(extended);
+            if skip {
+                self.shared.skipping.store(true, Ordering::Relaxed);
+            }
+            skip || self.shared.skipping.load(Ordering::Relaxed)
+        };
+        self.drop_skipped(skipping);
         self.current = None;
         if let Some(id) = en.message().and_then(|m| refusal_id(m, &self.nonce)) {
             let r = {
@@ -4003,13 +4137,15 @@ impl ServerSide<'_> {
         self.status = raw.get(5).copied().unwrap_or(0);
         self.withhold = false;
         self.copy = None;
+        // Everything before the message this answers was answered or skipped after an error:
+        // a client may send more of the failed batch (simple queries too) after the server's
+        // ErrorResponse has been read here, and those messages get no answer at all.
+        // (Cleared before the Sync's own expectation goes, so the client side never sees an
+        // empty queue with a skip that has ended.)
+        let skipping = self.shared.skipping.swap(false, Ordering::Relaxed);
+        self.drop_skipped(skipping);
         let ended_simple = self
-            .pop_if(|e| {
-                matches!(
-                    e,
-                    Expect::Sync | Expect::Simple(..) | Expect::Call { .. } | Expect::Probe(..)
-                )
-            })
+            .pop_if(ends_at_ready)
             .is_some_and(|e| !matches!(e, Expect::Sync));
         if ended_simple {
             // A simple query replaces the unnamed statement and portal, and its statements
@@ -4025,6 +4161,16 @@ impl ServerSide<'_> {
                 lock(&self.shared.lexing).settled = true;
                 // Every substitute was answered: refusals left were skipped.
                 lock(&self.shared.denials).clear();
+                // No Execute is queued: refused versions the client side has applied are no
+                // longer needed here.
+                if self.shared.refused_some.load(Ordering::Relaxed) {
+                    let mut r = lock(&self.shared.refused);
+                    if r.applied == r.versions.len() {
+                        r.versions.clear();
+                        r.applied = 0;
+                        self.shared.refused_some.store(false, Ordering::Relaxed);
+                    }
+                }
             }
         }
         if self.status == b'I' {

@@ -11,7 +11,12 @@
 //! else text, all in binary format; result in binary), `L name` (looks up
 //! `SELECT 'name'::regproc::oid` into the variable `name`). In `F`, the OID and each argument
 //! may be a variable: a name recorded by `L`, `$last` (the last int4 function result) or
-//! `$rN` (the N-th function result, when it was an int4). After each `S`, `Q` or `F` the answers are read up to ReadyForQuery. Prints one JSON
+//! `$rN` (the N-th function result, when it was an int4). After each `S`, `Q` or `F` the answers
+//! are read up to ReadyForQuery. `SN` is a Sync whose answers are read with the next `S` (a
+//! client that pipelines past a Sync); `W` sends nothing and reads up to the next
+//! ErrorResponse (after an `H`: a client that waits to see an error before it goes on); `QN sql`
+//! is a Query whose answers are not read (one sent while the server skips to a Sync gets none).
+//! Prints one JSON
 //! object: `rows` (every DataRow, values as text or null), `errors` (SQLSTATE: message, then
 //! `@position` when the error has one), `results` (FunctionCallResponse values: int4 results as
 //! numbers, others as text, null as null), `fatal`.
@@ -65,7 +70,7 @@ fn encode(line: &str, vars: &std::collections::HashMap<String, String>) -> Vec<u
             b.extend_from_slice(&1i16.to_be_bytes()); // binary result
             msg(b'F', &b)
         }
-        "Q" => {
+        "Q" | "QN" => {
             cstr(&mut b, rest);
             msg(b'Q', &b)
         }
@@ -134,7 +139,8 @@ fn encode(line: &str, vars: &std::collections::HashMap<String, String>) -> Vec<u
             msg(b'E', &b)
         }
         "H" => msg(b'H', &b),
-        "S" => msg(b'S', &b),
+        "S" | "SN" => msg(b'S', &b),
+        "W" => Vec::new(),
         other => panic!("unknown script op {other:?}"),
     }
 }
@@ -261,6 +267,8 @@ fn main() {
         }
     }
     if ready {
+        // ReadyForQuery answers owed for `SN` lines, read with the next `S`.
+        let mut owed = 0;
         'script: for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
             // `L name`: look up a function's OID into the variable `name`.
             let lookup = line.strip_prefix("L ").map(str::to_string);
@@ -273,13 +281,22 @@ fn main() {
                 None => encode(line, &vars),
             };
             w.write_all(&sent).expect("write");
+            if line == "SN" {
+                owed += 1;
+            }
             if !(line == "S"
+                || line == "W"
                 || line.starts_with("Q ")
                 || line.starts_with("F ")
                 || lookup.is_some())
             {
                 continue;
             }
+            let mut readies = if line == "W" {
+                0
+            } else {
+                std::mem::take(&mut owed)
+            };
             loop {
                 let Some((tag, b)) = r.next() else {
                     break 'script;
@@ -314,7 +331,11 @@ fn main() {
                             get(b'C').unwrap_or_default(),
                             get(b'M').unwrap_or_default()
                         )));
+                        if line == "W" {
+                            break;
+                        }
                     }
+                    b'Z' if readies > 0 => readies -= 1,
                     b'Z' => break,
                     _ => {}
                 }
