@@ -1336,13 +1336,25 @@ impl AgentProc {
         self.data_dir.join("audit.jsonl")
     }
 
-    /// Every audit event so far.
+    /// Every audit event so far, read once the file has stopped growing: the journal writes
+    /// lines out a few milliseconds after their events, so a check made just after a client
+    /// exits would otherwise miss its last lines. Waits for 50 ms without a new line (at
+    /// most 5 s); to wait for a given event, use [`Self::wait_audit`].
     pub fn audit(&self) -> Vec<Value> {
-        fs::read_to_string(self.audit_path())
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut text = self.audit_now();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let again = self.audit_now();
+            if again == text || Instant::now() >= deadline {
+                return parse_audit(&again);
+            }
+            text = again;
+        }
+    }
+
+    fn audit_now(&self) -> String {
+        fs::read_to_string(self.audit_path()).unwrap_or_default()
     }
 
     /// Wait (bounded) until at least `n` audit events match `pred` (lines reach audit.jsonl
@@ -1355,7 +1367,10 @@ impl AgentProc {
     ) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let got: Vec<Value> = self.audit().into_iter().filter(&pred).collect();
+            let got: Vec<Value> = parse_audit(&self.audit_now())
+                .into_iter()
+                .filter(&pred)
+                .collect();
             if got.len() >= n {
                 return got;
             }
@@ -1372,7 +1387,7 @@ impl AgentProc {
     pub fn wait_audit(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Some(v) = self.audit().into_iter().find(&pred) {
+            if let Some(v) = parse_audit(&self.audit_now()).into_iter().find(&pred) {
                 return v;
             }
             if Instant::now() >= deadline {
@@ -1715,4 +1730,11 @@ impl Drop for BotTmux<'_> {
             .env_clear()
             .output();
     }
+}
+
+/// The events of an audit file's text (a line still being written is skipped).
+fn parse_audit(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
