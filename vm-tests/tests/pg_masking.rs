@@ -60,7 +60,7 @@ name = "writer reads and writes rows"
 identities = ["writer"]
 targets = ["app-db"]
 action = "allow"
-sql = {{ statements = ["select", "insert", "update", "begin", "commit", "rollback"] }}
+sql = {{ statements = ["select", "insert", "update", "begin", "commit", "rollback", "create", "prepare", "execute", "deallocate"] }}
 
 [[mask]]
 targets = ["app-db"]
@@ -348,7 +348,20 @@ fn writes_that_copy_masked_values_are_refused_and_change_nothing() {
         )
     };
     let before = state();
+    let tables = || {
+        f.pg.superuser_sql(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'tgw%'",
+            "app",
+        )
+    };
     for sql in [
+        "CREATE TABLE tgw1 AS SELECT email FROM customers",
+        "CREATE TABLE tgw2 AS SELECT card_number AS c FROM customers",
+        "CREATE TABLE tgw3 AS SELECT * FROM customers",
+        "SELECT card_number INTO tgw4 FROM customers",
+        "SELECT * INTO tgw9 FROM customers",
+        "WITH t AS (SELECT card_number FROM customers) SELECT * INTO tgw10 FROM t",
+        "CREATE MATERIALIZED VIEW tgw5 AS SELECT card_number FROM customers",
         "UPDATE customers SET note = email",
         "UPDATE customers SET note = upper(card_number) WHERE id = 1",
         "INSERT INTO audit_log (msg) SELECT email FROM customers",
@@ -362,6 +375,30 @@ fn writes_that_copy_masked_values_are_refused_and_change_nothing() {
             "{sql} should be refused: {t}"
         );
         assert_eq!(state(), before, "{sql} changed the database");
+        assert_eq!(tables().trim(), "0", "{sql} made a table");
+    }
+    // The same through prepared statements (SQL PREPARE, or a protocol Parse of the name),
+    // each in one session, the table made by what EXECUTE runs.
+    for (prepare, run) in [
+        (
+            "PREPARE w1 AS SELECT card_number FROM customers",
+            "CREATE TABLE tgw6 AS EXECUTE w1",
+        ),
+        (
+            "PREPARE w2 AS SELECT email AS e FROM customers",
+            "CREATE TABLE tgw7 (e) AS EXECUTE w2",
+        ),
+        (
+            "PREPARE w3 AS SELECT 1 AS x",
+            "DEALLOCATE w3; PREPARE w3 AS SELECT card_number FROM customers; CREATE TABLE tgw8 AS EXECUTE w3",
+        ),
+    ] {
+        let t = text(&psql(&f.writer, f.pg.port, &[prepare, run]));
+        assert!(
+            t.contains("42501") && t.contains("masked"),
+            "{prepare}; {run} should be refused: {t}"
+        );
+        assert_eq!(tables().trim(), "0", "{run} made a table: {t}");
     }
     // Writes that copy nothing masked go through.
     let o = psql(
@@ -437,6 +474,51 @@ fn stale_portal_and_statement_descriptions_never_unmask_rows() {
             "unnamed statement parsed after the client saw the error",
             "P |SELECT upper(email), reverse(card_number) FROM customers\nS\n\
              B x|no_such_statement\nH\nW\nP |SELECT 'x'::text, 'y'::text\nS\nB |\nD P|\nE \nS",
+        ),
+        // Protocol-level and SQL-level prepared statements share one namespace on the server.
+        (
+            "protocol-prepared statement run by SQL EXECUTE",
+            "P q|SELECT upper(email), reverse(card_number) FROM customers\nS\nQ EXECUTE q",
+        ),
+        (
+            "SQL PREPARE of a name that exists (42P05), then EXECUTE",
+            "P q|SELECT upper(email), reverse(card_number) FROM customers\nS\n\
+             Q PREPARE q AS SELECT 'x'::text, 'y'::text\nQ EXECUTE q",
+        ),
+        (
+            "SQL PREPARE that failed, then EXECUTE (both by SQL)",
+            "Q PREPARE q AS SELECT upper(email), reverse(card_number) FROM customers\n\
+             Q PREPARE q AS SELECT 'x'::text, 'y'::text\nQ EXECUTE q",
+        ),
+        (
+            "protocol statement deallocated by SQL and prepared again, bound by the protocol",
+            "P s1|SELECT 'x'::text, 'y'::text\nS\nQ DEALLOCATE s1\n\
+             Q PREPARE s1 AS SELECT upper(email), reverse(card_number) FROM customers\n\
+             B |s1\nD P|\nE \nS",
+        ),
+        (
+            "all deallocated by SQL, one prepared again, bound by the protocol",
+            "P s1|SELECT 'x'::text, 'y'::text\nS\nQ DEALLOCATE ALL\n\
+             Q PREPARE s1 AS SELECT upper(email), reverse(card_number) FROM customers\n\
+             B |s1\nD S|s1\nE \nS",
+        ),
+        // SQL cursors share the protocol's portal names.
+        (
+            "Bind to the name of a cursor WITH HOLD (refused), the cursor described and run",
+            "Q DECLARE c CURSOR WITH HOLD FOR SELECT upper(email), reverse(card_number) FROM customers\n\
+             P s|SELECT 'x'::text, 'y'::text\nB c|s\nS\nD P|c\nE c\nS",
+        ),
+        (
+            "bound portal closed by SQL and declared again as a cursor",
+            "Q BEGIN\nP s|SELECT 'x'::text, 'y'::text\nB c|s\nS\nQ CLOSE c\n\
+             Q DECLARE c CURSOR FOR SELECT upper(email), reverse(card_number) FROM customers\n\
+             D P|c\nE c\nS\nQ COMMIT",
+        ),
+        (
+            "bound portal ended with its transaction, then a cursor WITH HOLD of that name",
+            "P s|SELECT 'x'::text, 'y'::text\nB c|s\nS\n\
+             Q DECLARE c CURSOR WITH HOLD FOR SELECT upper(email), reverse(card_number) FROM customers\n\
+             D P|c\nE c\nS",
         ),
         (
             "simple query skipped after an error, then a query of masked values",

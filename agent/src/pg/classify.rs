@@ -1007,6 +1007,19 @@ fn classify_node(node: &NodeEnum, depth: u8) -> Result<Classified, ClassifyError
             // A deleting CTE makes the statement a delete; SELECT INTO makes it a create.
             c.kind = statements.first().unwrap_or(own);
             c.kinds.insert(own);
+            if let NodeEnum::SelectStmt(sel) = node {
+                if sel.into_clause.is_some() {
+                    // SELECT ... INTO writes its targets to a new table: a bare column is a
+                    // written value, and a star writes every column.
+                    let bare = std::mem::take(&mut c.lineage.bare_refs);
+                    c.lineage.refs.extend(bare);
+                    c.lineage.opaque |= sel.target_list.iter().any(|t| {
+                        matches!(&t.node, Some(NodeEnum::ResTarget(r))
+                            if matches!(inner(&r.val), Some(NodeEnum::ColumnRef(cr))
+                                if cr.fields.iter().any(|f| matches!(f.node, Some(NodeEnum::AStar(_))))))
+                    });
+                }
+            }
             return Ok(c);
         }
         NodeEnum::ExplainStmt(e) => {

@@ -853,6 +853,7 @@ async fn serve(h: &PgHandler, cx: &SessionCx, tcp: TcpStream) -> Result<Totals, 
         shared: shared.clone(),
         nonce: nonce.clone(),
         prepared: HashMap::new(),
+        last_classified: None,
         portals: HashMap::new(),
         statements: HashMap::new(),
         next_version: 0,
@@ -1276,7 +1277,7 @@ fn extended(e: &Expect) -> bool {
     matches!(
         e,
         Expect::Parse(..)
-            | Expect::Bind(_)
+            | Expect::Bind(..)
             | Expect::Close(..)
             | Expect::DescribeStatement(..)
             | Expect::DescribePortal(_)
@@ -1294,8 +1295,9 @@ enum Expect {
     /// Parse of statement `name` at `version`: its old description is void once the server
     /// reaches it (whether the Parse succeeds or not); see [`Refused`] if it does not.
     Parse(String, u64),
-    /// Bind of portal `name`: the portal's old description is void once the server reaches it.
-    Bind(String),
+    /// Bind of portal `name` (the [`Bound`] of `version`): the portal's old description is
+    /// void once the server reaches it; see [`Refused`] if it does not take.
+    Bind(String, u64),
     /// Close of a statement (`b'S'`) or portal (`b'P'`).
     Close(u8, String),
     /// Describe of a statement (at its version): the RowDescription/NoData belongs to it.
@@ -1309,6 +1311,8 @@ enum Expect {
     Execute {
         portal: String,
         statement: Option<(Arc<str>, u64)>,
+        /// The version of the Bind that made the portal (`u64::MAX`: not bound here).
+        bound: u64,
         formats: Vec<i16>,
         copy: Option<Arc<CopyPlan>>,
         taint: bool,
@@ -1347,6 +1351,8 @@ struct StatementInfo {
 /// A portal this session bound.
 #[derive(Debug, Clone)]
 struct Bound {
+    /// Unique per Bind in the session (the same counter as statement versions).
+    version: u64,
     statement: Arc<str>,
     info: StatementInfo,
     formats: Vec<i16>,
@@ -1379,6 +1385,8 @@ struct ClientSide<'a> {
     nonce: String,
     /// Prepared statements by name: their classification, for SQL-level EXECUTE.
     prepared: HashMap<String, Arc<Vec<Statement>>>,
+    /// The classification `decide_sql` decided last (a protocol Parse's, for `prepared`).
+    last_classified: Option<Arc<Vec<Statement>>>,
     /// Portals this session bound.
     portals: HashMap<String, Bound>,
     /// Prepared statements (protocol level) by name: their current version.
@@ -1550,6 +1558,7 @@ impl ClientSide<'_> {
 
     async fn decide_sql(&mut self, sql: &str, shown: &str, made: Option<Classified>) -> Verdict {
         let cx = self.cx;
+        self.last_classified = None;
         // One policy snapshot for the whole message: every decision, gate, audit line and
         // approval of it.
         let gen = cx.policy();
@@ -1638,17 +1647,31 @@ impl ClientSide<'_> {
                 .is_some_and(|k| k.covered && k.of(&statements, &self.functions));
         let mut all_covered = self.param_types.is_empty();
         for (index, st) in statements.iter().enumerate() {
-            // SQL-level EXECUTE runs what PREPARE prepared: decide that.
-            let prepared = st
+            // SQL-level EXECUTE (also in EXPLAIN ANALYZE and CREATE TABLE AS) runs what was
+            // prepared under that name, by PREPARE or a protocol Parse: decide that. A name this
+            // session did not see prepared (dynamic SQL) runs something unknown.
+            let runs = st
                 .prepared_name
                 .as_deref()
-                .filter(|_| st.kind == "execute")
-                .and_then(|name| self.prepared.get(name).cloned());
-            all_covered &= prepared.is_none();
-            let effective = prepared
-                .as_deref()
-                .map_or(std::slice::from_ref(st), Vec::as_slice);
-            for s in effective {
+                .filter(|_| st.kinds.contains(&"execute") && !st.kinds.contains(&"prepare"));
+            let prepared = runs.and_then(|name| self.prepared.get(name).cloned());
+            let unknown_prepared = runs.is_some() && prepared.is_none();
+            all_covered &= runs.is_none();
+            // CREATE TABLE ... AS EXECUTE: the table's statement is decided, and what it runs
+            // is a source of the rows it writes.
+            let wraps = runs.is_some() && st.kind != "execute";
+            let wrapped: Vec<Statement>;
+            let effective = match prepared.as_deref() {
+                Some(p) if wraps => {
+                    wrapped = std::iter::once(st.clone())
+                        .chain(p.iter().cloned())
+                        .collect();
+                    wrapped.as_slice()
+                }
+                Some(p) => p.as_slice(),
+                None => std::slice::from_ref(st),
+            };
+            for (at, s) in effective.iter().enumerate() {
                 // The functions behind its operators, casts and its relations' column types count
                 // as called (functions.rs).
                 let with_behind;
@@ -1677,7 +1700,7 @@ impl ClientSide<'_> {
                 };
                 self.resets |=
                     s.kinds.iter().any(|k| PORTAL_KINDS.contains(k)) || !s.functions.is_empty();
-                let taint = if s.kind == "fetch" {
+                let mut taint = if s.kind == "fetch" {
                     // A cursor's rows: what it computes was decided at DECLARE.
                     catalog::Taint {
                         output: self.catalog.any_masked(),
@@ -1686,11 +1709,20 @@ impl ClientSide<'_> {
                 } else {
                     self.catalog.taint(&s.lineage, &s.tables)
                 };
+                if unknown_prepared {
+                    // Whatever it runs may compute from masked columns.
+                    taint.output |= self.catalog.any_masked();
+                }
+                if wraps && (at > 0 || unknown_prepared) && taint.output {
+                    // The prepared statement's rows are what CREATE TABLE AS writes.
+                    taint.write = true;
+                }
                 self.taint |= taint.output;
                 if taint.write
-                    && s.kinds
-                        .iter()
-                        .any(|k| matches!(*k, "insert" | "update" | "merge" | "create"))
+                    && (wraps
+                        || s.kinds
+                            .iter()
+                            .any(|k| matches!(*k, "insert" | "update" | "merge" | "create")))
                 {
                     let d = Decision::deny(tollgate_policy::DecisionReason::NoMatchingRule);
                     cx.audit_operation(&gen, s.kind, shown, &d, Some("masked_lineage"));
@@ -1778,13 +1810,11 @@ impl ClientSide<'_> {
                     }
                 }
             }
-            if st.kinds.contains(&"prepare") {
-                if let Some(name) = st.prepared_name.as_deref() {
-                    // Remember what EXECUTE name will run (the PREPARE itself was allowed).
-                    self.prepared
-                        .insert(name.to_string(), Arc::new(vec![st.clone()]));
-                }
-            }
+            // Allowed (or waiting for approval): what it prepares or deallocates is what the
+            // server will have for the statements after it. Should a later one be refused,
+            // nothing ran: a name then wrongly missing is unknown, one wrongly present does
+            // not exist on the server (a name known already is never replaced).
+            self.prepared_effects(std::slice::from_ref(st));
         }
         if all_covered && !covered {
             if let Some(k) = self
@@ -1795,6 +1825,7 @@ impl ClientSide<'_> {
                 k.covered = true;
             }
         }
+        self.last_classified = Some(statements);
         match held {
             Some(h) => Verdict::Hold(h),
             None => Verdict::Allow,
@@ -2184,10 +2215,13 @@ impl ClientSide<'_> {
                 },
             ),
         };
-        lock(&self.shared.expect).push_back(Expect::Bind(portal.clone()));
+        let version = self.next_version;
+        self.next_version += 1;
+        lock(&self.shared.expect).push_back(Expect::Bind(portal.clone(), version));
         self.portals.insert(
             portal,
             Bound {
+                version,
                 statement,
                 info,
                 formats,
@@ -2485,6 +2519,7 @@ impl ClientSide<'_> {
             Frontend::Close { kind, name } => {
                 if kind == b'S' {
                     self.statements.remove(name.as_str());
+                    self.prepared.remove(&name);
                 } else {
                     self.portals.remove(&name);
                 }
@@ -2627,6 +2662,14 @@ impl ClientSide<'_> {
                 self.statements.insert(name.as_str().into(), info);
             }
         }
+        // What SQL EXECUTE of the name runs (a name that exists keeps its statement: the
+        // server refuses this Parse).
+        let classified = self.last_classified.take();
+        if !name.is_empty() && matches!(v, Verdict::Allow) {
+            if let (false, Some(c)) = (self.prepared.contains_key(&name), classified) {
+                self.prepared.insert(name.clone(), c);
+            }
+        }
         match v {
             Verdict::Allow => io.out.extend_from_slice(raw),
             // settle() never answers Hold.
@@ -2646,6 +2689,50 @@ impl ClientSide<'_> {
         Ok(Next::Forwarded)
     }
 
+    /// SQL PREPARE, DEALLOCATE and DISCARD change the server's prepared statements, which
+    /// protocol Parse and Close share: keep `prepared` (what SQL EXECUTE runs) and `statements`
+    /// (what a protocol Bind binds) as the server will have them. DECLARE, CLOSE and DISCARD
+    /// make the portals this session bound unknown.
+    fn prepared_effects(&mut self, statements: &[Statement]) {
+        for st in statements {
+            // Portals too: SQL cursors share the protocol's portal names, so a name DECLAREd
+            // (after its portal ended) or CLOSEd is no longer what a Bind here made.
+            if st
+                .kinds
+                .iter()
+                .any(|k| matches!(*k, "declare" | "close" | "discard"))
+            {
+                self.portals.clear();
+            }
+            let name = st.prepared_name.as_deref();
+            if st.kinds.contains(&"prepare") {
+                let Some(name) = name else { continue };
+                // A name that exists is refused by the server (42P05) and keeps its statement.
+                if !self.prepared.contains_key(name) {
+                    self.prepared
+                        .insert(name.to_string(), Arc::new(vec![st.clone()]));
+                    // Not what a protocol Parse of it said any more: bound, it is unknown.
+                    self.statements.remove(name);
+                    self.statement_copy.remove(name);
+                }
+            } else if matches!(st.kind, "deallocate" | "discard") {
+                match name.filter(|_| st.kind == "deallocate") {
+                    Some(name) => {
+                        self.prepared.remove(name);
+                        self.statements.remove(name);
+                        self.statement_copy.remove(name);
+                    }
+                    // DEALLOCATE ALL, DISCARD ALL: every named statement (not the unnamed one).
+                    None => {
+                        self.prepared.clear();
+                        self.statements.retain(|n, _| n.is_empty());
+                        self.statement_copy.retain(|n, _| n.is_empty());
+                    }
+                }
+            }
+        }
+    }
+
     /// Statement versions whose Parse did not take ([`Refused`]) are unknown from now on: their
     /// computed columns are masked, they may reset portals, and no COPY plan holds for them.
     fn apply_refused(&mut self) {
@@ -2657,6 +2744,8 @@ impl ClientSide<'_> {
                     info.taint = true;
                     info.resets = true;
                     self.statement_copy.remove(&**name);
+                    // SQL EXECUTE of it runs something unknown too.
+                    self.prepared.remove(&**name);
                 }
             }
             for b in self.portals.values_mut() {
@@ -2665,6 +2754,9 @@ impl ClientSide<'_> {
                     b.info.resets = true;
                 }
             }
+            // A Bind that did not take: the name is whatever portal the server had (a cursor
+            // WITH HOLD), or none.
+            self.portals.retain(|_, b| b.version != version);
         }
         r.applied = r.versions.len();
     }
@@ -2675,6 +2767,7 @@ impl ClientSide<'_> {
             Some(b) => Expect::Execute {
                 copy: self.statement_copy.get(&*b.statement).cloned(),
                 statement: Some((b.statement.clone(), b.info.version)),
+                bound: b.version,
                 formats: b.formats.clone(),
                 taint: b.info.taint,
                 resets: b.info.resets,
@@ -2685,6 +2778,7 @@ impl ClientSide<'_> {
             None => Expect::Execute {
                 portal,
                 statement: None,
+                bound: u64::MAX,
                 formats: Vec::new(),
                 copy: None,
                 taint: true,
@@ -3330,7 +3424,7 @@ impl ServerSide<'_> {
     /// [`Self::void`] for `e`, which the server refused or skipped: a Parse's version is
     /// recorded in [`Refused`].
     fn void_refused(&mut self, e: &Expect) {
-        if let Expect::Parse(_, version) = e {
+        if let Expect::Parse(_, version) | Expect::Bind(_, version) = e {
             lock(&self.shared.refused).versions.push(*version);
             self.shared.refused_some.store(true, Ordering::Relaxed);
             self.shared.refused_new.store(true, Ordering::Release);
@@ -3349,7 +3443,7 @@ impl ServerSide<'_> {
             Expect::Parse(name, _) => {
                 self.stmt_descs.remove(name);
             }
-            Expect::Bind(portal) => {
+            Expect::Bind(portal, _) => {
                 self.portal_descs.remove(portal);
             }
             Expect::Close(b'S', name) => {
@@ -3461,10 +3555,13 @@ impl ServerSide<'_> {
             Some(Expect::Simple(plans, _)) => plans.pop_front(),
             // No plan holds for an older text than the one it was made for.
             Some(Expect::Execute {
-                copy, statement, ..
-            }) => copy
-                .take()
-                .filter(|_| !statement.as_ref().is_some_and(|(_, v)| self.refused(*v))),
+                copy,
+                statement,
+                bound,
+                ..
+            }) => copy.take().filter(|_| {
+                !self.refused(*bound) && !statement.as_ref().is_some_and(|(_, v)| self.refused(*v))
+            }),
             _ => None,
         }
     }
@@ -3822,7 +3919,8 @@ impl ServerSide<'_> {
             b'2' | b'3' => {
                 // BindComplete / CloseComplete: the portal's (statement's) old description
                 // no longer applies.
-                if let Some(e) = self.pop_if(|e| matches!(e, Expect::Bind(_) | Expect::Close(..))) {
+                if let Some(e) = self.pop_if(|e| matches!(e, Expect::Bind(..) | Expect::Close(..)))
+                {
                     self.void(&e);
                 }
             }
@@ -3952,6 +4050,7 @@ impl ServerSide<'_> {
         let Some(Expect::Execute {
             portal,
             statement,
+            bound,
             formats,
             taint,
             ..
@@ -3959,8 +4058,10 @@ impl ServerSide<'_> {
         else {
             return Arc::new(self.blind_plan(&[]));
         };
-        // Bound from a version whose Parse did not take: the portal runs an older text.
+        // Bound from a version whose Parse did not take, or by a Bind that did not: the
+        // portal runs something older.
         let taint = *taint
+            || self.refused(*bound)
             || statement
                 .as_ref()
                 .is_some_and(|(_, version)| self.refused(*version));

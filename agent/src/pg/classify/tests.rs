@@ -1369,6 +1369,21 @@ fn lineage_separates_returning_from_written_values() {
 }
 
 #[test]
+fn select_into_writes_its_targets() {
+    let l = lineage("select id, email into t2 from customers");
+    assert_eq!(l.refs, names(&["email", "id"]));
+    assert!(l.bare_refs.is_empty() && !l.opaque);
+    assert!(lineage("select * into t2 from customers").opaque);
+    assert!(lineage("select c.* into t2 from customers c").opaque);
+    assert_eq!(one("select email into t2 from customers").kind, "create");
+    // Without INTO the same targets are read, not written.
+    assert_eq!(
+        lineage("select id, email from customers").bare_refs,
+        names(&["email", "id"])
+    );
+}
+
+#[test]
 fn a_known_escape_setting_reads_the_text_once_as_the_server_will() {
     // Under standard_conforming_strings off this is a string and a DROP; on, one string.
     let sql = "SELECT 'x\\'' ; DROP TABLE t; --'";
