@@ -1814,7 +1814,7 @@ impl ClientSide<'_> {
             // server will have for the statements after it. Should a later one be refused,
             // nothing ran: a name then wrongly missing is unknown, one wrongly present does
             // not exist on the server (a name known already is never replaced).
-            self.prepared_effects(std::slice::from_ref(st));
+            self.prepared_effects(st);
         }
         if all_covered && !covered {
             if let Some(k) = self
@@ -2693,47 +2693,45 @@ impl ClientSide<'_> {
     /// protocol Parse and Close share: keep `prepared` (what SQL EXECUTE runs) and `statements`
     /// (what a protocol Bind binds) as the server will have them. DECLARE, CLOSE and DISCARD
     /// make the portals this session bound unknown.
-    fn prepared_effects(&mut self, statements: &[Statement]) {
-        for st in statements {
-            // Portals too: SQL cursors share the protocol's portal names, so a name DECLAREd
-            // (after its portal ended) or CLOSEd is no longer what a Bind here made.
-            if st
-                .kinds
-                .iter()
-                .any(|k| matches!(*k, "declare" | "close" | "discard"))
-            {
-                self.portals.clear();
+    fn prepared_effects(&mut self, st: &Statement) {
+        // Portals too: SQL cursors share the protocol's portal names, so a name DECLAREd
+        // (after its portal ended) or CLOSEd is no longer what a Bind here made.
+        if st
+            .kinds
+            .iter()
+            .any(|k| matches!(*k, "declare" | "close" | "discard"))
+        {
+            self.portals.clear();
+        }
+        let name = st.prepared_name.as_deref();
+        if st.kinds.contains(&"prepare") {
+            let Some(name) = name else { return };
+            // A name that exists is refused by the server (42P05) and keeps its statement.
+            if !self.prepared.contains_key(name) {
+                self.prepared
+                    .insert(name.to_string(), Arc::new(vec![st.clone()]));
+                // Not what a protocol Parse of it said any more: bound, it is unknown.
+                self.statements.remove(name);
+                self.statement_copy.remove(name);
             }
-            let name = st.prepared_name.as_deref();
-            if st.kinds.contains(&"prepare") {
-                let Some(name) = name else { continue };
-                // A name that exists is refused by the server (42P05) and keeps its statement.
-                if !self.prepared.contains_key(name) {
-                    self.prepared
-                        .insert(name.to_string(), Arc::new(vec![st.clone()]));
-                    // Not what a protocol Parse of it said any more: bound, it is unknown.
+        } else if matches!(st.kind, "deallocate" | "discard") {
+            match name.filter(|_| st.kind == "deallocate") {
+                Some(name) => {
+                    self.prepared.remove(name);
                     self.statements.remove(name);
                     self.statement_copy.remove(name);
                 }
-            } else if matches!(st.kind, "deallocate" | "discard") {
-                match name.filter(|_| st.kind == "deallocate") {
-                    Some(name) => {
-                        self.prepared.remove(name);
-                        self.statements.remove(name);
-                        self.statement_copy.remove(name);
-                    }
-                    // DEALLOCATE ALL, DISCARD ALL: every named statement (not the unnamed one).
-                    None => {
-                        self.prepared.clear();
-                        self.statements.retain(|n, _| n.is_empty());
-                        self.statement_copy.retain(|n, _| n.is_empty());
-                    }
+                // DEALLOCATE ALL, DISCARD ALL: every named statement (not the unnamed one).
+                None => {
+                    self.prepared.clear();
+                    self.statements.retain(|n, _| n.is_empty());
+                    self.statement_copy.retain(|n, _| n.is_empty());
                 }
             }
         }
     }
 
-    /// Statement versions whose Parse did not take ([`Refused`]) are unknown from now on: their
+    /// Versions whose Parse or Bind did not take ([`Refused`]) are unknown from now on: their
     /// computed columns are masked, they may reset portals, and no COPY plan holds for them.
     fn apply_refused(&mut self) {
         let mut r = lock(&self.shared.refused);
