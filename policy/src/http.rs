@@ -354,6 +354,75 @@ pub fn kube_attributes(
     Ok(KubeRequest::Resource(a))
 }
 
+/// What a request's `Impersonate-*` headers ask the API server to check, as it does
+/// (`filters/impersonation.go`): each is a request of verb `impersonate` on `users`,
+/// `serviceaccounts` (for `system:serviceaccount:<namespace>:<name>`), `groups`, `uids` or
+/// `userextras/<key>`, named by the header's value. `headers` yields each header's name
+/// (lowercase) and value. A header under `impersonate-` the API server does not know, a value
+/// that is not text, or a group, uid or extra without a user is an error: such a request
+/// cannot be attributed.
+pub fn kube_impersonation<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> Result<Vec<KubeAttrs>, KubeError> {
+    let mut out = Vec::new();
+    let mut user = false;
+    for (name, value) in headers {
+        let Some(what) = name.strip_prefix("impersonate-") else {
+            continue;
+        };
+        let value = std::str::from_utf8(value)
+            .map_err(|_| KubeError::Malformed("an Impersonate header is not text"))?;
+        let mut a = KubeAttrs {
+            verb: "impersonate".into(),
+            name: value.to_string(),
+            ..KubeAttrs::default()
+        };
+        match what {
+            "user" => {
+                user = true;
+                match value
+                    .strip_prefix("system:serviceaccount:")
+                    .and_then(|r| r.split_once(':'))
+                {
+                    Some((ns, sa)) => {
+                        a.resource = "serviceaccounts".into();
+                        a.namespace = ns.to_string();
+                        a.name = sa.to_string();
+                    }
+                    None => a.resource = "users".into(),
+                }
+            }
+            "group" => a.resource = "groups".into(),
+            "uid" => {
+                a.group = "authentication.k8s.io".into();
+                a.resource = "uids".into();
+            }
+            _ => match what.strip_prefix("extra-") {
+                Some(key) if !key.is_empty() => {
+                    a.group = "authentication.k8s.io".into();
+                    a.resource = "userextras".into();
+                    a.subresource = decode_query_component(key)
+                        .filter(|k| !k.is_empty())
+                        .ok_or(KubeError::Malformed("a malformed Impersonate-Extra header"))?
+                        .to_ascii_lowercase();
+                }
+                _ => {
+                    return Err(KubeError::Malformed(
+                        "an Impersonate header the API server does not know",
+                    ))
+                }
+            },
+        }
+        out.push(a);
+    }
+    if !out.is_empty() && !user {
+        return Err(KubeError::Malformed(
+            "Impersonate-Group, -Uid or -Extra without Impersonate-User",
+        ));
+    }
+    Ok(out)
+}
+
 /// `metadata.name=x` (or `==`) as the only requirement of a field selector, with a valid name.
 fn exact_name(selector: &str) -> Option<String> {
     if selector.contains(',') {

@@ -63,6 +63,31 @@ class H(BaseHTTPRequestHandler):
                 c = b[i:i + 3]
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(c), c))
             return self.wfile.write(b"0\r\n\r\n")
+        if self.path.startswith("/api/v1/echo"):
+            # Echoes the request: its headers as JSON (and the Authorization in a header, in
+            # base64, JSON-escaped and percent-encoded), in 5-byte chunks so the echoes are cut;
+            # `/api/v1/echo-gz` compresses whatever the request asked for.
+            self.record({"accept_encoding": self.headers.get("Accept-Encoding")})
+            auth = self.headers.get("Authorization") or ""
+            from urllib.parse import quote
+            token = auth.split(" ", 1)[-1]
+            b = json.dumps({"headers": dict(self.headers.items()),
+                            "b64": base64.b64encode(token.encode()).decode(),
+                            "pct": quote(token, safe=""),
+                            "escaped": token.replace("/", "\\/")}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Echo-Authorization", auth)
+            if self.path == "/api/v1/echo-gz":
+                import gzip
+                b = gzip.compress(b)
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(b), 5):
+                c = b[i:i + 5]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(c), c))
+            return self.wfile.write(b"0\r\n\r\n")
         if self.path == "/api/v1/page":
             self.record()
             b = b"<html>ssn 123-45-6789</html>"
@@ -132,6 +157,15 @@ class H(BaseHTTPRequestHandler):
         self.close_connection = True
     do_HEAD = do_GET
     do_DELETE = do_GET
+    def do_TRACE(self):
+        # What TRACE is for: the request as received, headers and all.
+        self.record()
+        b = ("%s %s %s\r\n" % (self.command, self.path, self.request_version)).encode() + bytes(self.headers)
+        self.send_response(200)
+        self.send_header("Content-Type", "message/http")
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
     def body(self):
         h = hashlib.sha256(); n = 0
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -86,7 +86,9 @@ class H(BaseHTTPRequestHandler):
         q = parse_qs(u.query)
         auth = self.headers.get("Authorization")
         logf.write(json.dumps({"method": self.command, "path": self.path, "authorization": auth,
-                               "accept": self.headers.get("Accept")}) + "\n")
+                               "accept": self.headers.get("Accept"),
+                               "impersonate": {k.lower(): v for (k, v) in self.headers.items()
+                                               if k.lower().startswith("impersonate-")}}) + "\n")
         if auth != "Bearer " + token:
             return self.send_json(401, status(401, "Unauthorized", "Unauthorized"))
         parts = [p for p in u.path.split("/") if p]

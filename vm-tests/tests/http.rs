@@ -298,6 +298,113 @@ fn https_requests_are_decided_one_by_one_with_the_token_injected() {
     assert_eq!(timed, 10.0, "one observation per request");
 }
 
+/// An upstream that echoes what it receives (a debug endpoint, `TRACE`) would hand the bot the
+/// token the agent injects: every echo of it, in headers, cut across body chunks, base64- or
+/// percent-encoded, comes back masked to the same length, and an answer compressed against
+/// the agent's wish is refused rather than passed unchecked.
+#[test]
+fn an_upstream_echoing_the_request_never_hands_the_bot_the_token() {
+    let extra = r#"
+[[rule]]
+name = "ci may trace"
+identities = ["ci-bot"]
+targets = ["billing"]
+action = "allow"
+http = { methods = ["TRACE"], paths = ["/api/v1/*"] }
+"#;
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-echo", extra, false);
+    let base = format!("https://localhost:{}", srv.port);
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(TOKEN);
+    let masked = "*".repeat(TOKEN.len());
+    for flag in ["--http1.1", "--http2"] {
+        // -i: the answer's headers are printed before its body.
+        let url = format!("{base}/api/v1/echo");
+        let (code, out, _) = curl(
+            &bot,
+            &ca,
+            &[flag, "-i", "--compressed", "--resolve", &resolve, &url],
+        );
+        assert_eq!(code, 200, "{out}");
+        assert!(!out.contains(TOKEN) && !out.contains(&b64), "{out}");
+        let (head, body) = out.split_once("\r\n\r\n").expect("headers then body");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("x-echo-authorization: bearer {masked}")),
+            "{head}"
+        );
+        let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        // hyper sends header names in lowercase.
+        assert_eq!(
+            v["headers"]["authorization"],
+            format!("Bearer {masked}"),
+            "{v}"
+        );
+        // Base64's padding may stay: it is no part of the secret.
+        assert_eq!(
+            v["b64"].as_str().map(|b| b.trim_end_matches('=')),
+            Some("*".repeat(b64.trim_end_matches('=').len()).as_str()),
+            "{v}"
+        );
+
+        // TRACE echoes the request as the server got it.
+        let url = format!("{base}/api/v1/trace-me");
+        let (code, body, _) = curl(
+            &bot,
+            &ca,
+            &[flag, "-X", "TRACE", "--resolve", &resolve, &url],
+        );
+        assert_eq!(code, 200, "{body}");
+        assert!(body.starts_with("TRACE /api/v1/trace-me"), "{body}");
+        assert!(!body.contains(TOKEN) && !body.contains(STOLEN), "{body}");
+        assert!(body.contains(&format!("Bearer {masked}")), "{body}");
+
+        // Compressed although the agent asked for no compression: refused, not passed.
+        let url = format!("{base}/api/v1/echo-gz");
+        let (code, body, _) = curl(
+            &bot,
+            &ca,
+            &[flag, "--compressed", "--resolve", &resolve, &url],
+        );
+        assert_eq!(code, 502, "{body}");
+        assert!(body.contains("compressed"), "{body}");
+        assert!(!body.contains(TOKEN));
+    }
+    // The agent asked upstream for uncompressed answers though curl offered gzip.
+    let log = srv.access_log();
+    let echoes: Vec<_> = log
+        .iter()
+        .filter(|e| {
+            e["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/api/v1/echo"))
+        })
+        .collect();
+    assert_eq!(echoes.len(), 4, "{log:#?}");
+    for e in echoes {
+        assert_eq!(e["authorization"], format!("Bearer {TOKEN}"), "{e}");
+        assert!(e["accept_encoding"].is_null(), "{e}");
+    }
+    let n = agent.metric(
+        "tollgate_masked_values_total",
+        &[("target", "billing"), ("detector", "credential")],
+    );
+    // Per echo: the header, the JSON's Authorization and its base64; per TRACE: one.
+    assert!(n >= 8.0, "{n}");
+    for f in std::fs::read_dir(agent.data_dir.join("sessions")).expect("sessions") {
+        let t = std::fs::read_to_string(f.expect("entry").path()).expect("recording");
+        assert!(!t.contains(TOKEN) && !t.contains(&b64));
+    }
+}
+
 /// A bot's next connection reuses the upstream connection its last one left, so a `curl` per
 /// call costs no upstream handshake, and another identity never gets it: the upstream sees
 /// the bot's calls on as many connections as the agent has session threads (each keeps its

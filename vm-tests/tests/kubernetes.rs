@@ -63,6 +63,13 @@ identities = ["ci-bot"]
 targets = ["cluster"]
 action = "allow"
 kubernetes = {{ verbs = ["delete"], resources = ["pods"], namespaces = ["default"] }}
+
+[[rule]]
+name = "ci may act as viewer"
+identities = ["ci-bot"]
+targets = ["cluster"]
+action = "allow"
+kubernetes = {{ verbs = ["impersonate"], resources = ["users"], names = ["viewer"] }}
 "#,
         glob = bot.glob(),
         port = api.port,
@@ -249,6 +256,37 @@ fn kubectl_through_the_agent_with_injected_token() {
             "{args:?}: {t}"
         );
     }
+    // Impersonation is a request of its own, decided like the API server's RBAC would
+    // (verb impersonate): kubectl --as / --as-group work only as far as a rule allows.
+    let o = k.run(&bot, &["get", "pods", "--as", "viewer"]);
+    assert!(o.status.success(), "{}", text(&o));
+    for args in [
+        &["get", "pods", "--as", "system:admin"][..],
+        &[
+            "get",
+            "pods",
+            "--as",
+            "viewer",
+            "--as-group",
+            "system:masters",
+        ][..],
+        &[
+            "get",
+            "pods",
+            "--as",
+            "system:serviceaccount:kube-system:admin",
+        ][..],
+        &["get", "pods", "--as", "viewer", "--as-uid", "0"][..],
+    ] {
+        let o = k.run(&bot, args);
+        let t = text(&o);
+        assert!(!o.status.success(), "{args:?}: {t}");
+        assert!(
+            t.contains("Error from server (Forbidden): tollgate: "),
+            "{args:?}: {t}"
+        );
+    }
+
     // port-forward: no rule allows pods/portforward.
     let o = k.run(&bot, &["port-forward", "pod/web-1", "18080:80"]);
     let t = text(&o);
@@ -307,9 +345,28 @@ fn kubectl_through_the_agent_with_injected_token() {
             "{e}"
         );
     }
+    // Only the allowed impersonation reached the API server.
+    let impersonating: Vec<_> = log
+        .iter()
+        .filter(|e| e["impersonate"].as_object().is_some_and(|m| !m.is_empty()))
+        .collect();
+    assert!(!impersonating.is_empty(), "{log:#?}");
+    for e in impersonating {
+        assert_eq!(
+            e["impersonate"],
+            serde_json::json!({"impersonate-user": "viewer"}),
+            "{e}"
+        );
+    }
     let audit = std::fs::read_to_string(agent.audit_path()).expect("audit");
     assert!(!audit.contains(TOKEN) && !audit.contains(&encoded));
     assert!(audit.contains("\"kind\":\"kubernetes\""));
+    assert!(
+        audit.contains(
+            "(list pods -n default; impersonate users viewer, impersonate groups system:masters)"
+        ),
+        "{audit}"
+    );
     assert!(
         audit.contains("(get pods/exec -n default web-1) command: echo hi"),
         "{audit}"

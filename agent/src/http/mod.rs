@@ -12,6 +12,7 @@
 //! - `mod.rs`: the per-request pipeline: [`attribute`] (pure), the decision, the refusals in
 //!   the client's own language (403 JSON, or a Kubernetes `Status`), forwarding.
 //! - `mask.rs`: Kubernetes Secret values masked in JSON answers (watches event by event).
+//! - `scrub.rs`: the injected credential masked wherever an answer echoes it.
 //! - `serve.rs`: one bot connection: TLS, hyper's server, each request through the pipeline.
 //! - `upstream.rs`: the agent's connections to the target (TLS, h1/h2, a small pool).
 //! - `adapter.rs`: the [`crate::proxy::ProtocolHandler`] entry point, and the only place that
@@ -27,6 +28,7 @@ mod adapter;
 mod exec;
 mod json;
 mod mask;
+mod scrub;
 mod serve;
 mod upstream;
 
@@ -51,7 +53,7 @@ use hyper::{
 };
 use serde_json::{json, Value};
 use tollgate_policy::{
-    http::{kube_attributes, normalize_path, KubeAttrs, KubeRequest},
+    http::{kube_attributes, kube_impersonation, normalize_path, KubeAttrs, KubeRequest},
     Decision, DecisionReason, Operation, Protocol,
 };
 
@@ -84,6 +86,9 @@ pub struct Attributed {
     /// The command of `pods/exec` (and `pods/attach`, empty) from the query, one word per
     /// `command` argument.
     pub command: Option<Vec<String>>,
+    /// For a Kubernetes target, what the request's `Impersonate-*` headers ask for: each an
+    /// `impersonate` request decided with it.
+    pub impersonate: Vec<KubeAttrs>,
 }
 
 /// Why a request is refused before policy sees it; the message is for the bot.
@@ -219,6 +224,18 @@ pub fn attribute(
         }
         _ => None,
     };
+    let impersonate = match protocol {
+        Protocol::Kubernetes => kube_impersonation(
+            headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+        )
+        .map_err(|e| {
+            unattributable(
+                StatusCode::FORBIDDEN,
+                format!("tollgate: request refused: {e}"),
+            )
+        })?,
+        _ => Vec::new(),
+    };
     let command = match &kube {
         Some(Some(a))
             if a.resource == "pods" && matches!(a.subresource.as_str(), "exec" | "attach") =>
@@ -241,6 +258,7 @@ pub fn attribute(
         host,
         kube,
         command,
+        impersonate,
     })
 }
 
@@ -261,25 +279,21 @@ impl Attributed {
     pub fn text(&self) -> String {
         match &self.kube {
             Some(Some(a)) => format!(
-                "{} {} ({} {}{}{}){}",
+                "{} {} ({}{}){}",
                 self.method,
                 self.path,
-                a.verb,
-                a.resource_path(),
-                if a.namespace.is_empty() {
-                    String::new()
-                } else {
-                    format!(" -n {}", a.namespace)
-                },
-                if a.name.is_empty() {
-                    String::new()
-                } else {
-                    format!(" {}", a.name)
-                },
+                kube_text(a),
+                self.impersonation_text(),
                 self.command
                     .as_deref()
                     .map(|c| format!(" command: {}", command_text(c)))
                     .unwrap_or_default(),
+            ),
+            Some(None) if !self.impersonate.is_empty() => format!(
+                "{} {} (discovery{})",
+                self.method,
+                self.path,
+                self.impersonation_text()
             ),
             _ => {
                 let mut t = String::with_capacity(self.method.len() + 1 + self.path.len());
@@ -288,6 +302,33 @@ impl Attributed {
                 t.push_str(&self.path);
                 t
             }
+        }
+    }
+}
+
+/// `verb resource[/subresource][ -n namespace][ name]`, as the audit shows a Kubernetes
+/// request.
+fn kube_text(a: &KubeAttrs) -> String {
+    let mut t = format!("{} {}", a.verb, a.resource_path());
+    if !a.namespace.is_empty() {
+        t.push_str(" -n ");
+        t.push_str(&a.namespace);
+    }
+    if !a.name.is_empty() {
+        t.push(' ');
+        t.push_str(&a.name);
+    }
+    t
+}
+
+impl Attributed {
+    /// `; impersonate users admin, impersonate groups g`: what the request impersonates.
+    fn impersonation_text(&self) -> String {
+        let parts: Vec<String> = self.impersonate.iter().map(kube_text).collect();
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", parts.join(", "))
         }
     }
 }

@@ -110,6 +110,13 @@ pub async fn serve(
     let up = Upstream::new(cx, upstream_tls, tls_h1, kept);
     let relays = std::sync::Mutex::new(tokio::task::JoinSet::new());
     let credential = credential.map(|(header, _)| header);
+    // Answers are scanned for the credential the agent injects (`scrub.rs`).
+    let scrub = credential
+        .as_ref()
+        .ok()
+        .and_then(Option::as_ref)
+        .and_then(super::scrub::Scrub::for_authorization)
+        .map(Arc::new);
     let shared = Arc::new(super::Shared {
         recorder: cx.open_recorder(),
         totals: (AtomicU64::new(0), AtomicU64::new(0)),
@@ -135,6 +142,7 @@ pub async fn serve(
         shared: &shared,
         relays: &relays,
         masker: &masker,
+        scrub: &scrub,
     };
     let result = if maybe_h2 {
         serve_any(io, env, protocol).await
@@ -292,6 +300,8 @@ struct Env<'a> {
     shared: &'a Arc<super::Shared>,
     relays: &'a std::sync::Mutex<tokio::task::JoinSet<()>>,
     masker: &'a Option<crate::mask::Masker>,
+    /// The injected credential, looked for in every answer.
+    scrub: &'a Option<Arc<super::scrub::Scrub>>,
 }
 
 impl Env<'_> {
@@ -341,6 +351,68 @@ impl Env<'_> {
                 Some(c)
             }),
         )))
+    }
+
+    /// Count (and report) credentials masked in an answer.
+    fn scrubbed(&self, n: u64) {
+        if n > 0 {
+            tracing::warn!(
+                target_name = %self.cx.target.name,
+                masked = n,
+                "the upstream's answer held the target's credential; masked"
+            );
+            self.cx
+                .agent
+                .metrics
+                .masked_values
+                .with_label_values(&[&self.cx.target.name, "credential"])
+                .inc_by(n);
+        }
+    }
+
+    /// An answer's headers and body scanned for the injected credential; `Err(message)` for
+    /// a compressed body, which cannot be scanned (the agent asked for an uncompressed one),
+    /// unless `compressed_checked` (the caller refuses those itself).
+    fn scrub_answer(
+        &self,
+        s: &Arc<super::scrub::Scrub>,
+        parts: &mut hyper::http::response::Parts,
+        body: AnyBody,
+        compressed_checked: bool,
+    ) -> Result<AnyBody, String> {
+        use hyper::body::Body as _;
+        self.scrubbed(s.headers(&mut parts.headers));
+        if body.is_end_stream() {
+            return Ok(body);
+        }
+        if let Some(e) = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .filter(|e| !compressed_checked && !e.as_bytes().eq_ignore_ascii_case(b"identity"))
+        {
+            return Err(format!(
+                "tollgate: target {}'s answer came compressed ({}) although the agent asked for none, so it cannot be checked for the target's credential; refused",
+                self.cx.target.name,
+                String::from_utf8_lossy(e.as_bytes())
+            ));
+        }
+        let cx = self.cx;
+        let counter = cx
+            .agent
+            .metrics
+            .masked_values
+            .with_label_values(&[&cx.target.name, "credential"]);
+        let target = cx.target.name.clone();
+        let warned = std::sync::atomic::AtomicBool::new(false);
+        Ok(s.body(
+            body,
+            Box::new(move |n| {
+                if !warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(target_name = %target, "the upstream's answer held the target's credential; masked");
+                }
+                counter.inc_by(n);
+            }),
+        ))
     }
 
     async fn handle(self, mut req: Request<Incoming>) -> Response<AnyBody> {
@@ -402,6 +474,9 @@ impl Env<'_> {
         };
         let text = att.text();
         let d = match (&att.kube, att.operation()) {
+            (Some(a), _) if !att.impersonate.is_empty() => {
+                decide_impersonating(cx, a.as_ref(), &att, &text)
+            }
             (Some(Some(a)), _) => {
                 let resource = a.resource_path();
                 cx.decide(
@@ -539,6 +614,10 @@ impl Env<'_> {
         if let Some(c) = credential {
             parts.headers.insert(header::AUTHORIZATION, c);
         }
+        // An answer that echoes the credential is scanned: it must come uncompressed.
+        if self.scrub.is_some() {
+            parts.headers.remove(header::ACCEPT_ENCODING);
+        }
         if let Some(u) = &upgrade {
             parts.headers.insert(
                 header::CONNECTION,
@@ -614,6 +693,9 @@ impl Env<'_> {
                 let (mut parts, _) = resp.into_parts();
                 let upgrade_value = parts.headers.get(header::UPGRADE).cloned();
                 strip_hop_by_hop(&mut parts.headers);
+                if let Some(s) = self.scrub {
+                    self.scrubbed(s.headers(&mut parts.headers));
+                }
                 parts.headers.insert(
                     header::CONNECTION,
                     header::HeaderValue::from_static("upgrade"),
@@ -631,6 +713,19 @@ impl Env<'_> {
                 parts.version = bot_version;
                 strip_hop_by_hop(&mut parts.headers);
                 let mut body = body.boxed_unsync();
+                if let Some(s) = self.scrub {
+                    // Masking refuses a compressed answer itself, in its own words.
+                    let masked = secrets.is_some() || self.masker.is_some();
+                    match self.scrub_answer(s, &mut parts, body, head || masked) {
+                        Ok(b) => body = b,
+                        Err(msg) => {
+                            return finish_response(
+                                refusal(protocol, StatusCode::BAD_GATEWAY, &msg, None),
+                                record,
+                            )
+                        }
+                    }
+                }
                 if let Some(watch) = secrets {
                     match mask_secret_body(cx, &mut parts.headers, body, watch).await {
                         Ok(b) => body = b,
@@ -665,6 +760,51 @@ impl Env<'_> {
             }
         }
     }
+}
+
+/// A Kubernetes request with `Impersonate-*` headers: the request itself (`None`: a discovery
+/// read, which every client may make) and each impersonation (verb `impersonate`, as the API
+/// server checks them) decided under one policy snapshot; the strictest decision stands and is
+/// audited once, the impersonations in its text.
+fn decide_impersonating(
+    cx: &SessionCx,
+    main: Option<&tollgate_policy::http::KubeAttrs>,
+    att: &super::Attributed,
+    text: &str,
+) -> Decision {
+    let gen = cx.agent.gen.load();
+    let decide = |a: &tollgate_policy::http::KubeAttrs, command| {
+        cx.decide_in(
+            &gen,
+            Operation::Kube {
+                verb: &a.verb,
+                resource: &a.resource_path(),
+                namespace: &a.namespace,
+                name: &a.name,
+                command,
+            },
+        )
+    };
+    let rank = |a: Action| match a {
+        Action::Deny => 2,
+        Action::Approve => 1,
+        Action::Allow => 0,
+    };
+    let mut worst = match main {
+        Some(a) => decide(a, att.command.as_deref()),
+        None => Decision {
+            action: Action::Allow,
+            rule: Some("(discovery)".into()),
+            reason: DecisionReason::Matched,
+        },
+    };
+    for i in &att.impersonate {
+        let d = decide(i, None);
+        if rank(d.action) > rank(worst.action) {
+            worst = d;
+        }
+    }
+    cx.audit_operation(&gen, "kubernetes", text, &worst, Some("impersonation"))
 }
 
 /// How the latest approval request of this identity for the same exec (same pod path and

@@ -328,3 +328,52 @@ fn query_values_decode_like_go() {
     assert_eq!(query_values(None, "x"), Some(vec![]));
     assert_eq!(query_values(Some("x=%"), "y"), None);
 }
+
+#[test]
+fn impersonation_headers_are_requests_of_their_own() {
+    let h = |pairs: &[(&'static str, &'static str)]| {
+        kube_impersonation(pairs.iter().map(|(n, v)| (*n, v.as_bytes())))
+    };
+    assert_eq!(h(&[("accept", "*/*")]), Ok(vec![]));
+    let got = h(&[
+        ("impersonate-user", "system:serviceaccount:prod:deployer"),
+        ("impersonate-group", "system:masters"),
+        ("impersonate-extra-scopes%2Fa", "view"),
+        ("impersonate-uid", "42"),
+    ])
+    .expect("attributable");
+    let seen: Vec<_> = got
+        .iter()
+        .map(|a| {
+            (
+                a.verb.as_str(),
+                a.resource_path(),
+                a.namespace.as_str(),
+                a.name.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "impersonate",
+                "serviceaccounts".to_string(),
+                "prod",
+                "deployer"
+            ),
+            ("impersonate", "groups".to_string(), "", "system:masters"),
+            ("impersonate", "userextras/scopes/a".to_string(), "", "view"),
+            ("impersonate", "uids".to_string(), "", "42"),
+        ]
+    );
+    assert_eq!(
+        h(&[("impersonate-user", "admin")]).expect("user")[0].resource,
+        "users"
+    );
+    // Unknown, unaccompanied or malformed: not attributable.
+    assert!(h(&[("impersonate-user", "a"), ("impersonate-whatever", "b")]).is_err());
+    assert!(h(&[("impersonate-group", "system:masters")]).is_err());
+    assert!(h(&[("impersonate-user", "a"), ("impersonate-extra-", "b")]).is_err());
+    assert!(h(&[("impersonate-user", "a"), ("impersonate-extra-%zz", "b")]).is_err());
+}
