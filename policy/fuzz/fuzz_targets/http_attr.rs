@@ -1,15 +1,26 @@
 //! Fuzz HTTP request attribution: any path and query must normalise or give an error, never
 //! panic; a normalised path is stable (its encoded form normalises to itself), has no `.`/`..`
-//! or empty segment, and Kubernetes attribution of it never panics.
+//! or empty segment, and Kubernetes attribution of it never panics; nor does reading the text's
+//! lines as `name: value` headers for impersonation, each of which is a request of verb
+//! `impersonate` with a resource.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tollgate_policy::http::{kube_attributes, normalize_path, KubeRequest};
+use tollgate_policy::http::{kube_attributes, kube_impersonation, normalize_path, KubeRequest};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    let headers = text
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(n, v)| (n, v.as_bytes()));
+    if let Ok(all) = kube_impersonation(headers) {
+        for a in all {
+            assert!(a.verb == "impersonate" && !a.resource.is_empty(), "{text:?}");
+        }
+    }
     let (path, query) = match text.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (text, None),
