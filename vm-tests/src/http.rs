@@ -48,6 +48,17 @@ class H(BaseHTTPRequestHandler):
             return self.websocket()
         if self.path.startswith("/api/v1/download?bytes="):
             return self.download(int(self.path.split("=", 1)[1]))
+        if self.path == "/api/v1/partial":
+            # A part of a customer document, as a server honouring a Range would send it,
+            # whether asked or not.
+            self.record({"range": self.headers.get("Range")})
+            b = b'123456789'
+            self.send_response(206)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Range", "bytes 19-27/120")
+            self.send_header("Content-Length", str(len(b)))
+            self.end_headers()
+            return self.wfile.write(b)
         if self.path.startswith("/api/v1/customers"):
             return self.customers(int(self.path.split("n=", 1)[1]) if "n=" in self.path else 2)
         if self.path == "/api/v1/disguised":
@@ -111,7 +122,8 @@ class H(BaseHTTPRequestHandler):
     def customers(self, n):
         # {"items":[...]} with n customers (an SSN, an email under spec, a card number in a
         # note), streamed chunked in pieces of about 64 KiB.
-        self.record({"accept_encoding": self.headers.get("Accept-Encoding")})
+        self.record({"accept_encoding": self.headers.get("Accept-Encoding"),
+                     "range": self.headers.get("Range")})
         self.send_response(200)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")

@@ -378,8 +378,29 @@ http = { methods = ["TRACE"], paths = ["/api/v1/*"] }
         assert!(body.contains("compressed"), "{body}");
         assert!(!body.contains(TOKEN));
     }
+    // Another virtual host behind the target's address (SNI and Host alike): the credential
+    // is not sent there.
+    let evil = format!("evil.internal:{}:127.0.0.1", srv.port);
+    let url = format!("https://evil.internal:{}/api/v1/echo", srv.port);
+    let (code, body, _) = curl(&bot, &ca, &["--resolve", &evil, &url]);
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("host evil.internal is not target billing's (localhost)"),
+        "{body}"
+    );
+    // The address dialled, as a Host, is the target itself.
+    let url = format!("https://127.0.0.1:{}/api/v1/echo", srv.port);
+    let (code, body, _) = curl(&bot, &ca, &[&url]);
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains(TOKEN), "{body}");
+
     // The agent asked upstream for uncompressed answers though curl offered gzip.
     let log = srv.access_log();
+    assert!(
+        log.iter()
+            .all(|e| !e["host"].as_str().unwrap_or("").contains("evil")),
+        "{log:#?}"
+    );
     let echoes: Vec<_> = log
         .iter()
         .filter(|e| {
@@ -388,7 +409,7 @@ http = { methods = ["TRACE"], paths = ["/api/v1/*"] }
                 .is_some_and(|p| p.starts_with("/api/v1/echo"))
         })
         .collect();
-    assert_eq!(echoes.len(), 4, "{log:#?}");
+    assert_eq!(echoes.len(), 5, "{log:#?}");
     for e in echoes {
         assert_eq!(e["authorization"], format!("Bearer {TOKEN}"), "{e}");
         assert!(e["accept_encoding"].is_null(), "{e}");
@@ -403,6 +424,76 @@ http = { methods = ["TRACE"], paths = ["/api/v1/*"] }
         let t = std::fs::read_to_string(f.expect("entry").path()).expect("recording");
         assert!(!t.contains(TOKEN) && !t.contains(&b64));
     }
+}
+
+/// Many frameworks run a `POST` with `X-HTTP-Method-Override: DELETE` (or `X-HTTP-Method`,
+/// `X-Method-Override`, `?_method=`) as a DELETE: each method asked for is decided too.
+#[test]
+fn method_overrides_are_decided_as_the_methods_they_ask_for() {
+    let Fixture {
+        srv,
+        bot,
+        files: _files,
+        agent,
+        trust: _trust,
+        ca,
+    } = fixture("http-override", "", false);
+    let resolve = format!("localhost:{}:127.0.0.1", srv.port);
+    let url = |p: &str| format!("https://localhost:{}{p}", srv.port);
+    for (args, path) in [
+        (
+            vec!["-X", "POST", "-H", "X-HTTP-Method-Override: DELETE"],
+            "/api/v1/invoices/1",
+        ),
+        (
+            vec!["-X", "POST", "-H", "x-http-method: delete"],
+            "/api/v1/invoices/2",
+        ),
+        (
+            vec!["-X", "POST", "-H", "X-Method-Override: Delete"],
+            "/api/v1/invoices/3",
+        ),
+        (vec!["-X", "POST"], "/api/v1/invoices/4?_method=DELETE"),
+        (vec!["-X", "GET"], "/api/v1/invoices/5?a=1&_method=delete"),
+    ] {
+        for v in ["--http1.1", "--http2"] {
+            let mut a = vec![v, "--resolve", &resolve];
+            a.extend(&args);
+            let u = url(path);
+            a.push(&u);
+            let (code, body, _) = curl(&bot, &ca, &a);
+            assert_eq!(code, 403, "{args:?} {path}: {body}");
+            let j: Value = serde_json::from_str(&body).expect("json");
+            assert_eq!(j["rule"], "nobody deletes", "{j}");
+        }
+    }
+    // An override to a method that is allowed too passes.
+    let (code, body, _) = curl(
+        &bot,
+        &ca,
+        &[
+            "--resolve",
+            &resolve,
+            "-X",
+            "POST",
+            "-H",
+            "X-HTTP-Method-Override: GET",
+            &url("/api/v1/invoices/6"),
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    let log = srv.access_log();
+    assert_eq!(log.len(), 1, "{log:#?}");
+    assert_eq!(log[0]["path"], "/api/v1/invoices/6", "{log:#?}");
+    let audit = agent.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["operation"] == "POST /api/v1/invoices/1 (as DELETE)"
+                && e["flags"] == "method-override"
+                && e["action"] == "deny"),
+        "{audit:#?}"
+    );
 }
 
 /// A bot's next connection reuses the upstream connection its last one left, so a `curl` per
@@ -1130,6 +1221,37 @@ fn json_answers_are_masked_as_they_stream() {
         log.iter().all(|e| e["accept_encoding"].is_null()),
         "{log:#?}"
     );
+
+    // A range of a masked document: the agent asks for the whole (a range starting inside a
+    // masked value would pass its digits as a number of their own) and masks it.
+    let (code, body, _) = curl(
+        &bot,
+        &ca,
+        &[
+            "--resolve",
+            &resolve,
+            "-H",
+            "Range: bytes=44-52",
+            &url("/api/v1/customers?n=1"),
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        !body.contains("123-45") && !body.contains("user0@"),
+        "{body}"
+    );
+    let log = srv.access_log();
+    let ranged: Vec<_> = log
+        .iter()
+        .filter(|e| e["path"] == "/api/v1/customers?n=1")
+        .collect();
+    assert_eq!(ranged.len(), 1, "{log:#?}");
+    assert!(ranged[0]["range"].is_null(), "{log:#?}");
+    // A part sent anyway: refused, never passed on.
+    let (code, body, _) = curl(&bot, &ca, &["--resolve", &resolve, &url("/api/v1/partial")]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("partial answer"), "{body}");
+    assert!(!body.contains("123456789"), "{body}");
 
     // Not maskable: refused, never passed on.
     for path in ["/api/v1/page", "/api/v1/gz"] {

@@ -89,7 +89,18 @@ pub struct Attributed {
     /// For a Kubernetes target, what the request's `Impersonate-*` headers ask for: each an
     /// `impersonate` request decided with it.
     pub impersonate: Vec<KubeAttrs>,
+    /// For an HTTP target, the methods a method override asks for (`X-HTTP-Method-Override`,
+    /// `X-HTTP-Method`, `X-Method-Override`, a `_method` query parameter), uppercase: many
+    /// frameworks run a `POST` carrying one as that method, so each is decided too.
+    pub overrides: Vec<String>,
 }
+
+/// Headers web frameworks read as the request's real method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 /// Why a request is refused before policy sees it; the message is for the bot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,6 +247,22 @@ pub fn attribute(
         })?,
         _ => Vec::new(),
     };
+    let mut overrides = Vec::new();
+    if kube.is_none() {
+        for name in METHOD_OVERRIDES {
+            for v in headers.get_all(name) {
+                let m = v
+                    .to_str()
+                    .map_err(|_| bad("a method override header is not text"))?;
+                overrides.push(m.trim().to_ascii_uppercase());
+            }
+        }
+        let q = tollgate_policy::http::query_values(uri.query(), "_method")
+            .ok_or_else(|| bad("a malformed query"))?;
+        overrides.extend(q.into_iter().map(|m| m.trim().to_ascii_uppercase()));
+        overrides.retain(|m| !m.eq_ignore_ascii_case(method.as_str()));
+        overrides.dedup();
+    }
     let command = match &kube {
         Some(Some(a))
             if a.resource == "pods" && matches!(a.subresource.as_str(), "exec" | "attach") =>
@@ -259,6 +286,7 @@ pub fn attribute(
         kube,
         command,
         impersonate,
+        overrides,
     })
 }
 
@@ -300,6 +328,11 @@ impl Attributed {
                 t.push_str(&self.method);
                 t.push(' ');
                 t.push_str(&self.path);
+                if !self.overrides.is_empty() {
+                    t.push_str(" (as ");
+                    t.push_str(&self.overrides.join(", "));
+                    t.push(')');
+                }
                 t
             }
         }

@@ -353,6 +353,42 @@ impl Env<'_> {
         )))
     }
 
+    /// A request that would carry the target's `Authorization` credential must name the target
+    /// itself: one of its names (the host names of its `address`, its `tls.server_name`) or
+    /// the address dialled. Otherwise a bot could have the credential sent to another virtual
+    /// host behind the same address (an ingress, a shared load balancer) and read it there.
+    /// A target known by addresses alone has no names to hold requests to.
+    fn credential_host(&self, host: &str) -> Result<(), super::Unattributable> {
+        if !matches!(self.credential, Ok(Some(_))) {
+            return Ok(());
+        }
+        let target = &self.cx.target;
+        let names: Vec<String> = target
+            .address
+            .iter()
+            .filter_map(|a| match a {
+                tollgate_policy::TargetAddress::Host(h, _) => Some(h.as_str()),
+                _ => None,
+            })
+            .chain(target.tls.server_name.as_deref())
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+            .collect();
+        let dialled = host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical() == self.cx.orig_dst.ip().to_canonical());
+        if names.is_empty() || dialled || names.iter().any(|n| n == host) {
+            return Ok(());
+        }
+        Err(super::Unattributable {
+            status: StatusCode::FORBIDDEN,
+            message: format!(
+                "tollgate: host {host} is not target {}'s ({}); its credential is sent to no other host",
+                target.name,
+                names.join(", ")
+            ),
+        })
+    }
+
     /// Count (and report) credentials masked in an answer.
     fn scrubbed(&self, n: u64) {
         if n > 0 {
@@ -449,7 +485,9 @@ impl Env<'_> {
                 Arc::new(super::Bodies::new(m))
             }),
         };
-        let mut att = match attribute(protocol, req.method(), req.uri(), req.headers(), self.sni) {
+        let attributed = attribute(protocol, req.method(), req.uri(), req.headers(), self.sni)
+            .and_then(|a| self.credential_host(&a.host).map(|()| a));
+        let mut att = match attributed {
             Ok(a) => a,
             Err(u) => {
                 // The raw target, bounded, for the audit: it is what the bot sent.
@@ -501,6 +539,7 @@ impl Env<'_> {
                 },
                 Some("discovery"),
             ),
+            (None, Some(op)) if !att.overrides.is_empty() => decide_overridden(cx, op, &att, &text),
             (None, Some(op)) => cx.decide(op, &text),
             (None, None) => Decision {
                 action: Action::Deny,
@@ -648,6 +687,10 @@ impl Env<'_> {
                 parts.headers.insert(header::ACCEPT, v);
             }
             parts.headers.remove(header::ACCEPT_ENCODING);
+            // A part of a document cannot be masked: a range that starts inside a masked
+            // value would pass the rest of it as a value of its own.
+            parts.headers.remove(header::RANGE);
+            parts.headers.remove(header::IF_RANGE);
         }
         let head = parts.method == hyper::Method::HEAD;
         // A request without a body (most) is not wrapped to count or keep it.
@@ -713,6 +756,18 @@ impl Env<'_> {
                 parts.version = bot_version;
                 strip_hop_by_hop(&mut parts.headers);
                 let mut body = body.boxed_unsync();
+                if (secrets.is_some() || self.masker.is_some())
+                    && parts.status == StatusCode::PARTIAL_CONTENT
+                {
+                    let msg = format!(
+                        "tollgate: masking applies to target {}, and a partial answer (206) cannot be masked, so it is refused",
+                        cx.target.name
+                    );
+                    return finish_response(
+                        refusal(protocol, StatusCode::FORBIDDEN, &msg, None),
+                        record,
+                    );
+                }
                 if let Some(s) = self.scrub {
                     // Masking refuses a compressed answer itself, in its own words.
                     let masked = secrets.is_some() || self.masker.is_some();
@@ -785,11 +840,6 @@ fn decide_impersonating(
             },
         )
     };
-    let rank = |a: Action| match a {
-        Action::Deny => 2,
-        Action::Approve => 1,
-        Action::Allow => 0,
-    };
     let mut worst = match main {
         Some(a) => decide(a, att.command.as_deref()),
         None => Decision {
@@ -799,12 +849,47 @@ fn decide_impersonating(
         },
     };
     for i in &att.impersonate {
-        let d = decide(i, None);
-        if rank(d.action) > rank(worst.action) {
-            worst = d;
-        }
+        worst = stricter(worst, decide(i, None));
     }
     cx.audit_operation(&gen, "kubernetes", text, &worst, Some("impersonation"))
+}
+
+/// An HTTP request carrying a method override: decided as its own method and as each method it
+/// asks for, under one policy snapshot; the strictest decision stands, audited once.
+fn decide_overridden(
+    cx: &SessionCx,
+    op: Operation<'_>,
+    att: &super::Attributed,
+    text: &str,
+) -> Decision {
+    let gen = cx.agent.gen.load();
+    let mut worst = cx.decide_in(&gen, op);
+    for m in &att.overrides {
+        let d = cx.decide_in(
+            &gen,
+            Operation::Http {
+                method: m,
+                path: &att.path,
+                host: &att.host,
+            },
+        );
+        worst = stricter(worst, d);
+    }
+    cx.audit_operation(&gen, "http", text, &worst, Some("method-override"))
+}
+
+/// The stricter of two decisions (deny, then approve, then allow); `a` on a tie.
+fn stricter(a: Decision, b: Decision) -> Decision {
+    let rank = |a: Action| match a {
+        Action::Deny => 2,
+        Action::Approve => 1,
+        Action::Allow => 0,
+    };
+    if rank(b.action) > rank(a.action) {
+        b
+    } else {
+        a
+    }
 }
 
 /// How the latest approval request of this identity for the same exec (same pod path and
