@@ -43,6 +43,10 @@ RES = [
     {"name": "pods/portforward", "singularName": "", "namespaced": True, "kind": "PodPortForwardOptions", "verbs": ["create", "get"]},
     {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
      "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]},
+    {"name": "serviceaccounts", "singularName": "serviceaccount", "namespaced": True, "kind": "ServiceAccount",
+     "shortNames": ["sa"], "verbs": ["get", "list"]},
+    {"name": "serviceaccounts/token", "singularName": "", "namespaced": True, "group": "authentication.k8s.io",
+     "version": "v1", "kind": "TokenRequest", "verbs": ["create"]},
     {"name": "events", "singularName": "event", "namespaced": True, "kind": "Event", "shortNames": ["ev"],
      "verbs": ["get", "list", "watch"]},
     {"name": "namespaces", "singularName": "namespace", "namespaced": False, "kind": "Namespace", "shortNames": ["ns"],
@@ -110,6 +114,15 @@ class H(BaseHTTPRequestHandler):
                 return self.pods(ns, rest, q, want_table)
             if res == "events":
                 return self.send_json(200, {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": []})
+            if res == "serviceaccounts" and len(rest) == 2 and rest[1] == "token" and self.command == "POST":
+                # TokenRequest: a token for the service account, minted (as the API server
+                # does). The request body (JSON or protobuf) is read and not looked at.
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                return self.send_json(201, {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+                    "metadata": {"name": rest[0], "namespace": ns, "creationTimestamp": None},
+                    "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600},
+                    "status": {"token": "eyJhbGciOiJSUzI1NiJ9.minted-for-%s" % rest[0],
+                               "expirationTimestamp": NOW}})
             if res == "secrets" and rest == ["db"] and ns == "default":
                 return self.send_json(200, {"kind": "Secret", "apiVersion": "v1", "type": "Opaque",
                     "metadata": {"name": "db", "namespace": "default", "creationTimestamp": NOW,

@@ -6,8 +6,9 @@
 //! object per line, each up to [`MAX_DOCUMENT`]), so an endless watch never sits in memory.
 //! Anything the agent cannot parse is refused, never passed on unmasked.
 //!
-//! Masked: every value under a `data` or `stringData` object, and the
-//! `kubectl.kubernetes.io/last-applied-configuration` annotation (which repeats them).
+//! Masked: every value under a `data` or `stringData` object, the
+//! `kubectl.kubernetes.io/last-applied-configuration` annotation (which repeats them), and a
+//! `TokenRequest`'s `status.token` (requests on `serviceaccounts/token` are masked the same way).
 
 use std::{
     collections::VecDeque,
@@ -61,10 +62,18 @@ pub fn mask_secrets(v: &mut Value) -> u64 {
     n
 }
 
-/// Mask one JSON document; `None` when it is not JSON.
+/// Mask one JSON document; `None` when it is not JSON. A `TokenRequest` (the answer of
+/// `serviceaccounts/token`, `kubectl create token`) has its `status.token` masked too: it is a
+/// credential for the cluster, which the bot must not hold.
 pub fn mask_document(bytes: &[u8]) -> Option<(Vec<u8>, u64)> {
     let mut v: Value = serde_json::from_slice(bytes).ok()?;
-    let n = mask_secrets(&mut v);
+    let mut n = mask_secrets(&mut v);
+    if v["kind"] == "TokenRequest" {
+        if let Some(t) = v.pointer_mut("/status/token").filter(|t| t.is_string()) {
+            *t = Value::String("masked-by-tollgate".into());
+            n += 1;
+        }
+    }
     Some((serde_json::to_vec(&v).ok()?, n))
 }
 
@@ -174,6 +183,24 @@ mod tests {
         assert!(!s.contains("hunter2") && !s.contains("aHVudGVyMg=="), "{s}");
         assert!(s.contains(MASKED));
         assert!(mask_document(b"\x0a\x0bk8s\x00protobuf").is_none());
+    }
+
+    #[test]
+    fn token_requests_lose_their_token() {
+        let doc = br#"{"kind":"TokenRequest","apiVersion":"authentication.k8s.io/v1","spec":{"audiences":["x"]},"status":{"token":"eyJhbGciOiJSUzI1NiJ9.secret","expirationTimestamp":"2026-12-07T08:00:00Z"}}"#;
+        let (out, n) = mask_document(doc).expect("json");
+        let s = String::from_utf8(out).expect("utf8");
+        assert_eq!(n, 1, "{s}");
+        assert!(
+            !s.contains("eyJ") && s.contains("expirationTimestamp"),
+            "{s}"
+        );
+        // Any other kind keeps a `status.token`.
+        let (out, n) = mask_document(br#"{"kind":"Other","status":{"token":"t"}}"#).expect("json");
+        assert_eq!(
+            (n, out.as_slice()),
+            (0, &br#"{"kind":"Other","status":{"token":"t"}}"#[..])
+        );
     }
 
     /// `data` spelled with escapes, or twice (a JSON reader keeps the last), is still `data`.

@@ -667,7 +667,12 @@ impl Env<'_> {
         // Secrets are masked by default: ask for JSON the agent can read (no protobuf, no
         // compression).
         let secrets = match &att.kube {
-            Some(Some(a)) if a.resource == "secrets" => Some(a.verb == "watch"),
+            Some(Some(a))
+                if a.resource == "secrets"
+                    || (a.resource == "serviceaccounts" && a.subresource == "token") =>
+            {
+                Some(a.verb == "watch")
+            }
             _ => None,
         };
         if secrets.is_some() || self.masker.is_some() {
