@@ -260,8 +260,14 @@ pub fn attribute(
         let q = tollgate_policy::http::query_values(uri.query(), "_method")
             .ok_or_else(|| bad("a malformed query"))?;
         overrides.extend(q.into_iter().map(|m| m.trim().to_ascii_uppercase()));
-        overrides.retain(|m| !m.eq_ignore_ascii_case(method.as_str()));
-        overrides.dedup();
+        // Once each, in order, the request's own method left out.
+        let mut unique: Vec<String> = Vec::new();
+        for m in overrides {
+            if m != method.as_str() && !unique.contains(&m) {
+                unique.push(m);
+            }
+        }
+        overrides = unique;
     }
     let command = match &kube {
         Some(Some(a))

@@ -363,20 +363,25 @@ impl Env<'_> {
             return Ok(());
         }
         let target = &self.cx.target;
-        let names: Vec<String> = target
-            .address
-            .iter()
-            .filter_map(|a| match a {
-                tollgate_policy::TargetAddress::Host(h, _) => Some(h.as_str()),
-                _ => None,
-            })
-            .chain(target.tls.server_name.as_deref())
-            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
-            .collect();
+        // Borrowed, so the common case allocates nothing.
+        let names = || {
+            target
+                .address
+                .iter()
+                .filter_map(|a| match a {
+                    tollgate_policy::TargetAddress::Host(h, _) => Some(h.as_str()),
+                    _ => None,
+                })
+                .chain(target.tls.server_name.as_deref())
+                .map(|n| n.trim_end_matches('.'))
+        };
+        if names().next().is_none() || names().any(|n| n.eq_ignore_ascii_case(host)) {
+            return Ok(());
+        }
         let dialled = host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.to_canonical() == self.cx.orig_dst.ip().to_canonical());
-        if names.is_empty() || dialled || names.iter().any(|n| n == host) {
+        if dialled {
             return Ok(());
         }
         Err(super::Unattributable {
@@ -384,7 +389,7 @@ impl Env<'_> {
             message: format!(
                 "tollgate: host {host} is not target {}'s ({}); its credential is sent to no other host",
                 target.name,
-                names.join(", ")
+                names().collect::<Vec<_>>().join(", ")
             ),
         })
     }

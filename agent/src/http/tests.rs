@@ -181,3 +181,53 @@ fn exec_commands_are_shown_word_by_word() {
     assert_eq!(super::command_text(&w(&["a'b", "x\ny"])), r"'a\'b' 'x\ny'");
     assert_eq!(super::command_text(&w(&[""])), "''");
 }
+
+#[test]
+fn method_overrides_and_impersonation_are_attributed() {
+    let h = ("host", "b.internal");
+    let a = attr(
+        Protocol::Https,
+        "POST",
+        "/api/v1/x?_method=delete&_method=post",
+        &[
+            h,
+            ("x-http-method-override", " Delete "),
+            ("x-method-override", "PATCH"),
+        ],
+        None,
+    )
+    .expect("attributed");
+    // Uppercase, once each, the request's own method left out.
+    assert_eq!(a.overrides, ["DELETE", "PATCH"]);
+    assert_eq!(a.text(), "POST /api/v1/x (as DELETE, PATCH)");
+    let plain = attr(Protocol::Https, "GET", "/api/v1/x", &[h], None).expect("attributed");
+    assert!(plain.overrides.is_empty() && plain.impersonate.is_empty());
+
+    // Kubernetes: no method overrides (the API server reads none), impersonation instead.
+    let k = attr(
+        Protocol::Kubernetes,
+        "GET",
+        "/api/v1/namespaces/ci/pods",
+        &[
+            h,
+            ("x-http-method-override", "DELETE"),
+            ("impersonate-user", "admin"),
+        ],
+        None,
+    )
+    .expect("attributed");
+    assert!(k.overrides.is_empty());
+    assert_eq!(
+        k.text(),
+        "GET /api/v1/namespaces/ci/pods (list pods -n ci; impersonate users admin)"
+    );
+    let err = attr(
+        Protocol::Kubernetes,
+        "GET",
+        "/api/v1/pods",
+        &[h, ("impersonate-group", "system:masters")],
+        None,
+    )
+    .expect_err("a group without a user");
+    assert_eq!(err.status, StatusCode::FORBIDDEN);
+}
