@@ -148,8 +148,27 @@ impl Scrub {
             .map_or(0, |i| buf.len() - i)
     }
 
-    /// `inner` with every secret masked as it streams; `on_mask` counts the masked ones.
-    pub fn body(self: &Arc<Self>, inner: AnyBody, on_mask: Box<dyn Fn(u64) + Send>) -> AnyBody {
+    /// The scrubber for `value`, shared by every connection that injects the same value (the
+    /// automaton is built once, not per connection). See [`Scrub::for_authorization`].
+    pub fn cached(value: &HeaderValue) -> Option<Arc<Scrub>> {
+        static CACHE: std::sync::Mutex<Vec<(HeaderValue, Arc<Scrub>)>> =
+            std::sync::Mutex::new(Vec::new());
+        let mut cache = crate::lock(&CACHE);
+        if let Some((_, s)) = cache.iter().find(|(v, _)| v == value) {
+            return Some(s.clone());
+        }
+        let s = Arc::new(Scrub::for_authorization(value)?);
+        // A credential that changes (a rotated token file) leaves its old entry: bounded.
+        if cache.len() >= 64 {
+            cache.clear();
+        }
+        cache.push((value.clone(), s.clone()));
+        Some(s)
+    }
+
+    /// `inner` with every secret masked as it streams; `on_mask(n, first)` is told of each
+    /// batch of masked ones, `first` for the answer's first.
+    pub fn body(self: &Arc<Self>, inner: AnyBody, on_mask: OnMask) -> AnyBody {
         use http_body_util::BodyExt as _;
         ScrubBody {
             inner,
@@ -158,6 +177,7 @@ impl Scrub {
             trailers: None,
             ended: false,
             on_mask,
+            reported: false,
         }
         .boxed_unsync()
     }
@@ -202,18 +222,28 @@ struct ScrubBody {
     /// Trailers read while bytes were still held: sent after them.
     trailers: Option<HeaderMap>,
     ended: bool,
-    on_mask: Box<dyn Fn(u64) + Send>,
+    on_mask: OnMask,
+    /// Whether `on_mask` was called for this answer yet.
+    reported: bool,
 }
 
+/// What a scrubbed body reports: how many it masked, and whether it is the answer's first.
+pub type OnMask = Arc<dyn Fn(u64, bool) + Send + Sync>;
+
 impl ScrubBody {
+    fn report(&mut self, n: u64) {
+        if n > 0 {
+            (self.on_mask)(n, !self.reported);
+            self.reported = true;
+        }
+    }
+
     /// Scan `held` + `data`; what can go now (everything but a tail that may begin a secret,
     /// or everything at the end).
     fn pass(&mut self, data: &[u8], end: bool) -> Option<Bytes> {
         self.held.extend_from_slice(data);
         let n = self.scrub.mask(&mut self.held);
-        if n > 0 {
-            (self.on_mask)(n);
-        }
+        self.report(n);
         let keep = if end {
             0
         } else {
@@ -259,9 +289,7 @@ impl Body for ScrubBody {
                     Err(f) => {
                         if let Ok(mut t) = f.into_trailers() {
                             let n = self.scrub.headers(&mut t);
-                            if n > 0 {
-                                (self.on_mask)(n);
-                            }
+                            self.report(n);
                             self.trailers = Some(t);
                         }
                         self.ended = true;
@@ -313,7 +341,7 @@ mod tests {
         let c = count.clone();
         let out = s.body(
             body,
-            Box::new(move |n| {
+            Arc::new(move |n, _| {
                 c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             }),
         );

@@ -115,8 +115,22 @@ pub async fn serve(
         .as_ref()
         .ok()
         .and_then(Option::as_ref)
-        .and_then(super::scrub::Scrub::for_authorization)
-        .map(Arc::new);
+        .and_then(super::scrub::Scrub::cached);
+    // What a scrubbed answer reports: counted, and a warning once per answer.
+    let scrub_report: super::scrub::OnMask = {
+        let counter = cx
+            .agent
+            .metrics
+            .masked_values
+            .with_label_values(&[&cx.target.name, "credential"]);
+        let target = cx.target.name.clone();
+        Arc::new(move |n, first| {
+            if first {
+                tracing::warn!(target_name = %target, "the upstream's answer held the target's credential; masked");
+            }
+            counter.inc_by(n);
+        })
+    };
     let shared = Arc::new(super::Shared {
         recorder: cx.open_recorder(),
         totals: (AtomicU64::new(0), AtomicU64::new(0)),
@@ -143,6 +157,7 @@ pub async fn serve(
         relays: &relays,
         masker: &masker,
         scrub: &scrub,
+        scrub_report: &scrub_report,
     };
     let result = if maybe_h2 {
         serve_any(io, env, protocol).await
@@ -302,6 +317,7 @@ struct Env<'a> {
     masker: &'a Option<crate::mask::Masker>,
     /// The injected credential, looked for in every answer.
     scrub: &'a Option<Arc<super::scrub::Scrub>>,
+    scrub_report: &'a super::scrub::OnMask,
 }
 
 impl Env<'_> {
@@ -437,23 +453,7 @@ impl Env<'_> {
                 String::from_utf8_lossy(e.as_bytes())
             ));
         }
-        let cx = self.cx;
-        let counter = cx
-            .agent
-            .metrics
-            .masked_values
-            .with_label_values(&[&cx.target.name, "credential"]);
-        let target = cx.target.name.clone();
-        let warned = std::sync::atomic::AtomicBool::new(false);
-        Ok(s.body(
-            body,
-            Box::new(move |n| {
-                if !warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(target_name = %target, "the upstream's answer held the target's credential; masked");
-                }
-                counter.inc_by(n);
-            }),
-        ))
+        Ok(s.body(body, self.scrub_report.clone()))
     }
 
     async fn handle(self, mut req: Request<Incoming>) -> Response<AnyBody> {
