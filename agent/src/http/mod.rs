@@ -96,10 +96,10 @@ pub struct Attributed {
 }
 
 /// Headers web frameworks read as the request's real method.
-const METHOD_OVERRIDES: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
+const METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
 ];
 
 /// Why a request is refused before policy sees it; the message is for the bot.
@@ -249,7 +249,7 @@ pub fn attribute(
     };
     let mut overrides = Vec::new();
     if kube.is_none() {
-        for name in METHOD_OVERRIDES {
+        for name in &METHOD_OVERRIDES {
             for v in headers.get_all(name) {
                 let m = v
                     .to_str()

@@ -39,6 +39,8 @@ pub struct Scrub {
     needles: Vec<Vec<u8>>,
     /// The longest needle's length.
     longest: usize,
+    /// The shortest needle's length: shorter text holds none.
+    shortest: usize,
     /// Which bytes begin a needle.
     first: [bool; 256],
 }
@@ -100,10 +102,12 @@ impl Scrub {
             first[usize::from(n[0])] = true;
         }
         let longest = needles.iter().map(Vec::len).max().unwrap_or(0);
+        let shortest = needles.iter().map(Vec::len).min().unwrap_or(0);
         Some(Scrub {
             finder,
             needles,
             longest,
+            shortest,
             first,
         })
     }
@@ -121,7 +125,8 @@ impl Scrub {
     pub fn headers(&self, headers: &mut HeaderMap) -> u64 {
         let mut n = 0;
         for v in headers.values_mut() {
-            if self.finder.is_match(v.as_bytes()) {
+            // Most answer headers (types, lengths, dates) are too short to hold a secret.
+            if v.len() >= self.shortest && self.finder.is_match(v.as_bytes()) {
                 let mut b = v.as_bytes().to_vec();
                 n += self.mask(&mut b);
                 // `*` is a valid header byte, so the masked value is too.
