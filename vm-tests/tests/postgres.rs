@@ -222,13 +222,37 @@ fn psql_select_is_masked_and_ddl_denied_without_ending_the_session() {
         text(&o)
     );
 
+    // Passwords written into statements (allowed or not) are audited and recorded redacted.
+    let o = f.psql(&[
+        "-c",
+        "ALTER ROLE app_ro PASSWORD 'tg-new-pass-91'",
+        "-c",
+        "SELECT dblink_connect('c', 'host=db password=tg-dblink-pass-77')",
+        "-c",
+        "SELECT 'postgresql://u:tg-uri-pass-55@db/app' AS uri",
+    ]);
+    let t = text(&o);
+    let audit = f.agent.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["operation"] == "ALTER ROLE app_ro PASSWORD '[redacted]'"),
+        "{t}\n{audit:#?}"
+    );
     // Nothing the agent wrote contains the upstream password or the planted secrets.
     let mut written = String::new();
     for entry in walk(&f.agent.data_dir) {
         written.push_str(&std::fs::read_to_string(&entry).unwrap_or_default());
     }
     written.push_str(&f.agent.stderr_text());
-    for secret in [APP_PASSWORD, SECRET_EMAIL, SECRET_CARD] {
+    for secret in [
+        APP_PASSWORD,
+        SECRET_EMAIL,
+        SECRET_CARD,
+        "tg-new-pass-91",
+        "tg-dblink-pass-77",
+        "tg-uri-pass-55",
+    ] {
         assert!(
             !written.contains(secret),
             "{secret} leaked into agent output"

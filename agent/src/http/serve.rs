@@ -495,8 +495,9 @@ impl Env<'_> {
         let mut att = match attributed {
             Ok(a) => a,
             Err(u) => {
-                // The raw target, bounded, for the audit: it is what the bot sent.
-                let raw: String = req.uri().to_string().chars().take(512).collect();
+                // The target the bot sent, bounded, for the audit: without a query or userinfo,
+                // which may carry secrets (`?...` says a query was there).
+                let raw: String = audit_target(req.uri()).chars().take(512).collect();
                 let d = Decision {
                     action: Action::Deny,
                     rule: None,
@@ -825,6 +826,25 @@ impl Env<'_> {
             }
         }
     }
+}
+
+/// A request target as the audit may show it: scheme, host and port of an absolute-form URI
+/// (never its userinfo), the path, and `?...` in place of a query.
+pub(super) fn audit_target(u: &hyper::Uri) -> String {
+    let mut t = String::new();
+    if let (Some(scheme), Some(host)) = (u.scheme_str(), u.host()) {
+        t.push_str(scheme);
+        t.push_str("://");
+        t.push_str(host);
+        if let Some(p) = u.port_u16() {
+            t.push_str(&format!(":{p}"));
+        }
+    }
+    t.push_str(u.path());
+    if u.query().is_some() {
+        t.push_str("?...");
+    }
+    t
 }
 
 /// A Kubernetes request with `Impersonate-*` headers: the request itself (`None`: a discovery

@@ -231,3 +231,19 @@ fn method_overrides_and_impersonation_are_attributed() {
     .expect_err("a group without a user");
     assert_eq!(err.status, StatusCode::FORBIDDEN);
 }
+
+/// An unattributable request is audited without its query or userinfo.
+#[test]
+fn audited_targets_carry_no_query_or_userinfo() {
+    for (uri, shown) in [
+        ("/x%zz/y?api_key=s3cret", "/x%zz/y?..."),
+        (
+            "https://user:s3cret@billing.internal:8443/a/../../b?token=s3cret",
+            "https://billing.internal:8443/a/../../b?...",
+        ),
+        ("/plain", "/plain"),
+    ] {
+        let u: Uri = uri.parse().expect("uri");
+        assert_eq!(super::serve::audit_target(&u), shown);
+    }
+}

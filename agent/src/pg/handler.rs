@@ -1512,6 +1512,8 @@ const HOLD_READ_CAP: usize = 1 << 20;
 impl ClientSide<'_> {
     /// Mask literals in statement text before it reaches the audit log or a recording.
     fn masked_text<'s>(&self, sql: &'s str) -> std::borrow::Cow<'s, str> {
+        // Password literals first (`redact.rs`), then the session's detectors.
+        let sql = super::redact::redact(sql);
         match self
             .masker
             .as_ref()
@@ -1520,7 +1522,7 @@ impl ClientSide<'_> {
             Some(Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned().into(),
             Some(Masked::Null(_)) => "[masked]".into(),
             // Nothing to mask (the usual case): the text itself, not a copy.
-            None => sql.into(),
+            None => sql,
         }
     }
 

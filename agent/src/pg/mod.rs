@@ -7,6 +7,7 @@ pub mod copy;
 pub mod functions;
 pub mod handler;
 pub mod pool;
+pub mod redact;
 pub mod scram;
 pub mod startup;
 pub mod upstream;
