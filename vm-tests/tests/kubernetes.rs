@@ -263,6 +263,11 @@ fn kubectl_through_the_agent_with_injected_token() {
             "{args:?}: {t}"
         );
     }
+    // A token typed into an exec's command is not written into the audit.
+    let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib3QifQ.c2lnbmF0dXJlLXNpZ25hdHVyZQ";
+    let o = k.run(&bot, &["exec", "web-1", "--", "echo", jwt]);
+    assert!(o.status.success(), "{}", text(&o));
+
     // Impersonation is a request of its own, decided like the API server's RBAC would
     // (verb impersonate): kubectl --as / --as-group work only as far as a rule allows.
     let o = k.run(&bot, &["get", "pods", "--as", "viewer"]);
@@ -376,6 +381,11 @@ fn kubectl_through_the_agent_with_injected_token() {
     }
     let audit = std::fs::read_to_string(agent.audit_path()).expect("audit");
     assert!(!audit.contains(TOKEN) && !audit.contains(&encoded));
+    assert!(
+        !audit.contains("eyJzdWIiOiJib3QifQ")
+            && audit.contains("(get pods/exec -n default web-1) command: echo "),
+        "{audit}"
+    );
     assert!(audit.contains("\"kind\":\"kubernetes\""));
     // (kubectl's discovery reads carry the headers too, when its cache is cold.)
     assert!(

@@ -516,7 +516,7 @@ impl Env<'_> {
                 return finish_response(refusal(protocol, u.status, &u.message, None), record);
             }
         };
-        let text = att.text();
+        let text = exec_shown(self.cx, &att, att.text());
         let d = match (&att.kube, att.operation()) {
             (Some(a), _) if !att.impersonate.is_empty() => {
                 decide_impersonating(cx, a.as_ref(), &att, &text)
@@ -828,6 +828,25 @@ impl Env<'_> {
     }
 }
 
+/// The text of an exec (or attach) request as the audit and approvers see it: its command
+/// through the SSH handler's secret detectors (a token or key typed into a command is not
+/// written down). Other requests' text as it is.
+fn exec_shown(cx: &SessionCx, att: &super::Attributed, text: String) -> String {
+    if att.command.is_none() {
+        return text;
+    }
+    let masker = crate::mask::Masker::with_detectors(
+        crate::ssh::SSH_DETECTORS,
+        tollgate_policy::MaskStyle::Full,
+        cx.agent.hash_key,
+    );
+    match masker.mask_text(text.as_bytes(), false) {
+        Some(crate::mask::Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned(),
+        Some(crate::mask::Masked::Null(_)) => "[masked]".into(),
+        None => text,
+    }
+}
+
 /// A request target as the audit may show it: scheme, host and port of an absolute-form URI
 /// (never its userinfo), the path, and `?...` in place of a query.
 pub(super) fn audit_target(u: &hyper::Uri) -> String {
@@ -929,7 +948,11 @@ async fn earlier_outcome(cx: &SessionCx, att: &super::Attributed) -> Option<Stri
     let command = att.command.as_deref()?;
     let store = cx.agent.approvals.clone()?;
     let (_, recent) = store.list().await.ok()?;
-    let tail = format!(" command: {}", super::command_text(command));
+    let tail = exec_shown(
+        cx,
+        att,
+        format!(" command: {}", super::command_text(command)),
+    );
     let path = format!(" {} ", att.path);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
