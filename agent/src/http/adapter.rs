@@ -14,6 +14,8 @@ pub struct HttpHandler {
     pub protocol: Protocol,
     /// Upstream connections ended sessions left for their identity's next ones.
     kept: super::upstream::Kept,
+    /// Credential scanners, one per injected value (`scrub.rs`).
+    scrubs: super::scrub::ScrubCache,
 }
 
 impl HttpHandler {
@@ -21,6 +23,7 @@ impl HttpHandler {
         HttpHandler {
             protocol,
             kept: Default::default(),
+            scrubs: Default::default(),
         }
     }
 }
@@ -38,7 +41,7 @@ impl ProtocolHandler for HttpHandler {
         cx: &'a SessionCx,
         client: TcpStream,
     ) -> BoxFuture<'a, Result<Totals, DataPathError>> {
-        Box::pin(super::serve::serve(&self.kept, cx, client))
+        Box::pin(super::serve::serve(&self.kept, &self.scrubs, cx, client))
     }
     fn on_reload(&self, old: &crate::session::Generation, new: &tollgate_policy::Policy) {
         // Kept upstream connections of a target the new policy changed, removed or stopped

@@ -153,24 +153,6 @@ impl Scrub {
             .map_or(0, |i| buf.len() - i)
     }
 
-    /// The scrubber for `value`, shared by every connection that injects the same value (the
-    /// automaton is built once, not per connection). See [`Scrub::for_authorization`].
-    pub fn cached(value: &HeaderValue) -> Option<Arc<Scrub>> {
-        static CACHE: std::sync::Mutex<Vec<(HeaderValue, Arc<Scrub>)>> =
-            std::sync::Mutex::new(Vec::new());
-        let mut cache = crate::lock(&CACHE);
-        if let Some((_, s)) = cache.iter().find(|(v, _)| v == value) {
-            return Some(s.clone());
-        }
-        let s = Arc::new(Scrub::for_authorization(value)?);
-        // A credential that changes (a rotated token file) leaves its old entry: bounded.
-        if cache.len() >= 64 {
-            cache.clear();
-        }
-        cache.push((value.clone(), s.clone()));
-        Some(s)
-    }
-
     /// `inner` with every secret masked as it streams; `on_mask(n, first)` is told of each
     /// batch of masked ones, `first` for the answer's first.
     pub fn body(self: &Arc<Self>, inner: AnyBody, on_mask: OnMask) -> AnyBody {
@@ -185,6 +167,29 @@ impl Scrub {
             reported: false,
         }
         .boxed_unsync()
+    }
+}
+
+/// Scrubbers by the `Authorization` value they look for, shared by every connection that
+/// injects the same value (the automaton is built once, not per connection). One per HTTP
+/// handler; a credential that changes (a rotated token file) leaves its old entry, so it is
+/// bounded.
+#[derive(Default)]
+pub struct ScrubCache(std::sync::Mutex<Vec<(HeaderValue, Arc<Scrub>)>>);
+
+impl ScrubCache {
+    /// The scrubber for `value` (see [`Scrub::for_authorization`]).
+    pub fn get(&self, value: &HeaderValue) -> Option<Arc<Scrub>> {
+        let mut cache = crate::lock(&self.0);
+        if let Some((_, s)) = cache.iter().find(|(v, _)| v == value) {
+            return Some(s.clone());
+        }
+        let s = Arc::new(Scrub::for_authorization(value)?);
+        if cache.len() >= 64 {
+            cache.clear();
+        }
+        cache.push((value.clone(), s.clone()));
+        Some(s)
     }
 }
 

@@ -50,6 +50,7 @@ type Job = (Request<Incoming>, oneshot::Sender<Response<AnyBody>>);
 /// Serve one bot connection until it closes.
 pub async fn serve(
     kept: &super::upstream::Kept,
+    scrubs: &super::scrub::ScrubCache,
     cx: &SessionCx,
     client: TcpStream,
 ) -> Result<Totals, DataPathError> {
@@ -115,7 +116,7 @@ pub async fn serve(
         .as_ref()
         .ok()
         .and_then(Option::as_ref)
-        .and_then(super::scrub::Scrub::cached);
+        .and_then(|v| scrubs.get(v));
     // What a scrubbed answer reports: counted, and a warning once per answer.
     let scrub_report: super::scrub::OnMask = {
         let counter = cx
