@@ -79,6 +79,7 @@ pub fn warnings(text: &str, file_name: &str, policy: &Policy) -> Vec<PolicyError
     cgroup_globs(&raw, &mut |s, m| out.push(at(s, m)));
     mask_columns(&raw, &mut |s, m| out.push(at(s, m)));
     overlapping_targets(&raw, policy, &mut |s, m| out.push(at(s, m)));
+    unnamed_credential_targets(&raw, policy, &mut |s, m| out.push(at(s, m)));
     out.sort_by_key(|e| (e.line, e.col));
     out
 }
@@ -142,6 +143,41 @@ fn overlap(a: &TargetAddress, b: &TargetAddress) -> bool {
         (TargetAddress::Host(h, _), TargetAddress::Host(k, _)) => h.eq_ignore_ascii_case(k),
         // A host name's addresses are known only when the agent resolves it.
         _ => false,
+    }
+}
+
+/// An HTTP-family target that sends an `Authorization` credential but has no name (no host
+/// name in `address`, no `tls.server_name`): the agent cannot tell its own requests from
+/// those naming another virtual host behind the same address, so the credential goes with
+/// any `Host`.
+fn unnamed_credential_targets(raw: &raw::RawPolicy, policy: &Policy, out: &mut Sink<'_>) {
+    for rt in &raw.target {
+        let rt = rt.get_ref();
+        let Some(t) = policy.target(rt.name.get_ref()) else {
+            continue;
+        };
+        let http = matches!(
+            t.protocol,
+            crate::Protocol::Http | crate::Protocol::Https | crate::Protocol::Kubernetes
+        );
+        let header_credential = t
+            .credential
+            .as_ref()
+            .and_then(|c| policy.credentials.get(c))
+            .is_some_and(|c| c.cert_file.is_none());
+        let named = t.tls.server_name.is_some()
+            || t.address
+                .iter()
+                .any(|a| matches!(a, TargetAddress::Host(..)));
+        if http && t.inspect && header_credential && !named {
+            out(
+                rt.name.span(),
+                format!(
+                    "target \"{}\" sends its credential but has no name (no host name in `address`, no `tls.server_name`): the agent sends it with any Host the bot asks for, including another virtual host behind the same address; name the target",
+                    t.name
+                ),
+            );
+        }
     }
 }
 
@@ -238,6 +274,25 @@ mod tests {
             w[1].contains(
                 "address \"[::1]:6379\" of target \"c\" overlaps an address of target \"a\""
             ),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn a_credential_target_without_a_name_is_warned() {
+        let t = |name: &str, addr: &str| {
+            format!("[[target]]\nname = \"{name}\"\nprotocol = \"https\"\naddress = [\"{addr}\"]\ncredential = \"c\"\n\n")
+        };
+        let text = [
+            "[credential.c]\nenv = \"TOKEN\"\n\n".to_string(),
+            t("bare", "10.0.0.1:443"),
+            t("named", "api.internal:443"),
+        ]
+        .concat();
+        let w = warn(&text);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("target \"bare\" sends its credential but has no name"),
             "{w:?}"
         );
     }
