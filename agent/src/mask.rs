@@ -244,6 +244,16 @@ impl Masker {
         self.detectors.enabled != 0
     }
 
+    /// `text` as a log line may show it: each detector match replaced, `[masked]` for the
+    /// `null` style, and the text itself (not a copy) when nothing matched.
+    pub fn shown<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
+        match self.mask_text(text.as_bytes(), false) {
+            Some(Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned().into(),
+            Some(Masked::Null(_)) => "[masked]".into(),
+            None => text.into(),
+        }
+    }
+
     /// Mask one text-format value.
     ///
     /// With `column_rule`, the whole value is masked by the column rules' style (the strictest

@@ -144,6 +144,15 @@ impl fmt::Display for DecisionReason {
 }
 
 impl Decision {
+    /// The stricter of `self` and `other` ([`Action::strictness`]); `self` on a tie.
+    pub fn stricter(self, other: Decision) -> Decision {
+        if other.action.strictness() > self.action.strictness() {
+            other
+        } else {
+            self
+        }
+    }
+
     /// A denial that no rule made (`rule: None`), for `reason`.
     pub fn deny(reason: DecisionReason) -> Decision {
         Decision {

@@ -533,6 +533,16 @@ pub enum Action {
 }
 
 impl Action {
+    /// How strict the action is, for picking the strictest of several decisions of one
+    /// operation: deny, then approve, then allow.
+    pub fn strictness(self) -> u8 {
+        match self {
+            Action::Allow => 0,
+            Action::Approve => 1,
+            Action::Deny => 2,
+        }
+    }
+
     /// Lowercase policy-file spelling, also used as a metric label.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -257,9 +257,16 @@ pub fn attribute(
                 overrides.push(m.trim().to_ascii_uppercase());
             }
         }
-        let q = tollgate_policy::http::query_values(uri.query(), "_method")
-            .ok_or_else(|| bad("a malformed query"))?;
-        overrides.extend(q.into_iter().map(|m| m.trim().to_ascii_uppercase()));
+        // Decoding every key costs an allocation each; a query can only name `_method` if it
+        // spells it, or percent-encodes something.
+        if let Some(q) = uri
+            .query()
+            .filter(|q| q.contains("_method") || q.contains('%'))
+        {
+            let q = tollgate_policy::http::query_values(Some(q), "_method")
+                .ok_or_else(|| bad("a malformed query"))?;
+            overrides.extend(q.into_iter().map(|m| m.trim().to_ascii_uppercase()));
+        }
         // Once each, in order, the request's own method left out.
         let mut unique: Vec<String> = Vec::new();
         for m in overrides {
@@ -306,6 +313,16 @@ impl Attributed {
                 host: &self.host,
             }),
             Some(Some(_)) | Some(None) => None,
+        }
+    }
+
+    /// `; impersonate users admin, impersonate groups g`: what the request impersonates.
+    fn impersonation_text(&self) -> String {
+        let parts: Vec<String> = self.impersonate.iter().map(kube_text).collect();
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", parts.join(", "))
         }
     }
 
@@ -358,18 +375,6 @@ fn kube_text(a: &KubeAttrs) -> String {
         t.push_str(&a.name);
     }
     t
-}
-
-impl Attributed {
-    /// `; impersonate users admin, impersonate groups g`: what the request impersonates.
-    fn impersonation_text(&self) -> String {
-        let parts: Vec<String> = self.impersonate.iter().map(kube_text).collect();
-        if parts.is_empty() {
-            String::new()
-        } else {
-            format!("; {}", parts.join(", "))
-        }
-    }
 }
 
 /// An exec command's words as one line: plain words as they are, any other word in single

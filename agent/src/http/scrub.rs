@@ -129,10 +129,10 @@ impl Scrub {
             if v.len() >= self.shortest && self.finder.is_match(v.as_bytes()) {
                 let mut b = v.as_bytes().to_vec();
                 n += self.mask(&mut b);
-                // `*` is a valid header byte, so the masked value is too.
-                if let Ok(m) = HeaderValue::from_bytes(&b) {
-                    *v = m;
-                }
+                // `*` is a valid header byte, so the masked value is too; were it not, the
+                // value would go whole, never unmasked.
+                *v = HeaderValue::from_bytes(&b)
+                    .unwrap_or_else(|_| HeaderValue::from_static("[masked by tollgate]"));
             }
         }
         n

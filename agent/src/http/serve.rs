@@ -111,27 +111,28 @@ pub async fn serve(
     let up = Upstream::new(cx, upstream_tls, tls_h1, kept);
     let relays = std::sync::Mutex::new(tokio::task::JoinSet::new());
     let credential = credential.map(|(header, _)| header);
-    // Answers are scanned for the credential the agent injects (`scrub.rs`).
+    // Answers are scanned for the credential the agent injects (`scrub.rs`); a find is
+    // counted, with a warning once per answer.
     let scrub = credential
         .as_ref()
         .ok()
         .and_then(Option::as_ref)
-        .and_then(|v| scrubs.get(v));
-    // What a scrubbed answer reports: counted, and a warning once per answer.
-    let scrub_report: super::scrub::OnMask = {
-        let counter = cx
-            .agent
-            .metrics
-            .masked_values
-            .with_label_values(&[&cx.target.name, "credential"]);
-        let target = cx.target.name.clone();
-        Arc::new(move |n, first| {
-            if first {
-                tracing::warn!(target_name = %target, "the upstream's answer held the target's credential; masked");
-            }
-            counter.inc_by(n);
-        })
-    };
+        .and_then(|v| scrubs.get(v))
+        .map(|s| {
+            let counter = cx
+                .agent
+                .metrics
+                .masked_values
+                .with_label_values(&[&cx.target.name, "credential"]);
+            let target = cx.target.name.clone();
+            let report: super::scrub::OnMask = Arc::new(move |n, first| {
+                if first {
+                    tracing::warn!(target_name = %target, "the upstream's answer held the target's credential; masked");
+                }
+                counter.inc_by(n);
+            });
+            (s, report)
+        });
     let shared = Arc::new(super::Shared {
         recorder: cx.open_recorder(),
         totals: (AtomicU64::new(0), AtomicU64::new(0)),
@@ -158,7 +159,6 @@ pub async fn serve(
         relays: &relays,
         masker: &masker,
         scrub: &scrub,
-        scrub_report: &scrub_report,
     };
     let result = if maybe_h2 {
         serve_any(io, env, protocol).await
@@ -316,9 +316,8 @@ struct Env<'a> {
     shared: &'a Arc<super::Shared>,
     relays: &'a std::sync::Mutex<tokio::task::JoinSet<()>>,
     masker: &'a Option<crate::mask::Masker>,
-    /// The injected credential, looked for in every answer.
-    scrub: &'a Option<Arc<super::scrub::Scrub>>,
-    scrub_report: &'a super::scrub::OnMask,
+    /// The injected credential, looked for in every answer, and what a find reports.
+    scrub: &'a Option<(Arc<super::scrub::Scrub>, super::scrub::OnMask)>,
 }
 
 impl Env<'_> {
@@ -332,11 +331,7 @@ impl Env<'_> {
     ) -> Option<Arc<super::exec::Terminal>> {
         att.command.as_ref()?;
         let cx = self.cx;
-        let masker = crate::mask::Masker::with_detectors(
-            crate::ssh::SSH_DETECTORS,
-            tollgate_policy::MaskStyle::Full,
-            cx.agent.hash_key,
-        );
+        let masker = secret_detectors(cx);
         let tty = tollgate_policy::http::query_values(query, "tty").unwrap_or_default();
         if !tty.first().is_some_and(|v| v == "true" || v == "1") {
             let recorder = self.shared.recorder.clone()?;
@@ -411,35 +406,18 @@ impl Env<'_> {
         })
     }
 
-    /// Count (and report) credentials masked in an answer.
-    fn scrubbed(&self, n: u64) {
-        if n > 0 {
-            tracing::warn!(
-                target_name = %self.cx.target.name,
-                masked = n,
-                "the upstream's answer held the target's credential; masked"
-            );
-            self.cx
-                .agent
-                .metrics
-                .masked_values
-                .with_label_values(&[&self.cx.target.name, "credential"])
-                .inc_by(n);
-        }
-    }
-
     /// An answer's headers and body scanned for the injected credential; `Err(message)` for
     /// a compressed body, which cannot be scanned (the agent asked for an uncompressed one),
     /// unless `compressed_checked` (the caller refuses those itself).
     fn scrub_answer(
         &self,
-        s: &Arc<super::scrub::Scrub>,
+        (s, report): &(Arc<super::scrub::Scrub>, super::scrub::OnMask),
         parts: &mut hyper::http::response::Parts,
         body: AnyBody,
         compressed_checked: bool,
     ) -> Result<AnyBody, String> {
         use hyper::body::Body as _;
-        self.scrubbed(s.headers(&mut parts.headers));
+        scrub_headers(s, report, &mut parts.headers);
         if body.is_end_stream() {
             return Ok(body);
         }
@@ -454,7 +432,7 @@ impl Env<'_> {
                 String::from_utf8_lossy(e.as_bytes())
             ));
         }
-        Ok(s.body(body, self.scrub_report.clone()))
+        Ok(s.body(body, report.clone()))
     }
 
     async fn handle(self, mut req: Request<Incoming>) -> Response<AnyBody> {
@@ -481,13 +459,7 @@ impl Env<'_> {
                     .masker
                     .clone()
                     .filter(|m| m.has_detectors())
-                    .unwrap_or_else(|| {
-                        crate::mask::Masker::with_detectors(
-                            crate::ssh::SSH_DETECTORS,
-                            tollgate_policy::MaskStyle::Full,
-                            cx.agent.hash_key,
-                        )
-                    });
+                    .unwrap_or_else(|| secret_detectors(cx));
                 Arc::new(super::Bodies::new(m))
             }),
         };
@@ -748,8 +720,8 @@ impl Env<'_> {
                 let (mut parts, _) = resp.into_parts();
                 let upgrade_value = parts.headers.get(header::UPGRADE).cloned();
                 strip_hop_by_hop(&mut parts.headers);
-                if let Some(s) = self.scrub {
-                    self.scrubbed(s.headers(&mut parts.headers));
+                if let Some((s, report)) = self.scrub {
+                    scrub_headers(s, report, &mut parts.headers);
                 }
                 parts.headers.insert(
                     header::CONNECTION,
@@ -780,10 +752,10 @@ impl Env<'_> {
                         record,
                     );
                 }
-                if let Some(s) = self.scrub {
+                if let Some(scrub) = self.scrub {
                     // Masking refuses a compressed answer itself, in its own words.
                     let masked = secrets.is_some() || self.masker.is_some();
-                    match self.scrub_answer(s, &mut parts, body, head || masked) {
+                    match self.scrub_answer(scrub, &mut parts, body, head || masked) {
                         Ok(b) => body = b,
                         Err(msg) => {
                             return finish_response(
@@ -829,6 +801,18 @@ impl Env<'_> {
     }
 }
 
+/// Mask the credential in an answer's headers, reporting what was found.
+fn scrub_headers(
+    s: &super::scrub::Scrub,
+    report: &super::scrub::OnMask,
+    h: &mut header::HeaderMap,
+) {
+    let n = s.headers(h);
+    if n > 0 {
+        report(n, true);
+    }
+}
+
 /// The text of an exec (or attach) request as the audit and approvers see it: its command
 /// through the SSH handler's secret detectors (a token or key typed into a command is not
 /// written down). Other requests' text as it is.
@@ -836,16 +820,20 @@ fn exec_shown(cx: &SessionCx, att: &super::Attributed, text: String) -> String {
     if att.command.is_none() {
         return text;
     }
-    let masker = crate::mask::Masker::with_detectors(
+    match secret_detectors(cx).shown(&text) {
+        std::borrow::Cow::Owned(o) => o,
+        std::borrow::Cow::Borrowed(_) => text,
+    }
+}
+
+/// The secret detectors the SSH handler runs on commands and terminal output, for what an
+/// exec shows and records, and for request bodies of a target without masks of its own.
+fn secret_detectors(cx: &SessionCx) -> crate::mask::Masker {
+    crate::mask::Masker::with_detectors(
         crate::ssh::SSH_DETECTORS,
         tollgate_policy::MaskStyle::Full,
         cx.agent.hash_key,
-    );
-    match masker.mask_text(text.as_bytes(), false) {
-        Some(crate::mask::Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned(),
-        Some(crate::mask::Masked::Null(_)) => "[masked]".into(),
-        None => text,
-    }
+    )
 }
 
 /// A request target as the audit may show it: scheme, host and port of an absolute-form URI
@@ -899,7 +887,7 @@ fn decide_impersonating(
         },
     };
     for i in &att.impersonate {
-        worst = stricter(worst, decide(i, None));
+        worst = worst.stricter(decide(i, None));
     }
     cx.audit_operation(&gen, "kubernetes", text, &worst, Some("impersonation"))
 }
@@ -923,23 +911,9 @@ fn decide_overridden(
                 host: &att.host,
             },
         );
-        worst = stricter(worst, d);
+        worst = worst.stricter(d);
     }
     cx.audit_operation(&gen, "http", text, &worst, Some("method-override"))
-}
-
-/// The stricter of two decisions (deny, then approve, then allow); `a` on a tie.
-fn stricter(a: Decision, b: Decision) -> Decision {
-    let rank = |a: Action| match a {
-        Action::Deny => 2,
-        Action::Approve => 1,
-        Action::Allow => 0,
-    };
-    if rank(b.action) > rank(a.action) {
-        b
-    } else {
-        a
-    }
 }
 
 /// How the latest approval request of this identity for the same exec (same pod path and

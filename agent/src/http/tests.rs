@@ -200,6 +200,16 @@ fn method_overrides_and_impersonation_are_attributed() {
     // Uppercase, once each, the request's own method left out.
     assert_eq!(a.overrides, ["DELETE", "PATCH"]);
     assert_eq!(a.text(), "POST /api/v1/x (as DELETE, PATCH)");
+    // A percent-encoded key is the same key to the frameworks that read it.
+    let encoded = attr(
+        Protocol::Https,
+        "POST",
+        "/api/v1/x?%5Fmethod=DELETE",
+        &[h],
+        None,
+    )
+    .expect("attributed");
+    assert_eq!(encoded.overrides, ["DELETE"]);
     let plain = attr(Protocol::Https, "GET", "/api/v1/x", &[h], None).expect("attributed");
     assert!(plain.overrides.is_empty() && plain.impersonate.is_empty());
 

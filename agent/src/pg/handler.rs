@@ -1514,14 +1514,12 @@ impl ClientSide<'_> {
     fn masked_text<'s>(&self, sql: &'s str) -> std::borrow::Cow<'s, str> {
         // Password literals first (`redact.rs`), then the session's detectors.
         let sql = super::redact::redact(sql);
-        match self
-            .masker
-            .as_ref()
-            .and_then(|m| m.mask_text(sql.as_bytes(), false))
-        {
-            Some(Masked::Value(v, _)) => String::from_utf8_lossy(&v).into_owned().into(),
-            Some(Masked::Null(_)) => "[masked]".into(),
-            // Nothing to mask (the usual case): the text itself, not a copy.
+        match &self.masker {
+            Some(m) => match m.shown(&sql) {
+                // Nothing to mask (the usual case): the text itself, not a copy.
+                std::borrow::Cow::Borrowed(_) => sql,
+                std::borrow::Cow::Owned(o) => o.into(),
+            },
             None => sql,
         }
     }

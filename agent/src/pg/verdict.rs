@@ -64,14 +64,9 @@ pub fn decide_statement(a: &Asker<'_>, s: &Statement) -> (Decision, &'static str
                 },
             },
         );
-        let rank = |a: Action| match a {
-            Action::Deny => 2,
-            Action::Approve => 1,
-            Action::Allow => 0,
-        };
         if worst
             .as_ref()
-            .is_none_or(|(w, _)| rank(d.action) > rank(w.action))
+            .is_none_or(|(w, _)| d.action.strictness() > w.action.strictness())
         {
             worst = Some((d, kind));
         }
