@@ -420,6 +420,14 @@ pub fn kube_impersonation<'a>(
             "Impersonate-Group, -Uid or -Extra without Impersonate-User",
         ));
     }
+    // In a fixed order (user, groups, extras, uid), whatever order the headers came in (Go's
+    // HTTP/2 client sends them in map order), so the audit text is stable.
+    out.sort_by_key(|a| match a.resource.as_str() {
+        "users" | "serviceaccounts" => 0,
+        "groups" => 1,
+        "userextras" => 2,
+        _ => 3,
+    });
     Ok(out)
 }
 

@@ -371,6 +371,15 @@ fn impersonation_headers_are_requests_of_their_own() {
         h(&[("impersonate-user", "admin")]).expect("user")[0].resource,
         "users"
     );
+    // The order of the headers does not change the order of the requests.
+    let reordered = h(&[
+        ("impersonate-uid", "42"),
+        ("impersonate-group", "system:masters"),
+        ("impersonate-extra-scopes%2Fa", "view"),
+        ("impersonate-user", "system:serviceaccount:prod:deployer"),
+    ])
+    .expect("attributable");
+    assert_eq!(reordered, got);
     // Unknown, unaccompanied or malformed: not attributable.
     assert!(h(&[("impersonate-user", "a"), ("impersonate-whatever", "b")]).is_err());
     assert!(h(&[("impersonate-group", "system:masters")]).is_err());
